@@ -1,0 +1,170 @@
+"""User-facing configuration: the LLM(...) keywords and the serve YAML, as pydantic models.
+
+Every model forbids unknown keys, so a misspelt option is an error naming the key and listing the
+accepted ones instead of being silently ignored. Names follow TensorRT-LLM's LLM API.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class KvCacheConfig(StrictModel):
+    tokens_per_block: int = Field(32, ge=1, le=1024)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    free_gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
+    enable_block_reuse: bool = True
+    cpu_kv_cache_gb: float = Field(2.0, gt=0.0, description="KV pool size on CPU when max_tokens is unset")
+
+
+class CudaGraphConfig(StrictModel):
+    enable: bool = True
+    batch_sizes: Optional[list[int]] = None
+    max_batch_size: int = Field(256, ge=1)
+    enable_padding: bool = True
+
+
+class PyTorchBackendConfig(StrictModel):
+    enable_overlap_scheduler: bool = True
+
+
+class AttentionDpConfig(StrictModel):
+    enable_balance: bool = False
+    timeout_iters: int = Field(50, ge=0)
+    batching_wait_iters: int = Field(10, ge=0)
+
+
+class MoeConfig(StrictModel):
+    backend: str = "auto"
+
+
+class CacheTransceiverConfig(StrictModel):
+    backend: str = "DEFAULT"
+    max_tokens_in_buffer: Optional[int] = Field(None, ge=1)
+
+
+class LlmArgs(StrictModel):
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    device: str = "auto"
+    backend: Optional[str] = "pytorch"
+    max_batch_size: int = Field(256, ge=1)
+    max_num_tokens: int = Field(8192, ge=1)
+    max_seq_len: Optional[int] = Field(None, ge=2)
+    max_input_len: Optional[int] = Field(None, ge=1)
+    kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    context_parallel_size: int = Field(1, ge=1)
+    moe_expert_parallel_size: Optional[int] = Field(None, ge=1)
+    moe_tensor_parallel_size: Optional[int] = Field(None, ge=1)
+    pp_partition: Optional[list[int]] = None
+    enable_attention_dp: bool = False
+    attention_dp_config: AttentionDpConfig = Field(default_factory=AttentionDpConfig)
+    cp_config: Optional[dict[str, Any]] = None
+    moe_config: MoeConfig = Field(default_factory=MoeConfig)
+    orchestrator_type: Optional[str] = None
+    disable_overlap_scheduler: bool = False
+    pytorch_backend_config: Optional[PyTorchBackendConfig] = None
+    cuda_graph_config: Optional[CudaGraphConfig] = Field(default_factory=CudaGraphConfig)
+    cache_transceiver_config: Optional[CacheTransceiverConfig] = None
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+    show_progress: bool = True
+    max_waiting_requests: Optional[int] = Field(None, ge=1)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        accepted = ("auto", "float32", "float", "bfloat16", "float16", "half")
+        if v not in accepted:
+            raise ValueError(f"dtype={v!r} is not supported; accepted: {', '.join(accepted)}")
+        return v
+
+    @field_validator("load_format")
+    @classmethod
+    def _load_format(cls, v: str) -> str:
+        accepted = ("auto", "safetensors", "gguf", "dummy")
+        if v not in accepted:
+            raise ValueError(f"load_format={v!r} is not supported; accepted: {', '.join(accepted)}")
+        return v
+
+    @field_validator("orchestrator_type")
+    @classmethod
+    def _orchestrator(cls, v: Optional[str]) -> Optional[str]:
+        if v not in (None, "mpi", "ray", "spawn"):
+            raise ValueError(f"orchestrator_type={v!r} is not supported; accepted: None, 'mpi', 'ray'")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v.startswith("cuda")):
+            raise ValueError(f"device={v!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
+        return v
+
+    @property
+    def overlap_scheduler(self) -> bool:
+        if self.disable_overlap_scheduler:
+            return False
+        if self.pytorch_backend_config is not None:
+            return self.pytorch_backend_config.enable_overlap_scheduler
+        return True
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            model = _model_at(LlmArgs, e["loc"][:-1])
+            accepted = ", ".join(sorted(model.model_fields)) if model else "?"
+            lines.append(f"unknown key {loc!r} in {where}; accepted keys: {accepted}")
+        else:
+            lines.append(f"{where}: {loc}={e.get('input')!r}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def _model_at(model, loc):
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
+
+
+def build_llm_args(where: str = "LLM()", **kwargs) -> LlmArgs:
+    try:
+        return LlmArgs(**kwargs)
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e, where)) from None
+
+
+def load_yaml_config(path: str) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data

@@ -1,0 +1,139 @@
+"""EngineCore: scheduler + executor + the one step loop.
+
+`step()` schedules a batch, hands it to the executor, and turns finished batches into
+EngineCoreOutputs. Up to `executor.max_inflight` batches may be outstanding (pipeline stages each
+working on their own micro-batch); with one, it is the plain synchronous loop. Requests arrive
+already tokenized and validated against the model's limits (`validate`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from meshserve.engine.executor import Executor
+from meshserve.engine.kv_cache import KVCacheManager
+from meshserve.engine.messages import EngineCoreOutput, EngineCoreRequest
+from meshserve.engine.request import Request
+from meshserve.engine.scheduler import Scheduler, SchedulerConfig
+from meshserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLimits:
+    vocab_size: int
+    max_seq_len: int
+    max_num_tokens: int
+    enable_chunked_prefill: bool
+    kv_capacity_tokens: int
+    eos_token_ids: list
+
+
+class EngineCore:
+    def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list):
+        self.executor = executor
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(sched_config, self.kv)
+        self.limits = EngineLimits(vocab_size, sched_config.max_seq_len, sched_config.max_num_tokens,
+                                   sched_config.enable_chunked_prefill, (num_blocks - 1) * block_size,
+                                   list(eos_token_ids))
+        self.batch_queue: deque = deque()
+        self.iteration_latency_s = 0.0
+        self.num_iterations = 0
+        self.last_step_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, naming the field and the numbers, for a request the engine can't run."""
+        lim = self.limits
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= lim.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains token id {bad[0]!r} outside the vocabulary "
+                             f"(valid ids are 0..{lim.vocab_size - 1})")
+        params.validate_for_model(lim.vocab_size)
+        if n >= lim.max_seq_len:
+            raise ValueError(f"prompt has {n} tokens, but max_seq_len is {lim.max_seq_len}: "
+                             f"the prompt must be shorter to leave room for at least one output token")
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1
+        if n + max_tokens > lim.max_seq_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} tokens exceeds "
+                             f"max_seq_len={lim.max_seq_len}; lower max_tokens to at most {lim.max_seq_len - n}")
+        if n + max_tokens > lim.kv_capacity_tokens:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} KV slots, "
+                             f"but the KV cache holds {lim.kv_capacity_tokens}; raise kv_cache_config.max_tokens "
+                             f"or lower max_tokens")
+        if not lim.enable_chunked_prefill and n > lim.max_num_tokens:
+            raise ValueError(f"prompt has {n} tokens, more than max_num_tokens={lim.max_num_tokens}; enable "
+                             f"chunked prefill (enable_chunked_prefill=True) or raise max_num_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> None:
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        self.scheduler.add_request(Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids,
+                                           self.limits.max_seq_len, arrival_time))
+
+    def add_core_request(self, req: EngineCoreRequest) -> None:
+        self.add_request(req.request_id, req.prompt_token_ids, SamplingParams(**req.params), req.arrival_time or None)
+
+    def abort_requests(self, request_ids) -> list[EngineCoreOutput]:
+        outs = []
+        for rid in request_ids:
+            if self.scheduler.abort_request(rid) is not None:
+                outs.append(EngineCoreOutput(rid, finish_reason="abort"))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.batch_queue)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        t0 = time.perf_counter()
+        scheduled = False
+        if len(self.batch_queue) < self.executor.max_inflight and self.scheduler.has_unfinished():
+            so = self.scheduler.schedule()
+            if so.reqs:
+                self.batch_queue.append((so, self.executor.execute_async(so)))
+                self.last_step_tokens = sum(r.num_new_tokens for r in so.reqs)
+                scheduled = True
+            elif so.finished_req_ids:
+                self.scheduler.finished_ids.extend(so.finished_req_ids)  # deliver with the next batch
+        if not self.batch_queue:
+            return []
+        if scheduled and len(self.batch_queue) < self.executor.max_inflight:
+            return []  # keep filling the pipeline before waiting on the oldest batch
+        so, handle = self.batch_queue.popleft()
+        result = handle.result()
+        if result.error:
+            raise RuntimeError(f"model execution failed: {result.error}")
+        outputs = self.scheduler.update_from_output(so, result)
+        self.iteration_latency_s = time.perf_counter() - t0
+        self.num_iterations += 1
+        return outputs
+
+    def stats(self) -> dict:
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": self.kv.usage,
+            "num_free_blocks": self.kv.num_free_blocks,
+            "num_blocks": self.kv.num_usable_blocks,
+            "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "iteration_latency_s": self.iteration_latency_s,
+            "num_iterations": self.num_iterations,
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

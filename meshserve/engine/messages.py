@@ -1,0 +1,82 @@
+"""The typed messages that cross process boundaries, as msgspec Structs (never pickle).
+
+  EngineCore --SchedulerOutput--> every rank's ModelRunner
+  last-stage rank 0 --ModelRunnerOutput--> EngineCore
+  EngineCore --EngineCoreOutputs--> the front (LLM in-process, or the API server over ZMQ)
+  front --EngineCoreRequest / abort--> EngineCore
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+
+
+class SamplingMeta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What the device-side sampler needs of a request's SamplingParams."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[int, float]] = None
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    min_tokens: int = 0
+    stop_ids: list[int] = []  # masked while fewer than min_tokens have been generated
+
+
+class ScheduledRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    req_id: str
+    num_computed_tokens: int  # position of the first token computed in this step
+    num_new_tokens: int
+    # New or resumed request: all its tokens and blocks, plus `sampling`. Otherwise: only the
+    # tokens and blocks appended since this request was last scheduled.
+    new_token_ids: list[int] = []
+    new_block_ids: list[int] = []
+    sampling: Optional[SamplingMeta] = None
+    num_output_tokens: int = 0  # output tokens known before this step (seeded sampling uses it)
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    step_id: int
+    reqs: list[ScheduledRequest] = []
+    finished_req_ids: list[str] = []
+    shutdown: bool = False  # tells worker ranks to leave their loop
+
+
+class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    step_id: int
+    req_ids: list[str] = []
+    sampled_token_ids: list[int] = []
+    # per request: (token ids, logprobs) with the sampled token first, then the top-k; or None
+    logprobs: list[Optional[tuple[list[int], list[float]]]] = []
+    # per request that asked for them: logprobs of the prompt tokens covered by this step
+    prompt_logprobs: dict[str, list[tuple[list[int], list[float]]]] = {}
+    error: Optional[str] = None
+
+
+class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict  # SamplingParams fields
+    arrival_time: float = 0.0
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int] = []
+    new_logprobs: list[tuple[list[int], list[float]]] = []
+    prompt_logprobs: Optional[list[Optional[tuple[list[int], list[float]]]]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int] = None
+    num_cached_tokens: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
+    outputs: list[EngineCoreOutput] = []
+    stats: Optional[dict] = None
+    error: Optional[str] = None

@@ -1,0 +1,94 @@
+"""One sequence as the engine core sees it: token ids, how many of them have KV computed, its
+blocks, and why it finished. Pure Python: no torch, no tokenizer.
+
+`num_computed_tokens` chases `num_tokens`; a step schedules `num_tokens - num_computed_tokens`
+(or a chunk of it), so prefill, chunked prefill, decode and recompute after preemption are one path.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from meshserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.eos_token_ids = [] if params.ignore_eos else (
+            [params.end_id] if params.end_id is not None else list(eos_token_ids))
+        self.max_total_tokens = max_total_tokens  # prompt + output may not exceed this
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Optional[int | str] = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # hashes of full blocks, extended as blocks fill
+        self.num_preemptions = 0
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.first_scheduled_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
+        self.in_flight = 0  # scheduled batches not yet returned (pipeline micro-batches)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def max_output_tokens(self) -> int:
+        limit = self.max_total_tokens - self.num_prompt_tokens
+        return limit if self.params.max_tokens is None else min(self.params.max_tokens, limit)
+
+    def token_at(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
+    def append_output(self, token_id: int) -> Optional[RequestStatus]:
+        """Record a sampled token; returns the finished status if this token ends the request."""
+        self.output_token_ids.append(token_id)
+        n = self.num_output_tokens
+        if n >= self.params.min_tokens:
+            if token_id in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in self.params.stop_token_ids:
+                self.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if n >= self.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

@@ -1,0 +1,219 @@
+"""Scheduler: decides, each step, which requests run and how many tokens each computes.
+
+No prefill/decode phases: every request has `num_computed_tokens` chasing `num_tokens`, and a step
+hands out a token budget (`max_num_tokens`) and a sequence budget (`max_batch_size`): running
+requests first (in arrival order), then waiting ones. Chunked prefill, prefix reuse and
+preemption-by-recompute (free the newest request's blocks, put it back at the head of the queue)
+fall out of that one loop. Requests still in flight in an earlier micro-batch (pipeline) are
+skipped. Pure Python: no torch.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from meshserve.engine.kv_cache import KVCacheManager
+from meshserve.engine.messages import (EngineCoreOutput, ModelRunnerOutput, SamplingMeta, ScheduledRequest,
+                                       SchedulerOutput)
+from meshserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int
+    max_num_tokens: int
+    max_seq_len: int
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.finished_ids: list[str] = []  # to tell workers to drop their per-request state
+        self.num_sent: dict[str, tuple[int, int]] = {}  # req id -> (tokens, blocks) already on workers
+        self.step_id = 0
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_request(self, request_id: str) -> Optional[Request]:
+        req = self.requests.get(request_id)
+        if req is None or req.status.finished:
+            return None
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.in_flight == 0:
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        if self.num_sent.pop(req.request_id, None) is not None:
+            self.finished_ids.append(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.num_sent.pop(req.request_id, None)  # resent whole when it resumes
+        self.waiting.appendleft(req)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if req.in_flight:
+                i += 1
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self._pick_victim(after=i)
+                if victim is None:
+                    self._preempt(req)
+                    preempted = True
+                    break
+                self._preempt(victim)
+                preempted = True
+            else:
+                scheduled.append((req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            # req itself was preempted: the list shrank under index i, do not advance
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size:
+            req = self.waiting[0]
+            computed, num_cached = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_cached
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate_slots(req, num_new, computed):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            scheduled.append((req, num_new))
+            budget -= num_new
+
+        self.step_id += 1
+        out = SchedulerOutput(step_id=self.step_id, reqs=[self._wire(r, n) for r, n in scheduled],
+                              finished_req_ids=self.finished_ids)
+        self.finished_ids = []
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+            req.in_flight += 1
+        return out
+
+    def _pick_victim(self, after: int) -> Optional[Request]:
+        """The newest running request behind index `after` (those before it are scheduled)."""
+        for victim in reversed(self.running[after + 1:]):
+            if not victim.in_flight:
+                return victim
+        return None
+
+    def _wire(self, req: Request, num_new: int) -> ScheduledRequest:
+        sent = self.num_sent.get(req.request_id)
+        if sent is None:  # new or resumed: the worker (re)builds its state from this
+            tokens, blocks, sampling = req.all_token_ids, list(req.block_ids), self._sampling_meta(req)
+        else:
+            tokens = req.all_token_ids[sent[0]:] if req.num_tokens > sent[0] else []
+            blocks, sampling = req.block_ids[sent[1]:], None
+        self.num_sent[req.request_id] = (req.num_tokens, len(req.block_ids))
+        return ScheduledRequest(req.request_id, req.num_computed_tokens, num_new, tokens, blocks, sampling,
+                                req.num_output_tokens)
+
+    @staticmethod
+    def _sampling_meta(req: Request) -> SamplingMeta:
+        p = req.params
+        return SamplingMeta(
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=p.seed,
+            repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, logit_bias=p.logit_bias or None, logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs, min_tokens=p.min_tokens,
+            stop_ids=sorted(set(req.eos_token_ids) | set(p.stop_token_ids)) if p.min_tokens else [])
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        sampled = dict(zip(result.req_ids, range(len(result.req_ids))))
+        outputs: list[EngineCoreOutput] = []
+        now = time.monotonic()
+        for sr in sched.reqs:
+            req = self.requests.get(sr.req_id)
+            if req is None:
+                continue
+            req.in_flight -= 1
+            if req.status.finished:  # aborted while in flight
+                if req.in_flight == 0:
+                    self._release(req)
+                continue
+            if req.status == RequestStatus.PREEMPTED:
+                continue
+            out = None
+            plp = result.prompt_logprobs.get(sr.req_id)
+            if plp is not None:
+                out = EngineCoreOutput(sr.req_id, prompt_logprobs=[None] + list(plp) if sr.num_computed_tokens == 0
+                                       else list(plp))
+            self.kv.cache_full_blocks(req)
+            idx = sampled.get(sr.req_id)
+            if idx is not None and req.num_computed_tokens >= req.num_tokens:
+                token = result.sampled_token_ids[idx]
+                status = req.append_output(token)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                out = out or EngineCoreOutput(sr.req_id)
+                out.new_token_ids = [token]
+                if result.logprobs and result.logprobs[idx] is not None:
+                    out.new_logprobs = [result.logprobs[idx]]
+                if req.num_output_tokens == 1:
+                    out.num_cached_tokens = req.num_cached_tokens
+                if status is not None:
+                    out.finish_reason = status.value
+                    out.stop_reason = req.stop_reason
+                    self._finish(req, status)
+            if out is not None:
+                outputs.append(out)
+        return outputs

@@ -1,0 +1,292 @@
+"""The offline Python API: LLM(...).generate / generate_async / chat.
+
+The LLM owns an EngineCore in this process (its executor may spawn worker ranks) and the tokenizer.
+Whichever thread steps the engine routes every output to its request's front-side state, so a
+blocking `generate` and background `generate_async` streams can share one engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from typing import Any, AsyncIterator, Optional, Sequence, Union
+
+from tqdm import tqdm
+
+from meshserve.config import LlmArgs, build_llm_args
+from meshserve.engine.detokenizer import RequestState
+from meshserve.engine.engine_core import EngineCore
+from meshserve.engine.setup import create_engine_core
+from meshserve.models.resolve import resolve_model_path
+from meshserve.outputs import RequestOutput
+from meshserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, list[int]]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs: Any):
+        self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
+        self.model_path = resolve_model_path(self.args.model, self.args.show_progress)
+        self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(self.args.tokenizer or self.model_path)
+        self._core: Optional[EngineCore] = create_engine_core(self.args, self.model_path)
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._states: dict[str, RequestState] = {}  # engine seq id -> its request's state
+        self._async_streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}
+        self._ids = itertools.count()
+        self._bg: Optional[threading.Thread] = None
+        self._closed = False
+        self._error: Optional[BaseException] = None
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True was set); pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return self._tokenize(prompt["prompt"])
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    @staticmethod
+    def _normalize(prompts) -> list:
+        if isinstance(prompts, str) or isinstance(prompts, dict):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            raise ValueError("prompts is empty: pass a string, a list of token ids, or a list of those")
+        return list(prompts)
+
+    def _new_state(self, prompt: PromptType, params: SamplingParams) -> tuple[RequestState, list]:
+        """Tokenize and validate; nothing is added to the engine yet."""
+        text, ids = self._tokenize(prompt)
+        self._core.validate(ids, params)
+        rid = str(next(self._ids))
+        seq_ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
+        state = RequestState(rid, text, ids, params, self.tokenizer, seq_ids)
+        if params.n == 1:
+            adds = [(rid, ids, params)]
+        else:  # n samples: independent sequences; with a seed, sample i uses seed + i
+            adds = [(sid, ids, params.clone(n=1, seed=None if params.seed is None else params.seed + i))
+                    for i, sid in enumerate(seq_ids)]
+        return state, adds
+
+    def _submit(self, state: RequestState, adds: list) -> None:
+        for sid, ids, p in adds:
+            self._core.add_request(sid, ids, p)
+            self._states[sid] = state
+
+    # ---- the engine loop ---------------------------------------------------------------------------
+    def _step(self) -> None:
+        """One engine step (caller holds the lock); routes outputs to their requests."""
+        try:
+            outputs = self._core.step()
+        except BaseException as e:
+            self._fail_all(e)
+            raise
+        stopped = []
+        touched: dict[str, RequestState] = {}
+        for out in outputs:
+            state = self._states.get(out.request_id)
+            if state is None:
+                continue
+            if state.seqs[out.request_id].finish_reason is not None:
+                continue  # e.g. the abort that follows a stop string
+            if state.process(out):
+                stopped.append(out.request_id)
+            if state.seqs[out.request_id].finish_reason is not None:
+                self._states.pop(out.request_id, None)
+            touched[state.request_id] = state
+        if stopped:
+            self._core.abort_requests(stopped)
+            for sid in stopped:
+                self._states.pop(sid, None)
+        for rid, state in touched.items():
+            stream = self._async_streams.get(rid)
+            if stream is not None:
+                loop, queue, streaming = stream
+                if streaming or state.finished:
+                    loop.call_soon_threadsafe(queue.put_nowait, state.make_output())
+                if state.finished:
+                    self._async_streams.pop(rid, None)
+
+    def _fail_all(self, err: BaseException) -> None:
+        self._error = err
+        for rid, (loop, queue, _) in list(self._async_streams.items()):
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        self._async_streams.clear()
+
+    # ---- public API ----------------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> Union[RequestOutput, list[RequestOutput]]:
+        single = isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(t, int) for t in prompts))
+        items = self._normalize(prompts)
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(items)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(items)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(items):
+                raise ValueError(f"sampling_params has {len(params_list)} entries but there are {len(items)} prompts")
+        with self._lock:
+            self._check_open()
+            prepared = [self._new_state(p, sp) for p, sp in zip(items, params_list)]  # all validated first
+            for state, adds in prepared:
+                self._submit(state, adds)
+            states = [s for s, _ in prepared]
+            bar = tqdm(total=len(states), desc="Processed prompts", disable=not use_tqdm, unit="req")
+            done = 0
+            while True:
+                finished = sum(s.finished for s in states)
+                bar.update(finished - done)
+                done = finished
+                if done == len(states):
+                    break
+                self._step()
+            bar.close()
+        outs = [s.make_output() for s in states]
+        return outs[0] if single else outs
+
+    def generate_async(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
+                       streaming: bool = True) -> "AsyncRequest":
+        """Start a request; the result can be awaited (final output) or iterated with `async for`
+        (partial outputs with the text so far, when streaming)."""
+        params = sampling_params or SamplingParams()
+        loop = asyncio.get_event_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._check_open()
+            state, adds = self._new_state(prompt, params)
+            self._async_streams[state.request_id] = (loop, queue, streaming)
+            self._submit(state, adds)
+            self._ensure_background()
+            self._wake.notify_all()
+        return AsyncRequest(self, state, queue)
+
+    def _ensure_background(self) -> None:
+        if self._bg is None or not self._bg.is_alive():
+            self._bg = threading.Thread(target=self._background_loop, name="meshserve-engine", daemon=True)
+            self._bg.start()
+
+    def _background_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._async_streams:
+                    self._wake.wait(timeout=1.0)
+                if self._closed:
+                    return
+                try:
+                    self._step()
+                except BaseException:
+                    logger.exception("engine step failed")
+                    return
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            sids = [sid for sid, st in self._states.items() if st.request_id == request_id]
+            self._core.abort_requests(sids)
+            for sid in sids:
+                st = self._states.pop(sid)
+                st.seqs[sid].finish_reason = "abort"
+            stream = self._async_streams.pop(request_id, None)
+        if stream is not None and sids:
+            loop, queue, _ = stream
+            loop.call_soon_threadsafe(queue.put_nowait, self._states_output(st))
+
+    @staticmethod
+    def _states_output(state: RequestState) -> RequestOutput:
+        return state.make_output()
+
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = False,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True):
+        """One conversation (a list of {"role", "content"}) or a list of conversations."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer (skip_tokenizer_init=True was set)")
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      chat_template=chat_template) for c in convs]
+        # The template already holds the special tokens: encode without adding a BOS again.
+        ids = [{"prompt": p, "prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+        return outs[0] if single else outs
+
+    def get_stats(self) -> dict:
+        with self._lock:
+            return self._core.stats()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down")
+        if self._error is not None:
+            raise RuntimeError(f"the engine failed earlier and cannot serve: {self._error}")
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+            core, self._core = self._core, None
+        if core is not None:
+            core.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+class AsyncRequest:
+    """Handle of one generate_async request: `await` it, or `async for` its partial outputs."""
+
+    def __init__(self, llm: LLM, state: RequestState, queue: asyncio.Queue):
+        self._llm, self._state, self._queue = llm, state, queue
+        self.request_id = state.request_id
+        self._final: Optional[RequestOutput] = None
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self):
+        while self._final is None:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"request {self.request_id} failed: {item}") from item
+            if item.finished:
+                self._final = item
+            yield item
+
+    async def aresult(self) -> RequestOutput:
+        async for _ in self._iterate():
+            pass
+        return self._final
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    def abort(self) -> None:
+        self._llm.abort(self.request_id)

@@ -1,0 +1,124 @@
+"""ModelConfig: the fields of an HF config.json that the model code reads, parsed once.
+
+Reads the raw JSON (not AutoConfig) so both rope spellings, `torch_dtype` and transformers 5's
+`dtype` are handled here and nowhere else.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from meshserve.layers.rotary import rope_config
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope: dict
+    partial_rotary_factor: float = 1.0
+    sliding_windows: list = field(default_factory=list)  # per layer: None or window size
+    checkpoint_dtype: Optional[str] = None
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"Unsupported architecture {archs or cfg.get('model_type')!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={act!r} is not supported; supported: silu")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        layers = cfg["num_hidden_layers"]
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        attn_bias = bool(cfg.get("attention_bias", False))
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+        return cls(
+            architecture=arch,
+            hidden_size=cfg["hidden_size"],
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if is_qwen2 else attn_bias,
+            o_bias=False if is_qwen2 else attn_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            rope=rope_config(cfg),
+            partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
+            sliding_windows=_sliding_windows(arch, cfg, layers),
+            checkpoint_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos,
+            raw=cfg,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModelConfig":
+        with open(os.path.join(path, "config.json")) as f:
+            return cls.from_dict(json.load(f))
+
+    def torch_dtype(self, requested: str, device: torch.device) -> torch.dtype:
+        if requested in (None, "auto"):
+            if device.type == "cpu":
+                return torch.float32  # CPU half-precision matmuls are slow and inexact: fp32 there
+            return _DTYPES.get(str(self.checkpoint_dtype), torch.bfloat16) if self.checkpoint_dtype else torch.bfloat16
+        if requested not in _DTYPES:
+            raise ValueError(f"dtype={requested!r} is not supported; accepted: auto, float32, bfloat16, float16")
+        return _DTYPES[requested]
+
+
+def _sliding_windows(arch: str, cfg: dict, num_layers: int) -> list:
+    window = cfg.get("sliding_window")
+    if arch == "MistralForCausalLM":
+        return [window] * num_layers
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if not cfg.get("use_sliding_window", False) or window is None:
+            return [None] * num_layers
+        types = cfg.get("layer_types")
+        if types:
+            return [window if t == "sliding_attention" else None for t in types]
+        start = cfg.get("max_window_layers", num_layers)
+        return [window if i >= start else None for i in range(num_layers)]
+    if cfg.get("layer_types") and window:
+        return [window if t == "sliding_attention" else None for t in cfg["layer_types"]]
+    return [None] * num_layers

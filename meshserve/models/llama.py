@@ -1,0 +1,166 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): one model file, options from ModelConfig.
+
+Parameter names follow the HF checkpoints (q/k/v fused into qkv_proj, gate/up into gate_up_proj),
+so `load_weights` maps checkpoint names with a short table. Parallelism enters only through the
+groups handed in: tp for the linears, and a layer range [start, end) for this pipeline stage.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from meshserve.distributed.comm import SOLO
+from meshserve.layers.activation import silu_and_mul
+from meshserve.layers.attention import Attention, AttentionMetadata
+from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from meshserve.layers.norm import RMSNorm
+from meshserve.layers.rotary import RotaryEmbedding
+from meshserve.models.config import ModelConfig
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        tp = tp_group.size
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.qkv_bias, tp_group, dtype)
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.head_dim = cfg.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias,
+                                        tp_group, params_dtype=dtype)
+        self.rotary_emb = rotary_emb  # one table shared by every layer
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = Attention(self.num_heads, cfg.head_dim, cfg.head_dim ** -0.5, self.num_kv_heads,
+                              cfg.sliding_windows[layer_idx])
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        o = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, md)
+        return self.o_proj(o)
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, dtype):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       cfg.mlp_bias, tp_group, dtype)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group,
+                                           params_dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg, layer_idx, tp_group, dtype, rotary_emb)
+        self.mlp = DecoderMLP(cfg, tp_group, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, positions, hidden, residual, md):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, md)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.layer_range = layer_range
+        self.is_first, self.is_last = is_first, is_last
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype) \
+            if is_first or (is_last and cfg.tie_word_embeddings) else None
+        rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope,
+                                     cfg.partial_rotary_factor)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, tp_group, dtype, rotary_emb) if i in layer_range else nn.Identity()
+            for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if is_last else None
+
+    def forward(self, input_ids, positions, md, hidden=None, residual=None):
+        if self.is_first:
+            hidden = self.embed_tokens(input_ids)
+        for i in self.layer_range:
+            hidden, residual = self.layers[i](positions, hidden, residual, md)
+        if self.is_last:
+            hidden, _ = self.norm(hidden, residual)
+            return hidden, None
+        return hidden, residual
+
+
+class DecoderForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    stacked_params = [
+        (".q_proj.", ".qkv_proj.", "q"),
+        (".k_proj.", ".qkv_proj.", "k"),
+        (".v_proj.", ".qkv_proj.", "v"),
+        (".gate_proj.", ".gate_up_proj.", 0),
+        (".up_proj.", ".gate_up_proj.", 1),
+    ]
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, dtype=torch.float32, layer_range: Optional[range] = None,
+                 is_first: bool = True, is_last: bool = True):
+        super().__init__()
+        tp_group = tp_group or SOLO
+        self.cfg = cfg
+        layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
+        self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last)
+        self.lm_head = None
+        if is_last:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, dtype)
+            if cfg.tie_word_embeddings:
+                self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids, positions, md, hidden=None, residual=None):
+        return self.model(input_ids, positions, md, hidden, residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [self.model.layers[i].self_attn.attn for i in self.model.layer_range]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy (name, tensor) pairs into this shard; returns the parameter names filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            shard_id = None
+            for ckpt, ours, sid in self.stacked_params:
+                if ckpt in name:
+                    name, shard_id = name.replace(ckpt, ours), sid
+                    break
+            param = params.get(name)
+            if param is None:
+                continue  # another pipeline stage owns it
+            param.weight_loader(param, tensor, shard_id) if hasattr(param, "weight_loader") \
+                else param.data.copy_(tensor)
+            loaded.add(name)
+        return loaded

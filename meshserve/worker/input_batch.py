@@ -1,0 +1,156 @@
+"""Per-request state a rank keeps between steps, and the tensors of one step built from it.
+
+The state is a pure function of the SchedulerOutputs received: new requests bring all their
+tokens and blocks, running ones bring what was appended. No rank needs to see sampled tokens
+any other way, so every rank of every stage builds the same batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from meshserve.engine.messages import SamplingMeta, SchedulerOutput
+from meshserve.layers.attention import AttentionMetadata
+from meshserve.layers.sampler import SamplingBatch, seed_for_step
+
+
+@dataclass
+class ReqState:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingMeta
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [B] last token of each request
+    req_ids: list[str]
+    # prompt logprobs: (req id, hidden-state indices, target token ids)
+    prompt_lp: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class InputBatch:
+    def __init__(self, block_size: int, device: torch.device, vocab_size: int):
+        self.block_size = block_size
+        self.device = device
+        self.vocab_size = vocab_size
+        self.reqs: dict[str, ReqState] = {}
+
+    def update(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.reqs.pop(rid, None)
+        for sr in so.reqs:
+            if sr.sampling is not None:
+                self.reqs[sr.req_id] = ReqState(list(sr.new_token_ids), list(sr.new_block_ids),
+                                                len(sr.new_token_ids) - sr.num_output_tokens, sr.sampling)
+            else:
+                st = self.reqs[sr.req_id]
+                st.token_ids.extend(sr.new_token_ids)
+                st.block_ids.extend(sr.new_block_ids)
+
+    def prepare(self, so: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_loc = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        prompt_lp = []
+        num_decodes = 0
+        for sr in so.reqs:
+            st = self.reqs[sr.req_id]
+            start, n = sr.num_computed_tokens, sr.num_new_tokens
+            ids.extend(st.token_ids[start:start + n])
+            p = np.arange(start, start + n)
+            pos.extend(p.tolist())
+            blocks = np.asarray(st.block_ids, dtype=np.int64)
+            slots.extend((blocks[p // bs] * bs + p % bs).tolist())
+            q_loc.append(q_loc[-1] + n)
+            seq_lens.append(start + n)
+            tables.append(st.block_ids)
+            num_decodes += n == 1
+            if st.sampling.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
+                end = min(start + n, st.num_prompt_tokens - 1)
+                prompt_lp.append((sr.req_id, list(range(q_loc[-2], q_loc[-2] + end - start)),
+                                  st.token_ids[start + 1:end + 1]))
+        max_blocks = max((len(t) for t in tables), default=1)
+        table = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        dev = self.device
+
+        def to_dev(x, dtype):
+            return torch.as_tensor(np.asarray(x), dtype=dtype).to(dev, non_blocking=True)
+
+        q_lens = np.diff(q_loc)
+        md = AttentionMetadata(
+            slot_mapping=to_dev(slots, torch.int64),
+            query_start_loc=to_dev(q_loc, torch.int32),
+            seq_lens=to_dev(seq_lens, torch.int32),
+            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            max_query_len=int(q_lens.max()) if len(q_lens) else 0,
+            max_seq_len=max(seq_lens, default=0),
+            block_size=bs,
+            num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
+            num_decode_tokens=num_decodes if num_decodes == len(so.reqs) else 0,
+        )
+        return StepInputs(
+            input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
+            logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),
+            req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids))
+
+    def sampling_batch(self, so: SchedulerOutput) -> SamplingBatch:
+        dev, V = self.device, self.vocab_size
+        states = [self.reqs[sr.req_id] for sr in so.reqs]
+        metas = [st.sampling for st in states]
+        temps = [m.temperature for m in metas]
+        b = SamplingBatch(temperature=torch.tensor(temps, dtype=torch.float32, device=dev))
+        b.all_greedy = all(t < 1e-5 or m.top_k == 1 for t, m in zip(temps, metas))
+        if not b.all_greedy:
+            if any(m.top_k > 0 for m in metas):
+                b.top_k = torch.tensor([m.top_k if m.top_k > 0 else V for m in metas], device=dev)
+                b.temperature = torch.where(b.top_k == 1, torch.zeros_like(b.temperature), b.temperature)
+            if any(m.top_p < 1.0 for m in metas):
+                b.top_p = torch.tensor([m.top_p for m in metas], dtype=torch.float32, device=dev)
+            if any(m.min_p > 0.0 for m in metas):
+                b.min_p = torch.tensor([m.min_p for m in metas], dtype=torch.float32, device=dev)
+            for row, (sr, m) in enumerate(zip(so.reqs, metas)):
+                if m.seed is not None and m.temperature >= 1e-5:
+                    b.seeded_rows.append((row, seed_for_step(m.seed, sr.num_output_tokens)))
+        else:
+            b.temperature.zero_()
+        if any(m.logit_bias for m in metas):
+            bias = torch.zeros(len(metas), V, dtype=torch.float32)
+            for row, m in enumerate(metas):
+                for tok, val in (m.logit_bias or {}).items():
+                    bias[row, tok] += val
+            b.logit_bias = bias.to(dev)
+        banned = [(row, m.stop_ids) for row, (st, m) in enumerate(zip(states, metas))
+                  if m.min_tokens and len(st.token_ids) - st.num_prompt_tokens < m.min_tokens and m.stop_ids]
+        if banned:
+            mask = torch.zeros(len(metas), V, dtype=torch.bool)
+            for row, stop_ids in banned:
+                mask[row, stop_ids] = True
+            b.banned_mask = mask.to(dev)
+        if any(m.repetition_penalty != 1.0 or m.presence_penalty or m.frequency_penalty for m in metas):
+            counts = torch.zeros(len(metas), V, dtype=torch.float32)
+            seen = torch.zeros(len(metas), V, dtype=torch.bool)
+            for row, st in enumerate(states):
+                out = torch.tensor(st.token_ids[st.num_prompt_tokens:], dtype=torch.int64)
+                counts[row].index_add_(0, out, torch.ones(len(out)))
+                seen[row, torch.tensor(st.token_ids, dtype=torch.int64)] = True
+            b.output_counts, b.seen_mask = counts.to(dev), seen.to(dev)
+            b.repetition_penalty = torch.tensor([m.repetition_penalty for m in metas], device=dev)
+            b.presence_penalty = torch.tensor([m.presence_penalty for m in metas], device=dev)
+            b.frequency_penalty = torch.tensor([m.frequency_penalty for m in metas], device=dev)
+        b.max_num_logprobs = max((m.logprobs for m in metas if m.logprobs is not None), default=-1)
+        return b

@@ -1,0 +1,151 @@
+"""ModelRunner: one rank's model shard, its paged KV cache, and one step's forward + sampling.
+
+Input: a SchedulerOutput (the same on every rank). A first pipeline stage embeds tokens; a later
+stage receives hidden states from the previous one; the last stage computes logits and its
+tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from meshserve.distributed.comm import SOLO
+from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from meshserve.models.config import ModelConfig
+from meshserve.models.loader import build_model, load_weights
+from meshserve.layers.attention import AttentionMetadata
+from meshserve.layers.sampler import Sampler
+from meshserve.worker.input_batch import InputBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerConfig:
+    model_path: str
+    device: str
+    dtype: torch.dtype
+    block_size: int
+    max_num_tokens: int
+    load_format: str = "auto"
+    seed: int = 0
+    show_progress: bool = True
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cfg: RunnerConfig, tp_group=None, pp_group=None,
+                 layer_range: Optional[range] = None):
+        self.model_config = model_config
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.tp_group = tp_group or SOLO
+        self.pp_group = pp_group or SOLO
+        pp_rank, pp_size = self.pp_group.rank_in_group, self.pp_group.size
+        self.is_first = pp_rank == 0
+        self.is_last = pp_rank == pp_size - 1
+        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0  # samples
+        self.model = build_model(model_config, self.device, cfg.dtype, self.tp_group, layer_range,
+                                 self.is_first, self.is_last)
+        load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress)
+        self.attn_layers = self.model.attention_layers()
+        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size)
+        self.sampler = Sampler(self.device, cfg.seed)
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache -----------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        per_layer = 2 * self.cfg.block_size * self.attn_layers[0].num_kv_heads * self.attn_layers[0].head_dim \
+            if self.attn_layers else 0
+        return per_layer * len(self.attn_layers) * torch.empty((), dtype=self.cfg.dtype).element_size()
+
+    def available_kv_blocks(self, free_fraction: float, cpu_budget_bytes: int) -> int:
+        """How many blocks this rank can hold: GPU from free memory after a profiling forward of
+        `max_num_tokens` tokens; CPU from a fixed byte budget."""
+        per_block = max(1, self.kv_bytes_per_block())
+        if self.device.type != "cuda":
+            return cpu_budget_bytes // per_block
+        self.profile_run()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(max(0, free * free_fraction - peak_extra) // per_block)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = []
+        for attn in self.attn_layers:
+            cache = torch.zeros(2, num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim,
+                                dtype=self.cfg.dtype, device=self.device)
+            attn.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    @torch.no_grad()
+    def profile_run(self) -> None:
+        """A forward pass over max_num_tokens tokens so peak activation memory is known."""
+        n, bs = self.cfg.max_num_tokens, self.cfg.block_size
+        nblk = -(-n // bs) + 1
+        self.init_kv_cache(nblk)
+        md = AttentionMetadata(
+            slot_mapping=torch.arange(bs, bs + n, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(1, nblk, dtype=torch.int32, device=self.device)[None],
+            max_query_len=n, max_seq_len=n, block_size=bs)
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        hidden = residual = None
+        if not self.is_first:
+            hidden = torch.zeros(n, self.model_config.hidden_size, dtype=self.cfg.dtype, device=self.device)
+            residual = torch.zeros_like(hidden)
+        hidden, _ = self.model(ids, pos, md, hidden, residual)
+        if self.is_last:
+            self.model.compute_logits(hidden[-1:])
+        self.kv_caches = []
+        for attn in self.attn_layers:
+            attn.kv_cache = None
+
+    # ---- one step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        self.batch.update(so)
+        if not so.reqs:
+            return ModelRunnerOutput(so.step_id) if self.is_driver else None
+        inp = self.batch.prepare(so)
+        hidden = residual = None
+        if not self.is_first:
+            hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
+                                                         self.cfg.dtype, self.device)
+        hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
+        if not self.is_last:
+            self.pp_group.send_hidden(hidden, residual)
+            return None
+        logits = self.model.compute_logits(hidden[inp.logits_indices])
+        prompt_lp = self._prompt_logprobs(hidden, inp) if inp.prompt_lp else {}
+        if not self.is_driver:
+            return None
+        tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
+        out = ModelRunnerOutput(so.step_id, inp.req_ids, tokens.tolist(), prompt_logprobs=prompt_lp)
+        if lp is not None:
+            ids, vals = lp[0].tolist(), lp[1].tolist()
+            want = [self.batch.reqs[r].sampling.logprobs for r in inp.req_ids]
+            out.logprobs = [None if k is None else (ids[i][:k + 1], vals[i][:k + 1]) for i, k in enumerate(want)]
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp) -> dict:
+        result = {}
+        for rid, idx, targets in inp.prompt_lp:
+            k = self.batch.reqs[rid].sampling.prompt_logprobs
+            logits = self.model.compute_logits(hidden[torch.tensor(idx, device=hidden.device)]).float()
+            lps = torch.log_softmax(logits, dim=-1)
+            tgt = torch.tensor(targets, device=lps.device)
+            chosen = lps.gather(1, tgt[:, None])
+            if k:
+                vals, ids = lps.topk(k, dim=-1)
+                ids, vals = torch.cat([tgt[:, None], ids], 1), torch.cat([chosen, vals], 1)
+            else:
+                ids, vals = tgt[:, None], chosen
+            result[rid] = list(zip(ids.tolist(), vals.tolist()))
+        return result
