@@ -1,0 +1,113 @@
+"""Shared test helpers: tiny random HF checkpoints and a tokenizer built offline.
+
+Every reference value in the tests comes from `transformers` running these same checkpoints (or
+from a float64 computation), never from meshserve's own output.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "Large language models generate text one token at a time.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000",
+    "Ünïcödé tëxt — with “quotes” and emoji 🙂 too.",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(path: str, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on a fixed corpus, saved as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def tiny_config(arch: str, **overrides) -> dict:
+    cfg = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    if arch == "qwen3":
+        cfg["head_dim"] = 16
+    cfg.update(overrides)
+    return cfg
+
+
+def build_checkpoint(path: str, arch: str = "llama", seed: int = 0, tokenizer: bool = True,
+                     max_shard_size: Optional[str] = None, legacy_rope: Optional[dict] = None, **overrides):
+    """Save a random tiny HF model (+ tokenizer) to `path`; returns the transformers model.
+
+    legacy_rope: rewrite config.json into the Hub spelling (`rope_scaling` + `rope_theta`)."""
+    import transformers
+
+    cfg_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
+    config = cfg_cls(**tiny_config(arch, **overrides))
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random norms and biases, so every parameter is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        build_tokenizer(path, vocab_size=min(overrides.get("vocab_size", 320), 320))
+    if legacy_rope is not None:
+        cfg_path = os.path.join(path, "config.json")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        params = raw.pop("rope_parameters", {}) or {}
+        raw["rope_theta"] = legacy_rope.pop("rope_theta", params.get("rope_theta", 10000.0))
+        raw["rope_scaling"] = legacy_rope or None
+        with open(cfg_path, "w") as f:
+            json.dump(raw, f)
+        model = model_cls.from_pretrained(path, dtype=torch.float32).eval()  # as transformers reads it
+    return model
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    model.generation_config.eos_token_id = None  # run to max_new_tokens without touching the logits
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def make_prompts(num: int, vocab: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """Prompts whose lengths run from 1 to max_len."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1] + [int(x) for x in torch.linspace(2, max_len, num - 1)]
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
