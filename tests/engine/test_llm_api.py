@@ -1,0 +1,175 @@
+"""The LLM API end to end on a tiny random checkpoint, against transformers where it has an answer:
+seeds, stop strings, logprobs, penalties, n, streaming, chat, and bad input."""
+import asyncio
+
+import pytest
+import torch
+
+from helpers import build_checkpoint, hf_greedy
+from meshserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama"))
+    hf = build_checkpoint(path, "llama")
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    with LLM(ckpt[0], kv_cache_config={"tokens_per_block": 4, "max_tokens": 2048}, max_seq_len=128,
+             show_progress=False) as llm:
+        yield llm
+
+
+PROMPTS = ["Hello world", "The capital of France", "def add(a, b):", "1 2 3"]
+
+
+def test_same_seed_same_output_and_batch_independent(llm):
+    sp = SamplingParams(max_tokens=16, temperature=1.0, seed=42, ignore_eos=True)
+    a = llm.generate(PROMPTS, sp, use_tqdm=False)
+    b = llm.generate(PROMPTS[::-1], sp, use_tqdm=False)[::-1]
+    alone = llm.generate(PROMPTS[1], sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert alone.outputs[0].token_ids == a[1].outputs[0].token_ids
+    c = llm.generate(PROMPTS[1], SamplingParams(max_tokens=16, temperature=1.0, seed=43, ignore_eos=True),
+                     use_tqdm=False)
+    assert c.outputs[0].token_ids != a[1].outputs[0].token_ids
+
+
+def test_top_k_one_equals_greedy(llm, ckpt):
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0.8, top_k=1, ignore_eos=True),
+                       use_tqdm=False)
+    assert out.outputs[0].token_ids == hf_greedy(ckpt[1], ids, 10)
+
+
+def test_stop_string_cuts_across_token_boundaries(llm):
+    base = llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
+    text = base.outputs[0].text
+    assert len(text) > 12
+    stop = text[5:9]  # four characters that need not align with token boundaries
+    cut = text.index(stop)
+    out = llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stop),
+                       use_tqdm=False).outputs[0]
+    assert out.text == text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
+    out = llm.generate(PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop],
+                                                  include_stop_str_in_output=True), use_tqdm=False).outputs[0]
+    assert out.text == text[:cut + len(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    base = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+    ids = base.outputs[0].token_ids
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[ids[2]]),
+                       use_tqdm=False).outputs[0]
+    assert out.token_ids == ids[:ids.index(ids[2]) + 1] and out.stop_reason == ids[2]
+    # end_id acts as EOS; min_tokens masks it until 6 tokens exist
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, end_id=ids[0], min_tokens=6),
+                       use_tqdm=False).outputs[0]
+    assert len(out.token_ids) >= 6 and ids[0] not in out.token_ids[:5]
+
+
+def test_logprobs_equal_transformers_log_softmax(llm, ckpt):
+    hf = ckpt[1]
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3,
+                                              prompt_logprobs=2), use_tqdm=False)
+    gen = out.outputs[0].token_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + gen])).logits[0].double()
+    ref = torch.log_softmax(logits, -1)
+    for i, (tok, lp) in enumerate(zip(gen, out.outputs[0].logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert abs(lp[tok] - row[tok].item()) < 1e-4
+        top = row.topk(3)
+        for t, v in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(lp[t] - v) < 1e-4
+    assert abs(out.outputs[0].cumulative_logprob - sum(ref[len(prompt) - 1 + i, t].item()
+                                                       for i, t in enumerate(gen))) < 1e-3
+    plp = out.prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None
+    for j in range(1, len(prompt)):
+        assert abs(plp[j][prompt[j]] - ref[j - 1, prompt[j]].item()) < 1e-4
+        assert len(plp[j]) >= 2
+
+
+def test_repetition_penalty_matches_transformers(llm, ckpt):
+    hf = ckpt[1]
+    prompt = llm.tokenizer.encode(PROMPTS[3])
+    out = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                              repetition_penalty=1.5), use_tqdm=False)
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=1.5,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.outputs[0].token_ids == ref
+
+
+def test_n_samples_with_seed_are_reproducible(llm):
+    sp = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    a = llm.generate(PROMPTS[0], sp, use_tqdm=False)
+    b = llm.generate(PROMPTS[0], sp, use_tqdm=False)
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+
+
+def test_generate_async_streams_to_the_same_text(llm):
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    full = llm.generate(PROMPTS[1], sp, use_tqdm=False).outputs[0].text
+
+    async def run():
+        parts = []
+        async for out in llm.generate_async(PROMPTS[1], sp, streaming=True):
+            parts.append(out)
+        final = await llm.generate_async(PROMPTS[1], sp)
+        return parts, final
+
+    parts, final = asyncio.run(run())
+    assert parts[-1].finished and parts[-1].outputs[0].text == full and final.outputs[0].text == full
+    assert len(parts) > 1
+
+
+def test_chat_uses_the_template(llm, ckpt):
+    msgs = [{"role": "user", "content": "Hi"}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    ids = llm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert out.prompt_token_ids == llm.tokenizer.encode(ids, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ([], None, "prompts is empty"),
+    ("", None, "prompt is empty"),
+    ([5, 99999], None, "token id 99999"),
+    (list(range(3, 200)), None, "max_seq_len is 128"),
+    (list(range(3, 100)), SamplingParams(max_tokens=50), "exceeds max_seq_len=128"),
+])
+def test_bad_input_is_a_clear_error_and_the_next_request_succeeds(llm, prompt, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompt, params, use_tqdm=False)
+    ok = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(ok.outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(n=0), "n"), (dict(min_p=2), "min_p"), (dict(logprobs=99), "logprobs"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop=[""]), "stop"),
+])
+def test_invalid_sampling_params_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
+        SamplingParams(**kw)
+
+
+def test_unknown_keyword_and_architecture_are_errors(tmp_path, ckpt):
+    with pytest.raises(ValueError, match="unknown key 'tensor_paralel_size'"):
+        LLM(ckpt[0], tensor_paralel_size=2)
+    import json, shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="supported: LlamaForCausalLM, MistralForCausalLM"):
+        LLM(str(bad))

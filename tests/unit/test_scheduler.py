@@ -1,0 +1,110 @@
+"""Scheduler: token and sequence budgets, chunked prefill, preemption by recompute (pure Python,
+driven by a fake model that returns a fixed token)."""
+from meshserve.engine.kv_cache import KVCacheManager
+from meshserve.engine.messages import ModelRunnerOutput
+from meshserve.engine.request import Request, RequestStatus
+from meshserve.engine.scheduler import Scheduler, SchedulerConfig
+from meshserve.sampling_params import SamplingParams
+
+
+def make(max_batch=8, max_tokens=64, num_blocks=64, block=4, chunked=True, reuse=True):
+    kv = KVCacheManager(num_blocks, block, reuse)
+    return Scheduler(SchedulerConfig(max_batch, max_tokens, 1000, chunked), kv)
+
+
+def add(s, rid, n_prompt, max_tokens=4):
+    r = Request(rid, list(range(3, 3 + n_prompt)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), [2], 1000)
+    s.add_request(r)
+    return r
+
+
+def step(s, token=7):
+    so = s.schedule()
+    out = ModelRunnerOutput(so.step_id, [r.req_id for r in so.reqs], [token] * len(so.reqs))
+    return so, s.update_from_output(so, out)
+
+
+def test_token_budget_chunks_long_prompts():
+    s = make(max_tokens=5)
+    r = add(s, "a", 12)
+    so, outs = step(s)
+    assert [(x.req_id, x.num_computed_tokens, x.num_new_tokens) for x in so.reqs] == [("a", 0, 5)]
+    assert outs == []  # a partial prefill samples nothing
+    so, _ = step(s)
+    assert so.reqs[0].num_computed_tokens == 5 and so.reqs[0].num_new_tokens == 5
+    so, outs = step(s)
+    assert so.reqs[0].num_new_tokens == 2 and outs[0].new_token_ids == [7]
+    assert r.num_output_tokens == 1
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_budget():
+    s = make(max_tokens=10, chunked=False)
+    add(s, "a", 6)
+    add(s, "b", 6)
+    so, _ = step(s)
+    assert [x.req_id for x in so.reqs] == ["a"]
+
+
+def test_running_requests_decode_before_new_prefills():
+    s = make(max_tokens=8)
+    add(s, "a", 4)
+    step(s)
+    add(s, "b", 20)
+    so, _ = step(s)
+    assert [(x.req_id, x.num_new_tokens) for x in so.reqs] == [("a", 1), ("b", 7)]
+
+
+def test_max_batch_size_limits_running_sequences():
+    s = make(max_batch=2)
+    for i in range(4):
+        add(s, str(i), 3)
+    so, _ = step(s)
+    assert len(so.reqs) == 2 and s.num_waiting == 2
+
+
+def test_preemption_frees_the_newest_and_requeues_it_first():
+    s = make(num_blocks=6, block=4)  # 5 usable blocks = 20 tokens
+    a = add(s, "a", 8, max_tokens=10)
+    b = add(s, "b", 8, max_tokens=10)
+    step(s)  # a: 2 blocks, b: 2 blocks
+    for _ in range(4):
+        step(s)
+    assert s.num_preemptions >= 1
+    assert b.status in (RequestStatus.PREEMPTED, RequestStatus.WAITING) or b.num_preemptions >= 1
+    # everything still finishes, with the full number of tokens
+    for _ in range(100):
+        if not s.has_unfinished():
+            break
+        step(s)
+    assert a.num_output_tokens == 10 and b.num_output_tokens == 10
+
+
+def test_finish_on_max_tokens_frees_blocks():
+    s = make()
+    r = add(s, "a", 3, max_tokens=2)
+    step(s)
+    _, outs = step(s)
+    assert outs[-1].finish_reason == "length"
+    assert s.kv.num_free_blocks == s.kv.num_usable_blocks and not s.has_unfinished()
+    assert r.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_abort_frees_blocks_and_tells_workers():
+    s = make()
+    add(s, "a", 6)
+    step(s)
+    s.abort_request("a")
+    assert s.kv.num_free_blocks == s.kv.num_usable_blocks
+    so = s.schedule()
+    assert so.finished_req_ids == ["a"]
+
+
+def test_wire_sends_deltas_after_the_first_schedule():
+    s = make()
+    add(s, "a", 5)
+    so, _ = step(s)
+    first = so.reqs[0]
+    assert first.sampling is not None and first.new_token_ids == list(range(3, 8))
+    so, _ = step(s)
+    nxt = so.reqs[0]
+    assert nxt.sampling is None and nxt.new_token_ids == [7] and nxt.num_computed_tokens == 5
