@@ -29,3 +29,26 @@ class SoloGroup:
 
 
 SOLO = SoloGroup()
+
+
+class PipelineChannel:
+    """Hidden states (and the residual) from one pipeline stage to the next, over the pp group's
+    device group (NCCL on GPU, gloo on CPU). `group` is a GroupCoordinator of the pp dimension."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = group.size
+        self.rank_in_group = group.rank_in_group
+
+    def send_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        nxt = self.rank_in_group + 1
+        self.group.send(hidden.contiguous(), nxt)
+        self.group.send(residual.contiguous(), nxt)
+
+    def recv_hidden(self, num_tokens: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        prev = self.rank_in_group - 1
+        hidden = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
+        residual = torch.empty_like(hidden)
+        self.group.recv(hidden, prev)
+        self.group.recv(residual, prev)
+        return hidden, residual

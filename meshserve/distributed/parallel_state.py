@@ -21,6 +21,9 @@ __all__ = ["GroupCoordinator", "ParallelState", "init_distributed", "destroy_dis
 
 DEFAULT_TIMEOUT_S = 600.0
 
+# torch >= 2.12 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class GroupCoordinator:
     """This rank's view of one process group: its members and the collectives layers use.
@@ -85,7 +88,7 @@ class GroupCoordinator:
         flat = tensor.contiguous().view(-1)
         # gloo wants the output as the inputs concatenated on dim 0, so gather flat
         out = torch.empty(self.size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, flat, group=self.device_group)
+        _all_gather_flat(out, flat, group=self.device_group)
         # [size, *shape] -> shape with dim scaled by size, members in order along dim
         out = out.view(self.size, *tensor.shape).movedim(0, dim)
         return out.reshape(*tensor.shape[:dim], self.size * tensor.shape[dim],

@@ -10,6 +10,7 @@ import torch
 from meshserve.config import LlmArgs
 from meshserve.engine.engine_core import EngineCore
 from meshserve.engine.executor import UniProcExecutor
+from meshserve.distributed.launch import detect_launch
 from meshserve.engine.scheduler import SchedulerConfig
 from meshserve.models.config import ModelConfig
 from meshserve.worker.model_runner import RunnerConfig
@@ -56,6 +57,22 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
         raise ValueError("enable_attention_dp=True: attention data parallelism has not landed yet")
 
 
+def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
+    """Errors naming the numbers for a tp/pp layout this model cannot be split into."""
+    from meshserve.mapping import Mapping
+
+    tp, heads, kv = args.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide num_attention_heads={heads}")
+    if kv % tp and tp % kv:
+        raise ValueError(f"tensor_parallel_size={tp} and num_key_value_heads={kv}: one must divide the other")
+    inter = model_config.intermediate_size
+    if inter % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={inter}")
+    Mapping(tp_size=tp, pp_size=args.pipeline_parallel_size, pp_partition=args.pp_partition,
+            num_layers=model_config.num_hidden_layers)  # validates pp_size and pp_partition
+
+
 def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device) -> RunnerConfig:
     return RunnerConfig(model_path=model_path, device=str(device),
                         dtype=model_config.torch_dtype(args.dtype, device),
@@ -70,9 +87,14 @@ def create_engine_core(args: LlmArgs, model_path: str) -> EngineCore:
     device = resolve_device(args.device)
     max_seq_len = max_seq_len_for(args, model_config)
     rcfg = runner_config(args, model_path, model_config, device)
-    if args.world_size > 1:
-        from meshserve.distributed.executor import MultiProcExecutor
-        executor = MultiProcExecutor(args, model_config, rcfg)
+    launch = detect_launch() if args.orchestrator_type != "spawn" else None
+    if launch is not None or args.world_size > 1:
+        from meshserve.distributed.executor import MultiProcExecutor, check_world, run_external_worker
+        check_world(args, device.type, launch)
+        check_layout_fits_model(args, model_config)
+        if launch is not None and launch.rank != 0:
+            run_external_worker(args, model_path, launch)  # serves rank 0, then exits the process
+        executor = MultiProcExecutor(args, model_path, launch, device.type)
     else:
         executor = UniProcExecutor(model_config, rcfg)
     try:

@@ -1,0 +1,189 @@
+"""MultiProcExecutor: rank 0 in the engine process, ranks 1..N-1 in worker processes.
+
+Ranks come from one of two places: spawned here on this host (the default), or started by an
+outside launcher (torchrun, mpirun, srun), in which case rank 0 runs the engine and every other
+rank calls `run_external_worker` and never returns. Each step rank 0 sends the SchedulerOutput to
+every worker over the control channel (ZMQ, HMAC-signed msgspec), runs its own shard, and gets
+the sampled tokens from itself (one stage) or from the last stage's rank (pipelines). A worker
+that dies or raises turns into a RuntimeError here within a second.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import socket
+import sys
+import time
+from typing import Optional
+
+from meshserve.config import LlmArgs
+from meshserve.distributed.control import (DriverChannel, InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown,
+                                           Step, WorkerError)
+from meshserve.distributed.launch import LaunchInfo
+from meshserve.engine.executor import Done, Executor, choose_num_blocks
+from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info, run_worker, worker_main
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_world(args: LlmArgs, device_type: str, launch: Optional[LaunchInfo]) -> None:
+    world = args.world_size
+    if launch is not None and launch.world_size != world:
+        raise ValueError(f"the launcher started {launch.world_size} ranks ({launch.launcher}), but "
+                         f"tensor_parallel_size={args.tensor_parallel_size} x pipeline_parallel_size="
+                         f"{args.pipeline_parallel_size} needs world_size={world}")
+    if device_type == "cuda" and launch is None:
+        import torch
+        count = torch.cuda.device_count()
+        if world > count:
+            raise ValueError(f"world_size={world} (tp={args.tensor_parallel_size} x pp="
+                             f"{args.pipeline_parallel_size}) needs {world} GPUs, but only {count} are visible")
+
+
+def run_external_worker(args: LlmArgs, model_path: str, launch: LaunchInfo) -> None:
+    """A rank > 0 under torchrun / mpirun / srun: serve rank 0 until it shuts down, then exit."""
+    spec = RankSpec(launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port,
+                    args.model_dump(), model_path, launch.secret.encode().hex() if launch.secret else None,
+                    spawned=False)
+    code = run_worker(spec)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class PendingResult:
+    def __init__(self, executor: "MultiProcExecutor"):
+        self.executor = executor
+
+    def result(self) -> ModelRunnerOutput:
+        return self.executor._wait_for(lambda m: isinstance(m, Result)).out
+
+
+class MultiProcExecutor(Executor):
+    def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str):
+        check_world(args, device_type, launch)
+        self.max_inflight = args.pipeline_parallel_size
+        self.world_size = args.world_size
+        self.procs: dict[int, mp.process.BaseProcess] = {}
+        self.channel: Optional[DriverChannel] = None
+        self.state = None
+        self._closed = False
+        if launch is not None:
+            addr, port = launch.master_addr, launch.master_port
+            key = launch.secret.encode() if launch.secret else None
+        else:
+            addr, port, key = "127.0.0.1", free_port(), secrets.token_bytes(32)
+        try:
+            if launch is None:
+                self._spawn(args, model_path, addr, port, key)
+            spec = RankSpec(0, self.world_size, launch.local_rank if launch else 0, addr, port, args.model_dump(),
+                            model_path, None, spawned=launch is None)
+            self.runner, self.state = build_rank(spec)
+            shared_key = key or secrets.token_bytes(32)
+            self.channel = DriverChannel(addr, shared_key)
+            exchange_control_info(self.state, self.channel.endpoint, None if key else shared_key)
+            self._wait_all(Ready, "to start")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _spawn(self, args: LlmArgs, model_path: str, addr: str, port: int, key: bytes) -> None:
+        ctx = mp.get_context("spawn")
+        for rank in range(1, self.world_size):
+            spec = RankSpec(rank, self.world_size, rank, addr, port, args.model_dump(), model_path, key.hex())
+            p = ctx.Process(target=worker_main, args=(spec.to_json(),), name=f"meshserve-rank{rank}", daemon=False)
+            p.start()
+            self.procs[rank] = p
+
+    # ---- waiting on workers -----------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        for rank, p in self.procs.items():
+            if p.exitcode is not None:
+                raise RuntimeError(f"worker rank {rank} (pid {p.pid}) exited unexpectedly with code {p.exitcode}")
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, WorkerError):
+            raise RuntimeError(f"worker rank {msg.rank} failed:\n{msg.message}")
+
+    def _wait_for(self, pred, timeout_s: Optional[float] = None):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            msg = self.channel.recv(200)
+            if msg is not None:
+                self._handle(msg)
+                if pred(msg):
+                    return msg
+            else:
+                self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from the worker ranks within {timeout_s:.0f} s")
+
+    def _wait_all(self, kind, what: str, timeout_s: float = 900.0) -> list:
+        got = {}
+        while len(got) < self.world_size - 1:
+            msg = self._wait_for(lambda m: isinstance(m, kind), timeout_s)
+            got[msg.rank] = msg
+        return [got[r] for r in sorted(got)]
+
+    def _poll_errors(self) -> None:
+        while True:
+            msg = self.channel.recv(0)
+            if msg is None:
+                break
+            self._handle(msg)
+        self._check_alive()
+
+    # ---- Executor ----------------------------------------------------------------------------------
+    def initialize_cache(self, kv_config, max_tokens_needed: int) -> int:
+        budget = int(kv_config.cpu_kv_cache_gb * 2**30)
+        self.channel.broadcast(ProfileKv(kv_config.free_gpu_memory_fraction, budget))
+        mine = self.runner.available_kv_blocks(kv_config.free_gpu_memory_fraction, budget)
+        others = [m.num_blocks for m in self._wait_all(KvBlocks, "to size the KV cache")]
+        blocks = choose_num_blocks(min([mine] + others), kv_config, self.runner.cfg.block_size, max_tokens_needed)
+        self.channel.broadcast(InitKv(blocks))
+        self.runner.init_kv_cache(blocks)
+        self._wait_all(KvBlocks, "to allocate the KV cache")
+        return blocks
+
+    def execute_async(self, so: SchedulerOutput):
+        self._poll_errors()
+        self.channel.broadcast(Step(so))
+        out = self.runner.execute(so)
+        return Done(out) if out is not None else PendingResult(self)
+
+    def check_health(self) -> None:
+        self._poll_errors()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.channel is not None:
+            try:
+                self.channel.broadcast(Shutdown())
+            except Exception:
+                pass
+        deadline = time.monotonic() + 5.0
+        for p in self.procs.values():
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        if self.channel is not None:
+            self.channel.close()
+        if self.state is not None:
+            from meshserve.distributed.parallel_state import destroy_distributed
+            try:
+                destroy_distributed()
+            except Exception:
+                pass

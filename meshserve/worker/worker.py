@@ -1,0 +1,148 @@
+"""One rank: join torch.distributed, build its model shard, and (for ranks other than 0) serve
+commands from rank 0 until told to stop.
+
+`build_rank` is shared by rank 0 (inside the engine process) and the worker ranks (spawned by
+the executor, or started by torchrun / mpirun / srun). A worker that raises reports the error
+to rank 0 and exits, so no collective waits on it forever; a spawned worker also dies with its
+parent (PR_SET_PDEATHSIG), so no rank outlives the engine.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RankSpec:
+    """What a rank needs to join the job; JSON-serialisable so a spawned child gets plain text."""
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    args: dict  # LlmArgs fields
+    model_path: str
+    key_hex: Optional[str] = None  # control-message key, when known before rendezvous
+    spawned: bool = True
+    timeout_s: float = 600.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankSpec":
+        return cls(**json.loads(text))
+
+
+def build_rank(spec: RankSpec):
+    """Join the process group and build this rank's ModelRunner; returns (runner, parallel state)."""
+    from meshserve.config import LlmArgs
+    from meshserve.distributed.comm import PipelineChannel
+    from meshserve.distributed.parallel_state import ParallelState, init_distributed
+    from meshserve.engine.setup import resolve_device, runner_config
+    from meshserve.mapping import Mapping
+    from meshserve.models.config import ModelConfig
+    from meshserve.worker.model_runner import ModelRunner
+
+    args = LlmArgs(**spec.args)
+    model_config = ModelConfig.from_pretrained(spec.model_path)
+    device = resolve_device(args.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    device = init_distributed(spec.rank, spec.world_size, spec.master_addr, spec.master_port, backend,
+                              spec.local_rank if device.type == "cuda" else None, spec.timeout_s)
+    mapping = Mapping(world_size=spec.world_size, rank=spec.rank, tp_size=args.tensor_parallel_size,
+                      pp_size=args.pipeline_parallel_size, pp_partition=args.pp_partition,
+                      num_layers=model_config.num_hidden_layers)
+    state = ParallelState(mapping)
+    rcfg = runner_config(args, spec.model_path, model_config, device)
+    rcfg.show_progress = rcfg.show_progress and spec.rank == 0
+    pp = PipelineChannel(state.pp) if mapping.pp_size > 1 else None
+    runner = ModelRunner(model_config, rcfg, tp_group=state.tp, pp_group=pp,
+                         layer_range=mapping.this_stage_layers())
+    return runner, state
+
+
+def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) -> tuple[str, bytes]:
+    """Rank 0 tells every rank the control endpoint (and the key, when it was not pre-shared)
+    over the gloo world group: fixed-size byte tensors, no pickle."""
+    buf = torch.zeros(512, dtype=torch.uint8)
+    if state.mapping.rank == 0:
+        payload = json.dumps({"endpoint": endpoint, "key": key.hex() if key else None}).encode()
+        buf[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    group = state.world.cpu_group
+    torch.distributed.broadcast(buf, src=0, group=group)
+    info = json.loads(bytes(buf.tolist()).rstrip(b"\0").decode())
+    return info["endpoint"], bytes.fromhex(info["key"]) if info["key"] else key
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def worker_main(spec_json: str) -> None:
+    """Entry point of a worker rank (rank > 0)."""
+    spec = RankSpec.from_json(spec_json)
+    if spec.spawned:
+        _die_with_parent()
+    logging.basicConfig(level=os.environ.get("MESHSERVE_LOG_LEVEL", "WARNING"))
+    code = run_worker(spec)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def run_worker(spec: RankSpec) -> int:
+    from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, Step,
+                                               WorkerChannel, WorkerError)
+
+    channel = None
+    try:
+        runner, state = build_rank(spec)
+        endpoint, key = exchange_control_info(state, None, bytes.fromhex(spec.key_hex) if spec.key_hex else None)
+        channel = WorkerChannel(endpoint, key, spec.rank)
+        channel.send(Ready(spec.rank))
+        parent = os.getppid()
+        while True:
+            msg = channel.recv(1000)
+            if msg is None:
+                if spec.spawned and os.getppid() != parent:
+                    return 1
+                continue
+            if isinstance(msg, Step):
+                out = runner.execute(msg.so)
+                if out is not None:
+                    channel.send(Result(spec.rank, out))
+            elif isinstance(msg, ProfileKv):
+                channel.send(KvBlocks(spec.rank, runner.available_kv_blocks(msg.free_fraction,
+                                                                            msg.cpu_budget_bytes)))
+            elif isinstance(msg, InitKv):
+                runner.init_kv_cache(msg.num_blocks)
+                channel.send(KvBlocks(spec.rank, msg.num_blocks))
+            elif isinstance(msg, Shutdown):
+                return 0
+    except BaseException:
+        err = traceback.format_exc()
+        logger.error("rank %d failed:\n%s", spec.rank, err)
+        if channel is not None:
+            try:
+                channel.send(WorkerError(spec.rank, err[-4000:]))
+            except Exception:
+                pass
+        return 1
+    finally:
+        if channel is not None:
+            channel.close()
