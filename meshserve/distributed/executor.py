@@ -157,8 +157,24 @@ class MultiProcExecutor(Executor):
     def execute_async(self, so: SchedulerOutput):
         self._poll_errors()
         self.channel.broadcast(Step(so))
-        out = self.runner.execute(so)
+        try:
+            out = self.runner.execute(so)
+        except Exception as e:
+            self._explain_failure(e)
+            raise
         return Done(out) if out is not None else PendingResult(self)
+
+    def _explain_failure(self, err: Exception) -> None:
+        """A collective failed on rank 0: name the worker that died or raised, if one did."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            msg = self.channel.recv(100)
+            if isinstance(msg, WorkerError):
+                raise RuntimeError(f"worker rank {msg.rank} failed:\n{msg.message}") from err
+            try:
+                self._check_alive()
+            except RuntimeError as dead:
+                raise dead from err
 
     def check_health(self) -> None:
         self._poll_errors()
