@@ -1,0 +1,72 @@
+"""`meshserve bench {serve,throughput}`: argument wiring for the tools in meshserve/bench/.
+
+`register(subparsers)` is called by the top-level CLI; `python -m meshserve.commands.bench ...`
+runs the same parser standalone. Every multi-word flag is accepted dashed and underscored.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """Accepts `--num_prompts` for `--num-prompts` (and the reverse) on every long option;
+    the other spelling is a hidden twin action writing the same dest, so --help stays short."""
+
+    def add_argument(self, *names, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        twins = []
+        for name in names:
+            if name.startswith("--"):
+                for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                    if alt not in names and alt not in twins and alt not in self._option_string_actions:
+                        twins.append(alt)
+        if twins:
+            super().add_argument(*twins, **dict(kwargs, dest=action.dest, help=argparse.SUPPRESS))
+        return action
+
+
+def _add_subcommands(bench: argparse.ArgumentParser) -> None:
+    from meshserve.bench import serve, throughput
+
+    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,throughput}", parser_class=_FlagParser)
+    sub.required = True
+    serve_parser = sub.add_parser("serve", help="load-test an OpenAI-compatible server (like `vllm bench serve`)",
+                                  description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_cli_args(serve_parser)
+    serve_parser.set_defaults(bench_main=serve.main)
+    tp_parser = sub.add_parser("throughput", help="offline generation throughput through meshserve.LLM",
+                               description=throughput.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    throughput.add_cli_args(tp_parser)
+    tp_parser.set_defaults(bench_main=throughput.main)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `bench` command to the top-level CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmark a server (serve) or the offline engine (throughput)")
+    _add_subcommands(bench)
+    bench.set_defaults(func=main)
+    return bench
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    args.bench_main(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve bench")
+    _add_subcommands(parser)
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    return main(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

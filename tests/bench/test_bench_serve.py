@@ -1,0 +1,165 @@
+"""`bench serve` against a stub OpenAI-compatible server whose timing is known.
+
+The stub (stub_openai_server.py, its own process) streams its first token 500 ms after a request
+arrives and then one token every 50 ms, so the true TTFT is 500 ms, ITL and TPOT are 50 ms, and
+E2E is 500 + 50*(n-1) ms. Prompts that contain FAIL get HTTP 500.
+"""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from stub_openai_server import FIRST_TOKEN_S, GAP_S
+
+NUM_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def stub_server():
+    """The stub in its own process, so its work never shares a GIL with the client measured."""
+    script = os.path.join(os.path.dirname(__file__), "stub_openai_server.py")
+    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True)
+    try:
+        base_url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(base_url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "stub server did not start"
+            time.sleep(0.05)
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _received(base_url):
+    return httpx.get(base_url + "/stub/received").json()
+
+
+def _clear(base_url):
+    httpx.delete(base_url + "/stub/received")
+
+
+def _write_prompts(path, num, fail_at=()):
+    with open(path, "w") as f:
+        for i in range(num):
+            prompt = f"prompt number {i}" + (" FAIL" if i in fail_at else "")
+            f.write(json.dumps({"prompt": prompt, "output_len": NUM_TOKENS}) + "\n")
+
+
+def _run_cli(argv):
+    from meshserve.commands.bench import build_parser
+    args = build_parser().parse_args(argv)
+    return args.bench_main(args)
+
+
+VLLM_FIELDS = [
+    "date", "model_id", "request_rate", "max_concurrency", "duration", "completed", "failed",
+    "total_input_tokens", "total_output_tokens", "request_throughput", "request_goodput",
+    "output_throughput", "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls",
+    "errors",
+] + [f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el")
+     for stat in ("mean", "median", "std", "p90", "p99")]
+
+
+def test_measured_latencies_match_the_stub_timing(stub_server, tmp_path, tiny_tokenizer_dir):
+    import matplotlib.image
+
+    base_url = stub_server
+    _clear(base_url)
+    data, out_json, out_png = tmp_path / "p.jsonl", tmp_path / "r.json", tmp_path / "r.png"
+    fail_at = (3, 7, 11, 15)
+    _write_prompts(data, 16, fail_at)
+    _run_cli(["serve", "--base-url", base_url, "--dataset", "jsonl", "--dataset-path", str(data),
+              "--tokenizer", tiny_tokenizer_dir, "--num-prompts", "16", "--request-rate", "20",
+              "--max-concurrency", "4", "--num-warmups", "2", "--percentiles", "50",
+              "--slo", "ttft:2000,tpot:500", "--result-json", str(out_json), "--plot", str(out_png),
+              "--disable-tqdm"])
+    result = json.loads(out_json.read_text())
+    received = _received(base_url)
+
+    assert len(received) == 18  # 2 warm-ups + 16 measured
+    assert result["completed"] + result["failed"] == 16
+    assert result["failed"] == len(fail_at)
+    assert all(result["errors"][i].startswith("HTTP 500") for i in fail_at)
+    for field in VLLM_FIELDS + ["p50_ttft_ms"]:
+        assert field in result, field
+    assert result["model_id"] == "stub-model"  # discovered from /v1/models
+    assert result["max_concurrency"] == 4 and result["request_rate"] == 20.0
+    assert result["total_output_tokens"] == 12 * NUM_TOKENS
+    assert result["mean_ttft_ms"] == pytest.approx(FIRST_TOKEN_S * 1000, rel=0.10)
+    assert result["mean_itl_ms"] == pytest.approx(GAP_S * 1000, rel=0.10)
+    assert result["mean_tpot_ms"] == pytest.approx(GAP_S * 1000, rel=0.10)
+    assert result["mean_e2el_ms"] == pytest.approx((FIRST_TOKEN_S + GAP_S * (NUM_TOKENS - 1)) * 1000, rel=0.10)
+    assert result["request_goodput"] == pytest.approx(result["request_throughput"])
+    assert all(len(gaps) == NUM_TOKENS - 1 for gaps, err in zip(result["itls"], result["errors"]) if not err)
+
+    body = received[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["min_tokens"] == body["max_tokens"] == NUM_TOKENS
+
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(str(out_png))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_chat_endpoint_and_rate_sweep(stub_server, tmp_path, tiny_tokenizer_dir):
+    import matplotlib.image
+
+    base_url = stub_server
+    _clear(base_url)
+    out_json, out_png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    _run_cli(["serve", "--base_url", base_url, "--model", "stub-model", "--endpoint", "/v1/chat/completions",
+              "--dataset", "random", "--input-len", "20", "--output-len", "4", "--tokenizer",
+              tiny_tokenizer_dir, "--num_prompts", "6", "--request_rate", "50,inf", "--no-ignore-eos",
+              "--result-json", str(out_json), "--plot", str(out_png), "--disable-tqdm"])
+    results = json.loads(out_json.read_text())
+    assert [r["request_rate"] for r in results] == [50.0, "inf"]
+    for r in results:
+        assert (r["completed"], r["failed"]) == (6, 0)
+        assert r["input_lens"] == [20] * 6 and r["output_lens"] == [4] * 6
+        # All six start at once here, so client and stub overheads stack up: a looser bound.
+        assert r["mean_ttft_ms"] == pytest.approx(FIRST_TOKEN_S * 1000, rel=0.25)
+    received = _received(base_url)
+    assert len(received) == 12
+    assert all("messages" in b and "ignore_eos" not in b for b in received)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(str(out_png)).shape[0] > 400  # two rows of panels
+
+
+def test_unreachable_server_counts_every_request_as_failed(tmp_path):
+    from meshserve.bench.datasets import Sample
+    from meshserve.bench.metrics import compute_metrics
+    from meshserve.bench.serve import ServeConfig, free_port, run_once
+
+    config = ServeConfig(base_url=f"http://127.0.0.1:{free_port()}", model="m", disable_tqdm=True)
+    records, duration, _ = asyncio.run(run_once(config, [Sample("hi", 1, 4)] * 3, float("inf")))
+    report = compute_metrics(records, duration)
+    assert (report["completed"], report["failed"]) == (0, 3)
+    assert all(report["errors"])
+
+
+def test_poisson_arrivals_have_the_asked_mean_gap():
+    import numpy as np
+
+    from meshserve.bench.serve import _arrivals
+
+    async def gaps():
+        times = []
+        async for _ in _arrivals(41, 200.0, 1.0, np.random.default_rng(0)):
+            times.append(time.perf_counter())
+        return np.diff(times)
+
+    measured = asyncio.run(gaps())
+    # An independent draw of the same generator gives the gaps the sleeps should add up to.
+    expected = np.random.default_rng(0).exponential(1 / 200.0, size=40)
+    assert measured.sum() == pytest.approx(expected.sum(), rel=0.25)
