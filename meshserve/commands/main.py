@@ -1,0 +1,34 @@
+"""The `meshserve` command: `meshserve serve ...`, `meshserve bench ...` (when present)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import meshserve
+from meshserve.commands import serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description="Distributed LLM inference engine and "
+                                     "OpenAI-compatible server.")
+    parser.add_argument("--version", action="version", version=f"meshserve {meshserve.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    serve.register(subparsers)
+    try:
+        from meshserve.commands import bench
+    except ImportError:
+        bench = None
+    if bench is not None:
+        bench.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""`meshserve serve [MODEL]`: the OpenAI-compatible server (trtllm-serve's flags and YAML).
+
+Flags map onto LlmArgs; `--config FILE.yml` (alias `--extra_llm_api_options`) holds any LlmArgs
+field. Precedence: a flag given on the command line, then the YAML, then the defaults. Every flag
+works spelt with underscores or dashes. `python -m meshserve.commands.serve ...` is the same.
+The engine runs in its own process (AsyncEngine); this process runs uvicorn, tokenizes and
+detokenizes. Under mpirun / srun / torchrun, rank 0 serves and the other ranks hold model shards
+for its engine (`mpirun -np 2 python -m meshserve.commands.serve MODEL --tp_size 2`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+logger = logging.getLogger("meshserve.serve")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# flag -> (LlmArgs field, type, help); `None` field: a serve option, not an engine one
+_ENGINE_FLAGS = [
+    ("tokenizer", "tokenizer", str, "tokenizer folder (default: the model's)"),
+    ("backend", "backend", str, "engine backend; only `pytorch` exists"),
+    ("tp_size", "tensor_parallel_size", int, "tensor parallel size"),
+    ("pp_size", "pipeline_parallel_size", int, "pipeline parallel size"),
+    ("ep_size", "moe_expert_parallel_size", int, "MoE expert parallel size"),
+    ("moe_tp_size", "moe_tensor_parallel_size", int, "MoE tensor parallel size"),
+    ("cp_size", "context_parallel_size", int, "context parallel size"),
+    ("max_batch_size", "max_batch_size", int, "most sequences in one engine step"),
+    ("max_num_tokens", "max_num_tokens", int, "most tokens in one engine step"),
+    ("max_seq_len", "max_seq_len", int, "prompt + output limit (default: the model's max_position_embeddings)"),
+    ("dtype", "dtype", str, "auto, float32, bfloat16 or float16"),
+    ("load_format", "load_format", str, "auto, safetensors, gguf or dummy (random weights)"),
+    ("device", "device", str, "auto, cpu, cuda or cuda:N"),
+    ("seed", "seed", int, "seed of the weights of load_format=dummy and of unseeded sampling"),
+    ("max_waiting_requests", "max_waiting_requests", int,
+     "answer 503 + Retry-After when this many requests wait for their first token (default: no limit)"),
+]
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
+    """Add `--a_b` with its `--a-b` twin (and the twins of any alias)."""
+    names = []
+    for n in (name, *aliases):
+        for spelling in (n, n.replace("_", "-")):
+            if f"--{spelling}" not in names:
+                names.append(f"--{spelling}")
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="HF checkpoint folder, .gguf file or benchmark shape (default: the embedded "
+                             "SmolLM2-135M-Instruct)")
+    _flag(parser, "host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    _flag(parser, "port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    for flag, _, typ, help_text in _ENGINE_FLAGS:
+        _flag(parser, flag, type=typ, default=None, help=help_text)
+    _flag(parser, "kv_cache_free_gpu_memory_fraction", type=float, default=None,
+          help="fraction of free GPU memory for the KV cache (kv_cache_config.free_gpu_memory_fraction)")
+    _flag(parser, "max_beam_width", type=int, default=None, help="only 1: beam search is not supported")
+    _flag(parser, "gpus_per_node", type=int, default=None, help="accepted for trtllm-serve compatibility; "
+          "ranks are placed by the launcher")
+    _flag(parser, "trust_remote_code", action="store_true", default=None, help="allow custom tokenizer code")
+    _flag(parser, "served_model_name", default=None,
+          help="model name clients send and /v1/models lists (default: the model folder's name)")
+    _flag(parser, "api_key", default=os.environ.get("MESHSERVE_API_KEY"),
+          help="require `Authorization: Bearer KEY` on every route but /health (default: $MESHSERVE_API_KEY)")
+    _flag(parser, "config", "extra_llm_api_options", default=None, metavar="FILE.yml",
+          help="YAML of LlmArgs fields (enable_attention_dp, kv_cache_config, pytorch_backend_config, ...)")
+    _flag(parser, "chat_template", default=None, help="a Jinja chat template, or a file holding one")
+    _flag(parser, "shutdown_timeout", type=float, default=30.0,
+          help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
+    _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `serve` command to the top-level CLI's subparsers."""
+    parser = subparsers.add_parser("serve", help="run the OpenAI-compatible server", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(parser)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def llm_args_from_cli(ns: argparse.Namespace):
+    """Merge defaults < YAML < flags into LlmArgs; raises ValueError naming what was wrong."""
+    from meshserve.config import build_llm_args, load_yaml_config
+
+    where = "the command line"
+    values: dict = {}
+    if ns.config:
+        if not os.path.isfile(ns.config):
+            raise ValueError(f"--config {ns.config}: no such file")
+        values = load_yaml_config(ns.config)
+        where = f"{ns.config} / the command line"
+    if ns.model is not None:
+        values["model"] = ns.model
+    for flag, field, _, _ in _ENGINE_FLAGS:
+        value = getattr(ns, flag)
+        if value is not None:
+            values[field] = value
+    if ns.trust_remote_code:
+        values["trust_remote_code"] = True
+    if ns.kv_cache_free_gpu_memory_fraction is not None:
+        kv = values.get("kv_cache_config") or {}
+        if not isinstance(kv, dict):
+            raise ValueError(f"{ns.config}: kv_cache_config must be a mapping, got {kv!r}")
+        values["kv_cache_config"] = {**kv, "free_gpu_memory_fraction": ns.kv_cache_free_gpu_memory_fraction}
+    if values.get("backend", "pytorch") not in ("pytorch", None):
+        raise ValueError(f"backend={values['backend']!r} is not supported; accepted: pytorch")
+    if ns.max_beam_width not in (None, 1):
+        raise ValueError(f"--max_beam_width {ns.max_beam_width}: beam search is not supported; use 1")
+    return build_llm_args(where, **values)
+
+
+def _launcher_rank() -> tuple[int, int]:
+    """(rank, world size) when mpirun / srun / torchrun started this process, else (0, 1)."""
+    try:
+        from meshserve.distributed.launch import detect_launch
+    except ImportError:
+        return 0, 1
+    launch = detect_launch()
+    return (launch.rank, launch.world_size) if launch is not None else (0, 1)
+
+
+def _run_worker_rank(args, model_path: str, rank: int, world: int) -> int:
+    """Ranks > 0 of a launcher-started world hold their model shard for rank 0's engine; only
+    rank 0 serves HTTP. create_engine_core runs such a rank until rank 0 shuts down, then exits."""
+    from meshserve.engine.setup import create_engine_core
+
+    logger.info("rank %d of %d: serving rank 0's engine as a worker", rank, world)
+    create_engine_core(args, model_path)
+    return _fail(f"rank {rank} of {world}: the worker returned instead of exiting")
+
+
+def _check_layout(args, model_path: str) -> None:
+    """Reject parallel layouts the engine cannot run before spawning anything."""
+    try:
+        from meshserve.engine import setup
+        from meshserve.models.config import ModelConfig
+    except ImportError:
+        return
+    model_config = ModelConfig.from_pretrained(model_path)
+    for name in ("check_parallel_layout", "check_layout_fits_model"):
+        check = getattr(setup, name, None)
+        if check is not None:
+            check(args, model_config)
+
+
+def _read_chat_template(value: Optional[str]) -> Optional[str]:
+    if value and os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    return value
+
+
+def _fail(message: str) -> int:
+    print(f"meshserve serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(ns: argparse.Namespace) -> int:
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        args = llm_args_from_cli(ns)
+    except ValueError as e:
+        return _fail(str(e))
+    from meshserve.models.resolve import resolve_model_path, served_model_name
+    rank, world = _launcher_rank()
+    try:
+        model_path = resolve_model_path(args.model, args.show_progress and rank == 0)
+        _check_layout(args, model_path)
+        if rank != 0:
+            return _run_worker_rank(args, model_path, rank, world)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(f"rank {rank} of {world}: {e}" if world > 1 else str(e))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path, trust_remote_code=args.trust_remote_code)
+    name = ns.served_model_name or served_model_name(args.model)
+    return asyncio.run(serve(ns, args, model_path, tokenizer, name))
+
+
+class _Server:
+    """uvicorn.Server whose signal handling drains and returns (uvicorn re-raises the signal after
+    its graceful shutdown, which would skip the engine's own shutdown and the exit status)."""
+
+    @staticmethod
+    def make(config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in original.items():
+                        signal.signal(sig, handler)
+
+        return Server(config)
+
+
+async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: str) -> int:
+    import uvicorn
+
+    from meshserve.engine.async_engine import AsyncEngine, EngineDeadError
+    from meshserve.serve.metrics import ServerMetrics
+    from meshserve.serve.openai_server import OpenAIServing, ServerConfig, build_app
+
+    metrics = ServerMetrics(name)
+    engine = AsyncEngine(args, model_path, tokenizer, metrics, ns.log_level.upper())
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)  # while loading; uvicorn takes over after
+    try:
+        await engine.start()
+    except EngineDeadError as e:
+        print(f"meshserve serve: error: the engine failed to start: {e}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        logger.info("stopped while the engine was starting")
+        return 1
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await engine.shutdown()  # uvicorn has drained (or timed out) the in-flight requests
+
+    config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template))
+    app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
+    uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")
+    server = _Server.make(uv_config)
+    logger.info("serving %s as %r on http://%s:%d", model_path, name, ns.host, ns.port)
+    try:
+        await server.serve()
+    finally:
+        await engine.shutdown()
+    return 0 if server.started else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(parser)
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    return main(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

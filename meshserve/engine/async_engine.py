@@ -1,0 +1,386 @@
+"""AsyncEngine: the API server's handle on an engine process (core_proc.py), over ZMQ ipc.
+
+It starts the engine process, mirrors the engine's request validation (with the limits the engine
+reports when ready) so a bad request fails synchronously, and routes the engine's outputs to one
+RequestStream per user request. Tokens become text here, in the front: each stream's
+RequestState (detokenizer.py) detokenizes incrementally and applies stop strings; a sequence that
+hits one is aborted in the engine. n > 1 expands into n engine sequences (seed + i), as in LLM.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from types import SimpleNamespace
+from typing import AsyncIterator, Optional, Protocol
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from meshserve.config import LlmArgs
+from meshserve.engine import core_proc
+from meshserve.engine.engine_core import EngineCore, EngineLimits
+from meshserve.engine.detokenizer import RequestState
+from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from meshserve.outputs import RequestOutput
+from meshserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process failed or exited; no request can be served."""
+
+
+class RequestRejectedError(ValueError):
+    """The engine refused a request (its own validation); a client error."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many sequences are waiting for their first token; the client should retry later."""
+
+
+class EngineObserver(Protocol):
+    """What AsyncEngine reports to (the server's metrics implement it)."""
+
+    def on_request_added(self, state: RequestState) -> None: ...
+
+    def on_engine_stats(self, stats: dict) -> None: ...
+
+    def on_tokens(self, num_generated: int) -> None: ...
+
+    def on_request_finished(self, state: RequestState, finish_time: float) -> None: ...
+
+
+class RequestStream:
+    """One user request in flight: its RequestState plus a wake-up for whoever awaits it."""
+
+    def __init__(self, engine: "AsyncEngine", state: RequestState):
+        self.engine = engine
+        self.state = state
+        self.error: Optional[BaseException] = None
+        self.done = False  # finished, aborted or failed: no more engine outputs are routed here
+        self._event = asyncio.Event()
+
+    @property
+    def request_id(self) -> str:
+        return self.state.request_id
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    async def _wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()
+        if self.error is not None:
+            raise self.error
+
+    async def deltas(self) -> AsyncIterator[RequestOutput]:
+        """Partial outputs, each holding only what was added since the previous one; the last one
+        has `finished` set. Several engine steps between two reads coalesce into one delta."""
+        while True:
+            await self._wait()
+            out = self.state.make_output(streaming_delta=True)
+            yield out
+            if out.finished:
+                return
+
+    async def result(self) -> RequestOutput:
+        while not self.state.finished:
+            await self._wait()
+        return self.state.make_output()
+
+    def abort(self) -> None:
+        self.engine.abort(self)
+
+
+class AsyncEngine:
+    def __init__(self, args: LlmArgs, model_path: str, tokenizer, observer: Optional[EngineObserver] = None,
+                 log_level: str = "INFO"):
+        self.args = args
+        self.model_path = model_path
+        self.tokenizer = tokenizer
+        self.observer = observer
+        self.log_level = log_level
+        self.max_waiting_requests = args.max_waiting_requests
+        self.limits: Optional[EngineLimits] = None
+        self.ready: Optional[core_proc.EngineReady] = None
+        self.stats: dict = {}
+        self.error: Optional[str] = None
+        self._streams: dict[str, RequestStream] = {}  # user request id -> stream
+        self._seqs: dict[str, RequestStream] = {}  # engine sequence id -> its request's stream
+        self._proc = None
+        self._ipc_dir: Optional[str] = None
+        self._ctx: Optional[zmq.Context] = None
+        self._actx: Optional[zmq.asyncio.Context] = None
+        self._in_sock = None
+        self._out_sock = None
+        self._tasks: list[asyncio.Task] = []
+        self._ready_fut: Optional[asyncio.Future] = None
+        self._closed = False
+        self._encoder = msgspec.msgpack.Encoder()
+
+    # ---- process lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Spawn the engine process and wait until it has loaded the model (or failed to)."""
+        self._ipc_dir = tempfile.mkdtemp(prefix="meshserve-ipc-")
+        os.chmod(self._ipc_dir, 0o700)
+        input_addr = f"ipc://{self._ipc_dir}/input"
+        output_addr = f"ipc://{self._ipc_dir}/output"
+        self._ctx = zmq.Context()
+        self._in_sock = self._ctx.socket(zmq.PUSH)
+        self._in_sock.setsockopt(zmq.SNDHWM, 0)
+        self._in_sock.setsockopt(zmq.LINGER, 1000)
+        self._in_sock.bind(input_addr)
+        self._actx = zmq.asyncio.Context()
+        self._out_sock = self._actx.socket(zmq.PULL)
+        self._out_sock.setsockopt(zmq.RCVHWM, 0)
+        self._out_sock.bind(output_addr)
+
+        mp = multiprocessing.get_context("spawn")
+        self._proc = mp.Process(target=core_proc.run_engine_process, name="meshserve-engine",
+                                args=(self.args.model_dump_json(), self.model_path, input_addr, output_addr,
+                                      os.getpid(), self.log_level))
+        self._proc.start()
+        logger.info("engine process %d started; loading %s", self._proc.pid, self.model_path)
+        loop = asyncio.get_running_loop()
+        self._ready_fut = loop.create_future()
+        self._tasks = [asyncio.create_task(self._output_loop(), name="meshserve-engine-outputs"),
+                       asyncio.create_task(self._watch_process(), name="meshserve-engine-watch")]
+        try:
+            await self._ready_fut
+        except BaseException:
+            await self.shutdown()
+            raise
+        logger.info("engine ready: max_seq_len=%d, KV cache %d tokens", self.limits.max_seq_len,
+                    self.limits.kv_capacity_tokens)
+
+    @property
+    def engine_pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def healthy(self) -> bool:
+        return (self.error is None and not self._closed and self.limits is not None
+                and self._proc is not None and self._proc.is_alive())
+
+    async def _watch_process(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(0.5)
+            if self._proc is not None and not self._proc.is_alive() and not self._closed:
+                await asyncio.sleep(0.3)  # let its last message (the error that ended it) arrive first
+                if not self._closed:
+                    self._fail(f"the engine process exited unexpectedly (exit code {self._proc.exitcode})")
+                return
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the engine process (asking first, then terminating) and fail what is left."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams.values()):
+            self._finish_stream(stream, error=EngineDeadError("the server is shutting down"))
+        if self._proc is not None and self._proc.is_alive():
+            if self.limits is None:  # still loading: SIGTERM makes it clean up and exit
+                self._proc.terminate()
+            else:
+                try:
+                    self._in_sock.send_multipart([core_proc.SHUTDOWN, b""], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            deadline = time.monotonic() + timeout_s
+            while self._proc.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self._proc.is_alive():
+                logger.warning("engine process did not exit in %.0f s; killing it", timeout_s)
+                self._proc.kill()
+                self._proc.join(5)
+        if self._proc is not None:
+            self._proc.join(0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled or already failed
+                pass
+        for sock in (self._in_sock, self._out_sock):
+            if sock is not None:
+                sock.close(linger=0)
+        for ctx in (self._ctx, self._actx):
+            if ctx is not None:
+                ctx.term()
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        if self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(EngineDeadError("the engine was shut down before it was ready"))
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            logger.error("engine failed: %s", message)
+            self.error = message
+        if self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(EngineDeadError(message))
+        for stream in list(self._streams.values()):
+            self._finish_stream(stream, error=EngineDeadError(f"the engine failed: {message}"))
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own checks (EngineCore.validate), run here against the limits it reported."""
+        EngineCore.validate(SimpleNamespace(limits=self.limits), prompt_token_ids, params)
+
+    @property
+    def num_pending_sequences(self) -> int:
+        """Sequences admitted that have not produced a token yet: waiting in the engine's queue
+        (or in their prefill)."""
+        return sum(1 for sid, st in self._seqs.items() if not st.state.seqs[sid].token_ids)
+
+    def check_capacity(self) -> None:
+        if not self.healthy:
+            raise EngineDeadError(self.error or "the engine is not running")
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_pending_sequences >= limit:
+            raise QueueFullError(f"the server is busy: {self.num_pending_sequences} requests are waiting "
+                                 f"(max_waiting_requests={limit}); retry later")
+
+    def add_request(self, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: Optional[str] = None) -> RequestStream:
+        """Validate and submit one request (n sequences); raises ValueError for a bad request,
+        QueueFullError or EngineDeadError when it cannot be taken now."""
+        self.check_capacity()
+        self.validate(prompt_token_ids, params)
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seq_ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
+        state = RequestState(rid, prompt, list(prompt_token_ids), params, self.tokenizer, seq_ids)
+        stream = RequestStream(self, state)
+        now = time.monotonic()
+        reqs = []
+        for i, sid in enumerate(seq_ids):
+            p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None
+                                                          else params.seed + i)
+            reqs.append(EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now))
+        self._send(core_proc.ADD, reqs)  # outputs cannot arrive before we register: no await in between
+        for sid in seq_ids:
+            self._seqs[sid] = stream
+        self._streams[rid] = stream
+        if self.observer is not None:
+            self.observer.on_request_added(state)
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        """Stop a request (client gone): its unfinished sequences are aborted in the engine,
+        which frees their KV blocks."""
+        if stream.done:
+            return
+        sids = [sid for sid, seq in stream.state.seqs.items() if seq.finish_reason is None]
+        stream.state.abort()
+        self._finish_stream(stream)
+        if sids:
+            self._send_quietly(core_proc.ABORT, sids)
+
+    def _send(self, kind: bytes, payload) -> None:
+        try:
+            self._in_sock.send_multipart([kind, self._encoder.encode(payload)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self._fail(f"cannot reach the engine process: {e}")
+            raise EngineDeadError(self.error) from e
+
+    def _send_quietly(self, kind: bytes, payload) -> None:
+        """Send if the engine is up; a dead engine has already been reported by _fail."""
+        if self.healthy:
+            try:
+                self._send(kind, payload)
+            except EngineDeadError:
+                pass
+
+    def _finish_stream(self, stream: RequestStream, error: Optional[BaseException] = None) -> None:
+        if stream.done:
+            return
+        stream.done = True
+        stream.error = error
+        self._streams.pop(stream.request_id, None)
+        for sid in stream.state.seq_ids:
+            self._seqs.pop(sid, None)
+        if error is None and self.observer is not None:
+            self.observer.on_request_finished(stream.state, time.monotonic())
+        stream._wake()
+
+    # ---- outputs -----------------------------------------------------------------------------------
+    async def _output_loop(self) -> None:
+        while True:
+            kind, payload = await self._out_sock.recv_multipart()
+            try:
+                msg = core_proc.decode_front_message(kind, payload)
+            except (ValueError, msgspec.DecodeError) as e:
+                logger.error("bad message from the engine: %s", e)
+                continue
+            if kind == core_proc.OUTPUTS:
+                try:
+                    self._route(msg)
+                except Exception:  # noqa: BLE001 - a bug here must not stall every other request
+                    logger.exception("routing engine outputs failed")
+            elif kind == core_proc.READY:
+                self.ready = msg
+                self.limits = EngineLimits(**msg.limits)
+                if not self._ready_fut.done():
+                    self._ready_fut.set_result(msg)
+            elif kind == core_proc.REJECT:
+                self._reject(msg)
+            elif kind == core_proc.FAILED:
+                self._fail(msg.message)
+
+    def _reject(self, msg: core_proc.RequestRejected) -> None:
+        stream = self._seqs.get(msg.request_id)
+        if stream is None:
+            return
+        others = [sid for sid in stream.state.seq_ids if sid != msg.request_id and sid in self._seqs]
+        if others:
+            self._send_quietly(core_proc.ABORT, others)
+        self._finish_stream(stream, error=RequestRejectedError(msg.message))
+
+    def _route(self, msg: EngineCoreOutputs) -> None:
+        stopped: list[str] = []
+        touched: dict[str, RequestStream] = {}
+        num_tokens = 0
+        for out in msg.outputs:
+            stream = self._seqs.get(out.request_id)
+            if stream is None:
+                continue  # aborted or already stopped here
+            seq = stream.state.seqs[out.request_id]
+            if seq.finish_reason is not None:
+                continue
+            num_tokens += len(out.new_token_ids)
+            try:
+                hit_stop = stream.state.process(out)
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
+                logger.exception("processing the output of %s failed", out.request_id)
+                self.abort(stream)
+                stream.error = RuntimeError(f"processing the output failed: {type(e).__name__}: {e}")
+                continue
+            if hit_stop:
+                stopped.append(out.request_id)
+            if seq.finish_reason is not None:
+                self._seqs.pop(out.request_id, None)
+            touched[stream.request_id] = stream
+        if stopped:
+            self._send_quietly(core_proc.ABORT, stopped)
+        for stream in touched.values():
+            if stream.state.finished:
+                self._finish_stream(stream)
+            else:
+                stream._wake()
+        if msg.stats is not None:
+            self.stats = msg.stats
+        if self.observer is not None:
+            if num_tokens:
+                self.observer.on_tokens(num_tokens)
+            if msg.stats is not None:
+                self.observer.on_engine_stats(msg.stats)

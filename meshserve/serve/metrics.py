@@ -1,0 +1,113 @@
+"""Prometheus metrics of the API server (GET /metrics), all named `meshserve_*`.
+
+Request-level figures (tokens, TTFT, TPOT, end-to-end latency, finish reasons) come from the
+AsyncEngine as requests finish; engine-level ones (running/waiting, KV usage, prefix-cache hit
+rate, queue time, iteration latency) come from the stats the engine process attaches to its outputs.
+Each server owns its registry, so several servers can live in one process (tests).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshserve.engine.detokenizer import RequestState
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # the *_created samples only add noise to a scrape
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                  1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITERATION_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
+                      2.048, 4.096, 8.192)
+
+
+class ServerMetrics:
+    """Implements AsyncEngine's EngineObserver and renders the Prometheus text."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, labels = self.registry, {"model_name": model_name}
+
+        def counter(name, doc, extra=()):
+            return Counter(f"meshserve_{name}", doc, ["model_name", *extra], registry=r)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"meshserve_{name}", doc, ["model_name"], buckets=buckets, registry=r).labels(**labels)
+
+        def gauge(name, doc):
+            return Gauge(f"meshserve_{name}", doc, ["model_name"], registry=r).labels(**labels)
+
+        self.labels = labels
+        self.requests = counter("requests", "Finished sequences, by finish reason (stop, length, abort)",
+                                ("finish_reason",))
+        self.errors = counter("request_errors", "Requests answered with an error, by HTTP status", ("status",))
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests").labels(**labels)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens").labels(**labels)
+        self.preemptions = counter("num_preemptions", "Sequences preempted by the scheduler").labels(**labels)
+        self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token",
+                              _LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Mean time between output tokens, per request",
+                              _TOKEN_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token",
+                             _LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Time a sequence waited before it was first "
+                                    "scheduled", _LATENCY_BUCKETS)
+        self.iteration = histogram("iteration_latency_seconds", "Engine iteration (step) latency: schedule, run "
+                                   "the model on every rank, sample", _ITERATION_BUCKETS)
+        self.running = gauge("num_requests_running", "Sequences in the engine's running batch")
+        self.waiting = gauge("num_requests_waiting", "Sequences in the engine's waiting queue")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks held by live sequences (0-1)")
+        self.kv_used = gauge("kv_cache_used_blocks", "KV cache blocks held by live sequences")
+        self.kv_total = gauge("kv_cache_total_blocks", "Usable KV cache blocks")
+        self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Fraction of looked-up prompt tokens found in the "
+                                     "prefix cache (0-1)")
+        self.healthy = gauge("engine_healthy", "1 while the engine process serves, 0 after it failed")
+        self._last_preemptions = 0
+
+    # ---- EngineObserver ------------------------------------------------------------------------------
+    def on_request_added(self, state: RequestState) -> None:
+        self.prompt_tokens.inc(len(state.prompt_token_ids))
+
+    def on_tokens(self, num_generated: int) -> None:
+        self.generation_tokens.inc(num_generated)
+
+    def on_request_finished(self, state: RequestState, finish_time: float) -> None:
+        for seq in state.seqs.values():
+            self.requests.labels(finish_reason=seq.finish_reason or "abort", **self.labels).inc()
+        if state.first_token_time is None:
+            return
+        self.ttft.observe(state.first_token_time - state.arrival_time)
+        self.e2e.observe(finish_time - state.arrival_time)
+        num_tokens = max(len(s.token_ids) for s in state.seqs.values())
+        if num_tokens > 1:
+            self.tpot.observe((finish_time - state.first_token_time) / (num_tokens - 1))
+
+    def on_engine_stats(self, stats: dict) -> None:
+        self.running.set(stats.get("num_running", 0))
+        self.waiting.set(stats.get("num_waiting", 0))
+        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+        total = stats.get("num_blocks", 0)
+        self.kv_total.set(total)
+        self.kv_used.set(total - stats.get("num_free_blocks", total))
+        self.prefix_hit_rate.set(stats.get("prefix_cache_hit_rate", 0.0))
+        preemptions = stats.get("num_preemptions", 0)
+        if preemptions > self._last_preemptions:
+            self.preemptions.inc(preemptions - self._last_preemptions)
+            self._last_preemptions = preemptions
+        for v in stats.get("iteration_latencies_s", ()):
+            self.iteration.observe(v)
+        for v in stats.get("queue_times_s", ()):
+            self.queue_time.observe(v)
+
+    # ---- server side ---------------------------------------------------------------------------------
+    def on_error(self, status: int) -> None:
+        self.errors.labels(status=str(status), **self.labels).inc()
+
+    def render(self, healthy: Optional[bool] = None) -> bytes:
+        if healthy is not None:
+            self.healthy.set(1 if healthy else 0)
+        return generate_latest(self.registry)

@@ -1,0 +1,402 @@
+"""The OpenAI-compatible HTTP front: FastAPI routes over an AsyncEngine.
+
+Per request: parse + validate the body (protocol.py), tokenize (chat template for chat), check it
+against the engine's limits (a 400 before anything reaches the engine), submit, then either stream
+SSE chunks from the request's deltas or answer once every sequence is done. A client that goes
+away aborts its sequences in the engine (their KV blocks are freed).
+Routes: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /version, /metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import meshserve
+from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestRejectedError,
+                                           RequestStream)
+from meshserve.outputs import RequestOutput
+from meshserve.serve import responses
+from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
+from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request, error_body,
+                                      from_validation_error, from_value_error)
+
+logger = logging.getLogger(__name__)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    model_path: str
+    api_key: Optional[str] = None
+    chat_template: Optional[str] = None
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a request whose client went away
+    is aborted at once rather than when the generator is garbage-collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def sse(obj) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, tokenizer, metrics: ServerMetrics, config: ServerConfig):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.config = config
+        self.tokens = responses.TokenStrings(tokenizer)
+
+    # ---- shared steps --------------------------------------------------------------------------------
+    @staticmethod
+    async def parse(raw: Request, model_cls):
+        body = await raw.body()
+        try:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"`{self.config.served_model_name}`.", "invalid_request_error", "model",
+                           "model_not_found")
+
+    def submit(self, prompts: list[tuple[Optional[str], list[int]]], params, base: str,
+               renames: Optional[dict] = None, prompt_param: str = "prompt") -> list[RequestStream]:
+        """Validate every prompt first (a 400 leaves nothing behind), then add them all."""
+        for _, ids in prompts:
+            try:
+                self.engine.validate(ids, params)
+            except ValueError as e:
+                raise from_value_error(e, renames, prompt_param) from None
+        self.engine.check_capacity()
+        streams: list[RequestStream] = []
+        try:
+            for i, (text, ids) in enumerate(prompts):
+                rid = base if len(prompts) == 1 else f"{base}-{i}"
+                streams.append(self.engine.add_request(text, ids, params, rid))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
+    async def collect(self, raw: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+        """Wait for every stream's final output; abort them all if the client disconnects."""
+        async def results():
+            return [await s.result() for s in streams]
+
+        async def disconnected():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(results())
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            raise ClientDisconnected()
+        finally:
+            watcher.cancel()
+            task.cancel()
+            for s in streams:
+                s.abort()  # no-op for finished ones
+
+    @staticmethod
+    async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, delta) from several streams, in arrival order."""
+        if len(streams) == 1:
+            async for out in streams[0].deltas():
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream.deltas():
+                    queue.put_nowait((i, out, None))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((i, None, e))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                i, out, err = await queue.get()
+                if err is not None:
+                    raise err
+                if out.finished:
+                    remaining -= 1
+                yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ---- /v1/completions ---------------------------------------------------------------------------
+    def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("prompt is empty: pass a string, a list of strings, or token ids", "prompt")
+        if all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append((p, self.tokenizer.encode(p)))
+            else:
+                if not p:
+                    raise bad_request("prompt contains an empty list of token ids", "prompt")
+                out.append((None, list(p)))
+        return out
+
+    async def create_completion(self, raw: Request) -> Response:
+        req: CompletionRequest = await self.parse(raw, CompletionRequest)
+        self.check_model(req.model)
+        if req.suffix:
+            raise bad_request("suffix is not supported by this server", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request(f"best_of={req.best_of} is not supported; leave it unset or equal to n", "best_of")
+        prompts = self.completion_prompts(req.prompt)
+        max_tokens = req.requested_max_tokens
+        prompt_logprobs = req.prompt_logprobs
+        if req.echo and req.logprobs is not None and prompt_logprobs is None:
+            prompt_logprobs = req.logprobs
+        try:
+            params = req.sampling_params(max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                         req.logprobs, prompt_logprobs)
+        except ValueError as e:
+            raise from_value_error(e) from None
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = self.submit(prompts, params, request_id)
+        ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
+        if req.stream:
+            return SSEResponse(self.completion_stream(ctx, streams), media_type="text/event-stream")
+        outs = await self.collect(raw, streams)
+        return JSONResponse(ctx.full_response(outs))
+
+    async def completion_stream(self, ctx: "responses.CompletionContext",
+                                streams: list[RequestStream]) -> AsyncIterator[bytes]:
+        try:
+            async for i, out in self.merged(streams):
+                for chunk in ctx.chunks(i, out):
+                    yield sse(chunk)
+            if ctx.include_usage:
+                yield sse(ctx.usage_chunk())
+        except (RuntimeError, RequestRejectedError) as e:  # the engine failed or refused mid-stream
+            yield sse(stream_error(e))
+        finally:
+            for s in streams:
+                s.abort()
+        yield SSE_DONE
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------------
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                req.template_messages(), tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template=req.chat_template or self.config.chat_template, **(req.chat_template_kwargs or {}))
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - jinja and template errors are the request's fault
+            raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
+        # The template already holds the special tokens: encode without adding a BOS again.
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def create_chat_completion(self, raw: Request) -> Response:
+        req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)
+        self.check_model(req.model)
+        if req.tools and req.tool_choice != "none":
+            raise bad_request("tools / function calling are not supported by this server", "tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request(f"response_format={req.response_format!r} is not supported; only "
+                              f"{{'type': 'text'}}", "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        text, ids = self.chat_prompt(req)
+        max_tokens = req.requested_max_tokens
+        if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
+            lim = self.engine.limits
+            max_tokens = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(ids))
+        renames = {"logprobs": "top_logprobs"}
+        if req.max_completion_tokens is not None:
+            renames["max_tokens"] = "max_completion_tokens"
+        try:
+            params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        except ValueError as e:
+            raise from_value_error(e, renames) from None
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self.submit([(text, ids)], params, request_id, renames, "messages")
+        ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams)
+        if req.stream:
+            return SSEResponse(self.chat_stream(ctx, streams[0]), media_type="text/event-stream")
+        outs = await self.collect(raw, streams)
+        return JSONResponse(ctx.full_response(outs[0]))
+
+    async def chat_stream(self, ctx: "responses.ChatContext", stream: RequestStream) -> AsyncIterator[bytes]:
+        try:
+            for chunk in ctx.role_chunks(stream.state.params.n):
+                yield sse(chunk)
+            async for out in stream.deltas():
+                for chunk in ctx.chunks(out):
+                    yield sse(chunk)
+            if ctx.include_usage:
+                yield sse(ctx.usage_chunk())
+        except (RuntimeError, RequestRejectedError) as e:  # the engine failed or refused mid-stream
+            yield sse(stream_error(e))
+        finally:
+            stream.abort()
+        yield SSE_DONE
+
+    # ---- small routes ------------------------------------------------------------------------------
+    def models(self) -> dict:
+        lim = self.engine.limits
+        return {"object": "list", "data": [{
+            "id": self.config.served_model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "meshserve", "root": self.config.model_path,
+            "max_model_len": lim.max_seq_len if lim else None}]}
+
+
+def stream_error(err: Exception) -> dict:
+    """The error event of a stream whose 200 headers are already sent."""
+    if isinstance(err, RequestRejectedError):
+        return error_body(str(err), "invalid_request_error", None, 400)
+    return error_body(str(err), "server_error", None, 503 if isinstance(err, EngineDeadError) else 500)
+
+
+class AuthMiddleware:
+    """Bearer token on every route but /health, compared in constant time (pure ASGI, so
+    streaming and disconnect detection pass through untouched)."""
+
+    def __init__(self, app, api_key: str, metrics: ServerMetrics):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/health":
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self.expected):
+            self.metrics.on_error(401)
+            message = ("missing API key: send `Authorization: Bearer <key>`" if not given
+                       else "incorrect API key provided")
+            response = JSONResponse(error_body(message, "invalid_request_error", None, "invalid_api_key"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
+    """`lifespan`: an async context manager factory run around serving (the CLI stops the engine
+    in it, after uvicorn has drained the in-flight requests)."""
+    app = FastAPI(title="meshserve", version=meshserve.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan)
+    metrics = serving.metrics
+
+    def error_response(err: APIError) -> JSONResponse:
+        metrics.on_error(err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(_: Request, err: QueueFullError):
+        return error_response(APIError(503, str(err), "server_error", None, "queue_full",
+                                       headers={"Retry-After": str(RETRY_AFTER_S)}))
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, err: EngineDeadError):
+        return error_response(APIError(503, f"the engine is not running: {err}", "server_error", None,
+                                       "engine_unavailable"))
+
+    @app.exception_handler(RequestRejectedError)
+    async def _rejected(_: Request, err: RequestRejectedError):
+        return error_response(bad_request(str(err)))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, err: ClientDisconnected):
+        return Response(status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException):
+        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception):
+        logger.exception("internal error")
+        return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}", "server_error"))
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await serving.create_completion(raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        return await serving.create_chat_completion(raw)
+
+    @app.get("/v1/models")
+    async def models():
+        return serving.models()
+
+    @app.get("/health")
+    async def health():
+        if serving.engine.healthy:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unhealthy", "error": serving.engine.error or "the engine is not running"},
+                            status_code=503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": meshserve.__version__}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(serving.engine.healthy), media_type=CONTENT_TYPE)
+
+    if serving.config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=serving.config.api_key, metrics=metrics)
+    return app

@@ -1,0 +1,191 @@
+"""The OpenAI wire format: request bodies (pydantic, unknown fields rejected), their mapping onto
+SamplingParams, and the OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`.
+
+Field names and extensions (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+stop_token_ids, include_stop_str_in_output, skip_special_tokens) follow vLLM / trtllm-serve.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from meshserve.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[Union[str, int]] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[Union[str, int]] = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: Optional[str] = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param)
+
+
+def from_validation_error(err: ValidationError) -> APIError:
+    """A pydantic error as a 400 naming the first offending field."""
+    messages, first = [], None
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        first = first or loc or None
+        if e["type"] == "extra_forbidden":
+            messages.append(f"unknown field {loc!r}: this server does not accept it")
+        elif e["type"] == "missing":
+            messages.append(f"{loc!r} is required")
+        else:
+            messages.append(f"{loc}={e.get('input')!r}: {e['msg']}")
+    return bad_request("; ".join(messages), first)
+
+
+_PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)")
+
+
+def from_value_error(err: ValueError, renames: Optional[dict] = None, default_param: Optional[str] = None) -> APIError:
+    """A SamplingParams / engine validation error as a 400; `renames` maps SamplingParams field
+    names back to the request's (e.g. logprobs -> top_logprobs for chat)."""
+    message = str(err)
+    m = _PARAM_IN_MESSAGE.search(message)
+    if m:
+        param = m.group(1)
+    elif "max_tokens" in message:
+        param = "max_tokens"
+    else:
+        param = default_param
+    if renames and param in renames:
+        message = re.sub(rf"(SamplingParams\.)?\b{param}\b", renames[param], message)
+        param = renames[param]
+    return bad_request(message.replace("SamplingParams.", ""), param)
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    n: int = 1
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # accepted and ignored: they change nothing in what this server computes
+    metadata: Optional[dict[str, Any]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        """Raises ValueError (naming the field) for values SamplingParams rejects."""
+        logit_bias = None
+        if self.logit_bias:
+            try:
+                logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("SamplingParams.logit_bias keys must be token ids (integers as strings), got "
+                                 f"{list(self.logit_bias)[:5]}") from None
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        fields = dict(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=self.stop,
+                      stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                      include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=logit_bias,
+                      skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                      spaces_between_special_tokens=self.spaces_between_special_tokens)
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return SamplingParams(**fields)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ...: handed to the template
+    role: str
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[dict[str, Any]] = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    def template_messages(self) -> list[dict]:
+        """Messages as the chat template wants them: text parts joined into one string."""
+        out = []
+        for i, m in enumerate(self.messages):
+            d = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.type != "text" or part.text is None:
+                        raise bad_request(f"messages[{i}].content: part type {part.type!r} is not supported; this "
+                                          f"server accepts text parts only", f"messages.{i}.content")
+                    texts.append(part.text)
+                d["content"] = "".join(texts)
+            out.append(d)
+        return out

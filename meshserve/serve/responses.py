@@ -1,0 +1,192 @@
+"""OpenAI response bodies built from RequestOutputs: whole responses, SSE chunks, usage, logprobs.
+
+One context object per HTTP request keeps what a stream needs across chunks (which choices have
+sent their finish_reason, echo, token counts for usage, text offsets).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from meshserve.outputs import CompletionOutput, RequestOutput
+
+
+class TokenStrings:
+    """Token id -> its text (as OpenAI's logprobs show tokens), cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._cache) < 200_000:
+                self._cache[token_id] = s
+        return s
+
+    def text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _ranked(entry: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)
+
+
+class _Context:
+    object_name = ""
+
+    def __init__(self, request_id: str, model: str, req, tokens: TokenStrings, prompt_lens: list[int]):
+        self.id = request_id
+        self.model = model
+        self.req = req
+        self.tokens = tokens
+        self.created = int(time.time())
+        self.n = req.n
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous_usage = bool(opts and opts.continuous_usage_stats)
+        self.prompt_tokens = sum(prompt_lens)
+        self.completion_tokens = 0
+        self.finished: set = set()  # choice indexes whose finish_reason has been sent
+
+    def chunk(self, choice: dict) -> dict:
+        out = {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+               "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = usage(self.prompt_tokens, self.completion_tokens) if self.continuous_usage else None
+        return out
+
+    def usage_chunk(self) -> dict:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens)}
+
+
+class CompletionContext(_Context):
+    object_name = "text_completion"
+
+    def __init__(self, request_id: str, model: str, req, tokens: TokenStrings, streams):
+        super().__init__(request_id, model, req, tokens, [len(s.state.prompt_token_ids) for s in streams])
+        self.logprobs = req.logprobs
+        self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self.tokens.text(out.prompt_token_ids)
+
+    def _logprobs(self, token_ids: list[int], entries: list, offset: int) -> tuple[dict, int]:
+        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tid, entry in zip(token_ids, entries):
+            tok = self.tokens(tid)
+            lp["tokens"].append(tok)
+            lp["text_offset"].append(offset)
+            offset += len(tok)
+            if entry is None:  # the first prompt token has no logprob
+                lp["token_logprobs"].append(None)
+                lp["top_logprobs"].append(None)
+                continue
+            lp["token_logprobs"].append(entry.get(tid))
+            lp["top_logprobs"].append({self.tokens(t): v for t, v in _ranked(entry)})
+        return lp, offset
+
+    def _choice(self, pi: int, out: RequestOutput, c: CompletionOutput, first: bool) -> Optional[dict]:
+        index = pi * self.n + c.index
+        text, lp = c.text, None
+        offset = self.offsets.get(index, 0)
+        if self.logprobs is not None:
+            lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if first and self.req.echo:
+            text = self._prompt_text(out) + text
+            if lp is not None:
+                entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                part, offset = self._logprobs(out.prompt_token_ids, entries, offset)
+                for k in lp:
+                    lp[k].extend(part[k])
+        if lp is not None and c.logprobs:
+            part, offset = self._logprobs(c.token_ids, c.logprobs, offset)
+            for k in lp:
+                lp[k].extend(part[k])
+        self.offsets[index] = offset
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
+
+    def full_response(self, outs: list[RequestOutput]) -> dict:
+        choices = []
+        for pi, out in enumerate(outs):
+            for c in out.outputs:
+                self.completion_tokens += len(c.token_ids)
+                choices.append(self._choice(pi, out, c, first=True))
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(self.prompt_tokens, self.completion_tokens)}
+
+    def chunks(self, pi: int, out: RequestOutput) -> list[dict]:
+        """SSE chunks for one delta of prompt `pi`: one per choice that has something to say."""
+        result = []
+        for c in out.outputs:
+            index = pi * self.n + c.index
+            if index in self.finished:
+                continue
+            self.completion_tokens += len(c.token_ids)
+            first = index not in self.offsets
+            has_news = c.text or c.finish_reason or (self.logprobs is not None and c.token_ids) or (
+                first and self.req.echo)
+            if not has_news:
+                continue
+            if c.finish_reason is not None:
+                self.finished.add(index)
+            result.append(self.chunk(self._choice(pi, out, c, first)))
+        return result
+
+
+class ChatContext(_Context):
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, request_id: str, model: str, req, tokens: TokenStrings, streams):
+        super().__init__(request_id, model, req, tokens, [len(s.state.prompt_token_ids) for s in streams])
+        self.top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+
+    def _logprobs(self, c: CompletionOutput) -> Optional[dict]:
+        if self.top_logprobs is None:
+            return None
+        content = []
+        for tid, entry in zip(c.token_ids, c.logprobs or []):
+            tok = self.tokens(tid)
+            top = [{"token": self.tokens(t), "logprob": v, "bytes": list(self.tokens(t).encode())}
+                   for t, v in _ranked(entry)[:self.top_logprobs]]
+            content.append({"token": tok, "logprob": entry.get(tid), "bytes": list(tok.encode()),
+                            "top_logprobs": top})
+        return {"content": content}
+
+    def role_chunks(self, n: int) -> list[dict]:
+        return [self.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}) for i in range(n)]
+
+    def chunks(self, out: RequestOutput) -> list[dict]:
+        result = []
+        for c in out.outputs:
+            if c.index in self.finished:
+                continue
+            self.completion_tokens += len(c.token_ids)
+            if not (c.text or c.finish_reason or (self.top_logprobs is not None and c.token_ids)):
+                continue
+            if c.finish_reason is not None:
+                self.finished.add(c.index)
+            delta = {"content": c.text} if c.text else {}
+            result.append(self.chunk({"index": c.index, "delta": delta, "logprobs": self._logprobs(c),
+                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))
+        return result
+
+    def full_response(self, out: RequestOutput) -> dict:
+        choices = []
+        for c in out.outputs:
+            self.completion_tokens += len(c.token_ids)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": self._logprobs(c), "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(self.prompt_tokens, self.completion_tokens)}

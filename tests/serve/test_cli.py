@@ -1,0 +1,162 @@
+"""`meshserve serve` flags and YAML onto LlmArgs: the seed's trtllm-serve examples, both flag
+spellings, unknown keys, parallel flags that have not landed, and the entry points."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from meshserve.commands import serve
+from meshserve.commands.serve import build_parser, llm_args_from_cli
+
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def parse(*argv: str):
+    return llm_args_from_cli(build_parser().parse_args(list(argv)))
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+SEED_CONFIG = """enable_attention_dp: true
+pytorch_backend_config:
+  enable_overlap_scheduler: true
+kv_cache_config:
+  free_gpu_memory_fraction: 0.95
+"""
+SEED_CONTEXT_CONFIG = """disable_overlap_scheduler: true  # Not supported for context servers
+cache_transceiver_config:
+  backend: NIXL  # or UCX, MPI
+  max_tokens_in_buffer: 8192
+"""
+SEED_ATTENTION_DP = """enable_attention_dp: true
+attention_dp_config:
+  enable_balance: true
+  timeout_iters: 10
+  batching_wait_iters: 5
+"""
+
+
+def test_seed_examples_map_onto_llm_args(tmp_path):
+    args = parse("meta-llama/Llama-3.1-70B-Instruct", "--tp_size", "4", "--max_batch_size", "128",
+                 "--max_num_tokens", "16384", "--kv_cache_free_gpu_memory_fraction", "0.95")
+    assert (args.model, args.tensor_parallel_size, args.max_batch_size, args.max_num_tokens) == \
+        ("meta-llama/Llama-3.1-70B-Instruct", 4, 128, 16384)
+    assert args.kv_cache_config.free_gpu_memory_fraction == 0.95
+
+    cfg = write(tmp_path, "config.yml", SEED_CONFIG)
+    args = parse("meta-llama/Llama-3.1-405B-Instruct", "--tp_size", "4", "--pp_size", "2", "--max_batch_size", "64",
+                 "--config", cfg)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.max_batch_size) == (4, 2, 64)
+    assert args.enable_attention_dp and args.pytorch_backend_config.enable_overlap_scheduler
+    assert args.kv_cache_config.free_gpu_memory_fraction == 0.95
+
+    args = parse("deepseek-ai/DeepSeek-V3", "--tp_size", "16", "--ep_size", "4", "--max_batch_size", "161",
+                 "--config", cfg)
+    assert (args.tensor_parallel_size, args.moe_expert_parallel_size, args.max_batch_size) == (16, 4, 161)
+
+    ctx = write(tmp_path, "context-config.yml", SEED_CONTEXT_CONFIG)
+    ns = build_parser().parse_args(["TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--host", "localhost", "--port", "8001",
+                                    "--backend", "pytorch", "--config", ctx])
+    args = llm_args_from_cli(ns)
+    assert (ns.host, ns.port, args.backend) == ("localhost", 8001, "pytorch")
+    assert args.disable_overlap_scheduler and not args.overlap_scheduler
+    assert args.cache_transceiver_config.backend == "NIXL"
+    assert args.cache_transceiver_config.max_tokens_in_buffer == 8192
+
+    args = parse("m", "--config", write(tmp_path, "adp.yml", SEED_ATTENTION_DP))
+    assert args.attention_dp_config.enable_balance and args.attention_dp_config.timeout_iters == 10
+    assert args.attention_dp_config.batching_wait_iters == 5
+
+
+def test_dashed_and_underscored_flags_are_the_same(tmp_path):
+    flags = [("tp_size", "2"), ("pp_size", "2"), ("ep_size", "2"), ("cp_size", "1"), ("max_batch_size", "7"),
+             ("max_num_tokens", "99"), ("max_seq_len", "300"), ("kv_cache_free_gpu_memory_fraction", "0.5"),
+             ("load_format", "dummy"), ("max_waiting_requests", "3"), ("moe_tp_size", "1")]
+    under = [x for name, v in flags for x in (f"--{name}", v)]
+    dashed = [x for name, v in flags for x in (f"--{name.replace('_', '-')}", v)]
+    assert parse("m", *under, "--trust_remote_code") == parse("m", *dashed, "--trust-remote-code")
+    a = build_parser().parse_args(["--served_model_name", "x", "--api_key", "k", "--extra_llm_api_options", "c"])
+    b = build_parser().parse_args(["--served-model-name", "x", "--api-key", "k", "--config", "c"])
+    assert (a.served_model_name, a.api_key, a.config) == (b.served_model_name, b.api_key, b.config) == ("x", "k", "c")
+
+
+def test_flags_override_yaml_and_merge_nested_keys(tmp_path):
+    cfg = write(tmp_path, "c.yml", "max_batch_size: 10\nkv_cache_config:\n  tokens_per_block: 16\n")
+    args = parse("m", "--config", cfg, "--max-batch-size", "20", "--kv_cache_free_gpu_memory_fraction", "0.3")
+    assert args.max_batch_size == 20
+    assert args.kv_cache_config.tokens_per_block == 16 and args.kv_cache_config.free_gpu_memory_fraction == 0.3
+    assert parse("m", "--config", cfg).max_batch_size == 10
+
+
+@pytest.mark.parametrize("text,key,accepted", [
+    ("enable_attention_dpp: true\n", "enable_attention_dpp", "enable_attention_dp"),
+    ("kv_cache_config:\n  free_memory: 0.5\n", "kv_cache_config.free_memory", "free_gpu_memory_fraction"),
+    ("pytorch_backend_config:\n  overlap: true\n", "pytorch_backend_config.overlap", "enable_overlap_scheduler"),
+])
+def test_unknown_yaml_key_is_an_error_naming_it_and_the_accepted_ones(tmp_path, text, key, accepted):
+    with pytest.raises(ValueError) as e:
+        parse("m", "--config", write(tmp_path, "bad.yml", text))
+    assert repr(key) in str(e.value) and "accepted keys" in str(e.value) and accepted in str(e.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backend", "tensorrt"], "backend"),
+    (["--max_beam_width", "4"], "beam search"),
+    (["--max_batch_size", "0"], "max_batch_size"),
+    (["--dtype", "int3"], "dtype"),
+    (["--config", "/nonexistent.yml"], "no such file"),
+])
+def test_bad_flag_values_are_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse("m", *argv)
+
+
+def test_cli_error_exits_2_with_the_message(tmp_path):
+    bad = write(tmp_path, "bad.yml", "max_batch_sizes: 3\n")
+    r = subprocess.run([sys.executable, "-m", "meshserve", "serve", "--config", bad], capture_output=True,
+                       text=True, env=ENV, timeout=120)
+    assert r.returncode == 2
+    assert "unknown key 'max_batch_sizes'" in r.stderr and "max_batch_size" in r.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cp_size", "2"], "context parallelism has not landed"),
+    (["--ep-size", "2"], "moe_expert_parallel_size"),
+    (["--tp_size", "3"], "tensor_parallel_size=3 must divide num_attention_heads=4"),
+])
+def test_parallel_layouts_the_engine_cannot_run_fail_before_starting(tiny_model, capsys, argv, message):
+    assert serve.main(build_parser().parse_args([tiny_model, *argv])) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parallel_flag_error_from_the_module_entry_point(tiny_model):
+    r = subprocess.run([sys.executable, "-m", "meshserve.commands.serve", tiny_model, "--cp-size", "2"],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2 and "context parallelism has not landed" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("entry", [["-m", "meshserve", "serve"], ["-m", "meshserve.commands.serve"]])
+def test_entry_points_show_every_flag_in_both_spellings(entry):
+    r = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("tp_size", "pp_size", "ep_size", "cp_size", "max_batch_size", "max_num_tokens", "max_seq_len",
+                 "kv_cache_free_gpu_memory_fraction", "trust_remote_code", "served_model_name", "api_key"):
+        assert f"--{flag}" in r.stdout and f"--{flag.replace('_', '-')}" in r.stdout, flag
+    for flag in ("--host", "--port", "--backend", "--config", "--dtype", "--log_level"):
+        assert flag in r.stdout
+
+
+def test_engine_startup_failure_exits_1_with_the_engine_error(tiny_model):
+    # passes the front's checks; the engine process rejects it while building the engine
+    r = subprocess.run([sys.executable, "-m", "meshserve", "serve", tiny_model, "--max_seq_len", "4096",
+                        "--port", "0"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 1
+    assert "the engine failed to start" in r.stderr and "max_seq_len=4096" in r.stderr, r.stderr[-2000:]

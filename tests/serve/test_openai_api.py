@@ -1,0 +1,238 @@
+"""The server through the official `openai` client (sync and async): chat and completions,
+streaming equals non-streaming, usage, n + seed, logprobs, stop strings, 32 concurrent streams."""
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+
+import openai
+import pytest
+
+from conftest import start_server
+
+MODEL = "tiny-chat"
+MAX_SEQ_LEN = 512
+MESSAGES = [{"role": "user", "content": "Hello world! How are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    srv = start_server(tiny_model, "--max_seq_len", str(MAX_SEQ_LEN), "--max-batch-size", "64")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def aclient(server):
+    """A factory: an AsyncOpenAI client belongs to the event loop it is used in."""
+    return lambda: openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0,
+                                      timeout=60)
+
+
+def chat_prompt_len(tok, messages) -> int:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tok.encode(text, add_special_tokens=False))
+
+
+def test_models_lists_the_folder_name(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_chat_stream_joined_equals_non_stream(client, tiny_tokenizer, n):
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0, n=n)
+    full = client.chat.completions.create(**kw)
+    texts, finishes = [""] * n, [[] for _ in range(n)]
+    usage = None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                finishes[c.index].append(c.finish_reason)
+    for i in range(n):
+        assert texts[i] == full.choices[i].message.content
+        assert finishes[i] == [full.choices[i].finish_reason]  # exactly once
+    prompt_len = chat_prompt_len(tiny_tokenizer, MESSAGES)
+    for u in (full.usage, usage):
+        assert u.prompt_tokens == prompt_len
+        assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_stream_joined_equals_non_stream(client):
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0)
+    full = client.completions.create(**kw)
+    text, finishes = "", []
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.text
+            if c.finish_reason is not None:
+                finishes.append(c.finish_reason)
+    assert text == full.choices[0].text
+    assert finishes == [full.choices[0].finish_reason]
+
+
+def test_usage_adds_up_over_prompts_and_samples(client, tiny_tokenizer):
+    prompts = ["Paris is the capital", "Numbers: 0 1 2"]
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=7, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.prompt_tokens == sum(len(tiny_tokenizer.encode(p)) for p in prompts)
+    assert out.usage.completion_tokens == 4 * 7
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 28
+
+
+def test_token_id_prompt(client, tiny_tokenizer):
+    ids = tiny_tokenizer.encode("Hello world")
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    by_text = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_n_with_seed_is_reproducible(client):
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=1.0, n=3, seed=1234,
+              extra_body={"ignore_eos": True})
+    a = [c.message.content for c in client.chat.completions.create(**kw).choices]
+    b = [c.message.content for c in client.chat.completions.create(**kw).choices]
+    assert a == b
+    assert len(set(a)) > 1  # sample i uses seed + i: the samples differ from each other
+    c = [c.message.content for c in client.chat.completions.create(**{**kw, "seed": 99}).choices]
+    assert c != a
+
+
+def test_max_completion_tokens_and_default_max_tokens(client, tiny_tokenizer):
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,
+                                         extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+    # chat without max_tokens: up to the context limit
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == MAX_SEQ_LEN - chat_prompt_len(tiny_tokenizer, MESSAGES)
+    # completions default to 16 tokens, as OpenAI
+    out = client.completions.create(model=MODEL, prompt="Hello", extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16
+
+
+def _ascii_window(text: str, start: int) -> str | None:
+    m = re.search(r"[A-Za-z0-9 ,.!?]{3}", text[start:])
+    return m.group(0) if m else None
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_cuts_the_text_streamed_and_not(client, include):
+    kw = dict(model=MODEL, prompt="Hello world! How are", max_tokens=60, temperature=0,
+              extra_body={"ignore_eos": True})
+    reference = client.completions.create(**kw).choices[0].text
+    stop = _ascii_window(reference, 8)
+    if stop is None:
+        pytest.skip("the random model produced no plain-text window to stop on")
+    i = reference.find(stop)
+    expected = reference[: i + len(stop)] if include else reference[:i]
+    kw["extra_body"] = {"ignore_eos": True, "include_stop_str_in_output": include}
+    out = client.completions.create(stop=[stop], **kw)
+    assert out.choices[0].text == expected
+    assert out.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=[stop], stream=True, **kw)
+                       if c.choices)
+    assert streamed == expected
+
+
+def test_chat_logprobs_are_sorted_and_greedy_picks_the_top(client):
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert math.isclose(entry.logprob, tops[0], abs_tol=1e-5)
+        assert all(t <= 0 for t in tops)
+
+
+def test_completion_echo_with_logprobs(client, tiny_tokenizer):
+    prompt = "Hello world"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                    logprobs=2)
+    choice = out.choices[0]
+    num_prompt = len(tiny_tokenizer.encode(prompt))
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    assert len(lp.tokens) == num_prompt + 4
+    assert lp.token_logprobs[0] is None and all(v is not None for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_sampling_extensions(client, tiny_tokenizer):
+    forced = tiny_tokenizer.encode(" world")[-1]
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
+                                    logit_bias={str(forced): 100}, logprobs=0)
+    assert out.choices[0].logprobs.tokens == [tiny_tokenizer.decode([forced])] * 5
+    # min_tokens masks the stop token until 3 tokens exist; then it is sampled and stops the sequence
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=10, temperature=0,
+                                    logit_bias={str(forced): 100},
+                                    extra_body={"min_tokens": 3, "stop_token_ids": [forced]})
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == 4
+    assert out.choices[0].model_extra["stop_reason"] == forced
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0.7, top_p=0.9, presence_penalty=0.5,
+        frequency_penalty=0.3, seed=3,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "skip_special_tokens": False,
+                    "ignore_eos": True})
+    assert out.usage.completion_tokens == 8
+
+
+async def _one_stream(aclient, i: int) -> tuple[str, list]:
+    finishes, text = [], ""
+    if i % 2:
+        stream = await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12 + i,
+                                                       stream=True, temperature=0.5, seed=i,
+                                                       extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                if c.finish_reason:
+                    finishes.append(c.finish_reason)
+    else:
+        stream = await aclient.completions.create(model=MODEL, prompt=f"Numbers: {i}", max_tokens=12 + i,
+                                                  stream=True, temperature=0, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.text
+                if c.finish_reason:
+                    finishes.append(c.finish_reason)
+    return text, finishes
+
+
+def test_32_concurrent_streams_all_complete(aclient):
+    async def main():
+        async with aclient() as ac:
+            return await asyncio.gather(*[_one_stream(ac, i) for i in range(32)])
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    assert all(finishes == ["length"] for _, finishes in results)
+
+
+def test_async_client_matches_sync(client, aclient):
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+
+    async def main():
+        async with aclient() as ac:
+            a = await ac.chat.completions.create(**kw)
+            s = await ac.chat.completions.create(stream=True, **kw)
+            return a.choices[0].message.content, "".join([c.choices[0].delta.content or "" async for c in s
+                                                          if c.choices])
+
+    non_stream, stream = asyncio.run(main())
+    assert non_stream == stream == client.chat.completions.create(**kw).choices[0].message.content
