@@ -54,7 +54,14 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-Message = Union[Ready, ProfileKv, KvBlocks, InitKv, Step, Result, WorkerError, Shutdown]
+class StageStats(msgspec.Struct, tag=True):
+    """A pipeline stage's busy fraction over its last window (about a second)."""
+    rank: int
+    pp_rank: int
+    busy_fraction: float
+
+
+Message = Union[Ready, ProfileKv, KvBlocks, InitKv, Step, Result, WorkerError, Shutdown, StageStats]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

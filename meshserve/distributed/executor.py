@@ -16,11 +16,12 @@ import secrets
 import socket
 import sys
 import time
+from collections import deque
 from typing import Optional
 
 from meshserve.config import LlmArgs
 from meshserve.distributed.control import (DriverChannel, InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown,
-                                           Step, WorkerError)
+                                           StageStats, Step, WorkerError)
 from meshserve.distributed.launch import LaunchInfo
 from meshserve.engine.executor import Done, Executor, choose_num_blocks
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
@@ -65,7 +66,10 @@ class PendingResult:
         self.executor = executor
 
     def result(self) -> ModelRunnerOutput:
-        return self.executor._wait_for(lambda m: isinstance(m, Result)).out
+        ex = self.executor
+        if ex._results:
+            return ex._results.popleft().out
+        return ex._wait_for(lambda m: isinstance(m, Result)).out
 
 
 class MultiProcExecutor(Executor):
@@ -77,6 +81,8 @@ class MultiProcExecutor(Executor):
         self.channel: Optional[DriverChannel] = None
         self.state = None
         self._closed = False
+        self._results: deque = deque()  # Results that arrived while we looked for errors
+        self.stage_stats: dict[int, StageStats] = {}
         if launch is not None:
             addr, port = launch.master_addr, launch.master_port
             key = launch.secret.encode() if launch.secret else None
@@ -113,6 +119,8 @@ class MultiProcExecutor(Executor):
     def _handle(self, msg) -> None:
         if isinstance(msg, WorkerError):
             raise RuntimeError(f"worker rank {msg.rank} failed:\n{msg.message}")
+        if isinstance(msg, StageStats):
+            self.stage_stats[msg.rank] = msg
 
     def _wait_for(self, pred, timeout_s: Optional[float] = None):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -140,6 +148,8 @@ class MultiProcExecutor(Executor):
             if msg is None:
                 break
             self._handle(msg)
+            if isinstance(msg, Result):
+                self._results.append(msg)
         self._check_alive()
 
     # ---- Executor ----------------------------------------------------------------------------------
@@ -175,6 +185,17 @@ class MultiProcExecutor(Executor):
                 self._check_alive()
             except RuntimeError as dead:
                 raise dead from err
+
+    def stage_busy_fractions(self) -> list[float]:
+        """Per pipeline stage, the busy fraction of its last ~1 s window (empty without PP)."""
+        if self.max_inflight <= 1:
+            return []
+        self.runner.busy.poll()
+        fractions = [0.0] * self.max_inflight
+        fractions[0] = self.runner.busy.last_fraction or 0.0
+        for s in self.stage_stats.values():
+            fractions[s.pp_rank] = s.busy_fraction
+        return fractions
 
     def check_health(self) -> None:
         self._poll_errors()

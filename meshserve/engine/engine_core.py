@@ -100,7 +100,12 @@ class EngineCore:
         t0 = time.perf_counter()
         scheduled = False
         if len(self.batch_queue) < self.executor.max_inflight and self.scheduler.has_unfinished():
-            so = self.scheduler.schedule()
+            depth = self.executor.max_inflight
+            cap = None
+            if depth > 1:  # share the unfinished requests out over the pipeline's micro-batches
+                active = self.scheduler.num_running + self.scheduler.num_waiting
+                cap = max(1, -(-min(active, self.scheduler.config.max_batch_size) // depth))
+            so = self.scheduler.schedule(cap)
             if so.reqs:
                 self.batch_queue.append((so, self.executor.execute_async(so)))
                 self.last_step_tokens = sum(r.num_new_tokens for r in so.reqs)
@@ -133,6 +138,7 @@ class EngineCore:
             "num_preemptions": self.scheduler.num_preemptions,
             "iteration_latency_s": self.iteration_latency_s,
             "num_iterations": self.num_iterations,
+            "pipeline_stage_busy_fraction": self.executor.stage_busy_fractions(),
         }
 
     def shutdown(self) -> None:

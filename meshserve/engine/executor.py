@@ -44,6 +44,9 @@ class Executor:
     def check_health(self) -> None:
         pass
 
+    def stage_busy_fractions(self) -> list[float]:
+        return []
+
     def shutdown(self) -> None:
         pass
 

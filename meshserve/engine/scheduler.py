@@ -89,13 +89,16 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- one step ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: Optional[int] = None) -> SchedulerOutput:
+        """One batch. `max_seqs` caps its sequences (pipelines split the running set into
+        micro-batches so every stage has one to work on)."""
         budget = self.config.max_num_tokens
+        max_seqs = max_seqs or self.config.max_batch_size
         scheduled: list[tuple[Request, int]] = []
         preempted = False
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < max_seqs:
             req = self.running[i]
             if req.in_flight:
                 i += 1
@@ -119,7 +122,8 @@ class Scheduler:
                 continue
             # req itself was preempted: the list shrank under index i, do not advance
 
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size:
+        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size
+               and len(scheduled) < max_seqs):
             req = self.waiting[0]
             computed, num_cached = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_cached

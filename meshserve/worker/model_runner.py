@@ -7,6 +7,7 @@ tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +36,28 @@ class RunnerConfig:
     show_progress: bool = True
 
 
+class BusyWindow:
+    """Busy seconds over wall seconds, in windows of about `window_s`."""
+
+    def __init__(self, window_s: float = 1.0):
+        self.window_s = window_s
+        self.start = time.perf_counter()
+        self.busy_s = 0.0
+        self.last_fraction: Optional[float] = None
+
+    def add(self, seconds: float) -> None:
+        self.busy_s += seconds
+
+    def poll(self) -> Optional[float]:
+        """The fraction of the window just closed, or None while the window is still open."""
+        now = time.perf_counter()
+        if now - self.start < self.window_s:
+            return None
+        self.last_fraction = min(1.0, self.busy_s / (now - self.start))
+        self.start, self.busy_s = now, 0.0
+        return self.last_fraction
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cfg: RunnerConfig, tp_group=None, pp_group=None,
                  layer_range: Optional[range] = None):
@@ -54,6 +77,7 @@ class ModelRunner:
         self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size)
         self.sampler = Sampler(self.device, cfg.seed)
         self.kv_caches: list[torch.Tensor] = []
+        self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
 
     # ---- KV cache -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -118,21 +142,31 @@ class ModelRunner:
         if not self.is_first:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
                                                          self.cfg.dtype, self.device)
+        t0 = time.perf_counter()
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
         if not self.is_last:
+            self._account(t0)
             self.pp_group.send_hidden(hidden, residual)
             return None
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         prompt_lp = self._prompt_logprobs(hidden, inp) if inp.prompt_lp else {}
         if not self.is_driver:
+            self._account(t0)
             return None
         tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
+        self._account(t0)
         out = ModelRunnerOutput(so.step_id, inp.req_ids, tokens.tolist(), prompt_logprobs=prompt_lp)
         if lp is not None:
             ids, vals = lp[0].tolist(), lp[1].tolist()
             want = [self.batch.reqs[r].sampling.logprobs for r in inp.req_ids]
             out.logprobs = [None if k is None else (ids[i][:k + 1], vals[i][:k + 1]) for i, k in enumerate(want)]
         return out
+
+    def _account(self, t0: float) -> None:
+        if self.pp_group.size > 1:  # only pipelines report utilization; it costs a sync on GPU
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.busy.add(time.perf_counter() - t0)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp) -> dict:
         result = {}

@@ -106,8 +106,8 @@ def worker_main(spec_json: str) -> None:
 
 
 def run_worker(spec: RankSpec) -> int:
-    from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, Step,
-                                               WorkerChannel, WorkerError)
+    from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, StageStats,
+                                               Step, WorkerChannel, WorkerError)
 
     channel = None
     try:
@@ -116,6 +116,7 @@ def run_worker(spec: RankSpec) -> int:
         channel = WorkerChannel(endpoint, key, spec.rank)
         channel.send(Ready(spec.rank))
         parent = os.getppid()
+        report_busy = state.mapping.pp_size > 1 and state.mapping.tp_rank == 0
         while True:
             msg = channel.recv(1000)
             if msg is None:
@@ -126,6 +127,10 @@ def run_worker(spec: RankSpec) -> int:
                 out = runner.execute(msg.so)
                 if out is not None:
                     channel.send(Result(spec.rank, out))
+                if report_busy:
+                    fraction = runner.busy.poll()
+                    if fraction is not None:
+                        channel.send(StageStats(spec.rank, state.mapping.pp_rank, fraction))
             elif isinstance(msg, ProfileKv):
                 channel.send(KvBlocks(spec.rank, runner.available_kv_blocks(msg.free_fraction,
                                                                             msg.cpu_budget_bytes)))
