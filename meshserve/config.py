@@ -70,6 +70,7 @@ class LlmArgs(StrictModel):
     moe_expert_parallel_size: Optional[int] = Field(None, ge=1)
     moe_tensor_parallel_size: Optional[int] = Field(None, ge=1)
     pp_partition: Optional[list[int]] = None
+    pipeline_micro_batches: Optional[int] = Field(None, ge=1, description="batches in flight (default pp size)")
     enable_attention_dp: bool = False
     attention_dp_config: AttentionDpConfig = Field(default_factory=AttentionDpConfig)
     cp_config: Optional[dict[str, Any]] = None

