@@ -111,3 +111,11 @@ def make_prompts(num: int, vocab: int, max_len: int, seed: int = 0) -> list[list
     g = torch.Generator().manual_seed(seed)
     lengths = [1] + [int(x) for x in torch.linspace(2, max_len, num - 1)]
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

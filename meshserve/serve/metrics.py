@@ -66,6 +66,9 @@ class ServerMetrics:
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Fraction of looked-up prompt tokens found in the "
                                      "prefix cache (0-1)")
         self.healthy = gauge("engine_healthy", "1 while the engine process serves, 0 after it failed")
+        self.stage_busy = Gauge("meshserve_pipeline_stage_busy_ratio", "Fraction of the last ~1 s each pipeline "
+                                "stage spent computing (1 - bubbles); absent without pipeline parallelism",
+                                ["model_name", "stage"], registry=r)
         self._last_preemptions = 0
 
     # ---- EngineObserver ------------------------------------------------------------------------------
@@ -98,6 +101,8 @@ class ServerMetrics:
         if preemptions > self._last_preemptions:
             self.preemptions.inc(preemptions - self._last_preemptions)
             self._last_preemptions = preemptions
+        for stage, fraction in enumerate(stats.get("pipeline_stage_busy_fraction") or ()):
+            self.stage_busy.labels(stage=str(stage), **self.labels).set(fraction)
         for v in stats.get("iteration_latencies_s", ()):
             self.iteration.observe(v)
         for v in stats.get("queue_times_s", ()):

@@ -1,18 +1,11 @@
 import json
 import os
-import socket
 
 import pytest
 
 from helpers import build_checkpoint, hf_greedy, make_prompts
 
 MAX_NEW = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import free_port
+from helpers import free_port
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "tp_script.py")
 

@@ -13,8 +13,10 @@ import time
 import psutil
 import pytest
 
-from conftest import MAX_NEW, free_port
+from helpers import free_port
 from helpers import build_checkpoint, hf_greedy, make_prompts
+
+MAX_NEW = 8
 from meshserve import LLM, SamplingParams
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "tp_script.py")

@@ -1,105 +1,7 @@
-"""Fixtures for the server tests: a tiny chat checkpoint and real `meshserve serve` subprocesses.
-
-Each test module starts its server once (scope="module") on a free 127.0.0.1 port and stops it
-with SIGTERM at the end, killing the process group only if that fails.
-"""
-from __future__ import annotations
-
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from typing import Optional
-
-import httpx
+"""Fixtures of the server tests; helpers live in serve_util.py (import that, not conftest)."""
 import pytest
 
-from helpers import build_checkpoint
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-API_KEY = "sk-meshserve-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, model: Optional[str], *flags: str, api_key: Optional[str] = None, log_dir: str = "/tmp"):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        cmd = [sys.executable, "-m", "meshserve", "serve"] + ([model] if model else [])
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *flags]
-        if api_key:
-            cmd += ["--api_key", api_key]
-        self.log_path = os.path.join(log_dir, f"meshserve-{self.port}.log")
-        self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                     start_new_session=True)
-
-    @property
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def log_tail(self, n: int = 40) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-
-    def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log_tail()}")
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        try:  # anything left in the group (it should be empty)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.log.close()
-
-    def metrics(self) -> dict[str, float]:
-        """Samples of /metrics whose labels are ignored but for finish_reason (summed otherwise)."""
-        text = httpx.get(self.base_url + "/metrics", headers=self.headers, timeout=5.0).text
-        return parse_metrics(text)
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, value = line.rsplit(" ", 1)
-        name = name_labels.split("{", 1)[0]
-        if "finish_reason=" in name_labels:
-            reason = name_labels.split('finish_reason="', 1)[1].split('"', 1)[0]
-            name = f"{name}[{reason}]"
-        if "status=" in name_labels:
-            status = name_labels.split('status="', 1)[1].split('"', 1)[0]
-            name = f"{name}[{status}]"
-        out[name] = out.get(name, 0.0) + float(value)
-    return out
+from serve_util import build_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -116,5 +18,3 @@ def tiny_tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-def start_server(model: Optional[str], *flags: str, api_key: Optional[str] = API_KEY, **kw) -> ServerProcess:
-    return ServerProcess(model, *flags, api_key=api_key, **kw).wait_ready()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from serve_util import REPO
 from meshserve.commands import serve
 from meshserve.commands.serve import build_parser, llm_args_from_cli
 

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from conftest import API_KEY, start_server
+from serve_util import API_KEY, start_server
 
 MODEL = "tiny-chat"
 MAX_SEQ_LEN = 256

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import start_server
+from serve_util import start_server
 
 MODEL = "tiny-chat"
 LONG = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 1800, "ignore_eos": True, "temperature": 0}

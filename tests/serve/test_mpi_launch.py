@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from serve_util import REPO, free_port
 from helpers import hf_greedy
 
 pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI is not installed")

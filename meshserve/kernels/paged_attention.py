@@ -1,0 +1,224 @@
+"""Triton paged attention for prefill, chunked prefill and decode in one kernel, plus the KV write.
+
+One program handles a tile of BLOCK_Q query tokens of one sequence for one kv head, with all the
+query heads that share that kv head stacked into the tile's rows (GQA-aware: K/V are read once
+per group). It walks the sequence's KV through its block table with an online softmax (fp32).
+For long decode contexts the KV range is split over `num_splits` programs whose partial results
+are merged by log-sum-exp in a second kernel (flash-decoding), so a batch of one still fills the
+GPU. Everything the launch needs is on the device or fixed by the batch shape, so decode steps
+can be captured in CUDA graphs. The torch reference in layers/attention.py is the oracle.
+
+Layouts: q/out [T, H, D]; kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [B, max_blocks];
+query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, stride_cache_kv,
+                     num_tokens, ROW: tl.constexpr, ROW_P2: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, ROW_P2)
+    mask = offs < ROW
+    k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
+    dst = cache_ptr + slot * ROW + offs
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset)."""
+    T = slot_mapping.shape[0]
+    if T == 0:
+        return
+    row = k.shape[1] * k.shape[2]
+    k2, v2 = k.reshape(k.shape[0], row), v.reshape(v.shape[0], row)
+    _store_kv_kernel[(T,)](k2, v2, kv_cache, slot_mapping, k2.stride(0), v2.stride(0), kv_cache.stride(0), T,
+                           ROW=row, ROW_P2=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cache_kv, stride_cache_blk, stride_cache_tok, stride_cache_head,
+    stride_bt, scale, num_tiles,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(tile_seq_ptr + tile)
+    q_start_in_seq = tl.load(tile_start_ptr + tile)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len  # tokens before this step's queries
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_start_in_seq + rows // GROUP  # query token within the sequence
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (q_idx < q_len) & (rows < BLOCK_Q * GROUP)
+    d = tl.arange(0, D_P2)
+    d_valid = d < HEAD_DIM
+    q_tok = q_begin + q_idx
+    q = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = ctx_len + q_idx  # absolute position of each row's query
+
+    # KV range this program covers: causal end of the tile, window start, and this split's share
+    last_q = tl.minimum(q_start_in_seq + BLOCK_Q, q_len) - 1
+    kv_end = tl.minimum(seq_len, ctx_len + last_q + 1)
+    kv_begin = 0
+    if WINDOW > 0:
+        kv_begin = tl.maximum(0, ctx_len + q_start_in_seq - WINDOW + 1)
+        kv_begin = (kv_begin // BLOCK_N) * BLOCK_N
+    if NUM_SPLITS > 1:
+        n_tiles = tl.cdiv(kv_end - kv_begin, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        split_begin = kv_begin + split * per_split * BLOCK_N
+        kv_end = tl.minimum(kv_end, split_begin + per_split * BLOCK_N)
+        kv_begin = split_begin
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp2
+    k_base = cache_ptr + kv_head * stride_cache_head
+    v_base = k_base + stride_cache_kv
+    n_off = tl.arange(0, BLOCK_N)
+    for start in range(kv_begin, kv_end, BLOCK_N):
+        pos = start + n_off
+        pos_valid = pos < kv_end
+        blk = tl.load(block_tables_ptr + seq * stride_bt + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
+        tok_off = blk * stride_cache_blk + (pos % PAGE) * stride_cache_tok
+        kv_mask = pos_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        allowed = pos_valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            allowed &= pos[None, :] > (q_pos[:, None] - WINDOW)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        # partials: acc [tiles, kvh, splits, BLOCK_M, D_P2]; (m, l) [tiles, kvh, splits, BLOCK_M, 2]
+        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
+        tl.store(part_acc_ptr + (base + rows)[:, None] * D_P2 + d[None, :], acc)
+        tl.store(part_ml_ptr + (base + rows) * 2, m_i)
+        tl.store(part_ml_ptr + (base + rows) * 2 + 1, l_i)
+
+
+@triton.jit
+def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
+                         stride_ot, stride_oh,
+                         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    q_start_in_seq = tl.load(tile_start_ptr + tile)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_start_in_seq + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (q_idx < q_len) & (rows < BLOCK_Q * GROUP)
+    d = tl.arange(0, D_P2)
+    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
+        m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (base + rows) * 2))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
+        w = tl.exp2(tl.load(part_ml_ptr + (base + rows) * 2) - m_safe)
+        l_all += w * tl.load(part_ml_ptr + (base + rows) * 2 + 1)
+        acc += w[:, None] * tl.load(part_acc_ptr + (base + rows)[:, None] * D_P2 + d[None, :])
+    out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+    q_tok = q_begin + q_idx
+    tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (d < HEAD_DIM)[None, :])
+
+
+def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host-side: (sequence, first query index) of every query tile."""
+    seqs, starts = [], []
+    for i, n in enumerate(query_lens):
+        for s in range(0, max(n, 1), block_q):
+            seqs.append(i)
+            starts.append(s)
+    return (torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
+            torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True))
+
+
+def block_q_for(max_query_len: int, group: int) -> int:
+    """Query tokens per tile: 1 for pure decode (rows are the GQA group), more for prefill, so a
+    tile has at least 16 rows (tl.dot's minimum) and at most 128."""
+    if max_query_len <= 1:
+        return 1
+    return max(1, min(128 // group, triton.next_power_of_2(max_query_len), 64))
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, tile_seq: torch.Tensor, tile_start: torch.Tensor, block_q: int,
+                    scale: float, sliding_window: Optional[int] = None, num_splits: int = 1,
+                    out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None) -> torch.Tensor:
+    T, H, D = q.shape
+    KVH = kv_cache.shape[3]
+    group = H // KVH
+    page = kv_cache.shape[2]
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    block_n = max(16, min(64, page)) if page >= 16 else 16
+    d_p2 = triton.next_power_of_2(D)
+    out = torch.empty_like(q) if out is None else out
+    num_tiles = tile_seq.shape[0]
+    part_acc = part_ml = out  # unused placeholders when not splitting
+    if num_splits > 1:
+        shape = (num_tiles, KVH, num_splits, block_m)
+        ws = workspace if workspace is not None else {}
+        key = (shape, d_p2)
+        if ws.get("key") != key:
+            ws["key"] = key
+            ws["acc"] = torch.empty(*shape, d_p2, dtype=torch.float32, device=q.device)
+            ws["ml"] = torch.empty(*shape, 2, dtype=torch.float32, device=q.device)
+        part_acc, part_ml = ws["acc"], ws["ml"]
+    grid = (num_tiles, KVH, num_splits)
+    _attn_kernel[grid](
+        q, kv_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc, tile_seq, tile_start,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), scale, num_tiles,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
+        WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tiles, KVH)](
+            part_acc, part_ml, out, query_start_loc, tile_seq, tile_start, out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D, D_P2=d_p2, NUM_SPLITS=num_splits,
+            num_warps=4)
+    return out
