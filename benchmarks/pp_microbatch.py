@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--pp", type=int, default=2)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
@@ -65,7 +66,7 @@ def main() -> None:
     if args.num_requests < 2 * args.pp:
         p.error(f"--num-requests={args.num_requests} must be at least 2 x pp = {2 * args.pp}")
     model = tempfile.mkdtemp(prefix="pp-bench-")
-    write_config(model, args.hidden, args.layers, 32000)
+    write_config(model, args.hidden, args.layers, args.vocab)
     results = [run(model, args, args.pp), run(model, args, 1)]
     ratio = results[0]["output_tok_s"] / results[1]["output_tok_s"]
     os.makedirs(args.out, exist_ok=True)
