@@ -56,6 +56,7 @@ class LlmArgs(StrictModel):
     dtype: str = "auto"
     load_format: str = "auto"
     device: str = "auto"
+    attention_backend: str = "auto"
     backend: Optional[str] = "pytorch"
     max_batch_size: int = Field(256, ge=1)
     max_num_tokens: int = Field(8192, ge=1)

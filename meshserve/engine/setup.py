@@ -74,11 +74,18 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
 
 
 def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device) -> RunnerConfig:
+    graph_sizes = None
+    cg = args.cuda_graph_config
+    if device.type == "cuda" and cg is not None and cg.enable:
+        from meshserve.worker.cuda_graph import default_batch_sizes
+        limit = min(cg.max_batch_size, args.max_batch_size)
+        graph_sizes = sorted({b for b in (cg.batch_sizes or default_batch_sizes(limit)) if 1 <= b <= limit})
     return RunnerConfig(model_path=model_path, device=str(device),
                         dtype=model_config.torch_dtype(args.dtype, device),
                         block_size=args.kv_cache_config.tokens_per_block, max_num_tokens=args.max_num_tokens,
                         load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
-                        show_progress=args.show_progress)
+                        show_progress=args.show_progress, attention_backend=args.attention_backend,
+                        cuda_graph_batch_sizes=graph_sizes, max_seq_len=max_seq_len_for(args, model_config))
 
 
 def create_engine_core(args: LlmArgs, model_path: str) -> EngineCore:

@@ -98,7 +98,8 @@ def _attn_kernel(
     k_base = cache_ptr + kv_head * stride_cache_head
     v_base = k_base + stride_cache_kv
     n_off = tl.arange(0, BLOCK_N)
-    for start in range(kv_begin, kv_end, BLOCK_N):
+    start = kv_begin
+    while start < kv_end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
         pos = start + n_off
         pos_valid = pos < kv_end
         blk = tl.load(block_tables_ptr + seq * stride_bt + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
@@ -118,6 +119,7 @@ def _attn_kernel(
         v = tl.load(v_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+        start += BLOCK_N
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -112,3 +112,14 @@ class Attention(nn.Module):
             write_kv(self.kv_cache, k, v, md.slot_mapping)
             o = torch_paged_attention(q, self.kv_cache, md, self.scale, self.sliding_window)
         return o.reshape(-1, self.num_heads * self.head_dim)
+
+
+def triton_attention(q, k, v, kv_cache, md: AttentionMetadata, scale: float, sliding_window: Optional[int]):
+    """The Triton backend (GPU): fused KV write, then paged attention over the cache."""
+    from meshserve.kernels.paged_attention import paged_attention, store_kv
+
+    store_kv(k, v, kv_cache, md.slot_mapping)
+    bd = md.backend_data
+    return paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, bd["tile_seq"],
+                           bd["tile_start"], bd["block_q"], scale, sliding_window, bd["num_splits"],
+                           workspace=bd["workspace"])

@@ -38,10 +38,15 @@ class StepInputs:
 
 
 class InputBatch:
-    def __init__(self, block_size: int, device: torch.device, vocab_size: int):
+    def __init__(self, block_size: int, device: torch.device, vocab_size: int, triton_group: int = 0,
+                 num_kv_heads: int = 1):
         self.block_size = block_size
         self.device = device
         self.vocab_size = vocab_size
+        self.triton_group = triton_group  # query heads per kv head; 0 = no Triton tile plan
+        self.num_kv_heads = num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if triton_group else 0
+        self.workspace: dict = {}
         self.reqs: dict[str, ReqState] = {}
 
     def update(self, so: SchedulerOutput) -> None:
@@ -103,10 +108,22 @@ class InputBatch:
             num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
             num_decode_tokens=num_decodes if num_decodes == len(so.reqs) else 0,
         )
+        if self.triton_group:
+            self._plan_triton(md, q_lens)
         return StepInputs(
             input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
             logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),
             req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids))
+
+    def _plan_triton(self, md: AttentionMetadata, q_lens) -> None:
+        from meshserve.kernels.paged_attention import block_q_for, plan_tiles
+        from meshserve.worker.cuda_graph import decode_num_splits
+
+        block_q = block_q_for(md.max_query_len, self.triton_group)
+        tile_seq, tile_start = plan_tiles([int(x) for x in q_lens], block_q, self.device)
+        splits = decode_num_splits(len(q_lens), self.num_kv_heads, self.num_sms) if md.max_query_len == 1 else 1
+        md.backend_data = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": block_q,
+                           "num_splits": splits, "workspace": self.workspace}
 
     def sampling_batch(self, so: SchedulerOutput) -> SamplingBatch:
         dev, V = self.device, self.vocab_size

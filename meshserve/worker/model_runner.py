@@ -34,6 +34,9 @@ class RunnerConfig:
     load_format: str = "auto"
     seed: int = 0
     show_progress: bool = True
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    cuda_graph_batch_sizes: Optional[list] = None  # None or []: no CUDA graphs
+    max_seq_len: int = 4096
 
 
 class BusyWindow:
@@ -74,7 +77,16 @@ class ModelRunner:
                                  self.is_first, self.is_last)
         load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress)
         self.attn_layers = self.model.attention_layers()
-        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size)
+        self.use_triton = self._choose_triton(cfg.attention_backend)
+        group = 0
+        if self.use_triton and self.attn_layers:
+            from meshserve.layers.attention import triton_attention
+            for attn in self.attn_layers:
+                attn.impl = triton_attention
+            group = self.attn_layers[0].num_heads // self.attn_layers[0].num_kv_heads
+        kvh = self.attn_layers[0].num_kv_heads if self.attn_layers else 1
+        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, group, kvh)
+        self.graphs = None
         self.sampler = Sampler(self.device, cfg.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
@@ -98,7 +110,36 @@ class ModelRunner:
         peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
         return int(max(0, free * free_fraction - peak_extra) // per_block)
 
+    def _choose_triton(self, backend: str) -> bool:
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend={backend!r} is not supported; accepted: auto, triton, torch")
+        if backend == "torch" or self.device.type != "cuda":
+            if backend == "triton" and self.device.type != "cuda":
+                raise ValueError("attention_backend='triton' needs a CUDA device")
+            return False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if backend == "triton":
+                raise
+            logger.warning("Triton is not installed: using the torch attention backend")
+            return False
+        return True
+
+    def capture_cuda_graphs(self) -> None:
+        sizes = self.cfg.cuda_graph_batch_sizes
+        if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 or not self.use_triton:
+            return
+        from meshserve.worker.cuda_graph import CudaGraphRunner
+        self.graphs = CudaGraphRunner(self, sizes, self.cfg.max_seq_len)
+        self.graphs.capture()
+
     def init_kv_cache(self, num_blocks: int) -> None:
+        self._alloc_kv(num_blocks)
+        if self.cfg.cuda_graph_batch_sizes:
+            self.capture_cuda_graphs()
+
+    def _alloc_kv(self, num_blocks: int) -> None:
         self.kv_caches = []
         for attn in self.attn_layers:
             cache = torch.zeros(2, num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim,
@@ -111,13 +152,15 @@ class ModelRunner:
         """A forward pass over max_num_tokens tokens so peak activation memory is known."""
         n, bs = self.cfg.max_num_tokens, self.cfg.block_size
         nblk = -(-n // bs) + 1
-        self.init_kv_cache(nblk)
+        self._alloc_kv(nblk)
         md = AttentionMetadata(
             slot_mapping=torch.arange(bs, bs + n, device=self.device),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(1, nblk, dtype=torch.int32, device=self.device)[None],
             max_query_len=n, max_seq_len=n, block_size=bs)
+        if self.use_triton:
+            self.batch._plan_triton(md, [n])
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         pos = torch.arange(n, device=self.device)
         hidden = residual = None
@@ -143,6 +186,13 @@ class ModelRunner:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
                                                          self.cfg.dtype, self.device)
         t0 = time.perf_counter()
+        if self.graphs is not None and inp.attn.num_decodes == len(so.reqs) and not inp.prompt_lp \
+                and self.graphs.can_run(len(so.reqs)):
+            logits = self.graphs.run(inp)
+            if not self.is_driver:
+                return None
+            tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
+            return self._output(so, inp, tokens, lp, {})
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
         if not self.is_last:
             self._account(t0)
@@ -155,6 +205,9 @@ class ModelRunner:
             return None
         tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
         self._account(t0)
+        return self._output(so, inp, tokens, lp, prompt_lp)
+
+    def _output(self, so, inp, tokens, lp, prompt_lp) -> ModelRunnerOutput:
         out = ModelRunnerOutput(so.step_id, inp.req_ids, tokens.tolist(), prompt_logprobs=prompt_lp)
         if lp is not None:
             ids, vals = lp[0].tolist(), lp[1].tolist()
