@@ -179,11 +179,11 @@ def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tenso
 
 
 def block_q_for(max_query_len: int, group: int) -> int:
-    """Query tokens per tile: 1 for pure decode (rows are the GQA group), more for prefill, so a
-    tile has at least 16 rows (tl.dot's minimum) and at most 128."""
+    """Query tokens per tile: 1 for pure decode (the rows are the GQA group), else one fixed size
+    giving 64-row tiles, so a whole run compiles just two variants (decode and prefill)."""
     if max_query_len <= 1:
         return 1
-    return max(1, min(128 // group, triton.next_power_of_2(max_query_len), 64))
+    return max(1, 64 // group)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,

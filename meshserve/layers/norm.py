@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from meshserve.kernels import use_triton
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype=None):
@@ -21,6 +23,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if use_triton(x):
+            from meshserve.kernels.fused import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

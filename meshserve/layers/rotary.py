@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from meshserve.kernels import use_triton
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -96,6 +98,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [T]; q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]
+        if use_triton(q):
+            from meshserve.kernels.fused import rotary_
+            rotary_(q, k, positions, self.cos_cache, self.sin_cache)  # in place
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return self._apply(q, cos, sin), self._apply(k, cos, sin)

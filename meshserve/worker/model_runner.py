@@ -162,7 +162,7 @@ class ModelRunner:
         if self.use_triton:
             self.batch._plan_triton(md, [n])
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        pos = torch.arange(n, device=self.device)
+        pos = torch.arange(n, device=self.device) % self.cfg.max_seq_len
         hidden = residual = None
         if not self.is_first:
             hidden = torch.zeros(n, self.model_config.hidden_size, dtype=self.cfg.dtype, device=self.device)

@@ -1,0 +1,104 @@
+"""Fused elementwise kernels for the decoder layer (Triton), each with a torch reference in
+layers/ that it is tested against: RMSNorm (optionally fused with the residual add), rotary
+embedding applied in place to q and k, and SiLU-and-mul. In a CUDA-graph decode step, kernel count
+is what costs: these turn ~20 small launches per layer into 4.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the sum, rounded as a torch add would
+        tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """x: [..., N]. With `residual`, computes x + residual into `residual` (in place) and returns
+    (norm(x + residual), residual); otherwise returns norm(x)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    rows, n = x2.shape
+    if rows:
+        res2 = residual.view(-1, n) if residual is not None else x2
+        _rmsnorm_kernel[(rows,)](x2, res2, weight, out, x2.stride(0), res2.stride(0), out.stride(0), n, eps,
+                                 HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
+                                 num_warps=4 if n <= 2048 else 8)
+    out = out.view(shape)
+    return (out, residual) if residual is not None else out
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_cos, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, H_P2: tl.constexpr,
+                 HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, HALF_P2)
+    jm = j < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cos + j, mask=jm, other=0.0)[None, :]
+    h = tl.arange(0, H_P2)[:, None]
+    for which in tl.static_range(2):
+        if which == 0:
+            base, sh, nh = q_ptr + t * stride_qt, stride_qh, NUM_Q
+        else:
+            base, sh, nh = k_ptr + t * stride_kt, stride_kh, NUM_K
+        m = (h < nh) & jm[None, :]
+        p1 = base + h * sh + j[None, :]
+        x1 = tl.load(p1, mask=m, other=0.0)
+        x2 = tl.load(p1 + HALF, mask=m, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=m)
+        tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=m)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: q [T, H, D], k [T, KVH, D] (rows may be strided views); cos/sin [max_pos, rot/2]
+    fp32; rotates the first 2 * rot/2 dims of each head (rotate-half layout)."""
+    T = q.shape[0]
+    if T == 0:
+        return
+    half = cos.shape[1]
+    _rope_kernel[(T,)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+                       NUM_Q=q.shape[1], NUM_K=k.shape[1], H_P2=triton.next_power_of_2(max(q.shape[1], k.shape[1])),
+                       HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < D
+    g = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + D + offs, mask=m, other=0.0)
+    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)  # silu rounded to the input dtype, as torch does
+    tl.store(out_ptr + row * stride_o + offs, (s.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=m)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    out = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(d))
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d, BLOCK=block)
+    return out.view(*x.shape[:-1], d)
