@@ -1,13 +1,13 @@
 """Triton kernels, each with a torch reference in meshserve/layers that tests compare against.
 `use_triton(t)` says whether a CUDA tensor should take the Triton path (Triton installed, and not
 switched off with MESHSERVE_DISABLE_TRITON=1, read once here)."""
+import importlib.util
 import os
 
-try:
-    import triton  # noqa: F401
-    TRITON_AVAILABLE = os.environ.get("MESHSERVE_DISABLE_TRITON", "0") != "1"
-except ImportError:  # pragma: no cover
-    TRITON_AVAILABLE = False
+# find_spec, not import: importing triton here would fix its mode before tests can ask for the
+# interpreter (TRITON_INTERPRET), and costs start-up time on CPU-only runs.
+TRITON_AVAILABLE = (importlib.util.find_spec("triton") is not None
+                    and os.environ.get("MESHSERVE_DISABLE_TRITON", "0") != "1")
 
 
 def use_triton(t) -> bool:
