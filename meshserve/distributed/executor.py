@@ -75,7 +75,11 @@ class PendingResult:
 class MultiProcExecutor(Executor):
     def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str):
         check_world(args, device_type, launch)
-        self.max_inflight = args.pipeline_micro_batches or args.pipeline_parallel_size
+        self.pipeline_stages = args.pipeline_parallel_size
+        if self.pipeline_stages > 1:
+            self.max_inflight = args.pipeline_micro_batches or self.pipeline_stages
+        else:
+            self.max_inflight = 2 if args.overlap_scheduler else 1
         self.world_size = args.world_size
         self.pp_size = args.pipeline_parallel_size
         self.procs: dict[int, mp.process.BaseProcess] = {}
@@ -173,7 +177,9 @@ class MultiProcExecutor(Executor):
         except Exception as e:
             self._explain_failure(e)
             raise
-        return Done(out) if out is not None else PendingResult(self)
+        if out is None:
+            return PendingResult(self)
+        return out if hasattr(out, "result") else Done(out)
 
     def _explain_failure(self, err: Exception) -> None:
         """A collective failed on rank 0: name the worker that died or raised, if one did."""

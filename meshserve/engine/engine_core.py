@@ -102,7 +102,7 @@ class EngineCore:
         if len(self.batch_queue) < self.executor.max_inflight and self.scheduler.has_unfinished():
             depth = self.executor.max_inflight
             cap = None
-            if depth > 1:  # share the unfinished requests out over the pipeline's micro-batches
+            if self.executor.pipeline_stages > 1:  # share the requests out over the micro-batches
                 active = self.scheduler.num_running + self.scheduler.num_waiting
                 cap = max(1, -(-min(active, self.scheduler.config.max_batch_size) // depth))
             so = self.scheduler.schedule(cap)

@@ -31,6 +31,7 @@ class Done:
 
 class Executor:
     max_inflight: int = 1  # batches the engine may have outstanding at once
+    pipeline_stages: int = 1  # > 1: in-flight batches are pipeline micro-batches (disjoint requests)
 
     def initialize_cache(self, kv_config, max_tokens_needed: int) -> int:
         raise NotImplementedError
@@ -64,6 +65,7 @@ def choose_num_blocks(available: int, kv_config, block_size: int, max_tokens_nee
 class UniProcExecutor(Executor):
     def __init__(self, model_config: ModelConfig, runner_config: RunnerConfig):
         self.runner = ModelRunner(model_config, runner_config)
+        self.max_inflight = 2 if runner_config.overlap else 1
 
     def initialize_cache(self, kv_config, max_tokens_needed: int) -> int:
         available = self.runner.available_kv_blocks(kv_config.free_gpu_memory_fraction,
@@ -73,4 +75,5 @@ class UniProcExecutor(Executor):
         return blocks
 
     def execute_async(self, so: SchedulerOutput):
-        return Done(self.runner.execute(so))
+        out = self.runner.execute(so)
+        return out if hasattr(out, "result") else Done(out)

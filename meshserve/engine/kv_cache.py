@@ -117,7 +117,8 @@ class KVCacheManager:
         """Register the hashes of blocks whose KV is now fully written."""
         if not self.enable_prefix_caching:
             return
-        full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        # computed may run ahead of known tokens (overlap placeholders): hash only known ones
+        full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(req.block_ids))
         start = self.num_registered.get(req.request_id, 0)
         if full <= start:
             return

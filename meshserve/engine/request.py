@@ -48,7 +48,8 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: Optional[float] = None
         self.first_token_time: Optional[float] = None
-        self.in_flight = 0  # scheduled batches not yet returned (pipeline micro-batches)
+        self.in_flight = 0  # scheduled batches not yet returned (pipeline micro-batches, overlap)
+        self.num_pending = 0  # in-flight steps that will produce a token not yet appended
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -26,6 +26,9 @@ class SchedulerConfig:
     max_num_tokens: int
     max_seq_len: int
     enable_chunked_prefill: bool = True
+    # Overlap: schedule a decoding request again while its previous step is still running; its
+    # next input token is a placeholder the worker takes from that step's sampled ids on the device.
+    overlap: bool = False
 
 
 class Scheduler:
@@ -39,6 +42,7 @@ class Scheduler:
         self.num_sent: dict[str, tuple[int, int]] = {}  # req id -> (tokens, blocks) already on workers
         self.step_id = 0
         self.num_preemptions = 0
+        self.produces: dict[int, set[str]] = {}  # step id -> requests whose sampled token is real
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -100,11 +104,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < max_seqs:
             req = self.running[i]
-            if req.in_flight:
+            if req.in_flight and not self._can_overlap(req):
                 i += 1
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             if num_new <= 0:
+                i += 1
+                continue
+            if req.in_flight:  # never preempt around a request whose step is still running
+                if self.kv.allocate_slots(req, num_new):
+                    scheduled.append((req, num_new))
+                    budget -= num_new
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, num_new):
@@ -148,10 +158,25 @@ class Scheduler:
         out = SchedulerOutput(step_id=self.step_id, reqs=[self._wire(r, n) for r, n in scheduled],
                               finished_req_ids=self.finished_ids)
         self.finished_ids = []
+        produces = set()
         for req, n in scheduled:
             req.num_computed_tokens += n
             req.in_flight += 1
+            if req.num_computed_tokens >= req.num_tokens + req.num_pending:
+                req.num_pending += 1
+                produces.add(req.request_id)
+        self.produces[self.step_id] = produces
         return out
+
+    def _can_overlap(self, req: Request) -> bool:
+        """An in-flight request may be scheduled again when overlap is on, its running step will
+        produce a token, it can still use one more, and its sampling does not read its own history
+        (penalties, min_tokens), which the worker only learns a step late."""
+        p = req.params
+        return (self.config.overlap and req.num_pending > 0
+                and req.num_output_tokens + req.num_pending < req.max_output_tokens
+                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and not p.min_tokens)
 
     def _pick_victim(self, after: int) -> Optional[Request]:
         """The newest running request behind index `after` (those before it are scheduled)."""
@@ -165,11 +190,13 @@ class Scheduler:
         if sent is None:  # new or resumed: the worker (re)builds its state from this
             tokens, blocks, sampling = req.all_token_ids, list(req.block_ids), self._sampling_meta(req)
         else:
-            tokens = req.all_token_ids[sent[0]:] if req.num_tokens > sent[0] else []
+            p = req.num_prompt_tokens
+            tokens = req.output_token_ids[sent[0] - p:] if req.num_tokens > sent[0] >= p else (
+                req.all_token_ids[sent[0]:] if req.num_tokens > sent[0] else [])
             blocks, sampling = req.block_ids[sent[1]:], None
         self.num_sent[req.request_id] = (req.num_tokens, len(req.block_ids))
         return ScheduledRequest(req.request_id, req.num_computed_tokens, num_new, tokens, blocks, sampling,
-                                req.num_output_tokens)
+                                req.num_output_tokens + req.num_pending)
 
     @staticmethod
     def _sampling_meta(req: Request) -> SamplingMeta:
@@ -183,6 +210,7 @@ class Scheduler:
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, range(len(result.req_ids))))
+        produces = self.produces.pop(sched.step_id, set())
         outputs: list[EngineCoreOutput] = []
         now = time.monotonic()
         for sr in sched.reqs:
@@ -190,6 +218,8 @@ class Scheduler:
             if req is None:
                 continue
             req.in_flight -= 1
+            if sr.req_id in produces:
+                req.num_pending -= 1
             if req.status.finished:  # aborted while in flight
                 if req.in_flight == 0:
                     self._release(req)
@@ -203,7 +233,7 @@ class Scheduler:
                                        else list(plp))
             self.kv.cache_full_blocks(req)
             idx = sampled.get(sr.req_id)
-            if idx is not None and req.num_computed_tokens >= req.num_tokens:
+            if idx is not None and sr.req_id in produces:
                 token = result.sampled_token_ids[idx]
                 status = req.append_output(token)
                 if req.first_token_time is None:

@@ -85,7 +85,8 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         block_size=args.kv_cache_config.tokens_per_block, max_num_tokens=args.max_num_tokens,
                         load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
                         show_progress=args.show_progress, attention_backend=args.attention_backend,
-                        cuda_graph_batch_sizes=graph_sizes, max_seq_len=max_seq_len_for(args, model_config))
+                        cuda_graph_batch_sizes=graph_sizes, max_seq_len=max_seq_len_for(args, model_config),
+                        overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1)
 
 
 def create_engine_core(args: LlmArgs, model_path: str) -> EngineCore:
@@ -109,7 +110,8 @@ def create_engine_core(args: LlmArgs, model_path: str) -> EngineCore:
         if num_blocks < 2:
             raise ValueError(f"no room for the KV cache: {num_blocks} blocks fit; lower max_num_tokens or raise "
                              f"kv_cache_config.free_gpu_memory_fraction")
-        sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill)
+        sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
+                                overlap=rcfg.overlap)
         core = EngineCore(executor, sched, num_blocks, rcfg.block_size, args.kv_cache_config.enable_block_reuse,
                           model_config.vocab_size, eos_token_ids(model_path, model_config))
     except BaseException:

@@ -35,6 +35,8 @@ class StepInputs:
     # prompt logprobs: (req id, hidden-state indices, target token ids)
     prompt_lp: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
     num_tokens: int = 0
+    # overlap: (index in input_ids, request id) of tokens still being sampled by the previous step
+    placeholders: list[tuple[int, str]] = field(default_factory=list)
 
 
 class InputBatch:
@@ -70,11 +72,16 @@ class InputBatch:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         prompt_lp = []
+        placeholders = []
         num_decodes = 0
         for sr in so.reqs:
             st = self.reqs[sr.req_id]
             start, n = sr.num_computed_tokens, sr.num_new_tokens
-            ids.extend(st.token_ids[start:start + n])
+            known = st.token_ids[start:start + n]
+            ids.extend(known)
+            for k in range(len(known), n):  # not sampled yet when this step was scheduled
+                placeholders.append((len(ids), sr.req_id))
+                ids.append(0)
             p = np.arange(start, start + n)
             pos.extend(p.tolist())
             blocks = np.asarray(st.block_ids, dtype=np.int64)
@@ -113,7 +120,8 @@ class InputBatch:
         return StepInputs(
             input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
             logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),
-            req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids))
+            req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids),
+            placeholders=placeholders)
 
     def _plan_triton(self, md: AttentionMetadata, q_lens) -> None:
         from meshserve.kernels.paged_attention import block_q_for, plan_tiles

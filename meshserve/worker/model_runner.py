@@ -37,6 +37,7 @@ class RunnerConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     cuda_graph_batch_sizes: Optional[list] = None  # None or []: no CUDA graphs
     max_seq_len: int = 4096
+    overlap: bool = False  # outputs come back as handles; placeholder inputs read the last step's tokens
 
 
 class BusyWindow:
@@ -59,6 +60,36 @@ class BusyWindow:
         self.last_fraction = min(1.0, self.busy_s / (now - self.start))
         self.start, self.busy_s = now, 0.0
         return self.last_fraction
+
+
+class PendingOutput:
+    """A step's sampled ids on their way to the host: the copy is queued behind the step on the
+    device, so the engine can schedule the next step before this one finishes."""
+
+    def __init__(self, step_id: int, req_ids: list[str], tokens: torch.Tensor, lp, want: list, prompt_lp: dict):
+        self.step_id, self.req_ids, self.want, self.prompt_lp = step_id, req_ids, want, prompt_lp
+        self.event = None
+        if tokens.is_cuda:
+            tokens = _to_host(tokens)
+            lp = None if lp is None else (_to_host(lp[0]), _to_host(lp[1]))
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.tokens, self.lp = tokens, lp
+
+    def result(self) -> ModelRunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        out = ModelRunnerOutput(self.step_id, self.req_ids, self.tokens.tolist(), prompt_logprobs=self.prompt_lp)
+        if self.lp is not None:
+            ids, vals = self.lp[0].tolist(), self.lp[1].tolist()
+            out.logprobs = [None if k is None else (ids[i][:k + 1], vals[i][:k + 1]) for i, k in enumerate(self.want)]
+        return out
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class ModelRunner:
@@ -87,6 +118,8 @@ class ModelRunner:
         kvh = self.attn_layers[0].num_kv_heads if self.attn_layers else 1
         self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, group, kvh)
         self.graphs = None
+        self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
+        self.prev_rows: dict[str, int] = {}
         self.sampler = Sampler(self.device, cfg.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
@@ -181,6 +214,8 @@ class ModelRunner:
         if not so.reqs:
             return ModelRunnerOutput(so.step_id) if self.is_driver else None
         inp = self.batch.prepare(so)
+        if inp.placeholders:
+            self._fill_placeholders(inp)
         hidden = residual = None
         if not self.is_first:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
@@ -189,10 +224,7 @@ class ModelRunner:
         if self.graphs is not None and inp.attn.num_decodes == len(so.reqs) and not inp.prompt_lp \
                 and self.graphs.can_run(len(so.reqs)):
             logits = self.graphs.run(inp)
-            if not self.is_driver:
-                return None
-            tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
-            return self._output(so, inp, tokens, lp, {})
+            return self._sample(so, inp, logits, {})
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
         if not self.is_last:
             self._account(t0)
@@ -200,20 +232,32 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         prompt_lp = self._prompt_logprobs(hidden, inp) if inp.prompt_lp else {}
-        if not self.is_driver:
-            self._account(t0)
-            return None
-        tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
+        out = self._sample(so, inp, logits, prompt_lp)
         self._account(t0)
-        return self._output(so, inp, tokens, lp, prompt_lp)
-
-    def _output(self, so, inp, tokens, lp, prompt_lp) -> ModelRunnerOutput:
-        out = ModelRunnerOutput(so.step_id, inp.req_ids, tokens.tolist(), prompt_logprobs=prompt_lp)
-        if lp is not None:
-            ids, vals = lp[0].tolist(), lp[1].tolist()
-            want = [self.batch.reqs[r].sampling.logprobs for r in inp.req_ids]
-            out.logprobs = [None if k is None else (ids[i][:k + 1], vals[i][:k + 1]) for i, k in enumerate(want)]
         return out
+
+    def _sample(self, so, inp, logits, prompt_lp):
+        """Sample on the driver; with overlap, share the ids with the other tp ranks (their next
+        step may read them as placeholders) and return a handle instead of waiting for the copy."""
+        if self.is_driver:
+            tokens, lp = self.sampler(logits, self.batch.sampling_batch(so))
+        else:
+            tokens, lp = torch.empty(len(inp.req_ids), dtype=torch.int64, device=self.device), None
+        if self.cfg.overlap:
+            if self.tp_group.size > 1:
+                self.tp_group.broadcast(tokens, 0)
+            self.prev_tokens = tokens
+            self.prev_rows = {rid: i for i, rid in enumerate(inp.req_ids)}
+        if not self.is_driver:
+            return None
+        want = [self.batch.reqs[r].sampling.logprobs for r in inp.req_ids]
+        pending = PendingOutput(so.step_id, inp.req_ids, tokens, lp, want, prompt_lp)
+        return pending if self.cfg.overlap else pending.result()
+
+    def _fill_placeholders(self, inp) -> None:
+        dst = torch.tensor([i for i, _ in inp.placeholders], dtype=torch.int64)
+        src = torch.tensor([self.prev_rows[r] for _, r in inp.placeholders], dtype=torch.int64)
+        inp.input_ids[dst.to(self.device)] = self.prev_tokens[src.to(self.device)]
 
     def _account(self, t0: float) -> None:
         if self.pp_group.size > 1:  # only pipelines report utilization; it costs a sync on GPU
