@@ -189,13 +189,14 @@ def block_q_for(max_query_len: int, group: int) -> int:
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, tile_seq: torch.Tensor, tile_start: torch.Tensor, block_q: int,
                     scale: float, sliding_window: Optional[int] = None, num_splits: int = 1,
-                    out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None,
+                    block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
     page = kv_cache.shape[2]
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    block_n = max(16, min(64, page)) if page >= 16 else 16
+    block_n = block_n or (max(16, min(64, page)) if page >= 16 else 16)
     d_p2 = triton.next_power_of_2(D)
     out = torch.empty_like(q) if out is None else out
     num_tiles = tile_seq.shape[0]
@@ -217,7 +218,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         block_tables.stride(0), scale, num_tiles,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
         WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(num_tiles, KVH)](
             part_acc, part_ml, out, query_start_loc, tile_seq, tile_start, out.stride(0), out.stride(1),
