@@ -190,13 +190,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     query_start_loc: torch.Tensor, tile_seq: torch.Tensor, tile_start: torch.Tensor, block_q: int,
                     scale: float, sliding_window: Optional[int] = None, num_splits: int = 1,
                     out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None,
-                    block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                    block_n: Optional[int] = None, num_warps: Optional[int] = None,
+                    num_stages: int = 2) -> torch.Tensor:
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
     page = kv_cache.shape[2]
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    block_n = block_n or (max(16, min(64, page)) if page >= 16 else 16)
+    # Tuned on an H200 (benchmarks/attention_kernel.py): 64-token KV tiles; decode tiles (16 rows,
+    # mostly the GQA group) do best with 2 warps, prefill tiles (64 rows) with 4.
+    block_n = block_n or 64
+    num_warps = num_warps or (2 if block_q == 1 else 4)
     d_p2 = triton.next_power_of_2(D)
     out = torch.empty_like(q) if out is None else out
     num_tiles = tile_seq.shape[0]
