@@ -4,11 +4,14 @@
 # nano-bench and offline-8b offline; then the transformers peer. Results: $OUT/summary.json + log.
 #   NUM_ONLINE: prompts per online rate (default 100; BENCHMARKS.md says 500, which takes ~4x longer)
 #   NUM_OFFLINE: offline-8b requests (default 500; BENCHMARKS.md says 3000)
+#   PARTS: which parts to run (default "online offline peer")
 set -u
+PARTS=${PARTS:-online offline peer}
 OUT=${OUT:-out}
 B=/tmp/bench
 mkdir -p "$B" "$OUT"
 PORT=8123
+if [[ " $PARTS " == *" online "* ]]; then
 python3 -m meshserve serve llama-3.1-8b --load-format dummy --host 127.0.0.1 --port $PORT \
   >"$B/server.log" 2>&1 &
 SERVER=$!
@@ -23,9 +26,15 @@ python3 benchmarks/online_8b.py --base-url $URL --model llama-3.1-8b --num-promp
   --rates 2,16,32,inf --out "$B/online" 2>&1 | tail -8
 curl -s "$URL/metrics" | grep -E "^meshserve_(iteration_latency_seconds_(sum|count)|num_preemptions)" 
 kill -TERM $SERVER; wait $SERVER
+tail -30 "$B/server.log" > "$OUT/server_tail.log"
+fi
+if [[ " $PARTS " == *" offline "* ]]; then
 python3 benchmarks/nano_bench.py --out "$B/nano" 2>&1 | tail -4
 python3 benchmarks/offline_8b.py --num-requests "${NUM_OFFLINE:-500}" --out "$B/offline" 2>&1 | tail -4
+fi
+if [[ " $PARTS " == *" peer "* ]]; then
 python3 benchmarks/peer_transformers.py llama-3.1-8b --out "$B/peer" 2>&1 | tail -3
+fi
 python3 - "$B" "$OUT/summary.json" <<'PY'
 import glob, json, os, sys
 root, dest = sys.argv[1], sys.argv[2]
@@ -35,4 +44,3 @@ for f in sorted(glob.glob(os.path.join(root, "*", "summary.json")) + glob.glob(o
 json.dump(out, open(dest, "w"), indent=2)
 print("wrote", dest, list(out))
 PY
-tail -30 "$B/server.log" > "$OUT/server_tail.log"
