@@ -174,8 +174,9 @@ def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tenso
         for s in range(0, max(n, 1), block_q):
             seqs.append(i)
             starts.append(s)
-    return (torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
-            torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True))
+    from meshserve.utils import to_device
+    return (to_device(torch.tensor(seqs, dtype=torch.int32), device),
+            to_device(torch.tensor(starts, dtype=torch.int32), device))
 
 
 def block_q_for(max_query_len: int, group: int) -> int:

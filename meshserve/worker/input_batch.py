@@ -15,6 +15,7 @@ import torch
 from meshserve.engine.messages import SamplingMeta, SchedulerOutput
 from meshserve.layers.attention import AttentionMetadata
 from meshserve.layers.sampler import SamplingBatch, seed_for_step
+from meshserve.utils import to_device
 
 
 @dataclass
@@ -101,14 +102,14 @@ class InputBatch:
         dev = self.device
 
         def to_dev(x, dtype):
-            return torch.as_tensor(np.asarray(x), dtype=dtype).to(dev, non_blocking=True)
+            return to_device(torch.as_tensor(np.asarray(x), dtype=dtype), dev)
 
         q_lens = np.diff(q_loc)
         md = AttentionMetadata(
             slot_mapping=to_dev(slots, torch.int64),
             query_start_loc=to_dev(q_loc, torch.int32),
             seq_lens=to_dev(seq_lens, torch.int32),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            block_tables=to_device(torch.from_numpy(table), dev),
             max_query_len=int(q_lens.max()) if len(q_lens) else 0,
             max_seq_len=max(seq_lens, default=0),
             block_size=bs,
@@ -138,16 +139,16 @@ class InputBatch:
         states = [self.reqs[sr.req_id] for sr in so.reqs]
         metas = [st.sampling for st in states]
         temps = [m.temperature for m in metas]
-        b = SamplingBatch(temperature=torch.tensor(temps, dtype=torch.float32, device=dev))
+        b = SamplingBatch(temperature=to_device(torch.tensor(temps, dtype=torch.float32), dev))
         b.all_greedy = all(t < 1e-5 or m.top_k == 1 for t, m in zip(temps, metas))
         if not b.all_greedy:
             if any(m.top_k > 0 for m in metas):
-                b.top_k = torch.tensor([m.top_k if m.top_k > 0 else V for m in metas], device=dev)
+                b.top_k = to_device(torch.tensor([m.top_k if m.top_k > 0 else V for m in metas]), dev)
                 b.temperature = torch.where(b.top_k == 1, torch.zeros_like(b.temperature), b.temperature)
             if any(m.top_p < 1.0 for m in metas):
-                b.top_p = torch.tensor([m.top_p for m in metas], dtype=torch.float32, device=dev)
+                b.top_p = to_device(torch.tensor([m.top_p for m in metas], dtype=torch.float32), dev)
             if any(m.min_p > 0.0 for m in metas):
-                b.min_p = torch.tensor([m.min_p for m in metas], dtype=torch.float32, device=dev)
+                b.min_p = to_device(torch.tensor([m.min_p for m in metas], dtype=torch.float32), dev)
             for row, (sr, m) in enumerate(zip(so.reqs, metas)):
                 if m.seed is not None and m.temperature >= 1e-5:
                     b.seeded_rows.append((row, seed_for_step(m.seed, sr.num_output_tokens)))
@@ -158,14 +159,14 @@ class InputBatch:
             for row, m in enumerate(metas):
                 for tok, val in (m.logit_bias or {}).items():
                     bias[row, tok] += val
-            b.logit_bias = bias.to(dev)
+            b.logit_bias = to_device(bias, dev)
         banned = [(row, m.stop_ids) for row, (st, m) in enumerate(zip(states, metas))
                   if m.min_tokens and len(st.token_ids) - st.num_prompt_tokens < m.min_tokens and m.stop_ids]
         if banned:
             mask = torch.zeros(len(metas), V, dtype=torch.bool)
             for row, stop_ids in banned:
                 mask[row, stop_ids] = True
-            b.banned_mask = mask.to(dev)
+            b.banned_mask = to_device(mask, dev)
         if any(m.repetition_penalty != 1.0 or m.presence_penalty or m.frequency_penalty for m in metas):
             counts = torch.zeros(len(metas), V, dtype=torch.float32)
             seen = torch.zeros(len(metas), V, dtype=torch.bool)
@@ -173,9 +174,9 @@ class InputBatch:
                 out = torch.tensor(st.token_ids[st.num_prompt_tokens:], dtype=torch.int64)
                 counts[row].index_add_(0, out, torch.ones(len(out)))
                 seen[row, torch.tensor(st.token_ids, dtype=torch.int64)] = True
-            b.output_counts, b.seen_mask = counts.to(dev), seen.to(dev)
-            b.repetition_penalty = torch.tensor([m.repetition_penalty for m in metas], device=dev)
-            b.presence_penalty = torch.tensor([m.presence_penalty for m in metas], device=dev)
-            b.frequency_penalty = torch.tensor([m.frequency_penalty for m in metas], device=dev)
+            b.output_counts, b.seen_mask = to_device(counts, dev), to_device(seen, dev)
+            b.repetition_penalty = to_device(torch.tensor([m.repetition_penalty for m in metas]), dev)
+            b.presence_penalty = to_device(torch.tensor([m.presence_penalty for m in metas]), dev)
+            b.frequency_penalty = to_device(torch.tensor([m.frequency_penalty for m in metas]), dev)
         b.max_num_logprobs = max((m.logprobs for m in metas if m.logprobs is not None), default=-1)
         return b

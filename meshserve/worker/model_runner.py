@@ -19,6 +19,7 @@ from meshserve.models.config import ModelConfig
 from meshserve.models.loader import build_model, load_weights
 from meshserve.layers.attention import AttentionMetadata
 from meshserve.layers.sampler import Sampler
+from meshserve.utils import to_device
 from meshserve.worker.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class ModelRunner:
     def _fill_placeholders(self, inp) -> None:
         dst = torch.tensor([i for i, _ in inp.placeholders], dtype=torch.int64)
         src = torch.tensor([self.prev_rows[r] for _, r in inp.placeholders], dtype=torch.int64)
-        inp.input_ids[dst.to(self.device)] = self.prev_tokens[src.to(self.device)]
+        inp.input_ids[to_device(dst, self.device)] = self.prev_tokens[to_device(src, self.device)]
 
     def _account(self, t0: float) -> None:
         if self.pp_group.size > 1:  # only pipelines report utilization; it costs a sync on GPU
