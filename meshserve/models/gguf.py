@@ -67,7 +67,10 @@ def gguf_config(reader) -> dict:
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     names = {t.name for t in reader.tensors}
-    vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = g("vocab_size")
+    if vocab is None:
+        embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        vocab = int(embd.shape[-1])
     cfg = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
@@ -129,8 +132,12 @@ def convert_gguf(gguf_path: str, out_dir: str, show_progress: bool = True) -> st
 
 
 def _save_tokenizer(gguf_path: str, out_dir: str) -> None:
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
+    if "tokenizer.ggml.tokens" not in GGUFReader(gguf_path).fields:
+        logger.warning("%s carries no tokenizer: pass tokenizer=... or use token ids", gguf_path)
+        return
     tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
                                         gguf_file=os.path.basename(gguf_path))
     tok.save_pretrained(out_dir)
