@@ -59,3 +59,23 @@ def test_example_curl_streaming(server):
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finishes in (["length"], ["stop"])
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_bench_serve_against_the_real_server(server, tmp_path):
+    """`meshserve bench serve` against meshserve itself: every request accounted for, vLLM's JSON
+    fields present, a readable PNG, and output lengths forced by ignore_eos."""
+    import matplotlib.image
+
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    r = subprocess.run([sys.executable, "-m", "meshserve", "bench", "serve", "--base-url", server.base_url,
+                        "--dataset", "random", "--input-len", "24", "--output-len", "6", "--num-prompts", "6",
+                        "--request-rate", "inf", "--result-json", str(out_json), "--plot", str(out_png),
+                        "--disable-tqdm"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out_json.read_text())
+    assert result["completed"] + result["failed"] == 6 and result["completed"] == 6
+    for field in ("request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
+                  "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms"):
+        assert result[field] > 0, field
+    assert result["output_lens"] == [6] * 6 and result["input_lens"] == [24] * 6
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(str(out_png)).ndim == 3
