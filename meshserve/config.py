@@ -105,8 +105,13 @@ class LlmArgs(StrictModel):
     @field_validator("orchestrator_type")
     @classmethod
     def _orchestrator(cls, v: Optional[str]) -> Optional[str]:
-        if v not in (None, "mpi", "ray", "spawn"):
-            raise ValueError(f"orchestrator_type={v!r} is not supported; accepted: None, 'mpi', 'ray'")
+        if v == "ray":
+            raise ValueError("orchestrator_type='ray' has not landed yet; use None (ranks spawned on this host, or "
+                             "taken from torchrun/mpirun/srun when they started the process) or 'mpi'")
+        if v not in (None, "mpi", "spawn", "mp"):
+            raise ValueError(f"orchestrator_type={v!r} is not supported; accepted: None, 'mpi' (same as None: "
+                             f"MPI ranks are used when mpirun started the process), 'spawn' (ignore launcher "
+                             f"variables), 'mp' (worker-process executor even for one rank)")
         return v
 
     @field_validator("device")

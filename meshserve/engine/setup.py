@@ -96,7 +96,7 @@ def create_engine_core(args: LlmArgs, model_path: str) -> EngineCore:
     max_seq_len = max_seq_len_for(args, model_config)
     rcfg = runner_config(args, model_path, model_config, device)
     launch = detect_launch() if args.orchestrator_type != "spawn" else None
-    if launch is not None or args.world_size > 1:
+    if launch is not None or args.world_size > 1 or args.orchestrator_type == "mp":
         from meshserve.distributed.executor import MultiProcExecutor, check_world, run_external_worker
         check_world(args, device.type, launch)
         check_layout_fits_model(args, model_config)

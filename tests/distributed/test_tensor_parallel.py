@@ -113,3 +113,16 @@ def test_more_ranks_than_gpus_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="needs 4 GPUs, but only 2 are visible"):
         check_world(LlmArgs(tensor_parallel_size=4), "cuda", None)
+
+
+def test_one_rank_through_the_multiprocess_executor(tp_checkpoint):
+    ckpt, prompts, ref = tp_checkpoint
+    with LLM(ckpt, orchestrator_type="mp", kv_cache_config=KV, show_progress=False) as llm:
+        assert type(llm._core.executor).__name__ == "MultiProcExecutor"
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+    assert got == ref
+
+
+def test_ray_is_a_clear_error(tp_checkpoint):
+    with pytest.raises(ValueError, match="orchestrator_type='ray' has not landed"):
+        LLM(tp_checkpoint[0], orchestrator_type="ray")

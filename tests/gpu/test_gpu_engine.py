@@ -65,3 +65,17 @@ def test_embedded_model_bf16_agrees_with_fp32():
         total += len(a)
         same += sum(x == y for x, y in zip(a, b))
     assert same / total >= 0.95, f"bf16 agrees with fp32 on {same}/{total} tokens"
+
+
+def test_tp1_through_the_multiprocess_executor_with_nccl(ckpt):
+    """One rank through the same executor path as TP>1 (process group on NCCL, control channel,
+    KV sizing by message): tokens equal transformers."""
+    import torch.distributed as dist
+
+    path, prompts, ref = ckpt
+    with LLM(path, show_progress=False, dtype="float32", orchestrator_type="mp",
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 8192}) as llm:
+        assert type(llm._core.executor).__name__ == "MultiProcExecutor"
+        assert dist.get_backend() == "nccl"
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+    assert got == ref
