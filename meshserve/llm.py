@@ -198,20 +198,20 @@ class LLM:
                     return
 
     def abort(self, request_id: str) -> None:
+        """Stop a request started with generate_async; its stream ends with finish_reason "abort"."""
         with self._lock:
             sids = [sid for sid, st in self._states.items() if st.request_id == request_id]
+            if not sids:
+                return
+            state = self._states[sids[0]]
             self._core.abort_requests(sids)
             for sid in sids:
-                st = self._states.pop(sid)
-                st.seqs[sid].finish_reason = "abort"
+                self._states.pop(sid)
+                state.seqs[sid].finish_reason = "abort"
             stream = self._async_streams.pop(request_id, None)
-        if stream is not None and sids:
+        if stream is not None:
             loop, queue, _ = stream
-            loop.call_soon_threadsafe(queue.put_nowait, self._states_output(st))
-
-    @staticmethod
-    def _states_output(state: RequestState) -> RequestOutput:
-        return state.make_output()
+            loop.call_soon_threadsafe(queue.put_nowait, state.make_output())
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = False,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True):
