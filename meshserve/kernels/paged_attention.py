@@ -169,12 +169,16 @@ def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr
 
 def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Host-side: (sequence, first query index) of every query tile."""
+    from meshserve.utils import to_device
+    if block_q == 1 and all(n == 1 for n in query_lens):  # decode: tile i is sequence i
+        n = len(query_lens)
+        return (to_device(torch.arange(n, dtype=torch.int32), device),
+                to_device(torch.zeros(n, dtype=torch.int32), device))
     seqs, starts = [], []
     for i, n in enumerate(query_lens):
         for s in range(0, max(n, 1), block_q):
             seqs.append(i)
             starts.append(s)
-    from meshserve.utils import to_device
     return (to_device(torch.tensor(seqs, dtype=torch.int32), device),
             to_device(torch.tensor(starts, dtype=torch.int32), device))
 

@@ -6,6 +6,7 @@ any other way, so every rank of every stage builds the same batch.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +39,19 @@ class StepInputs:
     num_tokens: int = 0
     # overlap: (index in input_ids, request id) of tokens still being sampled by the previous step
     placeholders: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _pad_rows(rows: list[list[int]]) -> np.ndarray:
+    """[B, max len] int32, zero-padded, in one vectorized scatter."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    table = np.zeros((len(rows), max(1, int(lengths.max(initial=1)))), dtype=np.int32)
+    if total:
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
+        row = np.repeat(np.arange(len(rows)), lengths)
+        col = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        table[row, col] = flat
+    return table
 
 
 class InputBatch:
@@ -83,10 +97,14 @@ class InputBatch:
             for k in range(len(known), n):  # not sampled yet when this step was scheduled
                 placeholders.append((len(ids), sr.req_id))
                 ids.append(0)
-            p = np.arange(start, start + n)
-            pos.extend(p.tolist())
-            blocks = np.asarray(st.block_ids, dtype=np.int64)
-            slots.extend((blocks[p // bs] * bs + p % bs).tolist())
+            bids = st.block_ids
+            if n <= 64:  # decode and short chunks: plain ints beat numpy's per-call cost
+                pos.extend(range(start, start + n))
+                slots.extend(bids[q // bs] * bs + q % bs for q in range(start, start + n))
+            else:
+                p = np.arange(start, start + n)
+                pos.extend(p.tolist())
+                slots.extend((np.asarray(bids, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
             q_loc.append(q_loc[-1] + n)
             seq_lens.append(start + n)
             tables.append(st.block_ids)
@@ -95,10 +113,7 @@ class InputBatch:
                 end = min(start + n, st.num_prompt_tokens - 1)
                 prompt_lp.append((sr.req_id, list(range(q_loc[-2], q_loc[-2] + end - start)),
                                   st.token_ids[start + 1:end + 1]))
-        max_blocks = max((len(t) for t in tables), default=1)
-        table = np.zeros((len(tables), max_blocks), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = t
+        table = _pad_rows(tables)
         dev = self.device
 
         def to_dev(x, dtype):
