@@ -33,6 +33,7 @@ class Request:
                  eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
         self.eos_token_ids = [] if params.ignore_eos else (
@@ -57,11 +58,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
