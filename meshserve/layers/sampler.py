@@ -25,6 +25,7 @@ def seed_for_step(seed: int, step: int) -> int:
 class SamplingBatch:
     temperature: torch.Tensor  # [B] float32; 0 means greedy
     top_k: Optional[torch.Tensor] = None  # [B] int64; vocab size where disabled
+    max_top_k: int = 0  # host copy of top_k.max(): reading it from the device would stall the host
     top_p: Optional[torch.Tensor] = None  # [B] float32
     min_p: Optional[torch.Tensor] = None  # [B] float32
     all_greedy: bool = False
@@ -85,8 +86,10 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         temp = torch.where(b.temperature < 1e-5, torch.ones_like(b.temperature), b.temperature)
         logits = logits / temp[:, None]
-        if b.top_k is not None or b.top_p is not None:
+        if b.top_p is not None:
             logits = self._top_k_top_p(logits, b.top_k, b.top_p)
+        elif b.top_k is not None:
+            logits = self._top_k_only(logits, b.top_k, b.max_top_k or logits.shape[-1])
         probs = torch.softmax(logits, dim=-1)
         if b.min_p is not None:
             keep = probs >= b.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
@@ -96,6 +99,16 @@ class Sampler:
             self.row_generator.manual_seed(seed)
             q[row].exponential_(generator=self.row_generator)
         return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+        """Top-k without sorting the vocabulary: the k-th largest value per row from one topk of
+        the batch's largest k, then a threshold (ties at the threshold are kept, as HF does)."""
+        if max_k >= logits.shape[-1]:
+            return logits
+        values = logits.topk(max_k, dim=-1).values  # [B, max_k], descending
+        kth = values.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])
+        return logits.masked_fill(logits < kth, float("-inf"))
 
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]):

@@ -158,7 +158,8 @@ class InputBatch:
         b.all_greedy = all(t < 1e-5 or m.top_k == 1 for t, m in zip(temps, metas))
         if not b.all_greedy:
             if any(m.top_k > 0 for m in metas):
-                b.top_k = to_device(torch.tensor([m.top_k if m.top_k > 0 else V for m in metas]), dev)
+                ks = [m.top_k if m.top_k > 0 else V for m in metas]
+                b.top_k, b.max_top_k = to_device(torch.tensor(ks), dev), max(ks)
                 b.temperature = torch.where(b.top_k == 1, torch.zeros_like(b.temperature), b.temperature)
             if any(m.top_p < 1.0 for m in metas):
                 b.top_p = to_device(torch.tensor([m.top_p for m in metas], dtype=torch.float32), dev)

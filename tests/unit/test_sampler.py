@@ -40,7 +40,7 @@ def draw(n_rows: int, rounds: int, **kw) -> np.ndarray:
     for _ in range(rounds):
         b = SamplingBatch(temperature=torch.full((n_rows,), kw.get("temperature", 1.0)))
         if kw.get("top_k"):
-            b.top_k = torch.full((n_rows,), kw["top_k"])
+            b.top_k, b.max_top_k = torch.full((n_rows,), kw["top_k"]), kw["top_k"]
         if kw.get("top_p", 1.0) < 1.0:
             b.top_p = torch.full((n_rows,), kw["top_p"])
         if kw.get("min_p"):
