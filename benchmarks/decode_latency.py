@@ -6,7 +6,6 @@ a time: ms per output token and the memory bandwidth it implies, against the ban
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -45,23 +44,14 @@ def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> dict:
 
 def main() -> None:
     args = parse_args()
-    from meshserve.bench.serve import ServerProcess, free_port, meshserve_command
+    from meshserve.bench.serve import run_against_server
     from meshserve.bench.shapes import decode_weight_bytes, kv_bytes_per_token, resolve_model
 
     os.makedirs(args.out, exist_ok=True)
     model_path = resolve_model(args.model)
     with open(os.path.join(model_path, "config.json")) as f:
         config = json.load(f)
-    if args.base_url:
-        result = run_bench(args, args.base_url, model_path)
-    else:
-        port = args.port or free_port()
-        command = meshserve_command() + ["serve", model_path, "--load-format", "dummy",
-                                         "--host", "127.0.0.1", "--port", str(port)]
-        command += shlex.split(args.server_args)
-        base_url = f"http://127.0.0.1:{port}"
-        with ServerProcess(command, base_url, os.path.join(args.out, "server.log"), args.startup_timeout):
-            result = run_bench(args, base_url, model_path)
+    result = run_against_server(args, model_path, run_bench)
 
     # Each decode step reads the weights once and the KV cache of the context so far.
     mean_context = args.input_len + args.output_len / 2

@@ -6,7 +6,6 @@ TensorRT-LLM's own bf16 figures on one H200. Starts `meshserve serve` unless --b
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -48,21 +47,12 @@ def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> list:
 
 def main() -> None:
     args = parse_args()
-    from meshserve.bench.serve import ServerProcess, free_port, meshserve_command
+    from meshserve.bench.serve import run_against_server
     from meshserve.bench.shapes import resolve_model
 
     os.makedirs(args.out, exist_ok=True)
     model_path = resolve_model(args.model)
-    if args.base_url:
-        results = run_bench(args, args.base_url, model_path)
-    else:
-        port = args.port or free_port()
-        command = meshserve_command() + ["serve", model_path, "--load-format", "dummy",
-                                         "--host", "127.0.0.1", "--port", str(port)]
-        command += shlex.split(args.server_args)
-        base_url = f"http://127.0.0.1:{port}"
-        with ServerProcess(command, base_url, os.path.join(args.out, "server.log"), args.startup_timeout):
-            results = run_bench(args, base_url, model_path)
+    results = run_against_server(args, model_path, run_bench)
 
     rows = []
     for r in results:

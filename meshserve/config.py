@@ -5,11 +5,10 @@ accepted ones instead of being silently ignored. Names follow TensorRT-LLM's LLM
 """
 from __future__ import annotations
 
-import enum
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):

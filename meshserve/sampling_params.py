@@ -6,7 +6,7 @@ Field names follow vLLM / TensorRT-LLM so code written for either ports by chang
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 

@@ -426,3 +426,20 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_against_server(args, model_path: str, run_bench):
+    """Call `run_bench(args, base_url, model_path)` against `args.base_url`, or against a
+    `meshserve serve MODEL --load-format dummy` started for the call (log in args.out/server.log).
+    Used by the online scenario scripts in benchmarks/."""
+    import shlex
+
+    if args.base_url:
+        return run_bench(args, args.base_url, model_path)
+    port = args.port or free_port()
+    command = meshserve_command() + ["serve", model_path, "--load-format", "dummy",
+                                     "--host", "127.0.0.1", "--port", str(port)]
+    command += shlex.split(args.server_args)
+    base_url = f"http://127.0.0.1:{port}"
+    with ServerProcess(command, base_url, os.path.join(args.out, "server.log"), args.startup_timeout):
+        return run_bench(args, base_url, model_path)

@@ -7,10 +7,7 @@ handle's `result()` blocks; the engine keeps a queue of these for pipeline micro
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
 
-import torch
 
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.models.config import ModelConfig

@@ -50,7 +50,6 @@ def torch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, md: Attention
     num_kv_heads = kv_cache.shape[-2]
     bs = md.block_size
     device = q.device
-    B = md.num_seqs
     max_len = md.max_seq_len
     max_q = md.max_query_len
 

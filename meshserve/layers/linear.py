@@ -6,7 +6,6 @@ Row parallel: input features split; partial products are summed by one all-reduc
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,6 @@ Reads both config spellings: `rope_scaling` + `rope_theta` (Hub checkpoints) and
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Optional
 
 import torch
 

@@ -2,7 +2,6 @@
 (the CPU parity suite also runs unchanged on a GPU machine), graphs on and off give the same
 tokens in bf16, and bf16 agrees with fp32 on the embedded model."""
 import pytest
-import torch
 
 from helpers import build_checkpoint, hf_greedy, make_prompts
 from meshserve import LLM, SamplingParams

@@ -14,9 +14,7 @@ import time
 from typing import Optional
 
 import httpx
-import pytest
 
-from helpers import build_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "sk-meshserve-test"

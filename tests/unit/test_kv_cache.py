@@ -1,5 +1,4 @@
 """KV block manager: allocation, reference counts, prefix hashes, LRU eviction (pure Python)."""
-import pytest
 
 from meshserve.engine.kv_cache import KVCacheManager
 from meshserve.engine.request import Request
