@@ -22,7 +22,7 @@ import triton.language as tl
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, stride_cache_kv,
-                     num_tokens, ROW: tl.constexpr, ROW_P2: tl.constexpr):
+                     ROW: tl.constexpr, ROW_P2: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, ROW_P2)
@@ -41,17 +41,19 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         return
     row = k.shape[1] * k.shape[2]
     k2, v2 = k.reshape(k.shape[0], row), v.reshape(v.shape[0], row)
-    _store_kv_kernel[(T,)](k2, v2, kv_cache, slot_mapping, k2.stride(0), v2.stride(0), kv_cache.stride(0), T,
+    _store_kv_kernel[(T,)](k2, v2, kv_cache, slot_mapping, k2.stride(0), v2.stride(0), kv_cache.stride(0),
                            ROW=row, ROW_P2=triton.next_power_of_2(row))
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized (Triton would otherwise
+# compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _attn_kernel(
     q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_kv, stride_cache_blk, stride_cache_tok, stride_cache_head,
-    stride_bt, scale, num_tiles,
+    stride_bt, scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
@@ -224,7 +226,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         q, kv_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc, tile_seq, tile_start,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), scale, num_tiles,
+        block_tables.stride(0), scale,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
         WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
