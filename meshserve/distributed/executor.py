@@ -36,6 +36,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _keep_gloo_on_loopback() -> None:
+    """Ranks spawned on this host talk over loopback: keep gloo's sockets off the network
+    interfaces unless the user chose one (spawned ranks inherit the variable)."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return
+    if "lo" in names:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
 def check_world(args: LlmArgs, device_type: str, launch: Optional[LaunchInfo]) -> None:
     world = args.world_size
     if launch is not None and launch.world_size != world:
@@ -93,6 +106,7 @@ class MultiProcExecutor(Executor):
             key = launch.secret.encode() if launch.secret else None
         else:
             addr, port, key = "127.0.0.1", free_port(), secrets.token_bytes(32)
+            _keep_gloo_on_loopback()
         try:
             if launch is None:
                 self._spawn(args, model_path, addr, port, key)
