@@ -1,7 +1,7 @@
 """Fixtures of the server tests; helpers live in serve_util.py (import that, not conftest)."""
 import pytest
 
-from serve_util import build_checkpoint  # noqa: F401
+from helpers import build_checkpoint
 
 
 @pytest.fixture(scope="session")
