@@ -60,7 +60,6 @@ class LlmArgs(StrictModel):
     max_batch_size: int = Field(256, ge=1)
     max_num_tokens: int = Field(8192, ge=1)
     max_seq_len: Optional[int] = Field(None, ge=2)
-    max_input_len: Optional[int] = Field(None, ge=1)
     kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
     enable_chunked_prefill: bool = True
     seed: int = 0

@@ -218,9 +218,6 @@ class MultiProcExecutor(Executor):
             fractions[s.pp_rank] = s.busy_fraction
         return fractions
 
-    def check_health(self) -> None:
-        self._poll_errors()
-
     def shutdown(self) -> None:
         if self._closed:
             return

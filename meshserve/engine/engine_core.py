@@ -45,7 +45,6 @@ class EngineCore:
         self.batch_queue: deque = deque()
         self.iteration_latency_s = 0.0
         self.num_iterations = 0
-        self.last_step_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -108,7 +107,6 @@ class EngineCore:
             so = self.scheduler.schedule(cap)
             if so.reqs:
                 self.batch_queue.append((so, self.executor.execute_async(so)))
-                self.last_step_tokens = sum(r.num_new_tokens for r in so.reqs)
                 scheduled = True
             elif so.finished_req_ids:
                 self.scheduler.finished_ids.extend(so.finished_req_ids)  # deliver with the next batch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 
-from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from meshserve.engine.messages import SchedulerOutput
 from meshserve.models.config import ModelConfig
 from meshserve.worker.model_runner import ModelRunner, RunnerConfig
 
@@ -35,12 +35,6 @@ class Executor:
 
     def execute_async(self, so: SchedulerOutput):
         raise NotImplementedError
-
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_async(so).result()
-
-    def check_health(self) -> None:
-        pass
 
     def stage_busy_fractions(self) -> list[float]:
         return []

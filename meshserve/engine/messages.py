@@ -45,7 +45,6 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     step_id: int
     reqs: list[ScheduledRequest] = []
     finished_req_ids: list[str] = []
-    shutdown: bool = False  # tells worker ranks to leave their loop
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -25,8 +25,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
-    num_decodes: int = 0  # sequences with query_len == 1 come first in the batch
-    num_decode_tokens: int = 0
+    num_decodes: int = 0  # the number of sequences when every one decodes a single token, else 0
     backend_data: dict = field(default_factory=dict)  # per-backend precomputed tensors
 
     @property
@@ -86,8 +85,6 @@ def torch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, md: Attention
 
 class Attention(nn.Module):
     """Attention over the paged KV cache for one layer's local heads."""
-
-    backend: str = "torch"
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
                  sliding_window: Optional[int] = None):

@@ -55,7 +55,7 @@ class CudaGraphRunner:
             slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b], max_query_len=1,
             max_seq_len=self.block_tables.shape[1] * self.runner.cfg.block_size,
-            block_size=self.runner.cfg.block_size, num_decodes=b, num_decode_tokens=b,
+            block_size=self.runner.cfg.block_size, num_decodes=b,
             backend_data={"tile_seq": self.tile_seq[:b], "tile_start": self.tile_start[:b], "block_q": 1,
                           "num_splits": decode_num_splits(b, kvh, self.num_sms), "workspace": {}})
 

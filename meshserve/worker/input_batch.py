@@ -128,7 +128,6 @@ class InputBatch:
             max_seq_len=max(seq_lens, default=0),
             block_size=bs,
             num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
-            num_decode_tokens=num_decodes if num_decodes == len(so.reqs) else 0,
         )
         if self.triton_group:
             self._plan_triton(md, q_lens)
