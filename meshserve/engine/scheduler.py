@@ -171,12 +171,12 @@ class Scheduler:
     def _can_overlap(self, req: Request) -> bool:
         """An in-flight request may be scheduled again when overlap is on, its running step will
         produce a token, it can still use one more, and its sampling does not read its own history
-        (penalties, min_tokens), which the worker only learns a step late."""
+        (penalties), which the worker only learns a step late. min_tokens is fine: the worker counts
+        outputs from `ScheduledRequest.num_output_tokens`, which includes the in-flight ones."""
         p = req.params
         return (self.config.overlap and req.num_pending > 0
                 and req.num_output_tokens + req.num_pending < req.max_output_tokens
-                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and not p.min_tokens)
+                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
 
     def _pick_victim(self, after: int) -> Optional[Request]:
         """The newest running request behind index `after` (those before it are scheduled)."""

@@ -12,3 +12,7 @@ TRITON_AVAILABLE = (importlib.util.find_spec("triton") is not None
 
 def use_triton(t) -> bool:
     return TRITON_AVAILABLE and t.is_cuda
+
+# Rows of input up to which linears on CUDA take the skinny-GEMM kernel (kernels/gemv.py) instead
+# of cuBLAS; 0 turns it off. The default comes from benchmarks/gemv.py on the H200.
+GEMV_MAX_M = int(os.environ.get("MESHSERVE_GEMV_MAX_M", "1"))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.distributed.comm import SOLO
+from meshserve.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -49,7 +50,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_tokens, hidden] -> logits [num_tokens, vocab]
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_group.size > 1:
             logits = self.tp_group.all_gather(logits, -1)
         return logits[..., : self.num_embeddings]

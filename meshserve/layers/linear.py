@@ -12,6 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.distributed.comm import SOLO
+from meshserve.kernels import GEMV_MAX_M, TRITON_AVAILABLE
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a few rows on the GPU (batch-1 decode) take the skinny-GEMM kernel,
+    which reads the weights at a higher fraction of the bandwidth than cuBLAS (kernels/gemv.py)."""
+    if TRITON_AVAILABLE and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
+        from meshserve.kernels.gemv import gemv, use_gemv
+        if use_gemv(x, weight):
+            return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _divide(a: int, b: int, what: str) -> int:
@@ -46,7 +57,7 @@ class ReplicatedLinear(LinearBase):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -61,7 +72,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(0, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return self.tp_group.all_gather(y, -1) if self.gather_output else y
 
 
@@ -138,7 +149,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.reduce_results and self.tp_size > 1:
             y = self.tp_group.all_reduce(y)
         if self.bias is not None:

@@ -174,13 +174,18 @@ class InputBatch:
                 for tok, val in (m.logit_bias or {}).items():
                     bias[row, tok] += val
             b.logit_bias = to_device(bias, dev)
-        banned = [(row, m.stop_ids) for row, (st, m) in enumerate(zip(states, metas))
-                  if m.min_tokens and len(st.token_ids) - st.num_prompt_tokens < m.min_tokens and m.stop_ids]
-        if banned:
-            mask = torch.zeros(len(metas), V, dtype=torch.bool)
-            for row, stop_ids in banned:
-                mask[row, stop_ids] = True
-            b.banned_mask = to_device(mask, dev)
+        # min_tokens: stop ids are banned while fewer outputs exist than asked for. The count comes
+        # from the scheduler (outputs known or in flight), so this is right under overlap too, where
+        # the worker's own token list lags a step behind.
+        rows, cols = [], []
+        for row, (sr, m) in enumerate(zip(so.reqs, metas)):
+            if m.min_tokens and m.stop_ids and sr.num_output_tokens < m.min_tokens:
+                rows += [row] * len(m.stop_ids)
+                cols += m.stop_ids
+        if rows:
+            mask = torch.zeros(len(metas), V, dtype=torch.bool, device=dev)
+            mask[to_device(torch.tensor(rows), dev), to_device(torch.tensor(cols), dev)] = True
+            b.banned_mask = mask
         if any(m.repetition_penalty != 1.0 or m.presence_penalty or m.frequency_penalty for m in metas):
             counts = torch.zeros(len(metas), V, dtype=torch.float32)
             seen = torch.zeros(len(metas), V, dtype=torch.bool)

@@ -62,3 +62,24 @@ def test_overlap_with_preemption_matches_transformers(ckpt):
     ids, _, _ = run(path, prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                       kv={"tokens_per_block": 4, "max_tokens": 40, "enable_block_reuse": False})
     assert [i[0] for i in ids] == ref
+
+
+def test_min_tokens_keeps_overlap_and_bans_stop_ids_for_exactly_min_tokens(ckpt):
+    """min_tokens does not turn overlap off; its stop ids are banned for exactly the first
+    min_tokens outputs (counted with the in-flight step), then allowed again."""
+    path, hf = ckpt
+    prompt = make_prompts(1, 320, 6, seed=4)[0]
+    ref = hf_greedy(hf, prompt, 12)
+    stop = ref[1]  # greedy would emit it second: banned until 5 outputs exist
+    params = SamplingParams(max_tokens=12, temperature=0, min_tokens=5, stop_token_ids=[stop])
+    with LLM(path, show_progress=False, kv_cache_config={"tokens_per_block": 4}) as llm:
+        runner = llm._core.executor.runner
+        seen = []
+        original = runner._fill_placeholders
+        runner._fill_placeholders = lambda inp: (seen.append(len(inp.placeholders)), original(inp))
+        on = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert sum(seen) > 0, "min_tokens should not disable the overlap scheduler"
+    off = run(path, [{"prompt_token_ids": prompt}], params, disable_overlap_scheduler=True)[0][0][0]
+    assert on == off
+    assert len(on) >= 5 and stop not in on[:5]
+    assert on[0] == ref[0] and on[1] != stop

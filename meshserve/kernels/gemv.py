@@ -1,0 +1,77 @@
+"""Skinny GEMM (y = x @ W^T with few rows of x) for decode steps at small batch.
+
+At batch 1 a decode step is a chain of matrix-vector products that read every weight once; its
+time is bytes / bandwidth. cuBLAS reaches ~82% of the H200's bandwidth on these shapes
+(benchmarks/gemv.py). This kernel gives each program a few output rows over the whole K (no
+split-K, so no second reduction kernel inside the CUDA graph) and lets many small programs per SM
+keep enough loads in flight. The torch reference is `F.linear`; tests compare the two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from meshserve.kernels import GEMV_MAX_M
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # K's trip count is a constexpr: Triton's interpreter (CPU tests) cannot range() over a runtime
+    # bound, and a model has only a few distinct K.
+    for i in range(K_ITERS):
+        k = i * BLOCK_K + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            km = k < K
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & km[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps), from the sweep in benchmarks/gemv.py on the H200."""
+    block_k = min(1024 // max(1, m), triton.next_power_of_2(k))
+    return 4, max(64, block_k), 4
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x: [M, K] (M small), weight: [N, K] contiguous rows. Returns [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config or _config(m, n, k)
+    block_m = triton.next_power_of_2(m)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps)
+    return y
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear of this input should take the kernel: CUDA, half precision, few rows."""
+    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.stride(-1) == 1)
