@@ -51,7 +51,7 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     llm = LLM(resolve_model(args.model), load_format="dummy", dtype="bfloat16", show_progress=False,
-              max_num_tokens=max(8192, args.prefill_len))
+              max_num_tokens=max(8192, args.prefill_len), kv_cache_config={"enable_block_reuse": False})
     vocab = llm._core.limits.vocab_size
     cases = {
         f"prefill {args.prefill_len}": ([[(j * 7) % (vocab - 10) + 5 for j in range(args.prefill_len)]],

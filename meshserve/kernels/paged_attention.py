@@ -4,8 +4,8 @@ One program handles a tile of BLOCK_Q query tokens of one sequence for one kv he
 query heads that share that kv head stacked into the tile's rows (GQA-aware: K/V are read once
 per group). It walks the sequence's KV through its block table with an online softmax (fp32).
 For long decode contexts the KV range is split over `num_splits` programs whose partial results
-are merged by log-sum-exp in a second kernel (flash-decoding), so a batch of one still fills the
-GPU. Everything the launch needs is on the device or fixed by the batch shape, so decode steps
+are merged by log-sum-exp (flash-decoding) by whichever split finishes last, so a batch of one
+still fills the GPU in a single launch. Everything the launch needs is on the device or fixed by the batch shape, so decode steps
 can be captured in CUDA graphs. The torch reference in layers/attention.py is the oracle.
 
 Layouts: q/out [T, H, D]; kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [B, max_blocks];
@@ -49,7 +49,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 # compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
 @triton.jit(do_not_specialize=["stride_bt"])
 def _attn_kernel(
-    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_kv, stride_cache_blk, stride_cache_tok, stride_cache_head,
@@ -133,40 +133,30 @@ def _attn_kernel(
         tl.store(part_acc_ptr + (base + rows)[:, None] * D_P2 + d[None, :], acc)
         tl.store(part_ml_ptr + (base + rows) * 2, m_i)
         tl.store(part_ml_ptr + (base + rows) * 2 + 1, l_i)
-
-
-@triton.jit
-def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
-                         stride_ot, stride_oh,
-                         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.load(tile_seq_ptr + tile)
-    q_start_in_seq = tl.load(tile_start_ptr + tile)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
-    rows = tl.arange(0, BLOCK_M)
-    q_idx = q_start_in_seq + rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_valid = (q_idx < q_len) & (rows < BLOCK_Q * GROUP)
-    d = tl.arange(0, D_P2)
-    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
-        m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (base + rows) * 2))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + s) * BLOCK_M
-        w = tl.exp2(tl.load(part_ml_ptr + (base + rows) * 2) - m_safe)
-        l_all += w * tl.load(part_ml_ptr + (base + rows) * 2 + 1)
-        acc += w[:, None] * tl.load(part_acc_ptr + (base + rows)[:, None] * D_P2 + d[None, :])
-    out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
-    q_tok = q_begin + q_idx
-    tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (d < HEAD_DIM)[None, :])
+        # The last split of this (tile, kv head) to finish merges them all (log-sum-exp), so a
+        # split decode costs one launch, not two. Every thread's partial stores happen before the
+        # barrier; one thread's release-acquire counter increment then publishes them at GPU scope
+        # (CUTLASS's semaphore pattern). The merger resets the counter for the next launch/replay.
+        tl.debug_barrier()
+        slot = counter_ptr + tile * tl.num_programs(1) + kv_head
+        if tl.atomic_add(slot, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            first = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS) * BLOCK_M
+            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for sp in range(NUM_SPLITS):
+                m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (first + sp * BLOCK_M + rows) * 2,
+                                                  cache_modifier=".cg"))
+            m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+            l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc_all = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+            for sp in range(NUM_SPLITS):
+                r = first + sp * BLOCK_M + rows
+                w = tl.exp2(tl.load(part_ml_ptr + r * 2, cache_modifier=".cg") - m_all_safe)
+                l_all += w * tl.load(part_ml_ptr + r * 2 + 1, cache_modifier=".cg")
+                acc_all += w[:, None] * tl.load(part_acc_ptr + r[:, None] * D_P2 + d[None, :], cache_modifier=".cg")
+            out = acc_all / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+            tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+            tl.atomic_xchg(slot, 0)
 
 
 def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +201,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     d_p2 = triton.next_power_of_2(D)
     out = torch.empty_like(q) if out is None else out
     num_tiles = tile_seq.shape[0]
-    part_acc = part_ml = out  # unused placeholders when not splitting
+    part_acc = part_ml = counter = out  # unused placeholders when not splitting
     if num_splits > 1:
         shape = (num_tiles, KVH, num_splits, block_m)
         ws = workspace if workspace is not None else {}
@@ -220,19 +210,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
             ws["key"] = key
             ws["acc"] = torch.empty(*shape, d_p2, dtype=torch.float32, device=q.device)
             ws["ml"] = torch.empty(*shape, 2, dtype=torch.float32, device=q.device)
-        part_acc, part_ml = ws["acc"], ws["ml"]
+            ws["counter"] = torch.zeros(num_tiles * KVH, dtype=torch.int32, device=q.device)  # left at 0
+        part_acc, part_ml, counter = ws["acc"], ws["ml"], ws["counter"]
     grid = (num_tiles, KVH, num_splits)
     _attn_kernel[grid](
-        q, kv_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc, tile_seq, tile_start,
+        q, kv_cache, out, part_acc, part_ml, counter, block_tables, seq_lens, query_start_loc, tile_seq, tile_start,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), scale,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
         WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tiles, KVH)](
-            part_acc, part_ml, out, query_start_loc, tile_seq, tile_start, out.stride(0), out.stride(1),
-            GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D, D_P2=d_p2, NUM_SPLITS=num_splits,
-            num_warps=4)
     return out

@@ -49,3 +49,5 @@ def test_use_gemv_only_for_few_half_precision_rows_on_cuda():
         assert use_gemv(torch.empty(1, 16, dtype=torch.bfloat16, device="cuda"), wc)
         assert not use_gemv(torch.empty(64, 16, dtype=torch.bfloat16, device="cuda"), wc)
         assert not use_gemv(torch.empty(1, 16, dtype=torch.float32, device="cuda"), wc.float())
+        big = torch.empty(1, 1, dtype=torch.bfloat16, device="cuda").expand(65 * 2**20, 1)
+        assert not use_gemv(torch.empty(1, 1, dtype=torch.bfloat16, device="cuda"), big)
