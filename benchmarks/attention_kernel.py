@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from meshserve.kernels.paged_attention import block_q_for, paged_attention, plan_tiles  # noqa: E402
+from meshserve.kernels.paged_attention import paged_attention, plan_tiles  # noqa: E402
 from meshserve.worker.cuda_graph import decode_num_splits  # noqa: E402
 
 
@@ -43,9 +43,9 @@ def main():
     print(f"{'block_n':>8}{'warps':>6}{'stages':>7}{'splits':>7}{'us':>9}{'TB/s':>7}")
     default_splits = decode_num_splits(B, KVH, sms)
     for splits in sorted({1, default_splits, max(1, default_splits * 2)}):
-        for bn in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3):
+        for bn in (64,):
+            for warps in (2, 4):
+                for stages in (2, 3):
                     try:
                         f = lambda: paged_attention(q, cache, bt, seq_lens, qsl, ts, st, 1, D ** -0.5, None, splits,  # noqa
                                                     block_n=bn, num_warps=warps, num_stages=stages, workspace={})
@@ -57,23 +57,64 @@ def main():
                         print(f"{bn:>8}{warps:>6}{stages:>7}{splits:>7}{ms * 1000:>9.1f}{bytes_moved / ms / 1e9:>7.2f}")
                     except Exception as e:  # a config that does not compile or fit
                         print(f"{bn:>8}{warps:>6}{stages:>7}{splits:>7}   failed: {type(e).__name__}")
-    # prefill: one 8k sequence
-    T = 8192
+    # prefill: one 8k sequence, the 8B shape (32 query heads, 8 kv heads), every tile shape
+    T, H8, KVH8 = 8192, 32, 8
     nbp = T // P + 1
-    cache_p = torch.randn(2, nbp, P, KVH, D, dtype=dt, device=dev)
+    cache_p = torch.randn(2, nbp, P, KVH8, D, dtype=dt, device=dev)
     btp = torch.arange(1, nbp, dtype=torch.int32, device=dev)[None]
-    qp = torch.randn(T, H, D, dtype=dt, device=dev)
-    bq = block_q_for(T, H // KVH)
-    tsp, stp = plan_tiles([T], bq, dev)
+    qp = torch.randn(T, H8, D, dtype=dt, device=dev)
     sl = torch.tensor([T], dtype=torch.int32, device=dev)
     ql = torch.tensor([0, T], dtype=torch.int32, device=dev)
-    flops = 4 * H * D * T * T / 2
-    for bn in (32, 64):
-        for warps in (4, 8):
-            f = lambda: paged_attention(qp, cache_p, btp, sl, ql, tsp, stp, bq, D ** -0.5, None, 1, block_n=bn,  # noqa
-                                        num_warps=warps)
-            ms = triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")
-            print(f"prefill 8k one layer: block_n={bn} warps={warps}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+    flops = 4 * H8 * D * T * T / 2
+    ref = None
+    for rows in (64, 128):
+        bq = max(1, rows // (H8 // KVH8))
+        tsp, stp = plan_tiles([T], bq, dev)
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    try:
+                        f = lambda: paged_attention(qp, cache_p, btp, sl, ql, tsp, stp, bq, D ** -0.5, None, 1,  # noqa
+                                                    block_n=bn, num_warps=warps, num_stages=stages)
+                        out = f()
+                        ref = out if ref is None else ref
+                        assert (out.float() - ref.float()).abs().max() < 3e-2
+                        ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
+                        print(f"prefill 8k, 8B layer: rows={rows} block_n={bn} warps={warps} stages={stages}: "
+                              f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
+                        print(f"prefill rows={rows} block_n={bn} warps={warps} stages={stages}: failed "
+                              f"{type(e).__name__}", flush=True)
+    # batch-1 decode on the 8B shape: KV splits and how many tiles a split covers
+    for ctx in (128, 384, 640, 2048, 8192):
+        nb1 = -(-ctx // P) + 1
+        c1 = torch.randn(2, nb1, P, KVH8, D, dtype=dt, device=dev)
+        bt1 = torch.arange(1, nb1, dtype=torch.int32, device=dev)[None]
+        q1 = torch.randn(1, H8, D, dtype=dt, device=dev)
+        s1 = torch.tensor([ctx], dtype=torch.int32, device=dev)
+        ql1 = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        ts1, st1 = plan_tiles([1], 1, dev)
+        splits8 = decode_num_splits(1, KVH8, sms)
+        line = []
+        for splits, tiles in [(1, 1)] + [(splits8, t) for t in (1, 2, 4, 8)]:
+            f = lambda: paged_attention(q1, c1, bt1, s1, ql1, ts1, st1, 1, D ** -0.5, None, splits,  # noqa
+                                        split_tiles=tiles, workspace={})
+            g = torch.cuda.CUDAGraph()  # in a graph, as the engine runs it: launch cost as in a step
+            f()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g):
+                for _ in range(32):
+                    f()
+            g.replay()
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(10):
+                g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            line.append(f"splits={splits} tiles={tiles}: {e0.elapsed_time(e1) / 320 * 1000:.1f} us")
+        print(f"decode b1 8B ctx={ctx}: " + "; ".join(line), flush=True)
 
 
 if __name__ == "__main__":

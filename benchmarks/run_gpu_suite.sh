@@ -5,6 +5,8 @@
 #   NUM_ONLINE: prompts per online rate (default 100; BENCHMARKS.md says 500, which takes ~4x longer)
 #   NUM_OFFLINE: offline-8b requests (default 500; BENCHMARKS.md says 3000)
 #   PARTS: which parts to run (default "online offline peer")
+#   ONLINE_RATES: online-8b rates (default 2,16,32,inf); SERVER_ARGS: extra `meshserve serve` flags;
+#   SKIP_LATENCY=1: only online-8b from the server (no decode-latency / prefill-8k)
 set -u
 PARTS=${PARTS:-online offline peer}
 OUT=${OUT:-out}
@@ -12,7 +14,7 @@ B=/tmp/bench
 mkdir -p "$B" "$OUT"
 PORT=8123
 if [[ " $PARTS " == *" online "* ]]; then
-python3 -m meshserve serve llama-3.1-8b --load-format dummy --host 127.0.0.1 --port $PORT \
+python3 -m meshserve serve llama-3.1-8b --load-format dummy --host 127.0.0.1 --port $PORT ${SERVER_ARGS:-} \
   >"$B/server.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 240); do
@@ -20,10 +22,12 @@ for _ in $(seq 1 240); do
   sleep 1
 done
 URL=http://127.0.0.1:$PORT
+if [ -z "${SKIP_LATENCY:-}" ]; then
 python3 benchmarks/decode_latency.py --base-url $URL --model llama-3.1-8b --num-prompts 3 --out "$B/decode" 2>&1 | tail -4
 python3 benchmarks/prefill_8k.py --base-url $URL --model llama-3.1-8b --num-prompts 5 --out "$B/prefill" 2>&1 | tail -4
+fi
 python3 benchmarks/online_8b.py --base-url $URL --model llama-3.1-8b --num-prompts "${NUM_ONLINE:-100}" \
-  --rates 2,16,32,inf --out "$B/online" 2>&1 | tail -8
+  --rates "${ONLINE_RATES:-2,16,32,inf}" --out "$B/online" 2>&1 | tail -8
 curl -s "$URL/metrics" | grep -E "^meshserve_(iteration_latency_seconds_(sum|count)|num_preemptions)" 
 kill -TERM $SERVER; wait $SERVER
 tail -30 "$B/server.log" > "$OUT/server_tail.log"

@@ -13,6 +13,7 @@ query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -45,6 +46,45 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
                            ROW=row, ROW_P2=triton.next_power_of_2(row))
 
 
+@triton.jit
+def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_ptr, stride_cache_blk,
+               stride_cache_tok, qk_scale, d, d_valid,
+               BLOCK_N: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr,
+               EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One KV tile of the online softmax. MASK=False: every key is visible to every row (tiles
+    wholly before the causal diagonal), so no bounds or causal mask is computed."""
+    pos = start + tl.arange(0, BLOCK_N)
+    if MASK:
+        pos_valid = pos < kv_end
+        blk = tl.load(bt_row_ptr + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
+        kv_mask = pos_valid[:, None] & d_valid[None, :]
+    else:
+        blk = tl.load(bt_row_ptr + pos // PAGE).to(tl.int64)
+        kv_mask = d_valid[None, :]
+    tok_off = blk * stride_cache_blk + (pos % PAGE) * stride_cache_tok
+    if EVEN_D and not MASK:
+        k = tl.load(k_base + tok_off[:, None] + d[None, :])
+    else:
+        k = tl.load(k_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASK:
+        allowed = pos_valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            allowed &= pos[None, :] > (q_pos[:, None] - WINDOW)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN_D and not MASK:
+        v = tl.load(v_base + tok_off[:, None] + d[None, :])
+    else:
+        v = tl.load(v_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 # Integer arguments that change from step to step are not specialized (Triton would otherwise
 # compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -56,7 +96,8 @@ def _attn_kernel(
     stride_bt, scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_TILES: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,62 +109,77 @@ def _attn_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len  # tokens before this step's queries
 
-    rows = tl.arange(0, BLOCK_M)
-    q_idx = q_start_in_seq + rows // GROUP  # query token within the sequence
-    head = kv_head * GROUP + rows % GROUP
-    row_valid = (q_idx < q_len) & (rows < BLOCK_Q * GROUP)
-    d = tl.arange(0, D_P2)
-    d_valid = d < HEAD_DIM
-    q_tok = q_begin + q_idx
-    q = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-    q_pos = ctx_len + q_idx  # absolute position of each row's query
-
-    # KV range this program covers: causal end of the tile, window start, and this split's share
+    # KV range this program covers: causal end of the tile, window start, and this split's share.
+    # A split covers at least SPLIT_TILES KV tiles, so short contexts use fewer splits (the rest
+    # exit at once) and a context of one split's length needs no merge at all.
     last_q = tl.minimum(q_start_in_seq + BLOCK_Q, q_len) - 1
     kv_end = tl.minimum(seq_len, ctx_len + last_q + 1)
     kv_begin = 0
     if WINDOW > 0:
         kv_begin = tl.maximum(0, ctx_len + q_start_in_seq - WINDOW + 1)
         kv_begin = (kv_begin // BLOCK_N) * BLOCK_N
+    active = 1
     if NUM_SPLITS > 1:
         n_tiles = tl.cdiv(kv_end - kv_begin, BLOCK_N)
-        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), SPLIT_TILES)
+        active = tl.maximum(tl.cdiv(n_tiles, per_split), 1)
         split_begin = kv_begin + split * per_split * BLOCK_N
         kv_end = tl.minimum(kv_end, split_begin + per_split * BLOCK_N)
         kv_begin = split_begin
+    if split < active:
+        rows = tl.arange(0, BLOCK_M)
+        q_idx = q_start_in_seq + rows // GROUP  # query token within the sequence
+        head = kv_head * GROUP + rows % GROUP
+        row_valid = (q_idx < q_len) & (rows < BLOCK_Q * GROUP)
+        d = tl.arange(0, D_P2)
+        d_valid = d < HEAD_DIM
+        q_tok = q_begin + q_idx
+        q = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        q_pos = ctx_len + q_idx  # absolute position of each row's query
+        # Keys before the tile's first query are visible to every row: those tiles skip the mask.
+        full_end = kv_begin
+        if WINDOW == 0:
+            full_end = tl.minimum(kv_end, ctx_len + q_start_in_seq + 1)
+            full_end = kv_begin + tl.maximum(full_end - kv_begin, 0) // BLOCK_N * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634  # exp2
-    k_base = cache_ptr + kv_head * stride_cache_head
-    v_base = k_base + stride_cache_kv
-    n_off = tl.arange(0, BLOCK_N)
-    start = kv_begin
-    while start < kv_end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
-        pos = start + n_off
-        pos_valid = pos < kv_end
-        blk = tl.load(block_tables_ptr + seq * stride_bt + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
-        tok_off = blk * stride_cache_blk + (pos % PAGE) * stride_cache_tok
-        kv_mask = pos_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        allowed = pos_valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        if WINDOW > 0:
-            allowed &= pos[None, :] > (q_pos[:, None] - WINDOW)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-        start += BLOCK_N
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+        qk_scale = scale * 1.4426950408889634  # exp2
+        k_base = cache_ptr + kv_head * stride_cache_head
+        v_base = k_base + stride_cache_kv
+        bt_row = block_tables_ptr + seq * stride_bt
+        if INTERPRET:  # the interpreter cannot range() over loaded bounds: the same two loops as whiles
+            start = kv_begin
+            while start < full_end:
+                m_i, l_i, acc = _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row,
+                                           stride_cache_blk, stride_cache_tok, qk_scale, d, d_valid,
+                                           BLOCK_N, PAGE, WINDOW, False, EVEN_D, PRECISION)
+                start += BLOCK_N
+            while start < kv_end:
+                m_i, l_i, acc = _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row,
+                                           stride_cache_blk, stride_cache_tok, qk_scale, d, d_valid,
+                                           BLOCK_N, PAGE, WINDOW, True, EVEN_D, PRECISION)
+                start += BLOCK_N
+        else:  # for loops, so Triton pipelines the KV loads
+            for start in range(kv_begin, full_end, BLOCK_N):
+                m_i, l_i, acc = _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row,
+                                           stride_cache_blk, stride_cache_tok, qk_scale, d, d_valid,
+                                           BLOCK_N, PAGE, WINDOW, False, EVEN_D, PRECISION)
+            for start in range(full_end, kv_end, BLOCK_N):
+                m_i, l_i, acc = _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row,
+                                           stride_cache_blk, stride_cache_tok, qk_scale, d, d_valid,
+                                           BLOCK_N, PAGE, WINDOW, True, EVEN_D, PRECISION)
+        _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split, active,
+                rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh, BLOCK_M, D_P2, NUM_SPLITS)
 
-    if NUM_SPLITS == 1:
+
+@triton.jit
+def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split, active,
+            rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh,
+            BLOCK_M: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    if active == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
@@ -139,24 +195,41 @@ def _attn_kernel(
         # (CUTLASS's semaphore pattern). The merger resets the counter for the next launch/replay.
         tl.debug_barrier()
         slot = counter_ptr + tile * tl.num_programs(1) + kv_head
-        if tl.atomic_add(slot, 1, sem="acq_rel") == NUM_SPLITS - 1:
+        if tl.atomic_add(slot, 1, sem="acq_rel") == active - 1:
             first = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS) * BLOCK_M
             m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for sp in range(NUM_SPLITS):
-                m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (first + sp * BLOCK_M + rows) * 2,
-                                                  cache_modifier=".cg"))
+            for sp in range(NUM_SPLITS):  # constexpr bound (the interpreter), inactive splits masked
+                live = (rows < BLOCK_M) & (sp < active)
+                m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (first + sp * BLOCK_M + rows) * 2, mask=live,
+                                                  other=float("-inf"), cache_modifier=".cg"))
             m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
             l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_all = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
             for sp in range(NUM_SPLITS):
+                live = (rows < BLOCK_M) & (sp < active)
                 r = first + sp * BLOCK_M + rows
-                w = tl.exp2(tl.load(part_ml_ptr + r * 2, cache_modifier=".cg") - m_all_safe)
-                l_all += w * tl.load(part_ml_ptr + r * 2 + 1, cache_modifier=".cg")
-                acc_all += w[:, None] * tl.load(part_acc_ptr + r[:, None] * D_P2 + d[None, :], cache_modifier=".cg")
+                w = tl.exp2(tl.load(part_ml_ptr + r * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
+                            - m_all_safe)
+                l_all += w * tl.load(part_ml_ptr + r * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
+                acc_all += w[:, None] * tl.load(part_acc_ptr + r[:, None] * D_P2 + d[None, :], mask=live[:, None],
+                                                other=0.0, cache_modifier=".cg")
             out = acc_all / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
             tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
             tl.atomic_xchg(slot, 0)
+
+
+# Tile shapes, tuned on the H200 with benchmarks/attention_kernel.py (overridable for sweeps):
+# decode tiles (mostly the GQA group) read 64-token KV tiles with 2 warps, and a KV split covers at
+# least DECODE_SPLIT_TILES tiles; prefill tiles hold PREFILL_ROWS (query token, head) rows.
+DECODE_SPLIT_TILES = int(os.environ.get("MESHSERVE_ATTN_SPLIT_TILES", "2"))
+PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "64"))
+PREFILL_BLOCK_N = int(os.environ.get("MESHSERVE_ATTN_PREFILL_BLOCK_N", "64"))
+PREFILL_WARPS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_WARPS", "4"))
+PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "2"))
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,10 +250,10 @@ def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tenso
 
 def block_q_for(max_query_len: int, group: int) -> int:
     """Query tokens per tile: 1 for pure decode (the rows are the GQA group), else one fixed size
-    giving 64-row tiles, so a whole run compiles just two variants (decode and prefill)."""
+    giving PREFILL_ROWS-row tiles, so a whole run compiles just two variants (decode and prefill)."""
     if max_query_len <= 1:
         return 1
-    return max(1, 64 // group)
+    return max(1, PREFILL_ROWS // group)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -188,16 +261,16 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     scale: float, sliding_window: Optional[int] = None, num_splits: int = 1,
                     out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None,
                     block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                    num_stages: int = 2) -> torch.Tensor:
+                    num_stages: Optional[int] = None, split_tiles: Optional[int] = None) -> torch.Tensor:
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
     page = kv_cache.shape[2]
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    # Tuned on an H200 (benchmarks/attention_kernel.py): 64-token KV tiles; decode tiles (16 rows,
-    # mostly the GQA group) do best with 2 warps, prefill tiles (64 rows) with 4.
-    block_n = block_n or 64
-    num_warps = num_warps or (2 if block_q == 1 else 4)
+    decode = block_q == 1
+    block_n = block_n or (64 if decode else PREFILL_BLOCK_N)
+    num_warps = num_warps or (2 if decode else PREFILL_WARPS)
+    num_stages = num_stages or (2 if decode else PREFILL_STAGES)
     d_p2 = triton.next_power_of_2(D)
     out = torch.empty_like(q) if out is None else out
     num_tiles = tile_seq.shape[0]
@@ -219,6 +292,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), scale,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
-        WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        WINDOW=sliding_window or 0, NUM_SPLITS=num_splits, SPLIT_TILES=split_tiles or DECODE_SPLIT_TILES,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
+        num_warps=num_warps, num_stages=num_stages)
     return out
