@@ -176,13 +176,20 @@ def _attn_kernel(
 
 
 @triton.jit
+def _store_out(acc, l_i, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split, active,
             rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh,
             BLOCK_M: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    if active == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    if NUM_SPLITS == 1:  # constexpr: the unsplit variant never compiles the merge (its buffers are placeholders)
+        _store_out(acc, l_i, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh)
+    elif active == 1:
+        _store_out(acc, l_i, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh)
     else:
         # partials: acc [tiles, kvh, splits, BLOCK_M, D_P2]; (m, l) [tiles, kvh, splits, BLOCK_M, 2]
         base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
@@ -199,23 +206,21 @@ def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile
             first = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS) * BLOCK_M
             m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for sp in range(NUM_SPLITS):  # constexpr bound (the interpreter), inactive splits masked
-                live = (rows < BLOCK_M) & (sp < active)
+                live = (rows * 0 + sp) < active  # [BLOCK_M] bool, as a tensor compare (interpreter-safe)
                 m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (first + sp * BLOCK_M + rows) * 2, mask=live,
                                                   other=float("-inf"), cache_modifier=".cg"))
             m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
             l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_all = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
             for sp in range(NUM_SPLITS):
-                live = (rows < BLOCK_M) & (sp < active)
+                live = (rows * 0 + sp) < active  # [BLOCK_M] bool, as a tensor compare (interpreter-safe)
                 r = first + sp * BLOCK_M + rows
                 w = tl.exp2(tl.load(part_ml_ptr + r * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
                             - m_all_safe)
                 l_all += w * tl.load(part_ml_ptr + r * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
                 acc_all += w[:, None] * tl.load(part_acc_ptr + r[:, None] * D_P2 + d[None, :], mask=live[:, None],
                                                 other=0.0, cache_modifier=".cg")
-            out = acc_all / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
-            tl.store(out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+            _store_out(acc_all, l_all, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh)
             tl.atomic_xchg(slot, 0)
 
 
