@@ -5,6 +5,7 @@ sweep of tile sizes. Checks the output against the torch reference first.
     python benchmarks/attention_kernel.py --batch 256 --context 768 --heads 16 --kv-heads 8
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def main():
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="a smaller prefill sweep (block_n 64/128, stages 2/3)")
+    p.add_argument("--json", help="write the fastest prefill tile shape and decode split_tiles here")
     a = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
     B, L, H, KVH, D, P = a.batch, a.context, a.heads, a.kv_heads, a.head_dim, a.page
@@ -67,12 +70,13 @@ def main():
     ql = torch.tensor([0, T], dtype=torch.int32, device=dev)
     flops = 4 * H8 * D * T * T / 2
     ref = None
+    best_prefill = None
     for rows in (64, 128):
         bq = max(1, rows // (H8 // KVH8))
         tsp, stp = plan_tiles([T], bq, dev)
-        for bn in (32, 64, 128):
+        for bn in ((64, 128) if a.quick else (32, 64, 128)):
             for warps in (4, 8):
-                for stages in (2, 3, 4):
+                for stages in ((2, 3) if a.quick else (2, 3, 4)):
                     try:
                         f = lambda: paged_attention(qp, cache_p, btp, sl, ql, tsp, stp, bq, D ** -0.5, None, 1,  # noqa
                                                     block_n=bn, num_warps=warps, num_stages=stages)
@@ -80,12 +84,16 @@ def main():
                         ref = out if ref is None else ref
                         assert (out.float() - ref.float()).abs().max() < 3e-2
                         ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
+                        if best_prefill is None or ms < best_prefill["ms"]:
+                            best_prefill = dict(rows=rows, block_n=bn, warps=warps, stages=stages, ms=ms,
+                                                tflops=flops / ms / 1e9)
                         print(f"prefill 8k, 8B layer: rows={rows} block_n={bn} warps={warps} stages={stages}: "
                               f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
                     except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
                         print(f"prefill rows={rows} block_n={bn} warps={warps} stages={stages}: failed "
                               f"{type(e).__name__}", flush=True)
     # batch-1 decode on the 8B shape: KV splits and how many tiles a split covers
+    tiles_total = {}
     for ctx in (128, 384, 640, 2048, 8192):
         nb1 = -(-ctx // P) + 1
         c1 = torch.randn(2, nb1, P, KVH8, D, dtype=dt, device=dev)
@@ -113,8 +121,18 @@ def main():
                 g.replay()
             e1.record()
             torch.cuda.synchronize()
-            line.append(f"splits={splits} tiles={tiles}: {e0.elapsed_time(e1) / 320 * 1000:.1f} us")
+            us = e0.elapsed_time(e1) / 320 * 1000
+            if splits > 1:
+                tiles_total[tiles] = tiles_total.get(tiles, 0.0) + us
+            line.append(f"splits={splits} tiles={tiles}: {us:.1f} us")
         print(f"decode b1 8B ctx={ctx}: " + "; ".join(line), flush=True)
+    best_tiles = min(tiles_total, key=tiles_total.get)
+    print(f"fastest prefill tile shape: {best_prefill}; decode split_tiles with the least total time over the "
+          f"contexts: {best_tiles} ({ {t: round(v, 1) for t, v in tiles_total.items()} } us)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"prefill": best_prefill, "decode_split_tiles": best_tiles, "decode_tiles_total_us": tiles_total,
+                       "gpu": torch.cuda.get_device_name(0)}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -228,10 +228,10 @@ def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile
 # decode tiles (mostly the GQA group) read 64-token KV tiles with 2 warps, and a KV split covers at
 # least DECODE_SPLIT_TILES tiles; prefill tiles hold PREFILL_ROWS (query token, head) rows.
 DECODE_SPLIT_TILES = int(os.environ.get("MESHSERVE_ATTN_SPLIT_TILES", "2"))
-PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "64"))
-PREFILL_BLOCK_N = int(os.environ.get("MESHSERVE_ATTN_PREFILL_BLOCK_N", "64"))
-PREFILL_WARPS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_WARPS", "4"))
-PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "2"))
+PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "128"))
+PREFILL_BLOCK_N = int(os.environ.get("MESHSERVE_ATTN_PREFILL_BLOCK_N", "128"))
+PREFILL_WARPS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_WARPS", "8"))
+PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "3"))
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -277,6 +277,14 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     num_warps = num_warps or (2 if decode else PREFILL_WARPS)
     num_stages = num_stages or (2 if decode else PREFILL_STAGES)
     d_p2 = triton.next_power_of_2(D)
+    # Shrink a tile shape whose pipelined K/V tiles would not fit in shared memory (fp32, head_dim 256):
+    # stages x (K + V) tiles plus the Q tile, under the 227 KB a block may hold on Hopper.
+    elt = q.element_size()
+    while num_stages * 2 * block_n * d_p2 * elt + block_m * d_p2 * elt > 227 * 1024 and (num_stages > 2 or block_n > 32):
+        if num_stages > 2:
+            num_stages -= 1
+        else:
+            block_n //= 2
     out = torch.empty_like(q) if out is None else out
     num_tiles = tile_seq.shape[0]
     part_acc = part_ml = counter = out  # unused placeholders when not splitting
