@@ -229,14 +229,40 @@ def fetch_served_model(base_url: str, api_key: Optional[str] = None,
     return models[0]["id"], models[0].get("root")
 
 
+def split_samples(samples: Sequence[Sample], num_prompts: int, num_rates: int,
+                  num_warmups: int) -> tuple[list[list[Sample]], list[Sample]]:
+    """(one list of `num_prompts` samples per rate, the warm-ups), from `samples` in that order.
+
+    A server with prefix caching answers a prompt it has already seen from its cache, so a warm-up
+    or an earlier rate that sent the same prompt would make the measured TTFT a cache hit. Each rate
+    and the warm-ups therefore get samples of their own (build `num_prompts * num_rates +
+    num_warmups` of them); only a dataset too small for that is reused, cycling.
+    """
+    if num_prompts < 1 or not samples:
+        raise ValueError(f"need at least one prompt per rate, got num_prompts={num_prompts} and "
+                         f"{len(samples)} samples")
+    pick = lambda i: samples[i % len(samples)]  # noqa: E731
+    per_rate = [[pick(r * num_prompts + i) for i in range(num_prompts)] for r in range(num_rates)]
+    warm = [pick(num_rates * num_prompts + i) for i in range(num_warmups)]
+    return per_rate, warm
+
+
 def run_benchmark(config: ServeConfig, samples: Sequence[Sample], rates: Sequence[float],
                   percentiles: Sequence[float], slo: dict[str, float],
-                  metadata: Optional[dict] = None) -> list[dict]:
-    """One result dict per rate, each with vLLM's fields plus the run's settings."""
-    warmups = [samples[i % len(samples)] for i in range(config.num_warmups)]
+                  metadata: Optional[dict] = None, num_prompts: Optional[int] = None) -> list[dict]:
+    """One result dict per rate, each with vLLM's fields plus the run's settings. With `num_prompts`
+    the samples are split as `split_samples` says (distinct prompts per rate and for the warm-ups);
+    without it every rate and warm-up reuses `samples`."""
+    if num_prompts is None:
+        per_rate = [list(samples)] * len(rates)
+        warmups = [samples[i % len(samples)] for i in range(config.num_warmups)]
+    else:
+        per_rate, warmups = split_samples(samples, num_prompts, len(rates), config.num_warmups)
+    distinct = len({id(s) for s in samples}) >= sum(map(len, per_rate)) + len(warmups) and num_prompts is not None
     results = []
-    for rate in rates:
+    for rate, samples in zip(rates, per_rate):
         records, duration, cpu = asyncio.run(run_once(config, samples, rate, warmups))
+        warmups = []  # the server is warm after the first rate
         result = {
             "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
             "backend": "openai-chat" if config.is_chat else "openai",
@@ -247,6 +273,7 @@ def run_benchmark(config: ServeConfig, samples: Sequence[Sample], rates: Sequenc
             "burstiness": config.burstiness,
             "max_concurrency": config.max_concurrency,
             "num_warmups": config.num_warmups,
+            "distinct_prompts": distinct,  # no prompt sent twice (a prefix-cache hit would flatter TTFT)
             "slo": dict(slo) or None,
             **(metadata or {}),
         }
@@ -329,7 +356,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     # The server's own folder when it runs on this machine; else the name (a path, hub id or shape).
     tokenizer_id = args.tokenizer or (root if root and os.path.isdir(root) else model)
     tokenizer = datasets.load_tokenizer(tokenizer_id, args.trust_remote_code)
-    samples = datasets.build_samples(args, tokenizer, args.num_prompts)
+    # Distinct prompts for every rate and the warm-ups: none is answered from the prefix cache.
+    samples = datasets.build_samples(args, tokenizer, args.num_prompts * len(rates) + args.num_warmups)
     logger.info("Dataset %s: %s", args.dataset, datasets.describe(samples))
     print(f"bench serve: {datasets.describe(samples)} -> {base_url}{args.endpoint}", flush=True)
     config = ServeConfig(base_url=base_url, model=model, endpoint=args.endpoint, api_key=api_key,
@@ -339,7 +367,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                          disable_tqdm=args.disable_tqdm)
     metadata = {"tokenizer_id": tokenizer_id if tokenizer is not None else None,
                 "dataset": args.dataset, "label": args.label}
-    results = run_benchmark(config, samples, rates, percentiles, slo, metadata)
+    results = run_benchmark(config, samples, rates, percentiles, slo, metadata, num_prompts=args.num_prompts)
     if args.result_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_json)), exist_ok=True)
         with open(args.result_json, "w") as f:

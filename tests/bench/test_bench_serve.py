@@ -94,6 +94,7 @@ def test_measured_latencies_match_the_stub_timing(stub_server, tmp_path, tiny_to
     for field in VLLM_FIELDS + ["p50_ttft_ms"]:
         assert field in result, field
     assert result["model_id"] == "stub-model"  # discovered from /v1/models
+    assert result["distinct_prompts"] is False  # 16 lines cannot give 16 measured prompts + 2 warm-ups
     assert result["max_concurrency"] == 4 and result["request_rate"] == 20.0
     assert result["total_output_tokens"] == 12 * NUM_TOKENS
     assert result["mean_ttft_ms"] == pytest.approx(FIRST_TOKEN_S * 1000, rel=0.10)
@@ -120,7 +121,7 @@ def test_chat_endpoint_and_rate_sweep(stub_server, tmp_path, tiny_tokenizer_dir)
     out_json, out_png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     _run_cli(["serve", "--base_url", base_url, "--model", "stub-model", "--endpoint", "/v1/chat/completions",
               "--dataset", "random", "--input-len", "20", "--output-len", "4", "--tokenizer",
-              tiny_tokenizer_dir, "--num_prompts", "6", "--request_rate", "50,inf", "--no-ignore-eos",
+              tiny_tokenizer_dir, "--num_prompts", "6", "--request_rate", "50,inf", "--no-ignore-eos", "--num-warmups", "2",
               "--result-json", str(out_json), "--plot", str(out_png), "--disable-tqdm"])
     results = json.loads(out_json.read_text())
     assert [r["request_rate"] for r in results] == [50.0, "inf"]
@@ -130,8 +131,12 @@ def test_chat_endpoint_and_rate_sweep(stub_server, tmp_path, tiny_tokenizer_dir)
         # All six start at once here, so client and stub overheads stack up: a looser bound.
         assert r["mean_ttft_ms"] == pytest.approx(FIRST_TOKEN_S * 1000, rel=0.25)
     received = _received(base_url)
-    assert len(received) == 12
+    assert len(received) == 14  # 2 warm-ups before the first rate, then 6 per rate
     assert all("messages" in b and "ignore_eos" not in b for b in received)
+    # No prompt is sent twice: a server with prefix caching would answer a repeat from its cache.
+    prompts = [b["messages"][-1]["content"] for b in received]
+    assert len(set(prompts)) == 14
+    assert all(r["distinct_prompts"] is True for r in results)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(str(out_png)).shape[0] > 400  # two rows of panels
 
