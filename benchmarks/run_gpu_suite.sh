@@ -28,7 +28,7 @@ python3 benchmarks/prefill_8k.py --base-url $URL --model llama-3.1-8b --num-prom
 fi
 python3 benchmarks/online_8b.py --base-url $URL --model llama-3.1-8b --num-prompts "${NUM_ONLINE:-100}" \
   --rates "${ONLINE_RATES:-2,16,32,inf}" --out "$B/online" 2>&1 | tail -8
-curl -s "$URL/metrics" | grep -E "^meshserve_(iteration_latency_seconds_(sum|count)|num_preemptions)" 
+curl -s "$URL/metrics" | grep -E "^meshserve_(iteration_latency_seconds_(sum|count)|num_preemptions|prefix_cache_hit_rate)" 
 kill -TERM $SERVER; wait $SERVER
 tail -30 "$B/server.log" > "$OUT/server_tail.log"
 fi
