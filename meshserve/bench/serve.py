@@ -307,7 +307,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=float, default=1.0,
                         help="gamma shape of the gaps: 1 is Poisson, <1 burstier, >1 steadier")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    parser.add_argument("--num-warmups", type=int, default=0, help="warm-up requests left out of the figures")
+    parser.add_argument("--num-warmups", type=int, default=0,
+                        help="warm-up requests (prompts of their own) left out of the figures")
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let requests stop at EOS (default: ignore_eos and min_tokens = output len)")
     parser.add_argument("--temperature", type=float, default=0.0)

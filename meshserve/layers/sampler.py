@@ -86,7 +86,9 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         temp = torch.where(b.temperature < 1e-5, torch.ones_like(b.temperature), b.temperature)
         logits = logits / temp[:, None]
-        if b.top_p is not None:
+        if b.top_p is not None and b.top_k is not None and b.max_top_k < logits.shape[-1]:
+            logits = self._top_p_within_top_k(logits, b.top_k, b.top_p, b.max_top_k)
+        elif b.top_p is not None:
             logits = self._top_k_top_p(logits, b.top_k, b.top_p)
         elif b.top_k is not None:
             logits = self._top_k_only(logits, b.top_k, b.max_top_k or logits.shape[-1])
@@ -111,7 +113,24 @@ class Sampler:
         return logits.masked_fill(logits < kth, float("-inf"))
 
     @staticmethod
+    def _top_p_within_top_k(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int):
+        """Top-k then top-p when every row's k is at most `max_k` < vocab (HF's own defaults, k=50 with
+        p): only the batch's largest `max_k` logits per row are sorted (one topk), not the vocabulary;
+        every other token is outside top-k anyway. Same result as `_top_k_top_p`."""
+        vals, idx = logits.topk(max_k, dim=-1)  # [B, max_k], descending
+        ranks = torch.arange(max_k, device=logits.device)
+        vals = vals.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+        probs = vals.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, idx, vals)
+
+    @staticmethod
     def _top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]):
+        """Top-p (after top-k, if any) by sorting the whole vocabulary: the path for rows without a
+        top-k, whose top-p set can be any size."""
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         if top_k is not None:
             ranks = torch.arange(logits.shape[-1], device=logits.device)

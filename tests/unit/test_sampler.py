@@ -122,3 +122,47 @@ def test_logprobs_are_raw_log_softmax_with_chosen_first():
     torch.testing.assert_close(vals[:, 0].double(), ref[:, 7], rtol=0, atol=1e-5)
     top = ref.topk(4, dim=-1)
     assert torch.equal(ids[:, 1:], top.indices)
+
+
+@pytest.mark.parametrize("max_k", [1, 7, 50])
+def test_top_p_within_top_k_equals_the_full_sort(max_k):
+    """The top-k-bounded top-p (one topk of the batch's largest k, no vocabulary sort) keeps exactly
+    the tokens the full-sort path keeps, row by row, for mixed k and p (float64 cut-offs)."""
+    g = torch.Generator().manual_seed(max_k)
+    B, vocab = 16, 1000
+    logits = torch.randn(B, vocab, generator=g, dtype=torch.float64) * 3
+    top_k = torch.randint(1, max_k + 1, (B,), generator=g)
+    top_k[0] = max_k
+    top_p = torch.rand(B, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    fast = Sampler._top_p_within_top_k(logits, top_k, top_p, max_k)
+    full = Sampler._top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(full))
+    assert torch.equal(fast[torch.isfinite(fast)], logits[torch.isfinite(fast)])
+    # and against an independent float64 loop: keep the smallest prefix of the k best whose mass
+    # before the token is < p, within the top-k renormalised distribution
+    for r in range(B):
+        order = torch.argsort(logits[r], descending=True)[: int(top_k[r])]
+        p = torch.softmax(logits[r, order], dim=0)
+        before = torch.cumsum(p, 0) - p
+        keep = order[(before < top_p[r]) | (torch.arange(len(order)) == 0)]
+        expect = torch.zeros(vocab, dtype=torch.bool)
+        expect[keep] = True
+        assert torch.equal(torch.isfinite(fast[r]), expect), r
+
+
+def test_sampler_takes_the_top_k_bounded_path_only_when_every_row_has_a_top_k(monkeypatch):
+    calls = []
+    real = Sampler._top_p_within_top_k
+    monkeypatch.setattr(Sampler, "_top_p_within_top_k",
+                        staticmethod(lambda *a: calls.append("bounded") or real(*a)))
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.randn(3, 100)
+    b = SamplingBatch(temperature=torch.ones(3), top_k=torch.tensor([5, 3, 100]), max_top_k=100,
+                      top_p=torch.full((3,), 0.9))
+    sampler(logits, b)  # one row without top-k (k = vocab): the full sort
+    assert calls == []
+    b.top_k, b.max_top_k = torch.tensor([5, 3, 8]), 8
+    tokens, _ = sampler(logits, b)
+    assert calls == ["bounded"]
+    ranks = logits.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of every token per row
+    assert all(int(ranks[r, tokens[r]]) < int(b.top_k[r]) for r in range(3))
