@@ -119,3 +119,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+EMBEDDED_AGREEMENT_PROMPTS = ([f"Question {i}: what is {i} plus {i + 3}? Answer:" for i in range(16)]
+                              + [f"Write one sentence about the number {i}." for i in range(16)])
+
+
+def bf16_agreement_with_fp32(max_tokens: int = 32, **llm_kw) -> tuple[float, float]:
+    """The embedded model, greedy, 32 prompts: (teacher-forced, free-running) agreement of bf16 with fp32.
+
+    Teacher-forced: fp32 generates `max_tokens` per prompt; bf16 then reads prompt + that
+    continuation in one pass (prompt_logprobs=1) and we count the positions where its top-1 token
+    is fp32's token, each judged on the same prefix. Free-running: position-wise equality of the two
+    greedy generations, where one early flip (two near-tied logits) makes every later token differ:
+    transformers' own bf16 agrees with its fp32 on ~85% of tokens that way on this model (CPU).
+    """
+    from meshserve import LLM, SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    with LLM(dtype="float32", show_progress=False, max_seq_len=512, **llm_kw) as llm:
+        enc = [llm.tokenizer.encode(p) for p in EMBEDDED_AGREEMENT_PROMPTS]
+        fp32 = [o.outputs[0].token_ids for o in llm.generate(enc, sp, use_tqdm=False)]
+    with LLM(dtype="bfloat16", show_progress=False, max_seq_len=512, **llm_kw) as llm:
+        bf16 = [o.outputs[0].token_ids for o in llm.generate(enc, sp, use_tqdm=False)]
+        forced = llm.generate([e + c for e, c in zip(enc, fp32)],
+                              SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1), use_tqdm=False)
+    same = total = 0
+    for e, c, out in zip(enc, fp32, forced):
+        for j, tok in enumerate(c):
+            lp = out.prompt_logprobs[len(e) + j]
+            same += max(lp, key=lp.get) == tok
+            total += 1
+    free = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(fp32, bf16)) / sum(map(len, fp32))
+    return same / total, free

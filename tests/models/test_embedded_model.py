@@ -57,3 +57,14 @@ def test_answers_paris(llm):
                    SamplingParams(max_tokens=24, temperature=0))
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
+
+
+def test_bf16_agrees_with_fp32_on_cpu():
+    """The bf16 path (torch attention on CPU) against fp32: >= 95% of tokens agree, each judged on
+    fp32's prefix. transformers' own bf16 scores 98.6% on this measure here (and 84.5%
+    free-running, which is why the free-running figure is only bounded loosely)."""
+    from helpers import bf16_agreement_with_fp32
+
+    forced, free = bf16_agreement_with_fp32()
+    assert forced >= 0.95, f"bf16 agrees with fp32 on {forced:.1%} of tokens (teacher-forced)"
+    assert free >= 0.6, f"bf16 free-running agreement {free:.1%}"
