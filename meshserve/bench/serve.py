@@ -262,7 +262,7 @@ def run_benchmark(config: ServeConfig, samples: Sequence[Sample], rates: Sequenc
     results = []
     for rate, samples in zip(rates, per_rate):
         records, duration, cpu = asyncio.run(run_once(config, samples, rate, warmups))
-        warmups = []  # the server is warm after the first rate
+        sent_warmups, warmups = len(warmups), []  # the server is warm after the first rate
         result = {
             "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
             "backend": "openai-chat" if config.is_chat else "openai",
@@ -272,7 +272,7 @@ def run_benchmark(config: ServeConfig, samples: Sequence[Sample], rates: Sequenc
             "request_rate": "inf" if math.isinf(rate) else rate,
             "burstiness": config.burstiness,
             "max_concurrency": config.max_concurrency,
-            "num_warmups": config.num_warmups,
+            "num_warmups": sent_warmups,
             "distinct_prompts": distinct,  # no prompt sent twice (a prefix-cache hit would flatter TTFT)
             "slo": dict(slo) or None,
             **(metadata or {}),

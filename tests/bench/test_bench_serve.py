@@ -137,6 +137,7 @@ def test_chat_endpoint_and_rate_sweep(stub_server, tmp_path, tiny_tokenizer_dir)
     prompts = [b["messages"][-1]["content"] for b in received]
     assert len(set(prompts)) == 14
     assert all(r["distinct_prompts"] is True for r in results)
+    assert [r["num_warmups"] for r in results] == [2, 0]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(str(out_png)).shape[0] > 400  # two rows of panels
 
