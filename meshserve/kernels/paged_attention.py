@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 @triton.jit
@@ -237,6 +238,49 @@ PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "3"))
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_FITTED: dict = {}  # (device, dtype, decode, block_m, block_n, d_p2, stages) -> (block_n, stages) used
+_SMEM: dict = {}
+
+
+def _smem_limit(device: torch.device) -> int:
+    """Shared memory one block may use on `device` (opt-in maximum); unbounded under the interpreter."""
+    if _INTERPRET or device.type != "cuda":
+        return 1 << 40
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM:
+        try:
+            from triton.runtime import driver
+            _SMEM[idx] = int(driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+        except Exception:  # noqa: BLE001 - an older Triton: torch's figure, else Hopper's
+            props = torch.cuda.get_device_properties(idx)
+            _SMEM[idx] = int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+    return _SMEM[idx]
+
+
+def shrink_tiles(block_n: int, num_stages: int) -> Optional[tuple[int, int]]:
+    """The next smaller (block_n, stages): fewer pipeline stages down to 2, then halve the KV tile
+    down to 32 tokens, then no pipelining, then 16-token tiles; None below that."""
+    if num_stages > 2:
+        return block_n, num_stages - 1
+    if block_n > 32:
+        return block_n // 2, num_stages
+    if num_stages > 1:
+        return block_n, 1
+    if block_n > 16:
+        return block_n // 2, num_stages
+    return None
+
+
+def fit_tiles(block_m: int, block_n: int, d_p2: int, elt: int, num_stages: int, limit: int) -> tuple[int, int]:
+    """Shrink (block_n, stages) until the pipelined K and V tiles plus the Q tile fit in `limit` bytes."""
+    while num_stages * 2 * block_n * d_p2 * elt + block_m * d_p2 * elt > limit:
+        smaller = shrink_tiles(block_n, num_stages)
+        if smaller is None:
+            break
+        block_n, num_stages = smaller
+    return block_n, num_stages
+
+
 def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Host-side: (sequence, first query index) of every query tile."""
     from meshserve.utils import to_device
@@ -266,7 +310,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     scale: float, sliding_window: Optional[int] = None, num_splits: int = 1,
                     out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None,
                     block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                    num_stages: Optional[int] = None, split_tiles: Optional[int] = None) -> torch.Tensor:
+                    num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
+                    exact_tiles: bool = False) -> torch.Tensor:
+    """exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps)."""
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
@@ -277,14 +323,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     num_warps = num_warps or (2 if decode else PREFILL_WARPS)
     num_stages = num_stages or (2 if decode else PREFILL_STAGES)
     d_p2 = triton.next_power_of_2(D)
-    # Shrink a tile shape whose pipelined K/V tiles would not fit in shared memory (fp32, head_dim 256):
-    # stages x (K + V) tiles plus the Q tile, under the 227 KB a block may hold on Hopper.
-    elt = q.element_size()
-    while num_stages * 2 * block_n * d_p2 * elt + block_m * d_p2 * elt > 227 * 1024 and (num_stages > 2 or block_n > 32):
-        if num_stages > 2:
-            num_stages -= 1
-        else:
-            block_n //= 2
+    # Tile shapes that would not fit in this GPU's shared memory (fp32, head_dim 256, or the
+    # Hopper-tuned prefill tiles on an A100 / L40S) shrink before launch; a compile that still
+    # runs out (the estimate is Triton's lower bound) shrinks further and is remembered.
+    fit_key = (q.device, q.dtype, decode, block_m, block_n, d_p2, num_stages)
+    if not exact_tiles:
+        if fit_key not in _FITTED:
+            _FITTED[fit_key] = fit_tiles(block_m, block_n, d_p2, q.element_size(), num_stages,
+                                         _smem_limit(q.device))
+        block_n, num_stages = _FITTED[fit_key]
     out = torch.empty_like(q) if out is None else out
     num_tiles = tile_seq.shape[0]
     part_acc = part_ml = counter = out  # unused placeholders when not splitting
@@ -299,13 +346,20 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
             ws["counter"] = torch.zeros(num_tiles * KVH, dtype=torch.int32, device=q.device)  # left at 0
         part_acc, part_ml, counter = ws["acc"], ws["ml"], ws["counter"]
     grid = (num_tiles, KVH, num_splits)
-    _attn_kernel[grid](
-        q, kv_cache, out, part_acc, part_ml, counter, block_tables, seq_lens, query_start_loc, tile_seq, tile_start,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), scale,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
-        WINDOW=sliding_window or 0, NUM_SPLITS=num_splits, SPLIT_TILES=split_tiles or DECODE_SPLIT_TILES,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
-        num_warps=num_warps, num_stages=num_stages)
-    return out
+    while True:
+        try:
+            _attn_kernel[grid](
+                q, kv_cache, out, part_acc, part_ml, counter, block_tables, seq_lens, query_start_loc, tile_seq,
+                tile_start, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+                block_tables.stride(0), scale,
+                GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
+                WINDOW=sliding_window or 0, NUM_SPLITS=num_splits, SPLIT_TILES=split_tiles or DECODE_SPLIT_TILES,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
+                num_warps=num_warps, num_stages=num_stages)
+            return out
+        except OutOfResources:
+            smaller = None if exact_tiles else shrink_tiles(block_n, num_stages)
+            if smaller is None:
+                raise
+            block_n, num_stages = _FITTED[fit_key] = smaller

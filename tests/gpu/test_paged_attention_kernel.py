@@ -110,3 +110,63 @@ def test_split_decode_merges_in_one_launch_and_leaves_counters_at_zero(splits):
         assert not got.isnan().any()
         assert (got - ref).norm() / ref.norm() < 2e-6
         assert int(ws["counter"].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("limit,elt,expect", [
+    (232448, 2, (128, 3)),   # H200, bf16: the tuned prefill tiles fit as they are
+    (166912, 2, (128, 2)),   # A100, bf16: one stage fewer
+    (101376, 2, (64, 2)),    # L40S / RTX, bf16: and half the KV tile
+    (232448, 4, (64, 2)),    # H200, fp32 (the case that ran out of shared memory)
+])
+def test_tile_shapes_shrink_to_the_shared_memory_of_the_gpu(limit, elt, expect):
+    """128 query rows, head_dim 128: (K + V) x stages + Q bytes must fit; the first shape of the
+    shrink order that fits is taken (the previous one does not)."""
+    from meshserve.kernels.paged_attention import fit_tiles, shrink_tiles
+
+    def size(bn, st):
+        return st * 2 * bn * 128 * elt + 128 * 128 * elt
+
+    got = fit_tiles(128, 128, 128, elt, 3, limit)
+    assert got == expect and size(*got) <= limit
+    shapes = [(128, 3)]
+    while shapes[-1] != got:
+        shapes.append(shrink_tiles(*shapes[-1]))
+    assert all(size(*s) > limit for s in shapes[:-1])
+
+
+def test_a_launch_out_of_shared_memory_retries_smaller_and_remembers(monkeypatch):
+    """Triton's OutOfResources at compile time (its own estimate can exceed ours) makes the launch
+    retry with the next smaller tiles; the result still equals the reference, and the next call
+    starts from the shape that worked."""
+    from triton.runtime.errors import OutOfResources
+
+    import meshserve.kernels.paged_attention as pa
+
+    real, launched = pa._attn_kernel, []
+
+    class Tight:  # a GPU whose blocks hold at most 64-token KV tiles in 2 stages
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append((kw["BLOCK_N"], kw["num_stages"]))
+                if kw["BLOCK_N"] * kw["num_stages"] > 128:
+                    raise OutOfResources(kw["BLOCK_N"] * kw["num_stages"] * 1024, 128 * 1024, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(pa, "_attn_kernel", Tight())
+    monkeypatch.setattr(pa, "_FITTED", {})
+    q_lens, ctx = [40], [0]
+    q, k, v, cache, md = make_batch(q_lens, ctx, 4, 4, 64, 16, torch.float32, seed=7)
+    write_kv(cache, k, v, md.slot_mapping)
+    ref = torch_paged_attention(q.double(), cache.double(), md, 64 ** -0.5, None)
+    dmd, dev_cache = to(md, DEVICE), cache.to(DEVICE)
+    tile_seq, tile_start = plan_tiles(q_lens, 16, DEVICE)
+    for _ in range(2):
+        out = pa.paged_attention(q.to(DEVICE), dev_cache, dmd.block_tables, dmd.seq_lens, dmd.query_start_loc,
+                                 tile_seq, tile_start, 16, 64 ** -0.5, None, 1, block_n=128, num_stages=3)
+        assert (out.double().cpu() - ref).norm() / ref.norm() < 2e-6
+    assert launched == [(128, 3), (128, 2), (64, 2), (64, 2)]
+    with pytest.raises(OutOfResources):  # a sweep's exact shape is never shrunk
+        pa.paged_attention(q.to(DEVICE), dev_cache, dmd.block_tables, dmd.seq_lens, dmd.query_start_loc,
+                           tile_seq, tile_start, 16, 64 ** -0.5, None, 1, block_n=128, num_stages=3,
+                           exact_tiles=True)
