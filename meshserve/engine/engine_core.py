@@ -53,7 +53,10 @@ class EngineCore:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty: it must contain at least one token")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= lim.vocab_size]
+        # Plain ints in range, checked in C (map/min/max); the scan below only finds what to name.
+        ok = set(map(type, prompt_token_ids)) == {int} and min(prompt_token_ids) >= 0 and \
+            max(prompt_token_ids) < lim.vocab_size
+        bad = [] if ok else [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= lim.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids contains token id {bad[0]!r} outside the vocabulary "
                              f"(valid ids are 0..{lim.vocab_size - 1})")

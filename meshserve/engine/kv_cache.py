@@ -8,6 +8,8 @@ Block 0 is reserved as the null block (padding tokens write there). Pure Python,
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections import OrderedDict
 from typing import Optional
 
@@ -16,11 +18,22 @@ from meshserve.engine.request import Request
 NULL_BLOCK = 0
 
 
+_U32 = next(c for c in "IL" if array(c).itemsize == 4)
+
+
+def token_bytes(tokens: list[int]) -> bytes:
+    """Token ids as 4-byte little-endian unsigned integers, packed in C (no per-token Python)."""
+    arr = array(_U32, tokens)
+    if sys.byteorder != "little":
+        arr.byteswap()
+    return arr.tobytes()
+
+
 def hash_block(parent: Optional[bytes], tokens: list[int]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
-    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
+    h.update(token_bytes(tokens))
     return h.digest()
 
 
@@ -59,10 +72,16 @@ class KVCacheManager:
     def _block_hashes(self, req: Request, num_full_blocks: int) -> list[bytes]:
         hashes = req.block_hashes
         bs = self.block_size
-        while len(hashes) < num_full_blocks:
-            i = len(hashes)
-            tokens = [req.token_at(j) for j in range(i * bs, (i + 1) * bs)]
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens))
+        if len(hashes) >= num_full_blocks:
+            return hashes[:num_full_blocks]
+        # The tokens of the blocks still to hash, sliced (not indexed token by token).
+        lo, hi = len(hashes) * bs, num_full_blocks * bs
+        p = len(req.prompt_token_ids)
+        tokens = req.prompt_token_ids[lo:min(hi, p)]
+        if hi > p:
+            tokens = tokens + req.output_token_ids[max(lo - p, 0):hi - p]
+        for k in range(0, hi - lo, bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[k:k + bs]))
         return hashes[:num_full_blocks]
 
     def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:

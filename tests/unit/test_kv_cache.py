@@ -84,3 +84,29 @@ def test_disabled_reuse_never_hits():
     a.num_computed_tokens = 5
     kv.cache_full_blocks(a)
     assert kv.get_computed_blocks(req("b", [1, 2, 3, 4, 5])) == ([], 0)
+
+
+def test_block_hashes_cover_prompt_and_output_tokens_in_order():
+    """Hashes of blocks that span the prompt / output boundary, computed incrementally, equal a
+    from-scratch chain over the token list (blake2b of parent + 4-byte little-endian ids)."""
+    import hashlib
+    import struct
+
+    def reference(tokens, bs):
+        out, parent = [], b""
+        for i in range(len(tokens) // bs):
+            h = hashlib.blake2b(parent + struct.pack(f"<{bs}I", *tokens[i * bs:(i + 1) * bs]), digest_size=16)
+            parent = h.digest()
+            out.append(parent)
+        return out
+
+    kv = KVCacheManager(num_blocks=50, block_size=4)
+    prompt = [7, 70000, 3, 123456, 5, 6, 2**31 + 5, 8, 9, 10]
+    r = req("a", prompt)
+    assert kv._block_hashes(r, 2) == reference(prompt, 4)
+    for t in [11, 12, 13, 14, 15, 16, 17]:
+        r.append_output(t)
+    tokens = prompt + [11, 12, 13, 14, 15, 16, 17]
+    assert kv._block_hashes(r, 4) == reference(tokens, 4)  # blocks 2-3 straddle and follow the prompt
+    fresh = req("b", tokens)
+    assert kv._block_hashes(fresh, 4) == reference(tokens, 4)
