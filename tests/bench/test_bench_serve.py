@@ -154,18 +154,32 @@ def test_unreachable_server_counts_every_request_as_failed(tmp_path):
     assert all(report["errors"])
 
 
-def test_poisson_arrivals_have_the_asked_mean_gap():
+def test_poisson_arrivals_have_the_asked_mean_gap(monkeypatch):
+    """The gaps between arrivals are the draws of an exponential (burstiness 1) or gamma process of
+    the asked rate: checked on the sleeps asked for (no wall-clock timing), against numpy's own draws."""
     import numpy as np
 
-    from meshserve.bench.serve import _arrivals
+    import meshserve.bench.serve as serve
 
-    async def gaps():
-        times = []
-        async for _ in _arrivals(41, 200.0, 1.0, np.random.default_rng(0)):
-            times.append(time.perf_counter())
-        return np.diff(times)
+    asked = []
 
-    measured = asyncio.run(gaps())
-    # An independent draw of the same generator gives the gaps the sleeps should add up to.
+    async def fake_sleep(seconds):
+        asked.append(seconds)
+
+    monkeypatch.setattr(serve.asyncio, "sleep", fake_sleep)
+
+    async def collect(num, rate, burstiness):
+        return [i async for i in serve._arrivals(num, rate, burstiness, np.random.default_rng(0))]
+
+    assert asyncio.run(collect(41, 200.0, 1.0)) == list(range(41))
     expected = np.random.default_rng(0).exponential(1 / 200.0, size=40)
-    assert measured.sum() == pytest.approx(expected.sum(), rel=0.25)
+    np.testing.assert_allclose(asked, expected, rtol=1e-12)
+    assert abs(np.mean(asked) - 1 / 200.0) < 0.4 / 200.0  # 40 draws: the mean is near 5 ms
+    asked.clear()
+    asyncio.run(collect(2001, 50.0, 0.5))  # burstier: gamma(0.5) gaps, same mean, twice the variance
+    gaps = np.array(asked)
+    assert len(gaps) == 2000 and abs(gaps.mean() - 0.02) < 0.002
+    assert abs(gaps.var() / (0.5 * (0.02 / 0.5) ** 2) - 1) < 0.2  # gamma(k, theta) variance k * theta^2
+    asked.clear()
+    asyncio.run(collect(10, float("inf"), 1.0))
+    assert asked == []  # rate inf: all at once
