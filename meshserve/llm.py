@@ -21,6 +21,7 @@ from meshserve.engine.setup import create_engine_core
 from meshserve.models.resolve import resolve_model_path
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
+from meshserve.utils import all_ints
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class LLM:
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             return self._tokenize(prompt["prompt"])
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all_ints(prompt):
             return None, list(prompt)
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
@@ -65,7 +66,7 @@ class LLM:
     def _normalize(prompts) -> list:
         if isinstance(prompts, str) or isinstance(prompts, dict):
             return [prompts]
-        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        if isinstance(prompts, (list, tuple)) and prompts and all_ints(prompts):
             return [list(prompts)]
         if isinstance(prompts, (list, tuple)) and not prompts:
             raise ValueError("prompts is empty: pass a string, a list of token ids, or a list of those")
@@ -134,7 +135,7 @@ class LLM:
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True) -> Union[RequestOutput, list[RequestOutput]]:
         single = isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(t, int) for t in prompts))
+            isinstance(prompts, (list, tuple)) and bool(prompts) and all_ints(prompts))
         items = self._normalize(prompts)
         if sampling_params is None:
             params_list = [SamplingParams()] * len(items)

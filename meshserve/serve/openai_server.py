@@ -30,6 +30,7 @@ from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request, error_body,
                                       from_validation_error, from_value_error)
+from meshserve.utils import all_ints
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class OpenAIServing:
             prompt = [prompt]
         if not prompt:
             raise bad_request("prompt is empty: pass a string, a list of strings, or token ids", "prompt")
-        if all(isinstance(t, int) for t in prompt):
+        if all_ints(prompt):
             prompt = [prompt]
         out = []
         for p in prompt:
