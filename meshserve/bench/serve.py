@@ -360,7 +360,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     # Distinct prompts for every rate and the warm-ups: none is answered from the prefix cache.
     samples = datasets.build_samples(args, tokenizer, args.num_prompts * len(rates) + args.num_warmups)
     logger.info("Dataset %s: %s", args.dataset, datasets.describe(samples))
-    print(f"bench serve: {datasets.describe(samples)} -> {base_url}{args.endpoint}", flush=True)
+    print(f"bench serve: {args.num_prompts} prompts x {len(rates)} rate(s) + {args.num_warmups} warm-ups, "
+          f"{datasets.describe(samples)} -> {base_url}{args.endpoint}", flush=True)
     config = ServeConfig(base_url=base_url, model=model, endpoint=args.endpoint, api_key=api_key,
                          ignore_eos=args.ignore_eos, temperature=args.temperature, extra_body=extra_body,
                          max_concurrency=args.max_concurrency, num_warmups=args.num_warmups,
