@@ -238,9 +238,6 @@ def split_samples(samples: Sequence[Sample], num_prompts: int, num_rates: int,
     and the warm-ups therefore get samples of their own (build `num_prompts * num_rates +
     num_warmups` of them); only a dataset too small for that is reused, cycling.
     """
-    if num_prompts < 1 or not samples:
-        raise ValueError(f"need at least one prompt per rate, got num_prompts={num_prompts} and "
-                         f"{len(samples)} samples")
     pick = lambda i: samples[i % len(samples)]  # noqa: E731
     per_rate = [[pick(r * num_prompts + i) for i in range(num_prompts)] for r in range(num_rates)]
     warm = [pick(num_rates * num_prompts + i) for i in range(num_warmups)]
@@ -248,17 +245,13 @@ def split_samples(samples: Sequence[Sample], num_prompts: int, num_rates: int,
 
 
 def run_benchmark(config: ServeConfig, samples: Sequence[Sample], rates: Sequence[float],
-                  percentiles: Sequence[float], slo: dict[str, float],
-                  metadata: Optional[dict] = None, num_prompts: Optional[int] = None) -> list[dict]:
-    """One result dict per rate, each with vLLM's fields plus the run's settings. With `num_prompts`
-    the samples are split as `split_samples` says (distinct prompts per rate and for the warm-ups);
-    without it every rate and warm-up reuses `samples`."""
-    if num_prompts is None:
-        per_rate = [list(samples)] * len(rates)
-        warmups = [samples[i % len(samples)] for i in range(config.num_warmups)]
-    else:
-        per_rate, warmups = split_samples(samples, num_prompts, len(rates), config.num_warmups)
-    distinct = len({id(s) for s in samples}) >= sum(map(len, per_rate)) + len(warmups) and num_prompts is not None
+                  percentiles: Sequence[float], slo: dict[str, float], num_prompts: int,
+                  metadata: Optional[dict] = None) -> list[dict]:
+    """One result dict per rate, each with vLLM's fields plus the run's settings; `samples` are
+    split as `split_samples` says (distinct prompts per rate and for the warm-ups)."""
+    per_rate, warmups = split_samples(samples, num_prompts, len(rates), config.num_warmups)
+    # no prompt sent twice (a prefix-cache hit would flatter TTFT)
+    distinct = len({id(s) for s in samples}) >= num_prompts * len(rates) + len(warmups)
     results = []
     for rate, samples in zip(rates, per_rate):
         records, duration, cpu = asyncio.run(run_once(config, samples, rate, warmups))
@@ -273,7 +266,7 @@ def run_benchmark(config: ServeConfig, samples: Sequence[Sample], rates: Sequenc
             "burstiness": config.burstiness,
             "max_concurrency": config.max_concurrency,
             "num_warmups": sent_warmups,
-            "distinct_prompts": distinct,  # no prompt sent twice (a prefix-cache hit would flatter TTFT)
+            "distinct_prompts": distinct,
             "slo": dict(slo) or None,
             **(metadata or {}),
         }
@@ -369,7 +362,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                          disable_tqdm=args.disable_tqdm)
     metadata = {"tokenizer_id": tokenizer_id if tokenizer is not None else None,
                 "dataset": args.dataset, "label": args.label}
-    results = run_benchmark(config, samples, rates, percentiles, slo, metadata, num_prompts=args.num_prompts)
+    results = run_benchmark(config, samples, rates, percentiles, slo, args.num_prompts, metadata)
     if args.result_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_json)), exist_ok=True)
         with open(args.result_json, "w") as f:

@@ -19,6 +19,7 @@ from meshserve.engine.messages import EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
 from meshserve.sampling_params import SamplingParams
+from meshserve.utils import all_ints
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ class EngineCore:
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty: it must contain at least one token")
-        # Plain ints in range, checked in C (map/min/max); the scan below only finds what to name.
-        ok = set(map(type, prompt_token_ids)) == {int} and min(prompt_token_ids) >= 0 and \
-            max(prompt_token_ids) < lim.vocab_size
+        # Ints in range, checked in C (all_ints, min, max); the scan below only finds what to name.
+        ok = all_ints(prompt_token_ids) and min(prompt_token_ids) >= 0 and max(prompt_token_ids) < lim.vocab_size
         bad = [] if ok else [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= lim.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids contains token id {bad[0]!r} outside the vocabulary "

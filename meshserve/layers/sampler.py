@@ -118,27 +118,28 @@ class Sampler:
         p): only the batch's largest `max_k` logits per row are sorted (one topk), not the vocabulary;
         every other token is outside top-k anyway. Same result as `_top_k_top_p`."""
         vals, idx = logits.topk(max_k, dim=-1)  # [B, max_k], descending
-        ranks = torch.arange(max_k, device=logits.device)
-        vals = vals.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-        probs = vals.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
-        drop = before >= top_p[:, None]
-        drop[:, 0] = False
-        vals = vals.masked_fill(drop, float("-inf"))
-        return torch.full_like(logits, float("-inf")).scatter(1, idx, vals)
+        return Sampler._mask_sorted(logits, vals, idx, top_k, top_p)
 
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]):
         """Top-p (after top-k, if any) by sorting the whole vocabulary: the path for rows without a
         top-k, whose top-p set can be any size."""
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        vals, idx = logits.sort(dim=-1, descending=True)
+        return Sampler._mask_sorted(logits, vals, idx, top_k, top_p)
+
+    @staticmethod
+    def _mask_sorted(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, top_k: Optional[torch.Tensor],
+                     top_p: Optional[torch.Tensor]) -> torch.Tensor:
+        """`vals` (at vocabulary ids `idx`): each row's best logits, descending. Drops ranks past the
+        row's top-k and tokens whose better tokens already hold top-p of the mass; returns full-vocab
+        logits with every other token at -inf."""
         if top_k is not None:
-            ranks = torch.arange(logits.shape[-1], device=logits.device)
-            sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+            ranks = torch.arange(vals.shape[-1], device=vals.device)
+            vals = vals.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
         if top_p is not None:
-            probs = sorted_logits.softmax(dim=-1)
+            probs = vals.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
             drop = before >= top_p[:, None]
             drop[:, 0] = False
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
+            vals = vals.masked_fill(drop, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, idx, vals)
