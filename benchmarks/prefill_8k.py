@@ -29,16 +29,52 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+SERVER_SERIES = ("meshserve_time_to_first_token_seconds", "meshserve_iteration_latency_seconds",
+                 "meshserve_request_queue_time_seconds")
+
+
+def scrape(base_url: str) -> dict:
+    """(sum, count) of the server's TTFT (from the request's arrival at the engine, after
+    tokenization), engine step and queue-time histograms."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            for name in SERVER_SERIES:
+                if s.name in (name + "_sum", name + "_count"):
+                    out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def server_breakdown(before: dict, after: dict) -> dict:
+    def mean(name):
+        n = after.get(name + "_count", 0) - before.get(name + "_count", 0)
+        return ((after.get(name + "_sum", 0) - before.get(name + "_sum", 0)) / n * 1000 if n else None), n
+    ttft, requests = mean(SERVER_SERIES[0])
+    step, steps = mean(SERVER_SERIES[1])
+    queue, _ = mean(SERVER_SERIES[2])
+    return {"server_mean_ttft_ms": ttft, "engine_mean_step_ms": step, "engine_steps": steps,
+            "server_requests": requests, "mean_queue_ms": queue}
+
+
 def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> dict:
     from meshserve.commands.bench import run
 
     result_json = os.path.join(args.out, "prefill_8k.json")
+    before = scrape(base_url)
     run(["serve", "--base-url", base_url, "--tokenizer", model_path, "--dataset", "random",
          "--input-len", str(args.input_len), "--output-len", "1", "--num-prompts", str(args.num_prompts),
          "--request-rate", "inf", "--max-concurrency", "1", "--num-warmups", str(args.num_warmups),
          "--percentiles", "50", "--result-json", result_json])
     with open(result_json) as f:
-        return json.load(f)
+        result = json.load(f)
+    result["server"] = server_breakdown(before, scrape(base_url))  # warm-ups included
+    return result
 
 
 def main() -> None:
@@ -60,7 +96,7 @@ def main() -> None:
                "completed": result["completed"], "failed": result["failed"],
                "mean_ttft_ms": result["mean_ttft_ms"], "median_ttft_ms": ttft,
                "p99_ttft_ms": result["p99_ttft_ms"], "std_ttft_ms": result["std_ttft_ms"],
-               "flops": flops, "floor_ms": floor_ms,
+               "server": result.get("server"), "flops": flops, "floor_ms": floor_ms,
                "achieved_tflops": flops / (ttft / 1000) / 1e12 if ttft else 0.0}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -70,6 +106,13 @@ def main() -> None:
     print(f"{ttft:>12.1f} {result['mean_ttft_ms']:>8.1f} {result['p99_ttft_ms']:>8.1f} "
           f"{result['std_ttft_ms']:>6.1f} {summary['achieved_tflops']:>8.0f} {floor_ms:>9.1f} "
           f"{ttft / floor_ms if floor_ms else 0:>8.2f}")
+    srv = result.get("server") or {}
+    if srv.get("server_mean_ttft_ms") is not None:
+        # The client's TTFT = HTTP + tokenization + the server's TTFT; the server's = queue and
+        # scheduling + the engine steps of the prefill + sending the token back.
+        print(f"server side (warm-ups included, {srv['server_requests']:.0f} requests): TTFT from engine arrival "
+              f"{srv['server_mean_ttft_ms']:.1f} ms, {srv['engine_steps'] / max(1, srv['server_requests']):.1f} "
+              f"steps/request of {srv['engine_mean_step_ms']:.1f} ms, queue {srv['mean_queue_ms'] or 0:.1f} ms")
 
 
 if __name__ == "__main__":

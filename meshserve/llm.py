@@ -21,6 +21,7 @@ from meshserve.engine.setup import create_engine_core
 from meshserve.models.resolve import resolve_model_path
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
+from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class LLM:
         self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
         self.model_path = resolve_model_path(self.args.model, self.args.show_progress)
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(self.args.tokenizer or self.model_path)
+        self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
         self._core: Optional[EngineCore] = create_engine_core(self.args, self.model_path)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -53,7 +55,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True was set); pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self._encoder.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -224,7 +226,7 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                       chat_template=chat_template) for c in convs]
         # The template already holds the special tokens: encode without adding a BOS again.
-        ids = [{"prompt": p, "prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        ids = [{"prompt": p, "prompt_token_ids": self._encoder.encode(p, add_special_tokens=False)} for p in prompts]
         outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
         return outs[0] if single else outs
 

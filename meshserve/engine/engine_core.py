@@ -44,8 +44,11 @@ class EngineCore:
                                    sched_config.enable_chunked_prefill, (num_blocks - 1) * block_size,
                                    list(eos_token_ids))
         self.batch_queue: deque = deque()
+        # Time from a batch's launch (or the previous batch's completion, when the launch came while
+        # that one still ran) to its outputs: with batches in flight, the period between outputs.
         self.iteration_latency_s = 0.0
         self.num_iterations = 0
+        self._last_done = 0.0
 
     # ---- requests -------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -99,7 +102,6 @@ class EngineCore:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        t0 = time.perf_counter()
         scheduled = False
         if len(self.batch_queue) < self.executor.max_inflight and self.scheduler.has_unfinished():
             depth = self.executor.max_inflight
@@ -107,9 +109,10 @@ class EngineCore:
             if self.executor.pipeline_stages > 1:  # share the requests out over the micro-batches
                 active = self.scheduler.num_running + self.scheduler.num_waiting
                 cap = max(1, -(-min(active, self.scheduler.config.max_batch_size) // depth))
+            t0 = time.perf_counter()
             so = self.scheduler.schedule(cap)
             if so.reqs:
-                self.batch_queue.append((so, self.executor.execute_async(so)))
+                self.batch_queue.append((so, self.executor.execute_async(so), t0))
                 scheduled = True
             elif so.finished_req_ids:
                 self.scheduler.finished_ids.extend(so.finished_req_ids)  # deliver with the next batch
@@ -117,12 +120,14 @@ class EngineCore:
             return []
         if scheduled and len(self.batch_queue) < self.executor.max_inflight:
             return []  # keep filling the pipeline before waiting on the oldest batch
-        so, handle = self.batch_queue.popleft()
+        so, handle, t0 = self.batch_queue.popleft()
         result = handle.result()
         if result.error:
             raise RuntimeError(f"model execution failed: {result.error}")
         outputs = self.scheduler.update_from_output(so, result)
-        self.iteration_latency_s = time.perf_counter() - t0
+        done = time.perf_counter()
+        self.iteration_latency_s = done - max(t0, self._last_done)
+        self._last_done = done
         self.num_iterations += 1
         return outputs
 

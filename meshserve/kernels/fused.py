@@ -84,6 +84,68 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 
 
 @triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh,
+                       stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
+                       NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P2: tl.constexpr, KH_P2: tl.constexpr,
+                       D: tl.constexpr, D_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    """One token: rotate q in place (as _rope_kernel does), rotate k and write it with v into the
+    paged cache at the token's slot. k itself is left as it was: the attention reads the cache."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    # q: the two halves of the rotated dims, in place.
+    j = tl.arange(0, HALF_P2)
+    jm = j < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cos + j, mask=jm, other=0.0)[None, :]
+    hq = tl.arange(0, QH_P2)[:, None]
+    m = (hq < NUM_Q) & jm[None, :]
+    p1 = q_ptr + t * stride_qt + hq * stride_qh + j[None, :]
+    x1 = tl.load(p1, mask=m, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=m, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=m)
+    tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=m)
+    # k and v: whole head rows [KVH, D] into the cache; k's first 2 * HALF dims rotated.
+    hk = tl.arange(0, KH_P2)[:, None]
+    d = tl.arange(0, D_P2)[None, :]
+    row_m = (hk < NUM_K) & (d < D)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    dst = cache_ptr + slot * (NUM_K * D) + hk * D + d
+    v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + d, mask=row_m, other=0.0)
+    tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=row_m)
+    k_row = k_ptr + t * stride_kt + hk * stride_kh
+    x = tl.load(k_row + d, mask=row_m, other=0.0)
+    first = d < HALF
+    rot = d < 2 * HALF
+    jj = tl.where(first, d, d - HALF)
+    partner = tl.load(k_row + tl.where(first, d + HALF, d - HALF), mask=row_m & rot, other=0.0).to(tl.float32)
+    kc = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    ks = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    xf = x.to(tl.float32)
+    # first half: a*cos - b*sin with a = x, b = partner; second: b*cos + a*sin with b = x, a = partner
+    y = tl.where(first, xf * kc - partner * ks, xf * kc + partner * ks).to(x.dtype)
+    y = tl.where(rot, y, x)
+    tl.store(dst, y.to(cache_ptr.dtype.element_ty), mask=row_m)
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """rotary_(q, k, ...) then store_kv(k, v, kv_cache, slot_mapping) in one kernel, except that k
+    is not rotated in place. q: [T, H, D]; k, v: [T, KVH, D] (strided views allowed); kv_cache:
+    [2, num_blocks, block_size, KVH, D] contiguous."""
+    T = slot_mapping.shape[0]
+    if T == 0:
+        return
+    half = cos.shape[1]
+    nk, d = k.shape[1], k.shape[2]
+    _rope_store_kernel[(T,)](q, k, v, kv_cache, slot_mapping, cos, sin, positions, q.stride(0), q.stride(1),
+                             k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_cache.stride(0), cos.stride(0),
+                             NUM_Q=q.shape[1], NUM_K=nk, QH_P2=triton.next_power_of_2(q.shape[1]),
+                             KH_P2=triton.next_power_of_2(nk), D=d, D_P2=triton.next_power_of_2(d),
+                             HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4)
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

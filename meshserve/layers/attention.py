@@ -97,24 +97,36 @@ class Attention(nn.Module):
         self.kv_cache: Optional[torch.Tensor] = None
         self.impl = None  # set by the model runner to a backend's forward function
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        # q: [T, H*D], k/v: [T, KVH*D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+                rotary=None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q: [T, H*D], k/v: [T, KVH*D]. rotary (a RotaryEmbedding) and positions: apply rotary
+        embedding to q and k first; a backend may fuse it with the KV write."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.impl is not None:
-            o = self.impl(q, k, v, self.kv_cache, md, self.scale, self.sliding_window)
+            o = self.impl(q, k, v, self.kv_cache, md, self.scale, self.sliding_window,
+                          rotary=(rotary, positions) if rotary is not None else None)
         else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             write_kv(self.kv_cache, k, v, md.slot_mapping)
             o = torch_paged_attention(q, self.kv_cache, md, self.scale, self.sliding_window)
         return o.reshape(-1, self.num_heads * self.head_dim)
 
 
-def triton_attention(q, k, v, kv_cache, md: AttentionMetadata, scale: float, sliding_window: Optional[int]):
-    """The Triton backend (GPU): fused KV write, then paged attention over the cache."""
+def triton_attention(q, k, v, kv_cache, md: AttentionMetadata, scale: float, sliding_window: Optional[int],
+                     rotary=None):
+    """The Triton backend (GPU): the KV write (with the rotary embedding of q and k fused in when
+    `rotary` = (RotaryEmbedding, positions) is given), then paged attention over the cache."""
     from meshserve.kernels.paged_attention import paged_attention, store_kv
 
-    store_kv(k, v, kv_cache, md.slot_mapping)
+    if rotary is not None:
+        from meshserve.kernels.fused import rotary_store_kv
+        emb, positions = rotary
+        rotary_store_kv(q, k, v, positions, emb.cos_cache, emb.sin_cache, kv_cache, md.slot_mapping)
+    else:
+        store_kv(k, v, kv_cache, md.slot_mapping)
     bd = md.backend_data
     return paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, bd["tile_seq"],
                            bd["tile_start"], bd["block_q"], scale, sliding_window, bd["num_splits"],

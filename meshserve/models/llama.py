@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from meshserve.distributed.comm import SOLO
-from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention import Attention, AttentionMetadata
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -50,8 +49,9 @@ class DecoderAttention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, md)
+        # The rotary embedding is applied by the attention layer, whose backend may fuse it with the
+        # KV-cache write.
+        o = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, md, self.rotary_emb, positions)
         return self.o_proj(o)
 
 
@@ -64,7 +64,7 @@ class DecoderMLP(nn.Module):
                                            params_dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), gated=True)  # silu(gate) * up, fused where it pays
 
 
 class DecoderLayer(nn.Module):

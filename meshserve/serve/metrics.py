@@ -56,8 +56,9 @@ class ServerMetrics:
                              _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Time a sequence waited before it was first "
                                     "scheduled", _LATENCY_BUCKETS)
-        self.iteration = histogram("iteration_latency_seconds", "Engine iteration (step) latency: schedule, run "
-                                   "the model on every rank, sample", _ITERATION_BUCKETS)
+        self.iteration = histogram("iteration_latency_seconds", "Engine iteration (step) latency: from a batch's "
+                                   "launch, or the previous batch's outputs if later, to its outputs (schedule, "
+                                   "run the model on every rank, sample)", _ITERATION_BUCKETS)
         self.running = gauge("num_requests_running", "Sequences in the engine's running batch")
         self.waiting = gauge("num_requests_waiting", "Sequences in the engine's waiting queue")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks held by live sequences (0-1)")

@@ -30,6 +30,7 @@ from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request, error_body,
                                       from_validation_error, from_value_error)
+from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, tokenizer, metrics: ServerMetrics, config: ServerConfig):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.encoder = PromptEncoder(tokenizer)  # long prompts tokenized on several cores, same ids
         self.metrics = metrics
         self.config = config
         self.tokens = responses.TokenStrings(tokenizer)
@@ -180,7 +182,7 @@ class OpenAIServing:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append((p, self.tokenizer.encode(p)))
+                out.append((p, self.encoder.encode(p)))
             else:
                 if not p:
                     raise bad_request("prompt contains an empty list of token ids", "prompt")
@@ -239,7 +241,7 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - jinja and template errors are the request's fault
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
         # The template already holds the special tokens: encode without adding a BOS again.
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        return text, self.encoder.encode(text, add_special_tokens=False)
 
     async def create_chat_completion(self, raw: Request) -> Response:
         req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)

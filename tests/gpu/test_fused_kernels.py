@@ -62,6 +62,45 @@ def test_rotary_in_place_on_strided_views(dtype, heads, kv, dim, partial):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv,dim,partial", [(8, 2, 64, 1.0), (9, 3, 64, 1.0), (4, 4, 96, 0.5), (6, 1, 80, 1.0)])
+def test_rotary_store_kv_matches_rotary_then_write(dtype, heads, kv, dim, partial):
+    """The fused rotary + KV-cache write against the torch rotary and write_kv (layers/): q rotated
+    in place, rotated k and plain v in the cache at the token's slots, k left as it was, and the
+    cache's other slots untouched."""
+    from meshserve.layers.attention import write_kv
+
+    g = torch.Generator().manual_seed(heads * 31 + dim)
+    rope = RotaryEmbedding(dim, 512, {"rope_type": "default", "rope_theta": 10000.0}, partial)
+    T, num_blocks, block = 9, 6, 4
+    qkv = torch.randn(T, (heads + 3 * kv) * dim, generator=g).to(dtype)  # a wider row: strided views
+    pos = torch.randint(0, 512, (T,), generator=g)
+    slots = torch.randperm(num_blocks * block, generator=g)[:T]
+    cache = torch.randn(2, num_blocks, block, kv, dim, generator=g).to(dtype)
+
+    def views(t):
+        return (t[:, :heads * dim].reshape(T, heads, dim), t[:, heads * dim:(heads + kv) * dim].reshape(T, kv, dim),
+                t[:, (heads + kv) * dim:(heads + 2 * kv) * dim].reshape(T, kv, dim))
+
+    q, k, v = views(qkv)
+    ref_q, ref_k = rope(pos, q.clone(), k.clone())
+    ref_cache = cache.clone()
+    write_kv(ref_cache, ref_k, v, slots)
+    dqkv = qkv.to(DEVICE)
+    dq, dk, dv = views(dqkv)
+    dcache = cache.to(DEVICE)
+    fused.rotary_store_kv(dq, dk, dv, pos.to(DEVICE), rope.cos_cache.to(DEVICE), rope.sin_cache.to(DEVICE), dcache,
+                          slots.to(DEVICE))
+    close(dq, ref_q, dtype)
+    assert torch.equal(dk.cpu(), k)  # k itself is not rotated in place
+    close(dcache, ref_cache, dtype)
+    untouched = torch.ones(num_blocks * block, dtype=torch.bool)
+    untouched[slots] = False
+    flat = dcache.cpu().view(2, num_blocks * block, kv, dim)
+    assert torch.equal(flat[:, untouched], cache.view(2, num_blocks * block, kv, dim)[:, untouched])
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     x = torch.randn(5, 2 * 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
     close(fused.silu_and_mul(x.to(DEVICE)), silu_and_mul(x), dtype)
