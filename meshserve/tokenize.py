@@ -58,7 +58,9 @@ class PromptEncoder:
         self.backend = None
         self.prefix: list[int] = []
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None or self.threads < 2:
+        # TOKENIZERS_PARALLELISM=false makes encode_batch serial: the pieces would only cost.
+        serial = os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no")
+        if backend is None or self.threads < 2 or serial:
             return
         try:
             spec = json.loads(backend.to_str())

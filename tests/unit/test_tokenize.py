@@ -46,6 +46,11 @@ def llama3_split_tok(llama_tok):
                                    bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
 
 
+@pytest.fixture(autouse=True)
+def rust_threads(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # tests/conftest.py turns it off by default
+
+
 @pytest.fixture
 def small_pieces(monkeypatch):
     monkeypatch.setattr(tokenize, "MIN_CHARS", 0)
@@ -98,3 +103,8 @@ def test_other_tokenizers_take_the_plain_path(llama_tok, small_pieces):
     text = adversarial_texts(1, 300, seed=3)[0]
     assert enc.encode(text) == tok.encode(text)
     assert not tokenize.PromptEncoder(llama_tok, threads=1).parallel
+
+
+def test_tokenizers_parallelism_false_keeps_one_encode(llama_tok, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    assert not tokenize.PromptEncoder(llama_tok, threads=8).parallel
