@@ -76,6 +76,9 @@ class LlmArgs(StrictModel):
     moe_config: MoeConfig = Field(default_factory=MoeConfig)
     orchestrator_type: Optional[str] = None
     disable_overlap_scheduler: bool = False
+    overlap_late_launch: bool = Field(False, description=(
+        "server with the overlap scheduler: launch the next batch shortly before the running one is due "
+        "to finish, not as soon as it starts, so that requests arriving meanwhile join the next batch"))
     pytorch_backend_config: Optional[PyTorchBackendConfig] = None
     cuda_graph_config: Optional[CudaGraphConfig] = Field(default_factory=CudaGraphConfig)
     cache_transceiver_config: Optional[CacheTransceiverConfig] = None

@@ -90,6 +90,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
         ctx.term()
         raise SystemExit(1) from None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    core.late_launch = args.overlap_late_launch and core.executor.max_inflight == 2
     try:
         limits = dataclasses.asdict(core.limits)
         out.send_multipart([READY, encoder.encode(EngineReady(limits, core.kv.num_blocks, core.kv.block_size,
@@ -126,7 +127,10 @@ class EngineLoop:
         while not self.stopping:
             busy = self.core.has_unfinished()
             changed = False
-            if poller.poll(0 if busy else IDLE_POLL_MS):
+            timeout = 0 if busy else IDLE_POLL_MS
+            if busy and self.core.defer_until:  # late launch: wait for arrivals until the batch is due
+                timeout = max(0, int((self.core.defer_until - time.perf_counter()) * 1000))
+            if poller.poll(timeout):
                 changed = self._drain()
             if os.getppid() != self.parent_pid:
                 logger.warning("the API server process is gone; the engine exits")
@@ -140,7 +144,8 @@ class EngineLoop:
                     logger.error("engine step failed:\n%s", traceback.format_exc())
                     self.out.send_multipart([FAILED, self.encoder.encode(EngineFailed(f"{type(e).__name__}: {e}"))])
                     return
-                self._send(outputs)
+                if outputs or changed or self.pending_outputs or not self.core.defer_until:
+                    self._send(outputs)
             elif changed or self.pending_outputs:
                 self._send([])
 

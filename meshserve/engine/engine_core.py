@@ -34,6 +34,11 @@ class EngineLimits:
     eos_token_ids: list
 
 
+# How much earlier than strictly needed a deferred batch is launched (late launch), on top of
+# twice the host time: covers the poll timer's granularity and the period's jitter.
+LATE_LAUNCH_SLACK_S = 0.0005
+
+
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list):
@@ -49,6 +54,13 @@ class EngineCore:
         self.iteration_latency_s = 0.0
         self.num_iterations = 0
         self._last_done = 0.0
+        # Late launch (overlap scheduler, server): hold the next batch back until shortly before the
+        # running one is due to finish, so that requests arriving meanwhile join it instead of the
+        # batch after. defer_until: when the caller should call step() again (0: no deferral).
+        self.late_launch = False
+        self.defer_until = 0.0
+        self._periods: deque = deque(maxlen=8)  # recent launch-to-output periods
+        self._host_s: deque = deque(maxlen=8)  # recent schedule + launch host times
 
     # ---- requests -------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -103,7 +115,10 @@ class EngineCore:
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         scheduled = False
+        self.defer_until = 0.0
         if len(self.batch_queue) < self.executor.max_inflight and self.scheduler.has_unfinished():
+            if self.late_launch and self._defer_launch():
+                return []
             depth = self.executor.max_inflight
             cap = None
             if self.executor.pipeline_stages > 1:  # share the requests out over the micro-batches
@@ -113,6 +128,7 @@ class EngineCore:
             so = self.scheduler.schedule(cap)
             if so.reqs:
                 self.batch_queue.append((so, self.executor.execute_async(so), t0))
+                self._host_s.append(time.perf_counter() - t0)
                 scheduled = True
             elif so.finished_req_ids:
                 self.scheduler.finished_ids.extend(so.finished_req_ids)  # deliver with the next batch
@@ -122,14 +138,34 @@ class EngineCore:
             return []  # keep filling the pipeline before waiting on the oldest batch
         so, handle, t0 = self.batch_queue.popleft()
         result = handle.result()
+        done = time.perf_counter()
         if result.error:
             raise RuntimeError(f"model execution failed: {result.error}")
-        outputs = self.scheduler.update_from_output(so, result)
-        done = time.perf_counter()
         self.iteration_latency_s = done - max(t0, self._last_done)
+        self._periods.append(self.iteration_latency_s)
         self._last_done = done
+        outputs = self.scheduler.update_from_output(so, result)
         self.num_iterations += 1
         return outputs
+
+    def _defer_launch(self) -> bool:
+        """Whether to hold the next batch back for now (late launch; sets defer_until). Only while
+        one batch runs, nobody waits to be admitted, and the running batch is known to be unfinished:
+        it is due at its start plus the shortest recent period; the next batch must be launched
+        before that by twice the longest recent host time plus LATE_LAUNCH_SLACK_S."""
+        if (self.executor.pipeline_stages > 1 or len(self.batch_queue) != 1 or self.scheduler.num_waiting
+                or len(self._periods) < 3):
+            return False
+        _, handle, launched = self.batch_queue[0]
+        finished = getattr(handle, "done", None)
+        if finished is None or finished():
+            return False
+        until = (max(launched, self._last_done) + min(self._periods) - 2 * max(self._host_s)
+                 - LATE_LAUNCH_SLACK_S)
+        if time.perf_counter() >= until:
+            return False
+        self.defer_until = until
+        return True
 
     def stats(self) -> dict:
         return {

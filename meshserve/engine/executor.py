@@ -22,6 +22,9 @@ class Done:
     def __init__(self, value):
         self.value = value
 
+    def done(self) -> bool:
+        return True
+
     def result(self):
         return self.value
 

@@ -77,6 +77,10 @@ class PendingOutput:
             self.event.record()
         self.tokens, self.lp = tokens, lp
 
+    def done(self) -> bool:
+        """Whether the step has finished on the device (never blocks)."""
+        return self.event is None or self.event.query()
+
     def result(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()

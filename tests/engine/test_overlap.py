@@ -83,3 +83,82 @@ def test_min_tokens_keeps_overlap_and_bans_stop_ids_for_exactly_min_tokens(ckpt)
     assert on == off
     assert len(on) >= 5 and stop not in on[:5]
     assert on[0] == ref[0] and on[1] != stop
+
+
+class _SlowDevice:
+    """Stands in for a GPU: each batch takes `step_s` after the one before it, done() polls that."""
+
+    def __init__(self, executor, step_s: float):
+        self.inner, self.step_s, self.due = executor.execute_async, step_s, 0.0
+
+    def execute_async(self, so):
+        import time
+        self.due = max(time.perf_counter(), self.due) + self.step_s
+        return _SlowHandle(self.inner(so), self.due)
+
+
+class _SlowHandle:
+    def __init__(self, inner, due: float):
+        self.inner, self.due = inner, due
+
+    def done(self) -> bool:
+        import time
+        return time.perf_counter() >= self.due
+
+    def result(self):
+        import time
+        time.sleep(max(0.0, self.due - time.perf_counter()))
+        return self.inner.result()
+
+
+def _arrival_run(path, late: bool, step_s: float = 0.15):
+    """A runs alone until the engine is steady; B arrives just after one of A's outputs and is
+    added when the engine next drains its socket (after its next step() call, as the server's loop
+    does). Returns the batches completed from B's arrival to its first token, A's and B's tokens,
+    and whether that step() call deferred the launch."""
+    import time
+    with LLM(path, show_progress=False) as llm:
+        core = llm._core
+        core.late_launch = late
+        core.executor.execute_async = _SlowDevice(core.executor, step_s).execute_async
+        greedy = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+        core.add_request("A", list(range(3, 12)), greedy)
+        tokens = {"A": [], "B": []}
+
+        def step():
+            for out in core.step():
+                tokens[out.request_id] += out.new_token_ids
+
+        while len(tokens["A"]) < 5:
+            step()
+        arrived_at = core.num_iterations
+        step()
+        deferred = core.defer_until > 0
+        core.add_request("B", list(range(20, 26)), greedy)
+        first_b = None
+        while core.has_unfinished():
+            step()
+            if tokens["B"] and first_b is None:
+                first_b = core.num_iterations - arrived_at
+            if core.defer_until:
+                time.sleep(max(0.0, core.defer_until - time.perf_counter()))
+        return first_b, tokens, deferred
+
+
+def test_late_launch_admits_an_arrival_one_batch_earlier_with_the_same_tokens(ckpt):
+    """overlap_late_launch: while one batch runs and nobody waits, the next one is held back until
+    shortly before the running one is due, so a request arriving meanwhile joins it (one batch,
+    one step's time, earlier) instead of the batch after; the tokens do not change."""
+    path, _ = ckpt
+    wait_off, tokens_off, deferred_off = _arrival_run(path, late=False)
+    wait_on, tokens_on, deferred_on = _arrival_run(path, late=True)
+    assert deferred_on and not deferred_off
+    assert wait_on == wait_off - 1, (wait_on, wait_off)
+    assert tokens_on == tokens_off and len(tokens_on["A"]) == 14 and len(tokens_on["B"]) == 14
+
+
+def test_late_launch_is_a_server_option(ckpt):
+    from meshserve.config import build_llm_args
+    assert build_llm_args("test", model="x", overlap_late_launch=True).overlap_late_launch
+    with pytest.raises(Exception, match="overlap_late_launch"):
+        build_llm_args("test", model="x", overlap_late_launch="sometimes")
