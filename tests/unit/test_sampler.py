@@ -166,3 +166,14 @@ def test_sampler_takes_the_top_k_bounded_path_only_when_every_row_has_a_top_k(mo
     assert calls == ["bounded"]
     ranks = logits.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of every token per row
     assert all(int(ranks[r, tokens[r]]) < int(b.top_k[r]) for r in range(3))
+
+
+def test_all_greedy_takes_the_argmax_in_the_model_dtype():
+    """The all-greedy fast path skips the fp32 copy: same ids as the argmax of the fp32 logits,
+    ties included (bf16 has many), first maximal index as torch documents."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 1000, generator=g) * 4).to(torch.bfloat16)
+    logits[1, 10] = logits[1, 500] = logits[1].max() + 1  # an exact tie
+    tokens, lp = Sampler(torch.device("cpu"))(logits, SamplingBatch(temperature=torch.zeros(6), all_greedy=True))
+    assert lp is None and tokens.dtype == torch.int64
+    assert torch.equal(tokens, logits.float().argmax(dim=-1)) and tokens[1] == 10
