@@ -6,7 +6,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = ["online_8b.py", "decode_latency.py", "offline_8b.py", "nano_bench.py", "prefill_8k.py", "tokenize_long.py"]
+SCRIPTS = ["online_8b.py", "decode_latency.py", "offline_8b.py", "nano_bench.py", "prefill_8k.py", "tokenize_long.py", "decode_fusions.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
