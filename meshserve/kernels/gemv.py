@@ -18,7 +18,7 @@ from meshserve.kernels import GEMV_MAX_M
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr):
+                 BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -40,11 +40,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
             xm = m_mask[:, None] & km[None, :]
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
         x = tl.load(x_rows + k[None, :], mask=xm, other=0.0)
-        if GATED:  # x holds [gate | up]: silu(gate) * up, rounded as fused.silu_and_mul rounds it
-            u = tl.load(x_rows + K + k[None, :], mask=xm, other=0.0)
-            g = x.to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-            x = (s.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
@@ -61,13 +56,9 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None, gated: bool = False) -> torch.Tensor:
-    """x: [M, K] (M small), weight: [N, K] contiguous rows. Returns [M, N] in x's dtype.
-    gated: x is [M, 2K], gate then up, and the product is silu(gate) * up @ W^T: the MLP's
-    SiLU-and-mul done while loading the down projection's input, one kernel instead of two."""
+         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x: [M, K] (M small), weight: [N, K] contiguous rows. Returns [M, N] in x's dtype."""
     m, k = x.shape
-    if gated:
-        k //= 2
     n = weight.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -77,7 +68,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, GATED=gated, num_warps=warps)
+        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps)
     return y
 
 
@@ -89,7 +80,7 @@ MAX_WEIGHT_ELEMENTS = 64 * 2**20
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a linear of this input should take the kernel: CUDA, half precision, few rows,
-    a weight small enough that the kernel beats cuBLAS (x may be the [M, 2K] input of a gated call)."""
+    a weight small enough that the kernel beats cuBLAS."""
     return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.stride(-1) == 1 and weight.numel() <= MAX_WEIGHT_ELEMENTS)

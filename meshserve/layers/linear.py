@@ -25,17 +25,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """linear(silu(gate) * up, weight) for x = [gate | up]: at batch-1 decode one kernel that applies
-    the SiLU-and-mul as it loads its input; otherwise the two steps."""
-    if TRITON_AVAILABLE and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
-        from meshserve.kernels.gemv import gemv, use_gemv
-        if use_gemv(x, weight):
-            return gemv(x, weight, gated=True)
-    from meshserve.layers.activation import silu_and_mul
-    return linear(silu_and_mul(x), weight)
-
-
 def _divide(a: int, b: int, what: str) -> int:
     if a % b != 0:
         raise ValueError(f"{what}={a} is not divisible by tensor parallel size {b}")
@@ -159,9 +148,8 @@ class RowParallelLinear(LinearBase):
         shard = param.data.size(1)
         param.data.copy_(loaded.narrow(1, self.tp_rank * shard, shard))
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] of a merged projection; the input is silu(gate) * up."""
-        y = gated_linear(x, self.weight) if gated else linear(x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
         if self.reduce_results and self.tp_size > 1:
             y = self.tp_group.all_reduce(y)
         if self.bias is not None:

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from meshserve.kernels import use_triton
+
 _MIX = 0x9E3779B97F4A7C15
 
 
@@ -41,6 +43,14 @@ class SamplingBatch:
     max_num_logprobs: int = -1  # -1: none wanted
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row argmax (first maximal index): the two-kernel Triton version on CUDA, else torch."""
+    if use_triton(logits) and logits.dim() == 2:
+        from meshserve.kernels.fused import argmax_rows
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def _changes_logits(b: SamplingBatch) -> bool:
     return (b.logit_bias is not None or b.banned_mask is not None or b.repetition_penalty is not None
             or b.frequency_penalty is not None)
@@ -58,11 +68,11 @@ class Sampler:
         if b.all_greedy and b.max_num_logprobs < 0 and not _changes_logits(b):
             # The argmax of the model's own dtype: widening to fp32 is exact, so the same ids, one
             # kernel fewer per decode step.
-            return logits.argmax(dim=-1), None
+            return _argmax(logits), None
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if b.max_num_logprobs >= 0 else None
         logits = self._apply_penalties(logits, b)
-        greedy = logits.argmax(dim=-1)
+        greedy = _argmax(logits)
         if b.all_greedy:
             tokens = greedy
         else:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from meshserve.distributed.comm import SOLO
+from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention import Attention, AttentionMetadata
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -64,7 +65,7 @@ class DecoderMLP(nn.Module):
                                            params_dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), gated=True)  # silu(gate) * up, fused where it pays
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -104,3 +104,30 @@ def test_rotary_store_kv_matches_rotary_then_write(dtype, heads, kv, dim, partia
 def test_silu_and_mul(dtype):
     x = torch.randn(5, 2 * 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
     close(fused.silu_and_mul(x.to(DEVICE)), silu_and_mul(x), dtype)
+
+
+def test_rotary_module_moves_between_devices_and_dtypes():
+    """nn.Module.to() goes through Module._apply: the rotary module must not shadow it (it did,
+    with its own `_apply(x, cos, sin)`, so `.to(...)` of it or of any module holding it raised)."""
+    rope = RotaryEmbedding(64, 32, {"rope_type": "default", "rope_theta": 10000.0})
+    moved = torch.nn.ModuleList([rope]).to(DEVICE).to(torch.float64)
+    assert moved[0].cos_cache.device.type == DEVICE and moved[0].cos_cache.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 5000), (2, 4096), (5, 37)])
+def test_argmax_rows_matches_torch_argmax_with_ties(dtype, rows, vocab):
+    """First index of the maximum, as torch.argmax: ties inside a block, across blocks, and at the
+    last element of a ragged vocabulary."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    top = x.max() + 1
+    x[0, vocab - 1] = top  # the ragged tail
+    if rows > 1:
+        x[1, vocab // 2] = x[1, vocab - 1] = x[1, 3] = top  # first of three, in different blocks
+    if rows > 2:
+        x[2] = 0.0  # all equal: index 0
+    got = fused.argmax_rows(x.to(DEVICE)).cpu()
+    assert got.dtype == torch.int64 and torch.equal(got, x.float().argmax(dim=-1))
+    if rows > 1:
+        assert got[1] == 3

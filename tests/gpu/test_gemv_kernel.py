@@ -52,33 +52,3 @@ def test_use_gemv_only_for_few_half_precision_rows_on_cuda():
         big = torch.empty(1, 1, dtype=torch.bfloat16, device="cuda").expand(65 * 2**20, 1)
         assert not use_gemv(torch.empty(1, 1, dtype=torch.bfloat16, device="cuda"), big)
 
-
-def _silu_mul64(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.double().chunk(2, dim=-1)
-    return gate * torch.sigmoid(gate) * up
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 96, 256), (1, 37, 200), (2, 64, 512)])
-def test_gated_gemv_matches_float64(dtype, m, n, k):
-    """gated=True: the input is [gate | up] and the product is silu(gate) * up @ W^T."""
-    g = torch.Generator().manual_seed(m * 1000 + n + k + 1)
-    x = (torch.randn(m, 2 * k, generator=g) * 2).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    ref = _silu_mul64(x) @ w.double().T
-    got = gemv(x.to(DEVICE), w.to(DEVICE), gated=True)
-    assert got.shape == (m, n) and got.dtype == dtype
-    err = (got.double().cpu() - ref).norm() / ref.norm()
-    assert err < TOL[dtype], f"relative error {err:.2e}"
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the two-kernel path's SiLU kernel runs on CUDA only")
-def test_gated_gemv_equals_silu_kernel_then_gemv():
-    """The fused call gives the bits the two kernels give (so a decode step's tokens do not depend
-    on which path a batch size takes)."""
-    from meshserve.kernels.fused import silu_and_mul
-
-    g = torch.Generator().manual_seed(11)
-    x = (torch.randn(1, 2 * 14336, generator=g) * 3).to(torch.bfloat16).cuda()
-    w = (torch.randn(4096, 14336, generator=g) * 0.02).to(torch.bfloat16).cuda()
-    assert torch.equal(gemv(x, w, gated=True), gemv(silu_and_mul(x), w))
