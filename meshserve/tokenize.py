@@ -54,7 +54,7 @@ class PromptEncoder:
 
     def __init__(self, tokenizer, threads: Optional[int] = None):
         self.tokenizer = tokenizer
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or _usable_cpus()
         self.backend = None
         self.prefix: list[int] = []
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -88,6 +88,12 @@ class PromptEncoder:
         for enc in self.backend.encode_batch(pieces, add_special_tokens=False):
             ids.extend(enc.ids)
         return ids
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the CPUs this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def split_text(text: str, num_pieces: int) -> list[str]:
