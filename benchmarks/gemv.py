@@ -11,8 +11,14 @@ import itertools
 import json
 import os
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import graph_seconds  # noqa: E402
 
 SHAPES = {  # name: (K, N)
     "8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 28672), "8b.down": (14336, 4096),
@@ -24,22 +30,7 @@ CONFIGS = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048], [4, 8]))
 
 def time_chain(fn, xs, ws, reps=20) -> float:
     """Seconds per call of fn(x, w), averaged over a graph that calls it once per weight copy."""
-    for x, w in zip(xs, ws):
-        fn(x, w)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for x, w in zip(xs, ws):
-            fn(x, w)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / reps / len(ws)
+    return graph_seconds(lambda: [fn(x, w) for x, w in zip(xs, ws)], reps) / len(ws)
 
 
 def main() -> None:
