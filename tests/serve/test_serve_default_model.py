@@ -22,7 +22,17 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server(None, api_key=None)  # as the seed's client: api_key="EMPTY" is accepted
+    # tests/conftest.py turns the tokenizers' thread pool off; this server keeps it, so that long
+    # prompts take meshserve.tokenize's parallel path as they do in production.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        srv = start_server(None, api_key=None)  # as the seed's client: api_key="EMPTY" is accepted
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
     yield srv
     srv.stop()
 
@@ -79,3 +89,19 @@ def test_bench_serve_against_the_real_server(server, tmp_path):
         assert result[field] > 0, field
     assert result["output_lens"] == [6] * 6 and result["input_lens"] == [24] * 6
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(str(out_png)).ndim == 3
+
+
+def test_long_prompt_counts_the_tokens_transformers_counts(server):
+    """A prompt long enough for the server's parallel tokenization (meshserve/tokenize.py) is
+    counted as the model's own tokenizer counts it."""
+    from transformers import AutoTokenizer
+
+    from meshserve.models.resolve import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None, show_progress=False))
+    words = ["Paris", "is", "the", "capital", "of", "France;", "  it", "has", "2,165,423", "people.\n", "Déjà vu!"]
+    text = " ".join(words[i % len(words)] for i in range(900))
+    assert len(text) > 4096
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+    out = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0)
+    assert out.usage.prompt_tokens == len(tok.encode(text))
