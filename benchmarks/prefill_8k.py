@@ -12,6 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_stats import scrape, server_breakdown  # noqa: E402
+
 PEAK_FLOPS = 790e12  # H200 bf16 dense (docs/BENCHMARKS.md)
 
 
@@ -27,39 +30,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="extra arguments for `meshserve serve`, one string")
     p.add_argument("--startup-timeout", type=float, default=1800.0)
     return p.parse_args()
-
-
-SERVER_SERIES = ("meshserve_time_to_first_token_seconds", "meshserve_iteration_latency_seconds",
-                 "meshserve_request_queue_time_seconds")
-
-
-def scrape(base_url: str) -> dict:
-    """(sum, count) of the server's TTFT (from the request's arrival at the engine, after
-    tokenization), engine step and queue-time histograms."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            for name in SERVER_SERIES:
-                if s.name in (name + "_sum", name + "_count"):
-                    out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
-
-
-def server_breakdown(before: dict, after: dict) -> dict:
-    def mean(name):
-        n = after.get(name + "_count", 0) - before.get(name + "_count", 0)
-        return ((after.get(name + "_sum", 0) - before.get(name + "_sum", 0)) / n * 1000 if n else None), n
-    ttft, requests = mean(SERVER_SERIES[0])
-    step, steps = mean(SERVER_SERIES[1])
-    queue, _ = mean(SERVER_SERIES[2])
-    return {"server_mean_ttft_ms": ttft, "engine_mean_step_ms": step, "engine_steps": steps,
-            "server_requests": requests, "mean_queue_ms": queue}
 
 
 def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> dict:
