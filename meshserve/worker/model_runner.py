@@ -18,7 +18,7 @@ from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.models.config import ModelConfig
 from meshserve.models.loader import build_model, load_weights
 from meshserve.layers.attention import AttentionMetadata
-from meshserve.layers.sampler import Sampler
+from meshserve.layers.sampler import Sampler, SamplingBatch
 from meshserve.utils import to_device
 from meshserve.worker.input_batch import InputBatch
 
@@ -207,10 +207,28 @@ class ModelRunner:
             residual = torch.zeros_like(hidden)
         hidden, _ = self.model(ids, pos, md, hidden, residual)
         if self.is_last:
-            self.model.compute_logits(hidden[-1:])
+            logits = self.model.compute_logits(hidden[-1:])
+            if self.is_driver:
+                self._dummy_sampler_run(logits)
         self.kv_caches = []
         for attn in self.attn_layers:
             attn.kv_cache = None
+
+    def _dummy_sampler_run(self, logits: torch.Tensor) -> None:
+        """Run the sampler's paths once at start-up (greedy on the model-dtype logits, greedy on
+        fp32, logprobs, and top-k / top-p draws), so that their kernels compile and load here and
+        not in the first user's request, as vLLM's dummy sampler run does. The random generator's state is put back: the draws users get do
+        not depend on it."""
+        one = torch.ones(1, device=self.device)
+        state = self.sampler.generator.get_state()
+        try:
+            self.sampler(logits, SamplingBatch(temperature=one * 0, all_greedy=True))
+            self.sampler(logits, SamplingBatch(temperature=one * 0, all_greedy=True, max_num_logprobs=1))
+            top_k = torch.full((1,), 50, dtype=torch.int64, device=self.device)
+            self.sampler(logits, SamplingBatch(temperature=one, top_k=top_k, max_top_k=50, top_p=one * 0.9))
+            self.sampler(logits, SamplingBatch(temperature=one, top_p=one * 0.9))
+        finally:
+            self.sampler.generator.set_state(state)
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.no_grad()
