@@ -10,7 +10,6 @@ import argparse
 import itertools
 import json
 import os
-
 import sys
 from pathlib import Path
 

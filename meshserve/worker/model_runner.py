@@ -215,16 +215,16 @@ class ModelRunner:
             attn.kv_cache = None
 
     def _dummy_sampler_run(self, logits: torch.Tensor) -> None:
-        """Run the sampler's paths once at start-up (greedy on the model-dtype logits, greedy on
-        fp32, logprobs, and top-k / top-p draws), so that their kernels compile and load here and
-        not in the first user's request, as vLLM's dummy sampler run does. The random generator's state is put back: the draws users get do
-        not depend on it."""
-        one = torch.ones(1, device=self.device)
+        """Run each sampler path once at start-up (greedy on the model-dtype logits, greedy on fp32
+        with logprobs, top-k + top-p and top-p-only draws), so that their kernels compile and load
+        here and not in the first user's request, as vLLM's dummy sampler run does. The random
+        generator's state is put back: the draws users get do not depend on it."""
+        zero, one = torch.zeros(1, device=self.device), torch.ones(1, device=self.device)
+        top_k = torch.full((1,), 50, dtype=torch.int64, device=self.device)
         state = self.sampler.generator.get_state()
         try:
-            self.sampler(logits, SamplingBatch(temperature=one * 0, all_greedy=True))
-            self.sampler(logits, SamplingBatch(temperature=one * 0, all_greedy=True, max_num_logprobs=1))
-            top_k = torch.full((1,), 50, dtype=torch.int64, device=self.device)
+            self.sampler(logits, SamplingBatch(temperature=zero, all_greedy=True))
+            self.sampler(logits, SamplingBatch(temperature=zero, all_greedy=True, max_num_logprobs=1))
             self.sampler(logits, SamplingBatch(temperature=one, top_k=top_k, max_top_k=50, top_p=one * 0.9))
             self.sampler(logits, SamplingBatch(temperature=one, top_p=one * 0.9))
         finally:

@@ -24,15 +24,9 @@ MODEL = "SmolLM2-135M-Instruct"
 def server():
     # tests/conftest.py turns the tokenizers' thread pool off; this server keeps it, so that long
     # prompts take meshserve.tokenize's parallel path as they do in production.
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENIZERS_PARALLELISM", "true")
         srv = start_server(None, api_key=None)  # as the seed's client: api_key="EMPTY" is accepted
-    finally:
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
     yield srv
     srv.stop()
 
