@@ -42,7 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--out", default="out/kernel_profile")
-    p.add_argument("--prefill-len", type=int, default=8192)
+    p.add_argument("--prefill-len", default="8192", help="comma-separated prompt lengths, one case each")
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
@@ -50,12 +50,13 @@ def main() -> None:
     from meshserve.bench.shapes import resolve_model
 
     os.makedirs(args.out, exist_ok=True)
+    lens = [int(n) for n in args.prefill_len.split(",")]
     llm = LLM(resolve_model(args.model), load_format="dummy", dtype="bfloat16", show_progress=False,
-              max_num_tokens=max(8192, args.prefill_len), kv_cache_config={"enable_block_reuse": False})
+              max_num_tokens=max([8192] + lens), kv_cache_config={"enable_block_reuse": False})
     vocab = llm._core.limits.vocab_size
     cases = {
-        f"prefill {args.prefill_len}": ([[(j * 7) % (vocab - 10) + 5 for j in range(args.prefill_len)]],
-                                        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)),
+        **{f"prefill {n}": ([[(j * 7) % (vocab - 10) + 5 for j in range(n)]],
+                            SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)) for n in lens},
         f"decode b1 x{args.decode_steps}": ([[(j * 13) % (vocab - 10) + 5 for j in range(128)]],
                                             SamplingParams(max_tokens=args.decode_steps + 1, temperature=0,
                                                            ignore_eos=True)),

@@ -28,6 +28,18 @@ class CudaGraphConfig(StrictModel):
     batch_sizes: Optional[list[int]] = None
     max_batch_size: int = Field(256, ge=1)
     enable_padding: bool = True
+    prefill_max_tokens: int = Field(2048, ge=0, description=(
+        "steps with prompt tokens (mixed prefill/decode) of up to this many tokens replay CUDA graphs "
+        "captured per token-count bucket; 0 runs them eagerly"))
+    prefill_token_sizes: Optional[list[int]] = Field(None, description=(
+        "the token-count buckets of those graphs (default: 16, 32, 64, 128, 256, ... up to prefill_max_tokens)"))
+
+    @field_validator("batch_sizes", "prefill_token_sizes")
+    @classmethod
+    def _positive(cls, v, info):
+        if v is not None and any(x < 1 for x in v):
+            raise ValueError(f"{info.field_name}={v}: every size must be a positive integer")
+        return v
 
 
 class PyTorchBackendConfig(StrictModel):

@@ -74,18 +74,22 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
 
 
 def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device) -> RunnerConfig:
-    graph_sizes = None
+    graph_sizes = prefill_sizes = None
     cg = args.cuda_graph_config
     if device.type == "cuda" and cg is not None and cg.enable:
-        from meshserve.worker.cuda_graph import default_batch_sizes
+        from meshserve.worker.cuda_graph import default_batch_sizes, default_prefill_token_sizes
         limit = min(cg.max_batch_size, args.max_batch_size)
         graph_sizes = sorted({b for b in (cg.batch_sizes or default_batch_sizes(limit)) if 1 <= b <= limit})
+        tokens = min(cg.prefill_max_tokens, args.max_num_tokens)
+        prefill_sizes = sorted({t for t in (cg.prefill_token_sizes or default_prefill_token_sizes(tokens))
+                                if 1 <= t <= tokens})
     return RunnerConfig(model_path=model_path, device=str(device),
                         dtype=model_config.torch_dtype(args.dtype, device),
                         block_size=args.kv_cache_config.tokens_per_block, max_num_tokens=args.max_num_tokens,
                         load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
                         show_progress=args.show_progress, attention_backend=args.attention_backend,
-                        cuda_graph_batch_sizes=graph_sizes, max_seq_len=max_seq_len_for(args, model_config),
+                        cuda_graph_batch_sizes=graph_sizes, cuda_graph_prefill_sizes=prefill_sizes,
+                        max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),
                         overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1)
 
 

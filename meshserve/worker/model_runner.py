@@ -37,6 +37,8 @@ class RunnerConfig:
     show_progress: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     cuda_graph_batch_sizes: Optional[list] = None  # None or []: no CUDA graphs
+    cuda_graph_prefill_sizes: Optional[list] = None  # token buckets of mixed-step graphs; None or []: eager
+    max_batch_size: int = 256
     max_seq_len: int = 4096
     overlap: bool = False  # outputs come back as handles; placeholder inputs read the last step's tokens
 
@@ -123,6 +125,7 @@ class ModelRunner:
         kvh = self.attn_layers[0].num_kv_heads if self.attn_layers else 1
         self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, group, kvh)
         self.graphs = None
+        self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
         self.prev_rows: dict[str, int] = {}
         self.sampler = Sampler(self.device, cfg.seed)
@@ -168,9 +171,14 @@ class ModelRunner:
         sizes = self.cfg.cuda_graph_batch_sizes
         if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 or not self.use_triton:
             return
-        from meshserve.worker.cuda_graph import CudaGraphRunner
+        from meshserve.worker.cuda_graph import CudaGraphRunner, PrefillGraphRunner
+        pool = torch.cuda.graph_pool_handle()  # one pool: each capture reuses the memory of the last
+        if self.cfg.cuda_graph_prefill_sizes:
+            self.prefill_graphs = PrefillGraphRunner(self, self.cfg.cuda_graph_prefill_sizes,
+                                                     self.cfg.max_batch_size, self.cfg.max_seq_len)
+            self.prefill_graphs.capture(pool)
         self.graphs = CudaGraphRunner(self, sizes, self.cfg.max_seq_len)
-        self.graphs.capture()
+        self.graphs.capture(pool)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self._alloc_kv(num_blocks)
@@ -244,10 +252,14 @@ class ModelRunner:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
                                                          self.cfg.dtype, self.device)
         t0 = time.perf_counter()
-        if self.graphs is not None and inp.attn.num_decodes == len(so.reqs) and not inp.prompt_lp \
-                and self.graphs.can_run(len(so.reqs)):
-            logits = self.graphs.run(inp)
-            return self._sample(so, inp, logits, {})
+        if self.graphs is not None and not inp.prompt_lp:
+            if inp.attn.num_decodes == len(so.reqs):
+                if self.graphs.can_run(len(so.reqs)):
+                    return self._sample(so, inp, self.graphs.run(inp), {})
+            elif self.prefill_graphs is not None:
+                tokens = self.prefill_graphs.bucket(inp)
+                if tokens is not None:
+                    return self._sample(so, inp, self.prefill_graphs.run(inp, tokens), {})
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
         if not self.is_last:
             self._account(t0)

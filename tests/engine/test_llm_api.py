@@ -175,6 +175,16 @@ def test_unknown_keyword_and_architecture_are_errors(tmp_path, ckpt):
         LLM(str(bad))
 
 
+@pytest.mark.parametrize("cg,match", [
+    ({"prefill_token_sizes": [64, 0]}, r"prefill_token_sizes=\[64, 0\]: every size must be a positive integer"),
+    ({"prefill_max_tokens": -1}, "prefill_max_tokens"),
+    ({"batch_sizes": [-2]}, r"batch_sizes=\[-2\]"),
+])
+def test_bad_cuda_graph_config_names_the_field(ckpt, cg, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(ckpt[0], cuda_graph_config=cg)
+
+
 def test_abort_ends_an_async_stream(llm):
     async def run():
         req = llm.generate_async("Hello world", SamplingParams(max_tokens=110, ignore_eos=True), streaming=True)

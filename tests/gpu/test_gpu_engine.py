@@ -20,8 +20,9 @@ def ckpt(tmp_path_factory):
 
 def generate(path, prompts, **kw):
     with LLM(path, show_progress=False, kv_cache_config={"tokens_per_block": 16, "max_tokens": 8192}, **kw) as llm:
-        assert llm._core.executor.runner.use_triton
-        graphs = llm._core.executor.runner.graphs
+        runner = llm._core.executor.runner
+        assert runner.use_triton
+        graphs = runner.graphs
         outs = llm.generate(prompts, SP, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], graphs
 
@@ -31,6 +32,31 @@ def test_fp32_graphs_match_transformers(ckpt):
     got, graphs = generate(path, prompts, dtype="float32")
     assert graphs is not None and graphs.sizes
     assert got == ref
+
+
+@pytest.mark.parametrize("max_num_tokens", [8192, 48])
+def test_fp32_prefill_graphs_match_transformers(ckpt, max_num_tokens):
+    """Mixed steps replay the token-bucket graphs (whole prompts up to 320 tokens; with a 48-token
+    budget, prompt chunks next to decode rows) and still give transformers' ids."""
+    path, prompts, ref = ckpt
+    with LLM(path, show_progress=False, dtype="float32", max_num_tokens=max_num_tokens,
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 8192}) as llm:
+        pg = llm._core.executor.runner.prefill_graphs
+        assert pg is not None and pg.sizes[-1] == min(2048, max_num_tokens)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+        assert pg.replays > 0
+        # then smaller buckets than the batch's: nothing stale from the bigger steps may leak
+        alone = [llm.generate([p], SP, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
+    assert got == ref
+    assert alone == ref[:3]
+
+
+def test_bf16_same_tokens_with_and_without_prefill_graphs(ckpt):
+    path, prompts, _ = ckpt
+    with_graphs, _ = generate(path, prompts, dtype="bfloat16", max_num_tokens=64)
+    without, _ = generate(path, prompts, dtype="bfloat16", max_num_tokens=64,
+                          cuda_graph_config={"prefill_max_tokens": 0})
+    assert with_graphs == without
 
 
 def test_fp32_eager_matches_transformers(ckpt):
