@@ -111,22 +111,25 @@ def default_prefill_token_sizes(max_tokens: int) -> list[int]:
     return sorted({s for s in sizes if s < max_tokens} | {max_tokens}) if max_tokens > 0 else []
 
 
+PREFILL_SEQ_CAPS = (8, 32, 128)  # sequence-count sub-buckets below a token bucket's full capacity
+
+
 class MixedStepBuffers:
     """Static inputs of a mixed step (prompt chunks, possibly with decode rows) padded to a fixed
-    token count, so one CUDA graph serves every step of up to that many tokens.
+    token count and sequence count, so one CUDA graph serves every step that fits.
 
-    A bucket of T tokens holds up to S = min(T, max_seqs) sequences (each has at least one token)
-    and S + ceil(T / block_q) query tiles of the Triton kernel's plan. Padding: tokens past the
-    step's own read token 0 at position 0 and write their KV into the null block (slot 0); sequence
-    slots past the step's have no queries and no context (query_start_loc stays at the step's token
-    count, seq_len 0) and gather hidden row 0; tiles past the plan's point at sequence slot S, which is always such a
-    padding slot, so they exit at once. Real rows therefore see exactly the inputs of an unpadded
-    step; padding rows compute garbage that no real row reads.
+    A graph of T tokens and S sequence slots (S <= T: each sequence has at least one token) has
+    S + ceil(T / block_q) query tiles in the Triton kernel's plan, which bounds any step's plan.
+    Padding: tokens past the step's own read token 0 at position 0 and write their KV into the null
+    block (slot 0); sequence slots past the step's have no queries and no context (query_start_loc
+    stays at the step's token count, seq_len 0) and gather hidden row 0; tiles past the plan's
+    point at slot S, always such a padding slot, so they exit at once. Real rows therefore see
+    exactly the inputs of an unpadded step; padding rows compute garbage that no real row reads.
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_q: int, device):
-        self.max_tokens, self.max_seqs, self.block_q = max_tokens, max_seqs, block_q
-        s = self.seqs_for(max_tokens)
+        self.max_tokens, self.block_q = max_tokens, block_q
+        self.max_seqs = s = min(max_tokens, max_seqs)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.slot_mapping = torch.zeros(max_tokens, dtype=torch.int64, device=device)
@@ -134,36 +137,39 @@ class MixedStepBuffers:
         self.seq_lens = torch.zeros(s + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s + 1, max_blocks, dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(s, dtype=torch.int64, device=device)
-        n = self.tiles_for(max_tokens)
+        n = self.tiles_for(max_tokens, s)
         self.tile_seq = torch.zeros(n, dtype=torch.int32, device=device)
         self.tile_start = torch.zeros(n, dtype=torch.int32, device=device)
 
-    def seqs_for(self, tokens: int) -> int:
-        return min(tokens, self.max_seqs)
+    def seq_caps(self, tokens: int) -> list[int]:
+        """The sequence-slot counts graphs of `tokens` tokens are captured with: a few small ones
+        (fewer empty attention programs for steps with few sequences) and the full one."""
+        full = min(tokens, self.max_seqs)
+        return sorted({c for c in PREFILL_SEQ_CAPS if c < full} | {full})
 
-    def tiles_for(self, tokens: int) -> int:
-        return self.seqs_for(tokens) + -(-tokens // self.block_q)
+    def tiles_for(self, tokens: int, seqs: int) -> int:
+        return seqs + -(-tokens // self.block_q)
 
-    def metadata(self, tokens: int, block_size: int) -> AttentionMetadata:
-        """Views of the buffers for a bucket of `tokens` tokens (what a graph is captured with)."""
-        s, n = self.seqs_for(tokens), self.tiles_for(tokens)
+    def metadata(self, tokens: int, seqs: int, block_size: int) -> AttentionMetadata:
+        """Views of the buffers for a graph of `tokens` tokens and `seqs` slots (what it is captured with)."""
+        n = self.tiles_for(tokens, seqs)
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[:s + 2],
-            seq_lens=self.seq_lens[:s + 1], block_tables=self.block_tables[:s + 1], max_query_len=tokens,
+            slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[:seqs + 2],
+            seq_lens=self.seq_lens[:seqs + 1], block_tables=self.block_tables[:seqs + 1], max_query_len=tokens,
             max_seq_len=self.block_tables.shape[1] * block_size, block_size=block_size,
             backend_data={"tile_seq": self.tile_seq[:n], "tile_start": self.tile_start[:n], "block_q": self.block_q,
                           "num_splits": 1, "workspace": {}})
 
     def fits(self, num_tokens: int, num_seqs: int, num_tiles: int, width: int) -> bool:
-        return (num_tokens <= self.max_tokens and num_seqs <= self.seqs_for(num_tokens)
-                and num_tiles <= self.tiles_for(num_tokens) and width <= self.block_tables.shape[1])
+        return (num_tokens <= self.max_tokens and num_seqs <= min(num_tokens, self.max_seqs)
+                and num_tiles <= self.tiles_for(num_tokens, num_seqs) and width <= self.block_tables.shape[1])
 
-    def fill(self, inp, tokens: int) -> None:
-        """Copy a step's inputs (StepInputs with a prefill tile plan) into the buckets' buffers,
-        padded to `tokens` tokens."""
+    def fill(self, inp, tokens: int, seqs: int) -> None:
+        """Copy a step's inputs (StepInputs with a prefill tile plan) into the buffers, padded to a
+        graph of `tokens` tokens and `seqs` sequence slots."""
         md, bd = inp.attn, inp.attn.backend_data
         t, b = inp.num_tokens, len(inp.req_ids)
-        s, n = self.seqs_for(tokens), self.tiles_for(tokens)
+        s, n = seqs, self.tiles_for(tokens, seqs)
         k = bd["tile_seq"].shape[0]
         self.input_ids[:t].copy_(inp.input_ids, non_blocking=True)
         self.positions[:t].copy_(inp.positions, non_blocking=True)
@@ -187,10 +193,11 @@ class MixedStepBuffers:
 
 
 class PrefillGraphRunner:
-    """CUDA graphs for mixed steps (any step with a prompt chunk), one per token-count bucket.
+    """CUDA graphs for mixed steps (any step with a prompt chunk), one per (token-count bucket,
+    sequence-slot bucket).
 
     An eager forward of a few hundred tokens costs the host more than the GPU (hundreds of kernel
-    launches against ~11 ms of GEMMs for 467 tokens on the 8B shape), so a short prompt's first
+    launches against ~11 ms of kernels for 467 tokens on the 8B shape), so a short prompt's first
     token waited for Python. The graph covers the model forward and the gather of each sequence's
     last hidden state; the LM head and sampling run after it on just the real rows.
     """
@@ -204,46 +211,47 @@ class PrefillGraphRunner:
         block_q = block_q_for(2, attn0.num_heads // attn0.num_kv_heads)
         bs = runner.cfg.block_size
         self.buf = MixedStepBuffers(self.sizes[-1], max_seqs, -(-max_seq_len // bs), block_q, runner.device)
-        cfg = runner.model_config
-        self.last_hidden = torch.zeros(self.buf.seqs_for(self.sizes[-1]), cfg.hidden_size, dtype=runner.cfg.dtype,
+        self.last_hidden = torch.zeros(self.buf.max_seqs, runner.model_config.hidden_size, dtype=runner.cfg.dtype,
                                        device=runner.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.replays = 0
 
-    def _forward(self, tokens: int, md: AttentionMetadata) -> None:
-        s = self.buf.seqs_for(tokens)
+    def _forward(self, tokens: int, seqs: int, md: AttentionMetadata) -> None:
         hidden, _ = self.runner.model(self.buf.input_ids[:tokens], self.buf.positions[:tokens], md)
-        torch.index_select(hidden, 0, self.buf.logits_indices[:s], out=self.last_hidden[:s])
+        torch.index_select(hidden, 0, self.buf.logits_indices[:seqs], out=self.last_hidden[:seqs])
 
     @torch.no_grad()
     def capture(self, pool) -> None:
         stream = torch.cuda.Stream(self.runner.device)
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            md = self.buf.metadata(t, self.runner.cfg.block_size)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # every slot is padding here: the warm-ups touch only the null block
-                    self._forward(t, md)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self._forward(t, md)
-            self.graphs[t] = graph
+            for s in reversed(self.buf.seq_caps(t)):
+                md = self.buf.metadata(t, s, self.runner.cfg.block_size)
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # every slot is padding here: the warm-ups touch only the null block
+                        self._forward(t, s, md)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._forward(t, s, md)
+                self.graphs[t, s] = graph
         torch.cuda.synchronize(self.runner.device)
-        logger.info("captured CUDA graphs for mixed steps of up to %s tokens", self.sizes)
+        logger.info("captured %d CUDA graphs for mixed steps of up to %s tokens", len(self.graphs), self.sizes)
 
-    def bucket(self, inp) -> int | None:
-        """The bucket a step fits in, or None (run it eagerly)."""
-        t = inp.num_tokens
+    def bucket(self, inp) -> tuple[int, int] | None:
+        """The (tokens, sequence slots) graph a step fits in, or None (run it eagerly)."""
+        t, b = inp.num_tokens, len(inp.req_ids)
         if t > self.sizes[-1] or inp.attn.backend_data.get("block_q") != self.buf.block_q:
             return None
+        if not self.buf.fits(t, b, inp.attn.backend_data["tile_seq"].shape[0], inp.attn.block_tables.shape[1]):
+            return None
         tokens = self.sizes[bisect.bisect_left(self.sizes, t)]
-        k = inp.attn.backend_data["tile_seq"].shape[0]
-        return tokens if self.buf.fits(t, len(inp.req_ids), k, inp.attn.block_tables.shape[1]) else None
+        caps = self.buf.seq_caps(tokens)
+        return tokens, caps[bisect.bisect_left(caps, b)]
 
-    def run(self, inp, tokens: int) -> torch.Tensor:
-        """Replay the bucket's graph; returns logits [B, V] for the step's sequences."""
-        self.buf.fill(inp, tokens)
-        self.graphs[tokens].replay()
+    def run(self, inp, key: tuple[int, int]) -> torch.Tensor:
+        """Replay the graph `key` (from bucket()); returns logits [B, V] for the step's sequences."""
+        self.buf.fill(inp, *key)
+        self.graphs[key].replay()
         self.replays += 1
         return self.runner.model.compute_logits(self.last_hidden[:len(inp.req_ids)])

@@ -257,9 +257,9 @@ class ModelRunner:
                 if self.graphs.can_run(len(so.reqs)):
                     return self._sample(so, inp, self.graphs.run(inp), {})
             elif self.prefill_graphs is not None:
-                tokens = self.prefill_graphs.bucket(inp)
-                if tokens is not None:
-                    return self._sample(so, inp, self.prefill_graphs.run(inp, tokens), {})
+                key = self.prefill_graphs.bucket(inp)
+                if key is not None:
+                    return self._sample(so, inp, self.prefill_graphs.run(inp, key), {})
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
         if not self.is_last:
             self._account(t0)

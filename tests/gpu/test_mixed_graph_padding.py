@@ -45,12 +45,13 @@ def step(q_lens, ctx_lens, seed):
     return q, k, v, cache, md
 
 
-@pytest.mark.parametrize("q_lens,ctx_lens,bucket", [
-    ([23, 1, 1, 40], [0, 17, 50, 9], 128),   # prompt chunks with decode rows, lots of padding
-    ([64], [0], 64),                         # exactly a bucket: no padding tokens, only tiles
-    ([5, 1, 1, 1, 9], [30, 2, 3, 4, 0], 32),  # more sequences than full tiles
+@pytest.mark.parametrize("q_lens,ctx_lens,bucket,seqs", [
+    ([23, 1, 1, 40], [0, 17, 50, 9], 128, 8),   # prompt chunks with decode rows, lots of padding
+    ([23, 1, 1, 40], [0, 17, 50, 9], 128, 4),   # every sequence slot used
+    ([64], [0], 64, 1),                         # exactly a bucket: no padding tokens, only tiles
+    ([5, 1, 1, 1, 9], [30, 2, 3, 4, 0], 32, 6),  # more sequences than full tiles
 ])
-def test_padded_bucket_gives_the_unpadded_rows(q_lens, ctx_lens, bucket):
+def test_padded_bucket_gives_the_unpadded_rows(q_lens, ctx_lens, bucket, seqs):
     q, k, v, cache, md = step(q_lens, ctx_lens, seed=len(q_lens))
     T, B = q.shape[0], len(q_lens)
     block_q = block_q_for(max(q_lens), H // KVH)
@@ -76,12 +77,12 @@ def test_padded_bucket_gives_the_unpadded_rows(q_lens, ctx_lens, bucket):
     buf.slot_mapping.fill_(int(md.slot_mapping[0]))
     buf.input_ids.fill_(5)
     buf.logits_indices.fill_(255)  # past a small bucket: the graph's gather would read out of bounds
-    buf.fill(inp, bucket)
-    pmd = buf.metadata(bucket, PAGE)
+    buf.fill(inp, bucket, seqs)
+    pmd = buf.metadata(bucket, seqs, PAGE)
     assert torch.equal(buf.input_ids[:T].cpu(), torch.arange(T) + 7)
     assert buf.input_ids[T:bucket].eq(0).all() and buf.slot_mapping[T:bucket].eq(0).all()
     assert torch.equal(buf.logits_indices[:B].cpu(), md.query_start_loc[1:].long() - 1)
-    assert buf.logits_indices[:buf.seqs_for(bucket)].max() < bucket  # every row the graph gathers exists
+    assert buf.logits_indices[:seqs].max() < bucket  # every row the graph gathers exists
 
     # The padded launch: padding query rows hold garbage, the output starts poisoned.
     qp = torch.randn(bucket, H, D).to(DEVICE)
@@ -104,7 +105,7 @@ def test_bucket_sizes_and_capacity():
     assert default_prefill_token_sizes(600) == [16, 32, 64, 128, 256, 384, 512, 600]
     assert default_prefill_token_sizes(0) == []
     buf = MixedStepBuffers(max_tokens=512, max_seqs=64, max_blocks=8, block_q=32, device="cpu")
-    assert buf.seqs_for(16) == 16 and buf.seqs_for(512) == 64
+    assert buf.seq_caps(16) == [8, 16] and buf.seq_caps(512) == [8, 32, 64] and buf.seq_caps(8) == [8]
     # every plan of a fitting step fits: sum(ceil(n_i / 32)) <= B + ceil(T / 32)
     assert buf.fits(100, 16, 16 + 4, 8)
     assert not buf.fits(100, 65, 10, 8)  # more sequences than the largest bucket holds
