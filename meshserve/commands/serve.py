@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Optional, Sequence
@@ -181,10 +182,31 @@ def main(ns: argparse.Namespace) -> int:
             return _run_worker_rank(args, model_path, rank, world)
     except (ValueError, FileNotFoundError) as e:
         return _fail(f"rank {rank} of {world}: {e}" if world > 1 else str(e))
+    try:
+        sock = bind_http_socket(ns.host, ns.port)
+    except ValueError as e:
+        return _fail(str(e))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path, trust_remote_code=args.trust_remote_code)
     name = ns.served_model_name or served_model_name(args.model)
-    return asyncio.run(serve(ns, args, model_path, tokenizer, name))
+    with sock:
+        return asyncio.run(serve(ns, args, model_path, tokenizer, name, sock))
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound before the model loads (as vLLM does): a port in use is an error at
+    once instead of after minutes of loading, and nothing started meanwhile (the engine's own
+    sockets included) can take it. uvicorn listens on it once the engine is ready."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}; "
+                         f"choose a free port (0 picks one)") from None
+    return sock
 
 
 class _Server:
@@ -211,7 +233,7 @@ class _Server:
         return Server(config)
 
 
-async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: str) -> int:
+async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: str, sock: socket.socket) -> int:
     import uvicorn
 
     from meshserve.engine.async_engine import AsyncEngine, EngineDeadError
@@ -244,9 +266,9 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
                                timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")
     server = _Server.make(uv_config)
-    logger.info("serving %s as %r on http://%s:%d", model_path, name, ns.host, ns.port)
+    logger.info("serving %s as %r on http://%s:%d", model_path, name, ns.host, sock.getsockname()[1])
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         await engine.shutdown()
     return 0 if server.started else 1

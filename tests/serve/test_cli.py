@@ -3,6 +3,7 @@ spellings, unknown keys, parallel flags that have not landed, and the entry poin
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -160,3 +161,17 @@ def test_engine_startup_failure_exits_1_with_the_engine_error(tiny_model):
                         "--port", "0"], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 1
     assert "the engine failed to start" in r.stderr and "max_seq_len=4096" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_port_in_use_fails_at_once_naming_it(tiny_model):
+    """The HTTP port is bound before the model loads: taken, it is an error naming it, exit 2, and
+    the engine never starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "meshserve", "serve", tiny_model, "--host", "127.0.0.1",
+                            "--port", str(port)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there: Address already in use" in r.stderr, r.stderr
+    assert "engine process" not in r.stderr
