@@ -202,6 +202,9 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror as e:
+        sock.close()
+        raise ValueError(f"--host {host}: not an address to listen on ({e.strerror or e})") from None
     except OSError as e:
         sock.close()
         raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}; "
