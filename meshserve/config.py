@@ -27,7 +27,9 @@ class CudaGraphConfig(StrictModel):
     enable: bool = True
     batch_sizes: Optional[list[int]] = None
     max_batch_size: int = Field(256, ge=1)
-    enable_padding: bool = True
+    enable_padding: bool = Field(True, description=(
+        "pad a decode batch up to the next captured batch size (false: only batches of exactly a "
+        "captured size replay a graph, and steps with prompt tokens run eagerly)"))
     prefill_max_tokens: int = Field(2048, ge=0, description=(
         "steps with prompt tokens (mixed prefill/decode) of up to this many tokens replay CUDA graphs "
         "captured per token-count bucket; 0 runs them eagerly"))

@@ -80,7 +80,7 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
         from meshserve.worker.cuda_graph import default_batch_sizes, default_prefill_token_sizes
         limit = min(cg.max_batch_size, args.max_batch_size)
         graph_sizes = sorted({b for b in (cg.batch_sizes or default_batch_sizes(limit)) if 1 <= b <= limit})
-        tokens = min(cg.prefill_max_tokens, args.max_num_tokens)
+        tokens = min(cg.prefill_max_tokens, args.max_num_tokens) if cg.enable_padding else 0
         prefill_sizes = sorted({t for t in (cg.prefill_token_sizes or default_prefill_token_sizes(tokens))
                                 if 1 <= t <= tokens})
     return RunnerConfig(model_path=model_path, device=str(device),
@@ -89,6 +89,7 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
                         show_progress=args.show_progress, attention_backend=args.attention_backend,
                         cuda_graph_batch_sizes=graph_sizes, cuda_graph_prefill_sizes=prefill_sizes,
+                        cuda_graph_padding=cg is not None and cg.enable_padding,
                         max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),
                         overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1)
 

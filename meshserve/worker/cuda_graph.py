@@ -30,9 +30,10 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, batch_sizes: list[int], max_seq_len: int):
+    def __init__(self, runner, batch_sizes: list[int], max_seq_len: int, padding: bool = True):
         self.runner = runner
         self.sizes = sorted(batch_sizes)
+        self.padding = padding
         self.max_bs = self.sizes[-1]
         dev = runner.device
         bs = runner.cfg.block_size
@@ -83,7 +84,7 @@ class CudaGraphRunner:
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
     def can_run(self, num_seqs: int) -> bool:
-        return num_seqs <= self.max_bs
+        return num_seqs <= self.max_bs if self.padding else num_seqs in self.graphs
 
     def run(self, inp) -> torch.Tensor:
         """Replay for a decode-only batch; returns logits [B, V]."""

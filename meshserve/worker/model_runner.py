@@ -38,6 +38,7 @@ class RunnerConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     cuda_graph_batch_sizes: Optional[list] = None  # None or []: no CUDA graphs
     cuda_graph_prefill_sizes: Optional[list] = None  # token buckets of mixed-step graphs; None or []: eager
+    cuda_graph_padding: bool = True  # False: a decode batch replays a graph only at exactly a captured size
     max_batch_size: int = 256
     max_seq_len: int = 4096
     overlap: bool = False  # outputs come back as handles; placeholder inputs read the last step's tokens
@@ -177,7 +178,7 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphRunner(self, self.cfg.cuda_graph_prefill_sizes,
                                                      self.cfg.max_batch_size, self.cfg.max_seq_len)
             self.prefill_graphs.capture(pool)
-        self.graphs = CudaGraphRunner(self, sizes, self.cfg.max_seq_len)
+        self.graphs = CudaGraphRunner(self, sizes, self.cfg.max_seq_len, self.cfg.cuda_graph_padding)
         self.graphs.capture(pool)
 
     def init_kv_cache(self, num_blocks: int) -> None:

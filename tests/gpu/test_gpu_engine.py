@@ -51,6 +51,16 @@ def test_fp32_prefill_graphs_match_transformers(ckpt, max_num_tokens):
     assert alone == ref[:3]
 
 
+def test_fp32_exact_size_graphs_without_padding_match_transformers(ckpt):
+    """enable_padding false: decode batches of exactly 1 or 4 sequences replay graphs, the others
+    and every mixed step run eagerly; the ids are transformers' either way."""
+    path, prompts, ref = ckpt
+    got, graphs = generate(path, prompts, dtype="float32",
+                           cuda_graph_config={"enable_padding": False, "batch_sizes": [1, 4]})
+    assert graphs.sizes == [1, 4] and not graphs.can_run(3) and graphs.can_run(4)
+    assert got == ref
+
+
 def test_bf16_same_tokens_with_and_without_prefill_graphs(ckpt):
     path, prompts, _ = ckpt
     with_graphs, _ = generate(path, prompts, dtype="bfloat16", max_num_tokens=64)
