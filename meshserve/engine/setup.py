@@ -55,6 +55,9 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"supported yet ({model_config.architecture} has no experts); leave them unset")
     if args.enable_attention_dp:
         raise ValueError("enable_attention_dp=True: attention data parallelism has not landed yet")
+    if args.cache_transceiver_config is not None:
+        raise ValueError("cache_transceiver_config: disaggregated serving (context and generation servers "
+                         "handing over the KV cache) has not landed yet; leave it unset")
 
 
 def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
