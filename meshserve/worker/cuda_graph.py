@@ -29,6 +29,20 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     return max(1, min(16, (2 * num_sms) // max(1, batch_size * num_kv_heads)))
 
 
+def capture_graph(fn, pool, stream: torch.cuda.Stream):
+    """Run fn() twice on `stream` (compiles kernels, allocates workspaces), then capture it into a
+    graph drawing on `pool`; returns (graph, what fn returned during the capture)."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        out = fn()
+    return graph, out
+
+
 class CudaGraphRunner:
     def __init__(self, runner, batch_sizes: list[int], max_seq_len: int, padding: bool = True):
         self.runner = runner
@@ -67,19 +81,12 @@ class CudaGraphRunner:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            md = self._metadata(b)
-            self.metadata[b] = md
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up: compile kernels, allocate workspaces
-                    hidden, _ = model(self.input_ids[:b], self.positions[:b], md)
-                    model.compute_logits(hidden)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            md = self.metadata[b] = self._metadata(b)
+
+            def step():
                 hidden, _ = model(self.input_ids[:b], self.positions[:b], md)
-                self.logits[b] = model.compute_logits(hidden)
-            self.graphs[b] = graph
+                return model.compute_logits(hidden)
+            self.graphs[b], self.logits[b] = capture_graph(step, pool, stream)
         torch.cuda.synchronize(self.runner.device)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
@@ -227,15 +234,8 @@ class PrefillGraphRunner:
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             for s in reversed(self.buf.seq_caps(t)):
                 md = self.buf.metadata(t, s, self.runner.cfg.block_size)
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # every slot is padding here: the warm-ups touch only the null block
-                        self._forward(t, s, md)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._forward(t, s, md)
-                self.graphs[t, s] = graph
+                # every slot is padding here: the warm-ups touch only the null block
+                self.graphs[t, s], _ = capture_graph(lambda: self._forward(t, s, md), pool, stream)
         torch.cuda.synchronize(self.runner.device)
         logger.info("captured %d CUDA graphs for mixed steps of up to %s tokens", len(self.graphs), self.sizes)
 
