@@ -266,6 +266,9 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
 
     config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template))
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
+    from meshserve.utils import GCPauses
+    GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again
+    GCPauses("api server").install()
     uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
                                timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")
     server = _Server.make(uv_config)

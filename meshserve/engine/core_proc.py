@@ -91,6 +91,10 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
         raise SystemExit(1) from None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     core.late_launch = args.overlap_late_launch and core.executor.max_inflight == 2
+    from meshserve.utils import GCPauses
+    frozen = GCPauses.freeze()  # what startup built (model, graphs, caches) is never scanned again
+    GCPauses("engine").install()
+    logger.debug("froze %d objects out of garbage collection", frozen)
     try:
         limits = dataclasses.asdict(core.limits)
         out.send_multipart([READY, encoder.encode(EngineReady(limits, core.kv.num_blocks, core.kv.block_size,

@@ -106,6 +106,7 @@ def worker_main(spec_json: str) -> None:
 
 
 def run_worker(spec: RankSpec) -> int:
+    from meshserve.utils import GCPauses
     from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, StageStats,
                                                Step, WorkerChannel, WorkerError)
 
@@ -136,6 +137,8 @@ def run_worker(spec: RankSpec) -> int:
                                                                             msg.cpu_budget_bytes)))
             elif isinstance(msg, InitKv):
                 runner.init_kv_cache(msg.num_blocks)
+                GCPauses.freeze()  # the model, KV pool and graphs are up: later collections skip them
+                GCPauses(f"rank {spec.rank}").install()
                 channel.send(KvBlocks(spec.rank, msg.num_blocks))
             elif isinstance(msg, Shutdown):
                 return 0
