@@ -8,6 +8,7 @@ already tokenized and validated against the model's limits (`validate`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ class EngineCore:
         # that one still ran) to its outputs: with batches in flight, the period between outputs.
         self.iteration_latency_s = 0.0
         self.num_iterations = 0
+        # a step slower than this is logged with its shape (MESHSERVE_SLOW_STEP_MS; 0 = never)
+        self.slow_step_s = float(os.environ.get("MESHSERVE_SLOW_STEP_MS", "1000")) / 1000
         self._last_done = 0.0
         # Late launch (overlap scheduler, server): hold the next batch back until shortly before the
         # running one is due to finish, so that requests arriving meanwhile join it instead of the
@@ -142,6 +145,12 @@ class EngineCore:
         if result.error:
             raise RuntimeError(f"model execution failed: {result.error}")
         self.iteration_latency_s = done - max(t0, self._last_done)
+        if self.slow_step_s and self.iteration_latency_s >= self.slow_step_s:
+            tokens = sum(r.num_new_tokens for r in so.reqs)
+            logger.warning("step %d took %.1f ms: %d sequences, %d tokens (%d in steps of one), %d running, "
+                           "%d waiting", so.step_id, self.iteration_latency_s * 1000, len(so.reqs), tokens,
+                           sum(r.num_new_tokens == 1 for r in so.reqs), self.scheduler.num_running,
+                           self.scheduler.num_waiting)
         self._periods.append(self.iteration_latency_s)
         self._last_done = done
         outputs = self.scheduler.update_from_output(so, result)
