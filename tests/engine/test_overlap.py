@@ -162,3 +162,26 @@ def test_late_launch_is_a_server_option(ckpt):
     assert build_llm_args("test", model="x", overlap_late_launch=True).overlap_late_launch
     with pytest.raises(Exception, match="overlap_late_launch"):
         build_llm_args("test", model="x", overlap_late_launch="sometimes")
+
+
+def test_a_step_slower_than_the_threshold_is_logged_with_its_shape(ckpt, caplog):
+    import logging
+    path, _ = ckpt
+    with LLM(path, show_progress=False) as llm:
+        core = llm._core
+        core.executor.execute_async = _SlowDevice(core.executor, 0.05).execute_async
+        core.slow_step_s = 0.02  # MESHSERVE_SLOW_STEP_MS=20; every stand-in step takes 50 ms
+        core.add_request("A", list(range(3, 12)), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        with caplog.at_level(logging.WARNING, logger="meshserve.engine.engine_core"):
+            while core.has_unfinished():
+                core.step()
+        core.slow_step_s = 0.0  # 0: never logged
+        core.add_request("B", list(range(3, 12)), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        n = len(caplog.records)
+        with caplog.at_level(logging.WARNING, logger="meshserve.engine.engine_core"):
+            while core.has_unfinished():
+                core.step()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("took" in m and "1 sequences, 9 tokens (0 in steps of one)" in m for m in msgs[:n]), msgs
+    assert any("1 sequences, 1 tokens (1 in steps of one)" in m for m in msgs[:n]), msgs
+    assert len(caplog.records) == n
