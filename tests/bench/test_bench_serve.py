@@ -183,3 +183,71 @@ def test_poisson_arrivals_have_the_asked_mean_gap(monkeypatch):
     asked.clear()
     asyncio.run(collect(10, float("inf"), 1.0))
     assert asked == []  # rate inf: all at once
+
+
+def _raw_sse_server(pieces: list[bytes], gap_s: float, status: int = 200):
+    """An HTTP server (aiohttp.web, in this test's loop) that answers every POST by writing
+    `pieces` as they are, `gap_s` apart: SSE events split anywhere and several in one write."""
+    from aiohttp import web
+
+    async def handler(request):
+        await request.read()
+        if status != 200:
+            return web.Response(status=status, text="no such model: x")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for p in pieces:
+            await asyncio.sleep(gap_s)
+            await resp.write(p)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    return app
+
+
+async def _send_to(app, samples_text=("hi",)):
+    from aiohttp import web
+
+    from meshserve.bench.datasets import Sample
+    from meshserve.bench.serve import ServeConfig, _make_client, send_request
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        config = ServeConfig(base_url=f"http://127.0.0.1:{port}", endpoint="/v1/completions", model="m")
+        async with _make_client(config) as client:
+            return await send_request(client, config, Sample(prompt=samples_text[0], prompt_len=1, output_len=3))
+    finally:
+        await runner.cleanup()
+
+
+def _event(text=None, **extra):
+    body = {"choices": [{"text": text}]} if text is not None else {"choices": []}
+    body.update(extra)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def test_sse_events_split_across_reads_and_packed_into_one_are_each_counted():
+    a, b, c = _event("Hel"), _event("lo"), _event(" you")
+    usage = _event(None, usage={"completion_tokens": 3})
+    # a split inside the JSON of the first event, b and half of c in one write, then the rest
+    pieces = [a[:17], a[17:] + b + c[:9], c[9:] + b": keep-alive comment\n\n" + usage + b"data: [DONE]\n\n"]
+    rec = asyncio.run(_send_to(_raw_sse_server(pieces, gap_s=0.2)))
+    assert rec.success, rec.error
+    assert rec.generated_text == "Hello you"
+    assert rec.output_tokens == 3
+    # the first text arrives with the second write (~0.4 s), b with it, c with the third (~0.6 s)
+    assert 0.35 <= rec.ttft <= 0.55, rec.ttft
+    assert len(rec.itl) == 2 and rec.itl[0] < 0.05 and 0.15 <= rec.itl[1] <= 0.35, rec.itl
+
+
+def test_an_error_event_and_a_non_200_answer_fail_the_request_with_the_message():
+    err = b"data: " + json.dumps({"error": {"message": "engine died", "code": 503}}).encode() + b"\n\n"
+    rec = asyncio.run(_send_to(_raw_sse_server([_event("a"), err], gap_s=0.01)))
+    assert not rec.success and "error in stream" in rec.error and "engine died" in rec.error
+    rec = asyncio.run(_send_to(_raw_sse_server([], gap_s=0, status=404)))
+    assert not rec.success and rec.error.startswith("HTTP 404") and "no such model" in rec.error
