@@ -62,6 +62,7 @@ def main() -> None:
                      "mean_ttft_ms": r["mean_ttft_ms"], "p99_ttft_ms": r["p99_ttft_ms"],
                      "mean_itl_ms": r["mean_itl_ms"], "p99_itl_ms": r["p99_itl_ms"],
                      "output_throughput": r["output_throughput"],
+                     "median_ttft_ms": r.get("median_ttft_ms"), "client_cpu_fraction": r.get("client_cpu_fraction"),
                      "trtllm_ttft_ms": anchor[0], "trtllm_itl_ms": anchor[1], "trtllm_tok_s": anchor[2]})
     summary = {"scenario": "online-8b", "model": args.model, "input_len": args.input_len,
                "output_len": args.output_len, "num_prompts": args.num_prompts, "rows": rows}
@@ -71,13 +72,17 @@ def main() -> None:
     def cell(value, fmt="{:.1f}"):
         return "-" if value is None else fmt.format(value)
 
+    busy = [row["rate"] for row in rows if (row["client_cpu_fraction"] or 0) > 0.5]
+    if busy:
+        print(f"note: the client used over half a CPU core at rate(s) {', '.join(busy)}: its own delays "
+              "are in those latencies")
     print(f"\nonline-8b: {args.model}, {args.input_len} in / {args.output_len} out, {args.num_prompts} requests")
     print(f"{'rate':>5} {'ok/fail':>8} {'TTFT mean':>10} {'TTFT p99':>9} {'ITL mean':>9} {'ITL p99':>8} "
-          f"{'out tok/s':>10} | {'TRT TTFT':>8} {'TRT ITL':>7} {'TRT tok/s':>9}")
+          f"{'out tok/s':>10} {'client CPU':>10} | {'TRT TTFT':>8} {'TRT ITL':>7} {'TRT tok/s':>9}")
     for row in rows:
         print(f"{row['rate']:>5} {row['completed']:>4}/{row['failed']:<3} {cell(row['mean_ttft_ms']):>10} "
               f"{cell(row['p99_ttft_ms']):>9} {cell(row['mean_itl_ms']):>9} {cell(row['p99_itl_ms']):>8} "
-              f"{cell(row['output_throughput'], '{:.0f}'):>10} | {cell(row['trtllm_ttft_ms'], '{:.0f}'):>8} "
+              f"{cell(row['output_throughput'], '{:.0f}'):>10} {cell(row['client_cpu_fraction'], '{:.2f}'):>10} | {cell(row['trtllm_ttft_ms'], '{:.0f}'):>8} "
               f"{cell(row['trtllm_itl_ms'], '{:.0f}'):>7} {cell(row['trtllm_tok_s'], '{:.0f}'):>9}")
 
 
