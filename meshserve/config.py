@@ -100,6 +100,9 @@ class LlmArgs(StrictModel):
     skip_tokenizer_init: bool = False
     show_progress: bool = True
     max_waiting_requests: Optional[int] = Field(None, ge=1)
+    stream_interval: int = Field(1, ge=1, description=(
+        "server streaming: send a stream's text every this many tokens (the first token and the end "
+        "at once), fewer, larger events for less API-server and client CPU per token"))
 
     @field_validator("dtype")
     @classmethod

@@ -40,6 +40,8 @@ _ENGINE_FLAGS = [
     ("load_format", "load_format", str, "auto, safetensors, gguf or dummy (random weights)"),
     ("device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("seed", "seed", int, "seed of the weights of load_format=dummy and of unseeded sampling"),
+    ("stream_interval", "stream_interval", int,
+     "stream every N tokens (the first one and the last at once; default 1: every token)"),
     ("max_waiting_requests", "max_waiting_requests", int,
      "answer 503 + Retry-After when this many requests wait for their first token (default: no limit)"),
 ]

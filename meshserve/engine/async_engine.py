@@ -66,6 +66,8 @@ class RequestStream:
         self.state = state
         self.error: Optional[BaseException] = None
         self.done = False  # finished, aborted or failed: no more engine outputs are routed here
+        self.unsent = 0  # tokens routed since the reader was last woken (stream_interval)
+        self.woken = False  # whether the reader was woken for a token yet (the first goes at once)
         self._event = asyncio.Event()
 
     @property
@@ -109,6 +111,7 @@ class AsyncEngine:
         self.observer = observer
         self.log_level = log_level
         self.max_waiting_requests = args.max_waiting_requests
+        self.stream_interval = args.stream_interval
         self.limits: Optional[EngineLimits] = None
         self.ready: Optional[core_proc.EngineReady] = None
         self.stats: dict = {}
@@ -358,6 +361,7 @@ class AsyncEngine:
             if seq.finish_reason is not None:
                 continue
             num_tokens += len(out.new_token_ids)
+            stream.unsent += len(out.new_token_ids)
             try:
                 hit_stop = stream.state.process(out)
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
@@ -372,10 +376,12 @@ class AsyncEngine:
             touched[stream.request_id] = stream
         if stopped:
             self._send_quietly(core_proc.ABORT, stopped)
+        interval = self.stream_interval
         for stream in touched.values():
             if stream.state.finished:
                 self._finish_stream(stream)
-            else:
+            elif interval == 1 or stream.unsent >= interval or not stream.woken:
+                stream.unsent, stream.woken = 0, True
                 stream._wake()
         if msg.stats is not None:
             self.stats = msg.stats
