@@ -131,6 +131,20 @@ def test_generate_async_streams_to_the_same_text(llm):
     assert len(parts) > 1
 
 
+def test_stream_interval_sends_the_first_token_then_every_n(ckpt):
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def run(llm):
+        return [len(out.outputs[0].token_ids) async for out in llm.generate_async(PROMPTS[1], sp, streaming=True)]
+
+    with LLM(ckpt[0], kv_cache_config={"tokens_per_block": 4}, max_seq_len=128, stream_interval=5) as llm:
+        full = llm.generate(PROMPTS[1], sp, use_tqdm=False).outputs[0].token_ids
+        lengths = asyncio.run(run(llm))
+        with pytest.raises(Exception, match="stream_interval"):
+            LLM(ckpt[0], stream_interval=0)
+    assert lengths == [1, 6, 11, 12] and len(full) == 12
+
+
 def test_chat_uses_the_template(llm, ckpt):
     msgs = [{"role": "user", "content": "Hi"}]
     out = llm.chat(msgs, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
