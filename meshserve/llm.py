@@ -45,7 +45,6 @@ class LLM:
         self._wake = threading.Condition(self._lock)
         self._states: dict[str, RequestState] = {}  # engine seq id -> its request's state
         self._async_streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}
-        self._unsent: dict[str, int] = {}  # streaming request -> tokens since its last partial output
         self._ids = itertools.count()
         self._bg: Optional[threading.Thread] = None
         self._closed = False
@@ -110,8 +109,6 @@ class LLM:
                 continue
             if state.seqs[out.request_id].finish_reason is not None:
                 continue  # e.g. the abort that follows a stop string
-            if state.request_id in self._unsent:
-                self._unsent[state.request_id] += len(out.new_token_ids)
             if state.process(out):
                 stopped.append(out.request_id)
             if state.seqs[out.request_id].finish_reason is not None:
@@ -125,22 +122,16 @@ class LLM:
             stream = self._async_streams.get(rid)
             if stream is not None:
                 loop, queue, streaming = stream
-                # stream_interval: the first token at once, then every that many tokens, and the end
-                unsent = self._unsent.get(rid, 0)
-                if state.finished or (streaming and (unsent >= self.args.stream_interval or unsent < 0
-                                                     or self.args.stream_interval == 1)):
+                if state.finished or (streaming and state.stream_due(self.args.stream_interval)):
                     loop.call_soon_threadsafe(queue.put_nowait, state.make_output())
-                    self._unsent[rid] = 0
                 if state.finished:
                     self._async_streams.pop(rid, None)
-                    self._unsent.pop(rid, None)
 
     def _fail_all(self, err: BaseException) -> None:
         self._error = err
         for rid, (loop, queue, _) in list(self._async_streams.items()):
             loop.call_soon_threadsafe(queue.put_nowait, err)
         self._async_streams.clear()
-        self._unsent.clear()
 
     # ---- public API ----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -186,7 +177,6 @@ class LLM:
             self._check_open()
             state, adds = self._new_state(prompt, params)
             self._async_streams[state.request_id] = (loop, queue, streaming)
-            self._unsent[state.request_id] = -1 << 30  # negative until the first partial output
             self._submit(state, adds)
             self._ensure_background()
             self._wake.notify_all()
@@ -222,7 +212,6 @@ class LLM:
                 self._states.pop(sid)
                 state.seqs[sid].finish_reason = "abort"
             stream = self._async_streams.pop(request_id, None)
-            self._unsent.pop(request_id, None)
         if stream is not None:
             loop, queue, _ = stream
             loop.call_soon_threadsafe(queue.put_nowait, state.make_output())

@@ -1,6 +1,10 @@
 """Small helpers shared by the worker modules."""
 from __future__ import annotations
 
+import gc
+import logging
+import os
+import time
 from typing import Optional
 
 import torch
@@ -30,8 +34,6 @@ class GCPauses:
     (MESHSERVE_GC_WARN_MS, default 20; 0 logs none)."""
 
     def __init__(self, where: str, warn_ms: Optional[float] = None):
-        import logging
-        import os
         self.where = where
         self.warn_ms = float(os.environ.get("MESHSERVE_GC_WARN_MS", "20")) if warn_ms is None else warn_ms
         self.count = 0
@@ -44,24 +46,20 @@ class GCPauses:
     def freeze() -> int:
         """Collect once, then exempt every surviving object from later collections; returns how
         many objects were frozen."""
-        import gc
         gc.collect()
         gc.freeze()
         return gc.get_freeze_count()
 
     def install(self) -> "GCPauses":
-        import gc
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)
         return self
 
     def uninstall(self) -> None:
-        import gc
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
     def _callback(self, phase: str, info: dict) -> None:
-        import time
         if phase == "start":
             self._t0 = time.perf_counter()
             return

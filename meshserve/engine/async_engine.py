@@ -66,8 +66,6 @@ class RequestStream:
         self.state = state
         self.error: Optional[BaseException] = None
         self.done = False  # finished, aborted or failed: no more engine outputs are routed here
-        self.unsent = 0  # tokens routed since the reader was last woken (stream_interval)
-        self.woken = False  # whether the reader was woken for a token yet (the first goes at once)
         self._event = asyncio.Event()
 
     @property
@@ -361,7 +359,6 @@ class AsyncEngine:
             if seq.finish_reason is not None:
                 continue
             num_tokens += len(out.new_token_ids)
-            stream.unsent += len(out.new_token_ids)
             try:
                 hit_stop = stream.state.process(out)
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
@@ -380,8 +377,7 @@ class AsyncEngine:
         for stream in touched.values():
             if stream.state.finished:
                 self._finish_stream(stream)
-            elif interval == 1 or stream.unsent >= interval or not stream.woken:
-                stream.unsent, stream.woken = 0, True
+            elif stream.state.stream_due(interval):
                 stream._wake()
         if msg.stats is not None:
             self.stats = msg.stats

@@ -92,6 +92,16 @@ class RequestState:
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
         self.hold_back = max((len(s) for s in params.stop), default=1) - 1
+        self.unstreamed_tokens = 0  # tokens processed since a streaming reader last got an output
+        self.streamed = False
+
+    def stream_due(self, interval: int) -> bool:
+        """stream_interval: whether a streaming reader gets a partial output now: the first at once,
+        then once `interval` more tokens have come (the end is sent regardless). Resets on yes."""
+        if interval > 1 and self.streamed and self.unstreamed_tokens < interval:
+            return False
+        self.unstreamed_tokens, self.streamed = 0, True
+        return True
 
     @property
     def finished(self) -> bool:
@@ -109,6 +119,7 @@ class RequestState:
         if out.new_token_ids and self.first_token_time is None:
             self.first_token_time = time.monotonic()
         seq.token_ids.extend(out.new_token_ids)
+        self.unstreamed_tokens += len(out.new_token_ids)
         if seq.logprobs is not None:
             for ids, vals in out.new_logprobs:
                 seq.logprobs.append(dict(zip(ids, vals)))
