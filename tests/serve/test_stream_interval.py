@@ -34,9 +34,10 @@ def test_first_token_at_once_then_every_interval_and_the_same_text(client):
     sizes, text, finish = _stream_tokens(client, **kw)
     # The reader is woken at the first token, then each time INTERVAL more have come, then at the
     # end; a chunk carries the tokens whose text is complete (the random model emits partial UTF-8
-    # characters that the detokenizer holds back), so sizes are not exactly 1, 4, 4, ...
-    assert sum(sizes) == 23, sizes
-    assert sizes[0] < INTERVAL, sizes  # sent before a whole interval had passed
+    # characters that the detokenizer holds back) and whatever came before the reader ran (the
+    # first wake can precede the start of the HTTP response), so sizes are not exactly 1, 4, 4, ...
+    # The first-token-at-once order itself: tests/engine/test_llm_api.py (1, 6, 11, 12).
+    assert sum(sizes) == 23 and len(sizes) >= 2, sizes
     assert len(sizes) <= 2 + -(-22 // INTERVAL), sizes  # 23 events with stream_interval 1
     assert text == full.choices[0].text and finish == full.choices[0].finish_reason == "length"
 
