@@ -27,6 +27,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="a smaller prefill sweep (block_n 64/128, stages 2/3)")
+    p.add_argument("--prefill-only", action="store_true", help="only the 8k prefill sweep")
+    p.add_argument("--rows", default="64,128", help="prefill tile rows (query token x head) to sweep")
     p.add_argument("--json", help="write the fastest prefill tile shape and decode split_tiles here")
     a = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
@@ -45,7 +47,7 @@ def main():
     ref = None
     print(f"{'block_n':>8}{'warps':>6}{'stages':>7}{'splits':>7}{'us':>9}{'TB/s':>7}")
     default_splits = decode_num_splits(B, KVH, sms)
-    for splits in sorted({1, default_splits, max(1, default_splits * 2)}):
+    for splits in ([] if a.prefill_only else sorted({1, default_splits, max(1, default_splits * 2)})):
         for bn in (64,):
             for warps in (2, 4):
                 for stages in (2, 3):
@@ -72,30 +74,34 @@ def main():
     flops = 4 * H8 * D * T * T / 2
     ref = None
     best_prefill = None
-    for rows in (64, 128):
+    configs = [(rows, bn, warps, stages, heavy) for rows in map(int, a.rows.split(","))
+               for bn in ((64, 128) if a.quick else (32, 64, 128)) for warps in (4, 8)
+               for stages in ((2, 3) if a.quick else (2, 3, 4)) for heavy in (False, True)]
+    for rows, bn, warps, stages, heavy in configs:
         bq = max(1, rows // (H8 // KVH8))
         tsp, stp = plan_tiles([T], bq, dev)
-        for bn in ((64, 128) if a.quick else (32, 64, 128)):
-            for warps in (4, 8):
-                for stages in ((2, 3) if a.quick else (2, 3, 4)):
-                    try:
-                        f = lambda: paged_attention(qp, cache_p, btp, sl, ql, tsp, stp, bq, D ** -0.5, None, 1,  # noqa
-                                                    block_n=bn, num_warps=warps, num_stages=stages,
-                                                    exact_tiles=True)
-                        out = f()
-                        ref = out if ref is None else ref
-                        assert (out.float() - ref.float()).abs().max() < 3e-2
-                        ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
-                        if best_prefill is None or ms < best_prefill["ms"]:
-                            best_prefill = dict(rows=rows, block_n=bn, warps=warps, stages=stages, ms=ms,
-                                                tflops=flops / ms / 1e9)
-                        print(f"prefill 8k, 8B layer: rows={rows} block_n={bn} warps={warps} stages={stages}: "
-                              f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
-                        print(f"prefill rows={rows} block_n={bn} warps={warps} stages={stages}: failed "
-                              f"{type(e).__name__}", flush=True)
+        try:
+            f = lambda: paged_attention(qp, cache_p, btp, sl, ql, tsp, stp, bq, D ** -0.5, None, 1,  # noqa
+                                        block_n=bn, num_warps=warps, num_stages=stages,
+                                        exact_tiles=True, heavy_first=heavy)
+            out = f()
+            ref = out if ref is None else ref
+            assert (out.float() - ref.float()).abs().max() < 3e-2
+            ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
+            if best_prefill is None or ms < best_prefill["ms"]:
+                best_prefill = dict(rows=rows, block_n=bn, warps=warps, stages=stages, heavy_first=heavy,
+                                    ms=ms, tflops=flops / ms / 1e9)
+            print(f"prefill 8k, 8B layer: rows={rows} block_n={bn} warps={warps} stages={stages} "
+                  f"heavy_first={int(heavy)}: "
+                  f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
+            print(f"prefill rows={rows} block_n={bn} warps={warps} stages={stages} heavy={int(heavy)}: failed "
+                  f"{type(e).__name__}", flush=True)
     # batch-1 decode on the 8B shape: KV splits and how many tiles a split covers
     tiles_total = {}
+    if a.prefill_only:
+        print(f"fastest prefill tile shape: {best_prefill}")
+        return
     for ctx in (128, 384, 640, 2048, 8192):
         nb1 = -(-ctx // P) + 1
         c1 = torch.randn(2, nb1, P, KVH8, D, dtype=dt, device=dev)

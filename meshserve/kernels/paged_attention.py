@@ -98,9 +98,11 @@ def _attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_TILES: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
     tile = tl.program_id(0)
+    if HEAVY_FIRST:  # causal prefill: the last query tiles see the most keys; start them first
+        tile = tl.num_programs(0) - 1 - tile
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
@@ -229,10 +231,13 @@ def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile
 # decode tiles (mostly the GQA group) read 64-token KV tiles with 2 warps, and a KV split covers at
 # least DECODE_SPLIT_TILES tiles; prefill tiles hold PREFILL_ROWS (query token, head) rows.
 DECODE_SPLIT_TILES = int(os.environ.get("MESHSERVE_ATTN_SPLIT_TILES", "2"))
-PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "128"))
+PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "256"))
 PREFILL_BLOCK_N = int(os.environ.get("MESHSERVE_ATTN_PREFILL_BLOCK_N", "128"))
 PREFILL_WARPS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_WARPS", "8"))
-PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "3"))
+PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "2"))
+# Prefill tiles launch in reverse (a sequence's last query tiles, which see the most keys, first),
+# so the short tiles fill the end of the grid instead of one long tile running alone at the end.
+PREFILL_HEAVY_FIRST = os.environ.get("MESHSERVE_ATTN_HEAVY_FIRST", "1") == "1"
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -311,8 +316,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None,
                     block_n: Optional[int] = None, num_warps: Optional[int] = None,
                     num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
-                    exact_tiles: bool = False) -> torch.Tensor:
-    """exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps)."""
+                    exact_tiles: bool = False, heavy_first: Optional[bool] = None) -> torch.Tensor:
+    """exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
+    heavy_first: launch query tiles last to first (default PREFILL_HEAVY_FIRST for prefill)."""
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
@@ -322,6 +328,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     block_n = block_n or (64 if decode else PREFILL_BLOCK_N)
     num_warps = num_warps or (2 if decode else PREFILL_WARPS)
     num_stages = num_stages or (2 if decode else PREFILL_STAGES)
+    heavy_first = (not decode and PREFILL_HEAVY_FIRST) if heavy_first is None else heavy_first
     d_p2 = triton.next_power_of_2(D)
     # Tile shapes that would not fit in this GPU's shared memory (fp32, head_dim 256, or the
     # Hopper-tuned prefill tiles on an A100 / L40S) shrink before launch; a compile that still
@@ -356,7 +363,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
                 WINDOW=sliding_window or 0, NUM_SPLITS=num_splits, SPLIT_TILES=split_tiles or DECODE_SPLIT_TILES,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
-                num_warps=num_warps, num_stages=num_stages)
+                HEAVY_FIRST=heavy_first, num_warps=num_warps, num_stages=num_stages)
             return out
         except OutOfResources:
             smaller = None if exact_tiles else shrink_tiles(block_n, num_stages)

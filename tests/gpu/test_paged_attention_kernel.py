@@ -63,9 +63,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("heavy_first", [None, False, True], ids=["default-order", "in-order", "heavy-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_kernel_matches_torch_reference(case, dtype):
+def test_kernel_matches_torch_reference(case, dtype, heavy_first):
     q_lens, ctx, H, KVH, D, page, window, splits = CASES[case]
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter checks fp32; bf16 runs on the GPU")
@@ -82,7 +83,7 @@ def test_kernel_matches_torch_reference(case, dtype):
     tile_seq, tile_start = plan_tiles(q_lens, block_q, DEVICE)
     out = torch.full_like(q, float("nan"), device=DEVICE)  # poisoned: every element must be written
     paged_attention(q.to(DEVICE), dev_cache, dmd.block_tables, dmd.seq_lens, dmd.query_start_loc, tile_seq,
-                    tile_start, block_q, D ** -0.5, window, splits, out=out)
+                    tile_start, block_q, D ** -0.5, window, splits, out=out, heavy_first=heavy_first)
     got = out.double().cpu()
     assert not got.isnan().any()
     err = (got - ref).norm() / ref.norm()
