@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
@@ -37,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = 1
+# Prompts of at least this many characters are tokenized (and chat templates rendered) on a worker
+# thread, as vLLM does: an 8k-token prompt takes tens of ms to encode, during which the event loop
+# would send no stream chunks to anyone. The tokenizers' batch encode releases the GIL. Shorter
+# prompts stay inline: a thread hop costs more than they do.
+TOKENIZE_OFFLOAD_CHARS = int(os.environ.get("MESHSERVE_TOKENIZE_OFFLOAD_CHARS", "4096"))
 
 
 @dataclass
@@ -77,6 +84,14 @@ class OpenAIServing:
         self.metrics = metrics
         self.config = config
         self.tokens = responses.TokenStrings(tokenizer)
+        # one thread: prompts are tokenized in arrival order; PromptEncoder spreads a long one over cores
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
+
+    async def _off_loop(self, chars: int, fn, *args):
+        """fn(*args) on the tokenizer thread when `chars` is at least TOKENIZE_OFFLOAD_CHARS, else inline."""
+        if chars < TOKENIZE_OFFLOAD_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     # ---- shared steps --------------------------------------------------------------------------------
     @staticmethod
@@ -172,7 +187,7 @@ class OpenAIServing:
                 t.cancel()
 
     # ---- /v1/completions ---------------------------------------------------------------------------
-    def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
+    async def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -182,7 +197,7 @@ class OpenAIServing:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append((p, self.encoder.encode(p)))
+                out.append((p, await self._off_loop(len(p), self.encoder.encode, p)))
             else:
                 if not p:
                     raise bad_request("prompt contains an empty list of token ids", "prompt")
@@ -196,7 +211,7 @@ class OpenAIServing:
             raise bad_request("suffix is not supported by this server", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of={req.best_of} is not supported; leave it unset or equal to n", "best_of")
-        prompts = self.completion_prompts(req.prompt)
+        prompts = await self.completion_prompts(req.prompt)
         max_tokens = req.requested_max_tokens
         prompt_logprobs = req.prompt_logprobs
         if req.echo and req.logprobs is not None and prompt_logprobs is None:
@@ -230,10 +245,15 @@ class OpenAIServing:
         yield SSE_DONE
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------
-    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    async def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        messages = req.template_messages()
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        return await self._off_loop(chars, self._render_chat, req, messages)
+
+    def _render_chat(self, req: ChatCompletionRequest, messages: list[dict]) -> tuple[str, list[int]]:
         try:
             text = self.tokenizer.apply_chat_template(
-                req.template_messages(), tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template=req.chat_template or self.config.chat_template, **(req.chat_template_kwargs or {}))
         except APIError:
@@ -253,7 +273,7 @@ class OpenAIServing:
                               f"{{'type': 'text'}}", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        text, ids = self.chat_prompt(req)
+        text, ids = await self.chat_prompt(req)
         max_tokens = req.requested_max_tokens
         if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
             lim = self.engine.limits

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# benchmarks/long_prompt_stall.py against `meshserve serve` with the width-32 model of
+# api_overhead.sh (cheap engine, the llama-3.1-8b tokenizer), twice: long prompts tokenized on the
+# API server's event loop (MESHSERVE_TOKENIZE_OFFLOAD_CHARS huge), then off it (the default). The
+# server's --max_seq_len 4096 refuses the long prompts after tokenizing them: no engine work.
+#   CHARS (120000), STREAMS (8), ROUNDS (2: both settings, interleaved). Results: $OUT/long_prompt_*.json
+set -u
+PY=${PYTHON:-python3}
+OUT=${OUT:-out}; mkdir -p "$OUT"
+M=/tmp/meshserve_api_overhead_model
+$PY - "$M" <<'PYEOF'
+import json, os, shutil, sys
+from meshserve.bench.shapes import resolve_model
+src, dst = resolve_model("llama-3.1-8b"), sys.argv[1]
+os.makedirs(dst, exist_ok=True)
+for f in os.listdir(src):
+    shutil.copy(os.path.join(src, f), dst)
+cfg = json.load(open(os.path.join(dst, "config.json")))
+cfg.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+           num_key_value_heads=1, head_dim=16)
+json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+PYEOF
+PORT=${PORT:-8211}; URL=http://127.0.0.1:$PORT
+run() {  # label, offload threshold
+  MESHSERVE_TOKENIZE_OFFLOAD_CHARS=$2 $PY -m meshserve serve $M --load-format dummy --max_seq_len 4096 \
+    --host 127.0.0.1 --port $PORT > /tmp/long_prompt_server.log 2>&1 &
+  local S=$!
+  for _ in $(seq 120); do curl -sf $URL/health >/dev/null && break; sleep 1; done
+  $PY benchmarks/long_prompt_stall.py --base-url $URL --chars "${CHARS:-120000}" --streams "${STREAMS:-8}" \
+    --label "$1" --out "$OUT/long_prompt_$1_$3.json"
+  kill -TERM $S; wait $S 2>/dev/null
+}
+for r in $(seq "${ROUNDS:-2}"); do
+  run on_loop 1000000000 $r
+  run off_loop 4096 $r
+done
