@@ -7,21 +7,9 @@
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-out}; mkdir -p "$OUT"
-M=/tmp/meshserve_api_overhead_model
-$PY - "$M" <<'PYEOF'
-import json, os, shutil, sys
-from meshserve.bench.shapes import resolve_model
-src, dst = resolve_model("llama-3.1-8b"), sys.argv[1]
-os.makedirs(dst, exist_ok=True)
-for f in os.listdir(src):
-    shutil.copy(os.path.join(src, f), dst)
-cfg = json.load(open(os.path.join(dst, "config.json")))
-cfg.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-           num_key_value_heads=1, head_dim=16)
-json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
-PYEOF
+M=$($PY benchmarks/api_tiny_model.py) || exit 1
 PORT=${PORT:-8211}; URL=http://127.0.0.1:$PORT
-run() {  # label, offload threshold
+run() {  # label, offload threshold, round
   MESHSERVE_TOKENIZE_OFFLOAD_CHARS=$2 $PY -m meshserve serve $M --load-format dummy --max_seq_len 4096 \
     --host 127.0.0.1 --port $PORT > /tmp/long_prompt_server.log 2>&1 &
   local S=$!
