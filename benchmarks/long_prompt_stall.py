@@ -4,10 +4,9 @@
 K streaming completions run (ignore_eos); once they stream, one long prompt (random words, max_tokens
 1) is sent now and then. With the server's --max_seq_len below the prompt's length (as the .sh
 does) the prompt is tokenized and then refused with a 400, so the engine does no work for it and
-the gaps measure the API server alone. For the running streams it reports the gaps between chunks: the median
-over the whole run, and the longest gap that overlaps a long prompt's request. Run it against a
-server whose engine is cheap (the width-32 model of benchmarks/api_overhead.sh), so the gaps are
-the API server's, e.g.:
+the gaps measure the API server alone. For the running streams it reports the gaps between
+chunks: the median over the whole run, and the longest gap that overlaps a long prompt's request.
+Run it against a server whose engine is cheap (benchmarks/api_tiny_model.py), e.g.:
 
     bash benchmarks/long_prompt_stall.sh   # starts that server, runs this with both settings
 

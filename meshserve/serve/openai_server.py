@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = 1
-# Prompts of at least this many characters are tokenized (and chat templates rendered) on a worker
-# thread, as vLLM does: an 8k-token prompt takes tens of ms to encode, during which the event loop
-# would send no stream chunks to anyone. The tokenizers' batch encode releases the GIL. Shorter
-# prompts stay inline: a thread hop costs more than they do.
+# A request's prompts, when they come to at least this many characters together, are tokenized
+# (chat templates rendered) on a worker thread, as vLLM does: an 8k-token prompt takes tens of ms
+# to encode, during which the event loop would send no stream chunks to anyone. The tokenizers'
+# batch encode releases the GIL. Shorter ones stay inline: a thread hop costs more than they do.
 TOKENIZE_OFFLOAD_CHARS = int(os.environ.get("MESHSERVE_TOKENIZE_OFFLOAD_CHARS", "4096"))
 
 
@@ -194,15 +194,12 @@ class OpenAIServing:
             raise bad_request("prompt is empty: pass a string, a list of strings, or token ids", "prompt")
         if all_ints(prompt):
             prompt = [prompt]
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                out.append((p, await self._off_loop(len(p), self.encoder.encode, p)))
-            else:
-                if not p:
-                    raise bad_request("prompt contains an empty list of token ids", "prompt")
-                out.append((None, list(p)))
-        return out
+        if any(not isinstance(p, str) and not p for p in prompt):
+            raise bad_request("prompt contains an empty list of token ids", "prompt")
+        texts = [p for p in prompt if isinstance(p, str)]
+        # one hop for the whole batch: many short prompts add up like one long one
+        ids = iter(await self._off_loop(sum(map(len, texts)), lambda: [self.encoder.encode(t) for t in texts]))
+        return [(p, next(ids)) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
     async def create_completion(self, raw: Request) -> Response:
         req: CompletionRequest = await self.parse(raw, CompletionRequest)

@@ -57,6 +57,18 @@ def test_a_long_completion_prompt_is_encoded_while_the_loop_runs(serving, tiny_t
     assert got_text == text and ids == tiny_tokenizer.encode(text)
 
 
+def test_many_short_prompts_adding_up_are_encoded_off_the_loop_in_order(serving, tiny_tokenizer):
+    n = TOKENIZE_OFFLOAD_CHARS // 300 + 2
+    texts = [long_text(300) + f" number {i}" for i in range(n)]
+    batch = texts[:2] + [[5, 6, 7]] + texts[2:]  # token ids pass through in their place
+    gate = serving.encoder = GatedEncoder(serving.encoder)
+    got = asyncio.run(run_while_gated(gate, serving.completion_prompts(batch)))
+    assert len(gate.calls) == n and all(released for released, _ in gate.calls), "encoded on the event loop"
+    want = [(t, tiny_tokenizer.encode(t)) for t in texts[:2]] + [(None, [5, 6, 7])] + \
+        [(t, tiny_tokenizer.encode(t)) for t in texts[2:]]
+    assert got == want
+
+
 def test_a_long_chat_is_rendered_and_encoded_while_the_loop_runs(serving, tiny_tokenizer):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long_text(TOKENIZE_OFFLOAD_CHARS)}]
     req = ChatCompletionRequest.model_validate({"messages": msgs})
