@@ -229,12 +229,19 @@ def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile
 
 # Tile shapes, tuned on the H200 with benchmarks/attention_kernel.py (overridable for sweeps):
 # decode tiles (mostly the GQA group) read 64-token KV tiles with 2 warps, and a KV split covers at
-# least DECODE_SPLIT_TILES tiles; prefill tiles hold PREFILL_ROWS (query token, head) rows.
+# least DECODE_SPLIT_TILES tiles; prefill tiles hold PREFILL_ROWS (query token, head) rows in steps
+# of more than PREFILL_LARGE_TOKENS tokens (an 8k prompt: 256-row tiles, 2 stages, 456 TFLOP/s
+# against 366 with 128 rows), PREFILL_ROWS_SMALL rows in smaller steps: there, 256-row tiles leave
+# SMs idle (a 467-token prompt is 64 programs on 132 SMs) and each decode row of a mixed step pays
+# for a whole tile.
 DECODE_SPLIT_TILES = int(os.environ.get("MESHSERVE_ATTN_SPLIT_TILES", "2"))
 PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "256"))
+PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "2"))
+PREFILL_ROWS_SMALL = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS_SMALL", "128"))
+PREFILL_STAGES_SMALL = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES_SMALL", "3"))
+PREFILL_LARGE_TOKENS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_LARGE_TOKENS", "2048"))
 PREFILL_BLOCK_N = int(os.environ.get("MESHSERVE_ATTN_PREFILL_BLOCK_N", "128"))
 PREFILL_WARPS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_WARPS", "8"))
-PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "2"))
 # Prefill tiles launch in reverse (a sequence's last query tiles, which see the most keys, first),
 # so the short tiles fill the end of the grid instead of one long tile running alone at the end.
 PREFILL_HEAVY_FIRST = os.environ.get("MESHSERVE_ATTN_HEAVY_FIRST", "1") == "1"
@@ -302,12 +309,14 @@ def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tenso
             to_device(torch.tensor(starts, dtype=torch.int32), device))
 
 
-def block_q_for(max_query_len: int, group: int) -> int:
-    """Query tokens per tile: 1 for pure decode (the rows are the GQA group), else one fixed size
-    giving PREFILL_ROWS-row tiles, so a whole run compiles just two variants (decode and prefill)."""
+def block_q_for(max_query_len: int, group: int, num_tokens: Optional[int] = None) -> int:
+    """Query tokens per tile: 1 for pure decode (the rows are the GQA group), else PREFILL_ROWS-row
+    tiles for a step of more than PREFILL_LARGE_TOKENS tokens (or num_tokens None) and
+    PREFILL_ROWS_SMALL-row tiles for a smaller one, so a whole run compiles three variants."""
     if max_query_len <= 1:
         return 1
-    return max(1, PREFILL_ROWS // group)
+    small = num_tokens is not None and num_tokens <= PREFILL_LARGE_TOKENS
+    return max(1, (PREFILL_ROWS_SMALL if small else PREFILL_ROWS) // group)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -327,7 +336,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     decode = block_q == 1
     block_n = block_n or (64 if decode else PREFILL_BLOCK_N)
     num_warps = num_warps or (2 if decode else PREFILL_WARPS)
-    num_stages = num_stages or (2 if decode else PREFILL_STAGES)
+    num_stages = num_stages or (2 if decode else PREFILL_STAGES if block_m >= PREFILL_ROWS else PREFILL_STAGES_SMALL)
     heavy_first = (not decode and PREFILL_HEAVY_FIRST) if heavy_first is None else heavy_first
     d_p2 = triton.next_power_of_2(D)
     # Tile shapes that would not fit in this GPU's shared memory (fp32, head_dim 256, or the

@@ -127,7 +127,8 @@ class MixedStepBuffers:
     token count and sequence count, so one CUDA graph serves every step that fits.
 
     A graph of T tokens and S sequence slots (S <= T: each sequence has at least one token) has
-    S + ceil(T / block_q) query tiles in the Triton kernel's plan, which bounds any step's plan.
+    S + ceil(T / block_q) query tiles in the Triton kernel's plan, which bounds any step's plan;
+    block_q is what block_q_for gives a step of T tokens (smaller tiles for small steps).
     Padding: tokens past the step's own read token 0 at position 0 and write their KV into the null
     block (slot 0); sequence slots past the step's have no queries and no context (query_start_loc
     stays at the step's token count, seq_len 0) and gather hidden row 0; tiles past the plan's
@@ -135,8 +136,8 @@ class MixedStepBuffers:
     exactly the inputs of an unpadded step; padding rows compute garbage that no real row reads.
     """
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_q: int, device):
-        self.max_tokens, self.block_q = max_tokens, block_q
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, group: int, device):
+        self.max_tokens, self.group = max_tokens, group
         self.max_seqs = s = min(max_tokens, max_seqs)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
@@ -145,7 +146,9 @@ class MixedStepBuffers:
         self.seq_lens = torch.zeros(s + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s + 1, max_blocks, dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(s, dtype=torch.int64, device=device)
-        n = self.tiles_for(max_tokens, s)
+        from meshserve.kernels import paged_attention as pa
+        # the most tiles any graph has: the largest graph of each tile size
+        n = max(self.tiles_for(t, min(t, s)) for t in {max_tokens, min(max_tokens, pa.PREFILL_LARGE_TOKENS)})
         self.tile_seq = torch.zeros(n, dtype=torch.int32, device=device)
         self.tile_start = torch.zeros(n, dtype=torch.int32, device=device)
 
@@ -155,8 +158,13 @@ class MixedStepBuffers:
         full = min(tokens, self.max_seqs)
         return sorted({c for c in PREFILL_SEQ_CAPS if c < full} | {full})
 
+    def block_q(self, tokens: int) -> int:
+        """Query tokens per tile in a graph of `tokens` tokens (as block_q_for plans such a step)."""
+        from meshserve.kernels.paged_attention import block_q_for
+        return block_q_for(2, self.group, tokens)
+
     def tiles_for(self, tokens: int, seqs: int) -> int:
-        return seqs + -(-tokens // self.block_q)
+        return seqs + -(-tokens // self.block_q(tokens))
 
     def metadata(self, tokens: int, seqs: int, block_size: int) -> AttentionMetadata:
         """Views of the buffers for a graph of `tokens` tokens and `seqs` slots (what it is captured with)."""
@@ -165,7 +173,7 @@ class MixedStepBuffers:
             slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[:seqs + 2],
             seq_lens=self.seq_lens[:seqs + 1], block_tables=self.block_tables[:seqs + 1], max_query_len=tokens,
             max_seq_len=self.block_tables.shape[1] * block_size, block_size=block_size,
-            backend_data={"tile_seq": self.tile_seq[:n], "tile_start": self.tile_start[:n], "block_q": self.block_q,
+            backend_data={"tile_seq": self.tile_seq[:n], "tile_start": self.tile_start[:n], "block_q": self.block_q(tokens),
                           "num_splits": 1, "workspace": {}})
 
     def fits(self, num_tokens: int, num_seqs: int, num_tiles: int, width: int) -> bool:
@@ -211,14 +219,12 @@ class PrefillGraphRunner:
     """
 
     def __init__(self, runner, token_sizes: list[int], max_seqs: int, max_seq_len: int):
-        from meshserve.kernels.paged_attention import block_q_for
-
         self.runner = runner
         self.sizes = sorted(token_sizes)
         attn0 = runner.attn_layers[0]
-        block_q = block_q_for(2, attn0.num_heads // attn0.num_kv_heads)
         bs = runner.cfg.block_size
-        self.buf = MixedStepBuffers(self.sizes[-1], max_seqs, -(-max_seq_len // bs), block_q, runner.device)
+        self.buf = MixedStepBuffers(self.sizes[-1], max_seqs, -(-max_seq_len // bs),
+                                    attn0.num_heads // attn0.num_kv_heads, runner.device)
         self.last_hidden = torch.zeros(self.buf.max_seqs, runner.model_config.hidden_size, dtype=runner.cfg.dtype,
                                        device=runner.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -242,11 +248,15 @@ class PrefillGraphRunner:
     def bucket(self, inp) -> tuple[int, int] | None:
         """The (tokens, sequence slots) graph a step fits in, or None (run it eagerly)."""
         t, b = inp.num_tokens, len(inp.req_ids)
-        if t > self.sizes[-1] or inp.attn.backend_data.get("block_q") != self.buf.block_q:
+        if t > self.sizes[-1]:
+            return None
+        tokens = self.sizes[bisect.bisect_left(self.sizes, t)]
+        # a graph's tiles are as block_q_for plans `tokens` tokens: a step planned with other tiles
+        # (its count on the other side of PREFILL_LARGE_TOKENS from its bucket's) runs eagerly
+        if inp.attn.backend_data.get("block_q") != self.buf.block_q(tokens):
             return None
         if not self.buf.fits(t, b, inp.attn.backend_data["tile_seq"].shape[0], inp.attn.block_tables.shape[1]):
             return None
-        tokens = self.sizes[bisect.bisect_left(self.sizes, t)]
         caps = self.buf.seq_caps(tokens)
         return tokens, caps[bisect.bisect_left(caps, b)]
 

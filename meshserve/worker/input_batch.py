@@ -141,8 +141,9 @@ class InputBatch:
         from meshserve.kernels.paged_attention import block_q_for, plan_tiles
         from meshserve.worker.cuda_graph import decode_num_splits
 
-        block_q = block_q_for(md.max_query_len, self.triton_group)
-        tile_seq, tile_start = plan_tiles([int(x) for x in q_lens], block_q, self.device)
+        lens = [int(x) for x in q_lens]
+        block_q = block_q_for(md.max_query_len, self.triton_group, sum(lens))
+        tile_seq, tile_start = plan_tiles(lens, block_q, self.device)
         splits = decode_num_splits(len(q_lens), self.num_kv_heads, self.num_sms) if md.max_query_len == 1 else 1
         md.backend_data = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": block_q,
                            "num_splits": splits, "workspace": self.workspace}

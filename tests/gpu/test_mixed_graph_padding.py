@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
+from meshserve.kernels import paged_attention as pa  # noqa: E402
 from meshserve.kernels.paged_attention import block_q_for, paged_attention, plan_tiles, store_kv  # noqa: E402
 from meshserve.layers.attention import AttentionMetadata, torch_paged_attention, write_kv  # noqa: E402
 from meshserve.worker.cuda_graph import MixedStepBuffers, default_prefill_token_sizes  # noqa: E402
@@ -45,21 +46,26 @@ def step(q_lens, ctx_lens, seed):
     return q, k, v, cache, md
 
 
+@pytest.mark.parametrize("large_tiles", [False, True], ids=["small-step-tiles", "large-step-tiles"])
 @pytest.mark.parametrize("q_lens,ctx_lens,bucket,seqs", [
     ([23, 1, 1, 40], [0, 17, 50, 9], 128, 8),   # prompt chunks with decode rows, lots of padding
     ([23, 1, 1, 40], [0, 17, 50, 9], 128, 4),   # every sequence slot used
     ([64], [0], 64, 1),                         # exactly a bucket: no padding tokens, only tiles
     ([5, 1, 1, 1, 9], [30, 2, 3, 4, 0], 32, 6),  # more sequences than full tiles
 ])
-def test_padded_bucket_gives_the_unpadded_rows(q_lens, ctx_lens, bucket, seqs):
+def test_padded_bucket_gives_the_unpadded_rows(q_lens, ctx_lens, bucket, seqs, large_tiles, monkeypatch):
+    if large_tiles:  # these small steps planned with the tiles of steps past PREFILL_LARGE_TOKENS
+        monkeypatch.setattr(pa, "PREFILL_LARGE_TOKENS", 8)
     q, k, v, cache, md = step(q_lens, ctx_lens, seed=len(q_lens))
     T, B = q.shape[0], len(q_lens)
-    block_q = block_q_for(max(q_lens), H // KVH)
+    block_q = block_q_for(max(q_lens), H // KVH, T)
+    assert block_q == (pa.PREFILL_ROWS if large_tiles else pa.PREFILL_ROWS_SMALL) // (H // KVH)
     ref_cache = cache.clone().double()
     write_kv(ref_cache, k.double(), v.double(), md.slot_mapping)
     ref = torch_paged_attention(q.double(), ref_cache, md, D ** -0.5)  # float64 oracle, unpadded
 
-    buf = MixedStepBuffers(max_tokens=256, max_seqs=8, max_blocks=64, block_q=block_q, device=DEVICE)
+    buf = MixedStepBuffers(max_tokens=256, max_seqs=8, max_blocks=64, group=H // KVH, device=DEVICE)
+    assert buf.block_q(bucket) == block_q
     tile_seq, tile_start = plan_tiles(q_lens, block_q, DEVICE)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     inp = SimpleNamespace(
@@ -104,10 +110,28 @@ def test_bucket_sizes_and_capacity():
     assert default_prefill_token_sizes(2048)[:4] == [16, 32, 64, 128] and default_prefill_token_sizes(2048)[-1] == 2048
     assert default_prefill_token_sizes(600) == [16, 32, 64, 128, 256, 384, 512, 600]
     assert default_prefill_token_sizes(0) == []
-    buf = MixedStepBuffers(max_tokens=512, max_seqs=64, max_blocks=8, block_q=32, device="cpu")
+    buf = MixedStepBuffers(max_tokens=512, max_seqs=64, max_blocks=8, group=4, device="cpu")
+    assert buf.block_q(512) == 32  # 128-row tiles: 512 tokens is a small step
     assert buf.seq_caps(16) == [8, 16] and buf.seq_caps(512) == [8, 32, 64] and buf.seq_caps(8) == [8]
     # every plan of a fitting step fits: sum(ceil(n_i / 32)) <= B + ceil(T / 32)
     assert buf.fits(100, 16, 16 + 4, 8)
     assert not buf.fits(100, 65, 10, 8)  # more sequences than the largest bucket holds
     assert not buf.fits(513, 1, 17, 8)  # more tokens than the largest bucket
     assert not buf.fits(100, 4, 8, 9)  # a block table wider than the buffers
+
+
+def test_tile_rows_follow_the_step_size():
+    """Steps of up to PREFILL_LARGE_TOKENS tokens get the small prefill tiles, larger ones the large
+    tiles, decode steps one token per tile; the graph buffers hold the plan of any graph."""
+    g = 4
+    assert block_q_for(1, g, 10_000) == 1
+    assert block_q_for(40, g, pa.PREFILL_LARGE_TOKENS) == pa.PREFILL_ROWS_SMALL // g
+    assert block_q_for(40, g, pa.PREFILL_LARGE_TOKENS + 1) == pa.PREFILL_ROWS // g
+    assert block_q_for(40, g) == pa.PREFILL_ROWS // g  # no token count: the large tiles
+    for max_tokens in (300, pa.PREFILL_LARGE_TOKENS, 3 * pa.PREFILL_LARGE_TOKENS + 5):
+        buf = MixedStepBuffers(max_tokens=max_tokens, max_seqs=64, max_blocks=8, group=g, device="cpu")
+        most = 0
+        for t in range(1, max_tokens + 1):  # every graph's plan: seqs + ceil(t / block_q), brute force
+            bq = block_q_for(2, g, t)
+            most = max(most, min(t, 64) + -(-t // bq))
+        assert buf.tile_seq.shape[0] >= most
