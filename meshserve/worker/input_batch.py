@@ -61,7 +61,9 @@ class InputBatch:
         self.vocab_size = vocab_size
         self.triton_group = triton_group  # query heads per kv head; 0 = no Triton tile plan
         self.num_kv_heads = num_kv_heads
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if triton_group else 0
+        # KV splits are planned for the GPU's SMs (under Triton's CPU interpreter, as on an H200's 132)
+        self.num_sms = 0 if not triton_group else (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132)
         self.workspace: dict = {}
         self.reqs: dict[str, ReqState] = {}
 

@@ -7,6 +7,7 @@ tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -155,9 +156,12 @@ class ModelRunner:
     def _choose_triton(self, backend: str) -> bool:
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend={backend!r} is not supported; accepted: auto, triton, torch")
-        if backend == "torch" or self.device.type != "cuda":
-            if backend == "triton" and self.device.type != "cuda":
-                raise ValueError("attention_backend='triton' needs a CUDA device")
+        interpret = self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if backend == "torch" or (self.device.type != "cuda" and not (backend == "triton" and interpret)):
+            if backend == "triton":
+                raise ValueError(f"attention_backend='triton' needs a CUDA device (this engine's is "
+                                 f"{self.device.type!r}), or a CPU with TRITON_INTERPRET=1 (Triton's "
+                                 f"interpreter, for tests); accepted on this device: auto, torch")
             return False
         try:
             import triton  # noqa: F401
