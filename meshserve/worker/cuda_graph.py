@@ -173,7 +173,8 @@ class MixedStepBuffers:
             slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[:seqs + 2],
             seq_lens=self.seq_lens[:seqs + 1], block_tables=self.block_tables[:seqs + 1], max_query_len=tokens,
             max_seq_len=self.block_tables.shape[1] * block_size, block_size=block_size,
-            backend_data={"tile_seq": self.tile_seq[:n], "tile_start": self.tile_start[:n], "block_q": self.block_q(tokens),
+            backend_data={"tile_seq": self.tile_seq[:n], "tile_start": self.tile_start[:n],
+                          "block_q": self.block_q(tokens),
                           "num_splits": 1, "workspace": {}})
 
     def fits(self, num_tokens: int, num_seqs: int, num_tiles: int, width: int) -> bool:
@@ -252,10 +253,16 @@ class PrefillGraphRunner:
             return None
         tokens = self.sizes[bisect.bisect_left(self.sizes, t)]
         # a graph's tiles are as block_q_for plans `tokens` tokens: a step planned with other tiles
-        # (its count on the other side of PREFILL_LARGE_TOKENS from its bucket's) runs eagerly
-        if inp.attn.backend_data.get("block_q") != self.buf.block_q(tokens):
-            return None
-        if not self.buf.fits(t, b, inp.attn.backend_data["tile_seq"].shape[0], inp.attn.block_tables.shape[1]):
+        # (its count on the other side of PREFILL_LARGE_TOKENS from its bucket's, with custom
+        # buckets) is planned again with the bucket's
+        bd, want = inp.attn.backend_data, self.buf.block_q(tokens)
+        if bd.get("block_q") != want:
+            if bd.get("query_lens") is None:
+                return None
+            from meshserve.kernels.paged_attention import plan_tiles
+            bd["tile_seq"], bd["tile_start"] = plan_tiles(bd["query_lens"], want, self.runner.device)
+            bd["block_q"] = want
+        if not self.buf.fits(t, b, bd["tile_seq"].shape[0], inp.attn.block_tables.shape[1]):
             return None
         caps = self.buf.seq_caps(tokens)
         return tokens, caps[bisect.bisect_left(caps, b)]

@@ -135,3 +135,34 @@ def test_tile_rows_follow_the_step_size():
             bq = block_q_for(2, g, t)
             most = max(most, min(t, 64) + -(-t // bq))
         assert buf.tile_seq.shape[0] >= most
+
+
+def test_a_step_planned_with_other_tiles_than_its_bucket_is_planned_again():
+    """Custom token buckets (1,000 and 4,000): a 1,500-token step is planned with the small-step
+    tiles but replays the 4,000-token graph, captured with the large-step tiles; bucket() plans it
+    again with those, as plan_tiles would from the start."""
+    from meshserve.worker.cuda_graph import PrefillGraphRunner
+
+    g = 4
+    runner = SimpleNamespace(attn_layers=[SimpleNamespace(num_heads=8, num_kv_heads=2)], device="cpu",
+                             cfg=SimpleNamespace(block_size=16, dtype=torch.float32),
+                             model_config=SimpleNamespace(hidden_size=8))
+    pg = PrefillGraphRunner(runner, [1000, 4000], max_seqs=8, max_seq_len=4096)
+    lens = [1400, 1, 1, 98]
+    small = block_q_for(2, g, sum(lens))
+    assert small == pa.PREFILL_ROWS_SMALL // g and pg.buf.block_q(4000) == pa.PREFILL_ROWS // g
+    tile_seq, tile_start = plan_tiles(lens, small, "cpu")
+    bd = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": small, "query_lens": lens}
+    inp = SimpleNamespace(num_tokens=sum(lens), req_ids=["a", "b", "c", "d"],
+                          attn=SimpleNamespace(backend_data=bd, block_tables=torch.zeros(4, 100, dtype=torch.int32)))
+    assert pg.bucket(inp) == (4000, 8)
+    want_seq, want_start = plan_tiles(lens, pa.PREFILL_ROWS // g, "cpu")
+    assert bd["block_q"] == pa.PREFILL_ROWS // g
+    assert torch.equal(bd["tile_seq"], want_seq) and torch.equal(bd["tile_start"], want_start)
+    # a 900-token step stays in the small-tile 1,000 bucket, planned as it was
+    lens = [900]
+    tile_seq, tile_start = plan_tiles(lens, small, "cpu")
+    bd = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": small, "query_lens": lens}
+    inp = SimpleNamespace(num_tokens=900, req_ids=["a"],
+                          attn=SimpleNamespace(backend_data=bd, block_tables=torch.zeros(1, 60, dtype=torch.int32)))
+    assert pg.bucket(inp) == (1000, 8) and bd["tile_seq"] is tile_seq
