@@ -220,8 +220,14 @@ class PrefillGraphRunner:
     """
 
     def __init__(self, runner, token_sizes: list[int], max_seqs: int, max_seq_len: int):
+        from meshserve.kernels import paged_attention as pa
+
         self.runner = runner
-        self.sizes = sorted(token_sizes)
+        # Steps are planned with smaller attention tiles up to PREFILL_LARGE_TOKENS tokens than past
+        # it, and a graph replays the tiles it was captured with: the threshold is always a bucket,
+        # so no bucket holds steps of both tile sizes.
+        large = pa.PREFILL_LARGE_TOKENS
+        self.sizes = sorted(set(token_sizes) | ({large} if max(token_sizes) > large else set()))
         attn0 = runner.attn_layers[0]
         bs = runner.cfg.block_size
         self.buf = MixedStepBuffers(self.sizes[-1], max_seqs, -(-max_seq_len // bs),
@@ -252,16 +258,9 @@ class PrefillGraphRunner:
         if t > self.sizes[-1]:
             return None
         tokens = self.sizes[bisect.bisect_left(self.sizes, t)]
-        # a graph's tiles are as block_q_for plans `tokens` tokens: a step planned with other tiles
-        # (its count on the other side of PREFILL_LARGE_TOKENS from its bucket's, with custom
-        # buckets) is planned again with the bucket's
-        bd, want = inp.attn.backend_data, self.buf.block_q(tokens)
-        if bd.get("block_q") != want:
-            if bd.get("query_lens") is None:
-                return None
-            from meshserve.kernels.paged_attention import plan_tiles
-            bd["tile_seq"], bd["tile_start"] = plan_tiles(bd["query_lens"], want, self.runner.device)
-            bd["block_q"] = want
+        bd = inp.attn.backend_data
+        if bd.get("block_q") != self.buf.block_q(tokens):  # planned with other tiles than the graph's
+            return None
         if not self.buf.fits(t, b, bd["tile_seq"].shape[0], inp.attn.block_tables.shape[1]):
             return None
         caps = self.buf.seq_caps(tokens)

@@ -147,7 +147,7 @@ class InputBatch:
         block_q = block_q_for(md.max_query_len, self.triton_group, sum(lens))
         tile_seq, tile_start = plan_tiles(lens, block_q, self.device)
         splits = decode_num_splits(len(q_lens), self.num_kv_heads, self.num_sms) if md.max_query_len == 1 else 1
-        md.backend_data = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": block_q, "query_lens": lens,
+        md.backend_data = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": block_q,
                            "num_splits": splits, "workspace": self.workspace}
 
     def sampling_batch(self, so: SchedulerOutput) -> SamplingBatch:

@@ -156,13 +156,13 @@ class ModelRunner:
     def _choose_triton(self, backend: str) -> bool:
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend={backend!r} is not supported; accepted: auto, triton, torch")
-        interpret = self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if backend == "torch" or (self.device.type != "cuda" and not (backend == "triton" and interpret)):
-            if backend == "triton":
-                raise ValueError(f"attention_backend='triton' needs a CUDA device (this engine's is "
-                                 f"{self.device.type!r}), or a CPU with TRITON_INTERPRET=1 (Triton's "
-                                 f"interpreter, for tests); accepted on this device: auto, torch")
+        if backend == "torch" or (backend == "auto" and self.device.type != "cuda"):
             return False
+        interpret = self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if self.device.type != "cuda" and not interpret:
+            raise ValueError(f"attention_backend='triton' needs a CUDA device (this engine's is "
+                             f"{self.device.type!r}), or a CPU with TRITON_INTERPRET=1 (Triton's "
+                             f"interpreter, for tests); accepted on this device: auto, torch")
         try:
             import triton  # noqa: F401
         except ImportError:

@@ -137,10 +137,10 @@ def test_tile_rows_follow_the_step_size():
         assert buf.tile_seq.shape[0] >= most
 
 
-def test_a_step_planned_with_other_tiles_than_its_bucket_is_planned_again():
-    """Custom token buckets (1,000 and 4,000): a 1,500-token step is planned with the small-step
-    tiles but replays the 4,000-token graph, captured with the large-step tiles; bucket() plans it
-    again with those, as plan_tiles would from the start."""
+def test_custom_buckets_across_the_tile_threshold_gain_the_threshold_bucket():
+    """Custom token buckets (1,000 and 4,000): graphs replay the tiles they were captured with, so
+    PREFILL_LARGE_TOKENS becomes a bucket too; a 1,500-token step, planned with the small-step
+    tiles, replays that bucket's graph (small tiles), and a 2,100-token one the 4,000 graph."""
     from meshserve.worker.cuda_graph import PrefillGraphRunner
 
     g = 4
@@ -148,21 +148,25 @@ def test_a_step_planned_with_other_tiles_than_its_bucket_is_planned_again():
                              cfg=SimpleNamespace(block_size=16, dtype=torch.float32),
                              model_config=SimpleNamespace(hidden_size=8))
     pg = PrefillGraphRunner(runner, [1000, 4000], max_seqs=8, max_seq_len=4096)
-    lens = [1400, 1, 1, 98]
-    small = block_q_for(2, g, sum(lens))
-    assert small == pa.PREFILL_ROWS_SMALL // g and pg.buf.block_q(4000) == pa.PREFILL_ROWS // g
-    tile_seq, tile_start = plan_tiles(lens, small, "cpu")
-    bd = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": small, "query_lens": lens}
-    inp = SimpleNamespace(num_tokens=sum(lens), req_ids=["a", "b", "c", "d"],
-                          attn=SimpleNamespace(backend_data=bd, block_tables=torch.zeros(4, 100, dtype=torch.int32)))
+    assert pg.sizes == [1000, pa.PREFILL_LARGE_TOKENS, 4000]
+    assert PrefillGraphRunner(runner, [16, 1000], max_seqs=8, max_seq_len=4096).sizes == [16, 1000]
+
+    def step(lens):
+        bq = block_q_for(2, g, sum(lens))
+        tile_seq, tile_start = plan_tiles(lens, bq, "cpu")
+        bd = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": bq}
+        return SimpleNamespace(num_tokens=sum(lens), req_ids=[str(i) for i in range(len(lens))],
+                               attn=SimpleNamespace(backend_data=bd, block_tables=torch.zeros(len(lens), 100,
+                                                                                              dtype=torch.int32)))
+
+    inp = step([1400, 1, 1, 98])
+    assert inp.attn.backend_data["block_q"] == pa.PREFILL_ROWS_SMALL // g
+    assert pg.bucket(inp) == (pa.PREFILL_LARGE_TOKENS, 8)
+    inp = step([2000, 1, 99])
+    assert inp.attn.backend_data["block_q"] == pa.PREFILL_ROWS // g
     assert pg.bucket(inp) == (4000, 8)
-    want_seq, want_start = plan_tiles(lens, pa.PREFILL_ROWS // g, "cpu")
-    assert bd["block_q"] == pa.PREFILL_ROWS // g
-    assert torch.equal(bd["tile_seq"], want_seq) and torch.equal(bd["tile_start"], want_start)
-    # a 900-token step stays in the small-tile 1,000 bucket, planned as it was
-    lens = [900]
-    tile_seq, tile_start = plan_tiles(lens, small, "cpu")
-    bd = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": small, "query_lens": lens}
-    inp = SimpleNamespace(num_tokens=900, req_ids=["a"],
-                          attn=SimpleNamespace(backend_data=bd, block_tables=torch.zeros(1, 60, dtype=torch.int32)))
-    assert pg.bucket(inp) == (1000, 8) and bd["tile_seq"] is tile_seq
+    assert pg.bucket(step([900])) == (1000, 8)
+    # a plan whose tiles are not the bucket's (PREFILL_LARGE_TOKENS changed after capture) runs eagerly
+    inp = step([900])
+    inp.attn.backend_data["block_q"] = pa.PREFILL_ROWS // g
+    assert pg.bucket(inp) is None

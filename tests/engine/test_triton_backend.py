@@ -1,7 +1,7 @@
 """The engine's Triton attention path (the tile plan of every step, chunked prefill beside decode
-rows, the KV write, the paged attention kernel) on CPU under Triton's interpreter, against
-transformers' greedy ids in fp32, with the small-step and the large-step prefill tiles. On a GPU
-the same path runs in tests/gpu/test_gpu_engine.py (with CUDA graphs)."""
+rows, the KV write, the paged attention kernel) against transformers' greedy ids in fp32, with the
+small-step and the large-step prefill tiles: on CPU under Triton's interpreter, on a GPU directly
+(there with CUDA graphs for decode and mixed steps)."""
 import os
 
 import pytest
@@ -15,7 +15,6 @@ from helpers import build_checkpoint, hf_greedy, make_prompts  # noqa: E402
 from meshserve import LLM, SamplingParams  # noqa: E402
 from meshserve.kernels import paged_attention as pa  # noqa: E402
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs this path in tests/gpu")
 SP = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
@@ -51,4 +50,4 @@ def test_triton_backend_under_the_interpreter_gives_transformers_ids(ckpt, tiles
 def test_triton_backend_on_cpu_without_the_interpreter_is_refused(ckpt, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):
-        LLM(ckpt[0], show_progress=False, dtype="float32", attention_backend="triton")
+        LLM(ckpt[0], show_progress=False, dtype="float32", device="cpu", attention_backend="triton")
