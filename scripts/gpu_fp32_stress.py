@@ -35,12 +35,12 @@ SETTINGS = {
 
 
 @torch.no_grad()
-def hf_gap(hf, ids: list[int], ours: int) -> tuple[int, float, float]:
-    """transformers' argmax at the next position after `ids`, its top-2 gap, and its logit for
-    the token we chose minus its top logit."""
+def hf_gap(hf, ids: list[int], ours: int) -> tuple[float, float]:
+    """transformers' top-2 logit gap at the next position after `ids`, and its logit for the
+    token we chose minus its top logit."""
     logits = hf(torch.tensor([ids])).logits[0, -1].double()
     top2 = logits.topk(2)
-    return int(top2.indices[0]), float(top2.values[0] - top2.values[1]), float(logits[ours] - top2.values[0])
+    return float(top2.values[0] - top2.values[1]), float(logits[ours] - top2.values[0])
 
 
 def main() -> int:
@@ -74,14 +74,12 @@ def main() -> int:
                         if got != ref[i][:m]:
                             pos = next(j for j in range(m) if j >= len(got) or got[j] != ref[i][j])
                             ours = got[pos] if pos < len(got) else -1
-                            top, gap, short = hf_gap(hf, prompts[i] + ref[i][:pos], max(ours, 0))
-                            bad.append((it, i, len(prompts[i]), pos, ours, ref[i][pos], gap, short, len(idx)))
+                            gap, short = hf_gap(hf, prompts[i] + ref[i][:pos], max(ours, 0))
+                            bad.append(f"  iter {it} prompt {i} ({len(prompts[i])} tokens, batch of {len(idx)}) "
+                                       f"output {pos}: ours {ours} hf {ref[i][pos]}; hf top-2 gap {gap:.3g}, "
+                                       f"hf logit(ours) - top {short:.3g}")
         print(f"[{name}] {checked} outputs, {len(bad)} differ from transformers ({time.time() - t0:.0f} s)",
-              flush=True)
-        for it, i, plen, pos, ours, theirs, gap, short in ((b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7])
-                                                          for b in bad):
-            print(f"  iter {it} prompt {i} ({plen} tokens) output {pos}: ours {ours} hf {theirs}; "
-                  f"hf top-2 gap {gap:.3g}, hf logit(ours) - top {short:.3g}", flush=True)
+              *bad, sep="\n", flush=True)
         total_bad += len(bad)
     return 1 if total_bad else 0
 

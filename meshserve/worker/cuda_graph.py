@@ -147,6 +147,7 @@ class MixedStepBuffers:
         self.block_tables = torch.zeros(s + 1, max_blocks, dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(s, dtype=torch.int64, device=device)
         from meshserve.kernels import paged_attention as pa
+        self._block_q_for = pa.block_q_for  # bound once: block_q() runs for every mixed step
         # the most tiles any graph has: the largest graph of each tile size
         n = max(self.tiles_for(t, min(t, s)) for t in {max_tokens, min(max_tokens, pa.PREFILL_LARGE_TOKENS)})
         self.tile_seq = torch.zeros(n, dtype=torch.int32, device=device)
@@ -160,8 +161,7 @@ class MixedStepBuffers:
 
     def block_q(self, tokens: int) -> int:
         """Query tokens per tile in a graph of `tokens` tokens (as block_q_for plans such a step)."""
-        from meshserve.kernels.paged_attention import block_q_for
-        return block_q_for(2, self.group, tokens)
+        return self._block_q_for(2, self.group, tokens)
 
     def tiles_for(self, tokens: int, seqs: int) -> int:
         return seqs + -(-tokens // self.block_q(tokens))
