@@ -147,10 +147,6 @@ class LlmArgs(StrictModel):
             return self.pytorch_backend_config.enable_overlap_scheduler
         return True
 
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
-
 
 def format_validation_error(err: ValidationError, where: str) -> str:
     lines = []

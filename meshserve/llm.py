@@ -17,12 +17,13 @@ from tqdm import tqdm
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
-from meshserve.engine.setup import create_engine_core
+from meshserve.engine.setup import create_engine_core, launch_for
 from meshserve.models.resolve import resolve_model_path
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
+from meshserve.worker.main import run_launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,19 @@ class LLM:
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
         self.model_path = resolve_model_path(self.args.model, self.args.show_progress)
+        launch = launch_for(self.args)
+        if launch is not None and launch.rank != 0:
+            # A launcher (mpirun, srun, torchrun) ran this script on every rank: rank 0 runs the
+            # engine, this rank holds its shard until rank 0 shuts down. Its script does not go on
+            # past LLM(): its generate() would have nothing to run. meshserve-launch avoids
+            # running the script on worker ranks at all.
+            code = run_launched_rank(self.args, self.model_path, launch)
+            logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
+            raise SystemExit(code)
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(self.args.tokenizer or self.model_path)
         self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
-        self._core: Optional[EngineCore] = create_engine_core(self.args, self.model_path)
+        self._core: Optional[EngineCore] = create_engine_core(
+            self.args, self.model_path, launch, logging.getLevelName(logging.getLogger().getEffectiveLevel()))
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._states: dict[str, RequestState] = {}  # engine seq id -> its request's state

@@ -123,24 +123,17 @@ def llm_args_from_cli(ns: argparse.Namespace):
     return build_llm_args(where, **values)
 
 
-def _launcher_rank() -> tuple[int, int]:
-    """(rank, world size) when mpirun / srun / torchrun started this process, else (0, 1)."""
-    try:
-        from meshserve.distributed.launch import detect_launch
-    except ImportError:
-        return 0, 1
-    launch = detect_launch()
-    return (launch.rank, launch.world_size) if launch is not None else (0, 1)
+def _launch(args):
+    """The launcher's view of this process (mpirun / srun / torchrun), or None."""
+    from meshserve.engine.setup import launch_for
+    return launch_for(args)
 
 
-def _run_worker_rank(args, model_path: str, rank: int, world: int) -> int:
-    """Ranks > 0 of a launcher-started world hold their model shard for rank 0's engine; only
-    rank 0 serves HTTP. create_engine_core runs such a rank until rank 0 shuts down, then exits."""
-    from meshserve.engine.setup import create_engine_core
-
-    logger.info("rank %d of %d: serving rank 0's engine as a worker", rank, world)
-    create_engine_core(args, model_path)
-    return _fail(f"rank {rank} of {world}: the worker returned instead of exiting")
+def _run_worker_rank(args, model_path: str, launch) -> int:
+    """Ranks > 0 of a launcher-started world hold their model shard for rank 0's engine until it
+    shuts down; only rank 0 serves HTTP."""
+    from meshserve.worker.main import run_launched_rank
+    return run_launched_rank(args, model_path, launch)
 
 
 def _check_layout(args, model_path: str) -> None:
@@ -176,12 +169,13 @@ def main(ns: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     from meshserve.models.resolve import resolve_model_path, served_model_name
-    rank, world = _launcher_rank()
+    launch = _launch(args)
+    rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
     try:
         model_path = resolve_model_path(args.model, args.show_progress and rank == 0)
         _check_layout(args, model_path)
         if rank != 0:
-            return _run_worker_rank(args, model_path, rank, world)
+            return _run_worker_rank(args, model_path, launch)
     except (ValueError, FileNotFoundError) as e:
         return _fail(f"rank {rank} of {world}: {e}" if world > 1 else str(e))
     try:

@@ -1,11 +1,14 @@
 """The smallest group interface layers need, and the one-rank group used when nothing is split.
 
 Layers receive a group object (a `GroupCoordinator` from parallel_state, or `SOLO`) and call only
-`size`, `rank_in_group`, `all_reduce`, `all_gather`; they never ask torch.distributed directly.
+`size`, `rank_in_group`, `all_reduce`, `all_gather`, `reduce_scatter`, `all_to_all`, `broadcast`;
+they never ask torch.distributed directly. `SOLO_STATE` is the ParallelState of a one-rank job.
 """
 from __future__ import annotations
 
 import torch
+
+from meshserve.mapping import Mapping
 
 
 class SoloGroup:
@@ -23,6 +26,12 @@ class SoloGroup:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return tensor
+
+    def all_to_all(self, tensor: torch.Tensor, output_split_sizes=None, input_split_sizes=None) -> torch.Tensor:
+        return tensor.clone()
 
     def barrier(self) -> None:
         pass
@@ -52,3 +61,19 @@ class PipelineChannel:
         self.group.recv(hidden, prev)
         self.group.recv(residual, prev)
         return hidden, residual
+
+
+class SoloParallelState:
+    """The ParallelState of a one-rank job: every dimension is `SOLO`. Models and the runner take
+    a ParallelState (or this) and pick the groups they need by name."""
+
+    DIMENSIONS = ("tp", "pp", "cp", "moe_tp", "moe_ep", "attn_tp", "attn_dp")
+
+    def __init__(self):
+        self.mapping = Mapping()
+        self.world = SOLO
+        for name in self.DIMENSIONS:
+            setattr(self, name, SOLO)
+
+
+SOLO_STATE = SoloParallelState()

@@ -94,6 +94,58 @@ class GroupCoordinator:
         return out.reshape(*tensor.shape[:dim], self.size * tensor.shape[dim],
                            *tensor.shape[dim + 1:])
 
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over the group, then keep this member's slice of `dim` (size must divide it):
+        the inverse of `all_gather` along the same dim. Returns a new tensor."""
+        if self.size == 1:
+            return tensor
+        dim = dim % tensor.dim()
+        if tensor.shape[dim] % self.size:
+            raise ValueError(f"reduce_scatter: dim {dim} of size {tensor.shape[dim]} is not divisible by the "
+                             f"{self.name} group size {self.size}")
+        chunk = tensor.shape[dim] // self.size
+        if self.backend_name == "gloo":
+            # gloo has no reduce_scatter_tensor: all-reduce a copy and keep our slice
+            summed = tensor.clone()
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.device_group)
+            return summed.narrow(dim, self.rank_in_group * chunk, chunk).contiguous()
+        moved = tensor.movedim(dim, 0).contiguous()  # members' slices contiguous along dim 0
+        out = torch.empty((chunk, *moved.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        dist.reduce_scatter_tensor(out, moved, op=dist.ReduceOp.SUM, group=self.device_group)
+        return out.movedim(0, dim).contiguous()
+
+    def all_to_all(self, tensor: torch.Tensor, output_split_sizes: list[int] | None = None,
+                   input_split_sizes: list[int] | None = None) -> torch.Tensor:
+        """Exchange rows (dim 0): member i gets rows input_split_sizes[i] of ours; we get
+        output_split_sizes[j] rows from member j, in member order. Without split sizes the rows
+        split evenly. Returns a new tensor of sum(output_split_sizes) rows."""
+        if self.size == 1:
+            return tensor.clone()
+        if (output_split_sizes is None) != (input_split_sizes is None):
+            raise ValueError("all_to_all: give both output_split_sizes and input_split_sizes, or neither")
+        if input_split_sizes is None:
+            if tensor.shape[0] % self.size:
+                raise ValueError(f"all_to_all: {tensor.shape[0]} rows do not split evenly over the "
+                                 f"{self.name} group size {self.size}; pass split sizes")
+            rows = tensor.shape[0]
+        else:
+            for name, sizes in (("input_split_sizes", input_split_sizes), ("output_split_sizes", output_split_sizes)):
+                if len(sizes) != self.size:
+                    raise ValueError(f"all_to_all: {name} has {len(sizes)} entries for a {self.name} group "
+                                     f"of size {self.size}")
+            if sum(input_split_sizes) != tensor.shape[0]:
+                raise ValueError(f"all_to_all: input_split_sizes sum to {sum(input_split_sizes)}, the tensor "
+                                 f"has {tensor.shape[0]} rows")
+            rows = sum(output_split_sizes)
+        out = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes, input_split_sizes,
+                               group=self.device_group)
+        return out
+
+    @property
+    def backend_name(self) -> str:
+        return str(dist.get_backend(self.device_group))
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Copy member `src`'s tensor into every member's `tensor`, in place; returns it."""
         src_rank = self._global(src, "src")
@@ -195,8 +247,12 @@ class ParallelState:
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
                      backend: str, local_rank: int | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+                     timeout_s: float = DEFAULT_TIMEOUT_S, store: object | None = None) -> torch.device:
     """Join the default process group over TCP and return this rank's compute device.
+
+    `store`: a TCPStore already connected to rank 0's (the spawning executor makes one first, so
+    that it can watch its children check in before it blocks in the rendezvous); without one the
+    group rendezvouses at tcp://master_addr:master_port.
 
     With backend "nccl" the rank is pinned to cuda:local_rank (default: rank modulo the visible
     device count) before the group is created, as NCCL requires.
@@ -213,9 +269,9 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     else:
         device = torch.device("cpu")
     host = f"[{master_addr}]" if ":" in master_addr else master_addr
-    dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{master_port}",
-                            world_size=world_size, rank=rank,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    where = {"store": store} if store is not None else {"init_method": f"tcp://{host}:{master_port}"}
+    dist.init_process_group(backend=backend, world_size=world_size, rank=rank,
+                            timeout=datetime.timedelta(seconds=timeout_s), **where)
     logger.debug("rank %d/%d joined %s process group at %s:%d", rank, world_size, backend,
                  master_addr, master_port)
     return device

@@ -70,7 +70,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     signal.signal(signal.SIGTERM, _exit_on_signal)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s [engine]: %(message)s")
     from meshserve.config import LlmArgs
-    from meshserve.engine.setup import create_engine_core
+    from meshserve.engine.setup import create_engine_core, launch_for
 
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -82,7 +82,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     encoder = msgspec.msgpack.Encoder()
     args = LlmArgs.model_validate_json(args_json)
     try:
-        core = create_engine_core(args, model_path)
+        core = create_engine_core(args, model_path, launch_for(args), log_level)
     except BaseException as e:  # noqa: BLE001 - every startup failure goes back to the front
         logger.error("engine startup failed:\n%s", traceback.format_exc())
         out.send_multipart([FAILED, encoder.encode(EngineFailed(f"{type(e).__name__}: {e}", during_startup=True))])

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from meshserve.engine.executor import Executor
+from meshserve.executor.base import Executor
 from meshserve.engine.kv_cache import KVCacheManager
 from meshserve.engine.messages import EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request

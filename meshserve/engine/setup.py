@@ -1,30 +1,28 @@
-"""Assemble an EngineCore from LlmArgs: model config, device, executor, KV pool size."""
+"""Assemble an EngineCore from LlmArgs on rank 0: model config, device, executor, KV pool size.
+
+Ranks other than 0 never come here: they enter through worker/main.py.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
+from typing import Optional
 
 import torch
 
-from meshserve.config import LlmArgs
+from meshserve.config import AttentionDpConfig, LlmArgs
+from meshserve.distributed.launch import LaunchInfo, detect_launch
 from meshserve.engine.engine_core import EngineCore
-from meshserve.engine.executor import UniProcExecutor
-from meshserve.distributed.launch import detect_launch
 from meshserve.engine.scheduler import SchedulerConfig
+from meshserve.executor.base import Executor
+from meshserve.executor.multiproc import MultiProcExecutor
+from meshserve.executor.uniproc import UniProcExecutor
+from meshserve.mapping import Mapping
 from meshserve.models.config import ModelConfig
-from meshserve.worker.model_runner import RunnerConfig
+from meshserve.worker.runner_setup import max_seq_len_for, resolve_device, runner_config
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but no CUDA device is available")
-    return d
 
 
 def eos_token_ids(model_path: str, model_config: ModelConfig) -> list[int]:
@@ -35,15 +33,6 @@ def eos_token_ids(model_path: str, model_config: ModelConfig) -> list[int]:
         if eos is not None:
             return list(eos) if isinstance(eos, list) else [eos]
     return list(model_config.eos_token_ids)
-
-
-def max_seq_len_for(args: LlmArgs, model_config: ModelConfig) -> int:
-    limit = model_config.max_position_embeddings
-    if args.max_seq_len is None:
-        return limit
-    if args.max_seq_len > limit:
-        raise ValueError(f"max_seq_len={args.max_seq_len} exceeds the model's max_position_embeddings={limit}")
-    return args.max_seq_len
 
 
 def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
@@ -58,12 +47,20 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.cache_transceiver_config is not None:
         raise ValueError("cache_transceiver_config: disaggregated serving (context and generation servers "
                          "handing over the KV cache) has not landed yet; leave it unset")
+    if args.cp_config is not None:
+        raise ValueError(f"cp_config={args.cp_config!r}: context parallelism has not landed yet; leave cp_config unset")
+    if args.moe_config.backend.lower() != "auto":
+        raise ValueError(f"moe_config.backend={args.moe_config.backend!r}: no MoE architecture is supported yet "
+                         f"({model_config.architecture} has no experts); accepted: 'auto' (or leave it unset)")
+    if args.attention_dp_config != AttentionDpConfig():
+        raise ValueError(f"attention_dp_config={args.attention_dp_config.model_dump()}: attention data parallelism "
+                         f"has not landed yet; leave attention_dp_config unset")
+    if args.backend not in (None, "pytorch"):
+        raise ValueError(f"backend={args.backend!r} is not supported; accepted: 'pytorch' (or None)")
 
 
 def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
     """Errors naming the numbers for a tp/pp layout this model cannot be split into."""
-    from meshserve.mapping import Mapping
-
     tp, heads, kv = args.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide num_attention_heads={heads}")
@@ -76,55 +73,49 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
             num_layers=model_config.num_hidden_layers)  # validates pp_size and pp_partition
 
 
-def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device) -> RunnerConfig:
-    graph_sizes = prefill_sizes = None
-    cg = args.cuda_graph_config
-    if device.type == "cuda" and cg is not None and cg.enable:
-        from meshserve.worker.cuda_graph import default_batch_sizes, default_prefill_token_sizes
-        limit = min(cg.max_batch_size, args.max_batch_size)
-        graph_sizes = sorted({b for b in (cg.batch_sizes or default_batch_sizes(limit)) if 1 <= b <= limit})
-        tokens = min(cg.prefill_max_tokens, args.max_num_tokens) if cg.enable_padding else 0
-        prefill_sizes = sorted({t for t in (cg.prefill_token_sizes or default_prefill_token_sizes(tokens))
-                                if 1 <= t <= tokens})
-    return RunnerConfig(model_path=model_path, device=str(device),
-                        dtype=model_config.torch_dtype(args.dtype, device),
-                        block_size=args.kv_cache_config.tokens_per_block, max_num_tokens=args.max_num_tokens,
-                        load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
-                        show_progress=args.show_progress, attention_backend=args.attention_backend,
-                        cuda_graph_batch_sizes=graph_sizes, cuda_graph_prefill_sizes=prefill_sizes,
-                        cuda_graph_padding=cg is not None and cg.enable_padding,
-                        max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),
-                        overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1)
+def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:
+    """The outside launcher's view of this process (None: ranks are spawned here, or one rank)."""
+    return detect_launch() if args.orchestrator_type != "spawn" else None
 
 
-def create_engine_core(args: LlmArgs, model_path: str) -> EngineCore:
+def create_executor(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device,
+                    launch: Optional[LaunchInfo], log_level: str = "WARNING") -> Executor:
+    """One rank in this process, or rank 0 of a multi-process job (spawned here or launched)."""
+    world_size = Mapping(tp_size=args.tensor_parallel_size, pp_size=args.pipeline_parallel_size,
+                         cp_size=args.context_parallel_size, moe_tp_size=args.moe_tensor_parallel_size,
+                         moe_ep_size=args.moe_expert_parallel_size,
+                         enable_attention_dp=args.enable_attention_dp).world_size
+    if launch is None and world_size == 1 and args.orchestrator_type != "mp":
+        return UniProcExecutor(model_config, runner_config(args, model_path, model_config, device))
+    check_layout_fits_model(args, model_config)
+    if launch is not None and launch.rank != 0:
+        raise ValueError(f"rank {launch.rank} of {launch.world_size} ({launch.launcher}) cannot run the engine: "
+                         f"only rank 0 does; other ranks enter through meshserve.worker.main.run_launched_rank")
+    return MultiProcExecutor(args, model_path, launch, device.type, world_size, log_level)
+
+
+def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchInfo] = None,
+                       log_level: str = "WARNING") -> EngineCore:
+    """The engine on rank 0; `launch` as from `launch_for(args)`; `log_level` reaches spawned ranks."""
     model_config = ModelConfig.from_pretrained(model_path)
     check_parallel_layout(args, model_config)
     device = resolve_device(args.device)
     max_seq_len = max_seq_len_for(args, model_config)
-    rcfg = runner_config(args, model_path, model_config, device)
-    launch = detect_launch() if args.orchestrator_type != "spawn" else None
-    if launch is not None or args.world_size > 1 or args.orchestrator_type == "mp":
-        from meshserve.distributed.executor import MultiProcExecutor, check_world, run_external_worker
-        check_world(args, device.type, launch)
-        check_layout_fits_model(args, model_config)
-        if launch is not None and launch.rank != 0:
-            run_external_worker(args, model_path, launch)  # serves rank 0, then exits the process
-        executor = MultiProcExecutor(args, model_path, launch, device.type)
-    else:
-        executor = UniProcExecutor(model_config, rcfg)
+    executor = create_executor(args, model_path, model_config, device, launch, log_level)
+    block_size = args.kv_cache_config.tokens_per_block
+    overlap = args.overlap_scheduler and args.pipeline_parallel_size == 1
     try:
         num_blocks = executor.initialize_cache(args.kv_cache_config, args.max_batch_size * max_seq_len)
         if num_blocks < 2:
             raise ValueError(f"no room for the KV cache: {num_blocks} blocks fit; lower max_num_tokens or raise "
                              f"kv_cache_config.free_gpu_memory_fraction")
         sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
-                                overlap=rcfg.overlap)
-        core = EngineCore(executor, sched, num_blocks, rcfg.block_size, args.kv_cache_config.enable_block_reuse,
+                                overlap=overlap)
+        core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
                           model_config.vocab_size, eos_token_ids(model_path, model_config))
     except BaseException:
         executor.shutdown()
         raise
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, rcfg.block_size,
-                (num_blocks - 1) * rcfg.block_size)
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
+                (num_blocks - 1) * block_size)
     return core

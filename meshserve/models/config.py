@@ -13,13 +13,7 @@ from typing import Optional
 import torch
 
 from meshserve.layers.rotary import rope_config
-
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+from meshserve.models.registry import SUPPORTED_ARCHITECTURES
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}

@@ -2,7 +2,8 @@
 
 Parameter names follow the HF checkpoints (q/k/v fused into qkv_proj, gate/up into gate_up_proj),
 so `load_weights` maps checkpoint names with a short table. Parallelism enters only through the
-groups handed in: tp for the linears, and a layer range [start, end) for this pipeline stage.
+ParallelState handed in (its tp group for the linears) and a layer range [start, end) for this
+pipeline stage.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from meshserve.distributed.comm import SOLO
+from meshserve.distributed.comm import SOLO_STATE
 from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention import Attention, AttentionMetadata
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -122,10 +123,13 @@ class DecoderForCausalLM(nn.Module):
         (".up_proj.", ".gate_up_proj.", 1),
     ]
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, dtype=torch.float32, layer_range: Optional[range] = None,
+    def __init__(self, cfg: ModelConfig, parallel=None, dtype=torch.float32, layer_range: Optional[range] = None,
                  is_first: bool = True, is_last: bool = True):
         super().__init__()
-        tp_group = tp_group or SOLO
+        # parallel: this rank's ParallelState; a dense decoder splits over tp only (pp enters as
+        # layer_range, the stage's layers)
+        parallel = parallel or SOLO_STATE
+        tp_group = parallel.tp
         self.cfg = cfg
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
         self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last)

@@ -14,16 +14,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import DecoderForCausalLM
+from meshserve.models.registry import model_class
 
 logger = logging.getLogger(__name__)
-
-MODEL_REGISTRY = {
-    "LlamaForCausalLM": DecoderForCausalLM,
-    "MistralForCausalLM": DecoderForCausalLM,
-    "Qwen2ForCausalLM": DecoderForCausalLM,
-    "Qwen3ForCausalLM": DecoderForCausalLM,
-}
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
@@ -49,14 +42,15 @@ def iter_safetensors(path: str, show_progress: bool = True) -> Iterator[tuple[st
                 yield name, f.get_tensor(name)
 
 
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp_group=None,
-                layer_range=None, is_first: bool = True, is_last: bool = True) -> DecoderForCausalLM:
-    cls = MODEL_REGISTRY[cfg.architecture]
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, parallel=None,
+                layer_range=None, is_first: bool = True, is_last: bool = True) -> torch.nn.Module:
+    """This rank's shard of the model; `parallel` is its ParallelState (None: one rank)."""
+    cls = model_class(cfg.architecture)
     with torch.device(device):
-        return cls(cfg, tp_group, dtype, layer_range, is_first, is_last).eval()
+        return cls(cfg, parallel, dtype, layer_range, is_first, is_last).eval()
 
 
-def load_weights(model: DecoderForCausalLM, path: str, load_format: str = "auto", seed: int = 0,
+def load_weights(model: torch.nn.Module, path: str, load_format: str = "auto", seed: int = 0,
                  show_progress: bool = True) -> None:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; accepted: {', '.join(LOAD_FORMATS)}")

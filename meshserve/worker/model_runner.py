@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from meshserve.distributed.comm import SOLO
+from meshserve.distributed.comm import SOLO, SOLO_STATE, PipelineChannel
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.models.config import ModelConfig
 from meshserve.models.loader import build_model, load_weights
@@ -102,18 +102,21 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cfg: RunnerConfig, tp_group=None, pp_group=None,
+    def __init__(self, model_config: ModelConfig, cfg: RunnerConfig, parallel=None,
                  layer_range: Optional[range] = None):
+        """parallel: this rank's ParallelState (None: a one-rank job); layer_range: this pipeline
+        stage's layers (None: all)."""
         self.model_config = model_config
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.tp_group = tp_group or SOLO
-        self.pp_group = pp_group or SOLO
+        self.parallel = parallel or SOLO_STATE
+        self.tp_group = self.parallel.tp
+        self.pp_group = PipelineChannel(self.parallel.pp) if self.parallel.pp.size > 1 else SOLO
         pp_rank, pp_size = self.pp_group.rank_in_group, self.pp_group.size
         self.is_first = pp_rank == 0
         self.is_last = pp_rank == pp_size - 1
         self.is_driver = self.is_last and self.tp_group.rank_in_group == 0  # samples
-        self.model = build_model(model_config, self.device, cfg.dtype, self.tp_group, layer_range,
+        self.model = build_model(model_config, self.device, cfg.dtype, self.parallel, layer_range,
                                  self.is_first, self.is_last)
         load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress)
         self.attn_layers = self.model.attention_layers()

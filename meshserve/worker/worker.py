@@ -1,24 +1,30 @@
 """One rank: join torch.distributed, build its model shard, and (for ranks other than 0) serve
 commands from rank 0 until told to stop.
 
-`build_rank` is shared by rank 0 (inside the engine process) and the worker ranks (spawned by
-the executor, or started by torchrun / mpirun / srun). A worker that raises reports the error
-to rank 0 and exits, so no collective waits on it forever; a spawned worker also dies with its
-parent (PR_SET_PDEATHSIG), so no rank outlives the engine.
+`build_rank` is shared by rank 0 (inside the engine process, through the multi-process executor)
+and the worker ranks, whose entry points are in worker/main.py. A worker that raises reports the
+error to rank 0 and returns 1, so no collective waits on it forever.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
-import sys
 import traceback
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
+
+from meshserve.config import LlmArgs
+from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, StageStats, Step,
+                                           WorkerChannel, WorkerError)
+from meshserve.distributed.parallel_state import ParallelState, init_distributed
+from meshserve.mapping import Mapping
+from meshserve.models.config import ModelConfig
+from meshserve.utils import GCPauses
+from meshserve.worker.model_runner import ModelRunner
+from meshserve.worker.runner_setup import resolve_device, runner_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ class RankSpec:
     key_hex: Optional[str] = None  # control-message key, when known before rendezvous
     spawned: bool = True
     timeout_s: float = 600.0
+    log_level: str = "WARNING"  # the engine's logging level, for this rank's own logging
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -45,32 +52,30 @@ class RankSpec:
         return cls(**json.loads(text))
 
 
-def build_rank(spec: RankSpec):
-    """Join the process group and build this rank's ModelRunner; returns (runner, parallel state)."""
-    from meshserve.config import LlmArgs
-    from meshserve.distributed.comm import PipelineChannel
-    from meshserve.distributed.parallel_state import ParallelState, init_distributed
-    from meshserve.engine.setup import resolve_device, runner_config
-    from meshserve.mapping import Mapping
-    from meshserve.models.config import ModelConfig
-    from meshserve.worker.model_runner import ModelRunner
-
+def build_rank(spec: RankSpec, store=None):
+    """Join the process group and build this rank's ModelRunner; returns (runner, parallel state).
+    `store`: a TCPStore client already connected to rank 0's (spawned ranks), else None."""
     args = LlmArgs(**spec.args)
     model_config = ModelConfig.from_pretrained(spec.model_path)
     device = resolve_device(args.device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     device = init_distributed(spec.rank, spec.world_size, spec.master_addr, spec.master_port, backend,
-                              spec.local_rank if device.type == "cuda" else None, spec.timeout_s)
-    mapping = Mapping(world_size=spec.world_size, rank=spec.rank, tp_size=args.tensor_parallel_size,
-                      pp_size=args.pipeline_parallel_size, pp_partition=args.pp_partition,
-                      num_layers=model_config.num_hidden_layers)
+                              spec.local_rank if device.type == "cuda" else None, spec.timeout_s, store)
+    mapping = mapping_for(args, model_config, spec.world_size, spec.rank)
     state = ParallelState(mapping)
     rcfg = runner_config(args, spec.model_path, model_config, device)
     rcfg.show_progress = rcfg.show_progress and spec.rank == 0
-    pp = PipelineChannel(state.pp) if mapping.pp_size > 1 else None
-    runner = ModelRunner(model_config, rcfg, tp_group=state.tp, pp_group=pp,
-                         layer_range=mapping.this_stage_layers())
+    runner = ModelRunner(model_config, rcfg, state, layer_range=mapping.this_stage_layers())
     return runner, state
+
+
+def mapping_for(args: LlmArgs, model_config: ModelConfig, world_size: int | None = None, rank: int = 0) -> Mapping:
+    """The Mapping of the user's parallel sizes (rank 0's when no rank is given)."""
+    return Mapping(world_size=world_size, rank=rank, tp_size=args.tensor_parallel_size,
+                   pp_size=args.pipeline_parallel_size, cp_size=args.context_parallel_size,
+                   moe_tp_size=args.moe_tensor_parallel_size, moe_ep_size=args.moe_expert_parallel_size,
+                   enable_attention_dp=args.enable_attention_dp, pp_partition=args.pp_partition,
+                   num_layers=model_config.num_hidden_layers)
 
 
 def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) -> tuple[str, bytes]:
@@ -86,33 +91,11 @@ def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) 
     return info["endpoint"], bytes.fromhex(info["key"]) if info["key"] else key
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def worker_main(spec_json: str) -> None:
-    """Entry point of a worker rank (rank > 0)."""
-    spec = RankSpec.from_json(spec_json)
-    if spec.spawned:
-        _die_with_parent()
-    logging.basicConfig(level=os.environ.get("MESHSERVE_LOG_LEVEL", "WARNING"))
-    code = run_worker(spec)
-    sys.stdout.flush()
-    os._exit(code)
-
-
-def run_worker(spec: RankSpec) -> int:
-    from meshserve.utils import GCPauses
-    from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, StageStats,
-                                               Step, WorkerChannel, WorkerError)
-
+def run_worker(spec: RankSpec, store=None) -> int:
+    """Serve rank 0's commands until it says Shutdown (0) or this rank fails (1, reported)."""
     channel = None
     try:
-        runner, state = build_rank(spec)
+        runner, state = build_rank(spec, store)
         endpoint, key = exchange_control_info(state, None, bytes.fromhex(spec.key_hex) if spec.key_hex else None)
         channel = WorkerChannel(endpoint, key, spec.rank)
         channel.send(Ready(spec.rank))

@@ -72,9 +72,9 @@ def test_invalid_pipelines_name_the_numbers(pp_model, kwargs, match):
 
 def test_launcher_world_must_equal_tp_times_pp():
     from meshserve.config import LlmArgs
-    from meshserve.distributed.executor import check_world
+    from meshserve.executor.multiproc import check_world
     from meshserve.distributed.launch import LaunchInfo
 
     launch = LaunchInfo("mpirun", 0, 6, 0, "127.0.0.1", 1)
     with pytest.raises(ValueError, match="started 6 ranks.*tensor_parallel_size=2 x pipeline_parallel_size=2"):
-        check_world(LlmArgs(tensor_parallel_size=2, pipeline_parallel_size=2), "cpu", launch)
+        check_world(LlmArgs(tensor_parallel_size=2, pipeline_parallel_size=2), "cpu", launch, 4)

@@ -108,11 +108,11 @@ def test_invalid_layouts_name_the_numbers(tp_checkpoint, kwargs, match):
 def test_more_ranks_than_gpus_is_an_error(monkeypatch):
     import torch
     from meshserve.config import LlmArgs
-    from meshserve.distributed.executor import check_world
+    from meshserve.executor.multiproc import check_world
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="needs 4 GPUs, but only 2 are visible"):
-        check_world(LlmArgs(tensor_parallel_size=4), "cuda", None)
+        check_world(LlmArgs(tensor_parallel_size=4), "cuda", None, 4)
 
 
 def test_one_rank_through_the_multiprocess_executor(tp_checkpoint):

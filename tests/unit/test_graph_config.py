@@ -6,7 +6,7 @@ import torch
 
 from helpers import build_checkpoint
 from meshserve.config import build_llm_args
-from meshserve.engine.setup import runner_config
+from meshserve.worker.runner_setup import runner_config
 from meshserve.models.config import ModelConfig
 
 CUDA = torch.device("cuda")

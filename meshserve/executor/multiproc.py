@@ -1,39 +1,40 @@
 """MultiProcExecutor: rank 0 in the engine process, ranks 1..N-1 in worker processes.
 
-Ranks come from one of two places: spawned here on this host (the default), or started by an
-outside launcher (torchrun, mpirun, srun), in which case rank 0 runs the engine and every other
-rank calls `run_external_worker` and never returns. Each step rank 0 sends the SchedulerOutput to
-every worker over the control channel (ZMQ, HMAC-signed msgspec), runs its own shard, and gets
+Ranks come from one of two places: spawned here on this host (the default; each child enters
+through worker/main.py's `spawned_main` and checks in with our store before the rendezvous, so
+a child that dies while starting is an error here within seconds, not a hung rendezvous), or
+started by an outside launcher (torchrun, mpirun, srun), in which case rank 0 runs the engine and
+every other rank runs `worker.main.run_launched_rank`. Each step rank 0 sends the SchedulerOutput
+to every worker over the control channel (ZMQ, HMAC-signed msgspec), runs its own shard, and gets
 the sampled tokens from itself (one stage) or from the last stage's rank (pipelines). A worker
 that dies or raises turns into a RuntimeError here within a second.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import multiprocessing as mp
 import os
 import secrets
 import socket
-import sys
 import time
 from collections import deque
 from typing import Optional
+
+import torch.distributed as dist
 
 from meshserve.config import LlmArgs
 from meshserve.distributed.control import (DriverChannel, InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown,
                                            StageStats, Step, WorkerError)
 from meshserve.distributed.launch import LaunchInfo
-from meshserve.engine.executor import Done, Executor, choose_num_blocks
+from meshserve.executor.base import Done, Executor, choose_num_blocks, inflight_depth
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
-from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info, run_worker, worker_main
+from meshserve.worker.main import CHECK_IN_KEY, spawned_main
+from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info
 
 logger = logging.getLogger(__name__)
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+START_TIMEOUT_S = 600.0  # spawned children must check in within this (they import torch and the main module)
 
 
 def _keep_gloo_on_loopback() -> None:
@@ -49,8 +50,8 @@ def _keep_gloo_on_loopback() -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
-def check_world(args: LlmArgs, device_type: str, launch: Optional[LaunchInfo]) -> None:
-    world = args.world_size
+def check_world(args: LlmArgs, device_type: str, launch: Optional[LaunchInfo], world: int) -> None:
+    """`world`: the ranks the layout needs (the Mapping's world_size)."""
     if launch is not None and launch.world_size != world:
         raise ValueError(f"the launcher started {launch.world_size} ranks ({launch.launcher}), but "
                          f"tensor_parallel_size={args.tensor_parallel_size} x pipeline_parallel_size="
@@ -61,17 +62,6 @@ def check_world(args: LlmArgs, device_type: str, launch: Optional[LaunchInfo]) -
         if world > count:
             raise ValueError(f"world_size={world} (tp={args.tensor_parallel_size} x pp="
                              f"{args.pipeline_parallel_size}) needs {world} GPUs, but only {count} are visible")
-
-
-def run_external_worker(args: LlmArgs, model_path: str, launch: LaunchInfo) -> None:
-    """A rank > 0 under torchrun / mpirun / srun: serve rank 0 until it shuts down, then exit."""
-    spec = RankSpec(launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port,
-                    args.model_dump(), model_path, launch.secret.encode().hex() if launch.secret else None,
-                    spawned=False)
-    code = run_worker(spec)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 class PendingResult:
@@ -86,14 +76,12 @@ class PendingResult:
 
 
 class MultiProcExecutor(Executor):
-    def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str):
-        check_world(args, device_type, launch)
+    def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str,
+                 world_size: int, log_level: str = "WARNING"):
+        check_world(args, device_type, launch, world_size)
         self.pipeline_stages = args.pipeline_parallel_size
-        if self.pipeline_stages > 1:
-            self.max_inflight = args.pipeline_micro_batches or self.pipeline_stages
-        else:
-            self.max_inflight = 2 if args.overlap_scheduler else 1
-        self.world_size = args.world_size
+        self.max_inflight = inflight_depth(self.pipeline_stages, args.overlap_scheduler, args.pipeline_micro_batches)
+        self.world_size = world_size
         self.pp_size = args.pipeline_parallel_size
         self.procs: dict[int, mp.process.BaseProcess] = {}
         self.channel: Optional[DriverChannel] = None
@@ -101,18 +89,24 @@ class MultiProcExecutor(Executor):
         self._closed = False
         self._results: deque = deque()  # Results that arrived while we looked for errors
         self.stage_stats: dict[int, StageStats] = {}
+        store = None
         if launch is not None:
             addr, port = launch.master_addr, launch.master_port
             key = launch.secret.encode() if launch.secret else None
         else:
-            addr, port, key = "127.0.0.1", free_port(), secrets.token_bytes(32)
+            addr, key = "127.0.0.1", secrets.token_bytes(32)
             _keep_gloo_on_loopback()
+            # our own store on a free port (no race for it), so we can watch the children check in
+            store = dist.TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
+            port = store.port
         try:
             if launch is None:
-                self._spawn(args, model_path, addr, port, key)
+                self._spawn(args, model_path, addr, port, key, log_level)
+                self._wait_check_in(store)
             spec = RankSpec(0, self.world_size, launch.local_rank if launch else 0, addr, port, args.model_dump(),
                             model_path, None, spawned=launch is None)
-            self.runner, self.state = build_rank(spec)
+            self.runner, self.state = build_rank(spec, store)
             shared_key = key or secrets.token_bytes(32)
             self.channel = DriverChannel(addr, shared_key)
             exchange_control_info(self.state, self.channel.endpoint, None if key else shared_key)
@@ -121,13 +115,35 @@ class MultiProcExecutor(Executor):
             self.shutdown()
             raise
 
-    def _spawn(self, args: LlmArgs, model_path: str, addr: str, port: int, key: bytes) -> None:
+    def _spawn(self, args: LlmArgs, model_path: str, addr: str, port: int, key: bytes, log_level: str) -> None:
         ctx = mp.get_context("spawn")
         for rank in range(1, self.world_size):
-            spec = RankSpec(rank, self.world_size, rank, addr, port, args.model_dump(), model_path, key.hex())
-            p = ctx.Process(target=worker_main, args=(spec.to_json(),), name=f"meshserve-rank{rank}", daemon=False)
+            spec = RankSpec(rank, self.world_size, rank, addr, port, args.model_dump(), model_path, key.hex(),
+                            log_level=log_level)
+            p = ctx.Process(target=spawned_main, args=(spec.to_json(),), name=f"meshserve-rank{rank}", daemon=False)
             p.start()
             self.procs[rank] = p
+
+    def _wait_check_in(self, store, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until every spawned child has checked in, failing at once when one exits first."""
+        pending = set(self.procs)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for rank in sorted(pending):
+                if store.check([CHECK_IN_KEY.format(rank=rank)]):
+                    pending.discard(rank)
+                    continue
+                code = self.procs[rank].exitcode
+                if code is not None:
+                    raise RuntimeError(
+                        f"worker rank {rank} exited with code {code} while starting, before it joined rank 0. "
+                        f"The usual cause: the script creates LLM(...) (or runs other work) at module level "
+                        f"without an `if __name__ == \"__main__\":` guard; worker ranks are spawned processes "
+                        f"that import the main module again. Put that code under the guard (see the README).")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker ranks {sorted(pending)} did not start within {timeout_s:.0f} s")
+            if pending:
+                time.sleep(0.05)
 
     # ---- waiting on workers -----------------------------------------------------------------------
     def _check_alive(self) -> None:

@@ -1,0 +1,60 @@
+"""The executor interface: run a SchedulerOutput on every rank, return the sampling rank's output.
+
+`execute_async` returns a handle whose `result()` blocks; the engine keeps up to `max_inflight`
+handles outstanding (decided once, by `inflight_depth`). Implementations: `UniProcExecutor` (one
+rank, in this process; uniproc.py) and `MultiProcExecutor` (rank 0 here, the other ranks in
+worker processes; multiproc.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from meshserve.engine.messages import SchedulerOutput
+
+
+def inflight_depth(pp_size: int, overlap: bool, pipeline_micro_batches: Optional[int] = None) -> int:
+    """Batches the engine keeps outstanding: the pipeline's micro-batches (one per stage unless
+    set), 2 with the overlap scheduler (schedule N+1 while N runs), else 1."""
+    if pp_size > 1:
+        return pipeline_micro_batches or pp_size
+    return 2 if overlap else 1
+
+
+class Done:
+    """An already-finished handle."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value
+
+
+class Executor:
+    max_inflight: int = 1  # batches the engine may have outstanding at once
+    pipeline_stages: int = 1  # > 1: in-flight batches are pipeline micro-batches (disjoint requests)
+
+    def initialize_cache(self, kv_config, max_tokens_needed: int) -> int:
+        raise NotImplementedError
+
+    def execute_async(self, so: SchedulerOutput):
+        raise NotImplementedError
+
+    def stage_busy_fractions(self) -> list[float]:
+        return []
+
+    def shutdown(self) -> None:
+        pass
+
+
+def choose_num_blocks(available: int, kv_config, block_size: int, max_tokens_needed: int) -> int:
+    """Blocks for the pool: what memory allows, capped by kv_config.max_tokens and by what the
+    configured batch could ever use."""
+    blocks = available
+    if kv_config.max_tokens is not None:
+        blocks = min(blocks, -(-kv_config.max_tokens // block_size) + 1)
+    blocks = min(blocks, -(-max_tokens_needed // block_size) + 1)
+    return blocks
