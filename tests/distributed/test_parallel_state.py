@@ -43,6 +43,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     res["gather_world_dim0"] = state.world.all_gather(row, dim=0).tolist()
     res["gather_cp"] = state.cp.all_gather(row, dim=0).tolist()
     res["bcast_tp"] = state.tp.broadcast(torch.tensor([rank]), src=1).item()
+    # reduce_scatter: every rank contributes rows rank*[1..4]; member i keeps the summed rows of its slice
+    contrib = torch.arange(1, 5, dtype=torch.float64)[:, None].repeat(1, 2) * (rank + 1)  # [4, 2]
+    res["rs_world_dim0"] = state.world.reduce_scatter(contrib, dim=0).tolist()
+    res["rs_tp_dim1"] = state.tp.reduce_scatter(contrib.t().contiguous(), dim=1).tolist()
+    # all_to_all with uneven splits: we send (j + 1) rows to member j, each row [rank, j, k]
+    send = torch.tensor([[rank, j, k] for j in range(WORLD) for k in range(j + 1)], dtype=torch.int64)
+    recv_sizes = [rank + 1] * WORLD  # every member sends us rank + 1 rows
+    res["a2a_world"] = state.world.all_to_all(send, recv_sizes, [j + 1 for j in range(WORLD)]).tolist()
+    res["a2a_tp_even"] = state.tp.all_to_all(torch.tensor([[rank * 10 + i] for i in range(TP)])).tolist()
     payload = torch.arange(3, dtype=torch.float32) + 100 * rank
     if state.pp.is_first_rank:
         state.pp.send(payload, dst=state.pp.next_rank)
@@ -136,3 +145,25 @@ def test_replicate_moe_groups_span_the_attention_replicas(results):
         ep_group = [r for r in range(WORLD) if r % 2 == rank % 2]
         assert res["sum_moe_ep_replicate"] == power_sum(ep_group)
         assert res["sum_attn_dp_replicate"] == power_sum(ep_group)
+
+
+def test_reduce_scatter_sums_then_keeps_this_members_slice(results):
+    total = sum(r + 1 for r in range(WORLD))  # the contributions' common factor, summed
+    for rank, res in results.items():
+        # world group: 4 rows over 4 members, one row each; row i of the sum is (i + 1) * total
+        assert res["rs_world_dim0"] == [[float((rank + 1) * total)] * 2]
+        tp_members = members(rank, "pp")
+        tp_total = sum(m + 1 for m in tp_members)
+        tp_rank = coords(rank)[1]
+        # [2, 4] split on dim 1 over 2 members: columns 2*tp_rank, 2*tp_rank + 1
+        cols = [float((c + 1) * tp_total) for c in (2 * tp_rank, 2 * tp_rank + 1)]
+        assert res["rs_tp_dim1"] == [cols, cols]
+
+
+def test_all_to_all_routes_uneven_splits_by_member(results):
+    for rank, res in results.items():
+        # from each member src, in member order, the rank + 1 rows src addressed to us
+        assert res["a2a_world"] == [[src, rank, k] for src in range(WORLD) for k in range(rank + 1)]
+        tp_members = members(rank, "pp")
+        tp_rank = coords(rank)[1]
+        assert res["a2a_tp_even"] == [[m * 10 + tp_rank] for m in tp_members]

@@ -40,12 +40,14 @@ def test_module_level_llm_without_main_guard_fails_fast_naming_the_guard(tmp_pat
     assert took < 30, took
 
 
-def test_same_script_with_main_guard_runs(tmp_path):
+def test_same_script_with_main_guard_runs_and_its_log_level_reaches_the_workers(tmp_path):
     ckpt = tmp_path / "ckpt"
     build_checkpoint(str(ckpt), "llama")
     proc, _ = _run(tmp_path, f"""
+        import logging
         from meshserve import LLM, SamplingParams
         if __name__ == "__main__":
+            logging.basicConfig(level="DEBUG")
             llm = LLM({str(ckpt)!r}, tensor_parallel_size=2, show_progress=False,
                       kv_cache_config={{"tokens_per_block": 4, "max_tokens": 256}})
             out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
@@ -54,3 +56,5 @@ def test_same_script_with_main_guard_runs(tmp_path):
     """, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generated 3" in proc.stdout
+    # a debug line that only a worker rank logs, from its own process
+    assert "[rank 1]: rank 1/2 joined gloo process group" in proc.stderr, proc.stderr[-3000:]
