@@ -1,8 +1,9 @@
 """The offline Python API: LLM(...).generate / generate_async / chat.
 
-The LLM owns an EngineCore in this process (its executor may spawn worker ranks) and the tokenizer.
-Whichever thread steps the engine routes every output to its request's front-side state, so a
-blocking `generate` and background `generate_async` streams can share one engine.
+The LLM owns an EngineCore in this process (its executor may spawn worker ranks), the tokenizer and
+an OutputProcessor (the one the API server uses too). Whichever thread steps the engine routes
+every output to its request through it, so a blocking `generate` and background `generate_async`
+streams can share one engine.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
+from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
 from meshserve.models.resolve import resolve_model_path
 from meshserve.outputs import RequestOutput
@@ -54,7 +56,8 @@ class LLM:
             self.args, self.model_path, launch, logging.getLevelName(logging.getLogger().getEffectiveLevel()))
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._states: dict[str, RequestState] = {}  # engine seq id -> its request's state
+        self._outputs = OutputProcessor(self.tokenizer, self.args.stream_interval)
+        self._errors: dict[str, Exception] = {}  # request id -> why processing its output failed
         self._async_streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}
         self._ids = itertools.count()
         self._bg: Optional[threading.Thread] = None
@@ -85,24 +88,17 @@ class LLM:
             raise ValueError("prompts is empty: pass a string, a list of token ids, or a list of those")
         return list(prompts)
 
-    def _new_state(self, prompt: PromptType, params: SamplingParams) -> tuple[RequestState, list]:
-        """Tokenize and validate; nothing is added to the engine yet."""
+    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int], SamplingParams]:
+        """Tokenize and validate; nothing is registered or added to the engine yet."""
         text, ids = self._tokenize(prompt)
         self._core.validate(ids, params)
-        rid = str(next(self._ids))
-        seq_ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
-        state = RequestState(rid, text, ids, params, self.tokenizer, seq_ids)
-        if params.n == 1:
-            adds = [(rid, ids, params)]
-        else:  # n samples: independent sequences; with a seed, sample i uses seed + i
-            adds = [(sid, ids, params.clone(n=1, seed=None if params.seed is None else params.seed + i))
-                    for i, sid in enumerate(seq_ids)]
-        return state, adds
+        return text, ids, params
 
-    def _submit(self, state: RequestState, adds: list) -> None:
-        for sid, ids, p in adds:
+    def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams) -> RequestState:
+        state, seqs = self._outputs.add_request(str(next(self._ids)), text, ids, params)
+        for sid, p in seqs:
             self._core.add_request(sid, ids, p)
-            self._states[sid] = state
+        return state
 
     # ---- the engine loop ---------------------------------------------------------------------------
     def _step(self) -> None:
@@ -112,31 +108,22 @@ class LLM:
         except BaseException as e:
             self._fail_all(e)
             raise
-        stopped = []
-        touched: dict[str, RequestState] = {}
-        for out in outputs:
-            state = self._states.get(out.request_id)
-            if state is None:
-                continue
-            if state.seqs[out.request_id].finish_reason is not None:
-                continue  # e.g. the abort that follows a stop string
-            if state.process(out):
-                stopped.append(out.request_id)
-            if state.seqs[out.request_id].finish_reason is not None:
-                self._states.pop(out.request_id, None)
-            touched[state.request_id] = state
-        if stopped:
-            self._core.abort_requests(stopped)
-            for sid in stopped:
-                self._states.pop(sid, None)
-        for rid, state in touched.items():
-            stream = self._async_streams.get(rid)
+        res = self._outputs.process(outputs)
+        if res.abort_seq_ids:
+            self._core.abort_requests(res.abort_seq_ids)
+        for state, err in res.failed:
+            self._errors[state.request_id] = err
+            stream = self._async_streams.pop(state.request_id, None)
             if stream is not None:
-                loop, queue, streaming = stream
-                if state.finished or (streaming and state.stream_due(self.args.stream_interval)):
-                    loop.call_soon_threadsafe(queue.put_nowait, state.make_output())
-                if state.finished:
-                    self._async_streams.pop(rid, None)
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, err)
+        for state in res.due:
+            stream = self._async_streams.get(state.request_id)
+            if stream is not None and stream[2]:  # a streaming reader
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, state.make_output())
+        for state in res.finished:
+            stream = self._async_streams.pop(state.request_id, None)
+            if stream is not None:
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, state.make_output())
 
     def _fail_all(self, err: BaseException) -> None:
         self._error = err
@@ -160,10 +147,8 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params_list)} entries but there are {len(items)} prompts")
         with self._lock:
             self._check_open()
-            prepared = [self._new_state(p, sp) for p, sp in zip(items, params_list)]  # all validated first
-            for state, adds in prepared:
-                self._submit(state, adds)
-            states = [s for s, _ in prepared]
+            prepared = [self._prepare(p, sp) for p, sp in zip(items, params_list)]  # all validated first
+            states = [self._submit(*item) for item in prepared]
             bar = tqdm(total=len(states), desc="Processed prompts", disable=not use_tqdm, unit="req")
             done = 0
             while True:
@@ -174,6 +159,10 @@ class LLM:
                     break
                 self._step()
             bar.close()
+            errors = [(s.request_id, self._errors.pop(s.request_id)) for s in states if s.request_id in self._errors]
+        if errors:
+            rid, err = errors[0]
+            raise RuntimeError(f"request {rid} failed: {type(err).__name__}: {err}") from err
         outs = [s.make_output() for s in states]
         return outs[0] if single else outs
 
@@ -186,9 +175,8 @@ class LLM:
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._check_open()
-            state, adds = self._new_state(prompt, params)
+            state = self._submit(*self._prepare(prompt, params))
             self._async_streams[state.request_id] = (loop, queue, streaming)
-            self._submit(state, adds)
             self._ensure_background()
             self._wake.notify_all()
         return AsyncRequest(self, state, queue)
@@ -214,14 +202,10 @@ class LLM:
     def abort(self, request_id: str) -> None:
         """Stop a request started with generate_async; its stream ends with finish_reason "abort"."""
         with self._lock:
-            sids = [sid for sid, st in self._states.items() if st.request_id == request_id]
-            if not sids:
+            state = self._outputs.requests.get(request_id)
+            if state is None:
                 return
-            state = self._states[sids[0]]
-            self._core.abort_requests(sids)
-            for sid in sids:
-                self._states.pop(sid)
-                state.seqs[sid].finish_reason = "abort"
+            self._core.abort_requests(self._outputs.abort_request(request_id))
             stream = self._async_streams.pop(request_id, None)
         if stream is not None:
             loop, queue, _ = stream

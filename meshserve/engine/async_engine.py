@@ -1,10 +1,10 @@
 """AsyncEngine: the API server's handle on an engine process (core_proc.py), over ZMQ ipc.
 
-It starts the engine process, mirrors the engine's request validation (with the limits the engine
-reports when ready) so a bad request fails synchronously, and routes the engine's outputs to one
-RequestStream per user request. Tokens become text here, in the front: each stream's
-RequestState (detokenizer.py) detokenizes incrementally and applies stop strings; a sequence that
-hits one is aborted in the engine. n > 1 expands into n engine sequences (seed + i), as in LLM.
+It starts the engine process, runs the engine's request validation (engine_core.validate, with
+the limits the engine reports when ready) so a bad request fails synchronously, and routes the
+engine's outputs to one RequestStream per user request through the OutputProcessor that LLM uses
+too (n > 1 expansion, detokenizing, stop strings, stream_interval); a sequence that hits a stop
+string is aborted in the engine.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from types import SimpleNamespace
 from typing import AsyncIterator, Optional, Protocol
 
 import msgspec
@@ -25,8 +24,9 @@ import zmq.asyncio
 
 from meshserve.config import LlmArgs
 from meshserve.engine import core_proc
-from meshserve.engine.engine_core import EngineCore, EngineLimits
+from meshserve.engine.engine_core import EngineLimits, validate
 from meshserve.engine.detokenizer import RequestState
+from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
@@ -115,7 +115,7 @@ class AsyncEngine:
         self.stats: dict = {}
         self.error: Optional[str] = None
         self._streams: dict[str, RequestStream] = {}  # user request id -> stream
-        self._seqs: dict[str, RequestStream] = {}  # engine sequence id -> its request's stream
+        self.processor = OutputProcessor(tokenizer, args.stream_interval)
         self._proc = None
         self._ipc_dir: Optional[str] = None
         self._ctx: Optional[zmq.Context] = None
@@ -233,14 +233,14 @@ class AsyncEngine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """The engine's own checks (EngineCore.validate), run here against the limits it reported."""
-        EngineCore.validate(SimpleNamespace(limits=self.limits), prompt_token_ids, params)
+        """The engine's own checks, run here against the limits it reported."""
+        validate(self.limits, prompt_token_ids, params)
 
     @property
     def num_pending_sequences(self) -> int:
         """Sequences admitted that have not produced a token yet: waiting in the engine's queue
         (or in their prefill)."""
-        return sum(1 for sid, st in self._seqs.items() if not st.state.seqs[sid].token_ids)
+        return self.processor.num_pending_sequences()
 
     def check_capacity(self) -> None:
         if not self.healthy:
@@ -257,20 +257,15 @@ class AsyncEngine:
         self.check_capacity()
         self.validate(prompt_token_ids, params)
         rid = request_id or uuid.uuid4().hex
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already in use")
-        seq_ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
-        state = RequestState(rid, prompt, list(prompt_token_ids), params, self.tokenizer, seq_ids)
+        state, seqs = self.processor.add_request(rid, prompt, prompt_token_ids, params)
         stream = RequestStream(self, state)
         now = time.monotonic()
-        reqs = []
-        for i, sid in enumerate(seq_ids):
-            p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None
-                                                          else params.seed + i)
-            reqs.append(EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now))
-        self._send(core_proc.ADD, reqs)  # outputs cannot arrive before we register: no await in between
-        for sid in seq_ids:
-            self._seqs[sid] = stream
+        reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now) for sid, p in seqs]
+        try:
+            self._send(core_proc.ADD, reqs)  # no await between registering and sending: no output is missed
+        except EngineDeadError:
+            self.processor.abort_request(rid)
+            raise
         self._streams[rid] = stream
         if self.observer is not None:
             self.observer.on_request_added(state)
@@ -281,7 +276,7 @@ class AsyncEngine:
         which frees their KV blocks."""
         if stream.done:
             return
-        sids = [sid for sid, seq in stream.state.seqs.items() if seq.finish_reason is None]
+        sids = self.processor.abort_request(stream.request_id)
         stream.state.abort()
         self._finish_stream(stream)
         if sids:
@@ -308,8 +303,7 @@ class AsyncEngine:
         stream.done = True
         stream.error = error
         self._streams.pop(stream.request_id, None)
-        for sid in stream.state.seq_ids:
-            self._seqs.pop(sid, None)
+        self.processor.abort_request(stream.request_id)  # a no-op once it finished normally
         if error is None and self.observer is not None:
             self.observer.on_request_finished(stream.state, time.monotonic())
         stream._wake()
@@ -339,46 +333,33 @@ class AsyncEngine:
                 self._fail(msg.message)
 
     def _reject(self, msg: core_proc.RequestRejected) -> None:
-        stream = self._seqs.get(msg.request_id)
+        state = self.processor.request_of(msg.request_id)
+        stream = self._streams.get(state.request_id) if state is not None else None
         if stream is None:
             return
-        others = [sid for sid in stream.state.seq_ids if sid != msg.request_id and sid in self._seqs]
+        others = [sid for sid in self.processor.abort_request(stream.request_id) if sid != msg.request_id]
         if others:
             self._send_quietly(core_proc.ABORT, others)
         self._finish_stream(stream, error=RequestRejectedError(msg.message))
 
     def _route(self, msg: EngineCoreOutputs) -> None:
-        stopped: list[str] = []
-        touched: dict[str, RequestStream] = {}
-        num_tokens = 0
-        for out in msg.outputs:
-            stream = self._seqs.get(out.request_id)
-            if stream is None:
-                continue  # aborted or already stopped here
-            seq = stream.state.seqs[out.request_id]
-            if seq.finish_reason is not None:
-                continue
-            num_tokens += len(out.new_token_ids)
-            try:
-                hit_stop = stream.state.process(out)
-            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
-                logger.exception("processing the output of %s failed", out.request_id)
-                self.abort(stream)
-                stream.error = RuntimeError(f"processing the output failed: {type(e).__name__}: {e}")
-                continue
-            if hit_stop:
-                stopped.append(out.request_id)
-            if seq.finish_reason is not None:
-                self._seqs.pop(out.request_id, None)
-            touched[stream.request_id] = stream
-        if stopped:
-            self._send_quietly(core_proc.ABORT, stopped)
-        interval = self.stream_interval
-        for stream in touched.values():
-            if stream.state.finished:
+        res = self.processor.process(msg.outputs)
+        for state, err in res.failed:
+            stream = self._streams.get(state.request_id)
+            if stream is not None:
+                self._finish_stream(stream, error=RuntimeError(
+                    f"processing the output failed: {type(err).__name__}: {err}"))
+        if res.abort_seq_ids:
+            self._send_quietly(core_proc.ABORT, res.abort_seq_ids)
+        for state in res.finished:
+            stream = self._streams.get(state.request_id)
+            if stream is not None:
                 self._finish_stream(stream)
-            elif stream.state.stream_due(interval):
+        for state in res.due:
+            stream = self._streams.get(state.request_id)
+            if stream is not None:
                 stream._wake()
+        num_tokens = res.num_tokens
         if msg.stats is not None:
             self.stats = msg.stats
         if self.observer is not None:

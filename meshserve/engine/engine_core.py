@@ -40,6 +40,36 @@ class EngineLimits:
 LATE_LAUNCH_SLACK_S = 0.0005
 
 
+def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """Raise ValueError, naming the field and the numbers, for a request an engine with these
+    limits can't run. Used by EngineCore and, with the limits the engine reported, by the API
+    server's front (so a bad request fails before it reaches the engine process)."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("prompt is empty: it must contain at least one token")
+    # Ints in range, checked in C (all_ints, min, max); the scan below only finds what to name.
+    ok = all_ints(prompt_token_ids) and min(prompt_token_ids) >= 0 and max(prompt_token_ids) < lim.vocab_size
+    bad = [] if ok else [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= lim.vocab_size]
+    if bad:
+        raise ValueError(f"prompt_token_ids contains token id {bad[0]!r} outside the vocabulary "
+                         f"(valid ids are 0..{lim.vocab_size - 1})")
+    params.validate_for_model(lim.vocab_size)
+    if n >= lim.max_seq_len:
+        raise ValueError(f"prompt has {n} tokens, but max_seq_len is {lim.max_seq_len}: "
+                         f"the prompt must be shorter to leave room for at least one output token")
+    max_tokens = params.max_tokens if params.max_tokens is not None else 1
+    if n + max_tokens > lim.max_seq_len:
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} tokens exceeds "
+                         f"max_seq_len={lim.max_seq_len}; lower max_tokens to at most {lim.max_seq_len - n}")
+    if n + max_tokens > lim.kv_capacity_tokens:
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} KV slots, "
+                         f"but the KV cache holds {lim.kv_capacity_tokens}; raise kv_cache_config.max_tokens "
+                         f"or lower max_tokens")
+    if not lim.enable_chunked_prefill and n > lim.max_num_tokens:
+        raise ValueError(f"prompt has {n} tokens, more than max_num_tokens={lim.max_num_tokens}; enable "
+                         f"chunked prefill (enable_chunked_prefill=True) or raise max_num_tokens")
+
+
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list):
@@ -67,32 +97,7 @@ class EngineCore:
 
     # ---- requests -------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError, naming the field and the numbers, for a request the engine can't run."""
-        lim = self.limits
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt is empty: it must contain at least one token")
-        # Ints in range, checked in C (all_ints, min, max); the scan below only finds what to name.
-        ok = all_ints(prompt_token_ids) and min(prompt_token_ids) >= 0 and max(prompt_token_ids) < lim.vocab_size
-        bad = [] if ok else [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= lim.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids contains token id {bad[0]!r} outside the vocabulary "
-                             f"(valid ids are 0..{lim.vocab_size - 1})")
-        params.validate_for_model(lim.vocab_size)
-        if n >= lim.max_seq_len:
-            raise ValueError(f"prompt has {n} tokens, but max_seq_len is {lim.max_seq_len}: "
-                             f"the prompt must be shorter to leave room for at least one output token")
-        max_tokens = params.max_tokens if params.max_tokens is not None else 1
-        if n + max_tokens > lim.max_seq_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} tokens exceeds "
-                             f"max_seq_len={lim.max_seq_len}; lower max_tokens to at most {lim.max_seq_len - n}")
-        if n + max_tokens > lim.kv_capacity_tokens:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} KV slots, "
-                             f"but the KV cache holds {lim.kv_capacity_tokens}; raise kv_cache_config.max_tokens "
-                             f"or lower max_tokens")
-        if not lim.enable_chunked_prefill and n > lim.max_num_tokens:
-            raise ValueError(f"prompt has {n} tokens, more than max_num_tokens={lim.max_num_tokens}; enable "
-                             f"chunked prefill (enable_chunked_prefill=True) or raise max_num_tokens")
+        validate(self.limits, prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: Optional[float] = None) -> None:
