@@ -55,7 +55,6 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[Optional[tuple[list[int], list[float]]]] = []
     # per request that asked for them: logprobs of the prompt tokens covered by this step
     prompt_logprobs: dict[str, list[tuple[list[int], list[float]]]] = {}
-    error: Optional[str] = None
 
 
 class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
@@ -78,4 +77,3 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     outputs: list[EngineCoreOutput] = []
     stats: Optional[dict] = None
-    error: Optional[str] = None

@@ -68,10 +68,6 @@ class Request:
         limit = self.max_total_tokens - self.num_prompt_tokens
         return limit if self.params.max_tokens is None else min(self.params.max_tokens, limit)
 
-    def token_at(self, i: int) -> int:
-        p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
-
     def append_output(self, token_id: int) -> Optional[RequestStatus]:
         """Record a sampled token; returns the finished status if this token ends the request."""
         self.output_token_ids.append(token_id)
