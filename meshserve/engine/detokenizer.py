@@ -91,6 +91,7 @@ class RequestState:
         self.num_cached_tokens = 0
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
+        self.finished_time: Optional[float] = None  # when the last of its sequences finished
         self.hold_back = max((len(s) for s in params.stop), default=1) - 1
         self.unstreamed_tokens = 0  # tokens processed since a streaming reader last got an output
         self.streamed = False
@@ -126,14 +127,15 @@ class RequestState:
                 seq.cumulative_logprob += vals[0]
         before = len(seq.detok.text)
         seq.detok.add(out.new_token_ids)
+        hit_stop = False
         if out.finish_reason is not None:
             seq.finish_reason = out.finish_reason
             seq.stop_reason = out.stop_reason
-            return False
-        if self.params.stop and len(seq.token_ids) >= self.params.min_tokens:
-            if self._check_stop(seq, before):
-                return True
-        return False
+        elif self.params.stop and len(seq.token_ids) >= self.params.min_tokens:
+            hit_stop = self._check_stop(seq, before)
+        if seq.finish_reason is not None and self.finished:
+            self.finished_time = time.monotonic()
+        return hit_stop
 
     def _check_stop(self, seq: SeqState, before: int) -> bool:
         text = seq.detok.text
@@ -154,6 +156,8 @@ class RequestState:
         for s in self.seqs.values():
             if s.finish_reason is None:
                 s.finish_reason = "abort"
+        if self.finished_time is None:
+            self.finished_time = time.monotonic()
 
     def make_output(self, streaming_delta: bool = False) -> RequestOutput:
         """The request's output so far. With streaming_delta, each CompletionOutput carries only
@@ -172,4 +176,5 @@ class RequestState:
                                          seq.stop_reason, lps, seq.cumulative_logprob))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
                              prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
-                             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time})
+                             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                                      "finished_time": self.finished_time})

@@ -1,5 +1,6 @@
 """`meshserve bench throughput` through the real LLM on a tiny checkpoint: the reported counts are
-the requests and tokens that were asked for (ignore_eos fixes the output lengths)."""
+the requests and tokens that were asked for (ignore_eos fixes the output lengths), and per-request
+end-to-end latency is reported."""
 import json
 import subprocess
 import sys
@@ -17,3 +18,7 @@ def test_offline_throughput_on_a_real_engine(tmp_path):
     res = json.loads(out.read_text())
     assert res["num_requests"] == 12 and res["total_output_tokens"] == 12 * 8
     assert res["total_input_tokens"] == 12 * 16 and res["output_throughput"] > 0
+    # end-to-end latency comes from each request's finished_time: no request can take longer than
+    # the whole run, nor finish before its first token
+    assert 0 < res["mean_e2el_ms"] <= res["elapsed_time"] * 1000
+    assert res["median_ttft_ms"] <= res["median_e2el_ms"]
