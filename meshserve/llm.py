@@ -20,7 +20,7 @@ from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
-from meshserve.models.resolve import resolve_model_path
+from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
@@ -40,7 +40,7 @@ def load_tokenizer(path: str):
 class LLM:
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
-        self.model_path = resolve_model_path(self.args.model, self.args.show_progress)
+        self.model_path = resolve_model_path(self.args.model, self.args.show_progress, self.args.load_format)
         launch = launch_for(self.args)
         if launch is not None and launch.rank != 0:
             # A launcher (mpirun, srun, torchrun) ran this script on every rank: rank 0 runs the
@@ -50,7 +50,8 @@ class LLM:
             code = run_launched_rank(self.args, self.model_path, launch)
             logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
             raise SystemExit(code)
-        self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(self.args.tokenizer or self.model_path)
+        tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
+        self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)
         self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
         self._core: Optional[EngineCore] = create_engine_core(
             self.args, self.model_path, launch, logging.getLevelName(logging.getLogger().getEffectiveLevel()))
