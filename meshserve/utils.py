@@ -24,6 +24,33 @@ def all_ints(xs) -> bool:
     return all(issubclass(t, int) for t in set(map(type, xs)))
 
 
+class RateLimitedLog:
+    """Logs at most one record per `interval_s` (default 30 s); the next record that passes says how
+    many were held back meanwhile. For diagnostics that can recur every step (slow steps, GC pauses):
+    one line tells the reader; a hundred bury everything else."""
+
+    def __init__(self, logger: logging.Logger, level: int = logging.INFO, interval_s: float = 30.0,
+                 clock=time.monotonic):
+        self.logger, self.level, self.interval_s, self.clock = logger, level, interval_s, clock
+        self.num_suppressed = 0
+        self._last: Optional[float] = None
+
+    def __call__(self, msg: str, *args) -> bool:
+        """Log `msg % args` unless one was logged less than interval_s ago; returns whether it was."""
+        if not self.logger.isEnabledFor(self.level):
+            return False
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self.num_suppressed += 1
+            return False
+        if self.num_suppressed:
+            msg += " (%d more like it in the previous %.0f s not logged)"
+            args = (*args, self.num_suppressed, now - self._last)
+        self.logger.log(self.level, msg, *args)
+        self._last, self.num_suppressed = now, 0
+        return True
+
+
 class GCPauses:
     """Python's cyclic garbage collector stops the process while it scans: a full (generation 2)
     collection walks every tracked object, and a serving process holds millions (the model's
@@ -31,7 +58,7 @@ class GCPauses:
     stream by tens of milliseconds. `freeze()` moves everything alive at startup into the
     permanent generation (as vLLM and SGLang do), so later collections scan only what serving
     allocates; `install()` times every collection and logs the ones over `warn_ms`
-    (MESHSERVE_GC_WARN_MS, default 20; 0 logs none)."""
+    (MESHSERVE_GC_WARN_MS, default 20; 0 logs none) at INFO, at most one line per 30 s."""
 
     def __init__(self, where: str, warn_ms: Optional[float] = None):
         self.where = where
@@ -40,7 +67,7 @@ class GCPauses:
         self.total_s = 0.0
         self.max_s = 0.0
         self._t0 = 0.0
-        self._log = logging.getLogger("meshserve.gc")
+        self._log = RateLimitedLog(logging.getLogger("meshserve.gc"))
 
     @staticmethod
     def freeze() -> int:
@@ -68,7 +95,7 @@ class GCPauses:
         self.total_s += dt
         self.max_s = max(self.max_s, dt)
         if self.warn_ms and dt * 1000 >= self.warn_ms:
-            self._log.warning("%s: a generation-%d garbage collection paused the process %.1f ms "
-                              "(%d collected; %d collections, %.0f ms in all so far)", self.where,
-                              info.get("generation", -1), dt * 1000, info.get("collected", 0),
-                              self.count, self.total_s * 1000)
+            self._log("%s: a generation-%d garbage collection paused the process %.1f ms "
+                      "(%d collected; %d collections, %.0f ms in all so far)", self.where,
+                      info.get("generation", -1), dt * 1000, info.get("collected", 0),
+                      self.count, self.total_s * 1000)

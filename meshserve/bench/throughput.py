@@ -17,13 +17,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from meshserve.bench import datasets
-from meshserve.bench.shapes import resolve_model
+from meshserve.models import shapes
+from meshserve.models.resolve import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder, hub id, or a shape name (llama-3.1-8b, qwen3-0.6b, ...)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model folder, .gguf file, hub id, or a shape name (llama-3.1-8b, qwen3-0.6b, ...) with "
+                             "--load-format dummy (default: the embedded SmolLM2-135M-Instruct)")
     datasets.add_dataset_args(parser)
     parser.add_argument("--num-requests", "--num-prompts", type=int, default=1000)
     parser.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1)
@@ -36,7 +39,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-tqdm", action="store_true")
 
 
-def build_llm(args: argparse.Namespace, model_path: str):
+def model_for_llm(args: argparse.Namespace) -> Optional[str]:
+    """What `LLM(model=...)` gets: with random weights a shape's name or the hub id it stands for
+    (meta-llama/Llama-3.1-8B, ...) becomes the shape's folder and downloads nothing; anything else
+    goes as given, and LLM resolves it as `meshserve serve` does (None: the embedded model)."""
+    if args.load_format == "dummy" and args.model is not None and shapes.canonical_name(args.model):
+        return shapes.resolve_model(args.model)
+    return args.model
+
+
+def build_llm(args: argparse.Namespace, model_path: Optional[str]):
     """The one place that constructs the offline engine; options left unset keep its defaults."""
     from meshserve import LLM
 
@@ -146,8 +158,12 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.num_requests < 1:
         raise SystemExit(f"--num-requests must be >= 1, got {args.num_requests}")
-    model_path = resolve_model(args.model)
-    llm = build_llm(args, model_path)
+    model = model_for_llm(args)
+    try:
+        llm = build_llm(args, model)
+    except (ValueError, FileNotFoundError) as e:  # what the user asked for cannot run: one line, no traceback
+        raise SystemExit(f"meshserve bench throughput: error: {e}") from None
+    model_path = getattr(llm, "model_path", None) or model
     prompts, out_lens = build_prompts(args, llm, model_path)
     print(f"bench throughput: {len(prompts)} requests, prompt tokens {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}, output tokens {min(out_lens)}-{max(out_lens)}", flush=True)
@@ -158,7 +174,7 @@ def main(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
     elapsed = time.perf_counter() - start
-    result = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "model_id": args.model,
+    result = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "model_id": args.model or DEFAULT_MODEL_NAME,
               "model_path": model_path, "tp_size": args.tp_size, "pp_size": args.pp_size,
               "load_format": args.load_format, "dtype": args.dtype, "dataset": args.dataset,
               **summarize(outputs, prompts, elapsed)}

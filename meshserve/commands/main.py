@@ -1,4 +1,4 @@
-"""The `meshserve` command: `meshserve serve ...`, `meshserve bench ...` (when present)."""
+"""The `meshserve` command: `meshserve serve ...`, `meshserve bench ...`, `meshserve disaggregated -c ...`."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 import meshserve
-from meshserve.commands import serve
+from meshserve.commands import bench, disaggregated, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,12 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     serve.register(subparsers)
-    try:
-        from meshserve.commands import bench
-    except ImportError:
-        bench = None
-    if bench is not None:
-        bench.register(subparsers)
+    bench.register(subparsers)
+    disaggregated.register(subparsers)
     return parser
 
 

@@ -94,14 +94,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def llm_args_from_cli(ns: argparse.Namespace):
     """Merge defaults < YAML < flags into LlmArgs; raises ValueError naming what was wrong."""
-    from meshserve.config import build_llm_args, load_yaml_config
+    from meshserve.config import build_llm_args
 
     where = "the command line"
     values: dict = {}
     if ns.config:
         if not os.path.isfile(ns.config):
             raise ValueError(f"--config {ns.config}: no such file")
-        values = load_yaml_config(ns.config)
+        values = _load_config(ns.config)
         where = f"{ns.config} / the command line"
     if ns.model is not None:
         values["model"] = ns.model
@@ -121,6 +121,32 @@ def llm_args_from_cli(ns: argparse.Namespace):
     if ns.max_beam_width not in (None, 1):
         raise ValueError(f"--max_beam_width {ns.max_beam_width}: beam search is not supported; use 1")
     return build_llm_args(where, **values)
+
+
+def _load_config(path: str) -> dict:
+    """The --config file's mapping; a file that is not YAML is a one-line error naming the place."""
+    import yaml
+
+    from meshserve.config import load_yaml_config
+
+    try:
+        return load_yaml_config(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"--config {path}: not valid YAML: {problem}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device asked for where there is none fails here, before the engine process starts."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here; accepted: auto or cpu")
 
 
 def _launch(args):
@@ -168,11 +194,13 @@ def main(ns: argparse.Namespace) -> int:
         args = llm_args_from_cli(ns)
     except ValueError as e:
         return _fail(str(e))
-    from meshserve.models.resolve import resolve_model_path, served_model_name
+    from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
     try:
-        model_path = resolve_model_path(args.model, args.show_progress and rank == 0)
+        _check_device(args.device)
+        model_path = resolve_model_path(args.model, args.show_progress and rank == 0, args.load_format)
+        tokenizer_path = resolve_tokenizer_path(args.tokenizer) or model_path
         _check_layout(args, model_path)
         if rank != 0:
             return _run_worker_rank(args, model_path, launch)
@@ -183,7 +211,7 @@ def main(ns: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
     name = ns.served_model_name or served_model_name(args.model)
     with sock:
         return asyncio.run(serve(ns, args, model_path, tokenizer, name, sock))

@@ -20,7 +20,7 @@ from meshserve.engine.messages import EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
 from meshserve.sampling_params import SamplingParams
-from meshserve.utils import all_ints
+from meshserve.utils import RateLimitedLog, all_ints
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,10 @@ class EngineCore:
         # that one still ran) to its outputs: with batches in flight, the period between outputs.
         self.iteration_latency_s = 0.0
         self.num_iterations = 0
-        # a step slower than this is logged with its shape (MESHSERVE_SLOW_STEP_MS; 0 = never)
+        # a step slower than this is logged with its shape at INFO, one line per 30 s at most
+        # (MESHSERVE_SLOW_STEP_MS; 0 = never): on a busy CPU every step may be slow
         self.slow_step_s = float(os.environ.get("MESHSERVE_SLOW_STEP_MS", "1000")) / 1000
+        self._slow_step_log = RateLimitedLog(logger)
         self._last_done = 0.0
         # Late launch (overlap scheduler, server): hold the next batch back until shortly before the
         # running one is due to finish, so that requests arriving meanwhile join it instead of the
@@ -152,10 +154,10 @@ class EngineCore:
         self.iteration_latency_s = done - max(t0, self._last_done)
         if self.slow_step_s and self.iteration_latency_s >= self.slow_step_s:
             tokens = sum(r.num_new_tokens for r in so.reqs)
-            logger.warning("step %d took %.1f ms: %d sequences, %d tokens (%d in steps of one), %d running, "
-                           "%d waiting", so.step_id, self.iteration_latency_s * 1000, len(so.reqs), tokens,
-                           sum(r.num_new_tokens == 1 for r in so.reqs), self.scheduler.num_running,
-                           self.scheduler.num_waiting)
+            self._slow_step_log("step %d took %.1f ms: %d sequences, %d tokens (%d in steps of one), "
+                                "%d running, %d waiting", so.step_id, self.iteration_latency_s * 1000,
+                                len(so.reqs), tokens, sum(r.num_new_tokens == 1 for r in so.reqs),
+                                self.scheduler.num_running, self.scheduler.num_waiting)
         self._periods.append(self.iteration_latency_s)
         self._last_done = done
         outputs = self.scheduler.update_from_output(so, result)

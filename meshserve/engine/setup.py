@@ -100,6 +100,11 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
     model_config = ModelConfig.from_pretrained(model_path)
     check_parallel_layout(args, model_config)
     device = resolve_device(args.device)
+    kv = args.kv_cache_config
+    if device.type != "cuda" and "free_gpu_memory_fraction" in kv.model_fields_set:
+        logger.warning("kv_cache_config.free_gpu_memory_fraction=%s is ignored on %s: the KV cache there is sized "
+                       "by kv_cache_config.max_tokens, else cpu_kv_cache_gb (%s GiB)", kv.free_gpu_memory_fraction,
+                       device.type, kv.cpu_kv_cache_gb)
     max_seq_len = max_seq_len_for(args, model_config)
     executor = create_executor(args, model_path, model_config, device, launch, log_level)
     block_size = args.kv_cache_config.tokens_per_block

@@ -15,8 +15,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from meshserve.config import LlmArgs
 from meshserve.distributed.launch import LaunchInfo
@@ -43,6 +45,10 @@ def spawned_main(spec_json: str) -> None:
     store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, is_master=False,
                           timeout=datetime.timedelta(seconds=spec.timeout_s))
     store.set(CHECK_IN_KEY.format(rank=spec.rank), "1")
+    # tqdm's default lock is a multiprocessing semaphore, registered with the parent's resource
+    # tracker; os._exit below skips its release, and the tracker then warns of "leaked semaphore
+    # objects" when the script ends. This rank's progress bars need only a thread lock.
+    tqdm.set_lock(threading.RLock())
     code = run_worker(spec, store)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -175,14 +175,15 @@ def test_a_step_slower_than_the_threshold_is_logged_with_its_shape(ckpt, caplog)
         core = llm._core
         core.executor.execute_async = _SlowDevice(core.executor, 0.05).execute_async
         core.slow_step_s = 0.02  # MESHSERVE_SLOW_STEP_MS=20; every stand-in step takes 50 ms
+        core._slow_step_log.interval_s = 0.0  # every slow step (the default logs one per 30 s)
         core.add_request("A", list(range(3, 12)), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-        with caplog.at_level(logging.WARNING, logger="meshserve.engine.engine_core"):
+        with caplog.at_level(logging.INFO, logger="meshserve.engine.engine_core"):
             while core.has_unfinished():
                 core.step()
         core.slow_step_s = 0.0  # 0: never logged
         core.add_request("B", list(range(3, 12)), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
         n = len(caplog.records)
-        with caplog.at_level(logging.WARNING, logger="meshserve.engine.engine_core"):
+        with caplog.at_level(logging.INFO, logger="meshserve.engine.engine_core"):
             while core.has_unfinished():
                 core.step()
     msgs = [r.getMessage() for r in caplog.records]
