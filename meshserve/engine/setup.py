@@ -101,7 +101,9 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
     check_parallel_layout(args, model_config)
     device = resolve_device(args.device)
     kv = args.kv_cache_config
-    if device.type != "cuda" and "free_gpu_memory_fraction" in kv.model_fields_set:
+    # against the default, not model_fields_set: the server's engine gets its args as JSON, every field set
+    default_fraction = type(kv).model_fields["free_gpu_memory_fraction"].default
+    if device.type != "cuda" and kv.free_gpu_memory_fraction != default_fraction:
         logger.warning("kv_cache_config.free_gpu_memory_fraction=%s is ignored on %s: the KV cache there is sized "
                        "by kv_cache_config.max_tokens, else cpu_kv_cache_gb (%s GiB)", kv.free_gpu_memory_fraction,
                        device.type, kv.cpu_kv_cache_gb)

@@ -79,6 +79,7 @@ def test_serve_loads_a_hub_id_from_the_cache_offline(offline, tiny_tokenizer):
             "skip_special_tokens": False})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == tiny_tokenizer.decode(hf_greedy(model, ids, 6))
+        assert "free_gpu_memory_fraction" not in srv.log_tail(400)  # left at its default: nothing to say
     finally:
         srv.stop()
 
