@@ -3,5 +3,6 @@
 
 datasets.py builds the requests, serve.py/throughput.py send them, metrics.py turns the per-request
 records into the report (field names follow `vllm bench serve`), plots.py draws it, and shapes.py
-writes random-weight model folders of real shapes (config + tokenizer, no download).
+counts the bytes of the real model shapes that meshserve/models/shapes.py lays out as random-weight
+folders (config + tokenizer, no download).
 """
