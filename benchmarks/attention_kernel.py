@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Decode and prefill attention kernel timings on the GPU against the bandwidth floor, with a
-sweep of tile sizes. Checks the output against the torch reference first.
+sweep of tile sizes. Checks the output against the torch reference first. --json writes the
+fastest shapes as `suggested_kernel_config` (KernelConfig fields: pass them to the engine as
+`kernel_config`, e.g. in a `meshserve serve --config` YAML) next to this GPU's current settings.
 
     python benchmarks/attention_kernel.py --batch 256 --context 768 --heads 16 --kv-heads 8
 """
@@ -14,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from meshserve.kernels import settings as kernel_settings  # noqa: E402
 from meshserve.kernels.paged_attention import paged_attention, plan_tiles  # noqa: E402
-from meshserve.worker.cuda_graph import decode_num_splits  # noqa: E402
+from meshserve.layers.attention.backends.triton import decode_num_splits  # noqa: E402
 
 
 def main():
@@ -138,9 +141,15 @@ def main():
     print(f"fastest prefill tile shape: {best_prefill}; decode split_tiles with the least total time over the "
           f"contexts: {best_tiles} ({ {t: round(v, 1) for t, v in tiles_total.items()} } us)")
     if a.json:
+        # the sweep times one 8k prompt: its rows and stages are the tiles of large steps only
+        suggested = {"attn_prefill_rows": best_prefill["rows"], "attn_prefill_block_n": best_prefill["block_n"],
+                     "attn_prefill_warps": best_prefill["warps"], "attn_prefill_stages": best_prefill["stages"],
+                     "attn_decode_split_tiles": best_tiles}
+        current = kernel_settings.for_device(None, dev)
         with open(a.json, "w") as f:
             json.dump({"prefill": best_prefill, "decode_split_tiles": best_tiles, "decode_tiles_total_us": tiles_total,
-                       "gpu": torch.cuda.get_device_name(0)}, f, indent=2)
+                       "gpu": torch.cuda.get_device_name(0), "suggested_kernel_config": suggested,
+                       "kernel_config": kernel_settings.describe(current, dev)}, f, indent=2)
 
 
 if __name__ == "__main__":

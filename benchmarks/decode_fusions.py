@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernel_record  # noqa: E402
 from cuda_timing import graph_seconds as time_graph  # noqa: E402
 
 
@@ -69,7 +70,8 @@ def main() -> None:
               + ("" if r.get("bitwise_equal", True) else "  (NOT bitwise equal)"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_fusions.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "kernel_config": kernel_record.local(), "rows": rows}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 
 PEAK_BANDWIDTH = 4.3e12  # H200 device-to-device copy, bytes/s (docs/BENCHMARKS.md)
 
@@ -39,7 +41,9 @@ def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> dict:
          "--num-warmups", str(args.num_warmups), "--percentiles", "50", "--result-json", result_json,
          "--plot", os.path.join(args.out, "decode_latency.png")])
     with open(result_json) as f:
-        return json.load(f)
+        result = json.load(f)
+    result["kernel_config"] = kernel_record.from_server(base_url)
+    return result
 
 
 def main() -> None:
@@ -65,7 +69,7 @@ def main() -> None:
                "p99_itl_ms": result["p99_itl_ms"], "mean_ttft_ms": result["mean_ttft_ms"],
                "tok_per_s": 1000 / tpot_ms if tpot_ms else 0.0, "bytes_per_step": step_bytes,
                "achieved_gb_per_s": achieved / 1e9, "floor_ms": floor_ms,
-               "fraction_of_bandwidth": achieved / PEAK_BANDWIDTH}
+               "fraction_of_bandwidth": achieved / PEAK_BANDWIDTH, "kernel_config": result["kernel_config"]}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\ndecode-latency: {args.model}, {args.input_len} in / {args.output_len} out, concurrency 1, "

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 from cuda_timing import graph_seconds  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # K, N
@@ -53,7 +54,8 @@ def main() -> None:
             print(f"{lib:>9} {m:>5} " + " ".join(cells) + f" {row['layers_ms']:>12.2f}")
     torch.backends.cuda.preferred_blas_library("default")
     with open(os.path.join(args.out, "gemm_prefill.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "kernel_config": kernel_record.local(),
+                   "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 from cuda_timing import graph_seconds  # noqa: E402
 
 SHAPES = {  # name: (K, N)
@@ -76,7 +77,8 @@ def main() -> None:
         del ws
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "gemv.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "kernel_config": kernel_record.local(),
+                   "results": results}, f, indent=1)
 
 
 def triton_next_pow2(m: int) -> int:

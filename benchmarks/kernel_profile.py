@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import kernel_record  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -61,7 +63,7 @@ def main() -> None:
                                             SamplingParams(max_tokens=args.decode_steps + 1, temperature=0,
                                                            ignore_eos=True)),
     }
-    report = {}
+    report = {"kernel_config": kernel_record.from_llm(llm)}
     for name, (prompts, params) in cases.items():
         r = profile_case(llm, prompts, params, args.top)
         report[name] = r

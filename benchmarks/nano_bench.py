@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 
 FLOOR_TOK_S = 34000.0  # 1xH200 (docs/BENCHMARKS.md)
 
@@ -47,7 +49,7 @@ def main() -> None:
     summary = {"scenario": "nano-bench", "model": args.model, "num_requests": result["num_requests"],
                "total_output_tokens": result["total_output_tokens"], "elapsed_time": result["elapsed_time"],
                "output_throughput": out_tok_s, "floor_tok_s": FLOOR_TOK_S,
-               "fraction_of_floor": out_tok_s / FLOOR_TOK_S}
+               "fraction_of_floor": out_tok_s / FLOOR_TOK_S, "kernel_config": kernel_record.local()}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nnano-bench: {args.model}, {result['num_requests']} sequences, lengths {args.min_len}-{args.max_len}")

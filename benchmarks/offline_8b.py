@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 
 FLOOR_TOK_S = 13500.0  # bf16, 1xH200 (docs/BENCHMARKS.md)
 TRTLLM_FP8_TOK_S = 17700.0
@@ -51,7 +53,8 @@ def main() -> None:
     summary = {"scenario": "offline-8b", "model": args.model, "num_requests": result["num_requests"],
                "elapsed_time": result["elapsed_time"], "output_throughput": out_tok_s,
                "total_token_throughput": result["tokens_per_second"], "floor_tok_s": FLOOR_TOK_S,
-               "fraction_of_floor": out_tok_s / FLOOR_TOK_S, "trtllm_fp8_tok_s": TRTLLM_FP8_TOK_S}
+               "fraction_of_floor": out_tok_s / FLOOR_TOK_S, "trtllm_fp8_tok_s": TRTLLM_FP8_TOK_S,
+               "kernel_config": kernel_record.local()}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\noffline-8b: {args.model}, {args.input_len} in / {args.output_len} out, "

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 
 # TensorRT-LLM bf16, 1xH200 (docs/BENCHMARKS.md): rate -> (TTFT ms, ITL ms, output tok/s)
 ANCHORS = {"2": (21.0, 6.0, None), "32": (44.0, 16.0, None), "inf": (None, None, 10121.0)}
@@ -42,7 +44,7 @@ def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> list:
          "--plot", os.path.join(args.out, "online_8b.png")])
     with open(result_json) as f:
         results = json.load(f)
-    return results if isinstance(results, list) else [results]
+    return (results if isinstance(results, list) else [results]), kernel_record.from_server(base_url)
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     model_path = resolve_model(args.model)
-    results = run_against_server(args, model_path, run_bench)
+    results, kernel_config = run_against_server(args, model_path, run_bench)
 
     rows = []
     for r in results:
@@ -65,7 +67,8 @@ def main() -> None:
                      "median_ttft_ms": r.get("median_ttft_ms"), "client_cpu_fraction": r.get("client_cpu_fraction"),
                      "trtllm_ttft_ms": anchor[0], "trtllm_itl_ms": anchor[1], "trtllm_tok_s": anchor[2]})
     summary = {"scenario": "online-8b", "model": args.model, "input_len": args.input_len,
-               "output_len": args.output_len, "num_prompts": args.num_prompts, "rows": rows}
+               "output_len": args.output_len, "num_prompts": args.num_prompts, "rows": rows,
+               "kernel_config": kernel_config}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 

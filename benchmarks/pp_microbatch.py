@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 
 
 def write_config(path: str, hidden: int, layers: int, vocab: int) -> None:
@@ -46,9 +48,10 @@ def run(model: str, args, micro_batches: int) -> dict:
             times.append(time.perf_counter() - t0)
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         busy = llm.get_stats()["pipeline_stage_busy_fraction"]
+        kernel_config = kernel_record.from_llm(llm)
     best = min(times)
     return {"micro_batches": micro_batches, "seconds": times, "output_tokens": tokens,
-            "output_tok_s": tokens / best, "stage_busy_fraction_last_window": busy}
+            "output_tok_s": tokens / best, "stage_busy_fraction_last_window": busy, "kernel_config": kernel_config}
 
 
 def main() -> None:

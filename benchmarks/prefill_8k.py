@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_record  # noqa: E402
 from server_stats import scrape, server_breakdown  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H200 bf16 dense (docs/BENCHMARKS.md)
@@ -44,6 +45,7 @@ def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> dict:
     with open(result_json) as f:
         result = json.load(f)
     result["server"] = server_breakdown(before, scrape(base_url))  # warm-ups included
+    result["kernel_config"] = kernel_record.from_server(base_url)
     return result
 
 
@@ -66,7 +68,8 @@ def main() -> None:
                "completed": result["completed"], "failed": result["failed"],
                "mean_ttft_ms": result["mean_ttft_ms"], "median_ttft_ms": ttft,
                "p99_ttft_ms": result["p99_ttft_ms"], "std_ttft_ms": result["std_ttft_ms"],
-               "server": result.get("server"), "flops": flops, "floor_ms": floor_ms,
+               "server": result.get("server"), "kernel_config": result["kernel_config"], "flops": flops,
+               "floor_ms": floor_ms,
                "achieved_tflops": flops / (ttft / 1000) / 1e12 if ttft else 0.0}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -44,6 +44,51 @@ class CudaGraphConfig(StrictModel):
         return v
 
 
+def _power_of_two(name: str, v: Optional[int], low: int, high: int) -> Optional[int]:
+    if v is not None and not (low <= v <= high and v & (v - 1) == 0):
+        raise ValueError(f"{name}={v}: must be a power of two from {low} to {high}")
+    return v
+
+
+class KernelConfig(StrictModel):
+    """Triton kernel settings, sent to every rank. A field left None takes the value tuned for the
+    rank's GPU (meshserve/kernels/settings.py; the H200's where a GPU has no row of its own)."""
+    disable_triton: bool = Field(False, description=(
+        "norm, rotary, activation, argmax and skinny GEMMs take torch ops instead of the fused Triton "
+        "kernels (attention follows attention_backend)"))
+    gemv_max_m: Optional[int] = Field(None, ge=0, le=16, description=(
+        "CUDA linears with up to this many rows of input take the skinny-GEMM kernel instead of cuBLAS; 0: never"))
+    attn_decode_split_tiles: Optional[int] = Field(None, ge=1, le=1024, description=(
+        "decode attention: the fewest 64-token KV tiles one KV split covers"))
+    attn_prefill_rows: Optional[int] = Field(None, description=(
+        "prefill attention: (query token x head) rows per tile in steps of more than attn_prefill_large_tokens"))
+    attn_prefill_stages: Optional[int] = Field(None, ge=1, le=8, description="pipeline stages of those tiles")
+    attn_prefill_rows_small: Optional[int] = Field(None, description=(
+        "rows per tile in steps of up to attn_prefill_large_tokens tokens"))
+    attn_prefill_stages_small: Optional[int] = Field(None, ge=1, le=8, description="pipeline stages of those tiles")
+    attn_prefill_large_tokens: Optional[int] = Field(None, ge=1, description=(
+        "steps of more than this many tokens take the large prefill tiles (also a mixed-step CUDA graph bucket)"))
+    attn_prefill_block_n: Optional[int] = Field(None, description="prefill attention: keys per KV tile")
+    attn_prefill_warps: Optional[int] = Field(None, description="prefill attention: warps per program")
+    attn_heavy_first: Optional[bool] = Field(None, description=(
+        "prefill attention: launch each sequence's last query tiles (which see the most keys) first"))
+
+    @field_validator("attn_prefill_rows", "attn_prefill_rows_small")
+    @classmethod
+    def _rows(cls, v, info):
+        return _power_of_two(info.field_name, v, 16, 1024)
+
+    @field_validator("attn_prefill_block_n")
+    @classmethod
+    def _block_n(cls, v, info):
+        return _power_of_two(info.field_name, v, 16, 256)
+
+    @field_validator("attn_prefill_warps")
+    @classmethod
+    def _warps(cls, v, info):
+        return _power_of_two(info.field_name, v, 1, 16)
+
+
 class PyTorchBackendConfig(StrictModel):
     enable_overlap_scheduler: bool = True
 
@@ -70,6 +115,7 @@ class LlmArgs(StrictModel):
     load_format: str = "auto"
     device: str = "auto"
     attention_backend: str = "auto"
+    kernel_config: KernelConfig = Field(default_factory=KernelConfig)
     backend: Optional[str] = "pytorch"
     max_batch_size: int = Field(256, ge=1)
     max_num_tokens: int = Field(8192, ge=1)

@@ -1,8 +1,8 @@
 """TensorRT-LLM-style import path: `from meshserve.llmapi import KvCacheConfig, MoeConfig`."""
-from meshserve.config import (AttentionDpConfig, CacheTransceiverConfig, CudaGraphConfig, KvCacheConfig, LlmArgs,
-                              MoeConfig, PyTorchBackendConfig)
+from meshserve.config import (AttentionDpConfig, CacheTransceiverConfig, CudaGraphConfig, KernelConfig, KvCacheConfig,
+                              LlmArgs, MoeConfig, PyTorchBackendConfig)
 from meshserve.llm import LLM
 from meshserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "KvCacheConfig", "MoeConfig", "CudaGraphConfig", "AttentionDpConfig",
-           "CacheTransceiverConfig", "PyTorchBackendConfig", "LlmArgs"]
+           "CacheTransceiverConfig", "PyTorchBackendConfig", "KernelConfig", "LlmArgs"]

@@ -42,6 +42,7 @@ class EngineReady(msgspec.Struct, omit_defaults=True):
     num_blocks: int
     block_size: int
     pid: int
+    kernel_config: dict = {}  # rank 0's kernel settings and the device they were resolved for (/version)
 
 
 class RequestRejected(msgspec.Struct):
@@ -97,8 +98,9 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     logger.debug("froze %d objects out of garbage collection", frozen)
     try:
         limits = dataclasses.asdict(core.limits)
-        out.send_multipart([READY, encoder.encode(EngineReady(limits, core.kv.num_blocks, core.kv.block_size,
-                                                              os.getpid()))])
+        ready = EngineReady(limits, core.kv.num_blocks, core.kv.block_size, os.getpid(),
+                            core.executor.runner.kernel_config_report())
+        out.send_multipart([READY, encoder.encode(ready)])
         EngineLoop(core, inp, out, parent_pid).run()
     finally:
         core.shutdown()

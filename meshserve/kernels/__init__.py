@@ -1,18 +1,29 @@
 """Triton kernels, each with a torch reference in meshserve/layers that tests compare against.
-`use_triton(t)` says whether a CUDA tensor should take the Triton path (Triton installed, and not
-switched off with MESHSERVE_DISABLE_TRITON=1, read once here)."""
+
+`use_triton(t)` says whether a CUDA tensor should take a fused Triton op (Triton installed, and not
+switched off by kernel_config.disable_triton). The switch and GEMV_MAX_M are process-wide: each
+rank's ModelRunner sets them once from its resolved KernelSettings (kernels/settings.py) through
+`configure`, before the model runs; until then they hold the H200 defaults.
+"""
 import importlib.util
-import os
+
+from meshserve.kernels.settings import H200, KernelSettings
 
 # find_spec, not import: importing triton here would fix its mode before tests can ask for the
 # interpreter (TRITON_INTERPRET), and costs start-up time on CPU-only runs.
-TRITON_AVAILABLE = (importlib.util.find_spec("triton") is not None
-                    and os.environ.get("MESHSERVE_DISABLE_TRITON", "0") != "1")
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_AVAILABLE = TRITON_INSTALLED and not H200.disable_triton
+# Rows of input up to which linears on CUDA take the skinny-GEMM kernel (kernels/gemv.py) instead
+# of cuBLAS; 0 turns it off.
+GEMV_MAX_M = H200.gemv_max_m
+
+
+def configure(settings: KernelSettings) -> None:
+    """Apply a rank's resolved settings to the fused ops and linears of this process."""
+    global TRITON_AVAILABLE, GEMV_MAX_M
+    TRITON_AVAILABLE = TRITON_INSTALLED and not settings.disable_triton
+    GEMV_MAX_M = settings.gemv_max_m
 
 
 def use_triton(t) -> bool:
     return TRITON_AVAILABLE and t.is_cuda
-
-# Rows of input up to which linears on CUDA take the skinny-GEMM kernel (kernels/gemv.py) instead
-# of cuBLAS; 0 turns it off. The default comes from benchmarks/gemv.py on the H200.
-GEMV_MAX_M = int(os.environ.get("MESHSERVE_GEMV_MAX_M", "1"))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.kernels import GEMV_MAX_M
+from meshserve import kernels
 
 
 @triton.jit
@@ -81,6 +81,6 @@ MAX_WEIGHT_ELEMENTS = 64 * 2**20
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a linear of this input should take the kernel: CUDA, half precision, few rows,
     a weight small enough that the kernel beats cuBLAS."""
-    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M
+    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= kernels.GEMV_MAX_M
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.stride(-1) == 1 and weight.numel() <= MAX_WEIGHT_ELEMENTS)

@@ -6,7 +6,8 @@ per group). It walks the sequence's KV through its block table with an online so
 For long decode contexts the KV range is split over `num_splits` programs whose partial results
 are merged by log-sum-exp (flash-decoding) by whichever split finishes last, so a batch of one
 still fills the GPU in a single launch. Everything the launch needs is on the device or fixed by the batch shape, so decode steps
-can be captured in CUDA graphs. The torch reference in layers/attention.py is the oracle.
+can be captured in CUDA graphs. The torch reference (layers/attention/backends/torch.py) is the oracle;
+the Triton attention backend (layers/attention/backends/triton.py) plans the tiles and launches it.
 
 Layouts: q/out [T, H, D]; kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [B, max_blocks];
 query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens).
@@ -20,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from meshserve.kernels.settings import H200, KernelSettings
 
 
 @triton.jit
@@ -227,26 +230,8 @@ def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile
             tl.atomic_xchg(slot, 0)
 
 
-# Tile shapes, tuned on the H200 with benchmarks/attention_kernel.py (overridable for sweeps):
-# decode tiles (mostly the GQA group) read 64-token KV tiles with 2 warps, and a KV split covers at
-# least DECODE_SPLIT_TILES tiles; prefill tiles hold PREFILL_ROWS (query token, head) rows in steps
-# of more than PREFILL_LARGE_TOKENS tokens (an 8k prompt: 256-row tiles, 2 stages, 456 TFLOP/s
-# against 366 with 128 rows), PREFILL_ROWS_SMALL rows in smaller steps: there, 256-row tiles leave
-# SMs idle (a 467-token prompt is 64 programs on 132 SMs) and each decode row of a mixed step pays
-# for a whole tile.
-DECODE_SPLIT_TILES = int(os.environ.get("MESHSERVE_ATTN_SPLIT_TILES", "2"))
-PREFILL_ROWS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS", "256"))
-PREFILL_STAGES = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES", "2"))
-PREFILL_ROWS_SMALL = int(os.environ.get("MESHSERVE_ATTN_PREFILL_ROWS_SMALL", "128"))
-PREFILL_STAGES_SMALL = int(os.environ.get("MESHSERVE_ATTN_PREFILL_STAGES_SMALL", "3"))
-PREFILL_LARGE_TOKENS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_LARGE_TOKENS", "2048"))
-PREFILL_BLOCK_N = int(os.environ.get("MESHSERVE_ATTN_PREFILL_BLOCK_N", "128"))
-PREFILL_WARPS = int(os.environ.get("MESHSERVE_ATTN_PREFILL_WARPS", "8"))
-# Prefill tiles launch in reverse (a sequence's last query tiles, which see the most keys, first),
-# so the short tiles fill the end of the grid instead of one long tile running alone at the end.
-PREFILL_HEAVY_FIRST = os.environ.get("MESHSERVE_ATTN_HEAVY_FIRST", "1") == "1"
-
-
+# Tile shapes and the split-KV floor come from KernelSettings (kernels/settings.py: the H200's
+# tuned values unless the rank's kernel_config says otherwise); the attention backend passes them.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -309,14 +294,16 @@ def plan_tiles(query_lens: list[int], block_q: int, device) -> tuple[torch.Tenso
             to_device(torch.tensor(starts, dtype=torch.int32), device))
 
 
-def block_q_for(max_query_len: int, group: int, num_tokens: Optional[int] = None) -> int:
-    """Query tokens per tile: 1 for pure decode (the rows are the GQA group), else PREFILL_ROWS-row
-    tiles for a step of more than PREFILL_LARGE_TOKENS tokens (or num_tokens None) and
-    PREFILL_ROWS_SMALL-row tiles for a smaller one, so a whole run compiles three variants."""
+def block_q_for(max_query_len: int, group: int, num_tokens: Optional[int] = None,
+                settings: KernelSettings = H200) -> int:
+    """Query tokens per tile: 1 for pure decode (the rows are the GQA group), else
+    attn_prefill_rows-row tiles for a step of more than attn_prefill_large_tokens tokens (or
+    num_tokens None) and attn_prefill_rows_small-row tiles for a smaller one, so a whole run
+    compiles three variants."""
     if max_query_len <= 1:
         return 1
-    small = num_tokens is not None and num_tokens <= PREFILL_LARGE_TOKENS
-    return max(1, (PREFILL_ROWS_SMALL if small else PREFILL_ROWS) // group)
+    small = num_tokens is not None and num_tokens <= settings.attn_prefill_large_tokens
+    return max(1, (settings.attn_prefill_rows_small if small else settings.attn_prefill_rows) // group)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -325,19 +312,23 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     out: Optional[torch.Tensor] = None, workspace: Optional[dict] = None,
                     block_n: Optional[int] = None, num_warps: Optional[int] = None,
                     num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
-                    exact_tiles: bool = False, heavy_first: Optional[bool] = None) -> torch.Tensor:
-    """exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
-    heavy_first: launch query tiles last to first (default PREFILL_HEAVY_FIRST for prefill)."""
+                    exact_tiles: bool = False, heavy_first: Optional[bool] = None,
+                    settings: KernelSettings = H200) -> torch.Tensor:
+    """block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
+    (prefill tiles; decode tiles are fixed at 64-token KV tiles, 2 warps, 2 stages).
+    exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
+    heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill)."""
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
     page = kv_cache.shape[2]
     block_m = max(16, triton.next_power_of_2(block_q * group))
     decode = block_q == 1
-    block_n = block_n or (64 if decode else PREFILL_BLOCK_N)
-    num_warps = num_warps or (2 if decode else PREFILL_WARPS)
-    num_stages = num_stages or (2 if decode else PREFILL_STAGES if block_m >= PREFILL_ROWS else PREFILL_STAGES_SMALL)
-    heavy_first = (not decode and PREFILL_HEAVY_FIRST) if heavy_first is None else heavy_first
+    block_n = block_n or (64 if decode else settings.attn_prefill_block_n)
+    num_warps = num_warps or (2 if decode else settings.attn_prefill_warps)
+    num_stages = num_stages or (2 if decode else settings.attn_prefill_stages if block_m >= settings.attn_prefill_rows
+                                else settings.attn_prefill_stages_small)
+    heavy_first = (not decode and settings.attn_heavy_first) if heavy_first is None else heavy_first
     d_p2 = triton.next_power_of_2(D)
     # Tile shapes that would not fit in this GPU's shared memory (fp32, head_dim 256, or the
     # Hopper-tuned prefill tiles on an A100 / L40S) shrink before launch; a compile that still
@@ -370,7 +361,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 block_tables.stride(0), scale,
                 GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
-                WINDOW=sliding_window or 0, NUM_SPLITS=num_splits, SPLIT_TILES=split_tiles or DECODE_SPLIT_TILES,
+                WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
+                SPLIT_TILES=split_tiles or settings.attn_decode_split_tiles,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
                 HEAVY_FIRST=heavy_first, num_warps=num_warps, num_stages=num_stages)
             return out

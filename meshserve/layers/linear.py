@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.distributed.comm import SOLO
-from meshserve.kernels import GEMV_MAX_M, TRITON_AVAILABLE
+from meshserve import kernels
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a few rows on the GPU (batch-1 decode) take the skinny-GEMM kernel,
     which reads the weights at a higher fraction of the bandwidth than cuBLAS (kernels/gemv.py)."""
-    if TRITON_AVAILABLE and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
+    if kernels.TRITON_AVAILABLE and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= kernels.GEMV_MAX_M:
         from meshserve.kernels.gemv import gemv, use_gemv
         if use_gemv(x, weight):
             return gemv(x, weight, bias)

@@ -411,7 +411,8 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
 
     @app.get("/version")
     async def version():
-        return {"version": meshserve.__version__}
+        ready = serving.engine.ready  # the kernel settings the engine's rank 0 resolved for its GPU
+        return {"version": meshserve.__version__, "kernel_config": ready.kernel_config if ready else None}
 
     @app.get("/metrics")
     async def prometheus():

@@ -2,7 +2,8 @@
 
 The state is a pure function of the SchedulerOutputs received: new requests bring all their
 tokens and blocks, running ones bring what was appended. No rank needs to see sampled tokens
-any other way, so every rank of every stage builds the same batch.
+any other way, so every rank of every stage builds the same batch. The attention metadata of a
+step is built by the rank's attention backend from the common part made here.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from meshserve.engine.messages import SamplingMeta, SchedulerOutput
-from meshserve.layers.attention import AttentionMetadata
+from meshserve.layers.attention.backend import AttentionBackend, AttentionMetadata
 from meshserve.layers.sampler import SamplingBatch, seed_for_step
 from meshserve.utils import to_device
 
@@ -54,17 +55,11 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
 
 
 class InputBatch:
-    def __init__(self, block_size: int, device: torch.device, vocab_size: int, triton_group: int = 0,
-                 num_kv_heads: int = 1):
+    def __init__(self, block_size: int, device: torch.device, vocab_size: int, attn_backend: AttentionBackend):
         self.block_size = block_size
         self.device = device
         self.vocab_size = vocab_size
-        self.triton_group = triton_group  # query heads per kv head; 0 = no Triton tile plan
-        self.num_kv_heads = num_kv_heads
-        # KV splits are planned for the GPU's SMs (under Triton's CPU interpreter, as on an H200's 132)
-        self.num_sms = 0 if not triton_group else (
-            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132)
-        self.workspace: dict = {}
+        self.attn_backend = attn_backend  # builds each step's attention metadata (its tile plan, ...)
         self.reqs: dict[str, ReqState] = {}
 
     def update(self, so: SchedulerOutput) -> None:
@@ -121,7 +116,7 @@ class InputBatch:
             return to_device(torch.as_tensor(np.asarray(x), dtype=dtype), dev)
 
         q_lens = np.diff(q_loc)
-        md = AttentionMetadata(
+        common = AttentionMetadata(
             slot_mapping=to_dev(slots, torch.int64),
             query_start_loc=to_dev(q_loc, torch.int32),
             seq_lens=to_dev(seq_lens, torch.int32),
@@ -131,24 +126,12 @@ class InputBatch:
             block_size=bs,
             num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
         )
-        if self.triton_group:
-            self._plan_triton(md, q_lens)
+        md = self.attn_backend.build(common, q_lens)
         return StepInputs(
             input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
             logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),
             req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids),
             placeholders=placeholders)
-
-    def _plan_triton(self, md: AttentionMetadata, q_lens) -> None:
-        from meshserve.kernels.paged_attention import block_q_for, plan_tiles
-        from meshserve.worker.cuda_graph import decode_num_splits
-
-        lens = [int(x) for x in q_lens]
-        block_q = block_q_for(md.max_query_len, self.triton_group, sum(lens))
-        tile_seq, tile_start = plan_tiles(lens, block_q, self.device)
-        splits = decode_num_splits(len(q_lens), self.num_kv_heads, self.num_sms) if md.max_query_len == 1 else 1
-        md.backend_data = {"tile_seq": tile_seq, "tile_start": tile_start, "block_q": block_q,
-                           "num_splits": splits, "workspace": self.workspace}
 
     def sampling_batch(self, so: SchedulerOutput) -> SamplingBatch:
         dev, V = self.device, self.vocab_size

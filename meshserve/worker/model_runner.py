@@ -2,23 +2,27 @@
 
 Input: a SchedulerOutput (the same on every rank). A first pipeline stage embeds tokens; a later
 stage receives hidden states from the previous one; the last stage computes logits and its
-tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None.
+tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None. Attention runs on
+the rank's attention backend (layers/attention), which builds each step's metadata; kernel
+settings are resolved once for this rank's GPU from the user's kernel_config.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from meshserve import kernels
 from meshserve.distributed.comm import SOLO, SOLO_STATE, PipelineChannel
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.models.config import ModelConfig
 from meshserve.models.loader import build_model, load_weights
-from meshserve.layers.attention import AttentionMetadata
+from meshserve.kernels import settings as kernel_settings
+from meshserve.layers.attention.backend import AttentionMetadata, AttentionShape
+from meshserve.layers.attention.selector import select_attention_backend
 from meshserve.layers.sampler import Sampler, SamplingBatch
 from meshserve.utils import to_device
 from meshserve.worker.input_batch import InputBatch
@@ -37,6 +41,7 @@ class RunnerConfig:
     seed: int = 0
     show_progress: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    kernel_config: dict = field(default_factory=dict)  # KernelConfig's fields; None: this GPU's default
     cuda_graph_batch_sizes: Optional[list] = None  # None or []: no CUDA graphs
     cuda_graph_prefill_sizes: Optional[list] = None  # token buckets of mixed-step graphs; None or []: eager
     cuda_graph_padding: bool = True  # False: a decode batch replays a graph only at exactly a captured size
@@ -120,15 +125,13 @@ class ModelRunner:
                                  self.is_first, self.is_last)
         load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress)
         self.attn_layers = self.model.attention_layers()
-        self.use_triton = self._choose_triton(cfg.attention_backend)
-        group = 0
-        if self.use_triton and self.attn_layers:
-            from meshserve.layers.attention import triton_attention
-            for attn in self.attn_layers:
-                attn.impl = triton_attention
-            group = self.attn_layers[0].num_heads // self.attn_layers[0].num_kv_heads
-        kvh = self.attn_layers[0].num_kv_heads if self.attn_layers else 1
-        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, group, kvh)
+        self.kernel_settings = kernel_settings.for_device(cfg.kernel_config, self.device)
+        kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows
+        a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
+        shape = AttentionShape(a.num_heads, a.num_kv_heads, a.head_dim) if a else AttentionShape(1, 1, 1)
+        self.attn_backend = select_attention_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
+                                                     self.kernel_settings)
+        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, self.attn_backend)
         self.graphs = None
         self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
@@ -156,28 +159,14 @@ class ModelRunner:
         peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
         return int(max(0, free * free_fraction - peak_extra) // per_block)
 
-    def _choose_triton(self, backend: str) -> bool:
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"attention_backend={backend!r} is not supported; accepted: auto, triton, torch")
-        if backend == "torch" or (backend == "auto" and self.device.type != "cuda"):
-            return False
-        interpret = self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if self.device.type != "cuda" and not interpret:
-            raise ValueError(f"attention_backend='triton' needs a CUDA device (this engine's is "
-                             f"{self.device.type!r}), or a CPU with TRITON_INTERPRET=1 (Triton's "
-                             f"interpreter, for tests); accepted on this device: auto, torch")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            if backend == "triton":
-                raise
-            logger.warning("Triton is not installed: using the torch attention backend")
-            return False
-        return True
+    def kernel_config_report(self) -> dict:
+        """The kernel settings this rank runs with and the device they were resolved for (/version)."""
+        return kernel_settings.describe(self.kernel_settings, self.device)
 
     def capture_cuda_graphs(self) -> None:
         sizes = self.cfg.cuda_graph_batch_sizes
-        if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 or not self.use_triton:
+        if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 \
+                or not self.attn_backend.supports_cuda_graphs:
             return
         from meshserve.worker.cuda_graph import CudaGraphRunner, PrefillGraphRunner
         pool = torch.cuda.graph_pool_handle()  # one pool: each capture reuses the memory of the last
@@ -207,14 +196,12 @@ class ModelRunner:
         n, bs = self.cfg.max_num_tokens, self.cfg.block_size
         nblk = -(-n // bs) + 1
         self._alloc_kv(nblk)
-        md = AttentionMetadata(
+        md = self.attn_backend.build(AttentionMetadata(
             slot_mapping=torch.arange(bs, bs + n, device=self.device),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(1, nblk, dtype=torch.int32, device=self.device)[None],
-            max_query_len=n, max_seq_len=n, block_size=bs)
-        if self.use_triton:
-            self.batch._plan_triton(md, [n])
+            max_query_len=n, max_seq_len=n, block_size=bs), [n])
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         pos = torch.arange(n, device=self.device) % self.cfg.max_seq_len
         hidden = residual = None

@@ -45,6 +45,7 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         block_size=args.kv_cache_config.tokens_per_block, max_num_tokens=args.max_num_tokens,
                         load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
                         show_progress=args.show_progress, attention_backend=args.attention_backend,
+                        kernel_config=args.kernel_config.model_dump(),
                         cuda_graph_batch_sizes=graph_sizes, cuda_graph_prefill_sizes=prefill_sizes,
                         cuda_graph_padding=cg is not None and cg.enable_padding,
                         max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),

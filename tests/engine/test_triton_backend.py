@@ -1,7 +1,8 @@
-"""The engine's Triton attention path (the tile plan of every step, chunked prefill beside decode
+"""The engine's Triton attention backend (the tile plan of every step, chunked prefill beside decode
 rows, the KV write, the paged attention kernel) against transformers' greedy ids in fp32, with the
-small-step and the large-step prefill tiles: on CPU under Triton's interpreter, on a GPU directly
-(there with CUDA graphs for decode and mixed steps)."""
+small-step and the large-step prefill tiles, the latter chosen through LLM(kernel_config=...): on
+CPU under Triton's interpreter, on a GPU directly (there with CUDA graphs for decode and mixed
+steps)."""
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from meshserve import LLM, SamplingParams  # noqa: E402
 from meshserve.kernels import paged_attention as pa  # noqa: E402
 
 SP = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+GROUP = 4  # query heads per kv head of the checkpoint below
 
 
 @pytest.fixture(scope="module")
@@ -26,25 +28,34 @@ def ckpt(tmp_path_factory):
     return path, prompts, [hf_greedy(hf, p, SP.max_tokens) for p in prompts]
 
 
-@pytest.mark.parametrize("tiles", ["small-step", "large-step"])
+# (kernel_config, its large-step threshold, rows of large-step tiles, rows of small-step tiles)
+CASES = {
+    "small-step": ({}, 2048, 256, 128),  # the H200's defaults: every step here is a small one
+    # every step past 16 tokens planned with the large prefill tiles, which have 64 rows, not 256
+    "large-step": ({"attn_prefill_large_tokens": 16, "attn_prefill_rows": 64}, 16, 64, 128),
+}
+
+
+@pytest.mark.parametrize("tiles", list(CASES))
 def test_triton_backend_under_the_interpreter_gives_transformers_ids(ckpt, tiles, monkeypatch):
     path, prompts, ref = ckpt
-    if tiles == "large-step":  # every step past 16 tokens planned with the large prefill tiles
-        monkeypatch.setattr(pa, "PREFILL_LARGE_TOKENS", 16)
+    kernel_config, large_tokens, rows, rows_small = CASES[tiles]
     planned = []
     real = pa.plan_tiles
     monkeypatch.setattr(pa, "plan_tiles", lambda lens, bq, dev: planned.append((sum(lens), bq)) or real(lens, bq, dev))
     # 48 tokens a step: the 60-token prompt is chunked, chunks share steps with decode rows
     with LLM(path, show_progress=False, dtype="float32", attention_backend="triton", max_num_tokens=48,
-             kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048}) as llm:
-        assert llm._core.executor.runner.use_triton
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048}, kernel_config=kernel_config) as llm:
+        runner = llm._core.executor.runner
+        assert runner.attn_backend.name == "triton"
+        assert runner.attn_backend.settings.attn_prefill_rows == rows
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
     assert got == ref
     prefill = {(t, bq) for t, bq in planned if bq > 1}
     assert prefill and any(bq == 1 for _, bq in planned)  # prefill / mixed steps and decode steps
-    rows = {pa.PREFILL_ROWS_SMALL // 4 if t <= pa.PREFILL_LARGE_TOKENS else pa.PREFILL_ROWS // 4 for t, _ in prefill}
-    assert {bq for _, bq in prefill} == rows
-    assert (pa.PREFILL_ROWS // 4 in rows) == (tiles == "large-step")
+    for t, bq in prefill:  # each step's tiles: by its token count, with the configured rows
+        assert bq == (rows_small if t <= large_tokens else rows) // GROUP, (t, bq)
+    assert any(t > large_tokens for t, _ in prefill) == (tiles == "large-step")
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_is_refused(ckpt, monkeypatch):

@@ -21,7 +21,7 @@ def ckpt(tmp_path_factory):
 def generate(path, prompts, **kw):
     with LLM(path, show_progress=False, kv_cache_config={"tokens_per_block": 16, "max_tokens": 8192}, **kw) as llm:
         runner = llm._core.executor.runner
-        assert runner.use_triton
+        assert runner.attn_backend.name == "triton"
         graphs = runner.graphs
         outs = llm.generate(prompts, SP, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], graphs

@@ -1,6 +1,6 @@
-"""The Triton paged attention kernel against the torch reference (layers/attention.py) on fresh
-random inputs: decode, prefill, chunked prefill over cached context, mixed batches, GQA groups,
-sliding windows, KV splits. On a GPU in fp32 (IEEE dots) and bf16; on CPU under Triton's
+"""The Triton paged attention kernel against the torch reference (layers/attention/backends/torch.py)
+on fresh random inputs: decode, prefill, chunked prefill over cached context, mixed batches, GQA
+groups, sliding windows, KV splits. On a GPU in fp32 (IEEE dots) and bf16; on CPU under Triton's
 interpreter (TRITON_INTERPRET=1) when Triton is installed."""
 import os
 

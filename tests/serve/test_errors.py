@@ -126,7 +126,9 @@ def test_unknown_model_is_404(http):
 
 
 def test_version_and_models(http):
-    assert http.get("/version").json()["version"]
+    version = http.get("/version").json()
+    assert version["version"]
+    assert version["kernel_config"]["device"] == "cpu" and version["kernel_config"]["attn_prefill_rows"] == 256
     assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
 
 

@@ -1,39 +1,22 @@
-"""Paged attention: the per-step metadata, the KV write, and the torch reference backend.
+"""The torch reference attention backend: the KV write and paged attention in plain torch.
 
-The model runner builds one `AttentionMetadata` per step and passes it down the forward call.
-Each `Attention` module holds its layer's KV cache tensor, bound once after allocation:
-  kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
-The torch backend gathers each sequence's blocks and runs SDPA with a causal (and optional
-sliding-window) mask: the oracle for the Triton kernels and the CPU path.
+It gathers each sequence's blocks from the cache and runs SDPA with a causal (and optional
+sliding-window) mask; with return_lse it writes the softmax out to return each row's log-sum-exp
+too. It is the CPU path and the oracle the Triton kernels are tested against. Metadata: the
+common AttentionMetadata; no CUDA graphs (it indexes with data-dependent shapes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64; padding tokens write into the reserved null block 0
-    query_start_loc: torch.Tensor  # [B+1] int32
-    seq_lens: torch.Tensor  # [B] int32: context length after this step
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    max_query_len: int
-    max_seq_len: int
-    block_size: int
-    num_decodes: int = 0  # the number of sequences when every one decodes a single token, else 0
-    backend_data: dict = field(default_factory=dict)  # per-backend precomputed tensors
-
-    @property
-    def num_seqs(self) -> int:
-        return self.seq_lens.shape[0]
+from meshserve.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
     v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
@@ -42,9 +25,9 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def torch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
-                          sliding_window: Optional[int] = None) -> torch.Tensor:
+                          sliding_window: Optional[int] = None, return_lse: bool = False):
     """q: [T, H, D] for the tokens of this step; keys/values read from the cache (already written).
-    Returns [T, H, D]."""
+    Returns out [T, H, D]; with return_lse, (out, lse [T, H]) in float32 or wider."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[-2]
     bs = md.block_size
@@ -76,58 +59,47 @@ def torch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, md: Attention
         mask &= j[None, None, :] > (q_pos[:, :, None] - sliding_window)
     mask[:, :, 0] |= ~q_valid  # padding rows attend to one key instead of producing NaN
 
+    if return_lse:
+        out, lse = _attention_with_lse(queries, keys, values, mask, scale)
+        # tokens are laid out sequence by sequence, so [q_valid] restores their order
+        return out[q_valid], lse[q_valid]
     out = F.scaled_dot_product_attention(
         queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=num_heads != num_kv_heads)
     out = out.transpose(1, 2)  # [B, max_q, H, D]
-    return out[q_valid]  # tokens are laid out sequence by sequence, so this restores their order
+    return out[q_valid]
 
 
-class Attention(nn.Module):
-    """Attention over the paged KV cache for one layer's local heads."""
-
-    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
-                 sliding_window: Optional[int] = None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.scale = scale
-        self.num_kv_heads = num_kv_heads
-        self.sliding_window = sliding_window
-        self.kv_cache: Optional[torch.Tensor] = None
-        self.impl = None  # set by the model runner to a backend's forward function
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
-                rotary=None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q: [T, H*D], k/v: [T, KVH*D]. rotary (a RotaryEmbedding) and positions: apply rotary
-        embedding to q and k first; a backend may fuse it with the KV write."""
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.impl is not None:
-            o = self.impl(q, k, v, self.kv_cache, md, self.scale, self.sliding_window,
-                          rotary=(rotary, positions) if rotary is not None else None)
-        else:
-            if rotary is not None:
-                q, k = rotary(positions, q, k)
-            write_kv(self.kv_cache, k, v, md.slot_mapping)
-            o = torch_paged_attention(q, self.kv_cache, md, self.scale, self.sliding_window)
-        return o.reshape(-1, self.num_heads * self.head_dim)
+def _attention_with_lse(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax written out, in float32 or wider. queries [B, Q, H, D], keys/values [B, L, KVH, D],
+    mask [B, Q, L] (True: visible). Returns out [B, Q, H, D] in the queries' dtype and lse [B, Q, H]."""
+    work = torch.promote_types(queries.dtype, torch.float32)
+    group = queries.shape[2] // keys.shape[2]
+    qh = queries.to(work).transpose(1, 2)  # [B, H, Q, D]
+    kh = keys.to(work).transpose(1, 2).repeat_interleave(group, dim=1)  # [B, H, L, D]; head h reads kv head h // group
+    vh = values.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale  # [B, H, Q, L]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Q]; -inf where a row sees no key
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # 0 for such a row
+    out = probs @ vh  # [B, H, Q, D]
+    return out.transpose(1, 2).to(queries.dtype), lse.transpose(1, 2)
 
 
-def triton_attention(q, k, v, kv_cache, md: AttentionMetadata, scale: float, sliding_window: Optional[int],
-                     rotary=None):
-    """The Triton backend (GPU): the KV write (with the rotary embedding of q and k fused in when
-    `rotary` = (RotaryEmbedding, positions) is given), then paged attention over the cache."""
-    from meshserve.kernels.paged_attention import paged_attention, store_kv
-
+def reference_forward(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+                      rotary=None, positions: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """AttentionBackend.forward of the reference, for a layer (kv_cache, scale, sliding_window)."""
     if rotary is not None:
-        from meshserve.kernels.fused import rotary_store_kv
-        emb, positions = rotary
-        rotary_store_kv(q, k, v, positions, emb.cos_cache, emb.sin_cache, kv_cache, md.slot_mapping)
-    else:
-        store_kv(k, v, kv_cache, md.slot_mapping)
-    bd = md.backend_data
-    return paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, bd["tile_seq"],
-                           bd["tile_start"], bd["block_q"], scale, sliding_window, bd["num_splits"],
-                           workspace=bd["workspace"])
+        q, k = rotary(positions, q, k)
+    write_kv(layer.kv_cache, k, v, md.slot_mapping)
+    return torch_paged_attention(q, layer.kv_cache, md, layer.scale, layer.sliding_window, return_lse)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """The reference backend (CPU, and `attention_backend='torch'` anywhere)."""
+    name = "torch"
+    supports_lse = True
+
+    def forward(self, layer, q, k, v, md, rotary=None, positions=None, return_lse=False):
+        return reference_forward(layer, q, k, v, md, rotary, positions, return_lse)

@@ -1,0 +1,87 @@
+"""Kernel settings: the Triton kernels' switches and tile shapes, resolved for one GPU.
+
+The user's `kernel_config` (config.py KernelConfig, part of LlmArgs, so every rank receives it)
+names the fields to set; a field left None takes this GPU's default from DEVICE_DEFAULTS. Each
+rank's ModelRunner resolves them once for its device and hands the result to its attention
+backend and to `kernels.configure` (the fused ops' switch and the skinny-GEMM row limit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Concrete values; the defaults are the H200's (benchmarks/attention_kernel.py, benchmarks/gemv.py).
+
+    Attention tiles: decode tiles (the GQA group's rows) read 64-token KV tiles with 2 warps, and a
+    KV split covers at least `attn_decode_split_tiles` tiles. Prefill tiles hold `attn_prefill_rows`
+    (query token, head) rows in steps of more than `attn_prefill_large_tokens` tokens (an 8k prompt:
+    256-row tiles, 2 stages, 456 TFLOP/s against 366 with 128 rows) and `attn_prefill_rows_small`
+    rows in smaller steps: there, 256-row tiles leave SMs idle (a 467-token prompt is 64 programs on
+    132 SMs) and each decode row of a mixed step pays for a whole tile. Prefill query tiles launch
+    last to first (`attn_heavy_first`): the tiles that see the most keys start first, so short
+    ones fill the end of the grid. Tiles too large for a GPU's shared memory shrink at launch.
+    """
+    disable_triton: bool = False  # True: norm, rotary, activation, argmax and linears take torch ops
+    gemv_max_m: int = 1  # rows of input up to which CUDA linears take the skinny GEMM; 0: never
+    attn_decode_split_tiles: int = 2
+    attn_prefill_rows: int = 256
+    attn_prefill_stages: int = 2
+    attn_prefill_rows_small: int = 128
+    attn_prefill_stages_small: int = 3
+    attn_prefill_large_tokens: int = 2048
+    attn_prefill_block_n: int = 128
+    attn_prefill_warps: int = 8
+    attn_heavy_first: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+H200 = KernelSettings()
+# Matched as a substring of the CUDA device name, first match wins. A GPU not listed takes the
+# H200's values (its reference); add a row once benchmarks/attention_kernel.py has run on it.
+DEVICE_DEFAULTS: dict[str, KernelSettings] = {"H200": H200}
+FIELDS = tuple(f.name for f in dataclasses.fields(KernelSettings))
+
+
+def device_defaults(device_name: str) -> KernelSettings:
+    for key, settings in DEVICE_DEFAULTS.items():
+        if key in device_name:
+            return settings
+    return H200
+
+
+def resolve(overrides: Optional[Mapping[str, Any]], device_name: str) -> KernelSettings:
+    """This GPU's defaults with the fields of `overrides` that are not None (unknown names: an error)."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"kernel_config: unknown field(s) {', '.join(unknown)}; accepted: {', '.join(FIELDS)}")
+    return dataclasses.replace(device_defaults(device_name), **given)
+
+
+def device_name(device) -> str:
+    """The CUDA device's name (e.g. 'NVIDIA H200'), else the device type ('cpu': Triton's interpreter)."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def for_device(overrides: Optional[Mapping[str, Any]], device) -> KernelSettings:
+    name = device_name(device)
+    settings = resolve(overrides, name)
+    logger.debug("kernel settings for %s: %s", name, settings)
+    return settings
+
+
+def describe(settings: KernelSettings, device) -> dict[str, Any]:
+    """What a result file or /version records: the values and the device they were resolved for."""
+    return {"device": device_name(device), **settings.as_dict()}
