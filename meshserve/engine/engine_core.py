@@ -72,12 +72,13 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
 
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list):
+                 enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None):
+        # kv_groups: the model's KV cache groups (engine/kv_spec.py); None: one full-attention group
         self.executor = executor
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, kv_groups)
         self.scheduler = Scheduler(sched_config, self.kv)
         self.limits = EngineLimits(vocab_size, sched_config.max_seq_len, sched_config.max_num_tokens,
-                                   sched_config.enable_chunked_prefill, (num_blocks - 1) * block_size,
+                                   sched_config.enable_chunked_prefill, self.kv.capacity_tokens,
                                    list(eos_token_ids))
         self.batch_queue: deque = deque()
         # Time from a batch's launch (or the previous batch's completion, when the launch came while

@@ -36,9 +36,12 @@ class ScheduledRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     # New or resumed request: all its tokens and blocks, plus `sampling`. Otherwise: only the
     # tokens and blocks appended since this request was last scheduled.
     new_token_ids: list[int] = []
-    new_block_ids: list[int] = []
+    new_block_ids: list[int] = []  # KV group 0's table (engine/kv_spec.py)
     sampling: Optional[SamplingMeta] = None
     num_output_tokens: int = 0  # output tokens known before this step (seeded sampling uses it)
+    # Models with several KV groups: the same for the tables of groups 1.. (entries a sliding
+    # window no longer reads are the null block 0 when sent; ranks null them themselves later)
+    new_group_block_ids: list[list[int]] = []
 
 
 class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -42,7 +42,8 @@ class Request:
         self.stop_reason: Optional[int | str] = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
-        self.block_ids: list[int] = []
+        self.block_ids: list[int] = []  # block table of KV group 0 (the only one, for most models)
+        self.group_block_ids: list[list[int]] = []  # tables of KV groups 1.. (engine/kv_spec.py)
         self.block_hashes: list[int] = []  # hashes of full blocks, extended as blocks fill
         self.num_preemptions = 0
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()

@@ -189,14 +189,16 @@ class Scheduler:
         sent = self.num_sent.get(req.request_id)
         if sent is None:  # new or resumed: the worker (re)builds its state from this
             tokens, blocks, sampling = req.all_token_ids, list(req.block_ids), self._sampling_meta(req)
+            group_blocks = [list(t) for t in req.group_block_ids]
         else:
             p = req.num_prompt_tokens
             tokens = req.output_token_ids[sent[0] - p:] if req.num_tokens > sent[0] >= p else (
                 req.all_token_ids[sent[0]:] if req.num_tokens > sent[0] else [])
             blocks, sampling = req.block_ids[sent[1]:], None
+            group_blocks = [t[sent[1]:] for t in req.group_block_ids]
         self.num_sent[req.request_id] = (req.num_tokens, len(req.block_ids))
         return ScheduledRequest(req.request_id, req.num_computed_tokens, num_new, tokens, blocks, sampling,
-                                req.num_output_tokens + req.num_pending)
+                                req.num_output_tokens + req.num_pending, group_blocks)
 
     @staticmethod
     def _sampling_meta(req: Request) -> SamplingMeta:

@@ -14,6 +14,7 @@ import torch
 from meshserve.config import AttentionDpConfig, LlmArgs
 from meshserve.distributed.launch import LaunchInfo, detect_launch
 from meshserve.engine.engine_core import EngineCore
+from meshserve.engine.kv_spec import model_kv_groups
 from meshserve.engine.scheduler import SchedulerConfig
 from meshserve.executor.base import Executor
 from meshserve.executor.multiproc import MultiProcExecutor
@@ -111,15 +112,17 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
     executor = create_executor(args, model_path, model_config, device, launch, log_level)
     block_size = args.kv_cache_config.tokens_per_block
     overlap = args.overlap_scheduler and args.pipeline_parallel_size == 1
+    kv_groups = model_kv_groups(model_config, max_seq_len)  # every group holds its own blocks of a request
     try:
-        num_blocks = executor.initialize_cache(args.kv_cache_config, args.max_batch_size * max_seq_len)
+        num_blocks = executor.initialize_cache(args.kv_cache_config,
+                                               args.max_batch_size * max_seq_len * max(1, len(kv_groups)))
         if num_blocks < 2:
             raise ValueError(f"no room for the KV cache: {num_blocks} blocks fit; lower max_num_tokens or raise "
                              f"kv_cache_config.free_gpu_memory_fraction")
         sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
                                 overlap=overlap)
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
-                          model_config.vocab_size, eos_token_ids(model_path, model_config))
+                          model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups)
     except BaseException:
         executor.shutdown()
         raise

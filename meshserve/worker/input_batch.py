@@ -3,16 +3,22 @@
 The state is a pure function of the SchedulerOutputs received: new requests bring all their
 tokens and blocks, running ones bring what was appended. No rank needs to see sampled tokens
 any other way, so every rank of every stage builds the same batch. The attention metadata of a
-step is built by the rank's attention backend from the common part made here.
+step is built by the rank's attention backend from the common part made here. A model with several
+KV cache groups (engine/kv_spec.py) has a block table per group: their slot mappings and tables
+ride in the metadata's `group_views`. Entries a sliding window has passed are set to the null block
+here by the scheduler's rule (kv_spec's num_skipped_blocks), so no message has to carry them.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from meshserve.engine.kv_spec import KVCacheGroup
 from meshserve.engine.messages import SamplingMeta, SchedulerOutput
 from meshserve.layers.attention.backend import AttentionBackend, AttentionMetadata
 from meshserve.layers.sampler import SamplingBatch, seed_for_step
@@ -25,6 +31,7 @@ class ReqState:
     block_ids: list[int]
     num_prompt_tokens: int
     sampling: SamplingMeta
+    group_block_ids: list[list[int]] = field(default_factory=list)  # tables of KV groups 1..
 
 
 @dataclass
@@ -54,25 +61,55 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
     return table
 
 
+def _extend_slots(slots: list[int], bids: list[int], start: int, n: int, bs: int) -> None:
+    """Append the cache slots of positions start .. start + n - 1 under block table `bids`."""
+    if n <= 64:  # decode and short chunks: plain ints beat numpy's per-call cost
+        slots.extend(bids[q // bs] * bs + q % bs for q in range(start, start + n))
+    else:
+        p = np.arange(start, start + n)
+        slots.extend((np.asarray(bids, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
+
+
 class InputBatch:
-    def __init__(self, block_size: int, device: torch.device, vocab_size: int, attn_backend: AttentionBackend):
+    def __init__(self, block_size: int, device: torch.device, vocab_size: int, attn_backend: AttentionBackend,
+                 kv_groups: Sequence[KVCacheGroup] = ()):
         self.block_size = block_size
         self.device = device
         self.vocab_size = vocab_size
         self.attn_backend = attn_backend  # builds each step's attention metadata (its tile plan, ...)
+        self.num_groups = max(1, len(kv_groups))
+        # (group, spec) of the groups that drop blocks behind a sliding window
+        self.windowed = [(g, grp.spec) for g, grp in enumerate(kv_groups) if grp.sliding_window is not None]
         self.reqs: dict[str, ReqState] = {}
 
     def update(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
             self.reqs.pop(rid, None)
+        grouped, windowed = self.num_groups > 1, self.windowed
         for sr in so.reqs:
             if sr.sampling is not None:
-                self.reqs[sr.req_id] = ReqState(list(sr.new_token_ids), list(sr.new_block_ids),
-                                                len(sr.new_token_ids) - sr.num_output_tokens, sr.sampling)
+                st = self.reqs[sr.req_id] = ReqState(list(sr.new_token_ids), list(sr.new_block_ids),
+                                                     len(sr.new_token_ids) - sr.num_output_tokens, sr.sampling,
+                                                     [list(t) for t in sr.new_group_block_ids])
             else:
                 st = self.reqs[sr.req_id]
                 st.token_ids.extend(sr.new_token_ids)
                 st.block_ids.extend(sr.new_block_ids)
+                if grouped:
+                    for table, new in zip(st.group_block_ids, sr.new_group_block_ids):
+                        table.extend(new)
+            if windowed:
+                self._null_skipped(st, sr.num_computed_tokens)
+
+    def _null_skipped(self, st: ReqState, num_computed_tokens: int) -> None:
+        """Point the entries each sliding window no longer reads at the null block, as the
+        scheduler did when it freed them (a prefix of the table: walk down to the first null)."""
+        for g, spec in self.windowed:
+            table = st.block_ids if g == 0 else st.group_block_ids[g - 1]
+            i = min(spec.num_skipped_blocks(num_computed_tokens, self.block_size), len(table))
+            while i > 0 and table[i - 1] != 0:
+                i -= 1
+                table[i] = 0
 
     def prepare(self, so: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -82,6 +119,9 @@ class InputBatch:
         q_loc = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        grouped = self.num_groups > 1
+        group_slots: list[list[int]] = [[] for _ in range(self.num_groups - 1)]  # groups 1..
+        group_tables: list[list[list[int]]] = [[] for _ in range(self.num_groups - 1)]
         prompt_lp = []
         placeholders = []
         num_decodes = 0
@@ -93,14 +133,15 @@ class InputBatch:
             for k in range(len(known), n):  # not sampled yet when this step was scheduled
                 placeholders.append((len(ids), sr.req_id))
                 ids.append(0)
-            bids = st.block_ids
-            if n <= 64:  # decode and short chunks: plain ints beat numpy's per-call cost
-                pos.extend(range(start, start + n))
-                slots.extend(bids[q // bs] * bs + q % bs for q in range(start, start + n))
+            pos.extend(range(start, start + n))
+            if n == 1:  # decode: no call
+                slots.append(st.block_ids[start // bs] * bs + start % bs)
             else:
-                p = np.arange(start, start + n)
-                pos.extend(p.tolist())
-                slots.extend((np.asarray(bids, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
+                _extend_slots(slots, st.block_ids, start, n, bs)
+            if grouped:
+                for g, bids in enumerate(st.group_block_ids):
+                    _extend_slots(group_slots[g], bids, start, n, bs)
+                    group_tables[g].append(bids)
             q_loc.append(q_loc[-1] + n)
             seq_lens.append(start + n)
             tables.append(st.block_ids)
@@ -127,6 +168,10 @@ class InputBatch:
             num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
         )
         md = self.attn_backend.build(common, q_lens)
+        if group_tables:
+            md.group_views = [dataclasses.replace(md, slot_mapping=to_dev(s, torch.int64),
+                                                  block_tables=to_device(torch.from_numpy(_pad_rows(t)), dev))
+                              for s, t in zip(group_slots, group_tables)]
         return StepInputs(
             input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
             logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),

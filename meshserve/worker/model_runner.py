@@ -17,6 +17,7 @@ import torch
 
 from meshserve import kernels
 from meshserve.distributed.comm import SOLO, SOLO_STATE, PipelineChannel
+from meshserve.engine.kv_spec import layer_slots, model_kv_groups
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.models.config import ModelConfig
 from meshserve.models.loader import build_model, load_weights
@@ -131,7 +132,16 @@ class ModelRunner:
         shape = AttentionShape(a.num_heads, a.num_kv_heads, a.head_dim) if a else AttentionShape(1, 1, 1)
         self.attn_backend = select_attention_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
                                                      self.kernel_settings)
-        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, self.attn_backend)
+        # KV cache groups (engine/kv_spec.py), formed as the engine forms them: each layer reads its
+        # group's block table and shares its cache tensor (slot) with the same-index layer of the others
+        self.kv_groups = model_kv_groups(model_config, cfg.max_seq_len, a.num_kv_heads if a else None)
+        slots = layer_slots(self.kv_groups)
+        layer_ids = layer_range if layer_range is not None else range(model_config.num_hidden_layers)
+        self.kv_slots = [slots[i] for i in layer_ids]  # (group, slot) of each of attn_layers
+        for attn, (group, _) in zip(self.attn_layers, self.kv_slots):
+            attn.kv_group = group
+        self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, self.attn_backend,
+                                self.kv_groups)
         self.graphs = None
         self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
@@ -142,9 +152,11 @@ class ModelRunner:
 
     # ---- KV cache -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        per_layer = 2 * self.cfg.block_size * self.attn_layers[0].num_kv_heads * self.attn_layers[0].head_dim \
-            if self.attn_layers else 0
-        return per_layer * len(self.attn_layers) * torch.empty((), dtype=self.cfg.dtype).element_size()
+        """Bytes of one block id on this rank: a block of every cache slot its layers use, sized by
+        the slot's spec (a latent layer's token is kv_lora_rank + rope dims, not 2 x heads x dim)."""
+        size = torch.empty((), dtype=self.cfg.dtype).element_size()
+        per_slot = {slot: self.kv_groups[g].spec.bytes_per_token(size) for g, slot in self.kv_slots}
+        return self.cfg.block_size * sum(per_slot.values())
 
     def available_kv_blocks(self, free_fraction: float, cpu_budget_bytes: int) -> int:
         """How many blocks this rank can hold: GPU from free memory after a profiling forward of
@@ -168,6 +180,9 @@ class ModelRunner:
         if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 \
                 or not self.attn_backend.supports_cuda_graphs:
             return
+        if len(self.kv_groups) > 1:  # the graph runners hold one static block table
+            logger.info("CUDA graphs are off: this model has %d KV cache groups", len(self.kv_groups))
+            return
         from meshserve.worker.cuda_graph import CudaGraphRunner, PrefillGraphRunner
         pool = torch.cuda.graph_pool_handle()  # one pool: each capture reuses the memory of the last
         if self.cfg.cuda_graph_prefill_sizes:
@@ -183,12 +198,13 @@ class ModelRunner:
             self.capture_cuda_graphs()
 
     def _alloc_kv(self, num_blocks: int) -> None:
-        self.kv_caches = []
-        for attn in self.attn_layers:
-            cache = torch.zeros(2, num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim,
-                                dtype=self.cfg.dtype, device=self.device)
-            attn.kv_cache = cache
-            self.kv_caches.append(cache)
+        by_slot: dict[int, torch.Tensor] = {}  # one tensor per cache slot, bound to the layers using it
+        for attn, (group, slot) in zip(self.attn_layers, self.kv_slots):
+            if slot not in by_slot:
+                shape = self.kv_groups[group].spec.cache_shape(num_blocks, self.cfg.block_size)
+                by_slot[slot] = torch.zeros(shape, dtype=self.cfg.dtype, device=self.device)
+            attn.kv_cache = by_slot[slot]
+        self.kv_caches = list(by_slot.values())
 
     @torch.no_grad()
     def profile_run(self) -> None:

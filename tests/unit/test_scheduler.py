@@ -1,6 +1,7 @@
 """Scheduler: token and sequence budgets, chunked prefill, preemption by recompute (pure Python,
 driven by a fake model that returns a fixed token)."""
 from meshserve.engine.kv_cache import KVCacheManager
+from meshserve.engine.kv_spec import FullAttentionSpec, SlidingWindowSpec, kv_cache_groups
 from meshserve.engine.messages import ModelRunnerOutput
 from meshserve.engine.request import Request, RequestStatus
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -108,3 +109,29 @@ def test_wire_sends_deltas_after_the_first_schedule():
     so, _ = step(s)
     nxt = so.reqs[0]
     assert nxt.sampling is None and nxt.new_token_ids == [7] and nxt.num_computed_tokens == 5
+
+
+def test_ranks_rebuild_every_groups_table_from_the_wire():
+    """Two KV groups, one with a 6-token window: the tables a rank rebuilds from the messages (the
+    appended entries, nulled there by the window rule) equal the scheduler's at every step, through
+    chunked prefill, preemption and resumption."""
+    from meshserve.worker.input_batch import InputBatch
+
+    groups = kv_cache_groups([FullAttentionSpec(1, 1), SlidingWindowSpec(1, 1, sliding_window=6)])
+    s = Scheduler(SchedulerConfig(8, 16, 1000, True), KVCacheManager(30, 4, True, groups))
+    ranks = InputBatch(4, "cpu", 320, None, groups)
+    for i, n in enumerate([3, 9, 14]):
+        add(s, str(i), n, max_tokens=30)
+    steps = 0
+    while s.has_unfinished():
+        so = s.schedule()
+        ranks.update(so)
+        for sr in so.reqs:
+            r, st = s.requests[sr.req_id], ranks.reqs[sr.req_id]
+            assert st.block_ids == r.block_ids and st.group_block_ids == r.group_block_ids, sr.req_id
+            assert sum(b != 0 for b in r.group_block_ids[0]) <= 16 // 4 + 2  # a chunk and the window
+        s.update_from_output(so, ModelRunnerOutput(so.step_id, [r.req_id for r in so.reqs], [7] * len(so.reqs)))
+        steps += 1
+        assert steps < 500
+    assert s.num_preemptions > 0
+    assert s.kv.num_free_blocks == s.kv.num_usable_blocks

@@ -43,6 +43,10 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     num_decodes: int = 0  # the number of sequences when every one decodes a single token, else 0
+    # models with several KV cache groups (engine/kv_spec.py): this step's metadata of groups 1..
+    # (their own slot_mapping and block_tables), read by layers with Attention.kv_group > 0; None:
+    # one group, or metadata built for every group at once (profiling, tests)
+    group_views: Optional[list["AttentionMetadata"]] = None
     # the backend that built this metadata and runs attention with it; None (metadata built by
     # hand, as in tests): the torch reference
     backend: Optional["AttentionBackend"] = None

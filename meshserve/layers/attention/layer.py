@@ -1,6 +1,7 @@
 """The Attention layer: one layer's local heads and its KV cache tensor, run by the step's backend.
 
-The model runner binds `kv_cache` once after allocating it:
+The model runner binds `kv_cache` once after allocating it, and `kv_group`, the KV cache group
+whose block table the layer reads (engine/kv_spec.py; 0 for most models):
   kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
 Each forward call receives the step's metadata, built by the runner's attention backend, and hands
 the work to that backend (`md.backend`); metadata built by hand (tests) runs the torch reference.
@@ -28,6 +29,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
         self.kv_cache: Optional[torch.Tensor] = None
+        self.kv_group = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
                 rotary=None, positions: Optional[torch.Tensor] = None, return_lse: bool = False):
@@ -37,6 +39,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.kv_group and md.group_views is not None:
+            md = md.group_views[self.kv_group - 1]
         run = md.backend.forward if md.backend is not None else reference_forward
         if return_lse:
             o, lse = run(self, q, k, v, md, rotary, positions, return_lse=True)
