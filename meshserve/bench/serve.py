@@ -4,6 +4,8 @@ Samples from datasets.py are sent at Poisson arrival times (optionally capped by
 limit) as streaming `/v1/completions` or `/v1/chat/completions` requests; each SSE stream is timed
 into a `metrics.RequestRecord`, reduced by `metrics.compute_metrics`, printed, written as JSON and
 drawn by plots.py. `ServerProcess` starts a server under test for the scripts in benchmarks/.
+Output token counts come from the `usage` of each stream's final chunk (requested with
+stream_options.include_usage); a server that leaves it out stops the run with an error.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ from meshserve.bench.metrics import (RequestRecord, compute_metrics, format_repo
 logger = logging.getLogger(__name__)
 
 CHAT_ENDPOINT = "/v1/chat/completions"
+
+
+class MissingUsageError(RuntimeError):
+    """A server ended a stream without `usage` in its final chunk: every token count (throughput,
+    TPOT) would be a guess, so the run stops instead of counting chunks as tokens."""
 
 
 @dataclass
@@ -110,7 +117,7 @@ async def send_request(client: "aiohttp.ClientSession", config: ServeConfig, sam
     record = RequestRecord(prompt_len=sample.prompt_len)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     texts: list[str] = []
-    usage_tokens: Optional[int] = None
+    usage_tokens: Optional[int] = None  # completion_tokens of the last event, None when it had no usage
     start = record.start_time = time.perf_counter()
     last_text = last_event = start
     chat = config.is_chat
@@ -148,15 +155,19 @@ async def send_request(client: "aiohttp.ClientSession", config: ServeConfig, sam
                         last_text = now
                         texts.append(text)
                     usage = chunk.get("usage")
-                    if usage and usage.get("completion_tokens") is not None:
-                        usage_tokens = int(usage["completion_tokens"])
+                    usage_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
                 if done:
                     break
     except Exception as exc:  # noqa: BLE001 - one bad response is a failed request, not a failed run
         record.error = f"{type(exc).__name__}: {exc}"[:500]
         return record
+    if not isinstance(usage_tokens, int):
+        raise MissingUsageError(
+            f"{config.url} ended a stream without usage.completion_tokens in its final chunk, though the "
+            f"request asked for it (stream_options.include_usage); output tokens cannot be counted (a chunk "
+            f"may hold several), so no figure would be right: use a server that sends usage")
     record.latency = last_event - start
-    record.output_tokens = usage_tokens if usage_tokens is not None else len(texts)
+    record.output_tokens = usage_tokens
     record.generated_text = "".join(texts)
     if not texts and not record.output_tokens:
         record.error = "the stream carried no tokens"
@@ -384,7 +395,10 @@ def main(args: argparse.Namespace) -> list[dict]:
                          disable_tqdm=args.disable_tqdm)
     metadata = {"tokenizer_id": tokenizer_id if tokenizer is not None else None,
                 "dataset": args.dataset, "label": args.label}
-    results = run_benchmark(config, samples, rates, percentiles, slo, args.num_prompts, metadata)
+    try:
+        results = run_benchmark(config, samples, rates, percentiles, slo, args.num_prompts, metadata)
+    except MissingUsageError as exc:
+        raise SystemExit(f"bench serve: {exc}") from None
     if args.result_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_json)), exist_ok=True)
         with open(args.result_json, "w") as f:

@@ -2,7 +2,8 @@
 
 Streams the first token FIRST_TOKEN_S after a request arrives, then one token every GAP_S, as
 many tokens as max_tokens asks. A prompt containing FAIL gets HTTP 500. GET /stub/received lists
-the request bodies. Run: python stub_openai_server.py  (prints the port it listens on).
+the request bodies. With --omit-usage it never sends usage, even when asked (a non-conforming
+server). Run: python stub_openai_server.py [--omit-usage]  (prints the port it listens on).
 """
 import asyncio
 import json
@@ -13,7 +14,7 @@ FIRST_TOKEN_S = 0.5  # long next to the few ms a loaded CI machine adds to each 
 GAP_S = 0.05
 
 
-def make_app():
+def make_app(omit_usage: bool = False):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -43,7 +44,7 @@ def make_app():
             choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": None} if chat
                       else {"index": 0, "text": piece, "finish_reason": None})
             yield f"data: {json.dumps({'id': 'x', 'choices': [choice]})}\n\n"
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and not omit_usage:
             usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
             yield f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
@@ -74,7 +75,8 @@ def main() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(make_app(), log_level="warning", access_log=False)
+    config = uvicorn.Config(make_app(omit_usage="--omit-usage" in sys.argv[1:]), log_level="warning",
+                            access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
 
 

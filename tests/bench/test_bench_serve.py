@@ -22,8 +22,17 @@ NUM_TOKENS = 8
 @pytest.fixture(scope="module")
 def stub_server():
     """The stub in its own process, so its work never shares a GIL with the client measured."""
+    yield from _stub()
+
+
+@pytest.fixture(scope="module")
+def stub_server_without_usage():
+    yield from _stub("--omit-usage")
+
+
+def _stub(*flags):
     script = os.path.join(os.path.dirname(__file__), "stub_openai_server.py")
-    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, text=True)
     try:
         base_url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
         deadline = time.monotonic() + 30
@@ -251,3 +260,32 @@ def test_an_error_event_and_a_non_200_answer_fail_the_request_with_the_message()
     assert not rec.success and "error in stream" in rec.error and "engine died" in rec.error
     rec = asyncio.run(_send_to(_raw_sse_server([], gap_s=0, status=404)))
     assert not rec.success and rec.error.startswith("HTTP 404") and "no such model" in rec.error
+
+
+def test_a_server_that_omits_usage_stops_the_run_with_an_error(stub_server_without_usage, tmp_path,
+                                                                tiny_tokenizer_dir):
+    """Counting chunks as tokens would misreport throughput whenever a chunk holds several tokens."""
+    base_url = stub_server_without_usage
+    data, out_json = tmp_path / "p.jsonl", tmp_path / "r.json"
+    _write_prompts(data, 3)
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        with pytest.raises(SystemExit) as exc:
+            _run_cli(["serve", "--base-url", base_url, "--endpoint", endpoint, "--dataset", "jsonl",
+                      "--dataset-path", str(data), "--tokenizer", tiny_tokenizer_dir, "--num-prompts", "3",
+                      "--request-rate", "inf", "--result-json", str(out_json), "--disable-tqdm"])
+        message = exc.value.code
+        assert isinstance(message, str), message  # a message: exit status 1
+        assert "usage" in message and base_url + endpoint in message, message
+        assert not out_json.exists()
+    assert len(_received(base_url)) >= 2  # the stub did answer: it is the missing usage that failed the run
+
+
+def test_usage_in_the_final_event_is_the_token_count_and_its_absence_is_an_error():
+    from meshserve.bench.serve import MissingUsageError
+
+    usage = _event(None, usage={"completion_tokens": 7})
+    rec = asyncio.run(_send_to(_raw_sse_server([_event("ab"), usage, b"data: [DONE]\n\n"], gap_s=0.01)))
+    assert rec.success and rec.output_tokens == 7  # one chunk, seven tokens: usage wins
+    for pieces in ([_event("ab"), _event("cd"), b"data: [DONE]\n\n"], [_event("ab"), _event("cd")]):
+        with pytest.raises(MissingUsageError, match="usage"):
+            asyncio.run(_send_to(_raw_sse_server(pieces, gap_s=0.01)))
