@@ -67,17 +67,21 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     s = make(num_blocks=6, block=4)  # 5 usable blocks = 20 tokens
     a = add(s, "a", 8, max_tokens=10)
     b = add(s, "b", 8, max_tokens=10)
-    step(s)  # a: 2 blocks, b: 2 blocks
-    for _ in range(4):
-        step(s)
-    assert s.num_preemptions >= 1
-    assert b.status in (RequestStatus.PREEMPTED, RequestStatus.WAITING) or b.num_preemptions >= 1
+    step(s)  # a: 2 blocks, b: 2 blocks, 1 free
+    c = add(s, "c", 9, max_tokens=2)  # queued behind the running pair
+    so, _ = step(s)  # a and b both need a third block: b, the newer, is preempted
+    assert s.num_preemptions == 1 and b.num_preemptions == 1 and a.num_preemptions == 0
+    assert [r.req_id for r in so.reqs] == ["a"]
+    # b goes back to the head of the queue, ahead of c, which was waiting before it
+    assert [r.request_id for r in s.waiting] == ["b", "c"]
+    so, _ = step(s)
+    assert [r.req_id for r in so.reqs] == ["a", "b", "c"]  # readmitted in that order
     # everything still finishes, with the full number of tokens
     for _ in range(100):
         if not s.has_unfinished():
             break
         step(s)
-    assert a.num_output_tokens == 10 and b.num_output_tokens == 10
+    assert a.num_output_tokens == 10 and b.num_output_tokens == 10 and c.num_output_tokens == 2
 
 
 def test_finish_on_max_tokens_frees_blocks():
