@@ -60,6 +60,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.metadata: dict[int, AttentionMetadata] = {}
+        self.replays = 0
 
     def _metadata(self, b: int) -> AttentionMetadata:
         common = AttentionMetadata(
@@ -105,6 +106,7 @@ class CudaGraphRunner:
             self.seq_lens[b:padded].zero_()
         self.backend.fill_graph(md, self.metadata[padded], padded)
         self.graphs[padded].replay()
+        self.replays += 1
         return self.logits[padded][:b]
 
 
