@@ -118,6 +118,9 @@ class LlmArgs(StrictModel):
     kernel_config: KernelConfig = Field(default_factory=KernelConfig)
     backend: Optional[str] = "pytorch"
     max_batch_size: int = Field(256, ge=1)
+    max_n: Optional[int] = Field(None, ge=1, description=(
+        "most sequences one request may ask for (SamplingParams.n, the API's n / best_of); more is refused "
+        "with an error naming the limit. Default None: max_batch_size, the sequences one engine step runs"))
     max_num_tokens: int = Field(8192, ge=1)
     max_seq_len: Optional[int] = Field(None, ge=2)
     kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)

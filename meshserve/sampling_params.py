@@ -1,13 +1,33 @@
 """SamplingParams: what a caller asks of one request's decoding.
 
-Validated once at the API edge (``validate()``); the engine and the sampler trust it afterwards.
+Validated at the API edge: ``validate()`` on construction, then (through engine_core.validate,
+which also checks max_tokens against max_seq_len) ``validate_for_model()`` with the engine's
+vocabulary size and max_n; the engine and the sampler trust it afterwards. Every number is
+range-checked on that path, so nothing out of range reaches the engine's msgpack wire.
 Field names follow vLLM / TensorRT-LLM so code written for either ports by changing an import.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def short_repr(value) -> str:
+    """repr(value), cut to 80 characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int_in(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and lo <= value <= hi
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -40,10 +60,14 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is None or self.top_k < 0:
+        if self.top_k is None or self.top_k == -1:  # -1 (vLLM) and 0 (TensorRT-LLM) both disable it
             self.top_k = 0
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"SamplingParams.logit_bias={short_repr(self.logit_bias)} is invalid: expected token "
+                                 f"ids >= 0 mapped to values in [-100, 100]") from None
         self.validate()
 
     @property
@@ -52,49 +76,58 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, value, accepted: str) -> None:
-            raise ValueError(f"SamplingParams.{name}={value!r} is invalid: {accepted}")
+            raise ValueError(f"SamplingParams.{name}={short_repr(value)} is invalid: {accepted}")
 
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        # max_tokens and n have no upper bound here: the engine's validate caps them with its own
+        # numbers (max_seq_len; max_n in validate_for_model), which an error should show as accepted
+        if self.max_tokens is not None and not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
             bad("max_tokens", self.max_tokens, "expected an integer >= 1 (or None for up to max_seq_len)")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            bad("min_tokens", self.min_tokens, "expected an integer >= 0")
+        if not _int_in(self.min_tokens, 0, INT64_MAX):
+            bad("min_tokens", self.min_tokens, "expected an integer in [0, 2**63-1]")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
-        if not self.temperature >= 0.0:
-            bad("temperature", self.temperature, "expected a number >= 0 (0 means greedy)")
-        if not isinstance(self.top_k, int):
-            bad("top_k", self.top_k, "expected an integer (0 or -1 disables it)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (_finite(self.temperature) and self.temperature >= 0.0):
+            bad("temperature", self.temperature, "expected a finite number >= 0 (0 means greedy)")
+        if not _int_in(self.top_k, 0, INT64_MAX):
+            bad("top_k", self.top_k, "expected -1 or 0 (disabled) or an integer in [1, 2**63-1]")
+        if not (_finite(self.top_p) and 0.0 < self.top_p <= 1.0):
             bad("top_p", self.top_p, "expected a number in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not (_finite(self.min_p) and 0.0 <= self.min_p <= 1.0):
             bad("min_p", self.min_p, "expected a number in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", self.seed, "expected an integer or None")
-        if not isinstance(self.n, int) or self.n < 1:
+        if not (isinstance(self.n, int) and self.n >= 1):
             bad("n", self.n, "expected an integer >= 1")
+        # sample i of n is seeded with seed + i: every one of those must be an int64 too
+        if self.seed is not None and not _int_in(self.seed, INT64_MIN, INT64_MAX - (self.n - 1)):
+            bad("seed", self.seed, "expected an integer in [-2**63, 2**63-1] (int64, as vLLM) or None"
+                + (f"; with n={self.n}, at most 2**63-{self.n} (sample i uses seed + i)" if self.n > 1 else ""))
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             bad("stop", self.stop, "expected non-empty strings")
-        if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", self.stop_token_ids, "expected non-negative integers")
-        if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", self.repetition_penalty, "expected a number > 0 (1 disables it)")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad("presence_penalty", self.presence_penalty, "expected a number in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad("frequency_penalty", self.frequency_penalty, "expected a number in [-2, 2]")
+        for t in self.stop_token_ids:
+            if not _int_in(t, 0, INT64_MAX):
+                bad("stop_token_ids", self.stop_token_ids, "expected token ids (integers in [0, 2**63-1])")
+        if not (_finite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            bad("repetition_penalty", self.repetition_penalty, "expected a finite number > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (_finite(v) and -2.0 <= v <= 2.0):
+                bad(name, v, "expected a number in [-2, 2]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0 or v > 20):
+            if v is not None and not _int_in(v, 0, 20):
                 bad(name, v, "expected an integer in [0, 20] or None")
-        if self.end_id is not None and (not isinstance(self.end_id, int) or self.end_id < 0):
-            bad("end_id", self.end_id, "expected a non-negative integer")
+        if self.end_id is not None and not _int_in(self.end_id, 0, INT64_MAX):
+            bad("end_id", self.end_id, "expected a token id (an integer in [0, 2**63-1])")
         if self.logit_bias:
             for k, v in self.logit_bias.items():
-                if k < 0 or not -100.0 <= v <= 100.0:
-                    bad("logit_bias", {k: v}, "expected token ids >= 0 mapped to values in [-100, 100]")
+                if not (_int_in(k, 0, INT64_MAX) and _finite(v) and -100.0 <= v <= 100.0):
+                    bad("logit_bias", {k: v}, "expected token ids (integers >= 0) mapped to values in [-100, 100]")
 
-    def validate_for_model(self, vocab_size: int) -> None:
-        """Checks that need the model: token ids must exist in the vocabulary."""
+    def validate_for_model(self, vocab_size: int, max_n: Optional[int] = None) -> None:
+        """Checks that need the engine: token ids must exist in the vocabulary, and n (the sequences
+        this request fans out to) may not pass `max_n` (LlmArgs.max_n, default max_batch_size)."""
+        if max_n is not None and self.n > max_n:
+            raise ValueError(f"SamplingParams.n={self.n} is invalid: expected an integer in [1, {max_n}] "
+                             f"(the engine's max_n, which defaults to max_batch_size)")
         for name, ids in (("stop_token_ids", self.stop_token_ids),
                           ("logit_bias", list((self.logit_bias or {}).keys())),
                           ("end_id", [] if self.end_id is None else [self.end_id])):

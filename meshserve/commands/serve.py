@@ -34,6 +34,7 @@ _ENGINE_FLAGS = [
     ("moe_tp_size", "moe_tensor_parallel_size", int, "MoE tensor parallel size"),
     ("cp_size", "context_parallel_size", int, "context parallel size"),
     ("max_batch_size", "max_batch_size", int, "most sequences in one engine step"),
+    ("max_n", "max_n", int, "most sequences one request may ask for with n / best_of (default: max_batch_size)"),
     ("max_num_tokens", "max_num_tokens", int, "most tokens in one engine step"),
     ("max_seq_len", "max_seq_len", int, "prompt + output limit (default: the model's max_position_embeddings)"),
     ("dtype", "dtype", str, "auto, float32, bfloat16 or float16"),

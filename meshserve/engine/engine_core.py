@@ -33,6 +33,7 @@ class EngineLimits:
     enable_chunked_prefill: bool
     kv_capacity_tokens: int
     eos_token_ids: list
+    max_n: Optional[int] = None  # most sequences one request may fan out to (SamplingParams.n); None: no cap
 
 
 # How much earlier than strictly needed a deferred batch is launched (late launch), on top of
@@ -53,7 +54,7 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
     if bad:
         raise ValueError(f"prompt_token_ids contains token id {bad[0]!r} outside the vocabulary "
                          f"(valid ids are 0..{lim.vocab_size - 1})")
-    params.validate_for_model(lim.vocab_size)
+    params.validate_for_model(lim.vocab_size, lim.max_n)
     if n >= lim.max_seq_len:
         raise ValueError(f"prompt has {n} tokens, but max_seq_len is {lim.max_seq_len}: "
                          f"the prompt must be shorter to leave room for at least one output token")
@@ -72,14 +73,16 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
 
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None):
+                 enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None,
+                 max_n: Optional[int] = None):
         # kv_groups: the model's KV cache groups (engine/kv_spec.py); None: one full-attention group
+        # max_n: LlmArgs.max_n; None: max_batch_size (n sequences beyond one step's batch stall everyone)
         self.executor = executor
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, kv_groups)
         self.scheduler = Scheduler(sched_config, self.kv)
         self.limits = EngineLimits(vocab_size, sched_config.max_seq_len, sched_config.max_num_tokens,
                                    sched_config.enable_chunked_prefill, self.kv.capacity_tokens,
-                                   list(eos_token_ids))
+                                   list(eos_token_ids), max_n or sched_config.max_batch_size)
         self.batch_queue: deque = deque()
         # Time from a batch's launch (or the previous batch's completion, when the launch came while
         # that one still ran) to its outputs: with batches in flight, the period between outputs.

@@ -122,7 +122,8 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
         sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
                                 overlap=overlap)
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
-                          model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups)
+                          model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups,
+                          max_n=args.max_n)
     except BaseException:
         executor.shutdown()
         raise

@@ -2,8 +2,10 @@
 
 Per request: parse + validate the body (protocol.py), tokenize (chat template for chat), check it
 against the engine's limits (a 400 before anything reaches the engine), submit, then either stream
-SSE chunks from the request's deltas or answer once every sequence is done. A client that goes
-away aborts its sequences in the engine (their KV blocks are freed).
+SSE chunks from the request's deltas or answer once every sequence is done. A chat stream's
+first chunk (role "assistant") goes out with the first output, not at submission, so a client's
+TTFT is the first token's. A client that goes away aborts its sequences in the engine (their KV
+blocks are freed).
 Routes: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /version, /metrics.
 """
 from __future__ import annotations
@@ -206,10 +208,15 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.suffix:
             raise bad_request("suffix is not supported by this server", "suffix")
+        max_n = self.engine.limits.max_n
+        if req.best_of is not None and max_n is not None and req.best_of > max_n:
+            raise bad_request(f"best_of={req.best_of} is invalid: expected an integer in [1, {max_n}] (the "
+                              f"engine's max_n, which defaults to max_batch_size)", "best_of")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of={req.best_of} is not supported; leave it unset or equal to n", "best_of")
         prompts = await self.completion_prompts(req.prompt)
         max_tokens = req.requested_max_tokens
+        renames = {"max_tokens": "max_completion_tokens"} if req.max_completion_tokens is not None else None
         prompt_logprobs = req.prompt_logprobs
         if req.echo and req.logprobs is not None and prompt_logprobs is None:
             prompt_logprobs = req.logprobs
@@ -217,9 +224,9 @@ class OpenAIServing:
             params = req.sampling_params(max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS,
                                          req.logprobs, prompt_logprobs)
         except ValueError as e:
-            raise from_value_error(e) from None
+            raise from_value_error(e, renames) from None
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self.submit(prompts, params, request_id)
+        streams = self.submit(prompts, params, request_id, renames)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             return SSEResponse(self.completion_stream(ctx, streams), media_type="text/event-stream")
@@ -292,9 +299,12 @@ class OpenAIServing:
 
     async def chat_stream(self, ctx: "responses.ChatContext", stream: RequestStream) -> AsyncIterator[bytes]:
         try:
-            for chunk in ctx.role_chunks(stream.state.params.n):
-                yield sse(chunk)
+            role_sent = False
             async for out in stream.deltas():
+                if not role_sent:  # as vLLM: with the first output, so a client times TTFT to a token
+                    role_sent = True
+                    for chunk in ctx.role_chunks(stream.state.params.n):
+                        yield sse(chunk)
                 for chunk in ctx.chunks(out):
                     yield sse(chunk)
             if ctx.include_usage:

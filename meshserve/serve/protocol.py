@@ -1,17 +1,27 @@
-"""The OpenAI wire format: request bodies (pydantic, unknown fields rejected), their mapping onto
-SamplingParams, and the OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`.
+"""The OpenAI wire format: request bodies (pydantic), their mapping onto SamplingParams, and the
+OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`.
+
+As vLLM does, a field this server does not know (a newer OpenAI one such as `reasoning_effort`) is
+ignored with a logged warning; a known field with a bad value is a 400 naming it. Numbers are
+range-checked by SamplingParams.validate (and `n` against the engine's max_n when submitted).
 
 Field names and extensions (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
 stop_token_ids, include_stop_str_in_output, skip_special_tokens) follow vLLM / trtllm-serve.
 """
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from meshserve.sampling_params import SamplingParams
+from meshserve.sampling_params import SamplingParams, short_repr
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's message roles (`developer` is o1's `system`; `function` is the deprecated tool role)
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class APIError(Exception):
@@ -42,12 +52,10 @@ def from_validation_error(err: ValidationError) -> APIError:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         first = first or loc or None
-        if e["type"] == "extra_forbidden":
-            messages.append(f"unknown field {loc!r}: this server does not accept it")
-        elif e["type"] == "missing":
+        if e["type"] == "missing":
             messages.append(f"{loc!r} is required")
         else:
-            messages.append(f"{loc}={e.get('input')!r}: {e['msg']}")
+            messages.append(f"{loc}={short_repr(e.get('input'))}: {e['msg']}")
     return bad_request("; ".join(messages), first)
 
 
@@ -71,8 +79,30 @@ def from_value_error(err: ValueError, renames: Optional[dict] = None, default_pa
     return bad_request(message.replace("SamplingParams.", ""), param)
 
 
+_warned_unknown: set = set()  # (model, field) pairs already logged at WARNING
+
+
+def _log_ignored(model: str, fields: list[str]) -> None:
+    """WARNING the first time a field is seen (a client sends the same ones on every request), then DEBUG."""
+    new = [f for f in fields if (model, f) not in _warned_unknown]
+    if new and len(_warned_unknown) < 1024:
+        _warned_unknown.update((model, f) for f in new)
+        logger.warning("ignoring request field(s) this server does not know: %s (in %s)", ", ".join(new), model)
+    else:
+        logger.debug("ignoring request field(s) this server does not know: %s (in %s)", ", ".join(fields), model)
+
+
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                _log_ignored(cls.__name__, unknown)
+        return data
 
 
 class StreamOptions(OpenAIModel):
@@ -144,7 +174,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, ge=1)
     suffix: Optional[str] = None
 
 
@@ -156,7 +186,7 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ...: handed to the template
-    role: str
+    role: Role
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
 
@@ -178,6 +208,10 @@ class ChatCompletionRequest(SamplingRequest):
         """Messages as the chat template wants them: text parts joined into one string."""
         out = []
         for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":  # an assistant turn may carry only tool_calls
+                raise bad_request(f"messages[{i}].content is null or missing; a {m.role} message needs content "
+                                  f"(a string or a list of text parts); only an assistant message may leave it "
+                                  f"null", f"messages.{i}.content")
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 texts = []
