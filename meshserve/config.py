@@ -149,6 +149,9 @@ class LlmArgs(StrictModel):
     skip_tokenizer_init: bool = False
     show_progress: bool = True
     max_waiting_requests: Optional[int] = Field(None, ge=1)
+    slow_step_ms: float = Field(1000.0, ge=0, description=(
+        "log an engine step slower than this many milliseconds with its shape (at INFO, at most one line "
+        "per 30 s); 0: never"))
     stream_interval: int = Field(1, ge=1, description=(
         "server streaming: send a stream's text every this many tokens (the first token and the end "
         "at once), fewer, larger events for less API-server and client CPU per token"))

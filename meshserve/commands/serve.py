@@ -43,6 +43,8 @@ _ENGINE_FLAGS = [
     ("seed", "seed", int, "seed of the weights of load_format=dummy and of unseeded sampling"),
     ("stream_interval", "stream_interval", int,
      "stream every N tokens (the first one and the last at once; default 1: every token)"),
+    ("slow_step_ms", "slow_step_ms", float,
+     "log an engine step slower than this many ms with its shape (INFO, one line per 30 s; 0: never; default 1000)"),
     ("max_waiting_requests", "max_waiting_requests", int,
      "answer 503 + Retry-After when this many requests wait for their first token (default: no limit)"),
 ]
@@ -79,6 +81,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "config", "extra_llm_api_options", default=None, metavar="FILE.yml",
           help="YAML of LlmArgs fields (enable_attention_dp, kv_cache_config, pytorch_backend_config, ...)")
     _flag(parser, "chat_template", default=None, help="a Jinja chat template, or a file holding one")
+    _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
+          help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
+               "the event loop, so they do not stall other streams (default: %(default)s)")
     _flag(parser, "shutdown_timeout", type=float, default=30.0,
           help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
@@ -195,6 +200,9 @@ def main(ns: argparse.Namespace) -> int:
         args = llm_args_from_cli(ns)
     except ValueError as e:
         return _fail(str(e))
+    if ns.tokenize_offload_chars < 0:
+        return _fail(f"--tokenize_offload_chars {ns.tokenize_offload_chars}: must be an integer >= 0 "
+                     f"(0: every prompt off the event loop)")
     from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
@@ -289,7 +297,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
         yield
         await engine.shutdown()  # uvicorn has drained (or timed out) the in-flight requests
 
-    config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template))
+    config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template),
+                          ns.tokenize_offload_chars)
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

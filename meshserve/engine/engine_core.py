@@ -8,7 +8,6 @@ already tokenized and validated against the model's limits (`validate`).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None,
-                 max_n: Optional[int] = None):
+                 max_n: Optional[int] = None, slow_step_ms: float = 1000.0):
         # kv_groups: the model's KV cache groups (engine/kv_spec.py); None: one full-attention group
         # max_n: LlmArgs.max_n; None: max_batch_size (n sequences beyond one step's batch stall everyone)
         self.executor = executor
@@ -89,8 +88,8 @@ class EngineCore:
         self.iteration_latency_s = 0.0
         self.num_iterations = 0
         # a step slower than this is logged with its shape at INFO, one line per 30 s at most
-        # (MESHSERVE_SLOW_STEP_MS; 0 = never): on a busy CPU every step may be slow
-        self.slow_step_s = float(os.environ.get("MESHSERVE_SLOW_STEP_MS", "1000")) / 1000
+        # (LlmArgs.slow_step_ms, serve --slow_step_ms; 0 = never): on a busy CPU every step may be slow
+        self.slow_step_s = slow_step_ms / 1000
         self._slow_step_log = RateLimitedLog(logger)
         self._last_done = 0.0
         # Late launch (overlap scheduler, server): hold the next batch back until shortly before the

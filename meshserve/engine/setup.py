@@ -123,7 +123,7 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
                                 overlap=overlap)
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
                           model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups,
-                          max_n=args.max_n)
+                          max_n=args.max_n, slow_step_ms=args.slow_step_ms)
     except BaseException:
         executor.shutdown()
         raise

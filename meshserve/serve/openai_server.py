@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +44,7 @@ RETRY_AFTER_S = 1
 # (chat templates rendered) on a worker thread, as vLLM does: an 8k-token prompt takes tens of ms
 # to encode, during which the event loop would send no stream chunks to anyone. The tokenizers'
 # batch encode releases the GIL. Shorter ones stay inline: a thread hop costs more than they do.
-TOKENIZE_OFFLOAD_CHARS = int(os.environ.get("MESHSERVE_TOKENIZE_OFFLOAD_CHARS", "4096"))
+TOKENIZE_OFFLOAD_CHARS = 4096  # default of serve --tokenize_offload_chars
 
 
 @dataclass
@@ -54,6 +53,7 @@ class ServerConfig:
     model_path: str
     api_key: Optional[str] = None
     chat_template: Optional[str] = None
+    tokenize_offload_chars: int = TOKENIZE_OFFLOAD_CHARS  # prompts this long are tokenized off the loop
 
 
 class ClientDisconnected(Exception):
@@ -90,8 +90,8 @@ class OpenAIServing:
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
 
     async def _off_loop(self, chars: int, fn, *args):
-        """fn(*args) on the tokenizer thread when `chars` is at least TOKENIZE_OFFLOAD_CHARS, else inline."""
-        if chars < TOKENIZE_OFFLOAD_CHARS:
+        """fn(*args) on the tokenizer thread when `chars` is at least tokenize_offload_chars, else inline."""
+        if chars < self.config.tokenize_offload_chars:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 

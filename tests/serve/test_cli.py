@@ -80,10 +80,11 @@ def test_seed_examples_map_onto_llm_args(tmp_path):
 def test_dashed_and_underscored_flags_are_the_same(tmp_path):
     flags = [("tp_size", "2"), ("pp_size", "2"), ("ep_size", "2"), ("cp_size", "1"), ("max_batch_size", "7"),
              ("max_num_tokens", "99"), ("max_seq_len", "300"), ("kv_cache_free_gpu_memory_fraction", "0.5"),
-             ("load_format", "dummy"), ("max_waiting_requests", "3"), ("moe_tp_size", "1")]
+             ("load_format", "dummy"), ("max_waiting_requests", "3"), ("moe_tp_size", "1"), ("slow_step_ms", "120")]
     under = [x for name, v in flags for x in (f"--{name}", v)]
     dashed = [x for name, v in flags for x in (f"--{name.replace('_', '-')}", v)]
     assert parse("m", *under, "--trust_remote_code") == parse("m", *dashed, "--trust-remote-code")
+    assert parse("m", "--slow_step_ms", "120").slow_step_ms == 120.0
     a = build_parser().parse_args(["--served_model_name", "x", "--api_key", "k", "--extra_llm_api_options", "c"])
     b = build_parser().parse_args(["--served-model-name", "x", "--api-key", "k", "--config", "c"])
     assert (a.served_model_name, a.api_key, a.config) == (b.served_model_name, b.api_key, b.config) == ("x", "k", "c")

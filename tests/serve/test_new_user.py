@@ -224,7 +224,8 @@ import json, sys
 from meshserve import LLM, SamplingParams
 
 if __name__ == "__main__":
-    with LLM(model=sys.argv[1], tensor_parallel_size=2, show_progress=False) as llm:
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    with LLM(model=sys.argv[1], tensor_parallel_size=2, show_progress=False, **extra) as llm:
         out = llm.generate([json.loads(sys.argv[2])], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
                            use_tqdm=False)
     print("TOKENS", json.dumps(out[0].outputs[0].token_ids), flush=True)
@@ -267,9 +268,9 @@ def test_a_slow_busy_run_keeps_the_terminal_quiet(tiny_model, tmp_path):
     no leaked-semaphore warning at exit."""
     script = tmp_path / "quiet.py"
     script.write_text(_SCRIPT)
-    env = child_env(MESHSERVE_SLOW_STEP_MS="0.001", MESHSERVE_GC_WARN_MS="0.001")
-    r = subprocess.run([sys.executable, str(script), tiny_model, "[5, 6, 7, 8]"], capture_output=True, text=True,
-                       env=env, timeout=240)
+    env = child_env(MESHSERVE_GC_WARN_MS="0.001")
+    r = subprocess.run([sys.executable, str(script), tiny_model, "[5, 6, 7, 8]", '{"slow_step_ms": 0.001}'],
+                       capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0 and "TOKENS" in r.stdout, r.stderr[-2000:]
     for noise in ("took", "garbage collection", "leaked semaphore", "Traceback"):
         assert noise not in r.stderr, r.stderr[-2000:]

@@ -93,3 +93,28 @@ def test_a_template_error_on_the_worker_thread_is_a_400_naming_messages(serving)
     with pytest.raises(APIError) as e:
         asyncio.run(serving.chat_prompt(req))
     assert e.value.status == 400 and e.value.param == "messages" and "no users here" in e.value.message
+
+
+def test_the_threshold_is_the_servers_setting(tiny_tokenizer):
+    """serve --tokenize_offload_chars: with 100, a 300-character prompt (inline by default) is
+    encoded off the loop."""
+    s = OpenAIServing(None, tiny_tokenizer, None, ServerConfig("tiny-chat", "unused", tokenize_offload_chars=100))
+    try:
+        text = long_text(300)
+        gate = s.encoder = GatedEncoder(s.encoder)
+        [(_, ids)] = asyncio.run(run_while_gated(gate, s.completion_prompts(text)))
+        assert gate.calls and gate.calls[0][0], "encoded on the event loop despite the lower threshold"
+        assert ids == tiny_tokenizer.encode(text)
+    finally:
+        s._tokenize_pool.shutdown()
+
+
+def test_a_negative_threshold_is_a_one_line_cli_error():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "meshserve", "serve", "--tokenize-offload-chars", "-1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "meshserve serve: error: --tokenize_offload_chars -1: must be an integer >= 0 (0: every prompt off the "
+        "event loop)"]
