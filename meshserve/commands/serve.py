@@ -297,8 +297,10 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
         yield
         await engine.shutdown()  # uvicorn has drained (or timed out) the in-flight requests
 
+    # without --served_model_name, the MODEL argument as typed (a Hub id "org/name") names it too
+    aliases = (args.model,) if args.model and not ns.served_model_name else ()
     config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template),
-                          ns.tokenize_offload_chars)
+                          ns.tokenize_offload_chars, aliases)
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

@@ -54,6 +54,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     chat_template: Optional[str] = None
     tokenize_offload_chars: int = TOKENIZE_OFFLOAD_CHARS  # prompts this long are tokenized off the loop
+    model_aliases: tuple = ()  # other names a request may give (the MODEL argument as typed: a Hub id)
 
 
 class ClientDisconnected(Exception):
@@ -111,7 +112,7 @@ class OpenAIServing:
             raise from_validation_error(e) from None
 
     def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model != self.config.served_model_name:
+        if model is not None and model != self.config.served_model_name and model not in self.config.model_aliases:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"`{self.config.served_model_name}`.", "invalid_request_error", "model",
                            "model_not_found")

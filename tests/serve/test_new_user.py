@@ -80,6 +80,14 @@ def test_serve_loads_a_hub_id_from_the_cache_offline(offline, tiny_tokenizer):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == tiny_tokenizer.decode(hf_greedy(model, ids, 6))
         assert "free_gpu_memory_fraction" not in srv.log_tail(400)  # left at its default: nothing to say
+        # the full Hub id, as vLLM users send it, names the same model; another name is a 404
+        r = httpx.post(srv.base_url + "/v1/completions", timeout=60, json={
+            "model": REPO_ID, "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "skip_special_tokens": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tiny_tokenizer.decode(hf_greedy(model, ids, 6))
+        r = httpx.post(srv.base_url + "/v1/completions", timeout=60, json={"model": "other/tiny-chat", "prompt": ids})
+        assert r.status_code == 404 and "tiny-chat" in r.text
     finally:
         srv.stop()
 
