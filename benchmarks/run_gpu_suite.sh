@@ -6,7 +6,7 @@
 #   NUM_OFFLINE: offline-8b requests (default 500; BENCHMARKS.md says 3000)
 #   PARTS: which parts to run (default "online offline peer")
 #   ONLINE_RATES: online-8b rates (default 2,16,32,inf); SERVER_ARGS: extra `meshserve serve` flags;
-#   SKIP_LATENCY=1: only online-8b from the server (no decode-latency / prefill-8k)
+#   SKIP_LATENCY=1: only online-8b from the server (no decode-latency / prefill-8k); SKIP_PREFILL=1: no prefill-8k
 #   NUM_DECODE: decode-latency prompts, one after another (default 10, ~25 s: 3 left 4.55 vs 4.62 ms
 #   between two runs, too close to the 4.6 target to call)
 set -u
@@ -26,6 +26,7 @@ done
 URL=http://127.0.0.1:$PORT
 if [ -z "${SKIP_LATENCY:-}" ]; then
 python3 benchmarks/decode_latency.py --base-url $URL --model llama-3.1-8b --num-prompts "${NUM_DECODE:-10}" --out "$B/decode" 2>&1 | tail -4
+[ -z "${SKIP_PREFILL:-}" ] && \
 python3 benchmarks/prefill_8k.py --base-url $URL --model llama-3.1-8b --num-prompts 5 --out "$B/prefill" 2>&1 | tail -4
 fi
 python3 benchmarks/online_8b.py --base-url $URL --model llama-3.1-8b --num-prompts "${NUM_ONLINE:-100}" \
