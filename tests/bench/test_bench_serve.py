@@ -249,9 +249,10 @@ def test_sse_events_split_across_reads_and_packed_into_one_are_each_counted():
     assert rec.success, rec.error
     assert rec.generated_text == "Hello you"
     assert rec.output_tokens == 3
-    # the first text arrives with the second write (~0.4 s), b with it, c with the third (~0.6 s)
-    assert 0.35 <= rec.ttft <= 0.55, rec.ttft
-    assert len(rec.itl) == 2 and rec.itl[0] < 0.05 and 0.15 <= rec.itl[1] <= 0.35, rec.itl
+    # the first text arrives with the second write (~0.4 s), b with it, c with the third (~0.6 s, with
+    # the end). Bounds relative to the run's own end, so a loaded machine's delays do not fail it.
+    assert 0.35 <= rec.ttft <= rec.latency - 0.1, (rec.ttft, rec.latency)
+    assert len(rec.itl) == 2 and rec.itl[0] < 0.1 and 0.15 <= rec.itl[1] <= rec.latency - rec.ttft + 0.01, rec.itl
 
 
 def test_an_error_event_and_a_non_200_answer_fail_the_request_with_the_message():
