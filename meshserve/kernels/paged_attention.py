@@ -9,8 +9,10 @@ still fills the GPU in a single launch. Everything the launch needs is on the de
 can be captured in CUDA graphs. The torch reference (layers/attention/backends/torch.py) is the oracle;
 the Triton attention backend (layers/attention/backends/triton.py) plans the tiles and launches it.
 
+With RETURN_LSE it also stores each query row's log-sum-exp (for merging partial attentions).
+
 Layouts: q/out [T, H, D]; kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [B, max_blocks];
-query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens).
+query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens); lse [T, H] float32.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
 # compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
 @triton.jit(do_not_specialize=["stride_bt"])
 def _attn_kernel(
-    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
+    q_ptr, cache_ptr, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_kv, stride_cache_blk, stride_cache_tok, stride_cache_head,
@@ -101,7 +103,7 @@ def _attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_TILES: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     if HEAVY_FIRST:  # causal prefill: the last query tiles see the most keys; start them first
@@ -177,8 +179,9 @@ def _attn_kernel(
                 m_i, l_i, acc = _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row,
                                            stride_cache_blk, stride_cache_tok, qk_scale, d, d_valid,
                                            BLOCK_N, PAGE, WINDOW, True, EVEN_D, PRECISION)
-        _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split, active,
-                rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh, BLOCK_M, D_P2, NUM_SPLITS)
+        _finish(acc, m_i, l_i, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split,
+                active, rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh, GROUP, BLOCK_M, D_P2,
+                NUM_SPLITS, RETURN_LSE)
 
 
 @triton.jit
@@ -189,13 +192,28 @@ def _store_out(acc, l_i, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot,
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split, active,
-            rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh,
-            BLOCK_M: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _store_lse(m_i, l_i, lse_ptr, q_tok, head, row_valid, num_heads):
+    """lse [T, H] of the rows: ln(sum_j exp(scale * q.k_j)) = ln 2 * (m + log2(l)), as m and l are kept
+    in base 2 (scores times scale * log2(e)); -inf for a row that saw no key (l == 0, its output is 0)."""
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(lse_ptr + q_tok * num_heads + head, lse, mask=row_valid)
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile, kv_head, split, active,
+            rows, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh, GROUP: tl.constexpr,
+            BLOCK_M: tl.constexpr, D_P2: tl.constexpr, NUM_SPLITS: tl.constexpr, RETURN_LSE: tl.constexpr):
+    # RETURN_LSE (constexpr): also store each row's log-sum-exp; off, lse_ptr is a placeholder never read
+    # or written and every variant compiles as it did before the flag existed
     if NUM_SPLITS == 1:  # constexpr: the unsplit variant never compiles the merge (its buffers are placeholders)
         _store_out(acc, l_i, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh)
+        if RETURN_LSE:
+            _store_lse(m_i, l_i, lse_ptr, q_tok, head, row_valid, tl.num_programs(1) * GROUP)
     elif active == 1:
         _store_out(acc, l_i, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh)
+        if RETURN_LSE:
+            _store_lse(m_i, l_i, lse_ptr, q_tok, head, row_valid, tl.num_programs(1) * GROUP)
     else:
         # partials: acc [tiles, kvh, splits, BLOCK_M, D_P2]; (m, l) [tiles, kvh, splits, BLOCK_M, 2]
         base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * BLOCK_M
@@ -227,6 +245,8 @@ def _finish(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tile
                 acc_all += w[:, None] * tl.load(part_acc_ptr + r[:, None] * D_P2 + d[None, :], mask=live[:, None],
                                                 other=0.0, cache_modifier=".cg")
             _store_out(acc_all, l_all, out_ptr, q_tok, head, row_valid, d, d_valid, stride_ot, stride_oh)
+            if RETURN_LSE:  # the whole row's: l_all is relative to m_all, as each split's l to its m
+                _store_lse(m_all, l_all, lse_ptr, q_tok, head, row_valid, tl.num_programs(1) * GROUP)
             tl.atomic_xchg(slot, 0)
 
 
@@ -313,8 +333,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     block_n: Optional[int] = None, num_warps: Optional[int] = None,
                     num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
                     exact_tiles: bool = False, heavy_first: Optional[bool] = None,
-                    settings: KernelSettings = H200) -> torch.Tensor:
-    """block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
+                    settings: KernelSettings = H200, return_lse: bool = False):
+    """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
+    ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
+    block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
     (prefill tiles; decode tiles are fixed at 64-token KV tiles, 2 warps, 2 stages).
     exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
     heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill)."""
@@ -340,6 +362,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                                          _smem_limit(q.device))
         block_n, num_stages = _FITTED[fit_key]
     out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device) if return_lse else out  # else a placeholder
     num_tiles = tile_seq.shape[0]
     part_acc = part_ml = counter = out  # unused placeholders when not splitting
     if num_splits > 1:
@@ -356,7 +379,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     while True:
         try:
             _attn_kernel[grid](
-                q, kv_cache, out, part_acc, part_ml, counter, block_tables, seq_lens, query_start_loc, tile_seq,
+                q, kv_cache, out, lse, part_acc, part_ml, counter, block_tables, seq_lens, query_start_loc, tile_seq,
                 tile_start, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 block_tables.stride(0), scale,
@@ -364,8 +387,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
                 SPLIT_TILES=split_tiles or settings.attn_decode_split_tiles,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
-                HEAVY_FIRST=heavy_first, num_warps=num_warps, num_stages=num_stages)
-            return out
+                HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages)
+            return (out, lse) if return_lse else out
         except OutOfResources:
             smaller = None if exact_tiles else shrink_tiles(block_n, num_stages)
             if smaller is None:

@@ -1,7 +1,7 @@
 """The Triton paged attention kernel against the torch reference (layers/attention/backends/torch.py)
 on fresh random inputs: decode, prefill, chunked prefill over cached context, mixed batches, GQA
-groups, sliding windows, KV splits. On a GPU in fp32 (IEEE dots) and bf16; on CPU under Triton's
-interpreter (TRITON_INTERPRET=1) when Triton is installed."""
+groups, sliding windows, KV splits, and each row's log-sum-exp (return_lse). On a GPU in fp32
+(IEEE dots) and bf16; on CPU under Triton's interpreter (TRITON_INTERPRET=1) when Triton is installed."""
 import os
 
 import pytest
@@ -88,6 +88,28 @@ def test_kernel_matches_torch_reference(case, dtype, heavy_first):
     assert not got.isnan().any()
     err = (got - ref).norm() / ref.norm()
     assert err < (2e-6 if dtype == torch.float32 else 1e-2), f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_returns_the_lse_of_the_torch_reference(case, dtype):
+    """return_lse=True (the RETURN_LSE variant): each row's natural-log LSE of the scaled scores, from
+    the unsplit store, a lone split's store and the merge of splits, against the reference's in float64."""
+    q_lens, ctx, H, KVH, D, page, window, splits = CASES[case]
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter checks fp32; bf16 runs on the GPU")
+    q, k, v, cache, md = make_batch(q_lens, ctx, H, KVH, D, page, dtype, seed=case)
+    write_kv(cache, k, v, md.slot_mapping)
+    ref, ref_lse = torch_paged_attention(q.double(), cache.double(), md, D ** -0.5, window, return_lse=True)
+    dmd = to(md, DEVICE)
+    block_q = block_q_for(max(q_lens), H // KVH)
+    tile_seq, tile_start = plan_tiles(q_lens, block_q, DEVICE)
+    out, lse = paged_attention(q.to(DEVICE), cache.to(DEVICE), dmd.block_tables, dmd.seq_lens, dmd.query_start_loc,
+                               tile_seq, tile_start, block_q, D ** -0.5, window, splits, return_lse=True)
+    assert lse.shape == (sum(q_lens), H) and lse.dtype == torch.float32
+    err = (lse.double().cpu() - ref_lse).abs().max()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"lse error {err:.2e}"
+    assert (out.double().cpu() - ref).norm() / ref.norm() < (2e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("splits", [2, 16])

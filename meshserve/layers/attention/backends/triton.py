@@ -5,7 +5,8 @@ Its metadata adds a tile plan to the common fields: the sequence and first query
 query tokens per tile (by the step's size and the KernelSettings), and the KV splits of a decode
 step (about two programs per SM). For CUDA graphs it owns the plan buffers: a static plan per
 decode batch size, and one tile buffer that mixed-step graphs read after `fill_graph` has copied
-the step's plan into it. Runs on a GPU, or on CPU under Triton's interpreter (TRITON_INTERPRET=1).
+the step's plan into it. `return_lse=True` returns each query row's log-sum-exp too, in eager steps
+(not in CUDA graphs). Runs on a GPU, or on CPU under Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class TritonAttentionMetadata(AttentionMetadata):
     block_q: int  # query tokens per tile; 1: decode tiles (the rows are the GQA group)
     num_splits: int = 1  # KV splits per tile (decode steps)
     workspace: dict = field(default_factory=dict)  # split partials and counters, kept across launches
+    cuda_graph: bool = False  # built by graph_metadata, for a graph's capture
 
     @property
     def num_tiles(self) -> int:
@@ -43,7 +45,7 @@ class TritonAttentionMetadata(AttentionMetadata):
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
-    supports_lse = False
+    supports_lse = True  # eager steps; CUDA graphs refuse return_lse
 
     def __init__(self, shape: AttentionShape, block_size: int, device: torch.device,
                  settings: KernelSettings = H200):
@@ -73,12 +75,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     # ---- the forward -------------------------------------------------------------------------
     def forward(self, layer, q, k, v, md: TritonAttentionMetadata, rotary=None, positions=None, return_lse=False):
-        if return_lse:
+        if return_lse and md.cuda_graph:
             raise NotImplementedError(
-                "return_lse=True: the Triton attention backend does not return the log-sum-exp of each "
-                "query row (its kernel keeps each row's running max and sum in registers and stores only "
-                "the normalized output; storing them is a kernel change not made yet); use "
-                "attention_backend='torch' where partial attentions must be merged")
+                "return_lse=True in a CUDA graph (metadata from graph_metadata): the Triton attention "
+                "backend returns the log-sum-exp only in eager steps; run the steps that merge partial "
+                "attentions eagerly (cuda_graph_config=None, or enable=False) or leave return_lse False")
         kv_cache = layer.kv_cache
         if rotary is not None:
             rotary_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, kv_cache, md.slot_mapping)
@@ -86,7 +87,7 @@ class TritonAttentionBackend(AttentionBackend):
             pa.store_kv(k, v, kv_cache, md.slot_mapping)
         return pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,
                                   md.tile_start, md.block_q, layer.scale, layer.sliding_window, md.num_splits,
-                                  workspace=md.workspace, settings=self.settings)
+                                  workspace=md.workspace, settings=self.settings, return_lse=return_lse)
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def graph_token_boundaries(self) -> list[int]:
@@ -120,12 +121,12 @@ class TritonAttentionBackend(AttentionBackend):
             tile_seq, tile_start = self._decode_tiles
             return TritonAttentionMetadata(**common_fields(common), backend=self, tile_seq=tile_seq[:num_seqs],
                                            tile_start=tile_start[:num_seqs], block_q=1,
-                                           num_splits=self.num_splits(num_seqs), workspace={})
+                                           num_splits=self.num_splits(num_seqs), workspace={}, cuda_graph=True)
         n = self.graph_tiles(num_tokens, num_seqs)
         tile_seq, tile_start = self._mixed_tiles
         return TritonAttentionMetadata(**common_fields(common), backend=self, tile_seq=tile_seq[:n],
                                        tile_start=tile_start[:n], block_q=self.graph_block_q(num_tokens),
-                                       num_splits=1, workspace={})
+                                       num_splits=1, workspace={}, cuda_graph=True)
 
     def graph_accepts(self, md: TritonAttentionMetadata, num_tokens: int, num_seqs: int) -> bool:
         # a step planned with other tiles than the graph's (e.g. past the tile threshold) runs eagerly
