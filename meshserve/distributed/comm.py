@@ -39,6 +39,9 @@ class SoloGroup:
 
 SOLO = SoloGroup()
 
+# the parallel dimensions a ParallelState holds a group for (besides `world`)
+DIMENSIONS = ("tp", "pp", "cp", "moe_tp", "moe_ep", "attn_tp", "attn_dp")
+
 
 class PipelineChannel:
     """Hidden states (and the residual) from one pipeline stage to the next, over the pp group's
@@ -67,12 +70,10 @@ class SoloParallelState:
     """The ParallelState of a one-rank job: every dimension is `SOLO`. Models and the runner take
     a ParallelState (or this) and pick the groups they need by name."""
 
-    DIMENSIONS = ("tp", "pp", "cp", "moe_tp", "moe_ep", "attn_tp", "attn_dp")
-
     def __init__(self):
         self.mapping = Mapping()
         self.world = SOLO
-        for name in self.DIMENSIONS:
+        for name in DIMENSIONS:
             setattr(self, name, SOLO)
 
 

@@ -13,6 +13,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from meshserve.distributed.comm import DIMENSIONS
 from meshserve.mapping import Mapping
 
 logger = logging.getLogger(__name__)
@@ -187,8 +188,6 @@ class ParallelState:
     is used for device groups.
     """
 
-    DIMENSIONS = ("tp", "pp", "cp", "moe_tp", "moe_ep", "attn_tp", "attn_dp")
-
     def __init__(self, mapping: Mapping, backend: str | None = None,
                  timeout_s: float | None = None):
         if not dist.is_initialized():
@@ -211,7 +210,7 @@ class ParallelState:
             all_ranks: (dist.group.WORLD, cpu_world)}
         self.world = GroupCoordinator("world", list(all_ranks), mapping.rank,
                                       *self._cache[all_ranks])
-        for name in self.DIMENSIONS:
+        for name in DIMENSIONS:
             setattr(self, name, self._build(name, getattr(mapping, f"{name}_groups"), timeout))
 
     def _new_group(self, ranks: list[int], backend: str, timeout: datetime.timedelta | None):

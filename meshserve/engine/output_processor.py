@@ -107,10 +107,6 @@ class OutputProcessor:
         """The request an unfinished engine sequence belongs to (None: unknown or done)."""
         return self._by_seq.get(seq_id)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)
-
     def num_pending_sequences(self) -> int:
         """Sequences that have not produced a token yet (waiting in the engine, or in prefill)."""
         return sum(1 for sid, st in self._by_seq.items() if not st.seqs[sid].token_ids)

@@ -19,9 +19,8 @@ from meshserve.engine.scheduler import SchedulerConfig
 from meshserve.executor.base import Executor
 from meshserve.executor.multiproc import MultiProcExecutor
 from meshserve.executor.uniproc import UniProcExecutor
-from meshserve.mapping import Mapping
 from meshserve.models.config import ModelConfig
-from meshserve.worker.runner_setup import max_seq_len_for, resolve_device, runner_config
+from meshserve.worker.runner_setup import mapping_for, max_seq_len_for, resolve_device, runner_config
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
     inter = model_config.intermediate_size
     if inter % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={inter}")
-    Mapping(tp_size=tp, pp_size=args.pipeline_parallel_size, pp_partition=args.pp_partition,
-            num_layers=model_config.num_hidden_layers)  # validates pp_size and pp_partition
+    mapping_for(args, model_config)  # validates pp_size and pp_partition against the layers
 
 
 def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:
@@ -82,10 +80,7 @@ def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:
 def create_executor(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device,
                     launch: Optional[LaunchInfo], log_level: str = "WARNING") -> Executor:
     """One rank in this process, or rank 0 of a multi-process job (spawned here or launched)."""
-    world_size = Mapping(tp_size=args.tensor_parallel_size, pp_size=args.pipeline_parallel_size,
-                         cp_size=args.context_parallel_size, moe_tp_size=args.moe_tensor_parallel_size,
-                         moe_ep_size=args.moe_expert_parallel_size,
-                         enable_attention_dp=args.enable_attention_dp).world_size
+    world_size = mapping_for(args, model_config).world_size
     if launch is None and world_size == 1 and args.orchestrator_type != "mp":
         return UniProcExecutor(model_config, runner_config(args, model_path, model_config, device))
     check_layout_fits_model(args, model_config)

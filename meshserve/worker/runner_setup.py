@@ -1,4 +1,5 @@
-"""A rank's RunnerConfig from the user's LlmArgs: device, dtype, sequence limit, CUDA-graph sizes.
+"""A rank's settings from the user's LlmArgs: its Mapping, device, dtype, sequence limit, CUDA-graph
+sizes (RunnerConfig).
 
 Shared by rank 0 (engine/setup.py) and every worker rank (worker/worker.py builds its runner from
 the same LlmArgs), so both sides derive identical settings.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from meshserve.config import LlmArgs
+from meshserve.mapping import Mapping
 from meshserve.models.config import ModelConfig
 from meshserve.worker.cuda_graph import default_batch_sizes, default_prefill_token_sizes
 from meshserve.worker.model_runner import RunnerConfig
@@ -50,3 +52,12 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         cuda_graph_padding=cg is not None and cg.enable_padding,
                         max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),
                         overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1)
+
+
+def mapping_for(args: LlmArgs, model_config: ModelConfig, world_size: int | None = None, rank: int = 0) -> Mapping:
+    """The Mapping of the user's parallel sizes (rank 0's when no rank is given)."""
+    return Mapping(world_size=world_size, rank=rank, tp_size=args.tensor_parallel_size,
+                   pp_size=args.pipeline_parallel_size, cp_size=args.context_parallel_size,
+                   moe_tp_size=args.moe_tensor_parallel_size, moe_ep_size=args.moe_expert_parallel_size,
+                   enable_attention_dp=args.enable_attention_dp, pp_partition=args.pp_partition,
+                   num_layers=model_config.num_hidden_layers)

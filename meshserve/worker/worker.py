@@ -20,11 +20,10 @@ from meshserve.config import LlmArgs
 from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, StageStats, Step,
                                            WorkerChannel, WorkerError)
 from meshserve.distributed.parallel_state import ParallelState, init_distributed
-from meshserve.mapping import Mapping
 from meshserve.models.config import ModelConfig
 from meshserve.utils import GCPauses
 from meshserve.worker.model_runner import ModelRunner
-from meshserve.worker.runner_setup import resolve_device, runner_config
+from meshserve.worker.runner_setup import mapping_for, resolve_device, runner_config
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +66,6 @@ def build_rank(spec: RankSpec, store=None):
     rcfg.show_progress = rcfg.show_progress and spec.rank == 0
     runner = ModelRunner(model_config, rcfg, state, layer_range=mapping.this_stage_layers())
     return runner, state
-
-
-def mapping_for(args: LlmArgs, model_config: ModelConfig, world_size: int | None = None, rank: int = 0) -> Mapping:
-    """The Mapping of the user's parallel sizes (rank 0's when no rank is given)."""
-    return Mapping(world_size=world_size, rank=rank, tp_size=args.tensor_parallel_size,
-                   pp_size=args.pipeline_parallel_size, cp_size=args.context_parallel_size,
-                   moe_tp_size=args.moe_tensor_parallel_size, moe_ep_size=args.moe_expert_parallel_size,
-                   enable_attention_dp=args.enable_attention_dp, pp_partition=args.pp_partition,
-                   num_layers=model_config.num_hidden_layers)
 
 
 def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) -> tuple[str, bytes]:
