@@ -99,7 +99,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     try:
         limits = dataclasses.asdict(core.limits)
         ready = EngineReady(limits, core.kv.num_blocks, core.kv.block_size, os.getpid(),
-                            core.executor.runner.kernel_config_report())
+                            core.executor.kernel_settings())
         out.send_multipart([READY, encoder.encode(ready)])
         EngineLoop(core, inp, out, parent_pid).run()
     finally:

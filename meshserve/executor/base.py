@@ -36,6 +36,11 @@ class Done:
 class Executor:
     max_inflight: int = 1  # batches the engine may have outstanding at once
     pipeline_stages: int = 1  # > 1: in-flight batches are pipeline micro-batches (disjoint requests)
+    runner = None  # rank 0's ModelRunner (both executors run rank 0 in the engine's process)
+
+    def kernel_settings(self) -> dict:
+        """Rank 0's resolved kernel settings and the device they were resolved for (/version)."""
+        return self.runner.kernel_config_report()
 
     def initialize_cache(self, kv_config, max_tokens_needed: int) -> int:
         raise NotImplementedError
