@@ -227,8 +227,14 @@ class LLM:
         return outs[0] if single else outs
 
     def get_stats(self) -> dict:
+        """The engine's figures (running/waiting, KV use, prefix hits, preemptions...); for models
+        with experts also `expert_tokens` {layer: tokens per expert} since start."""
         with self._lock:
-            return self._core.stats()
+            stats = self._core.stats()
+            load = self._core.expert_load()
+            if load:
+                stats["expert_tokens"] = load["tokens"]
+            return stats
 
     def _check_open(self) -> None:
         if self._closed:

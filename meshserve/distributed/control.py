@@ -61,7 +61,15 @@ class StageStats(msgspec.Struct, tag=True):
     busy_fraction: float
 
 
-Message = Union[Ready, ProfileKv, KvBlocks, InitKv, Step, Result, WorkerError, Shutdown, StageStats]
+class ExpertLoadReport(msgspec.Struct, tag=True):
+    """Tokens routed to each expert of a stage's MoE layers over a window of steps
+    (layers/moe/load.py: layers, tokens [layer][expert], ratio_mean, ratio_max, steps)."""
+    rank: int
+    report: dict
+
+
+Message = Union[Ready, ProfileKv, KvBlocks, InitKv, Step, Result, WorkerError, Shutdown, StageStats,
+                ExpertLoadReport]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -97,6 +97,10 @@ class EngineCore:
         # batch after. defer_until: when the caller should call step() again (0: no deferral).
         self.late_launch = False
         self.defer_until = 0.0
+        # expert load of MoE models: tokens routed per expert per layer since start, and the
+        # max/mean load ratio of the last reported window (layers/moe/load.py)
+        self.expert_tokens: dict[int, list[int]] = {}
+        self.expert_load_ratio: dict[str, float] = {}
         self._periods: deque = deque(maxlen=8)  # recent launch-to-output periods
         self._host_s: deque = deque(maxlen=8)  # recent schedule + launch host times
 
@@ -184,8 +188,25 @@ class EngineCore:
         self.defer_until = until
         return True
 
+    def _fold_expert_load(self, flush: bool = False) -> list[dict]:
+        reports = self.executor.expert_load_reports(flush)
+        for rep in reports:
+            for layer, counts in zip(rep["layers"], rep["tokens"]):
+                have = self.expert_tokens.setdefault(layer, [0] * len(counts))
+                self.expert_tokens[layer] = [a + b for a, b in zip(have, counts)]
+            self.expert_load_ratio = {"mean": rep["ratio_mean"], "max": rep["ratio_max"]}
+        return reports
+
     def stats(self) -> dict:
-        return {
+        """The engine's figures; `expert_load_reports` holds the expert-load windows that arrived
+        since the previous call (the server adds them to its counters), `expert_tokens` the totals."""
+        reports = self._fold_expert_load()
+        extra = {}
+        if reports:
+            extra["expert_load_reports"] = reports
+        if self.expert_tokens:
+            extra["expert_load_ratio"] = self.expert_load_ratio
+        return extra | {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "kv_cache_usage": self.kv.usage,
@@ -199,6 +220,13 @@ class EngineCore:
             "num_iterations": self.num_iterations,
             "pipeline_stage_busy_fraction": self.executor.stage_busy_fractions(),
         }
+
+    def expert_load(self) -> dict:
+        """Tokens routed to each expert, per MoE layer, since the engine started ({} for dense models)."""
+        if not self.batch_queue:  # nothing in flight: rank 0's open window can be read now
+            self._fold_expert_load(flush=True)
+        return {"tokens": {layer: list(c) for layer, c in sorted(self.expert_tokens.items())},
+                "ratio": dict(self.expert_load_ratio)} if self.expert_tokens else {}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

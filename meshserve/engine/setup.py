@@ -19,6 +19,7 @@ from meshserve.engine.scheduler import SchedulerConfig
 from meshserve.executor.base import Executor
 from meshserve.executor.multiproc import MultiProcExecutor
 from meshserve.executor.uniproc import UniProcExecutor
+from meshserve.layers.moe.experts import BACKENDS as EXPERT_BACKENDS
 from meshserve.models.config import ModelConfig
 from meshserve.worker.runner_setup import mapping_for, max_seq_len_for, resolve_device, runner_config
 
@@ -39,9 +40,13 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.context_parallel_size > 1:
         raise ValueError(f"context_parallel_size={args.context_parallel_size}: context parallelism has not "
                          f"landed yet; use context_parallel_size=1")
-    if (args.moe_expert_parallel_size or 1) > 1 or (args.moe_tensor_parallel_size or 1) > 1:
-        raise ValueError("moe_expert_parallel_size / moe_tensor_parallel_size: no MoE architecture is "
-                         f"supported yet ({model_config.architecture} has no experts); leave them unset")
+    moe_sizes = {"moe_expert_parallel_size": args.moe_expert_parallel_size,
+                 "moe_tensor_parallel_size": args.moe_tensor_parallel_size}
+    if not model_config.is_moe:
+        given = {k: v for k, v in moe_sizes.items() if v is not None and v > 1}
+        if given:
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in given.items())}: {model_config.architecture} has no "
+                             f"experts; leave them unset (expert parallelism is for mixture-of-experts models)")
     if args.enable_attention_dp:
         raise ValueError("enable_attention_dp=True: attention data parallelism has not landed yet")
     if args.cache_transceiver_config is not None:
@@ -49,9 +54,13 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
                          "handing over the KV cache) has not landed yet; leave it unset")
     if args.cp_config is not None:
         raise ValueError(f"cp_config={args.cp_config!r}: context parallelism has not landed yet; leave cp_config unset")
-    if args.moe_config.backend.lower() != "auto":
-        raise ValueError(f"moe_config.backend={args.moe_config.backend!r}: no MoE architecture is supported yet "
-                         f"({model_config.architecture} has no experts); accepted: 'auto' (or leave it unset)")
+    accepted = ("auto",) + EXPERT_BACKENDS
+    if args.moe_config.backend.upper() not in {a.upper() for a in accepted}:
+        raise ValueError(f"moe_config.backend={args.moe_config.backend!r} is not supported; accepted: "
+                         f"{', '.join(accepted)}")
+    if args.moe_config.backend.lower() != "auto" and not model_config.is_moe:
+        raise ValueError(f"moe_config.backend={args.moe_config.backend!r}: {model_config.architecture} has no "
+                         f"experts; accepted for it: 'auto' (or leave it unset)")
     if args.attention_dp_config != AttentionDpConfig():
         raise ValueError(f"attention_dp_config={args.attention_dp_config.model_dump()}: attention data parallelism "
                          f"has not landed yet; leave attention_dp_config unset")
@@ -67,9 +76,20 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
     if kv % tp and tp % kv:
         raise ValueError(f"tensor_parallel_size={tp} and num_key_value_heads={kv}: one must divide the other")
     inter = model_config.intermediate_size
-    if inter % tp:
+    if inter % tp and not all(model_config.moe_layers or [False]):  # dense MLPs split over tp
         raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={inter}")
-    mapping_for(args, model_config)  # validates pp_size and pp_partition against the layers
+    shared = model_config.shared_expert_intermediate_size
+    if shared and shared % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide shared_expert_intermediate_size={shared}")
+    mapping = mapping_for(args, model_config)  # validates pp_size and pp_partition against the layers
+    if model_config.is_moe:
+        experts, moe_inter = model_config.num_experts, model_config.moe_intermediate_size
+        if experts % mapping.moe_ep_size:
+            raise ValueError(f"moe_expert_parallel_size={mapping.moe_ep_size} must divide the model's "
+                             f"{experts} experts")
+        if moe_inter % mapping.moe_tp_size:
+            raise ValueError(f"moe_tensor_parallel_size={mapping.moe_tp_size} must divide the experts' "
+                             f"intermediate size {moe_inter}")
 
 
 def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:

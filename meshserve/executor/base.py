@@ -51,6 +51,11 @@ class Executor:
     def stage_busy_fractions(self) -> list[float]:
         return []
 
+    def expert_load_reports(self, flush: bool = False) -> list[dict]:
+        """Expert-load windows (layers/moe/load.py) every stage reported since the last call;
+        `flush` adds rank 0's open window (other ranks report theirs every window of steps)."""
+        return self.runner.take_expert_reports(flush) if self.runner is not None else []
+
     def shutdown(self) -> None:
         pass
 

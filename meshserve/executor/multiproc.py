@@ -24,7 +24,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from meshserve.config import LlmArgs
-from meshserve.distributed.control import (DriverChannel, InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown,
+from meshserve.distributed.control import (DriverChannel, ExpertLoadReport, InitKv, KvBlocks, ProfileKv, Ready,
+                                           Result, Shutdown,
                                            StageStats, Step, WorkerError)
 from meshserve.distributed.launch import LaunchInfo
 from meshserve.executor.base import Done, Executor, choose_num_blocks, inflight_depth
@@ -88,6 +89,7 @@ class MultiProcExecutor(Executor):
         self.state = None
         self._closed = False
         self._results: deque = deque()  # Results that arrived while we looked for errors
+        self._expert_reports: list[dict] = []  # from the other pipeline stages
         self.stage_stats: dict[int, StageStats] = {}
         store = None
         if launch is not None:
@@ -156,6 +158,8 @@ class MultiProcExecutor(Executor):
             raise RuntimeError(f"worker rank {msg.rank} failed:\n{msg.message}")
         if isinstance(msg, StageStats):
             self.stage_stats[msg.rank] = msg
+        if isinstance(msg, ExpertLoadReport):
+            self._expert_reports.append(msg.report)
 
     def _wait_for(self, pred, timeout_s: Optional[float] = None):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -222,6 +226,11 @@ class MultiProcExecutor(Executor):
                 self._check_alive()
             except RuntimeError as dead:
                 raise dead from err
+
+    def expert_load_reports(self, flush: bool = False) -> list[dict]:
+        reports = self.runner.take_expert_reports(flush) + self._expert_reports
+        self._expert_reports = []
+        return reports
 
     def stage_busy_fractions(self) -> list[float]:
         """Per pipeline stage, the busy fraction of its last ~1 s window (empty without PP)."""

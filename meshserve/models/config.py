@@ -42,7 +42,18 @@ class ModelConfig:
     checkpoint_dtype: Optional[str] = None
     bos_token_id: Optional[int] = None
     eos_token_ids: list = field(default_factory=list)
+    # mixture of experts (0 experts: a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: list = field(default_factory=list)  # per layer: True where the MLP is a MoE block
+    shared_expert_intermediate_size: int = 0
     raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and any(self.moe_layers)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
@@ -58,6 +69,7 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         layers = cfg["num_hidden_layers"]
         is_qwen2 = arch == "Qwen2ForCausalLM"
+        moe = _moe_fields(arch, cfg, layers)
         attn_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         eos = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
@@ -73,10 +85,11 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if is_qwen2 else attn_bias,
+            qkv_bias=True if is_qwen2 else (bool(cfg.get("qkv_bias", True)) if arch == "Qwen2MoeForCausalLM"
+                                            else attn_bias),
             o_bias=False if is_qwen2 else attn_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope=rope_config(cfg),
             partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
             sliding_windows=_sliding_windows(arch, cfg, layers),
@@ -84,6 +97,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
             raw=cfg,
+            **moe,
         )
 
     @classmethod
@@ -101,10 +115,32 @@ class ModelConfig:
         return _DTYPES[requested]
 
 
+def _moe_fields(arch: str, cfg: dict, num_layers: int) -> dict:
+    """The expert fields of Mixtral / Qwen2-MoE / Qwen3-MoE configs, or {} for a dense model."""
+    if arch == "MixtralForCausalLM":
+        experts = cfg.get("num_local_experts", 8)
+        return dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True,
+                    moe_layers=[True] * num_layers)
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0  # Hub spelling, transformers 5
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        dense = set(cfg.get("mlp_only_layers") or [])
+        layers = [experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
+        return dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok", 0),
+                    moe_intermediate_size=cfg.get("moe_intermediate_size", 0),
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=layers,
+                    shared_expert_intermediate_size=(cfg.get("shared_expert_intermediate_size") or 0)
+                    if arch == "Qwen2MoeForCausalLM" else 0)
+    return {}
+
+
 def _sliding_windows(arch: str, cfg: dict, num_layers: int) -> list:
     window = cfg.get("sliding_window")
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return [window] * num_layers
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM") and not cfg.get("use_sliding_window", False):
+        return [None] * num_layers
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if not cfg.get("use_sliding_window", False) or window is None:
             return [None] * num_layers

@@ -2,8 +2,9 @@
 
 Parameter names follow the HF checkpoints (q/k/v fused into qkv_proj, gate/up into gate_up_proj),
 so `load_weights` maps checkpoint names with a short table. Parallelism enters only through the
-ParallelState handed in (its tp group for the linears) and a layer range [start, end) for this
-pipeline stage.
+ParallelState handed in (its tp group for the linears; MoE models hand their moe groups to the
+expert layers) and a layer range [start, end) for this pipeline stage. Models whose MLP differs
+per layer (mixture of experts: models/mixtral.py, models/qwen3_moe.py) override `make_mlp`.
 """
 from __future__ import annotations
 
@@ -58,22 +59,22 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, dtype):
+    def __init__(self, cfg: ModelConfig, tp_group, dtype, intermediate_size: Optional[int] = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
-                                                       cfg.mlp_bias, tp_group, dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp_group,
-                                           params_dtype=dtype)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter] * 2, cfg.mlp_bias, tp_group, dtype)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, tp_group, params_dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding,
+                 mlp: nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(cfg, layer_idx, tp_group, dtype, rotary_emb)
-        self.mlp = DecoderMLP(cfg, tp_group, dtype)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -89,7 +90,8 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool):
+    def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool,
+                 make_mlp):
         super().__init__()
         self.layer_range = layer_range
         self.is_first, self.is_last = is_first, is_last
@@ -98,7 +100,7 @@ class DecoderModel(nn.Module):
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope,
                                      cfg.partial_rotary_factor)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, tp_group, dtype, rotary_emb) if i in layer_range else nn.Identity()
+            DecoderLayer(cfg, i, tp_group, dtype, rotary_emb, make_mlp(i)) if i in layer_range else nn.Identity()
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if is_last else None
 
@@ -124,20 +126,26 @@ class DecoderForCausalLM(nn.Module):
     ]
 
     def __init__(self, cfg: ModelConfig, parallel=None, dtype=torch.float32, layer_range: Optional[range] = None,
-                 is_first: bool = True, is_last: bool = True):
+                 is_first: bool = True, is_last: bool = True, moe_backend: str = "auto"):
         super().__init__()
+        self.moe_backend = moe_backend  # moe_config.backend, read by models with experts
         # parallel: this rank's ParallelState; a dense decoder splits over tp only (pp enters as
         # layer_range, the stage's layers)
         parallel = parallel or SOLO_STATE
         tp_group = parallel.tp
         self.cfg = cfg
+        self.parallel, self.dtype = parallel, dtype
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
-        self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last)
+        self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last, self.make_mlp)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, dtype)
             if cfg.tie_word_embeddings:
                 self.lm_head.tie_to(self.model.embed_tokens)
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        """The MLP of layer `layer_idx` (a dense one here; MoE models override)."""
+        return DecoderMLP(self.cfg, self.parallel.tp, self.dtype)
 
     def forward(self, input_ids, positions, md, hidden=None, residual=None):
         return self.model(input_ids, positions, md, hidden, residual)

@@ -43,11 +43,13 @@ def iter_safetensors(path: str, show_progress: bool = True) -> Iterator[tuple[st
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, parallel=None,
-                layer_range=None, is_first: bool = True, is_last: bool = True) -> torch.nn.Module:
-    """This rank's shard of the model; `parallel` is its ParallelState (None: one rank)."""
+                layer_range=None, is_first: bool = True, is_last: bool = True,
+                moe_backend: str = "auto") -> torch.nn.Module:
+    """This rank's shard of the model; `parallel` is its ParallelState (None: one rank);
+    `moe_backend` is moe_config.backend (models with experts)."""
     cls = model_class(cfg.architecture)
     with torch.device(device):
-        return cls(cfg, parallel, dtype, layer_range, is_first, is_last).eval()
+        return cls(cfg, parallel, dtype, layer_range, is_first, is_last, moe_backend=moe_backend).eval()
 
 
 def load_weights(model: torch.nn.Module, path: str, load_format: str = "auto", seed: int = 0,

@@ -12,6 +12,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("meshserve.models.llama", "DecoderForCausalLM"),
     "Qwen2ForCausalLM": ("meshserve.models.llama", "DecoderForCausalLM"),
     "Qwen3ForCausalLM": ("meshserve.models.llama", "DecoderForCausalLM"),
+    "MixtralForCausalLM": ("meshserve.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("meshserve.models.qwen3_moe", "QwenMoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("meshserve.models.qwen3_moe", "QwenMoeForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -70,6 +70,13 @@ class ServerMetrics:
         self.stage_busy = Gauge("meshserve_pipeline_stage_busy_ratio", "Fraction of the last ~1 s each pipeline "
                                 "stage spent computing (1 - bubbles); absent without pipeline parallelism",
                                 ["model_name", "stage"], registry=r)
+        self.expert_tokens = Counter("meshserve_moe_expert_tokens", "Tokens routed to each expert of each MoE "
+                                     "layer (graph per layer to see imbalance)", ["model_name", "layer", "expert"],
+                                     registry=r)
+        self.expert_ratio_mean = gauge("moe_expert_load_ratio_mean", "Mean over recent steps of the max/mean "
+                                       "tokens-per-expert ratio of a step (averaged over MoE layers); 1 = balanced")
+        self.expert_ratio_max = gauge("moe_expert_load_ratio_max", "Largest max/mean tokens-per-expert ratio of "
+                                      "one step over the last reported window (averaged over MoE layers)")
         self._last_preemptions = 0
 
     # ---- EngineObserver ------------------------------------------------------------------------------
@@ -104,6 +111,13 @@ class ServerMetrics:
             self._last_preemptions = preemptions
         for stage, fraction in enumerate(stats.get("pipeline_stage_busy_fraction") or ()):
             self.stage_busy.labels(stage=str(stage), **self.labels).set(fraction)
+        for rep in stats.get("expert_load_reports") or ():
+            for layer, counts in zip(rep["layers"], rep["tokens"]):
+                for expert, n in enumerate(counts):
+                    if n:
+                        self.expert_tokens.labels(layer=str(layer), expert=str(expert), **self.labels).inc(n)
+            self.expert_ratio_mean.set(rep["ratio_mean"])
+            self.expert_ratio_max.set(rep["ratio_max"])
         for v in stats.get("iteration_latencies_s", ()):
             self.iteration.observe(v)
         for v in stats.get("queue_times_s", ()):

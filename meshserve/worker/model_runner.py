@@ -49,6 +49,7 @@ class RunnerConfig:
     max_batch_size: int = 256
     max_seq_len: int = 4096
     overlap: bool = False  # outputs come back as handles; placeholder inputs read the last step's tokens
+    moe_backend: str = "auto"  # moe_config.backend: the expert kernels of models with experts
 
 
 class BusyWindow:
@@ -121,9 +122,17 @@ class ModelRunner:
         pp_rank, pp_size = self.pp_group.rank_in_group, self.pp_group.size
         self.is_first = pp_rank == 0
         self.is_last = pp_rank == pp_size - 1
-        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0  # samples
+        # samples: tp-rank 0 of the last stage, in the first attention replica (the MoE "replicate"
+        # layout runs moe_ep replicas of the attention TP group on the same batch)
+        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0 and self.parallel.attn_dp.rank_in_group == 0
         self.model = build_model(model_config, self.device, cfg.dtype, self.parallel, layer_range,
-                                 self.is_first, self.is_last)
+                                 self.is_first, self.is_last, moe_backend=cfg.moe_backend)
+        # expert load (models with experts): counted on the device, reported by one rank per stage
+        self.expert_load = getattr(self.model, "expert_load", None)
+        m = self.parallel.mapping
+        self.reports_expert_load = self.expert_load is not None and m.tp_rank == 0 and m.attn_dp_rank == 0 \
+            and m.cp_rank == 0
+        self.expert_reports: list[dict] = []
         load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress)
         self.attn_layers = self.model.attention_layers()
         self.kernel_settings = kernel_settings.for_device(cfg.kernel_config, self.device)
@@ -263,15 +272,22 @@ class ModelRunner:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
                                                          self.cfg.dtype, self.device)
         t0 = time.perf_counter()
+        if self.expert_load is not None:
+            self.expert_load.begin_step(inp.num_tokens)
         if self.graphs is not None and not inp.prompt_lp:
             if inp.attn.num_decodes == len(so.reqs):
                 if self.graphs.can_run(len(so.reqs)):
-                    return self._sample(so, inp, self.graphs.run(inp), {})
+                    logits = self.graphs.run(inp)
+                    self._end_expert_step()
+                    return self._sample(so, inp, logits, {})
             elif self.prefill_graphs is not None:
                 key = self.prefill_graphs.bucket(inp)
                 if key is not None:
-                    return self._sample(so, inp, self.prefill_graphs.run(inp, key), {})
+                    logits = self.prefill_graphs.run(inp, key)
+                    self._end_expert_step()
+                    return self._sample(so, inp, logits, {})
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
+        self._end_expert_step()
         if not self.is_last:
             self._account(t0)
             self.pp_group.send_hidden(hidden, residual)
@@ -282,6 +298,21 @@ class ModelRunner:
         self._account(t0)
         return out
 
+    def _end_expert_step(self) -> None:
+        if self.expert_load is None:
+            return
+        report = self.expert_load.end_step()
+        if report is not None and self.reports_expert_load:
+            self.expert_reports.append(report)
+
+    def take_expert_reports(self, flush: bool = False) -> list[dict]:
+        """Expert-load windows collected since the last call (layers/moe/load.py); with `flush`
+        also the steps of the window still open (waits for the device)."""
+        if flush and self.reports_expert_load:
+            self.expert_reports.extend(self.expert_load.flush())
+        reports, self.expert_reports = self.expert_reports, []
+        return reports
+
     def _sample(self, so, inp, logits, prompt_lp):
         """Sample on the driver; with overlap, share the ids with the other tp ranks (their next
         step may read them as placeholders) and return a handle instead of waiting for the copy."""
@@ -290,6 +321,8 @@ class ModelRunner:
         else:
             tokens, lp = torch.empty(len(inp.req_ids), dtype=torch.int64, device=self.device), None
         if self.cfg.overlap:
+            if self.parallel.attn_dp.size > 1:  # first to tp-rank 0 of every attention replica
+                self.parallel.attn_dp.broadcast(tokens, 0)
             if self.tp_group.size > 1:
                 self.tp_group.broadcast(tokens, 0)
             self.prev_tokens = tokens

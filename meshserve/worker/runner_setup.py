@@ -51,7 +51,8 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         cuda_graph_batch_sizes=graph_sizes, cuda_graph_prefill_sizes=prefill_sizes,
                         cuda_graph_padding=cg is not None and cg.enable_padding,
                         max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),
-                        overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1)
+                        overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1,
+                        moe_backend=args.moe_config.backend)
 
 
 def mapping_for(args: LlmArgs, model_config: ModelConfig, world_size: int | None = None, rank: int = 0) -> Mapping:

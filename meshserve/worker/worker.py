@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from meshserve.config import LlmArgs
-from meshserve.distributed.control import (InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown, StageStats, Step,
+from meshserve.distributed.control import (ExpertLoadReport, InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown,
+                                           StageStats, Step,
                                            WorkerChannel, WorkerError)
 from meshserve.distributed.parallel_state import ParallelState, init_distributed
 from meshserve.models.config import ModelConfig
@@ -101,6 +102,8 @@ def run_worker(spec: RankSpec, store=None) -> int:
                 out = runner.execute(msg.so)
                 if out is not None:
                     channel.send(Result(spec.rank, out))
+                for report in runner.take_expert_reports():
+                    channel.send(ExpertLoadReport(spec.rank, report))
                 if report_busy:
                     fraction = runner.busy.poll()
                     if fraction is not None:

@@ -1,0 +1,116 @@
+"""FusedMoE: the mixture-of-experts layer model files use (router -> dispatch -> experts -> combine).
+
+Parameters, sharded by Mapping's MoE rule (see dispatch.py): `w13` [E_local, 2 * I_local, H]
+(gate rows then up rows, HF Linear layout), `w2` [E_local, H, I_local]; with sigmoid scoring also
+`e_score_correction_bias` [E] (fp32). `load_weight` takes either checkpoint layout: the Hub's
+per-expert tensors (`experts.3.gate_proj.weight`, Mixtral's `experts.3.w1.weight`...) and
+transformers 5's fused ones (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from meshserve.distributed.comm import SOLO_STATE
+from meshserve.layers.moe.dispatch import EpDispatcher, ExpertPlacement
+from meshserve.layers.moe.experts import create_experts
+from meshserve.layers.moe.load import ExpertLoad
+from meshserve.layers.moe.router import RouterConfig, select_experts
+
+# checkpoint piece names -> which part of w13 / w2 they fill
+_PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_PER_EXPERT = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, router: RouterConfig,
+                 parallel=None, dtype: torch.dtype = torch.float32, backend: str = "auto", layer_idx: int = 0,
+                 load: Optional[ExpertLoad] = None):
+        super().__init__()
+        parallel = parallel or SOLO_STATE
+        router.check(num_experts)
+        self.router = router
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.layer_idx = layer_idx
+        ep, tp = parallel.moe_ep, parallel.moe_tp
+        self.placement = ExpertPlacement(num_experts, ep.size, ep.rank_in_group)
+        if intermediate_size % tp.size:
+            raise ValueError(f"the experts' intermediate size {intermediate_size} does not split over "
+                             f"moe_tensor_parallel_size={tp.size}: it must divide it")
+        self.tp_rank, self.i_local = tp.rank_in_group, intermediate_size // tp.size
+        e_local = self.placement.num_local
+        self.w13 = nn.Parameter(torch.empty(e_local, 2 * self.i_local, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e_local, hidden_size, self.i_local, dtype=dtype), requires_grad=False)
+        if router.scoring == "sigmoid":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32),
+                                                        requires_grad=False)
+        else:
+            self.e_score_correction_bias = None
+        device = self.w13.device
+        self.experts = create_experts(backend, device, dtype)
+        self.dispatcher = EpDispatcher(self.placement, ep, tp)
+        self.load = load
+        self._loaded: set[tuple[int, str]] = set()
+
+    @property
+    def backend_name(self) -> str:
+        return self.experts.name
+
+    def _run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.experts.apply(x, self.w13, self.w2, weights, ids)
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.router, self.e_score_correction_bias)
+        if self.load is not None:
+            self.load.record(self.layer_idx, ids)
+        return self.dispatcher(hidden, weights, ids, self._run)
+
+    # ---- weights --------------------------------------------------------------------------------
+    def load_weight(self, name: str, tensor: torch.Tensor) -> bool:
+        """Fill this shard from one checkpoint tensor named `name` (the part after `mlp.` or
+        `block_sparse_moe.`); False if the name is not an expert weight of this layer."""
+        m = _PER_EXPERT.search(name)
+        if m:
+            expert, part = int(m.group(1)), _PARTS[m.group(2)]
+            if expert >= self.num_experts:
+                raise ValueError(f"checkpoint tensor {name!r} names expert {expert}, the model has {self.num_experts}")
+            if self.placement.owns(expert):
+                self._load_part(expert - self.placement.first, part, tensor)
+            return True
+        if name.endswith("experts.gate_up_proj"):
+            self._check_fused(name, tensor, (self.num_experts, 2 * self.intermediate_size, self.hidden_size))
+            gate, up = tensor.split(self.intermediate_size, dim=1)
+            for le in range(self.placement.num_local):
+                self._load_part(le, "gate", gate[self.placement.first + le])
+                self._load_part(le, "up", up[self.placement.first + le])
+            return True
+        if name.endswith("experts.down_proj"):
+            self._check_fused(name, tensor, (self.num_experts, self.hidden_size, self.intermediate_size))
+            for le in range(self.placement.num_local):
+                self._load_part(le, "down", tensor[self.placement.first + le])
+            return True
+        if name.endswith("e_score_correction_bias") and self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.data.copy_(tensor)
+            return True
+        return False
+
+    def _check_fused(self, name: str, tensor: torch.Tensor, shape: tuple) -> None:
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
+                             f"(experts, out features, in features)")
+
+    def _load_part(self, local: int, part: str, full: torch.Tensor) -> None:
+        i, r = self.i_local, self.tp_rank
+        if part == "down":
+            self.w2.data[local].copy_(full.narrow(1, r * i, i))
+        else:
+            offset = 0 if part == "gate" else i
+            self.w13.data[local].narrow(0, offset, i).copy_(full.narrow(0, r * i, i))
+        self._loaded.add((local, part))
+
+    def fully_loaded(self) -> bool:
+        """Whether every local expert got its gate, up and down weights."""
+        return len(self._loaded) == 3 * self.placement.num_local
