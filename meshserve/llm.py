@@ -234,6 +234,7 @@ class LLM:
             load = self._core.expert_load()
             if load:
                 stats["expert_tokens"] = load["tokens"]
+                stats["expert_load_ratio"] = load["ratio"]
             return stats
 
     def _check_open(self) -> None:

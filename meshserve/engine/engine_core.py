@@ -194,7 +194,8 @@ class EngineCore:
             for layer, counts in zip(rep["layers"], rep["tokens"]):
                 have = self.expert_tokens.setdefault(layer, [0] * len(counts))
                 self.expert_tokens[layer] = [a + b for a, b in zip(have, counts)]
-            self.expert_load_ratio = {"mean": rep["ratio_mean"], "max": rep["ratio_max"]}
+            self.expert_load_ratio = {"mean": rep["ratio_mean"], "max": rep["ratio_max"],
+                                      "experts_hit_mean": rep.get("experts_hit_mean", 0.0)}
         return reports
 
     def stats(self) -> dict:

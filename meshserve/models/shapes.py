@@ -116,6 +116,23 @@ SHAPES: dict[str, ModelShape] = {
         },
         TokenizerSpec(tuple(_QWEN3_SPECIALS), 151643, 151669, None, "<|im_end|>", False,
                       _CHATML_TEMPLATE)),
+    "qwen3-30b-a3b": ModelShape(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+            "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+            "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+            "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+            "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+            "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+            "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+            "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+            "vocab_size": 151936,
+        },
+        TokenizerSpec(tuple(_QWEN3_SPECIALS), 151643, 151669, None, "<|im_end|>", False,
+                      _CHATML_TEMPLATE)),
     "mixtral-8x7b": ModelShape(
         {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
@@ -134,6 +151,7 @@ _ALIASES = {
     "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
     "meta-llama/llama-3.1-70b": "llama-3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
     "qwen/qwen3-0.6b": "qwen3-0.6b", "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b", "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
     "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
 }
 

@@ -54,10 +54,11 @@ def test_ep_with_explicit_moe_tp_and_yaml(tmp_path, checkpoints):
                    "kv_cache_config:\n  tokens_per_block: 4\n  max_tokens: 2048\n")
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
-        import json, yaml
+        import json
         from meshserve import LLM, SamplingParams
+        from meshserve.config import load_yaml_config  # what `meshserve serve --config` reads
         if __name__ == "__main__":
-            args = yaml.safe_load(open({str(cfg)!r}))
+            args = load_yaml_config({str(cfg)!r})
             with LLM({path!r}, show_progress=False, **args) as llm:
                 outs = llm.generate({prompts!r}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
                                     use_tqdm=False)

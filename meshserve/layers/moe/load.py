@@ -27,6 +27,7 @@ class ExpertLoad:
         self.num_valid = torch.zeros((), dtype=torch.int64, device=device)
         self.ratio_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.ratio_max = torch.zeros((), dtype=torch.float64, device=device)
+        self.hit_sum = torch.zeros((), dtype=torch.float64, device=device)  # distinct experts hit per layer
         self.steps = 0
         self._pending: Optional[tuple] = None  # host copies queued at the last collection
 
@@ -49,6 +50,7 @@ class ExpertLoad:
         mean = counts.mean(dim=1).clamp_min(1e-9)
         ratio = (counts.amax(dim=1) / mean).mean()
         self.ratio_sum += ratio
+        self.hit_sum += (self.step_counts > 0).to(torch.float64).sum(dim=1).mean()
         torch.maximum(self.ratio_max, ratio, out=self.ratio_max)
         self.steps += 1
         if self.steps % self.every:
@@ -59,7 +61,7 @@ class ExpertLoad:
         """Queue a host copy of the totals since the last collection and reset them; returns the
         previous collection's figures (on CPU, where copies are synchronous, this one's)."""
         steps = self.steps
-        copies = tuple(_to_host(t) for t in (self.totals, self.ratio_sum, self.ratio_max))
+        copies = tuple(_to_host(t) for t in (self.totals, self.ratio_sum, self.ratio_max, self.hit_sum))
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -67,19 +69,21 @@ class ExpertLoad:
         self.totals.zero_()
         self.ratio_sum.zero_()
         self.ratio_max.zero_()
+        self.hit_sum.zero_()
         self.steps = 0
         ready, self._pending = self._pending, (copies, event, steps)
         if self.device.type != "cuda":
             ready, self._pending = self._pending, None
         if ready is None:
             return None
-        (totals, ratio_sum, ratio_max), event, steps = ready
+        (totals, ratio_sum, ratio_max, hit_sum), event, steps = ready
         if event is not None:
             event.synchronize()  # recorded `every` steps ago: long done
         if steps == 0:
             return None
         return {"layers": self.layer_ids, "tokens": totals.tolist(),
-                "ratio_mean": float(ratio_sum) / steps, "ratio_max": float(ratio_max), "steps": steps}
+                "ratio_mean": float(ratio_sum) / steps, "ratio_max": float(ratio_max),
+                "experts_hit_mean": float(hit_sum) / steps, "steps": steps}
 
 
     def flush(self) -> list[dict]:
