@@ -2,6 +2,7 @@
 VANILLA: random small shapes, -1 ids (another rank's experts), rows with no local assignment. TRITON
 runs under Triton's interpreter on CPU (TRITON_INTERPRET=1, set before triton loads), CUTLASS through
 torch._grouped_mm's CPU implementation. The CUDA-graph and full-size checks are in tests/gpu/test_moe_kernel.py."""
+import importlib.util
 import os
 
 import pytest
@@ -11,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from meshserve.layers.moe.experts import BACKENDS, auto_backend, create_experts  # noqa: E402
+
+triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 CPU = torch.device("cpu")
 
@@ -59,26 +62,82 @@ CASES = [(T, E, K) for T in (1, 5, 33) for E in (1, 4, 8) for K in (1, 2, 4) if 
 
 
 @pytest.mark.parametrize("T,E,K", CASES)
-def test_vanilla_matches_float64(T, E, K):
+@pytest.mark.parametrize("backend", ["VANILLA", pytest.param("TRITON", marks=triton_only), "CUTLASS"])
+def test_backend_matches_float64(backend, T, E, K):
+    """fp32 against the float64 loop; TRITON under the interpreter with IEEE fp32 dots."""
     args = make_case(T, E, K, seed=T * 100 + E * 10 + K)
-    out = create_experts("VANILLA", CPU, torch.float32).apply(*args)
+    out = create_experts(backend, CPU, torch.float32).apply(*args)
     assert out.dtype == torch.float32
     assert_close(out, reference(*args), 1e-5)
     if T > 2:
         assert torch.all(out[T // 2] == 0)
 
 
-def test_vanilla_keeps_the_model_dtype():
-    h, w13, w2, wt, ids = make_case(5, 4, 2, dtype=torch.bfloat16)
-    out = create_experts("vanilla", CPU, torch.bfloat16).apply(h, w13, w2, wt, ids.int())
+@pytest.mark.parametrize("T,E,K", [(1, 4, 2), (33, 8, 4)])
+def test_backends_take_int32_ids(T, E, K):
+    h, w13, w2, wt, ids = make_case(T, E, K, seed=7)
+    for backend in ("VANILLA", "CUTLASS") + (("TRITON",) if importlib.util.find_spec("triton") else ()):
+        out = create_experts(backend, CPU, torch.float32).apply(h, w13, w2, wt, ids.int())
+        assert_close(out, reference(h, w13, w2, wt, ids), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["VANILLA", pytest.param("TRITON", marks=triton_only), "CUTLASS"])
+def test_bf16_keeps_the_model_dtype(backend):
+    """(Triton's interpreter rounds fp32 -> bf16 toward zero, a GPU to nearest: twice the error here.)"""
+    h, w13, w2, wt, ids = make_case(9, 4, 2, dtype=torch.bfloat16, seed=3)
+    out = create_experts(backend.lower(), CPU, torch.bfloat16).apply(h, w13, w2, wt, ids)
     assert out.dtype == torch.bfloat16
-    assert_close(out, reference(h, w13, w2, wt, ids), 1e-2)
+    assert_close(out, reference(h, w13, w2, wt, ids), 2e-2)
 
 
-def test_empty_batch():
-    h, w13, w2, wt, ids = make_case(1, 4, 2)
-    out = create_experts("VANILLA", CPU, torch.float32).apply(h[:0], w13, w2, wt[:0], ids[:0])
-    assert out.shape == (0, 64)
+@pytest.mark.parametrize("backend", ["VANILLA", pytest.param("TRITON", marks=triton_only), "CUTLASS"])
+def test_empty_batch_and_all_remote(backend):
+    h, w13, w2, wt, ids = make_case(4, 4, 2)
+    experts = create_experts(backend, CPU, torch.float32)
+    assert experts.apply(h[:0], w13, w2, wt[:0], ids[:0]).shape == (0, 64)
+    out = experts.apply(h, w13, w2, wt, torch.full_like(ids, -1))
+    assert out.shape == (4, 64) and torch.all(out == 0)
+
+
+@triton_only
+@pytest.mark.parametrize("n,E,block_m", [(6, 4, 16), (160, 8, 16), (300, 8, 16), (5000, 60, 32)])
+def test_align_block_size(n, E, block_m):
+    """Each expert's assignments in order in one segment that starts at a multiple of block_m,
+    padding = the sentinel n, block experts match, -1 never placed; several chunks for larger n."""
+    from meshserve.kernels.moe import align_block_size, padded_rows
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(-1, E, (n,), generator=g)
+    sorted_ids, block_expert = align_block_size(ids.view(-1, 2) if n % 2 == 0 else ids.view(-1, 1), E, block_m)
+    P = padded_rows(n, E, block_m)
+    assert sorted_ids.shape == (P,) and block_expert.shape == (P // block_m,)
+    start = 0
+    for e in range(E):
+        mine = torch.nonzero(ids == e).flatten()
+        seg = -(-len(mine) // block_m) * block_m
+        assert sorted_ids[start:start + len(mine)].tolist() == mine.tolist()
+        assert torch.all(sorted_ids[start + len(mine):start + seg] == n)
+        assert torch.all(block_expert[start // block_m:(start + seg) // block_m] == e)
+        start += seg
+    assert torch.all(block_expert[start // block_m:] == -1)
+
+
+@triton_only
+def test_triton_takes_other_configs():
+    """Another row block (the alignment follows it), uneven K tiles, and a config function."""
+    from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
+    args = make_case(17, 8, 4, H=48, I=40, seed=11)
+    ref = reference(*args)
+    cfg = MoeKernelConfig(32, GemmConfig(16, 32, 2), GemmConfig(32, 32, 1))
+    assert_close(fused_experts(*args, configs=cfg), ref, 1e-5)
+    seen = []
+    assert_close(fused_experts(*args, configs=lambda *shape: seen.append(shape) or cfg), ref, 1e-5)
+    assert seen == [(17, 4, 8, 48, 40)]
+
+
+@triton_only
+def test_triton_sorts_in_several_programs_above_256_assignments():
+    args = make_case(80, 8, 4, seed=12)  # 320 assignments: _count_kernel + 5 _place_kernel programs
+    assert_close(create_experts("TRITON", CPU, torch.float32).apply(*args), reference(*args), 1e-5)
 
 
 def test_auto_on_cpu_is_vanilla():
@@ -100,3 +159,38 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
                                          r"\(this one is 'cpu'\) or a CPU with TRITON_INTERPRET=1.*accepted: auto, "
                                          r"VANILLA, TRITON, CUTLASS"):
         create_experts("triton", CPU, torch.float32)
+
+
+def test_cutlass_refusals(monkeypatch):
+    with pytest.raises(ValueError, match=r"moe_config.backend='CUTLASS' cannot run here: torch._grouped_mm on "
+                                         r"CPU takes float32, bfloat16 or float16, not torch.float64"):
+        create_experts("CUTLASS", CPU, torch.float64)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"moe_config.backend='cutlass' cannot run here: .*Hopper or newer GPU "
+                                         r"\(compute capability >= 9.0\); this one is 8.0; accepted: auto"):
+        create_experts("cutlass", torch.device("cuda", 0), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match=r"bfloat16 only, not torch.float16"):
+        create_experts("cutlass", torch.device("cuda", 0), torch.float16)
+    assert create_experts("cutlass", torch.device("cuda", 0), torch.bfloat16).name == "CUTLASS"
+
+
+def test_cutlass_needs_16_byte_strides():
+    h, w13, w2, wt, ids = make_case(3, 4, 2, H=36, I=32)
+    with pytest.raises(ValueError, match=r"hidden size 36 and intermediate size 32 to be multiples of 8 for "
+                                         r"torch.bfloat16"):
+        create_experts("CUTLASS", CPU, torch.bfloat16).apply(h.bfloat16(), w13.bfloat16(), w2.bfloat16(), wt, ids)
+
+
+@triton_only
+def test_auto_on_cuda_is_triton_and_triton_can_be_switched_off(monkeypatch):
+    from meshserve import kernels
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert auto_backend(cuda, torch.bfloat16) == "TRITON"
+    assert create_experts("auto", cuda, torch.bfloat16).name == "TRITON"
+    monkeypatch.setattr(kernels, "TRITON_AVAILABLE", False)
+    assert auto_backend(cuda, torch.bfloat16) == "VANILLA"
+    with pytest.raises(ValueError, match=r"moe_config.backend='TRITON' cannot run here: Triton is switched off "
+                                         r"\(kernel_config.disable_triton\)"):
+        create_experts("TRITON", cuda, torch.bfloat16)

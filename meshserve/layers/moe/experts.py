@@ -114,13 +114,17 @@ def _cutlass_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend `moe_config.backend='auto'` picks: TRITON on Hopper-or-newer CUDA in bf16/fp16 (a
-    later benchmark may switch this to CUTLASS), and on other CUDA GPUs where Triton runs; VANILLA
-    elsewhere (CPU, or no Triton)."""
+    """The backend `moe_config.backend='auto'` picks (the one place that choice is made).
+
+    CUDA, compute capability >= 9.0, bf16/fp16: TRITON for now (a benchmark against CUTLASS on the
+    H200 may switch bf16 to it). Other CUDA GPUs / dtypes: TRITON as well where Triton runs (VANILLA
+    syncs the host per expert and cannot be captured in a CUDA graph). CPU, or no Triton: VANILLA."""
     device = torch.device(device)
-    if device.type == "cuda" and _triton_refusal(device) is None:
-        return "TRITON"
-    return "VANILLA"
+    if device.type != "cuda" or _triton_refusal(device) is not None:
+        return "VANILLA"
+    # Hopper-or-newer in bf16 is where CUTLASS may win (torch._grouped_mm's fast path); until the
+    # H200 benchmark says so, TRITON everywhere on CUDA.
+    return "TRITON"
 
 
 def create_experts(backend: str, device: torch.device, dtype: torch.dtype) -> Experts:
@@ -159,8 +163,46 @@ class TritonExperts(Experts):
 
 
 class CutlassExperts(Experts):
-    """Grouped GEMMs through torch._grouped_mm (placeholder until its implementation lands)."""
+    """Grouped GEMMs through torch._grouped_mm: the assignments sorted by expert (the -1 ones last,
+    outside every group), int32 group ends from a scatter_add + cumsum, gate_up, silu_and_mul, down,
+    then weight and index_add back per token in fp32. No host sync on CUDA (torch's bf16 CUTLASS path
+    on sm90/sm100 reads the group ends on the device), so it can be captured in a CUDA graph.
+
+    What torch 2.13 does with `_grouped_mm(a [M, K], b [G, K, N], offs=int32 [G])`, probed on CPU:
+    fp32, bf16 and fp16 run (torch's fallback: one mm per group, reading offs on the host), every
+    stride must be a multiple of 16 bytes ("strides should be multiple of 16 bytes"), offs must be
+    int32, out_dtype must equal a's dtype (no fp32 output for bf16 inputs), empty groups are fine,
+    and rows past offs[-1] are left uninitialised (garbage, not zero), so they are masked here. On
+    CUDA, per torch's source (not checked here): bf16 on compute capability 9.x/10.x takes the
+    CUTLASS kernel with no device-to-host sync; any other dtype or GPU takes the same per-group
+    fallback, which syncs (offs.cpu()) and cannot be captured, so create_experts refuses those."""
     name = "CUTLASS"
 
     def apply(self, hidden, w13, w2, topk_weights, topk_ids):
-        raise NotImplementedError("CUTLASS experts: not written yet")
+        T, H, I, E, K = check_shapes(hidden, w13, w2, topk_weights, topk_ids)
+        align = 16 // hidden.element_size()
+        if H % align or I % align:
+            raise ValueError(f"moe_config.backend='CUTLASS' (torch._grouped_mm) needs hidden size {H} and "
+                             f"intermediate size {I} to be multiples of {align} for {hidden.dtype} "
+                             f"(16-byte strides); use TRITON or VANILLA")
+        if T == 0 or K == 0:
+            return hidden.new_zeros(T, H)
+        flat = topk_ids.reshape(-1).long()
+        key = torch.where(flat < 0, E, flat)  # another rank's assignments sort last, outside the groups
+        sorted_key, order = torch.sort(key, stable=True)
+        counts = torch.zeros(E + 1, dtype=torch.int32, device=hidden.device)
+        counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+        offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
+        tok = order // K
+        x = hidden.index_select(0, tok)
+        if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+            w13, w2 = w13.to(hidden.dtype), w2.to(hidden.dtype)
+        gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I]
+        h = F.silu(gate_up[:, :I]) * gate_up[:, I:]
+        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H]
+        w = topk_weights.reshape(-1).float().index_select(0, order)
+        # where, not a multiply: rows past the last group are uninitialised and may hold NaN/inf.
+        y = torch.where((sorted_key < E)[:, None], y.float() * w[:, None], 0.0)
+        out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+        out.index_add_(0, tok, y)
+        return out.to(hidden.dtype)

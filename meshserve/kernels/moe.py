@@ -1,0 +1,338 @@
+"""Fused MoE expert compute in Triton: a grouped GEMM over the (token, k) assignments sorted by expert.
+
+`fused_experts(hidden, w13, w2, topk_weights, topk_ids)` runs five kernels (four for small batches),
+none of which needs the host to look at device data (no .item(), nonzero or data-dependent shape),
+so a decode step can be captured in a CUDA graph:
+
+1. `_count_kernel`: per chunk of the T*K assignments, how many go to each local expert (skipped up
+   to 256 assignments, where one `_place_kernel` program counts them itself).
+2. `_place_kernel`: each expert's segment starts at a multiple of BLOCK_M (its count rounded up);
+   every assignment gets its slot in `sorted_ids` (the flat index t*K+k, stable within an expert),
+   the padding slots get the sentinel T*K, and every BLOCK_M rows get their expert in
+   `block_expert` (-1 past the last used block, so those programs do nothing). Buffers are sized
+   from the static bound T*K + min(E, T*K) * (BLOCK_M - 1). An id of -1 (an expert on another rank)
+   is never placed.
+3. `_moe_gemm_kernel` (gated): per (row block, column block), gather the block's token rows of
+   hidden and multiply by the block's expert's gate and up rows of w13 at once (two fp32
+   accumulators), store silu(gate) * up, in sorted order.
+4. `_moe_gemm_kernel` (down): the sorted intermediate rows times w2 of the block's expert, times the
+   routing weight, stored at the assignment's row t*K+k.
+5. `_sum_k_kernel`: out[t] = sum over k with id >= 0 of those rows, in fp32.
+
+Block sizes come from a small table keyed by assignments per local expert (T*K/E_local: the rows
+a typical expert sees; for Qwen3-30B-A3B, E=128 K=8, that is T/16): at batch 1 BLOCK_M=16 and long
+K tiles, so each selected expert's weights stream once; from ~256 tokens up BLOCK_M grows to 32..128
+and it is a real grouped GEMM. The table is a starting point shaped after published H200 sweeps of
+this kernel design for E=128, N=768, not measured on our H200 yet: `fused_experts` takes a
+`MoeKernelConfig` (or a function of the shapes) so a tuner can pass its own.
+
+The torch reference is VanillaExperts (layers/moe/experts.py); tests/unit/test_moe_experts.py runs
+this under Triton's interpreter on CPU (fp32 with IEEE dots), tests/gpu/test_moe_kernel.py on a GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Union
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Alignment: sort the assignments by expert, each expert's segment padded to BLOCK_M rows.
+
+# Sizes that change with the batch are runtime arguments, not specialized (Triton would otherwise
+# compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
+@triton.jit(do_not_specialize=["n", "chunk_iters"])
+def _count_kernel(ids_ptr, counts_ptr, n, chunk_iters, SUB: tl.constexpr, E_P2: tl.constexpr):
+    c = tl.program_id(0)
+    e = tl.arange(0, E_P2)
+    acc = tl.zeros([E_P2], dtype=tl.int32)
+    for s in range(chunk_iters):
+        i = (c * chunk_iters + s) * SUB + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
+        acc += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + c * E_P2 + e, acc)
+
+
+@triton.jit(do_not_specialize=["n", "max_padded", "num_chunks", "chunk_iters", "pos_iters"])
+def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, n, max_padded, num_chunks, chunk_iters,
+                  pos_iters, SUB: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+                  SINGLE: tl.constexpr):
+    """SINGLE: one program, which counts by itself (no _count_kernel launch: small decode batches)."""
+    c = tl.program_id(0)
+    e = tl.arange(0, E_P2)
+    total = tl.zeros([E_P2], dtype=tl.int32)  # assignments per expert
+    before = tl.zeros([E_P2], dtype=tl.int32)  # of them in earlier chunks
+    if SINGLE:
+        for s in range(chunk_iters):
+            i = s * SUB + tl.arange(0, SUB)
+            ids = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
+            total += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    else:
+        for r in range(num_chunks):
+            row = tl.load(counts_ptr + r * E_P2 + e)
+            total += row
+            before += tl.where((e * 0 + r) < c, row, 0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    used_end = pad_start + total  # slots from here to pad_end are padding
+    running = pad_start + before
+    # This chunk's assignments, in order, into their experts' segments.
+    for s in range(chunk_iters):
+        i = (c * chunk_iters + s) * SUB + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)  # [SUB, E_P2]
+        rank = tl.cumsum(onehot, axis=0) - onehot  # same-expert assignments before it in this step
+        dest = tl.sum(onehot * (rank + running[None, :]), axis=1)
+        tl.store(sorted_ptr + dest, i, mask=(ids >= 0) & (i < n))
+        running += tl.sum(onehot, axis=0)
+    # This program's share of the slots: sentinels into the padding, experts of the blocks.
+    for s in range(pos_iters):
+        p = (c * pos_iters + s) * SUB + tl.arange(0, SUB)
+        ex = tl.sum((pad_end[None, :] <= p[:, None]).to(tl.int32), axis=1)  # the segment holding slot p
+        mine = e[None, :] == ex[:, None]
+        is_pad = p >= tl.sum(tl.where(mine, used_end[None, :], 0), axis=1)  # (0 past the last segment)
+        valid = p < max_padded
+        tl.store(sorted_ptr + p, n + p * 0, mask=valid & is_pad)
+        tl.store(block_expert_ptr + p // BLOCK_M, tl.where(ex < E, ex, -1), mask=valid & (p % BLOCK_M == 0))
+
+
+_SUB = 64  # assignments (or slots) per step of the alignment kernels
+_MAX_CHUNKS = 64  # programs of the alignment kernels
+_SINGLE_MAX = 256  # up to this many assignments one program sorts them (one launch instead of two)
+
+
+def padded_rows(num_assignments: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound on the sorted, padded rows: each used expert adds at most BLOCK_M-1 padding."""
+    rows = num_assignments + min(num_experts, num_assignments) * (block_m - 1)
+    return triton.cdiv(rows, block_m) * block_m
+
+
+def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids int32 [P], block_expert int32 [P // block_m]) with P = padded_rows(..): the flat
+    assignment indices grouped by expert (stable), each group padded with the sentinel T*K to a
+    multiple of block_m; block_expert[b] is the expert of rows b*block_m.., -1 past the used rows."""
+    ids = topk_ids.reshape(-1)
+    if ids.stride(0) != 1:
+        ids = ids.contiguous()
+    n = ids.numel()
+    P = padded_rows(n, num_experts, block_m)
+    e_p2 = max(16, triton.next_power_of_2(num_experts))
+    single = n <= _SINGLE_MAX
+    chunk_iters = triton.cdiv(n, _SUB) if single else triton.cdiv(triton.cdiv(n, _SUB), _MAX_CHUNKS)
+    num_chunks = triton.cdiv(n, chunk_iters * _SUB)
+    pos_iters = triton.cdiv(triton.cdiv(P, _SUB), num_chunks)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(P // block_m, dtype=torch.int32, device=ids.device)
+    if single:
+        counts = sorted_ids  # unused
+    else:
+        counts = torch.empty(num_chunks, e_p2, dtype=torch.int32, device=ids.device)
+        _count_kernel[(num_chunks,)](ids, counts, n, chunk_iters, SUB=_SUB, E_P2=e_p2)
+    _place_kernel[(num_chunks,)](ids, counts, sorted_ids, block_expert, n, P, num_chunks, chunk_iters, pos_iters,
+                                 SUB=_SUB, E=num_experts, E_P2=e_p2, BLOCK_M=block_m, SINGLE=single)
+    return sorted_ids, block_expert
+
+
+# ----------------------------------------------------------------------------------------------------
+# The grouped GEMMs and the sum over k.
+
+@triton.jit(do_not_specialize=["n_valid", "num_m_blocks"])
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
+                     N, K, n_valid, num_m_blocks, stride_am, stride_be, stride_bn, stride_cm, up_offset,
+                     GATED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, TOPK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """C = A @ B[expert]^T per BLOCK_M rows of the sorted assignments. A rows: the token of each
+    assignment (GATHER_A: sorted id // TOPK) or the sorted row itself; C rows: the assignment (SCATTER_C:
+    the sorted id, padding rows skipped) or the sorted row. GATED: columns n of B's rows [0, N) (gate)
+    and [N, 2N) (up, at up_offset), stored as silu(gate) * up. MUL_WEIGHT: times the routing weight."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n_blocks
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        tok = tl.load(sorted_ptr + offs_m)
+        tok_mask = tok < n_valid
+        if GATHER_A:
+            a_rows = tok // TOPK
+        else:
+            a_rows = offs_m
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # K's trip count is a constexpr: the interpreter cannot range() over a runtime bound.
+        for i in range(K_ITERS):
+            if EVEN_K:
+                a_mask = tok_mask[:, None]
+                b_mask = n_mask[None, :]
+            else:
+                k_ok = offs_k < K - i * BLOCK_K
+                a_mask = tok_mask[:, None] & k_ok[None, :]
+                b_mask = n_mask[None, :] & k_ok[:, None]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            if INTERPRET:  # the interpreter's dot multiplies bf16's raw bits: give it fp32
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if GATED:
+                bu = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
+                if INTERPRET:
+                    bu = bu.to(tl.float32)
+                acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        if MUL_WEIGHT:
+            acc = acc * tl.load(w_ptr + tok, mask=tok_mask, other=0.0).to(tl.float32)[:, None]
+        if SCATTER_C:
+            c_rows = tok
+            c_mask = tok_mask[:, None] & n_mask[None, :]
+        else:
+            c_rows = offs_m
+            c_mask = n_mask[None, :]
+        tl.store(c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in range(TOPK):
+        row = t * TOPK + k
+        live = (offs * 0 + tl.load(ids_ptr + row)) >= 0  # as a tensor compare (interpreter-safe)
+        acc += tl.load(c_ptr + row.to(tl.int64) * stride_cm + offs, mask=h_mask & live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs and the entry point.
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoeKernelConfig:
+    """block_m is shared by both GEMMs (the sorted rows are padded to it); gate_up.block_n counts
+    intermediate columns (each program reads that many gate rows and as many up rows of w13)."""
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+
+# (most assignments per local expert, config), first match wins. Shaped after public H200 sweeps of
+# this kernel design for E=128, N=768 (their gate_up N is our 2*block_n); to be re-tuned on ours.
+CONFIG_TABLE: tuple[tuple[float, MoeKernelConfig], ...] = (
+    (1, MoeKernelConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))),
+    (8, MoeKernelConfig(16, GemmConfig(64, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))),
+    (16, MoeKernelConfig(32, GemmConfig(128, 128, 16, 4, 2), GemmConfig(256, 128, 16, 4, 2))),
+    (32, MoeKernelConfig(64, GemmConfig(64, 64, 1, 4, 3), GemmConfig(128, 64, 1, 4, 3))),
+    (float("inf"), MoeKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4))),
+)
+
+ConfigArg = Union[None, MoeKernelConfig, Callable[[int, int, int, int, int], MoeKernelConfig]]
+
+
+def default_config(T: int, K: int, E: int, H: int, I: int) -> MoeKernelConfig:
+    """The table's config for T tokens of top-K over E local experts (hidden H, intermediate I)."""
+    per_expert = T * K / max(1, E)
+    for bound, cfg in CONFIG_TABLE:
+        if per_expert <= bound:
+            return cfg
+    return CONFIG_TABLE[-1][1]
+
+
+def _fit(g: GemmConfig, n: int, k: int) -> GemmConfig:
+    """Tiles no larger than the problem (>= 16, tl.dot's minimum)."""
+    return replace(g, block_n=max(16, min(g.block_n, triton.next_power_of_2(n))),
+                   block_k=max(16, min(g.block_k, triton.next_power_of_2(k))))
+
+
+def _gemm(a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, up_offset, g: GemmConfig,
+          block_m, gated, gather_a, scatter_c, mul_weight, topk, precision):
+    num_m = block_expert.shape[0]
+    grid = (num_m * triton.cdiv(n_out, g.block_n),)
+    extra = {} if _INTERPRET else {"num_warps": g.num_warps, "num_stages": g.num_stages}
+    _moe_gemm_kernel[grid](
+        a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, num_m,
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0), up_offset,
+        GATED=gated, GATHER_A=gather_a, SCATTER_C=scatter_c, MUL_WEIGHT=mul_weight, TOPK=topk,
+        BLOCK_M=block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, K_ITERS=triton.cdiv(k_in, g.block_k),
+        EVEN_K=k_in % g.block_k == 0, GROUP_M=g.group_m, PRECISION=precision, INTERPRET=_INTERPRET, **extra)
+
+
+def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, configs: ConfigArg = None) -> torch.Tensor:
+    """hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (same dtype as hidden); topk_weights [T, K]
+    (float32); topk_ids [T, K] int32/int64 in [0, E) or -1 (skipped). Returns [T, H] in hidden's
+    dtype. `configs`: a MoeKernelConfig, or a function (T, K, E, H, I) -> MoeKernelConfig;
+    None: default_config."""
+    T, H = hidden.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    K = topk_ids.shape[1]
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"TRITON MoE experts need the weights in the activations' dtype ({hidden.dtype}); "
+                         f"got w13 {w13.dtype}, w2 {w2.dtype}")
+    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    if T == 0 or K == 0:
+        return out.zero_()
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    if w13.stride(-1) != 1:
+        w13 = w13.contiguous()
+    if w2.stride(-1) != 1:
+        w2 = w2.contiguous()
+    topk_ids = topk_ids.contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    if configs is None:
+        cfg = default_config(T, K, E, H, I)
+    elif isinstance(configs, MoeKernelConfig):
+        cfg = configs
+    else:
+        cfg = configs(T, K, E, H, I)
+    block_m = cfg.block_m
+    gate_up, down = _fit(cfg.gate_up, I, H), _fit(cfg.down, H, I)
+    # IEEE fp32 dots for fp32 (the CPU tests' exactness); the setting is moot for bf16/fp16 inputs.
+    precision = "ieee" if hidden.dtype == torch.float32 or _INTERPRET else "tf32"
+    n = T * K
+
+    sorted_ids, block_expert = align_block_size(topk_ids, E, block_m)
+    inter = torch.empty(sorted_ids.shape[0], I, dtype=hidden.dtype, device=hidden.device)
+    _gemm(hidden, w13, inter, weights, sorted_ids, block_expert, I, H, n, I * w13.stride(1), gate_up,
+          block_m, gated=True, gather_a=True, scatter_c=False, mul_weight=False, topk=K, precision=precision)
+    per_assignment = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
+    _gemm(inter, w2, per_assignment, weights, sorted_ids, block_expert, H, I, n, 0, down,
+          block_m, gated=False, gather_a=False, scatter_c=True, mul_weight=True, topk=K, precision=precision)
+    block_h = min(1024, triton.next_power_of_2(H))
+    _sum_k_kernel[(T, triton.cdiv(H, block_h))](per_assignment, topk_ids, out, H, per_assignment.stride(0),
+                                                out.stride(0), TOPK=K, BLOCK_H=block_h)
+    return out
