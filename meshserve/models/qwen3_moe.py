@@ -61,7 +61,7 @@ class QwenMoeForCausalLM(DecoderForCausalLM):
         if self.expert_load is None:
             device = torch.empty(0).device  # the model is built under torch.device(...)
             stage = [i for i, sparse in enumerate(self.cfg.moe_layers) if sparse]
-            self.expert_load = ExpertLoad(stage, self.cfg.num_experts, device)
+            self.expert_load = ExpertLoad(stage, self.cfg.num_experts, self.cfg.num_experts_per_tok, device)
         return SparseMoeBlock(self.cfg, layer_idx, self.parallel, self.dtype, self.moe_backend,
                               self.renormalize_always or self.cfg.norm_topk_prob, self.expert_load)
 

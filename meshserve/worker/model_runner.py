@@ -129,6 +129,8 @@ class ModelRunner:
                                  self.is_first, self.is_last, moe_backend=cfg.moe_backend)
         # expert load (models with experts): counted on the device, reported by one rank per stage
         self.expert_load = getattr(self.model, "expert_load", None)
+        if self.expert_load is not None:
+            self.expert_load.reserve(max(cfg.max_num_tokens, cfg.max_batch_size))
         m = self.parallel.mapping
         self.reports_expert_load = self.expert_load is not None and m.tp_rank == 0 and m.attn_dp_rank == 0 \
             and m.cp_rank == 0
@@ -139,8 +141,13 @@ class ModelRunner:
         kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows
         a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
         shape = AttentionShape(a.num_heads, a.num_kv_heads, a.head_dim) if a else AttentionShape(1, 1, 1)
-        self.attn_backend = select_attention_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
-                                                     self.kernel_settings)
+        if getattr(a, "latent", False):  # latent attention (DeepSeek MLA): its own metadata and kernels
+            from meshserve.layers.attention.mla import select_mla_backend
+            self.attn_backend = select_mla_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
+                                                   self.kernel_settings)
+        else:
+            self.attn_backend = select_attention_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
+                                                         self.kernel_settings)
         # KV cache groups (engine/kv_spec.py), formed as the engine forms them: each layer reads its
         # group's block table and shares its cache tensor (slot) with the same-index layer of the others
         self.kv_groups = model_kv_groups(model_config, cfg.max_seq_len, a.num_kv_heads if a else None)
@@ -272,22 +279,20 @@ class ModelRunner:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
                                                          self.cfg.dtype, self.device)
         t0 = time.perf_counter()
-        if self.expert_load is not None:
-            self.expert_load.begin_step(inp.num_tokens)
         if self.graphs is not None and not inp.prompt_lp:
             if inp.attn.num_decodes == len(so.reqs):
                 if self.graphs.can_run(len(so.reqs)):
                     logits = self.graphs.run(inp)
-                    self._end_expert_step()
+                    self._end_expert_step(inp.num_tokens)
                     return self._sample(so, inp, logits, {})
             elif self.prefill_graphs is not None:
                 key = self.prefill_graphs.bucket(inp)
                 if key is not None:
                     logits = self.prefill_graphs.run(inp, key)
-                    self._end_expert_step()
+                    self._end_expert_step(inp.num_tokens)
                     return self._sample(so, inp, logits, {})
         hidden, residual = self.model(inp.input_ids, inp.positions, inp.attn, hidden, residual)
-        self._end_expert_step()
+        self._end_expert_step(inp.num_tokens)
         if not self.is_last:
             self._account(t0)
             self.pp_group.send_hidden(hidden, residual)
@@ -298,10 +303,10 @@ class ModelRunner:
         self._account(t0)
         return out
 
-    def _end_expert_step(self) -> None:
+    def _end_expert_step(self, num_tokens: int) -> None:
         if self.expert_load is None:
             return
-        report = self.expert_load.end_step()
+        report = self.expert_load.end_step(num_tokens)
         if report is not None and self.reports_expert_load:
             self.expert_reports.append(report)
 

@@ -63,9 +63,8 @@ class FusedMoE(nn.Module):
         return self.experts.apply(x, self.w13, self.w2, weights, ids)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.router, self.e_score_correction_bias)
-        if self.load is not None:
-            self.load.record(self.layer_idx, ids)
+        ids_out = self.load.ids_out(self.layer_idx, hidden.shape[0]) if self.load is not None else None
+        weights, ids = select_experts(router_logits, self.router, self.e_score_correction_bias, ids_out)
         return self.dispatcher(hidden, weights, ids, self._run)
 
     # ---- weights --------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Expert load: how many tokens each expert of each MoE layer received, for /metrics.
 
-The MoE layers count into a per-step device table (scatter-adds of fixed shape, so they run
-inside CUDA graphs), masking the padding rows of a graph-sized batch through `num_valid`. The
-runner opens each step (`begin_step`), closes it (`end_step`: adds the step into the running
-totals and keeps the step's max/mean load ratio), and every `every` steps takes the totals to the
-host without waiting on the device: the copy is queued behind the step and read one collection
-later, so no step ever waits for it.
+Each MoE layer's router writes its top-k ids straight into a reserved device table (`ids_out`:
+topk's `out=`, no extra kernel inside the model or its CUDA graphs). After the step the runner
+counts the real rows of all layers at once (`end_step`: one scatter-add, the running totals, the
+step's max/mean load ratio and distinct experts hit; the padding rows of a graph-sized batch are
+left out), and every `every` steps takes the totals to the host without waiting on the device: the
+copy is queued behind the step and read one collection later, so no step ever waits for it.
 """
 from __future__ import annotations
 
@@ -15,43 +15,48 @@ import torch
 
 
 class ExpertLoad:
-    def __init__(self, layer_ids: list[int], num_experts: int, device: torch.device, every: int = 32):
+    def __init__(self, layer_ids: list[int], num_experts: int, top_k: int, device: torch.device, every: int = 32):
         self.layer_ids = list(layer_ids)
         self.slot = {layer: i for i, layer in enumerate(self.layer_ids)}
-        self.num_experts = num_experts
+        self.num_experts, self.top_k = num_experts, top_k
         self.device = device
         self.every = every
         n = len(self.layer_ids)
-        self.step_counts = torch.zeros(n, num_experts, dtype=torch.int64, device=device)
+        self.ids: Optional[torch.Tensor] = None  # [layers, max tokens, top_k]: the routers write here
         self.totals = torch.zeros(n, num_experts, dtype=torch.int64, device=device)
-        self.num_valid = torch.zeros((), dtype=torch.int64, device=device)
         self.ratio_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.ratio_max = torch.zeros((), dtype=torch.float64, device=device)
         self.hit_sum = torch.zeros((), dtype=torch.float64, device=device)  # distinct experts hit per layer
         self.steps = 0
         self._pending: Optional[tuple] = None  # host copies queued at the last collection
 
+    def reserve(self, max_tokens: int) -> None:
+        """Room for the ids of a step of up to `max_tokens` tokens (before any forward or capture)."""
+        self.ids = torch.zeros(len(self.layer_ids), max_tokens, self.top_k, dtype=torch.int64, device=self.device)
+
     # ---- inside the model (graph-safe) -------------------------------------------------------------
-    def record(self, layer_idx: int, ids: torch.Tensor) -> None:
-        t, k = ids.shape
-        mask = (torch.arange(t, device=ids.device) < self.num_valid).to(torch.int64)
-        self.step_counts[self.slot[layer_idx]].scatter_add_(0, ids.reshape(-1), mask.repeat_interleave(k))
+    def ids_out(self, layer_idx: int, num_tokens: int) -> Optional[torch.Tensor]:
+        """Where layer `layer_idx`'s router writes the ids of a step of `num_tokens` rows (None:
+        nothing reserved, or a step larger than reserved; such steps are not counted)."""
+        if self.ids is None or num_tokens > self.ids.shape[1]:
+            return None
+        return self.ids[self.slot[layer_idx], :num_tokens]
 
-    # ---- around each step (runner) -----------------------------------------------------------------
-    def begin_step(self, num_tokens: int) -> None:
-        self.step_counts.zero_()
-        self.num_valid.fill_(num_tokens)
-
-    def end_step(self) -> Optional[dict]:
-        """Account the step; every `every` steps returns the window collected `every` steps ago
-        (None otherwise)."""
-        self.totals += self.step_counts
-        counts = self.step_counts.to(torch.float64)
-        mean = counts.mean(dim=1).clamp_min(1e-9)
-        ratio = (counts.amax(dim=1) / mean).mean()
+    # ---- after each step (runner) ------------------------------------------------------------------
+    def end_step(self, num_tokens: int) -> Optional[dict]:
+        """Count the step's first `num_tokens` rows (the rest pad a graph-sized batch); every
+        `every` steps returns the window collected `every` steps ago (None otherwise)."""
+        if self.ids is None or num_tokens > self.ids.shape[1] or num_tokens == 0:
+            return None
+        ids = self.ids[:, :num_tokens].reshape(len(self.layer_ids), -1)
+        counts = torch.zeros(len(self.layer_ids), self.num_experts, dtype=torch.int64, device=self.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids))
+        self.totals += counts
+        c = counts.to(torch.float64)
+        ratio = (c.amax(dim=1) / c.mean(dim=1).clamp_min(1e-9)).mean()
         self.ratio_sum += ratio
-        self.hit_sum += (self.step_counts > 0).to(torch.float64).sum(dim=1).mean()
         torch.maximum(self.ratio_max, ratio, out=self.ratio_max)
+        self.hit_sum += (counts > 0).to(torch.float64).sum(dim=1).mean()
         self.steps += 1
         if self.steps % self.every:
             return None

@@ -68,9 +68,17 @@ def _limit_to_groups(choice: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return choice.masked_fill(~keep, float("-inf"))
 
 
-def select_experts(logits: torch.Tensor, cfg: RouterConfig,
-                   correction_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, K] float32, ids [T, K] int64) for router logits [T, E]."""
+def _topk(x: torch.Tensor, k: int, ids_out: Optional[torch.Tensor], sorted: bool = True):
+    if ids_out is None:
+        return torch.topk(x, k, dim=-1, sorted=sorted)
+    values = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+    return torch.topk(x, k, dim=-1, sorted=sorted, out=(values, ids_out))
+
+
+def select_experts(logits: torch.Tensor, cfg: RouterConfig, correction_bias: Optional[torch.Tensor] = None,
+                   ids_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, K] float32, ids [T, K] int64) for router logits [T, E]. `ids_out` ([T, K]
+    int64) receives the ids in place (the expert-load table, with no extra copy)."""
     logits = logits.float()
     grouped = cfg.n_group is not None and cfg.n_group > 1
     if cfg.scoring == "softmax":
@@ -78,7 +86,7 @@ def select_experts(logits: torch.Tensor, cfg: RouterConfig,
         choice = scores
         if grouped:
             choice = _limit_to_groups(scores, cfg)
-        weights, ids = torch.topk(choice, cfg.top_k, dim=-1)
+        weights, ids = _topk(choice, cfg.top_k, ids_out)
         if grouped:
             weights = scores.gather(1, ids)
         if cfg.renormalize:
@@ -88,7 +96,7 @@ def select_experts(logits: torch.Tensor, cfg: RouterConfig,
         choice = scores if correction_bias is None else scores + correction_bias.float()
         if grouped:
             choice = _limit_to_groups(choice, cfg)
-        ids = torch.topk(choice, cfg.top_k, dim=-1, sorted=False)[1]
+        ids = _topk(choice, cfg.top_k, ids_out, sorted=False)[1]
         weights = scores.gather(1, ids)
         if cfg.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
