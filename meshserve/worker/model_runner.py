@@ -196,6 +196,12 @@ class ModelRunner:
         if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 \
                 or not self.attn_backend.supports_cuda_graphs:
             return
+        blocks = self.model.moe_blocks() if hasattr(self.model, "moe_blocks") else {}
+        eager = sorted({b.experts.backend_name for b in blocks.values()} & {"VANILLA"})
+        if eager:  # its per-expert gather reads counts on the host: nothing to capture
+            logger.warning("CUDA graphs are off: moe_config.backend %s runs eagerly (TRITON and CUTLASS "
+                           "replay in graphs)", eager[0])
+            return
         if len(self.kv_groups) > 1:  # the graph runners hold one static block table
             logger.info("CUDA graphs are off: this model has %d KV cache groups", len(self.kv_groups))
             return
