@@ -54,6 +54,8 @@ ARCHS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
 }
 
 # expert fields of the tiny MoE checkpoints: 8 experts, 2 per token
@@ -64,6 +66,15 @@ MOE_DEFAULTS = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                       head_dim=16),
 }
+# latent attention (q_lora on; v_head_dim != nope + rope) and DeepSeekMoE: a dense first layer,
+# then 8 routed experts in 2 groups (V3: 1 group kept per token), 2 per token, one shared expert
+DEEPSEEK_DEFAULTS = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
+                         qk_nope_head_dim=16, v_head_dim=20, n_routed_experts=8, n_shared_experts=1,
+                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1)
+MOE_DEFAULTS["deepseek_v3"] = dict(DEEPSEEK_DEFAULTS, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                   norm_topk_prob=True)
+MOE_DEFAULTS["deepseek_v2"] = dict(DEEPSEEK_DEFAULTS, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                                   routed_scaling_factor=1.5, norm_topk_prob=False)
 
 
 def tiny_config(arch: str, **overrides) -> dict:

@@ -84,6 +84,29 @@ def _yarn(params: dict, base: float, dim: int, max_pos: int) -> tuple[torch.Tens
     return interpolation * (1 - keep) + extrapolation * keep, float(attn_factor)
 
 
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_softmax_mscale(params: dict) -> float:
+    """DeepSeek's YaRN factor on the attention softmax scale (MLA models): mscale(factor,
+    mscale_all_dim) squared, applied to every q.k (nope and rope dims alike), as transformers'
+    yarn_apply_mscale; 1.0 without scaling or without mscale_all_dim. (The rotary dims' own
+    attention_factor, mscale / mscale_all_dim, is in the cos/sin table, see _yarn.)"""
+    if params.get("rope_type", "default") == "default" or not params.get("mscale_all_dim"):
+        return 1.0
+    m = yarn_get_mscale(float(params.get("factor") or 1.0), float(params["mscale_all_dim"]))
+    return m * m
+
+
+def interleaved_to_half(rot_dim: int) -> torch.Tensor:
+    """The permutation that turns interleaved rotary pairs (x0, x1), (x2, x3), ... (GPT-J layout,
+    DeepSeek's checkpoints) into this module's rotate-half layout: evens first, then odds. Applied
+    to the rows of the projections that make the rotary dims of q and k, it leaves every q.k as it
+    was and lets RotaryEmbedding (and its fused kernels) rotate them."""
+    return torch.cat([torch.arange(0, rot_dim, 2), torch.arange(1, rot_dim, 2)])
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict, partial_rotary_factor: float = 1.0):
         super().__init__()

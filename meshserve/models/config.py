@@ -17,6 +17,7 @@ from meshserve.models.registry import SUPPORTED_ARCHITECTURES
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # latent attention (MLA)
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ModelConfig:
     norm_topk_prob: bool = True
     moe_layers: list = field(default_factory=list)  # per layer: True where the MLP is a MoE block
     shared_expert_intermediate_size: int = 0
+    # latent attention (DeepSeek-V2/V3 MLA): the KV cache holds kv_lora_rank + qk_rope_head_dim
+    # values per token and layer (engine/kv_spec.py); None: ordinary K/V heads
+    kv_lora_rank: Optional[int] = None
+    qk_rope_head_dim: int = 0
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -70,6 +75,9 @@ class ModelConfig:
         layers = cfg["num_hidden_layers"]
         is_qwen2 = arch == "Qwen2ForCausalLM"
         moe = _moe_fields(arch, cfg, layers)
+        mla = _mla_fields(arch, cfg)
+        if mla:  # DeepSeek: the query/key head is nope + rope dims (HF writes head_dim = the rope dims)
+            head_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
         attn_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         eos = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
@@ -98,6 +106,7 @@ class ModelConfig:
             eos_token_ids=eos,
             raw=cfg,
             **moe,
+            **mla,
         )
 
     @classmethod
@@ -132,7 +141,27 @@ def _moe_fields(arch: str, cfg: dict, num_layers: int) -> dict:
                     norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=layers,
                     shared_expert_intermediate_size=(cfg.get("shared_expert_intermediate_size") or 0)
                     if arch == "Qwen2MoeForCausalLM" else 0)
+    if arch in DEEPSEEK_ARCHITECTURES:  # DeepSeekMoE: dense first layers, shared experts
+        experts = cfg.get("n_routed_experts") or 0
+        first_dense = cfg.get("first_k_dense_replace") or 0
+        freq = cfg.get("moe_layer_freq") or 1
+        layers = [experts > 0 and i >= first_dense and i % freq == 0 for i in range(num_layers)]
+        inter = cfg.get("moe_intermediate_size") or 0
+        return dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+                    moe_intermediate_size=inter,
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", arch == "DeepseekV3ForCausalLM")),
+                    moe_layers=layers, shared_expert_intermediate_size=inter * (cfg.get("n_shared_experts") or 0))
     return {}
+
+
+def _mla_fields(arch: str, cfg: dict) -> dict:
+    """The latent-attention fields of DeepSeek-V2/V3 configs, or {} for other models."""
+    if arch not in DEEPSEEK_ARCHITECTURES:
+        return {}
+    for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+        if not isinstance(cfg.get(name), int) or cfg[name] < 1:
+            raise ValueError(f"{arch}: config field {name}={cfg.get(name)!r} must be a positive integer")
+    return dict(kv_lora_rank=cfg["kv_lora_rank"], qk_rope_head_dim=cfg["qk_rope_head_dim"])
 
 
 def _sliding_windows(arch: str, cfg: dict, num_layers: int) -> list:

@@ -15,6 +15,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("meshserve.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("meshserve.models.qwen3_moe", "QwenMoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("meshserve.models.qwen3_moe", "QwenMoeForCausalLM"),
+    "DeepseekV2ForCausalLM": ("meshserve.models.deepseek_v3", "DeepseekV3ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("meshserve.models.deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

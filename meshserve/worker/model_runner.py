@@ -142,7 +142,7 @@ class ModelRunner:
         a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
         shape = AttentionShape(a.num_heads, a.num_kv_heads, a.head_dim) if a else AttentionShape(1, 1, 1)
         if getattr(a, "latent", False):  # latent attention (DeepSeek MLA): its own metadata and kernels
-            from meshserve.layers.attention.mla import select_mla_backend
+            from meshserve.layers.attention.mla_selector import select_mla_backend
             self.attn_backend = select_mla_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
                                                    self.kernel_settings)
         else:
