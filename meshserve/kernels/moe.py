@@ -321,6 +321,9 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         cfg = configs(T, K, E, H, I)
     block_m = cfg.block_m
     gate_up, down = _fit(cfg.gate_up, I, H), _fit(cfg.down, H, I)
+    if hidden.element_size() >= 4:  # fp32 tiles take twice the shared memory: shorter K tiles, 2 stages
+        gate_up, down = (replace(g, block_k=min(g.block_k, 32), num_stages=min(g.num_stages, 2))
+                         for g in (gate_up, down))
     # IEEE fp32 dots for fp32 (the CPU tests' exactness); the setting is moot for bf16/fp16 inputs.
     precision = "ieee" if hidden.dtype == torch.float32 or _INTERPRET else "tf32"
     n = T * K
