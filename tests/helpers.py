@@ -122,6 +122,27 @@ def build_checkpoint(path: str, arch: str = "llama", seed: int = 0, tokenizer: b
     return model
 
 
+# DeepSeek-V3's rope scaling, scaled down (mscale != mscale_all_dim: both YaRN factors are exercised)
+DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+                 "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+
+
+def build_deepseek(path: str, arch: str = "deepseek_v3", **overrides):
+    """A tiny random DeepSeek checkpoint whose routing is decisive: router weights of std 0.5 (HF's
+    init, 0.02, leaves near ties that rounding could flip) and a random e_score_correction_bias."""
+    hf = build_checkpoint(path, arch, **overrides)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    hf.save_pretrained(path)
+    return hf
+
+
 @torch.no_grad()
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     model.generation_config.eos_token_id = None  # run to max_new_tokens without touching the logits

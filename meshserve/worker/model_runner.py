@@ -207,7 +207,8 @@ class ModelRunner:
             return
         from meshserve.worker.cuda_graph import CudaGraphRunner, PrefillGraphRunner
         pool = torch.cuda.graph_pool_handle()  # one pool: each capture reuses the memory of the last
-        if self.cfg.cuda_graph_prefill_sizes:
+        # a backend without mixed-step graphs (latent attention) runs steps with prompt tokens eagerly
+        if self.cfg.cuda_graph_prefill_sizes and getattr(self.attn_backend, "supports_mixed_graphs", True):
             self.prefill_graphs = PrefillGraphRunner(self, self.cfg.cuda_graph_prefill_sizes,
                                                      self.cfg.max_batch_size, self.cfg.max_seq_len)
             self.prefill_graphs.capture(pool)
