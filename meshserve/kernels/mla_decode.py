@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
+_FITTED: dict = {}  # (device, dtype, tile shape) -> (block_n, num_stages) that fit this GPU
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -125,12 +127,25 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     part_out = torch.empty(B * H * num_splits, l_p2, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _mla_decode_split_kernel[(B, triton.cdiv(H, block_h), num_splits)](
-        q, kv_cache, part_out, part_lse, block_tables, seq_lens,
-        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0), scale * LOG2E,
-        NUM_HEADS=H, LORA=kv_lora_rank, ROPE=rope, L_P2=l_p2, R_P2=r_p2, BLOCK_H=block_h, BLOCK_N=block_n,
-        PAGE=kv_cache.shape[1], NUM_SPLITS=num_splits, PRECISION=precision, num_warps=num_warps,
-        num_stages=num_stages)
+    key = (q.device, q.dtype, l_p2, r_p2, block_h, block_n, num_stages)
+    block_n, num_stages = _FITTED.get(key, (block_n, num_stages))
+    while True:
+        try:
+            _mla_decode_split_kernel[(B, triton.cdiv(H, block_h), num_splits)](
+                q, kv_cache, part_out, part_lse, block_tables, seq_lens,
+                q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+                scale * LOG2E, NUM_HEADS=H, LORA=kv_lora_rank, ROPE=rope, L_P2=l_p2, R_P2=r_p2, BLOCK_H=block_h,
+                BLOCK_N=block_n, PAGE=kv_cache.shape[1], NUM_SPLITS=num_splits, PRECISION=precision,
+                num_warps=num_warps, num_stages=num_stages)
+            break
+        except OutOfResources:  # e.g. fp32 tiles of 512 latent dims: fewer stages, then smaller KV tiles
+            if num_stages > 1:
+                num_stages -= 1
+            elif block_n > 16:
+                block_n //= 2
+            else:
+                raise
+            _FITTED[key] = (block_n, num_stages)
     _mla_merge_kernel[(B, H)](
         part_out, part_lse, out, lse, out.stride(0), out.stride(1), NUM_HEADS=H, LORA=kv_lora_rank, L_P2=l_p2,
         NUM_SPLITS=num_splits, S_P2=max(2, triton.next_power_of_2(num_splits)), RETURN_LSE=return_lse,

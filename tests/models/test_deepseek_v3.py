@@ -3,8 +3,10 @@
 Greedy ids equal transformers for tiny random checkpoints (q_lora on and off, DeepSeek's YaRN with
 mscale / mscale_all_dim, a dense first layer then grouped sigmoid routing over 8 experts in 2
 groups with e_score_correction_bias and a shared expert; V2's softmax group-limited routing) at
-tp1, tp2, pp2 and tp2 x pp2, under chunked prefill (decode rows beside prefill chunks in one step),
-preemption and prefix reuse, and with the Triton decode kernel under Triton's interpreter. The KV
+tp1, tp2, pp2, tp2 x pp2, tp2 x ep2 (experts split the TP ranks), tp1 x ep2 (attention
+replicas) and the seed's tp16 x ep4 on 16 ranks, under chunked prefill (decode rows beside prefill
+chunks in one step), preemption and prefix reuse, and with the Triton decode kernel under Triton's
+interpreter. The KV
 cache holds one latent vector per token and layer: (kv_lora_rank + qk_rope_head_dim) x dtype bytes,
 asserted from the KV manager's specs and the runner's tensors. The absorbed (decode) and expanded
 (prefill) forms agree with each other, and the Triton kernel with its torch reference. Multi-token
@@ -17,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import build_checkpoint, hf_greedy, make_prompts
+from helpers import DEEPSEEK_YARN, build_deepseek, hf_greedy, make_prompts
 from meshserve import LLM, SamplingParams
 from meshserve.engine.kv_spec import MLAAttentionSpec
 
@@ -25,25 +27,6 @@ BLOCK = 4
 MAX_NEW = 10
 SP = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 LORA, ROPE = 32, 8  # kv_lora_rank, qk_rope_head_dim of helpers.DEEPSEEK_DEFAULTS
-# DeepSeek-V3's rope scaling, scaled down (mscale != mscale_all_dim: both YaRN factors are exercised)
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
-        "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
-
-
-def build_deepseek(path: str, arch: str = "deepseek_v3", **overrides):
-    """A tiny random checkpoint whose routing is decisive: router weights of std 0.5 (HF's init,
-    0.02, leaves near ties that rounding could flip) and a random e_score_correction_bias."""
-    hf = build_checkpoint(path, arch, **overrides)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
-    hf.save_pretrained(path)
-    return hf
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +38,7 @@ def prompts():
 def v3(tmp_path_factory, prompts):
     """3 layers: dense, MoE, MoE; q_lora on; YaRN."""
     path = str(tmp_path_factory.mktemp("deepseek-v3"))
-    hf = build_deepseek(path, num_hidden_layers=3, rope_parameters=YARN)
+    hf = build_deepseek(path, num_hidden_layers=3, rope_parameters=DEEPSEEK_YARN)
     return path, [hf_greedy(hf, p, MAX_NEW) for p in prompts]
 
 
@@ -93,7 +76,7 @@ def test_tp1_matches_transformers_with_a_latent_kv_cache(v3, prompts):
 CASES = {
     "v3-no-q-lora": ("deepseek_v3", dict(q_lora_rank=None)),
     "v3-rope-not-interleaved-bias": ("deepseek_v3", dict(rope_interleave=False, attention_bias=True)),
-    "v2-lite-group-limited": ("deepseek_v2", dict(q_lora_rank=None, rope_parameters=YARN)),
+    "v2-lite-group-limited": ("deepseek_v2", dict(q_lora_rank=None, rope_parameters=DEEPSEEK_YARN)),
     "v2-greedy-q-lora": ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None)),
 }
 
@@ -109,10 +92,27 @@ def test_variants_match_transformers(tmp_path, prompts, name):
     dict(tensor_parallel_size=2),
     dict(pipeline_parallel_size=2),
     dict(tensor_parallel_size=2, pipeline_parallel_size=2),
-], ids=["tp2", "pp2", "tp2xpp2"])
+    dict(tensor_parallel_size=2, moe_expert_parallel_size=2),  # split: the experts split the TP ranks
+    dict(moe_expert_parallel_size=2),  # replicate: 2 attention replicas of TP 1, 2 expert slots
+], ids=["tp2", "pp2", "tp2xpp2", "tp2xep2-split", "tp1xep2-replicate"])
 def test_parallel_layouts_match_transformers(v3, prompts, layout):
     path, ref = v3
-    generate(path, prompts, ref, **layout)
+    stats = generate(path, prompts, ref, **layout)[0]
+    assert sorted(stats["expert_tokens"]) == [1, 2]
+
+
+def test_seed_layout_tp16_ep4_on_16_ranks(tmp_path):
+    """The seed's --tp_size 16 --ep_size 4: 16 CPU ranks, one attention head each (the latent
+    cache replicated on every rank), experts split 4 ways (moe_tp 4 x moe_ep 4)."""
+    hf = build_deepseek(str(tmp_path), num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16)
+    prompts = make_prompts(3, 320, 9, seed=3)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = [hf_greedy(hf, p, sp.max_tokens) for p in prompts]
+    with LLM(str(tmp_path), tensor_parallel_size=16, moe_expert_parallel_size=4, show_progress=False,
+             kv_cache_config={"tokens_per_block": BLOCK, "max_tokens": 512}) as llm:
+        assert llm._core.executor.world_size == 16
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got == ref
 
 
 def test_chunked_prefill_preemption_and_prefix_reuse(v3, prompts):
@@ -195,6 +195,41 @@ def test_a_mixed_step_equals_its_sequences_one_by_one():
         lo, hi = sum(q_lens[:b]), sum(q_lens[:b + 1])
         one = layer(q[lo:hi].clone(), latent[lo:hi].clone(), w_kv_b, md_for([b]))
         torch.testing.assert_close(whole[lo:hi], one, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_decode_graph_plan_gives_the_eager_result():
+    """What a decode CUDA graph runs (graph_metadata: rows padded to the graph's batch size with
+    seq_len 0 and slot 0, the model's longest context as the bound) against the eager plan, here
+    run eagerly under the interpreter."""
+    pytest.importorskip("triton")
+    from meshserve.layers.attention.backend import AttentionMetadata, AttentionShape
+    from meshserve.layers.attention.backends.mla_triton import TritonMLABackend
+    layer, w_kv_b, g = _layer_and_cache(dtype=torch.float32)
+    backend = TritonMLABackend(AttentionShape(3, 1, 40), BLOCK, "cpu")
+    assert backend.supports_cuda_graphs and not backend.supports_mixed_graphs
+    tables = torch.tensor([[1, 2, 0], [3, 4, 5], [0, 0, 0], [0, 0, 0]], dtype=torch.int32)
+    pos = [5, 9]  # the decoded token's position in each real sequence
+    slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK for b, p in enumerate(pos)] + [0, 0])
+    seq_lens = torch.tensor([6, 10, 0, 0], dtype=torch.int32)
+    q, latent = torch.randn(4, 3, 24, generator=g), torch.randn(4, 40, generator=g)
+    positions = torch.tensor(pos + [0, 0])
+
+    def common(b, max_len):
+        return AttentionMetadata(slot_mapping=slots[:b], query_start_loc=torch.arange(b + 1, dtype=torch.int32),
+                                 seq_lens=seq_lens[:b], block_tables=tables[:b], max_query_len=1,
+                                 max_seq_len=max_len, block_size=BLOCK, num_decodes=b)
+    from meshserve.layers.rotary import RotaryEmbedding
+    rotary = RotaryEmbedding(8, 64, {"rope_type": "default", "rope_theta": 10000.0})
+    cache0 = layer.kv_cache.clone()
+    eager = layer(q[:2].clone(), latent[:2].clone(), w_kv_b, backend.build(common(2, 10), [1, 1]), rotary,
+                  positions[:2])
+    eager_cache, layer.kv_cache = layer.kv_cache, cache0.clone()
+    graph_md = backend.graph_metadata(common(4, 3 * BLOCK), 4, 4, decode=True)
+    graphed = layer(q.clone(), latent.clone(), w_kv_b, graph_md, rotary, positions)
+    torch.testing.assert_close(graphed[:2], eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.kv_cache[1:], eager_cache[1:])  # block 0 took the padding rows
+    with pytest.raises(NotImplementedError, match="steps with prompt tokens run eagerly"):
+        backend.graph_metadata(common(4, 3 * BLOCK), 4, 4, decode=False)
 
 
 @pytest.mark.parametrize("splits", [1, 3, 16])

@@ -21,7 +21,8 @@ layers. `MLAMetadata` splits a step's sequences into the two parts once per step
 
 The layer's forward takes q [T, H, nope + rope], the latent [T, L + R] (c_kv normalised, k_pe not
 yet rotated) and this rank's kv_b_proj weight [H * (nope + v), L]; rotary (on the rope dims, in
-place) and the cache write happen in the backend. No CUDA graphs yet (the backends say so).
+place) and the cache write happen in the backend. CUDA graphs: the Triton backend's decode steps
+(backends/mla_triton.py); steps with prompt tokens run eagerly.
 """
 from __future__ import annotations
 
