@@ -133,6 +133,29 @@ SHAPES: dict[str, ModelShape] = {
         },
         TokenizerSpec(tuple(_QWEN3_SPECIALS), 151643, 151669, None, "<|im_end|>", False,
                       _CHATML_TEMPLATE)),
+    # Moonlight-16B-A3B (moonshotai): the DeepSeek-V3 architecture at a size one GPU holds
+    "moonlight-16b-a3b": ModelShape(
+        {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001,
+            "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1,
+            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+            "intermediate_size": 11264, "kv_lora_rank": 512, "max_position_embeddings": 8192,
+            "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+            "n_shared_experts": 2, "norm_topk_prob": True, "num_attention_heads": 16,
+            "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+            "num_nextn_predict_layers": 0, "q_lora_rank": None, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 50000.0,
+            "routed_scaling_factor": 2.446, "scoring_func": "sigmoid", "seq_aux": True,
+            "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+            "torch_dtype": "bfloat16", "transformers_version": "4.48.2", "use_cache": True,
+            "v_head_dim": 128, "vocab_size": 163840,
+        },
+        TokenizerSpec(("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
+                       "<|im_middle|>"), 163584, 163591, "[BOS]", "[EOS]", False,
+                      "{% for message in messages %}{{ '<|im_' + message['role'] + '|>' + message['role'] + "
+                      "'<|im_middle|>' + message['content'] + '<|im_end|>' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<|im_assistant|>assistant<|im_middle|>' }}{% endif %}")),
     "mixtral-8x7b": ModelShape(
         {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
@@ -151,7 +174,8 @@ _ALIASES = {
     "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
     "meta-llama/llama-3.1-70b": "llama-3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
     "qwen/qwen3-0.6b": "qwen3-0.6b", "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
-    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b", "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b", "moonshotai/moonlight-16b-a3b": "moonlight-16b-a3b",
+    "moonshotai/moonlight-16b-a3b-instruct": "moonlight-16b-a3b", "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
     "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
 }
 
