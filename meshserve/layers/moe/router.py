@@ -12,15 +12,26 @@ int64). Every step is a fixed-shape torch op (no host sync), so it runs inside C
   `routed_scaling_factor`.
 - softmax scoring with `n_group` (DeepSeek-V2's group_limited_greedy): groups scored by their best
   expert.
+
+On CUDA (Triton available) all of it is one kernel, kernels/moe_router.py (`router_topk`); the torch
+ops below are its reference and the path everywhere else. `kernel=True` (or the module switch
+`USE_KERNEL = True`) also takes the kernel on CPU under Triton's interpreter (tests).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from meshserve import kernels
+
 SCORINGS = ("softmax", "sigmoid")
+
+# None: the fused kernel on CUDA where Triton runs, torch elsewhere; True: the kernel also on CPU
+# under TRITON_INTERPRET=1 (tests); False: always torch.
+USE_KERNEL: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,32 @@ def _topk(x: torch.Tensor, k: int, ids_out: Optional[torch.Tensor], sorted: bool
     return torch.topk(x, k, dim=-1, sorted=sorted, out=(values, ids_out))
 
 
+def _use_kernel(logits: torch.Tensor, cfg: RouterConfig, kernel: Optional[bool]) -> bool:
+    choice = USE_KERNEL if kernel is None else kernel
+    if choice is False or logits.dim() != 2 or not kernels.TRITON_INSTALLED:
+        return False
+    from meshserve.kernels.moe_router import supports
+    if not supports(logits.shape[1], cfg.top_k):
+        return False
+    if logits.is_cuda:
+        return kernels.TRITON_AVAILABLE
+    return choice is True and logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def select_experts(logits: torch.Tensor, cfg: RouterConfig, correction_bias: Optional[torch.Tensor] = None,
-                   ids_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   ids_out: Optional[torch.Tensor] = None,
+                   kernel: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, K] float32, ids [T, K] int64) for router logits [T, E]. `ids_out` ([T, K]
-    int64) receives the ids in place (the expert-load table, with no extra copy)."""
+    int64) receives the ids in place (the expert-load table, with no extra copy). `kernel`: None
+    follows USE_KERNEL; True/False force the fused kernel (CUDA, or CPU under the interpreter) or
+    the torch ops. The kernel gives ids in descending order of the choice (the torch path's sigmoid
+    branch leaves them unsorted); the weights' order follows the ids in both."""
+    if _use_kernel(logits, cfg, kernel):
+        from meshserve.kernels.moe_router import router_topk
+        sigmoid = cfg.scoring == "sigmoid"
+        return router_topk(logits, cfg.top_k, sigmoid=sigmoid, renormalize=cfg.renormalize,
+                           bias=correction_bias if sigmoid else None, n_group=cfg.n_group,
+                           topk_group=cfg.topk_group, scale=cfg.routed_scaling_factor, ids_out=ids_out)
     logits = logits.float()
     grouped = cfg.n_group is not None and cfg.n_group > 1
     if cfg.scoring == "softmax":
