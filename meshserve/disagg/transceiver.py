@@ -7,16 +7,24 @@ server's every rank runs a `KvSink`: told which source ranks hold which layers a
 request's KV, it reads them (layer by layer, in chunks of at most `max_tokens_in_buffer` tokens)
 into the blocks its engine allocated, re-slicing heads when the TP sizes differ and re-blocking
 when `tokens_per_block` differs. Each backend (DEFAULT over TCP here; NIXL, UCX, MPI in issue 23)
-implements both classes; `create_transceiver(backend, ...)` picks one.
+implements both classes; `create_transceiver(backend)` picks one.
 
 Everything a sink needs to know about the source travels in `RankLayout`s inside the signed
 disaggregated params (params.py); nothing here trusts a client.
+
+Lifecycle on the context side: the engine builds one source per rank over that rank's caches, calls
+`register(KvRequest)` when a context request finishes (its blocks pinned) and `unregister(id)` before
+it frees them on `kv_transfer_timeout_ms`; the generation side's release message unregisters the
+request and then calls `on_release(ctx_request_id)` (on the source's thread) so the engine frees them.
+With `require_registered=True` a source serves reads of registered requests only, and `unregister`
+waits for a read in progress: a late pull then fails instead of reading reused blocks.
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Optional
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import msgspec
 
@@ -32,7 +40,7 @@ class RankLayout(msgspec.Struct, frozen=True):
     """What one rank holds of a model's KV cache, and where to read it."""
     endpoint: str  # "host:port" of the rank's KvSource ("" on a sink)
     model_id: str  # model name + hash of its config.json: both sides must agree
-    dtype: str  # "bfloat16", "float32"...: both sides must agree (no conversion)
+    dtype: str  # "bfloat16", "float32"... (torch's name without "torch."): both sides must agree (no conversion)
     block_size: int  # tokens per block
     layers: tuple[int, ...]  # the model layers this rank holds (its pipeline stage)
     num_kv_heads: int  # the model's KV heads (all ranks)
@@ -41,6 +49,10 @@ class RankLayout(msgspec.Struct, frozen=True):
     kind: str = "full"  # "full" (K and V per head) or "latent" (one kv_lora_rank + rope vector per token)
     latent_dim: int = 0  # kind "latent": kv_lora_rank + qk_rope_head_dim
     groups: tuple[int, ...] = ()  # KV cache group of each of `layers` (empty: all in group 0)
+
+    def group_of(self, layer: int) -> int:
+        """The KV cache group (index into a request's block_ids) of a model layer this rank holds."""
+        return self.groups[self.layers.index(layer)] if self.groups else 0
 
 
 class KvRequest(msgspec.Struct, frozen=True):
@@ -61,13 +73,26 @@ class PullResult:
 class KvSource:
     """Serves reads of this rank's KV blocks. `kv_caches[i]` is the cache tensor of
     `layout.layers[i]` (shapes of engine/kv_spec.py: full [2, blocks, block_size, heads, dim],
-    latent [blocks, block_size, latent_dim])."""
+    latent [blocks, block_size, latent_dim]). `key`: the HMAC key (params.secret_key()); None
+    authenticates nothing (tests on one host only)."""
 
-    def __init__(self, kv_caches: list, layout: RankLayout, host: str = "127.0.0.1", key: Optional[bytes] = None):
+    def __init__(self, kv_caches: list, layout: RankLayout, host: str = "127.0.0.1", key: Optional[bytes] = None,
+                 on_release: Optional[Callable[[str], None]] = None, require_registered: bool = False):
         raise NotImplementedError
+
+    on_release: Optional[Callable[[str], None]]  # set by the engine; called with ctx_request_id
 
     @property
     def endpoint(self) -> str:
+        """"host:port" to put in this rank's RankLayout."""
+        raise NotImplementedError
+
+    def register(self, req: KvRequest) -> None:
+        """The request's blocks are pinned and may be read."""
+        raise NotImplementedError
+
+    def unregister(self, ctx_request_id: str) -> bool:
+        """No more reads of the request (waits for one in progress). False if it was not registered."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -75,7 +100,8 @@ class KvSource:
 
 
 class KvSink:
-    """Reads a request's KV from the source ranks into this rank's blocks."""
+    """Reads a request's KV from the source ranks into this rank's blocks (`kv_caches[i]`: the cache
+    of `layout.layers[i]`; `layout.endpoint` is "")."""
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
                  key: Optional[bytes] = None):
@@ -85,8 +111,35 @@ class KvSink:
              timeout_s: float) -> PullResult:
         """Blocking: read every layer and head this rank holds from the sources that hold them
         (any one replica when several do), into `dst_block_ids` (per KV group, this side's block
-        size). Returns SUCCESS, or FAILED with a one-line error; never raises for transfer errors."""
+        size). Returns SUCCESS, or FAILED with a one-line error; never raises for transfer errors.
+        When it returns, nothing writes into this rank's blocks any more (safe to free them)."""
+        raise NotImplementedError
+
+    def release(self, source_rank0: RankLayout, ctx_request_id: str, timeout_s: float = 5.0) -> Optional[str]:
+        """Tell the context server (its rank 0 source) the request's KV is no longer needed.
+        None on success, else a one-line error; never raises."""
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+# backend name -> (module, source class, sink class); imported when picked (as models/registry.py)
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "DEFAULT": ("meshserve.disagg.tcp", "TcpKvSource", "TcpKvSink"),
+}
+_LATER = ("NIXL", "UCX", "MPI")  # issue 23
+
+
+def create_transceiver(backend: str) -> tuple[type[KvSource], type[KvSink]]:
+    """The (source class, sink class) of `cache_transceiver_config.backend` (case-insensitive)."""
+    name = str(backend).upper()
+    if name in _LATER:
+        raise ValueError(f"cache_transceiver_config.backend={backend!r} comes with issue 23; "
+                         f"available now: {', '.join(_BACKENDS)}")
+    if name not in _BACKENDS:
+        raise ValueError(f"cache_transceiver_config.backend={backend!r} is not a KV transfer backend; "
+                         f"available now: {', '.join(_BACKENDS)} ({', '.join(_LATER)} come with issue 23)")
+    module, source, sink = _BACKENDS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, source), getattr(mod, sink)
