@@ -99,15 +99,17 @@ def test_empty_batch_and_all_remote(backend):
     assert out.shape == (4, 64) and torch.all(out == 0)
 
 
-@triton_only
-@pytest.mark.parametrize("n,E,block_m", [(6, 4, 16), (160, 8, 16), (300, 8, 16), (5000, 60, 32)])
-def test_align_block_size(n, E, block_m):
+ALIGN_CASES = [(6, 4, 16), (160, 8, 16), (300, 8, 16), (5000, 60, 32),
+               # one program (_align_small_kernel): decode sizes, E above and below n, all row blocks
+               (1, 128, 16), (8, 128, 16), (8, 1, 16), (16, 128, 32), (33, 8, 16), (64, 128, 16), (64, 60, 64),
+               (100, 128, 128), (200, 16, 16), (256, 128, 16), (256, 4, 64)]
+
+
+def check_alignment(ids, E, block_m, sorted_ids, block_expert):
     """Each expert's assignments in order in one segment that starts at a multiple of block_m,
-    padding = the sentinel n, block experts match, -1 never placed; several chunks for larger n."""
-    from meshserve.kernels.moe import align_block_size, padded_rows
-    g = torch.Generator().manual_seed(n)
-    ids = torch.randint(-1, E, (n,), generator=g)
-    sorted_ids, block_expert = align_block_size(ids.view(-1, 2) if n % 2 == 0 else ids.view(-1, 1), E, block_m)
+    padding = the sentinel n, block experts match, -1 never placed, sentinels and -1 past the end."""
+    from meshserve.kernels.moe import padded_rows
+    n = ids.numel()
     P = padded_rows(n, E, block_m)
     assert sorted_ids.shape == (P,) and block_expert.shape == (P // block_m,)
     start = 0
@@ -118,7 +120,40 @@ def test_align_block_size(n, E, block_m):
         assert torch.all(sorted_ids[start + len(mine):start + seg] == n)
         assert torch.all(block_expert[start // block_m:(start + seg) // block_m] == e)
         start += seg
+    assert torch.all(sorted_ids[start:] == n)
     assert torch.all(block_expert[start // block_m:] == -1)
+
+
+@triton_only
+@pytest.mark.parametrize("n,E,block_m", ALIGN_CASES)
+def test_align_block_size(n, E, block_m, monkeypatch):
+    """Small n in one program, larger n in several (chunked counts, then placement); the small
+    cases also through the multi-program path (small_max=0), which must agree. The outputs come
+    from torch.empty: poisoned here, so every slot must be written."""
+    from meshserve.kernels import moe
+    from meshserve.kernels.moe import align_block_size
+    real_empty = torch.empty
+    monkeypatch.setattr(moe.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(12345))
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(-1, E, (n,), generator=g)
+    shaped = ids.view(-1, 2) if n % 2 == 0 else ids.view(-1, 1)
+    sorted_ids, block_expert = align_block_size(shaped, E, block_m)
+    check_alignment(ids, E, block_m, sorted_ids, block_expert)
+    if n <= 256:
+        again = align_block_size(shaped, E, block_m, small_max=0)
+        assert torch.equal(again[0], sorted_ids) and torch.equal(again[1], block_expert)
+
+
+@triton_only
+@pytest.mark.parametrize("T,K,E", [(1, 8, 128), (4, 8, 128), (32, 8, 128), (3, 2, 8)])
+def test_align_small_with_distinct_topk_rows(T, K, E):
+    """A router's ids (distinct per row, some -1 from another rank) with the decode row block."""
+    from meshserve.kernels.moe import align_block_size
+    g = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[torch.rand(T, K, generator=g) < 0.2] = -1
+    for block_m in (16, 64):
+        check_alignment(ids.reshape(-1), E, block_m, *align_block_size(ids, E, block_m))
 
 
 @triton_only
