@@ -1,0 +1,124 @@
+"""Reading and writing a request's tokens in a KV cache tensor, independent of its block size.
+
+A transfer buffer holds tokens [t0, t1) of one layer, token-major, contiguous on the CPU:
+- full attention (cache [2, num_blocks, block_size, heads, head_dim]): [2, t1 - t0, h1 - h0, head_dim]
+  (K then V; heads h0..h1 of this rank's local heads);
+- latent (cache [num_blocks, block_size, latent_dim]): [t1 - t0, latent_dim].
+Token t of a request lives in block `block_ids[t // block_size]` at offset `t % block_size`, so a
+buffer gathered with one block size scatters into blocks of any other. CUDA caches go through
+pinned host memory (synchronous copies). Pure torch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (RankLayout.dtype)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def cache_kind(cache: torch.Tensor) -> str:
+    """"full" for a 5-d [2, blocks, block_size, heads, dim] cache, "latent" for [blocks, block_size, dim]."""
+    if cache.dim() == 5 and cache.shape[0] == 2:
+        return "full"
+    if cache.dim() == 3:
+        return "latent"
+    raise ValueError(f"a KV cache tensor of shape {tuple(cache.shape)} is neither full attention "
+                     f"[2, blocks, block_size, heads, dim] nor latent [blocks, block_size, dim]")
+
+
+def buffer_shape(cache: torch.Tensor, num_tokens: int, heads: Optional[tuple[int, int]] = None) -> tuple[int, ...]:
+    """The shape of a buffer of `num_tokens` tokens (heads: local [h0, h1), default all) of `cache`."""
+    if cache_kind(cache) == "latent":
+        return (num_tokens, cache.shape[2])
+    h0, h1 = heads if heads is not None else (0, cache.shape[3])
+    return (2, num_tokens, h1 - h0, cache.shape[4])
+
+
+def token_slots(block_ids: Sequence[int], block_size: int, t0: int, t1: int, num_blocks: int) -> torch.Tensor:
+    """Flat slot index (block * block_size + offset) of tokens t0..t1-1; a ValueError when the
+    blocks do not cover them or a block id is out of range."""
+    if not 0 <= t0 <= t1:
+        raise ValueError(f"bad token range [{t0}, {t1})")
+    if t1 > len(block_ids) * block_size:
+        raise ValueError(f"{len(block_ids)} blocks of {block_size} tokens do not hold {t1} tokens")
+    first, last = t0 // block_size, -(-t1 // block_size)
+    blocks = torch.tensor(list(block_ids[first:max(first, last)]), dtype=torch.long)
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
+        raise ValueError(f"block ids out of range [0, {num_blocks})")
+    pos = torch.arange(t0, t1, dtype=torch.long)
+    return blocks[pos // block_size - first] * block_size + pos % block_size
+
+
+def geometry(cache: torch.Tensor) -> tuple[str, int, int]:
+    """(kind, num_blocks, block_size) of a cache tensor."""
+    kind = cache_kind(cache)
+    return (kind, cache.shape[0], cache.shape[1]) if kind == "latent" else (kind, cache.shape[1], cache.shape[2])
+
+
+def _flat(cache: torch.Tensor) -> torch.Tensor:
+    """The cache viewed with blocks and offsets as one slot dimension."""
+    if cache_kind(cache) == "latent":
+        return cache.view(cache.shape[0] * cache.shape[1], cache.shape[2])
+    return cache.view(2, cache.shape[1] * cache.shape[2], cache.shape[3], cache.shape[4])
+
+
+def _check_heads(cache: torch.Tensor, heads: Optional[tuple[int, int]]) -> tuple[int, int]:
+    h0, h1 = heads if heads is not None else (0, cache.shape[3])
+    if not 0 <= h0 < h1 <= cache.shape[3]:
+        raise ValueError(f"heads [{h0}, {h1}) outside this cache's {cache.shape[3]} heads")
+    return h0, h1
+
+
+def gather(cache: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: int, t1: int,
+           heads: Optional[tuple[int, int]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens [t0, t1) (heads: local [h0, h1) of a full cache, default all) into a contiguous CPU
+    buffer (`out` if given: buffer_shape, the cache's dtype, on the CPU)."""
+    kind, num_blocks, cache_block_size = geometry(cache)
+    if cache_block_size != block_size:
+        raise ValueError(f"block_size {block_size} is not the cache's {tuple(cache.shape)}")
+    flat = _flat(cache)
+    idx = token_slots(block_ids, block_size, t0, t1, num_blocks)
+    if kind == "latent":
+        part = flat.index_select(0, idx.to(cache.device))
+    else:
+        h0, h1 = _check_heads(cache, heads)
+        part = flat[:, :, h0:h1].index_select(1, idx.to(cache.device))
+    if out is None:
+        if cache.device.type == "cpu":
+            return part.contiguous()
+        out = torch.empty(part.shape, dtype=cache.dtype, pin_memory=torch.cuda.is_available())
+    out.copy_(part)
+    return out
+
+
+def scatter(cache: torch.Tensor, buf: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: int,
+            heads: Optional[tuple[int, int]] = None) -> None:
+    """Write a buffer of tokens [t0, t0 + n) (heads: local [h0, h1) of a full cache, default all)
+    into the cache's blocks `block_ids` (of `block_size` tokens)."""
+    kind, num_blocks, cache_block_size = geometry(cache)
+    if cache_block_size != block_size:
+        raise ValueError(f"block_size {block_size} is not the cache's {tuple(cache.shape)}")
+    n = buf.shape[0 if kind == "latent" else 1]
+    expected = buffer_shape(cache, n, heads)
+    if tuple(buf.shape) != expected or buf.dtype != cache.dtype:
+        raise ValueError(f"buffer {tuple(buf.shape)} {buf.dtype} does not fit {expected} {cache.dtype}")
+    flat = _flat(cache)
+    idx = token_slots(block_ids, block_size, t0, t0 + n, num_blocks)
+    src = buf.to(cache.device)
+    idx = idx.to(cache.device)
+    if kind == "latent":
+        flat.index_copy_(0, idx, src)
+    else:
+        h0, h1 = _check_heads(cache, heads)
+        flat[:, :, h0:h1].index_copy_(1, idx, src)
