@@ -107,8 +107,9 @@ def main() -> None:
     summary = {"scenario": "moe-1gpu"}
     ours_json = os.path.join(a.out, "ours.json")
     if a.part == "ours":
+        result = ours(a)  # before opening the file: a failed run leaves no empty JSON behind
         with open(ours_json, "w") as f:
-            json.dump(ours(a), f, indent=2)
+            json.dump(result, f, indent=2)
     elif a.part == "all":  # in its own process, so its GPU memory is gone before the peer loads
         subprocess.run([sys.executable, __file__, "--part", "ours", "--model", a.model, "--backend", a.backend,
                         "--max-batch-size", str(a.max_batch_size), "--num-offline", str(a.num_offline),
