@@ -81,6 +81,7 @@ class KvSource:
         raise NotImplementedError
 
     on_release: Optional[Callable[[str], None]]  # set by the engine; called with ctx_request_id
+    layout: RankLayout  # the constructor's layout with `endpoint` filled in (what goes into the params)
 
     @property
     def endpoint(self) -> str:

@@ -1,0 +1,656 @@
+"""The DEFAULT KV transfer backend: plain TCP, msgspec msgpack headers, raw tensor bytes. No pickle.
+
+A `TcpKvSource` listens on (host, ephemeral port) with one accept thread and a thread per
+connection. A connection goes:
+
+    source -> sink  Hello(nonce, layout)                  the source's RankLayout, a fresh nonce
+    sink -> source  Read(request, layer, heads, tokens)   -> Data(nbytes, shape) + nbytes raw bytes
+                    Release(ctx_request_id)               -> Ok
+                    (any request)                         -> Error(message) when refused
+
+Every frame is `len (u32, big endian) | mac (32 bytes) | msgpack body`. With a key, mac is
+HMAC-SHA256(key, nonce | direction | sequence number | body), so a frame only counts on the
+connection and at the place it was made for (no replays); the Hello's nonce part is empty. Without a
+key the mac is zeros and nothing is checked. Tensor bytes follow their Data header unsigned (a
+signature over gigabytes of KV would cost more than the transfer; the peer is authenticated).
+
+A `TcpKvSink` pulls: for each layer it holds, it picks the context ranks covering its KV heads
+(several when the context TP is larger, one replica when heads are replicated; any rank holding the
+layer for latent caches), then asks each of them, one thread and one connection per context rank,
+for its share in chunks of at most `max_tokens_in_buffer` tokens, scattering each answer into its
+own blocks (kv_io.py re-blocks). Errors and timeouts come back as FAILED with one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import msgspec
+import torch
+
+from meshserve.disagg import kv_io
+from meshserve.disagg.transceiver import KvRequest, KvSink, KvSource, PullResult, RankLayout, TransferState
+
+logger = logging.getLogger(__name__)
+
+_LEN = struct.Struct("!I")
+_SEQ = struct.Struct("!Q")
+_MAC_LEN = 32
+_NO_MAC = bytes(_MAC_LEN)
+MAX_HEADER = 64 << 20  # a header (msgpack) larger than this is refused
+IDLE_TIMEOUT_S = 300.0  # a source drops a connection silent this long
+
+
+class Hello(msgspec.Struct, tag=True):
+    nonce: bytes
+    layout: RankLayout
+
+
+class Read(msgspec.Struct, tag=True):
+    ctx_request_id: str
+    block_ids: list[int]  # the request's blocks in the KV cache group of `layer` (source block size)
+    num_tokens: int  # the request's length
+    layer: int  # model layer index
+    kv_heads: tuple[int, int]  # [start, end) model KV heads (ignored for latent caches)
+    tokens: tuple[int, int]  # [start, end) tokens of this chunk
+    model_id: str
+    dtype: str
+
+
+class Release(msgspec.Struct, tag=True):
+    ctx_request_id: str
+
+
+class Data(msgspec.Struct, tag=True):
+    nbytes: int
+    shape: list[int]
+
+
+class Ok(msgspec.Struct, tag=True):
+    pass
+
+
+class Error(msgspec.Struct, tag=True):
+    message: str
+
+
+Message = Union[Hello, Read, Release, Data, Ok, Error]
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class _AuthError(Exception):
+    pass
+
+
+class _Fail(Exception):
+    """A transfer error, reported as FAILED with this one-line message."""
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split())
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"KV transfer endpoint {endpoint!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Conn:
+    """One framed, optionally authenticated connection. `side`: b"S" (source) or b"K" (sink): the
+    direction byte of what this end sends."""
+
+    def __init__(self, sock: socket.socket, key: Optional[bytes], side: bytes):
+        self.sock = sock
+        self.key = key
+        self.side = side
+        self.peer_side = b"K" if side == b"S" else b"S"
+        self.nonce = b""
+        self.sent = 0
+        self.received = 0
+        self.deadline: Optional[float] = None  # monotonic; None: the socket's own timeout
+
+    def _mac(self, direction: bytes, seq: int, body: bytes) -> bytes:
+        if self.key is None:
+            return _NO_MAC
+        return hmac.new(self.key, self.nonce + direction + _SEQ.pack(seq) + body, hashlib.sha256).digest()
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            self.sock.settimeout(left)
+
+    def send(self, msg) -> None:
+        body = _encoder.encode(msg)
+        mac = self._mac(self.side, self.sent, body)
+        self.sent += 1
+        self._arm()
+        self.sock.sendall(_LEN.pack(len(body)) + mac + body)
+
+    def send_bytes(self, data: memoryview) -> None:
+        self._arm()
+        self.sock.sendall(data)
+
+    def recv_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            self._arm()
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("connection closed by peer")
+            got += n
+
+    def recv(self):
+        head = bytearray(_LEN.size + _MAC_LEN)
+        self.recv_into(memoryview(head))
+        (size,) = _LEN.unpack_from(head)
+        if size > MAX_HEADER:
+            raise ConnectionError(f"header of {size} bytes (limit {MAX_HEADER})")
+        body = bytearray(size)
+        self.recv_into(memoryview(body))
+        if self.key is not None:
+            expected = self._mac(self.peer_side, self.received, bytes(body))
+            if not hmac.compare_digest(bytes(head[_LEN.size:]), expected):
+                raise _AuthError("HMAC does not match")
+        self.received += 1
+        try:
+            return _decoder.decode(body)
+        except msgspec.DecodeError as e:
+            raise ConnectionError(f"malformed message ({e})") from None
+
+
+class _Staging:
+    """A reusable host buffer (pinned when CUDA is in play) to receive or send chunks through."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.buf: Optional[torch.Tensor] = None
+
+    def get(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
+        return self.buf[:nbytes].view(dtype).view(tuple(shape))
+
+
+def _cuda_stream(caches: list):
+    """A side stream on the caches' GPU (copies overlap the engine's compute), or None on the CPU."""
+    for c in caches:
+        if c.device.type == "cuda":
+            return torch.cuda.Stream(c.device)
+    return None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def normalized(layout: RankLayout) -> RankLayout:
+    """The layout with tuples where it was built with lists (as it comes out of msgpack)."""
+    return msgspec.convert(msgspec.to_builtins(layout), RankLayout)
+
+
+def _check_caches(kv_caches: list, layout: RankLayout, what: str) -> None:
+    """A ValueError when the tensors do not match the layout (a wiring error, at startup)."""
+    if len(kv_caches) != len(layout.layers):
+        raise ValueError(f"{what}: {len(kv_caches)} cache tensors for {len(layout.layers)} layers")
+    if layout.groups and len(layout.groups) != len(layout.layers):
+        raise ValueError(f"{what}: {len(layout.groups)} groups for {len(layout.layers)} layers")
+    if layout.kind not in ("full", "latent"):
+        raise ValueError(f"{what}: kind {layout.kind!r} is neither 'full' nor 'latent'")
+    heads = layout.kv_heads[1] - layout.kv_heads[0]
+    for layer, cache in zip(layout.layers, kv_caches):
+        kind, _, block_size = kv_io.geometry(cache)
+        if kind != layout.kind:
+            raise ValueError(f"{what}: layer {layer}'s cache {tuple(cache.shape)} is not of kind {layout.kind!r}")
+        if kv_io.dtype_name(cache.dtype) != layout.dtype:
+            raise ValueError(f"{what}: layer {layer}'s cache is {kv_io.dtype_name(cache.dtype)}, "
+                             f"layout says {layout.dtype}")
+        if block_size != layout.block_size:
+            raise ValueError(f"{what}: layer {layer}'s cache has blocks of {block_size}, "
+                             f"layout says {layout.block_size}")
+        if kind == "full" and (cache.shape[3] != heads or cache.shape[4] != layout.head_dim):
+            raise ValueError(f"{what}: layer {layer}'s cache {tuple(cache.shape)} does not hold {heads} heads "
+                             f"of {layout.head_dim}")
+        if kind == "latent" and cache.shape[2] != layout.latent_dim:
+            raise ValueError(f"{what}: layer {layer}'s cache {tuple(cache.shape)} is not of "
+                             f"latent_dim {layout.latent_dim}")
+
+
+class TcpKvSource(KvSource):
+    def __init__(self, kv_caches: list, layout: RankLayout, host: str = "127.0.0.1", key: Optional[bytes] = None,
+                 on_release: Optional[Callable[[str], None]] = None, require_registered: bool = False):
+        layout = normalized(layout)
+        _check_caches(kv_caches, layout, "KV source")
+        self.kv_caches = list(kv_caches)
+        self.key = key
+        self.on_release = on_release
+        self.require_registered = require_registered
+        self._pinned = any(c.device.type == "cuda" for c in self.kv_caches)
+        self._cond = threading.Condition()
+        self._registered: dict[str, KvRequest] = {}
+        self._inflight: dict[str, int] = {}
+        self._closed = False
+        self._conns: set[socket.socket] = set()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, 0), family=family, backlog=64)
+        port = self._listener.getsockname()[1]
+        advertised = host
+        if host in ("0.0.0.0", "::", ""):  # reachable name for a wildcard bind
+            advertised = socket.gethostname()
+        self._endpoint = _format_endpoint(advertised, port)
+        self.layout = msgspec.structs.replace(layout, endpoint=self._endpoint)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"kv-source-{port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    # -- registry ------------------------------------------------------------------------------
+
+    def register(self, req: KvRequest) -> None:
+        with self._cond:
+            self._registered[req.ctx_request_id] = req
+
+    def unregister(self, ctx_request_id: str) -> bool:
+        with self._cond:
+            found = self._registered.pop(ctx_request_id, None) is not None
+            self._cond.wait_for(lambda: self._inflight.get(ctx_request_id, 0) == 0)
+            return found
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                ready, _, _ = select.select([self._listener, self._wake_r], [], [])
+                if self._closed or self._wake_r in ready:
+                    break
+                sock, _ = self._listener.accept()
+            except OSError:
+                if self._closed:
+                    break
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(IDLE_TIMEOUT_S)
+            with self._cond:
+                self._conns.add(sock)
+            threading.Thread(target=self._serve, args=(sock,), name="kv-source-conn", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = _Conn(sock, self.key, b"S")
+        staging = _Staging(self._pinned)
+        stream = _cuda_stream(self.kv_caches)
+        try:
+            nonce = secrets.token_bytes(16)
+            conn.send(Hello(nonce, self.layout))
+            conn.nonce = nonce
+            while not self._closed:
+                try:
+                    msg = conn.recv()
+                except _AuthError:
+                    conn.send(Error("authentication failed: the request's HMAC does not match this context "
+                                    "server's key (MESHSERVE_SECRET differs between the servers?)"))
+                    return
+                if isinstance(msg, Read):
+                    # the D2H copy into pinned memory is synchronous: the bytes are read when it returns
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        self._read(conn, msg, staging)
+                elif isinstance(msg, Release):
+                    self.unregister(msg.ctx_request_id)
+                    callback = self.on_release
+                    if callback is not None:
+                        try:
+                            callback(msg.ctx_request_id)
+                        except Exception:  # the engine's bug: log it, keep serving
+                            logger.exception("KV source: on_release(%s) failed", msg.ctx_request_id)
+                    conn.send(Ok())
+                else:
+                    conn.send(Error(f"unexpected message {type(msg).__name__}"))
+                    return
+        except (OSError, ConnectionError):
+            pass  # the peer went away, or idled out
+        finally:
+            with self._cond:
+                self._conns.discard(sock)
+            sock.close()
+
+    def _read(self, conn: _Conn, msg: Read, staging: _Staging) -> None:
+        lay = self.layout
+        if msg.model_id != lay.model_id or msg.dtype != lay.dtype:
+            conn.send(Error(f"the context rank serves model_id={lay.model_id!r} dtype={lay.dtype}; the request "
+                            f"names model_id={msg.model_id!r} dtype={msg.dtype}"))
+            return
+        if msg.layer not in lay.layers:
+            conn.send(Error(f"layer {msg.layer} is not on this context rank (it holds {list(lay.layers)})"))
+            return
+        idx = lay.layers.index(msg.layer)
+        cache = self.kv_caches[idx]
+        heads = None
+        if lay.kind == "full":
+            h0, h1 = msg.kv_heads[0] - lay.kv_heads[0], msg.kv_heads[1] - lay.kv_heads[0]
+            if not 0 <= h0 < h1 <= lay.kv_heads[1] - lay.kv_heads[0]:
+                conn.send(Error(f"KV heads {list(msg.kv_heads)} are not on this context rank (it holds "
+                                f"{list(lay.kv_heads)})"))
+                return
+            heads = (h0, h1)
+        t0, t1 = msg.tokens
+        if not 0 <= t0 < t1 <= msg.num_tokens:
+            conn.send(Error(f"token range [{t0}, {t1}) outside the request's {msg.num_tokens} tokens"))
+            return
+        rid = msg.ctx_request_id
+        with self._cond:
+            req = self._registered.get(rid)
+            if req is None and self.require_registered:
+                conn.send(Error(f"ctx request {rid} is not held by this context server (released, or "
+                                f"kv_transfer_timeout_ms passed)"))
+                return
+            if req is not None:
+                group = lay.group_of(msg.layer)
+                if (group >= len(req.block_ids) or list(msg.block_ids) != list(req.block_ids[group])
+                        or msg.num_tokens != req.num_tokens):
+                    conn.send(Error(f"ctx request {rid}: the block ids or length do not match what the "
+                                    f"context server holds"))
+                    return
+            self._inflight[rid] = self._inflight.get(rid, 0) + 1
+        try:
+            try:
+                shape = kv_io.buffer_shape(cache, t1 - t0, heads)
+                out = staging.get(shape, cache.dtype) if cache.device.type != "cpu" else None
+                buf = kv_io.gather(cache, msg.block_ids, lay.block_size, t0, t1, heads, out=out)
+            except ValueError as e:
+                conn.send(Error(_one_line(str(e))))
+                return
+        finally:
+            with self._cond:
+                self._inflight[rid] -= 1
+                if not self._inflight[rid]:
+                    del self._inflight[rid]
+                self._cond.notify_all()
+        data = _as_bytes(buf)
+        conn.send(Data(len(data), list(buf.shape)))
+        conn.send_bytes(data)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        with self._cond:
+            conns = list(self._conns)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _compatible(sink: RankLayout, src: RankLayout) -> Optional[str]:
+    """A one-line reason a source's KV cannot go into the sink's caches, or None."""
+    for name in ("model_id", "dtype", "kind", "head_dim", "num_kv_heads", "latent_dim"):
+        a, b = getattr(src, name), getattr(sink, name)
+        if a != b:
+            return (f"{name} mismatch: the context rank at {src.endpoint} has {name}={a!r}, this generation "
+                    f"rank has {name}={b!r}")
+    return None
+
+
+class TcpKvSink(KvSink):
+    def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
+                 key: Optional[bytes] = None):
+        layout = normalized(layout)
+        _check_caches(kv_caches, layout, "KV sink")
+        if max_tokens_in_buffer is not None and max_tokens_in_buffer <= 0:
+            raise ValueError(f"max_tokens_in_buffer must be positive, got {max_tokens_in_buffer}")
+        self.kv_caches = list(kv_caches)
+        self.layout = layout
+        self.max_tokens_in_buffer = max_tokens_in_buffer
+        self.key = key
+        self._pinned = any(c.device.type == "cuda" for c in self.kv_caches)
+
+    def _plan(self, sources: Sequence[RankLayout]) -> dict[int, list[tuple[int, tuple[int, int]]]]:
+        """Source index -> [(model layer, model KV heads [a, b))] to read from it."""
+        lay = self.layout
+        plan: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+        for layer in lay.layers:
+            holders = [j for j, s in enumerate(sources) if layer in s.layers]
+            if not holders:
+                raise _Fail(f"no context rank holds layer {layer}")
+            if lay.kind == "latent":
+                plan.setdefault(holders[layer % len(holders)], []).append((layer, (0, 0)))
+                continue
+            p, end = lay.kv_heads
+            while p < end:
+                covering = [j for j in holders if sources[j].kv_heads[0] <= p < sources[j].kv_heads[1]]
+                if not covering:
+                    raise _Fail(f"no context rank holds KV head {p} of layer {layer}")
+                reach = max(sources[j].kv_heads[1] for j in covering)
+                replicas = [j for j in covering if sources[j].kv_heads[1] == reach]
+                j = replicas[(layer + p) % len(replicas)]  # spread reads over replicas
+                q = min(end, reach)
+                plan.setdefault(j, []).append((layer, (p, q)))
+                p = q
+        return plan
+
+    def pull(self, sources: list[RankLayout], src: KvRequest, dst_block_ids: list[list[int]],
+             timeout_s: float) -> PullResult:
+        start = time.monotonic()
+        deadline = start + timeout_s
+        try:
+            if not sources:
+                raise _Fail("no context ranks to pull from")
+            try:
+                sources = [normalized(s) for s in sources]
+            except (msgspec.ValidationError, TypeError) as e:
+                raise _Fail(f"malformed context rank layout ({e})") from None
+            for s in sources:
+                why = _compatible(self.layout, s)
+                if why:
+                    raise _Fail(why)
+            for layer in self.layout.layers:
+                g = self.layout.group_of(layer)
+                if g >= len(dst_block_ids) or len(dst_block_ids[g]) * self.layout.block_size < src.num_tokens:
+                    raise _Fail(f"the generation rank's blocks of group {g} do not hold {src.num_tokens} tokens")
+            plan = self._plan(sources) if src.num_tokens > 0 else {}
+        except _Fail as e:
+            return PullResult(TransferState.FAILED, _one_line(str(e)), 0, time.monotonic() - start)
+        abort = threading.Event()
+        errors: list[str] = []
+        moved = [0] * len(sources)
+
+        def job(j: int) -> None:
+            try:
+                moved[j] = self._pull_from(sources[j], plan[j], src, dst_block_ids, deadline, abort)
+            except _Fail as e:
+                errors.append(_one_line(str(e)))
+                abort.set()
+            except Exception as e:  # never raise out of pull: a bug here is a failed transfer
+                errors.append(_one_line(f"KV pull from {sources[j].endpoint} failed: {type(e).__name__}: {e}"))
+                abort.set()
+
+        threads = [threading.Thread(target=job, args=(j,), name="kv-sink-pull", daemon=True) for j in plan]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()  # every job stops by the deadline (socket timeouts): nothing writes after this
+        seconds = time.monotonic() - start
+        if errors:
+            return PullResult(TransferState.FAILED, errors[0], sum(moved), seconds)
+        return PullResult(TransferState.SUCCESS, None, sum(moved), seconds)
+
+    def _connect(self, source: RankLayout, deadline: float, expect: Optional[RankLayout]) -> _Conn:
+        """A connection past the source's Hello (checked against `expect` when given)."""
+        ep = source.endpoint
+        try:
+            host, port = parse_endpoint(ep)
+        except ValueError as e:
+            raise _Fail(str(e)) from None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Fail(f"timed out before connecting to context rank {ep}")
+        try:
+            sock = socket.create_connection((host, port), timeout=left)
+        except socket.timeout:
+            raise _Fail(f"timed out connecting to context rank {ep}") from None
+        except OSError as e:
+            raise _Fail(f"cannot reach context rank {ep} ({type(e).__name__}: {e})") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, self.key, b"K")
+        conn.deadline = deadline
+        try:
+            hello = conn.recv()
+        except _AuthError:
+            sock.close()
+            raise _Fail(f"context rank {ep} failed authentication: its key differs from this server's "
+                        f"(set the same MESHSERVE_SECRET on both servers)") from None
+        except BaseException:
+            sock.close()
+            raise
+        if isinstance(hello, Error):
+            sock.close()
+            raise _Fail(f"context rank {ep} refused: {_one_line(hello.message)}")
+        if not isinstance(hello, Hello):
+            sock.close()
+            raise _Fail(f"context rank {ep} answered {type(hello).__name__} instead of Hello")
+        conn.nonce = hello.nonce
+        if expect is not None and hello.layout != expect:
+            sock.close()
+            raise _Fail(f"context rank {ep} now holds a different layout than the disaggregated params name "
+                        f"(restarted?): {_compatible(expect, hello.layout) or 'layers/heads/blocks differ'}")
+        return conn
+
+    def _exchange(self, conn: _Conn, msg, ep: str):
+        try:
+            conn.send(msg)
+            reply = conn.recv()
+        except _AuthError:
+            raise _Fail(f"a reply from context rank {ep} failed authentication (MESHSERVE_SECRET differs?)") from None
+        if isinstance(reply, Error):
+            raise _Fail(f"context rank {ep} refused: {_one_line(reply.message)}")
+        return reply
+
+    def _pull_from(self, source: RankLayout, items: list[tuple[int, tuple[int, int]]], src: KvRequest,
+                   dst_block_ids: list[list[int]], deadline: float, abort: threading.Event) -> int:
+        """Read `items` from one context rank; the bytes moved. Raises _Fail."""
+        ep = source.endpoint
+        try:
+            conn = self._connect(source, deadline, source)
+        except (socket.timeout, TimeoutError):
+            raise _Fail(f"timed out waiting for context rank {ep} to answer") from None
+        except (OSError, ConnectionError) as e:
+            raise _Fail(f"connection to context rank {ep} failed ({type(e).__name__}: {e})") from None
+        progress = {"layer": -1, "bytes": 0}
+        stream = _cuda_stream(self.kv_caches)
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self._pull_items(conn, source, items, src, dst_block_ids, abort, progress)
+        except (socket.timeout, TimeoutError):
+            raise _Fail(f"timed out reading layer {progress['layer']} from context rank {ep} after "
+                        f"{progress['bytes']} bytes") from None
+        except (OSError, ConnectionError) as e:
+            raise _Fail(f"connection to context rank {ep} failed reading layer {progress['layer']} "
+                        f"({type(e).__name__}: {e})") from None
+        except ValueError as e:
+            raise _Fail(f"layer {progress['layer']} from context rank {ep}: {e}") from None
+        finally:
+            conn.sock.close()
+            if stream is not None:
+                stream.synchronize()  # the last scatter has landed: the blocks are the engine's again
+        return progress["bytes"]
+
+    def _pull_items(self, conn: _Conn, source: RankLayout, items: list[tuple[int, tuple[int, int]]],
+                    src: KvRequest, dst_block_ids: list[list[int]], abort: threading.Event, progress: dict) -> None:
+        ep = source.endpoint
+        lay = self.layout
+        n = src.num_tokens
+        chunk = self.max_tokens_in_buffer or n
+        staging = _Staging(self._pinned)
+        for layer, heads in items:
+            progress["layer"] = layer
+            src_group = source.group_of(layer)
+            if src_group >= len(src.block_ids):
+                raise _Fail(f"the request has no block ids for KV cache group {src_group} of layer {layer}")
+            src_ids = list(src.block_ids[src_group])
+            cache = self.kv_caches[lay.layers.index(layer)]
+            dst_ids = dst_block_ids[lay.group_of(layer)]
+            local = None if lay.kind == "latent" else (heads[0] - lay.kv_heads[0], heads[1] - lay.kv_heads[0])
+            for t0 in range(0, n, chunk):
+                if abort.is_set():  # another context rank failed: the pull has failed
+                    return
+                t1 = min(n, t0 + chunk)
+                reply = self._exchange(conn, Read(src.ctx_request_id, src_ids, n, layer, heads, (t0, t1),
+                                                  lay.model_id, lay.dtype), ep)
+                shape = kv_io.buffer_shape(cache, t1 - t0, local)
+                if not isinstance(reply, Data) or tuple(reply.shape) != shape:
+                    raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
+                                f"expected Data of shape {list(shape)}")
+                buf = staging.get(shape, cache.dtype)
+                view = _as_bytes(buf)
+                if reply.nbytes != len(view):
+                    raise _Fail(f"context rank {ep} sends {reply.nbytes} bytes for {len(view)} expected")
+                conn.recv_into(view)
+                # from (pinned) host memory the H2D copy is synchronous: the staging buffer is free after
+                kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local)
+                progress["bytes"] += len(view)
+
+    def release(self, source_rank0: RankLayout, ctx_request_id: str, timeout_s: float = 5.0) -> Optional[str]:
+        ep = source_rank0.endpoint
+        try:
+            conn = self._connect(source_rank0, time.monotonic() + timeout_s, None)
+            try:
+                reply = self._exchange(conn, Release(ctx_request_id), ep)
+            finally:
+                conn.sock.close()
+            if not isinstance(reply, Ok):
+                return f"context rank {ep} answered {type(reply).__name__} to a release"
+            return None
+        except _Fail as e:
+            return _one_line(f"release of {ctx_request_id}: {e}")
+        except (socket.timeout, TimeoutError):
+            return f"release of {ctx_request_id}: timed out talking to context rank {ep}"
+        except (OSError, ConnectionError) as e:
+            return _one_line(f"release of {ctx_request_id}: connection to context rank {ep} failed "
+                             f"({type(e).__name__}: {e})")
+
+    def close(self) -> None:
+        pass  # no connection outlives a pull or a release

@@ -1,0 +1,388 @@
+"""The KV transfer suite every backend runs (issue 22: DEFAULT; issue 23 adds NIXL, UCX, MPI).
+
+Context-side caches are filled from a random "truth" per layer (tokens x model KV heads) by plain
+torch indexing into each source rank's blocks; after a pull, every generation rank's blocks must
+hold exactly its share of that truth (byte for byte), and nothing else of its cache may change.
+"""
+import math
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from meshserve.disagg.transceiver import KvRequest, RankLayout, TransferState, create_transceiver
+
+BACKENDS = ["DEFAULT"]
+KEY = b"test-key-0123456789abcdef"
+HEAD_DIM = 8
+LATENT_DIM = 12
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return create_transceiver(request.param)
+
+
+def _layout(layers, kv_heads=(0, 4), num_kv_heads=4, block_size=16, dtype="float32", model_id="tiny-abc",
+            kind="full", groups=()):
+    return RankLayout("", model_id, dtype, block_size, tuple(layers), num_kv_heads, tuple(kv_heads), HEAD_DIM,
+                      kind=kind, latent_dim=LATENT_DIM if kind == "latent" else 0, groups=tuple(groups))
+
+
+def _caches(layout, num_blocks, gen, zero=False):
+    dtype = getattr(torch, layout.dtype)
+    if layout.kind == "latent":
+        shape = (num_blocks, layout.block_size, LATENT_DIM)
+    else:
+        shape = (2, num_blocks, layout.block_size, layout.kv_heads[1] - layout.kv_heads[0], HEAD_DIM)
+    out = []
+    for _ in layout.layers:
+        out.append(torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=gen).to(dtype))
+    return out
+
+
+def _slots(block_ids, block_size, n):
+    t = torch.arange(n)
+    return torch.tensor(block_ids)[t // block_size], t % block_size
+
+
+def _truth(layers, n, num_kv_heads, kind, gen):
+    shape = (n, LATENT_DIM) if kind == "latent" else (2, n, num_kv_heads, HEAD_DIM)
+    return {layer: torch.randn(shape, generator=gen) for layer in layers}
+
+
+def _write(cache, layout, truth, block_ids, n):
+    b, o = _slots(block_ids, layout.block_size, n)
+    if layout.kind == "latent":
+        cache[b, o] = truth.to(cache.dtype)
+    else:
+        h0, h1 = layout.kv_heads
+        cache[:, b, o] = truth[:, :, h0:h1].to(cache.dtype)
+
+
+def _read(cache, layout, block_ids, n):
+    b, o = _slots(block_ids, layout.block_size, n)
+    return cache[b, o] if layout.kind == "latent" else cache[:, b, o]
+
+
+def _expected(layout, truth):
+    return truth if layout.kind == "latent" else truth[:, :, layout.kv_heads[0]:layout.kv_heads[1]]
+
+
+def _block_ids(num_tokens, block_size, num_blocks, gen, groups=1):
+    need = max(1, math.ceil(num_tokens / block_size))
+    return [(torch.randperm(num_blocks - 1, generator=gen)[:need] + 1).tolist() for _ in range(groups)]
+
+
+class Cluster:
+    """Source ranks and sink ranks of one test, in this process on 127.0.0.1."""
+
+    def __init__(self, backend, src_layouts, dst_layouts, n, *, num_blocks=64, max_tokens=None, key=KEY,
+                 sink_key=None, seed=0, num_groups=1, **source_kwargs):
+        Source, Sink = backend
+        gen = torch.Generator().manual_seed(seed)
+        self.n = n
+        lay0 = src_layouts[0]
+        layers = sorted({layer for s in src_layouts for layer in s.layers})
+        self.truth = _truth(layers, n, lay0.num_kv_heads, lay0.kind, gen)
+        # one request: the same block ids on every context rank (one scheduler), per KV group
+        self.src_ids = _block_ids(n, lay0.block_size, num_blocks, gen, num_groups)
+        self.req = KvRequest("ctx-1", self.src_ids, n)
+        self.sources = []
+        for lay in src_layouts:
+            caches = _caches(lay, num_blocks, gen)
+            for layer, cache in zip(lay.layers, caches):
+                _write(cache, lay, self.truth[layer], self.src_ids[lay.group_of(layer)], n)
+            self.sources.append(Source(caches, lay, host="127.0.0.1", key=key, **source_kwargs))
+        self.src_layouts = [s.layout for s in self.sources]
+        self.sinks, self.dst_ids, self.before = [], [], []
+        for lay in dst_layouts:
+            caches = _caches(lay, num_blocks, gen)
+            self.before.append([c.clone() for c in caches])
+            self.dst_ids.append(_block_ids(n, lay.block_size, num_blocks, gen, num_groups))
+            self.sinks.append(Sink(caches, lay, max_tokens_in_buffer=max_tokens,
+                                   key=key if sink_key is None else sink_key))
+
+    def pull(self, i=0, timeout_s=10.0, sources=None):
+        return self.sinks[i].pull(self.src_layouts if sources is None else sources, self.req, self.dst_ids[i],
+                                  timeout_s)
+
+    def check(self, i):
+        sink = self.sinks[i]
+        lay = sink.layout
+        for layer, cache, before in zip(lay.layers, sink.kv_caches, self.before[i]):
+            ids = self.dst_ids[i][lay.group_of(layer)]
+            got = _read(cache, lay, ids, self.n)
+            assert torch.equal(got, _expected(lay, self.truth[layer]).to(cache.dtype)), f"sink {i} layer {layer}"
+            # nothing else changed: put the request's slots back and compare the whole cache
+            restored = cache.clone()
+            b, o = _slots(ids, lay.block_size, self.n)
+            if lay.kind == "latent":
+                restored[b, o] = before[b, o]
+            else:
+                restored[:, b, o] = before[:, b, o]
+            assert torch.equal(restored, before), f"sink {i} layer {layer}: slots outside the request changed"
+
+    def untouched(self, i):
+        return all(torch.equal(c, b) for c, b in zip(self.sinks[i].kv_caches, self.before[i]))
+
+    def close(self):
+        for s in self.sources + self.sinks:
+            s.close()
+
+
+@pytest.fixture
+def cluster(backend):
+    made = []
+
+    def make(*args, **kwargs):
+        c = Cluster(backend, *args, **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def _pull_all(c, **kw):
+    for i in range(len(c.sinks)):
+        r = c.pull(i, **kw)
+        assert r.state is TransferState.SUCCESS, r.error
+        assert r.error is None and r.bytes > 0 and r.seconds >= 0
+        c.check(i)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 100])
+def test_sizes(cluster, n):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], n)
+    r = c.pull()
+    assert r.state is TransferState.SUCCESS, r.error
+    assert r.bytes == 2 * (2 * n * 4 * HEAD_DIM * 4)  # layers x K,V x tokens x heads x dim x fp32
+    c.check(0)
+
+
+def test_bfloat16(cluster):
+    c = cluster([_layout((0, 1), dtype="bfloat16")], [_layout((0, 1), dtype="bfloat16", block_size=8)], 29)
+    _pull_all(c)
+
+
+def test_concurrent_pulls_from_one_source(cluster):
+    c = cluster([_layout((0, 1, 2, 3))], [_layout((0, 1, 2, 3), (0, 2)), _layout((0, 1, 2, 3), (2, 4))] * 2, 64,
+                max_tokens=16)
+    results = [None] * len(c.sinks)
+
+    def pull(i):
+        results[i] = c.pull(i)
+
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(len(c.sinks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, r in enumerate(results):
+        assert r.state is TransferState.SUCCESS, r.error
+        c.check(i)
+
+
+def test_layouts_built_with_lists(cluster, backend):
+    lay = RankLayout("", "tiny-abc", "float32", 16, [0, 1], 4, [0, 4], HEAD_DIM)  # lists, not tuples
+    c = cluster([lay], [lay], 9)
+    _pull_all(c)
+
+
+@pytest.mark.parametrize("src_bs,dst_bs", [(16, 32), (32, 16), (4, 12)])
+def test_reblocking(cluster, src_bs, dst_bs):
+    c = cluster([_layout((0, 1), block_size=src_bs)], [_layout((0, 1), block_size=dst_bs)], 77)
+    _pull_all(c)
+
+
+def test_tp2_sources_to_tp1_sink(cluster):
+    c = cluster([_layout((0, 1), (0, 2)), _layout((0, 1), (2, 4))], [_layout((0, 1), (0, 4))], 33)
+    _pull_all(c)
+
+
+def test_tp1_source_to_tp2_sinks(cluster):
+    c = cluster([_layout((0, 1), (0, 4))], [_layout((0, 1), (0, 2)), _layout((0, 1), (2, 4))], 33)
+    _pull_all(c)
+
+
+def test_tp4_sources_to_tp2_sinks_with_reblocking(cluster):
+    srcs = [_layout((0, 1, 2), (h, h + 1), block_size=8) for h in range(4)]
+    c = cluster(srcs, [_layout((0, 1, 2), (0, 2), block_size=16), _layout((0, 1, 2), (2, 4), block_size=16)], 50)
+    _pull_all(c)
+
+
+def test_replicated_kv_heads(cluster):
+    # kv_heads=1 at TP 2: both context ranks hold head 0; each generation rank (TP 2) needs all of it
+    srcs = [_layout((0, 1), (0, 1), num_kv_heads=1), _layout((0, 1), (0, 1), num_kv_heads=1)]
+    c = cluster(srcs, [_layout((0, 1), (0, 1), num_kv_heads=1)] * 2, 21)
+    _pull_all(c)
+
+
+def test_pp_sources(cluster):
+    srcs = [_layout((0, 1)), _layout((2, 3))]  # two pipeline stages
+    c = cluster(srcs, [_layout((0, 1, 2, 3))], 40)
+    _pull_all(c)
+
+
+def test_pp_and_tp_on_both_sides(cluster):
+    srcs = [_layout(layers, heads) for layers in ((0, 1), (2, 3)) for heads in ((0, 2), (2, 4))]
+    dsts = [_layout(layers, (0, 4), block_size=32) for layers in ((0,), (1, 2, 3))]
+    c = cluster(srcs, dsts, 45)
+    _pull_all(c)
+
+
+def test_latent(cluster):
+    # latent caches are the same on every TP rank: any one holding the layer serves it
+    srcs = [_layout((0, 1, 2), kind="latent"), _layout((0, 1, 2), kind="latent")]
+    c = cluster(srcs, [_layout((0, 1, 2), kind="latent", block_size=32)], 70)
+    _pull_all(c)
+
+
+def test_kv_cache_groups(cluster):
+    # layers of two groups (say full and sliding window) with their own block tables
+    lay = _layout((0, 1, 2, 3), groups=(0, 0, 1, 1))
+    c = cluster([lay], [_layout((0, 1, 2, 3), groups=(0, 0, 1, 1), block_size=8)], 30, num_groups=2)
+    _pull_all(c)
+
+
+def test_chunking(cluster, backend):
+    c = cluster([_layout((0, 1))], [_layout((0, 1), block_size=4)], 17, max_tokens=5)
+    reads = []
+    if backend[0].__name__ == "TcpKvSource":
+        source = c.sources[0]
+        orig = source._read
+        source._read = lambda conn, msg, staging: (reads.append(msg.tokens), orig(conn, msg, staging))
+    _pull_all(c)
+    if backend[0].__name__ == "TcpKvSource":
+        assert sorted(set(reads)) == [(0, 5), (5, 10), (10, 15), (15, 17)] and len(reads) == 8
+
+
+def test_dtype_mismatch_fails(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1), dtype="bfloat16")], 10)
+    r = c.pull()
+    assert r.state is TransferState.FAILED
+    assert "dtype" in r.error and "'float32'" in r.error and "'bfloat16'" in r.error and "\n" not in r.error
+    assert c.untouched(0)
+
+
+def test_model_id_mismatch_fails(cluster):
+    c = cluster([_layout((0, 1), model_id="llama-aaa")], [_layout((0, 1), model_id="llama-bbb")], 10)
+    r = c.pull()
+    assert r.state is TransferState.FAILED
+    assert "model_id" in r.error and "llama-aaa" in r.error and "llama-bbb" in r.error
+    assert c.untouched(0)
+
+
+def test_missing_layer_or_heads_fails(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1, 2))], 10)
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "layer 2" in r.error
+    c2 = cluster([_layout((0, 1), (0, 2))], [_layout((0, 1), (0, 4))], 10)
+    r = c2.pull()
+    assert r.state is TransferState.FAILED and "KV head 2" in r.error
+
+
+def test_silent_source_times_out(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 10)
+    silent = socket.create_server(("127.0.0.1", 0))
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])  # accepts, never answers
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        lay = c.src_layouts[0]
+        fake = RankLayout(f"127.0.0.1:{silent.getsockname()[1]}", lay.model_id, lay.dtype, lay.block_size,
+                          lay.layers, lay.num_kv_heads, lay.kv_heads, lay.head_dim)
+        start = time.monotonic()
+        r = c.pull(timeout_s=0.5, sources=[fake])
+        took = time.monotonic() - start
+        assert r.state is TransferState.FAILED and "timed out" in r.error and fake.endpoint in r.error
+        assert 0.4 < took < 2.0
+        assert c.untouched(0)
+    finally:
+        stop.set()
+        t.join()
+        silent.close()
+        for s in held:
+            s.close()
+
+
+def test_unreachable_source_fails(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 10)
+    lay = c.src_layouts[0]
+    c.sources[0].close()
+    r = c.pull(timeout_s=2.0)
+    assert r.state is TransferState.FAILED and lay.endpoint in r.error and "\n" not in r.error
+
+
+def test_wrong_key_refused(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 10, sink_key=b"another key")
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "MESHSERVE_SECRET" in r.error
+    assert c.untouched(0)
+
+
+def test_unsigned_sink_refused_by_keyed_source(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 10)
+    c.sinks[0].key = None  # sends no HMAC
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "authentication" in r.error
+    assert c.untouched(0)
+
+
+def test_release_callback(cluster):
+    released = []
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 10, on_release=released.append)
+    assert c.sinks[0].release(c.src_layouts[0], "ctx-1") is None
+    assert released == ["ctx-1"]
+    c.sources[0].on_release = None  # the engine may set it later
+    assert c.sinks[0].release(c.src_layouts[0], "ctx-2") is None
+
+
+def test_release_of_unreachable_source_is_an_error_string(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 10)
+    lay = c.src_layouts[0]
+    c.sources[0].close()
+    err = c.sinks[0].release(lay, "ctx-1", timeout_s=1.0)
+    assert isinstance(err, str) and lay.endpoint in err
+
+
+def test_registered_requests_only(cluster):
+    released = []
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 20, require_registered=True, on_release=released.append)
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "not held" in r.error
+    c.sources[0].register(c.req)
+    _pull_all(c)
+    assert c.sinks[0].release(c.src_layouts[0], "ctx-1") is None and released == ["ctx-1"]
+    assert not c.sources[0].unregister("ctx-1")  # the release unregistered it
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "not held" in r.error
+
+
+def test_registered_block_ids_must_match(cluster):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 20, require_registered=True)
+    c.sources[0].register(KvRequest("ctx-1", [[b + 1 for b in c.src_ids[0]]], 20))
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "block ids" in r.error
+
+
+def test_unknown_backends():
+    with pytest.raises(ValueError, match="issue 23.*DEFAULT"):
+        create_transceiver("NIXL")
+    with pytest.raises(ValueError, match="DEFAULT"):
+        create_transceiver("carrier-pigeon")
+    assert create_transceiver("default") == create_transceiver("DEFAULT")
