@@ -27,22 +27,29 @@ a typical expert sees; for Qwen3-30B-A3B, E=128 K=8, that is T/16): at batch 1 B
 K tiles, so each selected expert's weights stream once; from ~256 tokens up BLOCK_M grows to 32..128
 and it is a real grouped GEMM. The table is a starting point shaped after published H200 sweeps of
 this kernel design for E=128, N=768, not measured on our H200 yet: `fused_experts` takes a
-`MoeKernelConfig` (or a function of the shapes) so a tuner can pass its own.
+`MoeKernelConfig` (or a function of the shapes) so a tuner can pass its own, and without one it
+first looks for a tuned file for the shape, dtype and GPU (benchmarks/tune_moe.py writes them;
+`find_config_table`: $MESHSERVE_MOE_CONFIG_DIR, then meshserve/kernels/configs/).
 
 The torch reference is VanillaExperts (layers/moe/experts.py); tests/unit/test_moe_experts.py runs
 this under Triton's interpreter on CPU (fp32 with IEEE dots), tests/gpu/test_moe_kernel.py on a GPU.
 """
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
-from dataclasses import dataclass, replace
-from typing import Callable, Union
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,13 +328,131 @@ CONFIG_TABLE: tuple[tuple[float, MoeKernelConfig], ...] = (
 ConfigArg = Union[None, MoeKernelConfig, Callable[[int, int, int, int, int], MoeKernelConfig]]
 
 
-def default_config(T: int, K: int, E: int, H: int, I: int) -> MoeKernelConfig:
-    """The table's config for T tokens of top-K over E local experts (hidden H, intermediate I)."""
+def _table_config(T: int, K: int, E: int) -> MoeKernelConfig:
     per_expert = T * K / max(1, E)
     for bound, cfg in CONFIG_TABLE:
         if per_expert <= bound:
             return cfg
     return CONFIG_TABLE[-1][1]
+
+
+def default_config(T: int, K: int, E: int, H: int, I: int, dtype: Optional[torch.dtype] = None,
+                   device_name: Optional[str] = None) -> MoeKernelConfig:
+    """The config for T tokens of top-K over E local experts (hidden H, intermediate I): from a
+    tuned file for this shape, dtype and GPU when one exists (`find_config_table`; needs `dtype`
+    and `device_name`), else the built-in CONFIG_TABLE."""
+    if dtype is not None and device_name is not None:
+        table = find_config_table(E, H, I, dtype, device_name)
+        if table is not None:
+            return table(T, K, E, H, I)
+    return _table_config(T, K, E)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tuned config files (benchmarks/tune_moe.py writes them): one JSON per (local experts, hidden,
+# local intermediate, dtype, GPU), best config per token count T.
+#
+#   {"format": "meshserve-moe-configs", "version": 1, "E": 128, "H": 2048, "I": 768, "K": 8,
+#    "dtype": "bfloat16", "device": "NVIDIA H200",
+#    "configs": {"1": {"block_m": 16, "gate_up": {"block_n": 32, "block_k": 128, "group_m": 1,
+#                                                 "num_warps": 4, "num_stages": 4},
+#                      "down": {...}, "us": 21.3}, "2": {...}, ...}}
+#
+# Extra keys (timings) are ignored. A call with T tokens takes the entry whose T is nearest on a log
+# scale (ties: the smaller), after scaling T by K / the file's K when top-k differs.
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_DIR_ENV = "MESHSERVE_MOE_CONFIG_DIR"  # searched before CONFIG_DIR
+_DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def gpu_tag(device_name: str) -> str:
+    """'NVIDIA H200' -> 'H200', 'NVIDIA H100 80GB HBM3' -> 'H100_80GB_HBM3'."""
+    name = device_name.strip()
+    if name.upper().startswith("NVIDIA "):
+        name = name[len("NVIDIA "):]
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unknown"
+
+
+def config_file_name(E: int, H: int, I: int, dtype: torch.dtype, device_name: str) -> str:
+    return f"moe_E{E}_H{H}_I{I}_{_DTYPE_TAGS.get(dtype, str(dtype).replace('torch.', ''))}_{gpu_tag(device_name)}.json"
+
+
+def config_to_dict(cfg: MoeKernelConfig) -> dict:
+    return {"block_m": cfg.block_m, "gate_up": asdict(cfg.gate_up), "down": asdict(cfg.down)}
+
+
+def config_from_dict(d: dict) -> MoeKernelConfig:
+    fields = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
+    gemms = []
+    for part in ("gate_up", "down"):
+        g = d[part]
+        gemms.append(GemmConfig(**{f: int(g[f]) for f in fields if f in g}))
+    cfg = MoeKernelConfig(int(d["block_m"]), *gemms)
+    for v in (cfg.block_m, cfg.gate_up.block_n, cfg.gate_up.block_k, cfg.down.block_n, cfg.down.block_k):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"tile sizes must be powers of two >= 16, got {v} in {d}")
+    return cfg
+
+
+@dataclass(frozen=True)
+class ConfigTable:
+    """Best config per token count, for one shape; callable as fused_experts' `configs`."""
+    top_k: int
+    entries: tuple[tuple[int, MoeKernelConfig], ...]  # ascending T
+    source: str = ""
+
+    def __call__(self, T: int, K: int, E: int = 0, H: int = 0, I: int = 0) -> MoeKernelConfig:
+        t = max(1e-9, T * K / self.top_k)
+        key = math.log2(t)
+        best = min(self.entries, key=lambda e: (abs(math.log2(e[0]) - key), e[0]))
+        return best[1]
+
+
+def load_config_table(path: str) -> ConfigTable:
+    """Read a tuned config file (the format above); ValueError naming the file if it is malformed."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        entries = sorted((int(t), config_from_dict(c)) for t, c in raw["configs"].items())
+        if not entries or any(t < 1 for t, _ in entries):
+            raise ValueError("'configs' needs token counts >= 1")
+        return ConfigTable(int(raw.get("K", 1)), tuple(entries), path)
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"MoE kernel config file {path}: {type(e).__name__}: {e}") from e
+
+
+_FOUND: dict[tuple, Optional[ConfigTable]] = {}
+
+
+def find_config_table(E: int, H: int, I: int, dtype: torch.dtype, device_name: str) -> Optional[ConfigTable]:
+    """The tuned table for this shape, dtype and GPU from $MESHSERVE_MOE_CONFIG_DIR or CONFIG_DIR
+    (first found; read once per process), or None."""
+    dirs = tuple(d for d in (os.environ.get(CONFIG_DIR_ENV), CONFIG_DIR) if d)
+    key = (E, H, I, dtype, gpu_tag(device_name), dirs)
+    if key not in _FOUND:
+        name = config_file_name(E, H, I, dtype, device_name)
+        table = None
+        for d in dirs:
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                table = load_config_table(path)
+                logger.info("MoE kernel configs from %s", path)
+                break
+        _FOUND[key] = table
+    return _FOUND[key]
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def _device_name(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_NAMES:
+        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+    return _DEVICE_NAMES[idx]
 
 
 def _fit(g: GemmConfig, n: int, k: int) -> GemmConfig:
@@ -374,7 +499,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     topk_ids = topk_ids.contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     if configs is None:
-        cfg = default_config(T, K, E, H, I)
+        cfg = default_config(T, K, E, H, I, hidden.dtype, _device_name(hidden.device))
     elif isinstance(configs, MoeKernelConfig):
         cfg = configs
     else:
