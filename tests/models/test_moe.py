@@ -160,3 +160,17 @@ def test_qwen3_moe_checkpoint_uses_hub_expert_count_key(tmp_path):
     json.dump(raw, open(cfg_path, "w"))
     prompts = make_prompts(3, 320, 9)
     run(str(tmp_path), prompts, [hf_greedy(hf, p, MAX_NEW) for p in prompts])
+
+
+@pytest.mark.parametrize("backend", ["VANILLA", "TRITON", "CUTLASS"])
+def test_each_expert_backend_gives_transformers_ids(tmp_path, prompts, backend):
+    """moe_config.backend through the engine: TRITON under Triton's interpreter on CPU (conftest sets
+    TRITON_INTERPRET=1 without a GPU), CUTLASS through torch._grouped_mm's CPU path."""
+    hf = build_checkpoint(str(tmp_path), "qwen2_moe")
+    ref = [hf_greedy(hf, p, MAX_NEW) for p in prompts[:4]]
+    with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": BLOCK, "max_tokens": 4096}, show_progress=False,
+             moe_config={"backend": backend}) as llm:
+        blocks = llm._core.executor.runner.model.moe_blocks()
+        assert {b.experts.backend_name for b in blocks.values()} == {backend}
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:4], SP, use_tqdm=False)]
+    assert got == ref
