@@ -1,44 +1,88 @@
 """`meshserve disaggregated -c disagg-config.yml`: the orchestrator in front of context and
 generation servers (the seed's `trtllm-serve disaggregated`).
 
-Disaggregated serving has not landed: the command parses its arguments as the seed writes them
-and says so in one line, exit status 2, instead of argparse's "invalid choice".
+The YAML holds the seed's keys (hostname, port, backend, context_servers and generation_servers,
+each {num_instances, urls, router: {type}}) and TensorRT-LLM's max_retries, plus
+health_check_interval / health_check_timeout (seconds). Router types: round_robin (default),
+load_balancing, kv_cache_aware. The servers are `meshserve serve MODEL --config FILE.yml` whose
+FILE.yml has `cache_transceiver_config`. See docs/disaggregated.md.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
+import logging
 import sys
 from typing import Optional, Sequence
 
-NOT_AVAILABLE = ("disaggregated serving (an orchestrator over context and generation servers) is not available "
-                 "yet; meanwhile run one aggregated server: `meshserve serve MODEL` (see README.md)")
+from meshserve.commands.serve import LOG_LEVELS
+
+logger = logging.getLogger("meshserve.disagg")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", "--config_file", "--config-file", dest="config", required=True,
                         metavar="FILE.yml", help="the orchestrator's YAML (hostname, port, context_servers, "
-                        "generation_servers)")
-    parser.add_argument("-t", "--request_timeout", "--request-timeout", dest="request_timeout", type=int,
-                        default=180, help="seconds a request may take (default: %(default)s)")
+                        "generation_servers, ...)")
+    parser.add_argument("-t", "--request_timeout", "--request-timeout", dest="request_timeout", type=float,
+                        default=180, help="seconds a server may take to answer one hop of a request (a stream: "
+                        "between chunks) before the client gets a 504 (default: %(default)s)")
+    parser.add_argument("--shutdown_timeout", "--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
+                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
+    parser.add_argument("--log_level", "--log-level", dest="log_level", default="info", type=str.lower,
+                        choices=LOG_LEVELS, help="default: %(default)s")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `disaggregated` command to the top-level CLI's subparsers."""
     parser = subparsers.add_parser("disaggregated", help="orchestrate context and generation servers "
-                                   "(not available yet)", description=__doc__,
+                                   "(disaggregated serving)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(parser)
     parser.set_defaults(func=main)
     return parser
 
 
-def main(ns: argparse.Namespace) -> int:
-    if not os.path.isfile(ns.config):
-        print(f"meshserve disaggregated: error: -c {ns.config}: no such file", file=sys.stderr)
-        return 2
-    print(f"meshserve disaggregated: error: {NOT_AVAILABLE}", file=sys.stderr)
+def _fail(message: str) -> int:
+    print(f"meshserve disaggregated: error: {message}", file=sys.stderr)
     return 2
+
+
+def main(ns: argparse.Namespace) -> int:
+    from meshserve.disagg.orchestrator import ConfigError, load_config
+
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        config = load_config(ns.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    if not ns.request_timeout > 0:
+        return _fail(f"-t {ns.request_timeout:g}: expected a number of seconds > 0")
+    from meshserve.commands.serve import bind_http_socket
+    try:
+        sock = bind_http_socket(config.hostname, config.port)
+    except ValueError as e:
+        return _fail(f"{ns.config}: {str(e).replace('--host', 'hostname').replace('--port', 'port')}")
+    with sock:
+        return asyncio.run(serve(ns, config, sock))
+
+
+async def serve(ns: argparse.Namespace, config, sock) -> int:
+    import uvicorn
+
+    from meshserve.commands.serve import _Server
+    from meshserve.disagg.orchestrator import Orchestrator, build_app
+
+    orch = Orchestrator(config, ns.request_timeout)
+    app = build_app(orch)
+    uv_config = uvicorn.Config(app, host=config.hostname, port=config.port, log_level=ns.log_level,
+                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")
+    server = _Server.make(uv_config)
+    logger.info("orchestrating %d context server(s) (%s router) and %d generation server(s) (%s router) on "
+                "http://%s:%d", len(orch.context), config.context.router, len(orch.generation),
+                config.generation.router, config.hostname, sock.getsockname()[1])
+    await server.serve(sockets=[sock])
+    return 0 if server.started else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,15 +181,22 @@ def test_every_console_script_names_a_function_that_exists():
         assert callable(getattr(importlib.import_module(module), func)), name
 
 
-def test_disaggregated_parses_the_seed_command_and_says_it_is_not_available(tmp_path, capsys):
+def test_disaggregated_parses_the_seed_config_and_names_a_bad_key(tmp_path, capsys):
+    from meshserve.disagg.orchestrator import load_config
+
     config = tmp_path / "disagg-config.yml"
-    config.write_text("hostname: localhost\nport: 8000\nbackend: pytorch\ncontext_servers:\n  num_instances: 1\n"
-                      "  urls:\n    - \"localhost:8001\"\ngeneration_servers:\n  num_instances: 1\n  urls:\n"
-                      "    - \"localhost:8003\"\n")
+    seed = ("hostname: localhost\nport: 8000\nbackend: pytorch\ncontext_servers:\n  num_instances: 1\n"
+            "  urls:\n    - \"localhost:8001\"\ngeneration_servers:\n  num_instances: 1\n  urls:\n"
+            "    - \"localhost:8003\"\n")
+    config.write_text(seed)
+    parsed = load_config(str(config))  # serving it is tests/disagg/test_orchestrator.py's business
+    assert (parsed.hostname, parsed.port, parsed.context.urls, parsed.generation.urls) == (
+        "localhost", 8000, ["localhost:8001"], ["localhost:8003"])
+    config.write_text(seed + "max_retrys: 2\n")
     assert cli.main(["disaggregated", "-c", str(config)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("meshserve disaggregated: error: disaggregated serving")
-    assert "not available yet" in err and "meshserve serve" in err
+    assert "\n" not in err and err.startswith(f"meshserve disaggregated: error: {config}: unknown key max_retrys; "
+                                             f"accepted: hostname, port, backend, context_servers")
     assert cli.main(["disaggregated", "--config", str(tmp_path / "missing.yml")]) == 2
     assert capsys.readouterr().err.strip() == f"meshserve disaggregated: error: -c {tmp_path / 'missing.yml'}: no such file"
 

@@ -1,0 +1,745 @@
+"""The orchestrator of disaggregated serving (`meshserve disaggregated -c disagg-config.yml`).
+
+An OpenAI-compatible front (FastAPI) over context servers and generation servers, which are plain
+`meshserve serve` servers with `cache_transceiver_config` (docs/disaggregated.md has the contract).
+Per request (`/v1/completions`, `/v1/chat/completions`), context first:
+
+1. a context server (its group's router picks among the healthy ones) gets the client's body with
+   `stream: false` and `disaggregated_params: {request_type: context_only}`; it prefills, samples
+   the first token and answers it with `disaggregated_params` (first_gen_tokens, ctx_request_id,
+   opaque_state). A connection error or a 5xx sends the body to another context server, up to
+   `max_retries` times; a 4xx goes back to the client as it is.
+2. a generation server gets the client's body as it came (streaming or not) plus
+   `disaggregated_params: {request_type: generation_only, ...}` from the context answer; its answer
+   (an SSE stream passed through byte for byte, or one JSON body) is the client's. Only a connection
+   that was never made is retried here: once a generation server has the request, the context
+   server's KV blocks are its to pull or release.
+
+`X-Request-Id` (made up when the client sends none) goes to both servers and back to the client.
+Every server's `/health` is polled every `health_check_interval` seconds; an unhealthy server is
+skipped until it answers 200 again (a request that finds no healthy server in a group probes the
+group once before answering 503). `/metrics` has per-hop histograms and retry/failure counters
+(`meshserve_disagg_*`, DisaggMetrics).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional, Sequence
+
+import httpx
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import meshserve
+from meshserve.disagg.router import ROUTERS, Router, Server, create_router
+from meshserve.serve.protocol import APIError, error_body
+
+logger = logging.getLogger("meshserve.disagg")
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A one-line description of what is wrong in the orchestrator's YAML."""
+
+
+@dataclass
+class GroupConfig:
+    urls: list[str]
+    router: str = "round_robin"
+    router_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class DisaggConfig:
+    context: GroupConfig
+    generation: GroupConfig
+    hostname: str = "localhost"
+    port: int = 8000
+    backend: str = "pytorch"
+    max_retries: int = 1
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 5.0
+
+
+# top-level key -> what it holds (the seed's keys, then TensorRT-LLM's max_retries, then ours)
+TOP_KEYS = {
+    "hostname": "address the orchestrator listens on (default localhost)",
+    "port": "its port (default 8000)",
+    "backend": "pytorch (the servers' backend; the only one)",
+    "context_servers": "{num_instances, urls, router}",
+    "generation_servers": "{num_instances, urls, router}",
+    "max_retries": "times a failed context request is re-sent to another server (default 1)",
+    "health_check_interval": "seconds between /health polls of every server (default 5)",
+    "health_check_timeout": "seconds a /health poll may take (default 5)",
+}
+GROUP_KEYS = ("num_instances", "urls", "router")
+
+
+def load_config(path: str) -> DisaggConfig:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"-c {path}: no such file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    return parse_config(raw, path)
+
+
+def _unknown(where: str, given, accepted: Sequence[str]) -> None:
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(str, unknown))}; accepted: {', '.join(accepted)}")
+
+
+def _int(where: str, name: str, value, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{where}: {name}={value!r}: expected an integer {bound}")
+    return value
+
+
+def _seconds(where: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{where}: {name}={value!r}: expected a number of seconds > 0")
+    return float(value)
+
+
+def _url(where: str, name: str, value) -> str:
+    text = value if isinstance(value, str) else ""
+    rest = text.split("://", 1)[1] if "://" in text else text
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in rest.rstrip("/"):
+        raise ConfigError(f"{where}: {name}={value!r}: expected \"host:port\" (or \"http://host:port\")")
+    return text.rstrip("/")
+
+
+def _group(where: str, name: str, raw) -> GroupConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {name} must be a mapping with {', '.join(GROUP_KEYS)}, got {raw!r}")
+    _unknown(f"{where}: {name}", raw, GROUP_KEYS)
+    urls = raw.get("urls")
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError(f"{where}: {name}.urls={urls!r}: expected a list of \"host:port\" (one per server)")
+    urls = [_url(where, f"{name}.urls[{i}]", u) for i, u in enumerate(urls)]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{where}: {name}.urls lists a server twice: {urls}")
+    n = raw.get("num_instances", len(urls))
+    _int(where, f"{name}.num_instances", n, 1)
+    if n != len(urls):
+        raise ConfigError(f"{where}: {name}.num_instances={n} but {name}.urls lists {len(urls)} server(s)")
+    router = raw.get("router") or {}
+    if not isinstance(router, dict):
+        raise ConfigError(f"{where}: {name}.router must be a mapping such as {{type: round_robin}}, got {router!r}")
+    router = dict(router)
+    kind = router.pop("type", "round_robin")
+    if kind not in ROUTERS:
+        raise ConfigError(f"{where}: {name}.router.type={kind!r}; accepted: {', '.join(ROUTERS)}")
+    spec = ROUTERS[kind].ARGS
+    _unknown(f"{where}: {name}.router ({kind})", router, ["type", *spec])
+    for arg, value in router.items():
+        _int(where, f"{name}.router.{arg}", value, 1)
+    return GroupConfig(urls, kind, router)
+
+
+def parse_config(raw, where: str = "the config") -> DisaggConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(TOP_KEYS)}, got {type(raw).__name__}")
+    _unknown(where, raw, list(TOP_KEYS))
+    for name in ("context_servers", "generation_servers"):
+        if name not in raw:
+            raise ConfigError(f"{where}: {name} is required ({TOP_KEYS[name]})")
+    cfg = DisaggConfig(_group(where, "context_servers", raw["context_servers"]),
+                       _group(where, "generation_servers", raw["generation_servers"]))
+    hostname = raw.get("hostname", cfg.hostname)
+    if not isinstance(hostname, str) or not hostname:
+        raise ConfigError(f"{where}: hostname={hostname!r}: expected an address such as localhost or 0.0.0.0")
+    cfg.hostname = hostname
+    cfg.port = _int(where, "port", raw.get("port", cfg.port), 0, 65535)
+    backend = raw.get("backend", cfg.backend)
+    if backend != "pytorch":
+        raise ConfigError(f"{where}: backend={backend!r}; accepted: pytorch")
+    cfg.max_retries = _int(where, "max_retries", raw.get("max_retries", cfg.max_retries), 0)
+    for name in ("health_check_interval", "health_check_timeout"):
+        setattr(cfg, name, _seconds(where, name, raw.get(name, getattr(cfg, name))))
+    return cfg
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+_HOP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0)
+_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                  1.0, 2.5, 5.0, 10.0)
+
+
+class DisaggMetrics:
+    """The orchestrator's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("meshserve_disagg_requests", "Requests received, by route", ["route"], registry=r)
+        self.errors = Counter("meshserve_disagg_request_errors", "Requests answered with an error, by HTTP status "
+                              "(the servers' errors passed on included)", ["status"], registry=r)
+        self.retries = Counter("meshserve_disagg_retries", "Requests re-sent to another server after a failure, "
+                               "by stage", ["stage"], registry=r)
+        self.failures = Counter("meshserve_disagg_failures", "Server hops that failed (connection error, timeout, "
+                                "5xx, a stream cut short), retried or not, by stage", ["stage"], registry=r)
+        self.context = Histogram("meshserve_disagg_context_seconds", "Context hop: from sending the context-only "
+                                 "request to its answer (prefill + first token: the context TTFT)",
+                                 buckets=_HOP_BUCKETS, registry=r)
+        self.gen_first_byte = Histogram("meshserve_disagg_generation_first_byte_seconds", "Generation hop: from "
+                                        "sending the generation-only request to the first body bytes (KV transfer "
+                                        "+ first chunk; a non-streaming answer: all of it)", buckets=_HOP_BUCKETS,
+                                        registry=r)
+        self.gen_tpot = Histogram("meshserve_disagg_generation_tpot_seconds", "Mean time between output tokens "
+                                  "of a streamed generation (tokens from usage when the client asked for it, else "
+                                  "one per content chunk)", buckets=_TOKEN_BUCKETS, registry=r)
+        self.ttft = Histogram("meshserve_disagg_time_to_first_token_seconds", "Streamed requests: from arrival to "
+                              "the first generated chunk passed on", buckets=_HOP_BUCKETS, registry=r)
+        self.e2e = Histogram("meshserve_disagg_request_seconds", "From arrival to the last byte answered",
+                             buckets=_HOP_BUCKETS, registry=r)
+        self.healthy = Gauge("meshserve_disagg_server_healthy", "1 while the server answers /health, else 0",
+                             ["role", "server"], registry=r)
+        self.inflight = Gauge("meshserve_disagg_server_inflight", "Requests this orchestrator has open on the "
+                              "server", ["role", "server"], registry=r)
+
+    def render(self, servers: Sequence[Server]) -> bytes:
+        for s in servers:
+            self.healthy.labels(s.role, s.address).set(1 if s.healthy else 0)
+            self.inflight.labels(s.role, s.address).set(s.inflight)
+        return generate_latest(self.registry)
+
+
+# ---- the orchestrator --------------------------------------------------------------------------------
+def describe(err: BaseException) -> str:
+    """A transport error in a few words."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, httpx.ConnectError):
+        return f"cannot connect ({text or 'connection refused'})"
+    if isinstance(err, httpx.TimeoutException):
+        return f"no answer in time ({type(err).__name__})"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _one_line(r: httpx.Response) -> str:
+    """A server's error answer in one line: its OpenAI error message, else the start of its body."""
+    try:
+        message = r.json()["error"]["message"]
+    except Exception:  # noqa: BLE001 - any body
+        message = r.text
+    message = " ".join(str(message).split())
+    return message[:300] if message else "(empty body)"
+
+
+def _passthrough(r: httpx.Response, content: Optional[bytes] = None) -> Response:
+    """A server's (error) answer as it came."""
+    headers = {k: r.headers[k] for k in ("retry-after", "www-authenticate") if k in r.headers}
+    return Response(content if content is not None else r.content, status_code=r.status_code, headers=headers,
+                    media_type=r.headers.get("content-type", "application/json"))
+
+
+class SSEResponse(StreamingResponse):
+    """Always closes its generator (and runs `on_close`, which a generator that never started would
+    skip), so a client that went away closes the upstream stream at once: the generation server then
+    aborts the request."""
+
+    def __init__(self, content, on_close=None, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            if self.on_close is not None:
+                await self.on_close()
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+class StreamMeter:
+    """Counts a streamed answer's content chunks (and reads usage) as the bytes pass, for TTFT/TPOT."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.first: Optional[float] = None  # time of the first chunk with content
+        self.last: Optional[float] = None
+        self.chunks = 0
+        self.usage_tokens: Optional[int] = None
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.buffer += data
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: ") or event == SSE_DONE[:-2]:
+                continue
+            try:
+                obj = msgspec.json.decode(event[6:])
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                self.usage_tokens = usage["completion_tokens"]
+            for choice in obj.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if text:
+                    self.chunks += 1
+                    self.first = self.first if self.first is not None else now
+                    self.last = now
+                    break
+
+    def tpot(self) -> Optional[float]:
+        tokens = self.usage_tokens if self.usage_tokens is not None else self.chunks
+        if self.first is None or tokens < 2 or self.last <= self.first:
+            return None
+        return (self.last - self.first) / (tokens - 1)
+
+
+class Orchestrator:
+    def __init__(self, config: DisaggConfig, request_timeout: float = 180.0,
+                 metrics: Optional[DisaggMetrics] = None):
+        self.config = config
+        self.request_timeout = float(request_timeout)
+        self.metrics = metrics or DisaggMetrics()
+        self.context = [Server(u, "context") for u in config.context.urls]
+        self.generation = [Server(u, "generation") for u in config.generation.urls]
+        self.context_router = create_router(config.context.router, self.context, **config.context.router_args)
+        self.generation_router = create_router(config.generation.router, self.generation,
+                                               **config.generation.router_args)
+        self.client: Optional[httpx.AsyncClient] = None
+        self._health_task: Optional[asyncio.Task] = None
+        self._probes: dict[str, asyncio.Future] = {}  # role -> the running probe of a group with none healthy
+
+    @property
+    def servers(self) -> list[Server]:
+        return self.context + self.generation
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        t = self.request_timeout
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(t, connect=min(10.0, t)), trust_env=False,
+            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=30.0))
+        await self.check_all()
+        self._health_task = asyncio.create_task(self._health_loop(), name="meshserve-disagg-health")
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    # ---- health --------------------------------------------------------------------------------------
+    def _set_health(self, server: Server, ok: bool, error: Optional[str] = None) -> None:
+        if ok and not server.healthy:
+            logger.info("%s server %s is healthy again", server.role, server.address)
+        elif not ok and server.healthy:
+            logger.warning("%s server %s is unhealthy: %s; skipping it until /health answers 200", server.role,
+                           server.address, error)
+        server.healthy = ok
+        server.last_error = None if ok else error
+
+    async def check(self, server: Server) -> bool:
+        try:
+            r = await self.client.get(server.url + "/health", timeout=self.config.health_check_timeout)
+            ok, error = r.status_code == 200, None if r.status_code == 200 else (
+                f"/health answered {r.status_code}: {_one_line(r)}")
+        except httpx.HTTPError as e:
+            ok, error = False, describe(e)
+        self._set_health(server, ok, error)
+        return ok
+
+    async def check_all(self, servers: Optional[Sequence[Server]] = None) -> None:
+        await asyncio.gather(*(self.check(s) for s in (servers if servers is not None else self.servers)))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval)
+            try:
+                await self.check_all()
+            except Exception:  # noqa: BLE001 - the loop must go on
+                logger.exception("health check round failed")
+
+    def health(self) -> tuple[bool, dict]:
+        groups = {"context_servers": self.context, "generation_servers": self.generation}
+        body: dict[str, Any] = {name: [{"url": s.address, "healthy": s.healthy, "inflight": s.inflight,
+                                        **({"error": s.last_error} if s.last_error else {})} for s in servers]
+                                for name, servers in groups.items()}
+        missing = [name for name, servers in groups.items() if not any(s.healthy for s in servers)]
+        body = {"status": "unhealthy" if missing else "ok", **body}
+        if missing:
+            body["error"] = f"no healthy server among {' and '.join(missing)}"
+        return not missing, body
+
+    # ---- routing -------------------------------------------------------------------------------------
+    async def _pick(self, servers: list[Server], router: Router, tried: list[Server], body: dict,
+                    probed: list[bool]) -> Optional[Server]:
+        """A healthy server not tried yet; when a group has none at all, it is probed once first
+        (concurrent requests share one probe)."""
+        candidates = [s for s in servers if s.healthy and s not in tried]
+        if not candidates and not tried and not probed[0]:
+            probed[0] = True
+            role = servers[0].role
+            probe = self._probes.get(role)
+            if probe is None or probe.done():
+                probe = self._probes[role] = asyncio.ensure_future(self.check_all(servers))
+            await asyncio.shield(probe)
+            candidates = [s for s in servers if s.healthy]
+        return router.choose(candidates, body) if candidates else None
+
+    @staticmethod
+    def _down(role: str, servers: Sequence[Server], errors: dict) -> APIError:
+        reasons = "; ".join(f"{s.address}: {errors.get(s) or s.last_error or 'unhealthy'}" for s in servers)
+        return APIError(503, f"no {role} server is available ({reasons})", "server_error", None,
+                        "no_healthy_server")
+
+    # ---- requests ------------------------------------------------------------------------------------
+    async def handle(self, raw: Request, route: str) -> Response:
+        arrival = time.perf_counter()
+        rid = raw.headers.get("x-request-id") or uuid.uuid4().hex
+        self.metrics.requests.labels(route).inc()
+        try:
+            response = await self._handle(raw, route, rid, arrival)
+        except APIError as err:
+            response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        if response.status_code >= 400:
+            self.metrics.errors.labels(str(response.status_code)).inc()
+        if not isinstance(response, StreamingResponse):
+            self.metrics.e2e.observe(time.perf_counter() - arrival)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    async def _handle(self, raw: Request, route: str, rid: str, arrival: float) -> Response:
+        try:
+            body = msgspec.json.decode(await raw.body())
+        except msgspec.DecodeError as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        if "disaggregated_params" in body:
+            raise APIError(400, "disaggregated_params is set by the orchestrator, not by clients; remove it",
+                           param="disaggregated_params")
+        headers = {"X-Request-Id": rid}
+        if "authorization" in raw.headers:  # the servers check the client's key (serve --api_key)
+            headers["Authorization"] = raw.headers["authorization"]
+
+        ctx_body = {**body, "stream": False, "disaggregated_params": {"request_type": "context_only"}}
+        ctx_body.pop("stream_options", None)
+        ctx = await self._context_hop(route, ctx_body, headers, rid)
+        if isinstance(ctx, Response):
+            return ctx
+        params = ctx.get("disaggregated_params")
+        if not isinstance(params, dict) or not params.get("opaque_state"):
+            choices = ctx.get("choices") or [{}]
+            if all(isinstance(c, dict) and c.get("finish_reason") for c in choices):
+                return self._finished_at_context(ctx, body, route)  # e.g. the first token was EOS
+            raise APIError(502, "the context server answered without disaggregated_params (is "
+                           "cache_transceiver_config in its --config?)", "server_error", None, "bad_upstream")
+        gen_params = {k: v for k, v in params.items() if k != "request_type"}
+        gen_body = {**body, "disaggregated_params": {"request_type": "generation_only", **gen_params}}
+        return await self._generation_hop(route, gen_body, headers, rid, arrival, bool(body.get("stream")))
+
+    async def _context_hop(self, route: str, body: dict, headers: dict, rid: str):
+        """The context answer's JSON, or a Response to hand the client as it is (a 4xx, a last 5xx)."""
+        payload = msgspec.json.encode(body)
+        headers = {**headers, "Content-Type": "application/json"}
+        tried: list[Server] = []
+        errors: dict[Server, str] = {}
+        probed = [False]
+        last: Optional[httpx.Response] = None  # the last 5xx, answered as it is when no server is left
+        while True:
+            server = await self._pick(self.context, self.context_router, tried, body, probed)
+            if server is None:
+                if last is not None:
+                    return _passthrough(last)
+                raise self._down("context", tried or self.context, errors)
+            tried.append(server)
+            server.inflight += 1
+            start = time.perf_counter()
+            try:
+                r = await self.client.post(server.url + route, content=payload, headers=headers)
+            except httpx.TimeoutException:
+                self.metrics.failures.labels("context").inc()
+                raise APIError(504, f"context server {server.address} did not answer in {self.request_timeout:g} s "
+                               f"(meshserve disaggregated -t)", "server_error", None, "upstream_timeout") from None
+            except httpx.HTTPError as e:
+                self.metrics.failures.labels("context").inc()
+                errors[server] = describe(e)
+                if isinstance(e, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)):
+                    self._set_health(server, False, errors[server])
+                logger.warning("request %s: context server %s failed: %s", rid, server.address, errors[server])
+                last = None
+            else:
+                if r.status_code == 200:
+                    self.metrics.context.observe(time.perf_counter() - start)
+                    try:
+                        data = r.json()
+                    except ValueError:
+                        data = None
+                    if not isinstance(data, dict):
+                        raise APIError(502, f"context server {server.address} answered a body that is not a JSON "
+                                       f"object", "server_error", None, "bad_upstream")
+                    return data
+                if r.status_code < 500:
+                    return _passthrough(r)
+                self.metrics.failures.labels("context").inc()
+                errors[server] = f"answered {r.status_code}: {_one_line(r)}"
+                logger.warning("request %s: context server %s %s", rid, server.address, errors[server])
+                last = r
+            finally:
+                server.inflight -= 1
+            if len(tried) > self.config.max_retries:
+                if last is not None:
+                    return _passthrough(last)
+                raise APIError(503, f"the context stage failed on {len(tried)} server(s) (max_retries="
+                               f"{self.config.max_retries}): " + "; ".join(f"{s.address}: {errors[s]}" for s in tried),
+                               "server_error", None, "context_failed")
+            self.metrics.retries.labels("context").inc()
+
+    async def _generation_hop(self, route: str, body: dict, headers: dict, rid: str, arrival: float,
+                              stream: bool) -> Response:
+        payload = msgspec.json.encode(body)
+        headers = {**headers, "Content-Type": "application/json"}
+        tried: list[Server] = []
+        errors: dict[Server, str] = {}
+        probed = [False]
+        while True:
+            server = await self._pick(self.generation, self.generation_router, tried, body, probed)
+            if server is None:
+                raise self._down("generation", tried or self.generation, errors)
+            tried.append(server)
+            server.inflight += 1
+            start = time.perf_counter()
+            request = self.client.build_request("POST", server.url + route, content=payload, headers=headers)
+            try:
+                r = await self.client.send(request, stream=stream)
+            except httpx.ConnectError as e:  # never reached the server: another one may take it
+                server.inflight -= 1
+                self.metrics.failures.labels("generation").inc()
+                errors[server] = describe(e)
+                self._set_health(server, False, errors[server])
+                logger.warning("request %s: generation server %s failed: %s", rid, server.address, errors[server])
+                if len(tried) > self.config.max_retries:
+                    raise self._down("generation", tried, errors) from None
+                self.metrics.retries.labels("generation").inc()
+                continue
+            except httpx.HTTPError as e:  # it may have the request: the context KV is its to pull or release
+                server.inflight -= 1
+                self.metrics.failures.labels("generation").inc()
+                timeout = isinstance(e, httpx.TimeoutException)
+                raise APIError(504 if timeout else 502, f"generation server {server.address} failed: {describe(e)}",
+                               "server_error", None, "upstream_timeout" if timeout else "bad_upstream") from None
+            break
+        if not stream or r.status_code != 200:
+            try:
+                content = await r.aread()
+            except httpx.HTTPError as e:
+                self.metrics.failures.labels("generation").inc()
+                raise APIError(502, f"generation server {server.address} failed: {describe(e)}", "server_error",
+                               None, "bad_upstream") from None
+            finally:
+                server.inflight -= 1
+                await r.aclose()
+            if r.status_code >= 500:
+                self.metrics.failures.labels("generation").inc()
+            if r.status_code == 200:
+                self.metrics.gen_first_byte.observe(time.perf_counter() - start)
+                if b'"disaggregated_params"' in content:
+                    data = msgspec.json.decode(content)
+                    data.pop("disaggregated_params", None)
+                    content = msgspec.json.encode(data)
+            return _passthrough(r, content)
+
+        meter = StreamMeter()
+        closed = []
+
+        async def close() -> None:  # once, whether the stream ran, broke or never started
+            if closed:
+                return
+            closed.append(True)
+            server.inflight -= 1
+            await r.aclose()
+            tpot = meter.tpot()
+            if tpot is not None:
+                self.metrics.gen_tpot.observe(tpot)
+            self.metrics.e2e.observe(time.perf_counter() - arrival)
+
+        async def relay() -> AsyncIterator[bytes]:
+            first = True
+            try:
+                async for data in r.aiter_bytes():
+                    now = time.perf_counter()
+                    if first:
+                        first = False
+                        self.metrics.gen_first_byte.observe(now - start)
+                    had = meter.first
+                    meter.feed(data, now)
+                    if had is None and meter.first is not None:
+                        self.metrics.ttft.observe(now - arrival)
+                    yield data
+            except httpx.HTTPError as e:
+                self.metrics.failures.labels("generation").inc()
+                logger.warning("request %s: the stream of generation server %s broke: %s", rid, server.address,
+                               describe(e))
+                yield _sse(error_body(f"generation server {server.address} failed mid-stream: {describe(e)}",
+                                      "server_error", None, 502))
+                yield SSE_DONE
+            finally:
+                await close()
+
+        return SSEResponse(relay(), media_type="text/event-stream", on_close=close)
+
+    def _finished_at_context(self, ctx: dict, body: dict, route: str) -> Response:
+        """The context answer is the whole completion (it finished on its first token)."""
+        ctx.pop("disaggregated_params", None)
+        if not body.get("stream"):
+            return JSONResponse(ctx)
+        chat = route.endswith("chat/completions")
+        opts = body.get("stream_options") or {}
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        head = {"id": ctx.get("id"), "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": ctx.get("created", int(time.time())), "model": ctx.get("model")}
+        extra = {"usage": None} if include_usage else {}
+        events = []
+        for c in ctx.get("choices") or ():
+            end = {"finish_reason": c.get("finish_reason"), "stop_reason": c.get("stop_reason")}
+            if chat:
+                text = (c.get("message") or {}).get("content") or ""
+                events.append({**head, "choices": [{"index": c.get("index", 0), "delta": {"role": "assistant",
+                               "content": ""}, "logprobs": None, "finish_reason": None}], **extra})
+                delta = {"content": text} if text else {}
+                events.append({**head, "choices": [{"index": c.get("index", 0), "delta": delta,
+                               "logprobs": c.get("logprobs"), **end}], **extra})
+            else:
+                events.append({**head, "choices": [{"index": c.get("index", 0), "text": c.get("text", ""),
+                               "logprobs": c.get("logprobs"), **end}], **extra})
+        if include_usage and ctx.get("usage"):
+            events.append({**head, "choices": [], "usage": ctx["usage"]})
+
+        async def gen():
+            for e in events:
+                yield _sse(e)
+            yield SSE_DONE
+
+        return SSEResponse(gen(), media_type="text/event-stream")
+
+    async def models(self, raw: Request) -> Response:
+        """The union of the healthy servers' /v1/models (generation servers first)."""
+        headers = {"Authorization": raw.headers["authorization"]} if "authorization" in raw.headers else {}
+        servers = [s for s in self.generation + self.context if s.healthy]
+        if not servers:
+            raise APIError(503, "no server is available to list the models", "server_error", None,
+                           "no_healthy_server")
+
+        async def ask(s: Server):
+            try:
+                return await self.client.get(s.url + "/v1/models", headers=headers, timeout=10.0)
+            except httpx.HTTPError as e:
+                return e
+
+        answers = await asyncio.gather(*(ask(s) for s in servers))
+        data, seen, errors = [], set(), []
+        for s, a in zip(servers, answers):
+            if isinstance(a, httpx.Response) and a.status_code == 200:
+                for m in a.json().get("data", []):
+                    if m.get("id") not in seen:
+                        seen.add(m.get("id"))
+                        data.append(m)
+            elif isinstance(a, httpx.Response) and a.status_code < 500 and not data:
+                return _passthrough(a)  # e.g. 401 without the servers' key
+            else:
+                errors.append(f"{s.address}: {describe(a) if isinstance(a, Exception) else a.status_code}")
+        if not data:
+            raise APIError(503, "no server listed its models (" + "; ".join(errors) + ")", "server_error", None,
+                           "no_healthy_server")
+        return JSONResponse({"object": "list", "data": data})
+
+
+# ---- the app -----------------------------------------------------------------------------------------
+def build_app(orch: Orchestrator) -> FastAPI:
+    """The orchestrator's FastAPI app; its lifespan starts (HTTP client, health checks) and stops it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await orch.start()
+        try:
+            yield
+        finally:
+            await orch.stop()
+
+    app = FastAPI(title="meshserve disaggregated", version=meshserve.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan)
+
+    def error_response(err: APIError) -> JSONResponse:
+        orch.metrics.errors.labels(str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException):
+        return error_response(APIError(err.status_code, str(err.detail)))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception):
+        logger.exception("internal error")
+        return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}", "server_error"))
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await orch.handle(raw, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        return await orch.handle(raw, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(raw: Request):
+        return await orch.models(raw)
+
+    @app.get("/health")
+    async def health():
+        ok, body = orch.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": meshserve.__version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(orch.metrics.render(orch.servers), media_type=CONTENT_TYPE_LATEST)
+
+    return app

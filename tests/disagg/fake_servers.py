@@ -1,0 +1,201 @@
+"""Fake context and generation servers speaking the disaggregated contract (docs/disaggregated.md),
+for the orchestrator's tests: small FastAPI apps on uvicorn threads at 127.0.0.1, each recording
+what it received (path, headers, JSON body).
+
+The context fake answers a context-only request with the canned first token FIRST_TEXT and
+`disaggregated_params` whose opaque_state names the server; the generation fake checks that a
+generation-only request carries them and answers FIRST_TEXT + CONTINUATION, streamed (one chunk
+per token, OpenAI's chunk shapes) or whole. Knobs: `healthy` (False: /health answers 503),
+`fail_status` (every request answered with it), `delay` (seconds before answering).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from typing import Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+MODEL = "fake-model"
+FIRST_ID = 42
+FIRST_TEXT = "Hello"
+CONTINUATION = [" from", " the", " generation", " server", "."]
+FULL_TEXT = FIRST_TEXT + "".join(CONTINUATION)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def opaque_state(name: str) -> str:
+    return base64.b64encode(json.dumps({"server": name}).encode()).decode()
+
+
+class FakeServer:
+    role = ""
+
+    def __init__(self, name: str, port: Optional[int] = None):
+        self.name = name
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.received: list[dict] = []
+        self.sent: list[bytearray] = []  # the bytes of each streamed answer, as sent
+        self.healthy = True
+        self.fail_status: Optional[int] = None
+        self.delay = 0.0
+        self.inflight = 0
+        self.max_inflight = 0
+        self._server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self.app = self._build()
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            if self.healthy:
+                return {"status": "ok"}
+            return JSONResponse({"status": "unhealthy", "error": "fake"}, status_code=503)
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]}
+
+        async def route(raw: Request):
+            body = await raw.json()
+            self.received.append({"path": raw.url.path, "headers": dict(raw.headers), "body": body})
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+            try:
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if self.fail_status is not None:
+                    return JSONResponse({"error": {"message": f"{self.name} fails on purpose", "type": "server_error",
+                                                   "param": None, "code": self.fail_status}},
+                                        status_code=self.fail_status)
+                return await self.answer(raw.url.path, body)
+            finally:
+                self.inflight -= 1
+
+        app.post("/v1/completions")(route)
+        app.post("/v1/chat/completions")(route)
+        return app
+
+    async def answer(self, path: str, body: dict):
+        raise NotImplementedError
+
+    @property
+    def bodies(self) -> list[dict]:
+        return [r["body"] for r in self.received]
+
+    def start(self) -> "FakeServer":
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True, name=f"fake-{self.name}")
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"fake server {self.name} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class FakeContextServer(FakeServer):
+    role = "context"
+
+    def __init__(self, name: str, port: Optional[int] = None):
+        super().__init__(name, port)
+        self.finish_at_context = False  # answer as if the first token were EOS: finished, no params
+        self.count = 0
+
+    async def answer(self, path: str, body: dict):
+        params = body.get("disaggregated_params") or {}
+        if params.get("request_type") != "context_only" or body.get("stream"):
+            return JSONResponse({"error": {"message": f"not a context-only request: {params}", "type": "x",
+                                           "param": None, "code": None}}, status_code=400)
+        self.count += 1
+        chat = path.endswith("chat/completions")
+        finish = "stop" if self.finish_at_context else "length"
+        choice = ({"index": 0, "message": {"role": "assistant", "content": FIRST_TEXT}, "logprobs": None,
+                   "finish_reason": finish} if chat else
+                  {"index": 0, "text": FIRST_TEXT, "logprobs": None, "finish_reason": finish})
+        out = {"id": f"ctx-{self.name}-{self.count}", "object": "chat.completion" if chat else "text_completion",
+               "created": int(time.time()), "model": MODEL, "choices": [choice], "usage": _usage(5, 1)}
+        if not self.finish_at_context:
+            out["disaggregated_params"] = {"request_type": "context_only", "first_gen_tokens": [FIRST_ID],
+                                           "ctx_request_id": f"{self.name}-{self.count}",
+                                           "opaque_state": opaque_state(self.name)}
+        return out
+
+
+class FakeGenerationServer(FakeServer):
+    role = "generation"
+
+    async def answer(self, path: str, body: dict):
+        params = body.get("disaggregated_params") or {}
+        if (params.get("request_type") != "generation_only" or params.get("first_gen_tokens") != [FIRST_ID]
+                or not params.get("opaque_state")):
+            return JSONResponse({"error": {"message": f"not a generation-only request: {params}", "type": "x",
+                                           "param": None, "code": None}}, status_code=400)
+        chat = path.endswith("chat/completions")
+        rid, created = f"gen-{self.name}", int(time.time())
+        tokens = [FIRST_TEXT, *CONTINUATION]
+        usage = _usage(5, len(tokens))
+        if not body.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": FULL_TEXT}, "logprobs": None,
+                       "finish_reason": "length"} if chat else
+                      {"index": 0, "text": FULL_TEXT, "logprobs": None, "finish_reason": "length"})
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                    "model": MODEL, "choices": [choice], "usage": usage}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": MODEL}
+
+        def chunk(text: str, last: bool, role: bool = False) -> bytes:
+            finish = "length" if last else None
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {"content": text}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if role else finish}
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = {**head, "choices": [choice]}
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        sent = bytearray()
+        self.sent.append(sent)
+
+        async def stream():
+            parts = [chunk("", False, role=True)] if chat else []
+            parts += [chunk(t, i == len(tokens) - 1) for i, t in enumerate(tokens)]
+            if include_usage:
+                parts.append(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
+            parts.append(b"data: [DONE]\n\n")
+            for part in parts:
+                await asyncio.sleep(0.005)
+                sent.extend(part)
+                yield part
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
