@@ -104,8 +104,17 @@ class MoeConfig(StrictModel):
 
 
 class CacheTransceiverConfig(StrictModel):
-    backend: str = "DEFAULT"
-    max_tokens_in_buffer: Optional[int] = Field(None, ge=1)
+    """Disaggregated serving (docs/disaggregated.md): this server's ranks serve reads of their KV
+    blocks (context server) and pull a request's KV from another server's ranks (generation server)."""
+    backend: str = Field("DEFAULT", description=(
+        "KV transfer backend: DEFAULT (TCP); NIXL, UCX and MPI come with issue 23"))
+    max_tokens_in_buffer: Optional[int] = Field(None, ge=1, description=(
+        "tokens of one layer a transfer moves per chunk (default: the backend's)"))
+    kv_transfer_timeout_ms: int = Field(30000, ge=1, description=(
+        "a context request's KV stays pinned this long without the generation server's release; "
+        "a generation server gives up a pull after this long"))
+    host: str = Field("127.0.0.1", description=(
+        "address every rank's KV transfer endpoint binds to (what generation servers connect to)"))
 
 
 class LlmArgs(StrictModel):

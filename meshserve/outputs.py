@@ -37,6 +37,9 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
     num_cached_tokens: int = 0
     metrics: Optional[dict] = None
+    # disaggregated serving, context_only: the pinned KV ({"block_ids", "num_tokens"}) a generation
+    # server pulls; the API server signs it into the response's disaggregated_params
+    kv_transfer_params: Optional[dict] = None
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "

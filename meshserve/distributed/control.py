@@ -15,6 +15,7 @@ from typing import Optional, Union
 import msgspec
 import zmq
 
+from meshserve.disagg.transceiver import RankLayout
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 
 
@@ -68,8 +69,23 @@ class ExpertLoadReport(msgspec.Struct, tag=True):
     report: dict
 
 
+class KvLayout(msgspec.Struct, tag=True):
+    """Disaggregated serving: what a rank holds of the KV cache and its transfer endpoint (sent once
+    its KV cache and transfer endpoints are up)."""
+    rank: int
+    layout: RankLayout
+
+
+class KvPullDone(msgspec.Struct, tag=True):
+    """Disaggregated serving: a rank finished its part of a request's KV pull."""
+    rank: int
+    req_id: str
+    ok: bool
+    error: Optional[str] = None
+
+
 Message = Union[Ready, ProfileKv, KvBlocks, InitKv, Step, Result, WorkerError, Shutdown, StageStats,
-                ExpertLoadReport]
+                ExpertLoadReport, KvLayout, KvPullDone]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -27,7 +27,7 @@ from meshserve.engine import core_proc
 from meshserve.engine.engine_core import EngineLimits, validate
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.output_processor import OutputProcessor
-from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from meshserve.engine.messages import DisaggRequest, EngineCoreOutputs, EngineCoreRequest
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 
@@ -44,6 +44,10 @@ class RequestRejectedError(ValueError):
 
 class QueueFullError(RuntimeError):
     """Too many sequences are waiting for their first token; the client should retry later."""
+
+
+class KvTransferError(RuntimeError):
+    """A generation_only request could not get its KV from the context server (disaggregated serving)."""
 
 
 class EngineObserver(Protocol):
@@ -78,6 +82,18 @@ class RequestStream:
     async def _wait(self) -> None:
         await self._event.wait()
         self._event.clear()
+        if self.error is not None:
+            raise self.error
+
+    async def wait_started(self) -> None:
+        """Until the first output or the end (raising the stream's error); what came stays for
+        `deltas()` / `result()` to read."""
+        def started() -> bool:
+            return self.done or any(s.token_ids for s in self.state.seqs.values())
+        while self.error is None and not started():
+            await self._event.wait()
+            if self.error is None and not started():
+                self._event.clear()
         if self.error is not None:
             raise self.error
 
@@ -251,16 +267,18 @@ class AsyncEngine:
                                  f"(max_waiting_requests={limit}); retry later")
 
     def add_request(self, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: Optional[str] = None) -> RequestStream:
+                    request_id: Optional[str] = None, disagg: Optional[DisaggRequest] = None) -> RequestStream:
         """Validate and submit one request (n sequences); raises ValueError for a bad request,
-        QueueFullError or EngineDeadError when it cannot be taken now."""
+        QueueFullError or EngineDeadError when it cannot be taken now. `disagg`: its part in
+        disaggregated serving (one sequence)."""
         self.check_capacity()
         self.validate(prompt_token_ids, params)
         rid = request_id or uuid.uuid4().hex
         state, seqs = self.processor.add_request(rid, prompt, prompt_token_ids, params)
         stream = RequestStream(self, state)
         now = time.monotonic()
-        reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now) for sid, p in seqs]
+        reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now, disagg=disagg)
+                for sid, p in seqs]
         try:
             self._send(core_proc.ADD, reqs)  # no await between registering and sending: no output is missed
         except EngineDeadError:
@@ -343,7 +361,17 @@ class AsyncEngine:
         self._finish_stream(stream, error=RequestRejectedError(msg.message))
 
     def _route(self, msg: EngineCoreOutputs) -> None:
+        failed_transfers = {}  # request id -> why its KV transfer failed
+        for out in msg.outputs:
+            if out.error is not None:
+                state = self.processor.request_of(out.request_id)
+                if state is not None:
+                    failed_transfers[state.request_id] = out.error
         res = self.processor.process(msg.outputs)
+        for rid, error in failed_transfers.items():
+            stream = self._streams.get(rid)
+            if stream is not None:
+                self._finish_stream(stream, error=KvTransferError(error))
         for state, err in res.failed:
             stream = self._streams.get(state.request_id)
             if stream is not None:

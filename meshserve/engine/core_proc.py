@@ -27,6 +27,7 @@ from typing import Optional
 import msgspec
 import zmq
 
+from meshserve.disagg.transceiver import RankLayout
 from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class EngineReady(msgspec.Struct, omit_defaults=True):
     block_size: int
     pid: int
     kernel_config: dict = {}  # rank 0's kernel settings and the device they were resolved for (/version)
+    kv_layouts: list[RankLayout] = []  # cache_transceiver_config: every rank's KV layout, rank 0 first
 
 
 class RequestRejected(msgspec.Struct):
@@ -99,7 +101,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     try:
         limits = dataclasses.asdict(core.limits)
         ready = EngineReady(limits, core.kv.num_blocks, core.kv.block_size, os.getpid(),
-                            core.executor.kernel_settings())
+                            core.executor.kernel_settings(), list(core.kv_layouts))
         out.send_multipart([READY, encoder.encode(ready)])
         EngineLoop(core, inp, out, parent_pid).run()
     finally:
@@ -136,6 +138,9 @@ class EngineLoop:
             timeout = 0 if busy else IDLE_POLL_MS
             if busy and self.core.defer_until:  # late launch: wait for arrivals until the batch is due
                 timeout = max(0, int((self.core.defer_until - time.perf_counter()) * 1000))
+            transfer_poll = None if busy else self.core.transfer_poll_s()
+            if transfer_poll is not None:  # KV handovers pending: look at them now and then
+                timeout = max(1, int(transfer_poll * 1000))
             if poller.poll(timeout):
                 changed = self._drain()
             if os.getppid() != self.parent_pid:
@@ -151,6 +156,16 @@ class EngineLoop:
                     self.out.send_multipart([FAILED, self.encoder.encode(EngineFailed(f"{type(e).__name__}: {e}"))])
                     return
                 if outputs or changed or self.pending_outputs or not self.core.defer_until:
+                    self._send(outputs)
+            elif self.core.has_transfers():
+                events = self.core.kv_events
+                try:
+                    outputs = self.core.step()  # releases, expired pins, finished pulls
+                except Exception as e:  # noqa: BLE001 - as above
+                    logger.error("engine step failed:\n%s", traceback.format_exc())
+                    self.out.send_multipart([FAILED, self.encoder.encode(EngineFailed(f"{type(e).__name__}: {e}"))])
+                    return
+                if outputs or changed or self.pending_outputs or self.core.kv_events != events:
                     self._send(outputs)
             elif changed or self.pending_outputs:
                 self._send([])

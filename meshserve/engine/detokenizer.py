@@ -89,6 +89,7 @@ class RequestState:
                      for i, sid in enumerate(seq_ids)}
         self.prompt_logprobs: Optional[list] = None
         self.num_cached_tokens = 0
+        self.kv_transfer_params: Optional[dict] = None  # context_only: the pinned KV (EngineCoreOutput)
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
         self.finished_time: Optional[float] = None  # when the last of its sequences finished
@@ -117,6 +118,8 @@ class RequestState:
             self.prompt_logprobs = (self.prompt_logprobs or []) + entries
         if out.num_cached_tokens:
             self.num_cached_tokens = out.num_cached_tokens
+        if out.kv_transfer_params is not None:
+            self.kv_transfer_params = out.kv_transfer_params
         if out.new_token_ids and self.first_token_time is None:
             self.first_token_time = time.monotonic()
         seq.token_ids.extend(out.new_token_ids)
@@ -176,5 +179,5 @@ class RequestState:
                                          seq.stop_reason, lps, seq.cumulative_logprob))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
                              prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
-                             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                             kv_transfer_params=self.kv_transfer_params, metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                                       "finished_time": self.finished_time})

@@ -15,7 +15,7 @@ from typing import Optional
 
 from meshserve.executor.base import Executor
 from meshserve.engine.kv_cache import KVCacheManager
-from meshserve.engine.messages import EngineCoreOutput, EngineCoreRequest
+from meshserve.engine.messages import DisaggRequest, EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
 from meshserve.sampling_params import SamplingParams
@@ -73,12 +73,19 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None,
-                 max_n: Optional[int] = None, slow_step_ms: float = 1000.0):
+                 max_n: Optional[int] = None, slow_step_ms: float = 1000.0, kv_transfer=None):
         # kv_groups: the model's KV cache groups (engine/kv_spec.py); None: one full-attention group
         # max_n: LlmArgs.max_n; None: max_batch_size (n sequences beyond one step's batch stall everyone)
+        # kv_transfer: LlmArgs.cache_transceiver_config (disaggregated serving); None: refused
         self.executor = executor
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, kv_groups)
         self.scheduler = Scheduler(sched_config, self.kv)
+        self.kv_transfer = kv_transfer
+        # every rank's RankLayout, rank 0 first (what a context request's opaque_state carries)
+        self.kv_layouts: list = executor.kv_layouts() if kv_transfer is not None else []
+        if kv_transfer is not None:
+            self.scheduler.kv_timeout_s = kv_transfer.kv_transfer_timeout_ms / 1000
+        self.kv_events = 0  # KV handovers done (pins released, pulls finished): the caller reports stats
         self.limits = EngineLimits(vocab_size, sched_config.max_seq_len, sched_config.max_num_tokens,
                                    sched_config.enable_chunked_prefill, self.kv.capacity_tokens,
                                    list(eos_token_ids), max_n or sched_config.max_batch_size)
@@ -109,15 +116,43 @@ class EngineCore:
         validate(self.limits, prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> None:
-        if request_id in self.scheduler.requests:
+                    arrival_time: Optional[float] = None, disagg: Optional[DisaggRequest] = None) -> None:
+        if request_id in self.scheduler.requests or request_id in self.scheduler.pinned:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if disagg is not None:
+            params = self._check_disagg(prompt_token_ids, params, disagg)
         self.validate(prompt_token_ids, params)
         self.scheduler.add_request(Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids,
-                                           self.limits.max_seq_len, arrival_time))
+                                           self.limits.max_seq_len, arrival_time, disagg))
+        if disagg is not None:
+            logger.info("request %s: %s, %d prompt tokens%s", request_id, disagg.kind, len(prompt_token_ids),
+                        f", KV from {disagg.sources[0].endpoint} ({disagg.ctx_request_id})"
+                        if disagg.kind == "generation_only" else "")
+
+    def _check_disagg(self, prompt_token_ids: list[int], params: SamplingParams,
+                      disagg: DisaggRequest) -> SamplingParams:
+        if self.kv_transfer is None:
+            raise ValueError("disaggregated_params needs cache_transceiver_config, which this engine was "
+                             "started without")
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: a {disagg.kind} request has exactly one sequence")
+        if disagg.kind == "context_only":
+            return params.clone(max_tokens=1)  # the prompt and the first token; a generation server does the rest
+        if disagg.kind != "generation_only":
+            raise ValueError(f"disaggregated_params.request_type={disagg.kind!r}: expected context_only or "
+                             f"generation_only")
+        if not disagg.sources:
+            raise ValueError("a generation_only request needs the context server's rank layouts")
+        if disagg.src_num_tokens != len(prompt_token_ids):
+            raise ValueError(f"the context server holds KV of {disagg.src_num_tokens} tokens, but the prompt has "
+                             f"{len(prompt_token_ids)}")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: a generation_only request does not compute its prompt")
+        return params
 
     def add_core_request(self, req: EngineCoreRequest) -> None:
-        self.add_request(req.request_id, req.prompt_token_ids, SamplingParams(**req.params), req.arrival_time or None)
+        self.add_request(req.request_id, req.prompt_token_ids, SamplingParams(**req.params), req.arrival_time or None,
+                         req.disagg)
 
     def abort_requests(self, request_ids) -> list[EngineCoreOutput]:
         outs = []
@@ -129,8 +164,62 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.batch_queue)
 
+    def has_transfers(self) -> bool:
+        """KV handovers are pending (pinned context KV, pulls): `step()` should be called now and
+        then even while `has_unfinished()` is False (see `transfer_poll_s`)."""
+        return self.scheduler.has_transfers()
+
+    def transfer_poll_s(self) -> Optional[float]:
+        """How often an otherwise idle loop should call `step()` for the pending KV handovers
+        (None: nothing pending): often while pulls run, rarely while only pinned KV waits."""
+        sched = self.scheduler
+        if sched.kv_pulling or sched.kv_waiting:
+            return 0.002
+        if sched.pinned:
+            deadline = sched.next_pinned_deadline()
+            return max(0.001, min(0.05, deadline - time.monotonic()))
+        return None
+
+    # ---- disaggregated serving ---------------------------------------------------------------------
+    def _poll_transfers(self) -> list[EngineCoreOutput]:
+        """Releases from generation servers, expired pins, and finished pulls (their outputs)."""
+        sched = self.scheduler
+        outputs = []
+        if sched.pinned:
+            for rid in self.executor.kv_releases():
+                if sched.unpin(rid):
+                    self.kv_events += 1
+                    logger.info("request %s: KV released by the generation server", rid)
+            for rid in sched.expire_pinned():
+                self.kv_events += 1
+                logger.warning("request %s: KV released after kv_transfer_timeout_ms=%d without a release from a "
+                               "generation server", rid, self.kv_transfer.kv_transfer_timeout_ms)
+        if sched.kv_pulling:
+            for rid, ok, error in self.executor.kv_pull_results():
+                req = sched.kv_pulling.get(rid)
+                if req is None:
+                    continue
+                d = req.disagg
+                out = sched.pull_done(rid, ok, error)
+                self.kv_events += 1
+                if ok:
+                    logger.info("request %s: KV of %d tokens pulled from %s", rid, d.src_num_tokens,
+                                d.sources[0].endpoint)
+                else:
+                    logger.warning("request %s: KV transfer from %s failed: %s", rid, d.sources[0].endpoint, error)
+                if out is not None:
+                    outputs.append(out)
+                self.executor.kv_release_remote(d.sources[0], d.ctx_request_id)
+        return outputs
+
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        if not self.scheduler.has_transfers():
+            return self._step()
+        outputs = self._poll_transfers()
+        return outputs + self._step() if outputs else self._step()
+
+    def _step(self) -> list[EngineCoreOutput]:
         scheduled = False
         self.defer_until = 0.0
         if len(self.batch_queue) < self.executor.max_inflight and self.scheduler.has_unfinished():
@@ -143,12 +232,12 @@ class EngineCore:
                 cap = max(1, -(-min(active, self.scheduler.config.max_batch_size) // depth))
             t0 = time.perf_counter()
             so = self.scheduler.schedule(cap)
-            if so.reqs:
+            if so.reqs or so.kv_pulls:
                 self.batch_queue.append((so, self.executor.execute_async(so), t0))
                 self._host_s.append(time.perf_counter() - t0)
                 scheduled = True
-            elif so.finished_req_ids:
-                self.scheduler.finished_ids.extend(so.finished_req_ids)  # deliver with the next batch
+            elif so.finished_req_ids or so.kv_unregister:
+                self.scheduler.carry_over(so)  # deliver with the next batch
         if not self.batch_queue:
             return []
         if scheduled and len(self.batch_queue) < self.executor.max_inflight:
@@ -210,6 +299,8 @@ class EngineCore:
         return extra | {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
+            "num_waiting_for_kv": len(self.scheduler.kv_waiting) + len(self.scheduler.kv_pulling),
+            "num_pinned_kv": len(self.scheduler.pinned),
             "kv_cache_usage": self.kv.usage,
             "num_free_blocks": self.kv.num_free_blocks,
             "num_blocks": self.kv.num_usable_blocks,

@@ -11,6 +11,8 @@ from typing import Optional
 
 import msgspec
 
+from meshserve.disagg.transceiver import KvRequest, RankLayout
+
 
 class SamplingMeta(msgspec.Struct, array_like=True, omit_defaults=True):
     """What the device-side sampler needs of a request's SamplingParams."""
@@ -44,10 +46,27 @@ class ScheduledRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     new_group_block_ids: list[list[int]] = []
 
 
+class KvPull(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Disaggregated serving, generation side: every rank reads its share of a request's KV from
+    the context server's ranks (`sources`) into `dst_block_ids` (per KV group), in the background,
+    and reports to rank 0 (disagg/transceiver.py KvSink.pull)."""
+    req_id: str
+    sources: list[RankLayout]
+    src: KvRequest
+    dst_block_ids: list[list[int]]
+    timeout_s: float
+
+
 class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     step_id: int
     reqs: list[ScheduledRequest] = []
     finished_req_ids: list[str] = []
+    # Disaggregated serving, done by every rank before the step's forward: pulls to start, context
+    # requests whose blocks this step completes (their KV may be read once it is done), and pinned
+    # requests whose blocks are freed (no read after this; later steps may reuse them).
+    kv_pulls: list[KvPull] = []
+    kv_register: list[KvRequest] = []
+    kv_unregister: list[str] = []
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -60,11 +79,25 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: dict[str, list[tuple[list[int], list[float]]]] = {}
 
 
+class DisaggRequest(msgspec.Struct, omit_defaults=True):
+    """A request's part in disaggregated serving (docs/disaggregated.md), as the engine needs it:
+    context_only runs the prompt and one token and keeps its KV blocks pinned for a generation
+    server; generation_only pulls that KV from the context server's ranks and decodes on from
+    `first_token`. The front has checked the signed params; the engine trusts this."""
+    kind: str  # "context_only" | "generation_only"
+    ctx_request_id: str = ""  # generation_only: the context server's id of the pinned KV
+    first_token: int = -1  # generation_only: the token the context server sampled
+    sources: list[RankLayout] = []  # generation_only: the context server's ranks (rank 0 first)
+    src_block_ids: list[list[int]] = []  # generation_only: the KV's blocks there, per KV group
+    src_num_tokens: int = 0  # generation_only: tokens of KV there (the prompt's length)
+
+
 class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     request_id: str
     prompt_token_ids: list[int]
     params: dict  # SamplingParams fields
     arrival_time: float = 0.0
+    disagg: Optional[DisaggRequest] = None
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -75,6 +108,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: Optional[str] = None
     stop_reason: Optional[int] = None
     num_cached_tokens: int = 0
+    # context_only, with its last output: {"block_ids": [[...] per KV group], "num_tokens": n} of
+    # the pinned KV (the front signs them into disaggregated_params.opaque_state)
+    kv_transfer_params: Optional[dict] = None
+    error: Optional[str] = None  # generation_only whose KV transfer failed (finish_reason "abort")
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):

@@ -15,6 +15,7 @@ from meshserve.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # generation_only: its KV is being pulled from a context server
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -29,7 +30,8 @@ class RequestStatus(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None):
+                 eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None,
+                 disagg=None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
@@ -51,6 +53,16 @@ class Request:
         self.first_token_time: Optional[float] = None
         self.in_flight = 0  # scheduled batches not yet returned (pipeline micro-batches, overlap)
         self.num_pending = 0  # in-flight steps that will produce a token not yet appended
+        self.disagg = disagg  # messages.DisaggRequest of a context_only / generation_only request
+        self.kv_registered = False  # context_only: its blocks are registered with the ranks' KV sources
+
+    @property
+    def is_context_only(self) -> bool:
+        return self.disagg is not None and self.disagg.kind == "context_only"
+
+    @property
+    def is_generation_only(self) -> bool:
+        return self.disagg is not None and self.disagg.kind == "generation_only"
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,6 +6,14 @@ requests first (in arrival order), then waiting ones. Chunked prefill, prefix re
 preemption-by-recompute (free the newest request's blocks, put it back at the head of the queue)
 fall out of that one loop. Requests still in flight in an earlier micro-batch (pipeline) are
 skipped. Pure Python: no torch.
+
+Disaggregated serving (docs/disaggregated.md): a context_only request runs its prompt and one token;
+the step that completes its prompt registers its blocks with every rank's KV source, and when it
+finishes its blocks stay allocated ("pinned", keyed by its request id) until `unpin` (the generation
+server's release) or `expire_pinned` (kv_transfer_timeout_ms). A generation_only request waits in
+`kv_waiting` until blocks for its prompt fit, then a `KvPull` in the next SchedulerOutput has every
+rank read its KV; `pull_done` (all ranks reported) makes it a running request with its prompt
+computed and the context server's first token appended, or frees its blocks when a rank failed.
 """
 from __future__ import annotations
 
@@ -14,8 +22,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
+from meshserve.disagg.transceiver import KvRequest
 from meshserve.engine.kv_cache import KVCacheManager
-from meshserve.engine.messages import (EngineCoreOutput, ModelRunnerOutput, SamplingMeta, ScheduledRequest,
+from meshserve.engine.messages import (EngineCoreOutput, KvPull, ModelRunnerOutput, SamplingMeta, ScheduledRequest,
                                        SchedulerOutput)
 from meshserve.engine.request import Request, RequestStatus
 
@@ -43,11 +52,21 @@ class Scheduler:
         self.step_id = 0
         self.num_preemptions = 0
         self.produces: dict[int, set[str]] = {}  # step id -> requests whose sampled token is real
+        # disaggregated serving (see the module docstring)
+        self.kv_timeout_s = 30.0  # cache_transceiver_config.kv_transfer_timeout_ms, set by the EngineCore
+        self.kv_waiting: deque[Request] = deque()  # generation_only, no blocks yet
+        self.kv_pulling: dict[str, Request] = {}  # generation_only, blocks allocated, ranks pulling
+        self.pinned: dict[str, tuple[Request, float]] = {}  # context_only finished: req id -> (req, deadline)
+        self.kv_unregister: list[str] = []  # pinned requests freed since the last SchedulerOutput
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        if req.is_generation_only:
+            req.status = RequestStatus.WAITING_FOR_KV
+            self.kv_waiting.append(req)
+        else:
+            self.waiting.append(req)
 
     def abort_request(self, request_id: str) -> Optional[Request]:
         req = self.requests.get(request_id)
@@ -57,7 +76,13 @@ class Scheduler:
         return req
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step has work: requests to run, or a generation_only request whose blocks fit now."""
+        return bool(self.waiting or self.running) or (
+            bool(self.kv_waiting) and self.kv.can_allocate(self.kv_waiting[0], self.kv_waiting[0].num_prompt_tokens))
+
+    def has_transfers(self) -> bool:
+        """KV handed over between servers is pending: pulls to start or running, or pinned context KV."""
+        return bool(self.kv_waiting or self.kv_pulling or self.pinned)
 
     @property
     def num_waiting(self) -> int:
@@ -73,14 +98,99 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.kv_waiting:
+            self.kv_waiting.remove(req)
+        if req.request_id in self.kv_pulling:
+            return  # ranks are writing its blocks: pull_done frees them
         if req.in_flight == 0:
             self._release(req)
 
     def _release(self, req: Request) -> None:
-        self.kv.free(req)
+        if req.kv_registered and req.is_context_only and req.status != RequestStatus.FINISHED_ABORTED:
+            self.pinned[req.request_id] = (req, time.monotonic() + self.kv_timeout_s)  # blocks stay allocated
+        else:
+            if req.kv_registered:  # aborted after its last step was scheduled
+                self.kv_unregister.append(req.request_id)
+            self.kv.free(req)
         self.requests.pop(req.request_id, None)
         if self.num_sent.pop(req.request_id, None) is not None:
             self.finished_ids.append(req.request_id)
+
+    # ---- disaggregated serving ----------------------------------------------------------------
+    def pinned_kv(self, request_id: str) -> Optional[dict]:
+        """A pinned context request's KV: its blocks per KV group and its length in tokens."""
+        entry = self.pinned.get(request_id)
+        if entry is None:
+            return None
+        req = entry[0]
+        return {"block_ids": [list(t) for t in self.kv.tables(req)], "num_tokens": req.num_prompt_tokens}
+
+    def unpin(self, request_id: str) -> bool:
+        """Free a pinned context request's blocks (the generation server released them). False if
+        it is not pinned (already released or expired)."""
+        entry = self.pinned.pop(request_id, None)
+        if entry is None:
+            return False
+        self.kv.free(entry[0])
+        self.kv_unregister.append(request_id)
+        return True
+
+    def expire_pinned(self, now: Optional[float] = None) -> list[str]:
+        """Free the pinned requests whose deadline has passed; returns their ids."""
+        now = time.monotonic() if now is None else now
+        expired = [rid for rid, (_, deadline) in self.pinned.items() if deadline <= now]
+        for rid in expired:
+            self.unpin(rid)
+        return expired
+
+    def next_pinned_deadline(self) -> Optional[float]:
+        return min((d for _, d in self.pinned.values()), default=None)
+
+    def _issue_pulls(self) -> list[KvPull]:
+        """Blocks for the prompts of waiting generation_only requests, in arrival order, while they fit."""
+        pulls = []
+        while self.kv_waiting:
+            req = self.kv_waiting[0]
+            if not self.kv.allocate_slots(req, req.num_prompt_tokens):
+                break
+            self.kv_waiting.popleft()
+            self.kv_pulling[req.request_id] = req
+            d = req.disagg
+            pulls.append(KvPull(req.request_id, list(d.sources),
+                                KvRequest(d.ctx_request_id, [list(t) for t in d.src_block_ids], d.src_num_tokens),
+                                [list(t) for t in self.kv.tables(req)], self.kv_timeout_s))
+        return pulls
+
+    def pull_done(self, request_id: str, ok: bool, error: Optional[str] = None) -> Optional[EngineCoreOutput]:
+        """Every rank finished pulling a generation_only request's KV. Success: the request runs on
+        with its prompt computed and the first token appended (its output); failure: its blocks are
+        freed and its output carries the error. None for an unknown or aborted request."""
+        req = self.kv_pulling.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status.finished:  # aborted while pulling
+            self._release(req)
+            return None
+        if not ok:
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._release(req)
+            return EngineCoreOutput(request_id, finish_reason="abort", error=error or "the KV transfer failed")
+        now = time.monotonic()
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.first_scheduled_time = req.first_scheduled_time or now
+        req.first_token_time = now
+        self.kv.cache_full_blocks(req)  # the pulled prompt blocks serve later prefix hits too
+        token = req.disagg.first_token
+        status = req.append_output(token)
+        out = EngineCoreOutput(request_id, new_token_ids=[token])
+        if status is not None:
+            out.finish_reason, out.stop_reason = status.value, req.stop_reason
+            req.status = status
+            self._release(req)
+        else:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        return out
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -132,6 +242,9 @@ class Scheduler:
                 continue
             # req itself was preempted: the list shrank under index i, do not advance
 
+        # generation_only requests take blocks after the running ones (never preempting them) and
+        # before new prompts
+        pulls = self._issue_pulls() if self.kv_waiting and not preempted else []
         while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size
                and len(scheduled) < max_seqs):
             req = self.waiting[0]
@@ -156,8 +269,9 @@ class Scheduler:
 
         self.step_id += 1
         out = SchedulerOutput(step_id=self.step_id, reqs=[self._wire(r, n) for r, n in scheduled],
-                              finished_req_ids=self.finished_ids)
+                              finished_req_ids=self.finished_ids, kv_pulls=pulls, kv_unregister=self.kv_unregister)
         self.finished_ids = []
+        self.kv_unregister = []
         produces = set()
         for req, n in scheduled:
             req.num_computed_tokens += n
@@ -165,8 +279,18 @@ class Scheduler:
             if req.num_computed_tokens >= req.num_tokens + req.num_pending:
                 req.num_pending += 1
                 produces.add(req.request_id)
+                if req.is_context_only and not req.kv_registered:  # this step completes its prompt's KV
+                    req.kv_registered = True
+                    out.kv_register = out.kv_register + [KvRequest(req.request_id, [list(t) for t in self.kv.tables(req)],
+                                                     req.num_prompt_tokens)]
         self.produces[self.step_id] = produces
         return out
+
+    def carry_over(self, so: SchedulerOutput) -> None:
+        """A SchedulerOutput that was not launched (nothing to run): what it told the ranks goes
+        with the next one."""
+        self.finished_ids[:0] = so.finished_req_ids
+        self.kv_unregister[:0] = so.kv_unregister
 
     def _can_overlap(self, req: Request) -> bool:
         """An in-flight request may be scheduled again when overlap is on, its running step will
@@ -250,6 +374,8 @@ class Scheduler:
                     out.finish_reason = status.value
                     out.stop_reason = req.stop_reason
                     self._finish(req, status)
+                    if req.is_context_only:
+                        out.kv_transfer_params = self.pinned_kv(sr.req_id)
             if out is not None:
                 outputs.append(out)
         return outputs

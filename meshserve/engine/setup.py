@@ -50,8 +50,7 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.enable_attention_dp:
         raise ValueError("enable_attention_dp=True: attention data parallelism has not landed yet")
     if args.cache_transceiver_config is not None:
-        raise ValueError("cache_transceiver_config: disaggregated serving (context and generation servers "
-                         "handing over the KV cache) has not landed yet; leave it unset")
+        check_transfer_backend(args.cache_transceiver_config.backend)
     if args.cp_config is not None:
         raise ValueError(f"cp_config={args.cp_config!r}: context parallelism has not landed yet; leave cp_config unset")
     accepted = ("auto",) + EXPERT_BACKENDS
@@ -66,6 +65,19 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"has not landed yet; leave attention_dp_config unset")
     if args.backend not in (None, "pytorch"):
         raise ValueError(f"backend={args.backend!r} is not supported; accepted: 'pytorch' (or None)")
+
+
+def check_transfer_backend(backend: str) -> None:
+    """cache_transceiver_config.backend: DEFAULT (TCP) now; NIXL, UCX, MPI with issue 23."""
+    from meshserve.disagg import transceiver
+    name = str(backend).upper()
+    if name in transceiver._LATER:
+        raise ValueError(f"cache_transceiver_config.backend={backend!r} comes with issue 23; available now: "
+                         f"{', '.join(transceiver._BACKENDS)}")
+    if name not in transceiver._BACKENDS:
+        raise ValueError(f"cache_transceiver_config.backend={backend!r} is not a KV transfer backend; available "
+                         f"now: {', '.join(transceiver._BACKENDS)} ({', '.join(transceiver._LATER)} come with "
+                         f"issue 23)")
 
 
 def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
@@ -138,7 +150,8 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
                                 overlap=overlap)
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
                           model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups,
-                          max_n=args.max_n, slow_step_ms=args.slow_step_ms)
+                          max_n=args.max_n, slow_step_ms=args.slow_step_ms,
+                          kv_transfer=args.cache_transceiver_config)
     except BaseException:
         executor.shutdown()
         raise

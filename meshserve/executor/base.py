@@ -56,6 +56,27 @@ class Executor:
         `flush` adds rank 0's open window (other ranks report theirs every window of steps)."""
         return self.runner.take_expert_reports(flush) if self.runner is not None else []
 
+    # ---- disaggregated serving (cache_transceiver_config; worker/kv_transfer.py on each rank) -------
+    def kv_layouts(self) -> list:
+        """Every rank's RankLayout, by rank (the ranks built them with their KV cache)."""
+        return [self.runner.kv_transfer.layout]
+
+    def kv_releases(self) -> list[str]:
+        """Context requests a generation server released since the last call (rank 0's source hears it)."""
+        transfer = self.runner.kv_transfer if self.runner is not None else None
+        return transfer.take_releases() if transfer is not None else []
+
+    def kv_pull_results(self) -> list[tuple[str, bool, Optional[str]]]:
+        """(request id, ok, error) of the pulls every rank has finished since the last call."""
+        transfer = self.runner.kv_transfer if self.runner is not None else None
+        return transfer.take_results() if transfer is not None else []
+
+    def kv_release_remote(self, source_rank0, ctx_request_id: str) -> None:
+        """Tell a context server (its rank 0's source) that a request's KV may be freed; in the background."""
+        transfer = self.runner.kv_transfer if self.runner is not None else None
+        if transfer is not None:
+            transfer.release_remote(source_rank0, ctx_request_id)
+
     def shutdown(self) -> None:
         pass
 

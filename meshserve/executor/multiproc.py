@@ -24,9 +24,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from meshserve.config import LlmArgs
-from meshserve.distributed.control import (DriverChannel, ExpertLoadReport, InitKv, KvBlocks, ProfileKv, Ready,
-                                           Result, Shutdown,
-                                           StageStats, Step, WorkerError)
+from meshserve.distributed.control import (DriverChannel, ExpertLoadReport, InitKv, KvBlocks, KvLayout, KvPullDone,
+                                           ProfileKv, Ready, Result, Shutdown, StageStats, Step, WorkerError)
 from meshserve.distributed.launch import LaunchInfo
 from meshserve.executor.base import Done, Executor, choose_num_blocks, inflight_depth
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
@@ -91,6 +90,8 @@ class MultiProcExecutor(Executor):
         self._results: deque = deque()  # Results that arrived while we looked for errors
         self._expert_reports: list[dict] = []  # from the other pipeline stages
         self.stage_stats: dict[int, StageStats] = {}
+        self._kv_layouts: dict = {}  # rank -> RankLayout (disaggregated serving)
+        self._pull_reports: dict[str, dict[int, tuple[bool, Optional[str]]]] = {}  # req id -> rank -> result
         store = None
         if launch is not None:
             addr, port = launch.master_addr, launch.master_port
@@ -160,6 +161,10 @@ class MultiProcExecutor(Executor):
             self.stage_stats[msg.rank] = msg
         if isinstance(msg, ExpertLoadReport):
             self._expert_reports.append(msg.report)
+        if isinstance(msg, KvLayout):
+            self._kv_layouts[msg.rank] = msg.layout
+        if isinstance(msg, KvPullDone):
+            self._pull_reports.setdefault(msg.req_id, {})[msg.rank] = (msg.ok, msg.error)
 
     def _wait_for(self, pred, timeout_s: Optional[float] = None):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -201,7 +206,27 @@ class MultiProcExecutor(Executor):
         self.channel.broadcast(InitKv(blocks))
         self.runner.init_kv_cache(blocks)
         self._wait_all(KvBlocks, "to allocate the KV cache")
+        if self.runner.kv_transfer is not None:  # every rank's KV transfer endpoint
+            while len(self._kv_layouts) < self.world_size - 1:
+                self._wait_for(lambda m: isinstance(m, KvLayout), 900.0)
         return blocks
+
+    def kv_layouts(self) -> list:
+        return [self.runner.kv_transfer.layout] + [self._kv_layouts[r] for r in range(1, self.world_size)]
+
+    def kv_pull_results(self) -> list[tuple[str, bool, Optional[str]]]:
+        """Pulls every rank has finished: ok when all succeeded, else the first failure, naming its rank."""
+        for rid, ok, error in self.runner.kv_transfer.take_results():
+            self._pull_reports.setdefault(rid, {})[0] = (ok, error)
+        self._poll_errors()
+        done = []
+        for rid, reports in list(self._pull_reports.items()):
+            if len(reports) < self.world_size:
+                continue
+            del self._pull_reports[rid]
+            failed = [(r, err) for r, (ok, err) in sorted(reports.items()) if not ok]
+            done.append((rid, not failed, f"rank {failed[0][0]}: {failed[0][1]}" if failed else None))
+        return done
 
     def execute_async(self, so: SchedulerOutput):
         self._poll_errors()
@@ -247,6 +272,8 @@ class MultiProcExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        if self.runner is not None:
+            self.runner.close_kv_transfer()
         if self.channel is not None:
             try:
                 self.channel.broadcast(Shutdown())

@@ -22,3 +22,6 @@ class UniProcExecutor(Executor):
     def execute_async(self, so: SchedulerOutput):
         out = self.runner.execute(so)
         return out if hasattr(out, "result") else Done(out)
+
+    def shutdown(self) -> None:
+        self.runner.close_kv_transfer()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import meshserve
-from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestRejectedError,
-                                           RequestStream)
+from meshserve.engine import disagg
+from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTransferError, QueueFullError,
+                                           RequestRejectedError, RequestStream)
+from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
 from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -59,6 +62,17 @@ class ServerConfig:
 
 class ClientDisconnected(Exception):
     pass
+
+
+_NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def request_id_for(raw: Request, prefix: str) -> str:
+    """The engine's id of a request: with an `X-Request-Id` header (an orchestrator sends the
+    client's to every server), that id made safe, plus a short unique suffix; its log lines carry it."""
+    given = raw.headers.get("x-request-id")
+    clean = _NOT_ID_CHARS.sub("", given)[:64] if given else ""
+    return f"{prefix}-{clean}-{uuid.uuid4().hex[:8]}" if clean else f"{prefix}-{uuid.uuid4().hex}"
 
 
 class SSEResponse(StreamingResponse):
@@ -118,7 +132,8 @@ class OpenAIServing:
                            "model_not_found")
 
     def submit(self, prompts: list[tuple[Optional[str], list[int]]], params, base: str,
-               renames: Optional[dict] = None, prompt_param: str = "prompt") -> list[RequestStream]:
+               renames: Optional[dict] = None, prompt_param: str = "prompt",
+               kv: Optional[DisaggRequest] = None) -> list[RequestStream]:
         """Validate every prompt first (a 400 leaves nothing behind), then add them all."""
         for _, ids in prompts:
             try:
@@ -130,7 +145,7 @@ class OpenAIServing:
         try:
             for i, (text, ids) in enumerate(prompts):
                 rid = base if len(prompts) == 1 else f"{base}-{i}"
-                streams.append(self.engine.add_request(text, ids, params, rid))
+                streams.append(self.engine.add_request(text, ids, params, rid, kv))
         except BaseException:
             for s in streams:
                 s.abort()
@@ -189,6 +204,64 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
+    # ---- disaggregated serving (docs/disaggregated.md) ----------------------------------------------
+    def disagg_request(self, req, prompts: list[tuple[Optional[str], list[int]]], params,
+                       request_id: str) -> tuple[Optional[DisaggRequest], object]:
+        """The engine's DisaggRequest of a request with `disaggregated_params` (None without), and
+        its sampling params (a context_only request samples one token); a 400 for what cannot be."""
+        dp = req.disaggregated_params
+        if dp is None:
+            return None, params
+        where = "disaggregated_params"
+        if self.engine.args.cache_transceiver_config is None:
+            raise bad_request(f"{where}: this server was started without cache_transceiver_config (set it in the "
+                              f"--config YAML, e.g. `cache_transceiver_config: {{backend: DEFAULT}}`), so it "
+                              f"serves no {dp.request_type} requests", where)
+        if len(prompts) != 1:
+            raise bad_request(f"{where}: a {dp.request_type} request has one prompt, got {len(prompts)}", "prompt")
+        if req.n != 1 or getattr(req, "best_of", None) not in (None, 1):
+            raise bad_request(f"{where}: a {dp.request_type} request has one sequence; n={req.n}"
+                              f"{', best_of=' + str(req.best_of) if getattr(req, 'best_of', None) else ''} is not "
+                              f"supported", "n")
+        if dp.request_type == "context_only":
+            if req.stream:
+                raise bad_request(f"{where}: a context_only request is answered whole; set stream to false", "stream")
+            kv = DisaggRequest("context_only")
+            params = params.clone(max_tokens=1)
+        else:
+            if params.logprobs is not None or params.prompt_logprobs is not None:
+                raise bad_request(f"{where}: logprobs of a generation_only request are not supported (its first "
+                                  f"token was sampled on the context server)", "logprobs")
+            try:
+                kv = disagg.generation_request(dp.opaque_state, prompts[0][1], self.engine.ready.kv_layouts,
+                                               dp.first_gen_tokens, dp.ctx_request_id)
+            except ValueError as e:
+                raise bad_request(str(e), where) from None
+        logger.info("request %s: %s, %d prompt tokens%s", request_id, dp.request_type, len(prompts[0][1]),
+                    f", KV of {kv.ctx_request_id} from {kv.sources[0].endpoint}" if kv.sources else "")
+        return kv, params
+
+    def context_response(self, body: dict, out: RequestOutput) -> dict:
+        """A context_only response: the body plus the disaggregated_params a generation server needs."""
+        if out.kv_transfer_params is None or not out.outputs or not out.outputs[0].token_ids:
+            logger.warning("request %s: finished (%s) without pinned KV; no disaggregated_params", out.request_id,
+                           out.outputs[0].finish_reason if out.outputs else None)
+            return body
+        body["disaggregated_params"] = disagg.context_params(
+            out.request_id, out.prompt_token_ids, out.outputs[0].token_ids[0], self.engine.ready.kv_layouts,
+            out.kv_transfer_params)
+        return body
+
+    @staticmethod
+    async def wait_for_kv(stream: RequestStream) -> None:
+        """A streaming generation_only request answers 200 only once its KV is here: a failed
+        transfer is then still a 503 (KvTransferError)."""
+        try:
+            await stream.wait_started()
+        except BaseException:
+            stream.abort()
+            raise
+
     # ---- /v1/completions ---------------------------------------------------------------------------
     async def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
         if isinstance(prompt, str):
@@ -226,13 +299,19 @@ class OpenAIServing:
                                          req.logprobs, prompt_logprobs)
         except ValueError as e:
             raise from_value_error(e, renames) from None
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self.submit(prompts, params, request_id, renames)
+        request_id = request_id_for(raw, "cmpl")
+        kv, params = self.disagg_request(req, prompts, params, request_id)
+        streams = self.submit(prompts, params, request_id, renames, kv=kv)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
+            if kv is not None:
+                await self.wait_for_kv(streams[0])
             return SSEResponse(self.completion_stream(ctx, streams), media_type="text/event-stream")
         outs = await self.collect(raw, streams)
-        return JSONResponse(ctx.full_response(outs))
+        body = ctx.full_response(outs)
+        if kv is not None and kv.kind == "context_only":
+            body = self.context_response(body, outs[0])
+        return JSONResponse(body)
 
     async def completion_stream(self, ctx: "responses.CompletionContext",
                                 streams: list[RequestStream]) -> AsyncIterator[bytes]:
@@ -290,13 +369,19 @@ class OpenAIServing:
             params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         except ValueError as e:
             raise from_value_error(e, renames) from None
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self.submit([(text, ids)], params, request_id, renames, "messages")
+        request_id = request_id_for(raw, "chatcmpl")
+        kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
+        streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
+            if kv is not None:
+                await self.wait_for_kv(streams[0])
             return SSEResponse(self.chat_stream(ctx, streams[0]), media_type="text/event-stream")
         outs = await self.collect(raw, streams)
-        return JSONResponse(ctx.full_response(outs[0]))
+        body = ctx.full_response(outs[0])
+        if kv is not None and kv.kind == "context_only":
+            body = self.context_response(body, outs[0])
+        return JSONResponse(body)
 
     async def chat_stream(self, ctx: "responses.ChatContext", stream: RequestStream) -> AsyncIterator[bytes]:
         try:
@@ -387,6 +472,11 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     @app.exception_handler(RequestRejectedError)
     async def _rejected(_: Request, err: RequestRejectedError):
         return error_response(bad_request(str(err)))
+
+    @app.exception_handler(KvTransferError)
+    async def _kv_transfer_failed(_: Request, err: KvTransferError):
+        return error_response(APIError(503, f"the KV cache transfer from the context server failed: {err}",
+                                       "server_error", None, "kv_transfer_failed"))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, err: ClientDisconnected):

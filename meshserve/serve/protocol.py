@@ -110,6 +110,17 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+class DisaggregatedParams(OpenAIModel):
+    """Disaggregated serving (docs/disaggregated.md), TensorRT-LLM's field names: what the
+    orchestrator sends a context server (request_type only) and a generation server (what the
+    context server answered)."""
+    request_type: Literal["context_only", "generation_only"]
+    first_gen_tokens: Optional[list[int]] = None
+    ctx_request_id: Optional[Union[str, int]] = None
+    opaque_state: Optional[str] = None
+    draft_tokens: Optional[list[int]] = None  # accepted, unused (no speculative decoding)
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
     model: Optional[str] = None
@@ -135,6 +146,7 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    disaggregated_params: Optional[DisaggregatedParams] = None
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None

@@ -50,6 +50,9 @@ class RunnerConfig:
     max_seq_len: int = 4096
     overlap: bool = False  # outputs come back as handles; placeholder inputs read the last step's tokens
     moe_backend: str = "auto"  # moe_config.backend: the expert kernels of models with experts
+    # disaggregated serving: cache_transceiver_config's fields (None: off) and the model's identity
+    kv_transfer: Optional[dict] = None
+    model_id: str = ""
 
 
 class BusyWindow:
@@ -152,8 +155,8 @@ class ModelRunner:
         # group's block table and shares its cache tensor (slot) with the same-index layer of the others
         self.kv_groups = model_kv_groups(model_config, cfg.max_seq_len, a.num_kv_heads if a else None)
         slots = layer_slots(self.kv_groups)
-        layer_ids = layer_range if layer_range is not None else range(model_config.num_hidden_layers)
-        self.kv_slots = [slots[i] for i in layer_ids]  # (group, slot) of each of attn_layers
+        self.layer_ids = layer_range if layer_range is not None else range(model_config.num_hidden_layers)
+        self.kv_slots = [slots[i] for i in self.layer_ids]  # (group, slot) of each of attn_layers
         for attn, (group, _) in zip(self.attn_layers, self.kv_slots):
             attn.kv_group = group
         self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, self.attn_backend,
@@ -164,6 +167,7 @@ class ModelRunner:
         self.prev_rows: dict[str, int] = {}
         self.sampler = Sampler(self.device, cfg.seed)
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_transfer = None  # worker/kv_transfer.py RankTransfer, with cfg.kv_transfer, once the cache exists
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
 
     # ---- KV cache -----------------------------------------------------------------------------
@@ -219,6 +223,16 @@ class ModelRunner:
         self._alloc_kv(num_blocks)
         if self.cfg.cuda_graph_batch_sizes:
             self.capture_cuda_graphs()
+        if self.cfg.kv_transfer is not None:
+            from meshserve.worker.kv_transfer import RankTransfer, rank_layout
+            t = self.cfg.kv_transfer
+            self.kv_transfer = RankTransfer([a.kv_cache for a in self.attn_layers],
+                                            rank_layout(self, self.cfg.model_id), t["backend"], t["host"],
+                                            t.get("max_tokens_in_buffer"))
+
+    def close_kv_transfer(self) -> None:
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
 
     def _alloc_kv(self, num_blocks: int) -> None:
         by_slot: dict[int, torch.Tensor] = {}  # one tensor per cache slot, bound to the layers using it
@@ -275,6 +289,8 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     @torch.no_grad()
     def execute(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        if self.kv_transfer is not None and (so.kv_pulls or so.kv_register or so.kv_unregister):
+            self.kv_transfer.on_step(so)
         self.batch.update(so)
         if not so.reqs:
             return ModelRunnerOutput(so.step_id) if self.is_driver else None

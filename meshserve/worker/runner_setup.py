@@ -12,6 +12,7 @@ from meshserve.config import LlmArgs
 from meshserve.mapping import Mapping
 from meshserve.models.config import ModelConfig
 from meshserve.worker.cuda_graph import default_batch_sizes, default_prefill_token_sizes
+from meshserve.worker.kv_transfer import model_id
 from meshserve.worker.model_runner import RunnerConfig
 
 
@@ -52,7 +53,10 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         cuda_graph_padding=cg is not None and cg.enable_padding,
                         max_batch_size=args.max_batch_size, max_seq_len=max_seq_len_for(args, model_config),
                         overlap=args.overlap_scheduler and args.pipeline_parallel_size == 1,
-                        moe_backend=args.moe_config.backend)
+                        moe_backend=args.moe_config.backend,
+                        kv_transfer=(args.cache_transceiver_config.model_dump()
+                                     if args.cache_transceiver_config is not None else None),
+                        model_id=model_id(model_path, model_config) if args.cache_transceiver_config else "")
 
 
 def mapping_for(args: LlmArgs, model_config: ModelConfig, world_size: int | None = None, rank: int = 0) -> Mapping:

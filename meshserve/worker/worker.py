@@ -17,9 +17,8 @@ from typing import Optional
 import torch
 
 from meshserve.config import LlmArgs
-from meshserve.distributed.control import (ExpertLoadReport, InitKv, KvBlocks, ProfileKv, Ready, Result, Shutdown,
-                                           StageStats, Step,
-                                           WorkerChannel, WorkerError)
+from meshserve.distributed.control import (ExpertLoadReport, InitKv, KvBlocks, KvLayout, KvPullDone, ProfileKv,
+                                           Ready, Result, Shutdown, StageStats, Step, WorkerChannel, WorkerError)
 from meshserve.distributed.parallel_state import ParallelState, init_distributed
 from meshserve.models.config import ModelConfig
 from meshserve.utils import GCPauses
@@ -84,7 +83,7 @@ def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) 
 
 def run_worker(spec: RankSpec, store=None) -> int:
     """Serve rank 0's commands until it says Shutdown (0) or this rank fails (1, reported)."""
-    channel = None
+    channel = runner = None
     try:
         runner, state = build_rank(spec, store)
         endpoint, key = exchange_control_info(state, None, bytes.fromhex(spec.key_hex) if spec.key_hex else None)
@@ -93,7 +92,11 @@ def run_worker(spec: RankSpec, store=None) -> int:
         parent = os.getppid()
         report_busy = state.mapping.pp_size > 1 and state.mapping.tp_rank == 0
         while True:
-            msg = channel.recv(1000)
+            transfer = runner.kv_transfer
+            msg = channel.recv(2 if transfer is not None and transfer.busy else 1000)
+            if transfer is not None:  # pulls this rank finished, for rank 0 to gather
+                for rid, ok, error in transfer.take_results():
+                    channel.send(KvPullDone(spec.rank, rid, ok, error))
             if msg is None:
                 if spec.spawned and os.getppid() != parent:
                     return 1
@@ -116,6 +119,8 @@ def run_worker(spec: RankSpec, store=None) -> int:
                 GCPauses.freeze()  # the model, KV pool and graphs are up: later collections skip them
                 GCPauses(f"rank {spec.rank}").install()
                 channel.send(KvBlocks(spec.rank, msg.num_blocks))
+                if runner.kv_transfer is not None:
+                    channel.send(KvLayout(spec.rank, runner.kv_transfer.layout))
             elif isinstance(msg, Shutdown):
                 return 0
     except BaseException:
@@ -128,5 +133,7 @@ def run_worker(spec: RankSpec, store=None) -> int:
                 pass
         return 1
     finally:
+        if runner is not None:
+            runner.close_kv_transfer()
         if channel is not None:
             channel.close()
