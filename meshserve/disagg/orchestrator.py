@@ -429,9 +429,13 @@ class Orchestrator:
         rid = raw.headers.get("x-request-id") or uuid.uuid4().hex
         self.metrics.requests.labels(route).inc()
         try:
-            response = await self._handle(raw, route, rid, arrival)
+            response = await self._until_disconnect(raw, self._handle(await raw.body(), raw.headers, route, rid,
+                                                                      arrival))
         except APIError as err:
             response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        if response is None:  # the client went away: the hop in progress was cancelled
+            logger.info("request %s: the client went away; cancelled", rid)
+            return Response(status_code=499)
         if response.status_code >= 400:
             self.metrics.errors.labels(str(response.status_code)).inc()
         if not isinstance(response, StreamingResponse):
@@ -439,9 +443,31 @@ class Orchestrator:
         response.headers["X-Request-Id"] = rid
         return response
 
-    async def _handle(self, raw: Request, route: str, rid: str, arrival: float) -> Response:
+    @staticmethod
+    async def _until_disconnect(raw: Request, work) -> Optional[Response]:
+        """`work`'s response, or None when the client disconnects first (`work` is then cancelled,
+        which closes its connection to the server: that server aborts the request)."""
+        async def disconnected():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(disconnected())
         try:
-            body = msgspec.json.decode(await raw.body())
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            return None
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _handle(self, raw_body: bytes, client_headers, route: str, rid: str, arrival: float) -> Response:
+        try:
+            body = msgspec.json.decode(raw_body)
         except msgspec.DecodeError as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -450,8 +476,8 @@ class Orchestrator:
             raise APIError(400, "disaggregated_params is set by the orchestrator, not by clients; remove it",
                            param="disaggregated_params")
         headers = {"X-Request-Id": rid}
-        if "authorization" in raw.headers:  # the servers check the client's key (serve --api_key)
-            headers["Authorization"] = raw.headers["authorization"]
+        if "authorization" in client_headers:  # the servers check the client's key (serve --api_key)
+            headers["Authorization"] = client_headers["authorization"]
 
         ctx_body = {**body, "stream": False, "disaggregated_params": {"request_type": "context_only"}}
         ctx_body.pop("stream_options", None)
@@ -559,6 +585,9 @@ class Orchestrator:
                 timeout = isinstance(e, httpx.TimeoutException)
                 raise APIError(504 if timeout else 502, f"generation server {server.address} failed: {describe(e)}",
                                "server_error", None, "upstream_timeout" if timeout else "bad_upstream") from None
+            except BaseException:  # cancelled (the client went away)
+                server.inflight -= 1
+                raise
             break
         if not stream or r.status_code != 200:
             try:
@@ -671,7 +700,12 @@ class Orchestrator:
         data, seen, errors = [], set(), []
         for s, a in zip(servers, answers):
             if isinstance(a, httpx.Response) and a.status_code == 200:
-                for m in a.json().get("data", []):
+                try:
+                    listed = [m for m in a.json().get("data", []) if isinstance(m, dict)]
+                except (ValueError, AttributeError):
+                    errors.append(f"{s.address}: /v1/models answered something else than a list of models")
+                    continue
+                for m in listed:
                     if m.get("id") not in seen:
                         seen.add(m.get("id"))
                         data.append(m)

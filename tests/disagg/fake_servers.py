@@ -6,7 +6,7 @@ The context fake answers a context-only request with the canned first token FIRS
 `disaggregated_params` whose opaque_state names the server; the generation fake checks that a
 generation-only request carries them and answers FIRST_TEXT + CONTINUATION, streamed (one chunk
 per token, OpenAI's chunk shapes) or whole. Knobs: `healthy` (False: /health answers 503),
-`fail_status` (every request answered with it), `delay` (seconds before answering).
+`fail_status` (every request answered with it), `delay` (seconds before answering), `chunk_delay` (seconds before each streamed chunk).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ class FakeServer:
         self.healthy = True
         self.fail_status: Optional[int] = None
         self.delay = 0.0
+        self.chunk_delay = 0.005  # seconds before each streamed chunk
+        self.stream_closed: list[bool] = []  # per stream: True when its client went away before the end
         self.inflight = 0
         self.max_inflight = 0
         self._server: Optional[uvicorn.Server] = None
@@ -193,9 +195,12 @@ class FakeGenerationServer(FakeServer):
             if include_usage:
                 parts.append(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
             parts.append(b"data: [DONE]\n\n")
+            closed = len(self.stream_closed)
+            self.stream_closed.append(True)
             for part in parts:
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(self.chunk_delay)
                 sent.extend(part)
                 yield part
+            self.stream_closed[closed] = False
 
         return StreamingResponse(stream(), media_type="text/event-stream")

@@ -88,7 +88,8 @@ def _reset(fakes):
             s.start()
         s.received.clear()
         s.sent.clear()
-        s.healthy, s.fail_status, s.delay = True, None, 0.0
+        s.healthy, s.fail_status, s.delay, s.chunk_delay = True, None, 0.0, 0.005
+        s.stream_closed.clear()
         if isinstance(s, FakeContextServer):
             s.finish_at_context = False
     yield
@@ -196,6 +197,22 @@ def test_client_errors_are_answered_cleanly(orchestrator, ctx_a, gen):
     ctx_a.fail_status, gen.fail_status = None, 503
     r = o.post("/v1/completions", {"prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["message"] == "gen fails on purpose"
+
+
+def test_a_client_that_goes_away_cancels_its_request(orchestrator, ctx_a, gen):
+    o = orchestrator(config([ctx_a], [gen]))
+    ctx_a.delay = 1.0  # gone during the context hop: no generation hop
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(o.url + "/v1/completions", json={"prompt": "x"}, timeout=0.3)
+    wait_for(lambda: o.orch.context[0].inflight == 0)
+    time.sleep(1.0)
+    assert len(ctx_a.received) == 1 and gen.received == []
+    ctx_a.delay, gen.chunk_delay = 0, 0.3  # gone mid-stream: the generation server's stream is closed
+    with httpx.stream("POST", o.url + "/v1/completions", json={"prompt": "x", "stream": True}, timeout=10) as r:
+        next(r.iter_bytes())
+    wait_for(lambda: o.orch.generation[0].inflight == 0)
+    time.sleep(2.0)  # the whole stream takes 6 x 0.3 s: it was cut short
+    assert gen.stream_closed == [True] and not gen.sent[0].endswith(b"[DONE]\n\n")
 
 
 # ---- routers ------------------------------------------------------------------------------------------
