@@ -52,6 +52,8 @@ def main(ns: argparse.Namespace) -> int:
     from meshserve.disagg.orchestrator import ConfigError, load_config
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    if ns.log_level != "debug":  # not a line per hop and per health check
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = load_config(ns.config)
     except ConfigError as e:

@@ -362,11 +362,15 @@ class Orchestrator:
     # ---- health --------------------------------------------------------------------------------------
     def _set_health(self, server: Server, ok: bool, error: Optional[str] = None) -> None:
         if ok and not server.healthy:
-            logger.info("%s server %s is healthy again", server.role, server.address)
-        elif not ok and server.healthy:
+            logger.info("%s server %s is healthy%s", server.role, server.address, " again" if server.seen else "")
+        elif not ok and server.healthy and server.seen:
             logger.warning("%s server %s is unhealthy: %s; skipping it until /health answers 200", server.role,
                            server.address, error)
+        elif not ok and server.healthy:
+            logger.info("%s server %s does not answer yet (%s); it takes requests once /health answers 200",
+                        server.role, server.address, error)
         server.healthy = ok
+        server.seen = server.seen or ok
         server.last_error = None if ok else error
 
     async def check(self, server: Server) -> bool:

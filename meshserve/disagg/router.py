@@ -29,7 +29,8 @@ class Server:
         self.address = address  # "host:port" as the config spells it
         self.url = address if "://" in address else f"http://{address}"
         self.role = role  # "context" or "generation"
-        self.healthy = True
+        self.healthy = True  # until a health check or a request says otherwise
+        self.seen = False  # has answered /health with a 200 once
         self.inflight = 0  # requests this orchestrator has open on it
         self.last_error: Optional[str] = None
 

@@ -1,0 +1,149 @@
+"""Disaggregated serving end to end on CPU: two context servers and one generation server (real
+`meshserve serve` processes over a tiny random Llama, `cache_transceiver_config: {backend: DEFAULT}`)
+behind `meshserve disaggregated`, against one aggregated server of the same checkpoint: the same
+greedy text for completions and chat, streamed and not, and usage alike."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve"))
+from serve_util import REPO, ServerProcess, free_port  # noqa: E402
+
+from helpers import build_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+SERVER_FLAGS = ("--max_batch_size", "8", "--max_seq_len", "512")
+AGG_YAML = "kv_cache_config:\n  max_tokens: 4096\n"
+DISAGG_YAML = "cache_transceiver_config:\n  backend: DEFAULT\n" + AGG_YAML
+
+
+class Orchestrator:
+    def __init__(self, config_path: str, log_path: str):
+        self.log = open(log_path, "w")
+        self.log_path = log_path
+        self.proc = subprocess.Popen([sys.executable, "-m", "meshserve", "disaggregated", "-c", config_path,
+                                      "-t", "120"], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     start_new_session=True)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("disagg")
+    model = str(tmp / "tiny")
+    build_checkpoint(model, "llama", max_position_embeddings=2048)
+    yaml_path, agg_yaml = tmp / "server.yml", tmp / "aggregated.yml"
+    yaml_path.write_text(DISAGG_YAML)
+    agg_yaml.write_text(AGG_YAML)
+    old = os.environ.get("MESHSERVE_SECRET")
+    os.environ["MESHSERVE_SECRET"] = "meshserve-e2e-test-secret"  # the servers must share it
+    servers = []
+    try:
+        agg = ServerProcess(model, *SERVER_FLAGS, "--config", str(agg_yaml), log_dir=str(tmp))
+        servers.append(agg)
+        ctx = [ServerProcess(model, *SERVER_FLAGS, "--config", str(yaml_path), log_dir=str(tmp)) for _ in range(2)]
+        gen = ServerProcess(model, *SERVER_FLAGS, "--config", str(yaml_path), log_dir=str(tmp))
+        servers += [*ctx, gen]
+        for s in servers:
+            s.wait_ready(240)
+        port = free_port()
+        config = tmp / "disagg-config.yml"
+        config.write_text(
+            f"hostname: 127.0.0.1\nport: {port}\nbackend: pytorch\ncontext_servers:\n  num_instances: 2\n  urls:\n"
+            + "".join(f"    - \"127.0.0.1:{s.port}\"\n" for s in ctx)
+            + f"generation_servers:\n  num_instances: 1\n  urls:\n    - \"127.0.0.1:{gen.port}\"\n")
+        orch = Orchestrator(str(config), str(tmp / "orchestrator.log"))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert orch.proc.poll() is None, open(orch.log_path).read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, open(orch.log_path).read()
+            time.sleep(0.2)
+        yield {"agg": agg, "ctx": ctx, "gen": gen, "url": url, "orch": orch}
+        assert orch.stop() == 0
+    finally:
+        for s in servers:
+            s.stop()
+        if old is None:
+            os.environ.pop("MESHSERVE_SECRET", None)
+        else:
+            os.environ["MESHSERVE_SECRET"] = old
+
+
+def clients(cluster):
+    agg = openai.OpenAI(base_url=cluster["agg"].base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+    dis = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+    return agg, dis
+
+
+def test_completions_match_the_aggregated_server(cluster):
+    agg, dis = clients(cluster)
+    model = agg.models.list().data[0].id
+    assert [m.id for m in dis.models.list().data] == [model]
+    for prompt, extra in (("The quick brown fox", {"ignore_eos": True}), ("Once upon a time there was", {}),
+                          ([5, 17, 33, 90, 101, 7], {"ignore_eos": True})):
+        kw = dict(model=model, prompt=prompt, max_tokens=16, temperature=0, extra_body=extra)
+        want, got = agg.completions.create(**kw), dis.completions.create(**kw)
+        assert got.choices[0].text == want.choices[0].text, prompt
+        assert got.choices[0].finish_reason == want.choices[0].finish_reason
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.usage.prompt_tokens,
+                                                                          want.usage.completion_tokens)
+        want_text = "".join(c.choices[0].text for c in agg.completions.create(**kw, stream=True) if c.choices)
+        got_text = "".join(c.choices[0].text for c in dis.completions.create(**kw, stream=True) if c.choices)
+        assert got_text == want_text == want.choices[0].text
+
+
+def test_chat_matches_the_aggregated_server_streamed_and_not(cluster):
+    agg, dis = clients(cluster)
+    model = agg.models.list().data[0].id
+    for content in ("Explain quantum computing", "Hello there, how are you today?"):
+        kw = dict(model=model, messages=[{"role": "user", "content": content}], max_tokens=16, temperature=0,
+                  extra_body={"ignore_eos": True})
+        want, got = agg.chat.completions.create(**kw), dis.chat.completions.create(**kw)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert got.usage.completion_tokens == want.usage.completion_tokens == 16
+
+        def streamed(client):
+            chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return text, chunks[-1].usage.completion_tokens
+
+        assert streamed(dis) == streamed(agg) == (want.choices[0].message.content, 16)
+
+
+def test_both_context_servers_served_and_the_request_id_reached_them(cluster):
+    agg, dis = clients(cluster)
+    model = agg.models.list().data[0].id
+    for i in range(2):
+        r = httpx.post(cluster["url"] + "/v1/completions", headers={"X-Request-Id": f"e2e-id-{i}"}, timeout=120,
+                       json={"model": model, "prompt": "A B C", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.headers["x-request-id"] == f"e2e-id-{i}"
+    logs = [s.log_tail(10_000) for s in cluster["ctx"]]
+    assert all("context_only" in log for log in logs)  # round robin reached both
+    assert any("e2e-id-0" in log for log in logs) and any("e2e-id-1" in log for log in logs)
+    assert "e2e-id-0" in cluster["gen"].log_tail(10_000)
+    metrics = httpx.get(cluster["url"] + "/metrics").text
+    assert "meshserve_disagg_context_seconds_count" in metrics
