@@ -206,6 +206,10 @@ def main(ns: argparse.Namespace) -> int:
     from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
+    if args.cache_transceiver_config is not None and not os.environ.get("MESHSERVE_SECRET") and rank == 0:
+        logger.warning("cache_transceiver_config is set but MESHSERVE_SECRET is not: the disaggregated params and "
+                       "KV transfers are signed with a key of this process only, so other servers refuse them; "
+                       "set the same MESHSERVE_SECRET on every context and generation server")
     try:
         _check_device(args.device)
         model_path = resolve_model_path(args.model, args.show_progress and rank == 0, args.load_format)

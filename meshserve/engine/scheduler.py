@@ -179,7 +179,12 @@ class Scheduler:
         req.num_computed_tokens = req.num_prompt_tokens
         req.first_scheduled_time = req.first_scheduled_time or now
         req.first_token_time = now
-        self.kv.cache_full_blocks(req)  # the pulled prompt blocks serve later prefix hits too
+        if self.kv.windowed:
+            # blocks a context server's sliding window had dropped came over as its null block's
+            # bytes: these prompt blocks must not serve prefix hits (shorter prefixes would read them)
+            self.kv.num_registered[request_id] = req.num_prompt_tokens // self.kv.block_size
+        else:
+            self.kv.cache_full_blocks(req)  # the pulled prompt blocks serve later prefix hits too
         token = req.disagg.first_token
         status = req.append_output(token)
         out = EngineCoreOutput(request_id, new_token_ids=[token])
