@@ -7,10 +7,13 @@ uniform random routing: for each row block BLOCK_M that suits T (16 up to ~2 ass
 expert, growing to 64/128 for prefill sizes), the two grouped GEMMs are timed separately over a
 short candidate list of (block_n, block_k, group_m, num_warps, num_stages) (they share only
 BLOCK_M, the sorted layout), the best of each is kept, then group_m variations of the winners; the
-best (BLOCK_M, gate_up, down) is timed end to end (alignment + GEMMs + sum over k). Every timing is
+best (BLOCK_M, gate_up, down) is timed end to end (alignment + GEMMs + sum over k). Up to 64
+assignments (T <= 8 at top-8) the two-kernel decode path is tuned too (its self-sorting gated GEMM
+over the BLOCK_M=16 tiles, then _down_sum_kernel over DOWN_SUM) and timed end to end against it;
+the faster is kept (a config with "down_sum" selects that path). Every timing is
 a CUDA-graph replay (benchmarks/cuda_timing.py) of several calls with different routings (so the
 experts' weights come from HBM, not L2, as in a model's 48 layers). Configs that do not fit
-(OutOfResources) are skipped. The built-in table's config is always a candidate, so the result is
+(OutOfResources) are skipped. The built-in table's config is always a finalist, so the result is
 never worse than the default on the tuned T.
 
 Compiles dominate: the candidates are a fixed union over all T (a compiled kernel is reused for
@@ -51,6 +54,10 @@ CANDIDATES = {
     128: [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3)],
 }
 GROUP_M = (1, 8)  # tried on the winner when there are several row blocks per expert
+# The two-kernel decode path (up to kernels/moe.py DIRECT_MAX assignments): the gated GEMM sorting
+# its own rows (row block 16, the CANDIDATES[16] tiles), then _down_sum_kernel with (block_n,
+# block_k, num_warps): block_n * block_k * K weights per load.
+DOWN_SUM = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (4, 512, 8), (2, 256, 2), (8, 256, 4)]
 
 
 def block_ms_for(T: int, K: int, E: int) -> list[int]:
@@ -111,6 +118,18 @@ class Problem:
             self._aligned[bm] = out
         return self._aligned[bm]
 
+    def direct_inputs(self, r):
+        """(flat ids, gated rows in assignment order, output) of routing r for _down_sum timings."""
+        from meshserve.kernels.moe import _table_config, direct_gate_up
+        if not hasattr(self, "_direct"):
+            self._direct = []
+            g = _table_config(1, 1, 1 << 30).gate_up
+            for (w, ids), x in zip(self.routes, self.x):
+                flat = ids.reshape(-1)
+                inter = direct_gate_up(x, self.w13, w, flat, self.T, self.K, self.E, self.I, 16, g, PRECISION())
+                self._direct.append((flat, inter, torch.empty_like(x)))
+        return self._direct[r]
+
     def floor_us(self) -> float:
         mem = self.touched * 3 * self.H * self.I * 2 / HBM_BPS
         flops = self.T * self.K * 6 * self.H * self.I / PEAK_FLOPS
@@ -118,11 +137,19 @@ class Problem:
 
 
 def gemm_call(p: Problem, kind: str, bm: int, g, r: int):
-    """A closure launching one grouped GEMM (gate_up or down) of routing r with GemmConfig g."""
-    from meshserve.kernels.moe import _fit, _gemm
-    sorted_ids, block_expert, inter, per = p.aligned(bm)[r]
-    w, _ = p.routes[r]
+    """A closure launching one kernel of routing r: "gate_up" / "down" (grouped GEMMs after the
+    alignment, GemmConfig g), "gate_up_direct" (the two-kernel path's gated GEMM) or "down_sum"."""
+    from meshserve.kernels.moe import _down_sum, _fit, _gemm, direct_gate_up
+    w, ids = p.routes[r]
     n = p.T * p.K
+    if kind == "gate_up_direct":
+        g = _fit(g, p.I, p.H)
+        flat = ids.reshape(-1)
+        return lambda: direct_gate_up(p.x[r], p.w13, w, flat, p.T, p.K, p.E, p.I, bm, g, PRECISION())
+    if kind == "down_sum":
+        flat, inter, out = p.direct_inputs(r)
+        return lambda: _down_sum(inter, p.w2, w, flat, out, p.T, p.K, p.H, p.I, g)
+    sorted_ids, block_expert, inter, per = p.aligned(bm)[r]
     if kind == "gate_up":
         g = _fit(g, p.I, p.H)
         return lambda: _gemm(p.x[r], p.w13, inter, w, sorted_ids, block_expert, p.I, p.H, n, p.I * p.w13.stride(1),
@@ -155,16 +182,37 @@ def try_gemm(p, kind, bm, g):
         return None
 
 
+MAX_CANDIDATES = None  # --max-candidates: the first N of each list (a quicker, coarser sweep)
+
+
 def candidate_gemms(bm):
     from meshserve.kernels.moe import GemmConfig
-    return [GemmConfig(bn, bk, 1, w, s) for bn, bk, w, s in CANDIDATES[bm]]
+    return [GemmConfig(bn, bk, 1, w, s) for bn, bk, w, s in CANDIDATES[bm]][:MAX_CANDIDATES]
+
+
+def candidate_down_sums():
+    from meshserve.kernels.moe import GemmConfig
+    return [GemmConfig(bn, bk, 1, w, 1) for bn, bk, w in DOWN_SUM][:MAX_CANDIDATES]
+
+
+def best_of(p, kind, bm, cands, over):
+    """[(us, GemmConfig)] ascending over the distinct candidates that run; stops early past the budget."""
+    results, seen = [], set()
+    for c in cands:
+        if c in seen or (results and over()):
+            continue
+        seen.add(c)
+        us = try_gemm(p, kind, bm, c)
+        if us is not None:
+            results.append((us, c))
+    return sorted(results, key=lambda r: r[0])
 
 
 # ---- parallel pre-compilation ---------------------------------------------------------------------
 
 def _warm_worker(args):
-    """In a fresh process: run each (kind, bm, GemmConfig) once at the tuning shape, so Triton's disk
-    cache holds the binaries the main process asks for."""
+    """In a fresh process: run each (kind, T, bm, GemmConfig) once at the tuning shape, so Triton's
+    disk cache holds the binaries the main process asks for."""
     H, I, E, K, dtype_name, items = args
     import torch as t
     from meshserve.kernels.moe import GemmConfig
@@ -173,14 +221,11 @@ def _warm_worker(args):
     w2 = t.zeros(E, H, I, device=DEVICE, dtype=dtype)
     done = 0
     probs = {}
-    for kind, bm, g in items:
-        T = 16
-        if bm not in probs:
-            probs[bm] = Problem(T, H, I, E, K, dtype, w13, w2, 0)
-            probs[bm].R = 1
-        p = probs[bm]
+    for kind, T, bm, g in items:
+        if T not in probs:
+            probs[T] = Problem(T, H, I, E, K, dtype, w13, w2, 0)
         try:
-            gemm_call(p, kind, bm, GemmConfig(*g), 0)()
+            gemm_call(probs[T], kind, bm, GemmConfig(*g), 0)()
             done += 1
         except Exception:
             pass
@@ -195,7 +240,7 @@ def precompile(items, a, dtype):
     import multiprocessing as mp
     from dataclasses import astuple
     t0 = time.perf_counter()
-    plain = [(kind, bm, astuple(g)) for kind, bm, g in items]
+    plain = [(kind, T, bm, astuple(g)) for kind, T, bm, g in items]
     chunks = [plain[i::a.jobs] for i in range(a.jobs)]
     dtype_name = str(dtype).replace("torch.", "")
     try:
@@ -210,8 +255,9 @@ def precompile(items, a, dtype):
 # ---- the sweep -------------------------------------------------------------------------------------
 
 def tune(a):
-    from meshserve.kernels.moe import (MoeKernelConfig, config_file_name, config_to_dict, fused_experts,
-                                       _table_config)
+    from meshserve.kernels.moe import (DIRECT_MAX, MoeKernelConfig, config_file_name, config_to_dict,
+                                       fused_experts, _table_config)
+    import triton
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     H, I, E, K = a.H, a.I, a.E, a.K
     tokens = [int(t) for t in a.tokens.split(",")]
@@ -220,15 +266,26 @@ def tune(a):
     w2 = (torch.randn(E, H, I, device=DEVICE, generator=g) * 0.02).to(dtype)
     start = time.perf_counter()
 
-    items = []  # every GEMM variant the sweep may run: candidates, group_m variants, the built-in table's
+    # every kernel variant the sweep may run (kind, a T that compiles it, row block, config):
+    # candidates, group_m variants, the built-in table's; the two-kernel path's gated GEMM compiles
+    # once per power of two of assignments
+    items = []
     for bm in sorted({bm for T in tokens for bm in block_ms_for(T, K, E)}):
         for cand in candidate_gemms(bm):
             for gm in (GROUP_M if any(T * K / E > bm for T in tokens) else (1,)):
                 v = replace(cand, group_m=gm)
-                items += [("gate_up", bm, v), ("down", bm, v)]
+                items += [("gate_up", 16, bm, v), ("down", 16, bm, v)]
+    direct_ts = {}
+    for T in tokens:
+        if T * K <= DIRECT_MAX:
+            direct_ts.setdefault(max(16, triton.next_power_of_2(T * K)), T)
+    for T in direct_ts.values():
+        items += [("gate_up_direct", T, 16, c) for c in candidate_gemms(16)]
+    if direct_ts:
+        items += [("down_sum", 1, 16, c) for c in candidate_down_sums()]
     for T in tokens:
         d = _table_config(T, K, E)
-        items += [("gate_up", d.block_m, d.gate_up), ("down", d.block_m, d.down)]
+        items += [("gate_up", 16, d.block_m, d.gate_up), ("down", 16, d.block_m, d.down)]
     items = list(dict.fromkeys(items))
     precompile(items, a, dtype)
 
@@ -274,21 +331,36 @@ def tune(a):
                 per_kind[kind] = results[0]
             if len(per_kind) == 2:
                 best[bm] = (per_kind["gate_up"], per_kind["down"])
-        bm = min(best, key=lambda b: best[b][0][0] + best[b][1][0])
-        cfg = MoeKernelConfig(bm, best[bm][0][1], best[bm][1][1])
-        table[T] = cfg
+        if best:
+            bm = min(best, key=lambda b: best[b][0][0] + best[b][1][0])
+            cfg = MoeKernelConfig(bm, best[bm][0][1], best[bm][1][1])
+        else:  # nothing ran (cannot happen with the built-in config among the candidates)
+            cfg = default
+        finalists = [cfg]
+        two = None
+        if T * K <= DIRECT_MAX:  # the two-kernel path: its gated GEMM and _down_sum_kernel
+            gu = best_of(p, "gate_up_direct", 16, ([default.gate_up] if default.down_sum else [])
+                         + candidate_gemms(16), over)
+            ds = best_of(p, "down_sum", 16, ([default.down_sum] if default.down_sum else [])
+                         + candidate_down_sums(), over)
+            if gu and ds:
+                two = (gu[0][0], ds[0][0])
+                finalists.append(MoeKernelConfig(16, gu[0][1], cfg.down if cfg.block_m == 16 else default.down,
+                                                 down_sum=ds[0][1]))
+        if default not in finalists:
+            finalists.append(default)
 
         def whole(c):
             return time_us(p, [(lambda r=r: fused_experts(p.x[r], w13, w2, p.routes[r][0], p.routes[r][1],
                                                           configs=c)) for r in range(p.R)])
-        us = whole(cfg)
-        us_default = whole(default) if default != cfg else us
-        if us_default < us:  # the parts' sum misled (alignment/sum differ per bm): keep the default
-            cfg, us = default, us_default
-            table[T] = cfg
+        timed = [(whole(c), i, c) for i, c in enumerate(finalists)]
+        us_default = next(t for t, _, c in timed if c == default)
+        us, _, cfg = min(timed)  # end to end: alignment and the sum over k count too
+        table[T] = cfg
         floor = p.floor_us()
         rows.append({"T": T, "us": us, "default_us": us_default, "floor_us": floor,
-                     "gemm_us": {str(b): [v[0][0], v[1][0]] for b, v in best.items()},
+                     "gemm_us": {str(b): [v[0][0], v[1][0]] for b, v in best.items()}, "two_kernel_us": two,
+                     "finalists_us": [[round(t, 2), describe(c)] for t, _, c in timed],
                      "config": config_to_dict(cfg), "seconds": time.perf_counter() - t_start})
         print(f"T={T:>5}  {us:8.1f} us (default {us_default:8.1f}, floor {floor:7.1f}, x{us / floor:4.2f})  "
               f"{describe(cfg)}  [{time.perf_counter() - t_start:.1f} s]", flush=True)
@@ -299,7 +371,8 @@ def tune(a):
     doc = {"format": "meshserve-moe-configs", "version": 1, "E": E, "H": H, "I": I, "K": K,
            "dtype": str(dtype).replace("torch.", ""), "device": name, "tuned_s": time.perf_counter() - start,
            "configs": {str(r["T"]): dict(r["config"], us=round(r["us"], 2), default_us=round(r["default_us"], 2),
-                                         floor_us=round(r["floor_us"], 2)) for r in rows}}
+                                         floor_us=round(r["floor_us"], 2), finalists_us=r["finalists_us"])
+                       for r in rows}}
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
     print()
@@ -319,6 +392,9 @@ def tune(a):
 def describe(cfg) -> str:
     def one(g):
         return f"{g.block_n}x{g.block_k} g{g.group_m} w{g.num_warps} s{g.num_stages}"
+    if cfg.down_sum is not None:  # the two-kernel path (where it applies)
+        return f"bm{cfg.block_m} gu[{one(cfg.gate_up)}] down_sum[{cfg.down_sum.block_n}x{cfg.down_sum.block_k} " \
+               f"w{cfg.down_sum.num_warps}]"
     return f"bm{cfg.block_m} gu[{one(cfg.gate_up)}] dn[{one(cfg.down)}]"
 
 
@@ -333,10 +409,11 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--jobs", type=int, default=8, help="processes pre-compiling the candidates (0: none)")
     p.add_argument("--budget-s", type=float, default=140.0, help="stop trying new candidates after this")
+    p.add_argument("--max-candidates", type=int, default=None, help="the first N tiles of each candidate list")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     a = p.parse_args()
-    global DEVICE
-    DEVICE = a.device
+    global DEVICE, MAX_CANDIDATES
+    DEVICE, MAX_CANDIDATES = a.device, a.max_candidates
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("tune_moe.py needs a CUDA GPU")
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

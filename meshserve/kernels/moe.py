@@ -105,17 +105,13 @@ def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, n, max_padd
         tl.store(block_expert_ptr + p // BLOCK_M, tl.where(ex < E, ex, -1), mask=valid & (p % BLOCK_M == 0))
 
 
-@triton.jit(do_not_specialize=["n", "max_padded", "tail_iters"])
-def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, max_padded, tail_iters,
-                        N_P2: tl.constexpr, CJ: tl.constexpr, BLOCK_M: tl.constexpr, MAXB: tl.constexpr,
-                        TAIL: tl.constexpr):
-    """The whole alignment of up to N_P2 assignments in one program, in assignment space (no
-    per-expert arrays, so E does not matter): with same[i, j] = (id_i == id_j), assignment i's slot
-    is (the padded start of its expert) + (same-expert assignments before it); the padded start is
-    the sum, over the first assignment j of each expert with id_j < id_i, of its expert's count
-    rounded up to BLOCK_M. All from [N_P2, CJ] compares, CJ assignments j at a time. Then each
-    expert's first assignment writes its segment's padding sentinels and block experts; slots past
-    the used ones get the sentinel n, blocks past them -1 (all stores disjoint: no barrier)."""
+@triton.jit
+def _assignment_slots(ids_ptr, n, N_P2: tl.constexpr, CJ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """For the n (<= N_P2) assignments: (id, count of its expert, same-expert assignments before it,
+    padded start of its expert's segment, padded rows of all experts). With same[i, j] = (id_i ==
+    id_j): the padded start is the sum, over the first assignment j of each expert with id_j <
+    id_i, of that expert's count rounded up to BLOCK_M. [N_P2, CJ] compares, CJ assignments j at a
+    time; an id of -1 (another rank's expert) matches nothing and gets no slot."""
     i = tl.arange(0, N_P2)
     id_i = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
     cnt = tl.zeros([N_P2], dtype=tl.int32)  # assignments of i's expert
@@ -134,7 +130,20 @@ def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, max_padded, ta
         pad_j = tl.where(first_j, (cnt_j + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
         start += tl.sum(tl.where(id_j[None, :] < id_i[:, None], pad_j[None, :], 0), axis=1)
         total += pad_j
-    used = tl.sum(total, axis=0)
+    return id_i, cnt, rank, start, tl.sum(total, axis=0)
+
+
+@triton.jit(do_not_specialize=["n", "max_padded", "tail_iters"])
+def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, max_padded, tail_iters,
+                        N_P2: tl.constexpr, CJ: tl.constexpr, BLOCK_M: tl.constexpr, MAXB: tl.constexpr,
+                        TAIL: tl.constexpr):
+    """The whole alignment of up to N_P2 assignments in one program, in assignment space (no
+    per-expert arrays, so E does not matter): assignment i's slot is (the padded start of its
+    expert) + (same-expert assignments before it), from _assignment_slots. Then each expert's first
+    assignment writes its segment's padding sentinels and block experts; slots past the used ones
+    get the sentinel n, blocks past them -1 (all stores disjoint: no barrier)."""
+    i = tl.arange(0, N_P2)
+    id_i, cnt, rank, start, used = _assignment_slots(ids_ptr, n, N_P2, CJ, BLOCK_M)
     ok_i = id_i >= 0
     tl.store(sorted_ptr + start + rank, i, mask=ok_i)
     # Each expert's first assignment: its segment's padding and its blocks.
@@ -217,11 +226,14 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
                      MUL_WEIGHT: tl.constexpr, TOPK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DIRECT: tl.constexpr = 0):
     """C = A @ B[expert]^T per BLOCK_M rows of the sorted assignments. A rows: the token of each
     assignment (GATHER_A: sorted id // TOPK) or the sorted row itself; C rows: the assignment (SCATTER_C:
     the sorted id, padding rows skipped) or the sorted row. GATED: columns n of B's rows [0, N) (gate)
-    and [N, 2N) (up, at up_offset), stored as silu(gate) * up. MUL_WEIGHT: times the routing weight."""
+    and [N, 2N) (up, at up_offset), stored as silu(gate) * up. MUL_WEIGHT: times the routing weight.
+    DIRECT (a power of two >= n_valid, or 0): no alignment kernel ran; `sorted_ptr` holds the flat
+    expert ids and each program finds its block's rows itself (_assignment_slots, then the
+    assignments whose slot falls in the block: [BLOCK_M, DIRECT] compares); decode sizes only."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n_blocks
@@ -229,10 +241,20 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
     group_rows = tl.minimum(num_m_blocks - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= 0:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if DIRECT > 0:
+        id_i, cnt, rank, start, used = _assignment_slots(sorted_ptr, n_valid, DIRECT, DIRECT, BLOCK_M)
+        slot = tl.where(id_i >= 0, start + rank, -1)
+        match = slot[None, :] == offs_m[:, None]  # [BLOCK_M, DIRECT]: at most one per row
+        ii = tl.arange(0, DIRECT)
+        found = tl.sum(match.to(tl.int32), axis=1)
+        tok = tl.sum(tl.where(match, ii[None, :], 0), axis=1) + tl.where(found > 0, 0, n_valid)
+        # every block of a segment holds at least one assignment (padding < BLOCK_M): -1 = unused block
+        expert = tl.max(tl.max(tl.where(match, id_i[None, :], -1), axis=1), axis=0)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
         tok = tl.load(sorted_ptr + offs_m)
+    if expert >= 0:
         tok_mask = tok < n_valid
         if GATHER_A:
             a_rows = tok // TOPK
@@ -294,6 +316,43 @@ def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.con
     tl.store(out_ptr + t.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
+@triton.jit
+def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im, stride_we, stride_wn, stride_om,
+                     TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     K_ITERS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Decode form of the down GEMM and the sum over k at once: out[t, n-block] = sum over k with
+    id >= 0 of weight_k * (w2[id_k] rows of the n-block) . inter[t*K+k], in fp32 (inter holds the
+    gated rows in assignment order). One program per (token, BLOCK_N output columns); each step
+    loads all its experts' [BLOCK_N, BLOCK_K] weight tiles at once ([K_P2, BLOCK_N, BLOCK_K]), so
+    enough bytes are in flight for a matrix-vector product to run at bandwidth."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < H
+    kk = tl.arange(0, K_P2)
+    rows = t * TOPK + kk
+    e = tl.load(ids_ptr + rows, mask=kk < TOPK, other=-1).to(tl.int64)
+    wk = tl.load(w_ptr + rows, mask=kk < TOPK, other=0.0).to(tl.float32)
+    live = e >= 0
+    e = tl.maximum(e, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
+    b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n.to(tl.int64)[None, :, None] * stride_wn
+              + offs_k[None, None, :])
+    acc = tl.zeros([K_P2, BLOCK_N], dtype=tl.float32)
+    for i in range(K_ITERS):
+        if EVEN_K:
+            a_mask = live[:, None] & (offs_k < BLOCK_K)[None, :]
+        else:
+            a_mask = live[:, None] & (offs_k < I - i * BLOCK_K)[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)  # [K_P2, BLOCK_K]
+        b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0).to(tl.float32)
+        acc += tl.sum(b * a[:, None, :], axis=2)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out = tl.sum(acc * wk[:, None], axis=0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configs and the entry point.
 
@@ -309,15 +368,25 @@ class GemmConfig:
 @dataclass(frozen=True)
 class MoeKernelConfig:
     """block_m is shared by both GEMMs (the sorted rows are padded to it); gate_up.block_n counts
-    intermediate columns (each program reads that many gate rows and as many up rows of w13)."""
+    intermediate columns (each program reads that many gate rows and as many up rows of w13).
+    down_sum (decode, up to DIRECT_MAX assignments): when set, the two-kernel path runs instead:
+    the gated GEMM sorts its own rows (no alignment kernel) and writes them in assignment order,
+    then _down_sum_kernel does the down product and the sum over k per token (block_n output
+    columns per program, block_k wide steps over I, num_warps; group_m and num_stages unused;
+    block_n * block_k * next_power_of_2(K) weights per load: keep it near 16k for K=8)."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
+    down_sum: Optional[GemmConfig] = None
 
 
 # (most assignments per local expert, config), first match wins. Shaped after public H200 sweeps of
 # this kernel design for E=128, N=768 (their gate_up N is our 2*block_n); to be re-tuned on ours.
 CONFIG_TABLE: tuple[tuple[float, MoeKernelConfig], ...] = (
+    # up to 1/4 assignment per expert (T <= 4 for E=128 K=8): two kernels (an untuned guess at where
+    # two fewer launches beat re-reading an expert shared by two tokens; the tuner decides per GPU)
+    (0.25, MoeKernelConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4),
+                           down_sum=GemmConfig(8, 128, 1, 4, 1))),
     (1, MoeKernelConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))),
     (8, MoeKernelConfig(16, GemmConfig(64, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))),
     (16, MoeKernelConfig(32, GemmConfig(128, 128, 16, 4, 2), GemmConfig(256, 128, 16, 4, 2))),
@@ -379,17 +448,25 @@ def config_file_name(E: int, H: int, I: int, dtype: torch.dtype, device_name: st
 
 
 def config_to_dict(cfg: MoeKernelConfig) -> dict:
-    return {"block_m": cfg.block_m, "gate_up": asdict(cfg.gate_up), "down": asdict(cfg.down)}
+    d = {"block_m": cfg.block_m, "gate_up": asdict(cfg.gate_up), "down": asdict(cfg.down)}
+    if cfg.down_sum is not None:
+        d["down_sum"] = asdict(cfg.down_sum)
+    return d
 
 
 def config_from_dict(d: dict) -> MoeKernelConfig:
     fields = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
-    gemms = []
-    for part in ("gate_up", "down"):
-        g = d[part]
-        gemms.append(GemmConfig(**{f: int(g[f]) for f in fields if f in g}))
-    cfg = MoeKernelConfig(int(d["block_m"]), *gemms)
-    for v in (cfg.block_m, cfg.gate_up.block_n, cfg.gate_up.block_k, cfg.down.block_n, cfg.down.block_k):
+
+    def gemm(g):
+        return GemmConfig(**{f: int(g[f]) for f in fields if f in g})
+    cfg = MoeKernelConfig(int(d["block_m"]), gemm(d["gate_up"]), gemm(d["down"]),
+                          gemm(d["down_sum"]) if d.get("down_sum") else None)
+    tiles = [cfg.block_m, cfg.gate_up.block_n, cfg.gate_up.block_k, cfg.down.block_n, cfg.down.block_k]
+    if cfg.down_sum is not None:
+        tiles.append(cfg.down_sum.block_k)
+        if cfg.down_sum.block_n < 1 or cfg.down_sum.block_n & (cfg.down_sum.block_n - 1):
+            raise ValueError(f"down_sum block_n must be a power of two, got {cfg.down_sum.block_n} in {d}")
+    for v in tiles:
         if v < 16 or v & (v - 1):
             raise ValueError(f"tile sizes must be powers of two >= 16, got {v} in {d}")
     return cfg
@@ -462,8 +539,10 @@ def _fit(g: GemmConfig, n: int, k: int) -> GemmConfig:
 
 
 def _gemm(a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, up_offset, g: GemmConfig,
-          block_m, gated, gather_a, scatter_c, mul_weight, topk, precision):
-    num_m = block_expert.shape[0]
+          block_m, gated, gather_a, scatter_c, mul_weight, topk, precision, num_m=None, direct=0):
+    """direct: see _moe_gemm_kernel (then sorted_ids holds the flat ids and num_m is given)."""
+    if num_m is None:
+        num_m = block_expert.shape[0]
     grid = (num_m * triton.cdiv(n_out, g.block_n),)
     extra = {} if _INTERPRET else {"num_warps": g.num_warps, "num_stages": g.num_stages}
     _moe_gemm_kernel[grid](
@@ -471,7 +550,32 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, up_o
         a.stride(0), b.stride(0), b.stride(1), c.stride(0), up_offset,
         GATED=gated, GATHER_A=gather_a, SCATTER_C=scatter_c, MUL_WEIGHT=mul_weight, TOPK=topk,
         BLOCK_M=block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, K_ITERS=triton.cdiv(k_in, g.block_k),
-        EVEN_K=k_in % g.block_k == 0, GROUP_M=g.group_m, PRECISION=precision, INTERPRET=_INTERPRET, **extra)
+        EVEN_K=k_in % g.block_k == 0, GROUP_M=g.group_m, PRECISION=precision, INTERPRET=_INTERPRET, DIRECT=direct,
+        **extra)
+
+
+DIRECT_MAX = 64  # most assignments of the two-kernel decode path (each GEMM program sorts them all)
+
+
+def _down_sum(inter, w2, weights, ids, out, T, K, H, I, g: GemmConfig) -> None:
+    bn = min(g.block_n, triton.next_power_of_2(H))
+    bk = max(16, min(g.block_k, triton.next_power_of_2(I)))
+    extra = {} if _INTERPRET else {"num_warps": g.num_warps}
+    _down_sum_kernel[(T, triton.cdiv(H, bn))](
+        inter, w2, weights, ids, out, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOPK=K, K_P2=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, K_ITERS=triton.cdiv(I, bk),
+        EVEN_K=I % bk == 0, **extra)
+
+
+def direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, g: GemmConfig, precision) -> torch.Tensor:
+    """The gated GEMM of the two-kernel path: [T*K, I] rows in assignment order (rows of -1 ids unset)."""
+    n = T * K
+    inter = torch.empty(n, I, dtype=hidden.dtype, device=hidden.device)
+    num_m = padded_rows(n, E, block_m) // block_m
+    _gemm(hidden, w13, inter, weights, ids_flat, ids_flat, I, hidden.shape[1], n, I * w13.stride(1), g, block_m,
+          gated=True, gather_a=True, scatter_c=True, mul_weight=False, topk=K, precision=precision, num_m=num_m,
+          direct=max(16, triton.next_power_of_2(n)))
+    return inter
 
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -512,6 +616,12 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     # IEEE fp32 dots for fp32 (the CPU tests' exactness); the setting is moot for bf16/fp16 inputs.
     precision = "ieee" if hidden.dtype == torch.float32 or _INTERPRET else "tf32"
     n = T * K
+
+    if cfg.down_sum is not None and n <= DIRECT_MAX:  # decode: two kernels
+        ids_flat = topk_ids.view(-1)
+        inter = direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, gate_up, precision)
+        _down_sum(inter, w2, weights, ids_flat, out, T, K, H, I, cfg.down_sum)
+        return out
 
     sorted_ids, block_expert = align_block_size(topk_ids, E, block_m)
     inter = torch.empty(sorted_ids.shape[0], I, dtype=hidden.dtype, device=hidden.device)

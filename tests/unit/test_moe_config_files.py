@@ -27,7 +27,8 @@ def _gemm(bn, bk, gm=1, w=4, s=3):
 
 DOC = {"format": "meshserve-moe-configs", "version": 1, "E": 8, "H": 64, "I": 32, "K": 4, "dtype": "float32",
        "device": "NVIDIA H200",
-       "configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(32, 16), "us": 12.5},
+       "configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(32, 16), "us": 12.5,
+                         "down_sum": _gemm(8, 16, 1, 4, 1)},  # the two-kernel decode path
                    "16": {"block_m": 32, "gate_up": _gemm(32, 32, 2), "down": _gemm(16, 32, 1, 8, 2)},
                    "256": {"block_m": 64, "gate_up": _gemm(32, 16), "down": _gemm(64, 32, 8)}}}
 
@@ -50,6 +51,7 @@ def test_load_and_nearest_token_count(tmp_path, moe):
     table = moe.load_config_table(write(tmp_path / "t.json"))
     one, sixteen, big = (moe.config_from_dict(DOC["configs"][k]) for k in ("1", "16", "256"))
     assert sixteen.down == moe.GemmConfig(16, 32, 1, 8, 2) and sixteen.block_m == 32
+    assert one.down_sum == moe.GemmConfig(8, 16, 1, 4, 1) and sixteen.down_sum is None
     assert table(1, 4) is not None and table(1, 4) == one
     assert table(3, 4) == one  # log2: 1.58 from 1, 2.42 from 16
     assert table(4, 4) == one and table(5, 4) == sixteen  # 4: equally far (2 and 2): the smaller
@@ -57,6 +59,7 @@ def test_load_and_nearest_token_count(tmp_path, moe):
     assert table(2, 8) == table(4, 4)  # T scaled by K / the file's K
     # round trip of the writer's own helper
     assert moe.config_from_dict(moe.config_to_dict(big)) == big
+    assert moe.config_from_dict(moe.config_to_dict(one)) == one
 
 
 def test_file_names_and_gpu_tags(moe):
@@ -89,6 +92,8 @@ def test_default_config_finds_the_file_by_shape_dtype_and_gpu(tmp_path, moe, mon
     (json.dumps({"configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32)}}}), "KeyError: 'down'"),
     (json.dumps({"configs": {"1": {"block_m": 24, "gate_up": _gemm(16, 32), "down": _gemm(16, 32)}}}),
      "powers of two >= 16, got 24"),
+    (json.dumps({"configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(16, 32),
+                                   "down_sum": _gemm(6, 32)}}}), "down_sum block_n must be a power of two, got 6"),
 ])
 def test_malformed_files_name_the_path(tmp_path, moe, bad, match):
     path = tmp_path / "bad.json"
@@ -98,7 +103,8 @@ def test_malformed_files_name_the_path(tmp_path, moe, bad, match):
 
 
 def test_fused_experts_runs_a_loaded_table(tmp_path, moe):
-    """Each entry's tiles (row blocks 16/32/64, group_m, uneven K tiles) give the float64 answer."""
+    """Each entry's tiles (row blocks 16/32/64, group_m, uneven K tiles; T=1 the two-kernel path)
+    give the float64 answer."""
     from test_moe_experts import assert_close, make_case, reference
     table = moe.load_config_table(write(tmp_path / "t.json"))
     for T in (1, 16, 256):
@@ -115,7 +121,7 @@ def test_tuner_dry_run_writes_a_loadable_file(tmp_path, moe):
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = tmp_path / "cfg"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tune_moe.py"), "--device", "cpu",
-                        "--H", "32", "--I", "16", "--E", "4", "--K", "2", "--tokens", "1,8", "--out", str(out)],
+                        "--H", "32", "--I", "16", "--E", "4", "--K", "2", "--tokens", "1,8", "--max-candidates", "1", "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     (path,) = list(out.iterdir())

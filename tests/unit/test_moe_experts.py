@@ -229,3 +229,52 @@ def test_auto_on_cuda_is_triton_and_triton_can_be_switched_off(monkeypatch):
     with pytest.raises(ValueError, match=r"moe_config.backend='TRITON' cannot run here: Triton is switched off "
                                          r"\(kernel_config.disable_triton\)"):
         create_experts("TRITON", cuda, torch.bfloat16)
+
+
+TWO_KERNEL = [(T, E, K) for T, E, K in CASES if T <= 5] + [(33, 8, 1), (1, 128, 8), (8, 128, 8), (3, 60, 8)]
+
+
+@triton_only
+@pytest.mark.parametrize("T,E,K", TWO_KERNEL)
+def test_two_kernel_decode_path(T, E, K):
+    """The decode path (down_sum set, <= 64 assignments): the gated GEMM sorts its own rows, the
+    down product and the sum over k in one kernel; -1 ids, a row with none, uneven tiles."""
+    from meshserve.kernels.moe import DIRECT_MAX, GemmConfig, MoeKernelConfig, fused_experts
+    args = make_case(T, E, K, H=48, I=40, seed=T * 7 + E + K)
+    assert T * min(K, E) <= DIRECT_MAX
+    small = T * E <= 32
+    for down_sum in [GemmConfig(16, 64, 1, 2, 1)] + ([GemmConfig(8, 16, 1, 4, 1), GemmConfig(1, 256, 1, 1, 1)]
+                                                     if small else []):
+        cfg = MoeKernelConfig(16, GemmConfig(16, 32), GemmConfig(16, 32), down_sum=down_sum)
+        out = fused_experts(*args, configs=cfg)
+        assert_close(out, reference(*args), 1e-5)
+        if T > 2:
+            assert torch.all(out[T // 2] == 0)
+
+
+@triton_only
+def test_two_kernel_path_with_an_expert_over_several_blocks():
+    """Repeated ids (an expert-parallel exchange sends K=1 rows, many to one expert): 40 rows of
+    expert 2 span three 16-row blocks, found by the gated GEMM's own sort."""
+    from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
+    h, w13, w2, wt, _ = make_case(40, 4, 1, seed=9)
+    ids = torch.full((40, 1), 2)
+    ids[5] = 0
+    ids[7] = -1
+    for block_m in (16, 32):
+        cfg = MoeKernelConfig(block_m, GemmConfig(32, 32), GemmConfig(32, 32), down_sum=GemmConfig(8, 32))
+        assert_close(fused_experts(h, w13, w2, wt, ids, configs=cfg), reference(h, w13, w2, wt, ids), 1e-5)
+        assert_close(fused_experts(h, w13, w2, wt, ids.int(), configs=cfg), reference(h, w13, w2, wt, ids), 1e-5)
+
+
+@triton_only
+def test_two_kernel_path_bf16_and_the_builtin_choice():
+    from meshserve.kernels.moe import DIRECT_MAX, default_config, fused_experts
+    h, w13, w2, wt, ids = make_case(2, 64, 4, dtype=torch.bfloat16, seed=4)
+    assert default_config(2, 4, 64, 64, 32).down_sum is not None  # 1/8 assignment per expert
+    assert default_config(1, 8, 128, 2048, 768).down_sum is not None
+    assert default_config(64, 8, 128, 2048, 768).down_sum is None
+    out = fused_experts(h, w13, w2, wt, ids)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, reference(h, w13, w2, wt, ids), 2e-2)
+    assert DIRECT_MAX == 64
