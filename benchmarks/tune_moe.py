@@ -271,8 +271,9 @@ def tune(a):
     # once per power of two of assignments
     items = []
     for bm in sorted({bm for T in tokens for bm in block_ms_for(T, K, E)}):
+        spans = any(T * K / E > bm and bm in block_ms_for(T, K, E) for T in tokens)  # group_m tried
         for cand in candidate_gemms(bm):
-            for gm in (GROUP_M if any(T * K / E > bm for T in tokens) else (1,)):
+            for gm in (GROUP_M if spans else (1,)):
                 v = replace(cand, group_m=gm)
                 items += [("gate_up", 16, bm, v), ("down", 16, bm, v)]
     direct_ts = {}

@@ -22,6 +22,14 @@ so a decode step can be captured in a CUDA graph:
    routing weight, stored at the assignment's row t*K+k.
 5. `_sum_k_kernel`: out[t] = sum over k with id >= 0 of those rows, in fp32.
 
+Decode (up to DIRECT_MAX = 64 assignments, when the config has `down_sum`): two kernels. The gated
+GEMM runs with DIRECT set: each program sorts the assignments itself (_assignment_slots, the same
+arithmetic as _align_small_kernel) and picks its block's rows, so no alignment kernel runs; it
+writes the gated rows in assignment order. Then `_down_sum_kernel` multiplies each token's K rows
+by their experts' w2 rows and sums them with the routing weights in fp32, writing the output (no
+per-assignment rows, no `_sum_k_kernel`). A token's experts' weights are read per token, so this
+pays off only while few tokens share an expert (the tuner decides where).
+
 Block sizes come from a small table keyed by assignments per local expert (T*K/E_local: the rows
 a typical expert sees; for Qwen3-30B-A3B, E=128 K=8, that is T/16): at batch 1 BLOCK_M=16 and long
 K tiles, so each selected expert's weights stream once; from ~256 tokens up BLOCK_M grows to 32..128
