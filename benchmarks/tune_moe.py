@@ -213,7 +213,8 @@ def best_of(p, kind, bm, cands, over):
 def _warm_worker(args):
     """In a fresh process: run each (kind, T, bm, GemmConfig) once at the tuning shape, so Triton's
     disk cache holds the binaries the main process asks for."""
-    H, I, E, K, dtype_name, items = args
+    global DEVICE
+    H, I, E, K, dtype_name, items, DEVICE = args
     import torch as t
     from meshserve.kernels.moe import GemmConfig
     dtype = getattr(t, dtype_name)
@@ -238,15 +239,17 @@ def precompile(items, a, dtype):
     if a.jobs <= 1 or not items:
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
     from dataclasses import astuple
     t0 = time.perf_counter()
     plain = [(kind, T, bm, astuple(g)) for kind, T, bm, g in items]
     chunks = [plain[i::a.jobs] for i in range(a.jobs)]
     dtype_name = str(dtype).replace("torch.", "")
-    try:
-        with mp.get_context("spawn").Pool(a.jobs) as pool:
-            done = sum(pool.map(_warm_worker, [(a.H, a.I, a.E, a.K, dtype_name, c) for c in chunks if c]))
-        print(f"pre-compiled {done}/{len(items)} GEMM variants in {a.jobs} processes: "
+    try:  # an executor, not a Pool: a worker that dies raises here instead of hanging the map
+        with ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_warm_worker, (a.H, a.I, a.E, a.K, dtype_name, c, DEVICE)) for c in chunks if c]
+            done = sum(f.result(timeout=max(10.0, a.budget_s * 0.6)) for f in futures)
+        print(f"pre-compiled {done}/{len(items)} kernel variants in {a.jobs} processes: "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     except Exception as e:  # the sweep compiles whatever is missing itself
         print(f"pre-compilation failed ({type(e).__name__}: {e}); compiling in the sweep", flush=True)
