@@ -52,7 +52,7 @@ def test_router_kernel_in_a_cuda_graph_writes_the_load_table():
     with torch.cuda.graph(graph):
         w, ids = select_experts(logits, cfg, ids_out=table[1], kernel=True)
     for seed in (1, 2):
-        logits.copy_(torch.randn(4, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        logits.copy_(torch.randn(4, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
         graph.replay()
         rw, rids = select_experts(logits, cfg, kernel=False)
         assert torch.equal(table[1], ids) and torch.equal(ids.sort(-1)[0], rids.sort(-1)[0])
@@ -64,7 +64,7 @@ def test_router_kernel_in_a_cuda_graph_writes_the_load_table():
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_small_alignment_matches_multi_program(n, block_m):
     from meshserve.kernels.moe import align_block_size
-    ids = torch.randint(-1, 128, (n, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    ids = torch.randint(-1, 128, (n, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(n))
     a = align_block_size(ids, 128, block_m)
     b = align_block_size(ids, 128, block_m, small_max=0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
