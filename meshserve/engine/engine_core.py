@@ -159,6 +159,9 @@ class EngineCore:
         for rid in request_ids:
             if self.scheduler.abort_request(rid) is not None:
                 outs.append(EngineCoreOutput(rid, finish_reason="abort"))
+            elif rid in self.scheduler.pinned and self.scheduler.unpin(rid):  # e.g. its token hit a stop string
+                self.kv_events += 1
+                logger.info("request %s: pinned KV released (aborted)", rid)
         return outs
 
     def has_unfinished(self) -> bool:

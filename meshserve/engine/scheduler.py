@@ -9,8 +9,9 @@ skipped. Pure Python: no torch.
 
 Disaggregated serving (docs/disaggregated.md): a context_only request runs its prompt and one token;
 the step that completes its prompt registers its blocks with every rank's KV source, and when it
-finishes its blocks stay allocated ("pinned", keyed by its request id) until `unpin` (the generation
-server's release) or `expire_pinned` (kv_transfer_timeout_ms). A generation_only request waits in
+finishes by length (its first token did not end it) its blocks stay allocated ("pinned", keyed by its
+request id) until `unpin` (the generation server's release, or an abort) or `expire_pinned`
+(kv_transfer_timeout_ms). A generation_only request waits in
 `kv_waiting` until blocks for its prompt fit, then a `KvPull` in the next SchedulerOutput has every
 rank read its KV; `pull_done` (all ranks reported) makes it a running request with its prompt
 computed and the context server's first token appended, or frees its blocks when a rank failed.
@@ -106,7 +107,8 @@ class Scheduler:
             self._release(req)
 
     def _release(self, req: Request) -> None:
-        if req.kv_registered and req.is_context_only and req.status != RequestStatus.FINISHED_ABORTED:
+        if req.kv_registered and req.is_context_only and req.status == RequestStatus.FINISHED_LENGTH:
+            # its one token did not end it (an EOS or stop token would have: nothing left to generate)
             self.pinned[req.request_id] = (req, time.monotonic() + self.kv_timeout_s)  # blocks stay allocated
         else:
             if req.kv_registered:  # aborted after its last step was scheduled

@@ -242,10 +242,13 @@ class OpenAIServing:
         return kv, params
 
     def context_response(self, body: dict, out: RequestOutput) -> dict:
-        """A context_only response: the body plus the disaggregated_params a generation server needs."""
-        if out.kv_transfer_params is None or not out.outputs or not out.outputs[0].token_ids:
-            logger.warning("request %s: finished (%s) without pinned KV; no disaggregated_params", out.request_id,
-                           out.outputs[0].finish_reason if out.outputs else None)
+        """A context_only response: the body plus the disaggregated_params a generation server needs;
+        without them when the first token finished the request (EOS, a stop token or string: the
+        engine keeps no KV for it then), so the orchestrator answers the client with this."""
+        finish = out.outputs[0].finish_reason if out.outputs else None
+        if out.kv_transfer_params is None or finish != "length" or not out.outputs[0].token_ids:
+            logger.info("request %s: finished (%s) with its first token; no disaggregated_params", out.request_id,
+                        finish)
             return body
         body["disaggregated_params"] = disagg.context_params(
             out.request_id, out.prompt_token_ids, out.outputs[0].token_ids[0], self.engine.ready.kv_layouts,

@@ -169,6 +169,41 @@ def test_chat_matches_aggregated(servers, stream):
     assert wait_used(gen) == 0 and wait_used(ctx) == 0
 
 
+def test_a_first_token_that_ends_the_completion_keeps_no_kv(servers):
+    ctx = servers["ctx"]
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    first = ctx_first_id(ctx, body)
+    r = post(ctx, "/v1/completions", {**body, "stop_token_ids": [first],
+                                      "disaggregated_params": {"request_type": "context_only"}})
+    out = r.json()
+    assert r.status_code == 200 and out["choices"][0]["finish_reason"] == "stop", out
+    assert out["choices"][0]["stop_reason"] == first
+    assert "disaggregated_params" not in out  # the whole completion: the orchestrator answers with it
+    assert wait_used(ctx) == 0
+
+
+def ctx_first_id(ctx, body: dict) -> int:
+    dp = context_params(ctx, "/v1/completions", body)
+    post_release(ctx, dp)
+    return dp["first_gen_tokens"][0]
+
+
+def post_release(ctx, dp: dict) -> None:
+    """Release a context request's KV as a generation server would (the source's Release message)."""
+    from meshserve.disagg.tcp import TcpKvSink
+    from meshserve.disagg.transceiver import RankLayout
+
+    payload = signed.verify(dp["opaque_state"], signed.key_from_secret(SECRET))
+    rank0 = msgspec.convert(payload["layouts"][0], RankLayout)
+    sink = TcpKvSink([], msgspec.structs.replace(rank0, layers=(), groups=(), endpoint=""),
+                     key=signed.key_from_secret(SECRET))
+    try:
+        assert sink.release(rank0, dp["ctx_request_id"]) is None
+    finally:
+        sink.close()
+    assert wait_used(ctx) == 0
+
+
 def test_x_request_id_names_the_request_on_both_servers(servers):
     ctx, gen = servers["ctx"], servers["gen"]
     body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}

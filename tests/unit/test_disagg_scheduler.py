@@ -186,3 +186,12 @@ def test_context_request_with_overlap_is_scheduled_once():
     assert [r.req_id for r in so1.reqs] == ["c"] and so2.reqs == []
     outs = s.update_from_output(so1, ModelRunnerOutput(so1.step_id, ["c"], [7]))
     assert outs[0].finish_reason == "length" and "c" in s.pinned
+
+
+def test_context_request_ended_by_its_first_token_keeps_no_kv():
+    s = make()
+    r = Request("c", list(range(3, 9)), SamplingParams(max_tokens=1), [7], 1000, disagg=DisaggRequest("context_only"))
+    s.add_request(r)
+    so, outs = step(s, token=7)  # the EOS: the completion is over, nothing for a generation server
+    assert so.kv_register and outs[0].finish_reason == "stop" and outs[0].kv_transfer_params is None
+    assert not s.pinned and used(s) == 0 and s.kv_unregister == ["c"]
