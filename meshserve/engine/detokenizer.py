@@ -105,6 +105,15 @@ class RequestState:
         self.unstreamed_tokens, self.streamed = 0, True
         return True
 
+    def resume_output(self, token_ids: list[int]) -> None:
+        """A resumed request (an orchestrator's failover: the prompt ends with these output tokens
+        of an earlier run): decode them as output, so the text goes on as that run's would have
+        (across multi-byte characters and merged spaces, and stop strings across the boundary).
+        Their text is part of the output's text; token_ids and counts stay the new tokens'. Call
+        before any output arrives."""
+        for seq in self.seqs.values():
+            seq.detok.add(list(token_ids))
+
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs.values())

@@ -23,6 +23,17 @@ def seed_for_step(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * _MIX + 12345) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+_MASK = 0x7FFF_FFFF_FFFF_FFFF
+_INV = pow(1_000_003, -1, 1 << 63)  # 1_000_003 is odd: invertible modulo 2**63
+
+
+def seed_after(seed: int, steps: int) -> int:
+    """The seed whose step j draws what `seed`'s step j + `steps` draws (seed_for_step equal), in
+    [0, 2**63): a request resumed after `steps` output tokens (an orchestrator's failover) samples
+    on as the uninterrupted one would have."""
+    return (seed + steps * _MIX * _INV) & _MASK
+
+
 @dataclass
 class SamplingBatch:
     temperature: torch.Tensor  # [B] float32; 0 means greedy

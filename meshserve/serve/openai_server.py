@@ -265,6 +265,31 @@ class OpenAIServing:
             stream.abort()
             raise
 
+    def resume_request(self, req: CompletionRequest, prompts: list[tuple[Optional[str], list[int]]], params,
+                       max_tokens: Optional[int]):
+        """A completion resuming an earlier run (`resume_output_token_ids`: the orchestrator's failover,
+        docs/disaggregated.md): the prompt followed by those tokens is prefilled, they are decoded as
+        output (the answer's text is the whole output's; token_ids, usage's completion_tokens and
+        max_tokens count the new tokens), the seed goes on where that run's was, and without
+        max_tokens the limit is the context, as for chat. A 400 for what cannot be resumed."""
+        where = "resume_output_token_ids"
+        if req.disaggregated_params is not None:
+            raise bad_request(f"{where} and disaggregated_params do not go together", where)
+        if len(prompts) != 1 or req.n != 1 or req.best_of not in (None, 1):
+            raise bad_request(f"{where}: a resumed request has one prompt and one sequence (n=1)", where)
+        if req.echo or req.logprobs is not None or req.prompt_logprobs is not None:
+            raise bad_request(f"{where}: echo and logprobs are not supported when resuming", where)
+        resume = list(req.resume_output_token_ids)
+        ids = list(prompts[0][1]) + resume
+        changes = {}
+        if max_tokens is None:
+            lim = self.engine.limits
+            changes["max_tokens"] = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(ids))
+        if params.seed is not None and resume:
+            from meshserve.layers.sampler import seed_after  # the engine's per-step seeding
+            changes["seed"] = seed_after(params.seed, len(resume))
+        return [(None, ids)], (params.clone(**changes) if changes else params)
+
     # ---- /v1/completions ---------------------------------------------------------------------------
     async def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
         if isinstance(prompt, str):
@@ -302,9 +327,14 @@ class OpenAIServing:
                                          req.logprobs, prompt_logprobs)
         except ValueError as e:
             raise from_value_error(e, renames) from None
+        resume = req.resume_output_token_ids
+        if resume is not None:
+            prompts, params = self.resume_request(req, prompts, params, max_tokens)
         request_id = request_id_for(raw, "cmpl")
         kv, params = self.disagg_request(req, prompts, params, request_id)
         streams = self.submit(prompts, params, request_id, renames, kv=kv)
+        if resume:  # before any output can arrive (no await since submit)
+            streams[0].state.resume_output(resume)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             if kv is not None:

@@ -147,6 +147,9 @@ class SamplingRequest(OpenAIModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     disaggregated_params: Optional[DisaggregatedParams] = None
+    # vLLM's: each choice carries its `token_ids` (streamed: the chunk's), and the prompt's
+    # `prompt_token_ids` come with the answer (streamed: with the first chunk)
+    return_token_ids: bool = False
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None
@@ -188,6 +191,9 @@ class CompletionRequest(SamplingRequest):
     prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)
     best_of: Optional[int] = Field(None, ge=1)
     suffix: Optional[str] = None
+    # disaggregated serving's failover (docs/disaggregated.md): the output tokens of an earlier run
+    # of this prompt; the server prefills prompt + these and generates on from there
+    resume_output_token_ids: Optional[list[int]] = None
 
 
 class TextPart(BaseModel):

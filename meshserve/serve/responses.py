@@ -54,6 +54,7 @@ class _Context:
         self.continuous_usage = bool(opts and opts.continuous_usage_stats)
         self.prompt_tokens = sum(prompt_lens)
         self.completion_tokens = 0
+        self.return_ids = bool(getattr(req, "return_token_ids", False))  # token_ids in choices (vLLM's)
         self.finished: set = set()  # choice indexes whose finish_reason has been sent
 
     def chunk(self, choice: dict) -> dict:
@@ -112,8 +113,13 @@ class CompletionContext(_Context):
             for k in lp:
                 lp[k].extend(part[k])
         self.offsets[index] = offset
-        return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason}
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                  "stop_reason": c.stop_reason}
+        if self.return_ids:
+            choice["token_ids"] = list(c.token_ids)
+            if first:
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+        return choice
 
     def full_response(self, outs: list[RequestOutput]) -> dict:
         choices = []
@@ -133,8 +139,8 @@ class CompletionContext(_Context):
                 continue
             self.completion_tokens += len(c.token_ids)
             first = index not in self.offsets
-            has_news = c.text or c.finish_reason or (self.logprobs is not None and c.token_ids) or (
-                first and self.req.echo)
+            ids_wanted = self.logprobs is not None or self.return_ids
+            has_news = c.text or c.finish_reason or (ids_wanted and c.token_ids) or (first and self.req.echo)
             if not has_news:
                 continue
             if c.finish_reason is not None:
@@ -149,6 +155,7 @@ class ChatContext(_Context):
     def __init__(self, request_id: str, model: str, req, tokens: TokenStrings, streams):
         super().__init__(request_id, model, req, tokens, [len(s.state.prompt_token_ids) for s in streams])
         self.top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        self.prompt_token_ids = list(streams[0].state.prompt_token_ids) if self.return_ids else None
 
     def _logprobs(self, c: CompletionOutput) -> Optional[dict]:
         if self.top_logprobs is None:
@@ -163,8 +170,11 @@ class ChatContext(_Context):
         return {"content": content}
 
     def role_chunks(self, n: int) -> list[dict]:
-        return [self.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}) for i in range(n)]
+        chunks = [self.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}) for i in range(n)]
+        if self.return_ids and chunks:
+            chunks[0]["prompt_token_ids"] = self.prompt_token_ids
+        return chunks
 
     def chunks(self, out: RequestOutput) -> list[dict]:
         result = []
@@ -172,13 +182,17 @@ class ChatContext(_Context):
             if c.index in self.finished:
                 continue
             self.completion_tokens += len(c.token_ids)
-            if not (c.text or c.finish_reason or (self.top_logprobs is not None and c.token_ids)):
+            ids_wanted = self.top_logprobs is not None or self.return_ids
+            if not (c.text or c.finish_reason or (ids_wanted and c.token_ids)):
                 continue
             if c.finish_reason is not None:
                 self.finished.add(c.index)
             delta = {"content": c.text} if c.text else {}
-            result.append(self.chunk({"index": c.index, "delta": delta, "logprobs": self._logprobs(c),
-                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))
+            choice = {"index": c.index, "delta": delta, "logprobs": self._logprobs(c),
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if self.return_ids:
+                choice["token_ids"] = list(c.token_ids)
+            result.append(self.chunk(choice))
         return result
 
     def full_response(self, out: RequestOutput) -> dict:
@@ -188,5 +202,10 @@ class ChatContext(_Context):
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason})
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            if self.return_ids:
+                choices[-1]["token_ids"] = list(c.token_ids)
+        body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(self.prompt_tokens, self.completion_tokens)}
+        if self.return_ids:
+            body["prompt_token_ids"] = self.prompt_token_ids
+        return body
