@@ -4,14 +4,18 @@ generation servers (the seed's `trtllm-serve disaggregated`).
 The YAML holds the seed's keys (hostname, port, backend, context_servers and generation_servers,
 each {num_instances, urls, router: {type}}) and TensorRT-LLM's max_retries, plus
 health_check_interval / health_check_timeout (seconds). Router types: round_robin (default),
-load_balancing, kv_cache_aware. The servers are `meshserve serve MODEL --config FILE.yml` whose
-FILE.yml has `cache_transceiver_config`. See docs/disaggregated.md.
+load_balancing, kv_cache_aware; max_failovers and stall_timeout bound the continuation of a request
+whose generation server dies or stalls on another server. The servers are `meshserve serve MODEL
+--config FILE.yml` whose FILE.yml has `cache_transceiver_config`. MESHSERVE_SECRET must be set, the
+same as the servers': the orchestrator refuses to start without it; it guards the /register and
+/unregister routes through which servers join and leave while it runs. See docs/disaggregated.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -60,6 +64,11 @@ def main(ns: argparse.Namespace) -> int:
         return _fail(str(e))
     if not ns.request_timeout > 0:
         return _fail(f"-t {ns.request_timeout:g}: expected a number of seconds > 0")
+    if not os.environ.get("MESHSERVE_SECRET"):
+        return _fail("MESHSERVE_SECRET is not set: export the same secret on every context and generation server and "
+                     "on the orchestrator (it signs disaggregated_params, authenticates KV transfers and guards "
+                     "/register and /unregister), e.g. export MESHSERVE_SECRET=$(python -c 'import secrets; "
+                     "print(secrets.token_hex(32))')")
     from meshserve.commands.serve import bind_http_socket
     try:
         sock = bind_http_socket(config.hostname, config.port)
@@ -75,7 +84,9 @@ async def serve(ns: argparse.Namespace, config, sock) -> int:
     from meshserve.commands.serve import _Server
     from meshserve.disagg.orchestrator import Orchestrator, build_app
 
-    orch = Orchestrator(config, ns.request_timeout)
+    from meshserve.disagg.params import key_from_secret
+
+    orch = Orchestrator(config, ns.request_timeout, key=key_from_secret(os.environ["MESHSERVE_SECRET"]))
     app = build_app(orch)
     uv_config = uvicorn.Config(app, host=config.hostname, port=config.port, log_level=ns.log_level,
                                timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")

@@ -14,7 +14,8 @@ TensorRT-LLM spells it):
   the least busy server: load balancing.
 
 A router sees only the candidates the orchestrator hands it (healthy servers not yet tried for
-this request); it never blocks and never does I/O.
+this request); it never blocks and never does I/O. Servers join and leave a group while the
+orchestrator runs (`add` / `remove`: its /register and /unregister routes).
 """
 from __future__ import annotations
 
@@ -53,6 +54,22 @@ class Router:
 
     def choose(self, candidates: Sequence[Server], body: dict) -> Server:
         raise NotImplementedError
+
+    def add(self, server: Server) -> None:
+        """A server joined the group (the orchestrator's /register): it takes its turn after the others."""
+        self.servers.append(server)
+        self.index[id(server)] = len(self.servers) - 1
+
+    def remove(self, server: Server) -> None:
+        """A server left the group (/unregister): it is never chosen again."""
+        i = self.index.get(id(server))
+        if i is None:
+            return
+        del self.servers[i]
+        self.index = {id(s): j for j, s in enumerate(self.servers)}
+        if self._next > i:
+            self._next -= 1
+        self._next = self._next % len(self.servers) if self.servers else 0
 
     def _in_turn(self, candidates: Sequence[Server], key=None) -> Server:
         """The candidate with the smallest `key` (all equal without one), ties broken in turn: the
@@ -151,6 +168,11 @@ class KvCacheAwareRouter(LoadBalancingRouter):
             best = super().choose(candidates, body)
         self.remember(hashes, best)
         return best
+
+    def remove(self, server: Server) -> None:
+        super().remove(server)
+        for h in [h for h, s in self.table.items() if s is server]:
+            del self.table[h]
 
     def remember(self, hashes: Sequence[int], server: Server) -> None:
         for h in hashes:

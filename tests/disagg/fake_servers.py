@@ -7,6 +7,14 @@ The context fake answers a context-only request with the canned first token FIRS
 generation-only request carries them and answers FIRST_TEXT + CONTINUATION, streamed (one chunk
 per token, OpenAI's chunk shapes) or whole. Knobs: `healthy` (False: /health answers 503),
 `fail_status` (every request answered with it), `delay` (seconds before answering), `chunk_delay` (seconds before each streamed chunk).
+
+Both fakes also answer as an aggregated server: a request without `disaggregated_params`, or a
+resumed completion (`resume_output_token_ids`: a prefix of TOKEN_IDS; the answer's text is the
+whole output's, its token ids and usage the new tokens'). `return_token_ids` adds `token_ids` and
+`prompt_token_ids` (PROMPT_IDS + the resumed ids) as meshserve's servers do. Failure knobs of a
+stream, counted in chunks sent: `die_after` (the connection drops), `stall_after` (nothing more is
+sent, the connection stays open), `error_after` (a 503 error event and [DONE], as a server whose
+engine died).
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ FIRST_ID = 42
 FIRST_TEXT = "Hello"
 CONTINUATION = [" from", " the", " generation", " server", "."]
 FULL_TEXT = FIRST_TEXT + "".join(CONTINUATION)
+TOKENS = [FIRST_TEXT, *CONTINUATION]
+TOKEN_IDS = [FIRST_ID + i for i in range(len(TOKENS))]
+PROMPT_IDS = [1, 2, 3, 4, 5]
 
 
 def free_port() -> int:
@@ -53,6 +64,9 @@ class FakeServer:
         self.delay = 0.0
         self.chunk_delay = 0.005  # seconds before each streamed chunk
         self.stream_closed: list[bool] = []  # per stream: True when its client went away before the end
+        self.die_after: Optional[int] = None  # chunks of a stream sent before the connection drops
+        self.stall_after: Optional[int] = None  # ... before it sends nothing more (the connection stays open)
+        self.error_after: Optional[int] = None  # ... before a 503 error event and [DONE]
         self.inflight = 0
         self.max_inflight = 0
         self._server: Optional[uvicorn.Server] = None
@@ -95,6 +109,88 @@ class FakeServer:
     async def answer(self, path: str, body: dict):
         raise NotImplementedError
 
+    async def generate(self, path: str, body: dict):
+        """The canned completion TOKENS, from where `resume_output_token_ids` leaves it."""
+        given = body.get("resume_output_token_ids") or []
+        if given != TOKEN_IDS[:len(given)] or (given and path != "/v1/completions"):
+            return JSONResponse({"error": {"message": f"cannot resume from {given} on {path}", "type": "x",
+                                           "param": None, "code": None}}, status_code=400)
+        chat = path.endswith("chat/completions")
+        want_ids = body.get("return_token_ids") is True
+        k = len(given)
+        rid, created = f"gen-{self.name}", int(time.time())
+        tokens, ids = TOKENS[k:], TOKEN_IDS[k:]
+        primed = "".join(TOKENS[:k])  # a resumed output's text is the whole output's
+        prompt_ids = PROMPT_IDS + given
+        usage = _usage(5 + k, len(tokens))
+        if not body.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": FULL_TEXT}, "logprobs": None,
+                       "finish_reason": "length"} if chat else
+                      {"index": 0, "text": FULL_TEXT, "logprobs": None, "finish_reason": "length"})
+            out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                   "model": MODEL, "choices": [choice], "usage": usage}
+            if want_ids:
+                choice["token_ids"] = ids
+                if chat:
+                    out["prompt_token_ids"] = prompt_ids
+                else:
+                    choice["prompt_token_ids"] = prompt_ids
+            return out
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": MODEL}
+
+        def chunk(i: int, role: bool = False) -> bytes:
+            last = i == len(tokens) - 1
+            text = (primed if i == 0 else "") + tokens[i] if not role else ""
+            finish = "length" if last and not role else None
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {"content": text}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = {**head, "choices": [choice]}
+            if want_ids and not role:
+                choice["token_ids"] = [ids[i]]
+                if i == 0 and not chat:
+                    choice["prompt_token_ids"] = prompt_ids
+            if want_ids and role:
+                obj["prompt_token_ids"] = prompt_ids
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        sent = bytearray()
+        self.sent.append(sent)
+
+        async def stream():
+            parts = [chunk(0, role=True)] if chat else []
+            parts += [chunk(i) for i in range(len(tokens))]
+            if include_usage:
+                parts.append(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
+            parts.append(b"data: [DONE]\n\n")
+            closed = len(self.stream_closed)
+            self.stream_closed.append(True)
+            for n, part in enumerate(parts):
+                if n == self.die_after:
+                    raise RuntimeError(f"fake server {self.name} dies on purpose")
+                if n == self.stall_after:
+                    await asyncio.sleep(3600)
+                if n == self.error_after:
+                    error = {"error": {"message": "the engine is not running", "type": "server_error",
+                                       "param": None, "code": 503}}
+                    for end in (b"data: " + json.dumps(error).encode() + b"\n\n", b"data: [DONE]\n\n"):
+                        sent.extend(end)
+                        yield end
+                    self.stream_closed[closed] = False
+                    return
+                await asyncio.sleep(self.chunk_delay)
+                sent.extend(part)
+                yield part
+            self.stream_closed[closed] = False
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     @property
     def bodies(self) -> list[dict]:
         return [r["body"] for r in self.received]
@@ -132,6 +228,8 @@ class FakeContextServer(FakeServer):
         self.count = 0
 
     async def answer(self, path: str, body: dict):
+        if body.get("disaggregated_params") is None:
+            return await self.generate(path, body)  # as an aggregated server
         params = body.get("disaggregated_params") or {}
         if params.get("request_type") != "context_only" or body.get("stream"):
             return JSONResponse({"error": {"message": f"not a context-only request: {params}", "type": "x",
@@ -144,6 +242,12 @@ class FakeContextServer(FakeServer):
                   {"index": 0, "text": FIRST_TEXT, "logprobs": None, "finish_reason": finish})
         out = {"id": f"ctx-{self.name}-{self.count}", "object": "chat.completion" if chat else "text_completion",
                "created": int(time.time()), "model": MODEL, "choices": [choice], "usage": _usage(5, 1)}
+        if body.get("return_token_ids") is True:
+            choice["token_ids"] = [FIRST_ID]
+            if chat:
+                out["prompt_token_ids"] = PROMPT_IDS
+            else:
+                choice["prompt_token_ids"] = PROMPT_IDS
         if not self.finish_at_context:
             out["disaggregated_params"] = {"request_type": "context_only", "first_gen_tokens": [FIRST_ID],
                                            "ctx_request_id": f"{self.name}-{self.count}",
@@ -155,52 +259,9 @@ class FakeGenerationServer(FakeServer):
     role = "generation"
 
     async def answer(self, path: str, body: dict):
-        params = body.get("disaggregated_params") or {}
-        if (params.get("request_type") != "generation_only" or params.get("first_gen_tokens") != [FIRST_ID]
-                or not params.get("opaque_state")):
+        params = body.get("disaggregated_params")
+        if params is not None and (params.get("request_type") != "generation_only"
+                                   or params.get("first_gen_tokens") != [FIRST_ID] or not params.get("opaque_state")):
             return JSONResponse({"error": {"message": f"not a generation-only request: {params}", "type": "x",
                                            "param": None, "code": None}}, status_code=400)
-        chat = path.endswith("chat/completions")
-        rid, created = f"gen-{self.name}", int(time.time())
-        tokens = [FIRST_TEXT, *CONTINUATION]
-        usage = _usage(5, len(tokens))
-        if not body.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": FULL_TEXT}, "logprobs": None,
-                       "finish_reason": "length"} if chat else
-                      {"index": 0, "text": FULL_TEXT, "logprobs": None, "finish_reason": "length"})
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                    "model": MODEL, "choices": [choice], "usage": usage}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": MODEL}
-
-        def chunk(text: str, last: bool, role: bool = False) -> bytes:
-            finish = "length" if last else None
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else {"content": text}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if role else finish}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = {**head, "choices": [choice]}
-            if include_usage:
-                obj["usage"] = None
-            return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-        sent = bytearray()
-        self.sent.append(sent)
-
-        async def stream():
-            parts = [chunk("", False, role=True)] if chat else []
-            parts += [chunk(t, i == len(tokens) - 1) for i, t in enumerate(tokens)]
-            if include_usage:
-                parts.append(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
-            parts.append(b"data: [DONE]\n\n")
-            closed = len(self.stream_closed)
-            self.stream_closed.append(True)
-            for part in parts:
-                await asyncio.sleep(self.chunk_delay)
-                sent.extend(part)
-                yield part
-            self.stream_closed[closed] = False
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return await self.generate(path, body)

@@ -3,6 +3,7 @@ the context-first flow and the bodies it forwards, SSE passthrough, the three ro
 checks, retries, errors, the config file and /metrics. The real servers: test_e2e.py."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.timeout(60)
 class OrchestratorThread:
     """The orchestrator's app on a uvicorn thread (its lifespan starts the health checks)."""
 
-    def __init__(self, config: dict, request_timeout: float = 30.0):
-        self.orch = Orchestrator(parse_config(config), request_timeout)
+    def __init__(self, config: dict, request_timeout: float = 30.0, key=None):
+        self.orch = Orchestrator(parse_config(config), request_timeout, key=key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(build_app(self.orch), host="127.0.0.1", port=self.port,
@@ -89,6 +90,7 @@ def _reset(fakes):
         s.received.clear()
         s.sent.clear()
         s.healthy, s.fail_status, s.delay, s.chunk_delay = True, None, 0.0, 0.005
+        s.die_after = s.stall_after = s.error_after = None
         s.stream_closed.clear()
         if isinstance(s, FakeContextServer):
             s.finish_at_context = False
@@ -126,7 +128,8 @@ def test_completion_flow_forwards_the_bodies_and_the_request_id(orchestrator, ct
     assert r.json()["choices"][0]["text"] == FULL_TEXT and "disaggregated_params" not in r.json()
     assert r.headers["x-request-id"] == "req-123"
     (ctx_in,), (gen_in,) = ctx_a.received, gen.received
-    assert ctx_in["body"] == {**body, "stream": False, "disaggregated_params": {"request_type": "context_only"}}
+    assert ctx_in["body"] == {**body, "stream": False, "return_token_ids": True,  # the prompt's ids, for failover
+                              "disaggregated_params": {"request_type": "context_only"}}
     assert gen_in["body"] == {**body, "disaggregated_params": {
         "request_type": "generation_only", "first_gen_tokens": [FIRST_ID], "ctx_request_id": "ctx_a-" + str(
             ctx_a.count), "opaque_state": opaque_state("ctx_a")}}
@@ -138,18 +141,41 @@ def test_completion_flow_forwards_the_bodies_and_the_request_id(orchestrator, ct
     assert gen.received[1]["headers"]["x-request-id"] == rid
 
 
-def test_stream_is_passed_through_intact_and_the_context_hop_does_not_stream(orchestrator, ctx_a, gen):
+def sse_events(data: bytes) -> list:
+    return [json.loads(e[6:]) if e != b"data: [DONE]" else "[DONE]" for e in data.split(b"\n\n") if e]
+
+
+def without_ids(event):
+    if not isinstance(event, dict):
+        return event
+    event = {k: v for k, v in event.items() if k != "prompt_token_ids"}
+    if "choices" in event:
+        event["choices"] = [{k: v for k, v in c.items() if k not in ("token_ids", "prompt_token_ids")}
+                            for c in event["choices"]]
+    return event
+
+
+def test_stream_is_relayed_event_for_event_and_the_context_hop_does_not_stream(orchestrator, ctx_a, gen):
     o = orchestrator(config([ctx_a], [gen]))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
             "stream_options": {"include_usage": True}}
     with httpx.stream("POST", o.url + "/v1/chat/completions", json=body, timeout=10) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         got = b"".join(r.iter_bytes())
-    assert got == bytes(gen.sent[0])  # byte for byte what the generation server sent
+    # what the generation server sent, less the token ids the orchestrator asked for (return_token_ids)
+    sent = sse_events(bytes(gen.sent[0]))
+    assert "token_ids" in sent[1]["choices"][0] and "prompt_token_ids" in sent[0]
+    assert sse_events(got) == [without_ids(e) for e in sent]
     ctx_body = ctx_a.received[0]["body"]
     assert ctx_body["stream"] is False and "stream_options" not in ctx_body
     gen_body = gen.received[0]["body"]
     assert gen_body["stream"] is True and gen_body["stream_options"] == {"include_usage": True}
+    assert gen_body["return_token_ids"] is True
+
+    body["return_token_ids"] = True  # a client that asks for them gets them as the server sent them
+    with httpx.stream("POST", o.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        got = b"".join(r.iter_bytes())
+    assert sse_events(got) == sse_events(bytes(gen.sent[1]))
 
 
 def test_openai_client_chat_and_completions_streaming_and_not(orchestrator, ctx_a, ctx_b, gen):
@@ -384,7 +410,9 @@ def seed_config(port, ctx_urls, gen_url) -> str:
 
 @pytest.mark.parametrize("extra,expected", [
     ("max_retrys: 2\n", "unknown key max_retrys; accepted: hostname, port, backend, context_servers, "
-                        "generation_servers, max_retries, health_check_interval, health_check_timeout"),
+                        "generation_servers, max_retries, health_check_interval, health_check_timeout, "
+                        "max_failovers, stall_timeout"),
+    ("stall_timeout: -1\n", "stall_timeout=-1: expected a number of seconds > 0"),
     ("backend: tensorrt\n", "backend='tensorrt'; accepted: pytorch"),
     ("port: 70000\n", "port=70000: expected an integer [0, 65535]"),
     ("max_retries: -1\n", "max_retries=-1: expected an integer >= 0"),
@@ -434,7 +462,8 @@ def test_the_command_serves_the_seed_config(tmp_path, ctx_a, ctx_b, gen):
     port = free_port()
     path = tmp_path / "disagg-config.yml"
     path.write_text(seed_config(port, [ctx_a.address, ctx_b.address], gen.address).replace("localhost", "127.0.0.1", 1))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MESHSERVE_SECRET="orchestrator-test-secret")
     proc = subprocess.Popen([sys.executable, "-m", "meshserve", "disaggregated", "-c", str(path), "-t", "30"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     try:
