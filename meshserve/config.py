@@ -107,7 +107,7 @@ class CacheTransceiverConfig(StrictModel):
     """Disaggregated serving (docs/disaggregated.md): this server's ranks serve reads of their KV
     blocks (context server) and pull a request's KV from another server's ranks (generation server)."""
     backend: str = Field("DEFAULT", description=(
-        "KV transfer backend: DEFAULT (TCP); NIXL, UCX and MPI come with issue 23"))
+        "KV transfer backend: DEFAULT (TCP), NIXL, UCX, or MPI (servers started in one mpirun); docs/kv_backends.md"))
     max_tokens_in_buffer: Optional[int] = Field(None, ge=1, description=(
         "tokens of one layer a transfer moves per chunk (default: the backend's)"))
     kv_transfer_timeout_ms: int = Field(30000, ge=1, description=(

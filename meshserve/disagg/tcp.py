@@ -116,8 +116,10 @@ class _Conn:
     """One framed, optionally authenticated connection. `side`: b"S" (source) or b"K" (sink): the
     direction byte of what this end sends."""
 
-    def __init__(self, sock: socket.socket, key: Optional[bytes], side: bytes):
+    def __init__(self, sock: socket.socket, key: Optional[bytes], side: bytes,
+                 decoder: Optional[msgspec.msgpack.Decoder] = None):
         self.sock = sock
+        self.decoder = decoder or _decoder  # other backends extend the message set (nixl.py, mpi.py, ucx.py)
         self.key = key
         self.side = side
         self.peer_side = b"K" if side == b"S" else b"S"
@@ -172,7 +174,7 @@ class _Conn:
                 raise _AuthError("HMAC does not match")
         self.received += 1
         try:
-            return _decoder.decode(body)
+            return self.decoder.decode(body)
         except msgspec.DecodeError as e:
             raise ConnectionError(f"malformed message ({e})") from None
 
@@ -243,6 +245,10 @@ def _check_caches(kv_caches: list, layout: RankLayout, what: str) -> None:
 
 
 class TcpKvSource(KvSource):
+    # what a connection decodes; a backend that adds messages (over this control path) replaces it
+    # and answers them in _handle
+    decoder = _decoder
+
     def __init__(self, kv_caches: list, layout: RankLayout, host: str = "127.0.0.1", key: Optional[bytes] = None,
                  on_release: Optional[Callable[[str], None]] = None, require_registered: bool = False):
         layout = normalized(layout)
@@ -304,8 +310,16 @@ class TcpKvSource(KvSource):
                 self._conns.add(sock)
             threading.Thread(target=self._serve, args=(sock,), name="kv-source-conn", daemon=True).start()
 
+    def _handle(self, conn: _Conn, msg) -> bool:
+        """Answer a message this class does not know (another backend's); False ends the connection."""
+        conn.send(Error(f"unexpected message {type(msg).__name__}"))
+        return False
+
+    def _closed_conn(self, conn: _Conn) -> None:
+        """A connection ended (another backend frees what it held for it)."""
+
     def _serve(self, sock: socket.socket) -> None:
-        conn = _Conn(sock, self.key, b"S")
+        conn = _Conn(sock, self.key, b"S", self.decoder)
         staging = _Staging(self._pinned)
         stream = _cuda_stream(self.kv_caches)
         try:
@@ -332,25 +346,35 @@ class TcpKvSource(KvSource):
                         except Exception:  # the engine's bug: log it, keep serving
                             logger.exception("KV source: on_release(%s) failed", msg.ctx_request_id)
                     conn.send(Ok())
-                else:
-                    conn.send(Error(f"unexpected message {type(msg).__name__}"))
+                elif not self._handle(conn, msg):
                     return
         except (OSError, ConnectionError):
             pass  # the peer went away, or idled out
         finally:
+            self._closed_conn(conn)
             with self._cond:
                 self._conns.discard(sock)
             sock.close()
 
     def _read(self, conn: _Conn, msg: Read, staging: _Staging) -> None:
+        buf = self._gather_read(conn, msg, staging)
+        if buf is None:
+            return
+        data = _as_bytes(buf)
+        conn.send(Data(len(data), list(buf.shape)))
+        conn.send_bytes(data)
+
+    def _gather_read(self, conn: _Conn, msg: Read, staging: _Staging) -> Optional[torch.Tensor]:
+        """The chunk a Read asks for, gathered into a contiguous CPU buffer; None when refused (the
+        Error was sent)."""
         lay = self.layout
         if msg.model_id != lay.model_id or msg.dtype != lay.dtype:
             conn.send(Error(f"the context rank serves model_id={lay.model_id!r} dtype={lay.dtype}; the request "
                             f"names model_id={msg.model_id!r} dtype={msg.dtype}"))
-            return
+            return None
         if msg.layer not in lay.layers:
             conn.send(Error(f"layer {msg.layer} is not on this context rank (it holds {list(lay.layers)})"))
-            return
+            return None
         idx = lay.layers.index(msg.layer)
         cache = self.kv_caches[idx]
         heads = None
@@ -359,26 +383,26 @@ class TcpKvSource(KvSource):
             if not 0 <= h0 < h1 <= lay.kv_heads[1] - lay.kv_heads[0]:
                 conn.send(Error(f"KV heads {list(msg.kv_heads)} are not on this context rank (it holds "
                                 f"{list(lay.kv_heads)})"))
-                return
+                return None
             heads = (h0, h1)
         t0, t1 = msg.tokens
         if not 0 <= t0 < t1 <= msg.num_tokens:
             conn.send(Error(f"token range [{t0}, {t1}) outside the request's {msg.num_tokens} tokens"))
-            return
+            return None
         rid = msg.ctx_request_id
         with self._cond:
             req = self._registered.get(rid)
             if req is None and self.require_registered:
                 conn.send(Error(f"ctx request {rid} is not held by this context server (released, or "
                                 f"kv_transfer_timeout_ms passed)"))
-                return
+                return None
             if req is not None:
                 group = lay.group_of(msg.layer)
                 if (group >= len(req.block_ids) or list(msg.block_ids) != list(req.block_ids[group])
                         or msg.num_tokens != req.num_tokens):
                     conn.send(Error(f"ctx request {rid}: the block ids or length do not match what the "
                                     f"context server holds"))
-                    return
+                    return None
             self._inflight[rid] = self._inflight.get(rid, 0) + 1
         try:
             try:
@@ -387,16 +411,14 @@ class TcpKvSource(KvSource):
                 buf = kv_io.gather(cache, msg.block_ids, lay.block_size, t0, t1, heads, out=out)
             except ValueError as e:
                 conn.send(Error(_one_line(str(e))))
-                return
+                return None
         finally:
             with self._cond:
                 self._inflight[rid] -= 1
                 if not self._inflight[rid]:
                     del self._inflight[rid]
                 self._cond.notify_all()
-        data = _as_bytes(buf)
-        conn.send(Data(len(data), list(buf.shape)))
-        conn.send_bytes(data)
+        return buf
 
     def close(self) -> None:
         if self._closed:
@@ -436,6 +458,8 @@ def _compatible(sink: RankLayout, src: RankLayout) -> Optional[str]:
 
 
 class TcpKvSink(KvSink):
+    decoder = _decoder  # as TcpKvSource.decoder
+
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
                  key: Optional[bytes] = None):
         layout = normalized(layout)
@@ -535,7 +559,7 @@ class TcpKvSink(KvSink):
         except OSError as e:
             raise _Fail(f"cannot reach context rank {ep} ({type(e).__name__}: {e})") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(sock, self.key, b"K")
+        conn = _Conn(sock, self.key, b"K", self.decoder)
         conn.deadline = deadline
         try:
             hello = conn.recv()

@@ -6,7 +6,7 @@ generation side acknowledges the transfer, or `kv_transfer_timeout_ms` passes). 
 server's every rank runs a `KvSink`: told which source ranks hold which layers and heads of a
 request's KV, it reads them (layer by layer, in chunks of at most `max_tokens_in_buffer` tokens)
 into the blocks its engine allocated, re-slicing heads when the TP sizes differ and re-blocking
-when `tokens_per_block` differs. Each backend (DEFAULT over TCP here; NIXL, UCX, MPI in issue 23)
+when `tokens_per_block` differs. Each backend (DEFAULT over TCP; NIXL, UCX and MPI: docs/kv_backends.md)
 implements both classes; `create_transceiver(backend)` picks one.
 
 Everything a sink needs to know about the source travels in `RankLayout`s inside the signed
@@ -125,22 +125,47 @@ class KvSink:
         raise NotImplementedError
 
 
-# backend name -> (module, source class, sink class); imported when picked (as models/registry.py)
+# backend name -> (module, source class, sink class); imported when picked (as models/registry.py). Every
+# module but tcp's has `available() -> None | str` (why it cannot be used here).
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "DEFAULT": ("meshserve.disagg.tcp", "TcpKvSource", "TcpKvSink"),
+    "NIXL": ("meshserve.disagg.nixl", "NixlKvSource", "NixlKvSink"),
+    "UCX": ("meshserve.disagg.ucx", "UcxKvSource", "UcxKvSink"),
+    "MPI": ("meshserve.disagg.mpi", "MpiKvSource", "MpiKvSink"),
 }
-_LATER = ("NIXL", "UCX", "MPI")  # issue 23
+_NEEDS = {  # what each one needs, for error messages
+    "DEFAULT": "TCP; works everywhere",
+    "NIXL": "the nixl-cu13 wheel",
+    "UCX": "the ucxx-cu13 wheel",
+    "MPI": "mpi4py and both servers started in one mpirun",
+}
+_LATER: tuple[str, ...] = ()  # every backend has landed (issue 23)
+
+
+def _alternatives(name: str) -> str:
+    return ", ".join(f"{b} ({_NEEDS[b]})" for b in _BACKENDS if b != name)
+
+
+def check_backend(backend: str) -> str:
+    """The backend's canonical name, or a ValueError of one line: not a backend, or not usable here
+    (naming why and the alternatives)."""
+    name = str(backend).upper()
+    if name not in _BACKENDS:
+        raise ValueError(f"cache_transceiver_config.backend={backend!r} is not a KV transfer backend; "
+                         f"accepted: {', '.join(_BACKENDS)}")
+    if name != "DEFAULT":
+        mod = importlib.import_module(_BACKENDS[name][0])
+        why = mod.available()
+        if why:
+            raise ValueError(" ".join(f"cache_transceiver_config.backend={backend!r} cannot be used here: {why}; "
+                                      f"alternatives: {_alternatives(name)}".split()))
+    return name
 
 
 def create_transceiver(backend: str) -> tuple[type[KvSource], type[KvSink]]:
-    """The (source class, sink class) of `cache_transceiver_config.backend` (case-insensitive)."""
-    name = str(backend).upper()
-    if name in _LATER:
-        raise ValueError(f"cache_transceiver_config.backend={backend!r} comes with issue 23; "
-                         f"available now: {', '.join(_BACKENDS)}")
-    if name not in _BACKENDS:
-        raise ValueError(f"cache_transceiver_config.backend={backend!r} is not a KV transfer backend; "
-                         f"available now: {', '.join(_BACKENDS)} ({', '.join(_LATER)} come with issue 23)")
+    """The (source class, sink class) of `cache_transceiver_config.backend` (case-insensitive); a
+    ValueError of one line when it is not a backend or cannot be used here."""
+    name = check_backend(backend)
     module, source, sink = _BACKENDS[name]
     mod = importlib.import_module(module)
     return getattr(mod, source), getattr(mod, sink)

@@ -68,16 +68,10 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
 
 
 def check_transfer_backend(backend: str) -> None:
-    """cache_transceiver_config.backend: DEFAULT (TCP) now; NIXL, UCX, MPI with issue 23."""
+    """cache_transceiver_config.backend: DEFAULT (TCP), NIXL, UCX or MPI, usable here (the wheel is
+    installed; MPI: started by mpirun); else a one-line ValueError naming why and the alternatives."""
     from meshserve.disagg import transceiver
-    name = str(backend).upper()
-    if name in transceiver._LATER:
-        raise ValueError(f"cache_transceiver_config.backend={backend!r} comes with issue 23; available now: "
-                         f"{', '.join(transceiver._BACKENDS)}")
-    if name not in transceiver._BACKENDS:
-        raise ValueError(f"cache_transceiver_config.backend={backend!r} is not a KV transfer backend; available "
-                         f"now: {', '.join(transceiver._BACKENDS)} ({', '.join(transceiver._LATER)} come with "
-                         f"issue 23)")
+    transceiver.check_backend(backend)
 
 
 def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:

@@ -133,11 +133,12 @@ def test_cli_error_exits_2_with_the_message(tmp_path):
     (["--cp_size", "2"], "context parallelism has not landed"),
     (["--ep-size", "2"], "moe_expert_parallel_size"),
     (["--tp_size", "3"], "tensor_parallel_size=3 must divide num_attention_heads=4"),
-    (["--config", "context.yml"], "cache_transceiver_config.backend='NIXL' comes with issue 23"),
+    (["--config", "mpi.yml"], "cache_transceiver_config.backend='MPI' cannot be used here"),  # not under mpirun
 ])
 def test_parallel_layouts_the_engine_cannot_run_fail_before_starting(tiny_model, capsys, argv, message, tmp_path):
     argv = [str(tmp_path / a) if a.endswith(".yml") else a for a in argv]
     write(tmp_path, "context.yml", SEED_CONTEXT_CONFIG)
+    write(tmp_path, "mpi.yml", "cache_transceiver_config:\n  backend: MPI\n")
     assert serve.main(build_parser().parse_args([tiny_model, *argv])) == 2
     assert message in capsys.readouterr().err
 
