@@ -1,11 +1,13 @@
-"""The KV transfer suite every backend runs (DEFAULT, NIXL, UCX; MPI inside an mpirun world:
-test_kv_backends.py launches this file under mpirun for it).
+"""The KV transfer suite every backend runs. Here DEFAULT; test_kv_backends.py runs this file again in a
+process of its own for NIXL, UCX (MESHSERVE_TEST_KV_BACKENDS=NIXL...) and MPI (under mpirun), so that
+UCX, NIXL and MPI never start inside the main test process.
 
 Context-side caches are filled from a random "truth" per layer (tokens x model KV heads) by plain
 torch indexing into each source rank's blocks; after a pull, every generation rank's blocks must
 hold exactly its share of that truth (byte for byte), and nothing else of its cache may change.
 """
 import math
+import os
 import socket
 import threading
 import time
@@ -16,9 +18,8 @@ import torch
 from meshserve.disagg import mpi as mpi_backend
 from meshserve.disagg.transceiver import KvRequest, RankLayout, TransferState, create_transceiver
 
-# a backend whose wheel is missing here is skipped with the reason (scripts/test.sh installs them all);
-# MPI needs an mpirun world, so it joins only there
-BACKENDS = ["DEFAULT", "NIXL", "UCX"] + (["MPI"] if mpi_backend.in_mpi_world() else [])
+# a backend that cannot run here is skipped with the reason (scripts/setup.sh installs the wheels)
+BACKENDS = os.environ.get("MESHSERVE_TEST_KV_BACKENDS", "DEFAULT").split(",")
 KEY = b"test-key-0123456789abcdef"
 HEAD_DIM = 8
 LATENT_DIM = 12
@@ -268,6 +269,23 @@ def test_chunking(cluster, backend):
     source._gather_read = lambda conn, msg, staging: (reads.append(msg.tokens), orig(conn, msg, staging))[1]
     _pull_all(c)
     assert sorted(set(reads)) == [(0, 5), (5, 10), (10, 15), (15, 17)] and len(reads) == 8
+
+
+def test_nixl_reads_directly_or_through_staging(cluster, backend):
+    if not hasattr(backend[1], "staged_reads"):
+        pytest.skip("NIXL only")
+    # same heads on both sides: straight into the sink's blocks, whatever the block sizes
+    c = cluster([_layout((0, 1))], [_layout((0, 1), block_size=32)], 40)
+    _pull_all(c)
+    assert (c.sinks[0].direct_reads, c.sinks[0].staged_reads) == (2, 0)
+    # the sink's heads come from two context ranks: each read lands in a staging buffer
+    c = cluster([_layout((0, 1), (0, 2)), _layout((0, 1), (2, 4))], [_layout((0, 1))], 40)
+    _pull_all(c)
+    assert (c.sinks[0].direct_reads, c.sinks[0].staged_reads) == (0, 4)
+    # the sink needs half of a context rank's heads: its whole rows are staged
+    c = cluster([_layout((0, 1))], [_layout((0, 1), (0, 2))], 40)
+    _pull_all(c)
+    assert (c.sinks[0].direct_reads, c.sinks[0].staged_reads) == (0, 2)
 
 
 def test_dtype_mismatch_fails(cluster):
