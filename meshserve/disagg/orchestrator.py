@@ -396,6 +396,7 @@ class StreamRelay:
         self.parts: list[str] = []  # the output's text the client has
         self.length = 0
         self.role_sent = self.finished = self.usage_sent = self.prompt_ids_sent = False
+        self.aborted = False  # the upstream ended the output with finish_reason "abort" (not the client's doing)
         # the upstream now relayed
         self.chat_upstream = chat  # its events are chat chunks
         self.skip = 0  # characters of its text the client already has
@@ -470,6 +471,9 @@ class StreamRelay:
                 self.parts.append(text)
                 self.length += len(text)
             finish = c.get("finish_reason")
+            if finish == "abort":  # the server gave up on it (the client is still here): a failure, not an end
+                self.aborted, finish, c["finish_reason"], changed = True, None, None, True
+                c.pop("stop_reason", None)
             if finish is not None:
                 self.finished = True
             if "prompt_token_ids" in c and (not self.want_ids or self.prompt_ids_sent):
@@ -1041,6 +1045,9 @@ class Orchestrator:
                                     if had is None and meter.first is not None:
                                         self.metrics.ttft.observe(now - arrival)
                                     yield data
+                                if relay.aborted:
+                                    relay.aborted = False
+                                    raise UpstreamFailed("it aborted the request (finish_reason abort)")
                             else:
                                 raise UpstreamFailed("its stream ended before [DONE]")
                         if relay.diverged is not None:

@@ -23,6 +23,7 @@ import pytest
 
 from fake_servers import (FULL_TEXT, MODEL, PROMPT_IDS, TOKEN_IDS, TOKENS, FakeContextServer,
                           FakeGenerationServer)
+from meshserve.disagg.orchestrator import StreamRelay, UpstreamFailed
 from test_orchestrator import OrchestratorThread, config, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,6 +88,40 @@ def failovers(o: OrchestratorThread) -> float:
 
 def two_gens(fakes, **top) -> dict:
     return config([fakes["ctx"]], [fakes["gen_a"], fakes["gen_b"]], **top)
+
+
+# ---- the relay on its own -------------------------------------------------------------------------------
+def test_stream_relay_skips_what_the_client_has_and_counts_one_run():
+    relay = StreamRelay(chat=True, want_ids=False)
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+
+    def chat(content, ids, finish=None, **extra):
+        return {**head, "choices": [{"index": 0, "delta": {"content": content}, "logprobs": None,
+                                     "finish_reason": finish, "token_ids": ids}], **extra}
+
+    role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "prompt_token_ids": [1]}
+    assert relay.feed(role) == [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    assert relay.feed(chat("Hel", [5])) == [{**head, "choices": [{"index": 0, "delta": {"content": "Hel"},
+                                                                  "logprobs": None, "finish_reason": None}]}]
+    assert relay.feed(chat("", [6])) == []  # token ids only (half a character): nothing for this client
+    out = relay.feed(chat("lo\u00e9", [7], finish="abort"))  # the server gave up: not an end
+    assert out[0]["choices"][0]["finish_reason"] is None and relay.aborted and not relay.finished
+    assert relay.ids == [5, 6, 7] and relay.text == "Hel" + "lo\u00e9" and relay.can_resume()
+
+    relay.resume(chat_upstream=False, given=3)  # a resumed completion: its text starts with the whole output's
+    resumed = {"id": "cmpl-9", "object": "text_completion", "created": 9, "model": "m"}
+    out = relay.feed({**resumed, "choices": [{"index": 0, "text": "Hello\u00e9 w", "token_ids": [8],
+                                              "prompt_token_ids": [1, 5, 6, 7]}], "usage": None})
+    assert out == [{**head, "choices": [{"index": 0, "delta": {"content": " w"}, "logprobs": None,
+                                         "finish_reason": None, "stop_reason": None}], "usage": None}]
+    assert relay.diverged is None and relay.ids == [5, 6, 7, 8]
+    out = relay.feed({**resumed, "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1,
+                                                          "total_tokens": 5}})
+    assert out == [{**head, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}}]
+    assert relay.usage_sent
+    with pytest.raises(UpstreamFailed, match="the engine is not running"):
+        relay.feed({"error": {"message": "the engine is not running", "type": "server_error", "code": 503}})
+    assert relay.feed({"error": {"message": "bad", "type": "invalid_request_error", "code": 400}}) is None
 
 
 # ---- fake servers ---------------------------------------------------------------------------------------
