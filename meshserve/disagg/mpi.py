@@ -52,11 +52,32 @@ def mpi():
     return _MPI
 
 
+# what the parent of a process that mpirun started is called (Open MPI, MPICH's hydra)
+_LAUNCHER_PARENTS = ("mpirun", "mpiexec", "orterun", "orted", "prterun", "prted", "hydra_pmi_proxy")
+
+
+def _launched_directly() -> Optional[str]:
+    """None when this process is one mpirun started (or we cannot tell), else its parent's name.
+    Open MPI initializes only the launched process: a child it forked (`meshserve serve` runs its
+    engine in one) aborts in MPI_Init with 'orte_ess_init failed'."""
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            parent = f.read().strip()
+    except OSError:
+        return None
+    return None if parent in _LAUNCHER_PARENTS else parent
+
+
 def available() -> Optional[str]:
     """None when MPI can be used here, else why not (one line)."""
     if not in_mpi_world():
         return ("the MPI backend needs both servers started in one mpirun (MPMD: `mpirun -np N meshserve "
                 "serve ... : -np M meshserve serve ...`); this process was not started by mpirun")
+    parent = _launched_directly()
+    if parent is not None:
+        return (f"this process was not started by mpirun itself but by {parent!r}: `meshserve serve` runs its "
+                f"engine in a child process, which Open MPI cannot initialize; the MPI backend serves "
+                f"processes mpirun starts directly (an LLM-API script per rank)")
     try:
         mpi()
     except ImportError as e:
