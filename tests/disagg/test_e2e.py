@@ -34,6 +34,19 @@ class Orchestrator:
                                       "-t", "120"], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      start_new_session=True)
 
+    def wait_healthy(self, url: str, timeout_s: float = 30.0) -> "Orchestrator":
+        """Until `url`/health answers 200; fails with the orchestrator's log if it exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, open(self.log_path).read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, open(self.log_path).read()
+            time.sleep(0.2)
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -70,18 +83,8 @@ def cluster(tmp_path_factory):
             f"hostname: 127.0.0.1\nport: {port}\nbackend: pytorch\ncontext_servers:\n  num_instances: 2\n  urls:\n"
             + "".join(f"    - \"127.0.0.1:{s.port}\"\n" for s in ctx)
             + f"generation_servers:\n  num_instances: 1\n  urls:\n    - \"127.0.0.1:{gen.port}\"\n")
-        orch = Orchestrator(str(config), str(tmp / "orchestrator.log"))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert orch.proc.poll() is None, open(orch.log_path).read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, open(orch.log_path).read()
-            time.sleep(0.2)
+        orch = Orchestrator(str(config), str(tmp / "orchestrator.log")).wait_healthy(url)
         yield {"agg": agg, "ctx": ctx, "gen": gen, "url": url, "orch": orch}
         assert orch.stop() == 0
     finally:

@@ -74,18 +74,8 @@ def cluster(tmp_path_factory):
             "context_servers:\n  num_instances: 2\n  router:\n    type: round_robin\n  urls:\n"
             f"    - \"127.0.0.1:{servers['ctx_tp2'].port}\"\n    - \"127.0.0.1:{servers['ctx_tp1'].port}\"\n"
             f"generation_servers:\n  num_instances: 1\n  urls:\n    - \"127.0.0.1:{servers['gen_pp2'].port}\"\n")
-        orch = Orchestrator(str(config), str(tmp / "orchestrator.log"))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert orch.proc.poll() is None, open(orch.log_path).read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, open(orch.log_path).read()
-            time.sleep(0.3)
+        orch = Orchestrator(str(config), str(tmp / "orchestrator.log")).wait_healthy(url, 60)
         yield {**servers, "url": url, "orch": orch}
         orch.stop()
     finally:

@@ -281,18 +281,8 @@ def cluster(tmp_path_factory):
         cfg.write_text(f"hostname: 127.0.0.1\nport: {port}\ncontext_servers:\n  urls: [\"127.0.0.1:{ctx.port}\"]\n"
                        f"generation_servers:\n  urls: [" + ", ".join(f'"127.0.0.1:{g.port}"' for g in gens) + "]\n"
                        "health_check_interval: 0.5\nstall_timeout: 3\n")
-        orch = Orchestrator(str(cfg), str(tmp / "orchestrator.log"))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert orch.proc.poll() is None, open(orch.log_path).read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, open(orch.log_path).read()
-            time.sleep(0.2)
+        orch = Orchestrator(str(cfg), str(tmp / "orchestrator.log")).wait_healthy(url)
         model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         yield {"ctx": ctx, "gens": gens, "url": url, "orch": orch, "model": model_id}
     finally:
