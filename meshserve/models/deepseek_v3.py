@@ -38,7 +38,7 @@ from torch import nn
 from meshserve.distributed.comm import SOLO_STATE
 from meshserve.layers.attention import AttentionMetadata
 from meshserve.layers.attention.mla import MLAAttention
-from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from meshserve.layers.embedding import ParallelLMHead
 from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from meshserve.layers.moe.layer import FusedMoE
 from meshserve.layers.moe.load import ExpertLoad
@@ -46,7 +46,7 @@ from meshserve.layers.moe.router import RouterConfig
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding, interleaved_to_half, yarn_softmax_mscale
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import DecoderMLP
+from meshserve.models.llama import DecoderMLP, DecoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -141,51 +141,6 @@ class DeepseekMoE(nn.Module):
         return out
 
 
-class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mla: MLAConfig, tp_group, dtype, rotary_emb: RotaryEmbedding,
-                 mlp: nn.Module):
-        super().__init__()
-        self.self_attn = DeepseekAttention(cfg, mla, tp_group, dtype, rotary_emb)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-
-    def forward(self, positions, hidden, residual, md):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, md)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class DeepseekModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, mla: MLAConfig, tp_group, dtype, layer_range: range, is_first: bool,
-                 is_last: bool, make_mlp):
-        super().__init__()
-        self.layer_range = layer_range
-        self.is_first, self.is_last = is_first, is_last
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype) \
-            if is_first or (is_last and cfg.tie_word_embeddings) else None
-        rotary_emb = RotaryEmbedding(mla.rope, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(cfg, mla, tp_group, dtype, rotary_emb, make_mlp(i)) if i in layer_range
-            else nn.Identity() for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if is_last else None
-
-    def forward(self, input_ids, positions, md, hidden=None, residual=None):
-        if self.is_first:
-            hidden = self.embed_tokens(input_ids)
-        for i in self.layer_range:
-            hidden, residual = self.layers[i](positions, hidden, residual, md)
-        if self.is_last:
-            hidden, _ = self.norm(hidden, residual)
-            return hidden, None
-        return hidden, residual
-
-
 class DeepseekV3ForCausalLM(nn.Module):
     """DeepseekV3ForCausalLM and DeepseekV2ForCausalLM (models/registry.py)."""
     stacked_params = [(".gate_proj.", ".gate_up_proj.", 0), (".up_proj.", ".gate_up_proj.", 1)]
@@ -198,7 +153,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.mla = MLAConfig(cfg)
         self.expert_load: Optional[ExpertLoad] = None  # created with the first MoE block
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
-        self.model = DeepseekModel(cfg, self.mla, parallel.tp, dtype, layer_range, is_first, is_last, self.make_mlp)
+        mla, tp = self.mla, parallel.tp
+        rotary_emb = RotaryEmbedding(mla.rope, cfg.max_position_embeddings, cfg.rope)
+        self.model = DecoderModel(cfg, tp, dtype, layer_range, is_first, is_last,
+                                  lambda i, rope: DeepseekAttention(cfg, mla, tp, dtype, rope), self.make_mlp,
+                                  rotary_emb)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel.tp, dtype)

@@ -70,10 +70,11 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding,
-                 mlp: nn.Module):
+    """Pre-norm residual block around any attention and MLP module (DeepSeek's too)."""
+
+    def __init__(self, cfg: ModelConfig, self_attn: nn.Module, mlp: nn.Module, dtype):
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, layer_idx, tp_group, dtype, rotary_emb)
+        self.self_attn = self_attn
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -90,17 +91,18 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
+    """Embedding, this stage's layers, final norm. `make_attn(i, rotary_emb)` and `make_mlp(i)`
+    build layer i's attention and MLP (one rotary table is shared by every layer)."""
+
     def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool,
-                 make_mlp):
+                 make_attn, make_mlp, rotary_emb: RotaryEmbedding):
         super().__init__()
         self.layer_range = layer_range
         self.is_first, self.is_last = is_first, is_last
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype) \
             if is_first or (is_last and cfg.tie_word_embeddings) else None
-        rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope,
-                                     cfg.partial_rotary_factor)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, tp_group, dtype, rotary_emb, make_mlp(i)) if i in layer_range else nn.Identity()
+            DecoderLayer(cfg, make_attn(i, rotary_emb), make_mlp(i), dtype) if i in layer_range else nn.Identity()
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if is_last else None
 
@@ -136,7 +138,10 @@ class DecoderForCausalLM(nn.Module):
         self.cfg = cfg
         self.parallel, self.dtype = parallel, dtype
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
-        self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last, self.make_mlp)
+        rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, cfg.partial_rotary_factor)
+        self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last,
+                                  lambda i, rope: DecoderAttention(cfg, i, tp_group, dtype, rope), self.make_mlp,
+                                  rotary_emb)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, dtype)
