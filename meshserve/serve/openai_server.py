@@ -280,6 +280,11 @@ class OpenAIServing:
         if req.echo or req.logprobs is not None or req.prompt_logprobs is not None:
             raise bad_request(f"{where}: echo and logprobs are not supported when resuming", where)
         resume = list(req.resume_output_token_ids)
+        vocab = self.engine.limits.vocab_size
+        bad = [t for t in resume if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"{where} contains token id {bad[0]!r} outside the vocabulary (valid ids are "
+                              f"0..{vocab - 1})", where)
         ids = list(prompts[0][1]) + resume
         changes = {}
         if max_tokens is None:
