@@ -235,11 +235,11 @@ class EngineCore:
                 cap = max(1, -(-min(active, self.scheduler.config.max_batch_size) // depth))
             t0 = time.perf_counter()
             so = self.scheduler.schedule(cap)
-            if so.reqs or so.kv_pulls:
+            if so.reqs or so.kv_pulls or so.kv_unregister:  # a step with no requests still tells the ranks
                 self.batch_queue.append((so, self.executor.execute_async(so), t0))
                 self._host_s.append(time.perf_counter() - t0)
                 scheduled = True
-            elif so.finished_req_ids or so.kv_unregister:
+            elif so.finished_req_ids:
                 self.scheduler.carry_over(so)  # deliver with the next batch
         if not self.batch_queue:
             return []

@@ -77,8 +77,10 @@ class Scheduler:
         return req
 
     def has_unfinished(self) -> bool:
-        """Whether a step has work: requests to run, or a generation_only request whose blocks fit now."""
-        return bool(self.waiting or self.running) or (
+        """Whether a step has work: requests to run, a generation_only request whose blocks fit now, or
+        freed pins the ranks' KV sources still serve (an idle engine must tell them: a pull after the
+        release or the timeout fails instead of reading freed blocks)."""
+        return bool(self.waiting or self.running or self.kv_unregister) or (
             bool(self.kv_waiting) and self.kv.can_allocate(self.kv_waiting[0], self.kv_waiting[0].num_prompt_tokens))
 
     def has_transfers(self) -> bool:

@@ -77,6 +77,11 @@ def test_pinned_blocks_expire_at_the_deadline():
     assert s.expire_pinned(deadline - 0.01) == [] and used(s) == 2
     assert s.expire_pinned(deadline) == ["c"] and used(s) == 0
     assert s.kv_unregister == ["c"]
+    # an idle engine still steps once, so every rank stops serving the freed blocks now (a late pull
+    # fails), not whenever the next request comes
+    assert s.has_unfinished() and not s.has_transfers()
+    so, _ = step(s)
+    assert so.reqs == [] and so.kv_unregister == ["c"] and not s.has_unfinished()
 
 
 def test_context_request_aborted_in_flight_frees_and_unregisters():
