@@ -81,7 +81,7 @@ def main(ns: argparse.Namespace) -> int:
 async def serve(ns: argparse.Namespace, config, sock) -> int:
     import uvicorn
 
-    from meshserve.commands.serve import _Server
+    from meshserve.commands.serve import KEEP_ALIVE_S, _Server
     from meshserve.disagg.orchestrator import Orchestrator, build_app
 
     from meshserve.disagg.params import key_from_secret
@@ -89,7 +89,8 @@ async def serve(ns: argparse.Namespace, config, sock) -> int:
     orch = Orchestrator(config, ns.request_timeout, key=key_from_secret(os.environ["MESHSERVE_SECRET"]))
     app = build_app(orch)
     uv_config = uvicorn.Config(app, host=config.hostname, port=config.port, log_level=ns.log_level,
-                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")
+                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",
+                               timeout_keep_alive=KEEP_ALIVE_S)
     server = _Server.make(uv_config)
     logger.info("orchestrating %d context server(s) (%s router) and %d generation server(s) (%s router) on "
                 "http://%s:%d", len(orch.context), config.context.router, len(orch.generation),

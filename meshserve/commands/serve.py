@@ -23,6 +23,11 @@ from typing import Optional, Sequence
 logger = logging.getLogger("meshserve.serve")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# uvicorn's keep-alive (default 5 s) for idle client connections: longer than the orchestrator's pool
+# keeps them (30 s), so this end never closes one first. Otherwise a request sent on a pooled
+# connection while the server's timer fires (a front whose event loop was busy when both came due)
+# is reset unanswered, and the orchestrator takes a healthy server for a failed one.
+KEEP_ALIVE_S = 75
 
 # flag -> (LlmArgs field, type, help); `None` field: a serve option, not an engine one
 _ENGINE_FLAGS = [
@@ -310,7 +315,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again
     GCPauses("api server").install()
     uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
-                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug")
+                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",
+                               timeout_keep_alive=KEEP_ALIVE_S)
     server = _Server.make(uv_config)
     logger.info("serving %s as %r on http://%s:%d", model_path, name, ns.host, sock.getsockname()[1])
     try:
