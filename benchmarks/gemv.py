@@ -24,8 +24,12 @@ SHAPES = {  # name: (K, N)
     "8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 28672), "8b.down": (14336, 4096),
     "8b.lm_head": (4096, 128256), "0.6b.qkv": (1024, 4096), "0.6b.gate_up": (1024, 6144),
     "0.6b.down": (3072, 1024),
+    # Qwen3-30B-A3B (moe-1gpu): attention projections and the router gate
+    "30b.qkv": (2048, 5120), "30b.o": (4096, 2048), "30b.gate": (2048, 128),
+    # Moonlight-16B-A3B (mla-1gpu): q, kv_a (latent + rope), o, router gate
+    "16b.q": (2048, 3072), "16b.kv_a": (2048, 576), "16b.o": (2048, 2048), "16b.gate": (2048, 64),
 }
-CONFIGS = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048], [4, 8]))
+CONFIGS = list(itertools.product([1, 2, 4, 8, 16], [256, 512, 1024, 2048], [4, 8]))
 
 
 def time_chain(fn, xs, ws, reps=20) -> float:
@@ -38,7 +42,7 @@ def main() -> None:
     p.add_argument("--out", default="out/gemv")
     p.add_argument("--rows", default="1,2,4")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--sweep", default="8b", help="sweep tile configs for M=1 on shapes starting with this")
+    p.add_argument("--sweep", default="8b", help="sweep tile configs for M=1 on shapes starting with this (a+b: either)")
     args = p.parse_args()
     from meshserve.kernels.gemv import _config, gemv
 
@@ -57,7 +61,7 @@ def main() -> None:
             t_cublas = time_chain(lambda x, w: F.linear(x, w), xs, ws)
             t_default = time_chain(lambda x, w: gemv(x, w), xs, ws)
             sweep = {}
-            for cfg in CONFIGS if (m == 1 and name.startswith(args.sweep)) else [_config(m, n, k)]:
+            for cfg in CONFIGS if (m == 1 and name.startswith(tuple(args.sweep.split("+")))) else [_config(m, n, k)]:
                 if cfg[1] * cfg[0] * triton_next_pow2(m) > 16384:
                     continue
                 err = (gemv(xs[0], ws[0], config=cfg).float() - ref).norm() / ref.norm()

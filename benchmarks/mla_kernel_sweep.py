@@ -33,7 +33,7 @@ def time_us(fn, n=50):
 
 def main():
     H, L, R, page, ctx = 16, 512, 64, 32, 8192
-    for B, splits_list in ((1, (16, 32, 64)), (64, (4, 8, 16))):
+    for B, splits_list in ((1, (32, 64)), (64, (8, 16))):
         blocks = ctx // page
         cache = torch.randn(B * blocks + 1, page, L + R, device="cuda", dtype=torch.bfloat16)
         tables = torch.arange(1, B * blocks + 1, device="cuda", dtype=torch.int32).view(B, blocks)
@@ -41,15 +41,26 @@ def main():
         q = torch.randn(B, H, L + R, device="cuda", dtype=torch.bfloat16)
         floor = B * ctx * (L + R) * 2 / 4.3e12 * 1e6
         rows = []
-        for splits, bn, st in itertools.product(splits_list, (32, 64), (2, 3)):
+        ref = mla_decode(q, cache, tables, lens, L, 0.07, 1).float()
+        for splits, bn, st, warps, pdt in itertools.product(splits_list, (32, 64), (2, 3), (4, 8),
+                                                             (torch.float32, torch.bfloat16)):
             try:
-                us = time_us(lambda: mla_decode(q, cache, tables, lens, L, 0.07, splits, block_n=bn, num_stages=st))
-            except Exception as err:  # a tile that does not fit
-                print(f"B={B} splits={splits} block_n={bn} stages={st}: {type(err).__name__}")
+                f = lambda: mla_decode(q, cache, tables, lens, L, 0.07, splits, block_n=bn, num_stages=st,  # noqa
+                                       num_warps=warps, part_dtype=pdt)
+                err = ((f().float() - ref).norm() / ref.norm()).item()
+                us = time_us(f)
+            except Exception as e:  # a tile that does not fit
+                print(f"B={B} splits={splits} block_n={bn} stages={st} warps={warps}: {type(e).__name__}")
                 continue
-            rows.append((us, splits, bn, st))
-            print(f"B={B} splits={splits:>2} block_n={bn} stages={st}: {us:7.1f} us  ratio {us / floor:5.2f}",
-                  flush=True)
+            rows.append((us, splits, bn, st, warps, str(pdt)[6:], err))
+        rows.sort()
+        for r in rows[:8]:
+            print(f"B={B} splits={r[1]:>2} block_n={r[2]} stages={r[3]} warps={r[4]} part={r[5]}: {r[0]:7.1f} us  "
+                  f"ratio {r[0] / floor:5.2f}  err {r[6]:.1e}", flush=True)
+        cur = [r for r in rows if r[2] == 32 and r[3] == 2 and r[4] == 4 and r[5] == "float32"]
+        for r in cur:
+            print(f"  current settings, splits={r[1]}: {r[0]:.1f} us ratio {r[0] / floor:.2f}")
+        rows = [r[:4] for r in rows]
         us, splits, bn, st = min(rows)
         print(f"best B={B}: splits={splits} block_n={bn} stages={st}: {us:.1f} us, ratio {us / floor:.2f}")
 

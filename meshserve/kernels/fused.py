@@ -84,12 +84,16 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 
 
 @triton.jit
-def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh,
-                       stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr, eps,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
                        NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P2: tl.constexpr, KH_P2: tl.constexpr,
-                       D: tl.constexpr, D_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+                       D: tl.constexpr, D_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                       QK_NORM: tl.constexpr):
     """One token: rotate q in place (as _rope_kernel does), rotate k and write it with v into the
-    paged cache at the token's slot. k itself is left as it was: the attention reads the cache."""
+    paged cache at the token's slot. k itself is left as it was: the attention reads the cache.
+    QK_NORM (Qwen3's per-head RMSNorm of q and k, every dim rotated: D == 2 * HALF): each head row
+    is normalised first, rounded as the separate RMSNorm kernel would (q's normalised values are
+    what is stored back, rotated)."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     # q: the two halves of the rotated dims, in place.
@@ -103,6 +107,12 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     x1 = tl.load(p1, mask=m, other=0.0)
     x2 = tl.load(p1 + HALF, mask=m, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / D + eps)[:, None]
+        w1 = tl.load(qw_ptr + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(qw_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
     tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=m)
     tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=m)
     # k and v: whole head rows [KVH, D] into the cache; k's first 2 * HALF dims rotated.
@@ -118,10 +128,18 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     first = d < HALF
     rot = d < 2 * HALF
     jj = tl.where(first, d, d - HALF)
-    partner = tl.load(k_row + tl.where(first, d + HALF, d - HALF), mask=row_m & rot, other=0.0).to(tl.float32)
+    pidx = tl.where(first, d + HALF, d - HALF)
+    partner = tl.load(k_row + pidx, mask=row_m & rot, other=0.0).to(tl.float32)
     kc = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
     ks = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
     xf = x.to(tl.float32)
+    if QK_NORM:  # every dim is rotated, so the partners are the same row's values: the same rstd
+        krstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+        wx = tl.load(kw_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        wp = tl.load(kw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
+        xf = ((xf * krstd).to(x.dtype).to(tl.float32) * wx).to(x.dtype).to(tl.float32)
+        partner = ((partner * krstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
+        x = xf.to(x.dtype)
     # first half: a*cos - b*sin with a = x, b = partner; second: b*cos + a*sin with b = x, a = partner
     y = tl.where(first, xf * kc - partner * ks, xf * kc + partner * ks).to(x.dtype)
     y = tl.where(rot, y, x)
@@ -129,20 +147,27 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                    sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> None:
     """rotary_(q, k, ...) then store_kv(k, v, kv_cache, slot_mapping) in one kernel, except that k
     is not rotated in place. q: [T, H, D]; k, v: [T, KVH, D] (strided views allowed); kv_cache:
-    [2, num_blocks, block_size, KVH, D] contiguous."""
+    [2, num_blocks, block_size, KVH, D] contiguous. qk_norm: (q_weight [D], k_weight [D], eps): the
+    per-head RMSNorm of q and k first (as RMSNorm on q and k would), when every dim is rotated."""
     T = slot_mapping.shape[0]
     if T == 0:
         return
     half = cos.shape[1]
     nk, d = k.shape[1], k.shape[2]
-    _rope_store_kernel[(T,)](q, k, v, kv_cache, slot_mapping, cos, sin, positions, q.stride(0), q.stride(1),
+    if qk_norm is not None and 2 * half != d:
+        raise ValueError(f"rotary_store_kv: qk_norm needs every dim rotated (2 * {half} != head_dim {d})")
+    qw, kw, eps = qk_norm if qk_norm is not None else (q, k, 0.0)
+    _rope_store_kernel[(T,)](q, k, v, kv_cache, slot_mapping, cos, sin, positions, qw, kw, float(eps),
+                             q.stride(0), q.stride(1),
                              k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_cache.stride(0), cos.stride(0),
                              NUM_Q=q.shape[1], NUM_K=nk, QH_P2=triton.next_power_of_2(q.shape[1]),
                              KH_P2=triton.next_power_of_2(nk), D=d, D_P2=triton.next_power_of_2(d),
-                             HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4)
+                             HALF=half, HALF_P2=triton.next_power_of_2(half), QK_NORM=qk_norm is not None,
+                             num_warps=4)
 
 
 @triton.jit

@@ -80,7 +80,8 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     row = (b * NUM_HEADS + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_H] rows of the workspace
-    tl.store(part_out_ptr + row[:, None] * L_P2 + dl[None, :], out, mask=h_valid[:, None])
+    tl.store(part_out_ptr + row[:, None] * L_P2 + dl[None, :], out.to(part_out_ptr.dtype.element_ty),
+             mask=h_valid[:, None])
     tl.store(part_lse_ptr + row, lse, mask=h_valid)
 
 
@@ -100,7 +101,8 @@ def _mla_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, stride_ob, s
     w = tl.exp(lse_s - m_safe)  # 0 for empty splits
     total = tl.sum(w, 0)
     dl = tl.arange(0, L_P2)
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * L_P2 + dl[None, :], mask=s_valid[:, None], other=0.0)
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * L_P2 + dl[None, :], mask=s_valid[:, None],
+                    other=0.0).to(tl.float32)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dl, out.to(out_ptr.dtype.element_ty),
              mask=dl < LORA)
@@ -111,8 +113,10 @@ def _mla_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, stride_ob, s
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                kv_lora_rank: int, scale: float, num_splits: int = 1, return_lse: bool = False,
-               block_h: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 2):
-    """Latent attention of one query token per sequence; see the module docstring for layouts."""
+               block_h: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
+               part_dtype: torch.dtype = torch.float32):
+    """Latent attention of one query token per sequence; see the module docstring for layouts.
+    part_dtype: the splits' partial outputs in the workspace (their log-sum-exps stay fp32)."""
     B, H, width = q.shape
     rope = width - kv_lora_rank
     if kv_cache.shape[-1] != width or rope < 0:
@@ -124,7 +128,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         return (out, lse) if return_lse else out
     l_p2 = max(16, triton.next_power_of_2(kv_lora_rank))
     r_p2 = max(16, triton.next_power_of_2(max(rope, 1)))
-    part_out = torch.empty(B * H * num_splits, l_p2, dtype=torch.float32, device=q.device)
+    part_out = torch.empty(B * H * num_splits, l_p2, dtype=part_dtype, device=q.device)
     part_lse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     key = (q.device, q.dtype, l_p2, r_p2, block_h, block_n, num_stages)

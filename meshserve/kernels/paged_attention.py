@@ -228,15 +228,18 @@ def _finish(acc, m_i, l_i, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_
         slot = counter_ptr + tile * tl.num_programs(1) + kv_head
         if tl.atomic_add(slot, 1, sem="acq_rel") == active - 1:
             first = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS) * BLOCK_M
+            # Unrolled (static_range): the splits' loads are independent, so they are in flight
+            # together instead of one L2 round trip after another (a rolled loop cost ~0.4 us per
+            # split at batch 1). Inactive splits are masked.
             m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for sp in range(NUM_SPLITS):  # constexpr bound (the interpreter), inactive splits masked
+            for sp in tl.static_range(NUM_SPLITS):
                 live = (rows * 0 + sp) < active  # [BLOCK_M] bool, as a tensor compare (interpreter-safe)
                 m_all = tl.maximum(m_all, tl.load(part_ml_ptr + (first + sp * BLOCK_M + rows) * 2, mask=live,
                                                   other=float("-inf"), cache_modifier=".cg"))
             m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
             l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_all = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-            for sp in range(NUM_SPLITS):
+            for sp in tl.static_range(NUM_SPLITS):
                 live = (rows * 0 + sp) < active  # [BLOCK_M] bool, as a tensor compare (interpreter-safe)
                 r = first + sp * BLOCK_M + rows
                 w = tl.exp2(tl.load(part_ml_ptr + r * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
@@ -337,7 +340,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
     ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
     block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
-    (prefill tiles; decode tiles are fixed at 64-token KV tiles, 2 warps, 2 stages).
+    (prefill tiles; decode tiles are fixed at 64-token KV tiles, 2 stages, 4 warps up to 8 rows, else 2).
     exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
     heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill)."""
     T, H, D = q.shape
@@ -347,7 +350,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     block_m = max(16, triton.next_power_of_2(block_q * group))
     decode = block_q == 1
     block_n = block_n or (64 if decode else settings.attn_prefill_block_n)
-    num_warps = num_warps or (2 if decode else settings.attn_prefill_warps)
+    # decode: 4 warps for a few sequences (at batch 1-4 each program is latency-bound: 0.2-0.6 us
+    # faster than 2 warps, benchmarks/decode_attn_b1.py), 2 for larger batches
+    num_warps = num_warps or ((4 if T <= 8 else 2) if decode else settings.attn_prefill_warps)
     num_stages = num_stages or (2 if decode else settings.attn_prefill_stages if block_m >= settings.attn_prefill_rows
                                 else settings.attn_prefill_stages_small)
     heavy_first = (not decode and settings.attn_heavy_first) if heavy_first is None else heavy_first

@@ -44,17 +44,15 @@ class DecoderAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, cfg.head_dim, cfg.head_dim ** -0.5, self.num_kv_heads,
                               cfg.sliding_windows[layer_idx])
+        if cfg.qk_norm:  # applied by the attention layer: its backend may fuse them with rotary
+            self.attn.qk_norm = (self.q_norm, self.k_norm)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # The rotary embedding is applied by the attention layer, whose backend may fuse it with the
-        # KV-cache write.
-        o = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, md, self.rotary_emb, positions)
+        # The q/k norms (Qwen3) and the rotary embedding are applied by the attention layer, whose
+        # backend may fuse them with the KV-cache write.
+        o = self.attn(q, k, v, md, self.rotary_emb, positions)
         return self.o_proj(o)
 
 

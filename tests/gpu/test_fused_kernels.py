@@ -99,6 +99,44 @@ def test_rotary_store_kv_matches_rotary_then_write(dtype, heads, kv, dim, partia
     assert torch.equal(flat[:, untouched], cache.view(2, num_blocks * block, kv, dim)[:, untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv,dim", [(8, 2, 64), (9, 3, 64), (32, 4, 128)])
+def test_rotary_store_kv_with_qk_norm(dtype, heads, kv, dim):
+    """Qwen3's per-head q/k RMSNorm fused into the rotary + KV write, against RMSNorm (torch path),
+    the torch rotary and write_kv: q normalised and rotated in place, k's cache rows likewise."""
+    from meshserve.layers.attention import write_kv
+
+    g = torch.Generator().manual_seed(heads + dim)
+    rope = RotaryEmbedding(dim, 512, {"rope_type": "default", "rope_theta": 1e6}, 1.0)
+    qn, kn = RMSNorm(dim, 1e-6, dtype), RMSNorm(dim, 1e-6, dtype)
+    qn.weight.data = (torch.rand(dim, generator=g) + 0.5).to(dtype)
+    kn.weight.data = (torch.rand(dim, generator=g) + 0.5).to(dtype)
+    T, num_blocks, block = 7, 4, 4
+    qkv = (torch.randn(T, (heads + 2 * kv) * dim, generator=g) * 3).to(dtype)
+    pos = torch.randint(0, 512, (T,), generator=g)
+    slots = torch.randperm(num_blocks * block, generator=g)[:T]
+    cache = torch.randn(2, num_blocks, block, kv, dim, generator=g).to(dtype)
+
+    def views(t):
+        return (t[:, :heads * dim].reshape(T, heads, dim), t[:, heads * dim:(heads + kv) * dim].reshape(T, kv, dim),
+                t[:, (heads + kv) * dim:].reshape(T, kv, dim))
+
+    q, k, v = views(qkv)
+    ref_q, ref_k = rope(pos, qn(q.clone()), kn(k.clone()))
+    ref_cache = cache.clone()
+    write_kv(ref_cache, ref_k, v, slots)
+    dqkv = qkv.to(DEVICE)
+    dq, dk, dv = views(dqkv)
+    dcache = cache.to(DEVICE)
+    fused.rotary_store_kv(dq, dk, dv, pos.to(DEVICE), rope.cos_cache.to(DEVICE), rope.sin_cache.to(DEVICE), dcache,
+                          slots.to(DEVICE), (qn.weight.to(DEVICE), kn.weight.to(DEVICE), 1e-6))
+    close(dq, ref_q, dtype)
+    close(dcache, ref_cache, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(dq.cpu(), ref_q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dcache.cpu(), ref_cache, rtol=1e-5, atol=1e-5)
+
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):

@@ -84,6 +84,11 @@ class AttentionBackend(ABC):
         common.backend = self
         return common
 
+    def fuses_qk_norm(self, layer, rotary) -> bool:
+        """Whether forward applies layer.qk_norm itself (fused with rotary); if not, the layer
+        normalises q and k before calling forward."""
+        return False
+
     @abstractmethod
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
                 rotary=None, positions: Optional[torch.Tensor] = None, return_lse: bool = False):

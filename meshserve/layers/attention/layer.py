@@ -30,17 +30,22 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: Optional[torch.Tensor] = None
         self.kv_group = 0
+        # (q_norm, k_norm): per-head RMSNorms applied to q and k before rotary (Qwen3), by the
+        # backend when it fuses them (backend.fuses_qk_norm), else here
+        self.qk_norm: Optional[tuple] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
                 rotary=None, positions: Optional[torch.Tensor] = None, return_lse: bool = False):
         """q: [T, H*D], k/v: [T, KVH*D]. rotary (a RotaryEmbedding) and positions: apply rotary
-        embedding to q and k first; a backend may fuse it with the KV write. Returns [T, H*D];
+        embedding to q and k first (after `qk_norm` where set); a backend may fuse both with the KV write. Returns [T, H*D];
         with return_lse, also each row's log-sum-exp [T, H] (backends with supports_lse)."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.kv_group and md.group_views is not None:
             md = md.group_views[self.kv_group - 1]
+        if self.qk_norm is not None and not (md.backend is not None and md.backend.fuses_qk_norm(self, rotary)):
+            q, k = self.qk_norm[0](q), self.qk_norm[1](k)
         run = md.backend.forward if md.backend is not None else reference_forward
         if return_lse:
             o, lse = run(self, q, k, v, md, rotary, positions, return_lse=True)

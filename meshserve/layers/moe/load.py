@@ -2,10 +2,11 @@
 
 Each MoE layer's router writes its top-k ids straight into a reserved device table (`ids_out`:
 topk's `out=`, no extra kernel inside the model or its CUDA graphs). After the step the runner
-counts the real rows of all layers at once (`end_step`: one scatter-add, the running totals, the
-step's max/mean load ratio and distinct experts hit; the padding rows of a graph-sized batch are
-left out), and every `every` steps takes the totals to the host without waiting on the device: the
-copy is queued behind the step and read one collection later, so no step ever waits for it.
+counts the real rows of all layers at once (`end_step`: one scatter-add into the step's row of a
+window of `every` steps; the padding rows of a graph-sized batch are left out), and every `every`
+steps reduces the window (totals, each step's max/mean load ratio, distinct experts hit) and takes
+it to the host without waiting on the device: the copy is queued behind the step and read one
+collection later, so no step ever waits for it.
 """
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ class ExpertLoad:
         self.every = every
         n = len(self.layer_ids)
         self.ids: Optional[torch.Tensor] = None  # [layers, max tokens, top_k]: the routers write here
-        self.totals = torch.zeros(n, num_experts, dtype=torch.int64, device=device)
-        self.ratio_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.ratio_max = torch.zeros((), dtype=torch.float64, device=device)
-        self.hit_sum = torch.zeros((), dtype=torch.float64, device=device)  # distinct experts hit per layer
+        # one row of counts per step of the window: a step adds one scatter-add (and the copy of
+        # its ids), the window's totals and ratios are reduced once per collection
+        self.window = torch.zeros(every, n, num_experts, dtype=torch.int32, device=device)
+        self._ones: Optional[torch.Tensor] = None
         self.steps = 0
         self._pending: Optional[tuple] = None  # host copies queued at the last collection
 
     def reserve(self, max_tokens: int) -> None:
         """Room for the ids of a step of up to `max_tokens` tokens (before any forward or capture)."""
         self.ids = torch.zeros(len(self.layer_ids), max_tokens, self.top_k, dtype=torch.int64, device=self.device)
+        self._ones = torch.ones(len(self.layer_ids), max_tokens * self.top_k, dtype=torch.int32, device=self.device)
 
     # ---- inside the model (graph-safe) -------------------------------------------------------------
     def ids_out(self, layer_idx: int, num_tokens: int) -> Optional[torch.Tensor]:
@@ -49,47 +51,43 @@ class ExpertLoad:
         if self.ids is None or num_tokens > self.ids.shape[1] or num_tokens == 0:
             return None
         ids = self.ids[:, :num_tokens].reshape(len(self.layer_ids), -1)
-        counts = torch.zeros(len(self.layer_ids), self.num_experts, dtype=torch.int64, device=self.device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids))
-        self.totals += counts
-        c = counts.to(torch.float64)
-        ratio = (c.amax(dim=1) / c.mean(dim=1).clamp_min(1e-9)).mean()
-        self.ratio_sum += ratio
-        torch.maximum(self.ratio_max, ratio, out=self.ratio_max)
-        self.hit_sum += (counts > 0).to(torch.float64).sum(dim=1).mean()
+        self.window[self.steps].scatter_add_(1, ids, self._ones[:, :ids.shape[1]])
         self.steps += 1
-        if self.steps % self.every:
+        if self.steps < self.every:
             return None
         return self.collect()
 
     def collect(self) -> Optional[dict]:
-        """Queue a host copy of the totals since the last collection and reset them; returns the
-        previous collection's figures (on CPU, where copies are synchronous, this one's)."""
+        """Reduce the window (totals per layer and expert, each step's max/mean load ratio averaged
+        over layers, distinct experts hit), queue its host copy and reset it; returns the previous
+        collection's figures (on CPU, where copies are synchronous, this one's)."""
         steps = self.steps
-        copies = tuple(_to_host(t) for t in (self.totals, self.ratio_sum, self.ratio_max, self.hit_sum))
+        copies = None
+        if steps:
+            w = self.window[:steps]
+            c = w.to(torch.float64)
+            ratio = (c.amax(dim=2) / c.mean(dim=2).clamp_min(1e-9)).mean(dim=1)  # [steps]
+            hit = (w > 0).sum(dim=2).to(torch.float64).mean(dim=1)
+            stats = torch.stack([ratio.sum(), ratio.max(), hit.sum()])
+            copies = (_to_host(w.sum(dim=0, dtype=torch.int64)), _to_host(stats))
+            w.zero_()
         event = None
-        if self.device.type == "cuda":
+        if copies is not None and self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        self.totals.zero_()
-        self.ratio_sum.zero_()
-        self.ratio_max.zero_()
-        self.hit_sum.zero_()
         self.steps = 0
-        ready, self._pending = self._pending, (copies, event, steps)
+        ready, self._pending = self._pending, ((copies, event, steps) if copies is not None else None)
         if self.device.type != "cuda":
             ready, self._pending = self._pending, None
         if ready is None:
             return None
-        (totals, ratio_sum, ratio_max, hit_sum), event, steps = ready
+        (totals, stats), event, steps = ready
         if event is not None:
             event.synchronize()  # recorded `every` steps ago: long done
-        if steps == 0:
-            return None
+        ratio_sum, ratio_max, hit_sum = stats.tolist()
         return {"layers": self.layer_ids, "tokens": totals.tolist(),
-                "ratio_mean": float(ratio_sum) / steps, "ratio_max": float(ratio_max),
-                "experts_hit_mean": float(hit_sum) / steps, "steps": steps}
-
+                "ratio_mean": ratio_sum / steps, "ratio_max": ratio_max,
+                "experts_hit_mean": hit_sum / steps, "steps": steps}
 
     def flush(self) -> list[dict]:
         """Everything counted so far, now (waits for the device): the pending window and the

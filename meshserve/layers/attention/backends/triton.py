@@ -74,6 +74,9 @@ class TritonAttentionBackend(AttentionBackend):
                                        workspace=self.workspace)
 
     # ---- the forward -------------------------------------------------------------------------
+    def fuses_qk_norm(self, layer, rotary) -> bool:
+        return rotary is not None and 2 * rotary.cos_cache.shape[1] == layer.head_dim
+
     def forward(self, layer, q, k, v, md: TritonAttentionMetadata, rotary=None, positions=None, return_lse=False):
         if return_lse and md.cuda_graph:
             raise NotImplementedError(
@@ -82,7 +85,11 @@ class TritonAttentionBackend(AttentionBackend):
                 "attentions eagerly (cuda_graph_config=None, or enable=False) or leave return_lse False")
         kv_cache = layer.kv_cache
         if rotary is not None:
-            rotary_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, kv_cache, md.slot_mapping)
+            norm = None
+            if layer.qk_norm is not None and self.fuses_qk_norm(layer, rotary):
+                qn, kn = layer.qk_norm
+                norm = (qn.weight, kn.weight, qn.eps)
+            rotary_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, kv_cache, md.slot_mapping, norm)
         else:
             pa.store_kv(k, v, kv_cache, md.slot_mapping)
         return pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,

@@ -1,0 +1,53 @@
+"""ExpertLoad (layers/moe/load.py): the per-step window against counts done in plain Python."""
+import random
+
+import torch
+
+from meshserve.layers.moe.load import ExpertLoad
+
+
+def _reference(steps, num_experts):
+    """steps: per step, per layer, the list of expert ids routed (real rows only)."""
+    totals = [[0] * num_experts for _ in steps[0]]
+    ratios, hits = [], []
+    for step in steps:
+        r, h = [], []
+        for li, ids in enumerate(step):
+            c = [0] * num_experts
+            for e in ids:
+                c[e] += 1
+                totals[li][e] += 1
+            mean = sum(c) / num_experts
+            r.append(max(c) / max(mean, 1e-9))
+            h.append(sum(1 for x in c if x))
+        ratios.append(sum(r) / len(r))
+        hits.append(sum(h) / len(h))
+    return totals, sum(ratios) / len(ratios), max(ratios), sum(hits) / len(hits)
+
+
+def test_window_counts_ratios_and_padding_rows():
+    rng = random.Random(0)
+    layers, E, k, every, max_tokens = [1, 3], 8, 2, 4, 5
+    load = ExpertLoad(layers, E, k, torch.device("cpu"), every=every)
+    load.reserve(max_tokens)
+    steps, reports = [], []
+    for _ in range(every + 2):  # one full window (reported at once on CPU) and a partial one
+        n = rng.randint(1, max_tokens - 1)
+        load.ids.fill_(E - 1)  # padding rows beyond n must not be counted
+        step = []
+        for layer in layers:
+            ids = [rng.sample(range(E), k) for _ in range(n)]
+            load.ids_out(layer, n).copy_(torch.tensor(ids))
+            step.append([e for row in ids for e in row])
+        steps.append(step)
+        rep = load.end_step(n)
+        if rep is not None:
+            reports.append(rep)
+    reports += load.flush()
+    assert [r["steps"] for r in reports] == [every, 2]
+    for rep, chunk in zip(reports, (steps[:every], steps[every:])):
+        totals, rmean, rmax, hit = _reference(chunk, E)
+        assert rep["layers"] == layers and rep["tokens"] == totals
+        assert abs(rep["ratio_mean"] - rmean) < 1e-12 and abs(rep["ratio_max"] - rmax) < 1e-12
+        assert abs(rep["experts_hit_mean"] - hit) < 1e-12
+    assert load.flush() == []  # nothing left
