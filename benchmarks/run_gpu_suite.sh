@@ -4,7 +4,8 @@
 # nano-bench and offline-8b offline; then the transformers peer. Results: $OUT/summary.json + log.
 #   NUM_ONLINE: prompts per online rate (default 100; BENCHMARKS.md says 500, which takes ~4x longer)
 #   NUM_OFFLINE: offline-8b requests (default 500; BENCHMARKS.md says 3000)
-#   PARTS: which parts to run (default "online offline peer")
+#   PARTS: which parts to run (default "online offline peer"; "kv": benchmarks/kv_transfer.py, the
+#   kv-transfer scenario of docs/disaggregated.md, NUM_KV requests per server, default 100)
 #   ONLINE_RATES: online-8b rates (default 2,16,32,inf); SERVER_ARGS: extra `meshserve serve` flags;
 #   SKIP_LATENCY=1: only online-8b from the server (no decode-latency / prefill-8k); SKIP_PREFILL=1: no prefill-8k
 #   NUM_DECODE: decode-latency prompts, one after another (default 10, ~25 s: 3 left 4.55 vs 4.62 ms
@@ -38,6 +39,9 @@ fi
 if [[ " $PARTS " == *" offline "* ]]; then
 python3 benchmarks/nano_bench.py --out "$B/nano" 2>&1 | tail -4
 python3 benchmarks/offline_8b.py --num-requests "${NUM_OFFLINE:-500}" --out "$B/offline" 2>&1 | tail -4
+fi
+if [[ " $PARTS " == *" kv "* ]]; then
+python3 benchmarks/kv_transfer.py --out "$B/kv" --num-prompts "${NUM_KV:-100}" 2>&1 | tail -40
 fi
 if [[ " $PARTS " == *" peer "* ]]; then
 python3 benchmarks/peer_transformers.py llama-3.1-8b --out "$B/peer" 2>&1 | tail -3
