@@ -137,7 +137,8 @@ class EngineCore:
         if params.n != 1:
             raise ValueError(f"n={params.n}: a {disagg.kind} request has exactly one sequence")
         if disagg.kind == "context_only":
-            return params.clone(max_tokens=1)  # the prompt and the first token; a generation server does the rest
+            # the prompt and the first token (its EOS still banned under min_tokens); a generation server does the rest
+            return params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
         if disagg.kind != "generation_only":
             raise ValueError(f"disaggregated_params.request_type={disagg.kind!r}: expected context_only or "
                              f"generation_only")

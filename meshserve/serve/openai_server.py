@@ -227,7 +227,7 @@ class OpenAIServing:
             if req.stream:
                 raise bad_request(f"{where}: a context_only request is answered whole; set stream to false", "stream")
             kv = DisaggRequest("context_only")
-            params = params.clone(max_tokens=1)
+            params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))  # min_tokens: the rest is the generation server's
         else:
             if params.logprobs is not None or params.prompt_logprobs is not None:
                 raise bad_request(f"{where}: logprobs of a generation_only request are not supported (its first "

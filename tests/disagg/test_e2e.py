@@ -107,7 +107,10 @@ def test_completions_match_the_aggregated_server(cluster):
     model = agg.models.list().data[0].id
     assert [m.id for m in dis.models.list().data] == [model]
     for prompt, extra in (("The quick brown fox", {"ignore_eos": True}), ("Once upon a time there was", {}),
-                          ([5, 17, 33, 90, 101, 7], {"ignore_eos": True})):
+                          ([5, 17, 33, 90, 101, 7], {"ignore_eos": True}),
+                          # min_tokens past the context server's one token (was a 500 there)
+                          ("Once upon a time there was", {"min_tokens": 12}),
+                          ("The quick brown fox", {"min_tokens": 16, "ignore_eos": True})):
         kw = dict(model=model, prompt=prompt, max_tokens=16, temperature=0, extra_body=extra)
         want, got = agg.completions.create(**kw), dis.completions.create(**kw)
         assert got.choices[0].text == want.choices[0].text, prompt
