@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):
@@ -115,6 +115,11 @@ class CacheTransceiverConfig(StrictModel):
         "a generation server gives up a pull after this long"))
     host: str = Field("127.0.0.1", description=(
         "address every rank's KV transfer endpoint binds to (what generation servers connect to)"))
+    verify_payload: StrictBool = Field(True, description=(
+        "as a generation server, check each pulled KV chunk's MAC (keyed by the shared key, bound to the "
+        "connection and the chunk) before writing it into the KV cache; a mismatch fails the transfer. "
+        "DEFAULT, UCX and MPI backends (NIXL's one-sided reads carry none). false: skip it (~2 GB/s of "
+        "hashing per side saved; docs/kv_backends.md)"))
 
 
 class LlmArgs(StrictModel):

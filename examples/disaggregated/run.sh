@@ -5,8 +5,9 @@
 #
 #   examples/disaggregated/run.sh                  # MODEL, MAX_TOKENS (default 128), LOGS (a folder)
 #
-# The same by hand (the seed's three steps; every server with the same MESHSERVE_SECRET):
-#   export MESHSERVE_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')
+# The same by hand (the seed's three steps; nothing to set on one machine: the servers and the
+# orchestrator share the key file ~/.cache/meshserve/disagg.key, made by whichever starts first;
+# across hosts see docs/disaggregated.md, "The key"):
 #   meshserve serve --host localhost --port 8001 --config context-config.yml &
 #   meshserve serve --host localhost --port 8002 --config context-config.yml &
 #   meshserve serve --host localhost --port 8003 --config gen-config.yml &
@@ -25,8 +26,8 @@ MAX_TOKENS="${MAX_TOKENS:-128}"
 LOGS="${LOGS:-$(mktemp -d -t meshserve-disagg-XXXXXX)}"
 mkdir -p "$LOGS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-# the servers sign disaggregated_params and authenticate KV transfers with this shared key
-export MESHSERVE_SECRET="${MESHSERVE_SECRET:-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')}"
+# the shared key (it signs disaggregated_params, authenticates KV transfers): MESHSERVE_SECRET when
+# set, else the key file (MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key, made when missing)
 
 NAMES=()
 PIDS=()

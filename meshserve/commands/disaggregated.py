@@ -6,16 +6,20 @@ each {num_instances, urls, router: {type}}) and TensorRT-LLM's max_retries, plus
 health_check_interval / health_check_timeout (seconds). Router types: round_robin (default),
 load_balancing, kv_cache_aware; max_failovers and stall_timeout bound the continuation of a request
 whose generation server dies or stalls on another server. The servers are `meshserve serve MODEL
---config FILE.yml` whose FILE.yml has `cache_transceiver_config`. MESHSERVE_SECRET must be set, the
-same as the servers': the orchestrator refuses to start without it; it guards the /register and
-/unregister routes through which servers join and leave while it runs. See docs/disaggregated.md.
+--config FILE.yml` whose FILE.yml has `cache_transceiver_config`.
+
+The shared key (it signs disaggregated_params, authenticates KV transfers and guards the /register and
+/unregister routes through which servers join and leave while it runs): MESHSERVE_SECRET when set,
+else the key file (--secret_file, MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key), made
+with a random key (mode 0600) when missing. Servers on this machine read the same file; on other
+hosts copy it there (mode 0600) or set MESHSERVE_SECRET everywhere. Every /health poll checks that
+the server holds the same key. See docs/disaggregated.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -33,6 +37,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "between chunks) before the client gets a 504 (default: %(default)s)")
     parser.add_argument("--shutdown_timeout", "--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
                         help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
+    parser.add_argument("--secret_file", "--secret-file", dest="secret_file", default=None, metavar="FILE",
+                        help="the key file when MESHSERVE_SECRET is not set, made (mode 0600) when missing "
+                        "(default: $MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key)")
     parser.add_argument("--log_level", "--log-level", dest="log_level", default="info", type=str.lower,
                         choices=LOG_LEVELS, help="default: %(default)s")
 
@@ -64,29 +71,34 @@ def main(ns: argparse.Namespace) -> int:
         return _fail(str(e))
     if not ns.request_timeout > 0:
         return _fail(f"-t {ns.request_timeout:g}: expected a number of seconds > 0")
-    if not os.environ.get("MESHSERVE_SECRET"):
-        return _fail("MESHSERVE_SECRET is not set: export the same secret on every context and generation server and "
-                     "on the orchestrator (it signs disaggregated_params, authenticates KV transfers and guards "
-                     "/register and /unregister), e.g. export MESHSERVE_SECRET=$(python -c 'import secrets; "
-                     "print(secrets.token_hex(32))')")
+    from meshserve.disagg.params import KeyFileError, orchestrator_key
+    try:
+        key, key_file, created = orchestrator_key(ns.secret_file)
+    except KeyFileError as e:
+        return _fail(str(e))
+    if key_file is None:
+        if ns.secret_file:
+            logger.warning("--secret_file %s is not used: MESHSERVE_SECRET is set and is the key", ns.secret_file)
+    else:  # the path only: the key is never logged
+        logger.info("the shared key is in %s (%s): servers on this machine read it; on other hosts copy it there "
+                    "(mode 0600) or set the same MESHSERVE_SECRET everywhere", key_file,
+                    "made now" if created else "there already")
     from meshserve.commands.serve import bind_http_socket
     try:
         sock = bind_http_socket(config.hostname, config.port)
     except ValueError as e:
         return _fail(f"{ns.config}: {str(e).replace('--host', 'hostname').replace('--port', 'port')}")
     with sock:
-        return asyncio.run(serve(ns, config, sock))
+        return asyncio.run(serve(ns, config, sock, key))
 
 
-async def serve(ns: argparse.Namespace, config, sock) -> int:
+async def serve(ns: argparse.Namespace, config, sock, key: bytes) -> int:
     import uvicorn
 
     from meshserve.commands.serve import KEEP_ALIVE_S, _Server
     from meshserve.disagg.orchestrator import Orchestrator, build_app
 
-    from meshserve.disagg.params import key_from_secret
-
-    orch = Orchestrator(config, ns.request_timeout, key=key_from_secret(os.environ["MESHSERVE_SECRET"]))
+    orch = Orchestrator(config, ns.request_timeout, key=key)
     app = build_app(orch)
     uv_config = uvicorn.Config(app, host=config.hostname, port=config.port, log_level=ns.log_level,
                                timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",

@@ -85,6 +85,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
           help="require `Authorization: Bearer KEY` on every route but /health (default: $MESHSERVE_API_KEY)")
     _flag(parser, "config", "extra_llm_api_options", default=None, metavar="FILE.yml",
           help="YAML of LlmArgs fields (enable_attention_dp, kv_cache_config, pytorch_backend_config, ...)")
+    _flag(parser, "secret_file", default=None, metavar="FILE",
+          help="with cache_transceiver_config and no MESHSERVE_SECRET: the orchestrator's key file, copied here "
+               "(mode 0600; default: $MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key, made when missing)")
     _flag(parser, "chat_template", default=None, help="a Jinja chat template, or a file holding one")
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
@@ -199,6 +202,30 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _use_disagg_key(secret_file: Optional[str], rank: int) -> Optional[str]:
+    """With cache_transceiver_config: settle the key this server's processes sign disaggregated_params
+    and authenticate KV transfers with (disagg/params.py): MESHSERVE_SECRET, else a key file, whose
+    path goes to the engine and rank processes in MESHSERVE_SECRET_FILE. The path is logged, never
+    the key. An error line naming what to set, or None."""
+    from meshserve.disagg import params
+
+    try:
+        found = params.server_key_file(secret_file)
+    except params.KeyFileError as e:
+        return str(e)
+    if found is None:
+        if secret_file and rank == 0:
+            logger.warning("--secret_file %s is not used: MESHSERVE_SECRET is set and is the key", secret_file)
+        return None
+    path, created = found
+    os.environ[params.SECRET_FILE_ENV] = path
+    if rank == 0:
+        logger.info("disaggregated serving: the shared key is in %s (%s); the orchestrator and every server must "
+                    "hold the same one (on other hosts: a copy of this file, or MESHSERVE_SECRET)", path,
+                    "made now" if created else "there already")
+    return None
+
+
 def main(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     try:
@@ -211,15 +238,15 @@ def main(ns: argparse.Namespace) -> int:
     from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
-    if args.cache_transceiver_config is not None and not os.environ.get("MESHSERVE_SECRET") and rank == 0:
-        logger.warning("cache_transceiver_config is set but MESHSERVE_SECRET is not: the disaggregated params and "
-                       "KV transfers are signed with a key of this process only, so other servers refuse them; "
-                       "set the same MESHSERVE_SECRET on every context and generation server")
     try:
         _check_device(args.device)
         model_path = resolve_model_path(args.model, args.show_progress and rank == 0, args.load_format)
         tokenizer_path = resolve_tokenizer_path(args.tokenizer) or model_path
         _check_layout(args, model_path)
+        if args.cache_transceiver_config is not None:  # once the config is known to be runnable
+            failed = _use_disagg_key(ns.secret_file, rank)
+            if failed is not None:
+                raise ValueError(failed)
         if rank != 0:
             return _run_worker_rank(args, model_path, launch)
     except (ValueError, FileNotFoundError) as e:

@@ -4,15 +4,17 @@ The source is the active side on the data channel (MPI and UCX tags are two-side
 
     source -> sink  Hello(nonce, layout)                   as DEFAULT
     sink -> source  SideHello(info)                      -> SideHello(info)   the channel's addresses
-                    SideRead(read, tag)                  -> Data(nbytes, shape), then the bytes over the
-                                                            channel with `tag` (or Error(message))
+                    SideRead(read, tag)                  -> Data(nbytes, shape, mac), then the bytes over
+                                                            the channel with `tag` (or Error(message))
                     Release(ctx_request_id)              -> Ok (as DEFAULT)
 
 A `SideRead` is checked and gathered exactly as a DEFAULT `Read` (the same code: tcp.py's
 `_gather_read`); the sink posts its receive (into a reusable staging buffer) before it sends the
 request, waits for it until the pull's deadline, and kv_io scatters the chunk into its blocks
-(re-blocking and head re-slicing as DEFAULT). A sink that gives up cancels its receive and closes
-the connection; a source whose send is still pending sees the connection close and cancels the send.
+(re-blocking and head re-slicing as DEFAULT) once the payload MAC the authenticated Data header
+announced matches (when `read.mac` asked for one: the sink's verify_payload; tcp.py has the MAC). A
+sink that gives up cancels its receive and closes the connection; a source whose send is still
+pending sees the connection close and cancels the send.
 
 A backend subclasses `SideKvSource` / `SideKvSink` and implements the channel: `_local_info()` (what
 its SideHello carries), `_peer(conn_info)` (checks the other side's SideHello), `_send(peer, tag,
@@ -109,7 +111,8 @@ class SideKvSource(TcpKvSource):
             if buf is None:
                 return True
             view = tcp._as_bytes(buf)
-            conn.send(Data(len(view), list(buf.shape)))
+            mac = conn.payload_mac(conn.sent, view) if msg.read.mac else b""
+            conn.send(Data(len(view), list(buf.shape), mac))
             deadline = time.monotonic() + self.SEND_TIMEOUT_S
             self._send(peer, msg.tag, view, lambda: not self._closed and not _closed(conn.sock)
                        and time.monotonic() < deadline)
@@ -158,6 +161,7 @@ class SideKvSink(TcpKvSink):
         n = src.num_tokens
         chunk = self.max_tokens_in_buffer or n
         staging = tcp._Staging(self._pinned)
+        verify = self.verify_payload and conn.payload_key is not None
         for layer, heads in items:
             progress["layer"] = layer
             src_group = source.group_of(layer)
@@ -178,7 +182,9 @@ class SideKvSink(TcpKvSink):
                 handle = self._post_recv(peer, tag, view)
                 try:
                     reply = self._exchange(conn, SideRead(tcp.Read(src.ctx_request_id, src_ids, n, layer, heads,
-                                                                   (t0, t1), lay.model_id, lay.dtype), tag), ep)
+                                                                   (t0, t1), lay.model_id, lay.dtype, verify), tag),
+                                           ep)
+                    seq = conn.received - 1  # the Data frame's: its payload MAC is bound to it
                     if not isinstance(reply, Data) or tuple(reply.shape) != shape or reply.nbytes != len(view):
                         raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
                                     f"expected Data of shape {list(shape)}")
@@ -188,5 +194,7 @@ class SideKvSink(TcpKvSink):
                 if not self._wait(handle, conn.deadline, abort,
                                   f"layer {layer} tokens [{t0}, {t1}) from context rank {ep}"):
                     return
+                if verify:
+                    tcp.check_payload(conn.payload_mac(seq, view), reply.mac, layer, t0, t1, ep)
                 kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local)
                 progress["bytes"] += len(view)

@@ -33,7 +33,9 @@ the tokens x heads it needs, one layer (and chunk of `max_tokens_in_buffer` toke
 
 NIXL reads are one-sided: once a sink has a source's metadata, UCX would serve reads of any of the
 source's registered cache without asking it. The grant protocol keeps honest sinks within the
-registered request's lifetime; the key (MESHSERVE_SECRET) decides who gets the metadata at all.
+registered request's lifetime; the key (MESHSERVE_SECRET or the key file) decides who gets the
+metadata at all. The bytes themselves carry no MAC (`verify_payload` has no effect here: a READ lands
+before anything could check it); they rely on UCX's transport and the authenticated control channel.
 
 On a machine without InfiniBand devices but with libibverbs installed (OpenMPI pulls it in), UCX's
 `ib` module makes processes crash at exit (signal 11): unless `UCX_MODULES` is set, importing this
@@ -286,8 +288,10 @@ class NixlKvSink(TcpKvSink):
     POLL_S = 0.0002
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
-                 key: Optional[bytes] = None):
-        super().__init__(kv_caches, layout, max_tokens_in_buffer, key)
+                 key: Optional[bytes] = None, verify_payload: bool = True):
+        # verify_payload has no effect here: NIXL READs land in the blocks (or staging) one-sided, with
+        # no MAC to check; the control connection (grants) is authenticated (docs/kv_backends.md)
+        super().__init__(kv_caches, layout, max_tokens_in_buffer, key, verify_payload)
         _check_contiguous(kv_caches, "KV sink")
         self._agent = _agent("kv-sink")
         self._reg = self._agent.register_memory(list(kv_caches)) if kv_caches else None

@@ -26,8 +26,10 @@ Per request (`/v1/completions`, `/v1/chat/completions`), context first:
 `X-Request-Id` (made up when the client sends none) goes to both servers and back to the client.
 Every server's `/health` is polled every `health_check_interval` seconds; an unhealthy server is
 skipped until it answers 200 again (a request that finds no healthy server in a group probes the
-group once before answering 503). Servers join and leave while it runs (`POST /register`,
-`/unregister`, a bearer token derived from MESHSERVE_SECRET: `membership_token`). `/metrics` has
+group once before answering 503); each poll also carries a random key challenge, and a server that
+answers it with a proof of another key (params.key_proof) is taken for unhealthy, its error naming
+how to share the key. Servers join and leave while it runs (`POST /register`, `/unregister`, a
+bearer token derived from the shared key: `membership_token`). `/metrics` has
 per-hop histograms and retry/failure/failover counters (`meshserve_disagg_*`, DisaggMetrics).
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -52,7 +55,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import meshserve
-from meshserve.disagg.params import key_from_secret
+from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADER, SECRET_FILE_ENV, default_key_file,
+                                     key_from_secret, key_proof, read_key_file)
 from meshserve.disagg.router import ROUTERS, Router, Server, create_router
 from meshserve.serve.protocol import APIError, error_body
 
@@ -550,13 +554,19 @@ MEMBERSHIP_LABEL = b"meshserve disaggregated membership v1"
 
 def membership_token(key: Optional[bytes] = None) -> str:
     """The bearer token of the orchestrator's /register and /unregister: HMAC-SHA256 of a fixed
-    label under the shared key (MESHSERVE_SECRET; `key` overrides it), in hex, so the secret itself
-    never travels. A ValueError when there is no key."""
+    label under the shared key (MESHSERVE_SECRET, else the key file: MESHSERVE_SECRET_FILE or the
+    default one; `key` overrides them), in hex, so the secret itself never travels. A ValueError
+    when there is no key."""
     if key is None:
         secret = os.environ.get("MESHSERVE_SECRET")
-        if not secret:
-            raise ValueError("MESHSERVE_SECRET is not set")
-        key = key_from_secret(secret)
+        if secret:
+            key = key_from_secret(secret)
+        else:
+            path = os.environ.get(SECRET_FILE_ENV) or default_key_file()
+            key = read_key_file(path)  # a KeyFileError (ValueError) when it cannot be trusted
+            if key is None:
+                raise ValueError(f"MESHSERVE_SECRET is not set and there is no key file {path} (`meshserve "
+                                 f"disaggregated` makes it)")
     return hmac.new(key, MEMBERSHIP_LABEL, hashlib.sha256).hexdigest()
 
 
@@ -566,7 +576,9 @@ class Orchestrator:
         self.config = config
         self.request_timeout = float(request_timeout)
         self.metrics = metrics or DisaggMetrics()
-        self.key = key  # MESHSERVE_SECRET's: guards /register and /unregister (None: they answer 503)
+        # the shared key (MESHSERVE_SECRET or the key file): guards /register and /unregister and checks the
+        # servers hold it too (None: the routes answer 503, no check)
+        self.key = key
         self.context = [Server(u, "context") for u in config.context.urls]
         self.generation = [Server(u, "generation") for u in config.generation.urls]
         self.context_router = create_router(config.context.router, self.context, **config.context.router_args)
@@ -618,12 +630,26 @@ class Orchestrator:
         server.last_error = None if ok else error
 
     async def check(self, server: Server) -> bool:
+        challenge = secrets.token_hex(16) if self.key is not None else None
         try:
-            r = await self.client.get(server.url + "/health", timeout=self.config.health_check_timeout)
+            r = await self.client.get(server.url + "/health", timeout=self.config.health_check_timeout,
+                                      headers={CHALLENGE_HEADER: challenge} if challenge else None)
             ok, error = r.status_code == 200, None if r.status_code == 200 else (
                 f"/health answered {r.status_code}: {_one_line(r)}")
         except httpx.HTTPError as e:
             ok, error = False, describe(e)
+        else:
+            # a server with cache_transceiver_config proves it holds the key (one without answers no
+            # proof; the disaggregated_params it would be sent tell it so)
+            proof = r.headers.get(PROOF_HEADER) if challenge else None
+            if ok and proof is not None and not hmac.compare_digest(proof.encode(),
+                                                                    key_proof(self.key, challenge).encode()):
+                error = (f"it holds another key than this orchestrator's, so its disaggregated_params and KV "
+                         f"transfers would be refused: {HOW_TO_SHARE}, and restart it")
+                if server.last_error != error:
+                    logger.warning("%s server %s is not used: %s", server.role, server.address, error)
+                server.healthy, server.last_error = False, error
+                return False
         self._set_health(server, ok, error)
         return ok
 
@@ -652,12 +678,14 @@ class Orchestrator:
     # ---- membership (/register, /unregister) ----------------------------------------------------------
     def _authorize(self, raw: Request) -> None:
         if self.key is None:
-            raise APIError(503, "this orchestrator has no key (MESHSERVE_SECRET), so it takes no registrations",
+            raise APIError(503, "this orchestrator has no key (MESHSERVE_SECRET or a key file), so it takes no "
+                           "registrations",
                            "server_error", None, "no_key")
         given = raw.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, f"Bearer {membership_token(self.key)}".encode()):
             raise APIError(401, "missing or wrong membership token: send `Authorization: Bearer <token>`, the token "
-                           "being membership_token() of the orchestrator's MESHSERVE_SECRET (docs/disaggregated.md)",
+                           "being membership_token() of the orchestrator's key (MESHSERVE_SECRET or its key file; "
+                           "docs/disaggregated.md)",
                            "invalid_request_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def membership(self, raw: Request, join: bool) -> Response:

@@ -5,14 +5,24 @@ connection. A connection goes:
 
     source -> sink  Hello(nonce, layout)                  the source's RankLayout, a fresh nonce
     sink -> source  Read(request, layer, heads, tokens)   -> Data(nbytes, shape) + nbytes raw bytes
+                                                             (+ their 32-byte MAC when Read.mac)
                     Release(ctx_request_id)               -> Ok
                     (any request)                         -> Error(message) when refused
 
 Every frame is `len (u32, big endian) | mac (32 bytes) | msgpack body`. With a key, mac is
 HMAC-SHA256(key, nonce | direction | sequence number | body), so a frame only counts on the
 connection and at the place it was made for (no replays); the Hello's nonce part is empty. Without a
-key the mac is zeros and nothing is checked. Tensor bytes follow their Data header unsigned (a
-signature over gigabytes of KV would cost more than the transfer; the peer is authenticated).
+key the mac is zeros and nothing is checked.
+
+Tensor bytes follow their Data header raw. When the Read asks (`mac`: the sink's `verify_payload`
+with a key, on by default) they are followed by their MAC, HMAC-SHA256(payload key, nonce | the Data
+frame's sequence number | the bytes), the payload key being HMAC-SHA256(key, "meshserve kv payload
+v1"), so a chunk's MAC is valid on one connection, at one place (not replayed, reordered or moved),
+and as nothing else. Both sides hash memoryviews of the bytes (no copy) as they go: the source each
+1 MiB slice once it is in the socket's buffer, the sink each piece as it arrives, so the hashing of
+one side overlaps the other's work; the sink scatters a chunk into its blocks only once its MAC
+matches, else the pull fails (nothing of that chunk written). The backends on _side.py (UCX, MPI)
+carry the same MAC in the Data header (`Data.mac`) instead.
 
 A `TcpKvSink` pulls: for each layer it holds, it picks the context ranks covering its KV heads
 (several when the context TP is larger, one replica when heads are replicated; any rank holding the
@@ -46,6 +56,8 @@ _LEN = struct.Struct("!I")
 _SEQ = struct.Struct("!Q")
 _MAC_LEN = 32
 _NO_MAC = bytes(_MAC_LEN)
+_PAYLOAD_LABEL = b"meshserve kv payload v1"
+_SLICE = 1 << 20  # bytes a source sends between payload hash updates
 MAX_HEADER = 64 << 20  # a header (msgpack) larger than this is refused
 IDLE_TIMEOUT_S = 300.0  # a source drops a connection silent this long
 
@@ -64,6 +76,7 @@ class Read(msgspec.Struct, tag=True):
     tokens: tuple[int, int]  # [start, end) tokens of this chunk
     model_id: str
     dtype: str
+    mac: bool = False  # the sink verifies the payload: its MAC follows the bytes (Data.mac on _side.py)
 
 
 class Release(msgspec.Struct, tag=True):
@@ -73,6 +86,7 @@ class Release(msgspec.Struct, tag=True):
 class Data(msgspec.Struct, tag=True):
     nbytes: int
     shape: list[int]
+    mac: bytes = b""  # _side.py's backends: the payload's MAC when the Read asked (DEFAULT sends it after)
 
 
 class Ok(msgspec.Struct, tag=True):
@@ -121,6 +135,8 @@ class _Conn:
         self.sock = sock
         self.decoder = decoder or _decoder  # other backends extend the message set (nixl.py, mpi.py, ucx.py)
         self.key = key
+        # the payload MAC's key: derived, so a payload MAC is never valid as anything else's
+        self.payload_key = hmac.new(key, _PAYLOAD_LABEL, hashlib.sha256).digest() if key is not None else None
         self.side = side
         self.peer_side = b"K" if side == b"S" else b"S"
         self.nonce = b""
@@ -132,6 +148,21 @@ class _Conn:
         if self.key is None:
             return _NO_MAC
         return hmac.new(self.key, self.nonce + direction + _SEQ.pack(seq) + body, hashlib.sha256).digest()
+
+    def payload_hasher(self, seq: int):
+        """The HMAC (to feed the bytes to) of the payload announced by the source's frame `seq`; None
+        without a key."""
+        if self.payload_key is None:
+            return None
+        return hmac.new(self.payload_key, self.nonce + _SEQ.pack(seq), hashlib.sha256)
+
+    def payload_mac(self, seq: int, data: memoryview) -> bytes:
+        """The payload MAC of `data` announced by the source's frame `seq` (b"" without a key)."""
+        h = self.payload_hasher(seq)
+        if h is None:
+            return b""
+        h.update(data)
+        return h.digest()
 
     def _arm(self) -> None:
         if self.deadline is not None:
@@ -147,17 +178,30 @@ class _Conn:
         self._arm()
         self.sock.sendall(_LEN.pack(len(body)) + mac + body)
 
-    def send_bytes(self, data: memoryview) -> None:
-        self._arm()
-        self.sock.sendall(data)
+    def send_bytes(self, data: memoryview, hasher=None) -> None:
+        """Send `data`; with `hasher` (an HMAC), in slices, each hashed once it is in the socket's
+        buffer, so the hashing overlaps the receiver's work."""
+        if hasher is None:
+            self._arm()
+            self.sock.sendall(data)
+            return
+        for start in range(0, len(data), _SLICE):
+            piece = data[start:start + _SLICE]
+            self._arm()
+            self.sock.sendall(piece)
+            hasher.update(piece)
 
-    def recv_into(self, view: memoryview) -> None:
+    def recv_into(self, view: memoryview, hasher=None) -> None:
+        """Fill `view` from the socket; `hasher` (an HMAC) is fed each piece as it arrives, so the
+        hashing overlaps the sender's work."""
         got = 0
         while got < len(view):
             self._arm()
             n = self.sock.recv_into(view[got:])
             if n == 0:
                 raise ConnectionError("connection closed by peer")
+            if hasher is not None:
+                hasher.update(view[got:got + n])
             got += n
 
     def recv(self):
@@ -331,7 +375,7 @@ class TcpKvSource(KvSource):
                     msg = conn.recv()
                 except _AuthError:
                     conn.send(Error("authentication failed: the request's HMAC does not match this context "
-                                    "server's key (MESHSERVE_SECRET differs between the servers?)"))
+                                    "server's key (MESHSERVE_SECRET or the key file differs between the servers?)"))
                     return
                 if isinstance(msg, Read):
                     # the D2H copy into pinned memory is synchronous: the bytes are read when it returns
@@ -361,8 +405,11 @@ class TcpKvSource(KvSource):
         if buf is None:
             return
         data = _as_bytes(buf)
+        hasher = conn.payload_hasher(conn.sent) if msg.mac else None
         conn.send(Data(len(data), list(buf.shape)))
-        conn.send_bytes(data)
+        conn.send_bytes(data, hasher)
+        if hasher is not None:
+            conn.send_bytes(memoryview(hasher.digest()))  # the trailer: the payload's MAC
 
     def _gather_read(self, conn: _Conn, msg: Read, staging: _Staging) -> Optional[torch.Tensor]:
         """The chunk a Read asks for, gathered into a contiguous CPU buffer; None when refused (the
@@ -447,6 +494,14 @@ class TcpKvSource(KvSource):
         self.close()
 
 
+def check_payload(mac: bytes, expected: bytes, layer: int, t0: int, t1: int, ep: str) -> None:
+    """_Fail unless a chunk's payload MAC (computed here) is the one the context rank sent."""
+    if not hmac.compare_digest(mac, expected):
+        why = "altered in transit" if expected else "the context server sent none"
+        raise _Fail(f"layer {layer} tokens [{t0}, {t1}) from context rank {ep} failed the payload integrity check "
+                    f"(its MAC does not match: {why}); none of it was written")
+
+
 def _compatible(sink: RankLayout, src: RankLayout) -> Optional[str]:
     """A one-line reason a source's KV cannot go into the sink's caches, or None."""
     for name in ("model_id", "dtype", "kind", "head_dim", "num_kv_heads", "latent_dim"):
@@ -461,7 +516,7 @@ class TcpKvSink(KvSink):
     decoder = _decoder  # as TcpKvSource.decoder
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
-                 key: Optional[bytes] = None):
+                 key: Optional[bytes] = None, verify_payload: bool = True):
         layout = normalized(layout)
         _check_caches(kv_caches, layout, "KV sink")
         if max_tokens_in_buffer is not None and max_tokens_in_buffer <= 0:
@@ -470,6 +525,8 @@ class TcpKvSink(KvSink):
         self.layout = layout
         self.max_tokens_in_buffer = max_tokens_in_buffer
         self.key = key
+        # cache_transceiver_config.verify_payload: ask for and check each chunk's MAC (with a key)
+        self.verify_payload = bool(verify_payload)
         self._pinned = any(c.device.type == "cuda" for c in self.kv_caches)
 
     def _plan(self, sources: Sequence[RankLayout]) -> dict[int, list[tuple[int, tuple[int, int]]]]:
@@ -566,7 +623,7 @@ class TcpKvSink(KvSink):
         except _AuthError:
             sock.close()
             raise _Fail(f"context rank {ep} failed authentication: its key differs from this server's "
-                        f"(set the same MESHSERVE_SECRET on both servers)") from None
+                        f"(set the same MESHSERVE_SECRET, or the same key file, on both servers)") from None
         except BaseException:
             sock.close()
             raise
@@ -588,7 +645,8 @@ class TcpKvSink(KvSink):
             conn.send(msg)
             reply = conn.recv()
         except _AuthError:
-            raise _Fail(f"a reply from context rank {ep} failed authentication (MESHSERVE_SECRET differs?)") from None
+            raise _Fail(f"a reply from context rank {ep} failed authentication (MESHSERVE_SECRET or the key file "
+                        f"differs?)") from None
         if isinstance(reply, Error):
             raise _Fail(f"context rank {ep} refused: {_one_line(reply.message)}")
         return reply
@@ -629,6 +687,7 @@ class TcpKvSink(KvSink):
         n = src.num_tokens
         chunk = self.max_tokens_in_buffer or n
         staging = _Staging(self._pinned)
+        verify = self.verify_payload and conn.payload_key is not None
         for layer, heads in items:
             progress["layer"] = layer
             src_group = source.group_of(layer)
@@ -643,7 +702,7 @@ class TcpKvSink(KvSink):
                     return
                 t1 = min(n, t0 + chunk)
                 reply = self._exchange(conn, Read(src.ctx_request_id, src_ids, n, layer, heads, (t0, t1),
-                                                  lay.model_id, lay.dtype), ep)
+                                                  lay.model_id, lay.dtype, verify), ep)
                 shape = kv_io.buffer_shape(cache, t1 - t0, local)
                 if not isinstance(reply, Data) or tuple(reply.shape) != shape:
                     raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
@@ -652,7 +711,12 @@ class TcpKvSink(KvSink):
                 view = _as_bytes(buf)
                 if reply.nbytes != len(view):
                     raise _Fail(f"context rank {ep} sends {reply.nbytes} bytes for {len(view)} expected")
-                conn.recv_into(view)
+                hasher = conn.payload_hasher(conn.received - 1) if verify else None
+                conn.recv_into(view, hasher)
+                if hasher is not None:
+                    trailer = bytearray(_MAC_LEN)
+                    conn.recv_into(memoryview(trailer))
+                    check_payload(hasher.digest(), bytes(trailer), layer, t0, t1, ep)
                 # from (pinned) host memory the H2D copy is synchronous: the staging buffer is free after
                 kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local)
                 progress["bytes"] += len(view)

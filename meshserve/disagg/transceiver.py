@@ -102,10 +102,12 @@ class KvSource:
 
 class KvSink:
     """Reads a request's KV from the source ranks into this rank's blocks (`kv_caches[i]`: the cache
-    of `layout.layers[i]`; `layout.endpoint` is "")."""
+    of `layout.layers[i]`; `layout.endpoint` is ""). `verify_payload` (with a key): check each chunk's
+    MAC before it is written into the blocks (cache_transceiver_config.verify_payload; DEFAULT, UCX
+    and MPI; NIXL's one-sided reads have none)."""
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
-                 key: Optional[bytes] = None):
+                 key: Optional[bytes] = None, verify_payload: bool = True):
         raise NotImplementedError
 
     def pull(self, sources: list[RankLayout], src: KvRequest, dst_block_ids: list[list[int]],

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import meshserve
+from meshserve.disagg import params as signed
 from meshserve.engine import disagg
 from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTransferError, QueueFullError,
                                            RequestRejectedError, RequestStream)
@@ -205,6 +206,19 @@ class OpenAIServing:
                 t.cancel()
 
     # ---- disaggregated serving (docs/disaggregated.md) ----------------------------------------------
+    def key_proof_headers(self, raw: Request) -> dict:
+        """/health's answer to the orchestrator's key challenge: with cache_transceiver_config, an
+        HMAC of the challenge under a key derived from the shared one (disagg/params.py key_proof), so
+        the orchestrator learns whether this server holds its key without the key going anywhere."""
+        challenge = raw.headers.get(signed.CHALLENGE_HEADER)
+        if challenge is None or getattr(getattr(self.engine, "args", None), "cache_transceiver_config", None) is None:
+            return {}
+        try:
+            proof = signed.key_proof(signed.secret_key(), challenge)
+        except ValueError:  # an unusable key file: requests with disaggregated_params say why
+            return {}
+        return {signed.PROOF_HEADER: proof} if proof else {}
+
     def disagg_request(self, req, prompts: list[tuple[Optional[str], list[int]]], params,
                        request_id: str) -> tuple[Optional[DisaggRequest], object]:
         """The engine's DisaggRequest of a request with `disaggregated_params` (None without), and
@@ -542,11 +556,12 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
         return serving.models()
 
     @app.get("/health")
-    async def health():
+    async def health(raw: Request):
+        headers = serving.key_proof_headers(raw)
         if serving.engine.healthy:
-            return {"status": "ok"}
+            return JSONResponse({"status": "ok"}, headers=headers)
         return JSONResponse({"status": "unhealthy", "error": serving.engine.error or "the engine is not running"},
-                            status_code=503)
+                            status_code=503, headers=headers)
 
     @app.get("/version")
     async def version():

@@ -68,7 +68,8 @@ def rank_layout(runner, model_id_: str) -> RankLayout:
 
 class RankTransfer:
     def __init__(self, kv_caches: list, layout: RankLayout, backend: str = "DEFAULT", host: str = "127.0.0.1",
-                 max_tokens_in_buffer: Optional[int] = None, key: Optional[bytes] = None):
+                 max_tokens_in_buffer: Optional[int] = None, key: Optional[bytes] = None,
+                 verify_payload: bool = True):
         from meshserve.disagg import params
         key = params.secret_key() if key is None else key
         source_cls, sink_cls = create_transceiver(backend)
@@ -77,7 +78,7 @@ class RankTransfer:
         self.source = source_cls(kv_caches, layout, host=host, key=key, on_release=self._releases.put,
                                  require_registered=True)
         self.layout = msgspec.structs.replace(layout, endpoint=self.source.endpoint)
-        self.sink = sink_cls(kv_caches, layout, max_tokens_in_buffer, key)
+        self.sink = sink_cls(kv_caches, layout, max_tokens_in_buffer, key, verify_payload=verify_payload)
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="meshserve-kv-pull")
         self._release_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-kv-release")
         self._lock = threading.Lock()

@@ -228,7 +228,8 @@ class ModelRunner:
             t = self.cfg.kv_transfer
             self.kv_transfer = RankTransfer([a.kv_cache for a in self.attn_layers],
                                             rank_layout(self, self.cfg.model_id), t["backend"], t["host"],
-                                            t.get("max_tokens_in_buffer"))
+                                            t.get("max_tokens_in_buffer"),
+                                            verify_payload=t.get("verify_payload", True))
 
     def close_kv_transfer(self) -> None:
         if self.kv_transfer is not None:

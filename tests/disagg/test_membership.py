@@ -1,6 +1,8 @@
 """Dynamic membership of the disaggregated orchestrator and its key: servers join (`POST /register`)
-and leave (`POST /unregister`) while it runs, guarded by a bearer token derived from
-MESHSERVE_SECRET; the command refuses to start without MESHSERVE_SECRET. Against fake servers."""
+and leave (`POST /unregister`) while it runs, guarded by a bearer token derived from the shared key
+(MESHSERVE_SECRET, else the key file); a server that proves another key on /health is not used;
+the command takes the key file when MESHSERVE_SECRET is unset and refuses an unsafe one. Against
+fake servers."""
 from __future__ import annotations
 
 import threading
@@ -10,8 +12,9 @@ import pytest
 
 from fake_servers import FULL_TEXT, MODEL, FakeContextServer, FakeGenerationServer
 from meshserve.commands import main as cli
+from meshserve.disagg import params
 from meshserve.disagg.orchestrator import membership_token
-from meshserve.disagg.params import key_from_secret
+from meshserve.disagg.params import CHALLENGE_HEADER, PROOF_HEADER, key_from_secret, key_proof
 from meshserve.disagg.router import KvCacheAwareRouter, RoundRobinRouter, Server
 from test_orchestrator import OrchestratorThread, config, seed_config, wait_for
 
@@ -172,17 +175,75 @@ def test_routers_forget_a_server_that_leaves():
     assert kv.choose([x for x in s if x is not first], {"prompt": "a shared prefix of text"}) is not first
 
 
-def test_the_command_needs_meshserve_secret(tmp_path, capsys, monkeypatch):
+def _prove_with(fake, holder: dict):
+    """The fake's /health answers the orchestrator's key challenge with holder["key"] (None: no proof)."""
+    @fake.app.middleware("http")
+    async def proof(request, call_next):
+        response = await call_next(request)
+        challenge = request.headers.get(CHALLENGE_HEADER)
+        if request.url.path == "/health" and challenge and holder["key"] is not None:
+            response.headers[PROOF_HEADER] = key_proof(holder["key"], challenge)
+        return response
+
+
+def test_a_server_holding_another_key_is_not_used(orchestrator, fakes):
+    keys = {"good": {"key": KEY}, "bad": {"key": b"another key"}, "late": {"key": b"yet another key"}}
+    made = {name: FakeGenerationServer(f"gen_{name}") for name in keys}
+    for name, fake in made.items():
+        _prove_with(fake, keys[name])
+        fake.start()
+    good, bad, late = made["good"], made["bad"], made["late"]
+    try:
+        o = orchestrator(config([fakes["ctx"]], [good, bad, fakes["gen_a"]]))  # gen_a: no proof (no check)
+        wait_for(lambda: not o.orch.generation[1].healthy)
+        state = httpx.get(o.url + "/health").json()["generation_servers"]
+        assert [s["healthy"] for s in state] == [True, False, True]
+        error = state[1]["error"]
+        assert error.startswith("it holds another key than this orchestrator's, so its disaggregated_params and KV "
+                                "transfers would be refused: copy the orchestrator's key file") and "\n" not in error
+        assert "MESHSERVE_SECRET" in error and KEY.hex() not in error
+        for _ in range(4):
+            r = o.post("/v1/completions", {"model": MODEL, "prompt": "x"})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == FULL_TEXT
+        assert not bad.received and len(good.received) == len(fakes["gen_a"].received) == 2
+        # one that joins with another key is registered, and not used
+        r = o.member("/register", {"url": late.address, "role": "generation"})
+        assert r.status_code == 200 and r.json()["healthy"] is False
+        assert o.orch.generation[3].last_error == error
+        # restarted with the orchestrator's key (here: the fake now proves it), it is used again
+        keys["bad"]["key"] = KEY
+        wait_for(lambda: o.orch.generation[1].healthy)
+        for _ in range(3):
+            assert o.post("/v1/completions", {"model": MODEL, "prompt": "x"}).status_code == 200
+        assert len(bad.received) == 1 and not late.received
+    finally:
+        for fake in made.values():
+            fake.stop()
+
+
+def test_the_command_takes_the_key_file_without_meshserve_secret(tmp_path, capsys, monkeypatch):
     path = tmp_path / "disagg-config.yml"
     path.write_text(seed_config(8000, ["localhost:8001"], "localhost:8003"))
-    monkeypatch.delenv("MESHSERVE_SECRET", raising=False)
-    assert cli.main(["disaggregated", "-c", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("meshserve disaggregated: error: MESHSERVE_SECRET is not set: export "
-                                              "the same secret on every context and generation server and on the "
-                                              "orchestrator")
-    with pytest.raises(ValueError, match="MESHSERVE_SECRET is not set"):
+    for name in ("MESHSERVE_SECRET", "MESHSERVE_SECRET_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    default = tmp_path / "cache" / "meshserve" / "disagg.key"
+    with pytest.raises(ValueError, match=f"MESHSERVE_SECRET is not set and there is no key file {default}"):
         membership_token()
+    # an unsafe key file: the command stops, one line naming the fix
+    unsafe = tmp_path / "unsafe.key"
+    unsafe.write_text("ab" * 32)
+    unsafe.chmod(0o644)
+    assert cli.main(["disaggregated", "-c", str(path), "--secret_file", str(unsafe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err == (f"meshserve disaggregated: error: the key file {unsafe} is readable or "
+                                       f"writable by others (mode 0644): chmod 600 {unsafe}")
+    monkeypatch.setenv("MESHSERVE_SECRET_FILE", str(unsafe))
+    assert cli.main(["disaggregated", "-c", str(path)]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+    monkeypatch.delenv("MESHSERVE_SECRET_FILE")
+    key, _ = params.create_key_file(str(default))  # as the command (or a server) makes it
+    assert membership_token() == membership_token(key)
     monkeypatch.setenv("MESHSERVE_SECRET", SECRET)
     assert membership_token() == membership_token(KEY) != membership_token(key_from_secret("other"))
     assert SECRET not in membership_token() and len(membership_token()) == 64

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from meshserve.disagg import mpi as mpi_backend
+from meshserve.disagg import tcp
+from meshserve.disagg._side import SideKvSource
 from meshserve.disagg.transceiver import KvRequest, RankLayout, TransferState, create_transceiver
 
 # a backend that cannot run here is skipped with the reason (scripts/setup.sh installs the wheels)
@@ -88,7 +90,7 @@ class Cluster:
     """Source ranks and sink ranks of one test, in this process on 127.0.0.1."""
 
     def __init__(self, backend, src_layouts, dst_layouts, n, *, num_blocks=64, max_tokens=None, key=KEY,
-                 sink_key=None, seed=0, num_groups=1, **source_kwargs):
+                 sink_key=None, seed=0, num_groups=1, sink_kwargs=None, **source_kwargs):
         Source, Sink = backend
         gen = torch.Generator().manual_seed(seed)
         self.n = n
@@ -111,7 +113,7 @@ class Cluster:
             self.before.append([c.clone() for c in caches])
             self.dst_ids.append(_block_ids(n, lay.block_size, num_blocks, gen, num_groups))
             self.sinks.append(Sink(caches, lay, max_tokens_in_buffer=max_tokens,
-                                   key=key if sink_key is None else sink_key))
+                                   key=key if sink_key is None else sink_key, **(sink_kwargs or {})))
 
     def pull(self, i=0, timeout_s=10.0, sources=None):
         return self.sinks[i].pull(self.src_layouts if sources is None else sources, self.req, self.dst_ids[i],
@@ -139,6 +141,10 @@ class Cluster:
     def close(self):
         for s in self.sources + self.sinks:
             s.close()
+
+
+def _nixl(backend) -> bool:
+    return backend[1].__name__ == "NixlKvSink"
 
 
 @pytest.fixture
@@ -272,7 +278,7 @@ def test_chunking(cluster, backend):
 
 
 def test_nixl_reads_directly_or_through_staging(cluster, backend):
-    if not hasattr(backend[1], "staged_reads"):
+    if not _nixl(backend):
         pytest.skip("NIXL only")
     # same heads on both sides: straight into the sink's blocks, whatever the block sizes
     c = cluster([_layout((0, 1))], [_layout((0, 1), block_size=32)], 40)
@@ -368,6 +374,101 @@ def test_unsigned_sink_refused_by_keyed_source(cluster):
     r = c.pull()
     assert r.state is TransferState.FAILED and "authentication" in r.error
     assert c.untouched(0)
+
+
+def _tamper(monkeypatch, source, which=None):
+    """Flip a byte in the middle of the payloads the source sends (the `which`-th one only, counting
+    from 1, when given), after its MAC was taken: what an attacker on the wire would do. Returns
+    the list of tampered sends."""
+    done, count = [], [0]
+
+    def bad(view):
+        count[0] += 1
+        if which is not None and count[0] != which:
+            return view
+        copy = bytearray(view)
+        copy[len(copy) // 2] ^= 0x40
+        done.append(count[0])
+        return memoryview(copy)
+
+    if isinstance(source, SideKvSource):  # UCX, MPI: the MAC went in the Data header, the bytes go now
+        orig_send = type(source)._send
+        monkeypatch.setattr(type(source), "_send",
+                            lambda self, peer, tag, view, alive: orig_send(self, peer, tag, bad(view), alive))
+    else:  # DEFAULT: the MAC is taken of the bytes as they are sent
+        orig_bytes = tcp._Conn.send_bytes
+
+        def send_bytes(self, data, hasher=None):
+            if self.side != b"S" or len(data) == tcp._MAC_LEN:  # not a payload (a sink's, or the trailer)
+                return orig_bytes(self, data, hasher)
+            if hasher is not None:
+                hasher.update(data)
+            return orig_bytes(self, bad(data))
+
+        monkeypatch.setattr(tcp._Conn, "send_bytes", send_bytes)
+    return done
+
+
+def test_tampered_payload_is_refused_before_it_is_written(cluster, backend, monkeypatch):
+    if _nixl(backend):
+        pytest.skip("NIXL reads are one-sided: no payload MAC (docs/kv_backends.md)")
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40)
+    assert _tamper(monkeypatch, c.sources[0]) is not None
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "\n" not in r.error
+    assert "payload integrity check" in r.error and "tokens [0, 40)" in r.error and "none of it was written" in r.error
+    assert c.untouched(0)
+
+
+def test_a_tampered_chunk_is_not_written_the_ones_before_it_are(cluster, backend, monkeypatch):
+    if _nixl(backend):
+        pytest.skip("NIXL reads are one-sided: no payload MAC")
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 17, max_tokens=5)
+    assert _tamper(monkeypatch, c.sources[0], which=2) is not None  # layer 0, tokens [5, 10)
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "layer 0 tokens [5, 10)" in r.error, r.error
+    sink, lay = c.sinks[0], c.sinks[0].layout
+    cache, before = sink.kv_caches[0], c.before[0][0]
+    ids = c.dst_ids[0][0]
+    b, o = _slots(ids, lay.block_size, 10)
+    assert torch.equal(cache[:, b[:5], o[:5]], c.truth[0][:, :5].to(cache.dtype))  # the first chunk landed
+    assert torch.equal(cache[:, b[5:], o[5:]], before[:, b[5:], o[5:]])  # the tampered one did not
+    assert torch.equal(sink.kv_caches[1], c.before[0][1])  # nor anything after it
+
+
+def test_verify_payload_false_takes_the_bytes_unchecked(cluster, backend, monkeypatch):
+    if _nixl(backend):
+        pytest.skip("NIXL: verify_payload has no effect")
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": False})
+    tampered = _tamper(monkeypatch, c.sources[0])
+    r = c.pull()
+    assert r.state is TransferState.SUCCESS, r.error
+    assert tampered  # the flipped bytes went in: nothing checked them
+    got = _read(c.sinks[0].kv_caches[0], c.sinks[0].layout, c.dst_ids[0][0], 40)
+    assert not torch.equal(got, c.truth[0].to(got.dtype))
+
+
+def test_payload_macs_are_bound_to_the_connection_and_the_chunk():
+    a, b = socket.socketpair()
+    try:
+        conn = tcp._Conn(a, KEY, b"S")
+        conn.nonce = b"n" * 16
+        data = memoryview(bytes(range(256)) * 64)
+        mac = conn.payload_mac(3, data)
+        assert len(mac) == 32 and conn.payload_mac(3, data) == mac
+        assert conn.payload_mac(4, data) != mac  # another chunk's place
+        other = tcp._Conn(b, KEY, b"K")
+        other.nonce = b"m" * 16
+        assert other.payload_mac(3, data) != mac  # another connection
+        other.nonce = conn.nonce
+        assert other.payload_mac(3, data) == mac  # the sink computes what the source did
+        assert tcp._Conn(b, b"another key", b"K").payload_mac(3, data) != mac
+        assert tcp._Conn(b, None, b"K").payload_mac(3, data) == b""  # no key: nothing to check
+        # never the frame MAC of the same bytes (a derived key)
+        assert conn._mac(b"S", 3, bytes(data)) != mac
+    finally:
+        a.close()
+        b.close()
 
 
 def test_release_callback(cluster):
