@@ -29,6 +29,7 @@ def main():
     p.add_argument("--batches", default="1,4")
     p.add_argument("--contexts", default="128,256,384,1024")
     p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--quick", action="store_true", help="1 or the default splits, 4 warps only")
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, KVH, D, P = a.heads, a.kv_heads, a.head_dim, a.page
@@ -44,8 +45,9 @@ def main():
         ref = paged_attention(q, caches[0], bt, s, ql, ts, st, 1, D ** -0.5, None, 1, workspace={}).float()
         default = decode_num_splits(B, KVH, sms)
         rows = []
-        for splits, tiles, bn, warps in itertools.product(sorted({1, 8, default, 2 * default}),
-                                                          (1, 2, 4), (64,), (2, 4)):
+        grid = (itertools.product(sorted({1, default}), (1, 2, 4), (64,), (4,)) if a.quick else
+                itertools.product(sorted({1, 8, default, 2 * default}), (1, 2, 4), (64,), (2, 4)))
+        for splits, tiles, bn, warps in grid:
             if splits == 1 and tiles == 2:
                 continue
             ws = [{} for _ in caches]
@@ -61,7 +63,7 @@ def main():
                 continue
             rows.append((us, splits, tiles, bn, warps, err))
         rows.sort()
-        cur = [r for r in rows if r[1] == default and r[2] == 2 and r[3] == 64 and r[4] == 2]
+        cur = [r for r in rows if r[1] == default and r[2] == 2 and r[3] == 64 and r[4] == (4 if B <= 8 else 2)]
         print(f"B={B} ctx={ctx} (default splits {default}): current {cur[0][0]:.2f} us" if cur else "", flush=True)
         for r in rows[:6]:
             print(f"   {r[0]:7.2f} us  splits={r[1]} tiles={r[2]} block_n={r[3]} warps={r[4]}  err={r[5]:.1e}", flush=True)
