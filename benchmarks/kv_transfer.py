@@ -8,7 +8,9 @@ cuda:0), through `create_transceiver(backend)` and the sink's `pull` with `max_t
 chunking: the engine's own path (worker/kv_transfer.py). Per backend (DEFAULT = TCP, NIXL, UCX;
 MPI as the two apps of one MPMD mpirun when mpirun and mpi4py are there), chunk setting and
 `verify_payload` (the payload MAC, where the tree has it; NIXL has none): one warm-up pull, then
---repeats timed pulls into zeroed caches, each checked layer by layer (a position-weighted checksum
+--repeats timed pulls into zeroed caches (DEFAULT: over TCP with cuda_ipc false, and with cuda_ipc auto,
+the same-host GPU-to-GPU path where both caches are CUDA tensors; each row's `path` column says how
+the bytes moved, tcp or cuda_ipc), each checked layer by layer (a position-weighted checksum
 of the request's tokens, on both sides) -> bytes, median seconds, GB/s, and the ratio to the copy
 floor: one `Tensor.copy_` of the same bytes within the GPU, measured in the same run. NIXL's result
 says which memory type its caches were registered as and which its transfers named (VRAM on a GPU),
@@ -300,23 +302,38 @@ def engine_verify_default() -> Optional[bool]:
     return None if field is None else field.default
 
 
-def _row_settings(spec: dict, Sink) -> list[tuple[Optional[int], Optional[bool]]]:
-    """(max_tokens_in_buffer, verify_payload) of each row: every chunk setting x the payload-MAC
-    settings asked for (None: the sink's default, where the sink has no such setting or ignores it)."""
+def _sink_takes(Sink, name: str) -> bool:
+    """The sink's constructor has the keyword `name` (the first __init__ that names its parameters:
+    UCX's passes *args, **kwargs on)."""
     import inspect
-    supports = False
-    for cls in Sink.__mro__:  # the first __init__ that names its parameters (UCX's passes *args, **kwargs on)
+    for cls in Sink.__mro__:
         if "__init__" in cls.__dict__:
             params = inspect.signature(cls.__init__).parameters
-            if "verify_payload" in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                supports = "verify_payload" in params and spec["backend"] != "NIXL"
-                break
+            if name in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                return name in params
+    return False
+
+
+def _row_settings(spec: dict, Sink) -> list[tuple[Optional[int], Optional[bool], object]]:
+    """(max_tokens_in_buffer, verify_payload, cuda_ipc) of each row: every chunk setting x the
+    payload-MAC settings asked for (None: the sink's default, where the sink has no such setting or
+    ignores it), over TCP (cuda_ipc False where the sink has that setting: DEFAULT); then, where it
+    has it and --cuda-ipc asks, every chunk setting with cuda_ipc "auto" (the GPU-to-GPU path when
+    both caches are CUDA tensors on this host, else TCP: the row's `path` says which)."""
+    supports = _sink_takes(Sink, "verify_payload") and spec["backend"] != "NIXL"
+    ipc = _sink_takes(Sink, "cuda_ipc") and spec["backend"] == "DEFAULT"
     mode = spec["verify_payload"]
     if not supports or mode == "default":
         verifies = [None]
     else:
         verifies = {"on": [True], "off": [False], "both": [True, False]}[mode]
-    return [(c, v) for v in verifies for c in spec["chunks"]]
+    ipc_mode = spec.get("cuda_ipc", "both")
+    rows = []
+    if not ipc or ipc_mode in ("both", "off"):
+        rows += [(c, v, False if ipc else None) for v in verifies for c in spec["chunks"]]
+    if ipc and ipc_mode in ("both", "auto"):
+        rows += [(c, None, "auto") for c in spec["chunks"]]
+    return rows
 
 
 def role_generation(d: str) -> None:
@@ -346,10 +363,12 @@ def role_generation(d: str) -> None:
         caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in layout.layers]
         dst_ids = _block_ids(num_blocks, need, 2)
         req = KvRequest("ctx-kv-bench", [info["block_ids"]], spec["tokens"])
-        for chunk, verify in _row_settings(spec, Sink):
-            row = {"max_tokens_in_buffer": chunk, "verify_payload": verify, "runs": [], "error": None}
+        for chunk, verify, ipc in _row_settings(spec, Sink):
+            row = {"max_tokens_in_buffer": chunk, "verify_payload": verify, "cuda_ipc": ipc, "runs": [], "error": None}
             result["rows"].append(row)
             kwargs = {} if verify is None else {"verify_payload": verify}
+            if ipc is not None:
+                kwargs["cuda_ipc"] = ipc
             sink = Sink(caches, layout, max_tokens_in_buffer=chunk, key=KEY, **kwargs)
             mems: set = set()
             if hasattr(sink, "_transfer"):  # NIXL: note the memory types each transfer names
@@ -376,9 +395,11 @@ def role_generation(d: str) -> None:
                     sums = [checksum(c, dst_ids, spec["block_size"], spec["tokens"]) for c in caches]
                     bad = [j for j, (a, b) in enumerate(zip(sums, info["checksums"])) if a != b]
                     run = {"warmup": i == 0, "seconds": wall, "pull_seconds": r.seconds, "bytes": r.bytes,
-                           "verified": not bad, "layers_differing": bad[:8]}
+                           "verified": not bad, "layers_differing": bad[:8], "path": getattr(r, "path", None)}
                     row["runs"].append(run)
-                    print(f"  {spec['backend']} chunk={chunk} verify={verify} {'warm-up' if i == 0 else f'run {i}'}: "
+                    row["path"] = run["path"]  # DEFAULT: tcp or cuda_ipc (the last run's)
+                    print(f"  {spec['backend']} chunk={chunk} verify={verify} cuda_ipc={ipc} path={run['path']} "
+                          f"{'warm-up' if i == 0 else f'run {i}'}: "
                           f"{r.bytes / 1e9:.3f} GB in {wall * 1e3:.1f} ms, verified={not bad}", flush=True)
                     write_json(out, result)
             finally:
@@ -557,13 +578,14 @@ def run_backend(backend: str, d: str, spec: dict, timeout_s: float) -> dict:
 def bandwidth_part(a, device: str, work: str, report: dict, save) -> None:
     spec = {"device": device, "dtype": "bfloat16", "layers": a.layers, "kv_heads": a.kv_heads,
             "head_dim": a.head_dim, "tokens": a.tokens, "block_size": a.block_size, "repeats": a.repeats,
-            "chunks": a.chunks, "verify_payload": a.verify_payload, "timeout_s": a.backend_timeout,
+            "chunks": a.chunks, "verify_payload": a.verify_payload, "cuda_ipc": a.cuda_ipc,
+            "timeout_s": a.backend_timeout,
             "pull_timeout_s": min(40.0, a.backend_timeout / 2)}
     nbytes = 2 * a.layers * a.tokens * a.kv_heads * a.head_dim * 2
     bw = report["bandwidth"] = {"shape": {k: spec[k] for k in ("layers", "kv_heads", "head_dim", "tokens",
                                                                 "block_size", "dtype")},
                                 "device": device, "kv_bytes": nbytes, "repeats": a.repeats,
-                                "chunks": a.chunks, "verify_payload": a.verify_payload,
+                                "chunks": a.chunks, "verify_payload": a.verify_payload, "cuda_ipc": a.cuda_ipc,
                                 "engine_verify_payload_default": engine_verify_default(), "backends": {}}
     log(f"bandwidth: {a.tokens} tokens x {a.layers} layers x {a.kv_heads} heads x {a.head_dim} bf16 K+V, "
         f"blocks of {a.block_size} = {nbytes / 1e9:.3f} GB on {device}")
@@ -593,14 +615,15 @@ def print_bandwidth(bw: dict) -> None:
     print(f"\nkv-transfer bandwidth: {bw['kv_bytes'] / 1e9:.3f} GB ({bw['shape']['tokens']} tokens, "
           f"{bw['shape']['layers']} layers, blocks of {bw['shape']['block_size']}) on {bw['device']}, "
           f"median of {bw['repeats']} after a warm-up; MAC: verify_payload (- the sink's default: "
-          f"{bw.get('engine_verify_payload_default')}, or none)")
+          f"{bw.get('engine_verify_payload_default')}, or none); cuda_ipc: the sink's setting (DEFAULT), path: "
+          f"how the bytes moved")
     if f.get("status") == "ok":
         print(f"copy floor (copy_ within the device): {f['seconds'] * 1e3:.3f} ms, {f['payload_gb_s']:.1f} GB/s "
               f"payload ({f['traffic_gb_s']:.1f} GB/s read+write)")
     else:
         print(f"copy floor: {f.get('status')}")
-    print(f"{'backend':>8} {'chunk':>6} {'MAC':>5} {'GB':>7} {'median ms':>10} {'GB/s':>8} {'x floor':>8} "
-          f"{'checksums':>9}  notes")
+    print(f"{'backend':>8} {'chunk':>6} {'MAC':>5} {'cuda_ipc':>8} {'path':>8} {'GB':>7} {'median ms':>10} "
+          f"{'GB/s':>8} {'x floor':>8} {'checksums':>9}  notes")
     for name, res in bw.get("backends", {}).items():
         rows = res.get("rows") or []
         if res["status"] != "ok" and not any(r.get("seconds") for r in rows):
@@ -614,11 +637,13 @@ def print_bandwidth(bw: dict) -> None:
                 notes.append(f"direct {r['nixl_direct_reads']} staged {r['nixl_staged_reads']}")
             if r.get("error"):
                 notes.append(f"failed: {r['error']}")
-            mac = {None: "-", True: "on", False: "off"}[r.get("verify_payload")]
+            mac = {None: "-", True: "on", False: "off", "auto": "auto"}[r.get("verify_payload")]
+            ipc = {None: "-", True: "on", False: "off", "auto": "auto"}[r.get("cuda_ipc")]
+            path = r.get("path") or "-"
             if not r.get("seconds"):
-                print(f"{name:>8} {str(r['max_tokens_in_buffer']):>6} {mac:>5}  {'; '.join(notes)}")
+                print(f"{name:>8} {str(r['max_tokens_in_buffer']):>6} {mac:>5} {ipc:>8} {path:>8}  {'; '.join(notes)}")
                 continue
-            print(f"{name:>8} {str(r['max_tokens_in_buffer']):>6} {mac:>5} {r['bytes'] / 1e9:>7.3f} "
+            print(f"{name:>8} {str(r['max_tokens_in_buffer']):>6} {mac:>5} {ipc:>8} {path:>8} {r['bytes'] / 1e9:>7.3f} "
                   f"{r['seconds'] * 1e3:>10.1f} {r['gb_s']:>8.2f} {r.get('x_floor', float('nan')):>8.0f} "
                   f"{'ok' if r['verified'] else 'DIFFER':>9}  {'; '.join(notes)}")
         if res["status"] != "ok" and any(r.get("seconds") for r in rows):
@@ -1004,6 +1029,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cache_transceiver_config.verify_payload (the payload MAC of DEFAULT, UCX and MPI) rows: "
                         "both (default), on, off, or default (the sink's default only); ignored where the sink "
                         "has no such setting, and for NIXL")
+    g.add_argument("--cuda-ipc", choices=["both", "auto", "off"], default="both",
+                   help="DEFAULT rows: both (default): the rows above over TCP (cuda_ipc false) and one row per "
+                        "chunk setting with cuda_ipc auto (GPU to GPU when both caches are CUDA tensors on this "
+                        "host, else TCP; its path column says which); auto or off: only those")
     g.add_argument("--backend-timeout", type=float, default=None, help="seconds per backend (default 150; smoke 90)")
     g = p.add_argument_group("serve")
     g.add_argument("--model", default="llama-3.1-8b", help="shape name or model folder (random weights)")

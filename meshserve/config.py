@@ -5,10 +5,10 @@ accepted ones instead of being silently ignored. Names follow TensorRT-LLM's LLM
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):
@@ -115,11 +115,26 @@ class CacheTransceiverConfig(StrictModel):
         "a generation server gives up a pull after this long"))
     host: str = Field("127.0.0.1", description=(
         "address every rank's KV transfer endpoint binds to (what generation servers connect to)"))
-    verify_payload: StrictBool = Field(True, description=(
+    verify_payload: Union[bool, Literal["auto"]] = Field("auto", description=(
         "as a generation server, check each pulled KV chunk's MAC (keyed by the shared key, bound to the "
         "connection and the chunk) before writing it into the KV cache; a mismatch fails the transfer. "
-        "DEFAULT, UCX and MPI backends (NIXL's one-sided reads carry none). false: skip it (~2 GB/s of "
-        "hashing per side saved; docs/kv_backends.md)"))
+        "DEFAULT, UCX and MPI backends (NIXL's one-sided reads carry none). auto (default): on unless the "
+        "context rank is this host over loopback (there anyone able to alter the traffic can read the key "
+        "file); true / false: always / never (~2 GB/s of hashing per side; docs/kv_backends.md)"))
+    cuda_ipc: Union[bool, Literal["auto"]] = Field("auto", description=(
+        "DEFAULT backend: move the KV GPU to GPU with CUDA IPC when both servers' KV caches are CUDA tensors "
+        "on the same host (else TCP). auto (default): when possible, falling back to TCP; true: refuse "
+        "(fail the transfer, or stop at startup) where it cannot be used; false: never (a context server "
+        "then exports no handles)"))
+
+    @field_validator("verify_payload", "cuda_ipc", mode="before")
+    @classmethod
+    def _auto_true_false(cls, v):
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lower() in ("auto", "true", "false"):
+            return {"auto": "auto", "true": True, "false": False}[v.strip().lower()]
+        raise ValueError("accepted: auto, true, false")
 
 
 class LlmArgs(StrictModel):

@@ -161,7 +161,7 @@ class SideKvSink(TcpKvSink):
         n = src.num_tokens
         chunk = self.max_tokens_in_buffer or n
         staging = tcp._Staging(self._pinned)
-        verify = self.verify_payload and conn.payload_key is not None
+        verify = self._verify(conn)
         for layer, heads in items:
             progress["layer"] = layer
             src_group = source.group_of(layer)

@@ -122,3 +122,25 @@ def scatter(cache: torch.Tensor, buf: torch.Tensor, block_ids: Sequence[int], bl
     else:
         h0, h1 = _check_heads(cache, heads)
         flat[:, :, h0:h1].index_copy_(1, idx, src)
+
+
+def copy_slots(src: torch.Tensor, src_idx: torch.Tensor, src_heads: Optional[tuple[int, int]], dst: torch.Tensor,
+               dst_idx: torch.Tensor, dst_heads: Optional[tuple[int, int]]) -> int:
+    """Copy the slots `src_idx` (flat slot indices; heads: local [h0, h1) of a full cache) of cache
+    `src` into the slots `dst_idx` of cache `dst` (any block sizes), device to device, on the current
+    stream; the bytes copied."""
+    if cache_kind(src) != cache_kind(dst) or src.dtype != dst.dtype:
+        raise ValueError(f"cannot copy a {tuple(src.shape)} {src.dtype} cache into a {tuple(dst.shape)} "
+                         f"{dst.dtype} one")
+    sf, df = _flat(src), _flat(dst)
+    if cache_kind(src) == "latent":
+        part = sf.index_select(0, src_idx)
+        df.index_copy_(0, dst_idx, part)
+    else:
+        h0, h1 = _check_heads(src, src_heads)
+        g0, g1 = _check_heads(dst, dst_heads)
+        if h1 - h0 != g1 - g0:
+            raise ValueError(f"heads [{h0}, {h1}) do not fit heads [{g0}, {g1})")
+        part = sf[:, :, h0:h1].index_select(1, src_idx)
+        df[:, :, g0:g1].index_copy_(1, dst_idx, part)
+    return part.numel() * part.element_size()

@@ -29,12 +29,44 @@ A `TcpKvSink` pulls: for each layer it holds, it picks the context ranks coverin
 layer for latent caches), then asks each of them, one thread and one connection per context rank,
 for its share in chunks of at most `max_tokens_in_buffer` tokens, scattering each answer into its
 own blocks (kv_io.py re-blocks). Errors and timeouts come back as FAILED with one line.
+
+Same-host GPU path (`cuda_ipc`, cache_transceiver_config.cuda_ipc: auto | true | false). The Hello
+also carries the source's host identity (`host_identity()`: hostname + the kernel's boot id) and,
+when its caches are CUDA tensors, an IPC instance id. A sink whose caches are CUDA tensors on the
+same host then moves the bytes GPU to GPU over the same authenticated connection:
+
+    sink -> source  IpcOpen(host)                          -> IpcHandles(caches)   (once per source
+                                                              instance and sink process; the sink
+                                                              opens and keeps the storages)
+                    IpcPull(request, block ids, layers...) -> IpcGrant(block ids, num_tokens)
+                    (the sink gathers the source blocks' rows into its own with device copies on a
+                     side stream that first waits for its default stream, then synchronizes)
+                    IpcDone(ctx_request_id)                -> Ok
+
+An `IpcCache` is what `UntypedStorage._share_cuda_()` returns (bytes and ints, as msgpack fields,
+never pickle) plus the tensor's shape, stride, offset and dtype; the sink opens it on its own
+device with `UntypedStorage._new_shared_cuda` (another GPU of the host is mapped peer to peer). An
+IpcPull is authorized as a Read is (`_authorize`): with `require_registered` only a registered
+request, with the block ids and length the context server holds; the grant's block ids are the
+source's own and the only ones the sink copies from; the request counts as being read until the
+IpcDone (or the connection closes), so `unregister` waits for the copies. The source's KV writes are
+complete before any pull (the context request has finished and returned its token). Anything about
+IPC that fails before a grant (another host, CPU caches, an old torch, the source refusing to export,
+a handle that does not open) falls back to TCP for that source (logged once; with `cuda_ipc: true`
+the pull fails instead); `PullResult.path` says which path moved the bytes. No payload MAC here:
+the bytes never leave the host's GPU memory (verify_payload concerns bytes on a socket).
+
+Payload MAC default (`verify_payload: auto`): on unless the connection's peer address is loopback
+and the source's host identity is this host's (then anyone able to alter the traffic can read the
+key file); true / false force it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 import select
@@ -65,6 +97,8 @@ IDLE_TIMEOUT_S = 300.0  # a source drops a connection silent this long
 class Hello(msgspec.Struct, tag=True):
     nonce: bytes
     layout: RankLayout
+    host: str = ""  # the source's host_identity() ("" from an older source: never the same host)
+    ipc: bytes = b""  # the source's CUDA IPC instance id when it offers the cuda_ipc path, else empty
 
 
 class Read(msgspec.Struct, tag=True):
@@ -93,11 +127,53 @@ class Ok(msgspec.Struct, tag=True):
     pass
 
 
+class IpcOpen(msgspec.Struct, tag=True):
+    host: str  # the sink's host_identity(): the source exports only to its own host
+
+
+class IpcCache(msgspec.Struct):
+    """One layer's cache tensor: UntypedStorage._share_cuda_()'s fields, then the tensor's view."""
+    device: int
+    handle: Optional[bytes]
+    storage_size: int
+    storage_offset: int  # bytes, into the allocation
+    ref_counter: bytes
+    ref_counter_offset: int
+    event: Optional[bytes]
+    event_sync: bool
+    shape: list[int]
+    stride: list[int]
+    offset: int  # elements, into the storage
+    dtype: str
+
+
+class IpcHandles(msgspec.Struct, tag=True):
+    caches: list[IpcCache]  # one per layout.layers
+
+
+class IpcPull(msgspec.Struct, tag=True):
+    ctx_request_id: str
+    block_ids: list[list[int]]  # the request's blocks per KV cache group, as the params name them
+    num_tokens: int
+    layers: list[int]  # the model layers the sink will copy from this rank
+    model_id: str
+    dtype: str
+
+
+class IpcGrant(msgspec.Struct, tag=True):
+    block_ids: list[list[int]]  # the source's own (the only blocks the sink copies from)
+    num_tokens: int
+
+
+class IpcDone(msgspec.Struct, tag=True):
+    ctx_request_id: str
+
+
 class Error(msgspec.Struct, tag=True):
     message: str
 
 
-Message = Union[Hello, Read, Release, Data, Ok, Error]
+Message = Union[Hello, Read, Release, Data, Ok, Error, IpcOpen, IpcHandles, IpcPull, IpcGrant, IpcDone]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -112,6 +188,93 @@ class _Fail(Exception):
 
 def _one_line(s: str) -> str:
     return " ".join(str(s).split())
+
+
+@functools.lru_cache(maxsize=1)
+def host_identity() -> str:
+    """This host: its hostname and the kernel's boot id (processes in containers of one host share
+    the boot id; a restarted host gets another)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or ::ffff:127.x.x.x."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _peer_address(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError):
+        return ""
+
+
+def tristate(value, field: str):
+    """cache_transceiver_config's auto | true | false settings: "auto", True or False; a ValueError
+    of one line naming the field otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
+    raise ValueError(f"cache_transceiver_config.{field}={value!r} is not one of auto, true, false")
+
+
+def cuda_ipc_unsupported() -> Optional[str]:
+    """Why this torch cannot share CUDA storages between processes, or None."""
+    if any(getattr(torch.UntypedStorage, name, None) is None for name in ("_share_cuda_", "_new_shared_cuda")):
+        return f"torch {torch.__version__} has no UntypedStorage._share_cuda_/_new_shared_cuda"
+    return None
+
+
+def ipc_export(cache: torch.Tensor, shared: dict) -> IpcCache:
+    """`cache`'s IpcCache; `shared` (storage pointer -> its _share_cuda_ fields) shares each storage
+    once per export (every share counts one reference the opener releases)."""
+    storage = cache.untyped_storage()
+    key = storage.data_ptr()
+    fields = shared.get(key)
+    if fields is None:
+        guard = torch.cuda.device(cache.device) if cache.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            fields = shared[key] = tuple(storage._share_cuda_())
+    device, handle, size, offset, ref, ref_offset, event, event_sync = fields
+    return IpcCache(int(device), None if handle is None else bytes(handle), int(size), int(offset), bytes(ref),
+                    int(ref_offset), None if event is None else bytes(event), bool(event_sync),
+                    list(cache.shape), list(cache.stride()), int(cache.storage_offset()),
+                    kv_io.dtype_name(cache.dtype))
+
+
+def ipc_open(caches: Sequence[IpcCache], device: torch.device) -> list[torch.Tensor]:
+    """The source's cache tensors, opened on `device` (this process's GPU; the source's memory is
+    mapped peer to peer when it is on another GPU of the host). Each storage opens once."""
+    storages: dict = {}
+    out = []
+    for c in caches:
+        if c.handle is None or c.storage_size == 0:
+            raise ValueError("an empty storage")
+        key = (c.handle, c.storage_offset)
+        st = storages.get(key)
+        if st is None:
+            st = storages[key] = torch.UntypedStorage._new_shared_cuda(
+                device.index if device.index is not None else torch.cuda.current_device(), c.handle,
+                c.storage_size, c.storage_offset, c.ref_counter, c.ref_counter_offset, c.event, c.event_sync)
+        dtype = kv_io.torch_dtype(c.dtype)
+        out.append(torch.empty((0,), dtype=dtype, device=st.device).set_(st, c.offset, tuple(c.shape),
+                                                                          tuple(c.stride)))
+    return out
+
+
+class _IpcUnusable(Exception):
+    """The cuda_ipc path cannot be used for this source (falls back to TCP unless cuda_ipc is true)."""
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -288,17 +451,35 @@ def _check_caches(kv_caches: list, layout: RankLayout, what: str) -> None:
                              f"latent_dim {layout.latent_dim}")
 
 
+def _ipc_local_why(kv_caches: list) -> Optional[str]:
+    """Why this process's caches cannot take the cuda_ipc path, or None."""
+    if not kv_caches or any(c.device.type != "cuda" for c in kv_caches):
+        return "the KV caches are not CUDA tensors"
+    return cuda_ipc_unsupported()
+
+
 class TcpKvSource(KvSource):
     # what a connection decodes; a backend that adds messages (over this control path) replaces it
     # and answers them in _handle
     decoder = _decoder
 
     def __init__(self, kv_caches: list, layout: RankLayout, host: str = "127.0.0.1", key: Optional[bytes] = None,
-                 on_release: Optional[Callable[[str], None]] = None, require_registered: bool = False):
+                 on_release: Optional[Callable[[str], None]] = None, require_registered: bool = False,
+                 cuda_ipc="auto"):
         layout = normalized(layout)
         _check_caches(kv_caches, layout, "KV source")
         self.kv_caches = list(kv_caches)
         self.key = key
+        # cache_transceiver_config.cuda_ipc: offer same-host sinks the GPU-to-GPU path (not false)
+        self.cuda_ipc = tristate(cuda_ipc, "cuda_ipc")
+        self.host_id = host_identity()
+        why = ("the backend has its own data path" if type(self).decoder is not _decoder
+               else _ipc_local_why(self.kv_caches))
+        if self.cuda_ipc is True and why:
+            raise ValueError(f"cache_transceiver_config.cuda_ipc=true cannot be used here: {why}; set cuda_ipc: "
+                             f"auto (TCP where it cannot be used) or false")
+        self._ipc_instance = secrets.token_bytes(16) if self.cuda_ipc is not False and not why else b""
+        self._ipc_lock = threading.Lock()
         self.on_release = on_release
         self.require_registered = require_registered
         self._pinned = any(c.device.type == "cuda" for c in self.kv_caches)
@@ -368,8 +549,9 @@ class TcpKvSource(KvSource):
         stream = _cuda_stream(self.kv_caches)
         try:
             nonce = secrets.token_bytes(16)
-            conn.send(Hello(nonce, self.layout))
+            conn.send(Hello(nonce, self.layout, self.host_id, self._ipc_instance))
             conn.nonce = nonce
+            conn.ipc_reading = []  # ctx request ids granted to this connection's sink, not yet done
             while not self._closed:
                 try:
                     msg = conn.recv()
@@ -390,11 +572,22 @@ class TcpKvSource(KvSource):
                         except Exception:  # the engine's bug: log it, keep serving
                             logger.exception("KV source: on_release(%s) failed", msg.ctx_request_id)
                     conn.send(Ok())
+                elif isinstance(msg, IpcOpen):
+                    self._ipc_open(conn, msg)
+                elif isinstance(msg, IpcPull):
+                    self._ipc_pull(conn, msg)
+                elif isinstance(msg, IpcDone):
+                    if msg.ctx_request_id in conn.ipc_reading:
+                        conn.ipc_reading.remove(msg.ctx_request_id)
+                        self._done_reading(msg.ctx_request_id)
+                    conn.send(Ok())
                 elif not self._handle(conn, msg):
                     return
         except (OSError, ConnectionError):
             pass  # the peer went away, or idled out
         finally:
+            for rid in getattr(conn, "ipc_reading", ()):  # a sink that went away is done reading
+                self._done_reading(rid)
             self._closed_conn(conn)
             with self._cond:
                 self._conns.discard(sock)
@@ -437,20 +630,8 @@ class TcpKvSource(KvSource):
             conn.send(Error(f"token range [{t0}, {t1}) outside the request's {msg.num_tokens} tokens"))
             return None
         rid = msg.ctx_request_id
-        with self._cond:
-            req = self._registered.get(rid)
-            if req is None and self.require_registered:
-                conn.send(Error(f"ctx request {rid} is not held by this context server (released, or "
-                                f"kv_transfer_timeout_ms passed)"))
-                return None
-            if req is not None:
-                group = lay.group_of(msg.layer)
-                if (group >= len(req.block_ids) or list(msg.block_ids) != list(req.block_ids[group])
-                        or msg.num_tokens != req.num_tokens):
-                    conn.send(Error(f"ctx request {rid}: the block ids or length do not match what the "
-                                    f"context server holds"))
-                    return None
-            self._inflight[rid] = self._inflight.get(rid, 0) + 1
+        if self._authorize(conn, rid, {lay.group_of(msg.layer): msg.block_ids}, msg.num_tokens) is None:
+            return None
         try:
             try:
                 shape = kv_io.buffer_shape(cache, t1 - t0, heads)
@@ -460,12 +641,89 @@ class TcpKvSource(KvSource):
                 conn.send(Error(_one_line(str(e))))
                 return None
         finally:
-            with self._cond:
-                self._inflight[rid] -= 1
-                if not self._inflight[rid]:
-                    del self._inflight[rid]
-                self._cond.notify_all()
+            self._done_reading(rid)
         return buf
+
+    def _authorize(self, conn: _Conn, rid: str, block_ids: dict, num_tokens: int) -> Optional[KvRequest]:
+        """May the request's blocks (KV group -> the block ids the sink names) be read? With
+        `require_registered` only a registered request's, with the block ids and length this server
+        holds. Yes: the request as held (the sink's own naming when not registered and allowed) and
+        it counts as being read until `_done_reading` (unregister waits). No: None, the Error sent."""
+        with self._cond:
+            req = self._registered.get(rid)
+            if req is None and self.require_registered:
+                conn.send(Error(f"ctx request {rid} is not held by this context server (released, or "
+                                f"kv_transfer_timeout_ms passed)"))
+                return None
+            if req is not None:
+                for group, ids in block_ids.items():
+                    if (group >= len(req.block_ids) or list(ids) != list(req.block_ids[group])
+                            or num_tokens != req.num_tokens):
+                        conn.send(Error(f"ctx request {rid}: the block ids or length do not match what the "
+                                        f"context server holds"))
+                        return None
+            else:
+                req = KvRequest(rid, [[] for _ in range(max(block_ids, default=-1) + 1)], num_tokens)
+                for group, ids in block_ids.items():
+                    req.block_ids[group] = list(ids)
+            self._inflight[rid] = self._inflight.get(rid, 0) + 1
+        return req
+
+    def _done_reading(self, rid: str) -> None:
+        with self._cond:
+            self._inflight[rid] -= 1
+            if not self._inflight[rid]:
+                del self._inflight[rid]
+            self._cond.notify_all()
+
+    # -- the cuda_ipc path -----------------------------------------------------------------------
+
+    def _ipc_open(self, conn: _Conn, msg: IpcOpen) -> None:
+        if not self._ipc_instance:
+            conn.send(Error("this context rank does not offer CUDA IPC (its caches are not CUDA tensors, or "
+                            "cache_transceiver_config.cuda_ipc is false)"))
+            return
+        if msg.host != self.host_id:
+            conn.send(Error(f"CUDA IPC is for sinks on this host ({self.host_id}); the sink says {msg.host!r}"))
+            return
+        try:
+            with self._ipc_lock:
+                shared: dict = {}
+                caches = [ipc_export(c, shared) for c in self.kv_caches]
+        except Exception as e:  # noqa: BLE001 - the sink falls back to TCP
+            logger.warning("KV source: cannot export CUDA IPC handles of the KV caches (%s: %s); no longer "
+                           "offering CUDA IPC: same-host sinks use TCP", type(e).__name__, e)
+            self._ipc_instance = b""
+            conn.send(Error(_one_line(f"cannot export CUDA IPC handles ({type(e).__name__}: {e})")))
+            return
+        conn.send(IpcHandles(caches))
+
+    def _ipc_pull(self, conn: _Conn, msg: IpcPull) -> None:
+        lay = self.layout
+        if not self._ipc_instance:
+            conn.send(Error("this context rank does not offer CUDA IPC"))
+            return
+        if msg.model_id != lay.model_id or msg.dtype != lay.dtype:
+            conn.send(Error(f"the context rank serves model_id={lay.model_id!r} dtype={lay.dtype}; the request "
+                            f"names model_id={msg.model_id!r} dtype={msg.dtype}"))
+            return
+        missing = [layer for layer in msg.layers if layer not in lay.layers]
+        if not msg.layers or missing:
+            conn.send(Error(f"layers {missing or []} are not on this context rank (it holds {list(lay.layers)})"))
+            return
+        if msg.num_tokens <= 0:
+            conn.send(Error(f"a request of {msg.num_tokens} tokens"))
+            return
+        groups = sorted({lay.group_of(layer) for layer in msg.layers})
+        if any(g >= len(msg.block_ids) for g in groups):
+            conn.send(Error(f"the request names no block ids for KV cache groups {groups}"))
+            return
+        rid = msg.ctx_request_id
+        req = self._authorize(conn, rid, {g: msg.block_ids[g] for g in groups}, msg.num_tokens)
+        if req is None:
+            return
+        conn.ipc_reading.append(rid)  # until IpcDone or the connection closes
+        conn.send(IpcGrant([list(b) for b in req.block_ids], req.num_tokens))
 
     def close(self) -> None:
         if self._closed:
@@ -515,8 +773,10 @@ def _compatible(sink: RankLayout, src: RankLayout) -> Optional[str]:
 class TcpKvSink(KvSink):
     decoder = _decoder  # as TcpKvSource.decoder
 
+    IPC_CHUNK_BYTES = 64 << 20  # the most one cuda_ipc gather holds on the GPU at once (per layer and chunk)
+
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
-                 key: Optional[bytes] = None, verify_payload: bool = True):
+                 key: Optional[bytes] = None, verify_payload="auto", cuda_ipc="auto"):
         layout = normalized(layout)
         _check_caches(kv_caches, layout, "KV sink")
         if max_tokens_in_buffer is not None and max_tokens_in_buffer <= 0:
@@ -525,9 +785,45 @@ class TcpKvSink(KvSink):
         self.layout = layout
         self.max_tokens_in_buffer = max_tokens_in_buffer
         self.key = key
-        # cache_transceiver_config.verify_payload: ask for and check each chunk's MAC (with a key)
-        self.verify_payload = bool(verify_payload)
+        # cache_transceiver_config.verify_payload: ask for and check each chunk's MAC (with a key);
+        # "auto": unless the source is this host over loopback (_verify)
+        self.verify_payload = tristate(verify_payload, "verify_payload")
+        # cache_transceiver_config.cuda_ipc: GPU-to-GPU from same-host sources (the module's docstring)
+        self.cuda_ipc = tristate(cuda_ipc, "cuda_ipc")
+        self.host_id = host_identity()
         self._pinned = any(c.device.type == "cuda" for c in self.kv_caches)
+        self._ipc_why = ("the backend has its own data path" if type(self).decoder is not _decoder
+                         else _ipc_local_why(self.kv_caches))
+        if self.cuda_ipc is True and self._ipc_why:
+            raise ValueError(f"cache_transceiver_config.cuda_ipc=true cannot be used here: {self._ipc_why}; set "
+                             f"cuda_ipc: auto (TCP where it cannot be used) or false")
+        self._ipc_lock = threading.Lock()
+        self._ipc_views: dict[str, tuple[bytes, list]] = {}  # endpoint -> (source instance, its caches opened)
+        self._ipc_failed: dict[str, tuple[bytes, str]] = {}  # endpoint -> (source instance, why it failed)
+        self._ipc_noted = False
+        self._path = threading.local()
+        self._paths_lock = threading.Lock()
+        self.paths: dict[str, int] = {}  # source connections that moved their bytes over each path
+
+    # -- which path, and the payload MAC -------------------------------------------------------
+
+    def _same_host_loopback(self, conn: _Conn) -> bool:
+        """The source is this host (its Hello's host identity) and the connection is loopback."""
+        return (bool(self.host_id) and getattr(conn, "peer_host", "") == self.host_id
+                and is_loopback(getattr(conn, "peer_addr", "")))
+
+    def _verify(self, conn: _Conn) -> bool:
+        """Ask for and check payload MACs on this connection (verify_payload: auto, true, false)."""
+        if conn.payload_key is None:
+            return False
+        if self.verify_payload == "auto":
+            return not self._same_host_loopback(conn)
+        return bool(self.verify_payload)
+
+    def _count_path(self, path: str) -> None:
+        self._path.value = path
+        with self._paths_lock:
+            self.paths[path] = self.paths.get(path, 0) + 1
 
     def _plan(self, sources: Sequence[RankLayout]) -> dict[int, list[tuple[int, tuple[int, int]]]]:
         """Source index -> [(model layer, model KV heads [a, b))] to read from it."""
@@ -578,10 +874,14 @@ class TcpKvSink(KvSink):
         abort = threading.Event()
         errors: list[str] = []
         moved = [0] * len(sources)
+        paths: set[str] = set()
 
         def job(j: int) -> None:
             try:
+                self._path.value = None
                 moved[j] = self._pull_from(sources[j], plan[j], src, dst_block_ids, deadline, abort)
+                if self._path.value:
+                    paths.add(self._path.value)
             except _Fail as e:
                 errors.append(_one_line(str(e)))
                 abort.set()
@@ -595,9 +895,10 @@ class TcpKvSink(KvSink):
         for t in threads:
             t.join()  # every job stops by the deadline (socket timeouts): nothing writes after this
         seconds = time.monotonic() - start
+        path = "+".join(sorted(paths))
         if errors:
-            return PullResult(TransferState.FAILED, errors[0], sum(moved), seconds)
-        return PullResult(TransferState.SUCCESS, None, sum(moved), seconds)
+            return PullResult(TransferState.FAILED, errors[0], sum(moved), seconds, path)
+        return PullResult(TransferState.SUCCESS, None, sum(moved), seconds, path)
 
     def _connect(self, source: RankLayout, deadline: float, expect: Optional[RankLayout]) -> _Conn:
         """A connection past the source's Hello (checked against `expect` when given)."""
@@ -634,6 +935,7 @@ class TcpKvSink(KvSink):
             sock.close()
             raise _Fail(f"context rank {ep} answered {type(hello).__name__} instead of Hello")
         conn.nonce = hello.nonce
+        conn.peer_host, conn.peer_ipc, conn.peer_addr = hello.host, hello.ipc, _peer_address(sock)
         if expect is not None and hello.layout != expect:
             sock.close()
             raise _Fail(f"context rank {ep} now holds a different layout than the disaggregated params name "
@@ -665,7 +967,11 @@ class TcpKvSink(KvSink):
         stream = _cuda_stream(self.kv_caches)
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                self._pull_items(conn, source, items, src, dst_block_ids, abort, progress)
+                if self._pull_ipc(conn, source, items, src, dst_block_ids, abort, progress, stream):
+                    self._count_path("cuda_ipc")
+                else:
+                    self._pull_items(conn, source, items, src, dst_block_ids, abort, progress)
+                    self._count_path("tcp")
         except (socket.timeout, TimeoutError):
             raise _Fail(f"timed out reading layer {progress['layer']} from context rank {ep} after "
                         f"{progress['bytes']} bytes") from None
@@ -675,10 +981,122 @@ class TcpKvSink(KvSink):
         except ValueError as e:
             raise _Fail(f"layer {progress['layer']} from context rank {ep}: {e}") from None
         finally:
-            conn.sock.close()
-            if stream is not None:
-                stream.synchronize()  # the last scatter has landed: the blocks are the engine's again
+            try:
+                if stream is not None:
+                    stream.synchronize()  # the last scatter / copy has landed: the blocks are the engine's again
+            finally:
+                conn.sock.close()  # after: the source's blocks are no longer read (cuda_ipc)
         return progress["bytes"]
+
+    # -- the cuda_ipc path -----------------------------------------------------------------------
+
+    def _pull_ipc(self, conn: _Conn, source: RankLayout, items, src: KvRequest, dst_block_ids, abort,
+                  progress: dict, stream) -> bool:
+        """Move `items` GPU to GPU when the cuda_ipc path can be used with this source (True), else
+        False (the caller goes over TCP); raises _Fail when it fails after the grant, or when it
+        cannot be used and cuda_ipc is true."""
+        if self.cuda_ipc is False or self._ipc_why:  # (cuda_ipc true with a reason here: refused at start-up)
+            return False
+        ep = source.endpoint
+        try:
+            if not getattr(conn, "peer_ipc", b""):
+                raise _IpcUnusable("the context rank does not offer it (its caches are not CUDA tensors, "
+                                   "cache_transceiver_config.cuda_ipc is false there, or an older version)")
+            if conn.peer_host != self.host_id:
+                raise _IpcUnusable(f"the context rank is on another host ({conn.peer_host or 'unknown'})")
+            views = self._ipc_source_caches(conn, source)
+        except _IpcUnusable as e:
+            if self.cuda_ipc is True:
+                raise _Fail(f"cache_transceiver_config.cuda_ipc=true, but CUDA IPC cannot be used with context "
+                            f"rank {ep}: {e}") from None
+            if not self._ipc_noted:
+                self._ipc_noted = True
+                logger.info("KV pulls from context rank %s go over TCP, not CUDA IPC: %s (logged once)", ep, e)
+            return False
+        self._ipc_copy(conn, source, views, items, src, dst_block_ids, abort, progress, stream)
+        return True
+
+    def _ipc_source_caches(self, conn: _Conn, source: RankLayout) -> list:
+        """The source's cache tensors opened in this process (once per source instance); _IpcUnusable."""
+        ep = source.endpoint
+        with self._ipc_lock:
+            hit = self._ipc_views.get(ep)
+            if hit is not None and hit[0] == conn.peer_ipc:
+                return hit[1]
+            failed = self._ipc_failed.get(ep)
+            if failed is not None and failed[0] == conn.peer_ipc:
+                raise _IpcUnusable(failed[1])
+            try:
+                try:
+                    reply = self._exchange(conn, IpcOpen(self.host_id), ep)
+                except _Fail as e:
+                    raise _IpcUnusable(str(e)) from None
+                if not isinstance(reply, IpcHandles) or len(reply.caches) != len(source.layers):
+                    raise _IpcUnusable(f"context rank {ep} answered {type(reply).__name__} to IpcOpen")
+                try:
+                    views = ipc_open(reply.caches, self.kv_caches[0].device)
+                    _check_caches(views, source, f"context rank {ep}'s CUDA IPC caches")
+                    for v in views:
+                        if not v.is_contiguous():
+                            raise ValueError(f"a cache of strides {v.stride()} (not contiguous)")
+                except Exception as e:  # noqa: BLE001 - any failure to open: TCP
+                    raise _IpcUnusable(_one_line(f"opening its CUDA IPC handles failed ({type(e).__name__}: "
+                                                 f"{e})")) from None
+            except _IpcUnusable as e:
+                self._ipc_failed[ep] = (conn.peer_ipc, str(e))
+                logger.warning("KV pulls from context rank %s fall back to TCP: CUDA IPC failed: %s", ep, e)
+                self._ipc_noted = True
+                raise
+            self._ipc_views[ep] = (conn.peer_ipc, views)  # drops a restarted source's old mapping
+            return views
+
+    def _ipc_copy(self, conn: _Conn, source: RankLayout, views: list, items, src: KvRequest, dst_block_ids,
+                  abort, progress: dict, stream) -> None:
+        ep = source.endpoint
+        lay = self.layout
+        layers = sorted({layer for layer, _ in items})
+        grant = self._exchange(conn, IpcPull(src.ctx_request_id, [list(b) for b in src.block_ids], src.num_tokens,
+                                             layers, lay.model_id, lay.dtype), ep)
+        if not isinstance(grant, IpcGrant) or grant.num_tokens != src.num_tokens:
+            raise _Fail(f"context rank {ep} answered {grant!r} to IpcPull")
+        n = grant.num_tokens
+        if stream is not None:  # the engine's earlier work on these blocks (a freed request's) comes first
+            stream.wait_stream(torch.cuda.default_stream(stream.device))
+        slots: dict = {}
+        for layer, heads in items:
+            if abort.is_set():  # another context rank failed: the pull has failed
+                break
+            progress["layer"] = layer
+            src_group, dst_group = source.group_of(layer), lay.group_of(layer)
+            if src_group >= len(grant.block_ids):
+                raise _Fail(f"the request has no block ids for KV cache group {src_group} of layer {layer}")
+            src_cache = views[source.layers.index(layer)]
+            cache = self.kv_caches[lay.layers.index(layer)]
+            if lay.kind == "latent":
+                src_heads = dst_heads = None
+                per_token = cache.shape[2] * cache.element_size()
+            else:
+                src_heads = (heads[0] - source.kv_heads[0], heads[1] - source.kv_heads[0])
+                dst_heads = (heads[0] - lay.kv_heads[0], heads[1] - lay.kv_heads[0])
+                per_token = 2 * (heads[1] - heads[0]) * cache.shape[4] * cache.element_size()
+            chunk = max(1, min(self.max_tokens_in_buffer or n, self.IPC_CHUNK_BYTES // per_token))
+            for t0 in range(0, n, chunk):
+                t1 = min(n, t0 + chunk)
+                key = (src_group, dst_group, t0, t1)
+                if key not in slots:
+                    slots[key] = (
+                        kv_io.token_slots(grant.block_ids[src_group], source.block_size, t0, t1,
+                                          kv_io.geometry(src_cache)[1]).to(cache.device),
+                        kv_io.token_slots(dst_block_ids[dst_group], lay.block_size, t0, t1,
+                                          kv_io.geometry(cache)[1]).to(cache.device))
+                src_idx, dst_idx = slots[key]
+                progress["bytes"] += kv_io.copy_slots(src_cache, src_idx, src_heads, cache, dst_idx, dst_heads)
+        if stream is not None:
+            stream.synchronize()  # the copies are done (visible to every later launch) before the source hears
+        if not abort.is_set():
+            reply = self._exchange(conn, IpcDone(src.ctx_request_id), ep)
+            if not isinstance(reply, Ok):
+                raise _Fail(f"context rank {ep} answered {type(reply).__name__} to IpcDone")
 
     def _pull_items(self, conn: _Conn, source: RankLayout, items: list[tuple[int, tuple[int, int]]],
                     src: KvRequest, dst_block_ids: list[list[int]], abort: threading.Event, progress: dict) -> None:
@@ -687,7 +1105,7 @@ class TcpKvSink(KvSink):
         n = src.num_tokens
         chunk = self.max_tokens_in_buffer or n
         staging = _Staging(self._pinned)
-        verify = self.verify_payload and conn.payload_key is not None
+        verify = self._verify(conn)
         for layer, heads in items:
             progress["layer"] = layer
             src_group = source.group_of(layer)
@@ -741,4 +1159,5 @@ class TcpKvSink(KvSink):
                              f"({type(e).__name__}: {e})")
 
     def close(self) -> None:
-        pass  # no connection outlives a pull or a release
+        with self._ipc_lock:  # no connection outlives a pull or a release; the opened IPC caches go
+            self._ipc_views.clear()

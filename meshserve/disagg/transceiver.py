@@ -68,6 +68,7 @@ class PullResult:
     error: Optional[str] = None
     bytes: int = 0
     seconds: float = 0.0
+    path: str = ""  # DEFAULT: how the bytes moved, "tcp", "cuda_ipc" or "cuda_ipc+tcp" (per context rank)
 
 
 class KvSource:
@@ -103,11 +104,12 @@ class KvSource:
 class KvSink:
     """Reads a request's KV from the source ranks into this rank's blocks (`kv_caches[i]`: the cache
     of `layout.layers[i]`; `layout.endpoint` is ""). `verify_payload` (with a key): check each chunk's
-    MAC before it is written into the blocks (cache_transceiver_config.verify_payload; DEFAULT, UCX
-    and MPI; NIXL's one-sided reads have none)."""
+    MAC before it is written into the blocks (cache_transceiver_config.verify_payload: True, False,
+    or "auto": unless the source is this host over loopback; DEFAULT, UCX and MPI; NIXL's one-sided
+    reads have none). DEFAULT also takes `cuda_ipc` ("auto", True, False: tcp.py)."""
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
-                 key: Optional[bytes] = None, verify_payload: bool = True):
+                 key: Optional[bytes] = None, verify_payload="auto"):
         raise NotImplementedError
 
     def pull(self, sources: list[RankLayout], src: KvRequest, dst_block_ids: list[list[int]],

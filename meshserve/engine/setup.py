@@ -51,6 +51,10 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
         raise ValueError("enable_attention_dp=True: attention data parallelism has not landed yet")
     if args.cache_transceiver_config is not None:
         check_transfer_backend(args.cache_transceiver_config.backend)
+        ctc = args.cache_transceiver_config
+        if ctc.cuda_ipc is True and ctc.backend.upper() != "DEFAULT":
+            raise ValueError(f"cache_transceiver_config.cuda_ipc=true: the CUDA IPC path is the DEFAULT backend's; "
+                             f"backend={ctc.backend!r} moves the KV its own way (leave cuda_ipc unset, or auto)")
     if args.cp_config is not None:
         raise ValueError(f"cp_config={args.cp_config!r}: context parallelism has not landed yet; leave cp_config unset")
     accepted = ("auto",) + EXPERT_BACKENDS

@@ -69,16 +69,18 @@ def rank_layout(runner, model_id_: str) -> RankLayout:
 class RankTransfer:
     def __init__(self, kv_caches: list, layout: RankLayout, backend: str = "DEFAULT", host: str = "127.0.0.1",
                  max_tokens_in_buffer: Optional[int] = None, key: Optional[bytes] = None,
-                 verify_payload: bool = True):
+                 verify_payload="auto", cuda_ipc="auto"):
         from meshserve.disagg import params
         key = params.secret_key() if key is None else key
         source_cls, sink_cls = create_transceiver(backend)
+        # cache_transceiver_config.cuda_ipc: the DEFAULT backend's same-host GPU path (disagg/tcp.py)
+        ipc = {"cuda_ipc": cuda_ipc} if backend.upper() == "DEFAULT" else {}
         self._releases: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self.source = source_cls(kv_caches, layout, host=host, key=key, on_release=self._releases.put,
-                                 require_registered=True)
+                                 require_registered=True, **ipc)
         self.layout = msgspec.structs.replace(layout, endpoint=self.source.endpoint)
-        self.sink = sink_cls(kv_caches, layout, max_tokens_in_buffer, key, verify_payload=verify_payload)
+        self.sink = sink_cls(kv_caches, layout, max_tokens_in_buffer, key, verify_payload=verify_payload, **ipc)
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="meshserve-kv-pull")
         self._release_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-kv-release")
         self._lock = threading.Lock()
@@ -105,7 +107,8 @@ class RankTransfer:
             res = self.sink.pull(pull.sources, pull.src, pull.dst_block_ids, pull.timeout_s)
             ok, error = res.state == TransferState.SUCCESS, res.error
             if ok:
-                logger.debug("request %s: pulled %d bytes in %.3f s", pull.req_id, res.bytes, res.seconds)
+                logger.debug("request %s: pulled %d bytes in %.3f s (%s)", pull.req_id, res.bytes, res.seconds,
+                             res.path or "-")
         except Exception as e:  # noqa: BLE001 - a sink must not raise, but if it does the request fails alone
             logger.exception("request %s: the KV pull raised", pull.req_id)
             ok, error = False, f"{type(e).__name__}: {e}"

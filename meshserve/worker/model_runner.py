@@ -229,7 +229,8 @@ class ModelRunner:
             self.kv_transfer = RankTransfer([a.kv_cache for a in self.attn_layers],
                                             rank_layout(self, self.cfg.model_id), t["backend"], t["host"],
                                             t.get("max_tokens_in_buffer"),
-                                            verify_payload=t.get("verify_payload", True))
+                                            verify_payload=t.get("verify_payload", "auto"),
+                                            cuda_ipc=t.get("cuda_ipc", "auto"))
 
     def close_kv_transfer(self) -> None:
         if self.kv_transfer is not None:

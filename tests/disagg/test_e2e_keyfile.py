@@ -1,6 +1,6 @@
 """The seed's three commands on one machine with no MESHSERVE_SECRET anywhere: a context server, a
 generation server (real `meshserve serve` over a tiny random Llama, `cache_transceiver_config:
-{backend: DEFAULT}`: KV chunks MACed, verify_payload's default) and `meshserve disaggregated`,
+{backend: DEFAULT}`, verify_payload's default: auto, so no payload MAC on loopback) and `meshserve disaggregated`,
 started one right after the other. Whichever comes first makes the key file (mode 0600, folder
 0700, under XDG_CACHE_HOME here), every one of them reads it, the servers prove they hold it on
 /health, and a request goes through as the generation server alone answers it. The key is in no
@@ -76,7 +76,7 @@ def test_the_seed_flow_without_meshserve_secret(tmp_path, monkeypatch):
             r = httpx.get(s.base_url + "/health", headers={params.CHALLENGE_HEADER: challenge}, timeout=5)
             assert r.status_code == 200 and r.headers[params.PROOF_HEADER] == params.key_proof(key, challenge)
 
-        # a request through the orchestrator: context, KV pulled (its chunks MACed), generation
+        # a request through the orchestrator: context, KV pulled (frames authenticated), generation
         model_id = httpx.get(gen.base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
         body = {"model": model_id, "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0,
                 "ignore_eos": True}

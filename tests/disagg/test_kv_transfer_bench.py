@@ -59,9 +59,14 @@ def test_bandwidth_smoke(tmp_path):
         rows = res["rows"]
         # every chunk setting x verify_payload on and off (where the sink has that setting; NIXL ignores it)
         assert sorted({str(r["max_tokens_in_buffer"]) for r in rows}) == ["2048", "None"]
-        verifies = {r["verify_payload"] for r in rows}
+        tcp_rows = [r for r in rows if r.get("cuda_ipc") != "auto"]
+        verifies = {r["verify_payload"] for r in tcp_rows}
         assert verifies == ({None} if backend == "NIXL" else verifies) and verifies in ({None}, {True, False})
-        assert len(rows) == 2 * len(verifies)
+        assert len(tcp_rows) == 2 * len(verifies)
+        if backend == "DEFAULT":  # those over TCP (cuda_ipc false), then cuda_ipc auto per chunk: TCP on a CPU
+            assert {r["cuda_ipc"] for r in tcp_rows} == {False} and {r["path"] for r in tcp_rows} == {"tcp"}
+            ipc_rows = [r for r in rows if r.get("cuda_ipc") == "auto"]
+            assert len(ipc_rows) == 2 and {r["path"] for r in ipc_rows} == {"tcp"}, ipc_rows
         for row in rows:
             assert row["verified"] and row["bytes"] == bw["kv_bytes"] and len(row["runs_seconds"]) == 2, row
             assert row["gb_s"] > 0 and row["x_floor"] > 0
@@ -71,7 +76,7 @@ def test_bandwidth_smoke(tmp_path):
         assert all(r["nixl_transfer_mem"] == ["local DRAM <- remote DRAM"] and r["nixl_direct_reads"] > 0
                    and r["nixl_staged_reads"] == 0 for r in nixl["rows"])
         assert any("remote memory read" in p and "host memory" in p for p in nixl["ucx_protocols"]), nixl
-    assert "copy floor" in text and "DEFAULT" in text
+    assert "copy floor" in text and "DEFAULT" in text and "cuda_ipc" in text
 
 
 @pytest.mark.timeout(150)

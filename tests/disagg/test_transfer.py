@@ -412,7 +412,7 @@ def _tamper(monkeypatch, source, which=None):
 def test_tampered_payload_is_refused_before_it_is_written(cluster, backend, monkeypatch):
     if _nixl(backend):
         pytest.skip("NIXL reads are one-sided: no payload MAC (docs/kv_backends.md)")
-    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40)
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
     assert _tamper(monkeypatch, c.sources[0]) is not None
     r = c.pull()
     assert r.state is TransferState.FAILED and "\n" not in r.error
@@ -423,7 +423,7 @@ def test_tampered_payload_is_refused_before_it_is_written(cluster, backend, monk
 def test_a_tampered_chunk_is_not_written_the_ones_before_it_are(cluster, backend, monkeypatch):
     if _nixl(backend):
         pytest.skip("NIXL reads are one-sided: no payload MAC")
-    c = cluster([_layout((0, 1))], [_layout((0, 1))], 17, max_tokens=5)
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 17, max_tokens=5, sink_kwargs={"verify_payload": True})
     assert _tamper(monkeypatch, c.sources[0], which=2) is not None  # layer 0, tokens [5, 10)
     r = c.pull()
     assert r.state is TransferState.FAILED and "layer 0 tokens [5, 10)" in r.error, r.error
@@ -446,6 +446,69 @@ def test_verify_payload_false_takes_the_bytes_unchecked(cluster, backend, monkey
     assert tampered  # the flipped bytes went in: nothing checked them
     got = _read(c.sinks[0].kv_caches[0], c.sinks[0].layout, c.dst_ids[0][0], 40)
     assert not torch.equal(got, c.truth[0].to(got.dtype))
+
+
+def _tampered_pull(cluster, monkeypatch, **sink_kwargs):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs=sink_kwargs)
+    tampered = _tamper(monkeypatch, c.sources[0])
+    return c, c.pull(), tampered
+
+
+def test_verify_payload_auto_is_off_for_this_host_over_loopback(cluster, backend, monkeypatch):
+    if _nixl(backend):
+        pytest.skip("NIXL: verify_payload has no effect")
+    c, r, tampered = _tampered_pull(cluster, monkeypatch)  # the default: auto; 127.0.0.1, this host
+    assert c.sinks[0].verify_payload == "auto"
+    assert r.state is TransferState.SUCCESS and tampered  # no MAC asked for: the flipped bytes went in
+
+
+def test_verify_payload_auto_is_on_for_a_peer_that_is_not_loopback(cluster, backend, monkeypatch):
+    if _nixl(backend):
+        pytest.skip("NIXL: verify_payload has no effect")
+    monkeypatch.setattr(tcp, "_peer_address", lambda sock: "10.1.2.3")  # as if over the network
+    c, r, _ = _tampered_pull(cluster, monkeypatch, verify_payload="auto")
+    assert r.state is TransferState.FAILED and "payload integrity check" in r.error, r
+    assert c.untouched(0)
+
+
+def test_verify_payload_auto_is_on_for_loopback_to_another_host(cluster, backend, monkeypatch):
+    # loopback, but the source says it is another host (an SSH tunnel, a port forward): MACed
+    if _nixl(backend):
+        pytest.skip("NIXL: verify_payload has no effect")
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40)
+    c.sinks[0].host_id = "another-host/boot"
+    _tamper(monkeypatch, c.sources[0])
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "payload integrity check" in r.error, r
+    # true forces it on this host's loopback; a source sending no host identity (older) counts as another
+    # (the tampering above applies to every source of the backend's class)
+    c2 = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
+    r2 = c2.pull()
+    assert r2.state is TransferState.FAILED and "payload integrity check" in r2.error
+    c3 = cluster([_layout((0, 1))], [_layout((0, 1))], 40)
+    c3.sources[0].host_id = ""
+    r3 = c3.pull()
+    assert r3.state is TransferState.FAILED and "payload integrity check" in r3.error
+
+
+def test_verify_payload_values():
+    lay = _layout((0, 1))
+    Sink = create_transceiver("DEFAULT")[1]
+    caches = _caches(lay, 4, torch.Generator().manual_seed(0))
+    for given, want in (("auto", "auto"), ("AUTO", "auto"), (True, True), ("false", False), (False, False)):
+        assert Sink(caches, lay, key=KEY, verify_payload=given).verify_payload == want
+    with pytest.raises(ValueError, match=r"^cache_transceiver_config.verify_payload='sometimes' is not one of "
+                                         r"auto, true, false$"):
+        Sink(caches, lay, key=KEY, verify_payload="sometimes")
+
+
+def test_loopback_addresses():
+    assert tcp.is_loopback("127.0.0.1") and tcp.is_loopback("127.8.9.1") and tcp.is_loopback("::1")
+    assert tcp.is_loopback("::ffff:127.0.0.1")
+    assert not tcp.is_loopback("10.0.0.1") and not tcp.is_loopback("::ffff:10.0.0.1")
+    assert not tcp.is_loopback("fe80::1%eth0") and not tcp.is_loopback("") and not tcp.is_loopback("host")
+    ident = tcp.host_identity()
+    assert ident.startswith(socket.gethostname() + "/") and ident == tcp.host_identity()
 
 
 def test_payload_macs_are_bound_to_the_connection_and_the_chunk():
