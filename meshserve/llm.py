@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import traceback
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from tqdm import tqdm
@@ -20,6 +21,8 @@ from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
+from meshserve.errors import API_DEBUG_HINT, RankFailedError, describe
+from meshserve.models.config import ModelConfig
 from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
@@ -33,8 +36,14 @@ PromptType = Union[str, list[int]]
 
 
 def load_tokenizer(path: str):
+    """The tokenizer; one that cannot be loaded (a config.json transformers rejects, missing tokenizer
+    files) is a one-line ValueError naming the folder and the reason."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; each is a bad folder here
+        logger.debug("loading the tokenizer from %s failed:\n%s", path, traceback.format_exc())
+        raise ValueError(f"tokenizer {path}: cannot load it: {describe(e)}") from None
 
 
 class LLM:
@@ -50,11 +59,17 @@ class LLM:
             code = run_launched_rank(self.args, self.model_path, launch)
             logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
             raise SystemExit(code)
+        ModelConfig.from_pretrained(self.model_path)  # a bad config.json: our one-line error, not the tokenizer's
         tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)
         self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
-        self._core: Optional[EngineCore] = create_engine_core(
-            self.args, self.model_path, launch, logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+        try:
+            self._core: Optional[EngineCore] = create_engine_core(
+                self.args, self.model_path, launch, logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+        except RankFailedError as e:  # a worker's error, one line; its traceback is in that rank's DEBUG log
+            if e.expected:
+                raise
+            raise RankFailedError(f"{e} ({API_DEBUG_HINT})") from None
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._outputs = OutputProcessor(self.tokenizer, self.args.stream_interval)

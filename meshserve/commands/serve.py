@@ -18,7 +18,10 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from typing import Optional, Sequence
+
+from meshserve.errors import DEBUG_HINT, describe
 
 logger = logging.getLogger("meshserve.serve")
 
@@ -229,6 +232,27 @@ def _use_disagg_key(secret_file: Optional[str], rank: int) -> Optional[str]:
 def main(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     try:
+        return _main(ns)
+    except Exception as e:  # noqa: BLE001 - a bug: one line and the hint; the traceback at DEBUG
+        logger.debug("meshserve serve failed:\n%s", traceback.format_exc())
+        print(f"meshserve serve: error: {describe(e)} ({DEBUG_HINT})", file=sys.stderr)
+        return 1
+
+
+def _load_tokenizer(path: str, trust_remote_code: Optional[bool]):
+    """The tokenizer; one that cannot be loaded (a config.json transformers rejects, missing
+    tokenizer files) is a ValueError naming the folder and the reason."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; each is a bad folder here
+        logger.debug("loading the tokenizer from %s failed:\n%s", path, traceback.format_exc())
+        raise ValueError(f"tokenizer {path}: cannot load it: {describe(e)}") from None
+
+
+def _main(ns: argparse.Namespace) -> int:
+    try:
         args = llm_args_from_cli(ns)
     except ValueError as e:
         return _fail(str(e))
@@ -255,8 +279,11 @@ def main(ns: argparse.Namespace) -> int:
         sock = bind_http_socket(ns.host, ns.port)
     except ValueError as e:
         return _fail(str(e))
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = _load_tokenizer(tokenizer_path, args.trust_remote_code)
+    except ValueError as e:
+        sock.close()
+        return _fail(str(e))
     name = ns.served_model_name or served_model_name(args.model)
     with sock:
         return asyncio.run(serve(ns, args, model_path, tokenizer, name, sock))
@@ -320,7 +347,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     try:
         await engine.start()
     except EngineDeadError as e:
-        print(f"meshserve serve: error: the engine failed to start: {e}", file=sys.stderr)
+        hint = f" ({DEBUG_HINT})" if e.unexpected else ""
+        print(f"meshserve serve: error: the engine failed to start: {e}{hint}", file=sys.stderr)
         return 1
     except asyncio.CancelledError:
         logger.info("stopped while the engine was starting")

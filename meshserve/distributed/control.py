@@ -48,7 +48,8 @@ class Result(msgspec.Struct, tag=True):
 
 class WorkerError(msgspec.Struct, tag=True):
     rank: int
-    message: str
+    message: str  # one line (errors.describe); the traceback stays in the rank's own log
+    expected: bool = False  # bad input (a ValueError...), not a bug
 
 
 class Shutdown(msgspec.Struct, tag=True):

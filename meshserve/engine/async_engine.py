@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine process failed or exited; no request can be served."""
+    """The engine process failed or exited; no request can be served. `unexpected`: it failed from a
+    bug rather than bad input (its traceback is in the engine's DEBUG log)."""
+
+    def __init__(self, message: str, unexpected: bool = False):
+        super().__init__(message)
+        self.unexpected = unexpected
 
 
 class RequestRejectedError(ValueError):
@@ -238,12 +243,14 @@ class AsyncEngine:
         if self._ready_fut is not None and not self._ready_fut.done():
             self._ready_fut.set_exception(EngineDeadError("the engine was shut down before it was ready"))
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, unexpected: bool = False) -> None:
+        starting = self._ready_fut is not None and not self._ready_fut.done()
         if self.error is None:
-            logger.error("engine failed: %s", message)
+            # while starting, start() raises it and the caller reports it once (serve prints one line)
+            (logger.debug if starting else logger.error)("engine failed: %s", message)
             self.error = message
-        if self._ready_fut is not None and not self._ready_fut.done():
-            self._ready_fut.set_exception(EngineDeadError(message))
+        if starting:
+            self._ready_fut.set_exception(EngineDeadError(message, unexpected))
         for stream in list(self._streams.values()):
             self._finish_stream(stream, error=EngineDeadError(f"the engine failed: {message}"))
 
@@ -348,7 +355,7 @@ class AsyncEngine:
             elif kind == core_proc.REJECT:
                 self._reject(msg)
             elif kind == core_proc.FAILED:
-                self._fail(msg.message)
+                self._fail(msg.message, msg.unexpected)
 
     def _reject(self, msg: core_proc.RequestRejected) -> None:
         state = self.processor.request_of(msg.request_id)

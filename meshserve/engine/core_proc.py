@@ -29,6 +29,7 @@ import zmq
 
 from meshserve.disagg.transceiver import RankLayout
 from meshserve.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from meshserve.errors import describe, is_expected
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ class RequestRejected(msgspec.Struct):
     message: str
 
 
-class EngineFailed(msgspec.Struct):
-    message: str
+class EngineFailed(msgspec.Struct, omit_defaults=True):
+    message: str  # one line (errors.describe): the front prints it as it is
     during_startup: bool = False
+    unexpected: bool = False  # a bug, not bad input: the traceback is in the engine's DEBUG log
 
 
 def _exit_on_signal(signum, frame) -> None:
@@ -87,8 +89,10 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     try:
         core = create_engine_core(args, model_path, launch_for(args), log_level)
     except BaseException as e:  # noqa: BLE001 - every startup failure goes back to the front
-        logger.error("engine startup failed:\n%s", traceback.format_exc())
-        out.send_multipart([FAILED, encoder.encode(EngineFailed(f"{type(e).__name__}: {e}", during_startup=True))])
+        # the front prints the one-line message once; the traceback only with --log-level debug
+        logger.debug("engine startup failed:\n%s", traceback.format_exc())
+        failed = EngineFailed(describe(e), during_startup=True, unexpected=not is_expected(e))
+        out.send_multipart([FAILED, encoder.encode(failed)])
         out.close()
         ctx.term()
         raise SystemExit(1) from None

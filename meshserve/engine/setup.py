@@ -102,6 +102,20 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
                              f"intermediate size {moe_inter}")
 
 
+def no_room_for_kv(args: LlmArgs, device: torch.device, num_blocks: int, block_size: int) -> str:
+    """The one-line error for a KV pool of fewer than 2 blocks, naming the setting that sized it."""
+    kv = args.kv_cache_config
+    if device.type == "cuda":
+        where = (f"kv_cache_config.free_gpu_memory_fraction={kv.free_gpu_memory_fraction} of the GPU memory left "
+                 f"after the weights and a max_num_tokens={args.max_num_tokens} forward")
+        fix = "raise free_gpu_memory_fraction (at most 1.0) or lower max_num_tokens"
+    else:
+        where = f"kv_cache_config.cpu_kv_cache_gb={kv.cpu_kv_cache_gb} GiB"
+        fix = "raise cpu_kv_cache_gb"
+    return (f"no room for the KV cache: {num_blocks} blocks of {block_size} tokens fit in {where}; "
+            f"at least 2 are needed: {fix}")
+
+
 def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:
     """The outside launcher's view of this process (None: ranks are spawned here, or one rank)."""
     return detect_launch() if args.orchestrator_type != "spawn" else None
@@ -142,8 +156,7 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
         num_blocks = executor.initialize_cache(args.kv_cache_config,
                                                args.max_batch_size * max_seq_len * max(1, len(kv_groups)))
         if num_blocks < 2:
-            raise ValueError(f"no room for the KV cache: {num_blocks} blocks fit; lower max_num_tokens or raise "
-                             f"kv_cache_config.free_gpu_memory_fraction")
+            raise ValueError(no_room_for_kv(args, device, num_blocks, block_size))
         sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
                                 overlap=overlap)
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,

@@ -30,7 +30,8 @@ from meshserve.distributed.launch import LaunchInfo
 from meshserve.executor.base import Done, Executor, choose_num_blocks, inflight_depth
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.worker.main import CHECK_IN_KEY, spawned_main
-from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info
+from meshserve.errors import RankFailedError, describe, is_expected
+from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info, startup_errors
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,28 @@ class MultiProcExecutor(Executor):
             self.channel = DriverChannel(addr, shared_key)
             exchange_control_info(self.state, self.channel.endpoint, None if key else shared_key)
             self._wait_all(Ready, "to start")
-        except BaseException:
+        except BaseException as e:
+            # A worker that failed while loading breaks rank 0's rendezvous or collective: report the
+            # worker's own error (it names the cause), not the broken connection rank 0 saw.
+            cause = None if is_expected(e) or not isinstance(e, Exception) else self._worker_startup_error(store)
             self.shutdown()
+            if cause is not None:
+                logger.debug("rank 0 stopped starting (%s) because a worker rank failed", describe(e))
+                raise cause from None
             raise
+
+    def _worker_startup_error(self, store, wait_s: float = 3.0) -> Optional[RankFailedError]:
+        """The first worker rank's published start-up error, waiting up to `wait_s` for one to arrive."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = startup_errors(store, range(1, self.world_size))
+            if found:
+                rank, message, expected = found[0]
+                return RankFailedError(f"worker rank {rank} failed while starting: {message}", expected)
+            all_exited = bool(self.procs) and all(p.exitcode is not None for p in self.procs.values())
+            if time.monotonic() > deadline or (all_exited and time.monotonic() > deadline - wait_s + 0.5):
+                return None
+            time.sleep(0.1)
 
     def _spawn(self, args: LlmArgs, model_path: str, addr: str, port: int, key: bytes, log_level: str) -> None:
         ctx = mp.get_context("spawn")
@@ -138,11 +158,12 @@ class MultiProcExecutor(Executor):
                     continue
                 code = self.procs[rank].exitcode
                 if code is not None:
-                    raise RuntimeError(
+                    raise RankFailedError(
                         f"worker rank {rank} exited with code {code} while starting, before it joined rank 0. "
                         f"The usual cause: the script creates LLM(...) (or runs other work) at module level "
                         f"without an `if __name__ == \"__main__\":` guard; worker ranks are spawned processes "
-                        f"that import the main module again. Put that code under the guard (see the README).")
+                        f"that import the main module again. Put that code under the guard (see the README).",
+                        expected=True)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker ranks {sorted(pending)} did not start within {timeout_s:.0f} s")
             if pending:
@@ -156,7 +177,7 @@ class MultiProcExecutor(Executor):
 
     def _handle(self, msg) -> None:
         if isinstance(msg, WorkerError):
-            raise RuntimeError(f"worker rank {msg.rank} failed:\n{msg.message}")
+            raise RankFailedError(f"worker rank {msg.rank} failed: {msg.message}", msg.expected)
         if isinstance(msg, StageStats):
             self.stage_stats[msg.rank] = msg
         if isinstance(msg, ExpertLoadReport):
@@ -246,7 +267,7 @@ class MultiProcExecutor(Executor):
         while time.monotonic() < deadline:
             msg = self.channel.recv(100)
             if isinstance(msg, WorkerError):
-                raise RuntimeError(f"worker rank {msg.rank} failed:\n{msg.message}") from err
+                raise RankFailedError(f"worker rank {msg.rank} failed: {msg.message}", msg.expected) from err
             try:
                 self._check_alive()
             except RuntimeError as dead:

@@ -70,7 +70,19 @@ class ModelConfig:
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported; supported: silu")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            value = cfg[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{arch}: config field {name}={value!r} must be a positive integer")
         heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads")
+        if kv_heads is not None and (not isinstance(kv_heads, int) or isinstance(kv_heads, bool) or kv_heads < 1
+                                     or heads % kv_heads):
+            raise ValueError(f"{arch}: config field num_key_value_heads={kv_heads!r} must be a positive integer "
+                             f"that divides num_attention_heads={heads}")
+        if not cfg.get("head_dim") and cfg["hidden_size"] % heads and arch not in DEEPSEEK_ARCHITECTURES:
+            raise ValueError(f"{arch}: config field hidden_size={cfg['hidden_size']} must be a multiple of "
+                             f"num_attention_heads={heads} (or give head_dim)")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         layers = cfg["num_hidden_layers"]
         is_qwen2 = arch == "Qwen2ForCausalLM"
@@ -111,8 +123,18 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ModelConfig":
-        with open(os.path.join(path, "config.json")) as f:
-            return cls.from_dict(json.load(f))
+        file = os.path.join(path, "config.json")
+        with open(file) as f:
+            try:
+                cfg = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{file}: not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{file}: expected a JSON object of config fields, got {type(cfg).__name__}")
+        try:
+            return cls.from_dict(cfg)
+        except KeyError as e:
+            raise ValueError(f"{file}: the required field {e.args[0]!r} is missing") from None
 
     def torch_dtype(self, requested: str, device: torch.device) -> torch.dtype:
         if requested in (None, "auto"):

@@ -20,6 +20,7 @@ from meshserve.config import LlmArgs
 from meshserve.distributed.control import (ExpertLoadReport, InitKv, KvBlocks, KvLayout, KvPullDone, ProfileKv,
                                            Ready, Result, Shutdown, StageStats, Step, WorkerChannel, WorkerError)
 from meshserve.distributed.parallel_state import ParallelState, init_distributed
+from meshserve.errors import describe, is_expected
 from meshserve.models.config import ModelConfig
 from meshserve.utils import GCPauses
 from meshserve.worker.model_runner import ModelRunner
@@ -68,6 +69,50 @@ def build_rank(spec: RankSpec, store=None):
     return runner, state
 
 
+STARTUP_ERROR_KEY = "meshserve/failed/{rank}"
+
+
+def _startup_store(store):
+    """The store both sides of a start-up error use: the spawning executor's, else the default
+    process group's (launched ranks), else None (not joined yet)."""
+    if store is not None:
+        return store
+    try:
+        import torch.distributed as dist
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except Exception:  # noqa: BLE001 - best effort: rank 0 then reports its own error
+        return None
+
+
+def publish_startup_error(store, rank: int, message: str, expected: bool) -> None:
+    """A worker rank that failed before rank 0's control channel reached it: its one-line error, in
+    the rendezvous store, for rank 0 to report instead of the broken collective it sees."""
+    store = _startup_store(store)
+    if store is None:
+        return
+    try:
+        store.set(STARTUP_ERROR_KEY.format(rank=rank), json.dumps({"message": message, "expected": expected}))
+    except Exception:  # noqa: BLE001 - rank 0 then reports its own error
+        pass
+
+
+def startup_errors(store, ranks) -> list[tuple[int, str, bool]]:
+    """(rank, message, expected) of every rank in `ranks` that published a start-up error."""
+    store = _startup_store(store)
+    if store is None:
+        return []
+    found = []
+    for rank in ranks:
+        key = STARTUP_ERROR_KEY.format(rank=rank)
+        try:
+            if store.check([key]):
+                info = json.loads(store.get(key))
+                found.append((rank, info["message"], bool(info["expected"])))
+        except Exception:  # noqa: BLE001 - a store that is gone holds nothing
+            pass
+    return found
+
+
 def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) -> tuple[str, bytes]:
     """Rank 0 tells every rank the control endpoint (and the key, when it was not pre-shared)
     over the gloo world group: fixed-size byte tensors, no pickle."""
@@ -84,6 +129,7 @@ def exchange_control_info(state, endpoint: Optional[str], key: Optional[bytes]) 
 def run_worker(spec: RankSpec, store=None) -> int:
     """Serve rank 0's commands until it says Shutdown (0) or this rank fails (1, reported)."""
     channel = runner = None
+    serving = False
     try:
         runner, state = build_rank(spec, store)
         endpoint, key = exchange_control_info(state, None, bytes.fromhex(spec.key_hex) if spec.key_hex else None)
@@ -118,19 +164,25 @@ def run_worker(spec: RankSpec, store=None) -> int:
                 runner.init_kv_cache(msg.num_blocks)
                 GCPauses.freeze()  # the model, KV pool and graphs are up: later collections skip them
                 GCPauses(f"rank {spec.rank}").install()
+                serving = True
                 channel.send(KvBlocks(spec.rank, msg.num_blocks))
                 if runner.kv_transfer is not None:
                     channel.send(KvLayout(spec.rank, runner.kv_transfer.layout))
             elif isinstance(msg, Shutdown):
                 return 0
-    except BaseException:
-        err = traceback.format_exc()
-        logger.error("rank %d failed:\n%s", spec.rank, err)
+    except BaseException as e:
+        # Rank 0 reports the one-line message once. The traceback: at DEBUG for bad input and for
+        # anything while starting (rank 0's hint says how to see it), at ERROR for a bug while serving.
+        expected, message = is_expected(e), describe(e)
+        (logger.error if serving and not expected else logger.debug)(
+            "rank %d failed:\n%s", spec.rank, traceback.format_exc())
         if channel is not None:
             try:
-                channel.send(WorkerError(spec.rank, err[-4000:]))
+                channel.send(WorkerError(spec.rank, message, expected))
             except Exception:
                 pass
+        else:  # no control channel yet (failed while joining or loading): leave it where rank 0 looks
+            publish_startup_error(store, spec.rank, message, expected)
         return 1
     finally:
         if runner is not None:
