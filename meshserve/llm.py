@@ -104,16 +104,23 @@ class LLM:
             raise ValueError("prompts is empty: pass a string, a list of token ids, or a list of those")
         return list(prompts)
 
-    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int], SamplingParams]:
-        """Tokenize and validate; nothing is registered or added to the engine yet."""
+    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int], SamplingParams,
+                                                                            list[int]]:
+        """Tokenize and validate; nothing is registered or added to the engine yet. A dict prompt's
+        `resume_output_token_ids` continues an earlier run's output (the same params; the result
+        as AsyncEngine.add_request describes it)."""
         text, ids = self._tokenize(prompt)
-        self._core.validate(ids, params)
-        return text, ids, params
+        resume = list(prompt.get("resume_output_token_ids") or ()) if isinstance(prompt, dict) else []
+        self._core.validate(ids, params, resume)
+        return text, ids, params, resume
 
-    def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams) -> RequestState:
-        state, seqs = self._outputs.add_request(str(next(self._ids)), text, ids, params)
+    def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams,
+                resume: Sequence[int] = ()) -> RequestState:
+        state, seqs = self._outputs.add_request(str(next(self._ids)), text, ids + list(resume), params)
+        if resume:
+            state.resume_output(list(resume))
         for sid, p in seqs:
-            self._core.add_request(sid, ids, p)
+            self._core.add_request(sid, ids, p, resume_output_token_ids=resume)
         return state
 
     # ---- the engine loop ---------------------------------------------------------------------------

@@ -255,9 +255,9 @@ class AsyncEngine:
             self._finish_stream(stream, error=EngineDeadError(f"the engine failed: {message}"))
 
     # ---- requests ----------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=()) -> None:
         """The engine's own checks, run here against the limits it reported."""
-        validate(self.limits, prompt_token_ids, params)
+        validate(self.limits, prompt_token_ids, params, resume_output_token_ids)
 
     @property
     def num_pending_sequences(self) -> int:
@@ -274,17 +274,29 @@ class AsyncEngine:
                                  f"(max_waiting_requests={limit}); retry later")
 
     def add_request(self, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: Optional[str] = None, disagg: Optional[DisaggRequest] = None) -> RequestStream:
+                    request_id: Optional[str] = None, disagg: Optional[DisaggRequest] = None,
+                    resume_output_token_ids: Optional[list[int]] = None) -> RequestStream:
         """Validate and submit one request (n sequences); raises ValueError for a bad request,
         QueueFullError or EngineDeadError when it cannot be taken now. `disagg`: its part in
-        disaggregated serving (one sequence)."""
+        disaggregated serving (one sequence). `resume_output_token_ids`: a resumed request's outputs
+        so far (engine/request.py; `params` count max_tokens and min_tokens from that run's start):
+        its output's text is the whole output's, its token ids the new ones, and its prompt token
+        ids (what usage counts) the prompt followed by the resumed ones, all of which it prefills."""
         self.check_capacity()
-        self.validate(prompt_token_ids, params)
+        resume = list(resume_output_token_ids or ())
+        self.validate(prompt_token_ids, params, resume)
         rid = request_id or uuid.uuid4().hex
-        state, seqs = self.processor.add_request(rid, prompt, prompt_token_ids, params)
+        state, seqs = self.processor.add_request(rid, prompt, list(prompt_token_ids) + resume, params)
+        if resume:
+            try:
+                state.resume_output(resume)
+            except BaseException:
+                self.processor.abort_request(rid)
+                raise
         stream = RequestStream(self, state)
         now = time.monotonic()
-        reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now, disagg=disagg)
+        reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now, disagg=disagg,
+                                  resume_output_token_ids=resume)
                 for sid, p in seqs]
         try:
             self._send(core_proc.ADD, reqs)  # no await between registering and sending: no output is missed

@@ -96,6 +96,7 @@ class RequestState:
         self.hold_back = max((len(s) for s in params.stop), default=1) - 1
         self.unstreamed_tokens = 0  # tokens processed since a streaming reader last got an output
         self.streamed = False
+        self.num_resumed_output_tokens = 0  # resume_output: outputs of an earlier run this one continues
 
     def stream_due(self, interval: int) -> bool:
         """stream_interval: whether a streaming reader gets a partial output now: the first at once,
@@ -109,8 +110,10 @@ class RequestState:
         """A resumed request (an orchestrator's failover: the prompt ends with these output tokens
         of an earlier run): decode them as output, so the text goes on as that run's would have
         (across multi-byte characters and merged spaces, and stop strings across the boundary).
-        Their text is part of the output's text; token_ids and counts stay the new tokens'. Call
-        before any output arrives."""
+        Their text is part of the output's text; token_ids and counts stay the new tokens'; they
+        count towards min_tokens (as the engine counts them: engine/request.py). Call before any
+        output arrives."""
+        self.num_resumed_output_tokens = len(token_ids)
         for seq in self.seqs.values():
             seq.detok.add(list(token_ids))
 
@@ -143,7 +146,7 @@ class RequestState:
         if out.finish_reason is not None:
             seq.finish_reason = out.finish_reason
             seq.stop_reason = out.stop_reason
-        elif self.params.stop and len(seq.token_ids) >= self.params.min_tokens:
+        elif self.params.stop and len(seq.token_ids) + self.num_resumed_output_tokens >= self.params.min_tokens:
             hit_stop = self._check_stop(seq, before)
         if seq.finish_reason is not None and self.finished:
             self.finished_time = time.monotonic()

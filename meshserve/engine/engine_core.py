@@ -40,10 +40,13 @@ class EngineLimits:
 LATE_LAUNCH_SLACK_S = 0.0005
 
 
-def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingParams) -> None:
+def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingParams,
+             resume_output_token_ids=()) -> None:
     """Raise ValueError, naming the field and the numbers, for a request an engine with these
     limits can't run. Used by EngineCore and, with the limits the engine reported, by the API
-    server's front (so a bad request fails before it reaches the engine process)."""
+    server's front (so a bad request fails before it reaches the engine process).
+    `resume_output_token_ids`: a resumed request's outputs so far (engine/request.py), counted
+    against max_tokens as in the run they come from."""
     n = len(prompt_token_ids)
     if n == 0:
         raise ValueError("prompt is empty: it must contain at least one token")
@@ -68,6 +71,30 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
     if not lim.enable_chunked_prefill and n > lim.max_num_tokens:
         raise ValueError(f"prompt has {n} tokens, more than max_num_tokens={lim.max_num_tokens}; enable "
                          f"chunked prefill (enable_chunked_prefill=True) or raise max_num_tokens")
+    if resume_output_token_ids:
+        _validate_resume(lim, n, params, resume_output_token_ids)
+
+
+def _validate_resume(lim: EngineLimits, n: int, params: SamplingParams, resume) -> None:
+    k = len(resume)
+    ok = all_ints(resume) and min(resume) >= 0 and max(resume) < lim.vocab_size
+    bad = [] if ok else [t for t in resume if not isinstance(t, int) or not 0 <= t < lim.vocab_size]
+    if bad:
+        raise ValueError(f"resume_output_token_ids contains token id {bad[0]!r} outside the vocabulary "
+                         f"(valid ids are 0..{lim.vocab_size - 1})")
+    if params.n != 1:
+        raise ValueError(f"n={params.n}: a resumed request (resume_output_token_ids) has exactly one sequence")
+    limit = min(params.max_tokens or lim.max_seq_len, lim.max_seq_len - n)
+    if k >= limit:
+        raise ValueError(f"resume_output_token_ids has {k} tokens, but this request may generate {limit} "
+                         f"(max_tokens counts the resumed tokens too): nothing is left to generate")
+    if n + k + 1 > lim.kv_capacity_tokens:
+        raise ValueError(f"prompt ({n} tokens) + resume_output_token_ids ({k}) + one more token needs {n + k + 1} KV "
+                         f"slots, but the KV cache holds {lim.kv_capacity_tokens}")
+    if not lim.enable_chunked_prefill and n + k > lim.max_num_tokens:
+        raise ValueError(f"prompt ({n} tokens) + resume_output_token_ids ({k}) is more than max_num_tokens="
+                         f"{lim.max_num_tokens}; enable chunked prefill (enable_chunked_prefill=True) or raise "
+                         f"max_num_tokens")
 
 
 class EngineCore:
@@ -112,18 +139,24 @@ class EngineCore:
         self._host_s: deque = deque(maxlen=8)  # recent schedule + launch host times
 
     # ---- requests -------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        validate(self.limits, prompt_token_ids, params)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=()) -> None:
+        validate(self.limits, prompt_token_ids, params, resume_output_token_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: Optional[float] = None, disagg: Optional[DisaggRequest] = None) -> None:
+                    arrival_time: Optional[float] = None, disagg: Optional[DisaggRequest] = None,
+                    resume_output_token_ids=()) -> None:
+        """`resume_output_token_ids`: the outputs of an earlier run of this request, which this one
+        continues as that run would have (engine/request.py); `params` are that run's, max_tokens
+        and min_tokens counting from its start."""
         if request_id in self.scheduler.requests or request_id in self.scheduler.pinned:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if disagg is not None:
+            if resume_output_token_ids:
+                raise ValueError("resume_output_token_ids and disaggregated_params do not go together")
             params = self._check_disagg(prompt_token_ids, params, disagg)
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, resume_output_token_ids)
         self.scheduler.add_request(Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids,
-                                           self.limits.max_seq_len, arrival_time, disagg))
+                                           self.limits.max_seq_len, arrival_time, disagg, resume_output_token_ids))
         if disagg is not None:
             logger.info("request %s: %s, %d prompt tokens%s", request_id, disagg.kind, len(prompt_token_ids),
                         f", KV from {disagg.sources[0].endpoint} ({disagg.ctx_request_id})"
@@ -153,7 +186,7 @@ class EngineCore:
 
     def add_core_request(self, req: EngineCoreRequest) -> None:
         self.add_request(req.request_id, req.prompt_token_ids, SamplingParams(**req.params), req.arrival_time or None,
-                         req.disagg)
+                         req.disagg, req.resume_output_token_ids)
 
     def abort_requests(self, request_ids) -> list[EngineCoreOutput]:
         outs = []

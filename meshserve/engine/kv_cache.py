@@ -131,7 +131,7 @@ class KVCacheManager:
         hashes = self._block_hashes(req, (req.num_tokens - 1) // self.block_size)
         n = self._hit_length(hashes)
         if req.num_preemptions == 0:
-            self.prefix_queries += req.num_prompt_tokens
+            self.prefix_queries += req.num_tokens  # the prompt (and a resumed request's given outputs)
             self.prefix_hits += n * self.block_size
         if n == 0:
             return [], 0

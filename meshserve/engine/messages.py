@@ -98,6 +98,9 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     params: dict  # SamplingParams fields
     arrival_time: float = 0.0
     disagg: Optional[DisaggRequest] = None
+    # a resumed request (an orchestrator's failover): output tokens of an earlier run, prefilled
+    # after the prompt and counted as this request's outputs (engine/request.py Request)
+    resume_output_token_ids: list[int] = []
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

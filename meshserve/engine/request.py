@@ -3,6 +3,13 @@ blocks, and why it finished. Pure Python: no torch, no tokenizer.
 
 `num_computed_tokens` chases `num_tokens`; a step schedules `num_tokens - num_computed_tokens`
 (or a chunk of it), so prefill, chunked prefill, decode and recompute after preemption are one path.
+
+A resumed request (`resume_output_token_ids`: an orchestrator's failover continues on this server
+an output another one started) starts with those tokens as its outputs, not as prompt, just as if
+it had been preempted after generating them: they are prefilled with the prompt, and max_tokens,
+min_tokens, EOS and stop ids, the penalties (presence / frequency count outputs, repetition prompt
+and outputs) and a seed's per-step draws (seeded from the output count) all go on exactly as in
+the uninterrupted run. Nothing in the step loop knows the difference.
 """
 from __future__ import annotations
 
@@ -31,11 +38,12 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None,
-                 disagg=None):
+                 disagg=None, resume_output_token_ids=()):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
-        self.output_token_ids: list[int] = []
+        self.output_token_ids: list[int] = list(resume_output_token_ids)
+        self.num_resumed_output_tokens = len(self.output_token_ids)  # outputs given up front (see above)
         self.params = params
         self.eos_token_ids = [] if params.ignore_eos else (
             [params.end_id] if params.end_id is not None else list(eos_token_ids))

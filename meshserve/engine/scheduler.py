@@ -377,7 +377,7 @@ class Scheduler:
                 out.new_token_ids = [token]
                 if result.logprobs and result.logprobs[idx] is not None:
                     out.new_logprobs = [result.logprobs[idx]]
-                if req.num_output_tokens == 1:
+                if req.num_output_tokens == req.num_resumed_output_tokens + 1:  # its first sampled token
                     out.num_cached_tokens = req.num_cached_tokens
                 if status is not None:
                     out.finish_reason = status.value

@@ -5,7 +5,8 @@ frequency penalties, then temperature, top-k, top-p, min-p, and a draw by the ex
 (argmax of p / q with q ~ Exp(1)), which samples exactly from p with one random number per token.
 Rows with temperature 0 take the argmax. A seeded request draws its noise from its own generator,
 reseeded from (seed, number of tokens generated so far), so its output does not depend on what
-else is in the batch, nor on preemption. Logprobs are of the raw model distribution.
+else is in the batch, nor on preemption, nor on a failover (a resumed request counts the tokens it
+was given back as generated: engine/request.py). Logprobs are of the raw model distribution.
 """
 from __future__ import annotations
 
@@ -21,17 +22,6 @@ _MIX = 0x9E3779B97F4A7C15
 
 def seed_for_step(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * _MIX + 12345) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-_MASK = 0x7FFF_FFFF_FFFF_FFFF
-_INV = pow(1_000_003, -1, 1 << 63)  # 1_000_003 is odd: invertible modulo 2**63
-
-
-def seed_after(seed: int, steps: int) -> int:
-    """The seed whose step j draws what `seed`'s step j + `steps` draws (seed_for_step equal), in
-    [0, 2**63): a request resumed after `steps` output tokens (an orchestrator's failover) samples
-    on as the uninterrupted one would have."""
-    return (seed + steps * _MIX * _INV) & _MASK
 
 
 @dataclass

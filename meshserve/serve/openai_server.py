@@ -134,11 +134,12 @@ class OpenAIServing:
 
     def submit(self, prompts: list[tuple[Optional[str], list[int]]], params, base: str,
                renames: Optional[dict] = None, prompt_param: str = "prompt",
-               kv: Optional[DisaggRequest] = None) -> list[RequestStream]:
-        """Validate every prompt first (a 400 leaves nothing behind), then add them all."""
+               kv: Optional[DisaggRequest] = None, resume: Optional[list[int]] = None) -> list[RequestStream]:
+        """Validate every prompt first (a 400 leaves nothing behind), then add them all. `resume`:
+        a resumed request's outputs so far (one prompt; resume_request)."""
         for _, ids in prompts:
             try:
-                self.engine.validate(ids, params)
+                self.engine.validate(ids, params, resume or ())
             except ValueError as e:
                 raise from_value_error(e, renames, prompt_param) from None
         self.engine.check_capacity()
@@ -146,7 +147,7 @@ class OpenAIServing:
         try:
             for i, (text, ids) in enumerate(prompts):
                 rid = base if len(prompts) == 1 else f"{base}-{i}"
-                streams.append(self.engine.add_request(text, ids, params, rid, kv))
+                streams.append(self.engine.add_request(text, ids, params, rid, kv, resume))
         except BaseException:
             for s in streams:
                 s.abort()
@@ -284,8 +285,11 @@ class OpenAIServing:
         """A completion resuming an earlier run (`resume_output_token_ids`: the orchestrator's failover,
         docs/disaggregated.md): the prompt followed by those tokens is prefilled, they are decoded as
         output (the answer's text is the whole output's; token_ids, usage's completion_tokens and
-        max_tokens count the new tokens), the seed goes on where that run's was, and without
-        max_tokens the limit is the context, as for chat. A 400 for what cannot be resumed."""
+        the request's max_tokens / min_tokens count the new tokens), and without max_tokens the
+        limit is the context, as for chat. The engine counts them as outputs (engine/request.py), so
+        max_tokens and min_tokens go to it counted from that run's start, and penalties, stop ids
+        and a seed's draws go on as in that run. Returns the resumed ids and the engine's params; a
+        400 for what cannot be resumed."""
         where = "resume_output_token_ids"
         if req.disaggregated_params is not None:
             raise bad_request(f"{where} and disaggregated_params do not go together", where)
@@ -299,15 +303,14 @@ class OpenAIServing:
         if bad:
             raise bad_request(f"{where} contains token id {bad[0]!r} outside the vocabulary (valid ids are "
                               f"0..{vocab - 1})", where)
-        ids = list(prompts[0][1]) + resume
-        changes = {}
-        if max_tokens is None:
-            lim = self.engine.limits
-            changes["max_tokens"] = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(ids))
-        if params.seed is not None and resume:
-            from meshserve.layers.sampler import seed_after  # the engine's per-step seeding
-            changes["seed"] = seed_after(params.seed, len(resume))
-        return [(None, ids)], (params.clone(**changes) if changes else params)
+        if not resume:
+            return resume, params
+        k, lim = len(resume), self.engine.limits
+        if max_tokens is None:  # as chat's uninterrupted run: up to the context, and what the KV cache holds
+            max_tokens = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(prompts[0][1]) - k)
+        # min_tokens 0 stays 0: the first run's was at most k then, and every new token is past it
+        min_tokens = params.min_tokens + k if params.min_tokens else 0
+        return resume, params.clone(max_tokens=max_tokens + k, min_tokens=min_tokens)
 
     # ---- /v1/completions ---------------------------------------------------------------------------
     async def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
@@ -346,14 +349,12 @@ class OpenAIServing:
                                          req.logprobs, prompt_logprobs)
         except ValueError as e:
             raise from_value_error(e, renames) from None
-        resume = req.resume_output_token_ids
-        if resume is not None:
-            prompts, params = self.resume_request(req, prompts, params, max_tokens)
+        resume = None
+        if req.resume_output_token_ids is not None:
+            resume, params = self.resume_request(req, prompts, params, max_tokens)
         request_id = request_id_for(raw, "cmpl")
         kv, params = self.disagg_request(req, prompts, params, request_id)
-        streams = self.submit(prompts, params, request_id, renames, kv=kv)
-        if resume:  # before any output can arrive (no await since submit)
-            streams[0].state.resume_output(resume)
+        streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             if kv is not None:

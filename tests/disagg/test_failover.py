@@ -372,6 +372,38 @@ def test_resumed_completions_equal_the_whole_run_at_every_boundary(cluster):
     got, _ = stream_text(gen.base_url, "/v1/completions", {**seeded, "prompt": prompt,
                                                             "resume_output_token_ids": ids[:13], "max_tokens": 27})
     assert got == text  # the seed goes on where the first run's was
+    # penalties count the given tokens as outputs, min_tokens (less what was produced, as the
+    # orchestrator sends it) still bans the stop id, and a stop string straddling the cut is caught
+    sampled = {**body, "temperature": 0.8, "seed": 99, "presence_penalty": 1.2, "frequency_penalty": 0.6,
+               "repetition_penalty": 1.3}
+    text, evs = stream_text(gen.base_url, "/v1/completions", sampled)
+    ids = [t for e in evs for c in e["choices"] for t in c["token_ids"]]
+
+    def resumed(req: dict, given: list[int], min_tokens: int = 0) -> tuple[str, list[int]]:
+        r = {**req, "prompt": prompt, "resume_output_token_ids": given, "max_tokens": 40 - len(given)}
+        r.pop("min_tokens", None)
+        if min_tokens > len(given):
+            r["min_tokens"] = min_tokens - len(given)
+        got, got_evs = stream_text(gen.base_url, "/v1/completions", r)
+        return got, [t for e in got_evs for c in e["choices"] for t in c["token_ids"]]
+
+    for k in (1, 3, 9, 26):
+        assert resumed(sampled, ids[:k]) == (text, ids[k:]), k
+    limited = {**sampled, "ignore_eos": False, "stop_token_ids": [ids[2]], "min_tokens": 4}
+    want, want_evs = stream_text(gen.base_url, "/v1/completions", limited)
+    want_ids = [t for e in want_evs for c in e["choices"] for t in c["token_ids"]]
+    assert ids[2] not in want_ids[:3]
+    for k in (1, 2, 3, 5):
+        if k < len(want_ids):
+            assert resumed(limited, want_ids[:k], 4) == (want, want_ids[k:]), k
+    for cut in range(3, 30):  # a 4-character stop string, two characters either side of the cut
+        head = tok.decode(ids[:cut])
+        if text.startswith(head) and len(head) >= 2 and text.find(text[len(head) - 2:len(head) + 2]) == len(head) - 2:
+            break
+    stop = text[len(head) - 2:len(head) + 2]
+    want, _ = stream_text(gen.base_url, "/v1/completions", {**sampled, "stop": [stop]})
+    assert want == text[:len(head) - 2] and len(stop) == 4
+    assert resumed({**sampled, "stop": [stop]}, ids[:cut])[0] == want
 
 
 def test_a_stopped_generation_server_stalls_and_the_chat_stream_goes_on(cluster):
@@ -451,3 +483,30 @@ def test_a_forged_disaggregated_params_is_refused_by_the_generation_server(clust
         "model": cluster["model"], "prompt": [1, 2, 3], "disaggregated_params": {"request_type": "generation_only",
                                                                                  "opaque_state": forged}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "disaggregated_params"
+
+
+def test_a_killed_stream_with_penalties_and_a_seed_goes_on_as_uninterrupted(cluster):
+    """Sampled with a seed, presence / frequency / repetition penalties and min_tokens: the server
+    that takes over counts the tokens given back as outputs (engine/request.py), so the client's
+    text equals an uninterrupted run's. Last in the file: it kills the other generation server, so
+    the context server takes over (in a pinch)."""
+    url = cluster["url"]
+    body = {"model": cluster["model"], "prompt": "Once upon a time there was", "max_tokens": 120,
+            "temperature": 0.9, "seed": 4242, "top_p": 0.95, "presence_penalty": 1.1, "frequency_penalty": 0.7,
+            "repetition_penalty": 1.2, "min_tokens": 60, "return_token_ids": True}
+    want, want_evs = stream_text(url, "/v1/completions", body)
+    before = real_metrics(url).get("meshserve_disagg_failovers_total", 0)
+    killed = []
+
+    def kill(n):
+        if n == 20:
+            killed.append(holder(cluster))
+            os.kill(killed[0].proc.pid, signal.SIGKILL)
+
+    got, evs = stream_text(url, "/v1/completions", body, kill)
+    assert killed and killed[0].proc.wait(10) == -signal.SIGKILL
+    assert got == want and len(got) > 0
+    ids = [t for e in evs for c in e["choices"] for t in c.get("token_ids") or ()]
+    assert ids == [t for e in want_evs for c in e["choices"] for t in c.get("token_ids") or ()]
+    assert evs[-1]["choices"][0]["finish_reason"] == want_evs[-1]["choices"][0]["finish_reason"]
+    assert real_metrics(url)["meshserve_disagg_failovers_total"] == before + 1
