@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from meshserve.config import build_llm_args
-from meshserve.disagg import kv_io, tcp
+from meshserve.disagg import cuda_ipc, kv_io, tcp
 from meshserve.disagg.transceiver import KvRequest, TransferState, create_transceiver
 from test_transfer import KEY, Cluster, _caches, _layout
 
@@ -49,8 +49,8 @@ class FakeIpc:
 def ipc(monkeypatch):
     fake = FakeIpc()
     monkeypatch.setattr(tcp, "_ipc_local_why", lambda caches: None)  # as if the caches were CUDA tensors
-    monkeypatch.setattr(tcp, "ipc_export", fake.export)
-    monkeypatch.setattr(tcp, "ipc_open", fake.open)
+    monkeypatch.setattr(cuda_ipc, "ipc_export", fake.export)  # where the IPC mixins look them up
+    monkeypatch.setattr(cuda_ipc, "ipc_open", fake.open)
     return fake
 
 
