@@ -8,12 +8,22 @@ world rank and job (PMIX_NAMESPACE / OMPI_MCA_ess_base_jobid and the world size)
 another mpirun fails the pull with one line. Asked for outside an mpirun world, `create_transceiver`
 refuses MPI naming the alternatives.
 
+Which process calls MPI_Init: Open MPI 4.1 lets exactly one process per mpirun rank initialize,
+the launched one or any process it started (a second one aborts in MPI_Init with "orte_ess_init
+failed"). `available()` therefore never initializes MPI (the API server of `meshserve serve` runs
+it, through check_backend); `init()` does, which `create_transceiver("MPI")` and every source and
+sink call, in the process that holds the KV cache: the engine process under `meshserve serve`
+(rank 0, spawned by the API server, which never touches MPI), or the worker rank mpirun started
+(ranks > 0). Worker ranks the engine would spawn itself would share its mpirun rank, so
+engine/setup.py refuses MPI for a tp x pp world that mpirun did not start rank by rank.
+
 MPI needs MPI_THREAD_MULTIPLE (mpi4py asks for it by default; Open MPI 4.1 gives it): sources send
 from their connection threads while sinks receive from their pull threads. MPI is not fault
 tolerant: a rank that dies usually takes the job down; a timeout cancels this side's receive.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Optional
@@ -22,6 +32,8 @@ import msgspec
 
 from meshserve.disagg._side import SideKvSink, SideKvSource, next_tag
 from meshserve.disagg.tcp import _Fail
+
+logger = logging.getLogger(__name__)
 
 _WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -49,42 +61,38 @@ def mpi():
             raise RuntimeError(f"the MPI library gives thread level {MPI.Query_thread()}, the MPI backend needs "
                                f"MPI_THREAD_MULTIPLE ({MPI.THREAD_MULTIPLE})")
         _MPI = MPI
+        logger.info("MPI initialized in process %d: world rank %d of %d (job %s)", os.getpid(),
+                    MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), _job() or "?")
     return _MPI
 
 
-# what the parent of a process that mpirun started is called (Open MPI, MPICH's hydra)
-_LAUNCHER_PARENTS = ("mpirun", "mpiexec", "orterun", "orted", "prterun", "prted", "hydra_pmi_proxy")
-
-
-def _launched_directly() -> Optional[str]:
-    """None when this process is one mpirun started (or we cannot tell), else its parent's name.
-    Open MPI initializes only the launched process: a child it forked (`meshserve serve` runs its
-    engine in one) aborts in MPI_Init with 'orte_ess_init failed'."""
-    try:
-        with open(f"/proc/{os.getppid()}/comm") as f:
-            parent = f.read().strip()
-    except OSError:
-        return None
-    return None if parent in _LAUNCHER_PARENTS else parent
-
-
 def available() -> Optional[str]:
-    """None when MPI can be used here, else why not (one line)."""
+    """None when MPI can be used here, else why not (one line). Never initializes MPI: under
+    `meshserve serve` this check runs in the API server process too, and Open MPI lets one process
+    per mpirun rank call MPI_Init (a second one aborts in it with "orte_ess_init failed"). That one
+    is the process that holds the KV cache and makes the first MpiKvSource / MpiKvSink: the engine
+    process (rank 0), which the API server spawned, or a worker rank mpirun started."""
     if not in_mpi_world():
         return ("the MPI backend needs both servers started in one mpirun (MPMD: `mpirun -np N meshserve "
                 "serve ... : -np M meshserve serve ...`); this process was not started by mpirun")
-    parent = _launched_directly()
-    if parent is not None:
-        return (f"this process was not started by mpirun itself but by {parent!r}: `meshserve serve` runs its "
-                f"engine in a child process, which Open MPI cannot initialize; the MPI backend serves "
-                f"processes mpirun starts directly (an LLM-API script per rank)")
+    try:
+        import mpi4py  # noqa: F401 - the package only: `mpi4py.MPI` would initialize MPI
+    except ImportError as e:
+        return f"the MPI backend needs mpi4py (pip install mpi4py) and an MPI library: {e}"
+    return None
+
+
+def init() -> None:
+    """Initialize MPI in this process (the one holding the KV cache); a ValueError of one line."""
+    why = available()
+    if why:
+        raise ValueError(why)
     try:
         mpi()
     except ImportError as e:
-        return f"the MPI backend needs mpi4py (pip install mpi4py) and an MPI library: {e}"
-    except Exception as e:  # noqa: BLE001 - MPI_Init failing is reported, not raised
-        return f"MPI could not be initialized: {type(e).__name__}: {e}"
-    return None
+        raise ValueError(f"the MPI backend needs mpi4py (pip install mpi4py) and an MPI library: {e}") from None
+    except Exception as e:  # noqa: BLE001 - MPI_Init failing is reported, not raised as is
+        raise ValueError(f"MPI could not be initialized: {type(e).__name__}: {e}") from None
 
 
 class _World(msgspec.Struct):
@@ -134,9 +142,7 @@ def _cancel(req, keep, wait_s: float = 1.0) -> None:
 
 class MpiKvSource(SideKvSource):
     def __init__(self, *args, **kwargs):
-        why = available()
-        if why:
-            raise ValueError(why)
+        init()
         super().__init__(*args, **kwargs)
 
     def _local_info(self) -> bytes:
@@ -168,9 +174,7 @@ class MpiKvSource(SideKvSource):
 
 class MpiKvSink(SideKvSink):
     def __init__(self, *args, **kwargs):
-        why = available()
-        if why:
-            raise ValueError(why)
+        init()
         super().__init__(*args, **kwargs)
 
     def _tag(self) -> int:

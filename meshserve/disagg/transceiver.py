@@ -130,7 +130,8 @@ class KvSink:
 
 
 # backend name -> (module, source class, sink class); imported when picked (as models/registry.py). Every
-# module but tcp's has `available() -> None | str` (why it cannot be used here).
+# module but tcp's has `available() -> None | str` (why it cannot be used here; MPI's starts nothing); one
+# with `init()` (MPI) has it called by create_transceiver, in the process that will hold the KV.
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "DEFAULT": ("meshserve.disagg.tcp", "TcpKvSource", "TcpKvSink"),
     "NIXL": ("meshserve.disagg.nixl", "NixlKvSource", "NixlKvSink"),
@@ -172,4 +173,6 @@ def create_transceiver(backend: str) -> tuple[type[KvSource], type[KvSink]]:
     name = check_backend(backend)
     module, source, sink = _BACKENDS[name]
     mod = importlib.import_module(module)
+    if hasattr(mod, "init"):  # MPI: MPI_Init here, where the KV will be; never in check_backend (serve's front)
+        mod.init()
     return getattr(mod, source), getattr(mod, sink)

@@ -52,6 +52,12 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.cache_transceiver_config is not None:
         check_transfer_backend(args.cache_transceiver_config.backend)
         ctc = args.cache_transceiver_config
+        world = args.tensor_parallel_size * args.pipeline_parallel_size
+        if ctc.backend.upper() == "MPI" and world > 1 and launch_for(args) is None:
+            raise ValueError(f"cache_transceiver_config.backend='MPI' with tensor_parallel_size="
+                             f"{args.tensor_parallel_size} x pipeline_parallel_size={args.pipeline_parallel_size}: "
+                             f"mpirun must start every rank of this server (`-np {world}` for its app), since ranks "
+                             f"spawned here would share one MPI rank; alternatives: DEFAULT, NIXL, UCX")
         if ctc.cuda_ipc is True and ctc.backend.upper() != "DEFAULT":
             raise ValueError(f"cache_transceiver_config.cuda_ipc=true: the CUDA IPC path is the DEFAULT backend's; "
                              f"backend={ctc.backend!r} moves the KV its own way (leave cuda_ipc unset, or auto)")

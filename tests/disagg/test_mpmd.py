@@ -2,11 +2,13 @@
 (`mpirun -np 2 meshserve serve ... --tp_size 2 : -np 1 meshserve serve ...`): each app is its own
 meshserve job (ranks numbered within the app, app k rendezvousing on MASTER_PORT + k), the KV goes
 from the TP-2 context server to the TP-1 generation server over DEFAULT, and the generated text equals
-the generation server's own aggregated answer. The MPI backend under `meshserve serve` is refused in
-one line (Open MPI initializes only the processes it starts; the engine is a child process)."""
+the generation server's own aggregated answer. The same with `cache_transceiver_config.backend: MPI`
+(a TP-1 and a TP-2 context server, one generation server, all apps of one mpirun); a TP world that
+mpirun did not start rank by rank is refused with MPI in one line."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,20 +103,79 @@ def test_context_tp2_and_generation_tp1_in_one_mpmd_mpirun(tmp_path):
         _stop(proc, log)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI is not installed (scripts/test.sh installs it)")
-def test_mpi_backend_under_meshserve_serve_is_refused_in_one_line(tmp_path):
+def _mpi4py_missing() -> bool:
+    try:
+        import mpi4py  # noqa: F401 - the package only (mpi4py.MPI would initialize MPI in this process)
+    except ImportError:
+        return True
+    return False
+
+
+def _wait_healthy(proc, log_path, urls, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if all(httpx.get(u + "/health", timeout=2).status_code == 200 for u in urls):
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None or _mpi4py_missing(),
+                    reason="needs OpenMPI and mpi4py (scripts/test.sh and scripts/setup.sh install them)")
+def test_mpi_backend_between_meshserve_serve_apps_of_one_mpirun(tmp_path):
+    """`mpirun -np 1 meshserve serve CTX : -np 2 meshserve serve CTX --tp_size 2 : -np 1 meshserve serve
+    GEN`, backend MPI everywhere: the generation server pulls a TP-1 and a TP-2 context server's KV as
+    MPI messages (each engine process is the one process of its mpirun rank that initializes MPI)."""
+    model = str(tmp_path / "tiny")
+    build_checkpoint(model, "llama", max_position_embeddings=2048)
+    cfg = tmp_path / "mpi.yml"
+    cfg.write_text("cache_transceiver_config:\n  backend: MPI\nkv_cache_config:\n  max_tokens: 4096\n")
+    ctx1_port, ctx2_port, gen_port = free_port(), free_port(), free_port()
+    serve = [sys.executable, "-m", "meshserve", "serve", model, "--host", "127.0.0.1", "--config", str(cfg)]
+    proc, log = _mpirun(tmp_path, [["-np", "1", *serve, "--port", str(ctx1_port)],
+                                   ["-np", "2", *serve, "--port", str(ctx2_port), "--tp_size", "2"],
+                                   ["-np", "1", *serve, "--port", str(gen_port)]], "mpi.log")
+    try:
+        ctxs = [f"http://127.0.0.1:{p}" for p in (ctx1_port, ctx2_port)]
+        gen = f"http://127.0.0.1:{gen_port}"
+        _wait_healthy(proc, tmp_path / "mpi.log", [*ctxs, gen])
+        body = {"model": model, "prompt": "The quick brown fox jumps", "max_tokens": 12, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}
+        want = httpx.post(gen + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        for ctx in ctxs:
+            first = httpx.post(ctx + "/v1/completions", timeout=60,
+                               json={**body, "disaggregated_params": {"request_type": "context_only"}}).json()
+            params = dict(first["disaggregated_params"], request_type="generation_only")
+            r = httpx.post(gen + "/v1/completions", json={**body, "disaggregated_params": params}, timeout=60)
+            assert r.status_code == 200, (ctx, r.text)
+            got = r.json()["choices"][0]
+            assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"]), ctx
+    finally:
+        _stop(proc, log)
+    text = (tmp_path / "mpi.log").read_text()
+    assert "orte_ess_init failed" not in text and "Traceback" not in text, text[-3000:]
+    # one process per mpirun rank initialized MPI: the engine processes (rank 0) and ctx2's worker rank
+    assert sorted(re.findall(r"MPI initialized in process \d+: world rank (\d) of 4", text)) == list("0123"), text
+
+
+@pytest.mark.skipif(_mpi4py_missing(), reason="needs mpi4py (scripts/setup.sh installs it)")
+def test_mpi_backend_with_ranks_mpirun_did_not_start_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """`mpirun -np 1 meshserve serve --tp_size 2` would spawn rank 1 inside rank 0's mpirun rank."""
+    from meshserve.commands import serve
+
     model = str(tmp_path / "tiny")
     build_checkpoint(model, "llama")
     cfg = tmp_path / "mpi.yml"
     cfg.write_text("cache_transceiver_config:\n  backend: MPI\n")
-    serve = [sys.executable, "-m", "meshserve", "serve", model, "--host", "127.0.0.1", "--config", str(cfg)]
-    proc, log = _mpirun(tmp_path, [["-np", "1", *serve, "--port", str(free_port())],
-                                   ["-np", "1", *serve, "--port", str(free_port())]], "mpi.log")
-    try:
-        proc.wait(120)
-    finally:
-        _stop(proc, log)
-    text = (tmp_path / "mpi.log").read_text()
-    assert "cache_transceiver_config.backend='MPI' cannot be used here: this process was not started by mpirun" \
-        in text, text[-3000:]
-    assert "alternatives: DEFAULT" in text
+    for k, v in {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    assert serve.main(serve.build_parser().parse_args([model, "--tp_size", "2", "--config", str(cfg),
+                                                       "--secret_file", str(tmp_path / "key")])) == 2
+    err = capsys.readouterr().err
+    assert "mpirun must start every rank of this server (`-np 2` for its app)" in err, err
+    assert "alternatives: DEFAULT, NIXL, UCX" in err and err.count("\n") == 1, err
