@@ -131,32 +131,46 @@ def test_version_and_models(http):
     assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
 
 
-def _long_stream(server):
-    body = {**COMPLETION, "max_tokens": 200, "stream": True, "ignore_eos": True}
+def _long_stream(server, max_tokens=200):
+    body = {**COMPLETION, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
     return httpx.stream("POST", server.base_url + "/v1/completions", json=body, headers=server.headers, timeout=30)
 
 
-def test_full_waiting_queue_is_503_with_retry_after(server, http):
+@pytest.fixture(scope="module")
+def busy_server(tiny_model):
+    """One running sequence at a time and one waiting; a context long enough (2048, the model's limit) that the first
+    stream is still running when the third request comes (200 tokens of the tiny model took ~0.2 s:
+    the first could finish before the second was even queued, which made this test flaky)."""
+    srv = start_server(tiny_model, "--max_seq_len", "2048", "--max_batch_size", "1", "--max_waiting_requests", "1")
+    yield srv
+    srv.stop()
+
+
+def test_full_waiting_queue_is_503_with_retry_after(busy_server):
+    server = busy_server
     # max_batch_size=1: the first stream runs, the second waits; the waiting queue (limit 1) is full.
-    with _long_stream(server) as first:
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as http, \
+            _long_stream(server, 1900) as first:
         assert first.status_code == 200
         lines = first.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))  # running: it has a token
-        with _long_stream(server) as second:
+        with _long_stream(server, 1900) as second:
             assert second.status_code == 200
             r = http.post("/v1/chat/completions", json=CHAT)
             assert_error(r, 503)
             assert int(r.headers["Retry-After"]) >= 1
-    deadline = time.monotonic() + 10  # both streams were dropped: they are aborted, the queue empties
-    while time.monotonic() < deadline:
-        r = http.post("/v1/chat/completions", json=CHAT)
-        if r.status_code == 200:
-            break
-        time.sleep(0.2)
-    assert r.status_code == 200, r.text
-    metrics = server.metrics()
-    assert metrics["meshserve_request_errors_total[503]"] >= 1
-    assert metrics["meshserve_request_errors_total[400]"] >= len(BAD_REQUESTS)
+        deadline = time.monotonic() + 20  # both streams were dropped: they are aborted, the queue empties
+        while time.monotonic() < deadline:
+            r = http.post("/v1/chat/completions", json=CHAT)
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+    assert server.metrics()["meshserve_request_errors_total[503]"] >= 1
+
+
+def test_bad_requests_are_counted_as_400(server):
+    assert server.metrics()["meshserve_request_errors_total[400]"] >= len(BAD_REQUESTS)
 
 
 def test_engine_death_turns_health_to_503(server, http):
