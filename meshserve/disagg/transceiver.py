@@ -106,7 +106,7 @@ class KvSink:
     of `layout.layers[i]`; `layout.endpoint` is ""). `verify_payload` (with a key): check each chunk's
     MAC before it is written into the blocks (cache_transceiver_config.verify_payload: True, False,
     or "auto": unless the source is this host over loopback; DEFAULT, UCX and MPI; NIXL's one-sided
-    reads have none). DEFAULT also takes `cuda_ipc` ("auto", True, False: tcp.py)."""
+    reads have none). DEFAULT also takes `cuda_ipc` ("auto", True, False: cuda_ipc.py)."""
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
                  key: Optional[bytes] = None, verify_payload="auto"):

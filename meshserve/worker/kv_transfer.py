@@ -73,7 +73,7 @@ class RankTransfer:
         from meshserve.disagg import params
         key = params.secret_key() if key is None else key
         source_cls, sink_cls = create_transceiver(backend)
-        # cache_transceiver_config.cuda_ipc: the DEFAULT backend's same-host GPU path (disagg/tcp.py)
+        # cache_transceiver_config.cuda_ipc: the DEFAULT backend's same-host GPU path (disagg/cuda_ipc.py)
         ipc = {"cuda_ipc": cuda_ipc} if backend.upper() == "DEFAULT" else {}
         self._releases: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
