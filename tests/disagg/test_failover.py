@@ -444,11 +444,10 @@ def test_a_stopped_generation_server_stalls_and_the_chat_stream_goes_on(cluster)
     wait_healthy(cluster)
 
 
-def test_a_killed_generation_server_mid_stream_loses_nothing(cluster):
+def _stream_killing_the_holder(cluster, body):
+    """Stream `body` through the orchestrator and kill -9 the generation server holding it after 20
+    chunks: (text, events, [the killed server], failover counter before)."""
     url = cluster["url"]
-    body = {"model": cluster["model"], "prompt": "Once upon a time there was", "max_tokens": 300, "temperature": 0,
-            "ignore_eos": True}
-    want, _ = stream_text(url, "/v1/completions", body)
     before = real_metrics(url).get("meshserve_disagg_failovers_total", 0)
     killed = []
 
@@ -459,6 +458,15 @@ def test_a_killed_generation_server_mid_stream_loses_nothing(cluster):
 
     got, evs = stream_text(url, "/v1/completions", body, kill)
     assert killed and killed[0].proc.wait(10) == -signal.SIGKILL
+    return got, evs, killed, before
+
+
+def test_a_killed_generation_server_mid_stream_loses_nothing(cluster):
+    url = cluster["url"]
+    body = {"model": cluster["model"], "prompt": "Once upon a time there was", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True}
+    want, _ = stream_text(url, "/v1/completions", body)
+    got, evs, killed, before = _stream_killing_the_holder(cluster, body)
     assert got == want and len(got) > 0
     assert evs[-1]["choices"][0]["finish_reason"] == "length"
     assert real_metrics(url)["meshserve_disagg_failovers_total"] == before + 1
@@ -495,16 +503,7 @@ def test_a_killed_stream_with_penalties_and_a_seed_goes_on_as_uninterrupted(clus
             "temperature": 0.9, "seed": 4242, "top_p": 0.95, "presence_penalty": 1.1, "frequency_penalty": 0.7,
             "repetition_penalty": 1.2, "min_tokens": 60, "return_token_ids": True}
     want, want_evs = stream_text(url, "/v1/completions", body)
-    before = real_metrics(url).get("meshserve_disagg_failovers_total", 0)
-    killed = []
-
-    def kill(n):
-        if n == 20:
-            killed.append(holder(cluster))
-            os.kill(killed[0].proc.pid, signal.SIGKILL)
-
-    got, evs = stream_text(url, "/v1/completions", body, kill)
-    assert killed and killed[0].proc.wait(10) == -signal.SIGKILL
+    got, evs, killed, before = _stream_killing_the_holder(cluster, body)
     assert got == want and len(got) > 0
     ids = [t for e in evs for c in e["choices"] for t in c.get("token_ids") or ()]
     assert ids == [t for e in want_evs for c in e["choices"] for t in c.get("token_ids") or ()]
