@@ -139,8 +139,8 @@ def test_two_kernel_path_cuda_graph_on_new_routing(qwen_weights, T):
 
 
 def test_config_file_is_picked_up(tmp_path, monkeypatch, qwen_weights):
-    from meshserve.kernels import moe
-    monkeypatch.setattr(moe, "_FOUND", {})
+    from meshserve.kernels import moe, moe_config
+    monkeypatch.setattr(moe_config, "_FOUND", {})
     name = moe.config_file_name(128, 2048, 768, torch.bfloat16, torch.cuda.get_device_name())
     cfg = moe.MoeKernelConfig(32, moe.GemmConfig(64, 64, 1, 4, 3), moe.GemmConfig(64, 64, 1, 4, 3))
     (tmp_path / name).write_text(json.dumps({"K": 8, "configs": {"4": moe.config_to_dict(cfg)}}))

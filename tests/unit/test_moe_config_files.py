@@ -35,8 +35,8 @@ DOC = {"format": "meshserve-moe-configs", "version": 1, "E": 8, "H": 64, "I": 32
 
 @pytest.fixture
 def moe(monkeypatch):
-    from meshserve.kernels import moe
-    monkeypatch.setattr(moe, "_FOUND", {})
+    from meshserve.kernels import moe, moe_config
+    monkeypatch.setattr(moe_config, "_FOUND", {})
     monkeypatch.delenv(moe.CONFIG_DIR_ENV, raising=False)
     return moe
 
