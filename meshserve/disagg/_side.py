@@ -164,13 +164,7 @@ class SideKvSink(TcpKvSink):
         verify = self._verify(conn)
         for layer, heads in items:
             progress["layer"] = layer
-            src_group = source.group_of(layer)
-            if src_group >= len(src.block_ids):
-                raise _Fail(f"the request has no block ids for KV cache group {src_group} of layer {layer}")
-            src_ids = list(src.block_ids[src_group])
-            cache = self.kv_caches[lay.layers.index(layer)]
-            dst_ids = dst_block_ids[lay.group_of(layer)]
-            local = None if lay.kind == "latent" else (heads[0] - lay.kv_heads[0], heads[1] - lay.kv_heads[0])
+            src_ids, cache, dst_ids, local = self._layer_plan(source, src, dst_block_ids, layer, heads)
             for t0 in range(0, n, chunk):
                 if abort.is_set():
                     return

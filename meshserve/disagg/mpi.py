@@ -110,6 +110,20 @@ def _decode(info: bytes) -> _World:
     return msgspec.msgpack.decode(info, type=_World)
 
 
+def _peer_rank(info: bytes, peer_name: str, me: str, error) -> int:
+    """The other side's world rank from its SideHello info; `error` (ValueError on the source,
+    _Fail on the sink) when it is malformed or in another MPI world."""
+    try:
+        peer = _decode(info)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise error(f"{peer_name} sent a malformed MPI address ({e})") from None
+    mine = _decode(_info())
+    if (peer.job, peer.size) != (mine.job, mine.size) or not 0 <= peer.rank < mine.size:
+        raise error(f"{peer_name} is in another MPI world (job {peer.job!r} of {peer.size} ranks; {me}: job "
+                    f"{mine.job!r} of {mine.size}): the MPI backend needs both servers in one mpirun")
+    return peer.rank
+
+
 class _Recv:
     def __init__(self, req):
         self.req = req
@@ -149,16 +163,7 @@ class MpiKvSource(SideKvSource):
         return _info()
 
     def _peer(self, info: bytes) -> int:
-        try:
-            peer = _decode(info)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise ValueError(f"malformed MPI address ({e})") from None
-        mine = _decode(_info())
-        if (peer.job, peer.size) != (mine.job, mine.size) or not 0 <= peer.rank < mine.size:
-            raise ValueError(f"the generation rank is in another MPI world (job {peer.job!r} of {peer.size} ranks; "
-                             f"this context rank: job {mine.job!r} of {mine.size}): the MPI backend needs both "
-                             f"servers in one mpirun")
-        return peer.rank
+        return _peer_rank(info, "the generation rank", "this context rank", ValueError)
 
     def _send(self, peer: int, tag: int, view: memoryview, alive) -> None:
         MPI = mpi()
@@ -186,16 +191,7 @@ class MpiKvSink(SideKvSink):
         return _info()
 
     def _peer(self, info: bytes, ep: str) -> int:
-        try:
-            peer = _decode(info)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise _Fail(f"context rank {ep} sent a malformed MPI address ({e})") from None
-        mine = _decode(_info())
-        if (peer.job, peer.size) != (mine.job, mine.size) or not 0 <= peer.rank < mine.size:
-            raise _Fail(f"context rank {ep} is in another MPI world (job {peer.job!r} of {peer.size} ranks; this "
-                        f"generation rank: job {mine.job!r} of {mine.size}): the MPI backend needs both servers in "
-                        f"one mpirun")
-        return peer.rank
+        return _peer_rank(info, f"context rank {ep}", "this generation rank", _Fail)
 
     def _post_recv(self, peer: int, tag: int, view: memoryview) -> _Recv:
         MPI = mpi()

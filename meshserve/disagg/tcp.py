@@ -535,6 +535,19 @@ class TcpKvSink(IpcSinkMixin, KvSink):
                 conn.sock.close()  # after: the source's blocks are no longer read (cuda_ipc)
         return progress["bytes"]
 
+    def _layer_plan(self, source: RankLayout, src: KvRequest, dst_block_ids: list[list[int]], layer: int,
+                    heads: tuple[int, int]):
+        """What a pull of `layer` (KV heads [h0, h1) of the model) reads and writes: the source's
+        block ids (of its group), this rank's cache, its block ids, and the heads within that cache
+        (None for a latent cache)."""
+        lay = self.layout
+        src_group = source.group_of(layer)
+        if src_group >= len(src.block_ids):
+            raise _Fail(f"the request has no block ids for KV cache group {src_group} of layer {layer}")
+        cache = self.kv_caches[lay.layers.index(layer)]
+        local = None if lay.kind == "latent" else (heads[0] - lay.kv_heads[0], heads[1] - lay.kv_heads[0])
+        return list(src.block_ids[src_group]), cache, dst_block_ids[lay.group_of(layer)], local
+
     def _pull_items(self, conn: _Conn, source: RankLayout, items: list[tuple[int, tuple[int, int]]],
                     src: KvRequest, dst_block_ids: list[list[int]], abort: threading.Event, progress: dict) -> None:
         ep = source.endpoint
@@ -545,13 +558,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
         verify = self._verify(conn)
         for layer, heads in items:
             progress["layer"] = layer
-            src_group = source.group_of(layer)
-            if src_group >= len(src.block_ids):
-                raise _Fail(f"the request has no block ids for KV cache group {src_group} of layer {layer}")
-            src_ids = list(src.block_ids[src_group])
-            cache = self.kv_caches[lay.layers.index(layer)]
-            dst_ids = dst_block_ids[lay.group_of(layer)]
-            local = None if lay.kind == "latent" else (heads[0] - lay.kv_heads[0], heads[1] - lay.kv_heads[0])
+            src_ids, cache, dst_ids, local = self._layer_plan(source, src, dst_block_ids, layer, heads)
             for t0 in range(0, n, chunk):
                 if abort.is_set():  # another context rank failed: the pull has failed
                     return
