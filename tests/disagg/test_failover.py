@@ -448,6 +448,10 @@ def _stream_killing_the_holder(cluster, body):
     """Stream `body` through the orchestrator and kill -9 the generation server holding it after 20
     chunks: (text, events, [the killed server], failover counter before)."""
     url = cluster["url"]
+    deadline = time.monotonic() + 30  # a generation server the orchestrator counts healthy takes the stream
+    while not any(s["healthy"] for s in httpx.get(url + "/health").json()["generation_servers"]):
+        assert time.monotonic() < deadline, "no healthy generation server to stream from"
+        time.sleep(0.2)
     before = real_metrics(url).get("meshserve_disagg_failovers_total", 0)
     killed = []
 
