@@ -264,7 +264,7 @@ from test_e2e import DISAGG_YAML, SERVER_FLAGS, Orchestrator  # noqa: E402
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failover")
     model = str(tmp / "tiny")
-    build_checkpoint(model, "llama", max_position_embeddings=2048)
+    build_checkpoint(model, "llama", max_position_embeddings=2048, num_hidden_layers=16)
     yaml_path = tmp / "server.yml"
     yaml_path.write_text(DISAGG_YAML)
     old = os.environ.get("MESHSERVE_SECRET")
@@ -308,12 +308,25 @@ def real_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def holder(cluster) -> ServerProcess:
-    """The generation server the orchestrator has a request open on."""
-    health = httpx.get(cluster["url"] + "/health").json()
-    busy = [s["url"] for s in health["generation_servers"] if s["inflight"]]
-    assert len(busy) == 1, health
-    return next(g for g in cluster["gens"] if busy[0].endswith(f":{g.port}"))
+def frozen_holder(cluster) -> ServerProcess:
+    """The generation server the orchestrator has a stream open on, left SIGSTOPped. Every live
+    generation server is stopped first, so the stream cannot end while the orchestrator is asked
+    (on a loaded machine a fast server can finish the whole stream between the client's chunk and
+    the question); the others are continued."""
+    live = [g for g in cluster["gens"] if g.proc.poll() is None]
+    for g in live:
+        os.kill(g.proc.pid, signal.SIGSTOP)
+    held = None
+    try:
+        health = httpx.get(cluster["url"] + "/health", timeout=10).json()
+        busy = [s["url"] for s in health["generation_servers"] if s["inflight"]]
+        assert len(busy) == 1, health
+        held = next(g for g in live if busy[0].endswith(f":{g.port}"))
+    finally:
+        for g in live:
+            if g is not held:
+                os.kill(g.proc.pid, signal.SIGCONT)
+    return held
 
 
 def stream_text(url: str, route: str, body: dict, on_chunk=None) -> tuple[str, list[dict]]:
@@ -416,8 +429,7 @@ def test_a_stopped_generation_server_stalls_and_the_chat_stream_goes_on(cluster)
 
     def stop(n):
         if n == 20:
-            stopped.append(holder(cluster))
-            os.kill(stopped[0].proc.pid, signal.SIGSTOP)  # silent: no chunk, no /health, the connection open
+            stopped.append(frozen_holder(cluster))  # silent: no chunk, no /health, the connection open
 
     try:
         got, got_evs = stream_text(url, "/v1/chat/completions", body, stop)
@@ -457,7 +469,7 @@ def _stream_killing_the_holder(cluster, body):
 
     def kill(n):
         if n == 20:
-            killed.append(holder(cluster))
+            killed.append(frozen_holder(cluster))
             os.kill(killed[0].proc.pid, signal.SIGKILL)
 
     got, evs = stream_text(url, "/v1/completions", body, kill)
