@@ -85,10 +85,10 @@ def ours(a) -> dict:
     import kernel_record
 
     cfg = SHAPES[a.model].config
-    result = {"model": a.model, "kernel": []}
+    result = {"model": a.model, "pdl": a.pdl, "kernel": []}
     kernel_bench(result["kernel"])
     llm = LLM(a.model, load_format="dummy", max_batch_size=64, max_seq_len=8192, max_num_tokens=8192,
-              show_progress=False)
+              kernel_config={"pdl": a.pdl}, show_progress=False)
     result["kernel_config"] = kernel_record.from_llm(llm)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"] - 300
@@ -127,6 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="moonlight-16b-a3b")
     p.add_argument("--part", choices=["all", "ours", "peer"], default="all")
+    p.add_argument("--pdl", action="store_true", help="kernel_config.pdl: programmatic dependent launch")
     p.add_argument("--out", default="out/mla_1gpu")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -138,7 +139,8 @@ def main() -> None:
         return
     summary = {"scenario": "mla-1gpu"}
     if a.part == "all":
-        subprocess.run([sys.executable, __file__, "--part", "ours", "--model", a.model, "--out", a.out], check=False)
+        subprocess.run([sys.executable, __file__, "--part", "ours", "--model", a.model, "--out", a.out]
+                       + ["--pdl"] * a.pdl, check=False)
     if os.path.exists(ours_json) and os.path.getsize(ours_json):
         summary["ours"] = json.load(open(ours_json))
     if a.part in ("all", "peer"):

@@ -72,6 +72,9 @@ class KernelConfig(StrictModel):
     attn_prefill_warps: Optional[int] = Field(None, description="prefill attention: warps per program")
     attn_heavy_first: Optional[bool] = Field(None, description=(
         "prefill attention: launch each sequence's last query tiles (which see the most keys) first"))
+    pdl: Optional[bool] = Field(None, description=(
+        "launch the Triton kernels with programmatic dependent launch: each one starts while the one before "
+        "it finishes (weights of the skinny GEMMs load early); needs a GPU of compute capability 9.0 or newer"))
 
     @field_validator("attn_prefill_rows", "attn_prefill_rows_small")
     @classmethod

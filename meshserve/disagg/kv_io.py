@@ -103,9 +103,10 @@ def gather(cache: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: i
 
 
 def scatter(cache: torch.Tensor, buf: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: int,
-            heads: Optional[tuple[int, int]] = None) -> None:
+            heads: Optional[tuple[int, int]] = None, non_blocking: bool = False) -> None:
     """Write a buffer of tokens [t0, t0 + n) (heads: local [h0, h1) of a full cache, default all)
-    into the cache's blocks `block_ids` (of `block_size` tokens)."""
+    into the cache's blocks `block_ids` (of `block_size` tokens). non_blocking: a host buffer's copy
+    to the GPU is queued on the current stream (the caller keeps the buffer until it has run)."""
     kind, num_blocks, cache_block_size = geometry(cache)
     if cache_block_size != block_size:
         raise ValueError(f"block_size {block_size} is not the cache's {tuple(cache.shape)}")
@@ -115,8 +116,8 @@ def scatter(cache: torch.Tensor, buf: torch.Tensor, block_ids: Sequence[int], bl
         raise ValueError(f"buffer {tuple(buf.shape)} {buf.dtype} does not fit {expected} {cache.dtype}")
     flat = _flat(cache)
     idx = token_slots(block_ids, block_size, t0, t0 + n, num_blocks)
-    src = buf.to(cache.device)
-    idx = idx.to(cache.device)
+    src = buf.to(cache.device, non_blocking=non_blocking)
+    idx = idx.to(cache.device, non_blocking=non_blocking)
     if kind == "latent":
         flat.index_copy_(0, idx, src)
     else:

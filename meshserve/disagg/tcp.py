@@ -320,6 +320,7 @@ def _compatible(sink: RankLayout, src: RankLayout) -> Optional[str]:
 
 
 class TcpKvSink(IpcSinkMixin, KvSink):
+    READ_AHEAD = 1  # Reads sent beyond the one being answered
     decoder = _decoder  # as TcpKvSource.decoder
 
     def __init__(self, kv_caches: list, layout: RankLayout, max_tokens_in_buffer: Optional[int] = None,
@@ -490,8 +491,13 @@ class TcpKvSink(IpcSinkMixin, KvSink):
         return conn
 
     def _exchange(self, conn: _Conn, msg, ep: str):
+        conn.send(msg)
+        return self._reply(conn, ep)
+
+    @staticmethod
+    def _reply(conn: _Conn, ep: str):
+        """The next message from the context rank; _Fail when it is an Error or fails authentication."""
         try:
-            conn.send(msg)
             reply = conn.recv()
         except _AuthError:
             raise _Fail(f"a reply from context rank {ep} failed authentication (MESHSERVE_SECRET or the key file "
@@ -550,38 +556,57 @@ class TcpKvSink(IpcSinkMixin, KvSink):
 
     def _pull_items(self, conn: _Conn, source: RankLayout, items: list[tuple[int, tuple[int, int]]],
                     src: KvRequest, dst_block_ids: list[list[int]], abort: threading.Event, progress: dict) -> None:
+        """Read `items` chunk by chunk with READ_AHEAD Reads in flight: the context rank gathers and
+        sends chunk k + 1 while this side receives and scatters chunk k (the replies come in order).
+        Two staging buffers: on a GPU the host-to-device copy of one chunk (on the pull's side stream)
+        overlaps receiving the next."""
         ep = source.endpoint
         lay = self.layout
         n = src.num_tokens
         chunk = self.max_tokens_in_buffer or n
-        staging = _Staging(self._pinned)
         verify = self._verify(conn)
+        plans = {}
+        reads = []
         for layer, heads in items:
+            plans[layer, heads] = self._layer_plan(source, src, dst_block_ids, layer, heads)
+            reads += [(layer, heads, t0, min(n, t0 + chunk)) for t0 in range(0, n, chunk)]
+        staging = [_Staging(self._pinned), _Staging(self._pinned)]
+        landed: list = [None, None]  # per staging buffer: the event of the copy still reading it (GPU)
+        sent = 0
+        for i, (layer, heads, t0, t1) in enumerate(reads):
+            if abort.is_set():  # another context rank failed: the pull has failed
+                return
+            while sent < len(reads) and sent <= i + self.READ_AHEAD:
+                s_layer, s_heads, s0, s1 = reads[sent]
+                conn.send(Read(src.ctx_request_id, plans[s_layer, s_heads][0], n, s_layer, s_heads, (s0, s1),
+                               lay.model_id, lay.dtype, verify))
+                sent += 1
             progress["layer"] = layer
-            src_ids, cache, dst_ids, local = self._layer_plan(source, src, dst_block_ids, layer, heads)
-            for t0 in range(0, n, chunk):
-                if abort.is_set():  # another context rank failed: the pull has failed
-                    return
-                t1 = min(n, t0 + chunk)
-                reply = self._exchange(conn, Read(src.ctx_request_id, src_ids, n, layer, heads, (t0, t1),
-                                                  lay.model_id, lay.dtype, verify), ep)
-                shape = kv_io.buffer_shape(cache, t1 - t0, local)
-                if not isinstance(reply, Data) or tuple(reply.shape) != shape:
-                    raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
-                                f"expected Data of shape {list(shape)}")
-                buf = staging.get(shape, cache.dtype)
-                view = _as_bytes(buf)
-                if reply.nbytes != len(view):
-                    raise _Fail(f"context rank {ep} sends {reply.nbytes} bytes for {len(view)} expected")
-                hasher = conn.payload_hasher(conn.received - 1) if verify else None
-                conn.recv_into(view, hasher)
-                if hasher is not None:
-                    trailer = bytearray(_MAC_LEN)
-                    conn.recv_into(memoryview(trailer))
-                    check_payload(hasher.digest(), bytes(trailer), layer, t0, t1, ep)
-                # from (pinned) host memory the H2D copy is synchronous: the staging buffer is free after
-                kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local)
-                progress["bytes"] += len(view)
+            src_ids, cache, dst_ids, local = plans[layer, heads]
+            reply = self._reply(conn, ep)
+            shape = kv_io.buffer_shape(cache, t1 - t0, local)
+            if not isinstance(reply, Data) or tuple(reply.shape) != shape:
+                raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
+                            f"expected Data of shape {list(shape)}")
+            slot = i % 2
+            if landed[slot] is not None:
+                landed[slot].synchronize()  # its previous chunk has reached the GPU
+            buf = staging[slot].get(shape, cache.dtype)
+            view = _as_bytes(buf)
+            if reply.nbytes != len(view):
+                raise _Fail(f"context rank {ep} sends {reply.nbytes} bytes for {len(view)} expected")
+            hasher = conn.payload_hasher(conn.received - 1) if verify else None
+            conn.recv_into(view, hasher)
+            if hasher is not None:
+                trailer = bytearray(_MAC_LEN)
+                conn.recv_into(memoryview(trailer))
+                check_payload(hasher.digest(), bytes(trailer), layer, t0, t1, ep)
+            on_gpu = cache.device.type == "cuda"
+            kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu)
+            if on_gpu:
+                landed[slot] = torch.cuda.Event()
+                landed[slot].record()  # on the pull's side stream, after the copy
+            progress["bytes"] += len(view)
 
     def release(self, source_rank0: RankLayout, ctx_request_id: str, timeout_s: float = 5.0) -> Optional[str]:
         ep = source_rank0.endpoint

@@ -16,13 +16,23 @@ TRITON_AVAILABLE = TRITON_INSTALLED and not H200.disable_triton
 # Rows of input up to which linears on CUDA take the skinny-GEMM kernel (kernels/gemv.py) instead
 # of cuBLAS; 0 turns it off.
 GEMV_MAX_M = H200.gemv_max_m
+# kernel_config.pdl: the Triton kernels launch with programmatic dependent launch (kernels/pdl.py).
+PDL = H200.pdl
+_PDL_ARGS = {"USE_PDL": True, "launch_pdl": True}
 
 
 def configure(settings: KernelSettings) -> None:
     """Apply a rank's resolved settings to the fused ops and linears of this process."""
-    global TRITON_AVAILABLE, GEMV_MAX_M
+    global TRITON_AVAILABLE, GEMV_MAX_M, PDL
     TRITON_AVAILABLE = TRITON_INSTALLED and not settings.disable_triton
     GEMV_MAX_M = settings.gemv_max_m
+    PDL = settings.pdl
+
+
+def pdl_args() -> dict:
+    """Keywords for launching a kernel that has a USE_PDL parameter: with kernel_config.pdl the kernel
+    waits for the one before it and is launched with PDL (both or neither: kernels/pdl.py)."""
+    return _PDL_ARGS if PDL else {}
 
 
 def use_triton(t) -> bool:

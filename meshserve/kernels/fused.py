@@ -9,10 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve import kernels
+from meshserve.kernels.pdl import pdl_enter
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -41,7 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         res2 = residual.view(-1, n) if residual is not None else x2
         _rmsnorm_kernel[(rows,)](x2, res2, weight, out, x2.stride(0), res2.stride(0), out.stride(0), n, eps,
                                  HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                 num_warps=4 if n <= 2048 else 8)
+                                 num_warps=4 if n <= 2048 else 8, **kernels.pdl_args())
     out = out.view(shape)
     return (out, residual) if residual is not None else out
 
@@ -49,7 +53,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                  stride_cos, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, H_P2: tl.constexpr,
-                 HALF: tl.constexpr, HALF_P2: tl.constexpr):
+                 HALF: tl.constexpr, HALF_P2: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_P2)
@@ -80,7 +85,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
     half = cos.shape[1]
     _rope_kernel[(T,)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
                        NUM_Q=q.shape[1], NUM_K=k.shape[1], H_P2=triton.next_power_of_2(max(q.shape[1], k.shape[1])),
-                       HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4)
+                       HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4, **kernels.pdl_args())
 
 
 @triton.jit
@@ -88,12 +93,13 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
                        NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P2: tl.constexpr, KH_P2: tl.constexpr,
                        D: tl.constexpr, D_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                       QK_NORM: tl.constexpr):
+                       QK_NORM: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token: rotate q in place (as _rope_kernel does), rotate k and write it with v into the
     paged cache at the token's slot. k itself is left as it was: the attention reads the cache.
     QK_NORM (Qwen3's per-head RMSNorm of q and k, every dim rotated: D == 2 * HALF): each head row
     is normalised first, rounded as the separate RMSNorm kernel would (q's normalised values are
     what is stored back, rotated)."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     # q: the two halves of the rotated dims, in place.
@@ -167,11 +173,12 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                              NUM_Q=q.shape[1], NUM_K=nk, QH_P2=triton.next_power_of_2(q.shape[1]),
                              KH_P2=triton.next_power_of_2(nk), D=d, D_P2=triton.next_power_of_2(d),
                              HALF=half, HALF_P2=triton.next_power_of_2(half), QK_NORM=qk_norm is not None,
-                             num_warps=4)
+                             num_warps=4, **kernels.pdl_args())
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < D
@@ -187,7 +194,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(d))
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d, BLOCK=block)
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d, BLOCK=block,
+                                                                **kernels.pdl_args())
     return out.view(*x.shape[:-1], d)
 
 
@@ -195,7 +203,9 @@ _ARGMAX_BLOCK = 4096
 
 
 @triton.jit
-def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, stride_x, V, NB, BLOCK: tl.constexpr):
+def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, stride_x, V, NB, BLOCK: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -206,7 +216,8 @@ def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, stride_x, V, NB, BLOCK: tl.c
 
 
 @triton.jit
-def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NB, NB_P2: tl.constexpr):
+def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NB, NB_P2: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NB_P2)
     ok = j < NB
@@ -230,6 +241,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     idxs = torch.empty((b, nb), dtype=torch.int64, device=x.device)
     out = torch.empty(b, dtype=torch.int64, device=x.device)
     if b:
-        _argmax_partial_kernel[(b, nb)](x, vals, idxs, x.stride(0), v, nb, BLOCK=_ARGMAX_BLOCK, num_warps=8)
-        _argmax_final_kernel[(b,)](vals, idxs, out, nb, NB_P2=triton.next_power_of_2(nb))
+        _argmax_partial_kernel[(b, nb)](x, vals, idxs, x.stride(0), v, nb, BLOCK=_ARGMAX_BLOCK, num_warps=8,
+                                        **kernels.pdl_args())
+        _argmax_final_kernel[(b,)](vals, idxs, out, nb, NB_P2=triton.next_power_of_2(nb), **kernels.pdl_args())
     return out

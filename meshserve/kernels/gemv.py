@@ -13,12 +13,14 @@ import triton
 import triton.language as tl
 
 from meshserve import kernels
+from meshserve.kernels.pdl import pdl_enter
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -29,8 +31,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     # K's trip count is a constexpr: Triton's interpreter (CPU tests) cannot range() over a runtime
-    # bound, and a model has only a few distinct K.
-    for i in range(K_ITERS):
+    # bound, and a model has only a few distinct K. The first K tile is peeled: with PDL its weights
+    # load while the kernel before is finishing (no kernel writes weights), then x after the wait.
+    if EVEN_K:
+        xm = m_mask[:, None]
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        km = offs_k < K
+        xm = m_mask[:, None] & km[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
+    pdl_enter(USE_PDL)
+    x = tl.load(x_rows + offs_k[None, :], mask=xm, other=0.0)
+    acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    for i in range(1, K_ITERS):
         k = i * BLOCK_K + offs_k
         if EVEN_K:
             xm = m_mask[:, None]
@@ -73,7 +86,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps)
+        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps, **kernels.pdl_args())
     return y
 
 

@@ -20,6 +20,9 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from meshserve import kernels
+from meshserve.kernels.pdl import pdl_enter
+
 LOG2E = 1.4426950408889634
 _FITTED: dict = {}  # (device, dtype, tile shape) -> (block_n, num_stages) that fit this GPU
 
@@ -31,9 +34,11 @@ def _mla_decode_split_kernel(
     NUM_HEADS: tl.constexpr, LORA: tl.constexpr, ROPE: tl.constexpr, L_P2: tl.constexpr, R_P2: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Program (sequence b, head block, split s): the split's normalised partial output
     [BLOCK_H, L] and its log-sum-exp (natural log; -inf for an empty split) into the workspace."""
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -88,8 +93,10 @@ def _mla_decode_split_kernel(
 @triton.jit
 def _mla_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, stride_ob, stride_oh,
                       NUM_HEADS: tl.constexpr, LORA: tl.constexpr, L_P2: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, S_P2: tl.constexpr, RETURN_LSE: tl.constexpr):
+                      NUM_SPLITS: tl.constexpr, S_P2: tl.constexpr, RETURN_LSE: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
     """Program (sequence b, head h): out = sum_s exp(lse_s - lse) out_s, lse = ln sum_s exp(lse_s)."""
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     base = (b * NUM_HEADS + h).to(tl.int64) * NUM_SPLITS
@@ -140,7 +147,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
                 q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
                 scale * LOG2E, NUM_HEADS=H, LORA=kv_lora_rank, ROPE=rope, L_P2=l_p2, R_P2=r_p2, BLOCK_H=block_h,
                 BLOCK_N=block_n, PAGE=kv_cache.shape[1], NUM_SPLITS=num_splits, PRECISION=precision,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, **kernels.pdl_args())
             break
         except OutOfResources:  # e.g. fp32 tiles of 512 latent dims: fewer stages, then smaller KV tiles
             if num_stages > 1:
@@ -153,7 +160,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     _mla_merge_kernel[(B, H)](
         part_out, part_lse, out, lse, out.stride(0), out.stride(1), NUM_HEADS=H, LORA=kv_lora_rank, L_P2=l_p2,
         NUM_SPLITS=num_splits, S_P2=max(2, triton.next_power_of_2(num_splits)), RETURN_LSE=return_lse,
-        num_warps=4)
+        num_warps=4, **kernels.pdl_args())
     return (out, lse) if return_lse else out
 
 

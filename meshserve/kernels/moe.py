@@ -56,6 +56,8 @@ import triton.language as tl
 from meshserve.kernels.moe_config import (  # noqa: F401 - re-exported: callers import them from here
     CONFIG_DIR, CONFIG_DIR_ENV, CONFIG_TABLE, ConfigArg, ConfigTable, GemmConfig, MoeKernelConfig, config_file_name,
     config_from_dict, config_to_dict, default_config, find_config_table, gpu_tag, load_config_table, _table_config)
+from meshserve import kernels
+from meshserve.kernels.pdl import pdl_enter
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -66,7 +68,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Sizes that change with the batch are runtime arguments, not specialized (Triton would otherwise
 # compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
 @triton.jit(do_not_specialize=["n", "chunk_iters"])
-def _count_kernel(ids_ptr, counts_ptr, n, chunk_iters, SUB: tl.constexpr, E_P2: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, n, chunk_iters, SUB: tl.constexpr, E_P2: tl.constexpr,
+                  USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     c = tl.program_id(0)
     e = tl.arange(0, E_P2)
     acc = tl.zeros([E_P2], dtype=tl.int32)
@@ -79,7 +83,9 @@ def _count_kernel(ids_ptr, counts_ptr, n, chunk_iters, SUB: tl.constexpr, E_P2: 
 
 @triton.jit(do_not_specialize=["n", "max_padded", "num_chunks", "chunk_iters", "pos_iters"])
 def _place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, n, max_padded, num_chunks, chunk_iters,
-                  pos_iters, SUB: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+                  pos_iters, SUB: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+                  USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     c = tl.program_id(0)
     e = tl.arange(0, E_P2)
     total = tl.zeros([E_P2], dtype=tl.int32)  # assignments per expert
@@ -144,12 +150,13 @@ def _assignment_slots(ids_ptr, n, N_P2: tl.constexpr, CJ: tl.constexpr, BLOCK_M:
 @triton.jit(do_not_specialize=["n", "max_padded", "tail_iters"])
 def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, max_padded, tail_iters,
                         N_P2: tl.constexpr, CJ: tl.constexpr, BLOCK_M: tl.constexpr, MAXB: tl.constexpr,
-                        TAIL: tl.constexpr):
+                        TAIL: tl.constexpr, USE_PDL: tl.constexpr = False):
     """The whole alignment of up to N_P2 assignments in one program, in assignment space (no
     per-expert arrays, so E does not matter): assignment i's slot is (the padded start of its
     expert) + (same-expert assignments before it), from _assignment_slots. Then each expert's first
     assignment writes its segment's padding sentinels and block experts; slots past the used ones
     get the sentinel n, blocks past them -1 (all stores disjoint: no barrier)."""
+    pdl_enter(USE_PDL)
     i = tl.arange(0, N_P2)
     id_i, cnt, rank, start, used = _assignment_slots(ids_ptr, n, N_P2, CJ, BLOCK_M)
     ok_i = id_i >= 0
@@ -191,7 +198,7 @@ def _align_small(ids: torch.Tensor, n: int, P: int, block_m: int, sorted_ids, bl
     extra = {} if _INTERPRET else {"num_warps": warps}
     _align_small_kernel[(1,)](ids, sorted_ids, block_expert, n, P, triton.cdiv(P, tail), N_P2=n_p2, CJ=cj,
                               BLOCK_M=block_m, MAXB=triton.next_power_of_2(triton.cdiv(n_p2, block_m)),
-                              TAIL=tail, **extra)
+                              TAIL=tail, **extra, **kernels.pdl_args())
 
 
 def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
@@ -218,9 +225,10 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     num_chunks = triton.cdiv(n, chunk_iters * _SUB)
     pos_iters = triton.cdiv(triton.cdiv(P, _SUB), num_chunks)
     counts = torch.empty(num_chunks, e_p2, dtype=torch.int32, device=ids.device)
-    _count_kernel[(num_chunks,)](ids, counts, n, chunk_iters, SUB=_SUB, E_P2=e_p2)
+    _count_kernel[(num_chunks,)](ids, counts, n, chunk_iters, SUB=_SUB, E_P2=e_p2, **kernels.pdl_args())
     _place_kernel[(num_chunks,)](ids, counts, sorted_ids, block_expert, n, P, num_chunks, chunk_iters, pos_iters,
-                                 SUB=_SUB, E=num_experts, E_P2=e_p2, BLOCK_M=block_m)
+                                 SUB=_SUB, E=num_experts, E_P2=e_p2, BLOCK_M=block_m,
+                                 **kernels.pdl_args())
     return sorted_ids, block_expert
 
 
@@ -234,7 +242,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
                      MUL_WEIGHT: tl.constexpr, TOPK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DIRECT: tl.constexpr = 0):
+                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DIRECT: tl.constexpr = 0,
+                     USE_PDL: tl.constexpr = False):
     """C = A @ B[expert]^T per BLOCK_M rows of the sorted assignments. A rows: the token of each
     assignment (GATHER_A: sorted id // TOPK) or the sorted row itself; C rows: the assignment (SCATTER_C:
     the sorted id, padding rows skipped) or the sorted row. GATED: columns n of B's rows [0, N) (gate)
@@ -242,6 +251,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
     DIRECT (a power of two >= n_valid, or 0): no alignment kernel ran; `sorted_ptr` holds the flat
     expert ids and each program finds its block's rows itself (_assignment_slots, then the
     assignments whose slot falls in the block: [BLOCK_M, DIRECT] compares); decode sizes only."""
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n_blocks
@@ -312,7 +322,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
 
 
 @triton.jit
-def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+                  USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs < H
@@ -327,12 +339,13 @@ def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.con
 @triton.jit
 def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im, stride_we, stride_wn, stride_om,
                      TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     K_ITERS: tl.constexpr, EVEN_K: tl.constexpr):
+                     K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Decode form of the down GEMM and the sum over k at once: out[t, n-block] = sum over k with
     id >= 0 of weight_k * (w2[id_k] rows of the n-block) . inter[t*K+k], in fp32 (inter holds the
     gated rows in assignment order). One program per (token, BLOCK_N output columns); each step
     loads all its experts' [BLOCK_N, BLOCK_K] weight tiles at once ([K_P2, BLOCK_N, BLOCK_K]), so
     enough bytes are in flight for a matrix-vector product to run at bandwidth."""
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
@@ -395,7 +408,7 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, up_o
         GATED=gated, GATHER_A=gather_a, SCATTER_C=scatter_c, MUL_WEIGHT=mul_weight, TOPK=topk,
         BLOCK_M=block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, K_ITERS=triton.cdiv(k_in, g.block_k),
         EVEN_K=k_in % g.block_k == 0, GROUP_M=g.group_m, PRECISION=precision, INTERPRET=_INTERPRET, DIRECT=direct,
-        **extra)
+        **extra, **kernels.pdl_args())
 
 
 DIRECT_MAX = 64  # most assignments of the two-kernel decode path (each GEMM program sorts them all)
@@ -408,7 +421,7 @@ def _down_sum(inter, w2, weights, ids, out, T, K, H, I, g: GemmConfig) -> None:
     _down_sum_kernel[(T, triton.cdiv(H, bn))](
         inter, w2, weights, ids, out, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOPK=K, K_P2=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, K_ITERS=triton.cdiv(I, bk),
-        EVEN_K=I % bk == 0, **extra)
+        EVEN_K=I % bk == 0, **extra, **kernels.pdl_args())
 
 
 def direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, g: GemmConfig, precision) -> torch.Tensor:
@@ -476,5 +489,5 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
           block_m, gated=False, gather_a=False, scatter_c=True, mul_weight=True, topk=K, precision=precision)
     block_h = min(1024, triton.next_power_of_2(H))
     _sum_k_kernel[(T, triton.cdiv(H, block_h))](per_assignment, topk_ids, out, H, per_assignment.stride(0),
-                                                out.stride(0), TOPK=K, BLOCK_H=block_h)
+                                                out.stride(0), TOPK=K, BLOCK_H=block_h, **kernels.pdl_args())
     return out

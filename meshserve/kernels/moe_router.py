@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve import kernels
+from meshserve.kernels.pdl import pdl_enter
+
 MAX_EXPERTS = 1024  # one row of scores per program in registers
 MAX_TOPK = 32
 
@@ -37,7 +40,8 @@ def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, stride_
                    ROWS: tl.constexpr, E_P2: tl.constexpr, TOPK: tl.constexpr, K_P2: tl.constexpr,
                    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr,
                    N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                   GROUP_SIZE: tl.constexpr):
+                   GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     e = tl.arange(0, E_P2)
     row_ok = rows < T
@@ -137,5 +141,6 @@ def router_topk(logits: torch.Tensor, top_k: int, *, sigmoid: bool = False, reno
         ROWS=rows, E_P2=e_p2, TOPK=top_k, K_P2=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
         HAS_BIAS=bias is not None, RENORM=renormalize, SCALE=scale != 1.0,
         N_GROUP=n_group if grouped else 1, NG_P2=triton.next_power_of_2(n_group) if grouped else 1,
-        TOPK_GROUP=topk_group if grouped else 1, GROUP_SIZE=E // n_group if grouped else E, num_warps=warps)
+        TOPK_GROUP=topk_group if grouped else 1, GROUP_SIZE=E // n_group if grouped else E, num_warps=warps,
+        **kernels.pdl_args())
     return weights, ids

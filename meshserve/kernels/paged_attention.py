@@ -24,12 +24,15 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from meshserve import kernels
+from meshserve.kernels.pdl import pdl_enter
 from meshserve.kernels.settings import H200, KernelSettings
 
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, stride_cache_kv,
-                     ROW: tl.constexpr, ROW_P2: tl.constexpr):
+                     ROW: tl.constexpr, ROW_P2: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, ROW_P2)
@@ -49,7 +52,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     row = k.shape[1] * k.shape[2]
     k2, v2 = k.reshape(k.shape[0], row), v.reshape(v.shape[0], row)
     _store_kv_kernel[(T,)](k2, v2, kv_cache, slot_mapping, k2.stride(0), v2.stride(0), kv_cache.stride(0),
-                           ROW=row, ROW_P2=triton.next_power_of_2(row))
+                           ROW=row, ROW_P2=triton.next_power_of_2(row), **kernels.pdl_args())
 
 
 @triton.jit
@@ -104,7 +107,9 @@ def _attn_kernel(
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_TILES: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr, RETURN_LSE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     tile = tl.program_id(0)
     if HEAVY_FIRST:  # causal prefill: the last query tiles see the most keys; start them first
         tile = tl.num_programs(0) - 1 - tile
@@ -392,7 +397,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
                 SPLIT_TILES=split_tiles or settings.attn_decode_split_tiles,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
-                HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages)
+                HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages,
+                **kernels.pdl_args())
             return (out, lse) if return_lse else out
         except OutOfResources:
             smaller = None if exact_tiles else shrink_tiles(block_n, num_stages)

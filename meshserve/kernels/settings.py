@@ -39,6 +39,7 @@ class KernelSettings:
     attn_prefill_block_n: int = 128
     attn_prefill_warps: int = 8
     attn_heavy_first: bool = True
+    pdl: bool = False  # programmatic dependent launch (kernels/pdl.py): off until measured on the H200
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,8 +79,24 @@ def device_name(device) -> str:
 def for_device(overrides: Optional[Mapping[str, Any]], device) -> KernelSettings:
     name = device_name(device)
     settings = resolve(overrides, name)
+    if settings.pdl:
+        check_pdl(device)
     logger.debug("kernel settings for %s: %s", name, settings)
     return settings
+
+
+def check_pdl(device) -> None:
+    """kernel_config.pdl needs Triton kernels on a CUDA GPU of compute capability 9.0+ (Hopper)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"kernel_config.pdl=true needs a CUDA GPU of compute capability 9.0 or newer; this rank "
+                         f"runs on {device.type}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        raise ValueError(f"kernel_config.pdl=true needs a GPU of compute capability 9.0 or newer; "
+                         f"{device_name(device)} is {major}.{minor}")
 
 
 def describe(settings: KernelSettings, device) -> dict[str, Any]:

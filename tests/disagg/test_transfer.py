@@ -277,6 +277,70 @@ def test_chunking(cluster, backend):
     assert sorted(set(reads)) == [(0, 5), (5, 10), (10, 15), (15, 17)] and len(reads) == 8
 
 
+def _tcp_reads(c, backend):
+    if type(c.sinks[0])._pull_items is not tcp.TcpKvSink._pull_items:
+        pytest.skip(f"{backend[1].__name__} does not pull over DEFAULT's Read / Data exchange")
+
+
+def test_reads_run_one_ahead_of_the_answers(cluster, backend, monkeypatch):
+    """DEFAULT: the sink asks for chunk k + 1 before it receives chunk k (the source gathers the next
+    chunk while this side takes one), never more than one ahead, and the answers come in order."""
+    c = cluster([_layout((0, 1))], [_layout((0, 1), block_size=4)], 17, max_tokens=5)
+    _tcp_reads(c, backend)
+    events = []
+    orig_send, orig_reply = tcp._Conn.send, tcp.TcpKvSink._reply
+
+    def send(conn, msg):
+        if isinstance(msg, tcp.Read):
+            events.append(("read", msg.layer, tuple(msg.tokens)))
+        return orig_send(conn, msg)
+
+    def reply(conn, ep):
+        got = orig_reply(conn, ep)
+        events.append(("data", tuple(got.shape)))
+        return got
+
+    monkeypatch.setattr(tcp._Conn, "send", send)
+    monkeypatch.setattr(tcp.TcpKvSink, "_reply", staticmethod(reply))
+    _pull_all(c)
+    chunks = [(layer, (t0, min(17, t0 + 5))) for layer in (0, 1) for t0 in range(0, 17, 5)]
+    assert [e[1:] for e in events if e[0] == "read"] == [(layer, t) for layer, t in chunks]
+    # reads sent before each answer: 2, 3, ..., 8, 8 (one ahead, the last answer with nothing left to ask)
+    ahead, reads = [], 0
+    for e in events:
+        if e[0] == "read":
+            reads += 1
+        else:
+            ahead.append(reads)
+    assert ahead == [min(i + 2, 8) for i in range(8)], events
+
+
+def test_a_read_refused_mid_pull_fails_it_and_writes_nothing_after(cluster, backend):
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 17, max_tokens=5)
+    _tcp_reads(c, backend)
+    source = c.sources[0]
+    orig, seen = source._gather_read, []
+
+    def gather(conn, msg, staging):
+        seen.append(msg.tokens)
+        if len(seen) == 3:  # layer 0, tokens [10, 15)
+            conn.send(tcp.Error("chunk refused by the test"))
+            return None
+        return orig(conn, msg, staging)
+
+    source._gather_read = gather
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "chunk refused by the test" in r.error and "\n" not in r.error
+    sink, lay = c.sinks[0], c.sinks[0].layout
+    cache, before = sink.kv_caches[0], c.before[0][0]
+    b, o = _slots(c.dst_ids[0][0], lay.block_size, 17)
+    assert torch.equal(cache[:, b[:10], o[:10]], c.truth[0][:, :10].to(cache.dtype))  # the two chunks before
+    assert torch.equal(cache[:, b[10:], o[10:]], before[:, b[10:], o[10:]])  # the refused one and after: not
+    assert torch.equal(sink.kv_caches[1], c.before[0][1])
+    r = c.pull()  # the source still serves (the refusal ended one connection, not the source)
+    assert r.state is TransferState.SUCCESS, r.error
+
+
 def test_nixl_reads_directly_or_through_staging(cluster, backend):
     if not _nixl(backend):
         pytest.skip("NIXL only")

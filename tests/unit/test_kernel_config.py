@@ -42,6 +42,7 @@ def test_config_fields_are_the_settings_and_default_to_the_device():
     ("gemv_max_m", -1),
     ("gemv_max_m", 17),
     ("attn_heavy_first", "sometimes"),
+    ("pdl", "sometimes"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"kernel_config\.{field}={value!r}"):
@@ -118,3 +119,47 @@ def test_llm_keyword_reaches_the_runner_and_its_attention_backend(model):
         report = runner.kernel_config_report()
         assert report["device"] == "cpu" and report["attn_prefill_rows"] == 128
     kernels.configure(ks.H200)
+
+
+def test_pdl_is_refused_where_it_cannot_run(model):
+    """kernel_config.pdl needs a CUDA GPU of compute capability 9.0+: on the CPU the LLM refuses it,
+    naming the field and the device (never accepted and ignored)."""
+    path, _ = model
+    with pytest.raises(ValueError, match=r"kernel_config\.pdl=true needs a CUDA GPU of compute capability 9\.0"
+                                         r".*runs on cpu"):
+        LLM(path, show_progress=False, dtype="float32", device="cpu", kernel_config={"pdl": True})
+
+
+def test_configure_sets_pdl_and_its_launch_keywords_come_together():
+    try:
+        kernels.configure(dataclasses.replace(ks.H200, pdl=True))
+        assert kernels.PDL and kernels.pdl_args() == {"USE_PDL": True, "launch_pdl": True}
+        kernels.configure(ks.H200)
+        assert not kernels.PDL and kernels.pdl_args() == {}
+    finally:
+        kernels.configure(ks.H200)
+
+
+def test_every_kernel_launched_with_pdl_waits_for_the_one_before():
+    """A kernel launched with PDL that touched its inputs before griddepcontrol.wait would race the
+    kernel before it. Every launch in meshserve/kernels passing **kernels.pdl_args() must launch a
+    @triton.jit kernel that has a USE_PDL parameter and calls pdl_enter / pdl_wait with it, and every
+    kernel with that parameter must be launched that way somewhere."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(kernels.__file__).parent
+    waiting, launched = {}, set()
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                params = [a.arg for a in node.args.args]
+                if "USE_PDL" in params and node.name not in ("pdl_wait", "pdl_launch_next", "pdl_enter"):
+                    calls = {ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)}
+                    waiting[node.name] = bool(calls & {"pdl_enter", "pdl_wait"})
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                if any(k.arg is None and "pdl_args" in ast.unparse(k.value) for k in node.keywords):
+                    launched.add(ast.unparse(node.func.value))
+    assert waiting and all(waiting.values()), waiting
+    assert launched == set(waiting), (sorted(launched ^ set(waiting)))
