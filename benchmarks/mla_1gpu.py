@@ -49,14 +49,10 @@ def expected_experts(cfg: dict, batch: int) -> float:
 def kernel_bench(rows: list) -> None:
     import torch
     from meshserve.kernels.mla_decode import decode_num_splits, mla_decode
-    H, L, R, page, ctx = 16, 512, 64, 32, 8192
+    from mla_kernel_sweep import CTX as ctx, H, L, R, latent_inputs
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for B in (1, 64):
-        blocks = ctx // page
-        cache = torch.randn(B * blocks + 1, page, L + R, device="cuda", dtype=torch.bfloat16)
-        tables = torch.arange(1, B * blocks + 1, device="cuda", dtype=torch.int32).view(B, blocks)
-        seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-        q = torch.randn(B, H, L + R, device="cuda", dtype=torch.bfloat16)
+        q, cache, tables, seq_lens, _ = latent_inputs(B)
         splits = decode_num_splits(B, H, ctx, sms)
         for _ in range(3):
             mla_decode(q, cache, tables, seq_lens, L, 0.07, splits)

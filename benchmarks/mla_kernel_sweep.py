@@ -4,6 +4,7 @@ batch 1 and 64, Moonlight's shape (16 heads, 512 + 64 dims, bf16), as CUDA-graph
 us, GB/s and the ratio to the 4.3 TB/s floor for each, best last.
 
     python benchmarks/mla_kernel_sweep.py [--quick]
+    python benchmarks/mla_kernel_sweep.py --pdl-ab   # the default settings with and without kernel_config.pdl
 """
 import itertools
 import sys
@@ -18,20 +19,54 @@ from cuda_timing import graph_seconds  # noqa: E402
 from meshserve.kernels.mla_decode import mla_decode  # noqa: E402
 
 
+H, L, R, PAGE, CTX = 16, 512, 64, 32, 8192  # Moonlight's latent attention, 8k context
+
+
 def time_us(fn, n=50):
     return graph_seconds(fn, n) * 1e6
 
 
+def latent_inputs(B: int, ctx: int = CTX):
+    """(q, cache, block tables, seq lens, floor us) for B sequences of ctx tokens, bf16, in distinct blocks."""
+    blocks = ctx // PAGE
+    cache = torch.randn(B * blocks + 1, PAGE, L + R, device="cuda", dtype=torch.bfloat16)
+    tables = torch.arange(1, B * blocks + 1, device="cuda", dtype=torch.int32).view(B, blocks)
+    lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(B, H, L + R, device="cuda", dtype=torch.bfloat16)
+    return q, cache, tables, lens, B * ctx * (L + R) * 2 / 4.3e12 * 1e6
+
+
+def pdl_ab():
+    """Split + merge kernels at the default settings (decode_num_splits), PDL off then on."""
+    import dataclasses
+
+    from meshserve import kernels
+    from meshserve.kernels import settings as ks
+    from meshserve.kernels.mla_decode import decode_num_splits
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for B in (1, 64):
+        q, cache, tables, lens, floor = latent_inputs(B)
+        splits = decode_num_splits(B, H, CTX, sms)
+        outs = {}
+        for pdl in (False, True):
+            kernels.configure(dataclasses.replace(ks.H200, pdl=pdl))
+            try:
+                f = lambda: mla_decode(q, cache, tables, lens, L, 0.07, splits)  # noqa: E731
+                outs[pdl] = f().float()
+                us = time_us(f)
+            finally:
+                kernels.configure(ks.H200)
+            print(f"B={B} splits={splits} pdl={pdl}: {us:7.1f} us  ratio {us / floor:5.2f}", flush=True)
+        print(f"  outputs equal with and without pdl: {torch.equal(outs[False], outs[True])}")
+
+
 def main():
+    if "--pdl-ab" in sys.argv:
+        return pdl_ab()
     quick = "--quick" in sys.argv  # batch 64 only: split counts around the default and smaller KV tiles
-    H, L, R, page, ctx = 16, 512, 64, 32, 8192
     for B, splits_list in (((64, (6, 8, 12)),) if quick else ((1, (32, 64)), (64, (8, 16)))):
-        blocks = ctx // page
-        cache = torch.randn(B * blocks + 1, page, L + R, device="cuda", dtype=torch.bfloat16)
-        tables = torch.arange(1, B * blocks + 1, device="cuda", dtype=torch.int32).view(B, blocks)
-        lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-        q = torch.randn(B, H, L + R, device="cuda", dtype=torch.bfloat16)
-        floor = B * ctx * (L + R) * 2 / 4.3e12 * 1e6
+        q, cache, tables, lens, floor = latent_inputs(B)
         rows = []
         ref = mla_decode(q, cache, tables, lens, L, 0.07, 1).float()
         grid = (((sp, bn, st, 4, torch.float32) for sp in splits_list for bn, st in ((32, 2), (16, 3), (16, 4)))

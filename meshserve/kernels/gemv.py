@@ -17,6 +17,19 @@ from meshserve.kernels.pdl import pdl_enter
 
 
 @triton.jit
+def _w_tile(w_rows, k, n_mask, m_mask, K, EVEN_K: tl.constexpr):
+    """The weight tile of K columns `k` and the mask of x's tile there."""
+    if EVEN_K:
+        xm = m_mask[:, None]  # K is a multiple of the tile
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
+    else:
+        km = k < K
+        xm = m_mask[:, None] & km[None, :]
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
+    return w, xm
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -33,25 +46,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
     # K's trip count is a constexpr: Triton's interpreter (CPU tests) cannot range() over a runtime
     # bound, and a model has only a few distinct K. The first K tile is peeled: with PDL its weights
     # load while the kernel before is finishing (no kernel writes weights), then x after the wait.
-    if EVEN_K:
-        xm = m_mask[:, None]
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-    else:
-        km = offs_k < K
-        xm = m_mask[:, None] & km[None, :]
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
+    w, xm = _w_tile(w_rows, offs_k, n_mask, m_mask, K, EVEN_K)
     pdl_enter(USE_PDL)
     x = tl.load(x_rows + offs_k[None, :], mask=xm, other=0.0)
     acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     for i in range(1, K_ITERS):
         k = i * BLOCK_K + offs_k
-        if EVEN_K:
-            xm = m_mask[:, None]
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
-        else:
-            km = k < K
-            xm = m_mask[:, None] & km[None, :]
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
+        w, xm = _w_tile(w_rows, k, n_mask, m_mask, K, EVEN_K)
         x = tl.load(x_rows + k[None, :], mask=xm, other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
