@@ -480,6 +480,7 @@ def _why_failed(d: str) -> str:
 
 
 def run_floor(d: str, spec: dict, timeout_s: float) -> dict:
+    shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, "spec.json"), spec)
     proc = _start_role("floor", d, "floor.log")
@@ -500,6 +501,7 @@ def run_floor(d: str, spec: dict, timeout_s: float) -> dict:
 
 def run_backend(backend: str, d: str, spec: dict, timeout_s: float) -> dict:
     """Run one backend's context and generation processes; its result (status ok / failed / skipped)."""
+    shutil.rmtree(d, ignore_errors=True)  # a run before's endpoint / done / abort files would mislead this one
     os.makedirs(d, exist_ok=True)
     spec = dict(spec, backend=backend)
     write_json(os.path.join(d, "spec.json"), spec)
