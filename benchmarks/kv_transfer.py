@@ -57,8 +57,7 @@ sys.path.insert(0, str(ROOT))
 KEY = b"kv-transfer-bench-key"
 MODEL_ID = "kv-transfer-bench"
 BACKENDS = ("DEFAULT", "NIXL", "UCX", "MPI")
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp",
-          "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+
 
 
 def log(msg: str) -> None:
@@ -514,7 +513,8 @@ def run_backend(backend: str, d: str, spec: dict, timeout_s: float) -> dict:
             import importlib.util
             if importlib.util.find_spec("mpi4py") is None:
                 return {"status": "skipped: mpi4py is not installed"}
-            cmd = MPIRUN + ["-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED",
+            from meshserve.distributed.launch import local_mpirun
+            cmd = local_mpirun(btl="self,sm,tcp") + ["-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED",
                             "-np", "1", sys.executable, __file__, "--_role", "context", "--_dir", d, ":",
                             "-np", "1", sys.executable, __file__, "--_role", "generation", "--_dir", d]
             logf = open(os.path.join(d, "mpirun.log"), "w")

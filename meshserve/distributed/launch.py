@@ -32,13 +32,22 @@ class LaunchInfo:
 def mpmd_app(env: TMapping[str, str] = os.environ) -> Optional[tuple[int, int, int]]:
     """(app index, first world rank, ranks) of this process's app when Open MPI started several
     apps in one job (MPMD: `mpirun -np 2 A : -np 1 B`), else None. Each app is its own meshserve
-    job (a context server and a generation server sharing MPI_COMM_WORLD for KV transfer)."""
+    job (a context server and a generation server sharing MPI_COMM_WORLD for KV transfer).
+    Open MPI 4 names the app (OMPI_MCA_orte_app_num); Open MPI 5 does not, and its world ranks run
+    app by app, so the app is the one whose rank range holds OMPI_COMM_WORLD_RANK."""
     sizes = env.get("OMPI_APP_CTX_NUM_PROCS", "").split()
-    if len(sizes) < 2 or "OMPI_MCA_orte_app_num" not in env:
+    if len(sizes) < 2:
         return None
-    app = int(env["OMPI_MCA_orte_app_num"])
     counts = [int(n) for n in sizes]
-    return app, sum(counts[:app]), counts[app]
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+    if "OMPI_MCA_orte_app_num" in env:
+        app = int(env["OMPI_MCA_orte_app_num"])
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        rank = int(env["OMPI_COMM_WORLD_RANK"])
+        app = max(i for i, first in enumerate(firsts) if first <= rank)
+    else:
+        return None
+    return app, firsts[app], counts[app]
 
 
 def detect_launch(env: TMapping[str, str] = os.environ) -> Optional[LaunchInfo]:
@@ -59,3 +68,31 @@ def detect_launch(env: TMapping[str, str] = os.environ) -> Optional[LaunchInfo]:
             return LaunchInfo(name, rank, size, local, env.get("MASTER_ADDR", "127.0.0.1"), port,
                               env.get("MESHSERVE_SECRET"))
     return None
+
+
+def open_mpi_major(mpirun: str = "mpirun") -> int:
+    """The major version of this Open MPI's mpirun (0 when it is not Open MPI or does not answer)."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    m = re.search(r"Open MPI\)? (\d+)\.", out)
+    return int(m.group(1)) if m else 0
+
+
+def local_mpirun(mpirun: str = "mpirun", btl: str = "self,tcp") -> list[str]:
+    """The mpirun command line (before the apps) of a job on this host over loopback, as root too:
+    Open MPI 4 (ORTE's out-of-band channel pinned to lo with oob_tcp_if_include) or 5 (PRRTE finds
+    loopback itself and refuses that option). `btl` names the byte transfer layers; "sm" (5's
+    shared memory, 4's "vader") is spelled for the version found."""
+    major = open_mpi_major(mpirun)
+    shm = "sm" if major >= 5 else "vader"
+    layers = ",".join(shm if b in ("sm", "vader") else b for b in btl.split(","))
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", layers,
+           "--mca", "btl_tcp_if_include", "lo"]
+    if major < 5:
+        cmd += ["--mca", "oob_tcp_if_include", "lo"]
+    return cmd

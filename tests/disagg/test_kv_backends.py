@@ -12,15 +12,16 @@ import sys
 
 import pytest
 
+from meshserve.distributed.launch import local_mpirun
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 PEER = os.path.join(HERE, "kv_peer.py")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, *sys.path]), OMP_NUM_THREADS="1",
            OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp",
-          "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo", "-x", "PYTHONPATH",
-          "-x", "OMP_NUM_THREADS"]
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI is not installed")
+MPIRUN = (local_mpirun(btl="self,sm,tcp") if shutil.which("mpirun") else ["mpirun"]) + [
+    "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
 
 
 def _run(cmd, timeout, **kw):

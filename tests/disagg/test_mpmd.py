@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from meshserve.distributed.launch import detect_launch, mpmd_app
+from meshserve.distributed.launch import detect_launch, local_mpirun, mpmd_app
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve"))
 from serve_util import REPO, free_port  # noqa: E402
@@ -43,12 +43,25 @@ def test_mpmd_apps_are_separate_jobs():
     assert mpmd_app(plain) is None and detect_launch(plain).world_size == 2
 
 
+@pytest.mark.parametrize("rank,app", [(0, (0, 0, 2)), (1, (0, 0, 2)), (2, (1, 2, 1)), (3, (2, 3, 3)), (5, (2, 3, 3))])
+def test_open_mpi_5_apps_come_from_the_rank_ranges(rank, app):
+    """Open MPI 5 (PRRTE) sets no OMPI_MCA_orte_app_num: the app is the one whose world-rank range
+    (apps in order, OMPI_APP_CTX_NUM_PROCS) holds the rank, as the variables of a 5.0.11
+    `mpirun -np 2 A : -np 1 B : -np 3 C` read."""
+    env = {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "6", "OMPI_APP_CTX_NUM_PROCS": "2 1 3",
+           "OMPI_NUM_APP_CTX": "3", "OMPI_VERSION": "5.0.11", "MASTER_PORT": "29600"}
+    assert mpmd_app(env) == app
+    info = detect_launch(env)
+    if app[2] == 1:
+        assert info is None  # a one-rank app
+    else:
+        assert (info.rank, info.world_size, info.master_port) == (rank - app[1], app[2], 29600 + app[0])
+
+
 def _mpirun(tmp_path, apps: list[list[str]], log_name: str):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, *sys.path]), OMP_NUM_THREADS="1",
                MESHSERVE_SECRET="mpmd-test-secret", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp",
-           "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-           "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+    cmd = local_mpirun() + ["-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
            "-x", "MESHSERVE_SECRET"]
     for i, app in enumerate(apps):
         cmd += ([":"] if i else []) + app

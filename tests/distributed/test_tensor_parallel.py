@@ -18,6 +18,7 @@ from helpers import build_checkpoint, hf_greedy, make_prompts
 
 MAX_NEW = 8
 from meshserve import LLM, SamplingParams
+from meshserve.distributed.launch import local_mpirun
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "tp_script.py")
 KV = {"tokens_per_block": 4, "max_tokens": 2048}
@@ -65,9 +66,7 @@ def test_mpirun_launch(tmp_path, tp_checkpoint):
     ckpt, _, ref = tp_checkpoint
     out = tmp_path / "out.json"
     port = free_port()
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4",
-           "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-           "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+    cmd = local_mpirun() + ["-np", "4", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
            sys.executable, SCRIPT, ckpt, str(out), "4"]
     subprocess.run(cmd, check=True, timeout=240, env=_env(PYTHONPATH=os.pathsep.join(sys.path)))
     assert json.loads(out.read_text()) == ref

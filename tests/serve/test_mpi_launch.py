@@ -17,6 +17,7 @@ import torch
 
 from serve_util import REPO, free_port
 from helpers import hf_greedy
+from meshserve.distributed.launch import local_mpirun
 
 pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI is not installed")
 
@@ -26,9 +27,7 @@ def test_mpirun_serve_tp2_matches_transformers(tiny_model, tiny_tokenizer, tmp_p
 
     port, master_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, *sys.path]), OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-           "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-           "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={master_port}", "-x", "PYTHONPATH", "-x",
+    cmd = local_mpirun() + ["-np", "2", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={master_port}", "-x", "PYTHONPATH", "-x",
            "OMP_NUM_THREADS",
            sys.executable, "-m", "meshserve.commands.serve", tiny_model, "--tp_size", "2", "--backend", "pytorch",
            "--host", "127.0.0.1", "--port", str(port)]
