@@ -4,7 +4,7 @@ batch 1 and 64, Moonlight's shape (16 heads, 512 + 64 dims, bf16), as CUDA-graph
 us, GB/s and the ratio to the 4.3 TB/s floor for each, best last.
 
     python benchmarks/mla_kernel_sweep.py [--quick]
-    python benchmarks/mla_kernel_sweep.py --pdl-ab   # the default settings with and without kernel_config.pdl
+    python benchmarks/mla_kernel_sweep.py --ab   # default settings: page_tiles off / on x kernel_config.pdl off / on
 """
 import itertools
 import sys
@@ -36,8 +36,10 @@ def latent_inputs(B: int, ctx: int = CTX):
     return q, cache, tables, lens, B * ctx * (L + R) * 2 / 4.3e12 * 1e6
 
 
-def pdl_ab():
-    """Split + merge kernels at the default settings (decode_num_splits), PDL off then on."""
+def ab():
+    """Split + merge kernels at the default settings (decode_num_splits): the gathering tile loop
+    (page_tiles=False, as before 2026-12-04's fourth session) and the one-block-id loop, each with
+    PDL off and on; pages of 32 keys (the sweep's), so every 32-key tile lies in one page."""
     import dataclasses
 
     from meshserve import kernels
@@ -49,21 +51,24 @@ def pdl_ab():
         q, cache, tables, lens, floor = latent_inputs(B)
         splits = decode_num_splits(B, H, CTX, sms)
         outs = {}
-        for pdl in (False, True):
-            kernels.configure(dataclasses.replace(ks.H200, pdl=pdl))
-            try:
-                f = lambda: mla_decode(q, cache, tables, lens, L, 0.07, splits)  # noqa: E731
-                outs[pdl] = f().float()
-                us = time_us(f)
-            finally:
-                kernels.configure(ks.H200)
-            print(f"B={B} splits={splits} pdl={pdl}: {us:7.1f} us  ratio {us / floor:5.2f}", flush=True)
-        print(f"  outputs equal with and without pdl: {torch.equal(outs[False], outs[True])}")
+        for page_tiles in (False, True):
+            for pdl in (False, True):
+                kernels.configure(dataclasses.replace(ks.H200, pdl=pdl))
+                try:
+                    f = lambda: mla_decode(q, cache, tables, lens, L, 0.07, splits, page_tiles=page_tiles)  # noqa
+                    outs[page_tiles, pdl] = f().float()
+                    us = time_us(f)
+                finally:
+                    kernels.configure(ks.H200)
+                print(f"B={B} splits={splits} page_tiles={page_tiles} pdl={pdl}: {us:7.1f} us  "
+                      f"ratio {us / floor:5.2f}", flush=True)
+        ref = outs[False, False]
+        print(f"  outputs equal to the first: {[torch.equal(ref, o) for o in outs.values()]}")
 
 
 def main():
-    if "--pdl-ab" in sys.argv:
-        return pdl_ab()
+    if "--ab" in sys.argv:
+        return ab()
     quick = "--quick" in sys.argv  # batch 64 only: split counts around the default and smaller KV tiles
     for B, splits_list in (((64, (6, 8, 12)),) if quick else ((1, (32, 64)), (64, (8, 16)))):
         q, cache, tables, lens, floor = latent_inputs(B)

@@ -27,14 +27,29 @@ LOG2E = 1.4426950408889634
 _FITTED: dict = {}  # (device, dtype, tile shape) -> (block_n, num_stages) that fit this GPU
 
 
+@triton.jit
+def _mla_tile(q_nope, q_pe, c_kv, k_pe, valid, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """One KV tile of the online softmax: scores of the valid keys (log2 units), running max, sum and
+    the value accumulator (values: the latent c_kv)."""
+    s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)
+    s += tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION)
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a valid key
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["stride_bt"])
 def _mla_decode_split_kernel(
     q_ptr, cache_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
     stride_qb, stride_qh, stride_cache_blk, stride_cache_tok, stride_bt, qk_scale,
     NUM_HEADS: tl.constexpr, LORA: tl.constexpr, ROPE: tl.constexpr, L_P2: tl.constexpr, R_P2: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    PRECISION: tl.constexpr, PAGE_TILES: tl.constexpr = False, EVEN_L: tl.constexpr = False,
+    EVEN_R: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """Program (sequence b, head block, split s): the split's normalised partial output
     [BLOCK_H, L] and its log-sum-exp (natural log; -inf for an empty split) into the workspace."""
@@ -62,8 +77,28 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, L_P2], dtype=tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for n in range(start, end, BLOCK_N):
-        pos = n + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_N)
+    tail_start = start
+    if PAGE_TILES:
+        # A tile of BLOCK_N keys lies in one page (PAGE % BLOCK_N == 0): one block-id load, one base
+        # address, consecutive rows, no masks for the split's whole tiles; the last partial tile below.
+        num_full = tl.maximum(end - start, 0) // BLOCK_N
+        for i in range(num_full):
+            n = start + i * BLOCK_N
+            blk = tl.load(bt_row + n // PAGE).to(tl.int64)
+            tile = cache_ptr + blk * stride_cache_blk + (n % PAGE) * stride_cache_tok + rows[:, None] * stride_cache_tok
+            if EVEN_L:
+                c_kv = tl.load(tile + dl[None, :])
+            else:
+                c_kv = tl.load(tile + dl[None, :], mask=dl_valid[None, :], other=0.0)
+            if EVEN_R:
+                k_pe = tl.load(tile + LORA + dr[None, :])
+            else:
+                k_pe = tl.load(tile + LORA + dr[None, :], mask=dr_valid[None, :], other=0.0)
+            m_i, l_i, acc = _mla_tile(q_nope, q_pe, c_kv, k_pe, rows < BLOCK_N, m_i, l_i, acc, qk_scale, PRECISION)
+        tail_start = start + num_full * BLOCK_N
+    for n in range(tail_start, end, BLOCK_N):
+        pos = n + rows
         pos_valid = pos < end
         blk = tl.load(bt_row + pos // PAGE, mask=pos_valid, other=0).to(tl.int64)
         tok = blk * stride_cache_blk + (pos % PAGE) * stride_cache_tok
@@ -71,15 +106,7 @@ def _mla_decode_split_kernel(
                        other=0.0)
         k_pe = tl.load(cache_ptr + tok[:, None] + LORA + dr[None, :], mask=pos_valid[:, None] & dr_valid[None, :],
                        other=0.0)
-        s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)
-        s += tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION)
-        s = tl.where(pos_valid[None, :], s * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a valid key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _mla_tile(q_nope, q_pe, c_kv, k_pe, pos_valid, m_i, l_i, acc, qk_scale, PRECISION)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -121,9 +148,11 @@ def _mla_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, stride_ob, s
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                kv_lora_rank: int, scale: float, num_splits: int = 1, return_lse: bool = False,
                block_h: int = 16, block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
-               part_dtype: torch.dtype = torch.float32):
+               part_dtype: torch.dtype = torch.float32, page_tiles: bool = True):
     """Latent attention of one query token per sequence; see the module docstring for layouts.
-    part_dtype: the splits' partial outputs in the workspace (their log-sum-exps stay fp32)."""
+    part_dtype: the splits' partial outputs in the workspace (their log-sum-exps stay fp32).
+    page_tiles: where a KV tile lies in one page, the unmasked one-block-id tile loop (False: every
+    tile gathers its rows' block ids, as before; for A/B sweeps)."""
     B, H, width = q.shape
     rope = width - kv_lora_rank
     if kv_cache.shape[-1] != width or rope < 0:
@@ -147,7 +176,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
                 q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
                 scale * LOG2E, NUM_HEADS=H, LORA=kv_lora_rank, ROPE=rope, L_P2=l_p2, R_P2=r_p2, BLOCK_H=block_h,
                 BLOCK_N=block_n, PAGE=kv_cache.shape[1], NUM_SPLITS=num_splits, PRECISION=precision,
-                num_warps=num_warps, num_stages=num_stages, **kernels.pdl_args())
+                PAGE_TILES=page_tiles and kv_cache.shape[1] % block_n == 0, EVEN_L=l_p2 == kv_lora_rank,
+                EVEN_R=r_p2 == rope, num_warps=num_warps, num_stages=num_stages, **kernels.pdl_args())
             break
         except OutOfResources:  # e.g. fp32 tiles of 512 latent dims: fewer stages, then smaller KV tiles
             if num_stages > 1:

@@ -233,17 +233,24 @@ def test_triton_decode_graph_plan_gives_the_eager_result():
 
 
 @pytest.mark.parametrize("splits", [1, 3, 16])
-def test_triton_kernel_matches_the_reference(splits):
+@pytest.mark.parametrize("page,lora,rope,page_tiles", [(BLOCK, 48, 8, True), (64, 48, 8, True), (64, 64, 16, True),
+                                                       (64, 64, 16, False)])
+def test_triton_kernel_matches_the_reference(splits, page, lora, rope, page_tiles):
+    """Pages of 64 hold whole 32-key tiles: the one-block-id tile loop (page_tiles), with L and R
+    powers of two (unmasked loads) or not, and a partial last tile; pages of BLOCK and page_tiles
+    off take the gathering loop."""
     pytest.importorskip("triton")
     from meshserve.kernels.mla_decode import mla_decode
     from meshserve.layers.attention.mla import paged_latent_decode
     g = torch.Generator().manual_seed(splits)
-    heads, lora, rope, blocks = 20, 48, 8, 24  # heads over two head blocks; L and R not powers of two
-    cache = torch.randn(blocks, BLOCK, lora + rope, generator=g)
+    heads, blocks = 20, 24  # heads over two head blocks
+    width = -(-160 // page)
+    cache = torch.randn(blocks, page, lora + rope, generator=g)
     q = torch.randn(4, heads, lora + rope, generator=g)
-    seq_lens = torch.tensor([1, 9, 0, 37], dtype=torch.int32)  # a padding row of no context too
-    tables = torch.randint(1, blocks, (4, 10), generator=g, dtype=torch.int32)  # 10 blocks: 40 positions
-    out, lse = mla_decode(q, cache, tables, seq_lens, lora, 0.2, splits, return_lse=True)
+    seq_lens = torch.tensor([1, 9 if page == BLOCK else 96, 0, 37 if page == BLOCK else 150],
+                            dtype=torch.int32)  # a padding row of no context too
+    tables = torch.randint(1, blocks, (4, max(10, width)), generator=g, dtype=torch.int32)
+    out, lse = mla_decode(q, cache, tables, seq_lens, lora, 0.2, splits, return_lse=True, page_tiles=page_tiles)
     ref, ref_lse = paged_latent_decode(q, cache, tables, seq_lens, lora, 0.2, return_lse=True)
     valid = seq_lens > 0
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
