@@ -320,7 +320,8 @@ def _row_settings(spec: dict, Sink) -> list[tuple[Optional[int], Optional[bool],
     has it and --cuda-ipc asks, every chunk setting with cuda_ipc "auto" (the GPU-to-GPU path when
     both caches are CUDA tensors on this host, else TCP: the row's `path` says which)."""
     supports = _sink_takes(Sink, "verify_payload") and spec["backend"] != "NIXL"
-    ipc = _sink_takes(Sink, "cuda_ipc") and spec["backend"] == "DEFAULT"
+    takes_ipc = _sink_takes(Sink, "cuda_ipc")  # DEFAULT, and UCX / MPI, whose sinks would take DEFAULT's
+    ipc = takes_ipc and spec["backend"] == "DEFAULT"  # IPC path on one host: off for them, so their channel is timed
     mode = spec["verify_payload"]
     if not supports or mode == "default":
         verifies = [None]
@@ -329,7 +330,7 @@ def _row_settings(spec: dict, Sink) -> list[tuple[Optional[int], Optional[bool],
     ipc_mode = spec.get("cuda_ipc", "both")
     rows = []
     if not ipc or ipc_mode in ("both", "off"):
-        rows += [(c, v, False if ipc else None) for v in verifies for c in spec["chunks"]]
+        rows += [(c, v, False if takes_ipc else None) for v in verifies for c in spec["chunks"]]
     if ipc and ipc_mode in ("both", "auto"):
         rows += [(c, None, "auto") for c in spec["chunks"]]
     return rows
@@ -396,7 +397,7 @@ def role_generation(d: str) -> None:
                     run = {"warmup": i == 0, "seconds": wall, "pull_seconds": r.seconds, "bytes": r.bytes,
                            "verified": not bad, "layers_differing": bad[:8], "path": getattr(r, "path", None)}
                     row["runs"].append(run)
-                    row["path"] = run["path"]  # DEFAULT: tcp or cuda_ipc (the last run's)
+                    row["path"] = run["path"]  # tcp, cuda_ipc, nixl(_gpu), ucx(_gpu) or mpi (the last run's)
                     print(f"  {spec['backend']} chunk={chunk} verify={verify} cuda_ipc={ipc} path={run['path']} "
                           f"{'warm-up' if i == 0 else f'run {i}'}: "
                           f"{r.bytes / 1e9:.3f} GB in {wall * 1e3:.1f} ms, verified={not bad}", flush=True)

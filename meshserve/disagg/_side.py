@@ -31,6 +31,7 @@ import time
 from typing import Union
 
 import msgspec
+import torch
 
 from meshserve.disagg import kv_io, tcp
 from meshserve.disagg.tcp import Data, Error, Ok, TcpKvSink, TcpKvSource, _Fail, _one_line
@@ -69,9 +70,26 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
+def _device_of(caches):
+    """The caches' GPU, or None (host caches)."""
+    for c in caches:
+        if c.device.type == "cuda":
+            return c.device
+    return None
+
+
+def _payload(buf, device):
+    """What the channel moves: the staging buffer's bytes (host: a memoryview; GPU: a flat uint8
+    tensor, which exposes __cuda_array_interface__ whatever the KV dtype)."""
+    if device is None:
+        return tcp._as_bytes(buf)
+    return buf.reshape(-1).view(torch.uint8)
+
+
 class SideKvSource(TcpKvSource):
     decoder = _decoder
     SEND_TIMEOUT_S = tcp.IDLE_TIMEOUT_S  # a send nobody receives is cancelled after this
+    DEVICE_BUFFERS = False  # the channel sends from and receives into GPU memory (UCX: True)
 
     def _local_info(self) -> bytes:
         raise NotImplementedError
@@ -98,21 +116,28 @@ class SideKvSource(TcpKvSource):
             if peer is None:
                 conn.send(Error("SideRead before SideHello"))
                 return False
-            staging = getattr(conn, "side_staging", None)
+            # GPU caches and a channel that moves device memory: the chunk is gathered on the GPU and
+            # sent from there (no host copy), unless a payload MAC needs its bytes on the host.
+            device = _device_of(self.kv_caches) if self.DEVICE_BUFFERS and not msg.read.mac else None
+            attr = "side_device_staging" if device is not None else "side_staging"
+            staging = getattr(conn, attr, None)
             if staging is None:
-                staging = conn.side_staging = tcp._Staging(self._pinned)
+                staging = tcp._Staging(self._pinned, device)
+                setattr(conn, attr, staging)
             stream = tcp._cuda_stream(self.kv_caches)
             if stream is not None:
-                import torch
                 with torch.cuda.stream(stream):
                     buf = self._gather_read(conn, msg.read, staging)
+                if device is not None and buf is not None:
+                    stream.synchronize()  # the gather has landed before the channel reads the buffer
             else:
                 buf = self._gather_read(conn, msg.read, staging)
             if buf is None:
                 return True
-            view = tcp._as_bytes(buf)
+            view = _payload(buf, device)
+            nbytes = buf.numel() * buf.element_size()
             mac = conn.payload_mac(conn.sent, view) if msg.read.mac else b""
-            conn.send(Data(len(view), list(buf.shape), mac))
+            conn.send(Data(nbytes, list(buf.shape), mac))
             deadline = time.monotonic() + self.SEND_TIMEOUT_S
             self._send(peer, msg.tag, view, lambda: not self._closed and not _closed(conn.sock)
                        and time.monotonic() < deadline)
@@ -123,6 +148,8 @@ class SideKvSource(TcpKvSource):
 class SideKvSink(TcpKvSink):
     decoder = _decoder
     POLL_S = 0.0001
+    DEVICE_BUFFERS = False  # as SideKvSource.DEVICE_BUFFERS
+    CHANNEL = "side"  # PullResult.path of this channel ("<channel>" staged through host memory, "<channel>_gpu")
 
     def _local_info(self) -> bytes:
         raise NotImplementedError
@@ -160,18 +187,30 @@ class SideKvSink(TcpKvSink):
         lay = self.layout
         n = src.num_tokens
         chunk = self.max_tokens_in_buffer or n
-        staging = tcp._Staging(self._pinned)
         verify = self._verify(conn)
+        # GPU caches and a channel that moves device memory: receive straight into GPU memory, unless
+        # a payload MAC is to be checked (its bytes must be on the host)
+        device = _device_of(self.kv_caches) if self.DEVICE_BUFFERS and not verify else None
+        # two buffers: on a GPU a chunk's scatter (queued on the pull's stream) may still read one
+        # while the next chunk arrives in the other; `landed` holds the event of that scatter
+        staging = [tcp._Staging(self._pinned, device), tcp._Staging(self._pinned, device)]
+        landed: list = [None, None]
+        path = self.CHANNEL + ("_gpu" if device is not None else "")
+        i = 0
         for layer, heads in items:
             progress["layer"] = layer
             src_ids, cache, dst_ids, local = self._layer_plan(source, src, dst_block_ids, layer, heads)
             for t0 in range(0, n, chunk):
                 if abort.is_set():
-                    return
+                    return path
                 t1 = min(n, t0 + chunk)
                 shape = kv_io.buffer_shape(cache, t1 - t0, local)
-                buf = staging.get(shape, cache.dtype)
-                view = tcp._as_bytes(buf)
+                slot, i = i % 2, i + 1
+                if landed[slot] is not None:
+                    landed[slot].synchronize()
+                buf = staging[slot].get(shape, cache.dtype)
+                view = _payload(buf, device)
+                nbytes = buf.numel() * buf.element_size()
                 tag = self._tag()
                 handle = self._post_recv(peer, tag, view)
                 try:
@@ -179,7 +218,7 @@ class SideKvSink(TcpKvSink):
                                                                    (t0, t1), lay.model_id, lay.dtype, verify), tag),
                                            ep)
                     seq = conn.received - 1  # the Data frame's: its payload MAC is bound to it
-                    if not isinstance(reply, Data) or tuple(reply.shape) != shape or reply.nbytes != len(view):
+                    if not isinstance(reply, Data) or tuple(reply.shape) != shape or reply.nbytes != nbytes:
                         raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
                                     f"expected Data of shape {list(shape)}")
                 except BaseException:
@@ -187,8 +226,13 @@ class SideKvSink(TcpKvSink):
                     raise
                 if not self._wait(handle, conn.deadline, abort,
                                   f"layer {layer} tokens [{t0}, {t1}) from context rank {ep}"):
-                    return
+                    return path
                 if verify:
                     tcp.check_payload(conn.payload_mac(seq, view), reply.mac, layer, t0, t1, ep)
-                kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local)
-                progress["bytes"] += len(view)
+                on_gpu = cache.device.type == "cuda"
+                kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu)
+                if on_gpu:
+                    landed[slot] = torch.cuda.Event()
+                    landed[slot].record()
+                progress["bytes"] += nbytes
+        return path

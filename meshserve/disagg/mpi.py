@@ -178,6 +178,8 @@ class MpiKvSource(SideKvSource):
 
 
 class MpiKvSink(SideKvSink):
+    CHANNEL = "mpi"  # host buffers (pinned with GPU caches): CUDA-aware MPI is not assumed
+
     def __init__(self, *args, **kwargs):
         init()
         super().__init__(*args, **kwargs)

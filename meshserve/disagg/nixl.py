@@ -372,6 +372,7 @@ class NixlKvSink(TcpKvSink):
             finally:
                 if stream is not None:
                     stream.synchronize()
+            self._count_path("nixl_gpu" if stream is not None else "nixl")
             try:
                 self._exchange(conn, NixlDone(src.ctx_request_id), ep)
             except (TimeoutError, OSError, _Fail):

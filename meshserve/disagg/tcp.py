@@ -523,8 +523,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
                 if self._pull_ipc(conn, source, items, src, dst_block_ids, abort, progress, stream):
                     self._count_path("cuda_ipc")
                 else:
-                    self._pull_items(conn, source, items, src, dst_block_ids, abort, progress)
-                    self._count_path("tcp")
+                    self._count_path(self._pull_items(conn, source, items, src, dst_block_ids, abort, progress))
         except (socket.timeout, TimeoutError):
             raise _Fail(f"timed out reading layer {progress['layer']} from context rank {ep} after "
                         f"{progress['bytes']} bytes") from None
@@ -555,7 +554,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
         return list(src.block_ids[src_group]), cache, dst_block_ids[lay.group_of(layer)], local
 
     def _pull_items(self, conn: _Conn, source: RankLayout, items: list[tuple[int, tuple[int, int]]],
-                    src: KvRequest, dst_block_ids: list[list[int]], abort: threading.Event, progress: dict) -> None:
+                    src: KvRequest, dst_block_ids: list[list[int]], abort: threading.Event, progress: dict) -> str:
         """Read `items` chunk by chunk with READ_AHEAD Reads in flight: the context rank gathers and
         sends chunk k + 1 while this side receives and scatters chunk k (the replies come in order).
         Two staging buffers: on a GPU the host-to-device copy of one chunk (on the pull's side stream)
@@ -575,7 +574,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
         sent = 0
         for i, (layer, heads, t0, t1) in enumerate(reads):
             if abort.is_set():  # another context rank failed: the pull has failed
-                return
+                return "tcp"
             while sent < len(reads) and sent <= i + self.READ_AHEAD:
                 s_layer, s_heads, s0, s1 = reads[sent]
                 conn.send(Read(src.ctx_request_id, plans[s_layer, s_heads][0], n, s_layer, s_heads, (s0, s1),
@@ -607,6 +606,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
                 landed[slot] = torch.cuda.Event()
                 landed[slot].record()  # on the pull's side stream, after the copy
             progress["bytes"] += len(view)
+        return "tcp"
 
     def release(self, source_rank0: RankLayout, ctx_request_id: str, timeout_s: float = 5.0) -> Optional[str]:
         ep = source_rank0.endpoint

@@ -68,7 +68,9 @@ class PullResult:
     error: Optional[str] = None
     bytes: int = 0
     seconds: float = 0.0
-    path: str = ""  # DEFAULT: how the bytes moved, "tcp", "cuda_ipc" or "cuda_ipc+tcp" (per context rank)
+    path: str = ""  # how the bytes moved: "tcp", "cuda_ipc" (DEFAULT), "nixl" / "nixl_gpu", "ucx" / "ucx_gpu",
+    # "mpi" ("_gpu": GPU memory on both ends, no host copy); "+" joins
+    # the paths of several context ranks
 
 
 class KvSource:

@@ -6,8 +6,12 @@ source and sink in it. The sink's SideHello carries its worker address; a source
 per sink address (kept while the source lives) and `tag_send`s each chunk with the tag the sink
 picked, which has posted the worker-level `tag_recv` into a staging buffer before asking
 (_side.py has the protocol). UCX picks the transport: on this CPU machine tcp, shared memory or
-cma; on a GPU machine the same code sends host buffers (the KV is staged through pinned host memory
-as DEFAULT does; registering VRAM is NIXL's).
+cma. With the KV caches on a GPU each side moves GPU memory itself: the source gathers a chunk into a
+GPU staging buffer and sends it from there, the sink receives into GPU memory and scatters on its
+pull stream (UCX picks cuda_ipc / cuda_copy on one host, GPUDirect RDMA across hosts where the
+fabric has it), so no byte crosses host memory; a side that checks or makes the payload MAC
+(verify_payload) stages through pinned host memory instead, as DEFAULT does. PullResult.path says
+which: "ucx_gpu" or "ucx".
 
 A receive the sink gives up on (timeout, another context rank failed) cannot be cancelled through
 ucxx's Python API: its buffer is kept aside until the request completes or the process ends, and
@@ -95,6 +99,8 @@ def _prune() -> None:
 
 
 class UcxKvSource(SideKvSource):
+    DEVICE_BUFFERS = True  # UCX moves GPU memory itself (cuda_copy / cuda_ipc; GPUDirect RDMA across hosts)
+
     def __init__(self, *args, **kwargs):
         why = available()
         if why:
@@ -144,6 +150,9 @@ class UcxKvSource(SideKvSource):
 
 
 class UcxKvSink(SideKvSink):
+    DEVICE_BUFFERS = True
+    CHANNEL = "ucx"
+
     def __init__(self, *args, **kwargs):
         why = available()
         if why:
@@ -165,9 +174,9 @@ class UcxKvSink(SideKvSink):
         except Exception as e:  # noqa: BLE001
             raise _Fail(f"UCX could not post a receive: {type(e).__name__}: {e}") from None
 
-    def _pull_items(self, conn, source, items, src, dst_block_ids, abort, progress) -> None:
+    def _pull_items(self, conn, source, items, src, dst_block_ids, abort, progress) -> str:
         try:
-            super()._pull_items(conn, source, items, src, dst_block_ids, abort, progress)
+            return super()._pull_items(conn, source, items, src, dst_block_ids, abort, progress)
         except _Fail:
             raise
         except Exception as e:  # noqa: BLE001 - ucxx's own errors (UCXError...) end the pull

@@ -280,16 +280,21 @@ class _Conn:
 
 
 class _Staging:
-    """A reusable host buffer (pinned when CUDA is in play) to receive or send chunks through."""
+    """A reusable buffer to receive or send chunks through: host memory (pinned when CUDA is in
+    play), or GPU memory with `device` (a channel that moves device memory itself: UCX)."""
 
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
+    def __init__(self, pinned: bool, device: Optional[torch.device] = None):
+        self.pinned = pinned and device is None
+        self.device = device
         self.buf: Optional[torch.Tensor] = None
 
     def get(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
+            if self.device is not None:
+                self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            else:
+                self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
         return self.buf[:nbytes].view(dtype).view(tuple(shape))
 
 

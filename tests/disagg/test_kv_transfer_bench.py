@@ -63,6 +63,9 @@ def test_bandwidth_smoke(tmp_path):
         verifies = {r["verify_payload"] for r in tcp_rows}
         assert verifies == ({None} if backend == "NIXL" else verifies) and verifies in ({None}, {True, False})
         assert len(tcp_rows) == 2 * len(verifies)
+        # each backend's own channel moved the bytes (UCX and MPI sinks: DEFAULT's IPC path off)
+        want = {"DEFAULT": "tcp", "NIXL": "nixl", "UCX": "ucx", "MPI": "mpi"}[backend]
+        assert {r["path"] for r in tcp_rows} == {want}, tcp_rows
         if backend == "DEFAULT":  # those over TCP (cuda_ipc false), then cuda_ipc auto per chunk: TCP on a CPU
             assert {r["cuda_ipc"] for r in tcp_rows} == {False} and {r["path"] for r in tcp_rows} == {"tcp"}
             ipc_rows = [r for r in rows if r.get("cuda_ipc") == "auto"]

@@ -277,8 +277,18 @@ def test_chunking(cluster, backend):
     assert sorted(set(reads)) == [(0, 5), (5, 10), (10, 15), (15, 17)] and len(reads) == 8
 
 
+def test_the_pull_names_the_path_its_bytes_took(cluster, backend):
+    """CPU caches: DEFAULT over TCP, NIXL's reads, UCX tags and MPI messages through host memory."""
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 20)
+    r = c.pull()
+    assert r.state is TransferState.SUCCESS, r.error
+    want = {"TcpKvSink": "tcp", "NixlKvSink": "nixl", "UcxKvSink": "ucx", "MpiKvSink": "mpi"}[backend[1].__name__]
+    assert r.path == want and c.sinks[0].paths == {want: 1}
+
+
 def _tcp_reads(c, backend):
-    if type(c.sinks[0])._pull_items is not tcp.TcpKvSink._pull_items:
+    sink = type(c.sinks[0])
+    if sink._pull_items is not tcp.TcpKvSink._pull_items or sink._pull_from is not tcp.TcpKvSink._pull_from:
         pytest.skip(f"{backend[1].__name__} does not pull over DEFAULT's Read / Data exchange")
 
 

@@ -4,7 +4,13 @@ holds random bf16 KV in CUDA caches on cuda:0 behind `TcpKvSource`s; this proces
 sink.paths) and the sink's blocks must equal the truth byte for byte: same blocks, re-blocking 16 -> 32,
 a TP-2 context (two sources, two heads each) into a TP-1 sink, and a TP-1 context into a TP-2 sink's
 half; then an 8,192-token Llama-8B-shaped KV (1.07 GB) over IPC and over TCP, equal, with the times
-printed. ~20-40 s on an H200."""
+printed. ~20-40 s on an H200.
+
+Then NIXL and UCX over the same CUDA caches: the blocks equal the truth, and the bytes took GPU memory
+end to end: NIXL reads the source's VRAM regions (path "nixl_gpu"), UCX sends from and receives into
+GPU staging buffers ("ucx_gpu"; DEFAULT's IPC path off in its sink); with the payload MAC on, UCX
+stages through pinned host memory ("ucx"). Skipped where the wheels are missing (docs/gpu.md: the
+.kv archive carries them)."""
 import multiprocessing as mp
 import statistics
 import time
@@ -14,7 +20,7 @@ import pytest
 import torch
 
 from meshserve.disagg import tcp
-from meshserve.disagg.transceiver import KvRequest, RankLayout, TransferState
+from meshserve.disagg.transceiver import KvRequest, RankLayout, TransferState, create_transceiver
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]
 
@@ -42,9 +48,11 @@ def _slots(block_ids, bs, n=N):
     return torch.tensor(block_ids)[t // bs], t % bs
 
 
-def _context(conn):
-    """The context process: sources over CUDA caches; their layouts to the parent; serve until told."""
+def _context(conn, backend="DEFAULT"):
+    """The context process: sources over CUDA caches; their layouts to the parent; serve until told.
+    DEFAULT: also the big Llama-8B-shaped KV."""
     torch.cuda.set_device(0)
+    Source = tcp.TcpKvSource if backend == "DEFAULT" else create_transceiver(backend)[0]
     truth = _truth()
     src_ids = _ids(16, 1)
     b, o = _slots(src_ids[0], 16)
@@ -56,10 +64,17 @@ def _context(conn):
                 c = torch.randn((2, BLOCKS, 16, heads[1] - heads[0], DIM), device="cuda").to(torch.bfloat16)
                 c[:, b.cuda(), o.cuda()] = truth[layer][:, :, heads[0]:heads[1]].cuda()
                 caches.append(c)
-            s = tcp.TcpKvSource(caches, _layout(heads, 16), key=KEY, require_registered=True)
+            s = Source(caches, _layout(heads, 16), key=KEY, require_registered=True)
             s.register(KvRequest("ctx-1", src_ids, N))
             sources.append(s)
             info.setdefault(name, []).append(msgspec.to_builtins(s.layout))
+    if backend != "DEFAULT":
+        torch.cuda.synchronize()
+        conn.send(msgspec.msgpack.encode(info))
+        conn.recv()
+        for s in sources:
+            s.close()
+        return
     # the big one: Llama-3.1-8B's KV shape, 8192 tokens, blocks of 16
     n, bs = BIG["tokens"], BIG["block"]
     big_blocks = n // bs + 1
@@ -79,11 +94,10 @@ def _context(conn):
         s.close()
 
 
-@pytest.fixture(scope="module")
-def context():
+def _start_context(backend="DEFAULT"):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_context, args=(child,), daemon=True)
+    proc = ctx.Process(target=_context, args=(child, backend), daemon=True)
     proc.start()
     try:
         assert parent.poll(90), "the context process did not come up"
@@ -99,6 +113,21 @@ def context():
         proc.join(30)
         if proc.is_alive():
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def context():
+    yield from _start_context()
+
+
+@pytest.fixture(scope="module", params=["UCX", "NIXL"])
+def backend_context(request):
+    try:
+        create_transceiver(request.param)
+    except ValueError as e:
+        pytest.skip(str(e))
+    for info in _start_context(request.param):
+        yield request.param, info
 
 
 def _pull(sources, src_ids, heads, bs, cuda_ipc, rid="ctx-1", n=N, layers=LAYERS, num_heads=HEADS, dim=DIM,
@@ -167,3 +196,30 @@ def test_big_kv_over_ipc_and_tcp_equal(context):
         del caches
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(results[True], results[False]))
     assert any(a.any() for a in results[True])
+
+
+@pytest.mark.parametrize("case", ["tp1-16-to-16", "tp1-16-to-32", "tp2-to-tp1", "mac-on"])
+def test_nixl_and_ucx_pull_over_gpu_memory(backend_context, case):
+    backend, info = backend_context
+    if case == "mac-on" and backend == "NIXL":
+        pytest.skip("NIXL reads are one-sided: no payload MAC")
+    src, bs = {"tp1-16-to-16": ("tp1", 16), "tp1-16-to-32": ("tp1", 32), "tp2-to-tp1": ("tp2", 16),
+               "mac-on": ("tp1", 16)}[case]
+    _, Sink = create_transceiver(backend)
+    caches = [torch.zeros((2, BLOCKS, bs, HEADS, DIM), dtype=torch.bfloat16, device="cuda") for _ in LAYERS]
+    kw = {"verify_payload": case == "mac-on"}
+    if backend == "UCX":
+        kw["cuda_ipc"] = False  # else DEFAULT's same-host IPC path would move the bytes, not UCX
+    sink = Sink(caches, _layout((0, 4), bs), key=KEY, **kw)
+    dst = _ids(bs, 3)
+    try:
+        r = sink.pull(info[src], KvRequest("ctx-1", info["src_ids"], N), dst, 60.0)
+        assert r.state is TransferState.SUCCESS, r.error
+        want = {"UCX": "ucx_gpu", "NIXL": "nixl_gpu"}[backend] if case != "mac-on" else "ucx"
+        assert r.path == want and sink.paths == {want: len(info[src])}, (r, sink.paths)
+        truth = _truth()
+        b, o = _slots(dst[0], bs)
+        for layer, c in zip(LAYERS, caches):
+            assert torch.equal(c[:, b.cuda(), o.cuda()].cpu().view(torch.int16), truth[layer].view(torch.int16)), layer
+    finally:
+        sink.close()
