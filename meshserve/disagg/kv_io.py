@@ -134,14 +134,38 @@ def copy_slots(src: torch.Tensor, src_idx: torch.Tensor, src_heads: Optional[tup
         raise ValueError(f"cannot copy a {tuple(src.shape)} {src.dtype} cache into a {tuple(dst.shape)} "
                          f"{dst.dtype} one")
     sf, df = _flat(src), _flat(dst)
-    if cache_kind(src) == "latent":
-        part = sf.index_select(0, src_idx)
-        df.index_copy_(0, dst_idx, part)
-    else:
+    latent = cache_kind(src) == "latent"
+    if not latent:
         h0, h1 = _check_heads(src, src_heads)
         g0, g1 = _check_heads(dst, dst_heads)
         if h1 - h0 != g1 - g0:
             raise ValueError(f"heads [{h0}, {h1}) do not fit heads [{g0}, {g1})")
+    n = src_idx.numel()
+    if src.is_cuda and dst.is_cuda and use_triton_copy() and _rows_contiguous(sf) and _rows_contiguous(df):
+        # one pass, slot to slot (kernels/kv_copy.py): a token's heads are one contiguous run
+        from meshserve.kernels.kv_copy import copy_rows
+        if latent:
+            row, so, do = sf.shape[1], 0, 0
+        else:
+            d = sf.shape[3]
+            row, so, do = (h1 - h0) * d, h0 * d, g0 * d
+        copy_rows(sf, src_idx.to(torch.int64), so, df, dst_idx.to(torch.int64), do, row)
+        return (1 if latent else 2) * n * row * src.element_size()
+    if latent:
+        part = sf.index_select(0, src_idx)
+        df.index_copy_(0, dst_idx, part)
+    else:
         part = sf[:, :, h0:h1].index_select(1, src_idx)
         df[:, :, g0:g1].index_copy_(1, dst_idx, part)
     return part.numel() * part.element_size()
+
+
+def _rows_contiguous(flat: torch.Tensor) -> bool:
+    """Each slot's values (heads x dim, or the latent row) are one contiguous run."""
+    return flat.stride(-1) == 1 and (flat.dim() == 2 or flat.stride(2) == flat.shape[3])
+
+
+def use_triton_copy() -> bool:
+    """copy_slots takes the Triton kernel for CUDA caches (kernel_config.disable_triton: torch ops)."""
+    from meshserve import kernels
+    return kernels.TRITON_AVAILABLE
