@@ -46,7 +46,7 @@ from meshserve.layers.moe.router import RouterConfig
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding, interleaved_to_half, yarn_softmax_mscale
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import DecoderMLP, DecoderModel
+from meshserve.models.llama import DecoderMLP, DecoderModel, load_stacked
 
 logger = logging.getLogger(__name__)
 
@@ -226,26 +226,9 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy (name, tensor) pairs into this shard; returns the parameter names filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
         blocks = self.moe_blocks()
         skipped: list[int] = []
-        loaded: set[str] = set()
-        for name, tensor in self._route(weights, blocks, skipped):
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            shard_id = None
-            for ckpt, ours, sid in self.stacked_params:
-                if ckpt in name:
-                    name, shard_id = name.replace(ckpt, ours), sid
-                    break
-            param = params.get(name)
-            if param is None:
-                continue  # another pipeline stage owns it
-            param.weight_loader(param, tensor, shard_id) if hasattr(param, "weight_loader") \
-                else param.data.copy_(tensor)
-            loaded.add(name)
+        loaded = load_stacked(self, self._route(weights, blocks, skipped))
         for i, block in blocks.items():
             if block.experts.fully_loaded():
                 prefix = f"model.layers.{i}.mlp.experts."

@@ -161,22 +161,30 @@ class DecoderForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy (name, tensor) pairs into this shard; returns the parameter names filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            shard_id = None
-            for ckpt, ours, sid in self.stacked_params:
-                if ckpt in name:
-                    name, shard_id = name.replace(ckpt, ours), sid
-                    break
-            param = params.get(name)
-            if param is None:
-                continue  # another pipeline stage owns it
-            param.weight_loader(param, tensor, shard_id) if hasattr(param, "weight_loader") \
-                else param.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return load_stacked(self, weights)
+
+
+def load_stacked(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """The decoder models' loader: (name, tensor) pairs into `model`'s parameters, checkpoint names of
+    fused projections renamed by `model.stacked_params` (checkpoint part, ours, shard id) and loaded
+    by shard; tensors of another pipeline stage, rotary buffers and a tied LM head skipped. Returns
+    the parameter names filled."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+            continue
+        shard_id = None
+        for ckpt, ours, sid in model.stacked_params:
+            if ckpt in name:
+                name, shard_id = name.replace(ckpt, ours), sid
+                break
+        param = params.get(name)
+        if param is None:
+            continue  # another pipeline stage owns it
+        param.weight_loader(param, tensor, shard_id) if hasattr(param, "weight_loader") \
+            else param.data.copy_(tensor)
+        loaded.add(name)
+    return loaded
