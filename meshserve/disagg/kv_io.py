@@ -82,8 +82,9 @@ def _check_heads(cache: torch.Tensor, heads: Optional[tuple[int, int]]) -> tuple
 
 def gather(cache: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: int, t1: int,
            heads: Optional[tuple[int, int]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Tokens [t0, t1) (heads: local [h0, h1) of a full cache, default all) into a contiguous CPU
-    buffer (`out` if given: buffer_shape, the cache's dtype, on the CPU)."""
+    """Tokens [t0, t1) (heads: local [h0, h1) of a full cache, default all) into a contiguous buffer:
+    `out` if given (buffer_shape, the cache's dtype; host memory, or the cache's GPU for a channel
+    that sends GPU memory), else a CPU one."""
     kind, num_blocks, cache_block_size = geometry(cache)
     if cache_block_size != block_size:
         raise ValueError(f"block_size {block_size} is not the cache's {tuple(cache.shape)}")
