@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The wave-2 GPU runs left open by issues 21, 23 and 24, as four device calls of under 600 s each
-# (docs/gpu.md, "Next GPU session"). Each call starts a fresh machine: run them back to back.
-#   call 1 (carry .whl .kv): KV transfer backends on the GPU: tests, then bandwidth per backend
-#   call 2 (carry .whl):     PDL tests, moe-1gpu decode with and without kernel_config.pdl, the MLA A/B
-#   call 3 (carry .whl):     moe-1gpu offline 1000/1000 and the transformers peer
-#   call 4 (carry .whl):     mla-1gpu with its peer, the decode split merge, kv-transfer serve
+# The wave-2 GPU runs left open by issues 21, 23 and 24, as device calls of under 600 s each
+# (docs/gpu.md, "Next GPU session"). Each call starts a fresh machine (~40-60 s): run them back to
+# back, in this order; 30 minutes of device time fit calls 1-3 (call 4 only with time left).
+#   call 1 (carry .whl .kv): issue 23: NIXL / UCX GPU tests, then bandwidth per backend (MPI too)
+#   call 2 (carry .whl):     issue 24: PDL correctness, the MLA kernel A/B (page_tiles x pdl), mla-1gpu
+#                            with its transformers peer (with --pdl when the PDL tests passed)
+#   call 3 (carry .whl):     issue 21: moe-1gpu decode b1 / b64, offline 1000/1000 at batch 384 and the
+#                            transformers peer (PDL_FLAG=--pdl when call 2's PDL tests passed)
+#   call 4 (carry .whl):     moe-1gpu decode without PDL (the A/B), the decode split merge, kv serve
 # Usage on the device: `bash benchmarks/wave2_gpu_calls.sh N` (it sources scripts/gpu_env.sh itself).
 # Every step has its own timeout so one that hangs leaves the call's other results; step outputs go
-# to $OUT/<step>.txt and the printed tails.
+# to $OUT/<step>.txt (and their tails to the call's output), the benchmarks' folders to $RES, packed
+# into $OUT/callN.tgz at the end (a device call brings back at most 8 files, 2 folders deep).
 set -u
 CALL=${1:?call number 1-4}
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+RES=${RES:-/tmp/wave2_results}
+mkdir -p "$OUT" "$RES"
+OUT=$(cd "$OUT" && pwd)
+trap '(cd "$RES" && find . -type f -size -4M -print0 | tar -czf "$OUT/call$CALL.tgz" --null -T -); ls -la "$OUT"' EXIT
 source scripts/gpu_env.sh
 rm -rf /tmp/site/huggingface_hub*
-PDL_FLAG=${PDL_FLAG:-}  # "--pdl" for calls 3 and 4 once call 2 showed it faster
+PDL_FLAG=${PDL_FLAG:-}  # "--pdl" for call 3 when call 2's PDL tests passed (call 2 decides for itself)
 
 step() {  # step NAME SECONDS CMD...: run with a timeout, output to $OUT/NAME.txt, print its tail
   local name=$1 secs=$2
@@ -33,25 +40,26 @@ case $CALL in
   export PYTHONPATH=/tmp/site:/tmp/kvsite:$PWD PATH=/tmp/ompi5/bin:$PATH LD_LIBRARY_PATH=/tmp/ompi5/lib \
     OPAL_PREFIX=/tmp/ompi5
   step imports 60 python3 -c "import nixl_cu13, ucxx; from mpi4py import MPI; print(MPI.Get_library_version()[:40])"
-  step kv_gpu_tests 200 python3 -m pytest tests/gpu/test_kv_cuda_ipc.py -q -x -s
-  step kv_bandwidth 320 python3 benchmarks/kv_transfer.py --part bandwidth --backends DEFAULT,NIXL,UCX,MPI \
+  step kv_gpu_tests 170 python3 -m pytest tests/gpu/test_kv_cuda_ipc.py -q -x -s
+  step kv_bandwidth 300 python3 benchmarks/kv_transfer.py --part bandwidth --backends DEFAULT,NIXL,UCX,MPI \
     --repeats 3 --max-tokens-in-buffer none,2048 --verify-payload off --cuda-ipc both --backend-timeout 90 \
-    --out "$OUT/kv_bw"
+    --out "$RES/kv_bw"
   ;;
 2)
-  step pdl_tests 200 python3 -m pytest tests/gpu/test_pdl.py tests/gpu/test_gemv_kernel.py -q -x
-  step moe_nopdl 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --out "$OUT/moe_nopdl"
-  step moe_pdl 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --out "$OUT/moe_pdl"
+  step pdl_tests 170 python3 -m pytest tests/gpu/test_pdl.py -q -x
+  grep -q " passed" "$OUT/pdl_tests.txt" && ! grep -q -E "failed|error" "$OUT/pdl_tests.txt" && PDL_FLAG=--pdl
+  echo "PDL_FLAG=$PDL_FLAG"
   step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab
+  step mla_1gpu 330 python3 benchmarks/mla_1gpu.py $PDL_FLAG --out "$RES/mla"
   ;;
 3)
-  step moe_offline 560 python3 benchmarks/moe_1gpu.py --part all --skip-decode --num-offline 1000 \
-    --max-batch-size 384 $PDL_FLAG --out "$OUT/moe_off"
+  step moe_1gpu 560 python3 benchmarks/moe_1gpu.py --part all --num-offline 1000 --max-batch-size 384 \
+    $PDL_FLAG --out "$RES/moe"
   ;;
 4)
-  step mla_1gpu 360 python3 benchmarks/mla_1gpu.py $PDL_FLAG --out "$OUT/mla"
+  step moe_nopdl 170 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --out "$RES/moe_nopdl"
   step decode_attn_b1 60 python3 benchmarks/decode_attn_b1.py --quick --contexts 128,256,1024 --batches 1
-  step kv_serve 150 python3 benchmarks/kv_transfer.py --part serve --num-prompts 30 --out "$OUT/kv_serve"
+  step kv_serve 200 python3 benchmarks/kv_transfer.py --part serve --num-prompts 30 --out "$RES/kv_serve"
   ;;
 *)
   echo "call must be 1-4"
