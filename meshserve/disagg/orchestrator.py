@@ -284,12 +284,19 @@ class Orchestrator(GenerationHop):
 
     async def _failover_target(self, exclude: list[Server], body: dict) -> Optional[Server]:
         """Where a failed generation goes on: a healthy generation server not in `exclude`, else (in
-        a pinch) a healthy context server, which serves it as an ordinary request."""
-        for role in ("generation", "context"):
-            servers, router = self._group(role)
-            candidates = [s for s in servers if s.healthy and s not in exclude]
-            if candidates:
-                return router.choose(candidates, body)
+        a pinch) a healthy context server, which serves it as an ordinary request. When none is
+        counted healthy, the others are probed once first: a health check missed on a loaded host
+        must not end a stream that another server could carry on."""
+        for attempt in range(2):
+            for role in ("generation", "context"):
+                servers, router = self._group(role)
+                candidates = [s for s in servers if s.healthy and s not in exclude]
+                if candidates:
+                    return router.choose(candidates, body)
+            others = [s for role in ("generation", "context") for s in self._group(role)[0] if s not in exclude]
+            if attempt or not others:
+                return None
+            await self.check_all(others)
         return None
 
     @staticmethod

@@ -208,6 +208,26 @@ def test_a_context_server_takes_over_in_a_pinch(orchestrator, fakes):
     assert failovers(o) == 1
 
 
+def test_servers_counted_unhealthy_are_probed_before_a_stream_is_given_up(orchestrator, fakes):
+    """Every other server missed its last health check (a loaded host) but answers now: the failover
+    probes them and goes on on the generation server, instead of ending the stream."""
+    gen_a, gen_b = fakes["gen_a"], fakes["gen_b"]
+    o = orchestrator(two_gens(fakes, stall_timeout=0.5, health_check_interval=60))
+    wait_for(lambda: all(s.healthy for s in o.orch.generation + o.orch.context))
+    gen_a.stall_after = 2
+    raw = b""
+    with httpx.stream("POST", o.url + "/v1/completions", timeout=30,
+                      json={"model": MODEL, "prompt": "x", "max_tokens": 6, "stream": True}) as r:
+        for chunk in r.iter_bytes():
+            if not raw:  # gen_a streams: the others miss a health check now (a loaded host)
+                o.orch.generation[1].healthy = o.orch.context[0].healthy = False
+            raw += chunk
+    evs = events(raw)
+    assert "".join(texts(evs, chat=False)) == FULL_TEXT and evs[-1] == "[DONE]"
+    assert gen_b.received and gen_b.received[-1]["body"]["resume_output_token_ids"] == TOKEN_IDS[:2]
+    assert failovers(o) == 1 and o.orch.generation[1].healthy
+
+
 def test_limits_and_what_is_not_continued(orchestrator, fakes):
     gen_a, gen_b = fakes["gen_a"], fakes["gen_b"]
     o = orchestrator(two_gens(fakes, max_failovers=1, stall_timeout=0.3))

@@ -11,8 +11,8 @@ answers the reference text, leaving 0 used blocks again.
 Stages (each reached by polling /metrics and the orchestrator's /health, never by sleeping):
 - queued: the context server's batch is full (`--max_batch_size 1`) with request A prefilling, and
   B waits behind it (num_requests_waiting 1);
-- prefilling: A itself, a 7000-token prompt prefilled 8 tokens a step (`--max_num_tokens 8`: 875
-  steps, about two seconds on an idle machine). One scenario holds both stages at once, so each event
+- prefilling: A itself, a 7000-token prompt prefilled 4 tokens a step (`--max_num_tokens 4`: 1750
+  steps, about four seconds on an idle machine). One scenario holds both stages at once, so each event
   hits a queued and a prefilling request;
 - transferring: the context server pins the KV and the generation server has the request. Held by
   SIGSTOPping the generation server's process group before the request (the orchestrator's hop
@@ -96,7 +96,7 @@ GEN_TIMEOUT_MS = 5000  # the generation server's: a pull gives up after it
 IMPATIENT_T = 4.0  # the impatient orchestrator's -t
 IMPATIENT_STALL = 2.0  # and its stall_timeout
 PULL_PROMPT = 64  # tokens of the transferring cells' prompts
-LONG_PROMPT = 7000  # tokens: prefilled 8 a step on the context server
+LONG_PROMPT = 7000  # tokens: prefilled 4 a step on the context server
 MAX_SEQ_LEN = 8192
 BLOCK = 64  # tokens per KV block on both servers
 DECODE_TOKENS = 600  # a decoding cell's request: long enough to be mid-decode at the event
@@ -338,7 +338,7 @@ class Cluster:
     def __init__(self, tmp):
         model = str(tmp / "tiny")
         build_checkpoint(model, "llama", max_position_embeddings=MAX_SEQ_LEN)
-        self.ctx = Server("ctx", model, ("--max_batch_size", "1", "--max_num_tokens", "8", "--max_seq_len",
+        self.ctx = Server("ctx", model, ("--max_batch_size", "1", "--max_num_tokens", "4", "--max_seq_len",
                                          str(MAX_SEQ_LEN), "--config", _yaml(tmp / "ctx.yml", CTX_TIMEOUT_MS)),
                           str(tmp))
         self.gen = Server("gen", model, ("--max_batch_size", "8", "--max_seq_len", str(MAX_SEQ_LEN), "--config",
@@ -449,10 +449,10 @@ def _queued_and_prefilling(c: Cluster, orch: Orchestrator, tag: str) -> tuple[Ra
         m = c.ctx.metrics()
         return m["meshserve_num_requests_running"] == 1 and m["meshserve_kv_cache_used_blocks"] > 0
 
-    wait_for(prefilling, 30, "A prefilling on the context server")
+    wait_for(prefilling, 60, "A prefilling on the context server")
     b = RawRequest(orch.url, "/v1/completions", {"prompt": c.prompt(40), "max_tokens": 8, "temperature": 0,
                                                  "ignore_eos": True, "stream": True}, f"strand-{tag}-B")
-    wait_for(lambda: c.ctx.metrics()["meshserve_num_requests_waiting"] == 1, 30, "B queued on the context server")
+    wait_for(lambda: c.ctx.metrics()["meshserve_num_requests_waiting"] == 1, 60, "B queued on the context server")
     m = c.ctx.metrics()
     assert m["meshserve_num_requests_running"] == 1, "A finished its prefill before the event: make it longer"
     return a, b
@@ -508,7 +508,7 @@ def _transferring(c: Cluster, orch: Orchestrator, tag: str, pull: bool = True,
     reqs = [RawRequest(orch.url, "/v1/completions", {"prompt": c.prompt(PULL_PROMPT), "max_tokens": max_tokens,
                                                      "temperature": 0, "ignore_eos": True, **extra},
                        f"strand-{tag}-{'stream' if extra else 'plain'}") for extra in (streamed, {})]
-    wait_for(lambda: orch.inflight("generation") == 2, 30, "both generation hops open on the stopped server")
+    wait_for(lambda: orch.inflight("generation") == 2, 60, "both generation hops open on the stopped server")
     m = c.ctx.metrics()
     assert m["meshserve_kv_cache_used_blocks"] > 0 and m["meshserve_num_requests_running"] == 0, m
     if pull:
