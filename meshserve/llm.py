@@ -28,7 +28,7 @@ from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
-from meshserve.worker.main import run_launched_rank
+from meshserve.worker.main import exit_launched_rank, run_launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class LLM:
             # running the script on worker ranks at all.
             code = run_launched_rank(self.args, self.model_path, launch)
             logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
-            raise SystemExit(code)
+            exit_launched_rank(code)
         ModelConfig.from_pretrained(self.model_path)  # a bad config.json: our one-line error, not the tokenizer's
         tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)

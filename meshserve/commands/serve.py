@@ -175,8 +175,11 @@ def _launch(args):
 def _run_worker_rank(args, model_path: str, launch) -> int:
     """Ranks > 0 of a launcher-started world hold their model shard for rank 0's engine until it
     shuts down; only rank 0 serves HTTP."""
-    from meshserve.worker.main import run_launched_rank
-    return run_launched_rank(args, model_path, launch)
+    from meshserve.worker.main import exit_launched_rank, run_launched_rank
+    code = run_launched_rank(args, model_path, launch)
+    logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
+    exit_launched_rank(code)
+    return code  # not reached
 
 
 def _check_layout(args, model_path: str) -> None:

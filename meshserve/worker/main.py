@@ -4,8 +4,8 @@
   checks in with rank 0's store first, so rank 0 can tell a child that died while starting (the
   usual cause: a script without the `__main__` guard) from one that is still loading.
 - `run_launched_rank`: a rank > 0 that an outside launcher (torchrun, mpirun, srun) started with
-  the same arguments as rank 0; `meshserve serve` and `LLM()` call it on such ranks. It returns
-  the exit code and leaves ending the process to its caller.
+  the same arguments as rank 0; `meshserve serve` and `LLM()` call it on such ranks, then
+  `exit_launched_rank` ends the process (as a spawned rank ends: no interpreter teardown).
 """
 from __future__ import annotations
 
@@ -67,3 +67,14 @@ def run_launched_rank(args: LlmArgs, model_path: str, launch: LaunchInfo) -> int
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def exit_launched_rank(code: int) -> None:
+    """End a launched worker rank once rank 0 has shut down: logs and stdio flushed, then os._exit,
+    as a spawned rank ends. An interpreter teardown with the process groups alive can abort in C++
+    ("terminate called without an active exception", seen once in CI on a two-namespace TP=4 run),
+    and the script has nothing left to run on this rank (LLM() never returns here)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
