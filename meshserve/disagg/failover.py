@@ -31,6 +31,12 @@ RESUME_KEYS = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "stop"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the servers' (OpenAI's) default for /v1/completions
 
 
+def _wants_logprobs(body: dict) -> bool:
+    """Whether a client's request asks for logprobs (completions: an int; chat: true)."""
+    lp = body.get("logprobs")
+    return (lp is not None and lp is not False) or body.get("prompt_logprobs") is not None
+
+
 async def _within(seconds: float, awaitable):
     if hasattr(asyncio, "timeout"):  # 3.11: no task per call
         async with asyncio.timeout(seconds):
@@ -221,6 +227,8 @@ class GenerationHop:
                         why_not = "the context server did not answer the prompt's token ids"
                     elif relay.ids and client_body.get("echo"):
                         why_not = "a stream with echo is not resumed"
+                    elif relay.ids and _wants_logprobs(client_body):
+                        why_not = "a stream with logprobs is not resumed"  # a resumed run would send none
                     remaining = self._remaining(route, client_body, len(relay.ids))
                     if why_not is None and remaining is not None and remaining <= 0:
                         yield end("length")

@@ -6,6 +6,13 @@ prompt's token ids, every context rank's RankLayout, the pinned KV's block ids a
 generation server turns the params it receives back into the engine's `DisaggRequest` with
 `generation_request`, checking the signature, the model and the KV dtype against its own ranks and
 the prompt against the context server's; each mismatch is a one-line ValueError naming what differs.
+
+Logprobs (TensorRT-LLM's `first_gen_log_probs`): a context_only request that asked for them signs
+its first token's logprobs (and the prompt's, for prompt_logprobs or echo) into the state, with the k
+it computed them for; the generation server emits them as its output's first entry (and as its
+prompt_logprobs), so a request through the orchestrator answers what an aggregated server does. A
+generation_only request asking for logprobs the state does not carry, or for another k, is refused
+naming both.
 """
 from __future__ import annotations
 
@@ -20,23 +27,71 @@ from meshserve.engine.messages import DisaggRequest
 VERSION = 1
 WHERE = "disaggregated_params"
 
+# one position's logprobs as the engine reports them: (token ids, logprobs), the chosen token first
+LogprobEntry = tuple[list[int], list[float]]
+
+
+def _entry_out(entry) -> Optional[list]:
+    """A logprob entry (a {token id: logprob} dict, as RequestOutput holds it, or (ids, values)) as
+    [ids, values] for the signed state."""
+    if entry is None:
+        return None
+    if isinstance(entry, dict):
+        return [[int(t) for t in entry], [float(v) for v in entry.values()]]
+    return [[int(t) for t in entry[0]], [float(v) for v in entry[1]]]
+
+
+def _entry_in(entry) -> Optional[LogprobEntry]:
+    if entry is None:
+        return None
+    ids, vals = entry
+    if len(ids) != len(vals):
+        raise ValueError("a logprob entry's ids and values differ in length")
+    return [int(t) for t in ids], [float(v) for v in vals]
+
+
+def _carried(payload: dict, field: str, want: Optional[int], what: str):
+    """The entries the state carries for `field` (None when the request does not want them); a
+    ValueError when it wants them and the context server did not compute them for the same k."""
+    if want is None:
+        return None
+    have = payload.get(field)
+    if have is None:
+        raise ValueError(f"{field}={want}: the context server computed no {what} for this request (send both "
+                         f"servers the same {field})")
+    k, entries = int(have[0]), have[1]
+    if k != want:
+        raise ValueError(f"{field}={want} differs from the context server's {field}={k} (send both servers the "
+                         f"same request)")
+    return entries
+
 
 def context_params(ctx_request_id: str, prompt_token_ids: Sequence[int], first_token: int,
-                   layouts: Sequence[RankLayout], kv: dict, key: Optional[bytes] = None) -> dict:
+                   layouts: Sequence[RankLayout], kv: dict, key: Optional[bytes] = None,
+                   logprobs: Optional[tuple[int, LogprobEntry]] = None,
+                   prompt_logprobs: Optional[tuple[int, list[Optional[LogprobEntry]]]] = None) -> dict:
     """The response's `disaggregated_params` of a finished context_only request; `kv` is its pinned
-    KV as the engine reported it ({"block_ids": per KV group, "num_tokens": n})."""
+    KV as the engine reported it ({"block_ids": per KV group, "num_tokens": n}). `logprobs`: (k, the
+    first token's entry) when the request asked for k logprobs; `prompt_logprobs`: (k, the prompt's
+    entries, None first) likewise; both are signed into the state for the generation server."""
     payload = {"v": VERSION, "ctx_request_id": ctx_request_id, "prompt_token_ids": list(prompt_token_ids),
                "first_token": first_token, "layouts": list(layouts), "block_ids": kv["block_ids"],
                "num_tokens": kv["num_tokens"]}
+    if logprobs is not None:
+        payload["logprobs"] = [logprobs[0], _entry_out(logprobs[1])]
+    if prompt_logprobs is not None:
+        payload["prompt_logprobs"] = [prompt_logprobs[0], [_entry_out(e) for e in prompt_logprobs[1]]]
     return {"request_type": "context_only", "first_gen_tokens": [first_token], "ctx_request_id": ctx_request_id,
             "opaque_state": signed.sign(payload, signed.secret_key() if key is None else key)}
 
 
 def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[int], layouts: Sequence[RankLayout],
                        first_gen_tokens: Optional[Sequence[int]] = None, ctx_request_id: Optional[str] = None,
-                       key: Optional[bytes] = None) -> DisaggRequest:
+                       key: Optional[bytes] = None, logprobs: Optional[int] = None,
+                       prompt_logprobs: Optional[int] = None) -> DisaggRequest:
     """The engine's DisaggRequest of a generation_only request, from the params a context server
-    signed; `layouts`: this server's ranks. A ValueError naming the mismatch otherwise."""
+    signed; `layouts`: this server's ranks; `logprobs` / `prompt_logprobs`: the request's (their
+    entries must come in the state). A ValueError naming the mismatch otherwise."""
     if not opaque_state:
         raise ValueError(f"{WHERE}.opaque_state is required for request_type generation_only (pass the context "
                          f"server's disaggregated_params unchanged)")
@@ -50,7 +105,17 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
         first = int(payload["first_token"])
         block_ids = [[int(b) for b in t] for t in payload["block_ids"]]
         num_tokens = int(payload["num_tokens"])
+        first_lp = _carried(payload, "logprobs", logprobs, "logprobs of the first token")
+        first_lp = _entry_in(first_lp) if first_lp is not None else None
+        prompt_lp = _carried(payload, "prompt_logprobs", prompt_logprobs, "prompt logprobs")
+        if prompt_lp is not None:
+            prompt_lp = [_entry_in(e) for e in prompt_lp]
+            if len(prompt_lp) != len(src_prompt):
+                raise ValueError(f"prompt_logprobs has {len(prompt_lp)} entries for {len(src_prompt)} prompt tokens")
     except (KeyError, TypeError, ValueError, msgspec.ValidationError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(("logprobs=", "prompt_logprobs=")):
+            raise
+
         raise ValueError(f"{WHERE}.opaque_state: malformed ({e})") from None
     if not sources:
         raise ValueError(f"{WHERE}.opaque_state: no context ranks")
@@ -75,4 +140,5 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
         raise ValueError(f"{WHERE}: the prompt ({len(prompt)} tokens) differs from the one the context server ran "
                          f"({len(src_prompt)} tokens) from token {at} on; send both servers the same request")
     return DisaggRequest("generation_only", ctx_request_id=ctx_id, first_token=first, sources=sources,
-                         src_block_ids=block_ids, src_num_tokens=num_tokens)
+                         src_block_ids=block_ids, src_num_tokens=num_tokens, first_logprobs=first_lp,
+                         prompt_logprobs=prompt_lp)

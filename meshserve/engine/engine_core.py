@@ -180,8 +180,11 @@ class EngineCore:
         if disagg.src_num_tokens != len(prompt_token_ids):
             raise ValueError(f"the context server holds KV of {disagg.src_num_tokens} tokens, but the prompt has "
                              f"{len(prompt_token_ids)}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: a generation_only request does not compute its prompt")
+        if params.prompt_logprobs is not None and disagg.prompt_logprobs is None:
+            raise ValueError("prompt_logprobs: a generation_only request does not compute its prompt; its context "
+                             "server's params must carry them")
+        if params.logprobs is not None and disagg.first_logprobs is None:
+            raise ValueError("logprobs: the context server's params carry no logprobs of the first token")
         return params
 
     def add_core_request(self, req: EngineCoreRequest) -> None:

@@ -90,6 +90,10 @@ class DisaggRequest(msgspec.Struct, omit_defaults=True):
     sources: list[RankLayout] = []  # generation_only: the context server's ranks (rank 0 first)
     src_block_ids: list[list[int]] = []  # generation_only: the KV's blocks there, per KV group
     src_num_tokens: int = 0  # generation_only: tokens of KV there (the prompt's length)
+    # generation_only: the context server's logprobs of the first token (ids, values; the token first)
+    # and of the prompt (None first), when the request asked for them
+    first_logprobs: Optional[tuple[list[int], list[float]]] = None
+    prompt_logprobs: Optional[list[Optional[tuple[list[int], list[float]]]]] = None
 
 
 class EngineCoreRequest(msgspec.Struct, omit_defaults=True):

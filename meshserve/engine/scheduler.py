@@ -192,6 +192,10 @@ class Scheduler:
         token = req.disagg.first_token
         status = req.append_output(token)
         out = EngineCoreOutput(request_id, new_token_ids=[token])
+        if req.params.logprobs is not None and req.disagg.first_logprobs is not None:
+            out.new_logprobs = [req.disagg.first_logprobs]  # the context server's, for the token it sampled
+        if req.params.prompt_logprobs is not None and req.disagg.prompt_logprobs is not None:
+            out.prompt_logprobs = list(req.disagg.prompt_logprobs)
         if status is not None:
             out.finish_reason, out.stop_reason = status.value, req.stop_reason
             req.status = status

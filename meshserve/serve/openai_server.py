@@ -33,6 +33,7 @@ from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTrans
                                            RequestRejectedError, RequestStream)
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
+from meshserve.sampling_params import SamplingParams
 from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request, error_body,
@@ -244,19 +245,19 @@ class OpenAIServing:
             kv = DisaggRequest("context_only")
             params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))  # min_tokens: the rest is the generation server's
         else:
-            if params.logprobs is not None or params.prompt_logprobs is not None:
-                raise bad_request(f"{where}: logprobs of a generation_only request are not supported (its first "
-                                  f"token was sampled on the context server)", "logprobs")
             try:
                 kv = disagg.generation_request(dp.opaque_state, prompts[0][1], self.engine.ready.kv_layouts,
-                                               dp.first_gen_tokens, dp.ctx_request_id)
+                                               dp.first_gen_tokens, dp.ctx_request_id, logprobs=params.logprobs,
+                                               prompt_logprobs=params.prompt_logprobs)
             except ValueError as e:
-                raise bad_request(str(e), where) from None
+                msg = str(e)
+                param = next((f for f in ("prompt_logprobs", "logprobs") if msg.startswith(f + "=")), where)
+                raise bad_request(msg, param) from None
         logger.info("request %s: %s, %d prompt tokens%s", request_id, dp.request_type, len(prompts[0][1]),
                     f", KV of {kv.ctx_request_id} from {kv.sources[0].endpoint}" if kv.sources else "")
         return kv, params
 
-    def context_response(self, body: dict, out: RequestOutput) -> dict:
+    def context_response(self, body: dict, out: RequestOutput, params: SamplingParams) -> dict:
         """A context_only response: the body plus the disaggregated_params a generation server needs;
         without them when the first token finished the request (EOS, a stop token or string: the
         engine keeps no KV for it then), so the orchestrator answers the client with this."""
@@ -265,9 +266,15 @@ class OpenAIServing:
             logger.info("request %s: finished (%s) with its first token; no disaggregated_params", out.request_id,
                         finish)
             return body
+        seq = out.outputs[0]
+        logprobs = prompt_logprobs = None
+        if params.logprobs is not None and seq.logprobs:
+            logprobs = (params.logprobs, seq.logprobs[0])
+        if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            prompt_logprobs = (params.prompt_logprobs, out.prompt_logprobs)
         body["disaggregated_params"] = disagg.context_params(
-            out.request_id, out.prompt_token_ids, out.outputs[0].token_ids[0], self.engine.ready.kv_layouts,
-            out.kv_transfer_params)
+            out.request_id, out.prompt_token_ids, seq.token_ids[0], self.engine.ready.kv_layouts,
+            out.kv_transfer_params, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         return body
 
     @staticmethod
@@ -363,7 +370,7 @@ class OpenAIServing:
         outs = await self.collect(raw, streams)
         body = ctx.full_response(outs)
         if kv is not None and kv.kind == "context_only":
-            body = self.context_response(body, outs[0])
+            body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
 
     async def completion_stream(self, ctx: "responses.CompletionContext",
@@ -433,7 +440,7 @@ class OpenAIServing:
         outs = await self.collect(raw, streams)
         body = ctx.full_response(outs[0])
         if kv is not None and kv.kind == "context_only":
-            body = self.context_response(body, outs[0])
+            body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
 
     async def chat_stream(self, ctx: "responses.ChatContext", stream: RequestStream) -> AsyncIterator[bytes]:

@@ -169,6 +169,85 @@ def test_chat_matches_aggregated(servers, stream):
     assert wait_used(gen) == 0 and wait_used(ctx) == 0
 
 
+def close_logprobs(got, want, tol: float = 1e-3) -> None:
+    """Two responses' logprobs alike: the same structure, tokens and ids exactly, numbers within tol
+    (the context server is TP 2: its fp32 sums run in another order than the aggregated server's)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
+        for k in want:
+            close_logprobs(got[k], want[k], tol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (got, want)
+        for g, w in zip(got, want):
+            close_logprobs(g, w, tol)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=tol), (got, want)
+    else:
+        assert got == want
+
+
+def stream_logprobs(events: list[dict], chat: bool):
+    """A stream's logprobs joined as a whole response holds them."""
+    if chat:
+        return [x for e in events for c in e["choices"] if c.get("logprobs") for x in c["logprobs"]["content"]]
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    for e in events:
+        for c in e["choices"]:
+            if c.get("logprobs"):
+                for k in out:
+                    out[k] += c["logprobs"][k]
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_come_with_the_first_token_and_match_aggregated(servers, stream):
+    """logprobs, echo + logprobs and prompt_logprobs (completions), logprobs + top_logprobs (chat):
+    the generation server answers the first token's and the prompt's from the context server's
+    signed params, the rest from its own steps; all equal the aggregated server's."""
+    agg, ctx, gen = servers["agg"], servers["ctx"], servers["gen"]
+    base = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": stream}
+    cases = [("/v1/completions", {**base, "prompt": PROMPT, "logprobs": 3}),
+             ("/v1/chat/completions", {**base, "messages": MESSAGES, "logprobs": True, "top_logprobs": 2})]
+    if not stream:  # echo and prompt_logprobs come whole
+        cases += [("/v1/completions", {**base, "prompt": PROMPT, "logprobs": 2, "echo": True}),
+                  ("/v1/completions", {**base, "prompt": PROMPT, "logprobs": 1, "prompt_logprobs": 2})]
+    for path, body in cases:
+        chat = "chat" in path
+        dp = context_params(ctx, path, body)
+        if stream:
+            want = stream_logprobs(sse_events(agg, path, body), chat)
+            got = stream_logprobs(sse_events(gen, path, {**body, "disaggregated_params": dp}), chat)
+            assert len(got if chat else got["tokens"]) == 6
+        else:
+            ref = post(agg, path, body).json()
+            r = post(gen, path, {**body, "disaggregated_params": dp})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            want, got = ref["choices"][0]["logprobs"], out["choices"][0]["logprobs"]
+            if "prompt_logprobs" in body:
+                close_logprobs(out["choices"][0]["prompt_logprobs"], ref["choices"][0]["prompt_logprobs"])
+                assert len(out["choices"][0]["prompt_logprobs"]) == out["usage"]["prompt_tokens"]
+            assert out["choices"][0].get("text", "") == ref["choices"][0].get("text", "")
+        close_logprobs(got, want)
+    assert wait_used(gen) == 0 and wait_used(ctx) == 0
+
+
+def test_logprobs_the_context_server_did_not_compute_are_refused(servers):
+    ctx, gen = servers["ctx"], servers["gen"]
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    dp = context_params(ctx, "/v1/completions", body)
+    r = post(gen, "/v1/completions", {**body, "logprobs": 3, "disaggregated_params": dp})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "logprobs"
+    assert "logprobs=3" in err["message"] and "logprobs=2" in err["message"], err
+    r = post(gen, "/v1/completions", {**body, "prompt_logprobs": 1, "disaggregated_params": dp})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    # the same params with the same request still work
+    r = post(gen, "/v1/completions", {**body, "disaggregated_params": dp})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 4
+    assert wait_used(gen) == 0 and wait_used(ctx) == 0
+
+
 def test_a_first_token_that_ends_the_completion_keeps_no_kv(servers):
     ctx = servers["ctx"]
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}

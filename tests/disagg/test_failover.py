@@ -262,6 +262,18 @@ def test_an_echoed_stream_is_not_resumed(orchestrator, fakes):
     assert not fakes["gen_b"].received
 
 
+@pytest.mark.parametrize("route,extra", [("/v1/completions", {"prompt": "x", "logprobs": 2}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                                   "logprobs": True})])
+def test_a_stream_with_logprobs_is_not_resumed(orchestrator, fakes, route, extra):
+    """A resumed run would send its tokens without logprobs: the client gets the error event instead."""
+    fakes["gen_a"].die_after = 2
+    o = orchestrator(two_gens(fakes))
+    evs = stream(o, route, {"model": MODEL, "max_tokens": 6, **extra})
+    assert "a stream with logprobs is not resumed" in evs[-2]["error"]["message"] and failovers(o) == 0
+    assert not fakes["gen_b"].received
+
+
 def test_clients_cannot_send_what_the_orchestrator_sets(orchestrator, fakes):
     o = orchestrator(two_gens(fakes))
     for key, value in (("disaggregated_params", {"request_type": "generation_only", "opaque_state": "forged"}),

@@ -172,6 +172,35 @@ def test_completion_echo_with_logprobs(client, tiny_tokenizer):
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_completion_prompt_logprobs_match_transformers(client, tiny_model, tiny_tokenizer):
+    """vLLM's `prompt_logprobs`: per prompt token None (the first), else its own logprob and the k
+    likeliest, against transformers' float64 log-softmax of the same prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt, k = "Hello world! How are you today?", 2
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                    extra_body={"prompt_logprobs": k})
+    plp = out.choices[0].model_extra["prompt_logprobs"]
+    ids = tiny_tokenizer.encode(prompt)
+    assert len(plp) == len(ids) == out.usage.prompt_tokens and plp[0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float64)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    for i in range(1, len(ids)):
+        row, entry = ref[i - 1], plp[i]
+        top = torch.topk(row, k)
+        want = {ids[i]: row[ids[i]].item(), **{t: v for t, v in zip(top.indices.tolist(), top.values.tolist())}}
+        assert {int(t) for t in entry} == set(want), i
+        for t, e in entry.items():
+            assert e["logprob"] == pytest.approx(want[int(t)], abs=1e-4)
+            assert e["decoded_token"] == tiny_tokenizer.decode([int(t)])
+            rank = top.indices.tolist().index(int(t)) + 1 if int(t) in top.indices.tolist() else None
+            assert e["rank"] == rank, (i, t)
+    no_plp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    assert "prompt_logprobs" not in (no_plp.choices[0].model_extra or {})
+
+
 def test_sampling_extensions(client, tiny_tokenizer):
     forced = tiny_tokenizer.encode(" world")[-1]
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
