@@ -56,6 +56,7 @@ class Request:
         self.group_block_ids: list[list[int]] = []  # tables of KV groups 1.. (engine/kv_spec.py)
         self.block_hashes: list[int] = []  # hashes of full blocks, extended as blocks fill
         self.num_preemptions = 0
+        self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs went out (a recompute resends none)
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: Optional[float] = None
         self.first_token_time: Optional[float] = None

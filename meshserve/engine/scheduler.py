@@ -196,6 +196,7 @@ class Scheduler:
             out.new_logprobs = [req.disagg.first_logprobs]  # the context server's, for the token it sampled
         if req.params.prompt_logprobs is not None and req.disagg.prompt_logprobs is not None:
             out.prompt_logprobs = list(req.disagg.prompt_logprobs)
+            req.num_prompt_logprobs_sent = req.num_prompt_tokens  # a preemption's recompute sends none
         if status is not None:
             out.finish_reason, out.stop_reason = status.value, req.stop_reason
             req.status = status
@@ -347,6 +348,24 @@ class Scheduler:
             prompt_logprobs=p.prompt_logprobs, min_tokens=p.min_tokens,
             stop_ids=sorted(set(req.eos_token_ids) | set(p.stop_token_ids)) if p.min_tokens else [])
 
+    @staticmethod
+    def _new_prompt_logprobs(req: Request, sr, entries) -> Optional[list]:
+        """The prompt logprobs a step adds: a step from position s computed the entries of prompt
+        positions s + 1.. (position 0 has None: nothing precedes it, so a one-token prompt's are
+        [None]); those already sent before a preemption's recompute are dropped."""
+        if req.params.prompt_logprobs is None or req.num_prompt_logprobs_sent >= req.num_prompt_tokens:
+            return None
+        start = sr.num_computed_tokens
+        if start == 0:
+            entries, first = [None] + list(entries or []), 0
+        elif entries:
+            first = start + 1
+        else:
+            return None
+        new = entries[max(0, req.num_prompt_logprobs_sent - first):]
+        req.num_prompt_logprobs_sent = max(req.num_prompt_logprobs_sent, first + len(entries))
+        return new
+
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, range(len(result.req_ids))))
         produces = self.produces.pop(sched.step_id, set())
@@ -366,10 +385,9 @@ class Scheduler:
             if req.status == RequestStatus.PREEMPTED:
                 continue
             out = None
-            plp = result.prompt_logprobs.get(sr.req_id)
-            if plp is not None:
-                out = EngineCoreOutput(sr.req_id, prompt_logprobs=[None] + list(plp) if sr.num_computed_tokens == 0
-                                       else list(plp))
+            plp = self._new_prompt_logprobs(req, sr, result.prompt_logprobs.get(sr.req_id))
+            if plp:
+                out = EngineCoreOutput(sr.req_id, prompt_logprobs=plp)
             self.kv.cache_full_blocks(req)
             idx = sampled.get(sr.req_id)
             if idx is not None and sr.req_id in produces:

@@ -95,6 +95,29 @@ def test_logprobs_equal_transformers_log_softmax(llm, ckpt):
         assert len(plp[j]) >= 2
 
 
+def test_prompt_logprobs_survive_preemption_and_one_token_prompts(ckpt):
+    """A preempted request recomputes its prompt: its prompt logprobs still come once per position
+    (they came twice), equal to transformers'; a one-token prompt's are [None] (they were None)."""
+    from helpers import make_prompts
+
+    hf = ckpt[1]
+    prompts = make_prompts(9, 320, 15, seed=8)
+    assert len(prompts[0]) == 1
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    with LLM(ckpt[0], kv_cache_config={"tokens_per_block": 4, "max_tokens": 40, "enable_block_reuse": False},
+             show_progress=False) as small:
+        outs = small.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert small.get_stats()["num_preemptions"] > 0
+    for prompt, out in zip(prompts, outs):
+        plp = out.prompt_logprobs
+        assert plp is not None and len(plp) == len(prompt) and plp[0] is None
+        if len(prompt) > 1:
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), -1)
+            for j in range(1, len(prompt)):
+                assert abs(plp[j][prompt[j]] - ref[j - 1, prompt[j]].item()) < 1e-4
+
+
 def test_repetition_penalty_matches_transformers(llm, ckpt):
     hf = ckpt[1]
     prompt = llm.tokenizer.encode(PROMPTS[3])
