@@ -1,5 +1,5 @@
 """meshserve: a distributed LLM inference engine and OpenAI-compatible server."""
-from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.outputs import CompletionOutput, DisaggregatedParams, RequestOutput
 from meshserve.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -16,4 +16,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'meshserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "MoeConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "MoeConfig",
+           "DisaggregatedParams"]

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 import traceback
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
@@ -19,12 +20,13 @@ from tqdm import tqdm
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
+from meshserve.engine.messages import DisaggRequest
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
 from meshserve.errors import API_DEBUG_HINT, RankFailedError, describe
 from meshserve.models.config import ModelConfig
 from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
-from meshserve.outputs import RequestOutput
+from meshserve.outputs import DisaggregatedParams, RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
@@ -60,6 +62,8 @@ class LLM:
             logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
             exit_launched_rank(code)
         ModelConfig.from_pretrained(self.model_path)  # a bad config.json: our one-line error, not the tokenizer's
+        if self.args.cache_transceiver_config is not None:
+            _settle_disagg_key()  # before the ranks start: they authenticate KV transfers with it
         tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)
         self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
@@ -79,6 +83,7 @@ class LLM:
         self._bg: Optional[threading.Thread] = None
         self._closed = False
         self._error: Optional[BaseException] = None
+        self._context_only: dict[str, SamplingParams] = {}  # request id -> params, for its disaggregated_params
 
     # ---- inputs -------------------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -104,24 +109,72 @@ class LLM:
             raise ValueError("prompts is empty: pass a string, a list of token ids, or a list of those")
         return list(prompts)
 
-    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int], SamplingParams,
-                                                                            list[int]]:
+    def _prepare(self, prompt: PromptType, params: SamplingParams,
+                 disaggregated_params: Optional[DisaggregatedParams] = None):
         """Tokenize and validate; nothing is registered or added to the engine yet. A dict prompt's
         `resume_output_token_ids` continues an earlier run's output (the same params; the result
-        as AsyncEngine.add_request describes it)."""
+        as AsyncEngine.add_request describes it). Returns (text, ids, params, resume, disagg)."""
         text, ids = self._tokenize(prompt)
         resume = list(prompt.get("resume_output_token_ids") or ()) if isinstance(prompt, dict) else []
+        params, kv = self._disagg_request(ids, params, disaggregated_params)
+        if kv is not None and resume:
+            raise ValueError("resume_output_token_ids and disaggregated_params do not go together")
         self._core.validate(ids, params, resume)
-        return text, ids, params, resume
+        return text, ids, params, resume, kv
+
+    def _disagg_request(self, ids: list[int], params: SamplingParams,
+                        dp: Optional[DisaggregatedParams]) -> tuple[SamplingParams, Optional[DisaggRequest]]:
+        """The engine's params and DisaggRequest of a request with `disaggregated_params` (as the
+        API server's: a context_only request samples one token; a generation_only one is checked
+        against the context side's signed state); a one-line ValueError for what cannot be."""
+        if dp is None:
+            return params, None
+        if not isinstance(dp, DisaggregatedParams):
+            raise ValueError(f"disaggregated_params must be a meshserve.llmapi.DisaggregatedParams, got "
+                             f"{type(dp).__name__}")
+        if self.args.cache_transceiver_config is None:
+            raise ValueError(f"disaggregated_params: this LLM was made without cache_transceiver_config (pass "
+                             f"cache_transceiver_config={{'backend': 'DEFAULT'}}), so it runs no {dp.request_type} "
+                             f"requests")
+        if params.n != 1:
+            raise ValueError(f"disaggregated_params: a {dp.request_type} request has one sequence; n={params.n}")
+        if dp.request_type == "context_only":
+            return params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1)), DisaggRequest("context_only")
+        from meshserve.engine import disagg
+        kv = disagg.generation_request(dp.opaque_state, ids, self._core.kv_layouts, dp.first_gen_tokens,
+                                       dp.ctx_request_id, logprobs=params.logprobs,
+                                       prompt_logprobs=params.prompt_logprobs)
+        return params, kv
 
     def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams,
-                resume: Sequence[int] = ()) -> RequestState:
+                resume: Sequence[int] = (), kv: Optional[DisaggRequest] = None) -> RequestState:
         state, seqs = self._outputs.add_request(str(next(self._ids)), text, ids + list(resume), params)
         if resume:
             state.resume_output(list(resume))
         for sid, p in seqs:
-            self._core.add_request(sid, ids, p, resume_output_token_ids=resume)
+            self._core.add_request(sid, ids, p, disagg=kv, resume_output_token_ids=resume)
+        if kv is not None and kv.kind == "context_only":
+            self._context_only[state.request_id] = params
         return state
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        """The request's output; a finished context_only request's with its disaggregated_params
+        (None when its first token ended it: then no KV is kept, the output is the whole answer)."""
+        out = state.make_output()
+        if not out.finished or state.request_id not in self._context_only:
+            return out
+        params = self._context_only.pop(state.request_id)
+        seq = out.outputs[0]
+        if out.kv_transfer_params is not None and seq.finish_reason == "length" and seq.token_ids:
+            from meshserve.engine import disagg
+            logprobs = (params.logprobs, seq.logprobs[0]) if params.logprobs is not None and seq.logprobs else None
+            prompt_lp = ((params.prompt_logprobs, out.prompt_logprobs)
+                         if params.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
+            dp = disagg.context_params(out.request_id, out.prompt_token_ids, seq.token_ids[0], self._core.kv_layouts,
+                                       out.kv_transfer_params, logprobs=logprobs, prompt_logprobs=prompt_lp)
+            out.disaggregated_params = DisaggregatedParams(dp["request_type"], dp["first_gen_tokens"],
+                                                           dp["ctx_request_id"], dp["opaque_state"])
+        return out
 
     # ---- the engine loop ---------------------------------------------------------------------------
     def _step(self) -> None:
@@ -131,6 +184,8 @@ class LLM:
         except BaseException as e:
             self._fail_all(e)
             raise
+        if not outputs and self._core.scheduler.has_transfers():
+            time.sleep(0.0005)  # a KV pull runs on the ranks' threads: no busy loop meanwhile
         res = self._outputs.process(outputs)
         if res.abort_seq_ids:
             self._core.abort_requests(res.abort_seq_ids)
@@ -142,11 +197,11 @@ class LLM:
         for state in res.due:
             stream = self._async_streams.get(state.request_id)
             if stream is not None and stream[2]:  # a streaming reader
-                stream[0].call_soon_threadsafe(stream[1].put_nowait, state.make_output())
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, self._output(state))
         for state in res.finished:
             stream = self._async_streams.pop(state.request_id, None)
             if stream is not None:
-                stream[0].call_soon_threadsafe(stream[1].put_nowait, state.make_output())
+                stream[0].call_soon_threadsafe(stream[1].put_nowait, self._output(state))
 
     def _fail_all(self, err: BaseException) -> None:
         self._error = err
@@ -156,7 +211,11 @@ class LLM:
 
     # ---- public API ----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> Union[RequestOutput, list[RequestOutput]]:
+                 use_tqdm: bool = True,
+                 disaggregated_params: Union[DisaggregatedParams, Sequence[Optional[DisaggregatedParams]], None] = None
+                 ) -> Union[RequestOutput, list[RequestOutput]]:
+        """`disaggregated_params` (one for all prompts, or one per prompt): disaggregated serving
+        from the API (meshserve.llmapi.DisaggregatedParams; the LLM needs cache_transceiver_config)."""
         single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and bool(prompts) and all_ints(prompts))
         items = self._normalize(prompts)
@@ -168,9 +227,15 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(items):
                 raise ValueError(f"sampling_params has {len(params_list)} entries but there are {len(items)} prompts")
+        if disaggregated_params is None or isinstance(disaggregated_params, DisaggregatedParams):
+            dps = [disaggregated_params] * len(items)
+        else:
+            dps = list(disaggregated_params)
+            if len(dps) != len(items):
+                raise ValueError(f"disaggregated_params has {len(dps)} entries but there are {len(items)} prompts")
         with self._lock:
             self._check_open()
-            prepared = [self._prepare(p, sp) for p, sp in zip(items, params_list)]  # all validated first
+            prepared = [self._prepare(p, sp, dp) for p, sp, dp in zip(items, params_list, dps)]  # all validated first
             states = [self._submit(*item) for item in prepared]
             bar = tqdm(total=len(states), desc="Processed prompts", disable=not use_tqdm, unit="req")
             done = 0
@@ -184,13 +249,16 @@ class LLM:
             bar.close()
             errors = [(s.request_id, self._errors.pop(s.request_id)) for s in states if s.request_id in self._errors]
         if errors:
+            for s in states:
+                self._context_only.pop(s.request_id, None)
             rid, err = errors[0]
             raise RuntimeError(f"request {rid} failed: {type(err).__name__}: {err}") from err
-        outs = [s.make_output() for s in states]
+        outs = [self._output(s) for s in states]
         return outs[0] if single else outs
 
     def generate_async(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
-                       streaming: bool = True) -> "AsyncRequest":
+                       streaming: bool = True,
+                       disaggregated_params: Optional[DisaggregatedParams] = None) -> "AsyncRequest":
         """Start a request; the result can be awaited (final output) or iterated with `async for`
         (partial outputs with the text so far, when streaming)."""
         params = sampling_params or SamplingParams()
@@ -198,7 +266,7 @@ class LLM:
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._check_open()
-            state = self._submit(*self._prepare(prompt, params))
+            state = self._submit(*self._prepare(prompt, params, disaggregated_params))
             self._async_streams[state.request_id] = (loop, queue, streaming)
             self._ensure_background()
             self._wake.notify_all()
@@ -232,7 +300,8 @@ class LLM:
             stream = self._async_streams.pop(request_id, None)
         if stream is not None:
             loop, queue, _ = stream
-            loop.call_soon_threadsafe(queue.put_nowait, state.make_output())
+            loop.call_soon_threadsafe(queue.put_nowait, self._output(state))
+        self._context_only.pop(request_id, None)
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = False,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True):
@@ -286,6 +355,19 @@ class LLM:
             self.shutdown()
         except Exception:
             pass
+
+
+def _settle_disagg_key() -> None:
+    """As `meshserve serve` does with cache_transceiver_config: MESHSERVE_SECRET, else a key file
+    (MESHSERVE_SECRET_FILE, else the default one, made when missing) that this process and its ranks
+    read, so KV transfers and the signed params check out between LLMs and servers holding it."""
+    import os
+
+    from meshserve.disagg import params as signed
+
+    found = signed.server_key_file()
+    if found is not None:
+        os.environ[signed.SECRET_FILE_ENV] = found[0]
 
 
 class AsyncRequest:

@@ -2,7 +2,8 @@
 from meshserve.config import (AttentionDpConfig, CacheTransceiverConfig, CudaGraphConfig, KernelConfig, KvCacheConfig,
                               LlmArgs, MoeConfig, PyTorchBackendConfig)
 from meshserve.llm import LLM
+from meshserve.outputs import DisaggregatedParams
 from meshserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "KvCacheConfig", "MoeConfig", "CudaGraphConfig", "AttentionDpConfig",
-           "CacheTransceiverConfig", "PyTorchBackendConfig", "KernelConfig", "LlmArgs"]
+           "CacheTransceiverConfig", "PyTorchBackendConfig", "KernelConfig", "LlmArgs", "DisaggregatedParams"]

@@ -8,6 +8,32 @@ from typing import Optional, Union
 TokenLogprobs = dict[int, float]
 
 
+REQUEST_TYPES = ("context_only", "generation_only")
+
+
+@dataclass
+class DisaggregatedParams:
+    """Disaggregated serving from the LLM API (TensorRT-LLM's `DisaggregatedParams`; docs/disaggregated.md).
+    Pass `DisaggregatedParams(request_type="context_only")` to `LLM.generate` on an LLM made with
+    `cache_transceiver_config`: it runs the prompt and the first token and keeps the KV for a
+    generation side; the output's `disaggregated_params` (None when the first token ended the
+    request) goes, with `request_type="generation_only"`, to another such LLM's `generate` with the
+    same prompt and sampling params, which pulls the KV and decodes on from the first token."""
+    request_type: str
+    first_gen_tokens: Optional[list[int]] = None
+    ctx_request_id: Optional[str] = None
+    opaque_state: Optional[str] = None  # signed by the context side (disagg/params.py)
+
+    def __post_init__(self):
+        if self.request_type not in REQUEST_TYPES:
+            raise ValueError(f"disaggregated_params.request_type={self.request_type!r} is not one of "
+                             f"{', '.join(REQUEST_TYPES)}")
+
+    def for_generation(self) -> "DisaggregatedParams":
+        """These params (a context side's answer) as a generation_only request's."""
+        return DisaggregatedParams("generation_only", self.first_gen_tokens, self.ctx_request_id, self.opaque_state)
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -40,6 +66,8 @@ class RequestOutput:
     # disaggregated serving, context_only: the pinned KV ({"block_ids", "num_tokens"}) a generation
     # server pulls; the API server signs it into the response's disaggregated_params
     kv_transfer_params: Optional[dict] = None
+    # LLM API, a context_only request: what a generation side needs (None when its first token ended it)
+    disaggregated_params: Optional[DisaggregatedParams] = None
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "

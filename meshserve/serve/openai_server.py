@@ -233,6 +233,9 @@ class OpenAIServing:
             raise bad_request(f"{where}: this server was started without cache_transceiver_config (set it in the "
                               f"--config YAML, e.g. `cache_transceiver_config: {{backend: DEFAULT}}`), so it "
                               f"serves no {dp.request_type} requests", where)
+        if dp.draft_tokens:
+            raise bad_request(f"{where}.draft_tokens={dp.draft_tokens[:8]}{'...' if len(dp.draft_tokens) > 8 else ''}: "
+                              f"this server runs no speculative decoding; leave draft_tokens out", where)
         if len(prompts) != 1:
             raise bad_request(f"{where}: a {dp.request_type} request has one prompt, got {len(prompts)}", "prompt")
         if req.n != 1 or getattr(req, "best_of", None) not in (None, 1):

@@ -118,7 +118,7 @@ class DisaggregatedParams(OpenAIModel):
     first_gen_tokens: Optional[list[int]] = None
     ctx_request_id: Optional[Union[str, int]] = None
     opaque_state: Optional[str] = None
-    draft_tokens: Optional[list[int]] = None  # accepted, unused (no speculative decoding)
+    draft_tokens: Optional[list[int]] = None  # TensorRT-LLM's; refused when not empty (no speculative decoding)
 
 
 class SamplingRequest(OpenAIModel):

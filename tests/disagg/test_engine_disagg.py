@@ -354,6 +354,7 @@ def test_bad_disaggregated_params_are_400s(servers):
     assert "n=2" in error(ctx, {"n": 2, "disaggregated_params": ctx_only})
     assert "one prompt" in error(ctx, {"prompt": [PROMPT, PROMPT], "disaggregated_params": ctx_only})
     assert "request_type" in error(ctx, {"disaggregated_params": {"request_type": "both"}})
+    assert "speculative decoding" in error(ctx, {"disaggregated_params": dict(ctx_only, draft_tokens=[5, 6])})
     dp = context_params(ctx, "/v1/completions", body)
     raw = base64.urlsafe_b64decode(dp["opaque_state"])
     forged = base64.urlsafe_b64encode(raw[:20] + bytes([raw[20] ^ 1]) + raw[21:]).decode()
