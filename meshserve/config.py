@@ -113,9 +113,10 @@ class CacheTransceiverConfig(StrictModel):
         "KV transfer backend: DEFAULT (TCP), NIXL, UCX, or MPI (servers started in one mpirun); docs/kv_backends.md"))
     max_tokens_in_buffer: Optional[int] = Field(None, ge=1, description=(
         "tokens of one layer a transfer moves per chunk (default: the backend's)"))
-    kv_transfer_timeout_ms: int = Field(30000, ge=1, description=(
+    kv_transfer_timeout_ms: int = Field(30000, ge=1, le=2**31 - 1, description=(
         "a context request's KV stays pinned this long without the generation server's release; "
-        "a generation server gives up a pull after this long"))
+        "a generation server gives up a pull after this long (at most 2**31 - 1 ms, ~24.8 days: socket "
+        "timeouts much longer overflow, which failed every pull)"))
     host: str = Field("127.0.0.1", description=(
         "address every rank's KV transfer endpoint binds to (what generation servers connect to)"))
     verify_payload: Union[bool, Literal["auto"]] = Field("auto", description=(
@@ -267,9 +268,36 @@ def build_llm_args(where: str = "LLM()", **kwargs) -> LlmArgs:
         raise ValueError(format_validation_error(e, where)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last one,
+    so the first value would be accepted and silently ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (each key may be given once)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(stream):
+    """yaml.safe_load, with a key given twice in one mapping a yaml.YAMLError naming it and its line."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml_config(path: str) -> dict:
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = safe_load_unique(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data

@@ -10,8 +10,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from meshserve.commands import OneLineErrorParser
 
-class _FlagParser(argparse.ArgumentParser):
+
+class _FlagParser(OneLineErrorParser):
     """Accepts `--num_prompts` for `--num-prompts` (and the reverse) on every long option;
     the other spelling is a hidden twin action writing the same dest, so --help stays short."""
 
@@ -59,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshserve bench")
+    parser = OneLineErrorParser(prog="meshserve bench")
     _add_subcommands(parser)
     return parser
 

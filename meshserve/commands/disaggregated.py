@@ -23,6 +23,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from meshserve.commands import OneLineErrorParser
 from meshserve.commands.serve import LOG_LEVELS
 
 logger = logging.getLogger("meshserve.disagg")
@@ -71,6 +72,9 @@ def main(ns: argparse.Namespace) -> int:
         return _fail(str(e))
     if not ns.request_timeout > 0:
         return _fail(f"-t {ns.request_timeout:g}: expected a number of seconds > 0")
+    if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
+        return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
+                     f"(0: stop without waiting for in-flight requests)")
     from meshserve.disagg.params import KeyFileError, orchestrator_key
     try:
         key, key_file, created = orchestrator_key(ns.secret_file)
@@ -112,7 +116,7 @@ async def serve(ns: argparse.Namespace, config, sock, key: bytes) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshserve disaggregated", description=__doc__,
+    parser = OneLineErrorParser(prog="meshserve disaggregated", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(parser)
     return parser

@@ -6,11 +6,11 @@ import sys
 from typing import Optional, Sequence
 
 import meshserve
-from meshserve.commands import bench, disaggregated, serve
+from meshserve.commands import OneLineErrorParser, bench, disaggregated, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshserve", description="Distributed LLM inference engine and "
+    parser = OneLineErrorParser(prog="meshserve", description="Distributed LLM inference engine and "
                                      "OpenAI-compatible server.")
     parser.add_argument("--version", action="version", version=f"meshserve {meshserve.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

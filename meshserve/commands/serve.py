@@ -21,6 +21,7 @@ import threading
 import traceback
 from typing import Optional, Sequence
 
+from meshserve.commands import OneLineErrorParser
 from meshserve.errors import DEBUG_HINT, describe
 
 logger = logging.getLogger("meshserve.serve")
@@ -262,6 +263,9 @@ def _main(ns: argparse.Namespace) -> int:
     if ns.tokenize_offload_chars < 0:
         return _fail(f"--tokenize_offload_chars {ns.tokenize_offload_chars}: must be an integer >= 0 "
                      f"(0: every prompt off the event loop)")
+    if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
+        return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
+                     f"(0: stop without waiting for in-flight requests)")
     from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
@@ -385,7 +389,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshserve serve", description=__doc__,
+    parser = OneLineErrorParser(prog="meshserve serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(parser)
     return parser

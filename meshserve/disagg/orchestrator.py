@@ -68,7 +68,7 @@ from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADE
 from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRelay, UpstreamFailed, _ints, _one_line,
                                     _passthrough, describe)
 from meshserve.disagg.router import Router, Server, create_router
-from meshserve.serve.protocol import APIError
+from meshserve.serve.protocol import APIError, decode_json_body
 
 __all__ = [  # this module's names, and the ones it re-exports from the modules it was split into
     "COMPLETIONS_DEFAULT_MAX_TOKENS", "GROUP_KEYS", "MEMBERSHIP_LABEL", "ORCHESTRATOR_KEYS", "RESUME_KEYS", "SSE_DONE",
@@ -222,10 +222,7 @@ class Orchestrator(GenerationHop):
     async def membership(self, raw: Request, join: bool) -> Response:
         """POST /register or /unregister {"url": "host:port", "role": "context" | "generation"}."""
         self._authorize(raw)
-        try:
-            body = msgspec.json.decode(await raw.body())
-        except msgspec.DecodeError as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        body = decode_json_body(await raw.body())
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object {\"url\": \"host:port\", \"role\": \"context\" or "
                            "\"generation\"}")
@@ -350,10 +347,7 @@ class Orchestrator(GenerationHop):
                     await task
 
     async def _handle(self, raw_body: bytes, client_headers, route: str, rid: str, arrival: float) -> Response:
-        try:
-            body = msgspec.json.decode(raw_body)
-        except msgspec.DecodeError as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        body = decode_json_body(raw_body)
         if not isinstance(body, dict):
             raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
         for key in ORCHESTRATOR_KEYS:

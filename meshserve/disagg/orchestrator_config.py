@@ -54,11 +54,13 @@ GROUP_KEYS = ("num_instances", "urls", "router")
 def load_config(path: str) -> DisaggConfig:
     import yaml
 
+    from meshserve.config import safe_load_unique
+
     if not os.path.isfile(path):
         raise ConfigError(f"-c {path}: no such file")
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = safe_load_unique(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -73,7 +75,7 @@ def _unknown(where: str, given, accepted: Sequence[str]) -> None:
     unknown = [k for k in given if k not in accepted]
     if unknown:
         raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(map(str, unknown))}; accepted: {', '.join(accepted)}")
+                          f"{', '.join(map(repr, unknown))}; accepted: {', '.join(accepted)}")
 
 
 def _int(where: str, name: str, value, lo: int, hi: Optional[int] = None) -> int:
@@ -91,11 +93,20 @@ def _seconds(where: str, name: str, value) -> float:
 
 def _url(where: str, name: str, value) -> str:
     text = value if isinstance(value, str) else ""
-    rest = text.split("://", 1)[1] if "://" in text else text
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
     host, sep, port = rest.rstrip("/").rpartition(":")
-    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in rest.rstrip("/"):
+    if (scheme.lower() not in ("http", "https") or not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+            or "/" in rest.rstrip("/") or any(c.isspace() for c in text)):
         raise ConfigError(f"{where}: {name}={value!r}: expected \"host:port\" (or \"http://host:port\")")
     return text.rstrip("/")
+
+
+def _server_key(url: str) -> str:
+    """The server a url names, however it is spelt ("a:1", "http://a:1" and "HTTP://a:1" are one)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme.lower()}://{rest}" if sep else f"http://{url}"
 
 
 def _group(where: str, name: str, raw) -> GroupConfig:
@@ -106,18 +117,20 @@ def _group(where: str, name: str, raw) -> GroupConfig:
     if not isinstance(urls, list) or not urls:
         raise ConfigError(f"{where}: {name}.urls={urls!r}: expected a list of \"host:port\" (one per server)")
     urls = [_url(where, f"{name}.urls[{i}]", u) for i, u in enumerate(urls)]
-    if len(set(urls)) != len(urls):
+    if len({_server_key(u) for u in urls}) != len(urls):
         raise ConfigError(f"{where}: {name}.urls lists a server twice: {urls}")
     n = raw.get("num_instances", len(urls))
     _int(where, f"{name}.num_instances", n, 1)
     if n != len(urls):
         raise ConfigError(f"{where}: {name}.num_instances={n} but {name}.urls lists {len(urls)} server(s)")
-    router = raw.get("router") or {}
+    router = raw.get("router")
+    if router is None:  # `router:` left empty: the default
+        router = {}
     if not isinstance(router, dict):
         raise ConfigError(f"{where}: {name}.router must be a mapping such as {{type: round_robin}}, got {router!r}")
     router = dict(router)
     kind = router.pop("type", "round_robin")
-    if kind not in ROUTERS:
+    if not isinstance(kind, str) or kind not in ROUTERS:
         raise ConfigError(f"{where}: {name}.router.type={kind!r}; accepted: {', '.join(ROUTERS)}")
     spec = ROUTERS[kind].ARGS
     _unknown(f"{where}: {name}.router ({kind})", router, ["type", *spec])

@@ -293,3 +293,5 @@ def verify(blob: str, key: bytes) -> dict:
         return _decoder.decode(body)
     except msgspec.DecodeError as e:
         raise ValueError(f"{WHERE}: malformed ({e})") from None
+    except RecursionError:  # msgpack nested thousands deep
+        raise ValueError(f"{WHERE}: malformed (nested too deeply)") from None

@@ -173,9 +173,11 @@ def _peer_address(sock: socket.socket) -> str:
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """"host:port" or "[v6]:port" -> (host, port)."""
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    host = host.strip("[]")
+    # ASCII digits only (isdigit() alone takes "²", which int() refuses) and a port connect() takes
+    if not sep or not (port.isascii() and port.isdigit() and int(port) <= 65535) or not host:
         raise ValueError(f"KV transfer endpoint {endpoint!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return host, int(port)
 
 
 def _format_endpoint(host: str, port: int) -> str:

@@ -112,7 +112,7 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
             prompt_lp = [_entry_in(e) for e in prompt_lp]
             if len(prompt_lp) != len(src_prompt):
                 raise ValueError(f"prompt_logprobs has {len(prompt_lp)} entries for {len(src_prompt)} prompt tokens")
-    except (KeyError, TypeError, ValueError, msgspec.ValidationError) as e:
+    except (LookupError, TypeError, ValueError, OverflowError, msgspec.ValidationError) as e:  # int(inf): Overflow
         if isinstance(e, ValueError) and str(e).startswith(("logprobs=", "prompt_logprobs=")):
             raise
 

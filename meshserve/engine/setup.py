@@ -52,6 +52,7 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.cache_transceiver_config is not None:
         check_transfer_backend(args.cache_transceiver_config.backend)
         ctc = args.cache_transceiver_config
+        check_transfer_host(ctc.host)
         world = args.tensor_parallel_size * args.pipeline_parallel_size
         if ctc.backend.upper() == "MPI" and world > 1 and launch_for(args) is None:
             raise ValueError(f"cache_transceiver_config.backend='MPI' with tensor_parallel_size="
@@ -82,6 +83,23 @@ def check_transfer_backend(backend: str) -> None:
     installed; MPI: started by mpirun); else a one-line ValueError naming why and the alternatives."""
     from meshserve.disagg import transceiver
     transceiver.check_backend(backend)
+
+
+def check_transfer_host(host: str) -> None:
+    """cache_transceiver_config.host: an address this host can listen on (every rank's KV transfer
+    endpoint binds to it once the model is loaded); else a one-line ValueError naming it, before loading."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as disagg/tcp.py's source binds it
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+    except OSError as e:
+        raise ValueError(f"cache_transceiver_config.host={host!r}: the KV transfer endpoints cannot listen there "
+                         f"({e.strerror or e}); accepted: an address of this host, such as 127.0.0.1 (the "
+                         f"default), one of its interfaces' addresses or names, or 0.0.0.0 (all of them)") from None
+    finally:
+        sock.close()
 
 
 def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:

@@ -24,6 +24,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import meshserve
@@ -36,8 +37,8 @@ from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
-from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request, error_body,
-                                      from_validation_error, from_value_error)
+from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
+                                      decode_json_body, error_body, from_validation_error, from_value_error)
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
@@ -60,6 +61,9 @@ class ServerConfig:
     chat_template: Optional[str] = None
     tokenize_offload_chars: int = TOKENIZE_OFFLOAD_CHARS  # prompts this long are tokenized off the loop
     model_aliases: tuple = ()  # other names a request may give (the MODEL argument as typed: a Hub id)
+    # a request's own `chat_template` is rendered only with this (serve --trust_request_chat_template, as
+    # vLLM's flag): a Jinja template is a program, and one request's could take the server's memory or CPU
+    trust_request_chat_template: bool = False
 
 
 class ClientDisconnected(Exception):
@@ -115,11 +119,7 @@ class OpenAIServing:
     # ---- shared steps --------------------------------------------------------------------------------
     @staticmethod
     async def parse(raw: Request, model_cls):
-        body = await raw.body()
-        try:
-            data = msgspec.json.decode(body)
-        except msgspec.DecodeError as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from None
+        data = decode_json_body(await raw.body())
         if not isinstance(data, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
         try:
@@ -420,6 +420,10 @@ class OpenAIServing:
                               f"{{'type': 'text'}}", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if req.chat_template is not None and not self.config.trust_request_chat_template:
+            raise bad_request("chat_template: this server renders its own chat template only; leave chat_template "
+                              "out (a server started with --trust_request_chat_template takes a request's)",
+                              "chat_template")
         text, ids = await self.chat_prompt(req)
         max_tokens = req.requested_max_tokens
         if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
@@ -507,6 +511,30 @@ class AuthMiddleware:
         return await self.app(scope, receive, send)
 
 
+def _request_schemas() -> tuple[dict, dict]:
+    """The request bodies for the app's OpenAPI document: the routes read the raw body and validate
+    it with protocol.py's models themselves (parse), so FastAPI cannot see them. Returns each
+    route's `openapi_extra` (a requestBody referring to its model) and the components' schemas
+    (the models and the ones they use, their `$defs` moved there)."""
+    models = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+    refs, doc = models_json_schema([(m, "validation") for m in models.values()],
+                                   ref_template="#/components/schemas/{model}")
+    extras = {path: {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": refs[(m, "validation")]}}}} for path, m in models.items()}
+    return extras, doc.get("$defs", {})
+
+
+_ROUTE_BODIES, _BODY_SCHEMAS = _request_schemas()
+
+
+def openapi_document() -> dict:
+    """The server's OpenAPI document (routes, request bodies) without an engine. The server does
+    not serve it (openapi_url is None); tests/serve/test_fuzz.py fuzzes the server from it
+    (docs/fuzzing.md)."""
+    stub = type("NoEngine", (), {"metrics": None, "config": ServerConfig(served_model_name="", model_path="")})()
+    return build_app(stub).openapi()  # type: ignore[arg-type]
+
+
 def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     """`lifespan`: an async context manager factory run around serving (the CLI stops the engine
     in it, after uvicorn has drained the in-flight requests)."""
@@ -554,11 +582,11 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
         logger.exception("internal error")
         return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}", "server_error"))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_ROUTE_BODIES["/v1/completions"])
     async def completions(raw: Request):
         return await serving.create_completion(raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_ROUTE_BODIES["/v1/chat/completions"])
     async def chat_completions(raw: Request):
         return await serving.create_chat_completion(raw)
 
@@ -582,6 +610,15 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(serving.engine.healthy), media_type=CONTENT_TYPE)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict:  # FastAPI's document plus the request bodies' schemas its routes refer to
+        if app.openapi_schema is None:
+            default_openapi().setdefault("components", {}).setdefault("schemas", {}).update(_BODY_SCHEMAS)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     if serving.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=serving.config.api_key, metrics=metrics)

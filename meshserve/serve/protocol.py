@@ -14,6 +14,7 @@ import logging
 import re
 from typing import Any, Literal, Optional, Union
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from meshserve.sampling_params import SamplingParams, short_repr
@@ -37,9 +38,33 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+# what str.splitlines breaks a line at
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (a newline becomes the two characters \\n): an error that
+    quotes what the client sent (a model name, a field name, a chat template's exception) stays one line."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[Union[str, int]] = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    if isinstance(param, str):
+        param = one_line(param)
+    return {"error": {"message": one_line(str(message)), "type": type, "param": param, "code": code}}
+
+
+def decode_json_body(body: bytes):
+    """A request body's JSON (any value), or a 400: not JSON, or nested too deeply to decode (a
+    RecursionError in the decoder, from thousands of nested arrays)."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply (thousands of levels of arrays or objects)") \
+            from None
 
 
 def bad_request(message: str, param: Optional[str] = None) -> APIError:
@@ -87,9 +112,16 @@ def _log_ignored(model: str, fields: list[str]) -> None:
     new = [f for f in fields if (model, f) not in _warned_unknown]
     if new and len(_warned_unknown) < 1024:
         _warned_unknown.update((model, f) for f in new)
-        logger.warning("ignoring request field(s) this server does not know: %s (in %s)", ", ".join(new), model)
+        logger.warning("ignoring request field(s) this server does not know: %s (in %s)", _names(new), model)
     else:
-        logger.debug("ignoring request field(s) this server does not know: %s (in %s)", ", ".join(fields), model)
+        logger.debug("ignoring request field(s) this server does not know: %s (in %s)", _names(fields), model)
+
+
+def _names(fields: list) -> str:
+    """Field names as a log line shows them: the client's, so each is cut to 40 characters and its
+    line breaks escaped (a name holding a newline cannot forge a log line)."""
+    return one_line(", ".join(f if len(f) <= 40 else f[:37] + "..." for f in map(str, fields[:20]))
+                    + (f", ... ({len(fields)} in all)" if len(fields) > 20 else ""))
 
 
 class OpenAIModel(BaseModel):
@@ -164,11 +196,12 @@ class SamplingRequest(OpenAIModel):
         """Raises ValueError (naming the field) for values SamplingParams rejects."""
         logit_bias = None
         if self.logit_bias:
-            try:
-                logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except ValueError:
+            # token ids as OpenAI writes them: decimal digits, maybe a minus sign (range-checked by
+            # SamplingParams), not whatever int() also takes (" 5 ", "5_0", "٥")
+            if not all(_TOKEN_ID_KEY.fullmatch(k) for k in self.logit_bias):
                 raise ValueError("SamplingParams.logit_bias keys must be token ids (integers as strings), got "
-                                 f"{list(self.logit_bias)[:5]}") from None
+                                 f"{short_repr(list(self.logit_bias)[:5])}")
+            logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         fields = dict(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=self.stop,
@@ -182,6 +215,9 @@ class SamplingRequest(OpenAIModel):
             if value is not None:
                 fields[name] = value
         return SamplingParams(**fields)
+
+
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
 
 
 class CompletionRequest(SamplingRequest):
@@ -233,10 +269,13 @@ class ChatCompletionRequest(SamplingRequest):
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 texts = []
-                for part in m.content:
-                    if part.type != "text" or part.text is None:
-                        raise bad_request(f"messages[{i}].content: part type {part.type!r} is not supported; this "
-                                          f"server accepts text parts only", f"messages.{i}.content")
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        raise bad_request(f"messages[{i}].content: part type {short_repr(part.type)} is not "
+                                          f"supported; this server accepts text parts only", f"messages.{i}.content")
+                    if part.text is None:
+                        raise bad_request(f"messages[{i}].content[{j}].text is null or missing; a text part needs "
+                                          f"its text (a string)", f"messages.{i}.content.{j}.text")
                     texts.append(part.text)
                 d["content"] = "".join(texts)
             out.append(d)

@@ -409,7 +409,7 @@ def seed_config(port, ctx_urls, gen_url) -> str:
 
 
 @pytest.mark.parametrize("extra,expected", [
-    ("max_retrys: 2\n", "unknown key max_retrys; accepted: hostname, port, backend, context_servers, "
+    ("max_retrys: 2\n", "unknown key 'max_retrys'; accepted: hostname, port, backend, context_servers, "
                         "generation_servers, max_retries, health_check_interval, health_check_timeout, "
                         "max_failovers, stall_timeout"),
     ("stall_timeout: -1\n", "stall_timeout=-1: expected a number of seconds > 0"),
@@ -429,11 +429,11 @@ def test_config_errors_are_one_line(tmp_path, capsys, extra, expected):
 
 
 @pytest.mark.parametrize("groups,expected", [
-    ({"urls": ["a:1"], "routr": {}}, "context_servers: unknown key routr; accepted: num_instances, urls, router"),
+    ({"urls": ["a:1"], "routr": {}}, "context_servers: unknown key 'routr'; accepted: num_instances, urls, router"),
     ({"urls": ["a:1"], "router": {"type": "random"}},
      "context_servers.router.type='random'; accepted: round_robin, load_balancing, kv_cache_aware"),
     ({"urls": ["a:1"], "router": {"type": "round_robin", "block_size": 4}},
-     "context_servers.router (round_robin): unknown key block_size; accepted: type"),
+     "context_servers.router (round_robin): unknown key 'block_size'; accepted: type"),
     ({"urls": ["a:1"], "router": {"type": "kv_cache_aware", "block_size": 0}},
      "context_servers.router.block_size=0: expected an integer >= 1"),
     ({"num_instances": 2, "urls": ["a:1"]}, "context_servers.num_instances=2 but context_servers.urls lists 1 "
@@ -446,6 +446,44 @@ def test_server_group_errors_name_the_field(groups, expected):
     with pytest.raises(ConfigError) as e:
         parse_config({"context_servers": groups, "generation_servers": {"urls": ["b:2"]}}, "f.yml")
     assert str(e.value) == f"f.yml: {expected}"
+
+
+@pytest.mark.parametrize("groups,expected", [
+    # a scheme httpx cannot speak, or a host with a space, would be accepted and then never answer
+    ({"urls": ["ftp://a:1"]}, "context_servers.urls[0]='ftp://a:1': expected \"host:port\" (or \"http://host:port\")"),
+    ({"urls": ["local host:1"]}, "context_servers.urls[0]='local host:1': expected \"host:port\" (or "
+                                 "\"http://host:port\")"),
+    # one server spelt two ways is still listed twice
+    ({"urls": ["a:1", "http://a:1"]}, "context_servers.urls lists a server twice: ['a:1', 'http://a:1']"),
+    # a router that is not a mapping is refused even when falsy (it was taken as the default)
+    ({"urls": ["a:1"], "router": []}, "context_servers.router must be a mapping such as {type: round_robin}, got []"),
+    ({"urls": ["a:1"], "router": 0}, "context_servers.router must be a mapping such as {type: round_robin}, got 0"),
+])
+def test_server_group_values_that_would_be_accepted_and_never_work_are_refused(groups, expected):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"context_servers": groups, "generation_servers": {"urls": ["b:2"]}}, "f.yml")
+    assert str(e.value) == f"f.yml: {expected}"
+    ok = parse_config({"context_servers": {"urls": ["https://a:1"], "router": None},
+                       "generation_servers": {"urls": ["b:2"]}})
+    assert ok.context.urls == ["https://a:1"] and ok.context.router == "round_robin"
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_shutdown_timeout_uvicorn_would_take_as_0_is_refused(tmp_path, capsys, value):
+    path = tmp_path / "disagg-config.yml"
+    path.write_text(seed_config(free_port(), ["localhost:8001"], "localhost:8003"))
+    assert cli.main(["disaggregated", "-c", str(path), "--shutdown_timeout", value]) == 2
+    assert capsys.readouterr().err == (f"meshserve disaggregated: error: --shutdown_timeout {value}: expected a number "
+                                       f"of seconds >= 0 (0: stop without waiting for in-flight requests)\n")
+
+
+def test_a_key_given_twice_is_refused(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys: the orchestrator listened on the second port, silently."""
+    path = tmp_path / "disagg-config.yml"
+    path.write_text(seed_config(8000, ["localhost:8001"], "localhost:8003") + "port: 8001\n")
+    assert cli.main(["disaggregated", "-c", str(path)]) == 2
+    assert capsys.readouterr().err == (f"meshserve disaggregated: error: {path}: not valid YAML: duplicate key 'port' "
+                                       f"(each key may be given once) at line 12, column 1\n")
 
 
 def test_missing_config_and_missing_groups(tmp_path, capsys):

@@ -109,6 +109,21 @@ def test_unknown_yaml_key_is_an_error_naming_it_and_the_accepted_ones(tmp_path, 
     assert repr(key) in str(e.value) and "accepted keys" in str(e.value) and accepted in str(e.value)
 
 
+def test_a_yaml_key_given_twice_is_an_error_naming_it_and_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first value was accepted and silently ignored."""
+    path = write(tmp_path, "dup.yml", "max_batch_size: 4\nkv_cache_config:\n  max_tokens: 64\n  max_tokens: 128\n")
+    with pytest.raises(ValueError) as e:
+        parse("m", "--config", path)
+    assert str(e.value) == (f"--config {path}: not valid YAML: duplicate key 'max_tokens' (each key may be given "
+                            f"once) at line 4, column 3")
+    merged = write(tmp_path, "merge.yml", "base: &kv {max_tokens: 64, tokens_per_block: 8}\n")
+    from meshserve.config import load_yaml_config  # a merge (`<<: *anchor`) may still override what it brings
+    assert load_yaml_config(merged) == {"base": {"max_tokens": 64, "tokens_per_block": 8}}
+    over = write(tmp_path, "over.yml", "x: &kv {max_tokens: 64, tokens_per_block: 8}\nkv_cache_config:\n"
+                                       "  <<: *kv\n  max_tokens: 128\n")
+    assert load_yaml_config(over)["kv_cache_config"] == {"max_tokens": 128, "tokens_per_block": 8}
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--backend", "tensorrt"], "backend"),
     (["--max_beam_width", "4"], "beam search"),
@@ -134,13 +149,50 @@ def test_cli_error_exits_2_with_the_message(tmp_path):
     (["--ep-size", "2"], "moe_expert_parallel_size"),
     (["--tp_size", "3"], "tensor_parallel_size=3 must divide num_attention_heads=4"),
     (["--config", "mpi.yml"], "cache_transceiver_config.backend='MPI' cannot be used here"),  # not under mpirun
+    # an address the KV endpoints cannot bind: was an OSError naming no field, after loading the model
+    (["--config", "host.yml"], "cache_transceiver_config.host='no.such.host.invalid': the KV transfer endpoints "
+                               "cannot listen there"),
+    (["--config", "remote.yml"], "cache_transceiver_config.host='192.0.2.1': the KV transfer endpoints cannot "
+                                 "listen there (Cannot assign requested address)"),
+    # a timeout sockets cannot take: was accepted, then every pull failed with an OverflowError
+    (["--config", "timeout.yml"], "cache_transceiver_config.kv_transfer_timeout_ms=100000000000000000000: Input "
+                                  "should be less than or equal to 2147483647"),
+    (["--shutdown_timeout", "-1"], "--shutdown_timeout -1: expected a number of seconds >= 0"),
+    (["--shutdown_timeout", "nan"], "--shutdown_timeout nan: expected a number of seconds >= 0"),
 ])
 def test_parallel_layouts_the_engine_cannot_run_fail_before_starting(tiny_model, capsys, argv, message, tmp_path):
     argv = [str(tmp_path / a) if a.endswith(".yml") else a for a in argv]
     write(tmp_path, "context.yml", SEED_CONTEXT_CONFIG)
     write(tmp_path, "mpi.yml", "cache_transceiver_config:\n  backend: MPI\n")
+    write(tmp_path, "host.yml", "cache_transceiver_config:\n  host: no.such.host.invalid\n")
+    write(tmp_path, "remote.yml", "cache_transceiver_config:\n  host: 192.0.2.1\n")  # TEST-NET-1: not this host's
+    write(tmp_path, "timeout.yml", "cache_transceiver_config:\n  kv_transfer_timeout_ms: 100000000000000000000\n")
     assert serve.main(build_parser().parse_args([tiny_model, *argv])) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["serve", "--port", "x"], "meshserve serve: error: argument --port: invalid int value: 'x' "
+                               "(see meshserve serve --help)"),
+    (["serve", "--log_level", "loud"], "meshserve serve: error: argument --log_level/--log-level: invalid choice: "
+                                       "'loud' (choose from 'debug', 'info', 'warning', 'error', 'critical') "
+                                       "(see meshserve serve --help)"),
+    (["disaggregated", "-c", "x.yml", "-t", "abc"], "meshserve disaggregated: error: argument -t/--request_timeout/"
+                                                    "--request-timeout: invalid float value: 'abc' "
+                                                    "(see meshserve disaggregated --help)"),
+    (["serve", "--bogus"], "meshserve: error: unrecognized arguments: --bogus (see meshserve --help)"),
+])
+def test_a_bad_flag_is_one_line_and_exit_status_2(capsys, argv, expected):
+    """README: "A bad flag ... is one line on stderr and exit status 2" (argparse printed its usage block)."""
+    from meshserve.commands import main as cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == expected + "\n"
+    with pytest.raises(SystemExit):  # the module entry point's own parser too
+        build_parser().parse_args(["--port", "x"])
+    assert capsys.readouterr().err == "meshserve serve: error: argument --port: invalid int value: 'x' " \
+                                      "(see meshserve serve --help)\n"
 
 
 def test_parallel_flag_error_from_the_module_entry_point(tiny_model):
