@@ -136,7 +136,7 @@ class SideKvSource(TcpKvSource):
                 return True
             view = _payload(buf, device)
             nbytes = buf.numel() * buf.element_size()
-            mac = conn.payload_mac(conn.sent, view) if msg.read.mac else b""
+            mac = conn.payload_mac(conn.sent, view, msg.read.mac_v) if msg.read.mac else b""
             conn.send(Data(nbytes, list(buf.shape), mac))
             deadline = time.monotonic() + self.SEND_TIMEOUT_S
             self._send(peer, msg.tag, view, lambda: not self._closed and not _closed(conn.sock)
@@ -215,8 +215,8 @@ class SideKvSink(TcpKvSink):
                 handle = self._post_recv(peer, tag, view)
                 try:
                     reply = self._exchange(conn, SideRead(tcp.Read(src.ctx_request_id, src_ids, n, layer, heads,
-                                                                   (t0, t1), lay.model_id, lay.dtype, verify), tag),
-                                           ep)
+                                                                   (t0, t1), lay.model_id, lay.dtype, verify,
+                                                                   conn.mac_v), tag), ep)
                     seq = conn.received - 1  # the Data frame's: its payload MAC is bound to it
                     if not isinstance(reply, Data) or tuple(reply.shape) != shape or reply.nbytes != nbytes:
                         raise _Fail(f"context rank {ep} answered {reply!r} for layer {layer} tokens [{t0}, {t1}); "
@@ -228,7 +228,7 @@ class SideKvSink(TcpKvSink):
                                   f"layer {layer} tokens [{t0}, {t1}) from context rank {ep}"):
                     return path
                 if verify:
-                    tcp.check_payload(conn.payload_mac(seq, view), reply.mac, layer, t0, t1, ep)
+                    tcp.check_payload(conn.payload_mac(seq, view, conn.mac_v), reply.mac, layer, t0, t1, ep)
                 on_gpu = cache.device.type == "cuda"
                 kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu)
                 if on_gpu:

@@ -45,7 +45,7 @@ from meshserve.disagg.transceiver import KvRequest, KvSink, KvSource, PullResult
 from meshserve.disagg.wire import (_MAC_LEN, IDLE_TIMEOUT_S, Data, Error, Hello, IpcDone, IpcOpen, IpcPull, Ok, Read,
                                    Release, _as_bytes, _AuthError, _check_caches, _Conn, _cuda_stream, _decoder, _Fail,
                                    _format_endpoint, _one_line, _peer_address, _Staging, check_payload, host_identity,
-                                   is_loopback, normalized, parse_endpoint)
+                                   is_loopback, MAC_SCHEME, normalized, parse_endpoint)
 # re-exported: the names this module had before wire.py and cuda_ipc.py were split off from it
 from meshserve.disagg.cuda_ipc import _IpcUnusable, cuda_ipc_unsupported, ipc_export, ipc_open  # noqa: F401
 from meshserve.disagg.wire import (_LEN, _NO_MAC, _PAYLOAD_LABEL, _SEQ, _SLICE, MAX_HEADER, IpcCache,  # noqa: F401
@@ -155,7 +155,7 @@ class TcpKvSource(IpcSourceMixin, KvSource):
         stream = _cuda_stream(self.kv_caches)
         try:
             nonce = secrets.token_bytes(16)
-            conn.send(Hello(nonce, self.layout, self.host_id, self._ipc_instance))
+            conn.send(Hello(nonce, self.layout, self.host_id, self._ipc_instance, MAC_SCHEME))
             conn.nonce = nonce
             conn.ipc_reading = []  # ctx request ids granted to this connection's sink, not yet done
             while not self._closed:
@@ -204,7 +204,7 @@ class TcpKvSource(IpcSourceMixin, KvSource):
         if buf is None:
             return
         data = _as_bytes(buf)
-        hasher = conn.payload_hasher(conn.sent) if msg.mac else None
+        hasher = conn.payload_hasher(conn.sent, msg.mac_v) if msg.mac else None
         conn.send(Data(len(data), list(buf.shape)))
         conn.send_bytes(data, hasher)
         if hasher is not None:
@@ -484,6 +484,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
             raise _Fail(f"context rank {ep} answered {type(hello).__name__} instead of Hello")
         conn.nonce = hello.nonce
         conn.peer_host, conn.peer_ipc, conn.peer_addr = hello.host, hello.ipc, _peer_address(sock)
+        conn.mac_v = min(MAC_SCHEME, hello.mac_v)  # the payload MAC scheme both ends speak
         if expect is not None and hello.layout != expect:
             sock.close()
             raise _Fail(f"context rank {ep} now holds a different layout than the disaggregated params name "
@@ -578,7 +579,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
             while sent < len(reads) and sent <= i + self.READ_AHEAD:
                 s_layer, s_heads, s0, s1 = reads[sent]
                 conn.send(Read(src.ctx_request_id, plans[s_layer, s_heads][0], n, s_layer, s_heads, (s0, s1),
-                               lay.model_id, lay.dtype, verify))
+                               lay.model_id, lay.dtype, verify, conn.mac_v))
                 sent += 1
             progress["layer"] = layer
             src_ids, cache, dst_ids, local = plans[layer, heads]
@@ -594,7 +595,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
             view = _as_bytes(buf)
             if reply.nbytes != len(view):
                 raise _Fail(f"context rank {ep} sends {reply.nbytes} bytes for {len(view)} expected")
-            hasher = conn.payload_hasher(conn.received - 1) if verify else None
+            hasher = conn.payload_hasher(conn.received - 1, conn.mac_v) if verify else None
             conn.recv_into(view, hasher)
             if hasher is not None:
                 trailer = bytearray(_MAC_LEN)

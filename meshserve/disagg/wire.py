@@ -33,7 +33,10 @@ import msgspec
 import torch
 
 from meshserve.disagg import kv_io
+from meshserve.disagg.mac import SegmentedMac
 from meshserve.disagg.transceiver import RankLayout
+
+MAC_SCHEME = 2  # the newest payload MAC scheme this build speaks (Hello.mac_v, Read.mac_v)
 
 _LEN = struct.Struct("!I")
 _SEQ = struct.Struct("!Q")
@@ -50,6 +53,7 @@ class Hello(msgspec.Struct, tag=True):
     layout: RankLayout
     host: str = ""  # the source's host_identity() ("" from an older source: never the same host)
     ipc: bytes = b""  # the source's CUDA IPC instance id when it offers the cuda_ipc path, else empty
+    mac_v: int = 1  # the payload MAC schemes it speaks, up to: 1 one HMAC, 2 segmented (disagg/mac.py)
 
 
 class Read(msgspec.Struct, tag=True):
@@ -62,6 +66,7 @@ class Read(msgspec.Struct, tag=True):
     model_id: str
     dtype: str
     mac: bool = False  # the sink verifies the payload: its MAC follows the bytes (Data.mac on _side.py)
+    mac_v: int = 1  # with mac: the scheme, 2 (segmented) only when the source's Hello offered it
 
 
 class Release(msgspec.Struct, tag=True):
@@ -198,6 +203,7 @@ class _Conn:
         self.side = side
         self.peer_side = b"K" if side == b"S" else b"S"
         self.nonce = b""
+        self.mac_v = 1  # sink: the payload MAC scheme agreed from the source's Hello
         self.sent = 0
         self.received = 0
         self.deadline: Optional[float] = None  # monotonic; None: the socket's own timeout
@@ -207,16 +213,19 @@ class _Conn:
             return _NO_MAC
         return hmac.new(self.key, self.nonce + direction + _SEQ.pack(seq) + body, hashlib.sha256).digest()
 
-    def payload_hasher(self, seq: int):
-        """The HMAC (to feed the bytes to) of the payload announced by the source's frame `seq`; None
-        without a key."""
+    def payload_hasher(self, seq: int, scheme: int = MAC_SCHEME):
+        """The MAC (update / digest; to feed the bytes to) of the payload announced by the source's
+        frame `seq`: scheme 2 hashes segments on a thread pool (disagg/mac.py), 1 is one HMAC (what a
+        source or sink of an older build speaks); None without a key."""
         if self.payload_key is None:
             return None
+        if scheme >= 2:
+            return SegmentedMac(self.payload_key, self.nonce + _SEQ.pack(seq))
         return hmac.new(self.payload_key, self.nonce + _SEQ.pack(seq), hashlib.sha256)
 
-    def payload_mac(self, seq: int, data: memoryview) -> bytes:
+    def payload_mac(self, seq: int, data: memoryview, scheme: int = MAC_SCHEME) -> bytes:
         """The payload MAC of `data` announced by the source's frame `seq` (b"" without a key)."""
-        h = self.payload_hasher(seq)
+        h = self.payload_hasher(seq, scheme)
         if h is None:
             return b""
         h.update(data)

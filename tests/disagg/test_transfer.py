@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 
+import msgspec
 import pytest
 import torch
 
@@ -657,3 +658,43 @@ def test_mpi_outside_mpirun_is_refused_naming_the_alternatives():
         create_transceiver("mpi")
     msg = str(e.value)
     assert "mpirun" in msg and "DEFAULT" in msg and "NIXL" in msg and "UCX" in msg and "\n" not in msg
+
+
+def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backend, monkeypatch):
+    """The payload MAC hashed in segments on a thread pool (disagg/mac.py; pieces of 64 bytes here,
+    so each chunk is many): the bytes land and a flipped one is caught; a source of an older build
+    (its Hello offers only scheme 1, one HMAC) still serves a verifying sink, which falls back."""
+    if _nixl(backend):
+        pytest.skip("NIXL reads are one-sided: no payload MAC")
+    from meshserve.disagg import mac, wire
+
+    monkeypatch.setattr(mac, "SEGMENT", 64)
+    schemes = []
+    orig = wire._Conn.payload_hasher
+    monkeypatch.setattr(wire._Conn, "payload_hasher",
+                        lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append((self.side, scheme)),
+                                                                   orig(self, seq, scheme))[1])
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
+    r = c.pull()
+    assert r.state is TransferState.SUCCESS, r.error
+    assert c.sinks[0].kv_caches and {s for _, s in schemes} == {2}
+    got = _read(c.sinks[0].kv_caches[0], c.sinks[0].layout, c.dst_ids[0][0], 40)
+    assert torch.equal(got, c.truth[0].to(got.dtype))
+
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
+    assert _tamper(monkeypatch, c.sources[0]) is not None
+    r = c.pull()
+    assert r.state is TransferState.FAILED and "payload integrity check" in r.error
+    assert c.untouched(0)
+
+    monkeypatch.undo()
+    orig_send = wire._Conn.send
+    monkeypatch.setattr(wire._Conn, "send", lambda self, msg: orig_send(
+        self, msgspec.structs.replace(msg, mac_v=1) if isinstance(msg, wire.Hello) else msg))
+    schemes.clear()
+    monkeypatch.setattr(wire._Conn, "payload_hasher",
+                        lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append(scheme), orig(self, seq, scheme))[1])
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
+    r = c.pull()
+    assert r.state is TransferState.SUCCESS, r.error
+    assert schemes and set(schemes) == {1}
