@@ -94,12 +94,16 @@ SECRET = "stranded-" + "3c" * 12
 CTX_TIMEOUT_MS = 2000  # the context server's kv_transfer_timeout_ms: a pin without a release is freed after it
 GEN_TIMEOUT_MS = 5000  # the generation server's: a pull gives up after it
 IMPATIENT_T = 4.0  # the impatient orchestrator's -t
-IMPATIENT_STALL = 2.0  # and its stall_timeout
+# and its stall_timeout: the decoding x abort cell's stream, resumed on the context server (4 prompt
+# tokens a step), must send its first chunk within it (2 s was missed under two CPU hogs)
+IMPATIENT_STALL = 5.0
 PULL_PROMPT = 64  # tokens of the transferring cells' prompts
 LONG_PROMPT = 7000  # tokens: prefilled 4 a step on the context server
 MAX_SEQ_LEN = 8192
 BLOCK = 64  # tokens per KV block on both servers
-DECODE_TOKENS = 600  # a decoding cell's request: long enough to be mid-decode at the event
+# a decoding cell's request: long enough to be mid-decode at the event (600 finished, ~0.5 s, before a
+# client slowed by other work on the machine read its 20th chunk)
+DECODE_TOKENS = 1500
 LONG_DECODE = 1500  # a transferring disconnect's: it must not finish before the server sees the client gone
 SANITY = {"prompt": "The quick brown fox jumps over", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
 
