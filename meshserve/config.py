@@ -11,8 +11,35 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+def _wants_int(annotation) -> bool:
+    """Whether a field takes integers and not booleans (int, Optional[int])."""
+    args = getattr(annotation, "__args__", (annotation,))
+    return int in args and bool not in args
+
+
+def _wants_int_list(annotation) -> bool:
+    """Whether a field takes a list of integers (list[int], Optional[list[int]])."""
+    for a in getattr(annotation, "__args__", (annotation,)):
+        if getattr(a, "__origin__", None) is list and getattr(a, "__args__", ()) == (int,):
+            return True
+    return False
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_int(cls, value, info):
+        # pydantic takes True as 1 for an int field: moe_expert_parallel_size=True would run as 1
+        field = cls.model_fields.get(info.field_name)
+        if field is not None:
+            if isinstance(value, bool) and _wants_int(field.annotation):
+                raise ValueError("expected an integer, got a boolean")
+            if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value) \
+                    and _wants_int_list(field.annotation):
+                raise ValueError("expected integers, got a boolean among them")
+        return value
 
 
 class KvCacheConfig(StrictModel):

@@ -353,6 +353,12 @@ class Orchestrator(GenerationHop):
         for key in ORCHESTRATOR_KEYS:
             if key in body:
                 raise APIError(400, f"{key} is set by the orchestrator, not by clients; remove it", param=key)
+        for key in ("n", "best_of"):
+            value = body.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                raise APIError(400, f"{key}={value}: disaggregated serving runs one sequence per request (the "
+                               f"generation server decodes on from one context server's KV); accepted: 1, or "
+                               f"send several requests", param=key)
         headers = {"X-Request-Id": rid}
         if "authorization" in client_headers:  # the servers check the client's key (serve --api_key)
             headers["Authorization"] = client_headers["authorization"]

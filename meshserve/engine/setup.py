@@ -76,6 +76,25 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"has not landed yet; leave attention_dp_config unset")
     if args.backend not in (None, "pytorch"):
         raise ValueError(f"backend={args.backend!r} is not supported; accepted: 'pytorch' (or None)")
+    check_device_settings(args, model_config)
+
+
+def check_device_settings(args: LlmArgs, model_config: ModelConfig) -> None:
+    """Settings the device cannot honour, refused before the model loads (they were refused only
+    when the engine built the model or its KV transfer): TRITON experts without a GPU (or Triton's
+    interpreter), `cache_transceiver_config.cuda_ipc: true` without CUDA caches."""
+    device = resolve_device(args.device)
+    backend = args.moe_config.backend.upper()
+    if model_config.is_moe and backend == "TRITON":
+        from meshserve.layers.moe.experts import _triton_refusal
+        why = _triton_refusal(device)
+        if why is not None:
+            raise ValueError(f"moe_config.backend={args.moe_config.backend!r} cannot run here: {why}; accepted here: "
+                             f"auto, VANILLA, CUTLASS")
+    ctc = args.cache_transceiver_config
+    if ctc is not None and ctc.cuda_ipc is True and device.type != "cuda":
+        raise ValueError(f"cache_transceiver_config.cuda_ipc=true: the CUDA IPC path moves GPU caches, and this "
+                         f"server's are on {device.type}; accepted here: auto or false")
 
 
 def check_transfer_backend(backend: str) -> None:

@@ -274,6 +274,19 @@ def test_a_stream_with_logprobs_is_not_resumed(orchestrator, fakes, route, extra
     assert not fakes["gen_b"].received
 
 
+def test_several_sequences_are_refused_before_any_server_is_asked(orchestrator, fakes):
+    o = orchestrator(two_gens(fakes))
+    for route, body in (("/v1/completions", {"prompt": "x", "n": 2}),
+                        ("/v1/completions", {"prompt": "x", "best_of": 3}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 4})):
+        r = o.post(route, {"model": MODEL, **body})
+        err = r.json()["error"]
+        key = "n" if "n" in body else "best_of"
+        assert r.status_code == 400 and err["param"] == key and f"{key}={body[key]}" in err["message"], err
+        assert "disaggregated_params" not in err["message"] and "\n" not in err["message"]
+    assert all(not s.received for s in fakes.values())
+
+
 def test_clients_cannot_send_what_the_orchestrator_sets(orchestrator, fakes):
     o = orchestrator(two_gens(fakes))
     for key, value in (("disaggregated_params", {"request_type": "generation_only", "opaque_state": "forged"}),

@@ -157,6 +157,9 @@ def test_cli_error_exits_2_with_the_message(tmp_path):
     # a timeout sockets cannot take: was accepted, then every pull failed with an OverflowError
     (["--config", "timeout.yml"], "cache_transceiver_config.kv_transfer_timeout_ms=100000000000000000000: Input "
                                   "should be less than or equal to 2147483647"),
+    # CUDA IPC with CPU caches: was refused only once the engine had loaded the model (exit 1)
+    (["--config", "ipc.yml"], "cache_transceiver_config.cuda_ipc=true: the CUDA IPC path moves GPU caches, and "
+                              "this server's are on cpu; accepted here: auto or false"),
     (["--shutdown_timeout", "-1"], "--shutdown_timeout -1: expected a number of seconds >= 0"),
     (["--shutdown_timeout", "nan"], "--shutdown_timeout nan: expected a number of seconds >= 0"),
 ])
@@ -167,6 +170,7 @@ def test_parallel_layouts_the_engine_cannot_run_fail_before_starting(tiny_model,
     write(tmp_path, "host.yml", "cache_transceiver_config:\n  host: no.such.host.invalid\n")
     write(tmp_path, "remote.yml", "cache_transceiver_config:\n  host: 192.0.2.1\n")  # TEST-NET-1: not this host's
     write(tmp_path, "timeout.yml", "cache_transceiver_config:\n  kv_transfer_timeout_ms: 100000000000000000000\n")
+    write(tmp_path, "ipc.yml", "cache_transceiver_config:\n  cuda_ipc: true\n")
     assert serve.main(build_parser().parse_args([tiny_model, *argv])) == 2
     assert message in capsys.readouterr().err
 

@@ -1,0 +1,50 @@
+"""LLM() / serve YAML settings: an integer setting given a boolean is refused naming it (pydantic
+took True as 1, so `moe_expert_parallel_size=True` ran as 1), while real booleans and integers pass."""
+from __future__ import annotations
+
+import pytest
+
+from meshserve.config import build_llm_args
+
+
+@pytest.mark.parametrize("kw,where", [
+    (dict(moe_expert_parallel_size=True), "moe_expert_parallel_size=True"),
+    (dict(tensor_parallel_size=False), "tensor_parallel_size=False"),
+    (dict(cache_transceiver_config={"max_tokens_in_buffer": True}), "cache_transceiver_config.max_tokens_in_buffer=True"),
+    (dict(kv_cache_config={"tokens_per_block": True}), "kv_cache_config.tokens_per_block=True"),
+    (dict(cuda_graph_config={"batch_sizes": [1, True]}), "cuda_graph_config.batch_sizes"),
+])
+def test_a_boolean_for_an_integer_is_refused_naming_it(kw, where):
+    with pytest.raises(ValueError) as e:
+        build_llm_args("LLM()", model="m", **kw)
+    msg = str(e.value)
+    assert where in msg and "\n" not in msg, msg
+
+
+def test_booleans_and_integers_where_they_belong_pass():
+    a = build_llm_args("LLM()", model="m", tensor_parallel_size=2, moe_expert_parallel_size=2,
+                       cache_transceiver_config={"verify_payload": True, "max_tokens_in_buffer": 64},
+                       kv_cache_config={"enable_block_reuse": False, "tokens_per_block": 16})
+    assert (a.tensor_parallel_size, a.moe_expert_parallel_size) == (2, 2)
+    assert a.cache_transceiver_config.verify_payload is True and a.cache_transceiver_config.max_tokens_in_buffer == 64
+    assert a.kv_cache_config.enable_block_reuse is False and a.kv_cache_config.tokens_per_block == 16
+
+
+def test_triton_experts_without_a_gpu_are_refused_before_loading(tmp_path, monkeypatch):
+    """moe_config.backend=TRITON on a CPU was refused only when the engine built the model; now
+    check_parallel_layout (the CLI's and LLM()'s check before loading) says so in one line. With
+    Triton's interpreter (tests) it is allowed."""
+    from helpers import build_checkpoint
+    from meshserve.engine.setup import check_parallel_layout
+    from meshserve.models.config import ModelConfig
+
+    build_checkpoint(str(tmp_path), "qwen3_moe", tokenizer=False)
+    cfg = ModelConfig.from_pretrained(str(tmp_path))
+    args = build_llm_args("LLM()", model=str(tmp_path), device="cpu", moe_config={"backend": "TRITON"})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^moe_config.backend='TRITON' cannot run here: it needs a CUDA device"):
+        check_parallel_layout(args, cfg)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_parallel_layout(args, cfg)
+    check_parallel_layout(build_llm_args("LLM()", model=str(tmp_path), device="cpu",
+                                         moe_config={"backend": "VANILLA"}), cfg)
