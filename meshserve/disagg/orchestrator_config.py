@@ -97,7 +97,8 @@ def _url(where: str, name: str, value) -> str:
     if not sep:
         scheme, rest = "http", text
     host, sep, port = rest.rstrip("/").rpartition(":")
-    if (scheme.lower() not in ("http", "https") or not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+    port_ok = port.isascii() and port.isdigit() and 0 < int(port) < 65536
+    if (scheme.lower() not in ("http", "https") or not (sep and host and port_ok)
             or "/" in rest.rstrip("/") or any(c.isspace() for c in text)):
         raise ConfigError(f"{where}: {name}={value!r}: expected \"host:port\" (or \"http://host:port\")")
     return text.rstrip("/")
