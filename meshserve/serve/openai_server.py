@@ -433,7 +433,8 @@ class OpenAIServing:
         if req.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
         try:
-            params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+            params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                         req.prompt_logprobs)
         except ValueError as e:
             raise from_value_error(e, renames) from None
         request_id = request_id_for(raw, "chatcmpl")

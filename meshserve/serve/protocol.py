@@ -204,6 +204,9 @@ class SamplingRequest(OpenAIModel):
             logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if getattr(self, "prompt_logprobs", None) is not None and self.stream:
+            raise ValueError("prompt_logprobs are answered by non-streaming requests only (as vLLM's); set stream "
+                             "to false or leave prompt_logprobs out")
         fields = dict(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=self.stop,
                       stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=logit_bias,
@@ -249,6 +252,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)  # vLLM's: the answer's top-level prompt_logprobs
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None

@@ -64,6 +64,24 @@ class _Context:
             out["usage"] = usage(self.prompt_tokens, self.completion_tokens) if self.continuous_usage else None
         return out
 
+    def _prompt_logprobs(self, out: RequestOutput) -> list:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the token itself and the top ones (rank 1 = the likeliest; the prompt's
+        own token has rank None when it is not among them)."""
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        result = []
+        for tid, entry in zip(out.prompt_token_ids, entries):
+            if entry is None:
+                result.append(None)
+                continue
+            # the prompt token and the k likeliest: k + 1 entries when the token is not among those
+            k = min(len(entry), self.req.prompt_logprobs)
+            top = {t: i + 1 for i, (t, _) in enumerate(r for r in _ranked(entry) if len(entry) == k or r[0] != tid)
+                   if i < k}
+            result.append({str(t): {"logprob": v, "rank": top.get(t), "decoded_token": self.tokens(t)}
+                           for t, v in entry.items()})
+        return result
+
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
                 "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens)}
@@ -122,24 +140,6 @@ class CompletionContext(_Context):
         if first and getattr(self.req, "prompt_logprobs", None) is not None:
             choice["prompt_logprobs"] = self._prompt_logprobs(out)
         return choice
-
-    def _prompt_logprobs(self, out: RequestOutput) -> list:
-        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
-        decoded_token}} for the token itself and the top ones (rank 1 = the likeliest; the prompt's
-        own token has rank None when it is not among them)."""
-        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        result = []
-        for tid, entry in zip(out.prompt_token_ids, entries):
-            if entry is None:
-                result.append(None)
-                continue
-            # the prompt token and the k likeliest: k + 1 entries when the token is not among those
-            k = min(len(entry), self.req.prompt_logprobs)
-            top = {t: i + 1 for i, (t, _) in enumerate(r for r in _ranked(entry) if len(entry) == k or r[0] != tid)
-                   if i < k}
-            result.append({str(t): {"logprob": v, "rank": top.get(t), "decoded_token": self.tokens(t)}
-                           for t, v in entry.items()})
-        return result
 
     def full_response(self, outs: list[RequestOutput]) -> dict:
         choices = []
@@ -228,4 +228,6 @@ class ChatContext(_Context):
                 "choices": choices, "usage": usage(self.prompt_tokens, self.completion_tokens)}
         if self.return_ids:
             body["prompt_token_ids"] = self.prompt_token_ids
+        if self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(out)
         return body

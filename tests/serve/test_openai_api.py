@@ -201,6 +201,31 @@ def test_completion_prompt_logprobs_match_transformers(client, tiny_model, tiny_
     assert "prompt_logprobs" not in (no_plp.choices[0].model_extra or {})
 
 
+def test_chat_prompt_logprobs_match_transformers_and_stream_refuses_them(client, tiny_model, tiny_tokenizer):
+    """vLLM's chat `prompt_logprobs`: the answer's top-level list, one entry per prompt token of the
+    rendered conversation, against transformers; with stream (as vLLM) a 400 naming the field."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0,
+                                         extra_body={"prompt_logprobs": 1})
+    plp = out.model_extra["prompt_logprobs"]
+    text = tiny_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert len(plp) == len(ids) == out.usage.prompt_tokens and plp[0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float64)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    for i in range(1, len(ids)):
+        assert plp[i][str(ids[i])]["logprob"] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, stream=True,
+                                       extra_body={"prompt_logprobs": 1})
+    assert "prompt_logprobs" in str(e.value) and "non-streaming" in str(e.value)
+    assert "prompt_logprobs" not in (client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+                                     .model_extra or {})
+
+
 def test_sampling_extensions(client, tiny_tokenizer):
     forced = tiny_tokenizer.encode(" world")[-1]
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
