@@ -159,22 +159,29 @@ class LLM:
 
     def _output(self, state: RequestState) -> RequestOutput:
         """The request's output; a finished context_only request's with its disaggregated_params
-        (None when its first token ended it: then no KV is kept, the output is the whole answer)."""
+        (None when its first token ended it: then no KV is kept, the output is the whole answer).
+        The params are made once per request (a step may hand its final output out twice)."""
         out = state.make_output()
-        if not out.finished or state.request_id not in self._context_only:
+        if not out.finished:
             return out
-        params = self._context_only.pop(state.request_id)
-        seq = out.outputs[0]
-        if out.kv_transfer_params is not None and seq.finish_reason == "length" and seq.token_ids:
-            from meshserve.engine import disagg
-            logprobs = (params.logprobs, seq.logprobs[0]) if params.logprobs is not None and seq.logprobs else None
-            prompt_lp = ((params.prompt_logprobs, out.prompt_logprobs)
-                         if params.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
-            dp = disagg.context_params(out.request_id, out.prompt_token_ids, seq.token_ids[0], self._core.kv_layouts,
-                                       out.kv_transfer_params, logprobs=logprobs, prompt_logprobs=prompt_lp)
-            out.disaggregated_params = DisaggregatedParams(dp["request_type"], dp["first_gen_tokens"],
-                                                           dp["ctx_request_id"], dp["opaque_state"])
+        if not hasattr(state, "disaggregated_params"):
+            params = self._context_only.pop(state.request_id, None)
+            state.disaggregated_params = self._context_answer(out, params) if params is not None else None
+        out.disaggregated_params = state.disaggregated_params
         return out
+
+    def _context_answer(self, out: RequestOutput, params: SamplingParams) -> Optional[DisaggregatedParams]:
+        seq = out.outputs[0]
+        if out.kv_transfer_params is None or seq.finish_reason != "length" or not seq.token_ids:
+            return None
+        from meshserve.engine import disagg
+        logprobs = (params.logprobs, seq.logprobs[0]) if params.logprobs is not None and seq.logprobs else None
+        prompt_lp = ((params.prompt_logprobs, out.prompt_logprobs)
+                     if params.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
+        dp = disagg.context_params(out.request_id, out.prompt_token_ids, seq.token_ids[0], self._core.kv_layouts,
+                                   out.kv_transfer_params, logprobs=logprobs, prompt_logprobs=prompt_lp)
+        return DisaggregatedParams(dp["request_type"], dp["first_gen_tokens"], dp["ctx_request_id"],
+                                   dp["opaque_state"])
 
     # ---- the engine loop ---------------------------------------------------------------------------
     def _step(self) -> None:

@@ -124,3 +124,23 @@ def test_what_cannot_be_is_one_line(llms, tmp_path):
     with LLM(llms["path"], show_progress=False, kv_cache_config={"max_tokens": 512}) as plain:
         with pytest.raises(ValueError, match="without cache_transceiver_config"):
             plain.generate("Hello", params, use_tqdm=False, disaggregated_params=DisaggregatedParams("context_only"))
+
+
+def test_a_streamed_context_request_ends_with_its_params(llms):
+    """generate_async(streaming=True) of a context_only request: its last (finished) output carries
+    the params, made once however many times a step hands the final output out."""
+    ctx, gen, hf = llms["ctx"], llms["gen"], llms["hf"]
+    prompt = make_prompts(3, 300, 40, seed=5)[2]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def run():
+        outs = [o async for o in ctx.generate_async({"prompt_token_ids": prompt}, params, streaming=True,
+                                                    disaggregated_params=DisaggregatedParams("context_only"))]
+        return outs
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and outs[-1].disaggregated_params is not None
+    out = gen.generate({"prompt_token_ids": prompt}, params, use_tqdm=False,
+                       disaggregated_params=outs[-1].disaggregated_params.for_generation())
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 8)
+    assert released(ctx)
