@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 def _wants_int(annotation) -> bool:
-    """Whether a field takes integers and not booleans (int, Optional[int])."""
+    """Whether a field takes numbers and not booleans (int, float, Optional of them)."""
     args = getattr(annotation, "__args__", (annotation,))
-    return int in args and bool not in args
+    return (int in args or float in args) and bool not in args
 
 
 def _wants_int_list(annotation) -> bool:
@@ -35,7 +35,7 @@ class StrictModel(BaseModel):
         field = cls.model_fields.get(info.field_name)
         if field is not None:
             if isinstance(value, bool) and _wants_int(field.annotation):
-                raise ValueError("expected an integer, got a boolean")
+                raise ValueError("expected a number, got a boolean")
             if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value) \
                     and _wants_int_list(field.annotation):
                 raise ValueError("expected integers, got a boolean among them")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import threading
 import time
 import traceback
@@ -52,6 +53,8 @@ class LLM:
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
         self.model_path = resolve_model_path(self.args.model, self.args.show_progress, self.args.load_format)
+        if self.args.cache_transceiver_config is not None:
+            _settle_disagg_key()  # before any rank starts (launched ones too): they authenticate KV transfers with it
         launch = launch_for(self.args)
         if launch is not None and launch.rank != 0:
             # A launcher (mpirun, srun, torchrun) ran this script on every rank: rank 0 runs the
@@ -62,8 +65,6 @@ class LLM:
             logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
             exit_launched_rank(code)
         ModelConfig.from_pretrained(self.model_path)  # a bad config.json: our one-line error, not the tokenizer's
-        if self.args.cache_transceiver_config is not None:
-            _settle_disagg_key()  # before the ranks start: they authenticate KV transfers with it
         tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)
         self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
@@ -80,6 +81,9 @@ class LLM:
         self._errors: dict[str, Exception] = {}  # request id -> why processing its output failed
         self._async_streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}
         self._ids = itertools.count()
+        # context_only requests' ids are signed into their params and name their KV on the ranks' sources:
+        # unique across LLM instances (plain counters would repeat in a later LLM on the same endpoint)
+        self._ctx_prefix = f"ctx-{secrets.token_hex(4)}-"
         self._bg: Optional[threading.Thread] = None
         self._closed = False
         self._error: Optional[BaseException] = None
@@ -148,7 +152,10 @@ class LLM:
 
     def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams,
                 resume: Sequence[int] = (), kv: Optional[DisaggRequest] = None) -> RequestState:
-        state, seqs = self._outputs.add_request(str(next(self._ids)), text, ids + list(resume), params)
+        rid = str(next(self._ids))
+        if kv is not None and kv.kind == "context_only":
+            rid = self._ctx_prefix + rid
+        state, seqs = self._outputs.add_request(rid, text, ids + list(resume), params)
         if resume:
             state.resume_output(list(resume))
         for sid, p in seqs:
@@ -191,13 +198,14 @@ class LLM:
         except BaseException as e:
             self._fail_all(e)
             raise
-        if not outputs and self._core.scheduler.has_transfers():
-            time.sleep(0.0005)  # a KV pull runs on the ranks' threads: no busy loop meanwhile
+        if not outputs and self._core.scheduler.has_transfers() and not self._core.scheduler.has_unfinished():
+            time.sleep(0.0005)  # only handovers pending (a pull runs on the ranks' threads): no busy loop
         res = self._outputs.process(outputs)
         if res.abort_seq_ids:
             self._core.abort_requests(res.abort_seq_ids)
         for state, err in res.failed:
             self._errors[state.request_id] = err
+            self._context_only.pop(state.request_id, None)
             stream = self._async_streams.pop(state.request_id, None)
             if stream is not None:
                 stream[0].call_soon_threadsafe(stream[1].put_nowait, err)
@@ -212,6 +220,7 @@ class LLM:
 
     def _fail_all(self, err: BaseException) -> None:
         self._error = err
+        self._context_only.clear()
         for rid, (loop, queue, _) in list(self._async_streams.items()):
             loop.call_soon_threadsafe(queue.put_nowait, err)
         self._async_streams.clear()

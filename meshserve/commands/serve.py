@@ -93,6 +93,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
           help="with cache_transceiver_config and no MESHSERVE_SECRET: the orchestrator's key file, copied here "
                "(mode 0600; default: $MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key, made when missing)")
     _flag(parser, "chat_template", default=None, help="a Jinja chat template, or a file holding one")
+    _flag(parser, "trust_request_chat_template", action="store_true",
+          help="render a chat request's own chat_template (as vLLM's flag; off: such a request is a 400, since a "
+               "template is a program and one request's could take the server's memory or CPU)")
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
@@ -371,7 +374,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     # without --served_model_name, the MODEL argument as typed (a Hub id "org/name") names it too
     aliases = (args.model,) if args.model and not ns.served_model_name else ()
     config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template),
-                          ns.tokenize_offload_chars, aliases)
+                          ns.tokenize_offload_chars, aliases,
+                          trust_request_chat_template=ns.trust_request_chat_template)
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

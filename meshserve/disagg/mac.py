@@ -43,6 +43,16 @@ def mac_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool has no threads here (a task would wait forever)."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _executor() -> Optional[ThreadPoolExecutor]:
     global _pool
     if _pool is None:
@@ -75,7 +85,13 @@ class SegmentedMac:
 
     def _flush(self) -> None:
         parts, self._pending, self._filled = self._pending, [], 0
-        self._done.append(self._pool.submit(_sha, parts) if self._pool is not None else _sha(parts))
+        if self._pool is not None:
+            try:
+                self._done.append(self._pool.submit(_sha, parts))
+                return
+            except RuntimeError:  # the pool is shut down (interpreter exit): hash here
+                self._pool = None
+        self._done.append(_sha(parts))
 
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -96,7 +112,7 @@ class SegmentedMac:
 
 
 def payload_mac(key: bytes, prefix: bytes, data) -> bytes:
-    """The MAC of a whole payload at once (UCX and MPI: the chunk is in memory before it is sent)."""
+    """The MAC of a whole payload at once (wire._Conn.payload_mac is the connections' form of it)."""
     h = SegmentedMac(key, prefix)
     h.update(data)
     return h.digest()

@@ -355,7 +355,9 @@ class Orchestrator(GenerationHop):
                 raise APIError(400, f"{key} is set by the orchestrator, not by clients; remove it", param=key)
         for key in ("n", "best_of"):
             value = body.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+                value = int(value)  # the servers' pydantic takes "2" as 2
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
                 raise APIError(400, f"{key}={value}: disaggregated serving runs one sequence per request (the "
                                f"generation server decodes on from one context server's KV); accepted: 1, or "
                                f"send several requests", param=key)

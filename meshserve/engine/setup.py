@@ -53,6 +53,8 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
         check_transfer_backend(args.cache_transceiver_config.backend)
         ctc = args.cache_transceiver_config
         check_transfer_host(ctc.host)
+        from meshserve.disagg.mac import mac_threads
+        mac_threads()  # MESHSERVE_KV_MAC_THREADS: a bad value is an error now, not in the first verified pull
         world = args.tensor_parallel_size * args.pipeline_parallel_size
         if ctc.backend.upper() == "MPI" and world > 1 and launch_for(args) is None:
             raise ValueError(f"cache_transceiver_config.backend='MPI' with tensor_parallel_size="

@@ -255,6 +255,8 @@ class OpenAIServing:
             except ValueError as e:
                 msg = str(e)
                 param = next((f for f in ("prompt_logprobs", "logprobs") if msg.startswith(f + "=")), where)
+                if param == "logprobs" and isinstance(req, ChatCompletionRequest):  # chat's k is top_logprobs
+                    msg, param = msg.replace("logprobs=", "top_logprobs="), "top_logprobs"
                 raise bad_request(msg, param) from None
         logger.info("request %s: %s, %d prompt tokens%s", request_id, dp.request_type, len(prompts[0][1]),
                     f", KV of {kv.ctx_request_id} from {kv.sources[0].endpoint}" if kv.sources else "")

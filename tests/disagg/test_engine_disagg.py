@@ -242,6 +242,12 @@ def test_logprobs_the_context_server_did_not_compute_are_refused(servers):
     assert "logprobs=3" in err["message"] and "logprobs=2" in err["message"], err
     r = post(gen, "/v1/completions", {**body, "prompt_logprobs": 1, "disaggregated_params": dp})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    chat = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    cdp = context_params(ctx, "/v1/chat/completions", chat)
+    r = post(gen, "/v1/chat/completions", {**chat, "top_logprobs": 3, "disaggregated_params": cdp})
+    err = r.json()["error"]  # chat names its own field
+    assert r.status_code == 400 and err["param"] == "top_logprobs" and "top_logprobs=3" in err["message"], err
+    assert post(gen, "/v1/chat/completions", {**chat, "disaggregated_params": cdp}).status_code == 200
     # the same params with the same request still work
     r = post(gen, "/v1/completions", {**body, "disaggregated_params": dp})
     assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 4

@@ -236,3 +236,22 @@ def test_a_port_in_use_fails_at_once_naming_it(tiny_model):
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"--host 127.0.0.1 --port {port}: cannot listen there: Address already in use" in r.stderr, r.stderr
     assert "engine process" not in r.stderr
+
+
+def test_trust_request_chat_template_renders_a_requests_template(tiny_model, tiny_tokenizer):
+    """--trust_request_chat_template (vLLM's flag): a chat request's own template is rendered (without
+    the flag it is a 400, tests/serve/test_fuzz.py)."""
+    import httpx
+
+    from serve_util import start_server
+
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    srv = start_server(tiny_model, "--trust-request-chat-template")
+    try:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", headers=srv.headers, timeout=60, json={
+            "model": "tiny-chat", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}],
+            "chat_template": template})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tiny_tokenizer.encode("<<Hi>>", add_special_tokens=False))
+    finally:
+        srv.stop()

@@ -13,6 +13,7 @@ from meshserve.config import build_llm_args
     (dict(cache_transceiver_config={"max_tokens_in_buffer": True}), "cache_transceiver_config.max_tokens_in_buffer=True"),
     (dict(kv_cache_config={"tokens_per_block": True}), "kv_cache_config.tokens_per_block=True"),
     (dict(cuda_graph_config={"batch_sizes": [1, True]}), "cuda_graph_config.batch_sizes"),
+    (dict(kv_cache_config={"free_gpu_memory_fraction": True}), "kv_cache_config.free_gpu_memory_fraction=True"),
 ])
 def test_a_boolean_for_an_integer_is_refused_naming_it(kw, where):
     with pytest.raises(ValueError) as e:

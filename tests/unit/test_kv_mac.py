@@ -53,3 +53,37 @@ def test_thread_setting(monkeypatch):
             mac.mac_threads()
     monkeypatch.delenv(mac.THREADS_ENV)
     assert 1 <= mac.mac_threads() <= 8
+
+
+def test_a_forked_child_hashes_without_the_parents_pool(monkeypatch):
+    """The parent's pool has no threads in a forked child: a task there waited forever. The child
+    starts its own pool (os.register_at_fork)."""
+    monkeypatch.setenv(mac.THREADS_ENV, "2")
+    data = os.urandom(3 * mac.SEGMENT)
+    want = mac.payload_mac(KEY, PREFIX, data)  # the parent's pool exists now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer within 20 s or be killed
+        try:
+            import signal
+            signal.alarm(20)
+            os.write(w, mac.payload_mac(KEY, PREFIX, data))
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 64)
+    os.waitpid(pid, 0)
+    assert got == want
+
+
+def test_a_bad_thread_setting_is_refused_before_loading(monkeypatch, tmp_path):
+    from helpers import build_checkpoint
+    from meshserve.config import build_llm_args
+    from meshserve.engine.setup import check_parallel_layout
+    from meshserve.models.config import ModelConfig
+
+    build_checkpoint(str(tmp_path), "llama", tokenizer=False)
+    args = build_llm_args("LLM()", model=str(tmp_path), device="cpu", cache_transceiver_config={"backend": "DEFAULT"})
+    monkeypatch.setenv(mac.THREADS_ENV, "many")
+    with pytest.raises(ValueError, match=f"^{mac.THREADS_ENV}='many' is not an integer"):
+        check_parallel_layout(args, ModelConfig.from_pretrained(str(tmp_path)))
