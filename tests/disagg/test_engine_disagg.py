@@ -210,7 +210,8 @@ def test_logprobs_come_with_the_first_token_and_match_aggregated(servers, stream
              ("/v1/chat/completions", {**base, "messages": MESSAGES, "logprobs": True, "top_logprobs": 2})]
     if not stream:  # echo and prompt_logprobs come whole
         cases += [("/v1/completions", {**base, "prompt": PROMPT, "logprobs": 2, "echo": True}),
-                  ("/v1/completions", {**base, "prompt": PROMPT, "logprobs": 1, "prompt_logprobs": 2})]
+                  ("/v1/completions", {**base, "prompt": PROMPT, "logprobs": 1, "prompt_logprobs": 2}),
+                  ("/v1/chat/completions", {**base, "messages": MESSAGES, "logprobs": True, "prompt_logprobs": 1})]
     for path, body in cases:
         chat = "chat" in path
         dp = context_params(ctx, path, body)
@@ -224,9 +225,10 @@ def test_logprobs_come_with_the_first_token_and_match_aggregated(servers, stream
             assert r.status_code == 200, r.text
             out = r.json()
             want, got = ref["choices"][0]["logprobs"], out["choices"][0]["logprobs"]
-            if "prompt_logprobs" in body:
-                close_logprobs(out["choices"][0]["prompt_logprobs"], ref["choices"][0]["prompt_logprobs"])
-                assert len(out["choices"][0]["prompt_logprobs"]) == out["usage"]["prompt_tokens"]
+            if "prompt_logprobs" in body:  # completions: in the choice; chat: at the top level
+                holder, ref_holder = (out, ref) if chat else (out["choices"][0], ref["choices"][0])
+                close_logprobs(holder["prompt_logprobs"], ref_holder["prompt_logprobs"])
+                assert len(holder["prompt_logprobs"]) == out["usage"]["prompt_tokens"]
             assert out["choices"][0].get("text", "") == ref["choices"][0].get("text", "")
         close_logprobs(got, want)
     assert wait_used(gen) == 0 and wait_used(ctx) == 0

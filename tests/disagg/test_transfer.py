@@ -698,3 +698,22 @@ def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backen
     r = c.pull()
     assert r.state is TransferState.SUCCESS, r.error
     assert schemes and set(schemes) == {1}
+
+    # and a sink of an older build (its Reads carry no mac_v: 1) served by this source
+    monkeypatch.undo()
+    orig_connect = tcp.TcpKvSink._connect
+
+    def old_sink_connect(self, *args, **kwargs):
+        conn = orig_connect(self, *args, **kwargs)
+        conn.mac_v = 1  # what it speaks, whatever the source's Hello offers
+        return conn
+
+    monkeypatch.setattr(tcp.TcpKvSink, "_connect", old_sink_connect)
+    schemes.clear()
+    monkeypatch.setattr(wire._Conn, "payload_hasher",
+                        lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append((self.side, scheme)),
+                                                                   orig(self, seq, scheme))[1])
+    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
+    r = c.pull()
+    assert r.state is TransferState.SUCCESS, r.error
+    assert {s for _, s in schemes} == {1} and {side for side, _ in schemes} == {b"S", b"K"}
