@@ -361,6 +361,10 @@ class Orchestrator(GenerationHop):
                 raise APIError(400, f"{key}={value}: disaggregated serving runs one sequence per request (the "
                                f"generation server decodes on from one context server's KV); accepted: 1, or "
                                f"send several requests", param=key)
+        if body.get("stream") is True and body.get("prompt_logprobs") is not None:
+            # the generation server would refuse it, after the context server had prefilled and pinned the KV
+            raise APIError(400, "prompt_logprobs are answered by non-streaming requests only (as vLLM's); set stream "
+                           "to false or leave prompt_logprobs out", param="prompt_logprobs")
         headers = {"X-Request-Id": rid}
         if "authorization" in client_headers:  # the servers check the client's key (serve --api_key)
             headers["Authorization"] = client_headers["authorization"]

@@ -274,7 +274,7 @@ def test_a_stream_with_logprobs_is_not_resumed(orchestrator, fakes, route, extra
     assert not fakes["gen_b"].received
 
 
-def test_several_sequences_are_refused_before_any_server_is_asked(orchestrator, fakes):
+def test_several_sequences_or_streamed_prompt_logprobs_are_refused_before_any_server_is_asked(orchestrator, fakes):
     o = orchestrator(two_gens(fakes))
     for route, body in (("/v1/completions", {"prompt": "x", "n": 2}),
                         ("/v1/completions", {"prompt": "x", "best_of": 3}),
@@ -286,6 +286,8 @@ def test_several_sequences_are_refused_before_any_server_is_asked(orchestrator, 
         key = "n" if "n" in body else "best_of"
         assert r.status_code == 400 and err["param"] == key and f"{key}={int(body[key])}" in err["message"], err
         assert "disaggregated_params" not in err["message"] and "\n" not in err["message"]
+    r = o.post("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "prompt_logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
     assert all(not s.received for s in fakes.values())
 
 
