@@ -21,6 +21,7 @@ from tqdm import tqdm
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
+from meshserve.engine import disagg
 from meshserve.engine.messages import DisaggRequest
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
@@ -31,7 +32,7 @@ from meshserve.outputs import DisaggregatedParams, RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
-from meshserve.worker.main import exit_launched_rank, run_launched_rank
+from meshserve.worker.main import run_launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,7 @@ class LLM:
             # engine, this rank holds its shard until rank 0 shuts down. Its script does not go on
             # past LLM(): its generate() would have nothing to run. meshserve-launch avoids
             # running the script on worker ranks at all.
-            code = run_launched_rank(self.args, self.model_path, launch)
-            logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
-            exit_launched_rank(code)
+            run_launched_rank(self.args, self.model_path, launch)  # ends the process
         ModelConfig.from_pretrained(self.model_path)  # a bad config.json: our one-line error, not the tokenizer's
         tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)
@@ -143,8 +142,7 @@ class LLM:
         if params.n != 1:
             raise ValueError(f"disaggregated_params: a {dp.request_type} request has one sequence; n={params.n}")
         if dp.request_type == "context_only":
-            return params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1)), DisaggRequest("context_only")
-        from meshserve.engine import disagg
+            return disagg.context_only_params(params), DisaggRequest("context_only")
         kv = disagg.generation_request(dp.opaque_state, ids, self._core.kv_layouts, dp.first_gen_tokens,
                                        dp.ctx_request_id, logprobs=params.logprobs,
                                        prompt_logprobs=params.prompt_logprobs)
@@ -173,22 +171,11 @@ class LLM:
             return out
         if not hasattr(state, "disaggregated_params"):
             params = self._context_only.pop(state.request_id, None)
-            state.disaggregated_params = self._context_answer(out, params) if params is not None else None
+            dp = disagg.context_answer(out, params, self._core.kv_layouts) if params is not None else None
+            state.disaggregated_params = None if dp is None else DisaggregatedParams(
+                dp["request_type"], dp["first_gen_tokens"], dp["ctx_request_id"], dp["opaque_state"])
         out.disaggregated_params = state.disaggregated_params
         return out
-
-    def _context_answer(self, out: RequestOutput, params: SamplingParams) -> Optional[DisaggregatedParams]:
-        seq = out.outputs[0]
-        if out.kv_transfer_params is None or seq.finish_reason != "length" or not seq.token_ids:
-            return None
-        from meshserve.engine import disagg
-        logprobs = (params.logprobs, seq.logprobs[0]) if params.logprobs is not None and seq.logprobs else None
-        prompt_lp = ((params.prompt_logprobs, out.prompt_logprobs)
-                     if params.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
-        dp = disagg.context_params(out.request_id, out.prompt_token_ids, seq.token_ids[0], self._core.kv_layouts,
-                                   out.kv_transfer_params, logprobs=logprobs, prompt_logprobs=prompt_lp)
-        return DisaggregatedParams(dp["request_type"], dp["first_gen_tokens"], dp["ctx_request_id"],
-                                   dp["opaque_state"])
 
     # ---- the engine loop ---------------------------------------------------------------------------
     def _step(self) -> None:

@@ -197,3 +197,21 @@ def bf16_agreement_with_fp32(max_tokens: int = 32, **llm_kw) -> tuple[float, flo
             total += 1
     free = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(fp32, bf16)) / sum(map(len, fp32))
     return same / total, free
+
+
+def assert_logprobs_close(got, want, tol: float = 1e-3) -> None:
+    """Two responses' logprobs (or any JSON holding them) alike: the same structure, tokens and ids
+    exactly, numbers within tol (two servers' fp32 sums, e.g. a TP 2 context server's against an
+    aggregated one's, or a prefill's against a decode's, run in another order)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
+        for k in want:
+            assert_logprobs_close(got[k], want[k], tol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (got, want)
+        for g, w in zip(got, want):
+            assert_logprobs_close(g, w, tol)
+    elif isinstance(want, float):
+        assert abs(got - want) <= tol, (got, want)
+    else:
+        assert got == want

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from meshserve.commands import OneLineErrorParser
 from meshserve.errors import DEBUG_HINT, describe
@@ -176,14 +176,11 @@ def _launch(args):
     return launch_for(args)
 
 
-def _run_worker_rank(args, model_path: str, launch) -> int:
+def _run_worker_rank(args, model_path: str, launch) -> NoReturn:
     """Ranks > 0 of a launcher-started world hold their model shard for rank 0's engine until it
     shuts down; only rank 0 serves HTTP."""
-    from meshserve.worker.main import exit_launched_rank, run_launched_rank
-    code = run_launched_rank(args, model_path, launch)
-    logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
-    exit_launched_rank(code)
-    return code  # not reached
+    from meshserve.worker.main import run_launched_rank
+    run_launched_rank(args, model_path, launch)  # ends the process
 
 
 def _check_layout(args, model_path: str) -> None:

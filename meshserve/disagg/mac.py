@@ -110,9 +110,3 @@ class SegmentedMac:
         digests = b"".join(d.result() if isinstance(d, Future) else d for d in self._done)
         return hmac.new(self._key, self._prefix + _U64.pack(self._length) + digests, hashlib.sha256).digest()
 
-
-def payload_mac(key: bytes, prefix: bytes, data) -> bytes:
-    """The MAC of a whole payload at once (wire._Conn.payload_mac is the connections' form of it)."""
-    h = SegmentedMac(key, prefix)
-    h.update(data)
-    return h.digest()

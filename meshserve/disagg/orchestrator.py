@@ -68,7 +68,7 @@ from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADE
 from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRelay, UpstreamFailed, _ints, _one_line,
                                     _passthrough, describe)
 from meshserve.disagg.router import Router, Server, create_router
-from meshserve.serve.protocol import APIError, decode_json_body
+from meshserve.serve.protocol import STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body
 
 __all__ = [  # this module's names, and the ones it re-exports from the modules it was split into
     "COMPLETIONS_DEFAULT_MAX_TOKENS", "GROUP_KEYS", "MEMBERSHIP_LABEL", "ORCHESTRATOR_KEYS", "RESUME_KEYS", "SSE_DONE",
@@ -363,8 +363,7 @@ class Orchestrator(GenerationHop):
                                f"send several requests", param=key)
         if body.get("stream") is True and body.get("prompt_logprobs") is not None:
             # the generation server would refuse it, after the context server had prefilled and pinned the KV
-            raise APIError(400, "prompt_logprobs are answered by non-streaming requests only (as vLLM's); set stream "
-                           "to false or leave prompt_logprobs out", param="prompt_logprobs")
+            raise APIError(400, STREAMED_PROMPT_LOGPROBS, param="prompt_logprobs")
         headers = {"X-Request-Id": rid}
         if "authorization" in client_headers:  # the servers check the client's key (serve --api_key)
             headers["Authorization"] = client_headers["authorization"]

@@ -85,6 +85,27 @@ def context_params(ctx_request_id: str, prompt_token_ids: Sequence[int], first_t
             "opaque_state": signed.sign(payload, signed.secret_key() if key is None else key)}
 
 
+def context_only_params(params):
+    """A context_only request's engine params: the prompt and one token (its EOS still banned under
+    min_tokens); the generation server does the rest."""
+    return params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
+
+
+def context_answer(out, params, layouts: Sequence[RankLayout]) -> Optional[dict]:
+    """The `disaggregated_params` of a finished context_only request's RequestOutput (`params`: its
+    SamplingParams, for the logprobs to carry), or None when its first token finished it (EOS, a stop
+    token or string: no KV is kept, the output is the whole answer). The API server's and the LLM
+    API's answer."""
+    seq = out.outputs[0] if out.outputs else None
+    if out.kv_transfer_params is None or seq is None or seq.finish_reason != "length" or not seq.token_ids:
+        return None
+    logprobs = (params.logprobs, seq.logprobs[0]) if params.logprobs is not None and seq.logprobs else None
+    prompt_lp = ((params.prompt_logprobs, out.prompt_logprobs)
+                 if params.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
+    return context_params(out.request_id, out.prompt_token_ids, seq.token_ids[0], layouts, out.kv_transfer_params,
+                          logprobs=logprobs, prompt_logprobs=prompt_lp)
+
+
 def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[int], layouts: Sequence[RankLayout],
                        first_gen_tokens: Optional[Sequence[int]] = None, ctx_request_id: Optional[str] = None,
                        key: Optional[bytes] = None, logprobs: Optional[int] = None,

@@ -15,6 +15,7 @@ from typing import Optional
 
 from meshserve.executor.base import Executor
 from meshserve.engine.kv_cache import KVCacheManager
+from meshserve.engine.disagg import context_only_params
 from meshserve.engine.messages import DisaggRequest, EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -171,7 +172,7 @@ class EngineCore:
             raise ValueError(f"n={params.n}: a {disagg.kind} request has exactly one sequence")
         if disagg.kind == "context_only":
             # the prompt and the first token (its EOS still banned under min_tokens); a generation server does the rest
-            return params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))
+            return context_only_params(params)
         if disagg.kind != "generation_only":
             raise ValueError(f"disaggregated_params.request_type={disagg.kind!r}: expected context_only or "
                              f"generation_only")

@@ -353,7 +353,7 @@ class Scheduler:
         """The prompt logprobs a step adds: a step from position s computed the entries of prompt
         positions s + 1.. (position 0 has None: nothing precedes it, so a one-token prompt's are
         [None]); those already sent before a preemption's recompute are dropped."""
-        if req.params.prompt_logprobs is None or req.num_prompt_logprobs_sent >= req.num_prompt_tokens:
+        if req.num_prompt_logprobs_sent >= req.num_prompt_tokens:
             return None
         start = sr.num_computed_tokens
         if start == 0:
@@ -385,7 +385,8 @@ class Scheduler:
             if req.status == RequestStatus.PREEMPTED:
                 continue
             out = None
-            plp = self._new_prompt_logprobs(req, sr, result.prompt_logprobs.get(sr.req_id))
+            plp = (self._new_prompt_logprobs(req, sr, result.prompt_logprobs.get(sr.req_id))
+                   if req.params.prompt_logprobs is not None else None)  # a step's common case: no call
             if plp:
                 out = EngineCoreOutput(sr.req_id, prompt_logprobs=plp)
             self.kv.cache_full_blocks(req)

@@ -24,7 +24,6 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import meshserve
@@ -37,6 +36,7 @@ from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
+from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
                                       decode_json_body, error_body, from_validation_error, from_value_error)
 from meshserve.tokenize import PromptEncoder
@@ -246,7 +246,7 @@ class OpenAIServing:
             if req.stream:
                 raise bad_request(f"{where}: a context_only request is answered whole; set stream to false", "stream")
             kv = DisaggRequest("context_only")
-            params = params.clone(max_tokens=1, min_tokens=min(params.min_tokens, 1))  # min_tokens: the rest is the generation server's
+            params = disagg.context_only_params(params)
         else:
             try:
                 kv = disagg.generation_request(dp.opaque_state, prompts[0][1], self.engine.ready.kv_layouts,
@@ -266,20 +266,12 @@ class OpenAIServing:
         """A context_only response: the body plus the disaggregated_params a generation server needs;
         without them when the first token finished the request (EOS, a stop token or string: the
         engine keeps no KV for it then), so the orchestrator answers the client with this."""
-        finish = out.outputs[0].finish_reason if out.outputs else None
-        if out.kv_transfer_params is None or finish != "length" or not out.outputs[0].token_ids:
+        dp = disagg.context_answer(out, params, self.engine.ready.kv_layouts)
+        if dp is None:
             logger.info("request %s: finished (%s) with its first token; no disaggregated_params", out.request_id,
-                        finish)
+                        out.outputs[0].finish_reason if out.outputs else None)
             return body
-        seq = out.outputs[0]
-        logprobs = prompt_logprobs = None
-        if params.logprobs is not None and seq.logprobs:
-            logprobs = (params.logprobs, seq.logprobs[0])
-        if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
-            prompt_logprobs = (params.prompt_logprobs, out.prompt_logprobs)
-        body["disaggregated_params"] = disagg.context_params(
-            out.request_id, out.prompt_token_ids, seq.token_ids[0], self.engine.ready.kv_layouts,
-            out.kv_transfer_params, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        body["disaggregated_params"] = dp
         return body
 
     @staticmethod
@@ -514,26 +506,8 @@ class AuthMiddleware:
         return await self.app(scope, receive, send)
 
 
-def _request_schemas() -> tuple[dict, dict]:
-    """The request bodies for the app's OpenAPI document: the routes read the raw body and validate
-    it with protocol.py's models themselves (parse), so FastAPI cannot see them. Returns each
-    route's `openapi_extra` (a requestBody referring to its model) and the components' schemas
-    (the models and the ones they use, their `$defs` moved there)."""
-    models = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
-    refs, doc = models_json_schema([(m, "validation") for m in models.values()],
-                                   ref_template="#/components/schemas/{model}")
-    extras = {path: {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": refs[(m, "validation")]}}}} for path, m in models.items()}
-    return extras, doc.get("$defs", {})
-
-
-_ROUTE_BODIES, _BODY_SCHEMAS = _request_schemas()
-
-
 def openapi_document() -> dict:
-    """The server's OpenAPI document (routes, request bodies) without an engine. The server does
-    not serve it (openapi_url is None); tests/serve/test_fuzz.py fuzzes the server from it
-    (docs/fuzzing.md)."""
+    """The server's OpenAPI document (routes, request bodies: serve/openapi.py) without an engine."""
     stub = type("NoEngine", (), {"metrics": None, "config": ServerConfig(served_model_name="", model_path="")})()
     return build_app(stub).openapi()  # type: ignore[arg-type]
 
@@ -585,11 +559,11 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
         logger.exception("internal error")
         return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}", "server_error"))
 
-    @app.post("/v1/completions", openapi_extra=_ROUTE_BODIES["/v1/completions"])
+    @app.post("/v1/completions", openapi_extra=ROUTE_BODIES["/v1/completions"])
     async def completions(raw: Request):
         return await serving.create_completion(raw)
 
-    @app.post("/v1/chat/completions", openapi_extra=_ROUTE_BODIES["/v1/chat/completions"])
+    @app.post("/v1/chat/completions", openapi_extra=ROUTE_BODIES["/v1/chat/completions"])
     async def chat_completions(raw: Request):
         return await serving.create_chat_completion(raw)
 
@@ -614,15 +588,7 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(serving.engine.healthy), media_type=CONTENT_TYPE)
 
-    default_openapi = app.openapi
-
-    def openapi() -> dict:  # FastAPI's document plus the request bodies' schemas its routes refer to
-        if app.openapi_schema is None:
-            default_openapi().setdefault("components", {}).setdefault("schemas", {}).update(_BODY_SCHEMAS)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
+    with_request_bodies(app)
     if serving.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=serving.config.api_key, metrics=metrics)
     return app

@@ -205,8 +205,7 @@ class SamplingRequest(OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if getattr(self, "prompt_logprobs", None) is not None and self.stream:
-            raise ValueError("prompt_logprobs are answered by non-streaming requests only (as vLLM's); set stream "
-                             "to false or leave prompt_logprobs out")
+            raise ValueError(STREAMED_PROMPT_LOGPROBS)
         fields = dict(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=self.stop,
                       stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=logit_bias,
@@ -221,6 +220,8 @@ class SamplingRequest(OpenAIModel):
 
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
+STREAMED_PROMPT_LOGPROBS = ("prompt_logprobs are answered by non-streaming requests only (as vLLM's); set stream to "
+                            "false or leave prompt_logprobs out")
 
 
 class CompletionRequest(SamplingRequest):

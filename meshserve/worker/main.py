@@ -4,8 +4,8 @@
   checks in with rank 0's store first, so rank 0 can tell a child that died while starting (the
   usual cause: a script without the `__main__` guard) from one that is still loading.
 - `run_launched_rank`: a rank > 0 that an outside launcher (torchrun, mpirun, srun) started with
-  the same arguments as rank 0; `meshserve serve` and `LLM()` call it on such ranks, then
-  `exit_launched_rank` ends the process (as a spawned rank ends: no interpreter teardown).
+  the same arguments as rank 0; `meshserve serve` and `LLM()` call it on such ranks, and it ends
+  the process when rank 0 shuts down (as a spawned rank ends: no interpreter teardown).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import torch.distributed as dist
 from tqdm import tqdm
@@ -55,25 +56,19 @@ def spawned_main(spec_json: str) -> None:
     os._exit(code)  # skip interpreter teardown: process-group destructors can block at exit
 
 
-def run_launched_rank(args: LlmArgs, model_path: str, launch: LaunchInfo) -> int:
+def run_launched_rank(args: LlmArgs, model_path: str, launch: LaunchInfo) -> NoReturn:
     """A rank > 0 started by a launcher: hold this rank's shard for rank 0's engine until it shuts
-    down; returns 0, or 1 if this rank failed (the error went to rank 0 and the log)."""
+    down, then end the process with 0, or 1 if this rank failed (the error went to rank 0 and the
+    log). It never returns: the script has nothing left to run on this rank (LLM() never returns
+    here), and an interpreter teardown with the process groups alive can abort in C++ ("terminate
+    called without an active exception", seen once in CI on a two-namespace TP=4 run)."""
     logger.info("rank %d of %d (%s): serving rank 0's engine as a worker", launch.rank, launch.world_size,
                 launch.launcher)
     spec = RankSpec(launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port,
                     args.model_dump(), model_path, launch.secret.encode().hex() if launch.secret else None,
                     spawned=False, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
     code = run_worker(spec)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return code
-
-
-def exit_launched_rank(code: int) -> None:
-    """End a launched worker rank once rank 0 has shut down: logs and stdio flushed, then os._exit,
-    as a spawned rank ends. An interpreter teardown with the process groups alive can abort in C++
-    ("terminate called without an active exception", seen once in CI on a two-namespace TP=4 run),
-    and the script has nothing left to run on this rank (LLM() never returns here)."""
+    logger.info("rank %d: rank 0 shut down; this worker rank exits with code %d", launch.rank, code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve"))
 from serve_util import REPO, ServerProcess, free_port  # noqa: E402
 
-from helpers import build_checkpoint  # noqa: E402
+from helpers import assert_logprobs_close, build_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,22 +140,6 @@ def test_chat_matches_the_aggregated_server_streamed_and_not(cluster):
         assert streamed(dis) == streamed(agg) == (want.choices[0].message.content, 16)
 
 
-def _close(got, want, tol: float = 1e-3) -> None:
-    """Logprobs alike: tokens exactly, numbers within tol (two servers' fp32 prefill vs decode)."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
-        for k in want:
-            _close(got[k], want[k], tol)
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), (got, want)
-        for g, w in zip(got, want):
-            _close(g, w, tol)
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, abs=tol)
-    else:
-        assert got == want
-
-
 def test_logprobs_through_the_orchestrator_match_the_aggregated_server(cluster):
     """The first token's logprobs come from the context server (signed into disaggregated_params),
     the rest from the generation server: completions (with echo too) and chat, streamed and not."""
@@ -165,7 +149,7 @@ def test_logprobs_through_the_orchestrator_match_the_aggregated_server(cluster):
     for extra in ({"logprobs": 3}, {"logprobs": 1, "echo": True}):
         want, got = agg.completions.create(**kw, **extra), dis.completions.create(**kw, **extra)
         assert got.choices[0].text == want.choices[0].text
-        _close(got.choices[0].logprobs.model_dump(), want.choices[0].logprobs.model_dump())
+        assert_logprobs_close(got.choices[0].logprobs.model_dump(), want.choices[0].logprobs.model_dump())
         assert len(got.choices[0].logprobs.tokens) == 8 + (len(want.choices[0].logprobs.tokens) - 8
                                                           if extra.get("echo") else 0)
 
@@ -179,13 +163,13 @@ def test_logprobs_through_the_orchestrator_match_the_aggregated_server(cluster):
         return lp
 
     got = streamed(dis)
-    _close(got, streamed(agg))
+    assert_logprobs_close(got, streamed(agg))
     assert len(got["tokens"]) == 8
 
     chat = dict(model=model, messages=[{"role": "user", "content": "Explain quantum computing"}], max_tokens=8,
                 temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     want, got = agg.chat.completions.create(**chat), dis.chat.completions.create(**chat)
-    _close([e.model_dump() for e in got.choices[0].logprobs.content],
+    assert_logprobs_close([e.model_dump() for e in got.choices[0].logprobs.content],
            [e.model_dump() for e in want.choices[0].logprobs.content])
     assert len(got.choices[0].logprobs.content) == 8
 
@@ -193,7 +177,7 @@ def test_logprobs_through_the_orchestrator_match_the_aggregated_server(cluster):
         return [e.model_dump() for c in client.chat.completions.create(**chat, stream=True) for ch in c.choices
                 if ch.logprobs for e in ch.logprobs.content]
 
-    _close(chat_streamed(dis), chat_streamed(agg))
+    assert_logprobs_close(chat_streamed(dis), chat_streamed(agg))
 
 
 def test_both_context_servers_served_and_the_request_id_reached_them(cluster):

@@ -16,7 +16,7 @@ import httpx
 import msgspec
 import pytest
 
-from helpers import build_checkpoint
+from helpers import assert_logprobs_close, build_checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve"))
 from serve_util import free_port, start_server  # noqa: E402
@@ -169,23 +169,6 @@ def test_chat_matches_aggregated(servers, stream):
     assert wait_used(gen) == 0 and wait_used(ctx) == 0
 
 
-def close_logprobs(got, want, tol: float = 1e-3) -> None:
-    """Two responses' logprobs alike: the same structure, tokens and ids exactly, numbers within tol
-    (the context server is TP 2: its fp32 sums run in another order than the aggregated server's)."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
-        for k in want:
-            close_logprobs(got[k], want[k], tol)
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), (got, want)
-        for g, w in zip(got, want):
-            close_logprobs(g, w, tol)
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, abs=tol), (got, want)
-    else:
-        assert got == want
-
-
 def stream_logprobs(events: list[dict], chat: bool):
     """A stream's logprobs joined as a whole response holds them."""
     if chat:
@@ -227,10 +210,10 @@ def test_logprobs_come_with_the_first_token_and_match_aggregated(servers, stream
             want, got = ref["choices"][0]["logprobs"], out["choices"][0]["logprobs"]
             if "prompt_logprobs" in body:  # completions: in the choice; chat: at the top level
                 holder, ref_holder = (out, ref) if chat else (out["choices"][0], ref["choices"][0])
-                close_logprobs(holder["prompt_logprobs"], ref_holder["prompt_logprobs"])
+                assert_logprobs_close(holder["prompt_logprobs"], ref_holder["prompt_logprobs"])
                 assert len(holder["prompt_logprobs"]) == out["usage"]["prompt_tokens"]
             assert out["choices"][0].get("text", "") == ref["choices"][0].get("text", "")
-        close_logprobs(got, want)
+        assert_logprobs_close(got, want)
     assert wait_used(gen) == 0 and wait_used(ctx) == 0
 
 

@@ -669,13 +669,21 @@ def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backen
     from meshserve.disagg import mac, wire
 
     monkeypatch.setattr(mac, "SEGMENT", 64)
-    schemes = []
+    schemes = []  # (side, scheme) of every payload MAC taken
     orig = wire._Conn.payload_hasher
-    monkeypatch.setattr(wire._Conn, "payload_hasher",
-                        lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append((self.side, scheme)),
-                                                                   orig(self, seq, scheme))[1])
-    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
-    r = c.pull()
+
+    def record_schemes():
+        schemes.clear()
+        monkeypatch.setattr(wire._Conn, "payload_hasher",
+                            lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append((self.side, scheme)),
+                                                                       orig(self, seq, scheme))[1])
+
+    def verifying_pull():
+        c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
+        return c, c.pull()
+
+    record_schemes()
+    c, r = verifying_pull()
     assert r.state is TransferState.SUCCESS, r.error
     assert c.sinks[0].kv_caches and {s for _, s in schemes} == {2}
     got = _read(c.sinks[0].kv_caches[0], c.sinks[0].layout, c.dst_ids[0][0], 40)
@@ -691,13 +699,10 @@ def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backen
     orig_send = wire._Conn.send
     monkeypatch.setattr(wire._Conn, "send", lambda self, msg: orig_send(
         self, msgspec.structs.replace(msg, mac_v=1) if isinstance(msg, wire.Hello) else msg))
-    schemes.clear()
-    monkeypatch.setattr(wire._Conn, "payload_hasher",
-                        lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append(scheme), orig(self, seq, scheme))[1])
-    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
-    r = c.pull()
+    record_schemes()
+    _, r = verifying_pull()
     assert r.state is TransferState.SUCCESS, r.error
-    assert schemes and set(schemes) == {1}
+    assert schemes and {s for _, s in schemes} == {1}
 
     # and a sink of an older build (its Reads carry no mac_v: 1) served by this source
     monkeypatch.undo()
@@ -709,11 +714,7 @@ def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backen
         return conn
 
     monkeypatch.setattr(tcp.TcpKvSink, "_connect", old_sink_connect)
-    schemes.clear()
-    monkeypatch.setattr(wire._Conn, "payload_hasher",
-                        lambda self, seq, scheme=wire.MAC_SCHEME: (schemes.append((self.side, scheme)),
-                                                                   orig(self, seq, scheme))[1])
-    c = cluster([_layout((0, 1))], [_layout((0, 1))], 40, sink_kwargs={"verify_payload": True})
-    r = c.pull()
+    record_schemes()
+    _, r = verifying_pull()
     assert r.state is TransferState.SUCCESS, r.error
     assert {s for _, s in schemes} == {1} and {side for side, _ in schemes} == {b"S", b"K"}
