@@ -83,6 +83,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "gpus_per_node", type=int, default=None, help="accepted for trtllm-serve compatibility; "
           "ranks are placed by the launcher")
     _flag(parser, "trust_remote_code", action="store_true", default=None, help="allow custom tokenizer code")
+    _flag(parser, "enable_attention_dp", action="store_true", default=None,
+          help="attention data parallelism: every rank runs its own requests through replicated attention, the "
+               "experts stay split over tp_size x ep_size (YAML: enable_attention_dp, attention_dp_config)")
     _flag(parser, "served_model_name", default=None,
           help="model name clients send and /v1/models lists (default: the model folder's name)")
     _flag(parser, "api_key", default=os.environ.get("MESHSERVE_API_KEY"),
@@ -132,6 +135,8 @@ def llm_args_from_cli(ns: argparse.Namespace):
             values[field] = value
     if ns.trust_remote_code:
         values["trust_remote_code"] = True
+    if ns.enable_attention_dp:
+        values["enable_attention_dp"] = True
     if ns.kv_cache_free_gpu_memory_fraction is not None:
         kv = values.get("kv_cache_config") or {}
         if not isinstance(kv, dict):

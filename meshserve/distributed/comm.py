@@ -75,6 +75,7 @@ class SoloParallelState:
         self.world = SOLO
         for name in DIMENSIONS:
             setattr(self, name, SOLO)
+        self.dp_tokens = None
 
 
 SOLO_STATE = SoloParallelState()

@@ -212,6 +212,9 @@ class ParallelState:
                                       *self._cache[all_ranks])
         for name in DIMENSIONS:
             setattr(self, name, self._build(name, getattr(mapping, f"{name}_groups"), timeout))
+        # attention DP: the step's token counts of the attn_dp ranks, which the MoE layers gather
+        # over (layers/dp_attention.py DpTokens, set by the model runner; None without attention DP)
+        self.dp_tokens = None
 
     def _new_group(self, ranks: list[int], backend: str, timeout: datetime.timedelta | None):
         kwargs = {} if timeout is None else {"timeout": timeout}

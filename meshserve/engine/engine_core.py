@@ -16,6 +16,7 @@ from typing import Optional
 from meshserve.executor.base import Executor
 from meshserve.engine.kv_cache import KVCacheManager
 from meshserve.engine.disagg import context_only_params
+from meshserve.engine.dp_coordinator import DpKvView, DpScheduler
 from meshserve.engine.messages import DisaggRequest, EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -101,13 +102,25 @@ def _validate_resume(lim: EngineLimits, n: int, params: SamplingParams, resume) 
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None,
-                 max_n: Optional[int] = None, slow_step_ms: float = 1000.0, kv_transfer=None):
+                 max_n: Optional[int] = None, slow_step_ms: float = 1000.0, kv_transfer=None,
+                 dp_size: int = 1, attention_dp_config=None):
         # kv_groups: the model's KV cache groups (engine/kv_spec.py); None: one full-attention group
         # max_n: LlmArgs.max_n; None: max_batch_size (n sequences beyond one step's batch stall everyone)
         # kv_transfer: LlmArgs.cache_transceiver_config (disaggregated serving); None: refused
+        # dp_size > 1: attention DP, a scheduler and KV cache per rank (engine/dp_coordinator.py);
+        # attention_dp_config: LlmArgs.attention_dp_config (its balancing knobs)
         self.executor = executor
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, kv_groups)
-        self.scheduler = Scheduler(sched_config, self.kv)
+        self.dp_size = dp_size
+        if dp_size > 1:
+            kvs = [KVCacheManager(num_blocks, block_size, enable_prefix_caching, kv_groups) for _ in range(dp_size)]
+            self.kv = DpKvView(kvs)
+            dpc = attention_dp_config
+            self.scheduler = DpScheduler(sched_config, kvs, **({} if dpc is None else dict(
+                enable_balance=dpc.enable_balance, timeout_iters=dpc.timeout_iters,
+                batching_wait_iters=dpc.batching_wait_iters)))
+        else:
+            self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, kv_groups)
+            self.scheduler = Scheduler(sched_config, self.kv)
         self.kv_transfer = kv_transfer
         # every rank's RankLayout, rank 0 first (what a context request's opaque_state carries)
         self.kv_layouts: list = executor.kv_layouts() if kv_transfer is not None else []
@@ -273,7 +286,7 @@ class EngineCore:
                 cap = max(1, -(-min(active, self.scheduler.config.max_batch_size) // depth))
             t0 = time.perf_counter()
             so = self.scheduler.schedule(cap)
-            if so.reqs or so.kv_pulls or so.kv_unregister:  # a step with no requests still tells the ranks
+            if so.has_work():  # a step with no requests may still tell the ranks of KV handovers
                 self.batch_queue.append((so, self.executor.execute_async(so), t0))
                 self._host_s.append(time.perf_counter() - t0)
                 scheduled = True
@@ -288,10 +301,11 @@ class EngineCore:
         done = time.perf_counter()
         self.iteration_latency_s = done - max(t0, self._last_done)
         if self.slow_step_s and self.iteration_latency_s >= self.slow_step_s:
-            tokens = sum(r.num_new_tokens for r in so.reqs)
+            reqs = so.all_reqs()
+            tokens = sum(r.num_new_tokens for r in reqs)
             self._slow_step_log("step %d took %.1f ms: %d sequences, %d tokens (%d in steps of one), "
                                 "%d running, %d waiting", so.step_id, self.iteration_latency_s * 1000,
-                                len(so.reqs), tokens, sum(r.num_new_tokens == 1 for r in so.reqs),
+                                len(reqs), tokens, sum(r.num_new_tokens == 1 for r in reqs),
                                 self.scheduler.num_running, self.scheduler.num_waiting)
         self._periods.append(self.iteration_latency_s)
         self._last_done = done
@@ -337,6 +351,8 @@ class EngineCore:
             extra["expert_load_reports"] = reports
         if self.expert_tokens:
             extra["expert_load_ratio"] = self.expert_load_ratio
+        if self.dp_size > 1:
+            extra["attention_dp_ranks"] = self.scheduler.rank_stats()
         return extra | {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,

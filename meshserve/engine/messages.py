@@ -67,6 +67,16 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     kv_pulls: list[KvPull] = []
     kv_register: list[KvRequest] = []
     kv_unregister: list[str] = []
+    # Attention DP (engine/dp_coordinator.py): the step's part of every DP rank, which runs
+    # dp[its attn_dp rank]; the fields above are then empty
+    dp: list["SchedulerOutput"] = []
+
+    def has_work(self) -> bool:
+        """Whether the ranks must hear of this step: requests to run, or KV handovers to start."""
+        return bool(self.reqs or self.kv_pulls or self.kv_unregister) or any(p.has_work() for p in self.dp)
+
+    def all_reqs(self) -> list[ScheduledRequest]:
+        return self.reqs if not self.dp else [r for p in self.dp for r in p.reqs]
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -217,9 +217,10 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- one step ---------------------------------------------------------------------------
-    def schedule(self, max_seqs: Optional[int] = None) -> SchedulerOutput:
+    def schedule(self, max_seqs: Optional[int] = None, admit_new: bool = True) -> SchedulerOutput:
         """One batch. `max_seqs` caps its sequences (pipelines split the running set into
-        micro-batches so every stage has one to work on)."""
+        micro-batches so every stage has one to work on); `admit_new=False` starts no waiting
+        request this step (attention DP's balancing, engine/dp_coordinator.py)."""
         budget = self.config.max_num_tokens
         max_seqs = max_seqs or self.config.max_batch_size
         scheduled: list[tuple[Request, int]] = []
@@ -259,7 +260,7 @@ class Scheduler:
         # generation_only requests take blocks after the running ones (never preempting them) and
         # before new prompts
         pulls = self._issue_pulls() if self.kv_waiting and not preempted else []
-        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size
+        while (admit_new and self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size
                and len(scheduled) < max_seqs):
             req = self.waiting[0]
             computed, num_cached = self.kv.get_computed_blocks(req)

@@ -48,7 +48,16 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
             raise ValueError(f"{', '.join(f'{k}={v}' for k, v in given.items())}: {model_config.architecture} has no "
                              f"experts; leave them unset (expert parallelism is for mixture-of-experts models)")
     if args.enable_attention_dp:
-        raise ValueError("enable_attention_dp=True: attention data parallelism has not landed yet")
+        if args.pipeline_parallel_size > 1:
+            raise ValueError(f"enable_attention_dp=True with pipeline_parallel_size={args.pipeline_parallel_size}: "
+                             f"attention DP runs with one pipeline stage for now; use pipeline_parallel_size=1 or "
+                             f"turn enable_attention_dp off")
+        if args.cache_transceiver_config is not None:
+            raise ValueError("enable_attention_dp=True with cache_transceiver_config: a disaggregated server with "
+                             "attention DP is not supported yet; turn one of them off")
+    elif args.attention_dp_config != AttentionDpConfig():
+        raise ValueError(f"attention_dp_config={args.attention_dp_config.model_dump()} needs "
+                         f"enable_attention_dp=True (it balances the attention DP ranks' requests)")
     if args.cache_transceiver_config is not None:
         check_transfer_backend(args.cache_transceiver_config.backend)
         ctc = args.cache_transceiver_config
@@ -73,9 +82,6 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.moe_config.backend.lower() != "auto" and not model_config.is_moe:
         raise ValueError(f"moe_config.backend={args.moe_config.backend!r}: {model_config.architecture} has no "
                          f"experts; accepted for it: 'auto' (or leave it unset)")
-    if args.attention_dp_config != AttentionDpConfig():
-        raise ValueError(f"attention_dp_config={args.attention_dp_config.model_dump()}: attention data parallelism "
-                         f"has not landed yet; leave attention_dp_config unset")
     if args.backend not in (None, "pytorch"):
         raise ValueError(f"backend={args.backend!r} is not supported; accepted: 'pytorch' (or None)")
     check_device_settings(args, model_config)
@@ -126,6 +132,8 @@ def check_transfer_host(host: str) -> None:
 def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
     """Errors naming the numbers for a tp/pp layout this model cannot be split into."""
     tp, heads, kv = args.tensor_parallel_size, model_config.num_attention_heads, model_config.num_key_value_heads
+    if args.enable_attention_dp:  # attention and dense MLPs are replicated: only the experts split
+        tp = 1
     if heads % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide num_attention_heads={heads}")
     if kv % tp and tp % kv:
@@ -204,13 +212,16 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
             raise ValueError(no_room_for_kv(args, device, num_blocks, block_size))
         sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
                                 overlap=overlap)
+        mapping = mapping_for(args, model_config)
+        dp_size = mapping.attn_dp_size if args.enable_attention_dp else 1
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
                           model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups,
                           max_n=args.max_n, slow_step_ms=args.slow_step_ms,
-                          kv_transfer=args.cache_transceiver_config)
+                          kv_transfer=args.cache_transceiver_config, dp_size=dp_size,
+                          attention_dp_config=args.attention_dp_config)
     except BaseException:
         executor.shutdown()
         raise
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
-                (num_blocks - 1) * block_size)
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens)%s", num_blocks, block_size,
+                (num_blocks - 1) * block_size, f" on each of {core.dp_size} attention DP ranks" if core.dp_size > 1 else "")
     return core

@@ -76,6 +76,35 @@ class PendingResult:
         return ex._wait_for(lambda m: isinstance(m, Result)).out
 
 
+class DpPendingResult:
+    """Attention DP: a step's outputs from every DP replica's driver (rank 0's own first), merged
+    into one ModelRunnerOutput (each rank's scheduler reads its own requests' rows)."""
+
+    def __init__(self, executor: "MultiProcExecutor", step_id: int, own):
+        self.executor, self.step_id, self.own = executor, step_id, own
+
+    def done(self) -> bool:
+        own_done = getattr(self.own, "done", None)
+        return own_done is None or own_done()
+
+    def result(self) -> ModelRunnerOutput:
+        outs = [self.own.result()] + self.executor._dp_outputs(self.step_id)
+        return merge_outputs(self.step_id, outs)
+
+
+def merge_outputs(step_id: int, outs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
+    merged = ModelRunnerOutput(step_id)
+    want_lp = any(o.logprobs for o in outs)
+    for o in outs:
+        merged.req_ids += o.req_ids
+        merged.sampled_token_ids += o.sampled_token_ids
+        if want_lp:
+            merged.logprobs += o.logprobs or [None] * len(o.req_ids)
+        if o.prompt_logprobs:
+            merged.prompt_logprobs = {**merged.prompt_logprobs, **o.prompt_logprobs}
+    return merged
+
+
 class MultiProcExecutor(Executor):
     def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str,
                  world_size: int, log_level: str = "WARNING"):
@@ -89,6 +118,8 @@ class MultiProcExecutor(Executor):
         self.state = None
         self._closed = False
         self._results: deque = deque()  # Results that arrived while we looked for errors
+        self.dp_drivers: list[int] = []
+        self._dp_results: dict[int, dict[int, ModelRunnerOutput]] = {}  # step id -> rank -> output
         self._expert_reports: list[dict] = []  # from the other pipeline stages
         self.stage_stats: dict[int, StageStats] = {}
         self._kv_layouts: dict = {}  # rank -> RankLayout (disaggregated serving)
@@ -111,6 +142,10 @@ class MultiProcExecutor(Executor):
             spec = RankSpec(0, self.world_size, launch.local_rank if launch else 0, addr, port, args.model_dump(),
                             model_path, None, spawned=launch is None)
             self.runner, self.state = build_rank(spec, store)
+            m = self.state.mapping
+            # attention DP: the other replicas' drivers answer every step (tp-rank 0 of each)
+            self.dp_drivers = [r for r in range(1, world_size) if m.with_rank(r).attn_tp_rank == 0] \
+                if self.runner.dp else []
             shared_key = key or secrets.token_bytes(32)
             self.channel = DriverChannel(addr, shared_key)
             exchange_control_info(self.state, self.channel.endpoint, None if key else shared_key)
@@ -186,6 +221,15 @@ class MultiProcExecutor(Executor):
             self._kv_layouts[msg.rank] = msg.layout
         if isinstance(msg, KvPullDone):
             self._pull_reports.setdefault(msg.req_id, {})[msg.rank] = (msg.ok, msg.error)
+        if isinstance(msg, Result) and self.dp_drivers:
+            self._dp_results.setdefault(msg.out.step_id, {})[msg.rank] = msg.out
+
+    def _dp_outputs(self, step_id: int) -> list[ModelRunnerOutput]:
+        """Every other DP driver's output of step `step_id`, in rank order (waits for them)."""
+        while len(self._dp_results.get(step_id, ())) < len(self.dp_drivers):
+            self._wait_for(lambda m: isinstance(m, Result) and m.out.step_id == step_id)
+        got = self._dp_results.pop(step_id)
+        return [got[r] for r in self.dp_drivers]
 
     def _wait_for(self, pred, timeout_s: Optional[float] = None):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -213,7 +257,7 @@ class MultiProcExecutor(Executor):
             if msg is None:
                 break
             self._handle(msg)
-            if isinstance(msg, Result):
+            if isinstance(msg, Result) and not self.dp_drivers:
                 self._results.append(msg)
         self._check_alive()
 
@@ -257,6 +301,8 @@ class MultiProcExecutor(Executor):
         except Exception as e:
             self._explain_failure(e)
             raise
+        if self.dp_drivers:
+            return DpPendingResult(self, so.step_id, out if hasattr(out, "result") else Done(out))
         if out is None:
             return PendingResult(self)
         return out if hasattr(out, "result") else Done(out)

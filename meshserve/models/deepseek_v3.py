@@ -131,7 +131,7 @@ class DeepseekMoE(nn.Module):
         self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, params_dtype=torch.float32)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, router, parallel,
                                 dtype, backend, layer_idx, load)
-        self.shared_experts = DecoderMLP(cfg, parallel.tp, dtype, cfg.shared_expert_intermediate_size) \
+        self.shared_experts = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size) \
             if cfg.shared_expert_intermediate_size else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,21 +153,23 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.mla = MLAConfig(cfg)
         self.expert_load: Optional[ExpertLoad] = None  # created with the first MoE block
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
-        mla, tp = self.mla, parallel.tp
+        # attention, dense MLPs, shared experts, embedding and LM head split over attn_tp: the tp group,
+        # or one rank with attention DP (layers/dp_attention.py); the experts over moe_tp x moe_ep
+        mla, tp = self.mla, parallel.attn_tp
         rotary_emb = RotaryEmbedding(mla.rope, cfg.max_position_embeddings, cfg.rope)
         self.model = DecoderModel(cfg, tp, dtype, layer_range, is_first, is_last,
                                   lambda i, rope: DeepseekAttention(cfg, mla, tp, dtype, rope), self.make_mlp,
                                   rotary_emb)
         self.lm_head = None
         if is_last:
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel.tp, dtype)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
             if cfg.tie_word_embeddings:
                 self.lm_head.tie_to(self.model.embed_tokens)
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         cfg = self.cfg
         if not (cfg.moe_layers and cfg.moe_layers[layer_idx]):
-            return DecoderMLP(cfg, self.parallel.tp, self.dtype)
+            return DecoderMLP(cfg, self.parallel.attn_tp, self.dtype)
         if self.expert_load is None:
             device = torch.empty(0).device  # the model is built under torch.device(...)
             sparse = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]

@@ -2,7 +2,7 @@
 
 Parameter names follow the HF checkpoints (q/k/v fused into qkv_proj, gate/up into gate_up_proj),
 so `load_weights` maps checkpoint names with a short table. Parallelism enters only through the
-ParallelState handed in (its tp group for the linears; MoE models hand their moe groups to the
+ParallelState handed in (its attn_tp group for the linears: the tp group, or one rank with attention DP; MoE models hand their moe groups to the
 expert layers) and a layer range [start, end) for this pipeline stage. Models whose MLP differs
 per layer (mixture of experts: models/mixtral.py, models/qwen3_moe.py) override `make_mlp`.
 """
@@ -129,10 +129,10 @@ class DecoderForCausalLM(nn.Module):
                  is_first: bool = True, is_last: bool = True, moe_backend: str = "auto"):
         super().__init__()
         self.moe_backend = moe_backend  # moe_config.backend, read by models with experts
-        # parallel: this rank's ParallelState; a dense decoder splits over tp only (pp enters as
-        # layer_range, the stage's layers)
+        # parallel: this rank's ParallelState; a dense decoder splits over attn_tp only (the tp group, or
+        # one rank with attention DP; pp enters as layer_range, the stage's layers)
         parallel = parallel or SOLO_STATE
-        tp_group = parallel.tp
+        tp_group = parallel.attn_tp
         self.cfg = cfg
         self.parallel, self.dtype = parallel, dtype
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
@@ -148,7 +148,7 @@ class DecoderForCausalLM(nn.Module):
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         """The MLP of layer `layer_idx` (a dense one here; MoE models override)."""
-        return DecoderMLP(self.cfg, self.parallel.tp, self.dtype)
+        return DecoderMLP(self.cfg, self.parallel.attn_tp, self.dtype)
 
     def forward(self, input_ids, positions, md, hidden=None, residual=None):
         return self.model(input_ids, positions, md, hidden, residual)

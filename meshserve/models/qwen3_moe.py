@@ -35,7 +35,7 @@ class SparseMoeBlock(nn.Module):
                                 parallel, dtype, backend, layer_idx, load)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = DecoderMLP(cfg, parallel.tp, dtype, cfg.shared_expert_intermediate_size)
+            self.shared_expert = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, bias=False, params_dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

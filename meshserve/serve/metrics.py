@@ -77,6 +77,15 @@ class ServerMetrics:
                                        "tokens-per-expert ratio of a step (averaged over MoE layers); 1 = balanced")
         self.expert_ratio_max = gauge("moe_expert_load_ratio_max", "Largest max/mean tokens-per-expert ratio of "
                                       "one step over the last reported window (averaged over MoE layers)")
+        dp = ["model_name", "dp_rank"]  # attention DP: one series per rank (absent without it)
+        self.dp_running = Gauge("meshserve_attention_dp_requests_running", "Sequences running on each attention "
+                                "DP rank", dp, registry=r)
+        self.dp_waiting = Gauge("meshserve_attention_dp_requests_waiting", "Sequences waiting on each attention "
+                                "DP rank", dp, registry=r)
+        self.dp_kv_usage = Gauge("meshserve_attention_dp_kv_cache_usage_ratio", "Fraction of each attention DP "
+                                 "rank's KV cache blocks held by live sequences (0-1)", dp, registry=r)
+        self.dp_placed = Gauge("meshserve_attention_dp_requests_placed", "Requests placed on each attention DP "
+                               "rank since start", dp, registry=r)
         self._last_preemptions = 0
 
     # ---- EngineObserver ------------------------------------------------------------------------------
@@ -111,6 +120,12 @@ class ServerMetrics:
             self._last_preemptions = preemptions
         for stage, fraction in enumerate(stats.get("pipeline_stage_busy_fraction") or ()):
             self.stage_busy.labels(stage=str(stage), **self.labels).set(fraction)
+        for rank in stats.get("attention_dp_ranks") or ():
+            labels = {"dp_rank": str(rank["dp_rank"]), **self.labels}
+            self.dp_running.labels(**labels).set(rank["num_running"])
+            self.dp_waiting.labels(**labels).set(rank["num_waiting"])
+            self.dp_kv_usage.labels(**labels).set(rank["kv_cache_usage"])
+            self.dp_placed.labels(**labels).set(rank["num_requests_placed"])
         for rep in stats.get("expert_load_reports") or ():
             for layer, counts in zip(rep["layers"], rep["tokens"]):
                 for expert, n in enumerate(counts):

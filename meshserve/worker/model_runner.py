@@ -1,6 +1,6 @@
 """ModelRunner: one rank's model shard, its paged KV cache, and one step's forward + sampling.
 
-Input: a SchedulerOutput (the same on every rank). A first pipeline stage embeds tokens; a later
+Input: a SchedulerOutput (the same on every rank; with attention DP each rank runs its own part). A first pipeline stage embeds tokens; a later
 stage receives hidden states from the previous one; the last stage computes logits and its
 tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None. Attention runs on
 the rank's attention backend (layers/attention), which builds each step's metadata; kernel
@@ -120,21 +120,32 @@ class ModelRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.parallel = parallel or SOLO_STATE
-        self.tp_group = self.parallel.tp
+        self.tp_group = self.parallel.attn_tp  # the tp group, or one rank with attention DP
         self.pp_group = PipelineChannel(self.parallel.pp) if self.parallel.pp.size > 1 else SOLO
         pp_rank, pp_size = self.pp_group.rank_in_group, self.pp_group.size
         self.is_first = pp_rank == 0
         self.is_last = pp_rank == pp_size - 1
+        # Attention DP (enable_attention_dp): this rank runs its own requests, the part of each
+        # SchedulerOutput at its attn_dp rank; the MoE layers gather the slice's tokens (DpTokens)
+        m = self.parallel.mapping
+        self.dp = m.enable_attention_dp and self.parallel.attn_dp.size > 1
+        self.dp_rank = self.parallel.attn_dp.rank_in_group if self.dp else 0
+        self.dp_lockstep = self.dp and model_config.is_moe  # every rank must run each step's MoE collectives
+        if self.dp:
+            from meshserve.layers.dp_attention import DpTokens
+            self.parallel.dp_tokens = DpTokens(self.parallel.attn_dp, self.device)
         # samples: tp-rank 0 of the last stage, in the first attention replica (the MoE "replicate"
-        # layout runs moe_ep replicas of the attention TP group on the same batch)
-        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0 and self.parallel.attn_dp.rank_in_group == 0
+        # layout runs moe_ep replicas of the attention TP group on the same batch); with attention DP
+        # every replica samples its own requests
+        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0 and (
+            self.dp or self.parallel.attn_dp.rank_in_group == 0)
         self.model = build_model(model_config, self.device, cfg.dtype, self.parallel, layer_range,
                                  self.is_first, self.is_last, moe_backend=cfg.moe_backend)
         # expert load (models with experts): counted on the device, reported by one rank per stage
         self.expert_load = getattr(self.model, "expert_load", None)
-        if self.expert_load is not None:
-            self.expert_load.reserve(max(cfg.max_num_tokens, cfg.max_batch_size))
-        m = self.parallel.mapping
+        if self.expert_load is not None:  # with attention DP an MoE layer sees the whole slice's tokens
+            dp_size = self.parallel.attn_dp.size if self.dp else 1
+            self.expert_load.reserve(max(cfg.max_num_tokens, cfg.max_batch_size) * dp_size)
         self.reports_expert_load = self.expert_load is not None and m.tp_rank == 0 and m.attn_dp_rank == 0 \
             and m.cp_rank == 0
         self.expert_reports: list[dict] = []
@@ -165,7 +176,9 @@ class ModelRunner:
         self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
         self.prev_rows: dict[str, int] = {}
-        self.sampler = Sampler(self.device, cfg.seed)
+        # each attention-DP rank draws its own noise for unseeded requests (the same seed on every
+        # rank would give two requests sampled in the same step on two ranks the same draws)
+        self.sampler = Sampler(self.device, cfg.seed + 7919 * self.dp_rank)
         self.kv_caches: list[torch.Tensor] = []
         self.kv_transfer = None  # worker/kv_transfer.py RankTransfer, with cfg.kv_transfer, once the cache exists
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
@@ -199,6 +212,9 @@ class ModelRunner:
         sizes = self.cfg.cuda_graph_batch_sizes
         if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 \
                 or not self.attn_backend.supports_cuda_graphs:
+            return
+        if self.dp:  # each rank's batch differs, and the MoE layers' gathers are sized per step
+            logger.info("CUDA graphs are off with enable_attention_dp: steps run eagerly")
             return
         blocks = self.model.moe_blocks() if hasattr(self.model, "moe_blocks") else {}
         eager = sorted({b.experts.backend_name for b in blocks.values()} & {"VANILLA"})
@@ -263,7 +279,13 @@ class ModelRunner:
         if not self.is_first:
             hidden = torch.zeros(n, self.model_config.hidden_size, dtype=self.cfg.dtype, device=self.device)
             residual = torch.zeros_like(hidden)
-        hidden, _ = self.model(ids, pos, md, hidden, residual)
+        if self.dp_lockstep:  # every rank at its largest step: the MoE layers see all their tokens
+            self.parallel.dp_tokens.set_step([n] * self.parallel.attn_dp.size)
+        try:
+            hidden, _ = self.model(ids, pos, md, hidden, residual)
+        finally:
+            if self.dp:
+                self.parallel.dp_tokens.clear()
         if self.is_last:
             logits = self.model.compute_logits(hidden[-1:])
             if self.is_driver:
@@ -291,6 +313,42 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     @torch.no_grad()
     def execute(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        if self.dp:
+            return self._execute_dp(so)
+        return self._execute(so)
+
+    def _execute_dp(self, so: SchedulerOutput):
+        """Attention DP: run this rank's part of the step (engine/dp_coordinator.py); every DP
+        driver answers every step. A rank without requests in a step with work elsewhere runs a
+        one-token dummy forward for the MoE layers' collectives (contributing no rows)."""
+        part = so.dp[self.dp_rank] if so.dp else SchedulerOutput(so.step_id)
+        dp_tokens = self.parallel.dp_tokens
+        counts = [sum(r.num_new_tokens for r in p.reqs) for p in so.dp]
+        if self.dp_lockstep and any(counts):
+            dp_tokens.set_step(counts, dummy=not part.reqs)
+        try:
+            if part.reqs or not dp_tokens.active:
+                return self._execute(part)
+            self.batch.update(part)
+            self._dummy_forward()
+            return ModelRunnerOutput(so.step_id) if self.is_driver else None
+        finally:
+            dp_tokens.clear()
+
+    def _dummy_forward(self) -> None:
+        """One token at position 0, its KV written into the null block 0 (never read unmasked)."""
+        dev, bs = self.device, self.cfg.block_size
+        md = self.attn_backend.build(AttentionMetadata(
+            slot_mapping=torch.zeros(1, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([1], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev),
+            max_query_len=1, max_seq_len=1, block_size=bs), [1])
+        ids = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.model(ids, torch.zeros_like(ids), md, None, None)
+        self._end_expert_step(0)
+
+    def _execute(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         if self.kv_transfer is not None and (so.kv_pulls or so.kv_register or so.kv_unregister):
             self.kv_transfer.on_step(so)
         self.batch.update(so)
@@ -331,6 +389,8 @@ class ModelRunner:
     def _end_expert_step(self, num_tokens: int) -> None:
         if self.expert_load is None:
             return
+        if self.dp:  # the MoE layers routed the rows of every DP rank
+            num_tokens = self.parallel.dp_tokens.total if self.parallel.dp_tokens.active else 0
         report = self.expert_load.end_step(num_tokens)
         if report is not None and self.reports_expert_load:
             self.expert_reports.append(report)
@@ -351,7 +411,7 @@ class ModelRunner:
         else:
             tokens, lp = torch.empty(len(inp.req_ids), dtype=torch.int64, device=self.device), None
         if self.cfg.overlap:
-            if self.parallel.attn_dp.size > 1:  # first to tp-rank 0 of every attention replica
+            if self.parallel.attn_dp.size > 1 and not self.dp:  # first to tp-rank 0 of every attention replica
                 self.parallel.attn_dp.broadcast(tokens, 0)
             if self.tp_group.size > 1:
                 self.tp_group.broadcast(tokens, 0)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import traceback
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -137,9 +138,14 @@ def run_worker(spec: RankSpec, store=None) -> int:
         channel.send(Ready(spec.rank))
         parent = os.getppid()
         report_busy = state.mapping.pp_size > 1 and state.mapping.tp_rank == 0
+        # results still on the device (a driver with the overlap scheduler: attention DP), in order
+        pending: deque = deque()
         while True:
             transfer = runner.kv_transfer
-            msg = channel.recv(2 if transfer is not None and transfer.busy else 1000)
+            while pending and (pending[0].done() or len(pending) > 1):
+                channel.send(Result(spec.rank, pending.popleft().result()))
+            busy = (transfer is not None and transfer.busy) or pending
+            msg = channel.recv(2 if busy else 1000)
             if transfer is not None:  # pulls this rank finished, for rank 0 to gather
                 for rid, ok, error in transfer.take_results():
                     channel.send(KvPullDone(spec.rank, rid, ok, error))
@@ -149,7 +155,9 @@ def run_worker(spec: RankSpec, store=None) -> int:
                 continue
             if isinstance(msg, Step):
                 out = runner.execute(msg.so)
-                if out is not None:
+                if hasattr(out, "result"):  # sent once the device is done (loop top)
+                    pending.append(out)
+                elif out is not None:
                     channel.send(Result(spec.rank, out))
                 for report in runner.take_expert_reports():
                     channel.send(ExpertLoadReport(spec.rank, report))

@@ -4,9 +4,9 @@ Expert placement follows Mapping's MoE rule: the `moe_ep` group's member r holds
 [r * E_local, (r + 1) * E_local); inside an EP slot the `moe_tp` group splits every expert's
 intermediate dimension, so each moe_tp member computes a partial sum that one all-reduce completes.
 
-Until attention data parallelism lands, every rank of an MoE slice sees the same tokens (the TP
-ranks of one attention group, and the attention replicas of the "replicate" layout, run the same
-batch). `EpDispatcher` then gives each EP member its own chunk of ceil(T / ep) tokens and moves
+Every rank of an MoE slice sees the same tokens (the TP ranks of one attention group, and the
+attention replicas of the "replicate" layout, run the same batch; with attention DP the MoE layer
+all-gathers the ranks' tokens first, layers/dp_attention.py). `EpDispatcher` then gives each EP member its own chunk of ceil(T / ep) tokens and moves
 each (token, k) assignment of that chunk to the member holding expert k with one all-to-all; the
 experts run on what arrived; a second all-to-all brings the rows back to the chunk's owner, which
 applies the routing weights and sums over k; the moe_tp all-reduce completes the partial sums and
@@ -14,8 +14,9 @@ an all-gather over the EP group gives every rank every token again.
 
 Buffer sizes depend on T alone (a chunk sends at most C * min(K, E_local) rows to each member), so
 the same code runs inside a CUDA graph captured for a batch size: positions inside each member's
-buffer come from a cumulative sum, not from host-side counts. With attention DP (tokens differ per
-rank) the chunking and the final all-gather are simply skipped: the exchange itself is the same.
+buffer come from a cumulative sum, not from host-side counts. `tokens_replicated=False` (tokens
+that differ per rank, each rank dispatching its own, every rank's T equal) skips the chunking and the
+final all-gather; nothing uses it yet (docs/attention_dp.md).
 """
 from __future__ import annotations
 

@@ -52,6 +52,9 @@ class FusedMoE(nn.Module):
         device = self.w13.device
         self.experts = create_experts(backend, device, dtype)
         self.dispatcher = EpDispatcher(self.placement, ep, tp)
+        # attention DP (layers/dp_attention.py): the slice's tokens are gathered here and each rank's
+        # rows handed back; None (or inactive) when every rank of the slice runs the same tokens
+        self.dp = getattr(parallel, "dp_tokens", None)
         self.load = load
         self._loaded: set[tuple[int, str]] = set()
 
@@ -63,9 +66,18 @@ class FusedMoE(nn.Module):
         return self.experts.apply(x, self.w13, self.w2, weights, ids)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        dp = self.dp if self.dp is not None and self.dp.active else None
+        if dp is not None:
+            if router_logits.dtype == hidden.dtype:  # one collective for both
+                both = dp.gather(torch.cat([hidden, router_logits], dim=1))
+                hidden, router_logits = both.split([hidden.shape[1], router_logits.shape[1]], dim=1)
+                hidden, router_logits = hidden.contiguous(), router_logits.contiguous()
+            else:
+                hidden, router_logits = dp.gather(hidden), dp.gather(router_logits)
         ids_out = self.load.ids_out(self.layer_idx, hidden.shape[0]) if self.load is not None else None
         weights, ids = select_experts(router_logits, self.router, self.e_score_correction_bias, ids_out)
-        return self.dispatcher(hidden, weights, ids, self._run)
+        out = self.dispatcher(hidden, weights, ids, self._run)
+        return dp.scatter(out) if dp is not None else out
 
     # ---- weights --------------------------------------------------------------------------------
     def load_weight(self, name: str, tensor: torch.Tensor) -> bool:

@@ -1,0 +1,69 @@
+"""Attention data parallelism: the token exchange around the expert layers.
+
+With `enable_attention_dp` every rank of an MoE slice runs its own requests (its own scheduler
+and KV cache, engine/dp_coordinator.py): attention, the dense MLPs, the embedding and the LM head
+are replicated (their group is `attn_tp`, of one rank), so those layers need no collective at all.
+The experts stay split over the slice by Mapping's MoE rule, so each MoE layer gathers the slice's
+tokens before it and hands every rank its own rows back after it:
+
+    rank r: x [n_r, H] --all-gather over attn_dp (padded to max n)--> [sum n, H] --FusedMoE
+    (dispatch / experts / combine as without DP: every rank sees every token)--> rows of rank r
+
+Every rank learns the step's token counts of all ranks from the SchedulerOutput (no collective for
+them); a rank with no request in a step that has work elsewhere runs a one-token dummy forward so
+that it takes part in the layers' collectives (worker/model_runner.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class DpTokens:
+    """This step's rows of every attention-DP rank, shared by the MoE layers of one model."""
+
+    def __init__(self, group, device: torch.device):
+        self.group = group  # the attn_dp GroupCoordinator: the ranks whose tokens an MoE layer sees
+        self.device = device
+        self.counts: list[int] = []
+        self.start = self.num = self.local = self.total = self.max = 0
+        self._rows: Optional[torch.Tensor] = None  # where the real rows sit in the padded gather
+
+    @property
+    def active(self) -> bool:
+        return bool(self.counts)
+
+    def set_step(self, counts: list[int], dummy: bool = False) -> None:
+        """The step's token count on every DP rank. `dummy`: this rank has no request and runs one
+        token through the model only to take part in the collectives; it contributes no rows."""
+        r = self.group.rank_in_group
+        self.counts = list(counts)
+        self.start, self.num = sum(counts[:r]), counts[r]
+        self.local = 1 if dummy else self.num  # rows this rank's forward carries
+        self.total, self.max = sum(counts), max(counts)
+        self._rows = None
+        if any(c != self.max for c in counts):
+            rows = [i * self.max + j for i, c in enumerate(counts) for j in range(c)]
+            self._rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def clear(self) -> None:
+        self.counts = []
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows of this rank, ...] on each rank -> [sum of counts, ...] on every rank (rank order)."""
+        if x.shape[0] != self.local:
+            raise RuntimeError(f"attention DP: {x.shape[0]} rows on rank {self.group.rank_in_group}, the step "
+                               f"planned {self.local}")
+        x = x[:self.num]
+        if self.num < self.max:
+            x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, self.max - self.num))
+        g = self.group.all_gather(x.contiguous(), dim=0)
+        return g if self._rows is None else g.index_select(0, self._rows)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a [sum of counts, ...] result (zeros for a dummy step's token)."""
+        if self.local != self.num:
+            return y.new_zeros(self.local, *y.shape[1:])
+        return y[self.start:self.start + self.num]
