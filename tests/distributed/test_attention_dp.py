@@ -225,3 +225,25 @@ def test_serve_with_attention_dp_flag(checkpoints):
         assert used and float(used[0].rsplit(" ", 1)[1]) == 0
     finally:
         server.stop()
+
+
+def test_seed_deepseek_config_tp16_ep4_on_16_ranks(tmp_path):
+    """The seed's Slurm example: DeepSeek-V3 at --tp_size 16 --ep_size 4 with its config.yml
+    (enable_attention_dp, the overlap scheduler, free_gpu_memory_fraction), here on 16 CPU ranks: 16
+    schedulers, one latent cache each, experts split moe_tp 4 x moe_ep 4; 5 prompts, so 11 ranks run
+    dummy tokens in every step."""
+    from meshserve.config import load_yaml_config  # what `meshserve serve --config` reads
+
+    hf = build_deepseek(str(tmp_path / "ckpt"), num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16)
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("enable_attention_dp: true\npytorch_backend_config:\n  enable_overlap_scheduler: true\n"
+                   "kv_cache_config:\n  free_gpu_memory_fraction: 0.95\n  tokens_per_block: 4\n  max_tokens: 512\n")
+    prompts = make_prompts(5, 320, 9, seed=3)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = [hf_greedy(hf, p, sp.max_tokens) for p in prompts]
+    args = load_yaml_config(str(cfg))
+    with LLM(str(tmp_path / "ckpt"), tensor_parallel_size=16, moe_expert_parallel_size=4, max_batch_size=161,
+             show_progress=False, **args) as llm:
+        assert llm._core.executor.world_size == 16 and llm._core.dp_size == 16
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got == ref
