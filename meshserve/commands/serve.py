@@ -42,6 +42,8 @@ _ENGINE_FLAGS = [
     ("ep_size", "moe_expert_parallel_size", int, "MoE expert parallel size"),
     ("moe_tp_size", "moe_tensor_parallel_size", int, "MoE tensor parallel size"),
     ("cp_size", "context_parallel_size", int, "context parallel size"),
+    ("orchestrator_type", "orchestrator_type", str,
+     "how worker ranks start: unset (spawned here, or by torchrun/mpirun/srun) or ray (Ray actors)"),
     ("max_batch_size", "max_batch_size", int, "most sequences in one engine step"),
     ("max_n", "max_n", int, "most sequences one request may ask for with n / best_of (default: max_batch_size)"),
     ("max_num_tokens", "max_num_tokens", int, "most tokens in one engine step"),
@@ -102,6 +104,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
+    _flag(parser, "max_request_body_mb", type=float, default=64.0,  # serve/protocol.MAX_REQUEST_BODY_BYTES
+          help="a request body larger than this many MiB is a 413, refused before it is held in memory "
+               "(default: %(default)s)")
     _flag(parser, "shutdown_timeout", type=float, default=30.0,
           help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
@@ -268,6 +273,8 @@ def _main(ns: argparse.Namespace) -> int:
     if ns.tokenize_offload_chars < 0:
         return _fail(f"--tokenize_offload_chars {ns.tokenize_offload_chars}: must be an integer >= 0 "
                      f"(0: every prompt off the event loop)")
+    if not ns.max_request_body_mb > 0 or ns.max_request_body_mb == float("inf"):
+        return _fail(f"--max_request_body_mb {ns.max_request_body_mb:g}: expected a number of MiB > 0")
     if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
         return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
                      f"(0: stop without waiting for in-flight requests)")
@@ -377,7 +384,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     aliases = (args.model,) if args.model and not ns.served_model_name else ()
     config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template),
                           ns.tokenize_offload_chars, aliases,
-                          trust_request_chat_template=ns.trust_request_chat_template)
+                          trust_request_chat_template=ns.trust_request_chat_template,
+                          max_request_body_bytes=int(ns.max_request_body_mb * 2**20))
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

@@ -68,7 +68,7 @@ from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADE
 from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRelay, UpstreamFailed, _ints, _one_line,
                                     _passthrough, describe)
 from meshserve.disagg.router import Router, Server, create_router
-from meshserve.serve.protocol import STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body
+from meshserve.serve.protocol import STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body, read_body
 
 __all__ = [  # this module's names, and the ones it re-exports from the modules it was split into
     "COMPLETIONS_DEFAULT_MAX_TOKENS", "GROUP_KEYS", "MEMBERSHIP_LABEL", "ORCHESTRATOR_KEYS", "RESUME_KEYS", "SSE_DONE",
@@ -222,7 +222,7 @@ class Orchestrator(GenerationHop):
     async def membership(self, raw: Request, join: bool) -> Response:
         """POST /register or /unregister {"url": "host:port", "role": "context" | "generation"}."""
         self._authorize(raw)
-        body = decode_json_body(await raw.body())
+        body = decode_json_body(await read_body(raw))
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object {\"url\": \"host:port\", \"role\": \"context\" or "
                            "\"generation\"}")
@@ -310,7 +310,7 @@ class Orchestrator(GenerationHop):
         rid = raw.headers.get("x-request-id") or uuid.uuid4().hex
         self.metrics.requests.labels(route).inc()
         try:
-            response = await self._until_disconnect(raw, self._handle(await raw.body(), raw.headers, route, rid,
+            response = await self._until_disconnect(raw, self._handle(await read_body(raw), raw.headers, route, rid,
                                                                       arrival))
         except APIError as err:
             response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)

@@ -38,7 +38,8 @@ from meshserve.serve import responses
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
-                                      decode_json_body, error_body, from_validation_error, from_value_error)
+                                      decode_json_body, error_body, from_validation_error, from_value_error,
+                                      MAX_REQUEST_BODY_BYTES, read_body)
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
@@ -64,6 +65,7 @@ class ServerConfig:
     # a request's own `chat_template` is rendered only with this (serve --trust_request_chat_template, as
     # vLLM's flag): a Jinja template is a program, and one request's could take the server's memory or CPU
     trust_request_chat_template: bool = False
+    max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES  # a larger body is a 413 (serve --max_request_body_mb)
 
 
 class ClientDisconnected(Exception):
@@ -117,9 +119,8 @@ class OpenAIServing:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     # ---- shared steps --------------------------------------------------------------------------------
-    @staticmethod
-    async def parse(raw: Request, model_cls):
-        data = decode_json_body(await raw.body())
+    async def parse(self, raw: Request, model_cls):
+        data = decode_json_body(await read_body(raw, self.config.max_request_body_bytes))
         if not isinstance(data, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
         try:

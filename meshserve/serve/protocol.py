@@ -55,6 +55,32 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": one_line(str(message)), "type": type, "param": param, "code": code}}
 
 
+# The largest request body the server and the orchestrator read (serve --max_request_body_mb): a
+# 128k-token prompt is about half a megabyte of text or one of token ids; a body beyond this is a
+# 413 before it is held in memory, so one client cannot take the server's.
+MAX_REQUEST_BODY_BYTES = 64 * 2**20
+
+
+async def read_body(raw, limit: int = MAX_REQUEST_BODY_BYTES) -> bytes:
+    """A request's body, read up to `limit` bytes; a 413 naming the limit past it (a declared
+    Content-Length over it is refused before anything is read)."""
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"the request body is {size}, more than this server reads ({limit} bytes; "
+                             f"serve --max_request_body_mb raises it)", "invalid_request_error", None,
+                        "request_too_large")
+
+    declared = raw.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"{int(declared)} bytes")
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def decode_json_body(body: bytes):
     """A request body's JSON (any value), or a 400: not JSON, or nested too deeply to decode (a
     RecursionError in the decoder, from thousands of nested arrays)."""

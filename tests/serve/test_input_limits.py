@@ -1,8 +1,9 @@
 """Request limits through a real server: every number of a completion or chat request is range-checked
 into a 400 that names the field, its value and what is accepted (never a 500, never a stall); `n` is
 capped by max_n (--max_n; default max_batch_size, also in LLM.generate); unknown fields are ignored
-with a logged warning, as vLLM does; unknown roles and null content (but an assistant's) are 400s.
-After each bad request a good one still succeeds."""
+with a logged warning, as vLLM does; unknown roles and null content (but an assistant's) are 400s; a
+body over --max_request_body_mb is a 413 whether it declares its length or streams in chunks. After
+each bad request a good one still succeeds."""
 from __future__ import annotations
 
 import typing
@@ -25,7 +26,8 @@ COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    srv = start_server(tiny_model, "--max_seq_len", "256", "--max_batch_size", "4", "--max_n", str(MAX_N))
+    srv = start_server(tiny_model, "--max_seq_len", "256", "--max_batch_size", "4", "--max_n", str(MAX_N),
+                       "--max_request_body_mb", "1")
     yield srv
     srv.stop()
 
@@ -235,3 +237,19 @@ def test_n_beyond_max_n_is_refused_by_validate_for_model():
     SamplingParams(n=4).validate_for_model(vocab_size=10, max_n=4)
     with pytest.raises(ValueError, match=r"^SamplingParams\.n=99999999999999999999 is invalid: .*\[1, 4\]"):
         SamplingParams(n=HUGE).validate_for_model(vocab_size=10, max_n=4)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_max_request_body_mb_is_a_413(http, chunked):
+    body = ('{"model": "%s", "max_tokens": 4, "prompt": "%s"}' % (MODEL, "a " * 600_000)).encode()  # 1.2 MB
+
+    def pieces():
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+
+    r = http.post("/v1/completions", content=pieces() if chunked else body,
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "1048576 bytes" in err["message"] and "\n" not in err["message"]
+    assert_good(http)
