@@ -235,13 +235,11 @@ class LlmArgs(StrictModel):
     @field_validator("orchestrator_type")
     @classmethod
     def _orchestrator(cls, v: Optional[str]) -> Optional[str]:
-        if v == "ray":
-            raise ValueError("orchestrator_type='ray' has not landed yet; use None (ranks spawned on this host, or "
-                             "taken from torchrun/mpirun/srun when they started the process) or 'mpi'")
-        if v not in (None, "mpi", "spawn", "mp"):
+        if v not in (None, "mpi", "spawn", "mp", "ray"):
             raise ValueError(f"orchestrator_type={v!r} is not supported; accepted: None, 'mpi' (same as None: "
                              f"MPI ranks are used when mpirun started the process), 'spawn' (ignore launcher "
-                             f"variables), 'mp' (worker-process executor even for one rank)")
+                             f"variables), 'mp' (worker-process executor even for one rank), 'ray' (worker "
+                             f"ranks as Ray actors, on this host or the cluster of RAY_ADDRESS)")
         return v
 
     @field_validator("device")

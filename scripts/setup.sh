@@ -22,4 +22,6 @@ have() { python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec
 have nixl_cu13 || pip install -q --no-deps "nixl-cu13==1.5.1" || echo "warning: nixl-cu13 did not install"
 have ucxx || pip install -q "ucxx-cu13==0.52.*" || echo "warning: ucxx-cu13 did not install"
 have mpi4py || pip install -q "mpi4py==4.1.*" || echo "warning: mpi4py did not install"
+# Ray (orchestrator_type: ray, docs/launchers.md): an 80 MB wheel; its tests are skipped without it.
+have ray || pip install -q "ray==2.60.*" || echo "warning: ray did not install"
 echo "meshserve is set up in .venv"

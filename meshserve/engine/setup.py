@@ -73,6 +73,9 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
         if ctc.cuda_ipc is True and ctc.backend.upper() != "DEFAULT":
             raise ValueError(f"cache_transceiver_config.cuda_ipc=true: the CUDA IPC path is the DEFAULT backend's; "
                              f"backend={ctc.backend!r} moves the KV its own way (leave cuda_ipc unset, or auto)")
+    if args.orchestrator_type == "ray":
+        from meshserve.executor.ray import import_ray
+        import_ray()  # installed, else the one-line error naming the alternatives
     if args.cp_config is not None:
         raise ValueError(f"cp_config={args.cp_config!r}: context parallelism has not landed yet; leave cp_config unset")
     accepted = ("auto",) + EXPERT_BACKENDS
@@ -171,7 +174,7 @@ def no_room_for_kv(args: LlmArgs, device: torch.device, num_blocks: int, block_s
 
 def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:
     """The outside launcher's view of this process (None: ranks are spawned here, or one rank)."""
-    return detect_launch() if args.orchestrator_type != "spawn" else None
+    return detect_launch() if args.orchestrator_type not in ("spawn", "ray") else None
 
 
 def create_executor(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device,
@@ -179,11 +182,16 @@ def create_executor(args: LlmArgs, model_path: str, model_config: ModelConfig, d
     """One rank in this process, or rank 0 of a multi-process job (spawned here or launched)."""
     world_size = mapping_for(args, model_config).world_size
     if launch is None and world_size == 1 and args.orchestrator_type != "mp":
+        if args.orchestrator_type == "ray":
+            logger.info("orchestrator_type='ray' with one rank: no worker rank for Ray to start; it runs here")
         return UniProcExecutor(model_config, runner_config(args, model_path, model_config, device))
     check_layout_fits_model(args, model_config)
     if launch is not None and launch.rank != 0:
         raise ValueError(f"rank {launch.rank} of {launch.world_size} ({launch.launcher}) cannot run the engine: "
                          f"only rank 0 does; other ranks enter through meshserve.worker.main.run_launched_rank")
+    if args.orchestrator_type == "ray":
+        from meshserve.executor.ray import RayExecutor
+        return RayExecutor(args, model_path, launch, device.type, world_size, log_level)
     return MultiProcExecutor(args, model_path, launch, device.type, world_size, log_level)
 
 

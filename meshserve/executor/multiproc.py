@@ -108,7 +108,7 @@ def merge_outputs(step_id: int, outs: list[ModelRunnerOutput]) -> ModelRunnerOut
 class MultiProcExecutor(Executor):
     def __init__(self, args: LlmArgs, model_path: str, launch: Optional[LaunchInfo], device_type: str,
                  world_size: int, log_level: str = "WARNING"):
-        check_world(args, device_type, launch, world_size)
+        self._check_world(args, device_type, launch, world_size)
         self.pipeline_stages = args.pipeline_parallel_size
         self.max_inflight = inflight_depth(self.pipeline_stages, args.overlap_scheduler, args.pipeline_micro_batches)
         self.world_size = world_size
@@ -129,8 +129,9 @@ class MultiProcExecutor(Executor):
             addr, port = launch.master_addr, launch.master_port
             key = launch.secret.encode() if launch.secret else None
         else:
-            addr, key = "127.0.0.1", secrets.token_bytes(32)
-            _keep_gloo_on_loopback()
+            addr, key = self._rendezvous_addr(), secrets.token_bytes(32)
+            if addr == "127.0.0.1":
+                _keep_gloo_on_loopback()
             # our own store on a free port (no race for it), so we can watch the children check in
             store = dist.TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False,
                                   timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
@@ -139,8 +140,8 @@ class MultiProcExecutor(Executor):
             if launch is None:
                 self._spawn(args, model_path, addr, port, key, log_level)
                 self._wait_check_in(store)
-            spec = RankSpec(0, self.world_size, launch.local_rank if launch else 0, addr, port, args.model_dump(),
-                            model_path, None, spawned=launch is None)
+            spec = RankSpec(0, self.world_size, launch.local_rank if launch else self._driver_local_rank(), addr,
+                            port, args.model_dump(), model_path, None, spawned=launch is None)
             self.runner, self.state = build_rank(spec, store)
             m = self.state.mapping
             # attention DP: the other replicas' drivers answer every step (tp-rank 0 of each)
@@ -172,6 +173,17 @@ class MultiProcExecutor(Executor):
             if time.monotonic() > deadline or (all_exited and time.monotonic() > deadline - wait_s + 0.5):
                 return None
             time.sleep(0.1)
+
+    def _check_world(self, args: LlmArgs, device_type: str, launch: Optional[LaunchInfo], world: int) -> None:
+        check_world(args, device_type, launch, world)
+
+    def _driver_local_rank(self) -> int:
+        """Rank 0's device index on this host when no launcher placed it."""
+        return 0
+
+    def _rendezvous_addr(self) -> str:
+        """Where the ranks this executor starts reach rank 0 (its store, control channel, gloo)."""
+        return "127.0.0.1"  # spawned on this host
 
     def _spawn(self, args: LlmArgs, model_path: str, addr: str, port: int, key: bytes, log_level: str) -> None:
         ctx = mp.get_context("spawn")

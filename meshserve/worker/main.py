@@ -1,6 +1,7 @@
 """Entry points of worker ranks (every rank but 0), the only ways into worker/worker.py's loop.
 
-- `spawned_main`: the target of a process the multi-process executor spawned on this host. It
+- `spawned_main`: the target of a process the multi-process executor spawned on this host (the
+  Ray executor's actors call `check_in` and `run_worker` the same way). It
   checks in with rank 0's store first, so rank 0 can tell a child that died while starting (the
   usual cause: a script without the `__main__` guard) from one that is still loading.
 - `run_launched_rank`: a rank > 0 that an outside launcher (torchrun, mpirun, srun) started with
@@ -38,14 +39,20 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawned_main(spec_json: str) -> None:
-    """A rank spawned by MultiProcExecutor: check in, serve rank 0, exit with run_worker's code."""
-    spec = RankSpec.from_json(spec_json)
-    _die_with_parent()
+def check_in(spec: RankSpec):
+    """Log as this rank, connect to rank 0's store and say this rank is alive; returns the store."""
     logging.basicConfig(level=spec.log_level.upper(), format=f"%(levelname)s %(name)s [rank {spec.rank}]: %(message)s")
     store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, is_master=False,
                           timeout=datetime.timedelta(seconds=spec.timeout_s))
     store.set(CHECK_IN_KEY.format(rank=spec.rank), "1")
+    return store
+
+
+def spawned_main(spec_json: str) -> None:
+    """A rank spawned by MultiProcExecutor: check in, serve rank 0, exit with run_worker's code."""
+    spec = RankSpec.from_json(spec_json)
+    _die_with_parent()
+    store = check_in(spec)
     # tqdm's default lock is a multiprocessing semaphore, registered with the parent's resource
     # tracker; os._exit below skips its release, and the tracker then warns of "leaked semaphore
     # objects" when the script ends. This rank's progress bars need only a thread lock.

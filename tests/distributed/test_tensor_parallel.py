@@ -120,8 +120,3 @@ def test_one_rank_through_the_multiprocess_executor(tp_checkpoint):
         assert type(llm._core.executor).__name__ == "MultiProcExecutor"
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
     assert got == ref
-
-
-def test_ray_is_a_clear_error(tp_checkpoint):
-    with pytest.raises(ValueError, match="orchestrator_type='ray' has not landed"):
-        LLM(tp_checkpoint[0], orchestrator_type="ray")

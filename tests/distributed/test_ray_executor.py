@@ -1,0 +1,85 @@
+"""orchestrator_type="ray": the worker ranks as Ray actors on a local Ray instance (started and
+stopped with the job). Greedy ids equal transformers for TP 2 and for an MoE model with attention DP
+at tp2 x ep2; `meshserve serve --orchestrator_type ray` with the official client; an actor killed
+while serving is a one-line error naming its rank; Ray missing or combined with a launcher is
+refused before loading."""
+import os
+import sys
+
+import pytest
+from openai import OpenAI
+
+from helpers import build_checkpoint, hf_greedy, make_prompts
+from meshserve import LLM, SamplingParams
+
+ray = pytest.importorskip("ray", reason="ray is not installed (scripts/setup.sh installs it)")
+
+SP = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+KV = {"tokens_per_block": 4, "max_tokens": 2048}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for arch in ("llama", "qwen3_moe"):
+        path = str(tmp_path_factory.mktemp(arch))
+        hf = build_checkpoint(path, arch)
+        prompts = make_prompts(5, 320, 13, seed=4)
+        out[arch] = (path, prompts, [hf_greedy(hf, p, SP.max_tokens) for p in prompts])
+    return out
+
+
+def ray_processes() -> int:
+    import psutil
+    return sum(1 for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(("raylet", "gcs_server")))
+
+
+def test_tp2_on_ray_actors_then_a_killed_actor_is_a_one_line_error(checkpoints):
+    path, prompts, ref = checkpoints["llama"]
+    with LLM(path, tensor_parallel_size=2, orchestrator_type="ray", kv_cache_config=KV, show_progress=False) as llm:
+        ex = llm._core.executor
+        assert type(ex).__name__ == "RayExecutor" and ex.procs[1].pid != os.getpid()
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+        assert got == ref
+        ray.kill(ex.procs[1].actor, no_restart=True)
+        with pytest.raises(Exception) as e:
+            llm.generate(prompts, SP, use_tqdm=False)
+        assert "worker rank 1" in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not ray.is_initialized() and ray_processes() == 0  # the job's own Ray instance is gone
+
+
+def test_attention_dp_moe_on_ray(checkpoints):
+    path, prompts, ref = checkpoints["qwen3_moe"]
+    with LLM(path, tensor_parallel_size=2, moe_expert_parallel_size=2, enable_attention_dp=True,
+             orchestrator_type="ray", kv_cache_config=KV, show_progress=False) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+    assert got == ref
+
+
+def test_serve_with_orchestrator_type_ray(checkpoints):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve"))
+    from serve_util import start_server
+
+    path, prompts, ref = checkpoints["llama"]
+    server = start_server(path, "--tp_size", "2", "--orchestrator_type", "ray", api_key=None)
+    try:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+    finally:
+        server.stop()
+
+
+def test_ray_missing_or_with_a_launcher_is_refused(checkpoints, monkeypatch):
+    path = checkpoints["llama"][0]
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    with pytest.raises(ValueError, match=r"orchestrator_type='ray' needs the ray package \(pip install"):
+        LLM(path, tensor_parallel_size=2, orchestrator_type="ray", show_progress=False)
+    monkeypatch.delitem(sys.modules, "ray")
+    from meshserve.config import LlmArgs
+    from meshserve.distributed.launch import LaunchInfo
+    from meshserve.executor.ray import RayExecutor
+    with pytest.raises(ValueError, match="Ray starts the worker ranks itself"):
+        RayExecutor(LlmArgs(tensor_parallel_size=2), path, LaunchInfo("slurm", 0, 2, 0, "127.0.0.1", 29500), "cpu", 2)
