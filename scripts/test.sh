@@ -3,10 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-# OpenMPI (Debian's packages) for the mpirun launch tests, when we are root on a Debian-like machine.
-if ! command -v mpirun >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev) \
-    >/dev/null 2>&1 || echo "warning: could not install OpenMPI; the mpirun tests will be skipped"
+# OpenMPI and Slurm (Debian's packages) for the mpirun and srun/sbatch launch tests, when we are root on
+# a Debian-like machine; the Slurm tests start their own one-node cluster (scripts/slurm_local.sh).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  command -v mpirun >/dev/null || missing="openmpi-bin libopenmpi-dev"
+  command -v slurmd >/dev/null || missing="$missing slurm-wlm"
+  if [ -n "$missing" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null 2>&1 \
+      || echo "warning: could not install $missing; the mpirun / Slurm tests will be skipped"
+  fi
 fi
 . .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

@@ -1,0 +1,104 @@
+"""The seed's Slurm deployment against a real Slurm (Debian's slurm-wlm: munged, slurmctld and slurmd
+on this host, scripts/slurm_local.sh): an sbatch script in the seed's shape (#SBATCH lines, a
+`srun ... meshserve-launch`) whose two tasks run one TP=2 LLM job, equal to transformers; `srun -n 2
+meshserve-launch meshserve serve --tp_size 2 --config config.yml` with the seed's config.yml
+(attention DP, the overlap scheduler) answering the official client, then stopped by scancel with no
+rank left behind."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from helpers import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(os.path.dirname(__file__), "tp_script.py")
+LAUNCH = os.path.join(os.path.dirname(sys.executable), "meshserve-launch")
+
+pytestmark = pytest.mark.skipif(shutil.which("slurmd") is None or os.geteuid() != 0,
+                                reason="Slurm (slurm-wlm) is not installed, or not root (scripts/test.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    state = str(tmp_path_factory.mktemp("slurm"))
+    ctld, slurmd = free_port(), free_port()
+    out = subprocess.run([os.path.join(REPO, "scripts", "slurm_local.sh"), "start", state, str(ctld), str(slurmd)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    env = dict(os.environ, SLURM_CONF=out.stdout.strip(), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO, *sys.path]),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))  # meshserve
+    yield env
+    subprocess.run([os.path.join(REPO, "scripts", "slurm_local.sh"), "stop", state], timeout=30)
+
+
+def test_sbatch_script_in_the_seeds_shape_runs_one_tp2_job(slurm, tp_checkpoint, tmp_path):
+    ckpt, _, ref = tp_checkpoint
+    out = tmp_path / "ids.json"
+    batch = tmp_path / "job.sh"
+    batch.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --nodes=1
+        #SBATCH --ntasks-per-node=2
+        #SBATCH --time=00:10:00
+        #SBATCH --output={tmp_path}/job.log
+        srun {LAUNCH} {sys.executable} {SCRIPT} {ckpt} {out} 2
+        """))
+    done = subprocess.run(["sbatch", "--wait", str(batch)], env=slurm, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
+    assert done.returncode == 0, done.stdout + done.stderr + log[-3000:]
+    assert json.loads(out.read_text()) == ref
+
+
+def test_srun_meshserve_serve_then_scancel(slurm, tp_checkpoint, tmp_path):
+    ckpt, prompts, ref = tp_checkpoint
+    port, name = free_port(), f"meshserve-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "config.yml"  # the seed's (a dense model: attention DP is data parallelism)
+    config.write_text("enable_attention_dp: true\npytorch_backend_config:\n  enable_overlap_scheduler: true\n"
+                      "kv_cache_config:\n  free_gpu_memory_fraction: 0.95\n")
+    log = open(tmp_path / "srun.log", "w")
+    proc = subprocess.Popen(["srun", "-n", "2", "-J", name, LAUNCH, "meshserve", "serve", ckpt, "--tp_size", "2",
+                             "--max_batch_size", "161", "--config", str(config), "--host", "127.0.0.1",
+                             "--port", str(port)],
+                            env=slurm, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "srun.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+        text = httpx.get(base + "/metrics").text
+        placed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("meshserve_attention_dp_requests_placed{")]
+        assert len(placed) == 2 and sum(placed) == len(prompts) and min(placed) >= 1, placed
+    finally:
+        subprocess.run(["scancel", "-n", name], env=slurm, timeout=30)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    deadline = time.monotonic() + 30
+    while subprocess.run(["squeue", "-h", "-n", name], env=slurm, capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the job is still in the queue after scancel"
+        time.sleep(0.5)
