@@ -242,6 +242,20 @@ class LlmArgs(StrictModel):
                              f"ranks as Ray actors, on this host or the cluster of RAY_ADDRESS)")
         return v
 
+    @field_validator("cp_config", mode="before")
+    @classmethod
+    def _cp_config(cls, v):
+        """{"cp_type": CpType.ULYSSES | "ulysses" | ...}: cp_type kept as its name (JSON-safe for the ranks)."""
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise ValueError(f"cp_config must be a mapping such as {{'cp_type': 'ULYSSES'}}, got {v!r}")
+        unknown = sorted(str(k) for k in v if k != "cp_type")
+        if unknown:
+            raise ValueError(f"cp_config has unknown keys {unknown}; accepted: cp_type")
+        from meshserve.mapping import CpType
+        return {"cp_type": CpType.from_string(v.get("cp_type", "ULYSSES")).name}
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

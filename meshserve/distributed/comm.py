@@ -76,6 +76,7 @@ class SoloParallelState:
         for name in DIMENSIONS:
             setattr(self, name, SOLO)
         self.dp_tokens = None
+        self.cp_split = None
 
 
 SOLO_STATE = SoloParallelState()

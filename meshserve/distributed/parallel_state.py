@@ -215,6 +215,9 @@ class ParallelState:
         # attention DP: the step's token counts of the attn_dp ranks, which the MoE layers gather
         # over (layers/dp_attention.py DpTokens, set by the model runner; None without attention DP)
         self.dp_tokens = None
+        # context parallelism: the step's token split over the cp group (layers/context_parallel.py
+        # CpSplit, set by the model runner; None without cp)
+        self.cp_split = None
 
     def _new_group(self, ranks: list[int], backend: str, timeout: datetime.timedelta | None):
         kwargs = {} if timeout is None else {"timeout": timeout}

@@ -36,10 +36,39 @@ def eos_token_ids(model_path: str, model_config: ModelConfig) -> list[int]:
     return list(model_config.eos_token_ids)
 
 
+def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
+    """context_parallel_size / cp_config: ULYSSES (layers/context_parallel.py) and what it runs with."""
+    cp = args.context_parallel_size
+    cp_type = (args.cp_config or {}).get("cp_type", "ULYSSES")
+    if args.cp_config is not None and cp == 1:
+        raise ValueError(f"cp_config={args.cp_config!r} needs context_parallel_size > 1 (it says how the sequence "
+                         f"splits over the cp ranks)")
+    if cp == 1:
+        return
+    if cp_type != "ULYSSES":
+        raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES (RING, STAR and HELIX "
+                         f"shard the KV cache by sequence and have not landed)")
+    others = [(args.pipeline_parallel_size > 1, f"pipeline_parallel_size={args.pipeline_parallel_size}"),
+              (args.enable_attention_dp, "enable_attention_dp=True"),
+              (args.cache_transceiver_config is not None, "cache_transceiver_config (a disaggregated server)"),
+              (model_config.kv_lora_rank is not None, f"{model_config.architecture}'s latent attention (its KV "
+               f"cache has no heads to split; TensorRT-LLM uses HELIX for it)")]
+    for bad, what in others:
+        if bad:
+            raise ValueError(f"context_parallel_size={cp} with {what} is not supported yet")
+    tp = args.tensor_parallel_size
+    heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % tp == 0 and (heads // tp) % cp:
+        raise ValueError(f"context_parallel_size={cp} must divide the {heads // tp} attention heads of each tensor "
+                         f"parallel rank (num_attention_heads={heads} / tensor_parallel_size={tp})")
+    kv_tp = max(1, kv // tp)
+    if kv_tp % cp and cp % kv_tp:
+        raise ValueError(f"context_parallel_size={cp} and the {kv_tp} KV heads of each tensor parallel rank: one "
+                         f"must divide the other")
+
+
 def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
-    if args.context_parallel_size > 1:
-        raise ValueError(f"context_parallel_size={args.context_parallel_size}: context parallelism has not "
-                         f"landed yet; use context_parallel_size=1")
+    check_context_parallel(args, model_config)
     moe_sizes = {"moe_expert_parallel_size": args.moe_expert_parallel_size,
                  "moe_tensor_parallel_size": args.moe_tensor_parallel_size}
     if not model_config.is_moe:
@@ -76,8 +105,6 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
     if args.orchestrator_type == "ray":
         from meshserve.executor.ray import import_ray
         import_ray()  # installed, else the one-line error naming the alternatives
-    if args.cp_config is not None:
-        raise ValueError(f"cp_config={args.cp_config!r}: context parallelism has not landed yet; leave cp_config unset")
     accepted = ("auto",) + EXPERT_BACKENDS
     if args.moe_config.backend.upper() not in {a.upper() for a in accepted}:
         raise ValueError(f"moe_config.backend={args.moe_config.backend!r} is not supported; accepted: "

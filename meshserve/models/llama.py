@@ -24,7 +24,7 @@ from meshserve.models.config import ModelConfig
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding, cp=None):
         super().__init__()
         tp = tp_group.size
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
@@ -34,6 +34,11 @@ class DecoderAttention(nn.Module):
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
+        # context parallelism (ULYSSES, layers/context_parallel.py): attention runs every token of
+        # 1/cp of this rank's heads; KV heads fewer than cp are repeated so each rank gets one
+        self.cp = cp if cp is not None and cp.size > 1 else None
+        cp_size = self.cp.size if self.cp else 1
+        attn_heads, attn_kv_heads = self.num_heads // cp_size, max(1, self.num_kv_heads // cp_size)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias,
                                         tp_group, params_dtype=dtype)
         self.rotary_emb = rotary_emb  # one table shared by every layer
@@ -42,7 +47,7 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(self.num_heads, cfg.head_dim, cfg.head_dim ** -0.5, self.num_kv_heads,
+        self.attn = Attention(attn_heads, cfg.head_dim, cfg.head_dim ** -0.5, attn_kv_heads,
                               cfg.sliding_windows[layer_idx])
         if cfg.qk_norm:  # applied by the attention layer: its backend may fuse them with rotary
             self.attn.qk_norm = (self.q_norm, self.k_norm)
@@ -50,10 +55,25 @@ class DecoderAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.cp is not None:
+            q, k, v = self._tokens_to_heads(q, k, v)
         # The q/k norms (Qwen3) and the rotary embedding are applied by the attention layer, whose
         # backend may fuse them with the KV-cache write.
         o = self.attn(q, k, v, md, self.rotary_emb, positions)
+        if self.cp is not None:
+            o = self.cp.heads_to_tokens(o)
         return self.o_proj(o)
+
+    def _tokens_to_heads(self, q, k, v):
+        cp = self.cp
+        kv_heads = self.num_kv_heads
+        if kv_heads < cp.size:  # repeat each KV head for the ranks whose query heads use it
+            rep = cp.size // kv_heads
+            k, v = (t.reshape(-1, kv_heads, self.head_dim).repeat_interleave(rep, dim=1).reshape(t.shape[0], -1)
+                    for t in (k, v))
+            kv_heads = cp.size
+        return (cp.tokens_to_heads(q, self.num_heads), cp.tokens_to_heads(k.contiguous(), kv_heads),
+                cp.tokens_to_heads(v.contiguous(), kv_heads))
 
 
 class DecoderMLP(nn.Module):
@@ -93,8 +113,9 @@ class DecoderModel(nn.Module):
     build layer i's attention and MLP (one rotary table is shared by every layer)."""
 
     def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool,
-                 make_attn, make_mlp, rotary_emb: RotaryEmbedding):
+                 make_attn, make_mlp, rotary_emb: RotaryEmbedding, cp=None):
         super().__init__()
+        self.cp = cp if cp is not None and cp.size > 1 else None  # ULYSSES: this rank's tokens between attentions
         self.layer_range = layer_range
         self.is_first, self.is_last = is_first, is_last
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype) \
@@ -107,11 +128,13 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, positions, md, hidden=None, residual=None):
         if self.is_first:
             hidden = self.embed_tokens(input_ids)
+        if self.cp is not None:
+            hidden = self.cp.split(hidden)
         for i in self.layer_range:
             hidden, residual = self.layers[i](positions, hidden, residual, md)
         if self.is_last:
             hidden, _ = self.norm(hidden, residual)
-            return hidden, None
+            return (self.cp.gather(hidden) if self.cp is not None else hidden), None
         return hidden, residual
 
 
@@ -137,9 +160,10 @@ class DecoderForCausalLM(nn.Module):
         self.parallel, self.dtype = parallel, dtype
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, cfg.partial_rotary_factor)
+        cp = getattr(parallel, "cp_split", None)  # context parallelism (ULYSSES), set by the model runner
         self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last,
-                                  lambda i, rope: DecoderAttention(cfg, i, tp_group, dtype, rope), self.make_mlp,
-                                  rotary_emb)
+                                  lambda i, rope: DecoderAttention(cfg, i, tp_group, dtype, rope, cp), self.make_mlp,
+                                  rotary_emb, cp)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, dtype)

@@ -134,11 +134,16 @@ class ModelRunner:
         if self.dp:
             from meshserve.layers.dp_attention import DpTokens
             self.parallel.dp_tokens = DpTokens(self.parallel.attn_dp, self.device)
+        # context parallelism (ULYSSES): each cp rank takes 1/cp of every step's tokens between attentions
+        self.cp_split = None
+        if self.parallel.cp.size > 1:
+            from meshserve.layers.context_parallel import CpSplit
+            self.cp_split = self.parallel.cp_split = CpSplit(self.parallel.cp)
         # samples: tp-rank 0 of the last stage, in the first attention replica (the MoE "replicate"
         # layout runs moe_ep replicas of the attention TP group on the same batch); with attention DP
         # every replica samples its own requests
-        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0 and (
-            self.dp or self.parallel.attn_dp.rank_in_group == 0)
+        self.is_driver = self.is_last and self.tp_group.rank_in_group == 0 and self.parallel.cp.rank_in_group == 0 \
+            and (self.dp or self.parallel.attn_dp.rank_in_group == 0)
         self.model = build_model(model_config, self.device, cfg.dtype, self.parallel, layer_range,
                                  self.is_first, self.is_last, moe_backend=cfg.moe_backend)
         # expert load (models with experts): counted on the device, reported by one rank per stage
@@ -213,8 +218,9 @@ class ModelRunner:
         if not sizes or self.device.type != "cuda" or self.pp_group.size > 1 \
                 or not self.attn_backend.supports_cuda_graphs:
             return
-        if self.dp:  # each rank's batch differs, and the MoE layers' gathers are sized per step
-            logger.info("CUDA graphs are off with enable_attention_dp: steps run eagerly")
+        if self.dp or self.cp_split is not None:  # batches differ per rank / collectives sized per step
+            logger.info("CUDA graphs are off with %s: steps run eagerly",
+                        "enable_attention_dp" if self.dp else "context parallelism")
             return
         blocks = self.model.moe_blocks() if hasattr(self.model, "moe_blocks") else {}
         eager = sorted({b.experts.backend_name for b in blocks.values()} & {"VANILLA"})
@@ -281,6 +287,8 @@ class ModelRunner:
             residual = torch.zeros_like(hidden)
         if self.dp_lockstep:  # every rank at its largest step: the MoE layers see all their tokens
             self.parallel.dp_tokens.set_step([n] * self.parallel.attn_dp.size)
+        if self.cp_split is not None:
+            self.cp_split.set_step(n)
         try:
             hidden, _ = self.model(ids, pos, md, hidden, residual)
         finally:
@@ -362,6 +370,8 @@ class ModelRunner:
             hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
                                                          self.cfg.dtype, self.device)
         t0 = time.perf_counter()
+        if self.cp_split is not None:
+            self.cp_split.set_step(inp.num_tokens)
         if self.graphs is not None and not inp.prompt_lp:
             if inp.attn.num_decodes == len(so.reqs):
                 if self.graphs.can_run(len(so.reqs)):
@@ -391,6 +401,11 @@ class ModelRunner:
             return
         if self.dp:  # the MoE layers routed the rows of every DP rank
             num_tokens = self.parallel.dp_tokens.total if self.parallel.dp_tokens.active else 0
+        elif self.cp_split is not None and num_tokens:  # each cp rank routed its share: gather the ids
+            split, ids = self.cp_split, self.expert_load.ids
+            if ids is not None and split.size * split.chunk <= ids.shape[1]:
+                every = self.parallel.cp.all_gather(ids[:, :split.chunk].contiguous(), dim=1)
+                ids[:, :split.total] = every[:, :split.total]
         report = self.expert_load.end_step(num_tokens)
         if report is not None and self.reports_expert_load:
             self.expert_reports.append(report)
@@ -413,6 +428,8 @@ class ModelRunner:
         if self.cfg.overlap:
             if self.parallel.attn_dp.size > 1 and not self.dp:  # first to tp-rank 0 of every attention replica
                 self.parallel.attn_dp.broadcast(tokens, 0)
+            if self.parallel.cp.size > 1:  # the cp ranks run the same batch
+                self.parallel.cp.broadcast(tokens, 0)
             if self.tp_group.size > 1:
                 self.tp_group.broadcast(tokens, 0)
             self.prev_tokens = tokens
