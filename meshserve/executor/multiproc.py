@@ -51,18 +51,28 @@ def _keep_gloo_on_loopback() -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
+def _layout(args: LlmArgs) -> str:
+    """The sizes that make the world, as the user gave them."""
+    parts = [f"tensor_parallel_size={args.tensor_parallel_size}", f"pipeline_parallel_size={args.pipeline_parallel_size}"]
+    if args.context_parallel_size > 1:
+        parts.append(f"context_parallel_size={args.context_parallel_size}")
+    ep = args.moe_expert_parallel_size
+    if ep and ep > 1 and args.tensor_parallel_size % ep:  # the MoE rule's replicate layout: ep replicas of tp
+        parts.append(f"moe_expert_parallel_size={ep} (attention replicas)")
+    return " x ".join(parts)
+
+
 def check_world(args: LlmArgs, device_type: str, launch: Optional[LaunchInfo], world: int) -> None:
     """`world`: the ranks the layout needs (the Mapping's world_size)."""
     if launch is not None and launch.world_size != world:
         raise ValueError(f"the launcher started {launch.world_size} ranks ({launch.launcher}), but "
-                         f"tensor_parallel_size={args.tensor_parallel_size} x pipeline_parallel_size="
-                         f"{args.pipeline_parallel_size} needs world_size={world}")
+                         f"{_layout(args)} needs world_size={world}")
     if device_type == "cuda" and launch is None:
         import torch
         count = torch.cuda.device_count()
         if world > count:
-            raise ValueError(f"world_size={world} (tp={args.tensor_parallel_size} x pp="
-                             f"{args.pipeline_parallel_size}) needs {world} GPUs, but only {count} are visible")
+            raise ValueError(f"world_size={world} ({_layout(args)}) needs {world} GPUs, but only {count} are "
+                             f"visible")
 
 
 class PendingResult:

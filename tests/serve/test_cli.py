@@ -145,7 +145,7 @@ def test_cli_error_exits_2_with_the_message(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--cp_size", "2"], "context parallelism has not landed"),
+    (["--cp_size", "8"], "context_parallel_size=8 must divide the 4 attention heads"),
     (["--ep-size", "2"], "moe_expert_parallel_size"),
     (["--tp_size", "3"], "tensor_parallel_size=3 must divide num_attention_heads=4"),
     (["--config", "mpi.yml"], "cache_transceiver_config.backend='MPI' cannot be used here"),  # not under mpirun
@@ -200,9 +200,9 @@ def test_a_bad_flag_is_one_line_and_exit_status_2(capsys, argv, expected):
 
 
 def test_parallel_flag_error_from_the_module_entry_point(tiny_model):
-    r = subprocess.run([sys.executable, "-m", "meshserve.commands.serve", tiny_model, "--cp-size", "2"],
+    r = subprocess.run([sys.executable, "-m", "meshserve.commands.serve", tiny_model, "--cp-size", "8"],
                        capture_output=True, text=True, env=ENV, timeout=120)
-    assert r.returncode == 2 and "context parallelism has not landed" in r.stderr, r.stderr
+    assert r.returncode == 2 and "context_parallel_size=8 must divide" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("entry", [["-m", "meshserve", "serve"], ["-m", "meshserve.commands.serve"]])
