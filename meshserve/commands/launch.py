@@ -1,10 +1,13 @@
-"""`meshserve-launch CMD ARGS...`: run a meshserve command on every rank of an mpirun / srun job
-(the seed's `trtllm-llmapi-launch`).
+"""`meshserve-launch [--every-rank] CMD ARGS...`: run a meshserve job over the ranks of an mpirun /
+srun / torchrun launch (the seed's `trtllm-llmapi-launch`).
 
-Each rank execs CMD with the rendezvous filled in; meshserve reads the rank variables itself
-(`OMPI_COMM_WORLD_*`, `PMI_*`, `SLURM_*`, see distributed/launch.py), so rank 0 runs the engine
-(and the HTTP server of `meshserve serve`) and every other rank becomes its worker, holding its
-model shard until rank 0 shuts down. What this adds to running CMD directly under the launcher:
+Rank 0 execs CMD with the rendezvous filled in (a script that creates `LLM(...)`, or `meshserve
+serve`); its engine publishes the job's args and model in its rendezvous store. Every other rank does
+not run CMD: it waits for that description (signed with MESHSERVE_SECRET when set) and serves rank 0
+as a worker, holding its model shard until rank 0 shuts down, as TensorRT-LLM's MPI workers do; so a
+script's own work (downloads, printing, writing files) happens once. `--every-rank` runs CMD on every
+rank instead (each rank then reads its place from `OMPI_COMM_WORLD_*`, `PMI_*`, `SLURM_*` and becomes
+a worker when it reaches `LLM()` / `meshserve serve`). What this also adds to running CMD directly:
 - MASTER_ADDR under Slurm, when unset: the first host of the step's node list (rank 0's node with
   Slurm's default block distribution);
 - a clear error instead of a hang when the ranks span several hosts and MASTER_ADDR is unknown
@@ -17,7 +20,8 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
-USAGE = "usage: meshserve-launch CMD [ARGS...]   (e.g. srun ... meshserve-launch meshserve serve MODEL --tp_size 16)"
+USAGE = ("usage: meshserve-launch [--every-rank] CMD [ARGS...]   (e.g. srun ... meshserve-launch meshserve serve "
+         "MODEL --tp_size 16)")
 
 # (rank variable, its world size, how many hosts the job spans or how many of its ranks share this host)
 _MPI_HOSTS = (
@@ -77,12 +81,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{__doc__}")
         return 0
+    every_rank = argv[0] == "--every-rank"
+    if every_rank:
+        argv = argv[1:]
+        if not argv:
+            print(f"meshserve-launch: error: no command given; {USAGE}", file=sys.stderr)
+            return 2
     try:
         extra = launch_env(os.environ)
     except ValueError as e:
         print(f"meshserve-launch: error: {e}", file=sys.stderr)
         return 2
     os.environ.update(extra)
+    if not every_rank:
+        from meshserve.distributed.launch import detect_launch
+        launch = detect_launch(os.environ)
+        if launch is not None and launch.rank > 0:
+            from meshserve.worker.main import serve_launched_rank
+            serve_launched_rank(launch)  # ends the process
     sys.stdout.flush()
     sys.stderr.flush()
     try:

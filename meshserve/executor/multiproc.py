@@ -29,7 +29,7 @@ from meshserve.distributed.control import (DriverChannel, ExpertLoadReport, Init
 from meshserve.distributed.launch import LaunchInfo
 from meshserve.executor.base import Done, Executor, choose_num_blocks, inflight_depth
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
-from meshserve.worker.main import CHECK_IN_KEY, spawned_main
+from meshserve.worker.main import CHECK_IN_KEY, launch_store, publish_launch_spec, spawned_main
 from meshserve.errors import RankFailedError, describe, is_expected
 from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info, startup_errors
 
@@ -138,6 +138,10 @@ class MultiProcExecutor(Executor):
         if launch is not None:
             addr, port = launch.master_addr, launch.master_port
             key = launch.secret.encode() if launch.secret else None
+            # rank 0 holds the rendezvous store and leaves the job's description in it for the ranks
+            # that meshserve-launch kept from running the command (worker/main.py serve_launched_rank)
+            store = launch_store(launch, is_master=True)
+            publish_launch_spec(store, args.model_dump(), model_path, launch.secret)
         else:
             addr, key = self._rendezvous_addr(), secrets.token_bytes(32)
             if addr == "127.0.0.1":

@@ -239,6 +239,7 @@ import json, sys
 from meshserve import LLM, SamplingParams
 
 if __name__ == "__main__":
+    print("SCRIPT-START", flush=True)
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     with LLM(model=sys.argv[1], tensor_parallel_size=2, show_progress=False, **extra) as llm:
         out = llm.generate([json.loads(sys.argv[2])], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
@@ -247,10 +248,14 @@ if __name__ == "__main__":
 """
 
 
-def test_two_slurm_ranks_under_the_launcher_generate_what_transformers_does(tiny_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("every_rank", [False, True], ids=["rank0-runs-the-script", "every-rank"])
+def test_two_slurm_ranks_under_the_launcher_generate_what_transformers_does(tiny_model, tiny_tokenizer, tmp_path,
+                                                                           every_rank):
     """srun -N 2 -n 2 meshserve-launch python script.py, emulated: each rank gets Slurm's variables
     and no MASTER_ADDR; the launcher finds rank 0's host in the node list, rank 0 runs the engine and
-    rank 1 serves it. Greedy tokens equal transformers on the same checkpoint."""
+    rank 1 serves it: without running the script at all (it takes the job from rank 0's store, as
+    trtllm-llmapi-launch's workers do), or with --every-rank after running it up to LLM(). Greedy
+    tokens equal transformers on the same checkpoint."""
     from transformers import AutoModelForCausalLM
 
     script = tmp_path / "generate.py"
@@ -261,9 +266,10 @@ def test_two_slurm_ranks_under_the_launcher_generate_what_transformers_does(tiny
     for rank in range(2):
         env = child_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_STEP_NUM_NODES="2",
                         SLURM_STEP_NODELIST="localhost,localhost", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "meshserve.commands.launch", sys.executable, str(script),
-                                       tiny_model, json.dumps(ids)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env))
+        flag = ["--every-rank"] if every_rank else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "meshserve.commands.launch", *flag, sys.executable,
+                                       str(script), tiny_model, json.dumps(ids)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
@@ -272,6 +278,7 @@ def test_two_slurm_ranks_under_the_launcher_generate_what_transformers_does(tiny
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert "TOKENS" not in outs[1][0]  # rank 1 served rank 0's engine and never ran past LLM()
+    assert "SCRIPT-START" in outs[0][0] and ("SCRIPT-START" in outs[1][0]) == every_rank
     tokens = json.loads(outs[0][0].split("TOKENS", 1)[1])
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     assert tokens == hf_greedy(model, ids, 6)
@@ -289,3 +296,16 @@ def test_a_slow_busy_run_keeps_the_terminal_quiet(tiny_model, tmp_path):
     assert r.returncode == 0 and "TOKENS" in r.stdout, r.stderr[-2000:]
     for noise in ("took", "garbage collection", "leaked semaphore", "Traceback"):
         assert noise not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_launched_job_description_signed_with_another_secret_is_refused():
+    """Ranks that skip the command take the job from rank 0's store: with MESHSERVE_SECRET set, one
+    signed with another key (or tampered with) is an error, not a job."""
+    import torch.distributed as dist
+    from meshserve.worker.main import fetch_launch_spec, publish_launch_spec
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    publish_launch_spec(store, {"tensor_parallel_size": 2}, "/models/x", "secret-a")
+    assert fetch_launch_spec(store, "secret-a") == ({"tensor_parallel_size": 2}, "/models/x")
+    with pytest.raises(RuntimeError, match="set the same MESHSERVE_SECRET on every rank"):
+        fetch_launch_spec(store, "secret-b")
