@@ -123,7 +123,7 @@ class RayExecutor(MultiProcExecutor):
             return
         from ray.util.placement_group import placement_group
         here = self.ray.util.get_node_ip_address()
-        unit = {"GPU": 1} if self.device_type == "cuda" else {"CPU": 0.01}
+        unit = {"GPU": 1} if self.device_type == "cuda" else {"CPU": 1}  # a CPU rank keeps a core busy
         bundles = [{**unit, f"node:{here}": 0.001}] + [dict(unit) for _ in range(world_size - 1)]
         self.pg = placement_group(bundles, strategy="PACK")
         ready, _ = self.ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -141,7 +141,7 @@ class RayExecutor(MultiProcExecutor):
 
     def _actor_class(self):
         gpus = 1 if self.device_type == "cuda" else 0
-        return self.ray.remote(num_cpus=0.01 if not gpus else 0, num_gpus=gpus, max_restarts=0,
+        return self.ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0,
                                max_task_retries=0)(RankActor)
 
     # ---- MultiProcExecutor hooks ------------------------------------------------------------------------

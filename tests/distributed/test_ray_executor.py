@@ -2,7 +2,9 @@
 stopped with the job). Greedy ids equal transformers for TP 2 and for an MoE model with attention DP
 at tp2 x ep2; `meshserve serve --orchestrator_type ray` with the official client; an actor killed
 while serving is a one-line error naming its rank; Ray missing or combined with a launcher is
-refused before loading."""
+refused before loading; a Ray cluster of two network-namespace "hosts" (RAY_ADDRESS) with rank 1 on
+the other host."""
+import json
 import os
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from helpers import build_checkpoint, hf_greedy, make_prompts
+from test_multihost import two_hosts  # noqa: F401 - the fixture: two network namespaces
 from meshserve import LLM, SamplingParams
 
 ray = pytest.importorskip("ray", reason="ray is not installed (scripts/setup.sh installs it)")
@@ -83,3 +86,58 @@ def test_ray_missing_or_with_a_launcher_is_refused(checkpoints, monkeypatch):
     from meshserve.executor.ray import RayExecutor
     with pytest.raises(ValueError, match="Ray starts the worker ranks itself"):
         RayExecutor(LlmArgs(tensor_parallel_size=2), path, LaunchInfo("slurm", 0, 2, 0, "127.0.0.1", 29500), "cpu", 2)
+
+
+RAY_SCRIPT = """
+import json, sys
+from meshserve import LLM, SamplingParams
+if __name__ == "__main__":
+    ckpt, out = sys.argv[1], sys.argv[2]
+    prompts = json.loads(open(ckpt + "/prompts.json").read())
+    with LLM(ckpt, tensor_parallel_size=2, orchestrator_type="ray", show_progress=False,
+             kv_cache_config={"tokens_per_block": 4, "max_tokens": 2048}) as llm:
+        ex = llm._core.executor
+        nodes = sorted({n["NodeManagerAddress"] for n in __import__("ray").nodes() if n["Alive"]})
+        outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+        json.dump({"ids": [o.outputs[0].token_ids for o in outs], "nodes": nodes, "addr": ex._rendezvous_addr()},
+                  open(out, "w"))
+"""
+
+
+def test_tp2_across_two_ray_nodes(tmp_path, tp_checkpoint, two_hosts):
+    """A Ray cluster of two "hosts" (network namespaces joined by a veth pair, one CPU each): the head
+    and this driver on one, a worker node on the other, so rank 1's actor runs across the link and
+    reaches rank 0 at its node address (store, control channel, gloo), not loopback."""
+    import subprocess
+
+    from helpers import free_port
+
+    ckpt, _, ref = tp_checkpoint
+    (ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b) = two_hosts
+    port = free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    import secrets
+    # Ray's token authentication: one token for the head, the worker node and the driver
+    base = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env_a, env_b = dict(base, GLOO_SOCKET_IFNAME=dev_a), dict(base, GLOO_SOCKET_IFNAME=dev_b)
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        for ns, env, role in ((ns_a, env_a, ["--head", "--node-ip-address", ip_a, "--port", str(port),
+                                               "--include-dashboard", "false"]),
+                              (ns_b, env_b, ["--address", f"{ip_a}:{port}", "--node-ip-address", ip_b])):
+            started = subprocess.run(["ip", "netns", "exec", ns, ray_bin, "start", *role, *common], env=env,
+                                     capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stdout[-1500:] + started.stderr[-3000:]
+        script, out = tmp_path / "ray_job.py", tmp_path / "out.json"
+        script.write_text(RAY_SCRIPT)
+        run = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, str(script), ckpt, str(out)],
+                             env=dict(env_a, RAY_ADDRESS=f"{ip_a}:{port}"), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        got = json.loads(out.read_text())
+        assert got["nodes"] == sorted([ip_a, ip_b]) and got["addr"] == ip_a
+        assert got["ids"] == ref
+    finally:
+        for ns, env in ((ns_b, env_b), (ns_a, env_a)):
+            subprocess.run(["ip", "netns", "exec", ns, ray_bin, "stop", "--force"], env=env, capture_output=True,
+                           timeout=120)
