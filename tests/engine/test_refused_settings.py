@@ -16,7 +16,7 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(cp_config={"cp_type": "ulysses"}), r"cp_config=\{'cp_type': 'ulysses'\}.*not landed"),
+    (dict(cp_config={"cp_type": "ulysses"}), r"cp_config=\{'cp_type': 'ULYSSES'\} needs context_parallel_size > 1"),
     (dict(moe_config={"backend": "CUTLASS"}), r"moe_config.backend='CUTLASS'.*no experts"),
     (dict(attention_dp_config={"enable_balance": True}), r"attention_dp_config=.*'enable_balance': True"),
     (dict(backend="tensorrt"), r"backend='tensorrt' is not supported; accepted: 'pytorch'"),
