@@ -247,3 +247,72 @@ def test_seed_deepseek_config_tp16_ep4_on_16_ranks(tmp_path):
         assert llm._core.executor.world_size == 16 and llm._core.dp_size == 16
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert got == ref
+
+
+def test_dropped_streams_on_both_ranks_free_every_rank_s_blocks(checkpoints):
+    """8 streams over two attention-DP ranks, each dropped after 3 chunks: every one is aborted, both
+    ranks' KV blocks come back, generation stops, and the engine still answers as transformers does."""
+    import asyncio
+    import time
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve"))
+    from serve_util import start_server
+
+    path, prompts, ref = checkpoints["qwen3_moe"]
+    server = start_server(path, "--tp_size", "2", "--enable_attention_dp", api_key=None)
+
+    def per_rank(name: str) -> list[float]:
+        text = httpx.get(server.base_url + "/metrics").text
+        return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+
+    try:
+        model = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY").models.list().data[0].id
+        before = server.metrics()
+        busy: list = []
+
+        async def one(client, i, all_started, started):
+            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": 200, "ignore_eos": True,
+                    "temperature": 0, "stream": True}
+            chunks = 0
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    chunks += 1
+                    if chunks == 1:
+                        started.append(i)
+                        if len(started) == 8:
+                            busy.extend(await asyncio.to_thread(per_rank, "meshserve_attention_dp_requests_running"))
+                            all_started.set()
+                    if chunks >= 3 and all_started.is_set():
+                        break  # drop the stream mid-way
+            return chunks
+
+        async def main():
+            all_started, started = asyncio.Event(), []
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+                return await asyncio.gather(*[one(client, i, all_started, started) for i in range(8)])
+
+        chunks = asyncio.run(main())
+        assert all(c < 100 for c in chunks)
+        assert len(busy) == 2 and min(busy) >= 1, busy  # both ranks were running streams when they dropped
+        deadline = time.monotonic() + 10
+        while True:
+            m = server.metrics()
+            if (m["meshserve_num_requests_running"] == 0 and m["meshserve_kv_cache_used_blocks"] == 0) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert m["meshserve_num_requests_running"] == 0 and m["meshserve_kv_cache_used_blocks"] == 0, m
+        assert per_rank("meshserve_attention_dp_kv_cache_usage_ratio") == [0.0, 0.0]
+        assert m.get("meshserve_requests_total[abort]", 0) - before.get("meshserve_requests_total[abort]", 0) == 8
+        generated = m["meshserve_generation_tokens_total"]
+        time.sleep(0.5)
+        assert server.metrics()["meshserve_generation_tokens_total"] == generated  # nothing runs any more
+        out = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY").completions.create(
+            model=model, prompt=prompts, max_tokens=8, temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+    finally:
+        server.stop()
