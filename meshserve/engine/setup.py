@@ -48,8 +48,7 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
     if cp_type != "ULYSSES":
         raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES (RING, STAR and HELIX "
                          f"shard the KV cache by sequence and have not landed)")
-    others = [(args.pipeline_parallel_size > 1, f"pipeline_parallel_size={args.pipeline_parallel_size}"),
-              (args.enable_attention_dp, "enable_attention_dp=True"),
+    others = [(args.enable_attention_dp, "enable_attention_dp=True"),
               (args.cache_transceiver_config is not None, "cache_transceiver_config (a disaggregated server)"),
               (model_config.kv_lora_rank is not None, f"{model_config.architecture}'s latent attention (its KV "
                f"cache has no heads to split; TensorRT-LLM uses HELIX for it)")]

@@ -128,8 +128,8 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, positions, md, hidden=None, residual=None):
         if self.is_first:
             hidden = self.embed_tokens(input_ids)
-        if self.cp is not None:
-            hidden = self.cp.split(hidden)
+            if self.cp is not None:  # later pipeline stages receive this rank's share already
+                hidden = self.cp.split(hidden)
         for i in self.layer_range:
             hidden, residual = self.layers[i](positions, hidden, residual, md)
         if self.is_last:

@@ -283,7 +283,8 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device) % self.cfg.max_seq_len
         hidden = residual = None
         if not self.is_first:
-            hidden = torch.zeros(n, self.model_config.hidden_size, dtype=self.cfg.dtype, device=self.device)
+            rows = -(-n // self.cp_split.size) if self.cp_split is not None else n
+            hidden = torch.zeros(rows, self.model_config.hidden_size, dtype=self.cfg.dtype, device=self.device)
             residual = torch.zeros_like(hidden)
         if self.dp_lockstep:  # every rank at its largest step: the MoE layers see all their tokens
             self.parallel.dp_tokens.set_step([n] * self.parallel.attn_dp.size)
@@ -366,12 +367,14 @@ class ModelRunner:
         if inp.placeholders:
             self._fill_placeholders(inp)
         hidden = residual = None
-        if not self.is_first:
-            hidden, residual = self.pp_group.recv_hidden(inp.num_tokens, self.model_config.hidden_size,
-                                                         self.cfg.dtype, self.device)
-        t0 = time.perf_counter()
-        if self.cp_split is not None:
+        rows = inp.num_tokens
+        if self.cp_split is not None:  # between stages a cp rank's hidden states are its share of the tokens
             self.cp_split.set_step(inp.num_tokens)
+            rows = self.cp_split.chunk
+        if not self.is_first:
+            hidden, residual = self.pp_group.recv_hidden(rows, self.model_config.hidden_size, self.cfg.dtype,
+                                                         self.device)
+        t0 = time.perf_counter()
         if self.graphs is not None and not inp.prompt_lp:
             if inp.attn.num_decodes == len(so.reqs):
                 if self.graphs.can_run(len(so.reqs)):

@@ -1,7 +1,7 @@
 """Context parallelism, ULYSSES, on CPU ranks (gloo): each cp rank runs 1/cp of every step's tokens
 outside attention and every token of 1/cp of the heads inside it, so greedy ids must equal
 transformers on dense, GQA (KV heads repeated when fewer than cp), Qwen3 (q/k norms) and MoE models,
-alone and with TP; chunked prefill, preemption and prefix reuse keep parity; sampling with seeds,
+alone, with TP and with pipeline stages; chunked prefill, preemption and prefix reuse keep parity; sampling with seeds,
 logprobs and prompt logprobs equal a single-rank run; each rank's KV cache holds 1/cp of the bytes;
 `meshserve serve --cp_size 2` answers the official client; the layouts and cp types it cannot run
 are one-line errors naming the numbers."""
@@ -45,6 +45,7 @@ LAYOUTS = {
     "llama-tp2xcp2": ("llama", dict(tensor_parallel_size=2, context_parallel_size=2), 4),
     "gqa-cp4-kv-repeated": ("gqa", dict(context_parallel_size=4, cp_config={"cp_type": "ulysses"}), 4),
     "qwen3-cp2": ("qwen3", dict(context_parallel_size=2), 2),
+    "gqa-cp2xpp2": ("gqa", dict(context_parallel_size=2, pipeline_parallel_size=2), 4),  # stages pass shares
     "qwen3_moe-cp2": ("qwen3_moe", dict(context_parallel_size=2, disable_overlap_scheduler=True), 2),
 }
 
@@ -119,8 +120,6 @@ def test_serve_with_cp_size(checkpoints):
     (dict(context_parallel_size=2, cp_config={"cp_type": "ULYSSES", "block_size": 4}),
      "cp_config has unknown keys ['block_size']; accepted: cp_type"),
     (dict(cp_config={"cp_type": "ULYSSES"}), "needs context_parallel_size > 1"),
-    (dict(context_parallel_size=2, pipeline_parallel_size=2),
-     "context_parallel_size=2 with pipeline_parallel_size=2 is not supported yet"),
     (dict(context_parallel_size=2, tensor_parallel_size=2, enable_attention_dp=True),
      "context_parallel_size=2 with enable_attention_dp=True is not supported yet"),
     (dict(context_parallel_size=8), "context_parallel_size=8 must divide the 4 attention heads"),
