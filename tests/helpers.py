@@ -215,3 +215,33 @@ def assert_logprobs_close(got, want, tol: float = 1e-3) -> None:
         assert abs(got - want) <= tol, (got, want)
     else:
         assert got == want
+
+
+def seeded_logprob_params(num: int) -> list:
+    """One seeded sampling request per prompt, asking for logprobs and prompt logprobs: what a
+    layout's run must reproduce exactly against a single rank's."""
+    from meshserve import SamplingParams
+    return [SamplingParams(max_tokens=6, temperature=0.9, top_k=40, seed=100 + i, logprobs=3, prompt_logprobs=2)
+            for i in range(num)]
+
+
+def assert_same_as_one_rank(path: str, prompts, sps, outs, kv_cache_config: dict) -> None:
+    """`outs` (RequestOutputs of some layout) equal a one-rank LLM's: tokens exactly, logprobs and
+    prompt logprobs within assert_logprobs_close's tolerance."""
+    from meshserve import LLM
+    with LLM(path, kv_cache_config=kv_cache_config, show_progress=False) as llm:
+        want = llm.generate(prompts, sps, use_tqdm=False)
+    for got, ref in zip(outs, want):
+        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert_logprobs_close(got.outputs[0].logprobs, ref.outputs[0].logprobs)
+        assert_logprobs_close(got.prompt_logprobs, ref.prompt_logprobs)
+
+
+def served_token_ids(base_url: str, prompts, max_tokens: int = 8) -> list:
+    """Greedy token ids of each prompt through a server's /v1/completions, with the official client."""
+    from openai import OpenAI
+    client = OpenAI(base_url=base_url + "/v1", api_key="EMPTY")
+    model = client.models.list().data[0].id
+    out = client.completions.create(model=model, prompt=prompts, max_tokens=max_tokens, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    return [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)]

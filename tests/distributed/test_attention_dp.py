@@ -12,7 +12,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from helpers import DEEPSEEK_YARN, assert_logprobs_close, build_checkpoint, build_deepseek, hf_greedy, make_prompts
+from helpers import (DEEPSEEK_YARN, assert_same_as_one_rank, build_checkpoint, build_deepseek, hf_greedy,
+                     make_prompts, seeded_logprob_params, served_token_ids)
 from meshserve import LLM, SamplingParams
 from meshserve.engine.dp_coordinator import DpScheduler
 from meshserve.engine.kv_cache import KVCacheManager
@@ -94,15 +95,9 @@ def test_deepseek_latent_attention_with_chunks_and_preemption(tmp_path):
 
 def test_sampling_logprobs_and_prompt_logprobs_equal_a_single_rank(checkpoints):
     path, prompts, _ = checkpoints["qwen3_moe"]
-    sps = [SamplingParams(max_tokens=6, temperature=0.9, top_k=40, seed=100 + i, logprobs=3, prompt_logprobs=2)
-           for i in range(len(prompts))]
-    outs, _, _ = run(path, prompts, sps, tensor_parallel_size=2)
-    with LLM(path, kv_cache_config=KV, show_progress=False) as llm:
-        want = llm.generate(prompts, sps, use_tqdm=False)
-    for got, ref in zip(outs, want):
-        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
-        assert_logprobs_close(got.outputs[0].logprobs, ref.outputs[0].logprobs)
-        assert_logprobs_close(got.prompt_logprobs, ref.prompt_logprobs)
+    sps = seeded_logprob_params(len(prompts))
+    outs = run(path, prompts, sps, tensor_parallel_size=2)[0]
+    assert_same_as_one_rank(path, prompts, sps, outs, KV)
 
 
 def test_unseeded_samples_on_two_ranks_differ(checkpoints):
@@ -212,11 +207,7 @@ def test_serve_with_attention_dp_flag(checkpoints):
     refs = [hf_greedy(hf, tok.encode(p), 12) for p in prompts]
     server = start_server(path, "--tp_size", "2", "--ep_size", "2", "--enable_attention_dp", api_key=None)
     try:
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
-        model = client.models.list().data[0].id
-        out = client.completions.create(model=model, prompt=prompts, max_tokens=12, temperature=0,
-                                        extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == refs
+        assert served_token_ids(server.base_url, prompts, 12) == refs
         text = httpx.get(server.base_url + "/metrics").text
         placed = {line.split('dp_rank="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                   for line in text.splitlines() if line.startswith("meshserve_attention_dp_requests_placed{")}
@@ -310,9 +301,6 @@ def test_dropped_streams_on_both_ranks_free_every_rank_s_blocks(checkpoints):
         generated = m["meshserve_generation_tokens_total"]
         time.sleep(0.5)
         assert server.metrics()["meshserve_generation_tokens_total"] == generated  # nothing runs any more
-        out = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY").completions.create(
-            model=model, prompt=prompts, max_tokens=8, temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+        assert served_token_ids(server.base_url, prompts, 8) == ref
     finally:
         server.stop()

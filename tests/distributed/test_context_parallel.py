@@ -9,9 +9,9 @@ import os
 import sys
 
 import pytest
-from openai import OpenAI
 
-from helpers import assert_logprobs_close, build_checkpoint, build_deepseek, hf_greedy, make_prompts
+from helpers import (assert_same_as_one_rank, build_checkpoint, build_deepseek, hf_greedy, make_prompts,
+                     seeded_logprob_params, served_token_ids)
 from meshserve import LLM, SamplingParams
 from meshserve.mapping import CpType
 
@@ -86,15 +86,9 @@ def test_chunks_preemption_and_prefix_reuse(checkpoints):
 
 def test_sampling_logprobs_and_prompt_logprobs_equal_a_single_rank(checkpoints):
     path, prompts, _ = checkpoints["qwen3"]
-    sps = [SamplingParams(max_tokens=6, temperature=0.9, top_k=40, seed=100 + i, logprobs=3, prompt_logprobs=2)
-           for i in range(len(prompts))]
+    sps = seeded_logprob_params(len(prompts))
     outs = run(path, prompts, sps, context_parallel_size=2)[0]
-    with LLM(path, kv_cache_config=KV, show_progress=False) as llm:
-        want = llm.generate(prompts, sps, use_tqdm=False)
-    for got, ref in zip(outs, want):
-        assert got.outputs[0].token_ids == ref.outputs[0].token_ids
-        assert_logprobs_close(got.outputs[0].logprobs, ref.outputs[0].logprobs)
-        assert_logprobs_close(got.prompt_logprobs, ref.prompt_logprobs)
+    assert_same_as_one_rank(path, prompts, sps, outs, KV)
 
 
 def test_serve_with_cp_size(checkpoints):
@@ -104,11 +98,7 @@ def test_serve_with_cp_size(checkpoints):
     path, prompts, ref = checkpoints["llama"]
     server = start_server(path, "--cp_size", "2", api_key=None)
     try:
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
-        model = client.models.list().data[0].id
-        out = client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0,
-                                        extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+        assert served_token_ids(server.base_url, prompts, 8) == ref
     finally:
         server.stop()
 

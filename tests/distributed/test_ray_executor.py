@@ -9,9 +9,8 @@ import os
 import sys
 
 import pytest
-from openai import OpenAI
 
-from helpers import build_checkpoint, hf_greedy, make_prompts
+from helpers import build_checkpoint, hf_greedy, make_prompts, served_token_ids
 from test_multihost import two_hosts  # noqa: F401 - the fixture: two network namespaces
 from meshserve import LLM, SamplingParams
 
@@ -66,11 +65,7 @@ def test_serve_with_orchestrator_type_ray(checkpoints):
     path, prompts, ref = checkpoints["llama"]
     server = start_server(path, "--tp_size", "2", "--orchestrator_type", "ray", api_key=None)
     try:
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
-        model = client.models.list().data[0].id
-        out = client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0,
-                                        extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+        assert served_token_ids(server.base_url, prompts, 8) == ref
     finally:
         server.stop()
 

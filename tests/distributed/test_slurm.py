@@ -15,9 +15,8 @@ import uuid
 
 import httpx
 import pytest
-from openai import OpenAI
 
-from helpers import free_port
+from helpers import free_port, served_token_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(__file__), "tp_script.py")
@@ -82,11 +81,7 @@ def test_srun_meshserve_serve_then_scancel(slurm, tp_checkpoint, tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
-        model = client.models.list().data[0].id
-        out = client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0,
-                                        extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)] == ref
+        assert served_token_ids(base, prompts, 8) == ref
         text = httpx.get(base + "/metrics").text
         placed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                   if line.startswith("meshserve_attention_dp_requests_placed{")]
