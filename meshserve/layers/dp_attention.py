@@ -24,9 +24,13 @@ import torch.nn.functional as F
 class DpTokens:
     """This step's rows of every attention-DP rank, shared by the MoE layers of one model."""
 
-    def __init__(self, group, device: torch.device):
+    def __init__(self, group, device: torch.device, direct: bool = False):
         self.group = group  # the attn_dp GroupCoordinator: the ranks whose tokens an MoE layer sees
         self.device = device
+        # direct: the experts split over exactly these ranks with no moe_tp (moe_ep group == attn_dp
+        # group, moe_tp 1), so an MoE layer sends each rank's own tokens straight to their experts
+        # (one all-to-all each way, 1/N of the bytes of the gather) instead of gathering the slice's
+        self.direct = direct
         self.counts: list[int] = []
         self.start = self.num = self.local = self.total = self.max = 0
         self._rows: Optional[torch.Tensor] = None  # where the real rows sit in the padded gather
@@ -67,3 +71,22 @@ class DpTokens:
         if self.local != self.num:
             return y.new_zeros(self.local, *y.shape[1:])
         return y[self.start:self.start + self.num]
+
+    def pad_own(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """Direct dispatch: this rank's rows padded to the largest rank's count (the all-to-all's
+        buffers are sized by it on every rank); padding rows and a dummy token route nowhere (-1)."""
+        if self.num < self.local:  # a dummy token: computed, never routed
+            ids = torch.full_like(ids, -1)
+        pad = self.max - self.local
+        if pad > 0:
+            x = F.pad(x, (0, 0, 0, pad))
+            weights = F.pad(weights, (0, 0, 0, pad))
+            ids = F.pad(ids, (0, 0, 0, pad), value=-1)
+        return x, weights, ids
+
+    def gather_rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's first `num` rows along `dim` of `t` (at least `max` long there), in rank
+        order: [sum of counts] along dim (the expert-load ids of a direct step)."""
+        t = t.narrow(dim, 0, self.max).contiguous()
+        g = self.group.all_gather(t, dim=dim)
+        return g if self._rows is None else g.index_select(dim, self._rows)

@@ -133,7 +133,9 @@ class ModelRunner:
         self.dp_lockstep = self.dp and model_config.is_moe  # every rank must run each step's MoE collectives
         if self.dp:
             from meshserve.layers.dp_attention import DpTokens
-            self.parallel.dp_tokens = DpTokens(self.parallel.attn_dp, self.device)
+            p = self.parallel  # the experts split over exactly the DP ranks: dispatch each rank's own tokens
+            direct = p.moe_tp.size == 1 and p.moe_ep.ranks == p.attn_dp.ranks
+            self.parallel.dp_tokens = DpTokens(p.attn_dp, self.device, direct=direct)
         # context parallelism (ULYSSES): each cp rank takes 1/cp of every step's tokens between attentions
         self.cp_split = None
         if self.parallel.cp.size > 1:
@@ -403,7 +405,10 @@ class ModelRunner:
         if self.expert_load is None:
             return
         if self.dp:  # the MoE layers routed the rows of every DP rank
-            num_tokens = self.parallel.dp_tokens.total if self.parallel.dp_tokens.active else 0
+            dp, ids = self.parallel.dp_tokens, self.expert_load.ids
+            num_tokens = dp.total if dp.active else 0
+            if num_tokens and dp.direct and ids is not None and dp.group.size * dp.max <= ids.shape[1]:
+                ids[:, :dp.total] = dp.gather_rows(ids, dim=1)  # each rank routed its own: count them all
         elif self.cp_split is not None and num_tokens:  # each cp rank routed its share: gather the ids
             split, ids = self.cp_split, self.expert_load.ids
             if ids is not None and split.size * split.chunk <= ids.shape[1]:

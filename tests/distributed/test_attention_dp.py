@@ -68,16 +68,27 @@ def test_attention_dp_matches_transformers(checkpoints, name):
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0.0
 
 
-def test_one_request_on_two_ranks_and_expert_counts(checkpoints):
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),  # experts split by moe_tp: the gather path
+                                    dict(tensor_parallel_size=2, moe_expert_parallel_size=2)],  # direct dispatch
+                         ids=["gather", "direct"])
+def test_one_request_on_two_ranks_and_expert_counts(checkpoints, layout):
     """A lone request: the other rank runs a dummy token each step and adds no routed rows, so the
-    expert counts equal those of the same request without attention DP."""
+    expert counts equal those of the same request without attention DP (each rank's own routed ids
+    gathered for the counters when it dispatches its own tokens)."""
     path, prompts, ref = checkpoints["qwen3_moe"]
-    outs, stats, _ = run(path, [prompts[-1]], tensor_parallel_size=2)
+    outs, stats, core = run(path, [prompts[-1]], **layout)
+    assert core.executor.runner.parallel.dp_tokens.direct == ("moe_expert_parallel_size" in layout)
     assert outs[0].outputs[0].token_ids == ref[-1]
     with LLM(path, tensor_parallel_size=2, kv_cache_config=KV, show_progress=False) as llm:
         llm.generate([prompts[-1]], SP, use_tqdm=False)
         plain = llm.get_stats()
     assert stats["expert_tokens"] == plain["expert_tokens"] and stats["expert_tokens"]
+    if "moe_expert_parallel_size" in layout:  # every rank busy, uneven counts per step
+        outs, stats, _ = run(path, prompts, **layout)
+        assert [o.outputs[0].token_ids for o in outs] == ref
+        with LLM(path, tensor_parallel_size=2, kv_cache_config=KV, show_progress=False) as llm:
+            llm.generate(prompts, SP, use_tqdm=False)
+            assert stats["expert_tokens"] == llm.get_stats()["expert_tokens"]
 
 
 def test_deepseek_latent_attention_with_chunks_and_preemption(tmp_path):

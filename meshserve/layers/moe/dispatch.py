@@ -16,7 +16,7 @@ Buffer sizes depend on T alone (a chunk sends at most C * min(K, E_local) rows t
 the same code runs inside a CUDA graph captured for a batch size: positions inside each member's
 buffer come from a cumulative sum, not from host-side counts. `tokens_replicated=False` (tokens
 that differ per rank, each rank dispatching its own, every rank's T equal) skips the chunking and the
-final all-gather; nothing uses it yet (docs/attention_dp.md).
+final all-gather: `own_tokens`, attention DP's direct dispatch (docs/attention_dp.md).
 """
 from __future__ import annotations
 
@@ -65,6 +65,17 @@ class EpDispatcher:
         if self.ep.size == 1:
             return self.tp.all_reduce(run(x, weights, ids))
         return self._exchange(x, weights, ids, run)
+
+    def own_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, run: ExpertFn) -> torch.Tensor:
+        """Tokens that differ per rank (attention DP, every rank's T padded to the same count): each
+        rank's rows go straight to the members holding their experts and come back combined."""
+        if self.ep.size == 1:
+            return self.tp.all_reduce(run(x, weights, ids))
+        replicated, self.tokens_replicated = self.tokens_replicated, False
+        try:
+            return self._exchange(x, weights, ids, run)
+        finally:
+            self.tokens_replicated = replicated
 
     def _exchange(self, x, weights, ids, run):
         ep, r = self.ep.size, self.ep.rank_in_group

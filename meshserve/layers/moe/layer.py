@@ -67,6 +67,12 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         dp = self.dp if self.dp is not None and self.dp.active else None
+        if dp is not None and dp.direct:  # each rank dispatches its own tokens (layers/dp_attention.py)
+            rows = hidden.shape[0]
+            ids_out = self.load.ids_out(self.layer_idx, rows) if self.load is not None else None
+            weights, ids = select_experts(router_logits, self.router, self.e_score_correction_bias, ids_out)
+            x, weights, ids = dp.pad_own(hidden, weights, ids)
+            return self.dispatcher.own_tokens(x, weights, ids, self._run)[:rows]
         if dp is not None:
             if router_logits.dtype == hidden.dtype:  # one collective for both
                 both = dp.gather(torch.cat([hidden, router_logits], dim=1))
