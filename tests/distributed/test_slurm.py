@@ -97,3 +97,36 @@ def test_srun_meshserve_serve_then_scancel(slurm, tp_checkpoint, tmp_path):
     while subprocess.run(["squeue", "-h", "-n", name], env=slurm, capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline, "the job is still in the queue after scancel"
         time.sleep(0.5)
+
+
+def test_two_node_srun_rank1_skips_the_script(tp_checkpoint, tmp_path):
+    """The seed's multi-node Slurm step on two "hosts" (network namespaces msn1 and msn2, each with its
+    own hostname and slurmd; scripts/slurm_two_nodes.sh): `srun -N 2 -n 2 meshserve-launch python
+    script.py`. meshserve-launch finds rank 0's host in the step's node list (no MASTER_ADDR given),
+    rank 1 on msn2 does not run the script but takes the job from rank 0's store across the link, and
+    the TP=2 result equals transformers."""
+    if shutil.which("ip") is None:
+        pytest.skip("network namespaces need iproute2")
+    ckpt, _, ref = tp_checkpoint
+    state = str(tmp_path / "slurm2")
+    script = os.path.join(REPO, "scripts", "slurm_two_nodes.sh")
+    up = subprocess.run([script, "start", state], capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = dict(os.environ, SLURM_CONF=up.stdout.strip(), OMP_NUM_THREADS="1", MESHSERVE_SECRET="two-node-test",
+                   PYTHONPATH=os.pathsep.join([REPO, *sys.path]),
+                   PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+        env.pop("MASTER_ADDR", None)
+        out = tmp_path / "ids.json"
+        marker = tmp_path / "ran-on"
+        # each task's gloo interface is its host's veth; the script notes where it ran before LLM()
+        task = (f"export GLOO_SOCKET_IFNAME=$(ls /sys/class/net | grep ^vmsn); exec {LAUNCH} {sys.executable} -c "
+                f"\"import runpy, socket, sys; open('{marker}-' + socket.gethostname(), 'w').close(); "
+                f"sys.argv = ['{SCRIPT}', '{ckpt}', '{out}', '2']; runpy.run_path('{SCRIPT}', run_name='__main__')\"")
+        run = subprocess.run(["ip", "netns", "exec", "msna", "srun", "-N", "2", "-n", "2", "bash", "-c", task],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert json.loads(out.read_text()) == ref
+        assert sorted(p.name for p in tmp_path.glob("ran-on-*")) == ["ran-on-msn1"]  # rank 1 skipped the script
+    finally:
+        subprocess.run([script, "stop", state], capture_output=True, timeout=60)
