@@ -248,6 +248,9 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
                                 overlap=overlap)
         mapping = mapping_for(args, model_config)
         dp_size = mapping.attn_dp_size if args.enable_attention_dp else 1
+        if args.enable_attention_dp and dp_size == 1:
+            logger.info("enable_attention_dp with one rank per MoE slice (tensor_parallel_size=%d): one scheduler, "
+                        "as without it", args.tensor_parallel_size)
         core = EngineCore(executor, sched, num_blocks, block_size, args.kv_cache_config.enable_block_reuse,
                           model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups,
                           max_n=args.max_n, slow_step_ms=args.slow_step_ms,
