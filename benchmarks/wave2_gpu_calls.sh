@@ -66,6 +66,8 @@ case $CALL in
   step moe_nopdl 170 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --out "$RES/moe_nopdl"
   step decode_attn_b1 60 python3 benchmarks/decode_attn_b1.py --quick --contexts 128,256,1024 --batches 1
   step kv_serve 200 python3 benchmarks/kv_transfer.py --part serve --num-prompts 30 --out "$RES/kv_serve"
+  # the one-GPU engine after the sixth session's model-runner / model-file changes (attention DP, cp)
+  step gpu_engine_tests 150 python3 -m pytest tests/gpu/test_gpu_engine.py -q -x
   ;;
 *)
   echo "call must be 1-4"
