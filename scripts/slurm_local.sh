@@ -3,30 +3,23 @@
 # munged (shared, started if absent), slurmctld and slurmd with their config, state and logs in DIR.
 #   scripts/slurm_local.sh start DIR [CTLD_PORT SLURMD_PORT]   -> prints the SLURM_CONF path
 #   scripts/slurm_local.sh stop DIR
+#   scripts/slurm_local.sh common DIR [SUFFIX]            -> the settings scripts/slurm_two_nodes.sh shares
 # The node offers 8 CPUs whatever the machine has (SlurmdParameters=config_overrides), so the
 # tests can start more ranks than cores, as CPU ranks do elsewhere in the suite.
 set -euo pipefail
 cmd=${1:?start or stop} dir=${2:?state folder}
 conf=$dir/slurm.conf
-case $cmd in
-start)
-  ctld=${3:-6817} slurmd_port=${4:-6818}
-  mkdir -p "$dir/state" "$dir/spool" /run/munge
-  pgrep -x munged >/dev/null || munged --force 2>/dev/null
-  host=$(hostname -s)
-  cat > "$conf" <<EOF
-ClusterName=meshserve
-SlurmctldHost=$host
+
+common_conf() {  # common_conf DIR SUFFIX: the settings both test clusters share (SUFFIX -%n: a slurmd per node)
+  cat <<EOF
 SlurmUser=root
-SlurmctldPort=$ctld
-SlurmdPort=$slurmd_port
 AuthType=auth/munge
-StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
-SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
-SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+StateSaveLocation=$1/state
+SlurmdSpoolDir=$1/spool$2
+SlurmctldPidFile=$1/slurmctld.pid
+SlurmdPidFile=$1/slurmd$2.pid
+SlurmctldLogFile=$1/slurmctld.log
+SlurmdLogFile=$1/slurmd$2.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -35,6 +28,24 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
+EOF
+}
+
+case $cmd in
+common)  # for scripts/slurm_two_nodes.sh
+  common_conf "$dir" "${3:-}"
+  ;;
+start)
+  ctld=${3:-6817} slurmd_port=${4:-6818}
+  mkdir -p "$dir/state" "$dir/spool" /run/munge
+  pgrep -x munged >/dev/null || munged --force 2>/dev/null
+  host=$(hostname -s)
+  cat > "$conf" <<EOF
+ClusterName=meshserve
+SlurmctldHost=$host
+SlurmctldPort=$ctld
+SlurmdPort=$slurmd_port
+$(common_conf "$dir" "")
 NodeName=$host CPUs=8 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF

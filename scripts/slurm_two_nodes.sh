@@ -23,24 +23,9 @@ start)
   cat > "$conf" <<EOF
 ClusterName=meshserve2
 SlurmctldHost=msn1(10.79.0.1)
-SlurmUser=root
 SlurmctldPort=6917
 SlurmdPort=6918
-AuthType=auth/munge
-StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool-%n
-SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd-%n.pid
-SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-SlurmdParameters=config_overrides
+$("$(dirname "$0")/slurm_local.sh" common "$dir" -%n)
 NodeName=msn1 NodeAddr=10.79.0.1 CPUs=4 RealMemory=4000 State=UNKNOWN
 NodeName=msn2 NodeAddr=10.79.0.2 CPUs=4 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES

@@ -245,3 +245,22 @@ def served_token_ids(base_url: str, prompts, max_tokens: int = 8) -> list:
     out = client.completions.create(model=model, prompt=prompts, max_tokens=max_tokens, temperature=0,
                                     extra_body={"ignore_eos": True, "return_token_ids": True})
     return [c.model_extra["token_ids"] for c in sorted(out.choices, key=lambda c: c.index)]
+
+
+def wait_healthy(proc, base_url: str, log_tail, timeout_s: float = 180.0) -> None:
+    """Until `base_url`/health answers 200: a RuntimeError with `log_tail()` if `proc` exits first,
+    a TimeoutError with it after `timeout_s`."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            if httpx.get(base_url + "/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not ready in {timeout_s} s:\n{log_tail()}")

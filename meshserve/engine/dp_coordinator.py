@@ -89,7 +89,6 @@ class DpScheduler:
         self.requests = ChainMap(*[s.requests for s in self.ranks])
         self.pinned = ChainMap(*[s.pinned for s in self.ranks])
         self.kv_pulling = ChainMap(*[s.kv_pulling for s in self.ranks])
-        self.kv_timeout_s = 30.0
 
     @property
     def kv_waiting(self) -> list[Request]:
@@ -180,8 +179,9 @@ class DpScheduler:
 
     def update_from_output(self, so: SchedulerOutput, result: ModelRunnerOutput) -> list:
         outputs = []
+        rows = dict(zip(result.req_ids, range(len(result.req_ids))))  # built once, not once per rank
         for s, part in zip(self.ranks, so.dp):
-            outputs += s.update_from_output(part, result)
+            outputs += s.update_from_output(part, result, rows)
         for out in outputs:
             if out.finish_reason is not None:
                 self.owner.pop(out.request_id, None)

@@ -260,8 +260,8 @@ class Scheduler:
         # generation_only requests take blocks after the running ones (never preempting them) and
         # before new prompts
         pulls = self._issue_pulls() if self.kv_waiting and not preempted else []
-        while (admit_new and self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_batch_size
-               and len(scheduled) < max_seqs):
+        while (admit_new and self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_batch_size and len(scheduled) < max_seqs):
             req = self.waiting[0]
             computed, num_cached = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_cached
@@ -367,8 +367,10 @@ class Scheduler:
         req.num_prompt_logprobs_sent = max(req.num_prompt_logprobs_sent, first + len(entries))
         return new
 
-    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        sampled = dict(zip(result.req_ids, range(len(result.req_ids))))
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput,
+                           rows: Optional[dict[str, int]] = None) -> list[EngineCoreOutput]:
+        """`rows`: request id -> row of `result` (attention DP builds it once for every rank's scheduler)."""
+        sampled = rows if rows is not None else dict(zip(result.req_ids, range(len(result.req_ids))))
         produces = self.produces.pop(sched.step_id, set())
         outputs: list[EngineCoreOutput] = []
         now = time.monotonic()

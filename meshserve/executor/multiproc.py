@@ -53,7 +53,8 @@ def _keep_gloo_on_loopback() -> None:
 
 def _layout(args: LlmArgs) -> str:
     """The sizes that make the world, as the user gave them."""
-    parts = [f"tensor_parallel_size={args.tensor_parallel_size}", f"pipeline_parallel_size={args.pipeline_parallel_size}"]
+    parts = [f"tensor_parallel_size={args.tensor_parallel_size}",
+             f"pipeline_parallel_size={args.pipeline_parallel_size}"]
     if args.context_parallel_size > 1:
         parts.append(f"context_parallel_size={args.context_parallel_size}")
     ep = args.moe_expert_parallel_size

@@ -33,8 +33,8 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ValueError("orchestrator_type='ray' needs the ray package (pip install 'ray>=2.40'); "
-                         "alternatives: None (ranks spawned on this host, or taken from torchrun/mpirun/srun)") from None
+        raise ValueError("orchestrator_type='ray' needs the ray package (pip install 'ray>=2.40'); alternatives: "
+                         "None (ranks spawned on this host, or taken from torchrun/mpirun/srun)") from None
     return ray
 
 

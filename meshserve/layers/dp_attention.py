@@ -63,8 +63,7 @@ class DpTokens:
         x = x[:self.num]
         if self.num < self.max:
             x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, self.max - self.num))
-        g = self.group.all_gather(x.contiguous(), dim=0)
-        return g if self._rows is None else g.index_select(0, self._rows)
+        return self._gather_padded(x, 0)
 
     def scatter(self, y: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a [sum of counts, ...] result (zeros for a dummy step's token)."""
@@ -87,6 +86,9 @@ class DpTokens:
     def gather_rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Every rank's first `num` rows along `dim` of `t` (at least `max` long there), in rank
         order: [sum of counts] along dim (the expert-load ids of a direct step)."""
-        t = t.narrow(dim, 0, self.max).contiguous()
-        g = self.group.all_gather(t, dim=dim)
+        return self._gather_padded(t.narrow(dim, 0, self.max), dim)
+
+    def _gather_padded(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """`t` holds `max` rows along dim on every rank (the real ones first): all ranks' real rows."""
+        g = self.group.all_gather(t.contiguous(), dim=dim)
         return g if self._rows is None else g.index_select(dim, self._rows)

@@ -2,9 +2,10 @@
 
 Parameter names follow the HF checkpoints (q/k/v fused into qkv_proj, gate/up into gate_up_proj),
 so `load_weights` maps checkpoint names with a short table. Parallelism enters only through the
-ParallelState handed in (its attn_tp group for the linears: the tp group, or one rank with attention DP; MoE models hand their moe groups to the
-expert layers) and a layer range [start, end) for this pipeline stage. Models whose MLP differs
-per layer (mixture of experts: models/mixtral.py, models/qwen3_moe.py) override `make_mlp`.
+ParallelState handed in (its attn_tp group for the linears: the tp group, or one rank with attention
+DP; MoE models hand their moe groups to the expert layers; context parallelism its cp_split) and a
+layer range [start, end) for this pipeline stage. Models whose MLP differs per layer (mixture of
+experts: models/mixtral.py, models/qwen3_moe.py) override `make_mlp`.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class DecoderAttention(nn.Module):
         self.head_dim = cfg.head_dim
         # context parallelism (ULYSSES, layers/context_parallel.py): attention runs every token of
         # 1/cp of this rank's heads; KV heads fewer than cp are repeated so each rank gets one
-        self.cp = cp if cp is not None and cp.size > 1 else None
-        cp_size = self.cp.size if self.cp else 1
+        self.cp = cp
+        cp_size = cp.size if cp is not None else 1
         attn_heads, attn_kv_heads = self.num_heads // cp_size, max(1, self.num_kv_heads // cp_size)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias,
                                         tp_group, params_dtype=dtype)
@@ -115,7 +116,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool,
                  make_attn, make_mlp, rotary_emb: RotaryEmbedding, cp=None):
         super().__init__()
-        self.cp = cp if cp is not None and cp.size > 1 else None  # ULYSSES: this rank's tokens between attentions
+        self.cp = cp  # ULYSSES: this rank's tokens between attentions (None without cp)
         self.layer_range = layer_range
         self.is_first, self.is_last = is_first, is_last
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype) \

@@ -1,10 +1,11 @@
 """ModelRunner: one rank's model shard, its paged KV cache, and one step's forward + sampling.
 
-Input: a SchedulerOutput (the same on every rank; with attention DP each rank runs its own part). A first pipeline stage embeds tokens; a later
-stage receives hidden states from the previous one; the last stage computes logits and its
-tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks return None. Attention runs on
-the rank's attention backend (layers/attention), which builds each step's metadata; kernel
-settings are resolved once for this rank's GPU from the user's kernel_config.
+Input: a SchedulerOutput (the same on every rank; with attention DP each rank runs its own part). A
+first pipeline stage embeds tokens; a later stage receives hidden states from the previous one; the
+last stage computes logits and its tp-rank 0 samples, returning a ModelRunnerOutput. Other ranks
+return None. Attention runs on the rank's attention backend (layers/attention), which builds each
+step's metadata; kernel settings are resolved once for this rank's GPU from the user's
+kernel_config.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import uuid
 import httpx
 import pytest
 
-from helpers import free_port, served_token_ids
+from helpers import free_port, served_token_ids, wait_healthy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(__file__), "tp_script.py")
@@ -71,16 +71,7 @@ def test_srun_meshserve_serve_then_scancel(slurm, tp_checkpoint, tmp_path):
                             env=slurm, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "srun.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(proc, base, lambda: (tmp_path / "srun.log").read_text()[-3000:])
         assert served_token_ids(base, prompts, 8) == ref
         text = httpx.get(base + "/metrics").text
         placed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

@@ -10,11 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Optional
 
 import httpx
 
+from helpers import wait_healthy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "sk-meshserve-test"
@@ -50,18 +50,12 @@ class ServerProcess:
             return "".join(f.readlines()[-n:])
 
     def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log_tail()}")
+        try:
+            wait_healthy(self.proc, self.base_url, self.log_tail, timeout_s)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc.poll() is None:

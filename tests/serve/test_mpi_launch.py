@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from serve_util import REPO, free_port
-from helpers import hf_greedy
+from helpers import hf_greedy, wait_healthy
 from meshserve.distributed.launch import local_mpirun
 
 pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI is not installed")
@@ -35,15 +35,7 @@ def test_mpirun_serve_tp2_matches_transformers(tiny_model, tiny_tokenizer, tmp_p
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "mpirun.log").read_text()[-3000:]
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(proc, base, lambda: (tmp_path / "mpirun.log").read_text()[-3000:])
         ids = tiny_tokenizer.encode("Paris is the capital of")
         r = httpx.post(base + "/v1/completions", timeout=60, json={
             "model": "tiny-chat", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True,

@@ -6,11 +6,12 @@ intermediate dimension, so each moe_tp member computes a partial sum that one al
 
 Every rank of an MoE slice sees the same tokens (the TP ranks of one attention group, and the
 attention replicas of the "replicate" layout, run the same batch; with attention DP the MoE layer
-all-gathers the ranks' tokens first, layers/dp_attention.py). `EpDispatcher` then gives each EP member its own chunk of ceil(T / ep) tokens and moves
-each (token, k) assignment of that chunk to the member holding expert k with one all-to-all; the
-experts run on what arrived; a second all-to-all brings the rows back to the chunk's owner, which
-applies the routing weights and sums over k; the moe_tp all-reduce completes the partial sums and
-an all-gather over the EP group gives every rank every token again.
+all-gathers the ranks' tokens first, layers/dp_attention.py). `EpDispatcher` then gives each EP
+member its own chunk of ceil(T / ep) tokens and moves each (token, k) assignment of that chunk to
+the member holding expert k with one all-to-all; the experts run on what arrived; a second
+all-to-all brings the rows back to the chunk's owner, which applies the routing weights and sums over k;
+the moe_tp all-reduce completes the partial sums and an all-gather over the EP group gives every
+rank every token again.
 
 Buffer sizes depend on T alone (a chunk sends at most C * min(K, E_local) rows to each member), so
 the same code runs inside a CUDA graph captured for a batch size: positions inside each member's
