@@ -8,6 +8,8 @@
 #   call 3 (carry .whl):     issue 21: moe-1gpu decode b1 / b64, offline 1000/1000 at batch 384 and the
 #                            transformers peer (PDL_FLAG=--pdl when call 2's PDL tests passed)
 #   call 4 (carry .whl):     moe-1gpu decode without PDL (the A/B), the decode split merge, kv serve
+#   call 21, 24 (carry .whl): with under ~20 minutes of device time, issue 21 then issue 24 (+ the
+#                            one-GPU engine tests) in two calls of < 600 s; issue 23 waits
 # Usage on the device: `bash benchmarks/wave2_gpu_calls.sh N` (it sources scripts/gpu_env.sh itself).
 # Every step has its own timeout so one that hangs leaves the call's other results; step outputs go
 # to $OUT/<step>.txt (and their tails to the call's output), the benchmarks' folders to $RES, packed
@@ -69,8 +71,20 @@ case $CALL in
   # the one-GPU engine after the sixth session's model-runner / model-file changes (attention DP, cp)
   step gpu_engine_tests 150 python3 -m pytest tests/gpu/test_gpu_engine.py -q -x
   ;;
+21)  # issue 21 in one call (short of device time): PDL tests decide the flag, then moe-1gpu all parts
+  step pdl_tests 100 python3 -m pytest tests/gpu/test_pdl.py -q -x
+  grep -q " passed" "$OUT/pdl_tests.txt" && ! grep -q -E "failed|error" "$OUT/pdl_tests.txt" && PDL_FLAG=--pdl
+  echo "PDL_FLAG=$PDL_FLAG"
+  step moe_1gpu 450 python3 benchmarks/moe_1gpu.py --part all --num-offline 1000 --max-batch-size 384 \
+    $PDL_FLAG --out "$RES/moe"
+  ;;
+24)  # issue 24 and the one-GPU engine regression check in one call (PDL as call 21 found it)
+  step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab
+  step mla_1gpu 300 python3 benchmarks/mla_1gpu.py $PDL_FLAG --out "$RES/mla"
+  step gpu_engine_tests 150 python3 -m pytest tests/gpu/test_gpu_engine.py -q -x
+  ;;
 *)
-  echo "call must be 1-4"
+  echo "call must be 1-4, 21 or 24"
   exit 2
   ;;
 esac

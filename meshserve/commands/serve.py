@@ -88,6 +88,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "enable_attention_dp", action="store_true", default=None,
           help="attention data parallelism: every rank runs its own requests through replicated attention, the "
                "experts stay split over tp_size x ep_size (YAML: enable_attention_dp, attention_dp_config)")
+    _flag(parser, "cp_type", default=None, help="with --cp_size: ULYSSES (default; heads split over the cp ranks) "
+          "or RING (the KV cache split by sequence); any case (YAML: cp_config: {cp_type: ...})")
     _flag(parser, "served_model_name", default=None,
           help="model name clients send and /v1/models lists (default: the model folder's name)")
     _flag(parser, "api_key", default=os.environ.get("MESHSERVE_API_KEY"),
@@ -142,6 +144,11 @@ def llm_args_from_cli(ns: argparse.Namespace):
         values["trust_remote_code"] = True
     if ns.enable_attention_dp:
         values["enable_attention_dp"] = True
+    if ns.cp_type is not None:
+        cp_config = values.get("cp_config") or {}
+        if not isinstance(cp_config, dict):
+            raise ValueError(f"{ns.config}: cp_config must be a mapping, got {cp_config!r}")
+        values["cp_config"] = {**cp_config, "cp_type": ns.cp_type}
     if ns.kv_cache_free_gpu_memory_fraction is not None:
         kv = values.get("kv_cache_config") or {}
         if not isinstance(kv, dict):

@@ -37,7 +37,7 @@ def eos_token_ids(model_path: str, model_config: ModelConfig) -> list[int]:
 
 
 def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
-    """context_parallel_size / cp_config: ULYSSES (layers/context_parallel.py) and what it runs with."""
+    """context_parallel_size / cp_config: ULYSSES and RING (layers/context_parallel.py) and what they run with."""
     cp = args.context_parallel_size
     cp_type = (args.cp_config or {}).get("cp_type", "ULYSSES")
     if args.cp_config is not None and cp == 1:
@@ -45,16 +45,28 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"splits over the cp ranks)")
     if cp == 1:
         return
-    if cp_type != "ULYSSES":
-        raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES (RING, STAR and HELIX "
-                         f"shard the KV cache by sequence and have not landed)")
+    if cp_type not in ("ULYSSES", "RING"):
+        raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES, RING (STAR's "
+                         f"approximate first phase and HELIX have not landed)")
     others = [(args.enable_attention_dp, "enable_attention_dp=True"),
               (args.cache_transceiver_config is not None, "cache_transceiver_config (a disaggregated server)"),
               (model_config.kv_lora_rank is not None, f"{model_config.architecture}'s latent attention (its KV "
-               f"cache has no heads to split; TensorRT-LLM uses HELIX for it)")]
+               f"cache has no heads to split, and RING's per-query partials are not built for its kernels; "
+               f"TensorRT-LLM uses HELIX for it)")]
     for bad, what in others:
         if bad:
             raise ValueError(f"context_parallel_size={cp} with {what} is not supported yet")
+    if cp_type == "RING":
+        block = args.kv_cache_config.tokens_per_block
+        if block % cp:
+            raise ValueError(f"kv_cache_config.tokens_per_block={block} must be a multiple of context_parallel_size="
+                             f"{cp} with cp_type RING (each cp rank holds tokens_per_block / cp tokens of every "
+                             f"block); accepted: {cp}, {2 * cp}, {4 * cp}, ...")
+        windows = sorted({w for w in model_config.sliding_windows if w is not None})
+        if windows:
+            raise ValueError(f"cp_type RING with {model_config.architecture}'s sliding-window attention (window "
+                             f"{windows[0]}) is not supported yet; accepted: ULYSSES for this model")
+        return
     tp = args.tensor_parallel_size
     heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % tp == 0 and (heads // tp) % cp:

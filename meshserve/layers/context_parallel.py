@@ -1,6 +1,6 @@
-"""Context parallelism, ULYSSES (DeepSpeed-Ulysses; the seed's `cp_type: ULYSSES`).
+"""Context parallelism: ULYSSES (DeepSpeed-Ulysses) and RING (the KV cache sharded by sequence).
 
-Every rank of a cp group runs the same batch (the same SchedulerOutput, the same attention
+ULYSSES. Every rank of a cp group runs the same batch (the same SchedulerOutput, the same attention
 metadata), but each takes a contiguous 1/cp of the step's tokens through everything outside
 attention (embedding output, norms, MLPs or experts, the residual stream). Around attention two
 all-to-alls trade the split: tokens for heads before it (each rank gets every token of 1/cp of the
@@ -14,25 +14,53 @@ rank has every token's hidden state.
 
 KV heads fewer than cp (per TP rank) are repeated first, so each rank receives the one KV head its
 query heads use. Steps whose token count does not divide by cp are padded at the end (the padding
-rows never reach attention). The other cp types (RING, STAR, HELIX) shard the KV cache by sequence
-and merge partial attention by its log-sum-exp (the backends' `return_lse`); they are refused for
-now (engine/setup.py).
+rows never reach attention).
+
+RING. The token split outside attention is ULYSSES's, but the KV cache is sharded by sequence:
+each block of the scheduler's `tokens_per_block` (S) tokens is cut into cp sub-blocks of B = S/cp
+tokens and cp rank r holds sub-block r of every block, in its own cache block of the same id (so
+the scheduler, block tables and prefix cache are unchanged, and each rank's block is 1/cp of the
+bytes). In attention every rank gathers the step's q, k, v (all heads), writes the k/v of the
+positions it holds, and attends every query to its shard of the keys, returning each row's
+log-sum-exp; an all-to-all sends each rank the cp partials of its own tokens, merged by their
+log-sum-exp (`merge_attention`). This is the exchange of ring attention's decode phase (queries
+to the KV shards); for new tokens the KV moves to its owner by the all-gather rather than round a
+ring, so the result is exact attention for prefill and decode alike.
+
+    rank r: qkv [T/cp] --all-gather(cp)--> [T] --attention(keys at rank r's sub-blocks)--> (o, lse) [T]
+            --all-to-all(cp)--> cp partials of its [T/cp] --merge by lse--> o [T/cp]
+
+A query at position p sees, of rank r's keys (increasing positions, a prefix of its local
+sequence), n_r(p) = (p // S) * B + (B if r < t, p % B + 1 if r == t, else 0) with t = p % S // B.
+That is not the causal shape of a sequence's new rows, so each query runs as its own one-row
+sequence of n_r(p) keys over the request's block table (`ring_metadata`): any backend's decode path
+serves it. Rows that see no key on a rank (n_r = 0) contribute nothing to the merge.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from meshserve.layers.attention.backend import AttentionMetadata, merge_attention
 
 
 class CpSplit:
     """This step's token split over the cp group, shared by one model's layers (set by the runner)."""
 
-    def __init__(self, group):
+    def __init__(self, group, ring: bool = False):
         self.group = group
         self.size, self.rank = group.size, group.rank_in_group
+        self.ring = ring  # RING: the KV cache sharded by sequence (attention via ring_md), else ULYSSES
         self.total = self.chunk = self.start = self.num = 0
+        self.ring_md: Optional[AttentionMetadata] = None  # RING: this step's metadata over this rank's shard
+        self.ring_empty: Optional[torch.Tensor] = None  # RING: [T] rows that see no key of this rank
 
-    def set_step(self, num_tokens: int) -> None:
+    def set_step(self, num_tokens: int, ring_md: Optional[AttentionMetadata] = None,
+                 ring_empty: Optional[torch.Tensor] = None) -> None:
+        self.ring_md, self.ring_empty = ring_md, ring_empty
         self.total = num_tokens
         self.chunk = -(-num_tokens // self.size)
         self.start = min(num_tokens, self.rank * self.chunk)
@@ -64,3 +92,52 @@ class CpSplit:
             y = F.pad(y, (0, 0, 0, cp * c - y.shape[0]))
         got = self.group.all_to_all(y.contiguous())  # from rank j: my tokens of its heads
         return got.reshape(cp, c, -1).transpose(0, 1).reshape(c, -1)
+
+    def merge_ring(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """RING: o [T, H*D] and lse [T, H], this rank's partial attention of every query -> the
+        merged attention of this rank's tokens [T/cp, H*D] (the others' partials by all-to-all)."""
+        cp, c = self.size, self.chunk
+        heads = lse.shape[1]
+        lse = lse.float().masked_fill(self.ring_empty[:, None], float("-inf"))
+        o = o.masked_fill(self.ring_empty[:, None], 0)
+        if o.shape[0] < cp * c:
+            o = F.pad(o, (0, 0, 0, cp * c - o.shape[0]))
+            lse = F.pad(lse, (0, 0, 0, cp * c - lse.shape[0]), value=float("-inf"))
+        outs = self.group.all_to_all(o.contiguous()).view(cp, c, heads, -1)  # from rank j: its partial of my rows
+        lses = self.group.all_to_all(lse.contiguous()).view(cp, c, heads)
+        out, _ = merge_attention(list(outs.unbind(0)), list(lses.unbind(0)))
+        return out.reshape(c, -1)
+
+
+def ring_metadata(positions: np.ndarray, rows: np.ndarray, tables: np.ndarray, block_size: int, rank: int,
+                  size: int, backend, device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """RING: this step's attention metadata over cp rank `rank`'s KV shard, and the [T] rows that see
+    none of its keys. positions [T]: each new token's position; rows [T]: the row of its request in
+    tables [R, max_blocks] (the scheduler's block ids, blocks of `block_size` tokens). Each query is
+    a one-row sequence of n_r(p) keys (module docstring); the k/v of the positions this rank holds go
+    to their slots, the others to the null block 0."""
+    sub = block_size // size  # B: tokens of each block this rank holds
+    positions = np.asarray(positions, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    blk, owner, off = positions // block_size, positions % block_size // sub, positions % sub
+    owned = owner == rank
+    tables = np.asarray(tables, dtype=np.int64).reshape(len(tables), -1)
+    block_ids = tables[rows, blk] if len(rows) else np.zeros(0, np.int64)
+    slots = np.where(owned, block_ids * sub + off, 0)
+    seen = blk * sub + np.where(rank < owner, sub, np.where(owned, off + 1, 0))
+    empty = seen == 0
+    seq_lens = np.maximum(seen, 1)
+    width = max(1, -(-int(seq_lens.max(initial=1)) // sub))
+    per_row = tables[rows][:, :width] if len(rows) else np.zeros((0, width), np.int64)
+    if per_row.shape[1] < width:
+        per_row = np.pad(per_row, ((0, 0), (0, width - per_row.shape[1])))
+    n = len(positions)
+
+    def dev(x, dtype):
+        return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype).to(device)
+
+    common = AttentionMetadata(
+        slot_mapping=dev(slots, torch.int64), query_start_loc=dev(np.arange(n + 1), torch.int32),
+        seq_lens=dev(seq_lens, torch.int32), block_tables=dev(per_row, torch.int32), max_query_len=1,
+        max_seq_len=int(seq_lens.max(initial=0)), block_size=sub, num_decodes=n)
+    return backend.build(common, [1] * n), dev(empty, torch.bool)

@@ -35,10 +35,11 @@ class DecoderAttention(nn.Module):
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
-        # context parallelism (ULYSSES, layers/context_parallel.py): attention runs every token of
-        # 1/cp of this rank's heads; KV heads fewer than cp are repeated so each rank gets one
+        # context parallelism (layers/context_parallel.py). ULYSSES: attention runs every token of
+        # 1/cp of this rank's heads; KV heads fewer than cp are repeated so each rank gets one. RING:
+        # every head, every token, over this rank's shard of the KV cache
         self.cp = cp
-        cp_size = cp.size if cp is not None else 1
+        cp_size = cp.size if cp is not None and not cp.ring else 1
         attn_heads, attn_kv_heads = self.num_heads // cp_size, max(1, self.num_kv_heads // cp_size)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias,
                                         tp_group, params_dtype=dtype)
@@ -55,6 +56,10 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        if self.cp is not None and self.cp.ring:  # every token's q/k/v, this rank's keys, merge over cp
+            q, k, v = self.cp.gather(qkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            o, lse = self.attn(q, k, v, self.cp.ring_md, self.rotary_emb, positions, return_lse=True)
+            return self.o_proj(self.cp.merge_ring(o, lse))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.cp is not None:
             q, k, v = self._tokens_to_heads(q, k, v)
@@ -116,7 +121,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, dtype, layer_range: range, is_first: bool, is_last: bool,
                  make_attn, make_mlp, rotary_emb: RotaryEmbedding, cp=None):
         super().__init__()
-        self.cp = cp  # ULYSSES: this rank's tokens between attentions (None without cp)
+        self.cp = cp  # context parallelism: this rank's tokens between attentions (None without cp)
         self.layer_range = layer_range
         self.is_first, self.is_last = is_first, is_last
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, dtype) \
@@ -161,7 +166,7 @@ class DecoderForCausalLM(nn.Module):
         self.parallel, self.dtype = parallel, dtype
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, cfg.partial_rotary_factor)
-        cp = getattr(parallel, "cp_split", None)  # context parallelism (ULYSSES), set by the model runner
+        cp = getattr(parallel, "cp_split", None)  # context parallelism (ULYSSES, RING), set by the model runner
         self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last,
                                   lambda i, rope: DecoderAttention(cfg, i, tp_group, dtype, rope, cp), self.make_mlp,
                                   rotary_emb, cp)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ class StepInputs:
     num_tokens: int = 0
     # overlap: (index in input_ids, request id) of tokens still being sampled by the previous step
     placeholders: list[tuple[int, str]] = field(default_factory=list)
+    # context parallelism RING: the step's metadata over this rank's KV shard and the rows that see
+    # none of its keys (layers/context_parallel.py ring_metadata); None otherwise
+    ring_md: Optional[AttentionMetadata] = None
+    ring_empty: Optional[torch.Tensor] = None
 
 
 def _pad_rows(rows: list[list[int]]) -> np.ndarray:
@@ -81,6 +85,8 @@ class InputBatch:
         # (group, spec) of the groups that drop blocks behind a sliding window
         self.windowed = [(g, grp.spec) for g, grp in enumerate(kv_groups) if grp.sliding_window is not None]
         self.reqs: dict[str, ReqState] = {}
+        # context parallelism RING: (cp rank, cp size, the backend of the rank's sub-block cache)
+        self.ring: Optional[tuple[int, int, AttentionBackend]] = None
 
     def update(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
@@ -168,6 +174,12 @@ class InputBatch:
             num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
         )
         md = self.attn_backend.build(common, q_lens)
+        ring_md = ring_empty = None
+        if self.ring is not None:
+            from meshserve.layers.context_parallel import ring_metadata
+            rank, size, backend = self.ring
+            ring_md, ring_empty = ring_metadata(np.asarray(pos), np.repeat(np.arange(len(q_lens)), q_lens), table,
+                                                bs, rank, size, backend, dev)
         if group_tables:
             md.group_views = [dataclasses.replace(md, slot_mapping=to_dev(s, torch.int64),
                                                   block_tables=to_device(torch.from_numpy(_pad_rows(t)), dev))
@@ -176,7 +188,7 @@ class InputBatch:
             input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
             logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),
             req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids),
-            placeholders=placeholders)
+            placeholders=placeholders, ring_md=ring_md, ring_empty=ring_empty)
 
     def sampling_batch(self, so: SchedulerOutput) -> SamplingBatch:
         dev, V = self.device, self.vocab_size

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from meshserve import kernels
@@ -54,6 +55,7 @@ class RunnerConfig:
     # disaggregated serving: cache_transceiver_config's fields (None: off) and the model's identity
     kv_transfer: Optional[dict] = None
     model_id: str = ""
+    cp_type: str = "ULYSSES"  # cp_config's cp_type with context parallelism: ULYSSES or RING
 
 
 class BusyWindow:
@@ -137,11 +139,16 @@ class ModelRunner:
             p = self.parallel  # the experts split over exactly the DP ranks: dispatch each rank's own tokens
             direct = p.moe_tp.size == 1 and p.moe_ep.ranks == p.attn_dp.ranks
             self.parallel.dp_tokens = DpTokens(p.attn_dp, self.device, direct=direct)
-        # context parallelism (ULYSSES): each cp rank takes 1/cp of every step's tokens between attentions
+        # context parallelism: each cp rank takes 1/cp of every step's tokens between attentions;
+        # RING also shards the KV cache by sequence: this rank's cache blocks hold 1/cp of each block
         self.cp_split = None
+        self.kv_block_size = cfg.block_size
         if self.parallel.cp.size > 1:
             from meshserve.layers.context_parallel import CpSplit
-            self.cp_split = self.parallel.cp_split = CpSplit(self.parallel.cp)
+            ring = cfg.cp_type == "RING"
+            self.cp_split = self.parallel.cp_split = CpSplit(self.parallel.cp, ring=ring)
+            if ring:
+                self.kv_block_size = cfg.block_size // self.parallel.cp.size
         # samples: tp-rank 0 of the last stage, in the first attention replica (the MoE "replicate"
         # layout runs moe_ep replicas of the attention TP group on the same batch); with attention DP
         # every replica samples its own requests
@@ -180,6 +187,10 @@ class ModelRunner:
             attn.kv_group = group
         self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, self.attn_backend,
                                 self.kv_groups)
+        if self.cp_split is not None and self.cp_split.ring:  # attention reads this rank's sub-blocks
+            self.batch.ring = (self.cp_split.rank, self.cp_split.size,
+                               select_attention_backend(cfg.attention_backend, shape, self.kv_block_size,
+                                                        self.device, self.kernel_settings))
         self.graphs = None
         self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
@@ -197,7 +208,7 @@ class ModelRunner:
         the slot's spec (a latent layer's token is kv_lora_rank + rope dims, not 2 x heads x dim)."""
         size = torch.empty((), dtype=self.cfg.dtype).element_size()
         per_slot = {slot: self.kv_groups[g].spec.bytes_per_token(size) for g, slot in self.kv_slots}
-        return self.cfg.block_size * sum(per_slot.values())
+        return self.kv_block_size * sum(per_slot.values())
 
     def available_kv_blocks(self, free_fraction: float, cpu_budget_bytes: int) -> int:
         """How many blocks this rank can hold: GPU from free memory after a profiling forward of
@@ -265,7 +276,7 @@ class ModelRunner:
         by_slot: dict[int, torch.Tensor] = {}  # one tensor per cache slot, bound to the layers using it
         for attn, (group, slot) in zip(self.attn_layers, self.kv_slots):
             if slot not in by_slot:
-                shape = self.kv_groups[group].spec.cache_shape(num_blocks, self.cfg.block_size)
+                shape = self.kv_groups[group].spec.cache_shape(num_blocks, self.kv_block_size)
                 by_slot[slot] = torch.zeros(shape, dtype=self.cfg.dtype, device=self.device)
             attn.kv_cache = by_slot[slot]
         self.kv_caches = list(by_slot.values())
@@ -292,7 +303,13 @@ class ModelRunner:
         if self.dp_lockstep:  # every rank at its largest step: the MoE layers see all their tokens
             self.parallel.dp_tokens.set_step([n] * self.parallel.attn_dp.size)
         if self.cp_split is not None:
-            self.cp_split.set_step(n)
+            ring_md = ring_empty = None
+            if self.cp_split.ring:
+                from meshserve.layers.context_parallel import ring_metadata
+                ring_md, ring_empty = ring_metadata(np.arange(n), np.zeros(n, np.int64), np.arange(1, nblk)[None],
+                                                    bs, self.cp_split.rank, self.cp_split.size, self.batch.ring[2],
+                                                    self.device)
+            self.cp_split.set_step(n, ring_md, ring_empty)
         try:
             hidden, _ = self.model(ids, pos, md, hidden, residual)
         finally:
@@ -372,7 +389,7 @@ class ModelRunner:
         hidden = residual = None
         rows = inp.num_tokens
         if self.cp_split is not None:  # between stages a cp rank's hidden states are its share of the tokens
-            self.cp_split.set_step(inp.num_tokens)
+            self.cp_split.set_step(inp.num_tokens, inp.ring_md, inp.ring_empty)
             rows = self.cp_split.chunk
         if not self.is_first:
             hidden, residual = self.pp_group.recv_hidden(rows, self.model_config.hidden_size, self.cfg.dtype,

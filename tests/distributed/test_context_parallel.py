@@ -1,10 +1,12 @@
-"""Context parallelism, ULYSSES, on CPU ranks (gloo): each cp rank runs 1/cp of every step's tokens
-outside attention and every token of 1/cp of the heads inside it, so greedy ids must equal
-transformers on dense, GQA (KV heads repeated when fewer than cp), Qwen3 (q/k norms) and MoE models,
-alone, with TP and with pipeline stages; chunked prefill, preemption and prefix reuse keep parity; sampling with seeds,
-logprobs and prompt logprobs equal a single-rank run; each rank's KV cache holds 1/cp of the bytes;
-`meshserve serve --cp_size 2` answers the official client; the layouts and cp types it cannot run
-are one-line errors naming the numbers."""
+"""Context parallelism on CPU ranks (gloo). ULYSSES: each cp rank runs 1/cp of every step's tokens
+outside attention and every token of 1/cp of the heads inside it. RING: the same token split, but
+each rank caches its sub-blocks of every KV block (the cache sharded by sequence) and attention
+merges the ranks' partials by their log-sum-exp. For both, greedy ids must equal transformers on
+dense, GQA (ULYSSES: KV heads repeated when fewer than cp), Qwen3 (q/k norms) and MoE models, alone,
+with TP and with pipeline stages; chunked prefill, preemption and prefix reuse keep parity; sampling
+with seeds, logprobs and prompt logprobs equal a single-rank run; each rank's KV cache holds 1/cp of
+the bytes; `meshserve serve --cp_size 2` (and `--cp_type ring`) answers the official client; the
+layouts and cp types they cannot run are one-line errors naming the numbers."""
 import os
 import sys
 
@@ -18,6 +20,8 @@ from meshserve.mapping import CpType
 SP = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 KV = {"tokens_per_block": 4, "max_tokens": 2048}
 ULYSSES = {"cp_type": CpType.ULYSSES}  # the seed's spelling
+RING = {"cp_type": CpType.RING}
+KV_RING = {"tokens_per_block": 8, "max_tokens": 2048}  # 8 / cp tokens of each block on each cp rank
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +51,20 @@ LAYOUTS = {
     "qwen3-cp2": ("qwen3", dict(context_parallel_size=2), 2),
     "gqa-cp2xpp2": ("gqa", dict(context_parallel_size=2, pipeline_parallel_size=2), 4),  # stages pass shares
     "qwen3_moe-cp2": ("qwen3_moe", dict(context_parallel_size=2, disable_overlap_scheduler=True), 2),
+    "ring-llama-cp2": ("llama", dict(context_parallel_size=2, cp_config=RING, kv_cache_config=KV_RING), 2),
+    "ring-gqa-cp4": ("gqa", dict(context_parallel_size=4, cp_config={"cp_type": "ring"}, kv_cache_config=KV_RING), 4),
+    "ring-llama-tp2xcp2": ("llama", dict(tensor_parallel_size=2, context_parallel_size=2, cp_config=RING,
+                                         kv_cache_config=KV_RING), 4),
+    "ring-qwen3-cp3": ("qwen3", dict(context_parallel_size=3, cp_config=RING,
+                                     kv_cache_config={"tokens_per_block": 6, "max_tokens": 2048}), 3),
+    "ring-gqa-cp2xpp2": ("gqa", dict(context_parallel_size=2, pipeline_parallel_size=2, cp_config=RING,
+                                     kv_cache_config=KV_RING), 4),
+    "ring-qwen3_moe-cp2": ("qwen3_moe", dict(context_parallel_size=2, cp_config=RING, kv_cache_config=KV_RING), 2),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_ulysses_matches_transformers(checkpoints, name):
+def test_cp_matches_transformers(checkpoints, name):
     arch, layout, world = LAYOUTS[name]
     path, prompts, ref = checkpoints[arch]
     outs, stats, _, ex = run(path, prompts, **layout)
@@ -60,23 +73,35 @@ def test_ulysses_matches_transformers(checkpoints, name):
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0.0
 
 
-def test_kv_bytes_per_rank_and_expert_counts_against_one_rank(checkpoints):
-    """Each cp rank caches its share of the heads: half the bytes per block at cp 2; the cp ranks'
-    expert counts add up to a single rank's."""
+@pytest.mark.parametrize("cp_config", [ULYSSES, RING])
+def test_kv_bytes_per_rank_and_expert_counts_against_one_rank(checkpoints, cp_config):
+    """Each cp rank caches its share, half the bytes per block at cp 2: ULYSSES half the KV heads of
+    every block's tokens, RING every KV head of half of each block's tokens; the cp ranks' expert
+    counts add up to a single rank's."""
     path, prompts, ref = checkpoints["qwen3_moe"]
-    outs, stats, per_block, _ = run(path, prompts, context_parallel_size=2)
+    with LLM(path, context_parallel_size=2, cp_config=cp_config, kv_cache_config=KV, show_progress=False) as llm:
+        outs = llm.generate(prompts, SP, use_tqdm=False)
+        stats = llm.get_stats()
+        runner = llm._core.executor.runner
+        per_block, cache_shape = runner.kv_bytes_per_block(), tuple(runner.attn_layers[0].kv_cache.shape)
     with LLM(path, kv_cache_config=KV, show_progress=False) as llm:
         llm.generate(prompts, SP, use_tqdm=False)
         one = llm.get_stats()
-        one_block = llm._core.executor.runner.kv_bytes_per_block()
+        one_runner = llm._core.executor.runner
+        one_block, one_shape = one_runner.kv_bytes_per_block(), tuple(one_runner.attn_layers[0].kv_cache.shape)
+    assert [o.outputs[0].token_ids for o in outs] == ref
     assert per_block * 2 == one_block
+    tokens, heads = (one_shape[2] // 2, one_shape[3]) if cp_config is RING else (one_shape[2], one_shape[3] // 2)
+    assert cache_shape[2:4] == (tokens, heads), (cache_shape, one_shape)
     assert stats["expert_tokens"] == one["expert_tokens"] and one["expert_tokens"]
 
 
-def test_chunks_preemption_and_prefix_reuse(checkpoints):
+@pytest.mark.parametrize("cp_config", [ULYSSES, RING])
+def test_chunks_preemption_and_prefix_reuse(checkpoints, cp_config):
     path, prompts, ref = checkpoints["gqa"]
     kv = {"tokens_per_block": 4, "max_tokens": 40}  # 10 blocks for 7 sequences of up to 21 tokens
-    with LLM(path, context_parallel_size=2, max_num_tokens=5, kv_cache_config=kv, show_progress=False) as llm:
+    with LLM(path, context_parallel_size=2, cp_config=cp_config, max_num_tokens=5, kv_cache_config=kv,
+             show_progress=False) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
         again = llm.generate(prompts[-1], SP, use_tqdm=False)
         stats = llm.get_stats()
@@ -84,19 +109,21 @@ def test_chunks_preemption_and_prefix_reuse(checkpoints):
     assert stats["num_preemptions"] > 0 and again.num_cached_tokens >= 8
 
 
-def test_sampling_logprobs_and_prompt_logprobs_equal_a_single_rank(checkpoints):
+@pytest.mark.parametrize("cp_config", [ULYSSES, RING])
+def test_sampling_logprobs_and_prompt_logprobs_equal_a_single_rank(checkpoints, cp_config):
     path, prompts, _ = checkpoints["qwen3"]
     sps = seeded_logprob_params(len(prompts))
-    outs = run(path, prompts, sps, context_parallel_size=2)[0]
+    outs = run(path, prompts, sps, context_parallel_size=2, cp_config=cp_config)[0]
     assert_same_as_one_rank(path, prompts, sps, outs, KV)
 
 
-def test_serve_with_cp_size(checkpoints):
+@pytest.mark.parametrize("flags", [("--cp_size", "2"), ("--cp_size", "2", "--cp_type", "ring")])
+def test_serve_with_cp_size(checkpoints, flags):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve"))
     from serve_util import start_server
 
     path, prompts, ref = checkpoints["llama"]
-    server = start_server(path, "--cp_size", "2", api_key=None)
+    server = start_server(path, *flags, api_key=None)
     try:
         assert served_token_ids(server.base_url, prompts, 8) == ref
     finally:
@@ -104,8 +131,12 @@ def test_serve_with_cp_size(checkpoints):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(context_parallel_size=2, cp_config={"cp_type": "RING"}),
-     "cp_config.cp_type=RING: not supported yet; accepted: ULYSSES"),
+    (dict(context_parallel_size=2, cp_config={"cp_type": "STAR"}),
+     "cp_config.cp_type=STAR: not supported yet; accepted: ULYSSES, RING"),
+    (dict(context_parallel_size=2, cp_config={"cp_type": "helix"}),
+     "cp_config.cp_type=HELIX: not supported yet; accepted: ULYSSES, RING"),
+    (dict(context_parallel_size=3, cp_config=RING),
+     "kv_cache_config.tokens_per_block=32 must be a multiple of context_parallel_size=3 with cp_type RING"),
     (dict(context_parallel_size=2, cp_config={"cp_type": "zigzag"}), "unknown cp_type 'zigzag'"),
     (dict(context_parallel_size=2, cp_config={"cp_type": "ULYSSES", "block_size": 4}),
      "cp_config has unknown keys ['block_size']; accepted: cp_type"),
@@ -114,7 +145,7 @@ def test_serve_with_cp_size(checkpoints):
      "context_parallel_size=2 with enable_attention_dp=True is not supported yet"),
     (dict(context_parallel_size=8), "context_parallel_size=8 must divide the 4 attention heads"),
 ])
-def test_what_ulysses_cannot_run_is_refused(checkpoints, kw, needle):
+def test_what_cp_cannot_run_is_refused(checkpoints, kw, needle):
     with pytest.raises(ValueError) as e:
         LLM(checkpoints["llama"][0], show_progress=False, **kw)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -124,3 +155,11 @@ def test_latent_attention_is_refused(tmp_path):
     build_deepseek(str(tmp_path))
     with pytest.raises(ValueError, match="latent attention .* TensorRT-LLM uses HELIX for it"):
         LLM(str(tmp_path), context_parallel_size=2, show_progress=False)
+
+
+def test_ring_with_sliding_windows_is_refused(tmp_path):
+    build_checkpoint(str(tmp_path), "mistral", sliding_window=6)
+    with pytest.raises(ValueError) as e:
+        LLM(str(tmp_path), context_parallel_size=2, cp_config=RING, show_progress=False)
+    assert str(e.value) == ("cp_type RING with MistralForCausalLM's sliding-window attention (window 6) is not "
+                            "supported yet; accepted: ULYSSES for this model")
