@@ -50,9 +50,9 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"approximate first phase and HELIX have not landed)")
     others = [(args.enable_attention_dp, "enable_attention_dp=True"),
               (args.cache_transceiver_config is not None, "cache_transceiver_config (a disaggregated server)"),
-              (model_config.kv_lora_rank is not None, f"{model_config.architecture}'s latent attention (its KV "
-               f"cache has no heads to split, and RING's per-query partials are not built for its kernels; "
-               f"TensorRT-LLM uses HELIX for it)")]
+              (model_config.kv_lora_rank is not None and cp_type != "RING",
+               f"{model_config.architecture}'s latent attention and cp_type {cp_type} (its KV cache has no heads "
+               f"to split; accepted: cp_type RING, which splits it by sequence)")]
     for bad, what in others:
         if bad:
             raise ValueError(f"context_parallel_size={cp} with {what} is not supported yet")

@@ -71,8 +71,9 @@ class MLAConfig:
 
 
 class DeepseekAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mla: MLAConfig, tp_group, dtype, rotary_emb: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, mla: MLAConfig, tp_group, dtype, rotary_emb: RotaryEmbedding, cp=None):
         super().__init__()
+        self.cp = cp  # context parallelism RING (the latent cache sharded by sequence); None without cp
         heads, hidden = cfg.num_attention_heads, cfg.hidden_size
         if heads % tp_group.size:
             raise ValueError(f"num_attention_heads={heads} is not divisible by tensor parallel size {tp_group.size}")
@@ -101,6 +102,11 @@ class DeepseekAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(hidden)
         L = self.mla.kv_lora_rank
         latent = torch.cat([self.kv_a_layernorm(kv[:, :L]), kv[:, L:]], dim=-1)  # [T, L + R], a new tensor
+        if self.cp is not None:  # RING: every token's q and latent, this rank's shard, merge over cp
+            q, latent = self.cp.gather(q), self.cp.gather(latent)
+            o, lse = self.attn(q, latent, self.kv_b_proj.weight, self.cp.ring_md, self.rotary_emb, positions,
+                               return_lse=True)
+            return self.o_proj(self.cp.merge_ring(o, lse))
         o = self.attn(q, latent, self.kv_b_proj.weight, md, self.rotary_emb, positions)
         return self.o_proj(o)
 
@@ -157,9 +163,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         # or one rank with attention DP (layers/dp_attention.py); the experts over moe_tp x moe_ep
         mla, tp = self.mla, parallel.attn_tp
         rotary_emb = RotaryEmbedding(mla.rope, cfg.max_position_embeddings, cfg.rope)
+        cp = getattr(parallel, "cp_split", None)  # context parallelism (RING only), set by the model runner
         self.model = DecoderModel(cfg, tp, dtype, layer_range, is_first, is_last,
-                                  lambda i, rope: DeepseekAttention(cfg, mla, tp, dtype, rope), self.make_mlp,
-                                  rotary_emb)
+                                  lambda i, rope: DeepseekAttention(cfg, mla, tp, dtype, rope, cp), self.make_mlp,
+                                  rotary_emb, cp)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)

@@ -170,13 +170,7 @@ class ModelRunner:
         kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows
         a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
         shape = AttentionShape(a.num_heads, a.num_kv_heads, a.head_dim) if a else AttentionShape(1, 1, 1)
-        if getattr(a, "latent", False):  # latent attention (DeepSeek MLA): its own metadata and kernels
-            from meshserve.layers.attention.mla_selector import select_mla_backend
-            self.attn_backend = select_mla_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
-                                                   self.kernel_settings)
-        else:
-            self.attn_backend = select_attention_backend(cfg.attention_backend, shape, cfg.block_size, self.device,
-                                                         self.kernel_settings)
+        self.attn_backend = self._make_attn_backend(a, shape, cfg.block_size)
         # KV cache groups (engine/kv_spec.py), formed as the engine forms them: each layer reads its
         # group's block table and shares its cache tensor (slot) with the same-index layer of the others
         self.kv_groups = model_kv_groups(model_config, cfg.max_seq_len, a.num_kv_heads if a else None)
@@ -189,8 +183,7 @@ class ModelRunner:
                                 self.kv_groups)
         if self.cp_split is not None and self.cp_split.ring:  # attention reads this rank's sub-blocks
             self.batch.ring = (self.cp_split.rank, self.cp_split.size,
-                               select_attention_backend(cfg.attention_backend, shape, self.kv_block_size,
-                                                        self.device, self.kernel_settings))
+                               self._make_attn_backend(a, shape, self.kv_block_size))
         self.graphs = None
         self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
@@ -201,6 +194,14 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_transfer = None  # worker/kv_transfer.py RankTransfer, with cfg.kv_transfer, once the cache exists
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
+
+    def _make_attn_backend(self, layer, shape: AttentionShape, block_size: int):
+        """The attention backend of this rank's layers (`layer`: the first), over blocks of block_size."""
+        cfg = self.cfg
+        if getattr(layer, "latent", False):  # latent attention (DeepSeek MLA): its own metadata and kernels
+            from meshserve.layers.attention.mla_selector import select_mla_backend
+            return select_mla_backend(cfg.attention_backend, shape, block_size, self.device, self.kernel_settings)
+        return select_attention_backend(cfg.attention_backend, shape, block_size, self.device, self.kernel_settings)
 
     # ---- KV cache -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

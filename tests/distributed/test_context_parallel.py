@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import (assert_same_as_one_rank, build_checkpoint, build_deepseek, hf_greedy, make_prompts,
+from helpers import (DEEPSEEK_YARN, assert_same_as_one_rank, build_checkpoint, build_deepseek, hf_greedy, make_prompts,
                      seeded_logprob_params, served_token_ids)
 from meshserve import LLM, SamplingParams
 from meshserve.mapping import CpType
@@ -151,9 +151,23 @@ def test_what_cp_cannot_run_is_refused(checkpoints, kw, needle):
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_latent_attention_is_refused(tmp_path):
-    build_deepseek(str(tmp_path))
-    with pytest.raises(ValueError, match="latent attention .* TensorRT-LLM uses HELIX for it"):
+def test_deepseek_latent_attention_ring_with_chunks_and_preemption(tmp_path):
+    """DeepSeek-V3 (MLA, a dense first layer, grouped routing, YaRN) with RING at tp2 x cp2: each cp
+    rank caches half of every block's latent rows; 6-token steps (chunked prompts) and 12 blocks
+    (preemption) keep greedy parity with transformers. ULYSSES (no heads to split) is refused."""
+    hf = build_deepseek(str(tmp_path), num_hidden_layers=3, rope_parameters=DEEPSEEK_YARN)
+    prompts = make_prompts(7, 320, 15)
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    ref = [hf_greedy(hf, p, 10) for p in prompts]
+    with LLM(str(tmp_path), tensor_parallel_size=2, context_parallel_size=2, cp_config=RING, max_num_tokens=6,
+             kv_cache_config={"tokens_per_block": 4, "max_tokens": 48}, show_progress=False) as llm:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        stats = llm.get_stats()
+        cache_shape = tuple(llm._core.executor.runner.attn_layers[0].kv_cache.shape)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert stats["num_preemptions"] > 0
+    assert cache_shape[1] == 2  # tokens per block on this rank: 4 / cp
+    with pytest.raises(ValueError, match="latent attention and cp_type ULYSSES .* accepted: cp_type RING"):
         LLM(str(tmp_path), context_parallel_size=2, show_progress=False)
 
 
