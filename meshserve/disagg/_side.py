@@ -230,7 +230,7 @@ class SideKvSink(TcpKvSink):
                 if verify:
                     tcp.check_payload(conn.payload_mac(seq, view, conn.mac_v), reply.mac, layer, t0, t1, ep)
                 on_gpu = cache.device.type == "cuda"
-                kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu)
+                kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu, cp=lay.cp)
                 if on_gpu:
                     landed[slot] = torch.cuda.Event()
                     landed[slot].record()

@@ -247,12 +247,13 @@ class IpcSinkMixin:
             for t0 in range(0, n, chunk):
                 t1 = min(n, t0 + chunk)
                 key = (src_group, dst_group, t0, t1)
-                if key not in slots:
-                    slots[key] = (
-                        kv_io.token_slots(grant.block_ids[src_group], source.block_size, t0, t1,
-                                          kv_io.geometry(src_cache)[1]).to(cache.device),
-                        kv_io.token_slots(dst_block_ids[dst_group], lay.block_size, t0, t1,
-                                          kv_io.geometry(cache)[1]).to(cache.device))
+                if key not in slots:  # with cp (RING) this rank keeps only its sub-blocks' tokens
+                    rows, dst_idx = kv_io.dest_slots(dst_block_ids[dst_group], lay.block_size, t0, t1,
+                                                     kv_io.geometry(cache)[1], lay.cp)
+                    src_idx = kv_io.token_slots(grant.block_ids[src_group], source.block_size, t0, t1,
+                                                kv_io.geometry(src_cache)[1])
+                    slots[key] = ((src_idx if rows is None else src_idx[rows]).to(cache.device),
+                                  dst_idx.to(cache.device))
                 src_idx, dst_idx = slots[key]
                 progress["bytes"] += kv_io.copy_slots(src_cache, src_idx, src_heads, cache, dst_idx, dst_heads)
         if stream is not None:

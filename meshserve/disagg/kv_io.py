@@ -7,6 +7,11 @@ A transfer buffer holds tokens [t0, t1) of one layer, token-major, contiguous on
 Token t of a request lives in block `block_ids[t // block_size]` at offset `t % block_size`, so a
 buffer gathered with one block size scatters into blocks of any other. CUDA caches go through
 pinned host memory (synchronous copies). Pure torch.
+
+A rank of a server with context parallelism RING (layers/context_parallel.py) holds only its
+sub-block of each block: with cp = (rank, size) and B = block_size // size, token t is its own when
+t % block_size // B == rank, at slot block_ids[t // block_size] * B + t % B (`dest_slots`); a
+buffer scattered into such a rank keeps those tokens and drops the others.
 """
 from __future__ import annotations
 
@@ -60,6 +65,28 @@ def token_slots(block_ids: Sequence[int], block_size: int, t0: int, t1: int, num
     return blocks[pos // block_size - first] * block_size + pos % block_size
 
 
+def dest_slots(block_ids: Sequence[int], block_size: int, t0: int, t1: int, num_blocks: int,
+               cp: tuple[int, int] = (0, 1)) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Where tokens t0..t1-1 go in a cache of a rank holding sub-block cp[0] of cp[1] of every block
+    (blocks of `block_size` tokens in the scheduler, block_size // cp[1] in the cache): (rows, slots),
+    rows the indices in [0, t1 - t0) of the tokens it holds (None: all of them, cp[1] == 1) and slots
+    their flat slot indices. A ValueError as token_slots'."""
+    rank, size = cp
+    if size == 1:
+        return None, token_slots(block_ids, block_size, t0, t1, num_blocks)
+    if block_size % size or not 0 <= rank < size:
+        raise ValueError(f"cp {cp} does not split blocks of {block_size} tokens")
+    token_slots(block_ids, block_size, t0, t1, num_blocks * size)  # the same coverage checks
+    sub = block_size // size
+    pos = torch.arange(t0, t1, dtype=torch.long)
+    rows = torch.nonzero(pos % block_size // sub == rank).flatten()
+    kept = pos[rows]
+    blocks = torch.tensor(list(block_ids), dtype=torch.long)[kept // block_size] if kept.numel() else kept
+    if blocks.numel() and int(blocks.max()) >= num_blocks:
+        raise ValueError(f"block ids out of range [0, {num_blocks})")
+    return rows, blocks * sub + kept % sub
+
+
 def geometry(cache: torch.Tensor) -> tuple[str, int, int]:
     """(kind, num_blocks, block_size) of a cache tensor."""
     kind = cache_kind(cache)
@@ -104,19 +131,24 @@ def gather(cache: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: i
 
 
 def scatter(cache: torch.Tensor, buf: torch.Tensor, block_ids: Sequence[int], block_size: int, t0: int,
-            heads: Optional[tuple[int, int]] = None, non_blocking: bool = False) -> None:
+            heads: Optional[tuple[int, int]] = None, non_blocking: bool = False,
+            cp: tuple[int, int] = (0, 1)) -> None:
     """Write a buffer of tokens [t0, t0 + n) (heads: local [h0, h1) of a full cache, default all)
-    into the cache's blocks `block_ids` (of `block_size` tokens). non_blocking: a host buffer's copy
-    to the GPU is queued on the current stream (the caller keeps the buffer until it has run)."""
+    into the cache's blocks `block_ids` (of `block_size` tokens; with cp = (rank, size) of context
+    parallelism RING, only the tokens this rank holds, into blocks of block_size // size). non_blocking:
+    a host buffer's copy to the GPU is queued on the current stream (the caller keeps the buffer
+    until it has run)."""
     kind, num_blocks, cache_block_size = geometry(cache)
-    if cache_block_size != block_size:
-        raise ValueError(f"block_size {block_size} is not the cache's {tuple(cache.shape)}")
+    if cache_block_size * cp[1] != block_size:
+        raise ValueError(f"block_size {block_size} (cp {cp}) is not the cache's {tuple(cache.shape)}")
     n = buf.shape[0 if kind == "latent" else 1]
     expected = buffer_shape(cache, n, heads)
     if tuple(buf.shape) != expected or buf.dtype != cache.dtype:
         raise ValueError(f"buffer {tuple(buf.shape)} {buf.dtype} does not fit {expected} {cache.dtype}")
     flat = _flat(cache)
-    idx = token_slots(block_ids, block_size, t0, t0 + n, num_blocks)
+    rows, idx = dest_slots(block_ids, block_size, t0, t0 + n, num_blocks, cp)
+    if rows is not None:
+        buf = buf.index_select(0 if kind == "latent" else 1, rows)
     src = buf.to(cache.device, non_blocking=non_blocking)
     idx = idx.to(cache.device, non_blocking=non_blocking)
     if kind == "latent":

@@ -224,6 +224,10 @@ class TcpKvSource(IpcSourceMixin, KvSource):
         idx = lay.layers.index(msg.layer)
         cache = self.kv_caches[idx]
         heads = None
+        if lay.cp[1] > 1:
+            conn.send(Error(f"this server runs context parallelism (cp size {lay.cp[1]}): a rank holds part of each "
+                            f"block, so it cannot serve a request's KV; run context servers without cp"))
+            return None
         if lay.kind == "full":
             h0, h1 = msg.kv_heads[0] - lay.kv_heads[0], msg.kv_heads[1] - lay.kv_heads[0]
             if not 0 <= h0 < h1 <= lay.kv_heads[1] - lay.kv_heads[0]:
@@ -376,6 +380,11 @@ class TcpKvSink(IpcSinkMixin, KvSink):
     def _plan(self, sources: Sequence[RankLayout]) -> dict[int, list[tuple[int, tuple[int, int]]]]:
         """Source index -> [(model layer, model KV heads [a, b))] to read from it."""
         lay = self.layout
+        split = [s for s in sources if s.cp[1] > 1]
+        if split:
+            raise _Fail(f"context rank {split[0].endpoint} runs context parallelism (cp size {split[0].cp[1]}): its "
+                        f"ranks hold parts of each block, so it cannot serve a request's KV; run context servers "
+                        f"without cp")
         plan: dict[int, list[tuple[int, tuple[int, int]]]] = {}
         for layer in lay.layers:
             holders = [j for j, s in enumerate(sources) if layer in s.layers]
@@ -602,7 +611,7 @@ class TcpKvSink(IpcSinkMixin, KvSink):
                 conn.recv_into(memoryview(trailer))
                 check_payload(hasher.digest(), bytes(trailer), layer, t0, t1, ep)
             on_gpu = cache.device.type == "cuda"
-            kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu)
+            kv_io.scatter(cache, buf, dst_ids, lay.block_size, t0, local, non_blocking=on_gpu, cp=lay.cp)
             if on_gpu:
                 landed[slot] = torch.cuda.Event()
                 landed[slot].record()  # on the pull's side stream, after the copy

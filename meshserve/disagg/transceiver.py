@@ -49,6 +49,9 @@ class RankLayout(msgspec.Struct, frozen=True):
     kind: str = "full"  # "full" (K and V per head) or "latent" (one kv_lora_rank + rope vector per token)
     latent_dim: int = 0  # kind "latent": kv_lora_rank + qk_rope_head_dim
     groups: tuple[int, ...] = ()  # KV cache group of each of `layers` (empty: all in group 0)
+    # context parallelism RING: (cp rank, cp size), this rank holding sub-block `rank` of every block
+    # (block_size // size tokens of each; disagg/kv_io.py dest_slots). Such a rank only receives KV.
+    cp: tuple[int, int] = (0, 1)
 
     def group_of(self, layer: int) -> int:
         """The KV cache group (index into a request's block_ids) of a model layer this rank holds."""

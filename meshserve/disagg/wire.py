@@ -349,9 +349,9 @@ def _check_caches(kv_caches: list, layout: RankLayout, what: str) -> None:
         if kv_io.dtype_name(cache.dtype) != layout.dtype:
             raise ValueError(f"{what}: layer {layer}'s cache is {kv_io.dtype_name(cache.dtype)}, "
                              f"layout says {layout.dtype}")
-        if block_size != layout.block_size:
+        if block_size * layout.cp[1] != layout.block_size:  # cp (RING): the rank's sub-blocks
             raise ValueError(f"{what}: layer {layer}'s cache has blocks of {block_size}, "
-                             f"layout says {layout.block_size}")
+                             f"layout says {layout.block_size} (cp {list(layout.cp)})")
         if kind == "full" and (cache.shape[3] != heads or cache.shape[4] != layout.head_dim):
             raise ValueError(f"{what}: layer {layer}'s cache {tuple(cache.shape)} does not hold {heads} heads "
                              f"of {layout.head_dim}")

@@ -48,8 +48,12 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
     if cp_type not in ("ULYSSES", "RING"):
         raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES, RING (STAR's "
                          f"approximate first phase and HELIX have not landed)")
+    ct = args.cache_transceiver_config
     others = [(args.enable_attention_dp, "enable_attention_dp=True"),
-              (args.cache_transceiver_config is not None, "cache_transceiver_config (a disaggregated server)"),
+              (ct is not None and cp_type != "RING", f"cp_type {cp_type} and cache_transceiver_config (a "
+               f"disaggregated server; accepted: cp_type RING, on generation servers)"),
+              (ct is not None and ct.backend.upper() == "NIXL", "cache_transceiver_config.backend NIXL (its "
+               "reads land in whole blocks; accepted: DEFAULT, UCX, MPI)"),
               (model_config.kv_lora_rank is not None and cp_type != "RING",
                f"{model_config.architecture}'s latent attention and cp_type {cp_type} (its KV cache has no heads "
                f"to split; accepted: cp_type RING, which splits it by sequence)")]

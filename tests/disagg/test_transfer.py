@@ -722,3 +722,54 @@ def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backen
     _, r = verifying_pull()
     assert r.state is TransferState.SUCCESS, r.error
     assert {s for _, s in schemes} == {1} and {side for side, _ in schemes} == {b"S", b"K"}
+
+
+@pytest.mark.parametrize("kind", ["full", "latent"])
+@pytest.mark.parametrize("cp,block,n", [(2, 16, 45), (3, 12, 37), (4, 8, 5)])
+def test_context_parallel_sinks_keep_their_sub_blocks(backend, kind, cp, block, n):
+    """Generation ranks of a server with context parallelism RING: cp rank r holds tokens t with
+    t % block // (block / cp) == r, at block_ids[t // block] * (block / cp) + t % (block / cp) of its
+    cache. Each pulls from TP 2 context ranks (blocks of 16) and must hold exactly its tokens."""
+    if _nixl(backend):
+        pytest.skip("NIXL reads land in whole blocks: cp is refused with it (engine/setup.py)")
+    heads = [(0, 2), (2, 4)] if kind == "full" else [(0, 1), (0, 1)]
+    src = [_layout([0, 1], kv_heads=h, kind=kind, num_kv_heads=4 if kind == "full" else 1) for h in heads]
+    c = Cluster(backend, src, [], n, max_tokens=7)
+    try:
+        gen = torch.Generator().manual_seed(cp)
+        sub, num_blocks = block // cp, 32
+        ids = _block_ids(n, block, num_blocks, gen)
+        for rank in range(cp):
+            lay = msgspec.structs.replace(_layout([0, 1], kv_heads=(0, 4) if kind == "full" else (0, 1),
+                                                  num_kv_heads=4 if kind == "full" else 1, block_size=block,
+                                                  kind=kind), cp=(rank, cp))
+            shape = (num_blocks, sub, LATENT_DIM) if kind == "latent" else (2, num_blocks, sub, 4, HEAD_DIM)
+            caches = [torch.zeros(shape) for _ in lay.layers]
+            Source, Sink = backend
+            sink = Sink(caches, lay, max_tokens_in_buffer=7, key=KEY)
+            try:
+                r = sink.pull(c.src_layouts, c.req, ids, 10.0)
+                assert r.state is TransferState.SUCCESS, r.error
+            finally:
+                sink.close()
+            for layer, cache in zip(lay.layers, caches):
+                want = torch.zeros(shape)
+                for t in range(n):
+                    if t % block // sub == rank:
+                        b, o = ids[0][t // block], t % sub
+                        if kind == "latent":
+                            want[b, o] = c.truth[layer][t]
+                        else:
+                            want[:, b, o] = c.truth[layer][:, t]
+                assert torch.equal(cache, want), (rank, layer)
+    finally:
+        c.close()
+
+
+def test_a_context_parallel_source_refuses_reads(cluster):
+    """A server with cp holds parts of each block: a sink pulling from it fails with the reason."""
+    c = cluster([_layout([0])], [_layout([0])], 20)
+    split = msgspec.structs.replace(c.src_layouts[0], cp=(0, 2))
+    r = c.pull(0, sources=[split])
+    assert r.state is TransferState.FAILED and "runs context parallelism (cp size 2)" in r.error, r.error
+    assert c.untouched(0)

@@ -144,6 +144,10 @@ def test_serve_with_cp_size(checkpoints, flags):
     (dict(context_parallel_size=2, tensor_parallel_size=2, enable_attention_dp=True),
      "context_parallel_size=2 with enable_attention_dp=True is not supported yet"),
     (dict(context_parallel_size=8), "context_parallel_size=8 must divide the 4 attention heads"),
+    (dict(context_parallel_size=2, cache_transceiver_config={"backend": "DEFAULT"}),
+     "cp_type ULYSSES and cache_transceiver_config (a disaggregated server; accepted: cp_type RING"),
+    (dict(context_parallel_size=2, cp_config=RING, cache_transceiver_config={"backend": "NIXL"}),
+     "cache_transceiver_config.backend NIXL (its reads land in whole blocks; accepted: DEFAULT, UCX, MPI)"),
 ])
 def test_what_cp_cannot_run_is_refused(checkpoints, kw, needle):
     with pytest.raises(ValueError) as e:
