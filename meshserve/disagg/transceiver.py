@@ -52,6 +52,7 @@ class RankLayout(msgspec.Struct, frozen=True):
     # context parallelism RING: (cp rank, cp size), this rank holding sub-block `rank` of every block
     # (block_size // size tokens of each; disagg/kv_io.py dest_slots). Such a rank only receives KV.
     cp: tuple[int, int] = (0, 1)
+    dp: int = 0  # attention DP (enable_attention_dp): this rank's DP rank; a request's KV lives on one
 
     def group_of(self, layer: int) -> int:
         """The KV cache group (index into a request's block_ids) of a model layer this rank holds."""

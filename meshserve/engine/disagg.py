@@ -71,12 +71,15 @@ def context_params(ctx_request_id: str, prompt_token_ids: Sequence[int], first_t
                    logprobs: Optional[tuple[int, LogprobEntry]] = None,
                    prompt_logprobs: Optional[tuple[int, list[Optional[LogprobEntry]]]] = None) -> dict:
     """The response's `disaggregated_params` of a finished context_only request; `kv` is its pinned
-    KV as the engine reported it ({"block_ids": per KV group, "num_tokens": n}). `logprobs`: (k, the
+    KV as the engine reported it ({"block_ids": per KV group, "num_tokens": n, and with attention DP
+    "dp_rank": the DP rank holding it, whose ranks alone the generation server reads}). `logprobs`: (k, the
     first token's entry) when the request asked for k logprobs; `prompt_logprobs`: (k, the prompt's
     entries, None first) likewise; both are signed into the state for the generation server."""
     payload = {"v": VERSION, "ctx_request_id": ctx_request_id, "prompt_token_ids": list(prompt_token_ids),
                "first_token": first_token, "layouts": list(layouts), "block_ids": kv["block_ids"],
                "num_tokens": kv["num_tokens"]}
+    if kv.get("dp_rank") is not None:  # attention DP: the generation server reads that DP rank's ranks
+        payload["dp_rank"] = int(kv["dp_rank"])
     if logprobs is not None:
         payload["logprobs"] = [logprobs[0], _entry_out(logprobs[1])]
     if prompt_logprobs is not None:
@@ -124,6 +127,8 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
         ctx_id = str(payload["ctx_request_id"])
         src_prompt = [int(t) for t in payload["prompt_token_ids"]]
         first = int(payload["first_token"])
+        dp_rank = payload.get("dp_rank")
+        dp_rank = None if dp_rank is None else int(dp_rank)
         block_ids = [[int(b) for b in t] for t in payload["block_ids"]]
         num_tokens = int(payload["num_tokens"])
         first_lp = _carried(payload, "logprobs", logprobs, "logprobs of the first token")
@@ -140,6 +145,11 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
         raise ValueError(f"{WHERE}.opaque_state: malformed ({e})") from None
     if not sources:
         raise ValueError(f"{WHERE}.opaque_state: no context ranks")
+    release_to = None
+    if dp_rank is not None:  # attention DP on the context server: its rank 0 hears the release
+        release_to, sources = sources[0], [lay for lay in sources if lay.dp == dp_rank]
+        if not sources:
+            raise ValueError(f"{WHERE}.opaque_state: no context rank of DP rank {dp_rank}")
     mine, theirs = layouts[0], sources[0]
     if theirs.model_id != mine.model_id:
         raise ValueError(f"{WHERE}: the context server runs model {theirs.model_id}, this server {mine.model_id} "
@@ -161,5 +171,6 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
         raise ValueError(f"{WHERE}: the prompt ({len(prompt)} tokens) differs from the one the context server ran "
                          f"({len(src_prompt)} tokens) from token {at} on; send both servers the same request")
     return DisaggRequest("generation_only", ctx_request_id=ctx_id, first_token=first, sources=sources,
+                         release_to=release_to,
                          src_block_ids=block_ids, src_num_tokens=num_tokens, first_logprobs=first_lp,
                          prompt_logprobs=prompt_lp)

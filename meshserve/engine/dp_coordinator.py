@@ -85,7 +85,8 @@ class DpScheduler:
         self.timeout_iters, self.batching_wait_iters = timeout_iters, batching_wait_iters
         self.held_iters = 0  # steps new prompts have been held back (enable_balance)
         self.num_placed = [0] * len(kvs)  # requests each rank was given since start
-        # the views EngineCore reads (disaggregated serving is refused with attention DP: always empty)
+        # the views EngineCore reads; disaggregated serving: each rank's scheduler pins, pulls and
+        # registers its own requests' KV (its part of the SchedulerOutput tells its ranks)
         self.requests = ChainMap(*[s.requests for s in self.ranks])
         self.pinned = ChainMap(*[s.pinned for s in self.ranks])
         self.kv_pulling = ChainMap(*[s.kv_pulling for s in self.ranks])
@@ -141,9 +142,38 @@ class DpScheduler:
         d = self.owner.pop(request_id, None)
         return None if d is None else self.ranks[d].abort_request(request_id)
 
+    # ---- disaggregated serving: each rank's scheduler keeps its own requests' transfers ---------------
+    @property
+    def kv_timeout_s(self) -> float:
+        return self.ranks[0].kv_timeout_s
+
+    @kv_timeout_s.setter
+    def kv_timeout_s(self, value: float) -> None:
+        for s in self.ranks:
+            s.kv_timeout_s = value
+
     def unpin(self, request_id: str) -> bool:
-        d = self.owner.get(request_id)
-        return d is not None and self.ranks[d].unpin(request_id)
+        return any(s.unpin(request_id) for s in self.ranks)  # a finished context request has no owner left
+
+    def expire_pinned(self, now: Optional[float] = None) -> list[str]:
+        return [rid for s in self.ranks for rid in s.expire_pinned(now)]
+
+    def next_pinned_deadline(self) -> Optional[float]:
+        return min((d for d in (s.next_pinned_deadline() for s in self.ranks) if d is not None), default=None)
+
+    def pinned_kv(self, request_id: str) -> Optional[dict]:
+        """A pinned context request's KV (Scheduler.pinned_kv) with the DP rank that holds it."""
+        for d, s in enumerate(self.ranks):
+            kv = s.pinned_kv(request_id)
+            if kv is not None:
+                return {**kv, "dp_rank": d}
+        return None
+
+    def pull_done(self, request_id: str, ok: bool, error: Optional[str] = None):
+        for s in self.ranks:
+            if request_id in s.kv_pulling:
+                return s.pull_done(request_id, ok, error)
+        return None
 
     def has_unfinished(self) -> bool:
         return any(s.has_unfinished() for s in self.ranks)
@@ -180,8 +210,11 @@ class DpScheduler:
     def update_from_output(self, so: SchedulerOutput, result: ModelRunnerOutput) -> list:
         outputs = []
         rows = dict(zip(result.req_ids, range(len(result.req_ids))))  # built once, not once per rank
-        for s, part in zip(self.ranks, so.dp):
-            outputs += s.update_from_output(part, result, rows)
+        for d, (s, part) in enumerate(zip(self.ranks, so.dp)):
+            for out in s.update_from_output(part, result, rows):
+                if out.kv_transfer_params is not None:  # context_only: its KV lives on this DP rank's ranks
+                    out.kv_transfer_params = {**out.kv_transfer_params, "dp_rank": d}
+                outputs.append(out)
         for out in outputs:
             if out.finish_reason is not None:
                 self.owner.pop(out.request_id, None)

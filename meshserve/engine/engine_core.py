@@ -263,7 +263,7 @@ class EngineCore:
                     logger.warning("request %s: KV transfer from %s failed: %s", rid, d.sources[0].endpoint, error)
                 if out is not None:
                     outputs.append(out)
-                self.executor.kv_release_remote(d.sources[0], d.ctx_request_id)
+                self.executor.kv_release_remote(d.release_to or d.sources[0], d.ctx_request_id)
         return outputs
 
     # ---- the loop ---------------------------------------------------------------------------------

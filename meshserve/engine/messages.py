@@ -97,7 +97,10 @@ class DisaggRequest(msgspec.Struct, omit_defaults=True):
     kind: str  # "context_only" | "generation_only"
     ctx_request_id: str = ""  # generation_only: the context server's id of the pinned KV
     first_token: int = -1  # generation_only: the token the context server sampled
-    sources: list[RankLayout] = []  # generation_only: the context server's ranks (rank 0 first)
+    sources: list[RankLayout] = []  # generation_only: the context server's ranks holding the KV (rank 0 first)
+    # generation_only with a context server running attention DP: its rank 0, which hears the release
+    # (sources are then the ranks of the DP rank holding the KV); None: sources[0]
+    release_to: Optional[RankLayout] = None
     src_block_ids: list[list[int]] = []  # generation_only: the KV's blocks there, per KV group
     src_num_tokens: int = 0  # generation_only: tokens of KV there (the prompt's length)
     # generation_only: the context server's logprobs of the first token (ids, values; the token first)

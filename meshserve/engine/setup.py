@@ -96,9 +96,6 @@ def check_parallel_layout(args: LlmArgs, model_config: ModelConfig) -> None:
             raise ValueError(f"enable_attention_dp=True with pipeline_parallel_size={args.pipeline_parallel_size}: "
                              f"attention DP runs with one pipeline stage for now; use pipeline_parallel_size=1 or "
                              f"turn enable_attention_dp off")
-        if args.cache_transceiver_config is not None:
-            raise ValueError("enable_attention_dp=True with cache_transceiver_config: a disaggregated server with "
-                             "attention DP is not supported yet; turn one of them off")
     elif args.attention_dp_config != AttentionDpConfig():
         raise ValueError(f"attention_dp_config={args.attention_dp_config.model_dump()} needs "
                          f"enable_attention_dp=True (it balances the attention DP ranks' requests)")

@@ -130,6 +130,8 @@ class MultiProcExecutor(Executor):
         self._closed = False
         self._results: deque = deque()  # Results that arrived while we looked for errors
         self.dp_drivers: list[int] = []
+        self.dp_ranks: list[list[int]] = []  # attention DP: the ranks of each DP rank
+        self._pull_ranks: dict[str, int] = {}  # req id -> how many ranks report its pull (attention DP)
         self._dp_results: dict[int, dict[int, ModelRunnerOutput]] = {}  # step id -> rank -> output
         self._expert_reports: list[dict] = []  # from the other pipeline stages
         self.stage_stats: dict[int, StageStats] = {}
@@ -162,6 +164,9 @@ class MultiProcExecutor(Executor):
             # attention DP: the other replicas' drivers answer every step (tp-rank 0 of each)
             self.dp_drivers = [r for r in range(1, world_size) if m.with_rank(r).attn_tp_rank == 0] \
                 if self.runner.dp else []
+            # attention DP: the ranks of each DP rank (they pull the KV of that rank's generation requests)
+            self.dp_ranks = [[r for r in range(world_size) if m.with_rank(r).attn_dp_rank == d]
+                             for d in range(m.attn_dp_size)] if self.runner.dp else []
             shared_key = key or secrets.token_bytes(32)
             self.channel = DriverChannel(addr, shared_key)
             exchange_control_info(self.state, self.channel.endpoint, None if key else shared_key)
@@ -313,15 +318,19 @@ class MultiProcExecutor(Executor):
         self._poll_errors()
         done = []
         for rid, reports in list(self._pull_reports.items()):
-            if len(reports) < self.world_size:
+            if len(reports) < self._pull_ranks.get(rid, self.world_size):
                 continue
             del self._pull_reports[rid]
+            self._pull_ranks.pop(rid, None)
             failed = [(r, err) for r, (ok, err) in sorted(reports.items()) if not ok]
             done.append((rid, not failed, f"rank {failed[0][0]}: {failed[0][1]}" if failed else None))
         return done
 
     def execute_async(self, so: SchedulerOutput):
         self._poll_errors()
+        for d, part in enumerate(so.dp if self.dp_ranks else ()):  # only that DP rank's ranks pull
+            for pull in part.kv_pulls:
+                self._pull_ranks[pull.req_id] = len(self.dp_ranks[d])
         self.channel.broadcast(Step(so))
         try:
             out = self.runner.execute(so)

@@ -52,10 +52,11 @@ def rank_layout(runner, model_id_: str) -> RankLayout:
     a = runner.attn_layers[0] if runner.attn_layers else None
     split = runner.cp_split  # context parallelism RING: this rank holds its sub-block of every block
     cp = (split.rank, split.size) if split is not None and split.ring else (0, 1)
+    dp = runner.dp_rank  # attention DP: the DP rank whose requests' KV this rank holds (0 without)
     if a is not None and getattr(a, "latent", False):
         dim = a.kv_lora_rank + a.qk_rope_head_dim
         return RankLayout("", model_id_, dtype, runner.cfg.block_size, layers, 1, (0, 1), dim, kind="latent",
-                          latent_dim=dim, groups=groups, cp=cp)
+                          latent_dim=dim, groups=groups, cp=cp, dp=dp)
     total = cfg.num_key_value_heads
     tp, r = runner.tp_group.size, runner.tp_group.rank_in_group
     if total >= tp:
@@ -65,7 +66,7 @@ def rank_layout(runner, model_id_: str) -> RankLayout:
         h = r // (tp // total)
         heads = (h, h + 1)
     return RankLayout("", model_id_, dtype, runner.cfg.block_size, layers, total, heads, cfg.head_dim,
-                      groups=groups, cp=cp)
+                      groups=groups, cp=cp, dp=dp)
 
 
 class RankTransfer:

@@ -359,6 +359,8 @@ class ModelRunner:
         try:
             if part.reqs or not dp_tokens.active:
                 return self._execute(part)
+            if self.kv_transfer is not None and (part.kv_pulls or part.kv_register or part.kv_unregister):
+                self.kv_transfer.on_step(part)  # disaggregated serving: this DP rank's transfers
             self.batch.update(part)
             self._dummy_forward()
             return ModelRunnerOutput(so.step_id) if self.is_driver else None

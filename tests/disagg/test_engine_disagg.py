@@ -497,3 +497,49 @@ def test_in_process_handover_matches_aggregated(tmp_path, name):
     finally:
         ctx.shutdown()
         gen.shutdown()
+
+
+def test_attention_dp_context_and_generation_servers_match_aggregated(tmp_path):
+    """Attention DP on both sides (Qwen3-MoE, tp 2: two DP ranks, experts over both): eight concurrent
+    requests spread over both context DP ranks, each names the DP rank holding its KV, the generation
+    server's DP ranks pull them from that rank's ranks; the texts equal an aggregated server's and every pinned
+    and pulled block is freed on both servers."""
+    import concurrent.futures
+
+    model = str(tmp_path / "moe")
+    build_checkpoint(model, "qwen3_moe", max_position_embeddings=2048)
+    old = os.environ.get("MESHSERVE_SECRET")
+    os.environ["MESHSERVE_SECRET"] = SECRET
+    started = {}
+    try:
+        started["agg"] = start_server(model, api_key=None, log_dir=str(tmp_path))
+        for name in ("ctx", "gen"):
+            started[name] = start_server(model, "--tp_size", "2", "--enable_attention_dp", "--config",
+                                         write_config(tmp_path / f"{name}.yml", 16), api_key=None,
+                                         log_dir=str(tmp_path))
+        agg, ctx, gen = started["agg"], started["ctx"], started["gen"]
+        bodies = [{"prompt": PROMPT[:20 + 9 * i], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+                  for i in range(8)]
+        refs = [post(agg, "/v1/completions", b).json()["choices"][0]["text"] for b in bodies]
+
+        def one(body):
+            dp = context_params(ctx, "/v1/completions", body)
+            payload = signed.verify(dp["opaque_state"], signed.key_from_secret(SECRET))
+            out = post(gen, "/v1/completions", {**body, "disaggregated_params": dp}).json()
+            return out["choices"][0]["text"], payload["dp_rank"]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, bodies))
+        assert [text for text, _ in got] == refs
+        assert {d for _, d in got} == {0, 1}  # both context DP ranks held requests
+        placed = [ln for ln in httpx.get(gen.base_url + "/metrics", timeout=10).text.splitlines()
+                  if ln.startswith("meshserve_attention_dp_requests_placed")]
+        assert len(placed) == 2 and all(float(ln.rsplit(" ", 1)[1]) > 0 for ln in placed), placed
+        assert wait_used(gen) == 0 and wait_used(ctx) == 0
+    finally:
+        for s in started.values():
+            s.stop()
+        if old is None:
+            os.environ.pop("MESHSERVE_SECRET", None)
+        else:
+            os.environ["MESHSERVE_SECRET"] = old

@@ -193,8 +193,6 @@ def test_without_balance_prompts_start_at_once():
 @pytest.mark.parametrize("kw,needle", [
     (dict(enable_attention_dp=True, tensor_parallel_size=2, pipeline_parallel_size=2),
      "enable_attention_dp=True with pipeline_parallel_size=2"),
-    (dict(enable_attention_dp=True, tensor_parallel_size=2, cache_transceiver_config={"backend": "DEFAULT"}),
-     "enable_attention_dp=True with cache_transceiver_config"),
     (dict(tensor_parallel_size=2, attention_dp_config={"enable_balance": True}),
      "attention_dp_config={'enable_balance': True, 'timeout_iters': 50, 'batching_wait_iters': 10} needs "
      "enable_attention_dp=True"),
