@@ -264,6 +264,18 @@ class Mapping:
         return _axis_groups(self._dense_shape(), 1)
 
     @property
+    def tp_cp_groups(self) -> list[list[int]]:
+        """Context parallelism HELIX: the tp x cp ranks of one stage (and replica) as one tensor-
+        parallel group after attention, ordered tp-major ((tp 0, cp 0), (tp 0, cp 1), ...) so that
+        a member's position is the head slice it holds (the tp rank's heads split over cp)."""
+        pp, cp, reps, tp = self._dense_shape()
+        groups = []
+        for p in range(pp):
+            for r in range(reps):
+                groups.append([((p * cp + c) * reps + r) * tp + t for t in range(tp) for c in range(cp)])
+        return groups
+
+    @property
     def moe_tp_groups(self) -> list[list[int]]:
         return _axis_groups((self.pp_size, self.cp_size, self.moe_ep_size, self.moe_tp_size), 3)
 

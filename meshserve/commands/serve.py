@@ -88,8 +88,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "enable_attention_dp", action="store_true", default=None,
           help="attention data parallelism: every rank runs its own requests through replicated attention, the "
                "experts stay split over tp_size x ep_size (YAML: enable_attention_dp, attention_dp_config)")
-    _flag(parser, "cp_type", default=None, help="with --cp_size: ULYSSES (default; heads split over the cp ranks) "
-          "or RING (the KV cache split by sequence); any case (YAML: cp_config: {cp_type: ...})")
+    _flag(parser, "cp_type", default=None, help="with --cp_size: ULYSSES (default; heads split over the cp ranks), "
+          "RING (the KV cache split by sequence) or HELIX (RING's cache, the MLP over tp x cp); any case "
+          "(YAML: cp_config: {cp_type: ...})")
     _flag(parser, "served_model_name", default=None,
           help="model name clients send and /v1/models lists (default: the model folder's name)")
     _flag(parser, "api_key", default=os.environ.get("MESHSERVE_API_KEY"),

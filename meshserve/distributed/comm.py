@@ -40,7 +40,7 @@ class SoloGroup:
 SOLO = SoloGroup()
 
 # the parallel dimensions a ParallelState holds a group for (besides `world`)
-DIMENSIONS = ("tp", "pp", "cp", "moe_tp", "moe_ep", "attn_tp", "attn_dp")
+DIMENSIONS = ("tp", "pp", "cp", "moe_tp", "moe_ep", "attn_tp", "attn_dp", "tp_cp")
 
 
 class PipelineChannel:

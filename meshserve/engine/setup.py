@@ -45,31 +45,44 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"splits over the cp ranks)")
     if cp == 1:
         return
-    if cp_type not in ("ULYSSES", "RING"):
-        raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES, RING (STAR's "
-                         f"approximate first phase and HELIX have not landed)")
+    if cp_type not in ("ULYSSES", "RING", "HELIX"):
+        raise ValueError(f"cp_config.cp_type={cp_type}: not supported yet; accepted: ULYSSES, RING, HELIX (STAR's "
+                         f"approximate first phase has not landed)")
     ct = args.cache_transceiver_config
     others = [(args.enable_attention_dp, "enable_attention_dp=True"),
-              (ct is not None and cp_type != "RING", f"cp_type {cp_type} and cache_transceiver_config (a "
-               f"disaggregated server; accepted: cp_type RING, on generation servers)"),
+              (ct is not None and cp_type == "ULYSSES", f"cp_type {cp_type} and cache_transceiver_config (a "
+               f"disaggregated server; accepted: cp_type RING or HELIX, on generation servers)"),
               (ct is not None and ct.backend.upper() == "NIXL", "cache_transceiver_config.backend NIXL (its "
                "reads land in whole blocks; accepted: DEFAULT, UCX, MPI)"),
+              (model_config.is_moe and cp_type == "HELIX", f"cp_type HELIX and {model_config.architecture}'s "
+               f"experts (accepted for them: RING, ULYSSES)"),
               (model_config.kv_lora_rank is not None and cp_type != "RING",
                f"{model_config.architecture}'s latent attention and cp_type {cp_type} (its KV cache has no heads "
                f"to split; accepted: cp_type RING, which splits it by sequence)")]
     for bad, what in others:
         if bad:
             raise ValueError(f"context_parallel_size={cp} with {what} is not supported yet")
-    if cp_type == "RING":
+    if cp_type in ("RING", "HELIX"):
         block = args.kv_cache_config.tokens_per_block
         if block % cp:
             raise ValueError(f"kv_cache_config.tokens_per_block={block} must be a multiple of context_parallel_size="
-                             f"{cp} with cp_type RING (each cp rank holds tokens_per_block / cp tokens of every "
+                             f"{cp} with cp_type {cp_type} (each cp rank holds tokens_per_block / cp tokens of every "
                              f"block); accepted: {cp}, {2 * cp}, {4 * cp}, ...")
         windows = sorted({w for w in model_config.sliding_windows if w is not None})
         if windows:
-            raise ValueError(f"cp_type RING with {model_config.architecture}'s sliding-window attention (window "
+            raise ValueError(f"cp_type {cp_type} with {model_config.architecture}'s sliding-window attention (window "
                              f"{windows[0]}) is not supported yet; accepted: ULYSSES for this model")
+        if cp_type == "RING":
+            return
+        tp = args.tensor_parallel_size
+        heads = model_config.num_attention_heads
+        if heads % tp == 0 and (heads // tp) % cp:
+            raise ValueError(f"context_parallel_size={cp} must divide the {heads // tp} attention heads of each tensor "
+                             f"parallel rank with cp_type HELIX (o_proj splits them over tp x cp)")
+        inter = model_config.intermediate_size
+        if inter % (tp * cp):
+            raise ValueError(f"cp_type HELIX splits the MLP over tensor_parallel_size x context_parallel_size = "
+                             f"{tp * cp} ranks: intermediate_size={inter} does not divide by it")
         return
     tp = args.tensor_parallel_size
     heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads

@@ -1,4 +1,4 @@
-"""Context parallelism: ULYSSES (DeepSpeed-Ulysses) and RING (the KV cache sharded by sequence).
+"""Context parallelism: ULYSSES (DeepSpeed-Ulysses), RING and HELIX (the KV cache sharded by sequence).
 
 ULYSSES. Every rank of a cp group runs the same batch (the same SchedulerOutput, the same attention
 metadata), but each takes a contiguous 1/cp of the step's tokens through everything outside
@@ -35,6 +35,15 @@ sequence), n_r(p) = (p // S) * B + (B if r < t, p % B + 1 if r == t, else 0) wit
 That is not the causal shape of a sequence's new rows, so each query runs as its own one-row
 sequence of n_r(p) keys over the request's block table (`ring_metadata`): any backend's decode path
 serves it. Rows that see no key on a rank (n_r = 0) contribute nothing to the merge.
+
+HELIX (Helix parallelism). RING's KV sharding and metadata, but no token split: every cp rank
+runs every token. After attention an all-to-all over cp trades the partials so that each rank
+holds the merged attention of every token for 1/cp of its tp rank's heads (`merge_helix`), and the
+layers after attention run as one tensor-parallel group over the tp x cp ranks (o_proj split by
+those head slices, the MLP by tp x cp; `ParallelState.tp_cp`).
+
+    rank (t, c): hidden [T] --qkv (tp)--> attention over its shard --all-to-all(cp), merge-->
+                 [T, H/(tp cp) * D] --o_proj, MLP over tp x cp (all-reduce)--> hidden [T]
 """
 from __future__ import annotations
 
@@ -50,10 +59,13 @@ from meshserve.layers.attention.backend import AttentionMetadata, merge_attentio
 class CpSplit:
     """This step's token split over the cp group, shared by one model's layers (set by the runner)."""
 
-    def __init__(self, group, ring: bool = False):
+    def __init__(self, group, ring: bool = False, helix: bool = False):
         self.group = group
         self.size, self.rank = group.size, group.rank_in_group
-        self.ring = ring  # RING: the KV cache sharded by sequence (attention via ring_md), else ULYSSES
+        # RING: the KV cache sharded by sequence (attention via ring_md), else ULYSSES; HELIX: RING's
+        # cache and metadata, every token on every rank, the layers after attention over tp x cp
+        self.ring = ring or helix
+        self.helix = helix
         self.total = self.chunk = self.start = self.num = 0
         self.ring_md: Optional[AttentionMetadata] = None  # RING: this step's metadata over this rank's shard
         self.ring_empty: Optional[torch.Tensor] = None  # RING: [T] rows that see no key of this rank
@@ -107,6 +119,21 @@ class CpSplit:
         lses = self.group.all_to_all(lse.contiguous()).view(cp, c, heads)
         out, _ = merge_attention(list(outs.unbind(0)), list(lses.unbind(0)))
         return out.reshape(c, -1)
+
+
+    def merge_helix(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """HELIX: o [T, H*D] and lse [T, H], this rank's partial attention of every query over its
+        KV shard -> every token's merged attention for this rank's 1/cp of the heads [T, H/cp*D]
+        (an all-to-all sends head slice j of the partials to cp rank j)."""
+        cp = self.size
+        t, heads = lse.shape
+        h = heads // cp
+        lse = lse.float().masked_fill(self.ring_empty[:, None], float("-inf"))
+        o = o.masked_fill(self.ring_empty[:, None], 0)
+        outs = self.group.all_to_all(o.view(t, cp, -1).transpose(0, 1).reshape(cp * t, -1))
+        lses = self.group.all_to_all(lse.view(t, cp, h).transpose(0, 1).reshape(cp * t, h))
+        out, _ = merge_attention(list(outs.view(cp, t, h, -1).unbind(0)), list(lses.view(cp, t, h).unbind(0)))
+        return out.reshape(t, -1)
 
 
 def ring_metadata(positions: np.ndarray, rows: np.ndarray, tables: np.ndarray, block_size: int, rank: int,

@@ -25,7 +25,8 @@ from meshserve.models.config import ModelConfig
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding, cp=None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group, dtype, rotary_emb: RotaryEmbedding, cp=None,
+                 helix_group=None):
         super().__init__()
         tp = tp_group.size
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
@@ -41,8 +42,9 @@ class DecoderAttention(nn.Module):
         self.cp = cp
         cp_size = cp.size if cp is not None and not cp.ring else 1
         attn_heads, attn_kv_heads = self.num_heads // cp_size, max(1, self.num_kv_heads // cp_size)
+        self.helix = cp is not None and cp.helix  # o_proj over tp x cp: this rank's head slice of its tp heads
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias,
-                                        tp_group, params_dtype=dtype)
+                                        helix_group if self.helix else tp_group, params_dtype=dtype)
         self.rotary_emb = rotary_emb  # one table shared by every layer
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
@@ -56,6 +58,10 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        if self.helix:  # every token here already: this rank's keys, merge this rank's head slice
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            o, lse = self.attn(q, k, v, self.cp.ring_md, self.rotary_emb, positions, return_lse=True)
+            return self.o_proj(self.cp.merge_helix(o, lse))
         if self.cp is not None and self.cp.ring:  # every token's q/k/v, this rank's keys, merge over cp
             q, k, v = self.cp.gather(qkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             o, lse = self.attn(q, k, v, self.cp.ring_md, self.rotary_emb, positions, return_lse=True)
@@ -166,10 +172,12 @@ class DecoderForCausalLM(nn.Module):
         self.parallel, self.dtype = parallel, dtype
         layer_range = layer_range if layer_range is not None else range(cfg.num_hidden_layers)
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, cfg.partial_rotary_factor)
-        cp = getattr(parallel, "cp_split", None)  # context parallelism (ULYSSES, RING), set by the model runner
+        cp = getattr(parallel, "cp_split", None)  # context parallelism (ULYSSES, RING, HELIX), set by the runner
+        # HELIX: no token split (every rank runs every token); the MLP and o_proj split over tp x cp
+        self.helix_group = parallel.tp_cp if cp is not None and cp.helix else None
         self.model = DecoderModel(cfg, tp_group, dtype, layer_range, is_first, is_last,
-                                  lambda i, rope: DecoderAttention(cfg, i, tp_group, dtype, rope, cp), self.make_mlp,
-                                  rotary_emb, cp)
+                                  lambda i, rope: DecoderAttention(cfg, i, tp_group, dtype, rope, cp, self.helix_group),
+                                  self.make_mlp, rotary_emb, None if self.helix_group is not None else cp)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_group, dtype)
@@ -178,7 +186,7 @@ class DecoderForCausalLM(nn.Module):
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         """The MLP of layer `layer_idx` (a dense one here; MoE models override)."""
-        return DecoderMLP(self.cfg, self.parallel.attn_tp, self.dtype)
+        return DecoderMLP(self.cfg, self.helix_group or self.parallel.attn_tp, self.dtype)
 
     def forward(self, input_ids, positions, md, hidden=None, residual=None):
         return self.model(input_ids, positions, md, hidden, residual)

@@ -55,7 +55,7 @@ class RunnerConfig:
     # disaggregated serving: cache_transceiver_config's fields (None: off) and the model's identity
     kv_transfer: Optional[dict] = None
     model_id: str = ""
-    cp_type: str = "ULYSSES"  # cp_config's cp_type with context parallelism: ULYSSES or RING
+    cp_type: str = "ULYSSES"  # cp_config's cp_type with context parallelism: ULYSSES, RING or HELIX
 
 
 class BusyWindow:
@@ -140,14 +140,16 @@ class ModelRunner:
             direct = p.moe_tp.size == 1 and p.moe_ep.ranks == p.attn_dp.ranks
             self.parallel.dp_tokens = DpTokens(p.attn_dp, self.device, direct=direct)
         # context parallelism: each cp rank takes 1/cp of every step's tokens between attentions;
-        # RING also shards the KV cache by sequence: this rank's cache blocks hold 1/cp of each block
+        # RING also shards the KV cache by sequence: this rank's cache blocks hold 1/cp of each block;
+        # HELIX shards it so too but runs every token, the layers after attention over tp x cp
         self.cp_split = None
         self.kv_block_size = cfg.block_size
         if self.parallel.cp.size > 1:
             from meshserve.layers.context_parallel import CpSplit
-            ring = cfg.cp_type == "RING"
-            self.cp_split = self.parallel.cp_split = CpSplit(self.parallel.cp, ring=ring)
-            if ring:
+            helix = cfg.cp_type == "HELIX"
+            self.cp_split = self.parallel.cp_split = CpSplit(self.parallel.cp, ring=cfg.cp_type == "RING",
+                                                             helix=helix)
+            if self.cp_split.ring:
                 self.kv_block_size = cfg.block_size // self.parallel.cp.size
         # samples: tp-rank 0 of the last stage, in the first attention replica (the MoE "replicate"
         # layout runs moe_ep replicas of the attention TP group on the same batch); with attention DP
@@ -298,7 +300,7 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device) % self.cfg.max_seq_len
         hidden = residual = None
         if not self.is_first:
-            rows = -(-n // self.cp_split.size) if self.cp_split is not None else n
+            rows = -(-n // self.cp_split.size) if self.cp_split is not None and not self.cp_split.helix else n
             hidden = torch.zeros(rows, self.model_config.hidden_size, dtype=self.cfg.dtype, device=self.device)
             residual = torch.zeros_like(hidden)
         if self.dp_lockstep:  # every rank at its largest step: the MoE layers see all their tokens
@@ -393,7 +395,7 @@ class ModelRunner:
         rows = inp.num_tokens
         if self.cp_split is not None:  # between stages a cp rank's hidden states are its share of the tokens
             self.cp_split.set_step(inp.num_tokens, inp.ring_md, inp.ring_empty)
-            rows = self.cp_split.chunk
+            rows = inp.num_tokens if self.cp_split.helix else self.cp_split.chunk
         if not self.is_first:
             hidden, residual = self.pp_group.recv_hidden(rows, self.model_config.hidden_size, self.cfg.dtype,
                                                          self.device)

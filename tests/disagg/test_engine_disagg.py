@@ -1,7 +1,7 @@
 """Disaggregated serving through real `meshserve serve` servers and the raw HTTP contract
 (docs/disaggregated.md), no orchestrator: a context server (TP 2, blocks of 16 tokens) prefills and
-pins the KV; generation servers (TP 1, PP 2, and context parallelism RING at cp 2; blocks of 32) pull
-it and decode. Greedy outputs
+pins the KV; generation servers (TP 1, PP 2, and context parallelism RING and HELIX at cp 2; blocks
+of 32) pull it and decode. Greedy outputs
 equal an aggregated server's (completions and chat, streaming and not); the pinned KV is released by
 the generation server's acknowledgement or by the timeout (kv_cache_used_blocks back to 0); an
 unreachable source is a 503 that frees the generation server's blocks; bad params are 400s."""
@@ -61,6 +61,8 @@ def servers(tmp_path_factory):
         # context parallelism RING on the generation side: each cp rank keeps its half of every block
         started["gen_cp"] = start_server(model, "--cp_size", "2", "--cp_type", "ring", "--config",
                                          write_config(tmp / "gen_cp.yml", 32), api_key=None, log_dir=str(tmp))
+        started["gen_helix"] = start_server(model, "--cp_size", "2", "--cp_type", "helix", "--config",
+                                            write_config(tmp / "gen_helix.yml", 32), api_key=None, log_dir=str(tmp))
         yield started
     finally:
         for s in started.values():
@@ -124,7 +126,7 @@ def resign(dp: dict, **changes) -> dict:
     return dict(dp, opaque_state=signed.sign(payload, signed.key_from_secret(SECRET)))
 
 
-@pytest.mark.parametrize("gen_name", ["gen", "gen_pp", "gen_cp"])
+@pytest.mark.parametrize("gen_name", ["gen", "gen_pp", "gen_cp", "gen_helix"])
 def test_completion_tp2_context_to_generation_matches_aggregated(servers, gen_name):
     agg, ctx, gen = servers["agg"], servers["ctx"], servers[gen_name]
     body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}

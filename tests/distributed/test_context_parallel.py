@@ -21,6 +21,7 @@ SP = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 KV = {"tokens_per_block": 4, "max_tokens": 2048}
 ULYSSES = {"cp_type": CpType.ULYSSES}  # the seed's spelling
 RING = {"cp_type": CpType.RING}
+HELIX = {"cp_type": CpType.HELIX}
 KV_RING = {"tokens_per_block": 8, "max_tokens": 2048}  # 8 / cp tokens of each block on each cp rank
 
 
@@ -60,6 +61,13 @@ LAYOUTS = {
     "ring-gqa-cp2xpp2": ("gqa", dict(context_parallel_size=2, pipeline_parallel_size=2, cp_config=RING,
                                      kv_cache_config=KV_RING), 4),
     "ring-qwen3_moe-cp2": ("qwen3_moe", dict(context_parallel_size=2, cp_config=RING, kv_cache_config=KV_RING), 2),
+    "helix-llama-cp2": ("llama", dict(context_parallel_size=2, cp_config=HELIX, kv_cache_config=KV_RING), 2),
+    "helix-gqa-tp2xcp2": ("gqa", dict(tensor_parallel_size=2, context_parallel_size=2, cp_config=HELIX,
+                                      kv_cache_config=KV_RING), 4),
+    "helix-qwen3-cp4": ("qwen3", dict(context_parallel_size=4, cp_config={"cp_type": "helix"},
+                                      kv_cache_config=KV_RING), 4),
+    "helix-gqa-cp2xpp2": ("gqa", dict(context_parallel_size=2, pipeline_parallel_size=2, cp_config=HELIX,
+                                      kv_cache_config=KV_RING), 4),
 }
 
 
@@ -132,9 +140,9 @@ def test_serve_with_cp_size(checkpoints, flags):
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(context_parallel_size=2, cp_config={"cp_type": "STAR"}),
-     "cp_config.cp_type=STAR: not supported yet; accepted: ULYSSES, RING"),
-    (dict(context_parallel_size=2, cp_config={"cp_type": "helix"}),
-     "cp_config.cp_type=HELIX: not supported yet; accepted: ULYSSES, RING"),
+     "cp_config.cp_type=STAR: not supported yet; accepted: ULYSSES, RING, HELIX"),
+    (dict(context_parallel_size=3, cp_config=HELIX, kv_cache_config={"tokens_per_block": 6}),
+     "context_parallel_size=3 must divide the 4 attention heads of each tensor parallel rank with cp_type HELIX"),
     (dict(context_parallel_size=3, cp_config=RING),
      "kv_cache_config.tokens_per_block=32 must be a multiple of context_parallel_size=3 with cp_type RING"),
     (dict(context_parallel_size=2, cp_config={"cp_type": "zigzag"}), "unknown cp_type 'zigzag'"),
@@ -181,3 +189,23 @@ def test_ring_with_sliding_windows_is_refused(tmp_path):
         LLM(str(tmp_path), context_parallel_size=2, cp_config=RING, show_progress=False)
     assert str(e.value) == ("cp_type RING with MistralForCausalLM's sliding-window attention (window 6) is not "
                             "supported yet; accepted: ULYSSES for this model")
+
+
+def test_helix_splits_the_mlp_and_o_proj_over_tp_x_cp(checkpoints):
+    """HELIX at tp2 x cp2: each rank holds 1/4 of the MLP and of o_proj's input (its head slice), half
+    of each block's tokens of its tp rank's KV heads, and answers as transformers does; experts are
+    refused."""
+    path, prompts, ref = checkpoints["gqa"]
+    with LLM(path, tensor_parallel_size=2, context_parallel_size=2, cp_config=HELIX, kv_cache_config=KV_RING,
+             show_progress=False) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+        model = llm._core.executor.runner.model
+    layer = model.model.layers[0]
+    hf_cfg = model.cfg
+    assert got == ref
+    assert layer.mlp.gate_up_proj.weight.shape[0] == 2 * hf_cfg.intermediate_size // 4
+    assert layer.self_attn.o_proj.weight.shape[1] == hf_cfg.num_attention_heads * hf_cfg.head_dim // 4
+    assert tuple(layer.self_attn.attn.kv_cache.shape[2:4]) == (KV_RING["tokens_per_block"] // 2,
+                                                                hf_cfg.num_key_value_heads // 2)
+    with pytest.raises(ValueError, match="cp_type HELIX and Qwen3MoeForCausalLM's experts"):
+        LLM(checkpoints["qwen3_moe"][0], context_parallel_size=2, cp_config=HELIX, show_progress=False)

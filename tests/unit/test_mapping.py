@@ -120,6 +120,9 @@ def test_group_lists_match_numpy_moveaxis(layout):
         return np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis]).tolist()
 
     assert (m.pp_groups, m.cp_groups, m.tp_groups) == (along(0), along(1), along(3))
+    # HELIX's tp x cp groups: the (cp, tp) plane of each stage and replica, tp-major
+    planes = np.moveaxis(grid, (1, 3), (-1, -2)).reshape(-1, cp * tp).tolist()
+    assert m.tp_cp_groups == planes
 
 
 def test_design_doc_example_tp4_pp2():
