@@ -54,11 +54,9 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
                f"disaggregated server; accepted: cp_type RING or HELIX, on generation servers)"),
               (ct is not None and ct.backend.upper() == "NIXL", "cache_transceiver_config.backend NIXL (its "
                "reads land in whole blocks; accepted: DEFAULT, UCX, MPI)"),
-              (model_config.is_moe and cp_type == "HELIX", f"cp_type HELIX and {model_config.architecture}'s "
-               f"experts (accepted for them: RING, ULYSSES)"),
-              (model_config.kv_lora_rank is not None and cp_type != "RING",
+              (model_config.kv_lora_rank is not None and cp_type == "ULYSSES",
                f"{model_config.architecture}'s latent attention and cp_type {cp_type} (its KV cache has no heads "
-               f"to split; accepted: cp_type RING, which splits it by sequence)")]
+               f"to split; accepted: cp_type RING or HELIX, which split it by sequence)")]
     for bad, what in others:
         if bad:
             raise ValueError(f"context_parallel_size={cp} with {what} is not supported yet")
@@ -80,7 +78,8 @@ def check_context_parallel(args: LlmArgs, model_config: ModelConfig) -> None:
             raise ValueError(f"context_parallel_size={cp} must divide the {heads // tp} attention heads of each tensor "
                              f"parallel rank with cp_type HELIX (o_proj splits them over tp x cp)")
         inter = model_config.intermediate_size
-        if inter % (tp * cp):
+        dense = not model_config.is_moe or not all(model_config.moe_layers or [True])
+        if dense and inter % (tp * cp):
             raise ValueError(f"cp_type HELIX splits the MLP over tensor_parallel_size x context_parallel_size = "
                              f"{tp * cp} ranks: intermediate_size={inter} does not divide by it")
         return

@@ -40,7 +40,8 @@ HELIX (Helix parallelism). RING's KV sharding and metadata, but no token split: 
 runs every token. After attention an all-to-all over cp trades the partials so that each rank
 holds the merged attention of every token for 1/cp of its tp rank's heads (`merge_helix`), and the
 layers after attention run as one tensor-parallel group over the tp x cp ranks (o_proj split by
-those head slices, the MLP by tp x cp; `ParallelState.tp_cp`).
+those head slices, the MLP by tp x cp; `ParallelState.tp_cp`). MoE layers keep their experts over
+the tp slice (moe_tp x moe_ep, replicated over cp) and take 1/cp of the tokens each (split before, gather after).
 
     rank (t, c): hidden [T] --qkv (tp)--> attention over its shard --all-to-all(cp), merge-->
                  [T, H/(tp cp) * D] --o_proj, MLP over tp x cp (all-reduce)--> hidden [T]

@@ -71,9 +71,11 @@ class MLAConfig:
 
 
 class DeepseekAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mla: MLAConfig, tp_group, dtype, rotary_emb: RotaryEmbedding, cp=None):
+    def __init__(self, cfg: ModelConfig, mla: MLAConfig, tp_group, dtype, rotary_emb: RotaryEmbedding, cp=None,
+                 helix_group=None):
         super().__init__()
-        self.cp = cp  # context parallelism RING (the latent cache sharded by sequence); None without cp
+        self.cp = cp  # context parallelism RING / HELIX (the latent cache sharded by sequence); None without cp
+        self.helix = helix_group is not None  # HELIX: o_proj over tp x cp, by head slices
         heads, hidden = cfg.num_attention_heads, cfg.hidden_size
         if heads % tp_group.size:
             raise ValueError(f"num_attention_heads={heads} is not divisible by tensor parallel size {tp_group.size}")
@@ -90,7 +92,7 @@ class DeepseekAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = ColumnParallelLinear(mla.kv_lora_rank, heads * (mla.nope + mla.v), False, tp_group,
                                               params_dtype=dtype)
-        self.o_proj = RowParallelLinear(heads * mla.v, hidden, mla.bias, tp_group, params_dtype=dtype)
+        self.o_proj = RowParallelLinear(heads * mla.v, hidden, mla.bias, helix_group or tp_group, params_dtype=dtype)
         self.rotary_emb = rotary_emb  # one table shared by every layer
         self.attn = MLAAttention(self.num_heads, mla.kv_lora_rank, mla.nope, mla.rope, mla.v, mla.scale)
 
@@ -102,6 +104,10 @@ class DeepseekAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(hidden)
         L = self.mla.kv_lora_rank
         latent = torch.cat([self.kv_a_layernorm(kv[:, :L]), kv[:, L:]], dim=-1)  # [T, L + R], a new tensor
+        if self.helix:  # every token here already: this rank's shard, merge this rank's head slice
+            o, lse = self.attn(q, latent, self.kv_b_proj.weight, self.cp.ring_md, self.rotary_emb, positions,
+                               return_lse=True)
+            return self.o_proj(self.cp.merge_helix(o, lse))
         if self.cp is not None:  # RING: every token's q and latent, this rank's shard, merge over cp
             q, latent = self.cp.gather(q), self.cp.gather(latent)
             o, lse = self.attn(q, latent, self.kv_b_proj.weight, self.cp.ring_md, self.rotary_emb, positions,
@@ -139,8 +145,15 @@ class DeepseekMoE(nn.Module):
                                 dtype, backend, layer_idx, load)
         self.shared_experts = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size) \
             if cfg.shared_expert_intermediate_size else None
+        split = getattr(parallel, "cp_split", None)  # HELIX: 1/cp of the tokens through the experts
+        self.cp = split if split is not None and split.helix else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cp is not None:  # HELIX: this rank's share of the tokens, every token's output back
+            return self.cp.gather(self._forward(self.cp.split(x)))
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x.float()))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -163,10 +176,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         # or one rank with attention DP (layers/dp_attention.py); the experts over moe_tp x moe_ep
         mla, tp = self.mla, parallel.attn_tp
         rotary_emb = RotaryEmbedding(mla.rope, cfg.max_position_embeddings, cfg.rope)
-        cp = getattr(parallel, "cp_split", None)  # context parallelism (RING only), set by the model runner
+        cp = getattr(parallel, "cp_split", None)  # context parallelism (RING, HELIX), set by the model runner
+        # HELIX: no token split but in the experts; o_proj and the dense MLPs over tp x cp
+        self.helix_group = parallel.tp_cp if cp is not None and cp.helix else None
         self.model = DecoderModel(cfg, tp, dtype, layer_range, is_first, is_last,
-                                  lambda i, rope: DeepseekAttention(cfg, mla, tp, dtype, rope, cp), self.make_mlp,
-                                  rotary_emb, cp)
+                                  lambda i, rope: DeepseekAttention(cfg, mla, tp, dtype, rope, cp, self.helix_group),
+                                  self.make_mlp, rotary_emb, None if self.helix_group is not None else cp)
         self.lm_head = None
         if is_last:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype)
@@ -176,7 +191,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def make_mlp(self, layer_idx: int) -> nn.Module:
         cfg = self.cfg
         if not (cfg.moe_layers and cfg.moe_layers[layer_idx]):
-            return DecoderMLP(cfg, self.parallel.attn_tp, self.dtype)
+            return DecoderMLP(cfg, self.helix_group or self.parallel.attn_tp, self.dtype)
         if self.expert_load is None:
             device = torch.empty(0).device  # the model is built under torch.device(...)
             sparse = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]

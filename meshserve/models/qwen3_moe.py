@@ -37,8 +37,15 @@ class SparseMoeBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, bias=False, params_dtype=dtype)
+        split = getattr(parallel, "cp_split", None)  # HELIX: 1/cp of the tokens through the experts
+        self.cp = split if split is not None and split.helix else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cp is not None:  # HELIX: this rank's share of the tokens, every token's output back
+            return self.cp.gather(self._forward(self.cp.split(x)))
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -68,6 +68,8 @@ LAYOUTS = {
                                       kv_cache_config=KV_RING), 4),
     "helix-gqa-cp2xpp2": ("gqa", dict(context_parallel_size=2, pipeline_parallel_size=2, cp_config=HELIX,
                                       kv_cache_config=KV_RING), 4),
+    "helix-qwen3_moe-tp2xcp2": ("qwen3_moe", dict(tensor_parallel_size=2, context_parallel_size=2, cp_config=HELIX,
+                                                  kv_cache_config=KV_RING), 4),
 }
 
 
@@ -163,22 +165,24 @@ def test_what_cp_cannot_run_is_refused(checkpoints, kw, needle):
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_deepseek_latent_attention_ring_with_chunks_and_preemption(tmp_path):
-    """DeepSeek-V3 (MLA, a dense first layer, grouped routing, YaRN) with RING at tp2 x cp2: each cp
+def test_deepseek_latent_attention_ring_and_helix_with_chunks_and_preemption(tmp_path):
+    """DeepSeek-V3 (MLA, a dense first layer, grouped routing, YaRN) with RING and HELIX at tp2 x cp2: each cp
     rank caches half of every block's latent rows; 6-token steps (chunked prompts) and 12 blocks
     (preemption) keep greedy parity with transformers. ULYSSES (no heads to split) is refused."""
     hf = build_deepseek(str(tmp_path), num_hidden_layers=3, rope_parameters=DEEPSEEK_YARN)
     prompts = make_prompts(7, 320, 15)
     sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     ref = [hf_greedy(hf, p, 10) for p in prompts]
-    with LLM(str(tmp_path), tensor_parallel_size=2, context_parallel_size=2, cp_config=RING, max_num_tokens=6,
-             kv_cache_config={"tokens_per_block": 4, "max_tokens": 48}, show_progress=False) as llm:
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        stats = llm.get_stats()
-        cache_shape = tuple(llm._core.executor.runner.attn_layers[0].kv_cache.shape)
-    assert [o.outputs[0].token_ids for o in outs] == ref
-    assert stats["num_preemptions"] > 0
-    assert cache_shape[1] == 2  # tokens per block on this rank: 4 / cp
+    for cp_config in (RING, HELIX):
+        with LLM(str(tmp_path), tensor_parallel_size=2, context_parallel_size=2, cp_config=cp_config,
+                 max_num_tokens=6, kv_cache_config={"tokens_per_block": 4, "max_tokens": 48},
+                 show_progress=False) as llm:
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            stats = llm.get_stats()
+            cache_shape = tuple(llm._core.executor.runner.attn_layers[0].kv_cache.shape)
+        assert [o.outputs[0].token_ids for o in outs] == ref, cp_config
+        assert stats["num_preemptions"] > 0
+        assert cache_shape[1] == 2  # tokens per block on this rank: 4 / cp
     with pytest.raises(ValueError, match="latent attention and cp_type ULYSSES .* accepted: cp_type RING"):
         LLM(str(tmp_path), context_parallel_size=2, show_progress=False)
 
@@ -193,8 +197,7 @@ def test_ring_with_sliding_windows_is_refused(tmp_path):
 
 def test_helix_splits_the_mlp_and_o_proj_over_tp_x_cp(checkpoints):
     """HELIX at tp2 x cp2: each rank holds 1/4 of the MLP and of o_proj's input (its head slice), half
-    of each block's tokens of its tp rank's KV heads, and answers as transformers does; experts are
-    refused."""
+    of each block's tokens of its tp rank's KV heads, and answers as transformers does."""
     path, prompts, ref = checkpoints["gqa"]
     with LLM(path, tensor_parallel_size=2, context_parallel_size=2, cp_config=HELIX, kv_cache_config=KV_RING,
              show_progress=False) as llm:
@@ -207,5 +210,3 @@ def test_helix_splits_the_mlp_and_o_proj_over_tp_x_cp(checkpoints):
     assert layer.self_attn.o_proj.weight.shape[1] == hf_cfg.num_attention_heads * hf_cfg.head_dim // 4
     assert tuple(layer.self_attn.attn.kv_cache.shape[2:4]) == (KV_RING["tokens_per_block"] // 2,
                                                                 hf_cfg.num_key_value_heads // 2)
-    with pytest.raises(ValueError, match="cp_type HELIX and Qwen3MoeForCausalLM's experts"):
-        LLM(checkpoints["qwen3_moe"][0], context_parallel_size=2, cp_config=HELIX, show_progress=False)
