@@ -8,6 +8,7 @@ unreachable source is a 503 that frees the generation server's blocks; bad param
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -47,10 +48,7 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("disagg")
     model = str(tmp / "tiny")
     build_checkpoint(model, "llama", max_position_embeddings=2048)
-    old = os.environ.get("MESHSERVE_SECRET")
-    os.environ["MESHSERVE_SECRET"] = SECRET
-    started = {}
-    try:
+    with servers_with_secret() as started:
         started["agg"] = start_server(model, "--max_num_tokens", "64", api_key=None, log_dir=str(tmp))
         started["ctx"] = start_server(model, "--tp_size", "2", "--max_num_tokens", "64", "--config",
                                       write_config(tmp / "ctx.yml", 16, TIMEOUT_MS), api_key=None, log_dir=str(tmp))
@@ -63,6 +61,17 @@ def servers(tmp_path_factory):
                                          write_config(tmp / "gen_cp.yml", 32), api_key=None, log_dir=str(tmp))
         started["gen_helix"] = start_server(model, "--cp_size", "2", "--cp_type", "helix", "--config",
                                             write_config(tmp / "gen_helix.yml", 32), api_key=None, log_dir=str(tmp))
+        yield started
+
+
+@contextlib.contextmanager
+def servers_with_secret():
+    """A dict the caller starts servers into, with MESHSERVE_SECRET set; on exit every server stops
+    and the variable is put back."""
+    old = os.environ.get("MESHSERVE_SECRET")
+    os.environ["MESHSERVE_SECRET"] = SECRET
+    started = {}
+    try:
         yield started
     finally:
         for s in started.values():
@@ -510,10 +519,7 @@ def test_attention_dp_context_and_generation_servers_match_aggregated(tmp_path):
 
     model = str(tmp_path / "moe")
     build_checkpoint(model, "qwen3_moe", max_position_embeddings=2048)
-    old = os.environ.get("MESHSERVE_SECRET")
-    os.environ["MESHSERVE_SECRET"] = SECRET
-    started = {}
-    try:
+    with servers_with_secret() as started:
         started["agg"] = start_server(model, api_key=None, log_dir=str(tmp_path))
         for name in ("ctx", "gen"):
             started[name] = start_server(model, "--tp_size", "2", "--enable_attention_dp", "--config",
@@ -538,10 +544,3 @@ def test_attention_dp_context_and_generation_servers_match_aggregated(tmp_path):
                   if ln.startswith("meshserve_attention_dp_requests_placed")]
         assert len(placed) == 2 and all(float(ln.rsplit(" ", 1)[1]) > 0 for ln in placed), placed
         assert wait_used(gen) == 0 and wait_used(ctx) == 0
-    finally:
-        for s in started.values():
-            s.stop()
-        if old is None:
-            os.environ.pop("MESHSERVE_SECRET", None)
-        else:
-            os.environ["MESHSERVE_SECRET"] = old
