@@ -99,7 +99,7 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
 @triton.jit(do_not_specialize=["stride_bt"])
 def _attn_kernel(
     q_ptr, cache_ptr, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tile_seq_ptr, tile_start_ptr, qpos_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_kv, stride_cache_blk, stride_cache_tok, stride_cache_head,
     stride_bt, scale,
@@ -107,7 +107,7 @@ def _attn_kernel(
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_TILES: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, HAS_QPOS: tl.constexpr = False,
 ):
     pdl_enter(USE_PDL)
     tile = tl.program_id(0)
@@ -126,7 +126,10 @@ def _attn_kernel(
     # A split covers at least SPLIT_TILES KV tiles, so short contexts use fewer splits (the rest
     # exit at once) and a context of one split's length needs no merge at all.
     last_q = tl.minimum(q_start_in_seq + BLOCK_Q, q_len) - 1
-    kv_end = tl.minimum(seq_len, ctx_len + last_q + 1)
+    if HAS_QPOS:  # each query row's last visible key is given (qpos, nondecreasing within a sequence)
+        kv_end = tl.minimum(seq_len, tl.load(qpos_ptr + q_begin + last_q) + 1)
+    else:
+        kv_end = tl.minimum(seq_len, ctx_len + last_q + 1)
     kv_begin = 0
     if WINDOW > 0:
         kv_begin = tl.maximum(0, ctx_len + q_start_in_seq - WINDOW + 1)
@@ -149,11 +152,17 @@ def _attn_kernel(
         q_tok = q_begin + q_idx
         q = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-        q_pos = ctx_len + q_idx  # absolute position of each row's query
+        if HAS_QPOS:
+            q_pos = tl.load(qpos_ptr + q_tok, mask=row_valid, other=-1)
+        else:
+            q_pos = ctx_len + q_idx  # absolute position of each row's query
         # Keys before the tile's first query are visible to every row: those tiles skip the mask.
         full_end = kv_begin
         if WINDOW == 0:
-            full_end = tl.minimum(kv_end, ctx_len + q_start_in_seq + 1)
+            if HAS_QPOS:
+                full_end = tl.minimum(kv_end, tl.load(qpos_ptr + q_begin + q_start_in_seq) + 1)
+            else:
+                full_end = tl.minimum(kv_end, ctx_len + q_start_in_seq + 1)
             full_end = kv_begin + tl.maximum(full_end - kv_begin, 0) // BLOCK_N * BLOCK_N
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -341,13 +350,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     block_n: Optional[int] = None, num_warps: Optional[int] = None,
                     num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
                     exact_tiles: bool = False, heavy_first: Optional[bool] = None,
-                    settings: KernelSettings = H200, return_lse: bool = False):
+                    settings: KernelSettings = H200, return_lse: bool = False,
+                    query_positions: Optional[torch.Tensor] = None):
     """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
     ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
     block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
     (prefill tiles; decode tiles are fixed at 64-token KV tiles, 2 stages, 4 warps up to 8 rows, else 2).
     exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
-    heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill)."""
+    heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill).
+    query_positions: [T] int32, the index of the last key each query row sees (-1: none), for rows
+    whose keys are not the causal shape (context parallelism RING); nondecreasing within a sequence,
+    no sliding window. None: causal (row i of a sequence of q_len queries sees seq_len - q_len + i + 1)."""
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
@@ -390,7 +403,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         try:
             _attn_kernel[grid](
                 q, kv_cache, out, lse, part_acc, part_ml, counter, block_tables, seq_lens, query_start_loc, tile_seq,
-                tile_start, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                tile_start, seq_lens if query_positions is None else query_positions,
+                q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 block_tables.stride(0), scale,
                 GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
@@ -398,7 +412,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 SPLIT_TILES=split_tiles or settings.attn_decode_split_tiles,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
                 HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages,
-                **kernels.pdl_args())
+                HAS_QPOS=query_positions is not None, **kernels.pdl_args())
             return (out, lse) if return_lse else out
         except OutOfResources:
             smaller = None if exact_tiles else shrink_tiles(block_n, num_stages)

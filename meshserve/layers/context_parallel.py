@@ -32,9 +32,11 @@ ring, so the result is exact attention for prefill and decode alike.
 
 A query at position p sees, of rank r's keys (increasing positions, a prefix of its local
 sequence), n_r(p) = (p // S) * B + (B if r < t, p % B + 1 if r == t, else 0) with t = p % S // B.
-That is not the causal shape of a sequence's new rows, so each query runs as its own one-row
-sequence of n_r(p) keys over the request's block table (`ring_metadata`): any backend's decode path
-serves it. Rows that see no key on a rank (n_r = 0) contribute nothing to the merge.
+That is not the causal shape of a sequence's new rows: the torch and Triton backends take each
+row's last visible key (`AttentionMetadata.query_positions`), so a request's new tokens stay one
+sequence; for other backends (latent attention) each query runs as its own one-row sequence of
+n_r(p) keys over the request's block table, which any decode path serves (`ring_metadata`). Rows
+that see no key on a rank (n_r = 0) contribute nothing to the merge.
 
 HELIX (Helix parallelism). RING's KV sharding and metadata, but no token split: every cp rank
 runs every token. After attention an all-to-all over cp trades the partials so that each rank
@@ -139,11 +141,14 @@ class CpSplit:
 
 def ring_metadata(positions: np.ndarray, rows: np.ndarray, tables: np.ndarray, block_size: int, rank: int,
                   size: int, backend, device) -> tuple[AttentionMetadata, torch.Tensor]:
-    """RING: this step's attention metadata over cp rank `rank`'s KV shard, and the [T] rows that see
-    none of its keys. positions [T]: each new token's position; rows [T]: the row of its request in
-    tables [R, max_blocks] (the scheduler's block ids, blocks of `block_size` tokens). Each query is
-    a one-row sequence of n_r(p) keys (module docstring); the k/v of the positions this rank holds go
-    to their slots, the others to the null block 0."""
+    """RING / HELIX: this step's attention metadata over cp rank `rank`'s KV shard, and the [T] rows
+    that see none of its keys. positions [T]: each new token's position; rows [T]: the row of its
+    request in tables [R, max_blocks] (the scheduler's block ids, blocks of `block_size` tokens),
+    request by request as the runner lays them out. The k/v of the positions this rank holds go to
+    their slots, the others to the null block 0. A query at position p sees n_r(p) of the rank's keys
+    (module docstring): with a backend that takes each row's last key (`supports_query_positions`)
+    each request's new tokens are one sequence with those limits; otherwise each query is a one-row
+    sequence of n_r(p) keys (any backend's decode path)."""
     sub = block_size // size  # B: tokens of each block this rank holds
     positions = np.asarray(positions, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
@@ -154,18 +159,33 @@ def ring_metadata(positions: np.ndarray, rows: np.ndarray, tables: np.ndarray, b
     slots = np.where(owned, block_ids * sub + off, 0)
     seen = blk * sub + np.where(rank < owner, sub, np.where(owned, off + 1, 0))
     empty = seen == 0
-    seq_lens = np.maximum(seen, 1)
-    width = max(1, -(-int(seq_lens.max(initial=1)) // sub))
-    per_row = tables[rows][:, :width] if len(rows) else np.zeros((0, width), np.int64)
-    if per_row.shape[1] < width:
-        per_row = np.pad(per_row, ((0, 0), (0, width - per_row.shape[1])))
     n = len(positions)
 
     def dev(x, dtype):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype).to(device)
 
+    qpos = None
+    if getattr(backend, "supports_query_positions", False):  # one sequence per request
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if n else np.zeros(0, np.int64)
+        q_lens = np.diff(np.r_[starts, n])
+        ends = starts + q_lens - 1
+        seq_lens = np.maximum(seen[ends], 1)
+        seq_rows = rows[starts]
+        q_loc = np.r_[0, np.cumsum(q_lens)]
+        qpos = dev(seen - 1, torch.int32)
+    else:  # a one-row sequence per query
+        q_lens = np.ones(n, np.int64)
+        seq_lens = np.maximum(seen, 1)
+        seq_rows = rows
+        q_loc = np.arange(n + 1)
+    width = max(1, -(-int(seq_lens.max(initial=1)) // sub))
+    per_seq = tables[seq_rows][:, :width] if len(seq_rows) else np.zeros((0, width), np.int64)
+    if per_seq.shape[1] < width:
+        per_seq = np.pad(per_seq, ((0, 0), (0, width - per_seq.shape[1])))
+    decode = bool(len(q_lens)) and int(q_lens.max()) == 1
     common = AttentionMetadata(
-        slot_mapping=dev(slots, torch.int64), query_start_loc=dev(np.arange(n + 1), torch.int32),
-        seq_lens=dev(seq_lens, torch.int32), block_tables=dev(per_row, torch.int32), max_query_len=1,
-        max_seq_len=int(seq_lens.max(initial=0)), block_size=sub, num_decodes=n)
-    return backend.build(common, [1] * n), dev(empty, torch.bool)
+        slot_mapping=dev(slots, torch.int64), query_start_loc=dev(q_loc, torch.int32),
+        seq_lens=dev(seq_lens, torch.int32), block_tables=dev(per_seq, torch.int32),
+        max_query_len=int(q_lens.max(initial=0)), max_seq_len=int(seq_lens.max(initial=0)), block_size=sub,
+        num_decodes=len(q_lens) if decode else 0, query_positions=qpos)
+    return backend.build(common, q_lens.tolist()), dev(empty, torch.bool)

@@ -19,8 +19,15 @@ STEPS = [  # (request, first position, new tokens) of each step
 ]
 
 
+class PerQueryTorch(TorchAttentionBackend):
+    """The torch backend without query_positions: ring_metadata's one-row sequences (as for MLA)."""
+    name = "torch-per-query"
+    supports_query_positions = False
+
+
 def backends(sub: int, dtype):
     yield TorchAttentionBackend(AttentionShape(H, KVH, D), sub, "cpu")
+    yield PerQueryTorch(AttentionShape(H, KVH, D), sub, "cpu")
     if dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.importorskip("triton")
         yield select_attention_backend("triton", AttentionShape(H, KVH, D), sub, torch.device("cpu"))
@@ -69,8 +76,11 @@ def test_ring_shards_merge_to_full_causal_attention(cp, block, dtype):
 
 def test_queries_before_a_ranks_first_key_see_nothing_there():
     """Rank 1 of cp 2 holds positions 4-7 of each 8-token block: positions 0-3 see none of its keys."""
-    backend = TorchAttentionBackend(AttentionShape(H, KVH, D), 4, "cpu")
-    md, empty = ring_metadata([0, 3, 4, 9, 13], [0] * 5, [[1, 2]], 8, 1, 2, backend, "cpu")
+    shape = AttentionShape(H, KVH, D)
+    md, empty = ring_metadata([0, 3, 4, 9, 13], [0] * 5, [[1, 2]], 8, 1, 2, PerQueryTorch(shape, 4, "cpu"), "cpu")
     assert empty.tolist() == [True, True, False, False, False]
     assert md.seq_lens.tolist() == [1, 1, 1, 4, 6]  # p=9: block 0's four; p=13: four + 13 % 4 + 1
     assert md.slot_mapping.tolist() == [0, 0, 4, 0, 9]  # owned: table[p // 8] * 4 + p % 4; others: null
+    md, _ = ring_metadata([0, 3, 4, 9, 13], [0] * 5, [[1, 2]], 8, 1, 2, TorchAttentionBackend(shape, 4, "cpu"), "cpu")
+    assert md.query_start_loc.tolist() == [0, 5] and md.seq_lens.tolist() == [6]  # one sequence
+    assert md.query_positions.tolist() == [-1, -1, 0, 3, 5]  # the last key each row sees

@@ -43,6 +43,10 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     num_decodes: int = 0  # the number of sequences when every one decodes a single token, else 0
+    # [T] int32: the index (in its sequence's keys) of the last key each query row sees, -1 for none,
+    # for rows whose keys are not the causal shape (context parallelism RING, context_parallel.py);
+    # nondecreasing within a sequence. None: causal. Backends with supports_query_positions read it.
+    query_positions: Optional[torch.Tensor] = None
     # models with several KV cache groups (engine/kv_spec.py): this step's metadata of groups 1..
     # (their own slot_mapping and block_tables), read by layers with Attention.kv_group > 0; None:
     # one group, or metadata built for every group at once (profiling, tests)
@@ -70,6 +74,7 @@ class AttentionBackend(ABC):
     name: ClassVar[str]
     supports_cuda_graphs: ClassVar[bool] = False
     supports_lse: ClassVar[bool] = False
+    supports_query_positions: ClassVar[bool] = False  # honours AttentionMetadata.query_positions
 
     def __init__(self, shape: AttentionShape, block_size: int, device: torch.device,
                  settings: KernelSettings = H200):

@@ -53,6 +53,8 @@ def torch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, md: Attention
     queries = q[q_index]  # [B, max_q, H, D]
 
     q_pos = (seq_lens - q_lens)[:, None] + i[None, :]  # absolute position of each query row
+    if md.query_positions is not None:  # each row's last visible key given (context parallelism RING)
+        q_pos = torch.where(q_valid, md.query_positions.long()[q_index], -1)
     j = torch.arange(max_len, device=device)
     mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < seq_lens[:, None, None])
     if sliding_window is not None:
@@ -100,6 +102,7 @@ class TorchAttentionBackend(AttentionBackend):
     """The reference backend (CPU, and `attention_backend='torch'` anywhere)."""
     name = "torch"
     supports_lse = True
+    supports_query_positions = True
 
     def forward(self, layer, q, k, v, md, rotary=None, positions=None, return_lse=False):
         return reference_forward(layer, q, k, v, md, rotary, positions, return_lse)

@@ -46,6 +46,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
     supports_lse = True  # eager steps; CUDA graphs refuse return_lse
+    supports_query_positions = True
 
     def __init__(self, shape: AttentionShape, block_size: int, device: torch.device,
                  settings: KernelSettings = H200):
@@ -94,7 +95,8 @@ class TritonAttentionBackend(AttentionBackend):
             pa.store_kv(k, v, kv_cache, md.slot_mapping)
         return pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,
                                   md.tile_start, md.block_q, layer.scale, layer.sliding_window, md.num_splits,
-                                  workspace=md.workspace, settings=self.settings, return_lse=return_lse)
+                                  workspace=md.workspace, settings=self.settings, return_lse=return_lse,
+                                  query_positions=md.query_positions)
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def graph_token_boundaries(self) -> list[int]:
