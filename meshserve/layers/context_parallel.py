@@ -123,7 +123,6 @@ class CpSplit:
         out, _ = merge_attention(list(outs.unbind(0)), list(lses.unbind(0)))
         return out.reshape(c, -1)
 
-
     def merge_helix(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """HELIX: o [T, H*D] and lse [T, H], this rank's partial attention of every query over its
         KV shard -> every token's merged attention for this rank's 1/cp of the heads [T, H/cp*D]
