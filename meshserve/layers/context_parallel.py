@@ -65,17 +65,16 @@ class CpSplit:
     def __init__(self, group, ring: bool = False, helix: bool = False):
         self.group = group
         self.size, self.rank = group.size, group.rank_in_group
-        # RING: the KV cache sharded by sequence (attention via ring_md), else ULYSSES; HELIX: RING's
-        # cache and metadata, every token on every rank, the layers after attention over tp x cp
+        # RING: the KV cache sharded by sequence (the step's attention metadata is over this rank's
+        # shard), else ULYSSES; HELIX: RING's cache and metadata, every token on every rank, the
+        # layers after attention over tp x cp
         self.ring = ring or helix
         self.helix = helix
         self.total = self.chunk = self.start = self.num = 0
-        self.ring_md: Optional[AttentionMetadata] = None  # RING: this step's metadata over this rank's shard
         self.ring_empty: Optional[torch.Tensor] = None  # RING: [T] rows that see no key of this rank
 
-    def set_step(self, num_tokens: int, ring_md: Optional[AttentionMetadata] = None,
-                 ring_empty: Optional[torch.Tensor] = None) -> None:
-        self.ring_md, self.ring_empty = ring_md, ring_empty
+    def set_step(self, num_tokens: int, ring_empty: Optional[torch.Tensor] = None) -> None:
+        self.ring_empty = ring_empty
         self.total = num_tokens
         self.chunk = -(-num_tokens // self.size)
         self.start = min(num_tokens, self.rank * self.chunk)
@@ -108,13 +107,18 @@ class CpSplit:
         got = self.group.all_to_all(y.contiguous())  # from rank j: my tokens of its heads
         return got.reshape(cp, c, -1).transpose(0, 1).reshape(c, -1)
 
+    def _drop_empty(self, o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partials with the rows that saw none of this rank's keys set to (0, -inf): a one-row
+        sequence is given at least one key (ring_metadata), so its backend's row is not that."""
+        empty = self.ring_empty[:, None]
+        return o.masked_fill(empty, 0), lse.float().masked_fill(empty, float("-inf"))
+
     def merge_ring(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """RING: o [T, H*D] and lse [T, H], this rank's partial attention of every query -> the
         merged attention of this rank's tokens [T/cp, H*D] (the others' partials by all-to-all)."""
         cp, c = self.size, self.chunk
         heads = lse.shape[1]
-        lse = lse.float().masked_fill(self.ring_empty[:, None], float("-inf"))
-        o = o.masked_fill(self.ring_empty[:, None], 0)
+        o, lse = self._drop_empty(o, lse)
         if o.shape[0] < cp * c:
             o = F.pad(o, (0, 0, 0, cp * c - o.shape[0]))
             lse = F.pad(lse, (0, 0, 0, cp * c - lse.shape[0]), value=float("-inf"))
@@ -130,8 +134,7 @@ class CpSplit:
         cp = self.size
         t, heads = lse.shape
         h = heads // cp
-        lse = lse.float().masked_fill(self.ring_empty[:, None], float("-inf"))
-        o = o.masked_fill(self.ring_empty[:, None], 0)
+        o, lse = self._drop_empty(o, lse)
         outs = self.group.all_to_all(o.view(t, cp, -1).transpose(0, 1).reshape(cp * t, -1))
         lses = self.group.all_to_all(lse.view(t, cp, h).transpose(0, 1).reshape(cp * t, h))
         out, _ = merge_attention(list(outs.view(cp, t, h, -1).unbind(0)), list(lses.view(cp, t, h).unbind(0)))

@@ -105,12 +105,12 @@ class DeepseekAttention(nn.Module):
         L = self.mla.kv_lora_rank
         latent = torch.cat([self.kv_a_layernorm(kv[:, :L]), kv[:, L:]], dim=-1)  # [T, L + R], a new tensor
         if self.helix:  # every token here already: this rank's shard, merge this rank's head slice
-            o, lse = self.attn(q, latent, self.kv_b_proj.weight, self.cp.ring_md, self.rotary_emb, positions,
+            o, lse = self.attn(q, latent, self.kv_b_proj.weight, md, self.rotary_emb, positions,
                                return_lse=True)
             return self.o_proj(self.cp.merge_helix(o, lse))
         if self.cp is not None:  # RING: every token's q and latent, this rank's shard, merge over cp
             q, latent = self.cp.gather(q), self.cp.gather(latent)
-            o, lse = self.attn(q, latent, self.kv_b_proj.weight, self.cp.ring_md, self.rotary_emb, positions,
+            o, lse = self.attn(q, latent, self.kv_b_proj.weight, md, self.rotary_emb, positions,
                                return_lse=True)
             return self.o_proj(self.cp.merge_ring(o, lse))
         o = self.attn(q, latent, self.kv_b_proj.weight, md, self.rotary_emb, positions)

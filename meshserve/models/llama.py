@@ -60,11 +60,11 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(hidden)
         if self.helix:  # every token here already: this rank's keys, merge this rank's head slice
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            o, lse = self.attn(q, k, v, self.cp.ring_md, self.rotary_emb, positions, return_lse=True)
+            o, lse = self.attn(q, k, v, md, self.rotary_emb, positions, return_lse=True)
             return self.o_proj(self.cp.merge_helix(o, lse))
         if self.cp is not None and self.cp.ring:  # every token's q/k/v, this rank's keys, merge over cp
             q, k, v = self.cp.gather(qkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            o, lse = self.attn(q, k, v, self.cp.ring_md, self.rotary_emb, positions, return_lse=True)
+            o, lse = self.attn(q, k, v, md, self.rotary_emb, positions, return_lse=True)
             return self.o_proj(self.cp.merge_ring(o, lse))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.cp is not None:

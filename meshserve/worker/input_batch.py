@@ -46,9 +46,8 @@ class StepInputs:
     num_tokens: int = 0
     # overlap: (index in input_ids, request id) of tokens still being sampled by the previous step
     placeholders: list[tuple[int, str]] = field(default_factory=list)
-    # context parallelism RING: the step's metadata over this rank's KV shard and the rows that see
-    # none of its keys (layers/context_parallel.py ring_metadata); None otherwise
-    ring_md: Optional[AttentionMetadata] = None
+    # context parallelism RING / HELIX: the [T] rows that see none of this rank's keys (`attn` is then
+    # the metadata over its KV shard: layers/context_parallel.py ring_metadata); None otherwise
     ring_empty: Optional[torch.Tensor] = None
 
 
@@ -85,8 +84,8 @@ class InputBatch:
         # (group, spec) of the groups that drop blocks behind a sliding window
         self.windowed = [(g, grp.spec) for g, grp in enumerate(kv_groups) if grp.sliding_window is not None]
         self.reqs: dict[str, ReqState] = {}
-        # context parallelism RING: (cp rank, cp size, the backend of the rank's sub-block cache)
-        self.ring: Optional[tuple[int, int, AttentionBackend]] = None
+        # context parallelism RING / HELIX: (cp rank, cp size); the metadata is over the rank's KV shard
+        self.ring: Optional[tuple[int, int]] = None
 
     def update(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
@@ -163,23 +162,22 @@ class InputBatch:
             return to_device(torch.as_tensor(np.asarray(x), dtype=dtype), dev)
 
         q_lens = np.diff(q_loc)
-        common = AttentionMetadata(
-            slot_mapping=to_dev(slots, torch.int64),
-            query_start_loc=to_dev(q_loc, torch.int32),
-            seq_lens=to_dev(seq_lens, torch.int32),
-            block_tables=to_device(torch.from_numpy(table), dev),
-            max_query_len=int(q_lens.max()) if len(q_lens) else 0,
-            max_seq_len=max(seq_lens, default=0),
-            block_size=bs,
-            num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
-        )
-        md = self.attn_backend.build(common, q_lens)
-        ring_md = ring_empty = None
-        if self.ring is not None:
+        ring_empty = None
+        if self.ring is not None:  # attention reads this cp rank's shard of the KV cache
             from meshserve.layers.context_parallel import ring_metadata
-            rank, size, backend = self.ring
-            ring_md, ring_empty = ring_metadata(np.asarray(pos), np.repeat(np.arange(len(q_lens)), q_lens), table,
-                                                bs, rank, size, backend, dev)
+            md, ring_empty = ring_metadata(np.asarray(pos), np.repeat(np.arange(len(q_lens)), q_lens), table, bs,
+                                           *self.ring, self.attn_backend, dev)
+        else:
+            md = self.attn_backend.build(AttentionMetadata(
+                slot_mapping=to_dev(slots, torch.int64),
+                query_start_loc=to_dev(q_loc, torch.int32),
+                seq_lens=to_dev(seq_lens, torch.int32),
+                block_tables=to_device(torch.from_numpy(table), dev),
+                max_query_len=int(q_lens.max()) if len(q_lens) else 0,
+                max_seq_len=max(seq_lens, default=0),
+                block_size=bs,
+                num_decodes=num_decodes if num_decodes == len(so.reqs) else 0,
+            ), q_lens)
         if group_tables:
             md.group_views = [dataclasses.replace(md, slot_mapping=to_dev(s, torch.int64),
                                                   block_tables=to_device(torch.from_numpy(_pad_rows(t)), dev))
@@ -188,7 +186,7 @@ class InputBatch:
             input_ids=to_dev(ids, torch.int64), positions=to_dev(pos, torch.int64), attn=md,
             logits_indices=to_dev(np.asarray(q_loc[1:]) - 1, torch.int64),
             req_ids=[sr.req_id for sr in so.reqs], prompt_lp=prompt_lp, num_tokens=len(ids),
-            placeholders=placeholders, ring_md=ring_md, ring_empty=ring_empty)
+            placeholders=placeholders, ring_empty=ring_empty)
 
     def sampling_batch(self, so: SchedulerOutput) -> SamplingBatch:
         dev, V = self.device, self.vocab_size

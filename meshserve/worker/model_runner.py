@@ -172,7 +172,14 @@ class ModelRunner:
         kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows
         a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
         shape = AttentionShape(a.num_heads, a.num_kv_heads, a.head_dim) if a else AttentionShape(1, 1, 1)
-        self.attn_backend = self._make_attn_backend(a, shape, cfg.block_size)
+        # with RING / HELIX its blocks are this rank's sub-blocks (kv_block_size tokens)
+        if getattr(a, "latent", False):  # latent attention (DeepSeek MLA): its own metadata and kernels
+            from meshserve.layers.attention.mla_selector import select_mla_backend
+            self.attn_backend = select_mla_backend(cfg.attention_backend, shape, self.kv_block_size, self.device,
+                                                   self.kernel_settings)
+        else:
+            self.attn_backend = select_attention_backend(cfg.attention_backend, shape, self.kv_block_size,
+                                                         self.device, self.kernel_settings)
         # KV cache groups (engine/kv_spec.py), formed as the engine forms them: each layer reads its
         # group's block table and shares its cache tensor (slot) with the same-index layer of the others
         self.kv_groups = model_kv_groups(model_config, cfg.max_seq_len, a.num_kv_heads if a else None)
@@ -184,8 +191,7 @@ class ModelRunner:
         self.batch = InputBatch(cfg.block_size, self.device, model_config.vocab_size, self.attn_backend,
                                 self.kv_groups)
         if self.cp_split is not None and self.cp_split.ring:  # attention reads this rank's sub-blocks
-            self.batch.ring = (self.cp_split.rank, self.cp_split.size,
-                               self._make_attn_backend(a, shape, self.kv_block_size))
+            self.batch.ring = (self.cp_split.rank, self.cp_split.size)
         self.graphs = None
         self.prefill_graphs = None
         self.prev_tokens: Optional[torch.Tensor] = None  # last step's sampled ids, on the device
@@ -196,14 +202,6 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_transfer = None  # worker/kv_transfer.py RankTransfer, with cfg.kv_transfer, once the cache exists
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
-
-    def _make_attn_backend(self, layer, shape: AttentionShape, block_size: int):
-        """The attention backend of this rank's layers (`layer`: the first), over blocks of block_size."""
-        cfg = self.cfg
-        if getattr(layer, "latent", False):  # latent attention (DeepSeek MLA): its own metadata and kernels
-            from meshserve.layers.attention.mla_selector import select_mla_backend
-            return select_mla_backend(cfg.attention_backend, shape, block_size, self.device, self.kernel_settings)
-        return select_attention_backend(cfg.attention_backend, shape, block_size, self.device, self.kernel_settings)
 
     # ---- KV cache -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -290,12 +288,18 @@ class ModelRunner:
         n, bs = self.cfg.max_num_tokens, self.cfg.block_size
         nblk = -(-n // bs) + 1
         self._alloc_kv(nblk)
-        md = self.attn_backend.build(AttentionMetadata(
-            slot_mapping=torch.arange(bs, bs + n, device=self.device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_tables=torch.arange(1, nblk, dtype=torch.int32, device=self.device)[None],
-            max_query_len=n, max_seq_len=n, block_size=bs), [n])
+        ring_empty = None
+        if self.batch.ring is not None:  # RING / HELIX: the metadata over this rank's KV shard
+            from meshserve.layers.context_parallel import ring_metadata
+            md, ring_empty = ring_metadata(np.arange(n), np.zeros(n, np.int64), np.arange(1, nblk)[None], bs,
+                                           *self.batch.ring, self.attn_backend, self.device)
+        else:
+            md = self.attn_backend.build(AttentionMetadata(
+                slot_mapping=torch.arange(bs, bs + n, device=self.device),
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+                block_tables=torch.arange(1, nblk, dtype=torch.int32, device=self.device)[None],
+                max_query_len=n, max_seq_len=n, block_size=bs), [n])
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         pos = torch.arange(n, device=self.device) % self.cfg.max_seq_len
         hidden = residual = None
@@ -306,13 +310,7 @@ class ModelRunner:
         if self.dp_lockstep:  # every rank at its largest step: the MoE layers see all their tokens
             self.parallel.dp_tokens.set_step([n] * self.parallel.attn_dp.size)
         if self.cp_split is not None:
-            ring_md = ring_empty = None
-            if self.cp_split.ring:
-                from meshserve.layers.context_parallel import ring_metadata
-                ring_md, ring_empty = ring_metadata(np.arange(n), np.zeros(n, np.int64), np.arange(1, nblk)[None],
-                                                    bs, self.cp_split.rank, self.cp_split.size, self.batch.ring[2],
-                                                    self.device)
-            self.cp_split.set_step(n, ring_md, ring_empty)
+            self.cp_split.set_step(n, ring_empty)
         try:
             hidden, _ = self.model(ids, pos, md, hidden, residual)
         finally:
@@ -394,7 +392,7 @@ class ModelRunner:
         hidden = residual = None
         rows = inp.num_tokens
         if self.cp_split is not None:  # between stages a cp rank's hidden states are its share of the tokens
-            self.cp_split.set_step(inp.num_tokens, inp.ring_md, inp.ring_empty)
+            self.cp_split.set_step(inp.num_tokens, inp.ring_empty)
             rows = inp.num_tokens if self.cp_split.helix else self.cp_split.chunk
         if not self.is_first:
             hidden, residual = self.pp_group.recv_hidden(rows, self.model_config.hidden_size, self.cfg.dtype,
