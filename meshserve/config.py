@@ -173,6 +173,11 @@ class LlmArgs(StrictModel):
     tokenizer: Optional[str] = None
     dtype: str = "auto"
     load_format: str = "auto"
+    quantization: Optional[str] = Field(None, description=(
+        "fp8: hold the linear layers' weights in FP8 (e4m3, one scale per block of 128 x 128 or smaller), "
+        "quantised at load from a full-precision checkpoint. An FP8 block-quantised checkpoint "
+        "(quantization_config quant_method fp8) loads as FP8 whatever this says. None (default): the "
+        "checkpoint's own format"))
     device: str = "auto"
     attention_backend: str = "auto"
     kernel_config: KernelConfig = Field(default_factory=KernelConfig)
@@ -231,6 +236,15 @@ class LlmArgs(StrictModel):
         if v not in accepted:
             raise ValueError(f"load_format={v!r} is not supported; accepted: {', '.join(accepted)}")
         return v
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return None
+        if v.lower() not in ("fp8", "none"):
+            raise ValueError(f"quantization={v!r} is not supported; accepted: fp8, or none (the checkpoint's format)")
+        return None if v.lower() == "none" else "fp8"
 
     @field_validator("orchestrator_type")
     @classmethod

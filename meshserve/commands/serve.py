@@ -50,6 +50,8 @@ _ENGINE_FLAGS = [
     ("max_seq_len", "max_seq_len", int, "prompt + output limit (default: the model's max_position_embeddings)"),
     ("dtype", "dtype", str, "auto, float32, bfloat16 or float16"),
     ("load_format", "load_format", str, "auto, safetensors, gguf or dummy (random weights)"),
+    ("quantization", "quantization", str,
+     "fp8: linear layers' weights in FP8, quantised at load (an FP8 checkpoint is FP8 without it)"),
     ("device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("seed", "seed", int, "seed of the weights of load_format=dummy and of unseeded sampling"),
     ("stream_interval", "stream_interval", int,

@@ -3,9 +3,17 @@ checkpoint tensor into this rank's shard, so the loader never needs to know the 
 
 Column parallel: output features split over the tp group (no communication).
 Row parallel: input features split; partial products are summed by one all-reduce.
+
+FP8: `to_fp8(block)` turns a layer's weight into float8_e4m3fn with one fp32 scale per block
+(`weight_scale_inv`, the checkpoints' name and layout: kernels/fp8.py); its loaders then take FP8
+checkpoint tensors and their scales (the scale sliced like the weight, in whole blocks), or full
+precision tensors, which they quantise on the block grid of the checkpoint tensor itself (so an
+online-quantised layer equals the same checkpoint quantised offline, at any tensor parallel size).
 """
 from __future__ import annotations
 
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _narrow(t: torch.Tensor, dim: int, off: int, size: int, block=None) -> torch.Tensor:
+    """t.narrow(dim, off, size) in weight units; with `block` (t a block-scale tensor), the blocks of
+    those rows / columns, which must start on a block (a partial block only at t's end)."""
+    if block is None:
+        return t.narrow(dim, off, size)
+    b = block[dim]
+    start, count = off // b, -(-size // b)
+    if off % b or (size % b and start + count != t.shape[dim]):
+        what = "rows" if dim == 0 else "columns"
+        raise ValueError(f"FP8 weights in blocks of {list(block)}: a tensor parallel shard or fused part of {size} "
+                         f"{what} at {what[:-1]} {off} does not start on a block of {b}; accepted: tensor parallel "
+                         f"sizes whose shards are whole blocks")
+    return t.narrow(dim, start, count)
+
+
 def _divide(a: int, b: int, what: str) -> int:
     if a % b != 0:
         raise ValueError(f"{what}={a} is not divisible by tensor parallel size {b}")
@@ -32,6 +55,8 @@ def _divide(a: int, b: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
+    fp8_ok = True  # may hold FP8 weights (False: its weight is read as a matrix elsewhere, or a router)
+
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_group, params_dtype=None):
         super().__init__()
         self.tp_group = tp_group or SOLO
@@ -44,20 +69,56 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.fp8_block: tuple[int, int] | None = None  # (rows, columns) of a scale block once FP8
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None, block=None) -> None:
+        """Copy this rank's part of checkpoint tensor `loaded` (part `shard_id` of a fused layer)
+        into `param`; `block`: param and loaded are FP8 block scales of that block size."""
         raise NotImplementedError
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Hold the weight in FP8 with one fp32 scale per `block` (before loading)."""
+        from meshserve.kernels.fp8 import FP8_DTYPE, scale_shape
+        n, k = self.weight.shape
+        device = self.weight.device
+        self.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        self.weight.weight_loader = self._fp8_weight_loader
+        self.weight_scale_inv = nn.Parameter(torch.ones(scale_shape(n, k, block), dtype=torch.float32, device=device),
+                                             requires_grad=False)
+        self.weight_scale_inv.weight_loader = partial(self._scale_loader, block=block)
+        self.fp8_block = block
+
+    def _scale_loader(self, param, loaded, shard_id=None, block=None):
+        self.weight_loader(param, loaded.to(torch.float32), shard_id, block=block)
+
+    def _fp8_weight_loader(self, param, loaded, shard_id=None):
+        from meshserve.kernels.fp8 import FP8_DTYPE, quantize
+        if loaded.dtype != FP8_DTYPE:  # full precision: quantised on its own block grid, then sliced
+            loaded, scale = quantize(loaded.to(param.device), self.fp8_block)
+            self.weight_loader(self.weight_scale_inv, scale, shard_id, block=self.fp8_block)
+        self.weight_loader(param, loaded, shard_id)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fp8_block is not None:
+            from meshserve.kernels.fp8 import fp8_linear
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias)
+        return linear(x, self.weight, bias)
+
+    def fp8_aligned_sizes(self) -> tuple[list[int], list[int]]:
+        """Row and column counts that must be whole blocks for this layer's loaders (fused parts,
+        tensor parallel shards): what an online-quantised layer's block must divide."""
+        return [], []
 
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, params_dtype=None):
         super().__init__(input_size, output_size, bias, SOLO, params_dtype)
 
-    def weight_loader(self, param, loaded, shard_id=None):
+    def weight_loader(self, param, loaded, shard_id=None, block=None):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self._mm(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -67,12 +128,19 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, _divide(output_size, tp, "output_size"), bias, tp_group, params_dtype)
         self.gather_output = gather_output
 
-    def weight_loader(self, param, loaded, shard_id=None):
-        shard = param.data.size(0)
-        param.data.copy_(loaded.narrow(0, self.tp_rank * shard, shard))
+    def weight_loader(self, param, loaded, shard_id=None, block=None):
+        if param.dim() == 1 or block is None:
+            shard = param.data.size(0)
+            param.data.copy_(loaded.narrow(0, self.tp_rank * shard, shard))
+            return
+        shard = self.weight.shape[0]
+        param.data.copy_(_narrow(loaded, 0, self.tp_rank * shard, shard, block))
+
+    def fp8_aligned_sizes(self):
+        return ([self.weight.shape[0]] if self.tp_size > 1 else []), []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = self._mm(x, self.bias)
         return self.tp_group.all_gather(y, -1) if self.gather_output else y
 
 
@@ -84,14 +152,20 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_group, params_dtype=params_dtype)
 
-    def weight_loader(self, param, loaded, shard_id=None):
+    def weight_loader(self, param, loaded, shard_id=None, block=None):
         if shard_id is None:  # already fused in the checkpoint: split it into its parts first
-            for i, part in enumerate(loaded.split(self.output_sizes, 0)):
-                self.weight_loader(param, part, i)
+            offset = 0
+            for i, size in enumerate(self.output_sizes):
+                self.weight_loader(param, _narrow(loaded, 0, offset, size, block), i, block)
+                offset += size
             return
         shard = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        param.data.narrow(0, offset, shard).copy_(loaded.narrow(0, self.tp_rank * shard, shard))
+        _narrow(param.data, 0, offset, shard, block).copy_(_narrow(loaded, 0, self.tp_rank * shard, shard, block))
+
+    def fp8_aligned_sizes(self):
+        parts = [s // self.tp_size for s in self.output_sizes]
+        return (parts if self.tp_size > 1 else parts[:-1]), []
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -115,12 +189,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias, tp_group, params_dtype=params_dtype)
 
-    def weight_loader(self, param, loaded, shard_id=None):
+    def weight_loader(self, param, loaded, shard_id=None, block=None):
         if shard_id is None:
             q = self.num_heads * self.tp_size * self.head_dim
             kv = self.total_num_kv_heads * self.head_dim
-            for sid, part in zip("qkv", loaded.split([q, kv, kv], 0)):
-                self.weight_loader(param, part, sid)
+            for sid, off, size in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                self.weight_loader(param, _narrow(loaded, 0, off, size, block), sid, block)
             return
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
@@ -131,7 +205,11 @@ class QKVParallelLinear(ColumnParallelLinear):
             size = kv_size
             replicas = max(1, self.tp_size // self.total_num_kv_heads)
             src = self.tp_rank // replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, src * size, size))
+        _narrow(param.data, 0, offset, size, block).copy_(_narrow(loaded, 0, src * size, size, block))
+
+    def fp8_aligned_sizes(self):
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return ([q, kv, kv] if self.tp_size > 1 else [q, kv]), []
 
 
 class RowParallelLinear(LinearBase):
@@ -141,15 +219,18 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, tp, "input_size"), output_size, bias, tp_group, params_dtype)
         self.reduce_results = reduce_results
 
-    def weight_loader(self, param, loaded, shard_id=None):
+    def weight_loader(self, param, loaded, shard_id=None, block=None):
         if param.dim() == 1:  # bias: added once, after the reduction
             param.data.copy_(loaded)
             return
-        shard = param.data.size(1)
-        param.data.copy_(loaded.narrow(1, self.tp_rank * shard, shard))
+        shard = self.weight.shape[1]
+        param.data.copy_(_narrow(loaded, 1, self.tp_rank * shard, shard, block))
+
+    def fp8_aligned_sizes(self):
+        return [], ([self.weight.shape[1]] if self.tp_size > 1 else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = self._mm(x, None)
         if self.reduce_results and self.tp_size > 1:
             y = self.tp_group.all_reduce(y)
         if self.bias is not None:

@@ -54,6 +54,8 @@ class ModelConfig:
     # values per token and layer (engine/kv_spec.py); None: ordinary K/V heads
     kv_lora_rank: Optional[int] = None
     qk_rope_head_dim: int = 0
+    # FP8 block-quantised checkpoint (quantization_config quant_method "fp8"): its weight_block_size
+    fp8_block: Optional[tuple] = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -116,6 +118,7 @@ class ModelConfig:
             checkpoint_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
+            fp8_block=_fp8_block(arch, cfg),
             raw=cfg,
             **moe,
             **mla,
@@ -174,6 +177,33 @@ def _moe_fields(arch: str, cfg: dict, num_layers: int) -> dict:
                     norm_topk_prob=bool(cfg.get("norm_topk_prob", arch == "DeepseekV3ForCausalLM")),
                     moe_layers=layers, shared_expert_intermediate_size=inter * (cfg.get("n_shared_experts") or 0))
     return {}
+
+
+def _fp8_block(arch: str, cfg: dict) -> Optional[tuple]:
+    """weight_block_size of an FP8 block-quantised checkpoint; None without quantization_config; any
+    other quantisation a one-line error naming what is accepted."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return None
+    accepted = ("accepted: quant_method 'fp8' with weight_block_size and activation_scheme 'dynamic' "
+                "(DeepSeek-V3 and the Hub's *-FP8 checkpoints), or an unquantised checkpoint")
+    if not isinstance(qc, dict):
+        raise ValueError(f"{arch}: config field quantization_config={qc!r} is not supported; {accepted}")
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ValueError(f"{arch}: quantization_config.quant_method={method!r} is not supported; {accepted}")
+    block = qc.get("weight_block_size")
+    if block is None:
+        raise ValueError(f"{arch}: quantization_config without weight_block_size (per-tensor FP8) is not "
+                         f"supported; {accepted}")
+    act = qc.get("activation_scheme", "dynamic")
+    if act != "dynamic":
+        raise ValueError(f"{arch}: quantization_config.activation_scheme={act!r} is not supported; {accepted}")
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"{arch}: quantization_config.fmt={fmt!r} is not supported; accepted: e4m3")
+    from meshserve.kernels.fp8 import check_block
+    return check_block(block)
 
 
 def _mla_fields(arch: str, cfg: dict) -> dict:

@@ -25,7 +25,10 @@ group_limited_greedy (groups ranked by their best score), times `routed_scaling_
 (renormalised when norm_topk_prob, as DeepSeek's code and vLLM; V2 checkpoints set it false).
 
 Multi-token-prediction layers a checkpoint carries (model.layers.<num_hidden_layers>... ) are
-skipped with one log line. FP8 block-quantised checkpoints (weight_scale_inv) are refused.
+skipped with one log line. FP8 block-quantised checkpoints (weight_scale_inv, as DeepSeek-V3 ships):
+the attention's linears and the dense / shared MLPs hold FP8 weights; kv_b_proj (read as the latent
+attention's up-projection matrix), the routers and the routed experts are dequantised at load
+(models/loader.py).
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ class DeepseekAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = ColumnParallelLinear(mla.kv_lora_rank, heads * (mla.nope + mla.v), False, tp_group,
                                               params_dtype=dtype)
+        self.kv_b_proj.fp8_ok = False  # attention reads its weight as a matrix (absorbed up-projection)
         self.o_proj = RowParallelLinear(heads * mla.v, hidden, mla.bias, helix_group or tp_group, params_dtype=dtype)
         self.rotary_emb = rotary_emb  # one table shared by every layer
         self.attn = MLAAttention(self.num_heads, mla.kv_lora_rank, mla.nope, mla.rope, mla.v, mla.scale)
@@ -141,6 +145,7 @@ class DeepseekMoE(nn.Module):
         router = router_config(cfg)
         # the router runs in fp32, as DeepSeek's and transformers' (gate.weight is kept in fp32)
         self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, params_dtype=torch.float32)
+        self.gate.fp8_ok = False
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, router, parallel,
                                 dtype, backend, layer_idx, load)
         self.shared_experts = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size) \
@@ -215,7 +220,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def _rope_rows_to_half(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Interleaved rope rows -> rotate-half rows (see the module docstring); other tensors as they are."""
         mla = self.mla
-        if not mla.interleaved:
+        if not mla.interleaved or name.endswith("_scale_inv"):  # rope rows share their block's scale
             return tensor
         perm = interleaved_to_half(mla.rope).to(tensor.device)
         if ".kv_a_proj_with_mqa." in name:
@@ -233,9 +238,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         the rest (rope rows permuted) on to the dense loader."""
         num_layers = self.cfg.num_hidden_layers
         for name, tensor in weights:
-            if name.endswith("weight_scale_inv") or "float8" in str(tensor.dtype):
-                raise ValueError(f"checkpoint tensor {name!r} ({tensor.dtype}): FP8 block-quantised DeepSeek "
-                                 f"checkpoints are not supported yet; accepted: bfloat16 / float16 / float32 weights")
             if ".layers." in name:
                 layer = int(name.split(".layers.")[1].split(".")[0])
                 if layer >= num_layers:  # multi-token prediction

@@ -1,5 +1,12 @@
 """Build a model shard and fill it: safetensors (one file or sharded with an index), or random
 ("dummy") weights from config.json alone. GGUF files are converted to a folder first (gguf.py).
+
+FP8 (`plan_fp8`, before loading): an FP8 block-quantised checkpoint's linear layers become FP8
+layers (layers/linear.py `to_fp8`) where every checkpoint tensor feeding the layer carries a
+`weight_scale_inv`; FP8 tensors of anything else (experts, DeepSeek's kv_b_proj, which attention
+reads as a matrix) are dequantised to the model's dtype as they are read (`fp8_weights`). With
+quantization="fp8" on a full-precision checkpoint every eligible linear becomes FP8 and quantises
+its checkpoint tensors as they arrive (kernels/fp8.py `online_block` picks the block).
 """
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ import glob
 import json
 import logging
 import os
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -42,6 +50,124 @@ def iter_safetensors(path: str, show_progress: bool = True) -> Iterator[tuple[st
                 yield name, f.get_tensor(name)
 
 
+@dataclass
+class Fp8Plan:
+    """Which layers hold FP8 weights and which checkpoint tensors stay FP8 on the way in."""
+    block: Optional[tuple] = None  # the checkpoint's weight_block_size (None: quantised online)
+    keep: set = field(default_factory=set)  # checkpoint weight names loaded as FP8 (with their scales)
+    layers: list = field(default_factory=list)  # our module names of the FP8 layers
+    online: bool = False
+
+
+def _fp8_sources(model: torch.nn.Module, module_name: str) -> list[str]:
+    """The checkpoint weight names that fill linear `module_name` (q/k/v for qkv_proj...)."""
+    dotted = f".{module_name}."
+    sources = [f"{module_name}.weight".replace(ours, ckpt) for ckpt, ours, _ in getattr(model, "stacked_params", [])
+               if ours in dotted]
+    return sources or [f"{module_name}.weight"]
+
+
+def checkpoint_tensor_names(path: str) -> list[str]:
+    names = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            names.extend(f.keys())
+    return names
+
+
+def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: Optional[str],
+             load_format: str = "auto") -> Optional[Fp8Plan]:
+    """Turn this shard's linears that will hold FP8 weights into FP8 layers (before loading); None
+    when the model runs without FP8. quantization: "fp8" quantises a full-precision checkpoint's
+    linears at load (an FP8 checkpoint is FP8 either way)."""
+    from meshserve.kernels.fp8 import online_block
+    from meshserve.layers.linear import LinearBase
+    if cfg.fp8_block is None and quantization != "fp8":
+        return None
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, LinearBase) and m.fp8_ok]
+    if cfg.fp8_block is not None and load_format != "dummy":
+        scaled = {n[:-len("_scale_inv")] for n in checkpoint_tensor_names(path) if n.endswith(".weight_scale_inv")}
+        plan = Fp8Plan(block=cfg.fp8_block)
+        for name, layer in linears:
+            sources = _fp8_sources(model, name)
+            if all(s in scaled for s in sources):
+                layer.to_fp8(cfg.fp8_block)
+                plan.keep.update(sources)
+                plan.layers.append(name)
+        return plan
+    plan = Fp8Plan(block=cfg.fp8_block, online=cfg.fp8_block is None)
+    for name, layer in linears:
+        block = cfg.fp8_block or online_block(*layer.fp8_aligned_sizes())
+        if block is None:
+            rows, cols = layer.fp8_aligned_sizes()
+            raise ValueError(f"quantization='fp8': layer {name} has fused parts or tensor parallel shards of "
+                             f"{rows or cols} rows/columns, which no block of 16 to 128 (a power of two) divides")
+        layer.to_fp8(block)
+        plan.layers.append(name)
+    return plan
+
+
+class _Scales:
+    """Block scales read on demand (an FP8 tensor dequantised on the way in needs its own)."""
+
+    def __init__(self, path: str):
+        self.where: dict[str, str] = {}
+        for file in safetensors_files(path):
+            with safe_open(file, framework="pt") as f:
+                for n in f.keys():
+                    if n.endswith("_scale_inv"):
+                        self.where[n] = file
+        self.open: dict = {}
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        file = self.where.get(name)
+        if file is None:
+            return None
+        if file not in self.open:
+            self.open[file] = safe_open(file, framework="pt")
+        return self.open[file].get_tensor(name)
+
+
+def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp8Plan,
+                dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as the model loads them: FP8 weights of FP8 layers and their scales
+    as they are; other FP8 weights dequantised to `dtype` (their scales dropped)."""
+    from meshserve.kernels.fp8 import FP8_DTYPE, dequantize, scale_shape
+    scales = _Scales(path)
+    dequantised = 0
+    for name, tensor in weights:
+        if name.endswith(".weight_scale_inv"):
+            if name[:-len("_scale_inv")] in plan.keep:
+                yield name, tensor
+            continue
+        if tensor.dtype == FP8_DTYPE and name not in plan.keep:
+            scale = scales.get(name + "_scale_inv")
+            if scale is None or tensor.dim() != 2 \
+                    or tuple(scale.shape) != scale_shape(*tensor.shape, plan.block):
+                raise ValueError(f"checkpoint tensor {name!r} is FP8 {tuple(tensor.shape)} without a block scale "
+                                 f"{name + '_scale_inv'!r} of blocks {list(plan.block)} "
+                                 f"(found {None if scale is None else tuple(scale.shape)})")
+            tensor = dequantize(tensor, scale, plan.block, dtype)
+            dequantised += 1
+        yield name, tensor
+    if dequantised:
+        logger.info("FP8 checkpoint: %d FP8 tensors outside FP8 linears (experts, latent attention's kv_b_proj) "
+                    "dequantised to %s; %d linear layers hold FP8 weights", dequantised, str(dtype).split(".")[-1],
+                    len(plan.layers))
+
+
+def _no_fp8_tensors(weights, path: str):
+    """A checkpoint without quantization_config carries no FP8 tensors or block scales (read as plain
+    numbers they would give a wrong model without a word)."""
+    from meshserve.kernels.fp8 import FP8_DTYPE
+    for name, tensor in weights:
+        if tensor.dtype == FP8_DTYPE or name.endswith("_scale_inv"):
+            raise ValueError(f"checkpoint tensor {name!r} ({str(tensor.dtype).split('.')[-1]}) is part of FP8 block "
+                             f"quantisation, but {os.path.join(path, 'config.json')} has no quantization_config; "
+                             f"accepted: quant_method 'fp8' with weight_block_size there, or unquantised tensors")
+        yield name, tensor
+
+
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, parallel=None,
                 layer_range=None, is_first: bool = True, is_last: bool = True,
                 moe_backend: str = "auto") -> torch.nn.Module:
@@ -53,14 +179,22 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, para
 
 
 def load_weights(model: torch.nn.Module, path: str, load_format: str = "auto", seed: int = 0,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, fp8: Optional[Fp8Plan] = None) -> None:
+    """Fill `model` from `path`; `fp8`: plan_fp8's plan (its layers already FP8)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; accepted: {', '.join(LOAD_FORMATS)}")
     if load_format == "dummy":
         _init_dummy(model, seed)
         return
-    loaded = model.load_weights(iter_safetensors(path, show_progress))
+    weights = iter_safetensors(path, show_progress)
+    if fp8 is not None and fp8.block is not None:
+        weights = fp8_weights(weights, path, fp8, model.dtype)
+    else:
+        weights = _no_fp8_tensors(weights, path)
+    loaded = model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
+    if fp8 is not None and fp8.online:  # scales computed by their layer's loader from the weight
+        loaded |= {n + "_scale_inv" for n in loaded if n.endswith(".weight")}
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"Checkpoint {path!r} lacks {len(missing)} weights this model needs, e.g. {missing[:5]}")
@@ -68,12 +202,26 @@ def load_weights(model: torch.nn.Module, path: str, load_format: str = "auto", s
 
 @torch.no_grad()
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
-    """Random weights of the right shapes: speed does not depend on their values."""
+    """Random weights of the right shapes: speed does not depend on their values. FP8 layers get
+    random weights quantised on their block grid."""
+    from meshserve.kernels.fp8 import FP8_DTYPE, quantize
     gens: dict = {}
+
+    def gen(device):
+        if device not in gens:
+            gens[device] = torch.Generator(device=device).manual_seed(seed)
+        return gens[device]
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue
-        if p.device not in gens:
-            gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-        p.normal_(0.0, 0.02, generator=gens[p.device])
+        if p.dtype == FP8_DTYPE or name.endswith("weight_scale_inv"):
+            continue
+        p.normal_(0.0, 0.02, generator=gen(p.device))
+    for m in model.modules():
+        block = getattr(m, "fp8_block", None)
+        if block is not None:
+            w = torch.empty(m.weight.shape, dtype=torch.float32, device=m.weight.device)
+            q, scale = quantize(w.normal_(0.0, 0.02, generator=gen(w.device)), block)
+            m.weight.data.copy_(q)
+            m.weight_scale_inv.data.copy_(scale)

@@ -30,6 +30,7 @@ class SparseMoeBlock(nn.Module):
                  load: ExpertLoad):
         super().__init__()
         self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, params_dtype=dtype)
+        self.gate.fp8_ok = False  # routers stay in full precision (FP8 checkpoint gates are dequantised)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
                                 RouterConfig(cfg.num_experts_per_tok, renormalize=renormalize),
                                 parallel, dtype, backend, layer_idx, load)
@@ -37,6 +38,7 @@ class SparseMoeBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, bias=False, params_dtype=dtype)
+            self.shared_expert_gate.fp8_ok = False
         split = getattr(parallel, "cp_split", None)  # HELIX: 1/cp of the tokens through the experts
         self.cp = split if split is not None and split.helix else None
 

@@ -22,7 +22,7 @@ from meshserve.distributed.comm import SOLO, SOLO_STATE, PipelineChannel
 from meshserve.engine.kv_spec import layer_slots, model_kv_groups
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from meshserve.models.config import ModelConfig
-from meshserve.models.loader import build_model, load_weights
+from meshserve.models.loader import build_model, load_weights, plan_fp8
 from meshserve.kernels import settings as kernel_settings
 from meshserve.layers.attention.backend import AttentionMetadata, AttentionShape
 from meshserve.layers.attention.selector import select_attention_backend
@@ -41,6 +41,7 @@ class RunnerConfig:
     block_size: int
     max_num_tokens: int
     load_format: str = "auto"
+    quantization: Optional[str] = None  # "fp8": linears quantised at load (models/loader.py plan_fp8)
     seed: int = 0
     show_progress: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
@@ -166,7 +167,8 @@ class ModelRunner:
         self.reports_expert_load = self.expert_load is not None and m.tp_rank == 0 and m.attn_dp_rank == 0 \
             and m.cp_rank == 0
         self.expert_reports: list[dict] = []
-        load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress)
+        fp8 = plan_fp8(self.model, model_config, cfg.model_path, cfg.quantization, cfg.load_format)
+        load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress, fp8)
         self.attn_layers = self.model.attention_layers()
         self.kernel_settings = kernel_settings.for_device(cfg.kernel_config, self.device)
         kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows

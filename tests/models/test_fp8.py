@@ -1,0 +1,269 @@
+"""FP8 block-quantised weights: the kernels against float64, FP8 checkpoints and quantization="fp8"
+against transformers reading the same FP8 checkpoint (it dequantises FP8 on a machine without a
+GPU), and the refusals.
+
+The FP8 checkpoints here are written by this file's own quantiser (`_quantize`: per [bn, bk] block,
+scale = amax / 448, the format DeepSeek-V3 and the Hub's *-FP8 checkpoints use), not by meshserve's.
+Each parity test also shows that the unquantised model's log-probabilities differ from the FP8
+reference by far more than the tolerance, so that it would fail if the FP8 weights were not used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from helpers import build_checkpoint, build_deepseek, make_prompts
+from meshserve import LLM, SamplingParams
+
+MAX_NEW = 6
+KV = {"tokens_per_block": 4, "max_tokens": 2048}
+
+
+def _quantize(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    bn, bk = block
+    n, k = w.shape
+    assert n % bn == 0 and k % bk == 0, (n, k, block)  # transformers needs whole blocks
+    blocks = w.double().reshape(n // bn, bn, k // bk, bk)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+    q = (blocks / scale[:, None, :, None]).float().to(torch.float8_e4m3fn).reshape(n, k)
+    return q, scale.float()
+
+
+QUANTISED = re.compile(r"(_proj|\.w[123])\.weight$")
+
+
+def write_fp8_checkpoint(src: str, dst: str, block=(16, 16), per_expert: bool = True) -> None:
+    """`src` (a transformers checkpoint) as an FP8 block-quantised checkpoint in `dst`: every
+    projection quantised (routers, embeddings, norms, lm_head not), fused experts written per expert
+    as on the Hub."""
+    from safetensors.torch import load_file, save_file
+    os.makedirs(dst, exist_ok=True)
+    for f in os.listdir(src):
+        if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
+            with open(os.path.join(src, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+                b.write(a.read())
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for name, w in sd.items():
+        if per_expert and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(w.shape[0]):
+                if name.endswith("gate_up_proj"):
+                    parts = dict(zip(("gate_proj", "up_proj"), w[e].chunk(2, dim=0)))
+                else:
+                    parts = {"down_proj": w[e]}
+                for part, t in parts.items():
+                    q, s = _quantize(t.contiguous(), block)
+                    out[f"{prefix}.{e}.{part}.weight"], out[f"{prefix}.{e}.{part}.weight_scale_inv"] = q, s
+            continue
+        if w.dim() == 2 and QUANTISED.search(name):
+            out[name], out[name + "_scale_inv"] = _quantize(w, block)
+        else:
+            out[name] = w
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@torch.no_grad()
+def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW):
+    """transformers' greedy ids and the log-probability of each, reading the checkpoint at `path`."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, lps = [], []
+    for p in prompts:
+        seq = list(p)
+        got, got_lp = [], []
+        for _ in range(max_new):
+            logits = model(torch.tensor([seq])).logits[0, -1].double()
+            lp = torch.log_softmax(logits, -1)
+            t = int(lp.argmax())
+            got.append(t)
+            got_lp.append(float(lp[t]))
+            seq.append(t)
+        ids.append(got)
+        lps.append(got_lp)
+    return ids, lps
+
+
+def ours(path: str, prompts, **kw):
+    with LLM(path, kv_cache_config=KV, show_progress=False, **kw) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True, logprobs=0),
+                            use_tqdm=False)
+    ids = [o.outputs[0].token_ids for o in outs]
+    lps = [[d[t] for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    return ids, lps
+
+
+def assert_parity(got, want, unquantised, tol=2e-5):
+    (gi, gl), (wi, wl), (_, ul) = got, want, unquantised
+    assert gi == wi, f"meshserve {gi} != transformers (FP8 checkpoint) {wi}"
+    diff = max(abs(a - b) for x, y in zip(gl, wl) for a, b in zip(x, y))
+    assert diff < tol, f"log-probs differ from transformers by {diff}"
+    # the FP8 weights matter: full-precision weights would be far off this tolerance
+    n = min(len(x) for x in ul)
+    spread = max(abs(a - b) for x, y in zip(ul, wl) for a, b in zip(x[:n], y[:n]))
+    assert spread > 10 * tol, f"the unquantised model is within {spread} of the FP8 one: the test cannot tell them apart"
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return make_prompts(4, 320, 13)
+
+
+# ---- kernels (Triton's interpreter on CPU) against float64 ------------------------------------------
+
+@pytest.mark.parametrize("m,n,k,block", [(1, 96, 64, (16, 16)), (3, 200, 300, (32, 64)), (1, 576, 576, (128, 128)),
+                                         (70, 130, 160, (64, 32)), (5, 1000, 2048, (128, 128)), (17, 48, 40, (16, 32))])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernels_match_float64(m, n, k, block, bias):
+    pytest.importorskip("triton")
+    from meshserve.kernels.fp8 import fp8_linear, quantize
+    from meshserve.kernels.fp8_gemm import fp8_gemm, fp8_gemv
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the FP8 kernels need a GPU or TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    q, s = quantize(w, block)
+    # the reference: dequantised by this test in float64, block by block
+    sn, sk = s.shape
+    full = s.double().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    ref = x.double() @ (q.double() * full).T + (b.double() if bias else 0)
+    for fn in (fp8_gemv, fp8_gemm):
+        y = fn(x, q, s, block, b)
+        assert (y.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max()), fn.__name__
+    y = fp8_linear(x, q, s, block, b, kernel=False)  # the torch reference path
+    assert (y.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max())
+
+
+def test_quantize_blocks():
+    from meshserve.kernels.fp8 import FP8_DTYPE, dequantize, quantize
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 70, generator=g) * torch.logspace(-3, 2, 70)[None, :]
+    w[:32, :32] = 0  # an all-zero block
+    q, s = quantize(w, (32, 32))
+    assert q.dtype == FP8_DTYPE and tuple(s.shape) == (4, 3)
+    assert s[0, 0] == 1.0 and (q[:32, :32].float() == 0).all()
+    for i in range(4):
+        for j in range(3):
+            blk = w[32 * i:32 * i + 32, 32 * j:32 * j + 32]
+            if blk.abs().max() > 0:  # the largest magnitude maps to 448
+                assert torch.isclose(s[i, j], blk.abs().max() / 448.0)
+                assert q[32 * i:32 * i + 32, 32 * j:32 * j + 32].float().abs().max() == 448.0
+    back = dequantize(q, s, (32, 32))
+    rel = ((back - w).abs() / w.abs().clamp_min(1e-30))[w.abs() > s.repeat_interleave(32, 0)[:100]
+                                                        .repeat_interleave(32, 1)[:, :70] * 2 ** -6]
+    assert rel.max() <= 2 ** -4  # e4m3: 3 mantissa bits, round to nearest
+
+
+# ---- checkpoints against transformers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_fp8_checkpoint_matches_transformers(tmp_path, prompts, arch):
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, arch, attention_bias=True) if arch == "llama" else build_checkpoint(src, arch)
+    write_fp8_checkpoint(src, dst)
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(dst, prompts), want, hf_logprobs(src, prompts))
+
+
+def test_fp8_checkpoint_tp2_matches_transformers(tmp_path, prompts):
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3", num_key_value_heads=2)  # k/v rows per rank: 16, one block
+    write_fp8_checkpoint(src, dst)
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(dst, prompts, tensor_parallel_size=2), want, hf_logprobs(src, prompts))
+
+
+def test_online_fp8_matches_transformers_on_the_same_quantisation(tmp_path, prompts):
+    """quantization="fp8" on a full-precision checkpoint whose projections are whole 128 x 128
+    blocks (every fused part too): each tensor quantised in blocks of 128, as this file writes them."""
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                     num_key_value_heads=4, head_dim=32)
+    write_fp8_checkpoint(src, dst, block=(128, 128))
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(src, prompts, quantization="fp8"), want, hf_logprobs(src, prompts))
+
+
+def test_fp8_qwen3_moe_checkpoint_matches_transformers(tmp_path, prompts):
+    """Experts in the Hub's per-expert FP8 layout (dequantised at load); attention and the dense
+    layers FP8."""
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3_moe")
+    write_fp8_checkpoint(src, dst)
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(dst, prompts), want, hf_logprobs(src, prompts))
+
+
+def test_fp8_deepseek_v3_checkpoint_matches_transformers(tmp_path, prompts):
+    """DeepSeek-V3 as the Hub ships it: FP8 attention projections (kv_b_proj dequantised for the
+    latent attention), FP8 experts and shared experts, fp32 router."""
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_deepseek(src, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+    write_fp8_checkpoint(src, dst)
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(dst, prompts), want, hf_logprobs(src, prompts))
+
+
+def test_online_fp8_with_random_weights_runs(tmp_path):
+    src = str(tmp_path / "bf")
+    build_checkpoint(src, "llama")
+    with LLM(src, load_format="dummy", quantization="fp8", kv_cache_config=KV, show_progress=False) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+# ---- refusals -------------------------------------------------------------------------------------------
+
+def _with_quant_config(path: str, qc) -> None:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = qc
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("qc,words", [
+    ({"quant_method": "awq", "bits": 4}, "quant_method='awq' is not supported"),
+    ({"quant_method": "gptq"}, "quant_method='gptq' is not supported"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "without weight_block_size"),
+    ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
+     "activation_scheme='static' is not supported"),
+    ({"quant_method": "fp8", "weight_block_size": [100, 128]}, "power of two"),
+])
+def test_unsupported_quantization_is_refused(tmp_path, qc, words):
+    path = str(tmp_path)
+    build_checkpoint(path, "llama")
+    _with_quant_config(path, qc)
+    with pytest.raises(ValueError, match=re.escape(words)) as e:
+        LLM(path, kv_cache_config=KV, show_progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_quantization_values_are_refused(tmp_path):
+    path = str(tmp_path)
+    build_checkpoint(path, "qwen3_moe")
+    with pytest.raises(ValueError, match="quantization='int4' is not supported; accepted: fp8"):
+        LLM(path, quantization="int4", kv_cache_config=KV, show_progress=False)
+    with pytest.raises(ValueError, match="experts .* have no FP8 kernels yet"):
+        LLM(path, quantization="fp8", kv_cache_config=KV, show_progress=False)
+
+
+def test_shards_off_the_block_grid_are_refused(tmp_path):
+    """Blocks of 32 rows, k/v of 16 rows per rank at tp2: a shard would start inside a block."""
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3", num_key_value_heads=2, hidden_size=64, intermediate_size=128)
+    write_fp8_checkpoint(src, dst, block=(32, 32))
+    with pytest.raises(Exception, match="does not start on a block of 32"):
+        LLM(dst, tensor_parallel_size=2, kv_cache_config=KV, show_progress=False)
+
