@@ -10,6 +10,8 @@
 #   call 4 (carry .whl):     moe-1gpu decode without PDL (the A/B), the decode split merge, kv serve
 #   call 21, 24 (carry .whl): with under ~20 minutes of device time, issue 21 then issue 24 (+ the
 #                            one-GPU engine tests) in two calls of < 600 s; issue 23 waits
+#   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
+#                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 # Usage on the device: `bash benchmarks/wave2_gpu_calls.sh N` (it sources scripts/gpu_env.sh itself).
 # Every step has its own timeout so one that hangs leaves the call's other results; step outputs go
 # to $OUT/<step>.txt (and their tails to the call's output), the benchmarks' folders to $RES, packed
@@ -83,8 +85,20 @@ case $CALL in
   step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab
   step mla_1gpu 300 python3 benchmarks/mla_1gpu.py $PDL_FLAG --out "$RES/mla"
   ;;
+8)  # FP8 (BENCHMARKS.md scenario 9): correctness first, then the per-shape A/B, then the two scenarios
+  step fp8_tests 200 python3 -m pytest tests/gpu/test_fp8_kernels.py -q -x
+  step fp8_linear 90 python3 benchmarks/fp8_linear.py --out "$RES/fp8_linear"
+  (python3 -m meshserve serve llama-3.1-8b --load-format dummy --quantization fp8 --host 127.0.0.1 --port 8123 \
+    >"$OUT/fp8_server.txt" 2>&1 &)
+  for _ in $(seq 1 200); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
+  step fp8_decode 90 python3 benchmarks/decode_latency.py --base-url http://127.0.0.1:8123 --model llama-3.1-8b \
+    --num-prompts 3 --out "$RES/fp8_decode"
+  pkill -f "meshserve serve" ; sleep 5
+  step fp8_offline 200 python3 benchmarks/offline_8b.py --num-requests 500 --bench-args "--quantization fp8" \
+    --out "$RES/fp8_offline"
+  ;;
 *)
-  echo "call must be 1-4, 21 or 24"
+  echo "call must be 1-4, 8, 21 or 24"
   exit 2
   ;;
 esac

@@ -33,6 +33,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp-size", "--pipeline-parallel-size", type=int, default=1)
     parser.add_argument("--load-format", default=None, help="e.g. dummy for random weights")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--quantization", default=None, help="fp8: linear weights in FP8, quantised at load")
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-num-tokens", type=int, default=None)
     parser.add_argument("--result-json", default=None)
@@ -52,7 +53,7 @@ def build_llm(args: argparse.Namespace, model_path: Optional[str]):
     """The one place that constructs the offline engine; options left unset keep its defaults."""
     from meshserve import LLM
 
-    optional = {"load_format": args.load_format, "dtype": args.dtype,
+    optional = {"load_format": args.load_format, "dtype": args.dtype, "quantization": args.quantization,
                 "max_batch_size": args.max_batch_size, "max_num_tokens": args.max_num_tokens}
     return LLM(model=model_path, tensor_parallel_size=args.tp_size, pipeline_parallel_size=args.pp_size,
                **{k: v for k, v in optional.items() if v is not None})
@@ -176,7 +177,8 @@ def main(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - start
     result = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "model_id": args.model or DEFAULT_MODEL_NAME,
               "model_path": model_path, "tp_size": args.tp_size, "pp_size": args.pp_size,
-              "load_format": args.load_format, "dtype": args.dtype, "dataset": args.dataset,
+              "load_format": args.load_format, "dtype": args.dtype, "quantization": args.quantization,
+              "dataset": args.dataset,
               **summarize(outputs, prompts, elapsed)}
     print(format_report(result), flush=True)
     if args.result_json:
