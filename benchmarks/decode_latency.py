@@ -28,7 +28,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--server-args", default="", help="extra arguments for `meshserve serve`, one string")
     p.add_argument("--startup-timeout", type=float, default=1800.0)
-    return p.parse_args()
+    p.add_argument("--quantization", default=None,
+                   help="fp8: the server quantises the linears at load; the floor counts them at one byte")
+    args = p.parse_args()
+    if args.quantization:
+        args.server_args = f"{args.server_args} --quantization {args.quantization}".strip()
+    return args
 
 
 def run_bench(args: argparse.Namespace, base_url: str, model_path: str) -> dict:
@@ -59,11 +64,16 @@ def main() -> None:
 
     # Each decode step reads the weights once and the KV cache of the context so far.
     mean_context = args.input_len + args.output_len / 2
-    step_bytes = decode_weight_bytes(config) + mean_context * kv_bytes_per_token(config)
+    weights = decode_weight_bytes(config)
+    if args.quantization == "fp8":  # the decoder layers' linears at one byte; the LM head stays bf16
+        lm_head = config["vocab_size"] * config["hidden_size"] * 2
+        weights = lm_head + (weights - lm_head) // 2
+    step_bytes = weights + mean_context * kv_bytes_per_token(config)
     floor_ms = step_bytes / PEAK_BANDWIDTH * 1000
     tpot_ms = result["mean_tpot_ms"]
     achieved = step_bytes / (tpot_ms / 1000) if tpot_ms else 0.0
-    summary = {"scenario": "decode-latency", "model": args.model, "input_len": args.input_len,
+    summary = {"scenario": "decode-latency", "model": args.model, "quantization": args.quantization,
+               "input_len": args.input_len,
                "output_len": args.output_len, "completed": result["completed"], "failed": result["failed"],
                "mean_tpot_ms": tpot_ms, "median_tpot_ms": result["median_tpot_ms"],
                "p99_itl_ms": result["p99_itl_ms"], "mean_ttft_ms": result["mean_ttft_ms"],

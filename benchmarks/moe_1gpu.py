@@ -29,14 +29,17 @@ TARGET_B1_MS = 2.3
 TARGET_OFFLINE = 8000.0
 
 
-def step_bytes(cfg: dict, experts_per_layer: float, bytes_per_param: int = 2) -> float:
+def step_bytes(cfg: dict, experts_per_layer: float, bytes_per_param: int = 2, fp8: bool = False) -> float:
+    """Weight bytes a decode step reads; fp8: attention projections and experts at one byte (plus
+    their block scales, ~0.01%), the router, norms and LM head at bytes_per_param."""
     h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // heads
     e = cfg.get("num_experts") or cfg.get("num_local_experts")
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    per_layer = attn + e * h + experts_per_layer * 3 * h * inter + 2 * h
-    return (cfg["num_hidden_layers"] * per_layer + cfg["vocab_size"] * h) * bytes_per_param
+    quantised = attn + experts_per_layer * 3 * h * inter
+    per_layer = quantised * (1 if fp8 else bytes_per_param) + (e * h + 2 * h) * bytes_per_param
+    return cfg["num_hidden_layers"] * per_layer + cfg["vocab_size"] * h * bytes_per_param
 
 
 def expected_experts(cfg: dict, batch: int) -> float:
@@ -53,7 +56,8 @@ def ours(a) -> dict:
 
     cfg = SHAPES[a.model].config
     llm = LLM(a.model, load_format="dummy", max_batch_size=a.max_batch_size, max_seq_len=2304,
-              moe_config={"backend": a.backend}, kernel_config={"pdl": a.pdl}, show_progress=False)
+              moe_config={"backend": a.backend}, kernel_config={"pdl": a.pdl}, quantization=a.quantization,
+              show_progress=False)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"] - 300
 
@@ -78,7 +82,7 @@ def ours(a) -> dict:
             total = timed(ps, new)  # same prompts: the prefill repeats (prefix cache hits make it cheaper)
             runs.append((total - first) / (new - 1) * 1000)
         hit = (llm.get_stats().get("expert_load_ratio") or {}).get("experts_hit_mean")
-        floor_ms = step_bytes(cfg, expected_experts(cfg, batch)) / BANDWIDTH * 1000
+        floor_ms = step_bytes(cfg, expected_experts(cfg, batch), fp8=a.quantization == "fp8") / BANDWIDTH * 1000
         result[f"decode_b{batch}"] = {"ms_per_step_runs": runs, "ms_per_step_worst": max(runs),
                                       "floor_ms": floor_ms, "experts_hit_mean_last_window": hit,
                                       "expected_experts_per_layer": expected_experts(cfg, batch)}
@@ -102,6 +106,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--num-offline", type=int, default=400, help="1000/1000 requests (BENCHMARKS.md: 1000)")
     p.add_argument("--pdl", action="store_true", help="kernel_config.pdl: programmatic dependent launch")
+    p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")
     p.add_argument("--out", default="out/moe_1gpu")
     a = p.parse_args()
@@ -115,7 +120,8 @@ def main() -> None:
     elif a.part == "all":  # in its own process, so its GPU memory is gone before the peer loads
         subprocess.run([sys.executable, __file__, "--part", "ours", "--model", a.model, "--backend", a.backend,
                         "--max-batch-size", str(a.max_batch_size), "--num-offline", str(a.num_offline),
-                        "--out", a.out] + ["--pdl"] * a.pdl + ["--skip-decode"] * a.skip_decode, check=False)
+                        "--out", a.out] + ["--pdl"] * a.pdl + ["--skip-decode"] * a.skip_decode
+                       + (["--quantization", a.quantization] if a.quantization else []), check=False)
     if os.path.exists(ours_json):
         summary["ours"] = json.load(open(ours_json))
     if a.part in ("all", "peer"):

@@ -12,6 +12,7 @@
 #                            one-GPU engine tests) in two calls of < 600 s; issue 23 waits
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
+#   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
 # Usage on the device: `bash benchmarks/wave2_gpu_calls.sh N` (it sources scripts/gpu_env.sh itself).
 # Every step has its own timeout so one that hangs leaves the call's other results; step outputs go
 # to $OUT/<step>.txt (and their tails to the call's output), the benchmarks' folders to $RES, packed
@@ -91,14 +92,18 @@ case $CALL in
   (python3 -m meshserve serve llama-3.1-8b --load-format dummy --quantization fp8 --host 127.0.0.1 --port 8123 \
     >"$OUT/fp8_server.txt" 2>&1 &)
   for _ in $(seq 1 200); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
-  step fp8_decode 90 python3 benchmarks/decode_latency.py --base-url http://127.0.0.1:8123 --model llama-3.1-8b \
+  step fp8_decode 90 python3 benchmarks/decode_latency.py --base-url http://127.0.0.1:8123 --model llama-3.1-8b --quantization fp8 \
     --num-prompts 3 --out "$RES/fp8_decode"
   pkill -f "meshserve serve" ; sleep 5
   step fp8_offline 200 python3 benchmarks/offline_8b.py --num-requests 500 --bench-args "--quantization fp8" \
     --out "$RES/fp8_offline"
   ;;
+9)
+  step fp8_moe 400 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --quantization fp8 $PDL_FLAG \
+    --out "$RES/moe_fp8"
+  ;;
 *)
-  echo "call must be 1-4, 8, 21 or 24"
+  echo "call must be 1-4, 8, 9, 21 or 24"
   exit 2
   ;;
 esac

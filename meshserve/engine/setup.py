@@ -153,10 +153,6 @@ def check_device_settings(args: LlmArgs, model_config: ModelConfig) -> None:
         if why is not None:
             raise ValueError(f"moe_config.backend={args.moe_config.backend!r} cannot run here: {why}; accepted here: "
                              f"auto, VANILLA, CUTLASS")
-    if args.quantization == "fp8" and model_config.fp8_block is None and model_config.is_moe:
-        raise ValueError(f"quantization='fp8' on {model_config.architecture}: quantising at load covers linear "
-                         f"layers, and the experts (most of this model's weights) have no FP8 kernels yet; "
-                         f"accepted: an FP8 checkpoint (its experts are dequantised at load) or no quantization")
     ctc = args.cache_transceiver_config
     if ctc is not None and ctc.cuda_ipc is True and device.type != "cuda":
         raise ValueError(f"cache_transceiver_config.cuda_ipc=true: the CUDA IPC path moves GPU caches, and this "

@@ -243,14 +243,17 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
                      PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DIRECT: tl.constexpr = 0,
-                     USE_PDL: tl.constexpr = False):
+                     USE_PDL: tl.constexpr = False, bs_ptr=None, stride_bse=0, stride_bsn=0,
+                     FP8: tl.constexpr = False, BN_Q: tl.constexpr = 128, BK_Q: tl.constexpr = 128):
     """C = A @ B[expert]^T per BLOCK_M rows of the sorted assignments. A rows: the token of each
     assignment (GATHER_A: sorted id // TOPK) or the sorted row itself; C rows: the assignment (SCATTER_C:
     the sorted id, padding rows skipped) or the sorted row. GATED: columns n of B's rows [0, N) (gate)
     and [N, 2N) (up, at up_offset), stored as silu(gate) * up. MUL_WEIGHT: times the routing weight.
     DIRECT (a power of two >= n_valid, or 0): no alignment kernel ran; `sorted_ptr` holds the flat
     expert ids and each program finds its block's rows itself (_assignment_slots, then the
-    assignments whose slot falls in the block: [BLOCK_M, DIRECT] compares); decode sizes only."""
+    assignments whose slot falls in the block: [BLOCK_M, DIRECT] compares); decode sizes only.
+    FP8: B is float8_e4m3fn with one fp32 scale per [BN_Q, BK_Q] block at bs_ptr ([E, rows / BN_Q,
+    K / BK_Q]); BLOCK_K divides BK_Q, so each K tile's product is scaled per output column."""
     pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -285,6 +288,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
         b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FP8:
+            s_rows = bs_ptr + expert.to(tl.int64) * stride_bse + (offs_n // BN_Q) * stride_bsn
+            s_up_rows = bs_ptr + expert.to(tl.int64) * stride_bse + ((offs_n + N) // BN_Q) * stride_bsn
         # K's trip count is a constexpr: the interpreter cannot range() over a runtime bound.
         for i in range(K_ITERS):
             if EVEN_K:
@@ -299,12 +305,21 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_expert_ptr,
             if INTERPRET:  # the interpreter's dot multiplies bf16's raw bits: give it fp32
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if FP8:
+                kb = (i * BLOCK_K) // BK_Q
+                sc = tl.load(s_rows + kb, mask=n_mask, other=0.0)
+                acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * sc[None, :]
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
             if GATED:
                 bu = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
                 if INTERPRET:
                     bu = bu.to(tl.float32)
-                acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+                if FP8:
+                    sc_up = tl.load(s_up_rows + kb, mask=n_mask, other=0.0)
+                    acc_up += tl.dot(a, bu.to(a.dtype), input_precision=PRECISION) * sc_up[None, :]
+                else:
+                    acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         if GATED:
@@ -339,7 +354,9 @@ def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.con
 @triton.jit
 def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im, stride_we, stride_wn, stride_om,
                      TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+                     K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+                     s_ptr=None, stride_se=0, stride_sn=0, FP8: tl.constexpr = False, BN_Q: tl.constexpr = 128,
+                     BK_Q: tl.constexpr = 128):
     """Decode form of the down GEMM and the sum over k at once: out[t, n-block] = sum over k with
     id >= 0 of weight_k * (w2[id_k] rows of the n-block) . inter[t*K+k], in fp32 (inter holds the
     gated rows in assignment order). One program per (token, BLOCK_N output columns); each step
@@ -360,6 +377,8 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
     b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n.to(tl.int64)[None, :, None] * stride_wn
               + offs_k[None, None, :])
     acc = tl.zeros([K_P2, BLOCK_N], dtype=tl.float32)
+    if FP8:  # [K_P2, BLOCK_N] scale rows of each k's expert (BLOCK_K divides BK_Q)
+        s_rows = s_ptr + e[:, None] * stride_se + (offs_n // BN_Q)[None, :] * stride_sn
     for i in range(K_ITERS):
         if EVEN_K:
             a_mask = live[:, None] & (offs_k < BLOCK_K)[None, :]
@@ -367,7 +386,11 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
             a_mask = live[:, None] & (offs_k < I - i * BLOCK_K)[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)  # [K_P2, BLOCK_K]
         b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0).to(tl.float32)
-        acc += tl.sum(b * a[:, None, :], axis=2)
+        if FP8:
+            sc = tl.load(s_rows + (i * BLOCK_K) // BK_Q, mask=live[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.sum(b * a[:, None, :], axis=2) * sc
+        else:
+            acc += tl.sum(b * a[:, None, :], axis=2)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     out = tl.sum(acc * wk[:, None], axis=0)
@@ -395,13 +418,25 @@ def _fit(g: GemmConfig, n: int, k: int) -> GemmConfig:
                    block_k=max(16, min(g.block_k, triton.next_power_of_2(k))))
 
 
+def _fp8_args(scale, block) -> dict:
+    if scale is None:
+        return {}
+    return {"bs_ptr": scale, "stride_bse": scale.stride(0), "stride_bsn": scale.stride(1), "FP8": True,
+            "BN_Q": block[0], "BK_Q": block[1]}
+
+
 def _gemm(a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, up_offset, g: GemmConfig,
-          block_m, gated, gather_a, scatter_c, mul_weight, topk, precision, num_m=None, direct=0):
-    """direct: see _moe_gemm_kernel (then sorted_ids holds the flat ids and num_m is given)."""
+          block_m, gated, gather_a, scatter_c, mul_weight, topk, precision, num_m=None, direct=0,
+          scale=None, block=None):
+    """direct: see _moe_gemm_kernel (then sorted_ids holds the flat ids and num_m is given);
+    scale, block: FP8 weights' block scales [E, rows / bn, K / bk] and (bn, bk)."""
     if num_m is None:
         num_m = block_expert.shape[0]
+    if scale is not None:  # each K tile inside one scale block
+        g = replace(g, block_k=min(g.block_k, block[1]))
     grid = (num_m * triton.cdiv(n_out, g.block_n),)
     extra = {} if _INTERPRET else {"num_warps": g.num_warps, "num_stages": g.num_stages}
+    extra.update(_fp8_args(scale, block))
     _moe_gemm_kernel[grid](
         a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, num_m,
         a.stride(0), b.stride(0), b.stride(1), c.stride(0), up_offset,
@@ -414,38 +449,49 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, n_out, k_in, n_valid, up_o
 DIRECT_MAX = 64  # most assignments of the two-kernel decode path (each GEMM program sorts them all)
 
 
-def _down_sum(inter, w2, weights, ids, out, T, K, H, I, g: GemmConfig) -> None:
+def _down_sum(inter, w2, weights, ids, out, T, K, H, I, g: GemmConfig, scale=None, block=None) -> None:
     bn = min(g.block_n, triton.next_power_of_2(H))
     bk = max(16, min(g.block_k, triton.next_power_of_2(I)))
     extra = {} if _INTERPRET else {"num_warps": g.num_warps}
+    if scale is not None:
+        bk = min(bk, block[1])
+        extra.update(s_ptr=scale, stride_se=scale.stride(0), stride_sn=scale.stride(1), FP8=True,
+                     BN_Q=block[0], BK_Q=block[1])
     _down_sum_kernel[(T, triton.cdiv(H, bn))](
         inter, w2, weights, ids, out, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOPK=K, K_P2=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, K_ITERS=triton.cdiv(I, bk),
         EVEN_K=I % bk == 0, **extra, **kernels.pdl_args())
 
 
-def direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, g: GemmConfig, precision) -> torch.Tensor:
+def direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, g: GemmConfig, precision,
+                   scale=None, block=None) -> torch.Tensor:
     """The gated GEMM of the two-kernel path: [T*K, I] rows in assignment order (rows of -1 ids unset)."""
     n = T * K
     inter = torch.empty(n, I, dtype=hidden.dtype, device=hidden.device)
     num_m = padded_rows(n, E, block_m) // block_m
     _gemm(hidden, w13, inter, weights, ids_flat, ids_flat, I, hidden.shape[1], n, I * w13.stride(1), g, block_m,
           gated=True, gather_a=True, scatter_c=True, mul_weight=False, topk=K, precision=precision, num_m=num_m,
-          direct=max(16, triton.next_power_of_2(n)))
+          direct=max(16, triton.next_power_of_2(n)), scale=scale, block=block)
     return inter
 
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, configs: ConfigArg = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, configs: ConfigArg = None, fp8=None) -> torch.Tensor:
     """hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (same dtype as hidden); topk_weights [T, K]
     (float32); topk_ids [T, K] int32/int64 in [0, E) or -1 (skipped). Returns [T, H] in hidden's
     dtype. `configs`: a MoeKernelConfig, or a function (T, K, E, H, I) -> MoeKernelConfig;
-    None: default_config."""
+    None: default_config. `fp8`: (w13 scales [E, 2I / bn, H / bk], w2 scales [E, H / bn, I / bk],
+    (bn, bk)) when w13 and w2 are float8_e4m3fn block-quantised (I a multiple of bn)."""
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
     K = topk_ids.shape[1]
-    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+    s13 = s2 = block = None
+    if fp8 is not None:
+        s13, s2, block = fp8
+        if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 MoE experts: w13 {w13.dtype}, w2 {w2.dtype}; want float8_e4m3fn")
+    elif w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
         raise ValueError(f"TRITON MoE experts need the weights in the activations' dtype ({hidden.dtype}); "
                          f"got w13 {w13.dtype}, w2 {w2.dtype}")
     out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
@@ -476,17 +522,19 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 
     if cfg.down_sum is not None and n <= DIRECT_MAX:  # decode: two kernels
         ids_flat = topk_ids.view(-1)
-        inter = direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, gate_up, precision)
-        _down_sum(inter, w2, weights, ids_flat, out, T, K, H, I, cfg.down_sum)
+        inter = direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, gate_up, precision, s13, block)
+        _down_sum(inter, w2, weights, ids_flat, out, T, K, H, I, cfg.down_sum, s2, block)
         return out
 
     sorted_ids, block_expert = align_block_size(topk_ids, E, block_m)
     inter = torch.empty(sorted_ids.shape[0], I, dtype=hidden.dtype, device=hidden.device)
     _gemm(hidden, w13, inter, weights, sorted_ids, block_expert, I, H, n, I * w13.stride(1), gate_up,
-          block_m, gated=True, gather_a=True, scatter_c=False, mul_weight=False, topk=K, precision=precision)
+          block_m, gated=True, gather_a=True, scatter_c=False, mul_weight=False, topk=K, precision=precision,
+          scale=s13, block=block)
     per_assignment = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device)
     _gemm(inter, w2, per_assignment, weights, sorted_ids, block_expert, H, I, n, 0, down,
-          block_m, gated=False, gather_a=False, scatter_c=True, mul_weight=True, topk=K, precision=precision)
+          block_m, gated=False, gather_a=False, scatter_c=True, mul_weight=True, topk=K, precision=precision,
+          scale=s2, block=block)
     block_h = min(1024, triton.next_power_of_2(H))
     _sum_k_kernel[(T, triton.cdiv(H, block_h))](per_assignment, topk_ids, out, H, per_assignment.stride(0),
                                                 out.stride(0), TOPK=K, BLOCK_H=block_h, **kernels.pdl_args())

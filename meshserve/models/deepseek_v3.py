@@ -26,8 +26,8 @@ group_limited_greedy (groups ranked by their best score), times `routed_scaling_
 
 Multi-token-prediction layers a checkpoint carries (model.layers.<num_hidden_layers>... ) are
 skipped with one log line. FP8 block-quantised checkpoints (weight_scale_inv, as DeepSeek-V3 ships):
-the attention's linears and the dense / shared MLPs hold FP8 weights; kv_b_proj (read as the latent
-attention's up-projection matrix), the routers and the routed experts are dequantised at load
+the attention's linears, the dense / shared MLPs and the routed experts hold FP8 weights; kv_b_proj
+(read as the latent attention's up-projection matrix) and the router are dequantised at load
 (models/loader.py).
 """
 from __future__ import annotations

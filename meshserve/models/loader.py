@@ -14,6 +14,7 @@ import glob
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -41,13 +42,50 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-def iter_safetensors(path: str, show_progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: str, show_progress: bool = True, wanted=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor; `wanted(name)` False: not read at all."""
     files = safetensors_files(path)
     for file in tqdm(files, desc="Loading safetensors shards", disable=not show_progress or len(files) < 1,
                      unit="file", leave=False):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if wanted is None or wanted(name):
+                    yield name, f.get_tensor(name)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def shard_filter(model: torch.nn.Module):
+    """Which checkpoint tensors this shard reads: not the decoder layers of other pipeline stages,
+    not the per-expert tensors of experts other expert-parallel ranks hold (the seed's DeepSeek-V3
+    layout reads 1/4 of the experts per rank, and each pipeline stage its own layers). Layers past
+    num_hidden_layers (DeepSeek's multi-token prediction) are read, for the model to count and skip."""
+    inner = getattr(model, "model", None)
+    layer_range = getattr(inner, "layer_range", None)
+    cfg = getattr(model, "cfg", None)
+    if layer_range is None or cfg is None:
+        return None
+    blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else {}
+    placements = {i: b.experts.placement for i, b in blocks.items()}
+
+    def wanted(name: str) -> bool:
+        m = _LAYER.search(name)
+        if m is None:
+            return True
+        layer = int(m.group(1))
+        if layer >= cfg.num_hidden_layers:
+            return True
+        if layer not in layer_range:
+            return False
+        e = _EXPERT.search(name)
+        placement = placements.get(layer)
+        if e is None or placement is None:
+            return True
+        expert = int(e.group(1))  # an expert the model does not have: read, for the model's error
+        return expert >= placement.num_experts or placement.owns(expert)
+    return wanted
 
 
 @dataclass
@@ -57,6 +95,17 @@ class Fp8Plan:
     keep: set = field(default_factory=set)  # checkpoint weight names loaded as FP8 (with their scales)
     layers: list = field(default_factory=list)  # our module names of the FP8 layers
     online: bool = False
+    expert_layers: set = field(default_factory=set)  # decoder layers whose experts are FP8
+
+    def keeps(self, name: str) -> bool:
+        """Whether checkpoint weight `name` loads as FP8 (with its scale)."""
+        if name in self.keep:
+            return True
+        m = _EXPERT_WEIGHT.search(name)
+        return m is not None and int(m.group(1)) in self.expert_layers
+
+
+_EXPERT_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\..*experts\.\d+\.(?:gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 
 
 def _fp8_sources(model: torch.nn.Module, module_name: str) -> list[str]:
@@ -82,9 +131,11 @@ def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: 
     linears at load (an FP8 checkpoint is FP8 either way)."""
     from meshserve.kernels.fp8 import online_block
     from meshserve.layers.linear import LinearBase
+    from meshserve.layers.moe.layer import FusedMoE
     if cfg.fp8_block is None and quantization != "fp8":
         return None
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, LinearBase) and m.fp8_ok]
+    experts = [(int(_LAYER.search(name).group(1)), m) for name, m in model.named_modules() if isinstance(m, FusedMoE)]
     if cfg.fp8_block is not None and load_format != "dummy":
         scaled = {n[:-len("_scale_inv")] for n in checkpoint_tensor_names(path) if n.endswith(".weight_scale_inv")}
         plan = Fp8Plan(block=cfg.fp8_block)
@@ -94,8 +145,21 @@ def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: 
                 layer.to_fp8(cfg.fp8_block)
                 plan.keep.update(sources)
                 plan.layers.append(name)
+        scaled_experts = {int(m.group(1)) for m in map(_EXPERT_WEIGHT.search, scaled) if m}
+        for layer_idx, moe in experts:  # per-expert FP8 tensors (the Hub's layout): experts in FP8
+            if layer_idx in scaled_experts:
+                moe.to_fp8(cfg.fp8_block)
+                plan.expert_layers.add(layer_idx)
         return plan
     plan = Fp8Plan(block=cfg.fp8_block, online=cfg.fp8_block is None)
+    for layer_idx, moe in experts:
+        i = moe.i_local
+        block = cfg.fp8_block or online_block([i], [i] if moe.dispatcher_tp_size > 1 else [])
+        if block is None:
+            raise ValueError(f"quantization='fp8': layer {layer_idx}'s experts have an intermediate size of {i} per "
+                             f"rank, which no block of 16 to 128 (a power of two) divides")
+        moe.to_fp8(block)
+        plan.expert_layers.add(layer_idx)
     for name, layer in linears:
         block = cfg.fp8_block or online_block(*layer.fp8_aligned_sizes())
         if block is None:
@@ -138,10 +202,10 @@ def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp
     dequantised = 0
     for name, tensor in weights:
         if name.endswith(".weight_scale_inv"):
-            if name[:-len("_scale_inv")] in plan.keep:
+            if plan.keeps(name[:-len("_scale_inv")]):
                 yield name, tensor
             continue
-        if tensor.dtype == FP8_DTYPE and name not in plan.keep:
+        if tensor.dtype == FP8_DTYPE and not plan.keeps(name):
             scale = scales.get(name + "_scale_inv")
             if scale is None or tensor.dim() != 2 \
                     or tuple(scale.shape) != scale_shape(*tensor.shape, plan.block):
@@ -152,9 +216,9 @@ def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp
             dequantised += 1
         yield name, tensor
     if dequantised:
-        logger.info("FP8 checkpoint: %d FP8 tensors outside FP8 linears (experts, latent attention's kv_b_proj) "
-                    "dequantised to %s; %d linear layers hold FP8 weights", dequantised, str(dtype).split(".")[-1],
-                    len(plan.layers))
+        logger.info("FP8 checkpoint: %d FP8 tensors outside FP8 layers (latent attention's kv_b_proj, routers, "
+                    "fused-layout experts) dequantised to %s; %d linear layers and the experts of %d layers hold FP8 "
+                    "weights", dequantised, str(dtype).split(".")[-1], len(plan.layers), len(plan.expert_layers))
 
 
 def _no_fp8_tensors(weights, path: str):
@@ -187,7 +251,7 @@ def load_weights(model: torch.nn.Module, path: str, load_format: str = "auto", s
     if load_format == "dummy":
         _init_dummy(model, seed)
         return
-    weights = iter_safetensors(path, show_progress)
+    weights = iter_safetensors(path, show_progress, shard_filter(model))
     if fp8 is not None and fp8.block is not None:
         device = next(model.parameters()).device
         weights = fp8_weights(weights, path, fp8, model.dtype, device)
@@ -222,7 +286,9 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
         p.normal_(0.0, 0.02, generator=gen(p.device))
     for m in model.modules():
         block = getattr(m, "fp8_block", None)
-        if block is not None:
+        if block is not None and hasattr(m, "fp8_random_"):
+            m.fp8_random_(gen(m.w13.device))
+        elif block is not None:
             w = torch.empty(m.weight.shape, dtype=torch.float32, device=m.weight.device)
             q, scale = quantize(w.normal_(0.0, 0.02, generator=gen(w.device)), block)
             m.weight.data.copy_(q)

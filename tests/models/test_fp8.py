@@ -24,8 +24,8 @@ KV = {"tokens_per_block": 4, "max_tokens": 2048}
 
 
 def _quantize(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
-    bn, bk = block
     n, k = w.shape
+    bn, bk = min(block[0], n), min(block[1], k)  # one block covers a smaller dimension
     assert n % bn == 0 and k % bk == 0, (n, k, block)  # transformers needs whole blocks
     blocks = w.double().reshape(n // bn, bn, k // bk, bk)
     scale = blocks.abs().amax(dim=(1, 3)) / 448.0
@@ -33,7 +33,7 @@ def _quantize(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float()
 
 
-QUANTISED = re.compile(r"(_proj|\.w[123])\.weight$")
+QUANTISED = re.compile(r"(_proj|_proj_with_mqa|\.w[123])\.weight$")
 
 
 def write_fp8_checkpoint(src: str, dst: str, block=(16, 16), per_expert: bool = True) -> None:
@@ -145,6 +145,43 @@ def test_kernels_match_float64(m, n, k, block, bias):
     assert (y.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max())
 
 
+@pytest.mark.parametrize("T,E,H,I,K,block", [(1, 8, 64, 32, 2, (16, 16)), (3, 8, 128, 64, 2, (32, 64)),
+                                               (40, 4, 64, 96, 2, (32, 32)), (70, 8, 64, 32, 4, (16, 16))])
+def test_fp8_expert_kernels_match_float64(T, E, H, I, K, block):
+    """The fused MoE kernels with FP8 weights (the decode path up to 64 assignments, the aligned
+    grouped GEMMs above) and VANILLA, against a float64 loop over the experts; one assignment of
+    another rank (-1)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels need a GPU or TRITON_INTERPRET=1")
+    from meshserve.kernels.moe import fused_experts
+    from meshserve.layers.moe.experts import VanillaExperts
+    g = torch.Generator().manual_seed(T * 100 + I)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) * 0.1, torch.randn(E, H, I, generator=g) * 0.1
+    q13, s13 = zip(*(_quantize(w, block) for w in w13))
+    q2, s2 = zip(*(_quantize(w, block) for w in w2))
+    q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
+    x = torch.randn(T, H, generator=g)
+    weights, ids = torch.topk(torch.randn(T, E, generator=g).softmax(-1), K)
+    ids = ids.int()
+    ids[0, 0] = -1
+
+    def deq(q, s):
+        return q.double() * s.double().repeat_interleave(block[0], 0)[:q.shape[0]].repeat_interleave(block[1], 1)
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            gu = deq(q13[e], s13[e]) @ x[t].double()
+            h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+            ref[t] += weights[t, k].double() * (deq(q2[e], s2[e]) @ h)
+    for got in (fused_experts(x, q13, q2, weights, ids, fp8=(s13, s2, block)),
+                VanillaExperts("cpu", torch.float32).apply(x, q13, q2, weights, ids, fp8=(s13, s2, block))):
+        assert (got.double() - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max())
+
+
 def test_quantize_blocks():
     from meshserve.kernels.fp8 import FP8_DTYPE, dequantize, quantize
     g = torch.Generator().manual_seed(0)
@@ -195,19 +232,31 @@ def test_online_fp8_matches_transformers_on_the_same_quantisation(tmp_path, prom
     assert_parity(ours(src, prompts, quantization="fp8"), want, hf_logprobs(src, prompts))
 
 
-def test_fp8_qwen3_moe_checkpoint_matches_transformers(tmp_path, prompts):
-    """Experts in the Hub's per-expert FP8 layout (dequantised at load); attention and the dense
-    layers FP8."""
+@pytest.mark.parametrize("backend", ["VANILLA", "TRITON"])
+def test_fp8_qwen3_moe_checkpoint_matches_transformers(tmp_path, prompts, backend):
+    """Experts in the Hub's per-expert FP8 layout, held in FP8 (TRITON: the fused kernels with block
+    scales, under the interpreter here); attention FP8; the router full precision."""
     src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
     build_checkpoint(src, "qwen3_moe")
     write_fp8_checkpoint(src, dst)
     want = hf_logprobs(dst, prompts)
-    assert_parity(ours(dst, prompts), want, hf_logprobs(src, prompts))
+    assert_parity(ours(dst, prompts, moe_config={"backend": backend}), want, hf_logprobs(src, prompts))
+
+
+def test_online_fp8_moe_matches_transformers_on_the_same_quantisation(tmp_path, prompts):
+    """quantization="fp8" on a full-precision Qwen3-MoE checkpoint: experts and attention quantised at
+    load, each tensor in blocks of 128 (every size here a multiple of 128)."""
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3_moe", hidden_size=128, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                     moe_intermediate_size=128)
+    write_fp8_checkpoint(src, dst, block=(128, 128))
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(src, prompts, quantization="fp8"), want, hf_logprobs(src, prompts))
 
 
 def test_fp8_deepseek_v3_checkpoint_matches_transformers(tmp_path, prompts):
     """DeepSeek-V3 as the Hub ships it: FP8 attention projections (kv_b_proj dequantised for the
-    latent attention), FP8 experts and shared experts, fp32 router."""
+    latent attention), FP8 routed and shared experts, fp32 router."""
     src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
     build_deepseek(src, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
     write_fp8_checkpoint(src, dst)
@@ -255,8 +304,8 @@ def test_bad_quantization_values_are_refused(tmp_path):
     build_checkpoint(path, "qwen3_moe")
     with pytest.raises(ValueError, match="quantization='int4' is not supported; accepted: fp8"):
         LLM(path, quantization="int4", kv_cache_config=KV, show_progress=False)
-    with pytest.raises(ValueError, match="experts .* have no FP8 kernels yet"):
-        LLM(path, quantization="fp8", kv_cache_config=KV, show_progress=False)
+    with pytest.raises(ValueError, match="backend='CUTLASS' has no FP8 experts"):
+        LLM(path, quantization="fp8", moe_config={"backend": "CUTLASS"}, kv_cache_config=KV, show_progress=False)
 
 
 def test_shards_off_the_block_grid_are_refused(tmp_path):
@@ -267,3 +316,27 @@ def test_shards_off_the_block_grid_are_refused(tmp_path):
     with pytest.raises(Exception, match="does not start on a block of 32"):
         LLM(dst, tensor_parallel_size=2, kv_cache_config=KV, show_progress=False)
 
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_which_layers_hold_fp8(tmp_path, online):
+    """FP8 checkpoint and quantization="fp8": attention and experts FP8, routers full precision
+    (for DeepSeek-V3 also kv_b_proj, read as a matrix by the latent attention)."""
+    from meshserve.models.config import ModelConfig
+    from meshserve.models.loader import build_model, load_weights, plan_fp8
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_deepseek(src, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+    write_fp8_checkpoint(src, dst)
+    path = src if online else dst
+    cfg = ModelConfig.from_pretrained(path)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    plan = plan_fp8(model, cfg, path, "fp8" if online else None)
+    load_weights(model, path, show_progress=False, fp8=plan)
+    attn, moe = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    fp8 = torch.float8_e4m3fn
+    assert attn.q_b_proj.weight.dtype == fp8 and attn.o_proj.weight.dtype == fp8
+    assert attn.kv_a_proj_with_mqa.weight.dtype == fp8
+    assert attn.kv_b_proj.weight.dtype == torch.float32 and moe.gate.weight.dtype == torch.float32
+    assert moe.experts.w13.dtype == fp8 and moe.experts.w2.dtype == fp8
+    assert moe.shared_experts.gate_up_proj.weight.dtype == fp8
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == fp8  # the dense first layer

@@ -51,3 +51,28 @@ def test_window_counts_ratios_and_padding_rows():
         assert abs(rep["ratio_mean"] - rmean) < 1e-12 and abs(rep["ratio_max"] - rmax) < 1e-12
         assert abs(rep["experts_hit_mean"] - hit) < 1e-12
     assert load.flush() == []  # nothing left
+
+
+def test_shard_filter_reads_only_this_shards_layers_and_experts():
+    """A pipeline stage reads its own layers; an expert-parallel rank its own experts' tensors (the
+    fused transformers-5 expert tensors, other tensors and multi-token-prediction layers always)."""
+    from types import SimpleNamespace
+
+    from meshserve.layers.moe.dispatch import ExpertPlacement
+    from meshserve.models.loader import shard_filter
+    blocks = {i: SimpleNamespace(experts=SimpleNamespace(placement=ExpertPlacement(8, 4, 1))) for i in (2, 3)}
+    model = SimpleNamespace(model=SimpleNamespace(layer_range=range(2, 4)), cfg=SimpleNamespace(num_hidden_layers=4),
+                            moe_blocks=lambda: blocks)
+    wanted = shard_filter(model)
+    assert wanted("model.embed_tokens.weight") and wanted("lm_head.weight") and wanted("model.norm.weight")
+    assert not wanted("model.layers.1.self_attn.q_proj.weight")  # another stage's layer
+    assert wanted("model.layers.2.self_attn.q_proj.weight")
+    assert wanted("model.layers.4.mlp.experts.0.gate_proj.weight")  # MTP layer: the model counts and skips it
+    owned = [e for e in range(8) if wanted(f"model.layers.3.mlp.experts.{e}.up_proj.weight")]
+    assert owned == [2, 3]
+    assert wanted("model.layers.3.block_sparse_moe.experts.3.w1.weight")
+    assert not wanted("model.layers.3.block_sparse_moe.experts.5.w1.weight")
+    assert not wanted("model.layers.2.mlp.experts.0.down_proj.weight_scale_inv")
+    assert wanted("model.layers.2.mlp.experts.gate_up_proj")  # fused: every expert in one tensor
+    assert wanted("model.layers.2.mlp.experts.9.gate_proj.weight")  # no such expert: the model says so
+    assert wanted("model.layers.2.mlp.shared_expert.gate_proj.weight")

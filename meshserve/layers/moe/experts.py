@@ -15,6 +15,10 @@ Layouts (HF Linear, out x in): hidden [T, H]; w13 [E_local, 2*I, H] (rows :I gat
 w2 [E_local, H, I]; topk_weights [T, K] float32; topk_ids [T, K] int32/int64 local expert indices,
 -1 for an assignment that belongs to another rank (skipped). `apply` returns [T, H] in hidden's
 dtype; a row with no local assignment is 0. See docs/moe.md.
+
+FP8 experts (`fp8=(w13_scale, w2_scale, (bn, bk))`, w13 / w2 float8_e4m3fn with one fp32 scale per
+block, kernels/fp8.py's format per expert): TRITON applies the scales in its kernels, VANILLA
+dequantises one expert at a time; CUTLASS refuses them.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class Experts:
         self.dtype = dtype
 
     def apply(self, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, fp8=None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -64,18 +68,25 @@ class VanillaExperts(Experts):
     """Per-expert torch loop, fp32 throughout (weights upcast one expert at a time)."""
     name = "VANILLA"
 
-    def apply(self, hidden, w13, w2, topk_weights, topk_ids):
+    def apply(self, hidden, w13, w2, topk_weights, topk_ids, fp8=None):
         T, H, I, E, _ = check_shapes(hidden, w13, w2, topk_weights, topk_ids)
         out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
         ids = topk_ids.long()
         x = hidden.float()
+        if fp8 is not None:
+            from meshserve.kernels.fp8 import dequantize
+            s13, s2, block = fp8
         for e in range(E):
             tok, kk = torch.nonzero(ids == e, as_tuple=True)
             if tok.numel() == 0:
                 continue
-            gu = x[tok] @ w13[e].float().t()
+            if fp8 is None:
+                a, b = w13[e].float(), w2[e].float()
+            else:
+                a, b = dequantize(w13[e], s13[e], block), dequantize(w2[e], s2[e], block)
+            gu = x[tok] @ a.t()
             h = F.silu(gu[:, :I]) * gu[:, I:]
-            y = (h @ w2[e].float().t()) * topk_weights[tok, kk].float()[:, None]
+            y = (h @ b.t()) * topk_weights[tok, kk].float()[:, None]
             out.index_add_(0, tok, y)
         return out.to(hidden.dtype)
 
@@ -156,10 +167,10 @@ class TritonExperts(Experts):
         super().__init__(device, dtype)
         self.configs = configs  # None: kernels/moe.py's table
 
-    def apply(self, hidden, w13, w2, topk_weights, topk_ids):
+    def apply(self, hidden, w13, w2, topk_weights, topk_ids, fp8=None):
         check_shapes(hidden, w13, w2, topk_weights, topk_ids)
         from meshserve.kernels.moe import fused_experts
-        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, configs=self.configs)
+        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, configs=self.configs, fp8=fp8)
 
 
 class CutlassExperts(Experts):
@@ -178,8 +189,11 @@ class CutlassExperts(Experts):
     fallback, which syncs (offs.cpu()) and cannot be captured, so create_experts refuses those."""
     name = "CUTLASS"
 
-    def apply(self, hidden, w13, w2, topk_weights, topk_ids):
+    def apply(self, hidden, w13, w2, topk_weights, topk_ids, fp8=None):
         T, H, I, E, K = check_shapes(hidden, w13, w2, topk_weights, topk_ids)
+        if fp8 is not None:
+            raise ValueError("moe_config.backend='CUTLASS' has no FP8 experts (torch._grouped_mm takes bf16 "
+                             "weights); accepted with FP8 experts: auto, TRITON, VANILLA")
         align = 16 // hidden.element_size()
         if H % align or I % align:
             raise ValueError(f"moe_config.backend='CUTLASS' (torch._grouped_mm) needs hidden size {H} and "

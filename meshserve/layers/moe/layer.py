@@ -5,6 +5,11 @@ Parameters, sharded by Mapping's MoE rule (see dispatch.py): `w13` [E_local, 2 *
 `e_score_correction_bias` [E] (fp32). `load_weight` takes either checkpoint layout: the Hub's
 per-expert tensors (`experts.3.gate_proj.weight`, Mixtral's `experts.3.w1.weight`...) and
 transformers 5's fused ones (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+
+FP8 (`to_fp8(block)`, before loading): w13 / w2 in float8_e4m3fn with `w13_scale_inv` [E_local,
+2I_local / bn, H / bk] and `w2_scale_inv` [E_local, H / bn, I_local / bk]; per-expert FP8 checkpoint
+tensors and their `weight_scale_inv` load as they are (scales sliced in whole blocks), full-precision
+ones are quantised per checkpoint tensor as they arrive (quantization="fp8").
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from meshserve.layers.moe.router import RouterConfig, select_experts
 
 # checkpoint piece names -> which part of w13 / w2 they fill
 _PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-_PER_EXPERT = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_PER_EXPERT = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(weight|weight_scale_inv)$")
 
 
 class FusedMoE(nn.Module):
@@ -41,6 +46,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"the experts' intermediate size {intermediate_size} does not split over "
                              f"moe_tensor_parallel_size={tp.size}: it must divide it")
         self.tp_rank, self.i_local = tp.rank_in_group, intermediate_size // tp.size
+        self.dispatcher_tp_size = tp.size
         e_local = self.placement.num_local
         self.w13 = nn.Parameter(torch.empty(e_local, 2 * self.i_local, hidden_size, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e_local, hidden_size, self.i_local, dtype=dtype), requires_grad=False)
@@ -57,13 +63,48 @@ class FusedMoE(nn.Module):
         self.dp = getattr(parallel, "dp_tokens", None)
         self.load = load
         self._loaded: set[tuple[int, str]] = set()
+        self._scaled: set[tuple[int, str]] = set()
+        self.fp8_block: Optional[tuple[int, int]] = None
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Hold the experts' weights in FP8 blocks of `block` (before loading)."""
+        from meshserve.kernels.fp8 import FP8_DTYPE, scale_shape
+        bn, bk = block
+        i, h, tp = self.i_local, self.hidden_size, self.dispatcher_tp_size
+        if i % bn or (tp > 1 and i % bk):
+            raise ValueError(f"FP8 experts in blocks of {list(block)}: this rank's intermediate size {i} "
+                             f"(moe_intermediate_size {self.intermediate_size} over moe_tensor_parallel_size={tp}) "
+                             f"must be whole blocks; accepted: a moe_tensor_parallel_size that leaves multiples "
+                             f"of {bn}")
+        if self.experts.name == "CUTLASS":
+            raise ValueError("moe_config.backend='CUTLASS' has no FP8 experts (torch._grouped_mm takes bf16 weights); "
+                             "accepted with FP8 experts: auto, TRITON, VANILLA")
+        e, device = self.placement.num_local, self.w13.device
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        self.w13_scale_inv = nn.Parameter(torch.ones(e, *scale_shape(2 * i, h, block), device=device),
+                                          requires_grad=False)
+        self.w2_scale_inv = nn.Parameter(torch.ones(e, *scale_shape(h, i, block), device=device), requires_grad=False)
+        self.fp8_block = block
+
+    @torch.no_grad()
+    def fp8_random_(self, gen: torch.Generator) -> None:
+        """Random FP8 weights (load_format dummy), each expert quantised on its grid."""
+        from meshserve.kernels.fp8 import quantize
+        for w, s in ((self.w13, self.w13_scale_inv), (self.w2, self.w2_scale_inv)):
+            for e in range(w.shape[0]):
+                full = torch.empty(w.shape[1:], dtype=torch.float32, device=w.device).normal_(0.0, 0.02, generator=gen)
+                q, scale = quantize(full, self.fp8_block)
+                w.data[e].copy_(q)
+                s.data[e].copy_(scale)
 
     @property
     def backend_name(self) -> str:
         return self.experts.name
 
     def _run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.experts.apply(x, self.w13, self.w2, weights, ids)
+        fp8 = None if self.fp8_block is None else (self.w13_scale_inv, self.w2_scale_inv, self.fp8_block)
+        return self.experts.apply(x, self.w13, self.w2, weights, ids, fp8=fp8)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         dp = self.dp if self.dp is not None and self.dp.active else None
@@ -95,7 +136,12 @@ class FusedMoE(nn.Module):
             if expert >= self.num_experts:
                 raise ValueError(f"checkpoint tensor {name!r} names expert {expert}, the model has {self.num_experts}")
             if self.placement.owns(expert):
-                self._load_part(expert - self.placement.first, part, tensor)
+                if m.group(3) == "weight":
+                    self._load_part(expert - self.placement.first, part, tensor)
+                elif self.fp8_block is not None:
+                    self._load_scale(expert - self.placement.first, part, tensor)
+                else:
+                    raise ValueError(f"checkpoint tensor {name!r}: a block scale for experts that are not FP8")
             return True
         if name.endswith("experts.gate_up_proj"):
             self._check_fused(name, tensor, (self.num_experts, 2 * self.intermediate_size, self.hidden_size))
@@ -121,6 +167,10 @@ class FusedMoE(nn.Module):
 
     def _load_part(self, local: int, part: str, full: torch.Tensor) -> None:
         i, r = self.i_local, self.tp_rank
+        if self.fp8_block is not None and full.dtype != self.w13.dtype:  # quantised on its own grid
+            from meshserve.kernels.fp8 import quantize
+            full, scale = quantize(full.to(self.w13.device), self.fp8_block)
+            self._load_scale(local, part, scale)
         if part == "down":
             self.w2.data[local].copy_(full.narrow(1, r * i, i))
         else:
@@ -128,6 +178,18 @@ class FusedMoE(nn.Module):
             self.w13.data[local].narrow(0, offset, i).copy_(full.narrow(0, r * i, i))
         self._loaded.add((local, part))
 
+    def _load_scale(self, local: int, part: str, full: torch.Tensor) -> None:
+        from meshserve.layers.linear import _narrow
+        i, r, block = self.i_local, self.tp_rank, self.fp8_block
+        full = full.to(torch.float32)
+        if part == "down":
+            self.w2_scale_inv.data[local].copy_(_narrow(full, 1, r * i, i, block))
+        else:
+            dst = _narrow(self.w13_scale_inv.data[local], 0, 0 if part == "gate" else i, i, block)
+            dst.copy_(_narrow(full, 0, r * i, i, block))
+        self._scaled.add((local, part))
+
     def fully_loaded(self) -> bool:
-        """Whether every local expert got its gate, up and down weights."""
-        return len(self._loaded) == 3 * self.placement.num_local
+        """Whether every local expert got its gate, up and down weights (and FP8 scales)."""
+        n = 3 * self.placement.num_local
+        return len(self._loaded) == n and (self.fp8_block is None or len(self._scaled) == n)
