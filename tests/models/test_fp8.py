@@ -243,6 +243,17 @@ def test_fp8_qwen3_moe_checkpoint_matches_transformers(tmp_path, prompts, backen
     assert_parity(ours(dst, prompts, moe_config={"backend": backend}), want, hf_logprobs(src, prompts))
 
 
+def test_fp8_moe_checkpoint_tp4_ep2_matches_transformers(tmp_path, prompts):
+    """4 CPU ranks: attention over tp 4 (k/v heads replicated), experts placed over ep 2 and split
+    over moe_tp 2 (each rank's gate / up / down slice and its block scales)."""
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3_moe")
+    write_fp8_checkpoint(src, dst)
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(dst, prompts, tensor_parallel_size=4, moe_expert_parallel_size=2), want,
+                  hf_logprobs(src, prompts))
+
+
 def test_online_fp8_moe_matches_transformers_on_the_same_quantisation(tmp_path, prompts):
     """quantization="fp8" on a full-precision Qwen3-MoE checkpoint: experts and attention quantised at
     load, each tensor in blocks of 128 (every size here a multiple of 128)."""
