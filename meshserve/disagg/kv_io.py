@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from meshserve.kernels.fp8 import storage_view  # FP8 caches copy as bytes (no CPU index_copy_ for FP8)
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16" (RankLayout.dtype)."""
@@ -152,10 +154,10 @@ def scatter(cache: torch.Tensor, buf: torch.Tensor, block_ids: Sequence[int], bl
     src = buf.to(cache.device, non_blocking=non_blocking)
     idx = idx.to(cache.device, non_blocking=non_blocking)
     if kind == "latent":
-        flat.index_copy_(0, idx, src)
+        storage_view(flat).index_copy_(0, idx, storage_view(src))
     else:
         h0, h1 = _check_heads(cache, heads)
-        flat[:, :, h0:h1].index_copy_(1, idx, src)
+        storage_view(flat[:, :, h0:h1]).index_copy_(1, idx, storage_view(src))
 
 
 def copy_slots(src: torch.Tensor, src_idx: torch.Tensor, src_heads: Optional[tuple[int, int]], dst: torch.Tensor,
@@ -186,10 +188,10 @@ def copy_slots(src: torch.Tensor, src_idx: torch.Tensor, src_heads: Optional[tup
         return (1 if latent else 2) * n * row * src.element_size()
     if latent:
         part = sf.index_select(0, src_idx)
-        df.index_copy_(0, dst_idx, part)
+        storage_view(df).index_copy_(0, dst_idx, storage_view(part))
     else:
         part = sf[:, :, h0:h1].index_select(1, src_idx)
-        df[:, :, g0:g1].index_copy_(1, dst_idx, part)
+        storage_view(df[:, :, g0:g1]).index_copy_(1, dst_idx, storage_view(part))
     return part.numel() * part.element_size()
 
 

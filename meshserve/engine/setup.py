@@ -153,6 +153,9 @@ def check_device_settings(args: LlmArgs, model_config: ModelConfig) -> None:
         if why is not None:
             raise ValueError(f"moe_config.backend={args.moe_config.backend!r} cannot run here: {why}; accepted here: "
                              f"auto, VANILLA, CUTLASS")
+    if args.kv_cache_config.dtype == "fp8" and model_config.kv_lora_rank is not None:
+        raise ValueError(f"kv_cache_config.dtype='fp8' on {model_config.architecture}: the latent attention's "
+                         f"cache and kernels have no FP8 path yet; accepted for this model: auto")
     ctc = args.cache_transceiver_config
     if ctc is not None and ctc.cuda_ipc is True and device.type != "cuda":
         raise ValueError(f"cache_transceiver_config.cuda_ipc=true: the CUDA IPC path moves GPU caches, and this "

@@ -26,6 +26,12 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 
 
+def storage_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` as bytes when it is FP8 (torch's CPU index_copy_ has no FP8 kernel; bytes copy the same),
+    else `t` itself."""
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
 def scale_shape(n: int, k: int, block: tuple[int, int]) -> tuple[int, int]:
     return -(-n // block[0]), -(-k // block[1])
 

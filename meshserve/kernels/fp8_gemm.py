@@ -10,6 +10,23 @@ from meshserve.kernels.pdl import pdl_enter
 
 
 @triton.jit
+def to_cache(x, cache_ptr):
+    """x in the KV cache's element type. Into an FP8 cache (kv_cache_config.dtype fp8, scale 1):
+    saturated at +-448 and rounded to the nearest e4m3 value (ties to even) in fp32 arithmetic, so
+    the final conversion is exact; this is torch's cast, and it does not depend on how a backend
+    converts (Triton's interpreter truncates where a mantissa rounds over into the exponent)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        xf = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        bits = xf.to(tl.int32, bitcast=True)
+        e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormals: the smallest normal's step, 2^-9
+        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+        r = ((tl.abs(xf) / step + 12582912.0) - 12582912.0) * step  # magnitude, half to even (1.5 * 2^23)
+        signed = (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+        return signed.to(cache_ptr.dtype.element_ty)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                      HAS_BIAS: tl.constexpr, BN_Q: tl.constexpr, BK_Q: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

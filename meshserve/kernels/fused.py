@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from meshserve import kernels
+from meshserve.kernels.fp8_gemm import to_cache
 from meshserve.kernels.pdl import pdl_enter
 
 
@@ -128,7 +129,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     slot = tl.load(slot_ptr + t).to(tl.int64)
     dst = cache_ptr + slot * (NUM_K * D) + hk * D + d
     v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + d, mask=row_m, other=0.0)
-    tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=row_m)
+    tl.store(dst + stride_cache_kv, to_cache(v, cache_ptr), mask=row_m)
     k_row = k_ptr + t * stride_kt + hk * stride_kh
     x = tl.load(k_row + d, mask=row_m, other=0.0)
     first = d < HALF
@@ -149,7 +150,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     # first half: a*cos - b*sin with a = x, b = partner; second: b*cos + a*sin with b = x, a = partner
     y = tl.where(first, xf * kc - partner * ks, xf * kc + partner * ks).to(x.dtype)
     y = tl.where(rot, y, x)
-    tl.store(dst, y.to(cache_ptr.dtype.element_ty), mask=row_m)
+    tl.store(dst, to_cache(y, cache_ptr), mask=row_m)
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

@@ -25,6 +25,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from meshserve import kernels
+from meshserve.kernels.fp8_gemm import to_cache
 from meshserve.kernels.pdl import pdl_enter
 from meshserve.kernels.settings import H200, KernelSettings
 
@@ -40,8 +41,8 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, st
     k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
     dst = cache_ptr + slot * ROW + offs
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, to_cache(k, cache_ptr), mask=mask)
+    tl.store(dst + stride_cache_kv, to_cache(v, cache_ptr), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -75,6 +76,7 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
         k = tl.load(k_base + tok_off[:, None] + d[None, :])
     else:
         k = tl.load(k_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = k.to(q.dtype)  # an FP8 cache (kv_cache_config.dtype fp8): upcast in registers
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK:
         allowed = pos_valid[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -90,6 +92,7 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
         v = tl.load(v_base + tok_off[:, None] + d[None, :])
     else:
         v = tl.load(v_base + tok_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 

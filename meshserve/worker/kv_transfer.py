@@ -48,7 +48,7 @@ def rank_layout(runner, model_id_: str) -> RankLayout:
     cfg = runner.model_config
     layers = tuple(runner.layer_ids)
     groups = tuple(g for g, _ in runner.kv_slots)
-    dtype = str(runner.cfg.dtype).removeprefix("torch.")
+    dtype = str(runner.kv_dtype).removeprefix("torch.")  # the cache's (float8_e4m3fn with kv_cache_config.dtype fp8)
     a = runner.attn_layers[0] if runner.attn_layers else None
     split = runner.cp_split  # context parallelism RING: this rank holds its sub-block of every block
     cp = (split.rank, split.size) if split is not None and split.ring else (0, 1)

@@ -42,6 +42,7 @@ class RunnerConfig:
     max_num_tokens: int
     load_format: str = "auto"
     quantization: Optional[str] = None  # "fp8": linears quantised at load (models/loader.py plan_fp8)
+    kv_cache_dtype: str = "auto"  # kv_cache_config.dtype: "auto" (the model's dtype) or "fp8"
     seed: int = 0
     show_progress: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
@@ -202,6 +203,8 @@ class ModelRunner:
         # rank would give two requests sampled in the same step on two ranks the same draws)
         self.sampler = Sampler(self.device, cfg.seed + 7919 * self.dp_rank)
         self.kv_caches: list[torch.Tensor] = []
+        # kv_cache_config.dtype fp8: K/V stored as float8_e4m3fn (scale 1), upcast where attention reads them
+        self.kv_dtype = torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else cfg.dtype
         self.kv_transfer = None  # worker/kv_transfer.py RankTransfer, with cfg.kv_transfer, once the cache exists
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
 
@@ -209,7 +212,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """Bytes of one block id on this rank: a block of every cache slot its layers use, sized by
         the slot's spec (a latent layer's token is kv_lora_rank + rope dims, not 2 x heads x dim)."""
-        size = torch.empty((), dtype=self.cfg.dtype).element_size()
+        size = torch.empty((), dtype=self.kv_dtype).element_size()
         per_slot = {slot: self.kv_groups[g].spec.bytes_per_token(size) for g, slot in self.kv_slots}
         return self.kv_block_size * sum(per_slot.values())
 
@@ -280,7 +283,7 @@ class ModelRunner:
         for attn, (group, slot) in zip(self.attn_layers, self.kv_slots):
             if slot not in by_slot:
                 shape = self.kv_groups[group].spec.cache_shape(num_blocks, self.kv_block_size)
-                by_slot[slot] = torch.zeros(shape, dtype=self.cfg.dtype, device=self.device)
+                by_slot[slot] = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             attn.kv_cache = by_slot[slot]
         self.kv_caches = list(by_slot.values())
 

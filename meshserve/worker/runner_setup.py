@@ -47,7 +47,7 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         dtype=model_config.torch_dtype(args.dtype, device),
                         block_size=args.kv_cache_config.tokens_per_block, max_num_tokens=args.max_num_tokens,
                         load_format="dummy" if args.load_format == "dummy" else "auto", seed=args.seed,
-                        quantization=args.quantization,
+                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_config.dtype,
                         show_progress=args.show_progress, attention_backend=args.attention_backend,
                         kernel_config=args.kernel_config.model_dump(),
                         cuda_graph_batch_sizes=graph_sizes, cuda_graph_prefill_sizes=prefill_sizes,

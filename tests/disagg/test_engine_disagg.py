@@ -445,7 +445,7 @@ def in_process_engine(path: str, block: int, **kw):
     from meshserve.engine.setup import create_engine_core
 
     args = LlmArgs(model=path, device="cpu", show_progress=False, max_num_tokens=kw.pop("max_num_tokens", 64),
-                   kv_cache_config={"max_tokens": 1024, "tokens_per_block": block},
+                   kv_cache_config={"max_tokens": 1024, "tokens_per_block": block, "dtype": kw.pop("kv_dtype", "auto")},
                    cache_transceiver_config={"backend": "DEFAULT", "kv_transfer_timeout_ms": 5000}, **kw)
     return create_engine_core(args, path)
 
@@ -478,6 +478,7 @@ ARCHS = {
                                                            max_window_layers=2, num_hidden_layers=4),
                                  ctx=dict(block=4), gen=dict(block=8)),
     "deepseek-v3-latent": dict(arch="deepseek_v3", ctx=dict(block=16), gen=dict(block=8)),
+    "qwen3-fp8-kv-cache": dict(arch="qwen3", ctx=dict(block=4, kv_dtype="fp8"), gen=dict(block=8, kv_dtype="fp8")),
 }
 
 

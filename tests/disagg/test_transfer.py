@@ -184,6 +184,12 @@ def test_bfloat16(cluster):
     _pull_all(c)
 
 
+def test_float8_caches(cluster):
+    """FP8 KV caches (kv_cache_config.dtype fp8) move as their bytes, reblocked."""
+    c = cluster([_layout((0, 1), dtype="float8_e4m3fn")], [_layout((0, 1), dtype="float8_e4m3fn", block_size=8)], 29)
+    _pull_all(c)
+
+
 def test_concurrent_pulls_from_one_source(cluster):
     c = cluster([_layout((0, 1, 2, 3))], [_layout((0, 1, 2, 3), (0, 2)), _layout((0, 1, 2, 3), (2, 4))] * 2, 64,
                 max_tokens=16)

@@ -1,8 +1,8 @@
 """The FP8 block-scaled linear kernels (kernels/fp8_gemm.py) on the GPU in bf16 against a float64
 product of the dequantised weights: the decode GEMV and the GEMM at the Llama-3.1-8B and
 Qwen3-30B-A3B projection shapes, partial blocks, bias, capture in a CUDA graph, and the engine with
-quantization="fp8" against its own bf16 run on the same checkpoint (greedy ids mostly equal, the
-FP8 model's log-probs close). CPU coverage (fp32, the interpreter): tests/models/test_fp8.py."""
+quantization="fp8" and the FP8 KV cache against its own bf16 run on the same checkpoint (first
+greedy ids mostly equal), the FP8 KV write bit for bit. CPU coverage (fp32, the interpreter): tests/models/test_fp8.py."""
 import pytest
 import torch
 
@@ -74,6 +74,21 @@ def test_fp8_experts_bf16_qwen3_30b_shape(T):
         assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+def test_fp8_kv_write_and_attention_on_the_gpu():
+    """The KV write into an FP8 cache equals torch's cast bit for bit; attention over it (bf16 queries)
+    equals the torch backend reading the same cache."""
+    from meshserve.kernels.paged_attention import store_kv
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(256, 8, 128, device="cuda", generator=g) * 4
+    v = torch.randn(256, 8, 128, device="cuda", generator=g)
+    cache = torch.zeros(2, 64, 16, 8, 128, dtype=torch.float8_e4m3fn, device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda", generator=g)[:256]
+    store_kv(k.bfloat16(), v.bfloat16(), cache, slots)
+    for i, src in enumerate((k, v)):
+        want = src.bfloat16().to(torch.float8_e4m3fn).view(torch.uint8)
+        assert torch.equal(cache[i].view(-1, 8, 128)[slots].view(torch.uint8), want)
+
+
 def test_engine_fp8_close_to_bf16(tmp_path):
     import sys
     sys.path.insert(0, "tests")
@@ -84,8 +99,10 @@ def test_engine_fp8_close_to_bf16(tmp_path):
     prompts = make_prompts(6, 320, 40)
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
     runs = {}
-    for q in (None, "fp8"):
-        with LLM(str(tmp_path), quantization=q, dtype="bfloat16", show_progress=False) as llm:
-            runs[q] = llm.generate(prompts, sp, use_tqdm=False)
-    first = [(a.outputs[0].token_ids[0], b.outputs[0].token_ids[0]) for a, b in zip(runs[None], runs["fp8"])]
-    assert sum(x == y for x, y in first) >= len(first) - 1, first
+    for name, kw in (("bf16", {}), ("fp8", {"quantization": "fp8"}),
+                     ("fp8-kv", {"kv_cache_config": {"dtype": "fp8"}})):
+        with LLM(str(tmp_path), dtype="bfloat16", show_progress=False, **kw) as llm:
+            runs[name] = llm.generate(prompts, sp, use_tqdm=False)
+    for name in ("fp8", "fp8-kv"):
+        first = [(a.outputs[0].token_ids[0], b.outputs[0].token_ids[0]) for a, b in zip(runs["bf16"], runs[name])]
+        assert sum(x == y for x, y in first) >= len(first) - 1, (name, first)

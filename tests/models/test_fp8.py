@@ -74,10 +74,23 @@ def write_fp8_checkpoint(src: str, dst: str, block=(16, 16), per_expert: bool = 
 
 
 @torch.no_grad()
-def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW):
-    """transformers' greedy ids and the log-probability of each, reading the checkpoint at `path`."""
+def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW, fp8_kv: bool = False):
+    """transformers' greedy ids and the log-probability of each, reading the checkpoint at `path`;
+    fp8_kv: attention reads keys (after rotary) and values rounded to float8_e4m3fn, as an FP8 KV
+    cache holds them (a transformers attention function registered here)."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    kw = {}
+    if fp8_kv:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        def fp8kv(module, query, key, value, attention_mask, **kwargs):
+            def r(t):
+                return t.to(torch.float8_e4m3fn).to(t.dtype)
+            return sdpa_attention_forward(module, query, r(key), r(value), attention_mask, **kwargs)
+        AttentionInterface.register("test_fp8_kv", fp8kv)
+        kw["attn_implementation"] = "test_fp8_kv"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
     ids, lps = [], []
     for p in prompts:
         seq = list(p)
@@ -95,7 +108,8 @@ def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW):
 
 
 def ours(path: str, prompts, **kw):
-    with LLM(path, kv_cache_config=KV, show_progress=False, **kw) as llm:
+    kw.setdefault("kv_cache_config", KV)
+    with LLM(path, show_progress=False, **kw) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True, logprobs=0),
                             use_tqdm=False)
     ids = [o.outputs[0].token_ids for o in outs]
@@ -283,6 +297,56 @@ def test_online_fp8_with_random_weights_runs(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+# ---- FP8 KV cache ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,backend", [("qwen3", "torch"), ("qwen3", "triton"), ("llama", "torch"),
+                                          ("llama", "triton")])
+def test_fp8_kv_cache_matches_transformers_reading_fp8_kv(tmp_path, prompts, arch, backend):
+    """kv_cache_config.dtype fp8: against transformers whose attention reads keys and values rounded
+    to e4m3 (the engine's cache holds them so; queries stay full precision). triton: the KV-write
+    and attention kernels under the interpreter (Qwen3: the fused q/k-norm + rotary + KV write)."""
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1")
+    build_checkpoint(str(tmp_path), arch)
+    want = hf_logprobs(str(tmp_path), prompts, fp8_kv=True)
+    kv = dict(KV, dtype="fp8")
+    got = ours(str(tmp_path), prompts, kv_cache_config=kv, attention_backend=backend)
+    assert_parity(got, want, hf_logprobs(str(tmp_path), prompts))
+
+
+def test_fp8_kv_write_kernel_is_torchs_cast():
+    """The Triton KV write into an FP8 cache rounds as torch's cast does (ties to even, saturation
+    at 448, subnormals, signed zeros), bit for bit."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from meshserve.kernels.paged_attention import store_kv
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(64, 2, 64, generator=g) * torch.logspace(-4, 3, 64)
+    v = torch.randn(64, 2, 64, generator=g)
+    k[0, 0, :8] = torch.tensor([0.0, -0.0, 448.0, 500.0, -1e6, 2 ** -9 * 1.5, 2 ** -9 * 2.5, 7.75])
+    cache = torch.zeros(2, 64, 4, 2, 64, dtype=torch.float8_e4m3fn)
+    slots = torch.arange(64) * 3
+    store_kv(k, v, cache, slots)
+    for i, src in enumerate((k, v)):
+        got = cache[i].view(-1, 2, 64)[slots]
+        assert torch.equal(got.view(torch.uint8), src.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens_of_bf16(tmp_path):
+    """The pool is sized in bytes: the same budget holds 2x the blocks of a bf16 cache (4x fp32)."""
+    build_checkpoint(str(tmp_path), "llama")
+    blocks = {}
+    for dt in ("auto", "fp8"):
+        with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": 4, "cpu_kv_cache_gb": 0.001, "dtype": dt},
+                 show_progress=False) as llm:
+            blocks[dt] = llm.get_stats()["num_blocks"]
+            out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                               use_tqdm=False)
+            assert len(out[0].outputs[0].token_ids) == 3
+    assert abs(blocks["fp8"] - 4 * blocks["auto"]) <= 4, blocks  # fp32 on CPU: a quarter of the bytes
+
+
 # ---- refusals -------------------------------------------------------------------------------------------
 
 def _with_quant_config(path: str, qc) -> None:
@@ -317,6 +381,15 @@ def test_bad_quantization_values_are_refused(tmp_path):
         LLM(path, quantization="int4", kv_cache_config=KV, show_progress=False)
     with pytest.raises(ValueError, match="backend='CUTLASS' has no FP8 experts"):
         LLM(path, quantization="fp8", moe_config={"backend": "CUTLASS"}, kv_cache_config=KV, show_progress=False)
+
+
+def test_fp8_kv_cache_refusals(tmp_path):
+    path = str(tmp_path)
+    build_deepseek(path)
+    with pytest.raises(ValueError, match="kv_cache_config.dtype='fp8' on DeepseekV3ForCausalLM: the latent"):
+        LLM(path, kv_cache_config=dict(KV, dtype="fp8"), show_progress=False)
+    with pytest.raises(ValueError, match="kv_cache_config.dtype='int8' is not supported; accepted: auto, fp8"):
+        LLM(path, kv_cache_config=dict(KV, dtype="int8"), show_progress=False)
 
 
 def test_shards_off_the_block_grid_are_refused(tmp_path):

@@ -18,10 +18,11 @@ from meshserve.layers.attention.backend import AttentionBackend, AttentionMetada
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
-    v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-    k_flat.index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    v_flat.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    from meshserve.kernels.fp8 import storage_view  # an FP8 cache (kv_cache_config.dtype fp8) as bytes
+    k_flat = storage_view(kv_cache[0].view(-1, num_kv_heads, head_dim))
+    v_flat = storage_view(kv_cache[1].view(-1, num_kv_heads, head_dim))
+    k_flat.index_copy_(0, slot_mapping, storage_view(k.to(kv_cache.dtype)))
+    v_flat.index_copy_(0, slot_mapping, storage_view(v.to(kv_cache.dtype)))
 
 
 def torch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
