@@ -24,6 +24,10 @@ import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+# The column "block" of a scale that does not vary along K (per-tensor and per-channel checkpoints:
+# block (1, WHOLE), one scale per output row); a power of two, so the kernels' tile arithmetic holds.
+WHOLE = 1 << 30
+PER_ROW = (1, WHOLE)
 
 
 def storage_view(t: torch.Tensor) -> torch.Tensor:
@@ -40,8 +44,8 @@ def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tor
     """(fp8 weights, fp32 scales) of a [N, K] weight: each [bn, bk] block (the last ones partial)
     scaled so that its largest magnitude maps to 448; an all-zero block gets scale 1."""
     n, k = w.shape
-    bn, bk = block
     sn, sk = scale_shape(n, k, block)
+    bn, bk = min(block[0], n), min(block[1], k)  # a block wider than the weight: one block
     padded = torch.zeros(sn * bn, sk * bk, dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float()
     blocks = padded.view(sn, bn, sk, bk)
@@ -54,12 +58,12 @@ def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tor
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype=torch.float32) -> torch.Tensor:
     """The real-valued [N, K] weight of fp8 weights and their block scales (computed in fp32)."""
     n, k = q.shape
-    s = scale.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    s = scale.float().repeat_interleave(min(block[0], n), 0)[:n].repeat_interleave(min(block[1], k), 1)[:, :k]
     return (q.float() * s).to(dtype)
 
 
 def check_block(block) -> tuple[int, int]:
-    """A [bn, bk] block size as the kernels take it: powers of two of at least 16."""
+    """A checkpoint's [bn, bk] block size as the kernels take it: powers of two of at least 16."""
     try:
         bn, bk = (int(b) for b in block)
     except (TypeError, ValueError):

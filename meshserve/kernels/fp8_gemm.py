@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from meshserve import kernels as _kernels
+from meshserve.kernels.fp8 import WHOLE
 from meshserve.kernels.pdl import pdl_enter
 
 
@@ -31,8 +32,10 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stri
                      HAS_BIAS: tl.constexpr, BN_Q: tl.constexpr, BK_Q: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, USE_PDL: tl.constexpr = False):
-    # BLOCK_K is a multiple of BK_Q (the scale block along K): a tile holds KB = BLOCK_K / BK_Q K blocks
-    KB: tl.constexpr = BLOCK_K // BK_Q
+    # BLOCK_K a multiple of BK_Q (the scale block along K): a tile holds KB = BLOCK_K / BK_Q K blocks,
+    # each summed and scaled on its own; or BK_Q a multiple of BLOCK_K (per-row scales, BK_Q = WHOLE):
+    # one scale per row and tile
+    KB: tl.constexpr = BLOCK_K // BK_Q if BLOCK_K >= BK_Q else 1
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -50,12 +53,15 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stri
         km = k < K
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & km[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & km[None, :], other=0.0).to(tl.float32)
-        kb = i * KB + offs_kb
-        s = tl.load(s_rows + kb[None, :], mask=n_mask[:, None] & (kb * BK_Q < K)[None, :], other=0.0)
-        # [M, N, K] products summed per K block, then scaled per (row, K block)
-        p = x[:, None, :] * w[None, :, :]
-        p = tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N, KB, BK_Q)), axis=3)
-        acc += tl.sum(p * s[None, :, :], axis=2)
+        p = x[:, None, :] * w[None, :, :]  # [M, N, K]
+        if BLOCK_K >= BK_Q:  # the tile's K blocks summed apart, then scaled per (row, K block)
+            kb = i * KB + offs_kb
+            s = tl.load(s_rows + kb[None, :], mask=n_mask[:, None] & (kb * BK_Q < K)[None, :], other=0.0)
+            p = tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N, KB, BK_Q)), axis=3)
+            acc += tl.sum(p * s[None, :, :], axis=2)
+        else:
+            s = tl.load(s_rows + (i * BLOCK_K) // BK_Q, mask=n_mask[:, None], other=0.0)  # [N, 1]
+            acc += tl.sum(p, axis=2) * tl.reshape(s, (1, BLOCK_N))
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -100,13 +106,15 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stri
 
 
 def _gemv_config(m: int, n: int, k: int, bk: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): the bf16 rule's tiles (kernels/gemv.py) at half the bytes per
-    element; BLOCK_K a multiple of bk. Not tuned on a GPU yet."""
+    """(BLOCK_N, BLOCK_K, num_warps): the bf16 rule's tiles (kernels/gemv.py); BLOCK_K a multiple of
+    a checkpoint's bk (per-row scales, bk = WHOLE: any). Not tuned on a GPU yet."""
     per_row = 2048 if m == 1 else 1 << (1024 // max(1, m)).bit_length() - 1  # a power of two
-    block_k = max(bk, min(per_row, triton.next_power_of_2(k)))
+    block_k = min(per_row, triton.next_power_of_2(k))
     block_n = 2 if m == 1 and n * k <= 12 * 2**20 else (8 if n <= 4096 else 4)
-    while block_n * block_k * triton.next_power_of_2(m) > 16384 and block_k > bk:
+    while block_n * block_k * triton.next_power_of_2(m) > 16384 and block_k > 16:
         block_k //= 2
+    if block_k < bk < WHOLE:  # whole scale blocks per tile
+        block_k = bk
     return block_n, block_k, 4
 
 

@@ -54,8 +54,10 @@ class ModelConfig:
     # values per token and layer (engine/kv_spec.py); None: ordinary K/V heads
     kv_lora_rank: Optional[int] = None
     qk_rope_head_dim: int = 0
-    # FP8 block-quantised checkpoint (quantization_config quant_method "fp8"): its weight_block_size
+    # FP8 checkpoint (quantization_config): the block of its weight scales (kernels/fp8.py PER_ROW for
+    # per-tensor and per-channel scales) and their tensors' name suffix
     fp8_block: Optional[tuple] = None
+    fp8_scale_name: str = "weight_scale_inv"
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -118,7 +120,7 @@ class ModelConfig:
             checkpoint_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
-            fp8_block=_fp8_block(arch, cfg),
+            **_fp8_fields(arch, cfg),
             raw=cfg,
             **moe,
             **mla,
@@ -179,31 +181,57 @@ def _moe_fields(arch: str, cfg: dict, num_layers: int) -> dict:
     return {}
 
 
-def _fp8_block(arch: str, cfg: dict) -> Optional[tuple]:
-    """weight_block_size of an FP8 block-quantised checkpoint; None without quantization_config; any
-    other quantisation a one-line error naming what is accepted."""
+_FP8_ACCEPTED = ("accepted: FP8 weight checkpoints: quant_method 'fp8' (block-wise with weight_block_size, as "
+                 "DeepSeek-V3 and the Hub's *-FP8; or per-tensor), 'compressed-tensors' float8 weights "
+                 "(tensor, channel or block strategy), 'modelopt' with quant_algo FP8; or an unquantised checkpoint")
+
+
+def _fp8_fields(arch: str, cfg: dict) -> dict:
+    """fp8_block and fp8_scale_name of an FP8 checkpoint ({} without quantization_config); any other
+    quantisation a one-line error naming what is accepted. Activations run in the model's dtype
+    (weight-only FP8): a checkpoint's static input scales are not needed and are skipped."""
+    from meshserve.kernels.fp8 import PER_ROW, check_block
     qc = cfg.get("quantization_config")
     if qc is None:
-        return None
-    accepted = ("accepted: quant_method 'fp8' with weight_block_size and activation_scheme 'dynamic' "
-                "(DeepSeek-V3 and the Hub's *-FP8 checkpoints), or an unquantised checkpoint")
+        return {}
     if not isinstance(qc, dict):
-        raise ValueError(f"{arch}: config field quantization_config={qc!r} is not supported; {accepted}")
+        raise ValueError(f"{arch}: config field quantization_config={qc!r} is not supported; {_FP8_ACCEPTED}")
     method = qc.get("quant_method")
-    if method != "fp8":
-        raise ValueError(f"{arch}: quantization_config.quant_method={method!r} is not supported; {accepted}")
-    block = qc.get("weight_block_size")
-    if block is None:
-        raise ValueError(f"{arch}: quantization_config without weight_block_size (per-tensor FP8) is not "
-                         f"supported; {accepted}")
-    act = qc.get("activation_scheme", "dynamic")
-    if act != "dynamic":
-        raise ValueError(f"{arch}: quantization_config.activation_scheme={act!r} is not supported; {accepted}")
-    fmt = qc.get("fmt", "e4m3")
-    if fmt != "e4m3":
-        raise ValueError(f"{arch}: quantization_config.fmt={fmt!r} is not supported; accepted: e4m3")
-    from meshserve.kernels.fp8 import check_block
-    return check_block(block)
+    if method == "fp8":
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ValueError(f"{arch}: quantization_config.fmt={fmt!r} is not supported; accepted: e4m3")
+        block = qc.get("weight_block_size")
+        if block is None:  # per-tensor (AutoFP8, vLLM's fp8 format): weight_scale per tensor
+            return dict(fp8_block=PER_ROW, fp8_scale_name="weight_scale")
+        return dict(fp8_block=check_block(block), fp8_scale_name="weight_scale_inv")
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        strategies = set()
+        for name, group in groups.items():
+            w = (group or {}).get("weights") or {}
+            if w.get("type") != "float" or w.get("num_bits") != 8:
+                raise ValueError(f"{arch}: quantization_config.config_groups.{name}.weights type={w.get('type')!r} "
+                                 f"num_bits={w.get('num_bits')!r} is not supported; {_FP8_ACCEPTED}")
+            strategy = w.get("strategy")
+            if strategy == "block":
+                strategies.add(("block", tuple(check_block(w.get("block_structure")))))
+            elif strategy in ("tensor", "channel"):
+                strategies.add(("row", PER_ROW))
+            else:
+                raise ValueError(f"{arch}: quantization_config.config_groups.{name}.weights.strategy={strategy!r} is "
+                                 f"not supported; accepted: tensor, channel, block")
+        if len(strategies) != 1:
+            raise ValueError(f"{arch}: quantization_config (compressed-tensors) with {len(strategies)} weight "
+                             f"strategies {sorted(s for s, _ in strategies)} is not supported; {_FP8_ACCEPTED}")
+        return dict(fp8_block=strategies.pop()[1], fp8_scale_name="weight_scale")
+    if method == "modelopt":
+        algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
+        if algo != "FP8":
+            raise ValueError(f"{arch}: quantization_config.quant_algo={algo!r} (modelopt) is not supported; "
+                             f"{_FP8_ACCEPTED}")
+        return dict(fp8_block=PER_ROW, fp8_scale_name="weight_scale")
+    raise ValueError(f"{arch}: quantization_config.quant_method={method!r} is not supported; {_FP8_ACCEPTED}")
 
 
 def _mla_fields(arch: str, cfg: dict) -> dict:

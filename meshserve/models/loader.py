@@ -96,6 +96,7 @@ class Fp8Plan:
     layers: list = field(default_factory=list)  # our module names of the FP8 layers
     online: bool = False
     expert_layers: set = field(default_factory=set)  # decoder layers whose experts are FP8
+    scale_name: str = "weight_scale_inv"  # the checkpoint's scale tensors: <weight name>_scale_inv or _scale
 
     def keeps(self, name: str) -> bool:
         """Whether checkpoint weight `name` loads as FP8 (with its scale)."""
@@ -137,8 +138,9 @@ def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: 
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, LinearBase) and m.fp8_ok]
     experts = [(int(_LAYER.search(name).group(1)), m) for name, m in model.named_modules() if isinstance(m, FusedMoE)]
     if cfg.fp8_block is not None and load_format != "dummy":
-        scaled = {n[:-len("_scale_inv")] for n in checkpoint_tensor_names(path) if n.endswith(".weight_scale_inv")}
-        plan = Fp8Plan(block=cfg.fp8_block)
+        suffix = "." + cfg.fp8_scale_name
+        scaled = {n[:-len(suffix)] + ".weight" for n in checkpoint_tensor_names(path) if n.endswith(suffix)}
+        plan = Fp8Plan(block=cfg.fp8_block, scale_name=cfg.fp8_scale_name)
         for name, layer in linears:
             sources = _fp8_sources(model, name)
             if all(s in scaled for s in sources):
@@ -171,46 +173,81 @@ def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: 
     return plan
 
 
-class _Scales:
-    """Block scales read on demand (an FP8 tensor dequantised on the way in needs its own)."""
+class _Headers:
+    """Tensors read on demand, and shapes from the safetensors headers (an FP8 tensor dequantised on
+    the way in needs its scale; a per-tensor scale becomes one per row of its weight)."""
 
     def __init__(self, path: str):
         self.where: dict[str, str] = {}
         for file in safetensors_files(path):
             with safe_open(file, framework="pt") as f:
                 for n in f.keys():
-                    if n.endswith("_scale_inv"):
-                        self.where[n] = file
+                    self.where[n] = file
         self.open: dict = {}
 
-    def get(self, name: str) -> Optional[torch.Tensor]:
+    def _file(self, name: str):
         file = self.where.get(name)
         if file is None:
             return None
         if file not in self.open:
             self.open[file] = safe_open(file, framework="pt")
-        return self.open[file].get_tensor(name)
+        return self.open[file]
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        f = self._file(name)
+        return None if f is None else f.get_tensor(name)
+
+    def shape(self, name: str) -> Optional[tuple]:
+        f = self._file(name)
+        return None if f is None else tuple(f.get_slice(name).get_shape())
+
+
+# Tensors of activation / KV-cache quantisation that weight-only FP8 does not use
+_UNUSED_SCALES = (".input_scale", ".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".weight_zero_point",
+                  ".input_zero_point")
+
+
+def _row_scales(scale: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """A per-tensor ([] or [1]) or per-channel ([rows] / [rows, 1]) scale as one per row: [rows, 1]."""
+    if scale.numel() == 1:
+        return scale.reshape(1, 1).float().expand(rows, 1).contiguous()
+    if scale.numel() == rows:
+        return scale.reshape(rows, 1).float()
+    raise ValueError(f"checkpoint tensor {name!r} has {tuple(scale.shape)} scales for a weight of {rows} rows; "
+                     f"accepted: one per tensor or one per row")
 
 
 def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp8Plan,
                 dtype: torch.dtype, device: Optional[torch.device] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors as the model loads them: FP8 weights of FP8 layers and their scales
-    as they are; other FP8 weights dequantised to `dtype` on `device` (the model's: on a GPU a
-    dequantisation costs microseconds; their scales dropped)."""
-    from meshserve.kernels.fp8 import FP8_DTYPE, dequantize, scale_shape
-    scales = _Scales(path)
-    dequantised = 0
+    (as `<weight>_scale_inv`; per-tensor and per-channel ones as one per row); other FP8 weights
+    dequantised to `dtype` on `device` (the model's: on a GPU a dequantisation costs microseconds;
+    their scales dropped); activation and KV-cache scales skipped (weight-only FP8)."""
+    from meshserve.kernels.fp8 import FP8_DTYPE, PER_ROW, dequantize, scale_shape
+    headers = _Headers(path)
+    suffix = "." + plan.scale_name
+    per_row = plan.block == PER_ROW
+    dequantised = unused = 0
     for name, tensor in weights:
-        if name.endswith(".weight_scale_inv"):
-            if plan.keeps(name[:-len("_scale_inv")]):
-                yield name, tensor
+        if name.endswith(_UNUSED_SCALES):
+            unused += 1
+            continue
+        if name.endswith(suffix):
+            weight = name[:-len(suffix)] + ".weight"
+            if plan.keeps(weight):
+                if per_row:
+                    tensor = _row_scales(tensor, headers.shape(weight)[0], name)
+                yield weight + "_scale_inv", tensor
             continue
         if tensor.dtype == FP8_DTYPE and not plan.keeps(name):
-            scale = scales.get(name + "_scale_inv")
+            scale_name = name[:-len(".weight")] + suffix
+            scale = headers.get(scale_name)
+            if scale is not None and per_row and tensor.dim() == 2:
+                scale = _row_scales(scale, tensor.shape[0], scale_name)
             if scale is None or tensor.dim() != 2 \
                     or tuple(scale.shape) != scale_shape(*tensor.shape, plan.block):
-                raise ValueError(f"checkpoint tensor {name!r} is FP8 {tuple(tensor.shape)} without a block scale "
-                                 f"{name + '_scale_inv'!r} of blocks {list(plan.block)} "
+                raise ValueError(f"checkpoint tensor {name!r} is FP8 {tuple(tensor.shape)} without a scale "
+                                 f"{scale_name!r} of blocks {list(plan.block)} "
                                  f"(found {None if scale is None else tuple(scale.shape)})")
             tensor = dequantize(tensor.to(device), scale.to(device), plan.block, dtype)
             dequantised += 1
@@ -219,6 +256,10 @@ def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp
         logger.info("FP8 checkpoint: %d FP8 tensors outside FP8 layers (latent attention's kv_b_proj, routers, "
                     "fused-layout experts) dequantised to %s; %d linear layers and the experts of %d layers hold FP8 "
                     "weights", dequantised, str(dtype).split(".")[-1], len(plan.layers), len(plan.expert_layers))
+    if unused:
+        logger.info("FP8 checkpoint: %d activation / KV-cache scale tensors not used (activations run in %s; "
+                    "an FP8 KV cache, kv_cache_config.dtype fp8, uses a scale of 1)", unused,
+                    str(dtype).split(".")[-1])
 
 
 def _no_fp8_tensors(weights, path: str):
@@ -226,10 +267,10 @@ def _no_fp8_tensors(weights, path: str):
     numbers they would give a wrong model without a word)."""
     from meshserve.kernels.fp8 import FP8_DTYPE
     for name, tensor in weights:
-        if tensor.dtype == FP8_DTYPE or name.endswith("_scale_inv"):
-            raise ValueError(f"checkpoint tensor {name!r} ({str(tensor.dtype).split('.')[-1]}) is part of FP8 block "
+        if tensor.dtype == FP8_DTYPE or name.endswith(("_scale_inv", ".weight_scale")):
+            raise ValueError(f"checkpoint tensor {name!r} ({str(tensor.dtype).split('.')[-1]}) is part of FP8 "
                              f"quantisation, but {os.path.join(path, 'config.json')} has no quantization_config; "
-                             f"accepted: quant_method 'fp8' with weight_block_size there, or unquantised tensors")
+                             f"accepted: an FP8 quantization_config there (docs/fp8.md), or unquantised tensors")
         yield name, tensor
 
 
