@@ -13,7 +13,8 @@ a decode step reads half the weight bytes of bf16. Two kernels, as for bf16 weig
 
 The torch reference is `dequantize` + `F.linear` (`fp8_linear_ref`); tests compare the kernels with it
 and with a float64 computation (Triton's interpreter on CPU). Block sizes are powers of two >= 16.
-This module is torch only (model configs import it); the kernels are in kernels/fp8_gemm.py.
+This module is torch only (model configs import it); the kernels and `fp8_linear`, which picks
+between them, are in kernels/fp8_gemm.py.
 """
 from __future__ import annotations
 
@@ -78,27 +79,6 @@ def check_block(block) -> tuple[int, int]:
 def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, dequantize(q, scale, block, x.dtype), bias)
-
-
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-               bias: torch.Tensor | None = None, kernel: bool | None = None) -> torch.Tensor:
-    """x [..., K] (float) times FP8 weights q [N, K] with block scales. Triton kernels on CUDA (or
-    with kernel=True, under the interpreter in tests); otherwise the torch reference."""
-    from meshserve import kernels
-    if kernel is None:
-        kernel = kernels.TRITON_AVAILABLE and x.is_cuda
-    if not kernel:
-        return fp8_linear_ref(x, q, scale, block, bias)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.shape[0] == 0:
-        return x.new_empty(*shape[:-1], q.shape[0])
-    from meshserve.kernels.fp8_gemm import fp8_gemm, fp8_gemv
-    if x2.shape[0] <= max(kernels.GEMV_MAX_M, 1):
-        y = fp8_gemv(x2, q, scale, block, bias)
-    else:
-        y = fp8_gemm(x2, q, scale, block, bias)
-    return y.reshape(*shape[:-1], q.shape[0])
 
 
 def online_block(rows_aligned: list[int], cols_aligned: list[int]) -> tuple[int, int] | None:

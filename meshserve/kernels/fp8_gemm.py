@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from meshserve import kernels as _kernels
-from meshserve.kernels.fp8 import WHOLE
+from meshserve.kernels.fp8 import WHOLE, fp8_linear_ref
 from meshserve.kernels.pdl import pdl_enter
 
 
@@ -155,3 +155,21 @@ def fp8_gemm(x, q, scale, block, bias=None, config=None):
         BLOCK_K=block_k, K_ITERS=triton.cdiv(k, block_k), GROUP_M=8, num_warps=warps, num_stages=stages,
         **_kernels.pdl_args())
     return y
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] times FP8 weights q [N, K] with block scales: the GEMV up to
+    kernel_config.gemv_max_m rows (at least 1), the GEMM above; the torch reference where Triton is
+    off or the tensors are not on a GPU."""
+    if not (_kernels.TRITON_AVAILABLE and x.is_cuda):
+        return fp8_linear_ref(x, q, scale, block, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*shape[:-1], q.shape[0])
+    if x2.shape[0] <= max(_kernels.GEMV_MAX_M, 1):
+        y = fp8_gemv(x2, q, scale, block, bias)
+    else:
+        y = fp8_gemm(x2, q, scale, block, bias)
+    return y.reshape(*shape[:-1], q.shape[0])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.distributed.comm import SOLO
+from meshserve.kernels.fp8 import WHOLE
 from meshserve import kernels
 
 
@@ -39,7 +40,7 @@ def _narrow(t: torch.Tensor, dim: int, off: int, size: int, block=None) -> torch
     if block is None:
         return t.narrow(dim, off, size)
     b = block[dim]
-    if t.shape[dim] == 1 and b >= 1 << 30:  # a scale that does not vary along this dim (kernels/fp8.py WHOLE)
+    if t.shape[dim] == 1 and b >= WHOLE:  # a scale that does not vary along this dim (per-row scales)
         return t
     start, count = off // b, -(-size // b)
     if off % b or (size % b and start + count != t.shape[dim]):
@@ -102,8 +103,11 @@ class LinearBase(nn.Module):
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fp8_block is not None:
-            from meshserve.kernels.fp8 import fp8_linear
-            return fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias)
+            if kernels.TRITON_AVAILABLE and x.is_cuda:
+                from meshserve.kernels.fp8_gemm import fp8_linear
+                return fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias)
+            from meshserve.kernels.fp8 import fp8_linear_ref
+            return fp8_linear_ref(x, self.weight, self.weight_scale_inv, self.fp8_block, bias)
         return linear(x, self.weight, bias)
 
     def fp8_aligned_sizes(self) -> tuple[list[int], list[int]]:

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from meshserve.kernels.fp8 import dequantize, fp8_linear, quantize  # noqa: E402
-from meshserve.kernels.fp8_gemm import fp8_gemm, fp8_gemv  # noqa: E402
+from meshserve.kernels.fp8 import dequantize, quantize  # noqa: E402
+from meshserve.kernels.fp8_gemm import fp8_gemm, fp8_gemv, fp8_linear  # noqa: E402
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (2048, 5120), (4096, 2048), (576, 576)]
 

@@ -68,10 +68,10 @@ class FusedMoE(nn.Module):
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """Hold the experts' weights in FP8 blocks of `block` (before loading)."""
-        from meshserve.kernels.fp8 import FP8_DTYPE, scale_shape
+        from meshserve.kernels.fp8 import FP8_DTYPE, WHOLE, scale_shape
         bn, bk = block
         i, h, tp = self.i_local, self.hidden_size, self.dispatcher_tp_size
-        if i % bn or (tp > 1 and i % bk and bk < 1 << 30):  # (bk: WHOLE for per-row scales)
+        if i % bn or (tp > 1 and i % bk and bk < WHOLE):  # (per-row scales: bk is WHOLE)
             raise ValueError(f"FP8 experts in blocks of {list(block)}: this rank's intermediate size {i} "
                              f"(moe_intermediate_size {self.intermediate_size} over moe_tensor_parallel_size={tp}) "
                              f"must be whole blocks; accepted: a moe_tensor_parallel_size that leaves multiples "
