@@ -83,6 +83,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         _flag(parser, flag, type=typ, default=None, help=help_text)
     _flag(parser, "kv_cache_free_gpu_memory_fraction", type=float, default=None,
           help="fraction of free GPU memory for the KV cache (kv_cache_config.free_gpu_memory_fraction)")
+    _flag(parser, "kv_cache_dtype", default=None,
+          help="auto or fp8: the KV cache's element type (kv_cache_config.dtype; fp8 halves its bytes per token)")
     _flag(parser, "max_beam_width", type=int, default=None, help="only 1: beam search is not supported")
     _flag(parser, "gpus_per_node", type=int, default=None, help="accepted for trtllm-serve compatibility; "
           "ranks are placed by the launcher")
@@ -157,6 +159,11 @@ def llm_args_from_cli(ns: argparse.Namespace):
         if not isinstance(kv, dict):
             raise ValueError(f"{ns.config}: kv_cache_config must be a mapping, got {kv!r}")
         values["kv_cache_config"] = {**kv, "free_gpu_memory_fraction": ns.kv_cache_free_gpu_memory_fraction}
+    if ns.kv_cache_dtype is not None:
+        kv = values.get("kv_cache_config") or {}
+        if not isinstance(kv, dict):
+            raise ValueError(f"{ns.config}: kv_cache_config must be a mapping, got {kv!r}")
+        values["kv_cache_config"] = {**kv, "dtype": ns.kv_cache_dtype}
     if values.get("backend", "pytorch") not in ("pytorch", None):
         raise ValueError(f"backend={values['backend']!r} is not supported; accepted: pytorch")
     if ns.max_beam_width not in (None, 1):

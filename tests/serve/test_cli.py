@@ -96,6 +96,9 @@ def test_flags_override_yaml_and_merge_nested_keys(tmp_path):
     assert args.max_batch_size == 20
     assert args.kv_cache_config.tokens_per_block == 16 and args.kv_cache_config.free_gpu_memory_fraction == 0.3
     assert parse("m", "--config", cfg).max_batch_size == 10
+    args = parse("m", "--config", cfg, "--kv-cache-dtype", "fp8", "--quantization", "fp8")
+    assert args.kv_cache_config.dtype == "fp8" and args.kv_cache_config.tokens_per_block == 16
+    assert args.quantization == "fp8"
 
 
 @pytest.mark.parametrize("text,key,accepted", [
@@ -129,6 +132,8 @@ def test_a_yaml_key_given_twice_is_an_error_naming_it_and_its_line(tmp_path):
     (["--max_beam_width", "4"], "beam search"),
     (["--max_batch_size", "0"], "max_batch_size"),
     (["--dtype", "int3"], "dtype"),
+    (["--quantization", "awq"], "quantization='awq' is not supported; accepted: fp8"),
+    (["--kv_cache_dtype", "fp4"], "kv_cache_config.dtype='fp4' is not supported; accepted: auto, fp8"),
     (["--config", "/nonexistent.yml"], "no such file"),
 ])
 def test_bad_flag_values_are_errors(argv, message):
