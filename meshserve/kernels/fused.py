@@ -92,6 +92,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr, eps,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
+                       k_mul, v_mul,
                        NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P2: tl.constexpr, KH_P2: tl.constexpr,
                        D: tl.constexpr, D_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
                        QK_NORM: tl.constexpr, USE_PDL: tl.constexpr = False):
@@ -129,7 +130,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     slot = tl.load(slot_ptr + t).to(tl.int64)
     dst = cache_ptr + slot * (NUM_K * D) + hk * D + d
     v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + d, mask=row_m, other=0.0)
-    tl.store(dst + stride_cache_kv, to_cache(v, cache_ptr), mask=row_m)
+    tl.store(dst + stride_cache_kv, to_cache(v.to(tl.float32) * v_mul, cache_ptr), mask=row_m)
     k_row = k_ptr + t * stride_kt + hk * stride_kh
     x = tl.load(k_row + d, mask=row_m, other=0.0)
     first = d < HALF
@@ -150,12 +151,13 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     # first half: a*cos - b*sin with a = x, b = partner; second: b*cos + a*sin with b = x, a = partner
     y = tl.where(first, xf * kc - partner * ks, xf * kc + partner * ks).to(x.dtype)
     y = tl.where(rot, y, x)
-    tl.store(dst, to_cache(y, cache_ptr), mask=row_m)
+    tl.store(dst, to_cache(y.to(tl.float32) * k_mul, cache_ptr), mask=row_m)
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> None:
+                    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """rotary_(q, k, ...) then store_kv(k, v, kv_cache, slot_mapping) in one kernel, except that k
     is not rotated in place. q: [T, H, D]; k, v: [T, KVH, D] (strided views allowed); kv_cache:
     [2, num_blocks, block_size, KVH, D] contiguous. qk_norm: (q_weight [D], k_weight [D], eps): the
@@ -171,7 +173,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     _rope_store_kernel[(T,)](q, k, v, kv_cache, slot_mapping, cos, sin, positions, qw, kw, float(eps),
                              q.stride(0), q.stride(1),
                              k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_cache.stride(0), cos.stride(0),
-                             NUM_Q=q.shape[1], NUM_K=nk, QH_P2=triton.next_power_of_2(q.shape[1]),
+                             1.0 / k_scale, 1.0 / v_scale, NUM_Q=q.shape[1], NUM_K=nk, QH_P2=triton.next_power_of_2(q.shape[1]),
                              KH_P2=triton.next_power_of_2(nk), D=d, D_P2=triton.next_power_of_2(d),
                              HALF=half, HALF_P2=triton.next_power_of_2(half), QK_NORM=qk_norm is not None,
                              num_warps=4, **kernels.pdl_args())

@@ -31,7 +31,7 @@ from meshserve.kernels.settings import H200, KernelSettings
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, stride_cache_kv,
+def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, stride_cache_kv, k_mul, v_mul,
                      ROW: tl.constexpr, ROW_P2: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)
     t = tl.program_id(0)
@@ -41,19 +41,21 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, st
     k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
     dst = cache_ptr + slot * ROW + offs
-    tl.store(dst, to_cache(k, cache_ptr), mask=mask)
-    tl.store(dst + stride_cache_kv, to_cache(v, cache_ptr), mask=mask)
+    tl.store(dst, to_cache(k.to(tl.float32) * k_mul, cache_ptr), mask=mask)
+    tl.store(dst + stride_cache_kv, to_cache(v.to(tl.float32) * v_mul, cache_ptr), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset)."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset), divided by
+    k_scale / v_scale (an FP8 cache's calibrated scales; 1 otherwise)."""
     T = slot_mapping.shape[0]
     if T == 0:
         return
     row = k.shape[1] * k.shape[2]
     k2, v2 = k.reshape(k.shape[0], row), v.reshape(v.shape[0], row)
     _store_kv_kernel[(T,)](k2, v2, kv_cache, slot_mapping, k2.stride(0), v2.stride(0), kv_cache.stride(0),
-                           ROW=row, ROW_P2=triton.next_power_of_2(row), **kernels.pdl_args())
+                           1.0 / k_scale, 1.0 / v_scale, ROW=row, ROW_P2=triton.next_power_of_2(row), **kernels.pdl_args())
 
 
 @triton.jit

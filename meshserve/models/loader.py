@@ -97,6 +97,22 @@ class Fp8Plan:
     online: bool = False
     expert_layers: set = field(default_factory=set)  # decoder layers whose experts are FP8
     scale_name: str = "weight_scale_inv"  # the checkpoint's scale tensors: <weight name>_scale_inv or _scale
+    # calibrated KV-cache scales of the checkpoint, per decoder layer: {"k": float, "v": float}
+    kv_scales: dict = field(default_factory=dict)
+
+    def apply_kv_scales(self, layer_ids, attn_layers, fp8_cache: bool) -> None:
+        """Give each attention layer its checkpoint k / v scale when the KV cache is FP8 (else they
+        are not needed: a full-precision cache stores the values as they are)."""
+        if not self.kv_scales:
+            return
+        if not fp8_cache:
+            logger.info("FP8 checkpoint: its KV-cache scales (%d layers) are not used: the KV cache is not FP8 "
+                        "(kv_cache_config.dtype fp8 uses them)", len(self.kv_scales))
+            return
+        for layer_idx, attn in zip(layer_ids, attn_layers):
+            scales = self.kv_scales.get(layer_idx, {})
+            attn.k_scale = scales.get("k", 1.0)
+            attn.v_scale = scales.get("v", 1.0)
 
     def keeps(self, name: str) -> bool:
         """Whether checkpoint weight `name` loads as FP8 (with its scale)."""
@@ -202,9 +218,11 @@ class _Headers:
         return None if f is None else tuple(f.get_slice(name).get_shape())
 
 
-# Tensors of activation / KV-cache quantisation that weight-only FP8 does not use
-_UNUSED_SCALES = (".input_scale", ".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".weight_zero_point",
-                  ".input_zero_point")
+# Tensors of activation quantisation that weight-only FP8 does not use
+_UNUSED_SCALES = (".input_scale", ".q_scale", ".weight_zero_point", ".input_zero_point")
+# KV-cache scales: compressed-tensors self_attn.k_scale / v_scale, ModelOpt k_proj.k_scale / v_proj.v_scale,
+# AutoFP8's one self_attn.kv_scale for both
+_KV_SCALES = (".k_scale", ".v_scale", ".kv_scale")
 
 
 def _row_scales(scale: torch.Tensor, rows: int, name: str) -> torch.Tensor:
@@ -232,6 +250,15 @@ def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp
         if name.endswith(_UNUSED_SCALES):
             unused += 1
             continue
+        if name.endswith(_KV_SCALES):
+            m = _LAYER.search(name)
+            if m is None or tensor.numel() != 1:
+                raise ValueError(f"checkpoint tensor {name!r} {tuple(tensor.shape)}: KV-cache scales are taken one "
+                                 f"per layer (a scalar); accepted: per-tensor k_scale / v_scale / kv_scale")
+            which = ("k", "v") if name.endswith(".kv_scale") else (name[-7],)
+            for w in which:
+                plan.kv_scales.setdefault(int(m.group(1)), {})[w] = float(tensor.reshape(()))
+            continue
         if name.endswith(suffix):
             weight = name[:-len(suffix)] + ".weight"
             if plan.keeps(weight):
@@ -257,8 +284,7 @@ def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp
                     "fused-layout experts) dequantised to %s; %d linear layers and the experts of %d layers hold FP8 "
                     "weights", dequantised, str(dtype).split(".")[-1], len(plan.layers), len(plan.expert_layers))
     if unused:
-        logger.info("FP8 checkpoint: %d activation / KV-cache scale tensors not used (activations run in %s; "
-                    "an FP8 KV cache, kv_cache_config.dtype fp8, uses a scale of 1)", unused,
+        logger.info("FP8 checkpoint: %d activation scale tensors not used (activations run in %s)", unused,
                     str(dtype).split(".")[-1])
 
 

@@ -146,6 +146,9 @@ class ModelRunner:
         # HELIX shards it so too but runs every token, the layers after attention over tp x cp
         self.cp_split = None
         self.kv_block_size = cfg.block_size
+        # kv_cache_config.dtype fp8: K/V stored as float8_e4m3fn (divided by the checkpoint's calibrated
+        # k / v scales, or 1), upcast where attention reads them
+        self.kv_dtype = torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else cfg.dtype
         if self.parallel.cp.size > 1:
             from meshserve.layers.context_parallel import CpSplit
             helix = cfg.cp_type == "HELIX"
@@ -171,6 +174,9 @@ class ModelRunner:
         fp8 = plan_fp8(self.model, model_config, cfg.model_path, cfg.quantization, cfg.load_format)
         load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress, fp8)
         self.attn_layers = self.model.attention_layers()
+        if fp8 is not None:  # an FP8 checkpoint's calibrated KV-cache scales, for an FP8 cache
+            fp8.apply_kv_scales(layer_range if layer_range is not None else range(model_config.num_hidden_layers),
+                                self.attn_layers, self.kv_dtype == torch.float8_e4m3fn)
         self.kernel_settings = kernel_settings.for_device(cfg.kernel_config, self.device)
         kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows
         a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
@@ -203,8 +209,6 @@ class ModelRunner:
         # rank would give two requests sampled in the same step on two ranks the same draws)
         self.sampler = Sampler(self.device, cfg.seed + 7919 * self.dp_rank)
         self.kv_caches: list[torch.Tensor] = []
-        # kv_cache_config.dtype fp8: K/V stored as float8_e4m3fn (scale 1), upcast where attention reads them
-        self.kv_dtype = torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else cfg.dtype
         self.kv_transfer = None  # worker/kv_transfer.py RankTransfer, with cfg.kv_transfer, once the cache exists
         self.busy = BusyWindow()  # compute time of this stage, excluding waits for the previous one
 

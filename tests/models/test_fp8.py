@@ -74,10 +74,11 @@ def write_fp8_checkpoint(src: str, dst: str, block=(16, 16), per_expert: bool = 
 
 
 @torch.no_grad()
-def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW, fp8_kv: bool = False):
+def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW, fp8_kv: bool = False, kv_scales=None):
     """transformers' greedy ids and the log-probability of each, reading the checkpoint at `path`;
     fp8_kv: attention reads keys (after rotary) and values rounded to float8_e4m3fn, as an FP8 KV
-    cache holds them (a transformers attention function registered here)."""
+    cache holds them (a transformers attention function registered here); kv_scales {layer: (k, v)}:
+    rounded as fp8(k / k_scale) * k_scale."""
     from transformers import AutoModelForCausalLM
     kw = {}
     if fp8_kv:
@@ -85,9 +86,11 @@ def hf_logprobs(path: str, prompts, max_new: int = MAX_NEW, fp8_kv: bool = False
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         def fp8kv(module, query, key, value, attention_mask, **kwargs):
-            def r(t):
-                return t.to(torch.float8_e4m3fn).to(t.dtype)
-            return sdpa_attention_forward(module, query, r(key), r(value), attention_mask, **kwargs)
+            ks, vs = (kv_scales or {}).get(module.layer_idx, (1.0, 1.0))
+
+            def r(t, s):
+                return ((t / s).to(torch.float8_e4m3fn).to(t.dtype)) * s
+            return sdpa_attention_forward(module, query, r(key, ks), r(value, vs), attention_mask, **kwargs)
         AttentionInterface.register("test_fp8_kv", fp8kv)
         kw["attn_implementation"] = "test_fp8_kv"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
@@ -399,6 +402,36 @@ def test_fp8_kv_cache_matches_transformers_reading_fp8_kv(tmp_path, prompts, arc
     kv = dict(KV, dtype="fp8")
     got = ours(str(tmp_path), prompts, kv_cache_config=kv, attention_backend=backend)
     assert_parity(got, want, hf_logprobs(str(tmp_path), prompts))
+
+
+@pytest.mark.parametrize("naming", ["compressed-tensors", "modelopt", "autofp8"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_kv_cache_with_the_checkpoints_kv_scales(tmp_path, prompts, naming, backend):
+    """An FP8 checkpoint's calibrated KV-cache scales (self_attn.k_scale / v_scale, ModelOpt's
+    k_proj.k_scale / v_proj.v_scale, AutoFP8's one kv_scale): the cache holds fp8(k / k_scale),
+    against transformers reading keys and values rounded so; with the scale-1 cache farther off."""
+    from safetensors.torch import load_file, save_file
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1")
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3")
+    write_fp8_checkpoint(src, dst)
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    scales = {0: (0.013, 0.0071), 1: (0.021, 0.0043)}
+    if naming == "autofp8":
+        scales = {i: (k, k) for i, (k, _) in scales.items()}
+    for i, (k, v) in scales.items():
+        pre = f"model.layers.{i}.self_attn."
+        if naming == "compressed-tensors":
+            sd[pre + "k_scale"], sd[pre + "v_scale"] = torch.tensor(k), torch.tensor(v)
+        elif naming == "modelopt":
+            sd[pre + "k_proj.k_scale"], sd[pre + "v_proj.v_scale"] = torch.tensor([k]), torch.tensor([v])
+        else:
+            sd[pre + "kv_scale"] = torch.tensor(k)
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    want = hf_logprobs(dst, prompts, fp8_kv=True, kv_scales=scales)
+    got = ours(dst, prompts, kv_cache_config=dict(KV, dtype="fp8"), attention_backend=backend)
+    assert_parity(got, want, hf_logprobs(dst, prompts, fp8_kv=True))
 
 
 def test_fp8_kv_write_kernel_is_torchs_cast():

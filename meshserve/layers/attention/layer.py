@@ -30,6 +30,10 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: Optional[torch.Tensor] = None
         self.kv_group = 0
+        # an FP8 KV cache's calibrated scales (the checkpoint's k_scale / v_scale): the cache holds
+        # k / k_scale and v / v_scale; 1 otherwise (models/loader.py, the model runner)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         # (q_norm, k_norm): per-head RMSNorms applied to q and k before rotary (Qwen3), by the
         # backend when it fuses them (backend.fuses_qk_norm), else here
         self.qk_norm: Optional[tuple] = None

@@ -15,8 +15,12 @@ import torch.nn.functional as F
 from meshserve.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset)."""
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v: [T, KVH, D] -> kv_cache[0/1] at the slots (block * block_size + offset), divided by
+    k_scale / v_scale (an FP8 cache's calibrated scales; 1 otherwise)."""
+    if k_scale != 1.0 or v_scale != 1.0:
+        k, v = k.float() / k_scale, v.float() / v_scale
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     from meshserve.kernels.fp8 import storage_view  # an FP8 cache (kv_cache_config.dtype fp8) as bytes
     k_flat = storage_view(kv_cache[0].view(-1, num_kv_heads, head_dim))
@@ -95,8 +99,12 @@ def reference_forward(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """AttentionBackend.forward of the reference, for a layer (kv_cache, scale, sliding_window)."""
     if rotary is not None:
         q, k = rotary(positions, q, k)
-    write_kv(layer.kv_cache, k, v, md.slot_mapping)
-    return torch_paged_attention(q, layer.kv_cache, md, layer.scale, layer.sliding_window, return_lse)
+    k_scale, v_scale = getattr(layer, "k_scale", 1.0), getattr(layer, "v_scale", 1.0)
+    write_kv(layer.kv_cache, k, v, md.slot_mapping, k_scale, v_scale)
+    out = torch_paged_attention(q, layer.kv_cache, md, layer.scale * k_scale, layer.sliding_window, return_lse)
+    if v_scale == 1.0:
+        return out
+    return (out[0] * v_scale, out[1]) if return_lse else out * v_scale
 
 
 class TorchAttentionBackend(AttentionBackend):
