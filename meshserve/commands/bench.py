@@ -1,4 +1,4 @@
-"""`meshserve bench {serve,throughput}`: argument wiring for the tools in meshserve/bench/.
+"""`meshserve bench {serve,throughput,soak}`: argument wiring for the tools in meshserve/bench/.
 
 `register(subparsers)` is called by the top-level CLI; `python -m meshserve.commands.bench ...`
 runs the same parser standalone. Every multi-word flag is accepted dashed and underscored.
@@ -31,9 +31,9 @@ class _FlagParser(OneLineErrorParser):
 
 
 def _add_subcommands(bench: argparse.ArgumentParser) -> None:
-    from meshserve.bench import serve, throughput
+    from meshserve.bench import serve, soak, throughput
 
-    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,throughput}", parser_class=_FlagParser)
+    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,throughput,soak}", parser_class=_FlagParser)
     sub.required = True
     serve_parser = sub.add_parser("serve", help="load-test an OpenAI-compatible server (like `vllm bench serve`)",
                                   description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +43,10 @@ def _add_subcommands(bench: argparse.ArgumentParser) -> None:
                                description=throughput.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     throughput.add_cli_args(tp_parser)
     tp_parser.set_defaults(bench_main=throughput.main)
+    soak_parser = sub.add_parser("soak", help="hold N streams against a server, cancel some, check nothing is lost",
+                                 description=soak.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    soak.add_cli_args(soak_parser)
+    soak_parser.set_defaults(bench_main=soak.main)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -56,8 +60,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    args.bench_main(args)
-    return 0
+    rc = args.bench_main(args)  # serve / throughput return their results; soak its exit status
+    return rc if isinstance(rc, int) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

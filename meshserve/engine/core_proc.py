@@ -131,6 +131,7 @@ class EngineLoop:
         self.queue_times: list[float] = []
         self.iteration_latencies: list[float] = []
         self.last_iterations = core.num_iterations
+        self.rss = (0.0, 0)  # (when read, resident bytes of this engine process): read at most once a second
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -221,6 +222,13 @@ class EngineLoop:
                 elif req.status.finished:
                     del self.unscheduled[rid]
 
+    def _rss(self) -> int:
+        """This engine process's resident memory (/metrics meshserve_engine_resident_memory_bytes)."""
+        now = time.monotonic()
+        if now - self.rss[0] >= 1.0:
+            self.rss = (now, resident_bytes())
+        return self.rss[1]
+
     def _send(self, outputs: list) -> None:
         self._collect_timings()
         if self.pending_outputs:
@@ -230,7 +238,17 @@ class EngineLoop:
         stats["iteration_latencies_s"], self.iteration_latencies = self.iteration_latencies, []
         stats["queue_times_s"], self.queue_times = self.queue_times, []
         stats["time"] = time.time()
+        stats["rss_bytes"] = self._rss()
         self.out.send_multipart([OUTPUTS, self.encoder.encode(EngineCoreOutputs(outputs=outputs, stats=stats))])
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def decode_front_message(kind: bytes, payload: bytes, decoders: Optional[dict] = None):

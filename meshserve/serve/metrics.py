@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshserve.engine.detokenizer import RequestState
@@ -67,6 +68,9 @@ class ServerMetrics:
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Fraction of looked-up prompt tokens found in the "
                                      "prefix cache (0-1)")
         self.healthy = gauge("engine_healthy", "1 while the engine process serves, 0 after it failed")
+        self.engine_rss = gauge("engine_resident_memory_bytes", "Resident memory of the engine process (the "
+                                "API server's own is process_resident_memory_bytes)")
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. of this (the API server's) process
         self.stage_busy = Gauge("meshserve_pipeline_stage_busy_ratio", "Fraction of the last ~1 s each pipeline "
                                 "stage spent computing (1 - bubbles); absent without pipeline parallelism",
                                 ["model_name", "stage"], registry=r)
@@ -114,6 +118,8 @@ class ServerMetrics:
         self.kv_total.set(total)
         self.kv_used.set(total - stats.get("num_free_blocks", total))
         self.prefix_hit_rate.set(stats.get("prefix_cache_hit_rate", 0.0))
+        if stats.get("rss_bytes"):
+            self.engine_rss.set(stats["rss_bytes"])
         preemptions = stats.get("num_preemptions", 0)
         if preemptions > self._last_preemptions:
             self.preemptions.inc(preemptions - self._last_preemptions)
