@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 ADD, ABORT, SHUTDOWN = b"add", b"abort", b"shutdown"
 READY, OUTPUTS, REJECT, FAILED = b"ready", b"outputs", b"reject", b"failed"
 
-IDLE_POLL_MS = 500  # how long an idle engine blocks on its socket before checking its parent
+IDLE_POLL_MS = 500  # how long an idle engine blocks on its socket before checking its parent and workers
 
 
 class EngineReady(msgspec.Struct, omit_defaults=True):
@@ -172,8 +172,15 @@ class EngineLoop:
                     return
                 if outputs or changed or self.pending_outputs or self.core.kv_events != events:
                     self._send(outputs)
-            elif changed or self.pending_outputs:
-                self._send([])
+            else:
+                try:  # idle: a worker rank that died is noticed now, not at the next request
+                    self.core.executor.check_health()
+                except Exception as e:  # noqa: BLE001 - reported to the front, which turns /health to 503
+                    logger.error("a worker rank failed while the engine was idle: %s", e)
+                    self.out.send_multipart([FAILED, self.encoder.encode(EngineFailed(f"{type(e).__name__}: {e}"))])
+                    return
+                if changed or self.pending_outputs:
+                    self._send([])
 
     def _drain(self) -> bool:
         """Handle every message already queued; returns whether any changed the engine's state."""

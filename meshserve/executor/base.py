@@ -77,6 +77,10 @@ class Executor:
         if transfer is not None:
             transfer.release_remote(source_rank0, ctx_request_id)
 
+    def check_health(self) -> None:
+        """Raise if a worker rank died or reported an error; an idle engine calls it now and then
+        (a busy one finds out in its next step), so /health turns 503 without a request."""
+
     def shutdown(self) -> None:
         pass
 

@@ -294,6 +294,9 @@ class MultiProcExecutor(Executor):
         self._check_alive()
 
     # ---- Executor ----------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        self._poll_errors()
+
     def initialize_cache(self, kv_config, max_tokens_needed: int) -> int:
         budget = int(kv_config.cpu_kv_cache_gb * 2**30)
         self.channel.broadcast(ProfileKv(kv_config.free_gpu_memory_fraction, budget))
