@@ -57,7 +57,7 @@ def ours(a) -> dict:
     cfg = SHAPES[a.model].config
     llm = LLM(a.model, load_format="dummy", max_batch_size=a.max_batch_size, max_seq_len=2304,
               moe_config={"backend": a.backend}, kernel_config={"pdl": a.pdl}, quantization=a.quantization,
-              show_progress=False)
+              kv_cache_config={"dtype": a.kv_cache_dtype}, show_progress=False)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"] - 300
 
@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--num-offline", type=int, default=400, help="1000/1000 requests (BENCHMARKS.md: 1000)")
     p.add_argument("--pdl", action="store_true", help="kernel_config.pdl: programmatic dependent launch")
     p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="fp8: the KV cache in FP8 (twice the tokens fit)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")
     p.add_argument("--out", default="out/moe_1gpu")
     a = p.parse_args()
@@ -121,7 +122,8 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--part", "ours", "--model", a.model, "--backend", a.backend,
                         "--max-batch-size", str(a.max_batch_size), "--num-offline", str(a.num_offline),
                         "--out", a.out] + ["--pdl"] * a.pdl + ["--skip-decode"] * a.skip_decode
-                       + (["--quantization", a.quantization] if a.quantization else []), check=False)
+                       + (["--quantization", a.quantization] if a.quantization else [])
+                       + ["--kv-cache-dtype", a.kv_cache_dtype], check=False)
     if os.path.exists(ours_json):
         summary["ours"] = json.load(open(ours_json))
     if a.part in ("all", "peer"):

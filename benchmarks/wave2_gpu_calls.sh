@@ -13,6 +13,8 @@
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
+#   call 10 (carry .whl):    moe-1gpu offline 1000/1000 with bf16 weights and an FP8 KV cache at batch 768
+#                            (the KV of 384 x 2000 tokens fills the bf16 pool; a separate row, not the bf16 one)
 # Usage on the device: `bash benchmarks/wave2_gpu_calls.sh N` (it sources scripts/gpu_env.sh itself).
 # Every step has its own timeout so one that hangs leaves the call's other results; step outputs go
 # to $OUT/<step>.txt (and their tails to the call's output), the benchmarks' folders to $RES, packed
@@ -102,8 +104,12 @@ case $CALL in
   step fp8_moe 400 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --quantization fp8 $PDL_FLAG \
     --out "$RES/moe_fp8"
   ;;
+10)
+  step moe_offline_fp8kv 560 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+    --max-batch-size 768 --kv-cache-dtype fp8 $PDL_FLAG --out "$RES/moe_fp8kv"
+  ;;
 *)
-  echo "call must be 1-4, 8, 9, 21 or 24"
+  echo "call must be 1-4, 8, 9, 10, 21 or 24"
   exit 2
   ;;
 esac
