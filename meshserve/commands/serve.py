@@ -114,6 +114,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "max_request_body_mb", type=float, default=64.0,  # serve/protocol.MAX_REQUEST_BODY_BYTES
           help="a request body larger than this many MiB is a 413, refused before it is held in memory "
                "(default: %(default)s)")
+    _flag(parser, "max_request_header_kb", type=float, default=64.0,
+          help="requests whose headers (names and values) pass this many KiB are a 431 (default: %(default)s)")
     _flag(parser, "shutdown_timeout", type=float, default=30.0,
           help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
@@ -292,6 +294,8 @@ def _main(ns: argparse.Namespace) -> int:
                      f"(0: every prompt off the event loop)")
     if not ns.max_request_body_mb > 0 or ns.max_request_body_mb == float("inf"):
         return _fail(f"--max_request_body_mb {ns.max_request_body_mb:g}: expected a number of MiB > 0")
+    if not ns.max_request_header_kb > 0 or ns.max_request_header_kb == float("inf"):
+        return _fail(f"--max_request_header_kb {ns.max_request_header_kb:g}: expected a number of KiB > 0")
     if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
         return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
                      f"(0: stop without waiting for in-flight requests)")
@@ -402,7 +406,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template),
                           ns.tokenize_offload_chars, aliases,
                           trust_request_chat_template=ns.trust_request_chat_template,
-                          max_request_body_bytes=int(ns.max_request_body_mb * 2**20))
+                          max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
+                          max_request_header_bytes=int(ns.max_request_header_kb * 2**10))
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

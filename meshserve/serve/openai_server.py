@@ -66,6 +66,7 @@ class ServerConfig:
     # vLLM's flag): a Jinja template is a program, and one request's could take the server's memory or CPU
     trust_request_chat_template: bool = False
     max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES  # a larger body is a 413 (serve --max_request_body_mb)
+    max_request_header_bytes: int = 64 * 2**10  # larger headers (names + values) are a 431 (--max_request_header_kb)
 
 
 class ClientDisconnected(Exception):
@@ -507,6 +508,29 @@ class AuthMiddleware:
         return await self.app(scope, receive, send)
 
 
+class HeaderLimitMiddleware:
+    """Requests whose headers (names and values together) pass the limit are a 431 in OpenAI's error
+    shape, before routing or authentication: a client cannot make every request carry megabytes."""
+
+    def __init__(self, app, limit: int, metrics: Optional[ServerMetrics] = None):
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+            if size > self.limit:
+                if self.metrics is not None:
+                    self.metrics.on_error(431)
+                response = JSONResponse(error_body(
+                    f"the request headers are {size} bytes, more than this server reads ({self.limit} bytes; "
+                    f"serve --max_request_header_kb raises it)", "invalid_request_error", None,
+                    "request_header_fields_too_large"), status_code=431)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def openapi_document() -> dict:
     """The server's OpenAPI document (routes, request bodies: serve/openapi.py) without an engine."""
     stub = type("NoEngine", (), {"metrics": None, "config": ServerConfig(served_model_name="", model_path="")})()
@@ -592,4 +616,5 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     with_request_bodies(app)
     if serving.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=serving.config.api_key, metrics=metrics)
+    app.add_middleware(HeaderLimitMiddleware, limit=serving.config.max_request_header_bytes, metrics=metrics)
     return app

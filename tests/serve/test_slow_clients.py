@@ -1,7 +1,7 @@
-"""Slow clients (slowloris): 200 connections that send part of a request's headers, or all headers and
+"""Slow clients (slowloris) and large headers: 200 connections that send part of a request's headers, or all headers and
 part of the body, and then nothing. The server keeps answering other requests at once, none of them
 reaches the engine (running and waiting stay 0, no KV block is held), and it is still healthy after
-they hang up."""
+they hang up. Headers past --max_request_header_kb are a 431."""
 from __future__ import annotations
 
 import os
@@ -41,6 +41,15 @@ def test_slow_clients_hold_no_engine_resources(tiny_model):
     try:
         time.sleep(0.5)
         assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
+        # headers past --max_request_header_kb (64 KiB by default): a 431 in OpenAI's error shape
+        big = httpx.post(server.base_url + "/v1/completions", timeout=30, headers={"X-Big": "a" * 100_000},
+                         json={"model": os.path.basename(tiny_model), "prompt": "Hi", "max_tokens": 2})
+        assert big.status_code == 431, big.text
+        err = big.json()["error"]
+        assert err["code"] == "request_header_fields_too_large" and "max_request_header_kb" in err["message"]
+        ok = httpx.post(server.base_url + "/v1/completions", timeout=30, headers={"X-Fine": "a" * 8_000},
+                        json={"model": os.path.basename(tiny_model), "prompt": "Hi", "max_tokens": 2})
+        assert ok.status_code == 200
         r = httpx.post(server.base_url + "/v1/completions", timeout=30,
                        json={"model": os.path.basename(tiny_model), "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200
