@@ -85,26 +85,27 @@ class TritonAttentionBackend(AttentionBackend):
                 "backend returns the log-sum-exp only in eager steps; run the steps that merge partial "
                 "attentions eagerly (cuda_graph_config=None, or enable=False) or leave return_lse False")
         kv_cache = layer.kv_cache
+        k_scale, v_scale = getattr(layer, "k_scale", 1.0), getattr(layer, "v_scale", 1.0)
         if rotary is not None:
             norm = None
             if layer.qk_norm is not None and self.fuses_qk_norm(layer, rotary):
                 qn, kn = layer.qk_norm
                 norm = (qn.weight, kn.weight, qn.eps)
             rotary_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, kv_cache, md.slot_mapping, norm,
-                            layer.k_scale, layer.v_scale)
+                            k_scale, v_scale)
         else:
-            pa.store_kv(k, v, kv_cache, md.slot_mapping, layer.k_scale, layer.v_scale)
+            pa.store_kv(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         # the cache holds k / k_scale and v / v_scale (an FP8 cache's calibrated scales; 1 otherwise):
         # k_scale folds into the softmax scale (the log-sum-exp stays exact), v_scale multiplies the output
         out = pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,
-                                 md.tile_start, md.block_q, layer.scale * layer.k_scale, layer.sliding_window,
+                                 md.tile_start, md.block_q, layer.scale * k_scale, layer.sliding_window,
                                  md.num_splits, workspace=md.workspace, settings=self.settings, return_lse=return_lse,
                                  query_positions=md.query_positions)
-        if layer.v_scale == 1.0:
+        if v_scale == 1.0:
             return out
         if return_lse:
-            return out[0] * layer.v_scale, out[1]
-        return out * layer.v_scale
+            return out[0] * v_scale, out[1]
+        return out * v_scale
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def graph_token_boundaries(self) -> list[int]:
