@@ -279,7 +279,7 @@ def test_fp8_tensors_without_quantization_config_are_refused(tmp_path):
     """(FP8 checkpoints with their quantization_config: tests/models/test_fp8.py.)"""
     build_deepseek(str(tmp_path))
     _add_tensors(str(tmp_path), {"model.layers.0.self_attn.kv_b_proj.weight_scale_inv": torch.ones(1, 1)})
-    with pytest.raises(ValueError, match="is part of FP8 block quantisation, but .* has no quantization_config"):
+    with pytest.raises(ValueError, match="is part of FP8 quantisation, but .* has no quantization_config"):
         LLM(str(tmp_path), show_progress=False)
 
 
