@@ -394,9 +394,10 @@ class MultiProcExecutor(Executor):
                 p.join(timeout=5.0)
         if self.channel is not None:
             self.channel.close()
-        if self.state is not None:
-            from meshserve.distributed.parallel_state import destroy_distributed
-            try:
-                destroy_distributed()
-            except Exception:
-                pass
+        # rank 0 joined the default process group in build_rank: leave it even when that failed half
+        # way (a model that did not load), or the next engine of this process cannot start
+        from meshserve.distributed.parallel_state import destroy_distributed
+        try:
+            destroy_distributed()
+        except Exception:
+            pass

@@ -521,6 +521,10 @@ def test_shards_off_the_block_grid_are_refused(tmp_path):
     write_fp8_checkpoint(src, dst, block=(32, 32))
     with pytest.raises(Exception, match="does not start on a block of 32"):
         LLM(dst, tensor_parallel_size=2, kv_cache_config=KV, show_progress=False)
+    # rank 0 failed after joining the process group: it left it, so the next engine of this process starts
+    with LLM(src, tensor_parallel_size=2, kv_cache_config=KV, show_progress=False) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
 
 
 
