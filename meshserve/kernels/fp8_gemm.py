@@ -118,13 +118,18 @@ def _gemv_config(m: int, n: int, k: int, bk: int) -> tuple[int, int, int]:
     return block_n, block_k, 4
 
 
-def fp8_gemv(x, q, scale, block, bias=None, config=None):
+def _operands(x, q):
+    """(x with unit stride along K, M, N, K, the output [M, N] in x's dtype)."""
     m, k = x.shape
     n = q.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
+    return x, m, n, k, torch.empty((m, n), dtype=x.dtype, device=x.device)
+
+
+def fp8_gemv(x, q, scale, block, bias=None, config=None):
+    x, m, n, k, y = _operands(x, q)
     bn, bk = block
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or _gemv_config(m, n, k, bk)
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, q, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), q.stride(0), scale.stride(0),
@@ -141,12 +146,8 @@ def _gemm_config(m: int, n: int, k: int, bk: int) -> tuple[int, int, int, int, i
 
 
 def fp8_gemm(x, q, scale, block, bias=None, config=None):
-    m, k = x.shape
-    n = q.shape[0]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x, m, n, k, y = _operands(x, q)
     bn, bk = block
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages = config or _gemm_config(m, n, k, bk)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _fp8_gemm_kernel[grid](

@@ -135,11 +135,7 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def weight_loader(self, param, loaded, shard_id=None, block=None):
-        if param.dim() == 1 or block is None:
-            shard = param.data.size(0)
-            param.data.copy_(loaded.narrow(0, self.tp_rank * shard, shard))
-            return
-        shard = self.weight.shape[0]
+        shard = self.weight.shape[0]  # rows of this rank (of the weight, its bias, its scales' blocks)
         param.data.copy_(_narrow(loaded, 0, self.tp_rank * shard, shard, block))
 
     def fp8_aligned_sizes(self):

@@ -97,6 +97,7 @@ class Fp8Plan:
     online: bool = False
     expert_layers: set = field(default_factory=set)  # decoder layers whose experts are FP8
     scale_name: str = "weight_scale_inv"  # the checkpoint's scale tensors: <weight name>_scale_inv or _scale
+    files: dict = field(default_factory=dict)  # tensor_files(path), read once by plan_fp8
     # calibrated KV-cache scales of the checkpoint, per decoder layer: {"k": float, "v": float}
     kv_scales: dict = field(default_factory=dict)
 
@@ -133,12 +134,18 @@ def _fp8_sources(model: torch.nn.Module, module_name: str) -> list[str]:
     return sources or [f"{module_name}.weight"]
 
 
-def checkpoint_tensor_names(path: str) -> list[str]:
-    names = []
+def tensor_files(path: str) -> dict[str, str]:
+    """Checkpoint tensor name -> the safetensors file holding it: the index's weight_map when the
+    checkpoint is sharded (no file opened), else the files' headers."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
+    where = {}
     for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
-            names.extend(f.keys())
-    return names
+            where.update(dict.fromkeys(f.keys(), file))
+    return where
 
 
 def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: Optional[str],
@@ -155,8 +162,9 @@ def plan_fp8(model: torch.nn.Module, cfg: ModelConfig, path: str, quantization: 
     experts = [(int(_LAYER.search(name).group(1)), m) for name, m in model.named_modules() if isinstance(m, FusedMoE)]
     if cfg.fp8_block is not None and load_format != "dummy":
         suffix = "." + cfg.fp8_scale_name
-        scaled = {n[:-len(suffix)] + ".weight" for n in checkpoint_tensor_names(path) if n.endswith(suffix)}
-        plan = Fp8Plan(block=cfg.fp8_block, scale_name=cfg.fp8_scale_name)
+        files = tensor_files(path)
+        scaled = {n[:-len(suffix)] + ".weight" for n in files if n.endswith(suffix)}
+        plan = Fp8Plan(block=cfg.fp8_block, scale_name=cfg.fp8_scale_name, files=files)
         for name, layer in linears:
             sources = _fp8_sources(model, name)
             if all(s in scaled for s in sources):
@@ -193,12 +201,8 @@ class _Headers:
     """Tensors read on demand, and shapes from the safetensors headers (an FP8 tensor dequantised on
     the way in needs its scale; a per-tensor scale becomes one per row of its weight)."""
 
-    def __init__(self, path: str):
-        self.where: dict[str, str] = {}
-        for file in safetensors_files(path):
-            with safe_open(file, framework="pt") as f:
-                for n in f.keys():
-                    self.where[n] = file
+    def __init__(self, where: dict[str, str]):
+        self.where = where  # tensor_files(path)
         self.open: dict = {}
 
     def _file(self, name: str):
@@ -242,7 +246,7 @@ def fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], path: str, plan: Fp
     dequantised to `dtype` on `device` (the model's: on a GPU a dequantisation costs microseconds;
     their scales dropped); activation and KV-cache scales skipped (weight-only FP8)."""
     from meshserve.kernels.fp8 import FP8_DTYPE, PER_ROW, dequantize, scale_shape
-    headers = _Headers(path)
+    headers = _Headers(plan.files or tensor_files(path))
     suffix = "." + plan.scale_name
     per_row = plan.block == PER_ROW
     dequantised = unused = 0

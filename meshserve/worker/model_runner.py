@@ -174,9 +174,9 @@ class ModelRunner:
         fp8 = plan_fp8(self.model, model_config, cfg.model_path, cfg.quantization, cfg.load_format)
         load_weights(self.model, cfg.model_path, cfg.load_format, cfg.seed, cfg.show_progress, fp8)
         self.attn_layers = self.model.attention_layers()
+        self.layer_ids = layer_range if layer_range is not None else range(model_config.num_hidden_layers)
         if fp8 is not None:  # an FP8 checkpoint's calibrated KV-cache scales, for an FP8 cache
-            fp8.apply_kv_scales(layer_range if layer_range is not None else range(model_config.num_hidden_layers),
-                                self.attn_layers, self.kv_dtype == torch.float8_e4m3fn)
+            fp8.apply_kv_scales(self.layer_ids, self.attn_layers, self.kv_dtype == torch.float8_e4m3fn)
         self.kernel_settings = kernel_settings.for_device(cfg.kernel_config, self.device)
         kernels.configure(self.kernel_settings)  # the fused ops' switch and the skinny-GEMM rows
         a = self.attn_layers[0] if self.attn_layers else None  # a stage without layers plans for nothing
@@ -193,7 +193,6 @@ class ModelRunner:
         # group's block table and shares its cache tensor (slot) with the same-index layer of the others
         self.kv_groups = model_kv_groups(model_config, cfg.max_seq_len, a.num_kv_heads if a else None)
         slots = layer_slots(self.kv_groups)
-        self.layer_ids = layer_range if layer_range is not None else range(model_config.num_hidden_layers)
         self.kv_slots = [slots[i] for i in self.layer_ids]  # (group, slot) of each of attn_layers
         for attn, (group, _) in zip(self.attn_layers, self.kv_slots):
             attn.kv_group = group

@@ -550,3 +550,25 @@ def test_which_layers_hold_fp8(tmp_path, online):
     assert moe.experts.w13.dtype == fp8 and moe.experts.w2.dtype == fp8
     assert moe.shared_experts.gate_up_proj.weight.dtype == fp8
     assert model.model.layers[0].mlp.down_proj.weight.dtype == fp8  # the dense first layer
+
+
+def test_sharded_fp8_checkpoint_with_an_index(tmp_path, prompts):
+    """The Hub's FP8 checkpoints are sharded with model.safetensors.index.json: weights and their scales
+    in different files, found through the index."""
+    from safetensors.torch import load_file, save_file
+    src, dst = str(tmp_path / "bf"), str(tmp_path / "fp8")
+    build_checkpoint(src, "qwen3")
+    write_fp8_checkpoint(src, dst)
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    os.remove(os.path.join(dst, "model.safetensors"))
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[0::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in shards.items():
+        save_file({n: sd[n] for n in part}, os.path.join(dst, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    assert any(weight_map[n] != weight_map.get(n + "_scale_inv") for n in names if n + "_scale_inv" in sd)
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    want = hf_logprobs(dst, prompts)
+    assert_parity(ours(dst, prompts), want, hf_logprobs(src, prompts))
