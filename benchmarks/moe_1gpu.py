@@ -48,6 +48,29 @@ def expected_experts(cfg: dict, batch: int) -> float:
     return e * (1 - (1 - k / e) ** batch)
 
 
+def profile_b1(llm, ps, out: str, steps: int = 64) -> dict:
+    """GPU kernel time of batch-1 decode steps (CUDA graphs replay inside): per kernel name, and the
+    sum per step against the step's wall time, which tells kernel time from gaps and host time."""
+    from torch.profiler import ProfilerActivity, profile
+    from meshserve import SamplingParams
+    sp = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    llm.generate(ps, sp, use_tqdm=False)  # same prompt: its prefill is a prefix-cache hit below
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r[2])
+    total_us = sum(r[2] for r in rows)
+    lines = [f"{steps} steps at batch 1 (+ one prefill): wall {wall / steps * 1000:.3f} ms/step, "
+             f"kernel time {total_us / steps / 1000:.3f} ms/step"]
+    lines += [f"{us / steps:9.1f} us/step {n / steps:7.1f} calls/step  {name[:110]}" for name, n, us in rows[:40]]
+    print("\n".join(lines), flush=True)
+    with open(os.path.join(out, "profile_b1.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"wall_ms_per_step": wall / steps * 1000, "kernel_ms_per_step": total_us / steps / 1000}
+
+
 def ours(a) -> dict:
     import torch
     from meshserve import LLM, SamplingParams
@@ -88,6 +111,8 @@ def ours(a) -> dict:
                                       "expected_experts_per_layer": expected_experts(cfg, batch)}
         print(f"decode batch {batch}: {', '.join(f'{r:.2f}' for r in runs)} ms/step (floor {floor_ms:.2f}, "
               f"experts hit per layer {hit})", flush=True)
+    if a.profile_b1:
+        result["profile_b1"] = profile_b1(llm, prompts(1, 128), a.out)
     if a.num_offline:
         ps = prompts(a.num_offline, 1000)
         t = timed(ps, 1000)
@@ -109,6 +134,8 @@ def main() -> None:
     p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: the KV cache in FP8 (twice the tokens fit)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")
+    p.add_argument("--profile-b1", action="store_true",
+                   help="after the decode rows: torch.profiler over 64 batch-1 decode steps (kernel table)")
     p.add_argument("--out", default="out/moe_1gpu")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)

@@ -81,7 +81,7 @@ case $CALL in
   step pdl_tests 240 python3 -m pytest tests/gpu/test_pdl.py -q -x
   grep -q " passed" "$OUT/pdl_tests.txt" && ! grep -q -E "failed|error" "$OUT/pdl_tests.txt" && PDL_FLAG=--pdl
   echo "PDL_FLAG=$PDL_FLAG"
-  step moe_1gpu 330 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 $PDL_FLAG --out "$RES/moe"
+  step moe_1gpu 330 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 $PDL_FLAG --profile-b1 --out "$RES/moe"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
