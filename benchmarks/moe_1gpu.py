@@ -79,7 +79,7 @@ def ours(a) -> dict:
 
     cfg = SHAPES[a.model].config
     llm = LLM(a.model, load_format="dummy", max_batch_size=a.max_batch_size, max_seq_len=2304,
-              moe_config={"backend": a.backend}, kernel_config={"pdl": a.pdl}, quantization=a.quantization,
+              moe_config={"backend": a.backend}, kernel_config={"pdl": a.pdl, "fuse_norm_linear": a.fuse_norm}, quantization=a.quantization,
               kv_cache_config={"dtype": a.kv_cache_dtype}, show_progress=False)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"] - 300
@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--num-offline", type=int, default=400, help="1000/1000 requests (BENCHMARKS.md: 1000)")
     p.add_argument("--pdl", action="store_true", help="kernel_config.pdl: programmatic dependent launch")
+    p.add_argument("--fuse-norm", action="store_true", help="kernel_config.fuse_norm_linear (batch-1 steps)")
     p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: the KV cache in FP8 (twice the tokens fit)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")

@@ -76,12 +76,20 @@ case $CALL in
   # the one-GPU engine after the sixth session's model-runner / model-file changes (attention DP, cp)
   step gpu_engine_tests 150 python3 -m pytest tests/gpu/test_gpu_engine.py -q -x
   ;;
-21)  # issue 21 in one call: PDL tests decide the flag (their compiles took > 100 s on 2026-12-05),
-    # then moe-1gpu decode with it (the offline run and the peer ran that day: docs/benchmarks.md)
+21)  # issue 21, batch 1: the fused norm + GEMV (+ router) kernel's and PDL's GPU tests, then the A/B of
+    # both switches on an 8-layer cut of the model (one process); call 22 runs the full model with them
+  step fuse_tests 120 python3 -m pytest tests/gpu/test_norm_gemv.py -q -x
   step pdl_tests 240 python3 -m pytest tests/gpu/test_pdl.py -q -x
-  grep -q " passed" "$OUT/pdl_tests.txt" && ! grep -q -E "failed|error" "$OUT/pdl_tests.txt" && PDL_FLAG=--pdl
-  echo "PDL_FLAG=$PDL_FLAG"
-  step moe_1gpu 330 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 $PDL_FLAG --profile-b1 --out "$RES/moe"
+  CONFIGS=base
+  grep -q " passed" "$OUT/fuse_tests.txt" && ! grep -q -E "failed|error" "$OUT/fuse_tests.txt" && CONFIGS=$CONFIGS,fuse
+  if grep -q " passed" "$OUT/pdl_tests.txt" && ! grep -q -E "failed|error" "$OUT/pdl_tests.txt"; then
+    CONFIGS=$CONFIGS,pdl; [[ $CONFIGS == *fuse* ]] && CONFIGS=$CONFIGS,fuse+pdl
+  fi
+  echo "CONFIGS=$CONFIGS"
+  step moe_ab 220 python3 benchmarks/moe_layer_ab.py --layers 8 --configs $CONFIGS --out "$RES/ab"
+  ;;
+22)  # issue 21: moe-1gpu decode with the switches call 21 found correct and faster (FLAGS="--fuse-norm --pdl")
+  step moe_1gpu 400 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 ${FLAGS:-} --profile-b1 --out "$RES/moe"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
@@ -109,7 +117,7 @@ case $CALL in
     --max-batch-size 768 --kv-cache-dtype fp8 $PDL_FLAG --out "$RES/moe_fp8kv"
   ;;
 *)
-  echo "call must be 1-4, 8, 9, 10, 21 or 24"
+  echo "call must be 1-4, 8, 9, 10, 21, 22 or 24"
   exit 2
   ;;
 esac

@@ -19,14 +19,17 @@ GEMV_MAX_M = H200.gemv_max_m
 # kernel_config.pdl: the Triton kernels launch with programmatic dependent launch (kernels/pdl.py).
 PDL = H200.pdl
 _PDL_ARGS = {"USE_PDL": True, "launch_pdl": True}
+# kernel_config.fuse_norm_linear: one-row steps fuse each RMSNorm into the linear after it (layers/norm.py).
+FUSE_NORM_LINEAR = H200.fuse_norm_linear
 
 
 def configure(settings: KernelSettings) -> None:
     """Apply a rank's resolved settings to the fused ops and linears of this process."""
-    global TRITON_AVAILABLE, GEMV_MAX_M, PDL
+    global TRITON_AVAILABLE, GEMV_MAX_M, PDL, FUSE_NORM_LINEAR
     TRITON_AVAILABLE = TRITON_INSTALLED and not settings.disable_triton
     GEMV_MAX_M = settings.gemv_max_m
     PDL = settings.pdl
+    FUSE_NORM_LINEAR = settings.fuse_norm_linear
 
 
 def pdl_args() -> dict:
@@ -37,3 +40,9 @@ def pdl_args() -> dict:
 
 def use_triton(t) -> bool:
     return TRITON_AVAILABLE and t.is_cuda
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under its interpreter on CPU (TRITON_INTERPRET=1: tests)."""
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from meshserve import kernels
+from meshserve.kernels.moe_router import route_rows
 from meshserve.kernels.pdl import pdl_enter
 
 
@@ -103,3 +104,112 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= kernels.GEMV_MAX_M
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.stride(-1) == 1 and weight.numel() <= MAX_WEIGHT_ELEMENTS)
+
+
+# ---- RMSNorm fused into the GEMV that reads its output (one decode row) ---------------------------
+# At batch 1 a decoder layer's two norms are kernels of their own, each a launch and a gap in the
+# step's chain for 2048 numbers. `norm_gemv` computes the residual add and the norm in every program
+# of the skinny GEMM that consumes them (the vector is 4-8 KB, read from L2), and program 0 writes
+# the new residual (and the normed vector when another op needs it: the experts). With `route`, the
+# GEMM is the MoE router's gate and the program that finishes last (a counter, reset by it) runs the
+# router's top-k on the finished logits (kernels/moe_router.py route_rows): norm, gate and router in
+# one launch instead of three.
+MAX_NORM_K = 4096  # the whole row in one K tile
+
+
+@triton.jit
+def _norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, h_ptr, N, K, stride_wn, eps,
+                      cnt_ptr, rbias_ptr, rw_ptr, rids_ptr, rscale,
+                      HAS_RES: tl.constexpr, WRITE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTE: tl.constexpr,
+                      E_P2: tl.constexpr, TOPK: tl.constexpr, K_P2: tl.constexpr, SIGMOID: tl.constexpr,
+                      R_HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr,
+                      N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                      GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    # weights first (no kernel writes them: with PDL this load overlaps the kernel before), then the row
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :],
+                mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    pdl_enter(USE_PDL)
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+    if HAS_RES:  # as kernels/fused.py's RMSNorm: the sum rounded as a torch add, the norm in fp32
+        r = tl.load(res_ptr + offs_k, mask=k_mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        if pid == 0:
+            tl.store(res_out_ptr + offs_k, x, mask=k_mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+    nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0)
+    h = ((xf * rstd).to(x.dtype).to(tl.float32) * nw.to(tl.float32)).to(x.dtype)
+    if WRITE_H:
+        if pid == 0:
+            tl.store(h_ptr + offs_k, h, mask=k_mask)
+    y = tl.sum(h.to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    if ROUTE:
+        # the last program to finish routes: every thread's stores before the barrier, the counter's
+        # release after it (the CUTLASS semaphore's order); the winner's acquire before its loads
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - 1:
+            e = tl.arange(0, E_P2)
+            e_ok = e < N
+            logits = tl.load(y_ptr + e, mask=e_ok, other=0.0, volatile=True).to(tl.float32)[None, :]
+            rw, rids = route_rows(logits, rbias_ptr, rscale, e, e_ok, 1, E_P2, TOPK, K_P2, SIGMOID, R_HAS_BIAS,
+                                  RENORM, SCALE, N_GROUP, NG_P2, TOPK_GROUP, GROUP_SIZE)
+            kk = tl.arange(0, K_P2)[None, :]
+            tl.store(rw_ptr + kk, rw, mask=kk < TOPK)
+            tl.store(rids_ptr + kk, rids.to(tl.int64), mask=kk < TOPK)
+            tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch (CUDA-graph replays)
+
+
+def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of K <= MAX_NORM_K, a weight the skinny GEMM takes, both in x's half precision (or fp32
+    under the interpreter)."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= MAX_NORM_K and weight.dim() == 2
+            and weight.shape[1] == x.shape[1] and weight.dtype == x.dtype and weight.stride(-1) == 1
+            and weight.numel() <= MAX_WEIGHT_ELEMENTS)
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor, bias: torch.Tensor | None = None, *, want_h: bool = False, route=None):
+    """For one row x [1, K]: s = x + residual (x without one), h = RMSNorm(s) * norm_weight, y = h @ W^T.
+
+    Returns (y [1, N], s, h or None): s in a new tensor (`residual` is not written), h only with
+    `want_h`. `route`: (counter int32 [1] zeroed, RouterConfig-derived constexprs from
+    moe_router.route_constexprs, bias or None, scale, ids_out or None): y are router logits and the
+    result's y is (weights fp32 [1, K], ids int64 [1, K]) instead."""
+    k = x.shape[1]
+    n = weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else x
+    h = torch.empty_like(x) if want_h else x
+    block_k = triton.next_power_of_2(k)
+    block_n, _, warps = _config(1, n, k)
+    block_n = max(1, min(block_n, 8192 // block_k))  # the whole row's tile stays in registers
+    meta = {"E_P2": 1, "TOPK": 1, "K_P2": 1, "SIGMOID": False, "HAS_BIAS": False, "RENORM": False,
+            "SCALE": False, "N_GROUP": 1, "NG_P2": 1, "TOPK_GROUP": 1, "GROUP_SIZE": 1}
+    counter, rbias, rscale, rw, rids = x, x, 1.0, y, y
+    if route is not None:
+        counter, meta, rbias, rscale, ids_out = route
+        rw = torch.empty((1, meta["TOPK"]), dtype=torch.float32, device=x.device)
+        rids = ids_out if ids_out is not None else torch.empty((1, meta["TOPK"]), dtype=torch.int64,
+                                                               device=x.device)
+        rbias = rbias if rbias is not None else x
+    meta = dict(meta)
+    meta["R_HAS_BIAS"] = meta.pop("HAS_BIAS")
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else weight, y,
+        res_out, h, n, k, weight.stride(0), eps, counter, rbias, rw, rids, float(rscale),
+        HAS_RES=residual is not None, WRITE_H=want_h, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, ROUTE=route is not None, num_warps=warps, **meta, **kernels.pdl_args())
+    out = (rw, rids) if route is not None else y
+    return out, res_out, (h if want_h else None)

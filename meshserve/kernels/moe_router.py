@@ -35,19 +35,14 @@ MAX_EXPERTS = 1024  # one row of scores per program in registers
 MAX_TOPK = 32
 
 
-@triton.jit(do_not_specialize=["T"])
-def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, stride_w, stride_i, scale,
-                   ROWS: tl.constexpr, E_P2: tl.constexpr, TOPK: tl.constexpr, K_P2: tl.constexpr,
-                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr,
-                   N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                   GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_enter(USE_PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_P2)
-    row_ok = rows < T
-    e_ok = e < E
-    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + e[None, :],
-                mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+@triton.jit
+def route_rows(x, bias_ptr, scale, e, e_ok, ROWS: tl.constexpr, E_P2: tl.constexpr, TOPK: tl.constexpr,
+               K_P2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+               SCALE: tl.constexpr, N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
+               GROUP_SIZE: tl.constexpr):
+    """Router logits x [ROWS, E_P2] (fp32; `e` the expert index, `e_ok` e < E) -> (weights [ROWS, K_P2]
+    fp32, ids [ROWS, K_P2] int32), columns past TOPK zero. Shared by the router kernel and the
+    skinny GEMM's routing epilogue (kernels/gemv.py norm_gemv)."""
     neg = float("-inf")
     if SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-x))
@@ -101,10 +96,45 @@ def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, stride_
         w = w / total[:, None]
     if SCALE:
         w = w * scale
+    return w, ids
+
+
+@triton.jit(do_not_specialize=["T"])
+def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, stride_w, stride_i, scale,
+                   ROWS: tl.constexpr, E_P2: tl.constexpr, TOPK: tl.constexpr, K_P2: tl.constexpr,
+                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr,
+                   N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                   GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, E_P2)
+    row_ok = rows < T
+    e_ok = e < E
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + e[None, :],
+                mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+    w, ids = route_rows(x, bias_ptr, scale, e, e_ok, ROWS, E_P2, TOPK, K_P2, SIGMOID, HAS_BIAS, RENORM, SCALE,
+                        N_GROUP, NG_P2, TOPK_GROUP, GROUP_SIZE)
+    kk = tl.arange(0, K_P2)
     out_mask = row_ok[:, None] & (kk < TOPK)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     tl.store(w_ptr + r64 * stride_w + kk[None, :], w, mask=out_mask)
     tl.store(ids_ptr + r64 * stride_i + kk[None, :], ids.to(tl.int64), mask=out_mask)
+
+
+def route_constexprs(E: int, top_k: int, *, sigmoid: bool, renormalize: bool, has_bias: bool,
+                     n_group: Optional[int], topk_group: Optional[int], scale: float) -> dict:
+    """The constexpr arguments of `route_rows` for one router (after ROWS)."""
+    grouped = n_group is not None and n_group > 1
+    return dict(E_P2=triton.next_power_of_2(E), TOPK=top_k, K_P2=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
+                HAS_BIAS=has_bias, RENORM=renormalize, SCALE=scale != 1.0,
+                N_GROUP=n_group if grouped else 1, NG_P2=triton.next_power_of_2(n_group) if grouped else 1,
+                TOPK_GROUP=topk_group if grouped else 1, GROUP_SIZE=E // n_group if grouped else E)
+
+
+def check_ids_out(ids_out: torch.Tensor, T: int, top_k: int) -> None:
+    if ids_out.dtype != torch.int64 or tuple(ids_out.shape) != (T, top_k) or (top_k > 1 and ids_out.stride(1) != 1):
+        raise ValueError(f"router ids_out must be int64 [{T}, {top_k}] with unit stride along k; got "
+                         f"{ids_out.dtype} {tuple(ids_out.shape)} strides {ids_out.stride()}")
 
 
 def supports(num_experts: int, top_k: int) -> bool:
@@ -122,25 +152,18 @@ def router_topk(logits: torch.Tensor, top_k: int, *, sigmoid: bool = False, reno
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    if ids_out is not None and (ids_out.dtype != torch.int64 or tuple(ids_out.shape) != (T, top_k)
-                                or (top_k > 1 and ids_out.stride(1) != 1)):
-        raise ValueError(f"router ids_out must be int64 [{T}, {top_k}] with unit stride along k; got "
-                         f"{ids_out.dtype} {tuple(ids_out.shape)} strides {ids_out.stride()}")
+    if ids_out is not None:
+        check_ids_out(ids_out, T, top_k)
     ids = ids_out if ids_out is not None else torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     if T == 0:
         return weights, ids
-    grouped = n_group is not None and n_group > 1
-    e_p2 = triton.next_power_of_2(E)
-    rows = 1 if T <= 128 else max(1, min(16, 2048 // e_p2))
-    warps = max(1, min(4, rows * e_p2 // 256))
+    meta = route_constexprs(E, top_k, sigmoid=sigmoid, renormalize=renormalize, has_bias=bias is not None,
+                            n_group=n_group, topk_group=topk_group, scale=scale)
+    rows = 1 if T <= 128 else max(1, min(16, 2048 // meta["E_P2"]))
+    warps = max(1, min(4, rows * meta["E_P2"] // 256))
     if bias is not None:
         bias = bias.contiguous()
     _router_kernel[(triton.cdiv(T, rows),)](
         logits, bias if bias is not None else logits, weights, ids, T, E, logits.stride(0), weights.stride(0),
-        ids.stride(0), float(scale),
-        ROWS=rows, E_P2=e_p2, TOPK=top_k, K_P2=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
-        HAS_BIAS=bias is not None, RENORM=renormalize, SCALE=scale != 1.0,
-        N_GROUP=n_group if grouped else 1, NG_P2=triton.next_power_of_2(n_group) if grouped else 1,
-        TOPK_GROUP=topk_group if grouped else 1, GROUP_SIZE=E // n_group if grouped else E, num_warps=warps,
-        **kernels.pdl_args())
+        ids.stride(0), float(scale), ROWS=rows, num_warps=warps, **meta, **kernels.pdl_args())
     return weights, ids

@@ -40,6 +40,7 @@ class KernelSettings:
     attn_prefill_warps: int = 8
     attn_heavy_first: bool = True
     pdl: bool = False  # programmatic dependent launch (kernels/pdl.py): off until measured on the H200
+    fuse_norm_linear: bool = False  # one-row steps: RMSNorm inside the skinny GEMM after it (kernels/gemv.py); off until measured
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,11 @@
 """RMSNorm, optionally fused with the residual add (returns the new residual too), as HF Llama
-computes it: in float32, cast back before the weight multiply."""
+computes it: in float32, cast back before the weight multiply.
+
+`RMSNorm.then_linear` is the norm followed by the linear that reads its output (a decoder layer's
+q/k/v projection, its MLP's first projection or router gate). For one decode row on the GPU that is
+one kernel (kernels/gemv.py norm_gemv: residual add, norm and skinny GEMM, and for a router the
+top-k too); anywhere else the two ops as before.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +13,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from meshserve.kernels import use_triton
+from meshserve import kernels
+
+# None: fuse on CUDA where eligible; True: on CPU too under Triton's interpreter (tests); False: never.
+FUSE_LINEAR: Optional[bool] = None
 
 
 class RMSNorm(nn.Module):
@@ -23,10 +32,36 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if use_triton(x):
+        if kernels.use_triton(x):
             from meshserve.kernels.fused import rms_norm
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def fuses_with(self, x: torch.Tensor, linear: nn.Module) -> bool:
+        """Whether `then_linear(x, _, linear)` runs as one kernel: one row, a linear whose output
+        needs no communication (column parallel without gather, replicated) in x's dtype."""
+        if FUSE_LINEAR is False or not kernels.TRITON_INSTALLED or kernels.GEMV_MAX_M < 1 \
+                or not kernels.FUSE_NORM_LINEAR:
+            return False
+        if x.is_cuda:
+            if not kernels.TRITON_AVAILABLE or x.dtype not in (torch.bfloat16, torch.float16):
+                return False
+        elif not (FUSE_LINEAR and x.device.type == "cpu" and kernels.interpreting()):
+            return False
+        from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear
+        if not isinstance(linear, (ColumnParallelLinear, ReplicatedLinear)) or linear.fp8_block is not None \
+                or getattr(linear, "gather_output", False):
+            return False
+        from meshserve.kernels.gemv import norm_gemv_supported
+        return self.weight.dtype == x.dtype and norm_gemv_supported(x, linear.weight)
+
+    def then_linear(self, x: torch.Tensor, residual: Optional[torch.Tensor], linear: nn.Module, *,
+                    want_h: bool = False, route=None):
+        """(linear(h), s, h or None) with s = x + residual (x when residual is None) and h = norm(s);
+        h only with `want_h`. Call only where `fuses_with(x, linear)`; `route` as kernels/gemv.py
+        norm_gemv (then the first item is the router's (weights, ids))."""
+        from meshserve.kernels.gemv import norm_gemv
+        return norm_gemv(x, residual, self.weight, self.eps, linear.weight, linear.bias, want_h=want_h, route=route)

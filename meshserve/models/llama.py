@@ -56,8 +56,16 @@ class DecoderAttention(nn.Module):
         if cfg.qk_norm:  # applied by the attention layer: its backend may fuse them with rotary
             self.attn.qk_norm = (self.q_norm, self.k_norm)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+    @property
+    def input_linear(self) -> nn.Module:
+        """The linear that reads the normed input first (DecoderLayer may fuse the norm into it)."""
+        return self.qkv_proj
+
+    def forward(self, positions: torch.Tensor, hidden: Optional[torch.Tensor], md: AttentionMetadata,
+                qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`qkv`: qkv_proj(hidden) computed already (then hidden is not read)."""
+        if qkv is None:
+            qkv = self.qkv_proj(hidden)
         if self.helix:  # every token here already: this rank's keys, merge this rank's head slice
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             o, lse = self.attn(q, k, v, md, self.rotary_emb, positions, return_lse=True)
@@ -98,6 +106,14 @@ class DecoderMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
+    def forward_normed(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm):
+        """(forward(norm(x + residual)), x + residual) with the norm fused into gate_up_proj, or None
+        where it does not fuse (then the caller runs the two)."""
+        if not norm.fuses_with(x, self.gate_up_proj):
+            return None
+        gate_up, residual, _ = norm.then_linear(x, residual, self.gate_up_proj)
+        return self.down_proj(silu_and_mul(gate_up)), residual
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block around any attention and MLP module (DeepSeek's too)."""
@@ -110,12 +126,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, positions, hidden, residual, md):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
+        # One decode row on the GPU: each norm runs inside the kernel of the linear that reads it
+        # (RMSNorm.then_linear); attention and MLP modules that offer it take the linear's output.
+        attn_in = getattr(self.self_attn, "input_linear", None)
+        if attn_in is not None and self.input_layernorm.fuses_with(hidden, attn_in):
+            qkv, residual, _ = self.input_layernorm.then_linear(hidden, residual, attn_in)
+            hidden = self.self_attn(positions, None, md, qkv=qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, md)
+            if residual is None:
+                residual = hidden
+                hidden = self.input_layernorm(hidden)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            hidden = self.self_attn(positions, hidden, md)
+        forward_normed = getattr(self.mlp, "forward_normed", None)
+        fused = forward_normed(hidden, residual, self.post_attention_layernorm) if forward_normed else None
+        if fused is not None:
+            return fused
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -48,10 +48,24 @@ class SparseMoeBlock(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+        return self._experts_and_shared(x, self.experts(x, self.gate(x)))
+
+    def _experts_and_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def forward_normed(self, x: torch.Tensor, residual, norm):
+        """(forward(norm(x + residual)), x + residual) with the norm, the router gate and its top-k in
+        one kernel (RMSNorm.then_linear with the router epilogue), or None where that does not apply
+        (then the caller runs them apart)."""
+        if self.cp is not None or not norm.fuses_with(x, self.gate):
+            return None
+        route = self.experts.route_args(x)
+        if route is None:
+            return None
+        (weights, ids), residual, h = norm.then_linear(x, residual, self.gate, want_h=True, route=route)
+        return self._experts_and_shared(h, self.experts.forward_routed(h, weights, ids)), residual
 
 
 class QwenMoeForCausalLM(DecoderForCausalLM):

@@ -65,6 +65,9 @@ class FusedMoE(nn.Module):
         self._loaded: set[tuple[int, str]] = set()
         self._scaled: set[tuple[int, str]] = set()
         self.fp8_block: Optional[tuple[int, int]] = None
+        # the fused norm + gate + router kernel's last-program counter (kernels/gemv.py norm_gemv)
+        self.register_buffer("route_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self._route_meta: Optional[dict] = None
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """Hold the experts' weights in FP8 blocks of `block` (before loading)."""
@@ -125,6 +128,31 @@ class FusedMoE(nn.Module):
         weights, ids = select_experts(router_logits, self.router, self.e_score_correction_bias, ids_out)
         out = self.dispatcher(hidden, weights, ids, self._run)
         return dp.scatter(out) if dp is not None else out
+
+    def route_args(self, hidden: torch.Tensor):
+        """The `route` argument of kernels/gemv.py norm_gemv for one row of this layer's tokens (the
+        router's top-k inside the gate's kernel), or None where the router kernel does not take this
+        router or the tokens are exchanged with other ranks first (attention DP)."""
+        if (self.dp is not None and self.dp.active) or hidden.shape[0] != 1:
+            return None
+        from meshserve.layers.moe import router as router_mod
+        from meshserve.kernels.moe_router import route_constexprs, supports
+        cfg = self.router
+        if router_mod.USE_KERNEL is False or not supports(self.num_experts, cfg.top_k):
+            return None
+        if self._route_meta is None:
+            sigmoid = cfg.scoring == "sigmoid"
+            self._route_meta = route_constexprs(
+                self.num_experts, cfg.top_k, sigmoid=sigmoid, renormalize=cfg.renormalize,
+                has_bias=sigmoid and self.e_score_correction_bias is not None, n_group=cfg.n_group,
+                topk_group=cfg.topk_group, scale=cfg.routed_scaling_factor)
+        bias = self.e_score_correction_bias if self._route_meta["HAS_BIAS"] else None
+        ids_out = self.load.ids_out(self.layer_idx, 1) if self.load is not None else None
+        return self.route_counter, self._route_meta, bias, cfg.routed_scaling_factor, ids_out
+
+    def forward_routed(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """forward() with the router's (weights, ids) computed already (route_args' kernel)."""
+        return self.dispatcher(hidden, weights, ids, self._run)
 
     # ---- weights --------------------------------------------------------------------------------
     def load_weight(self, name: str, tensor: torch.Tensor) -> bool:
