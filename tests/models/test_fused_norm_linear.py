@@ -58,3 +58,15 @@ def test_fused_norm_linear_greedy_matches_transformers(tmp_path, monkeypatch, ar
         ran = sum(len(p) for p in prompts) + len(prompts) * (MAX_NEW - 1)
         for layer, counts in stats["expert_tokens"].items():
             assert sum(counts) == ran * hf.config.num_experts_per_tok, (layer, counts)
+
+
+def test_fusion_is_off_unless_kernel_config_asks(tmp_path, monkeypatch):
+    """kernel_config.fuse_norm_linear defaults to off (until measured on the GPU): no fused launch."""
+    build_checkpoint(str(tmp_path), "qwen3", num_hidden_layers=1)
+    calls = []
+    real = gemv_mod.norm_gemv
+    monkeypatch.setattr(gemv_mod, "norm_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(norm_mod, "FUSE_LINEAR", True)
+    with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": 4, "max_tokens": 256}, show_progress=False) as llm:
+        llm.generate([make_prompts(1, 300, 5)[0]], SP, use_tqdm=False)
+    assert calls == []
