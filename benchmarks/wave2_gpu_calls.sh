@@ -52,7 +52,7 @@ case $CALL in
     --repeats 3 --max-tokens-in-buffer none,2048 --verify-payload off --cuda-ipc both --backend-timeout 90 \
     --out "$RES/kv_bw"
   # the payload MAC (cross-host default) on one core vs the segmented scheme's thread pool (disagg/mac.py)
-  for t in 1 8; do
+  [[ ${SKIP_MAC:-0} == 1 ]] || for t in 1 8; do
     MESHSERVE_KV_MAC_THREADS=$t step kv_bw_mac$t 90 python3 benchmarks/kv_transfer.py --part bandwidth \
       --backends DEFAULT --repeats 3 --max-tokens-in-buffer 2048 --verify-payload on --cuda-ipc off \
       --out "$RES/kv_bw_mac$t"
