@@ -116,8 +116,10 @@ def ours(a) -> dict:
     if a.num_offline:
         ps = prompts(a.num_offline, 1000)
         t = timed(ps, 1000)
+        stats = {k: v for k, v in llm.get_stats().items() if not isinstance(v, (dict, list))}
         result["offline"] = {"num_requests": a.num_offline, "seconds": t,
-                             "output_tok_s": a.num_offline * 1000 / t}
+                             "output_tok_s": a.num_offline * 1000 / t, "engine_stats": stats}
+        print(f"engine stats after the offline run (preemptions, KV pool size...): {stats}", flush=True)
         print(f"offline {a.num_offline} x 1000/1000: {a.num_offline * 1000 / t:.0f} output tok/s", flush=True)
     llm.shutdown()
     return result
