@@ -43,6 +43,7 @@ from meshserve.layers.attention import AttentionMetadata
 from meshserve.layers.attention.mla import MLAAttention
 from meshserve.layers.embedding import ParallelLMHead
 from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from meshserve.layers.moe.block import MoEBlock
 from meshserve.layers.moe.layer import FusedMoE
 from meshserve.layers.moe.load import ExpertLoad
 from meshserve.layers.moe.router import RouterConfig
@@ -139,9 +140,9 @@ def router_config(cfg: ModelConfig) -> RouterConfig:
                         topk_group=raw.get("topk_group") if grouped else None, routed_scaling_factor=scaling)
 
 
-class DeepseekMoE(nn.Module):
+class DeepseekMoE(MoEBlock):
     def __init__(self, cfg: ModelConfig, layer_idx: int, parallel, dtype, backend: str, load: ExpertLoad):
-        super().__init__()
+        super().__init__(parallel)
         router = router_config(cfg)
         # the router runs in fp32, as DeepSeek's and transformers' (gate.weight is kept in fp32)
         self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, params_dtype=torch.float32)
@@ -150,19 +151,12 @@ class DeepseekMoE(nn.Module):
                                 dtype, backend, layer_idx, load)
         self.shared_experts = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size) \
             if cfg.shared_expert_intermediate_size else None
-        split = getattr(parallel, "cp_split", None)  # HELIX: 1/cp of the tokens through the experts
-        self.cp = split if split is not None and split.helix else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cp is not None:  # HELIX: this rank's share of the tokens, every token's output back
-            return self.cp.gather(self._forward(self.cp.split(x)))
-        return self._forward(x)
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x.float())
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x.float()))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
 class DeepseekV3ForCausalLM(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from meshserve.layers.linear import ReplicatedLinear
+from meshserve.layers.moe.block import MoEBlock
 from meshserve.layers.moe.layer import FusedMoE
 from meshserve.layers.moe.load import ExpertLoad
 from meshserve.layers.moe.router import RouterConfig
@@ -25,10 +26,10 @@ from meshserve.models.llama import DecoderForCausalLM, DecoderMLP
 logger = logging.getLogger(__name__)
 
 
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(MoEBlock):
     def __init__(self, cfg: ModelConfig, layer_idx: int, parallel, dtype, backend: str, renormalize: bool,
                  load: ExpertLoad):
-        super().__init__()
+        super().__init__(parallel)
         self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, params_dtype=dtype)
         self.gate.fp8_ok = False  # routers stay in full precision (FP8 checkpoint gates are dequantised)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
@@ -39,33 +40,11 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = DecoderMLP(cfg, parallel.attn_tp, dtype, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, bias=False, params_dtype=dtype)
             self.shared_expert_gate.fp8_ok = False
-        split = getattr(parallel, "cp_split", None)  # HELIX: 1/cp of the tokens through the experts
-        self.cp = split if split is not None and split.helix else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cp is not None:  # HELIX: this rank's share of the tokens, every token's output back
-            return self.cp.gather(self._forward(self.cp.split(x)))
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._experts_and_shared(x, self.experts(x, self.gate(x)))
-
-    def _experts_and_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.shared_expert is not None:
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is not None:  # Qwen2-MoE: scaled by sigmoid(shared_expert_gate)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
-
-    def forward_normed(self, x: torch.Tensor, residual, norm):
-        """(forward(norm(x + residual)), x + residual) with the norm, the router gate and its top-k in
-        one kernel (RMSNorm.then_linear with the router epilogue), or None where that does not apply
-        (then the caller runs them apart)."""
-        if self.cp is not None or not norm.fuses_with(x, self.gate):
-            return None
-        route = self.experts.route_args(x)
-        if route is None:
-            return None
-        (weights, ids), residual, h = norm.then_linear(x, residual, self.gate, want_h=True, route=route)
-        return self._experts_and_shared(h, self.experts.forward_routed(h, weights, ids)), residual
 
 
 class QwenMoeForCausalLM(DecoderForCausalLM):
