@@ -40,6 +40,10 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, output to $OUT/NAME.tx
   tail -n "${TAIL:-25}" "$OUT/$name.txt" | cut -c1-300
 }
 
+ok() {  # ok NAME: step NAME's pytest output shows passes and no failure
+  grep -q " passed" "$OUT/$1.txt" && ! grep -q -E "failed|error" "$OUT/$1.txt"
+}
+
 case $CALL in
 1)
   tar -xJf .kv/kvsite.tar.xz -C /tmp
@@ -76,20 +80,16 @@ case $CALL in
   # the one-GPU engine after the sixth session's model-runner / model-file changes (attention DP, cp)
   step gpu_engine_tests 150 python3 -m pytest tests/gpu/test_gpu_engine.py -q -x
   ;;
-21)  # issue 21, batch 1: the fused norm + GEMV (+ router) kernel's and PDL's GPU tests, then the A/B of
-    # both switches on an 8-layer cut of the model (one process); call 22 runs the full model with them
+21)  # issue 21, batch 1: the GPU tests of the fused norm + GEMV (+ router) kernel, its sweep against the
+    # unfused kernels, the PDL tests; call 22 then runs the A/B and the full model with what passed
   step fuse_tests 120 python3 -m pytest tests/gpu/test_norm_gemv.py -q -x
+  ok fuse_tests && step norm_gemv 90 python3 benchmarks/norm_gemv.py --out "$RES/norm_gemv"
   step pdl_tests 240 python3 -m pytest tests/gpu/test_pdl.py -q -x
-  CONFIGS=base
-  grep -q " passed" "$OUT/fuse_tests.txt" && ! grep -q -E "failed|error" "$OUT/fuse_tests.txt" && CONFIGS=$CONFIGS,fuse
-  if grep -q " passed" "$OUT/pdl_tests.txt" && ! grep -q -E "failed|error" "$OUT/pdl_tests.txt"; then
-    CONFIGS=$CONFIGS,pdl; [[ $CONFIGS == *fuse* ]] && CONFIGS=$CONFIGS,fuse+pdl
-  fi
-  echo "CONFIGS=$CONFIGS"
-  step moe_ab 220 python3 benchmarks/moe_layer_ab.py --layers 8 --configs $CONFIGS --out "$RES/ab"
   ;;
-22)  # issue 21: moe-1gpu decode with the switches call 21 found correct and faster (FLAGS="--fuse-norm --pdl")
-  step moe_1gpu 400 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 ${FLAGS:-} --profile-b1 --out "$RES/moe"
+22)  # issue 21: batch-1 decode A/B on an 8-layer cut (CONFIGS from call 21's passes: base,fuse,pdl,fuse+pdl),
+    # then the full model's decode rows with the winning switches (FLAGS="--fuse-norm --pdl") and a kernel table
+  step moe_ab 220 python3 benchmarks/moe_layer_ab.py --layers 8 --configs ${CONFIGS:-base,fuse} --out "$RES/ab"
+  step moe_1gpu 360 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 ${FLAGS:-} --profile-b1 --out "$RES/moe"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x

@@ -178,13 +178,15 @@ def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-              weight: torch.Tensor, bias: torch.Tensor | None = None, *, want_h: bool = False, route=None):
+              weight: torch.Tensor, bias: torch.Tensor | None = None, *, want_h: bool = False, route=None,
+              config: tuple[int, int] | None = None):
     """For one row x [1, K]: s = x + residual (x without one), h = RMSNorm(s) * norm_weight, y = h @ W^T.
 
     Returns (y [1, N], s, h or None): s in a new tensor (`residual` is not written), h only with
     `want_h`. `route`: (counter int32 [1] zeroed, RouterConfig-derived constexprs from
     moe_router.route_constexprs, bias or None, scale, ids_out or None): y are router logits and the
-    result's y is (weights fp32 [1, K], ids int64 [1, K]) instead."""
+    result's y is (weights fp32 [1, K], ids int64 [1, K]) instead. `config`: (BLOCK_N, num_warps), for
+    sweeps (benchmarks/norm_gemv.py); by default the skinny GEMM's rule."""
     k = x.shape[1]
     n = weight.shape[0]
     if x.stride(-1) != 1:
@@ -193,8 +195,11 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     res_out = torch.empty_like(x) if residual is not None else x
     h = torch.empty_like(x) if want_h else x
     block_k = triton.next_power_of_2(k)
-    block_n, _, warps = _config(1, n, k)
-    block_n = max(1, min(block_n, 8192 // block_k))  # the whole row's tile stays in registers
+    if config is not None:
+        block_n, warps = config
+    else:
+        block_n, _, warps = _config(1, n, k)
+        block_n = max(1, min(block_n, 8192 // block_k))  # the whole row's tile stays in registers
     meta = {"E_P2": 1, "TOPK": 1, "K_P2": 1, "SIGMOID": False, "HAS_BIAS": False, "RENORM": False,
             "SCALE": False, "N_GROUP": 1, "NG_P2": 1, "TOPK_GROUP": 1, "GROUP_SIZE": 1}
     counter, rbias, rscale, rw, rids = x, x, 1.0, y, y
