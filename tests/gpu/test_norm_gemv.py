@@ -4,7 +4,8 @@
   residual bitwise, the normed row and the product within bf16 rounding;
 - the router epilogue, where programs really finish concurrently: inside a CUDA graph replayed on 200
   fresh inputs (PDL on and off), the (weights, ids) the last program computes equal router_topk on
-  the logits of the same kernel without the epilogue, bitwise, and the counter is 0 after each.
+  the logits of the same kernel without the epilogue (ids bitwise, weights to fp32 rounding), and the
+  counter is 0 after each.
 """
 import dataclasses
 
@@ -77,7 +78,8 @@ def test_routed_norm_gemv_in_a_graph(pdl, e, top_k, sigmoid):
             ref_w, ref_ids = router_topk(logits, top_k, sigmoid=sigmoid, renormalize=True, bias=bias,
                                          scale=2.5 if sigmoid else 1.0, **groups)
             assert torch.equal(ids, ref_ids), i
-            assert torch.equal(rw, ref_w), i
+            # the same logits; the weights' sums reduce over other warp counts (last-bit differences)
+            torch.testing.assert_close(rw, ref_w, rtol=1e-6, atol=1e-7), i
             assert ids.data_ptr() == table.data_ptr()
         assert int(counter.item()) == 0
     finally:
