@@ -115,6 +115,9 @@ class KernelConfig(StrictModel):
     pdl: Optional[bool] = Field(None, description=(
         "launch the Triton kernels with programmatic dependent launch: each one starts while the one before "
         "it finishes (weights of the skinny GEMMs load early); needs a GPU of compute capability 9.0 or newer"))
+    pdl_max_tokens: Optional[int] = Field(None, ge=1, description=(
+        "with pdl: only steps of up to this many tokens launch with PDL (in larger steps the next kernel's "
+        "early blocks take SMs from the running one)"))
     fuse_norm_linear: Optional[bool] = Field(None, description=(
         "one-row steps (batch-1 decode): each RMSNorm runs inside the skinny GEMM that reads it (q/k/v, "
         "the MLP's gate_up, an MoE router gate with its top-k): one kernel instead of two or three"))

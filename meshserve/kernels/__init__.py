@@ -18,6 +18,7 @@ TRITON_AVAILABLE = TRITON_INSTALLED and not H200.disable_triton
 GEMV_MAX_M = H200.gemv_max_m
 # kernel_config.pdl: the Triton kernels launch with programmatic dependent launch (kernels/pdl.py).
 PDL = H200.pdl
+_PDL_SETTING, PDL_MAX_TOKENS = H200.pdl, H200.pdl_max_tokens  # PDL: the setting, for steps up to the limit
 _PDL_ARGS = {"USE_PDL": True, "launch_pdl": True}
 # kernel_config.fuse_norm_linear: one-row steps fuse each RMSNorm into the linear after it (layers/norm.py).
 FUSE_NORM_LINEAR = H200.fuse_norm_linear
@@ -25,11 +26,22 @@ FUSE_NORM_LINEAR = H200.fuse_norm_linear
 
 def configure(settings: KernelSettings) -> None:
     """Apply a rank's resolved settings to the fused ops and linears of this process."""
-    global TRITON_AVAILABLE, GEMV_MAX_M, PDL, FUSE_NORM_LINEAR
+    global TRITON_AVAILABLE, GEMV_MAX_M, PDL, _PDL_SETTING, PDL_MAX_TOKENS, FUSE_NORM_LINEAR
     TRITON_AVAILABLE = TRITON_INSTALLED and not settings.disable_triton
     GEMV_MAX_M = settings.gemv_max_m
-    PDL = settings.pdl
+    PDL = _PDL_SETTING = settings.pdl
+    PDL_MAX_TOKENS = settings.pdl_max_tokens
     FUSE_NORM_LINEAR = settings.fuse_norm_linear
+
+
+def step_tokens(num_tokens: int) -> None:
+    """Set the launches of a step of `num_tokens` tokens (an eager step, or a CUDA graph captured for
+    that size): PDL only up to kernel_config.pdl_max_tokens. Each kernel lets the next one launch as it
+    starts; in small steps that hides launch latency (batch-1 decode 6% faster on the H200), in
+    multi-wave kernels the waiting CTAs of the next kernel take SMs from the running one (offline
+    throughput 19% lower with PDL on every step: docs/benchmarks.md, ninth session)."""
+    global PDL
+    PDL = _PDL_SETTING and num_tokens <= PDL_MAX_TOKENS
 
 
 def pdl_args() -> dict:

@@ -40,6 +40,7 @@ class KernelSettings:
     attn_prefill_warps: int = 8
     attn_heavy_first: bool = True
     pdl: bool = False  # programmatic dependent launch (kernels/pdl.py): off until measured on the H200
+    pdl_max_tokens: int = 64  # PDL only in steps of up to this many tokens (kernels.step_tokens)
     fuse_norm_linear: bool = False  # one-row steps: RMSNorm inside the skinny GEMM after it (kernels/gemv.py); off until measured
 
     def as_dict(self) -> dict[str, Any]:
@@ -66,7 +67,12 @@ def resolve(overrides: Optional[Mapping[str, Any]], device_name: str) -> KernelS
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
         raise ValueError(f"kernel_config: unknown field(s) {', '.join(unknown)}; accepted: {', '.join(FIELDS)}")
-    return dataclasses.replace(device_defaults(device_name), **given)
+    settings = dataclasses.replace(device_defaults(device_name), **given)
+    if "pdl_max_tokens" in given and not settings.pdl:
+        raise ValueError(f"kernel_config.pdl_max_tokens={given['pdl_max_tokens']} applies only with "
+                         f"kernel_config.pdl=true (PDL is off on {device_name}); accepted: set pdl too, or leave "
+                         f"pdl_max_tokens unset")
+    return settings
 
 
 def device_name(device) -> str:

@@ -77,6 +77,7 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream(self.runner.device)
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             md = self.metadata[b] = self._metadata(b)
+            kernels.step_tokens(b)  # the launches this graph bakes in (PDL up to pdl_max_tokens)
 
             def step():
                 hidden, _ = model(self.input_ids[:b], self.positions[:b], md)
@@ -226,6 +227,7 @@ class PrefillGraphRunner:
     def capture(self, pool) -> None:
         stream = torch.cuda.Stream(self.runner.device)
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            kernels.step_tokens(t)
             for s in reversed(self.buf.seq_caps(t)):
                 md = self.buf.metadata(t, s)
                 # every slot is padding here: the warm-ups touch only the null block

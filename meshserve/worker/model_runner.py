@@ -294,6 +294,7 @@ class ModelRunner:
     def profile_run(self) -> None:
         """A forward pass over max_num_tokens tokens so peak activation memory is known."""
         n, bs = self.cfg.max_num_tokens, self.cfg.block_size
+        kernels.step_tokens(n)
         nblk = -(-n // bs) + 1
         self._alloc_kv(nblk)
         ring_empty = None
@@ -395,6 +396,7 @@ class ModelRunner:
         if not so.reqs:
             return ModelRunnerOutput(so.step_id) if self.is_driver else None
         inp = self.batch.prepare(so)
+        kernels.step_tokens(inp.num_tokens)  # eager launches (graphs baked theirs in at capture)
         if inp.placeholders:
             self._fill_placeholders(inp)
         hidden = residual = None

@@ -163,3 +163,27 @@ def test_every_kernel_launched_with_pdl_waits_for_the_one_before():
                     launched.add(ast.unparse(node.func.value))
     assert waiting and all(waiting.values()), waiting
     assert launched == set(waiting), (sorted(launched ^ set(waiting)))
+
+
+def test_pdl_applies_to_steps_up_to_pdl_max_tokens():
+    """kernels.step_tokens(n), called for each eager step and before each CUDA graph's capture: PDL
+    launches only in steps of up to pdl_max_tokens tokens (it cost 19% of offline throughput on the
+    H200 in large steps); without pdl, never."""
+    try:
+        kernels.configure(dataclasses.replace(ks.H200, pdl=True, pdl_max_tokens=64))
+        for n, on in ((1, True), (64, True), (65, False), (8192, False), (2, True)):
+            kernels.step_tokens(n)
+            assert kernels.pdl_args() == ({"USE_PDL": True, "launch_pdl": True} if on else {}), n
+        kernels.configure(ks.H200)
+        kernels.step_tokens(1)
+        assert kernels.pdl_args() == {}
+    finally:
+        kernels.configure(ks.H200)
+
+
+def test_pdl_max_tokens_without_pdl_is_refused():
+    with pytest.raises(ValueError, match=r"kernel_config\.pdl_max_tokens=16 applies only with kernel_config\.pdl=true"):
+        ks.resolve({"pdl_max_tokens": 16}, "NVIDIA H200")
+    assert ks.resolve({"pdl_max_tokens": 16, "pdl": True}, "NVIDIA H200").pdl_max_tokens == 16
+    with pytest.raises(ValueError, match=r"kernel_config\.pdl_max_tokens=0"):
+        build_llm_args("LLM()", kernel_config={"pdl_max_tokens": 0})
