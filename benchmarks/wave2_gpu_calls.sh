@@ -91,6 +91,13 @@ case $CALL in
   step moe_ab 220 python3 benchmarks/moe_layer_ab.py --layers 8 --configs ${CONFIGS:-base,fuse} --out "$RES/ab"
   step moe_1gpu 360 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 ${FLAGS:-} --profile-b1 --out "$RES/moe"
   ;;
+23)  # issue 21: PDL limited to steps of <= 64 tokens (kernel_config.pdl_max_tokens) against PDL off, all
+    # rows (decode b1 / b64, offline 1000/1000 at batch 384) in one call: does PDL still cost offline?
+  step moe_pdl 330 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 --pdl \
+    --out "$RES/moe_pdl"
+  step moe_nopdl 260 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 \
+    --out "$RES/moe_nopdl"
+  ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
   step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab
@@ -117,7 +124,7 @@ case $CALL in
     --max-batch-size 768 --kv-cache-dtype fp8 $PDL_FLAG --out "$RES/moe_fp8kv"
   ;;
 *)
-  echo "call must be 1-4, 8, 9, 10, 21, 22 or 24"
+  echo "call must be 1-4, 8, 9, 10, 21-24"
   exit 2
   ;;
 esac
