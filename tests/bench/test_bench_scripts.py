@@ -6,7 +6,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = ["online_8b.py", "decode_latency.py", "offline_8b.py", "nano_bench.py", "prefill_8k.py", "tokenize_long.py", "decode_fusions.py"]
+SCRIPTS = ["online_8b.py", "decode_latency.py", "offline_8b.py", "nano_bench.py", "prefill_8k.py", "tokenize_long.py", "decode_fusions.py",
+           "moe_1gpu.py", "moe_layer_ab.py", "norm_gemv.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
