@@ -71,6 +71,47 @@ def profile_b1(llm, ps, out: str, steps: int = 64) -> dict:
     return {"wall_ms_per_step": wall / steps * 1000, "kernel_ms_per_step": total_us / steps / 1000}
 
 
+def profile_offline(llm, ps, out: str, active: int = 20) -> dict:
+    """Kernel time per iteration of the offline run's steady state: len(ps) 1000-token prompts, then
+    decode steps at that batch; the profiler records `active` iterations after the prefill ones."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from meshserve import SamplingParams
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: a dry run
+    core = llm._core
+    budget = core.scheduler.config.max_num_tokens
+    wait = -(-sum(len(p["prompt_token_ids"]) for p in ps) // budget) + 10  # prefill iterations, then some
+    sp = SamplingParams(max_tokens=wait + active + 10, temperature=0, ignore_eos=True)
+    iters = {"n": 0}
+    with profile(activities=[activity], schedule=schedule(wait=wait, warmup=2, active=active)) as prof:
+        step = core._step
+
+        def stepped():
+            before = core.num_iterations
+            result = step()
+            if core.num_iterations != before:
+                iters["n"] += 1
+                prof.step()
+            return result
+        core._step = stepped
+        try:
+            t = time.perf_counter()
+            llm.generate(ps, sp, use_tqdm=False)
+            wall = time.perf_counter() - t
+        finally:
+            core._step = step
+    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r[2])
+    total_us = sum(r[2] for r in rows)
+    lines = [f"{len(ps)} sequences, {active} decode iterations profiled after {wait + 2}: kernel time "
+             f"{total_us / active / 1000:.2f} ms/iteration (whole run {wall:.1f} s, {iters['n']} iterations)"]
+    lines += [f"{us / active:10.1f} us/iter {n / active:7.1f} calls/iter  {name[:110]}" for name, n, us in rows[:30]]
+    print("\n".join(lines), flush=True)
+    with open(os.path.join(out, "profile_offline.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"kernel_ms_per_iteration": total_us / active / 1000, "sequences": len(ps)}
+
+
 def ours(a) -> dict:
     import torch
     from meshserve import LLM, SamplingParams
@@ -113,6 +154,8 @@ def ours(a) -> dict:
               f"experts hit per layer {hit})", flush=True)
     if a.profile_b1:
         result["profile_b1"] = profile_b1(llm, prompts(1, 128), a.out)
+    if a.profile_offline:
+        result["profile_offline"] = profile_offline(llm, prompts(a.max_batch_size, 1000), a.out)
     if a.num_offline:
         # the long prompts' prefill kernels (large-step tile variants) compile here, not in the timed run
         timed(prompts(min(16, a.num_offline), 1000), 4)
@@ -139,6 +182,8 @@ def main() -> None:
     p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: the KV cache in FP8 (twice the tokens fit)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")
+    p.add_argument("--profile-offline", action="store_true",
+                   help="torch.profiler over 20 decode iterations at the offline batch (1000-token prompts)")
     p.add_argument("--profile-b1", action="store_true",
                    help="after the decode rows: torch.profiler over 64 batch-1 decode steps (kernel table)")
     p.add_argument("--out", default="out/moe_1gpu")

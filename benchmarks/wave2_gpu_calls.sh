@@ -94,7 +94,7 @@ case $CALL in
 23)  # issue 21: PDL limited to steps of <= 64 tokens (kernel_config.pdl_max_tokens) against PDL off, all
     # rows (decode b1 / b64, offline 1000/1000 at batch 384) in one call: does PDL still cost offline?
   step moe_pdl 330 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 --pdl \
-    --out "$RES/moe_pdl"
+    --profile-offline --out "$RES/moe_pdl"
   step moe_nopdl 260 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 \
     --out "$RES/moe_nopdl"
   ;;
