@@ -43,8 +43,14 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def iter_safetensors(path: str, show_progress: bool = True, wanted=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every checkpoint tensor; `wanted(name)` False: not read at all."""
+    """(name, tensor) of every checkpoint tensor; `wanted(name)` False: not read at all. A sharded
+    checkpoint's files holding no wanted tensor (the index's weight_map says which) are not opened:
+    a pipeline stage reads only the shards of its layers."""
     files = safetensors_files(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if wanted is not None and os.path.exists(index):
+        needed = {file for name, file in tensor_files(path).items() if wanted(name)}
+        files = [f for f in files if f in needed]
     for file in tqdm(files, desc="Loading safetensors shards", disable=not show_progress or len(files) < 1,
                      unit="file", leave=False):
         with safe_open(file, framework="pt") as f:

@@ -76,3 +76,36 @@ def test_shard_filter_reads_only_this_shards_layers_and_experts():
     assert wanted("model.layers.2.mlp.experts.gate_up_proj")  # fused: every expert in one tensor
     assert wanted("model.layers.2.mlp.experts.9.gate_proj.weight")  # no such expert: the model says so
     assert wanted("model.layers.2.mlp.shared_expert.gate_proj.weight")
+
+
+def test_sharded_checkpoint_files_without_wanted_tensors_are_not_opened(tmp_path, monkeypatch):
+    """iter_safetensors with a shard filter opens only the files (by the index's weight_map) that hold
+    a wanted tensor, and yields exactly the wanted tensors, bitwise, from the others."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from meshserve.models import loader
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(3, 2, generator=g) for i in range(4)}
+    tensors["model.embed_tokens.weight"] = torch.randn(5, 2, generator=g)
+    weight_map = {}
+    for i in range(4):  # one file per layer, the embedding beside layer 0
+        names = [n for n in tensors if f".layers.{i}." in n] + (["model.embed_tokens.weight"] if i == 0 else [])
+        file = f"model-{i + 1:05d}-of-00004.safetensors"
+        save_file({n: tensors[n] for n in names}, str(tmp_path / file))
+        weight_map.update(dict.fromkeys(names, file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    opened = []
+    real = loader.safe_open
+    monkeypatch.setattr(loader, "safe_open", lambda f, **kw: opened.append(f.rsplit("/", 1)[-1]) or real(f, **kw))
+
+    def wanted(name):
+        return ".layers.2." in name or ".layers.3." in name
+    got = dict(loader.iter_safetensors(str(tmp_path), show_progress=False, wanted=wanted))
+    assert sorted(opened) == ["model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"]
+    assert sorted(got) == sorted(n for n in tensors if wanted(n))
+    assert all(torch.equal(got[n], tensors[n]) for n in got)
+    opened.clear()
+    assert sorted(dict(loader.iter_safetensors(str(tmp_path), show_progress=False))) == sorted(tensors)
+    assert len(opened) == 4  # no filter: every file
