@@ -116,6 +116,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                "(default: %(default)s)")
     _flag(parser, "max_request_header_kb", type=float, default=64.0,
           help="requests whose headers (names and values) pass this many KiB are a 431 (default: %(default)s)")
+    _flag(parser, "request_header_timeout", type=float, default=30.0,
+          help="a connection that has not sent a whole request's headers this many seconds after it opened "
+               "(or after its last response) is answered 408 and closed (default: %(default)s)")
     _flag(parser, "shutdown_timeout", type=float, default=30.0,
           help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
@@ -296,6 +299,8 @@ def _main(ns: argparse.Namespace) -> int:
         return _fail(f"--max_request_body_mb {ns.max_request_body_mb:g}: expected a number of MiB > 0")
     if not ns.max_request_header_kb > 0 or ns.max_request_header_kb == float("inf"):
         return _fail(f"--max_request_header_kb {ns.max_request_header_kb:g}: expected a number of KiB > 0")
+    if not ns.request_header_timeout > 0 or ns.request_header_timeout == float("inf"):
+        return _fail(f"--request_header_timeout {ns.request_header_timeout:g}: expected a number of seconds > 0")
     if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
         return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
                      f"(0: stop without waiting for in-flight requests)")
@@ -412,9 +417,12 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again
     GCPauses("api server").install()
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from meshserve.serve.middleware import header_timeout_protocol
     uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
                                timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",
-                               timeout_keep_alive=KEEP_ALIVE_S)
+                               timeout_keep_alive=KEEP_ALIVE_S,
+                               http=header_timeout_protocol(AutoHTTPProtocol, ns.request_header_timeout))
     server = _Server.make(uv_config)
     logger.info("serving %s as %r on http://%s:%d", model_path, name, ns.host, sock.getsockname()[1])
     try:

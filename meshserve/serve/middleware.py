@@ -60,3 +60,53 @@ class HeaderLimitMiddleware:
                     "request_header_fields_too_large"), status_code=431)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def header_timeout_protocol(base: type, seconds: float) -> type:
+    """uvicorn's HTTP protocol class `base` (httptools' or h11's) with a deadline on request headers:
+    a connection that has not sent a whole request line and headers `seconds` after it opened (or
+    after its previous response, keep-alive) is answered 408 and closed, as nginx's
+    client_header_timeout does. uvicorn has no such limit: a slowloris client could hold sockets open
+    forever (no engine resources, but file descriptors and memory)."""
+
+    class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
+        _header_timer = None
+        _armed_cycle = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._armed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(seconds, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._armed_cycle and not self.transport.is_closing():  # no new request yet
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
+                                     b"content-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._header_timer is not None and self.cycle is not self._armed_cycle:
+                self._disarm()  # a request's headers are complete
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this keep-alive connection
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    HeaderTimeoutProtocol.__name__ = f"HeaderTimeout{base.__name__}"
+    return HeaderTimeoutProtocol

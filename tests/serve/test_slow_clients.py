@@ -55,3 +55,53 @@ def test_slow_clients_hold_no_engine_resources(tiny_model):
         assert r.status_code == 200
     finally:
         server.stop()
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response (status line, headers, a body of its content-length) off sock."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def test_request_headers_not_sent_in_time_are_a_408(tiny_model):
+    """serve --request_header_timeout: a connection whose request headers are not whole that many
+    seconds after it opened (or after its last response, keep-alive) gets a 408 and is closed; one
+    that finishes its headers in time is served, and so is the next request on the same connection."""
+    server = start_server(tiny_model, "--request_header_timeout", "1.5", api_key=None)
+    try:
+        host, port = "127.0.0.1", server.port
+        stalled = socket.create_connection((host, port), timeout=10)
+        stalled.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: headers never end
+        slow = socket.create_connection((host, port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.7)
+        slow.sendall(b"Host: x\r\n\r\n")  # whole within the limit
+        t0 = time.monotonic()
+        answer = _response(stalled)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert 0.5 < time.monotonic() - t0 < 5
+        assert stalled.recv(4096) == b""  # closed
+        reply = _response(slow)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        stalled.close()
+        slow.close()
+        kept = socket.create_connection((host, port), timeout=10)
+        for _ in range(2):  # the deadline restarts after each response of a keep-alive connection
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.9)
+            kept.sendall(b"\r\n")
+            assert _response(kept).startswith(b"HTTP/1.1 200")
+        kept.close()
+        assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
+    finally:
+        server.stop()
