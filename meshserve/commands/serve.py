@@ -119,6 +119,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "request_header_timeout", type=float, default=30.0,
           help="a connection that has not sent a whole request's headers this many seconds after it opened "
                "(or after its last response) is answered 408 and closed (default: %(default)s)")
+    _flag(parser, "request_body_timeout", type=float, default=60.0,  # serve/protocol.REQUEST_BODY_TIMEOUT_S
+          help="a request whose body stops arriving for this many seconds is a 408 (default: %(default)s)")
     _flag(parser, "shutdown_timeout", type=float, default=30.0,
           help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
@@ -301,6 +303,8 @@ def _main(ns: argparse.Namespace) -> int:
         return _fail(f"--max_request_header_kb {ns.max_request_header_kb:g}: expected a number of KiB > 0")
     if not ns.request_header_timeout > 0 or ns.request_header_timeout == float("inf"):
         return _fail(f"--request_header_timeout {ns.request_header_timeout:g}: expected a number of seconds > 0")
+    if not ns.request_body_timeout > 0 or ns.request_body_timeout == float("inf"):
+        return _fail(f"--request_body_timeout {ns.request_body_timeout:g}: expected a number of seconds > 0")
     if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
         return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
                      f"(0: stop without waiting for in-flight requests)")
@@ -412,7 +416,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
                           ns.tokenize_offload_chars, aliases,
                           trust_request_chat_template=ns.trust_request_chat_template,
                           max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
-                          max_request_header_bytes=int(ns.max_request_header_kb * 2**10))
+                          max_request_header_bytes=int(ns.max_request_header_kb * 2**10),
+                          request_body_timeout_s=ns.request_body_timeout)
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

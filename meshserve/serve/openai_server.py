@@ -39,7 +39,7 @@ from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
                                       decode_json_body, error_body, from_validation_error, from_value_error,
-                                      MAX_REQUEST_BODY_BYTES, read_body)
+                                      MAX_REQUEST_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, read_body)
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
@@ -67,6 +67,7 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES  # a larger body is a 413 (serve --max_request_body_mb)
     max_request_header_bytes: int = 64 * 2**10  # larger headers (names + values) are a 431 (--max_request_header_kb)
+    request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S  # no new piece of a body this long: a 408
 
 
 class ClientDisconnected(Exception):
@@ -121,7 +122,8 @@ class OpenAIServing:
 
     # ---- shared steps --------------------------------------------------------------------------------
     async def parse(self, raw: Request, model_cls):
-        data = decode_json_body(await read_body(raw, self.config.max_request_body_bytes))
+        data = decode_json_body(await read_body(raw, self.config.max_request_body_bytes,
+                                                self.config.request_body_timeout_s))
         if not isinstance(data, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
         try:

@@ -10,6 +10,8 @@ stop_token_ids, include_stop_str_in_output, skip_special_tokens) follow vLLM / t
 """
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import re
 from typing import Any, Literal, Optional, Union
@@ -61,9 +63,13 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
 MAX_REQUEST_BODY_BYTES = 64 * 2**20
 
 
-async def read_body(raw, limit: int = MAX_REQUEST_BODY_BYTES) -> bytes:
+REQUEST_BODY_TIMEOUT_S = 60.0  # serve --request_body_timeout: the longest wait for the next piece of a body
+
+
+async def read_body(raw, limit: int = MAX_REQUEST_BODY_BYTES, timeout: float = REQUEST_BODY_TIMEOUT_S) -> bytes:
     """A request's body, read up to `limit` bytes; a 413 naming the limit past it (a declared
-    Content-Length over it is refused before anything is read)."""
+    Content-Length over it is refused before anything is read); a 408 when `timeout` seconds pass
+    without a new piece of it (nginx's client_body_timeout: between reads, not in total)."""
     def too_large(size: str) -> APIError:
         return APIError(413, f"the request body is {size}, more than this server reads ({limit} bytes; "
                              f"serve --max_request_body_mb raises it)", "invalid_request_error", None,
@@ -73,7 +79,16 @@ async def read_body(raw, limit: int = MAX_REQUEST_BODY_BYTES) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(f"{int(declared)} bytes")
     chunks, size = [], 0
-    async for chunk in raw.stream():
+    stream = raw.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise APIError(408, f"no part of the request body arrived for {timeout:g} s after {size} bytes "
+                                f"(serve --request_body_timeout)", "invalid_request_error", None,
+                           "request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise too_large(f"over {limit} bytes")

@@ -168,6 +168,7 @@ def test_cli_error_exits_2_with_the_message(tmp_path):
     (["--shutdown_timeout", "-1"], "--shutdown_timeout -1: expected a number of seconds >= 0"),
     (["--shutdown_timeout", "nan"], "--shutdown_timeout nan: expected a number of seconds >= 0"),
     (["--request_header_timeout", "0"], "--request_header_timeout 0: expected a number of seconds > 0"),
+    (["--request_body_timeout", "-2"], "--request_body_timeout -2: expected a number of seconds > 0"),
     (["--request_header_timeout", "inf"], "--request_header_timeout inf: expected a number of seconds > 0"),
 ])
 def test_parallel_layouts_the_engine_cannot_run_fail_before_starting(tiny_model, capsys, argv, message, tmp_path):

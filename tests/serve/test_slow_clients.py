@@ -105,3 +105,34 @@ def test_request_headers_not_sent_in_time_are_a_408(tiny_model):
         assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_body_that_stops_arriving_is_a_408(tiny_model):
+    """serve --request_body_timeout: headers whole, then part of the body and nothing more for that
+    long: a 408 in OpenAI's error shape, nothing reaches the engine; a body sent in pieces with
+    shorter pauses is served."""
+    server = start_server(tiny_model, "--request_body_timeout", "1", api_key=None)
+    try:
+        host, port = "127.0.0.1", server.port
+        body = b'{"model": "%s", "prompt": "Hello", "max_tokens": 2}' % os.path.basename(tiny_model).encode()
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        stuck = socket.create_connection((host, port), timeout=10)
+        stuck.sendall(head + body[:10])
+        t0 = time.monotonic()
+        answer = _response(stuck)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert 0.5 < time.monotonic() - t0 < 5
+        assert b'"code":"request_timeout"' in answer and b"--request_body_timeout" in answer
+        stuck.close()
+        paced = socket.create_connection((host, port), timeout=30)
+        paced.sendall(head)
+        for i in range(0, len(body), 16):  # pauses shorter than the timeout: the limit is between reads
+            time.sleep(0.4)
+            paced.sendall(body[i:i + 16])
+        assert _response(paced).startswith(b"HTTP/1.1 200")
+        paced.close()
+        m = server.metrics()
+        assert m["meshserve_num_requests_running"] == 0 and m["meshserve_kv_cache_used_blocks"] == 0
+    finally:
+        server.stop()
