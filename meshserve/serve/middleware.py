@@ -85,7 +85,10 @@ def header_timeout_protocol(base: type, seconds: float) -> type:
 
         def _header_timeout(self) -> None:
             self._header_timer = None
-            if self.cycle is self._armed_cycle and not self.transport.is_closing():  # no new request yet
+            cycle = self.cycle  # no new request since the timer was armed, and none being answered (a
+            # pipelined request that started inside on_response_complete re-arms when it completes)
+            waiting = cycle is self._armed_cycle and (cycle is None or cycle.response_complete)
+            if waiting and not self.transport.is_closing():
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
                                      b"content-length: 0\r\nconnection: close\r\n\r\n")
                 self.transport.close()

@@ -102,6 +102,11 @@ def test_request_headers_not_sent_in_time_are_a_408(tiny_model):
             kept.sendall(b"\r\n")
             assert _response(kept).startswith(b"HTTP/1.1 200")
         kept.close()
+        piped = socket.create_connection((host, port), timeout=10)  # two pipelined requests, then nothing
+        piped.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(piped).startswith(b"HTTP/1.1 200") and _response(piped).startswith(b"HTTP/1.1 200")
+        assert _response(piped).startswith(b"HTTP/1.1 408")  # idle past the limit after both answers
+        piped.close()
         assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
     finally:
         server.stop()
