@@ -48,6 +48,19 @@ def expected_experts(cfg: dict, batch: int) -> float:
     return e * (1 - (1 - k / e) ** batch)
 
 
+def kernel_table(prof, per: int, unit: str, top: int, path: str, header) -> float:
+    """Print and write the profiler's kernels by device time, per `unit` (over `per` of them), under
+    header(total device us); returns the total."""
+    rows = sorted(((e.key, e.count, e.device_time_total) for e in prof.key_averages()), key=lambda r: -r[2])
+    total_us = sum(r[2] for r in rows)
+    lines = [header(total_us)]
+    lines += [f"{us / per:10.1f} us/{unit} {n / per:7.1f} calls/{unit}  {name[:110]}" for name, n, us in rows[:top]]
+    print("\n".join(lines), flush=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return total_us
+
+
 def profile_b1(llm, ps, out: str, steps: int = 64) -> dict:
     """GPU kernel time of batch-1 decode steps (CUDA graphs replay inside): per kernel name, and the
     sum per step against the step's wall time, which tells kernel time from gaps and host time."""
@@ -59,15 +72,9 @@ def profile_b1(llm, ps, out: str, steps: int = 64) -> dict:
         t = time.perf_counter()
         llm.generate(ps, sp, use_tqdm=False)
         wall = time.perf_counter() - t
-    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()]
-    rows.sort(key=lambda r: -r[2])
-    total_us = sum(r[2] for r in rows)
-    lines = [f"{steps} steps at batch 1 (+ one prefill): wall {wall / steps * 1000:.3f} ms/step, "
-             f"kernel time {total_us / steps / 1000:.3f} ms/step"]
-    lines += [f"{us / steps:9.1f} us/step {n / steps:7.1f} calls/step  {name[:110]}" for name, n, us in rows[:40]]
-    print("\n".join(lines), flush=True)
-    with open(os.path.join(out, "profile_b1.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    total_us = kernel_table(prof, steps, "step", 40, os.path.join(out, "profile_b1.txt"),
+                            lambda us: f"{steps} steps at batch 1 (+ one prefill): wall {wall / steps * 1000:.3f} "
+                                       f"ms/step, kernel time {us / steps / 1000:.3f} ms/step")
     return {"wall_ms_per_step": wall / steps * 1000, "kernel_ms_per_step": total_us / steps / 1000}
 
 
@@ -100,15 +107,10 @@ def profile_offline(llm, ps, out: str, active: int = 20) -> dict:
             wall = time.perf_counter() - t
         finally:
             core._step = step
-    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()]
-    rows.sort(key=lambda r: -r[2])
-    total_us = sum(r[2] for r in rows)
-    lines = [f"{len(ps)} sequences, {active} decode iterations profiled after {wait + 2}: kernel time "
-             f"{total_us / active / 1000:.2f} ms/iteration (whole run {wall:.1f} s, {iters['n']} iterations)"]
-    lines += [f"{us / active:10.1f} us/iter {n / active:7.1f} calls/iter  {name[:110]}" for name, n, us in rows[:30]]
-    print("\n".join(lines), flush=True)
-    with open(os.path.join(out, "profile_offline.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    total_us = kernel_table(prof, active, "iter", 30, os.path.join(out, "profile_offline.txt"),
+                            lambda us: f"{len(ps)} sequences, {active} decode iterations profiled after {wait + 2}: "
+                                       f"kernel time {us / active / 1000:.2f} ms/iteration (whole run {wall:.1f} s, "
+                                       f"{iters['n']} iterations)")
     return {"kernel_ms_per_iteration": total_us / active / 1000, "sequences": len(ps)}
 
 

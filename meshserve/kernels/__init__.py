@@ -6,6 +6,7 @@ rank's ModelRunner sets them once from its resolved KernelSettings (kernels/sett
 `configure`, before the model runs; until then they hold the H200 defaults.
 """
 import importlib.util
+import os
 
 from meshserve.kernels.settings import H200, KernelSettings
 
@@ -55,6 +56,6 @@ def use_triton(t) -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run under its interpreter on CPU (TRITON_INTERPRET=1: tests)."""
-    import os
+    """Whether Triton kernels run under its interpreter on CPU (TRITON_INTERPRET=1, Triton's own switch:
+    tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

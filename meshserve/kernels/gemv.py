@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from meshserve import kernels
-from meshserve.kernels.moe_router import route_rows
+from meshserve.kernels.moe_router import route_constexprs, route_rows
 from meshserve.kernels.pdl import pdl_enter
 
 
@@ -169,6 +169,10 @@ def _norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, 
             tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch (CUDA-graph replays)
 
 
+_NO_ROUTE = route_constexprs(1, 1, sigmoid=False, renormalize=False, has_bias=False, n_group=None, topk_group=None,
+                             scale=1.0)
+
+
 def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One row of K <= MAX_NORM_K, a weight the skinny GEMM takes, both in x's half precision (or fp32
     under the interpreter)."""
@@ -202,8 +206,7 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     else:
         block_n, _, warps = _config(1, n, k)
         block_n = max(1, min(block_n, 8192 // block_k))  # the whole row's tile stays in registers
-    meta = {"E_P2": 1, "TOPK": 1, "K_P2": 1, "SIGMOID": False, "HAS_BIAS": False, "RENORM": False,
-            "SCALE": False, "N_GROUP": 1, "NG_P2": 1, "TOPK_GROUP": 1, "GROUP_SIZE": 1}
+    meta = _NO_ROUTE  # placeholders: the routing epilogue is not compiled
     counter, rbias, rscale, rw, rids = x, x, 1.0, y, y
     if route is not None:
         counter, meta, rbias, rscale, ids_out = route

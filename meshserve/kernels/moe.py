@@ -45,7 +45,6 @@ this under Triton's interpreter on CPU (fp32 with IEEE dots), tests/gpu/test_moe
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Optional
 
@@ -59,7 +58,7 @@ from meshserve.kernels.moe_config import (  # noqa: F401 - re-exported: callers 
 from meshserve import kernels
 from meshserve.kernels.pdl import pdl_enter
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = kernels.interpreting()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens); lse [T, 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -274,7 +273,7 @@ def _finish(acc, m_i, l_i, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_
 
 # Tile shapes and the split-KV floor come from KernelSettings (kernels/settings.py: the H200's
 # tuned values unless the rank's kernel_config says otherwise); the attention backend passes them.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = kernels.interpreting()
 
 
 _FITTED: dict = {}  # (device, dtype, decode, block_m, block_n, d_p2, stages) -> (block_n, stages) used

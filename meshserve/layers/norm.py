@@ -43,9 +43,9 @@ class RMSNorm(nn.Module):
     def fuses_with(self, x: torch.Tensor, linear: nn.Module) -> bool:
         """Whether `then_linear(x, _, linear)` runs as one kernel: one row, a linear whose output
         needs no communication (column parallel without gather, replicated) in x's dtype."""
-        if FUSE_LINEAR is False or not kernels.TRITON_INSTALLED or kernels.GEMV_MAX_M < 1 \
-                or not kernels.FUSE_NORM_LINEAR:
-            return False
+        if not kernels.FUSE_NORM_LINEAR or FUSE_LINEAR is False or x.dim() != 2 or x.shape[0] != 1 \
+                or not kernels.TRITON_INSTALLED or kernels.GEMV_MAX_M < 1:
+            return False  # cheapest first: every layer of every eager step asks
         if x.is_cuda:
             if not kernels.TRITON_AVAILABLE or x.dtype not in (torch.bfloat16, torch.float16):
                 return False

@@ -30,8 +30,13 @@ logger = logging.getLogger(__name__)
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
+def _index(path: str) -> str:
+    """The sharded checkpoint's index file (model.safetensors.index.json: tensor name -> file)."""
+    return os.path.join(path, "model.safetensors.index.json")
+
+
 def safetensors_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = _index(path)
     if os.path.exists(index):
         with open(index) as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
@@ -46,11 +51,10 @@ def iter_safetensors(path: str, show_progress: bool = True, wanted=None) -> Iter
     """(name, tensor) of every checkpoint tensor; `wanted(name)` False: not read at all. A sharded
     checkpoint's files holding no wanted tensor (the index's weight_map says which) are not opened:
     a pipeline stage reads only the shards of its layers."""
-    files = safetensors_files(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if wanted is not None and os.path.exists(index):
-        needed = {file for name, file in tensor_files(path).items() if wanted(name)}
-        files = [f for f in files if f in needed]
+    if wanted is not None and os.path.exists(_index(path)):
+        files = sorted({file for name, file in tensor_files(path).items() if wanted(name)})
+    else:
+        files = safetensors_files(path)
     for file in tqdm(files, desc="Loading safetensors shards", disable=not show_progress or len(files) < 1,
                      unit="file", leave=False):
         with safe_open(file, framework="pt") as f:
@@ -143,7 +147,7 @@ def _fp8_sources(model: torch.nn.Module, module_name: str) -> list[str]:
 def tensor_files(path: str) -> dict[str, str]:
     """Checkpoint tensor name -> the safetensors file holding it: the index's weight_map when the
     checkpoint is sharded (no file opened), else the files' headers."""
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = _index(path)
     if os.path.exists(index):
         with open(index) as f:
             return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}

@@ -4,10 +4,10 @@ CPU runs only under Triton's interpreter (TRITON_INTERPRET=1, Triton's own switc
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from meshserve import kernels
 from meshserve.kernels.settings import H200, KernelSettings
 from meshserve.layers.attention.backend import AttentionBackend, AttentionShape
 from meshserve.layers.attention.backends.torch import TorchAttentionBackend
@@ -23,7 +23,7 @@ def choose_backend_name(name: str, device: torch.device) -> str:
         raise ValueError(f"attention_backend={name!r} is not supported; accepted: {', '.join(ACCEPTED)}")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return "torch"
-    interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = device.type == "cpu" and kernels.interpreting()
     if device.type != "cuda" and not interpret:
         raise ValueError(f"attention_backend='triton' needs a CUDA device (this engine's is "
                          f"{device.type!r}), or a CPU with TRITON_INTERPRET=1 (Triton's "

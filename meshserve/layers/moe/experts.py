@@ -22,10 +22,11 @@ dequantises one expert at a time; CUTLASS refuses them.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
+
+from meshserve import kernels
 
 BACKENDS = ("VANILLA", "TRITON", "CUTLASS")
 _ACCEPTED = ("auto",) + BACKENDS
@@ -93,11 +94,10 @@ class VanillaExperts(Experts):
 
 def _triton_refusal(device: torch.device) -> str | None:
     """Why TRITON cannot run on `device`, or None."""
-    interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = device.type == "cpu" and kernels.interpreting()
     if device.type != "cuda" and not interpret:
         return (f"it needs a CUDA device (this one is {device.type!r}) or a CPU with TRITON_INTERPRET=1 "
                 f"(Triton's interpreter, for tests)")
-    from meshserve import kernels
     if not kernels.TRITON_INSTALLED:
         return "Triton is not installed"
     if device.type == "cuda" and not kernels.TRITON_AVAILABLE:

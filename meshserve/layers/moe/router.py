@@ -19,7 +19,6 @@ ops below are its reference and the path everywhere else. `kernel=True` (or the 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -95,7 +94,7 @@ def _use_kernel(logits: torch.Tensor, cfg: RouterConfig, kernel: Optional[bool])
         return False
     if logits.is_cuda:
         return kernels.TRITON_AVAILABLE
-    return choice is True and logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return choice is True and logits.device.type == "cpu" and kernels.interpreting()
 
 
 def select_experts(logits: torch.Tensor, cfg: RouterConfig, correction_bias: Optional[torch.Tensor] = None,
