@@ -4,9 +4,15 @@
 replays of 48 layers' worth of calls on distinct caches (a decode step's pattern). Prints a table.
 
     python benchmarks/decode_attn_b1.py --heads 32 --kv-heads 4 --contexts 128,256,384,1024
+    python benchmarks/decode_attn_b1.py --model-splits --batches 1 --contexts 128,256,384 --write $OUT/attn.json
+
+--model-splits: only the split count the engine uses at that batch (decode_num_splits), over KV tile
+sizes x tiles per split x warps (what kernel_config can set); --write: the settings with the lowest
+mean time over the contexts, as kernel_config fields (JSON), for the batch of the first --batches.
 """
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -30,7 +36,11 @@ def main():
     p.add_argument("--contexts", default="128,256,384,1024")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="1 or the default splits, 4 warps only")
+    p.add_argument("--model-splits", action="store_true",
+                   help="the engine's split count only; KV tiles 32..256 x tiles per split 1..8 x warps 2..8")
+    p.add_argument("--write", default=None, help="JSON of the best kernel_config fields (with --model-splits)")
     a = p.parse_args()
+    means = {}  # (block_n, tiles, warps) -> [us per context] at the first batch
     dev, dt = torch.device("cuda"), torch.bfloat16
     H, KVH, D, P = a.heads, a.kv_heads, a.head_dim, a.page
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -45,8 +55,12 @@ def main():
         ref = paged_attention(q, caches[0], bt, s, ql, ts, st, 1, D ** -0.5, None, 1, workspace={}).float()
         default = decode_num_splits(B, KVH, sms)
         rows = []
-        grid = (itertools.product(sorted({1, default}), (1, 2, 4), (64,), (4,)) if a.quick else
-                itertools.product(sorted({1, 8, default, 2 * default}), (1, 2, 4), (64,), (2, 4)))
+        if a.model_splits:
+            grid = itertools.product((default,), (1, 2, 4, 8), (32, 64, 128, 256), (2, 4, 8))
+        elif a.quick:
+            grid = itertools.product(sorted({1, default}), (1, 2, 4), (64,), (4,))
+        else:
+            grid = itertools.product(sorted({1, 8, default, 2 * default}), (1, 2, 4), (64,), (2, 4))
         for splits, tiles, bn, warps in grid:
             if splits == 1 and tiles == 2:
                 continue
@@ -62,6 +76,8 @@ def main():
                 print(f"B={B} ctx={ctx} splits={splits} tiles={tiles} bn={bn} warps={warps}: failed {type(e).__name__}")
                 continue
             rows.append((us, splits, tiles, bn, warps, err))
+            if B == int(a.batches.split(",")[0]) and err < 2e-2:
+                means.setdefault((bn, tiles, warps), []).append(us)
         rows.sort()
         cur = [r for r in rows if r[1] == default and r[2] == 2 and r[3] == 64 and r[4] == (4 if B <= 8 else 2)]
         print(f"B={B} ctx={ctx} (default splits {default}): current {cur[0][0]:.2f} us" if cur else "", flush=True)
@@ -69,6 +85,22 @@ def main():
             print(f"   {r[0]:7.2f} us  splits={r[1]} tiles={r[2]} block_n={r[3]} warps={r[4]}  err={r[5]:.1e}", flush=True)
         del caches
         torch.cuda.empty_cache()
+    n_ctx = len(a.contexts.split(","))
+    whole = {k: sum(v) / len(v) for k, v in means.items() if len(v) == n_ctx}
+    if whole:
+        ranked = sorted(whole.items(), key=lambda kv: kv[1])
+        print("mean over the contexts (block_n, tiles per split, warps):")
+        for (bn, tiles, warps), us in ranked[:8]:
+            print(f"   {us:7.2f} us  block_n={bn} tiles={tiles} warps={warps}")
+        if a.write:
+            (bn, tiles, warps), us = ranked[0]
+            cur = whole.get((64, 2, 4))
+            doc = {"attn_decode_block_n": bn, "attn_decode_split_tiles": tiles, "attn_decode_warps": warps,
+                   "_mean_us": round(us, 2), "_current_mean_us": round(cur, 2) if cur else None,
+                   "_contexts": a.contexts, "_batch": int(a.batches.split(",")[0])}
+            with open(a.write, "w") as f:
+                json.dump(doc, f, indent=1)
+            print(f"wrote {a.write}: {doc}")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def ours(a) -> dict:
 
     cfg = SHAPES[a.model].config
     llm = LLM(a.model, load_format="dummy", max_batch_size=a.max_batch_size, max_seq_len=2304,
-              moe_config={"backend": a.backend}, kernel_config={"pdl": a.pdl, "fuse_norm_linear": a.fuse_norm}, quantization=a.quantization,
+              moe_config={"backend": a.backend}, kernel_config=kernel_config(a), quantization=a.quantization,
               kv_cache_config={"dtype": a.kv_cache_dtype}, show_progress=False)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"] - 300
@@ -172,6 +172,17 @@ def ours(a) -> dict:
     return result
 
 
+def kernel_config(a) -> dict:
+    cfg = {"pdl": a.pdl, "fuse_norm_linear": a.fuse_norm}
+    if a.kernel_config:
+        text = a.kernel_config
+        if not text.lstrip().startswith("{"):
+            with open(text) as f:
+                text = f.read()
+        cfg.update({k: v for k, v in json.loads(text).items() if not k.startswith("_")})
+    return cfg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b")
@@ -181,6 +192,9 @@ def main() -> None:
     p.add_argument("--num-offline", type=int, default=400, help="1000/1000 requests (BENCHMARKS.md: 1000)")
     p.add_argument("--pdl", action="store_true", help="kernel_config.pdl: programmatic dependent launch")
     p.add_argument("--fuse-norm", action="store_true", help="kernel_config.fuse_norm_linear (batch-1 steps)")
+    p.add_argument("--kernel-config", default=None,
+                   help="more kernel_config fields: a JSON file or inline JSON (keys starting with _ ignored; "
+                        "e.g. the file benchmarks/decode_attn_b1.py --write makes)")
     p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: the KV cache in FP8 (twice the tokens fit)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")

@@ -57,7 +57,12 @@ GROUP_M = (1, 8)  # tried on the winner when there are several row blocks per ex
 # The two-kernel decode path (up to kernels/moe.py DIRECT_MAX assignments): the gated GEMM sorting
 # its own rows (row block 16, the CANDIDATES[16] tiles), then _down_sum_kernel with (block_n,
 # block_k, num_warps): block_n * block_k * K weights per load.
-DOWN_SUM = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (4, 512, 8), (2, 256, 2), (8, 256, 4)]
+DOWN_SUM = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (4, 512, 8), (2, 256, 2), (8, 256, 4), (2, 128, 2),
+            (1, 256, 2), (2, 256, 4), (4, 128, 4), (2, 512, 4), (1, 512, 4)]
+# Its gated product as matrix-vector programs (MoeKernelConfig.gate_up_gemv): (block_n intermediate
+# columns per program, block_k wide steps over H, num_warps).
+GATE_UP_GEMV = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 256, 4), (2, 2048, 4), (4, 2048, 8),
+                (8, 1024, 8), (16, 256, 4), (1, 2048, 4), (4, 256, 2), (16, 512, 8)]
 
 
 def block_ms_for(T: int, K: int, E: int) -> list[int]:
@@ -146,6 +151,10 @@ def gemm_call(p: Problem, kind: str, bm: int, g, r: int):
         g = _fit(g, p.I, p.H)
         flat = ids.reshape(-1)
         return lambda: direct_gate_up(p.x[r], p.w13, w, flat, p.T, p.K, p.E, p.I, bm, g, PRECISION())
+    if kind == "gate_up_gemv":
+        from meshserve.kernels.moe import gemv_gate_up
+        flat = ids.reshape(-1)
+        return lambda: gemv_gate_up(p.x[r], p.w13, flat, p.T, p.K, p.I, g)
     if kind == "down_sum":
         flat, inter, out = p.direct_inputs(r)
         return lambda: _down_sum(inter, p.w2, w, flat, out, p.T, p.K, p.H, p.I, g)
@@ -193,6 +202,11 @@ def candidate_gemms(bm):
 def candidate_down_sums():
     from meshserve.kernels.moe import GemmConfig
     return [GemmConfig(bn, bk, 1, w, 1) for bn, bk, w in DOWN_SUM][:MAX_CANDIDATES]
+
+
+def candidate_gate_up_gemvs():
+    from meshserve.kernels.moe import GemmConfig
+    return [GemmConfig(bn, bk, 1, w, 1) for bn, bk, w in GATE_UP_GEMV][:MAX_CANDIDATES]
 
 
 def best_of(p, kind, bm, cands, over):
@@ -287,6 +301,7 @@ def tune(a):
         items += [("gate_up_direct", T, 16, c) for c in candidate_gemms(16)]
     if direct_ts:
         items += [("down_sum", 1, 16, c) for c in candidate_down_sums()]
+        items += [("gate_up_gemv", 1, 16, c) for c in candidate_gate_up_gemvs()]
     for T in tokens:
         d = _table_config(T, K, E)
         items += [("gate_up", 16, d.block_m, d.gate_up), ("down", 16, d.block_m, d.down)]
@@ -347,10 +362,14 @@ def tune(a):
                          + candidate_gemms(16), over)
             ds = best_of(p, "down_sum", 16, ([default.down_sum] if default.down_sum else [])
                          + candidate_down_sums(), over)
+            gv = best_of(p, "gate_up_gemv", 16, ([default.gate_up_gemv] if default.gate_up_gemv else [])
+                         + candidate_gate_up_gemvs(), over)
             if gu and ds:
-                two = (gu[0][0], ds[0][0])
+                two = (gu[0][0], ds[0][0], gv[0][0] if gv else None)
                 finalists.append(MoeKernelConfig(16, gu[0][1], cfg.down if cfg.block_m == 16 else default.down,
                                                  down_sum=ds[0][1]))
+                if gv:  # the same with the gated product as GEMVs
+                    finalists.append(replace(finalists[-1], gate_up_gemv=gv[0][1]))
         if default not in finalists:
             finalists.append(default)
 
@@ -377,6 +396,15 @@ def tune(a):
            "configs": {str(r["T"]): dict(r["config"], us=round(r["us"], 2), default_us=round(r["default_us"], 2),
                                          floor_us=round(r["floor_us"], 2), finalists_us=r["finalists_us"])
                        for r in rows}}
+    if a.merge:  # keep the other token counts' entries of an existing table (e.g. the checked-in one)
+        with open(a.merge) as f:
+            old = json.load(f)
+        if (old.get("E"), old.get("H"), old.get("I")) != (E, H, I):
+            raise SystemExit(f"--merge {a.merge}: shape E{old.get('E')} H{old.get('H')} I{old.get('I')} is not "
+                             f"the tuned E{E} H{H} I{I}")
+        doc["configs"] = dict(old["configs"], **doc["configs"])
+        doc["configs"] = {t: doc["configs"][t] for t in sorted(doc["configs"], key=int)}
+        doc["merged_from"] = a.merge
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
     print()
@@ -397,7 +425,9 @@ def describe(cfg) -> str:
     def one(g):
         return f"{g.block_n}x{g.block_k} g{g.group_m} w{g.num_warps} s{g.num_stages}"
     if cfg.down_sum is not None:  # the two-kernel path (where it applies)
-        return f"bm{cfg.block_m} gu[{one(cfg.gate_up)}] down_sum[{cfg.down_sum.block_n}x{cfg.down_sum.block_k} " \
+        g = cfg.gate_up_gemv
+        gated = f"gu_gemv[{g.block_n}x{g.block_k} w{g.num_warps}]" if g else f"gu[{one(cfg.gate_up)}]"
+        return f"bm{cfg.block_m} {gated} down_sum[{cfg.down_sum.block_n}x{cfg.down_sum.block_k} " \
                f"w{cfg.down_sum.num_warps}]"
     return f"bm{cfg.block_m} gu[{one(cfg.gate_up)}] dn[{one(cfg.down)}]"
 
@@ -411,6 +441,8 @@ def main():
     p.add_argument("--E", type=int, default=128)
     p.add_argument("--K", type=int, default=8)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--merge", default=None,
+                   help="an existing table of this shape: its entries for the token counts not tuned here are kept")
     p.add_argument("--jobs", type=int, default=8, help="processes pre-compiling the candidates (0: none)")
     p.add_argument("--budget-s", type=float, default=140.0, help="stop trying new candidates after this")
     p.add_argument("--max-candidates", type=int, default=None, help="the first N tiles of each candidate list")

@@ -10,6 +10,9 @@
 #   call 4 (carry .whl):     moe-1gpu decode without PDL (the A/B), the decode split merge, kv serve
 #   call 21, 24 (carry .whl): with under ~20 minutes of device time, issue 21 then issue 24 (+ the
 #                            one-GPU engine tests) in two calls of < 600 s; issue 23 waits
+#   call 25, 26, 27 (carry .whl): issue 21 (tenth session): tune the batch-1 kernels, the decode rows
+#                            with them (PDL on / off), the offline row with them (back to back: 26 and 27
+#                            read call 25's tuning from the warm machine's /tmp/tuned)
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -97,6 +100,36 @@ case $CALL in
     --profile-offline --out "$RES/moe_pdl"
   step moe_nopdl 260 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 \
     --out "$RES/moe_nopdl"
+  ;;
+25)  # issue 21, batch 1 (tenth session): the new decode kernels on the GPU (the gated product as GEMVs,
+    # _down_sum_kernel's weight prefetch under PDL), then tuning into /tmp/tuned (kept on a warm machine
+    # for calls 26 and 27, and brought back): the experts' table at T <= 8 merged into the checked-in one,
+    # and the decode attention tiles at batch 1 (kernel_config fields, JSON)
+  step moe_gpu_tests 240 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py -q -x \
+    -k "two_kernel or moe_decode_chain"
+  mkdir -p /tmp/tuned/moe
+  ok moe_gpu_tests && step tune_moe 200 python3 benchmarks/tune_moe.py --tokens 1,2,4,8 --budget-s 130 \
+    --merge meshserve/kernels/configs/moe_E128_H2048_I768_bf16_H200.json --out /tmp/tuned/moe
+  step attn_b1 150 python3 benchmarks/decode_attn_b1.py --model-splits --batches 1 --contexts 128,256,384 \
+    --write /tmp/tuned/attn.json
+  cp -r /tmp/tuned "$RES/"
+  ;;
+26)  # issue 21: the full model's decode rows with call 25's tuning (where this machine still has it), PDL on
+    # (with a kernel table) and off
+  ATTN=/tmp/tuned/attn.json; [[ -f $ATTN ]] || ATTN='{}'
+  [[ -n "$(ls /tmp/tuned/moe/*.json 2>/dev/null)" ]] && export MESHSERVE_MOE_CONFIG_DIR=/tmp/tuned/moe
+  echo "moe configs: ${MESHSERVE_MOE_CONFIG_DIR:-checked-in}; attention: $ATTN"
+  step moe_tuned_pdl 300 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --kernel-config "$ATTN" \
+    --profile-b1 --out "$RES/moe_tuned_pdl"
+  step moe_tuned 240 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --kernel-config "$ATTN" \
+    --out "$RES/moe_tuned"
+  ;;
+27)  # issue 21 offline 1000 x 1000/1000 at batch 384 with the tuning, PDL on (limited to <= 64-token steps)
+    # and a kernel table of the batch-384 step
+  ATTN=/tmp/tuned/attn.json; [[ -f $ATTN ]] || ATTN='{}'
+  [[ -n "$(ls /tmp/tuned/moe/*.json 2>/dev/null)" ]] && export MESHSERVE_MOE_CONFIG_DIR=/tmp/tuned/moe
+  step moe_offline 540 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+    --max-batch-size 384 ${FLAGS:---pdl} --kernel-config "$ATTN" --profile-offline --out "$RES/moe_offline"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x

@@ -99,7 +99,10 @@ class KernelConfig(StrictModel):
     gemv_max_m: Optional[int] = Field(None, ge=0, le=16, description=(
         "CUDA linears with up to this many rows of input take the skinny-GEMM kernel instead of cuBLAS; 0: never"))
     attn_decode_split_tiles: Optional[int] = Field(None, ge=1, le=1024, description=(
-        "decode attention: the fewest 64-token KV tiles one KV split covers"))
+        "decode attention: the fewest KV tiles (attn_decode_block_n keys each) one KV split covers"))
+    attn_decode_block_n: Optional[int] = Field(None, description="decode attention: keys per KV tile")
+    attn_decode_warps: Optional[int] = Field(None, ge=0, le=16, description=(
+        "decode attention: warps per program; 0: 4 for up to 8 sequences, else 2"))
     attn_prefill_rows: Optional[int] = Field(None, description=(
         "prefill attention: (query token x head) rows per tile in steps of more than attn_prefill_large_tokens"))
     attn_prefill_stages: Optional[int] = Field(None, ge=1, le=8, description="pipeline stages of those tiles")
@@ -127,7 +130,7 @@ class KernelConfig(StrictModel):
     def _rows(cls, v, info):
         return _power_of_two(info.field_name, v, 16, 1024)
 
-    @field_validator("attn_prefill_block_n")
+    @field_validator("attn_prefill_block_n", "attn_decode_block_n")
     @classmethod
     def _block_n(cls, v, info):
         return _power_of_two(info.field_name, v, 16, 256)
@@ -136,6 +139,11 @@ class KernelConfig(StrictModel):
     @classmethod
     def _warps(cls, v, info):
         return _power_of_two(info.field_name, v, 1, 16)
+
+    @field_validator("attn_decode_warps")
+    @classmethod
+    def _decode_warps(cls, v, info):
+        return v if v == 0 else _power_of_two(info.field_name, v, 1, 16)
 
 
 class PyTorchBackendConfig(StrictModel):

@@ -351,6 +351,16 @@ def _sum_k_kernel(c_ptr, ids_ptr, out_ptr, H, stride_cm, stride_om, TOPK: tl.con
 
 
 @triton.jit
+def _down_sum_step(acc, a, b, s_rows, i, live, n_mask, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
+                   BK_Q: tl.constexpr):
+    """acc [K_P2, BLOCK_N] += the K tile i's products: b [K_P2, BLOCK_N, BLOCK_K] . a [K_P2, BLOCK_K]."""
+    part = tl.sum(b.to(tl.float32) * a[:, None, :], axis=2)
+    if FP8:
+        part = part * tl.load(s_rows + (i * BLOCK_K) // BK_Q, mask=live[:, None] & n_mask[None, :], other=0.0)
+    return acc + part
+
+
+@triton.jit
 def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im, stride_we, stride_wn, stride_om,
                      TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
@@ -361,12 +371,14 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
     gated rows in assignment order). One program per (token, BLOCK_N output columns); each step
     loads all its experts' [BLOCK_N, BLOCK_K] weight tiles at once ([K_P2, BLOCK_N, BLOCK_K]), so
     enough bytes are in flight for a matrix-vector product to run at bandwidth."""
-    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     kk = tl.arange(0, K_P2)
     rows = t * TOPK + kk
+    # With PDL the ids and weights load before the wait: the ids come from the router, which ran
+    # before the gated GEMM this kernel follows (that kernel let this one launch only after its own
+    # wait, so the router had finished); weights are never written. Only the gated rows wait.
     e = tl.load(ids_ptr + rows, mask=kk < TOPK, other=-1).to(tl.int64)
     wk = tl.load(w_ptr + rows, mask=kk < TOPK, other=0.0).to(tl.float32)
     live = e >= 0
@@ -376,24 +388,84 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
     b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n.to(tl.int64)[None, :, None] * stride_wn
               + offs_k[None, None, :])
     acc = tl.zeros([K_P2, BLOCK_N], dtype=tl.float32)
+    s_rows = s_ptr
     if FP8:  # [K_P2, BLOCK_N] scale rows of each k's expert (BLOCK_K divides BK_Q)
         s_rows = s_ptr + e[:, None] * stride_se + (offs_n // BN_Q)[None, :] * stride_sn
-    for i in range(K_ITERS):
+    # the first K tile's weights before the wait (PDL), the gated rows after it
+    if EVEN_K:
+        a_mask = live[:, None] & (offs_k < BLOCK_K)[None, :]
+    else:
+        a_mask = live[:, None] & (offs_k < I)[None, :]
+    b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0)
+    pdl_enter(USE_PDL)
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)  # [K_P2, BLOCK_K]
+    acc = _down_sum_step(acc, a, b, s_rows, 0, live, n_mask, BLOCK_K, FP8, BK_Q)
+    for i in range(1, K_ITERS):
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
         if EVEN_K:
             a_mask = live[:, None] & (offs_k < BLOCK_K)[None, :]
         else:
             a_mask = live[:, None] & (offs_k < I - i * BLOCK_K)[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)  # [K_P2, BLOCK_K]
-        b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0).to(tl.float32)
-        if FP8:
-            sc = tl.load(s_rows + (i * BLOCK_K) // BK_Q, mask=live[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.sum(b * a[:, None, :], axis=2) * sc
-        else:
-            acc += tl.sum(b * a[:, None, :], axis=2)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0)
+        acc = _down_sum_step(acc, a, b, s_rows, i, live, n_mask, BLOCK_K, FP8, BK_Q)
     out = tl.sum(acc * wk[:, None], axis=0)
     tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, out_ptr, H, I, stride_xm, stride_we, stride_wn, stride_om, up_offset,
+                         TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+                         EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """The gated GEMM of the decode path as matrix-vector products: one program per (assignment a,
+    BLOCK_N intermediate columns) multiplies token a // TOPK's hidden row by expert ids[a]'s gate and
+    up rows of those columns and writes silu(gate) * up to out[a] (assignment order, as
+    direct_gate_up does). No row padding to a dot tile and no sort: while few tokens share an expert
+    (batch 1 to ~4) each expert's rows are read once either way, and this reads nothing else.
+    Assignments of id -1 (another rank's experts) write nothing (_down_sum_kernel skips them)."""
+    pdl_enter(USE_PDL)  # the ids are the router's, the kernel just before
+    a = tl.program_id(0)
+    e = tl.load(ids_ptr + a).to(tl.int64)
+    if e >= 0:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + (a // TOPK).to(tl.int64) * stride_xm
+        g_rows = w13_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for i in range(K_ITERS):
+            k = i * BLOCK_K + offs_k
+            if EVEN_K:
+                x = tl.load(x_row + k).to(tl.float32)
+                wm = n_mask[:, None]
+            else:
+                x = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
+                wm = n_mask[:, None] & (k < H)[None, :]
+            wg = tl.load(g_rows + k[None, :], mask=wm, other=0.0)
+            wu = tl.load(g_rows + up_offset + k[None, :], mask=wm, other=0.0)
+            acc_g += wg.to(tl.float32) * x[None, :]
+            acc_u += wu.to(tl.float32) * x[None, :]
+        g = tl.sum(acc_g, axis=1)
+        u = tl.sum(acc_u, axis=1)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + a.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def gemv_gate_up(hidden, w13, ids_flat, T, K, I, g: GemmConfig) -> torch.Tensor:
+    """The decode path's gated rows [T*K, I] in assignment order by _gate_up_gemv_kernel (g: block_n
+    intermediate columns per program, block_k wide steps over H, num_warps)."""
+    H = hidden.shape[1]
+    inter = torch.empty(T * K, I, dtype=hidden.dtype, device=hidden.device)
+    bn = max(1, min(g.block_n, triton.next_power_of_2(I)))
+    bk = max(16, min(g.block_k, triton.next_power_of_2(H)))
+    extra = {} if _INTERPRET else {"num_warps": g.num_warps}
+    _gate_up_gemv_kernel[(T * K, triton.cdiv(I, bn))](
+        hidden, w13, ids_flat, inter, H, I, hidden.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        I * w13.stride(1), TOPK=K, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=triton.cdiv(H, bk), EVEN_K=H % bk == 0,
+        **extra, **kernels.pdl_args())
+    return inter
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -521,7 +593,11 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 
     if cfg.down_sum is not None and n <= DIRECT_MAX:  # decode: two kernels
         ids_flat = topk_ids.view(-1)
-        inter = direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, gate_up, precision, s13, block)
+        if cfg.gate_up_gemv is not None and s13 is None:
+            inter = gemv_gate_up(hidden, w13, ids_flat, T, K, I, cfg.gate_up_gemv)
+        else:
+            inter = direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, gate_up, precision, s13,
+                                   block)
         _down_sum(inter, w2, weights, ids_flat, out, T, K, H, I, cfg.down_sum, s2, block)
         return out
 

@@ -38,6 +38,10 @@ class MoeKernelConfig:
     gate_up: GemmConfig
     down: GemmConfig
     down_sum: Optional[GemmConfig] = None
+    # with down_sum: the gated GEMM as matrix-vector products (kernels/moe.py _gate_up_gemv_kernel:
+    # block_n intermediate columns per program, block_k wide steps over H, num_warps) instead of
+    # the self-sorting dot tiles of `gate_up`; bf16/fp16 weights (FP8 experts keep the dot tiles)
+    gate_up_gemv: Optional[GemmConfig] = None
 
 
 # (most assignments per local expert, config), first match wins. Shaped after public H200 sweeps of
@@ -111,6 +115,8 @@ def config_to_dict(cfg: MoeKernelConfig) -> dict:
     d = {"block_m": cfg.block_m, "gate_up": asdict(cfg.gate_up), "down": asdict(cfg.down)}
     if cfg.down_sum is not None:
         d["down_sum"] = asdict(cfg.down_sum)
+    if cfg.gate_up_gemv is not None:
+        d["gate_up_gemv"] = asdict(cfg.gate_up_gemv)
     return d
 
 
@@ -120,12 +126,17 @@ def config_from_dict(d: dict) -> MoeKernelConfig:
     def gemm(g):
         return GemmConfig(**{f: int(g[f]) for f in fields if f in g})
     cfg = MoeKernelConfig(int(d["block_m"]), gemm(d["gate_up"]), gemm(d["down"]),
-                          gemm(d["down_sum"]) if d.get("down_sum") else None)
+                          gemm(d["down_sum"]) if d.get("down_sum") else None,
+                          gemm(d["gate_up_gemv"]) if d.get("gate_up_gemv") else None)
+    if cfg.gate_up_gemv is not None and cfg.down_sum is None:
+        raise ValueError(f"gate_up_gemv needs down_sum (the decode path it belongs to) in {d}")
     tiles = [cfg.block_m, cfg.gate_up.block_n, cfg.gate_up.block_k, cfg.down.block_n, cfg.down.block_k]
-    if cfg.down_sum is not None:
-        tiles.append(cfg.down_sum.block_k)
-        if cfg.down_sum.block_n < 1 or cfg.down_sum.block_n & (cfg.down_sum.block_n - 1):
-            raise ValueError(f"down_sum block_n must be a power of two, got {cfg.down_sum.block_n} in {d}")
+    for name in ("down_sum", "gate_up_gemv"):  # matrix-vector tiles: any power of two of output rows
+        g = getattr(cfg, name)
+        if g is not None:
+            tiles.append(g.block_k)
+            if g.block_n < 1 or g.block_n & (g.block_n - 1):
+                raise ValueError(f"{name} block_n must be a power of two, got {g.block_n} in {d}")
     for v in tiles:
         if v < 16 or v & (v - 1):
             raise ValueError(f"tile sizes must be powers of two >= 16, got {v} in {d}")

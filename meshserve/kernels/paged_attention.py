@@ -359,7 +359,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
     ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
     block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
-    (prefill tiles; decode tiles are fixed at 64-token KV tiles, 2 stages, 4 warps up to 8 rows, else 2).
+    (decode tiles: settings.attn_decode_block_n keys, 2 stages, settings.attn_decode_warps or 4 warps up to 8
+    rows, else 2).
     exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
     heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill).
     query_positions: [T] int32, the index of the last key each query row sees (-1: none), for rows
@@ -371,10 +372,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     page = kv_cache.shape[2]
     block_m = max(16, triton.next_power_of_2(block_q * group))
     decode = block_q == 1
-    block_n = block_n or (64 if decode else settings.attn_prefill_block_n)
+    block_n = block_n or (settings.attn_decode_block_n if decode else settings.attn_prefill_block_n)
     # decode: 4 warps for a few sequences (at batch 1-4 each program is latency-bound: 0.2-0.6 us
     # faster than 2 warps, benchmarks/decode_attn_b1.py), 2 for larger batches
-    num_warps = num_warps or ((4 if T <= 8 else 2) if decode else settings.attn_prefill_warps)
+    num_warps = num_warps or ((settings.attn_decode_warps or (4 if T <= 8 else 2)) if decode
+                              else settings.attn_prefill_warps)
     num_stages = num_stages or (2 if decode else settings.attn_prefill_stages if block_m >= settings.attn_prefill_rows
                                 else settings.attn_prefill_stages_small)
     heavy_first = (not decode and settings.attn_heavy_first) if heavy_first is None else heavy_first

@@ -58,6 +58,37 @@ def test_triton_backend_under_the_interpreter_gives_transformers_ids(ckpt, tiles
     assert any(t > large_tokens for t, _ in prefill) == (tiles == "large-step")
 
 
+class _Spy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_decode_tiles_from_kernel_config(ckpt, monkeypatch):
+    """kernel_config.attn_decode_block_n / attn_decode_split_tiles reach the decode launches (16-key
+    tiles, one tile per KV split, so the splits' merge runs) and the ids stay transformers'."""
+    path, prompts, ref = ckpt
+    spy = _Spy(pa._attn_kernel)
+    monkeypatch.setattr(pa, "_attn_kernel", spy)
+    with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048},
+             kernel_config={"attn_decode_block_n": 16, "attn_decode_split_tiles": 1}) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:3], SP, use_tqdm=False)]
+    assert got == ref[:3]
+    decode = [k for k in spy.launches if k["BLOCK_Q"] == 1]
+    assert decode and all(k["BLOCK_N"] == 16 and k["SPLIT_TILES"] == 1 for k in decode)
+    assert any(k["NUM_SPLITS"] > 1 for k in decode)
+    prefill = [k for k in spy.launches if k["BLOCK_Q"] > 1]
+    assert prefill and all(k["BLOCK_N"] != 16 for k in prefill)  # prefill tiles keep their own setting
+
+
 def test_triton_backend_on_cpu_without_the_interpreter_is_refused(ckpt, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):

@@ -95,6 +95,9 @@ def _configs():
     out = {"four": base}
     for bn, bk, w in [(8, 128, 4), (4, 256, 4), (8, 256, 8), (2, 256, 2)]:
         out[f"two-{bn}x{bk}w{w}"] = MoeKernelConfig(16, base.gate_up, base.down, down_sum=GemmConfig(bn, bk, 1, w, 1))
+    for bn, bk, w in [(2, 1024, 4), (4, 512, 4), (8, 2048, 8), (16, 256, 4)]:  # the gated product as GEMVs
+        out[f"gemv-{bn}x{bk}w{w}"] = MoeKernelConfig(16, base.gate_up, base.down, down_sum=GemmConfig(2, 256, 1, 2, 1),
+                                                     gate_up_gemv=GemmConfig(bn, bk, 1, w, 1))
     return out
 
 
@@ -116,11 +119,12 @@ def test_two_kernel_path_bf16(qwen_weights, T, drop):
             assert rel_err(got, ref) <= rel_err(four, ref) * 1.25 + 1e-4, name
 
 
+@pytest.mark.parametrize("name", ["two-8x128w4", "gemv-4x512w4"])
 @pytest.mark.parametrize("T", [1, 4])
-def test_two_kernel_path_cuda_graph_on_new_routing(qwen_weights, T):
+def test_two_kernel_path_cuda_graph_on_new_routing(qwen_weights, T, name):
     from meshserve.kernels.moe import fused_experts
     w13, w2 = qwen_weights
-    cfg = _configs()["two-8x128w4"]
+    cfg = _configs()[name]
     hidden, tw, ids = _qwen_inputs(T, 0.2, 1)
     fused_experts(hidden, w13, w2, tw, ids, configs=cfg)
     torch.cuda.synchronize()

@@ -68,6 +68,36 @@ def test_gemv_chain_in_a_graph_equals_without_pdl(m, k, n):
     assert not torch.equal(off[0], off[1])  # the replays saw new inputs
 
 
+@pytest.mark.parametrize("gemv_gate_up", [False, True])
+@pytest.mark.parametrize("T", [1, 4])
+def test_moe_decode_chain_in_a_graph_equals_without_pdl(T, gemv_gate_up):
+    """The MoE decode chain (router gate GEMV -> router top-k -> gated product -> down + sum over k)
+    with PDL: _down_sum_kernel reads the router's ids and its first weight tile before its wait, so
+    a replay on new routings must equal the same graph without PDL."""
+    from meshserve.kernels.gemv import gemv
+    from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
+    from meshserve.kernels.moe_router import router_topk
+
+    H, I, E, K = 2048, 768, 128, 8
+    g = torch.Generator(device="cuda").manual_seed(T)
+    gate_w = torch.randn(E, H, device="cuda", generator=g, dtype=torch.bfloat16) / H ** 0.5
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=torch.bfloat16) / H ** 0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=g, dtype=torch.bfloat16) / I ** 0.5
+    cfg = MoeKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4),
+                          down_sum=GemmConfig(2, 256, 1, 2, 1),
+                          gate_up_gemv=GemmConfig(4, 512, 1, 4, 1) if gemv_gate_up else None)
+
+    def fn(x):
+        weights, ids = router_topk(gemv(x, gate_w), K)
+        return fused_experts(x, w13, w2, weights, ids, configs=cfg)
+
+    inputs = [{"x": torch.randn(T, H, device="cuda", generator=g, dtype=torch.bfloat16)} for _ in range(4)]
+    off, on = _chain(False, fn, inputs), _chain(True, fn, inputs)
+    for a, b in zip(off, on):
+        assert torch.equal(a, b)
+    assert not torch.equal(off[0], off[1])
+
+
 def _model(kind: str, path: str):
     if kind == "qwen3":
         return build_checkpoint(path, "qwen3", num_hidden_layers=3, num_key_value_heads=1)

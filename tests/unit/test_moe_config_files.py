@@ -28,7 +28,8 @@ def _gemm(bn, bk, gm=1, w=4, s=3):
 DOC = {"format": "meshserve-moe-configs", "version": 1, "E": 8, "H": 64, "I": 32, "K": 4, "dtype": "float32",
        "device": "NVIDIA H200",
        "configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(32, 16), "us": 12.5,
-                         "down_sum": _gemm(8, 16, 1, 4, 1)},  # the two-kernel decode path
+                         "down_sum": _gemm(8, 16, 1, 4, 1),  # the two-kernel decode path
+                         "gate_up_gemv": _gemm(4, 32, 1, 4, 1)},  # its gated product as GEMVs
                    "16": {"block_m": 32, "gate_up": _gemm(32, 32, 2), "down": _gemm(16, 32, 1, 8, 2)},
                    "256": {"block_m": 64, "gate_up": _gemm(32, 16), "down": _gemm(64, 32, 8)}}}
 
@@ -52,6 +53,7 @@ def test_load_and_nearest_token_count(tmp_path, moe):
     one, sixteen, big = (moe.config_from_dict(DOC["configs"][k]) for k in ("1", "16", "256"))
     assert sixteen.down == moe.GemmConfig(16, 32, 1, 8, 2) and sixteen.block_m == 32
     assert one.down_sum == moe.GemmConfig(8, 16, 1, 4, 1) and sixteen.down_sum is None
+    assert one.gate_up_gemv == moe.GemmConfig(4, 32, 1, 4, 1) and sixteen.gate_up_gemv is None
     assert table(1, 4) is not None and table(1, 4) == one
     assert table(3, 4) == one  # log2: 1.58 from 1, 2.42 from 16
     assert table(4, 4) == one and table(5, 4) == sixteen  # 4: equally far (2 and 2): the smaller
@@ -94,6 +96,11 @@ def test_default_config_finds_the_file_by_shape_dtype_and_gpu(tmp_path, moe, mon
      "powers of two >= 16, got 24"),
     (json.dumps({"configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(16, 32),
                                    "down_sum": _gemm(6, 32)}}}), "down_sum block_n must be a power of two, got 6"),
+    (json.dumps({"configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(16, 32),
+                                   "down_sum": _gemm(8, 32), "gate_up_gemv": _gemm(3, 32)}}}),
+     "gate_up_gemv block_n must be a power of two, got 3"),
+    (json.dumps({"configs": {"1": {"block_m": 16, "gate_up": _gemm(16, 32), "down": _gemm(16, 32),
+                                   "gate_up_gemv": _gemm(4, 32)}}}), "gate_up_gemv needs down_sum"),
 ])
 def test_malformed_files_name_the_path(tmp_path, moe, bad, match):
     path = tmp_path / "bad.json"
@@ -120,12 +127,18 @@ def test_tuner_dry_run_writes_a_loadable_file(tmp_path, moe):
     timings instead of CUDA graphs): the file it writes loads and names a config per T."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = tmp_path / "cfg"
+    # --merge: an older table of the shape, whose T=64 entry is kept and whose T=1 entry is replaced
+    older = dict(DOC, E=4, H=32, I=16, K=2, configs={"1": DOC["configs"]["16"], "64": DOC["configs"]["256"]})
+    merge = write(tmp_path / "older.json", older)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tune_moe.py"), "--device", "cpu",
-                        "--H", "32", "--I", "16", "--E", "4", "--K", "2", "--tokens", "1,8", "--max-candidates", "1", "--out", str(out)],
+                        "--H", "32", "--I", "16", "--E", "4", "--K", "2", "--tokens", "1,8", "--max-candidates", "1",
+                        "--out", str(out), "--merge", merge],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     (path,) = list(out.iterdir())
     assert path.name == "moe_E4_H32_I16_bf16_cpu.json"
     table = moe.load_config_table(str(path))
-    assert [t for t, _ in table.entries] == [1, 8] and table.top_k == 2
+    assert [t for t, _ in table.entries] == [1, 8, 64] and table.top_k == 2
+    assert table(64, 2) == moe.config_from_dict(DOC["configs"]["256"])
+    assert table(1, 2) != moe.config_from_dict(DOC["configs"]["16"])  # tuned: block_m 16, not the old 32
     assert "best config" in r.stdout

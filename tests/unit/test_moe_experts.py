@@ -253,6 +253,22 @@ def test_two_kernel_decode_path(T, E, K):
 
 
 @triton_only
+@pytest.mark.parametrize("T,E,K", [(1, 4, 2), (5, 8, 4), (1, 128, 8), (3, 60, 8), (33, 8, 1)])
+def test_two_kernel_path_with_the_gemv_gated_product(T, E, K):
+    """gate_up_gemv: the gated product as matrix-vector programs (one per assignment and column
+    block), uneven column and K tiles, -1 ids and a row with none; then _down_sum_kernel."""
+    from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
+    args = make_case(T, E, K, H=48, I=40, seed=T * 5 + E + K)
+    for gemv in (GemmConfig(1, 16, 1, 1, 1), GemmConfig(4, 32, 1, 4, 1), GemmConfig(16, 64, 1, 4, 1)):
+        cfg = MoeKernelConfig(16, GemmConfig(16, 32), GemmConfig(16, 32), down_sum=GemmConfig(8, 32),
+                              gate_up_gemv=gemv)
+        out = fused_experts(*args, configs=cfg)
+        assert_close(out, reference(*args), 1e-5)
+        if T > 2:
+            assert torch.all(out[T // 2] == 0)
+
+
+@triton_only
 def test_two_kernel_path_with_an_expert_over_several_blocks():
     """Repeated ids (an expert-parallel exchange sends K=1 rows, many to one expert): 40 rows of
     expert 2 span three 16-row blocks, found by the gated GEMM's own sort."""
