@@ -102,11 +102,11 @@ case $CALL in
     --out "$RES/moe_nopdl"
   ;;
 25)  # issue 21, batch 1 (tenth session): the new decode kernels on the GPU (the gated product as GEMVs,
-    # _down_sum_kernel's weight prefetch under PDL), then tuning into /tmp/tuned (kept on a warm machine
+    # loads before the PDL wait in _down_sum_kernel, the rotary + KV write, RMSNorm, attention), then tuning into /tmp/tuned (kept on a warm machine
     # for calls 26 and 27, and brought back): the experts' table at T <= 8 merged into the checked-in one,
     # and the decode attention tiles at batch 1 (kernel_config fields, JSON)
-  step moe_gpu_tests 240 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py -q -x \
-    -k "two_kernel or moe_decode_chain"
+  step moe_gpu_tests 280 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py \
+    tests/gpu/test_fused_kernels.py -q -x
   mkdir -p /tmp/tuned/moe
   ok moe_gpu_tests && step tune_moe 200 python3 benchmarks/tune_moe.py --tokens 1,2,4,8 --budget-s 130 \
     --merge meshserve/kernels/configs/moe_E128_H2048_I768_bf16_H200.json --out /tmp/tuned/moe

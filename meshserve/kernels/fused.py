@@ -17,10 +17,11 @@ from meshserve.kernels.pdl import pdl_enter
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)  # a weight: before the PDL wait
+    pdl_enter(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -28,7 +29,6 @@ def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o
         tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -101,14 +101,31 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     QK_NORM (Qwen3's per-head RMSNorm of q and k, every dim rotated: D == 2 * HALF): each head row
     is normalised first, rounded as the separate RMSNorm kernel would (q's normalised values are
     what is stored back, rotated)."""
-    pdl_enter(USE_PDL)
+    # With PDL, what no kernel of the step writes loads before the wait: the position, slot, rotary
+    # rows and norm weights (step inputs and constants); q, k and v come from the GEMM just before.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    # q: the two halves of the rotated dims, in place.
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_P2)
     jm = j < HALF
     cos = tl.load(cos_ptr + pos * stride_cos + j, mask=jm, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * stride_cos + j, mask=jm, other=0.0)[None, :]
+    hk = tl.arange(0, KH_P2)[:, None]
+    d = tl.arange(0, D_P2)[None, :]
+    row_m = (hk < NUM_K) & (d < D)
+    first = d < HALF
+    rot = d < 2 * HALF
+    jj = tl.where(first, d, d - HALF)
+    pidx = tl.where(first, d + HALF, d - HALF)
+    kc = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    ks = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    if QK_NORM:
+        w1 = tl.load(qw_ptr + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(qw_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        wx = tl.load(kw_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        wp = tl.load(kw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
+    pdl_enter(USE_PDL)
+    # q: the two halves of the rotated dims, in place.
     hq = tl.arange(0, QH_P2)[:, None]
     m = (hq < NUM_Q) & jm[None, :]
     p1 = q_ptr + t * stride_qt + hq * stride_qh + j[None, :]
@@ -117,34 +134,20 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     if QK_NORM:
         rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / D + eps)[:, None]
-        w1 = tl.load(qw_ptr + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(qw_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
         a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
         b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
     tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=m)
     tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=m)
     # k and v: whole head rows [KVH, D] into the cache; k's first 2 * HALF dims rotated.
-    hk = tl.arange(0, KH_P2)[:, None]
-    d = tl.arange(0, D_P2)[None, :]
-    row_m = (hk < NUM_K) & (d < D)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     dst = cache_ptr + slot * (NUM_K * D) + hk * D + d
     v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + d, mask=row_m, other=0.0)
     tl.store(dst + stride_cache_kv, to_cache(v.to(tl.float32) * v_mul, cache_ptr), mask=row_m)
     k_row = k_ptr + t * stride_kt + hk * stride_kh
     x = tl.load(k_row + d, mask=row_m, other=0.0)
-    first = d < HALF
-    rot = d < 2 * HALF
-    jj = tl.where(first, d, d - HALF)
-    pidx = tl.where(first, d + HALF, d - HALF)
     partner = tl.load(k_row + pidx, mask=row_m & rot, other=0.0).to(tl.float32)
-    kc = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
-    ks = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
     xf = x.to(tl.float32)
     if QK_NORM:  # every dim is rotated, so the partners are the same row's values: the same rstd
         krstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
-        wx = tl.load(kw_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-        wp = tl.load(kw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
         xf = ((xf * krstd).to(x.dtype).to(tl.float32) * wx).to(x.dtype).to(tl.float32)
         partner = ((partner * krstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
         x = xf.to(x.dtype)

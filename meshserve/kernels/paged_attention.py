@@ -113,7 +113,11 @@ def _attn_kernel(
     EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_PDL: tl.constexpr = False, HAS_QPOS: tl.constexpr = False,
 ):
-    pdl_enter(USE_PDL)
+    # With PDL the step's metadata (tile plan, sequence lengths: step inputs no kernel writes) loads
+    # before the wait; q and the newest keys come from the kernel just before (the rotary + KV write).
+    # Query positions given as a tensor may be a kernel's output: then the wait comes first.
+    if HAS_QPOS:
+        pdl_enter(USE_PDL)
     tile = tl.program_id(0)
     if HEAVY_FIRST:  # causal prefill: the last query tiles see the most keys; start them first
         tile = tl.num_programs(0) - 1 - tile
@@ -147,6 +151,8 @@ def _attn_kernel(
         kv_end = tl.minimum(kv_end, split_begin + per_split * BLOCK_N)
         kv_begin = split_begin
     if split < active:
+        if not HAS_QPOS:
+            pdl_enter(USE_PDL)
         rows = tl.arange(0, BLOCK_M)
         q_idx = q_start_in_seq + rows // GROUP  # query token within the sequence
         head = kv_head * GROUP + rows % GROUP
