@@ -114,6 +114,53 @@ def profile_offline(llm, ps, out: str, active: int = 20) -> dict:
     return {"kernel_ms_per_iteration": total_us / active / 1000, "sequences": len(ps)}
 
 
+def timed_with_timeline(llm, ps, sp) -> tuple[float, dict]:
+    """llm.generate(ps, sp) timed, with where its iterations' time went: those that carried prompt
+    tokens (prefill, alone or beside decode rows) against decode-only ones, from each scheduled
+    batch's token counts and the engine's per-iteration latency (iterations finish in order)."""
+    from collections import deque
+    core = llm._core
+    sched, step = core.scheduler.schedule, core._step
+    pending, rows = deque(), []
+
+    def schedule(*args, **kwargs):
+        so = sched(*args, **kwargs)
+        if so.has_work():
+            reqs = so.all_reqs()
+            decode = sum(r.num_new_tokens == 1 and r.num_output_tokens > 0 for r in reqs)  # else prompt tokens
+            pending.append((len(reqs), decode, sum(r.num_new_tokens for r in reqs) - decode))
+        return so
+
+    def stepped():
+        before = core.num_iterations
+        out = step()
+        if core.num_iterations != before and pending:
+            rows.append(pending.popleft() + (core.iteration_latency_s,))
+        return out
+    core.scheduler.schedule, core._step = schedule, stepped
+    try:
+        t = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        seconds = time.perf_counter() - t
+    finally:  # the class's methods again
+        vars(core.scheduler).pop("schedule", None)
+        vars(core).pop("_step", None)
+    pre = [r for r in rows if r[2] > 0]
+    dec = [r for r in rows if r[2] == 0]
+    big = [r for r in dec if r[1] >= 0.75 * max((x[1] for x in dec), default=0)]
+    timeline = {
+        "iterations": len(rows),
+        "prefill_iterations": len(pre), "prefill_s": sum(r[3] for r in pre),
+        "prompt_tokens": sum(r[2] for r in pre),
+        "decode_only_iterations": len(dec), "decode_only_s": sum(r[3] for r in dec),
+        "decode_only_tokens": sum(r[1] for r in dec),
+        "largest_decode_batch": max((r[1] for r in dec), default=0),
+        "ms_per_iteration_at_largest_batches": 1000 * sum(r[3] for r in big) / max(1, len(big)),
+    }
+    print(f"timeline: {timeline}", flush=True)
+    return seconds, timeline
+
+
 def ours(a) -> dict:
     import torch
     from meshserve import LLM, SamplingParams
@@ -162,10 +209,10 @@ def ours(a) -> dict:
         # the long prompts' prefill kernels (large-step tile variants) compile here, not in the timed run
         timed(prompts(min(16, a.num_offline), 1000), 4)
         ps = prompts(a.num_offline, 1000)
-        t = timed(ps, 1000)
+        t, timeline = timed_with_timeline(llm, ps, SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
         stats = {k: v for k, v in llm.get_stats().items() if not isinstance(v, (dict, list))}
         result["offline"] = {"num_requests": a.num_offline, "seconds": t,
-                             "output_tok_s": a.num_offline * 1000 / t, "engine_stats": stats}
+                             "output_tok_s": a.num_offline * 1000 / t, "engine_stats": stats, "timeline": timeline}
         print(f"engine stats after the offline run (preemptions, KV pool size...): {stats}", flush=True)
         print(f"offline {a.num_offline} x 1000/1000: {a.num_offline * 1000 / t:.0f} output tok/s", flush=True)
     llm.shutdown()
