@@ -37,7 +37,7 @@ def main():
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="1 or the default splits, 4 warps only")
     p.add_argument("--model-splits", action="store_true",
-                   help="the engine's split count only; KV tiles 32..256 x tiles per split 1..8 x warps 2..8")
+                   help="the engine's split count only; KV tiles 32..256 x tiles per split 1..8 x warps 4, 8")
     p.add_argument("--write", default=None, help="JSON of the best kernel_config fields (with --model-splits)")
     a = p.parse_args()
     means = {}  # (block_n, tiles, warps) -> [us per context] at the first batch
@@ -56,7 +56,7 @@ def main():
         default = decode_num_splits(B, KVH, sms)
         rows = []
         if a.model_splits:
-            grid = itertools.product((default,), (1, 2, 4, 8), (32, 64, 128, 256), (2, 4, 8))
+            grid = itertools.product((default,), (1, 2, 4, 8), (32, 64, 128, 256), (4, 8))
         elif a.quick:
             grid = itertools.product(sorted({1, default}), (1, 2, 4), (64,), (4,))
         else:

@@ -10,9 +10,10 @@
 #   call 4 (carry .whl):     moe-1gpu decode without PDL (the A/B), the decode split merge, kv serve
 #   call 21, 24 (carry .whl): with under ~20 minutes of device time, issue 21 then issue 24 (+ the
 #                            one-GPU engine tests) in two calls of < 600 s; issue 23 waits
-#   call 25, 26, 27 (carry .whl): issue 21 (tenth session): tune the batch-1 kernels, the decode rows
-#                            with them (PDL on / off), the offline row with them (back to back: 26 and 27
-#                            read call 25's tuning from the warm machine's /tmp/tuned)
+#   call 25-28 (carry .whl): issue 21 (tenth session): tune the batch-1 kernels, the decode rows with them
+#                            (PDL on, with and without the rotary fused into attention), the offline row,
+#                            the rows without PDL (back to back: 26-28 read call 25's tuning from the
+#                            warm machine's /tmp/tuned; on a fresh one they run the checked-in tables)
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -41,6 +42,14 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, output to $OUT/NAME.tx
   local rc=$?
   echo "=== $name: rc $rc in $((SECONDS - t0)) s"
   tail -n "${TAIL:-25}" "$OUT/$name.txt" | cut -c1-300
+}
+
+tuned() {  # call 25's tuning where this (warm) machine has it: MESHSERVE_MOE_CONFIG_DIR, $ATTN, $ATTN_ROPE
+  ATTN=/tmp/tuned/attn.json; [[ -f $ATTN ]] || ATTN='{}'
+  [[ -n "$(ls /tmp/tuned/moe/*.json 2>/dev/null)" ]] && export MESHSERVE_MOE_CONFIG_DIR=/tmp/tuned/moe
+  ATTN_ROPE=$(python3 -c "import json,sys; a=sys.argv[1]; d=json.load(open(a)) if a.endswith('.json') else {}; \
+d['fuse_rope_attention']=True; print(json.dumps(d))" "$ATTN")
+  echo "moe configs: ${MESHSERVE_MOE_CONFIG_DIR:-checked-in}; attention: $ATTN; with the rotary: $ATTN_ROPE"
 }
 
 ok() {  # ok NAME: step NAME's pytest output shows passes and no failure
@@ -102,34 +111,38 @@ case $CALL in
     --out "$RES/moe_nopdl"
   ;;
 25)  # issue 21, batch 1 (tenth session): the new decode kernels on the GPU (the gated product as GEMVs,
-    # loads before the PDL wait in _down_sum_kernel, the rotary + KV write, RMSNorm, attention), then tuning into /tmp/tuned (kept on a warm machine
-    # for calls 26 and 27, and brought back): the experts' table at T <= 8 merged into the checked-in one,
-    # and the decode attention tiles at batch 1 (kernel_config fields, JSON)
-  step moe_gpu_tests 280 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py \
-    tests/gpu/test_fused_kernels.py -q -x
+    # loads before the PDL wait in _down_sum_kernel, the rotary + KV write, RMSNorm, attention; the rotary
+    # fused into decode attention), then tuning into /tmp/tuned (kept on a warm machine for calls 26-28,
+    # and brought back): the experts' table at T <= 8 merged into the checked-in one, and the decode
+    # attention tiles at batch 1 (kernel_config fields, JSON)
+  step gpu_tests 280 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py \
+    tests/gpu/test_fused_kernels.py tests/gpu/test_rope_attention_fused.py -q -x
   mkdir -p /tmp/tuned/moe
-  ok moe_gpu_tests && step tune_moe 200 python3 benchmarks/tune_moe.py --tokens 1,2,4,8 --budget-s 130 \
+  step tune_moe 150 python3 benchmarks/tune_moe.py --tokens 1,2,4,8 --budget-s 100 \
     --merge meshserve/kernels/configs/moe_E128_H2048_I768_bf16_H200.json --out /tmp/tuned/moe
-  step attn_b1 150 python3 benchmarks/decode_attn_b1.py --model-splits --batches 1 --contexts 128,256,384 \
+  step attn_b1 120 python3 benchmarks/decode_attn_b1.py --model-splits --batches 1 --contexts 128,256,384 \
     --write /tmp/tuned/attn.json
   cp -r /tmp/tuned "$RES/"
   ;;
-26)  # issue 21: the full model's decode rows with call 25's tuning (where this machine still has it), PDL on
-    # (with a kernel table) and off
-  ATTN=/tmp/tuned/attn.json; [[ -f $ATTN ]] || ATTN='{}'
-  [[ -n "$(ls /tmp/tuned/moe/*.json 2>/dev/null)" ]] && export MESHSERVE_MOE_CONFIG_DIR=/tmp/tuned/moe
-  echo "moe configs: ${MESHSERVE_MOE_CONFIG_DIR:-checked-in}; attention: $ATTN"
-  step moe_tuned_pdl 300 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --kernel-config "$ATTN" \
+26)  # issue 21: the full model's decode rows with call 25's tuning (where this machine still has it), PDL on,
+    # with kernel tables: as tuned, then with the rotary fused into decode attention (fuse_rope_attention)
+  tuned
+  step moe_tuned_pdl 270 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --kernel-config "$ATTN" \
     --profile-b1 --out "$RES/moe_tuned_pdl"
-  step moe_tuned 240 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --kernel-config "$ATTN" \
-    --out "$RES/moe_tuned"
+  step moe_tuned_pdl_rope 270 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl \
+    --kernel-config "$ATTN_ROPE" --profile-b1 --out "$RES/moe_tuned_pdl_rope"
   ;;
-27)  # issue 21 offline 1000 x 1000/1000 at batch 384 with the tuning, PDL on (limited to <= 64-token steps)
-    # and a kernel table of the batch-384 step
-  ATTN=/tmp/tuned/attn.json; [[ -f $ATTN ]] || ATTN='{}'
-  [[ -n "$(ls /tmp/tuned/moe/*.json 2>/dev/null)" ]] && export MESHSERVE_MOE_CONFIG_DIR=/tmp/tuned/moe
-  step moe_offline 540 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
-    --max-batch-size 384 ${FLAGS:---pdl} --kernel-config "$ATTN" --profile-offline --out "$RES/moe_offline"
+27)  # issue 21 offline 1000 x 1000/1000 at batch 384 with the tuning (FLAGS, default --pdl: limited to steps of
+    # <= 64 tokens), its timeline (prefill against decode iterations) and a kernel table of the batch-384 step
+  tuned
+  step moe_offline 560 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+    --max-batch-size 384 ${FLAGS:---pdl} --kernel-config "${KC:-$ATTN}" --profile-offline --out "$RES/moe_offline"
+  ;;
+28)  # issue 21: the decode rows without PDL (the A/B of call 26), then the Triton backend's engine tests on the GPU
+  tuned
+  step moe_tuned 250 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --kernel-config "${KC:-$ATTN}" \
+    --out "$RES/moe_tuned"
+  step engine_tests 200 python3 -m pytest tests/engine/test_triton_backend.py tests/gpu/test_paged_attention_kernel.py -q -x
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x

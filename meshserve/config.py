@@ -121,6 +121,9 @@ class KernelConfig(StrictModel):
     pdl_max_tokens: Optional[int] = Field(None, ge=1, description=(
         "with pdl: only steps of up to this many tokens launch with PDL (in larger steps the next kernel's "
         "early blocks take SMs from the running one)"))
+    fuse_rope_attention: Optional[bool] = Field(None, description=(
+        "decode steps (Triton attention): q's rotary (and Qwen3's q/k norm) and the KV write of the new "
+        "token run inside the attention kernel instead of a kernel of their own"))
     fuse_norm_linear: Optional[bool] = Field(None, description=(
         "one-row steps (batch-1 decode): each RMSNorm runs inside the skinny GEMM that reads it (q/k/v, "
         "the MLP's gate_up, an MoE router gate with its top-k): one kernel instead of two or three"))

@@ -16,7 +16,7 @@ query_start_loc [B+1]; seq_lens [B] (context incl. this step's tokens); lse [T, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -98,6 +98,65 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
     return m_new, l_i, acc
 
 
+@triton.jit
+def _rotate(x_ptrs, pidx_ptrs, mask, rot_mask, cos, sin, w_ptr, pidx, d, rot, first, eps, row_axis: tl.constexpr,
+            HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
+    """Rows x (first HALF dims / next HALF rotated with their partners, the rest passed through),
+    after the per-head RMSNorm when QK_NORM; rounded to x's dtype at the same points as
+    kernels/fused.py _rope_store_kernel, so the fused path stores and attends the same values."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    partner = tl.load(pidx_ptrs, mask=mask & rot_mask, other=0.0).to(tl.float32)
+    xf = x.to(tl.float32)
+    if QK_NORM:  # every dim rotated: the partners are the same row's values, the same rstd
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=row_axis) / HEAD_DIM + eps)
+        if row_axis == 1:
+            rstd = rstd[:, None]
+        wx = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
+        xf = ((xf * rstd).to(x.dtype).to(tl.float32) * wx).to(x.dtype).to(tl.float32)
+        partner = ((partner * rstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
+        x = xf.to(x.dtype)
+    y = tl.where(first, xf * cos - partner * sin, xf * cos + partner * sin).to(x.dtype)
+    return tl.where(rot, y, x)
+
+
+@triton.jit
+def _rope_rows(q_rows, pos, row_valid, d, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps, HEAD_DIM: tl.constexpr,
+               HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    """A decode tile's q rows [BLOCK_M, D_P2] (q_rows: each row's head start), rotated at each
+    row's position `pos` (its token's), normalised first when QK_NORM."""
+    first = d < HALF
+    rot = d < 2 * HALF
+    jj = tl.where(first, d, d - HALF)
+    pidx = tl.where(first, d + HALF, d - HALF)
+    m = row_valid[:, None] & (d < HEAD_DIM)[None, :]
+    cs_mask = row_valid[:, None] & rot[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * stride_cos + jj[None, :], mask=cs_mask, other=0.0)
+    sin = tl.load(sin_ptr + pos[:, None] * stride_cos + jj[None, :], mask=cs_mask, other=0.0)
+    return _rotate(q_rows + d[None, :], q_rows + pidx[None, :], m, rot[None, :], cos, sin, qw_ptr, pidx[None, :],
+                   d[None, :], rot[None, :], first[None, :], eps, 1, HEAD_DIM, QK_NORM)
+
+
+@triton.jit
+def _rope_store_new(k_row, v_row, head_cache, slot, pos, d, cos_ptr, sin_ptr, stride_cos, kw_ptr, eps,
+                    stride_cache_kv, stride_cache_blk, stride_cache_tok, k_mul, v_mul, PAGE: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    """This step's token of one kv head: k normalised (QK_NORM) and rotated, v as is, both into the
+    paged cache at `slot` (scaled by k_mul / v_mul and cast as kernels/fused.py writes them)."""
+    first = d < HALF
+    rot = d < 2 * HALF
+    jj = tl.where(first, d, d - HALF)
+    pidx = tl.where(first, d + HALF, d - HALF)
+    dm = d < HEAD_DIM
+    cos = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    y = _rotate(k_row + d, k_row + pidx, dm, rot, cos, sin, kw_ptr, pidx, d, rot, first, eps, 0, HEAD_DIM, QK_NORM)
+    dst = head_cache + (slot // PAGE) * stride_cache_blk + (slot % PAGE) * stride_cache_tok + d
+    v = tl.load(v_row + d, mask=dm, other=0.0)
+    tl.store(dst + stride_cache_kv, to_cache(v.to(tl.float32) * v_mul, head_cache), mask=dm)
+    tl.store(dst, to_cache(y.to(tl.float32) * k_mul, head_cache), mask=dm)
+
+
 # Integer arguments that change from step to step are not specialized (Triton would otherwise
 # compile a variant per "divisible by 16" / "equal to 1" pattern, ~0.5 s each, mid-serving).
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -112,6 +171,10 @@ def _attn_kernel(
     NUM_SPLITS: tl.constexpr, SPLIT_TILES: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr, HEAVY_FIRST: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_PDL: tl.constexpr = False, HAS_QPOS: tl.constexpr = False,
+    # ROPE (decode tiles): q and this step's k / v arrive raw; see _rope_rows / _rope_store_new
+    rk_ptr=None, rv_ptr=None, slot_ptr=None, cos_ptr=None, sin_ptr=None, pos_ptr=None, qw_ptr=None, kw_ptr=None,
+    eps=0.0, stride_kt=0, stride_kh=0, stride_vt=0, stride_vh=0, stride_cos=0, k_mul=1.0, v_mul=1.0,
+    ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False, HALF: tl.constexpr = 1,
 ):
     # With PDL the step's metadata (tile plan, sequence lengths: step inputs no kernel writes) loads
     # before the wait; q and the newest keys come from the kernel just before (the rotary + KV write).
@@ -160,8 +223,22 @@ def _attn_kernel(
         d = tl.arange(0, D_P2)
         d_valid = d < HEAD_DIM
         q_tok = q_begin + q_idx
-        q = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        if ROPE:  # decode: q normalised and rotated here, and the last split writes this token's k / v
+            q = _rope_rows(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh,
+                           tl.load(pos_ptr + q_tok, mask=row_valid, other=0).to(tl.int64), row_valid, d, cos_ptr,
+                           sin_ptr, stride_cos, qw_ptr, eps, HEAD_DIM, HALF, QK_NORM)
+            if split == active - 1:
+                t_new = q_begin.to(tl.int64)
+                _rope_store_new(rk_ptr + t_new * stride_kt + kv_head * stride_kh,
+                                rv_ptr + t_new * stride_vt + kv_head * stride_vh,
+                                cache_ptr + kv_head * stride_cache_head, tl.load(slot_ptr + t_new).to(tl.int64),
+                                tl.load(pos_ptr + t_new).to(tl.int64), d, cos_ptr, sin_ptr, stride_cos, kw_ptr, eps,
+                                stride_cache_kv, stride_cache_blk, stride_cache_tok, k_mul, v_mul, PAGE, HEAD_DIM, HALF,
+                                QK_NORM)
+                tl.debug_barrier()  # the tile loop below reads this token's k / v back from the cache
+        else:
+            q = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                        mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         if HAS_QPOS:
             q_pos = tl.load(qpos_ptr + q_tok, mask=row_valid, other=-1)
         else:
@@ -282,6 +359,22 @@ def _finish(acc, m_i, l_i, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr, counter_
 _INTERPRET = kernels.interpreting()
 
 
+class RopeInputs(NamedTuple):
+    """What paged_attention(rope=...) needs to rotate q and write this step's k / v itself: k, v
+    [T, KVH, D] (strided views allowed), positions [T], the rotary cos / sin caches [max_pos, HALF],
+    slot_mapping [T], qk_norm (q weight [D], k weight [D], eps) or None, and the cache's 1 / scale
+    for k and v (an FP8 cache; 1.0 otherwise)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+    qk_norm: Optional[tuple] = None
+    k_mul: float = 1.0
+    v_mul: float = 1.0
+
+
 _FITTED: dict = {}  # (device, dtype, decode, block_m, block_n, d_p2, stages) -> (block_n, stages) used
 _SMEM: dict = {}
 
@@ -361,7 +454,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
                     exact_tiles: bool = False, heavy_first: Optional[bool] = None,
                     settings: KernelSettings = H200, return_lse: bool = False,
-                    query_positions: Optional[torch.Tensor] = None):
+                    query_positions: Optional[torch.Tensor] = None, rope: Optional[RopeInputs] = None):
     """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
     ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
     block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
@@ -371,7 +464,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill).
     query_positions: [T] int32, the index of the last key each query row sees (-1: none), for rows
     whose keys are not the causal shape (context parallelism RING); nondecreasing within a sequence,
-    no sliding window. None: causal (row i of a sequence of q_len queries sees seq_len - q_len + i + 1)."""
+    no sliding window. None: causal (row i of a sequence of q_len queries sees seq_len - q_len + i + 1).
+    rope (decode tiles, block_q 1, no query_positions): q and this step's k / v are raw; the kernel
+    rotates (and with qk_norm normalises) q itself, and each sequence's last KV split writes its
+    token's k / v into the cache before reading it (kernels/fused.py rotary_store_kv, fused in)."""
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
@@ -411,6 +507,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
             ws["counter"] = torch.zeros(num_tiles * KVH, dtype=torch.int32, device=q.device)  # left at 0
         part_acc, part_ml, counter = ws["acc"], ws["ml"], ws["counter"]
     grid = (num_tiles, KVH, num_splits)
+    extra = {}
+    if rope is not None:
+        if block_q != 1 or query_positions is not None:
+            raise ValueError(f"paged_attention(rope=...) fuses the rotary into decode tiles only (block_q 1, no "
+                             f"query_positions); got block_q {block_q}")
+        qw, kw, eps = rope.qk_norm if rope.qk_norm is not None else (q, q, 0.0)
+        extra = dict(rk_ptr=rope.k, rv_ptr=rope.v, slot_ptr=rope.slot_mapping, cos_ptr=rope.cos, sin_ptr=rope.sin,
+                     pos_ptr=rope.positions, qw_ptr=qw, kw_ptr=kw, eps=float(eps), stride_kt=rope.k.stride(0),
+                     stride_kh=rope.k.stride(1), stride_vt=rope.v.stride(0), stride_vh=rope.v.stride(1),
+                     stride_cos=rope.cos.stride(0), k_mul=float(rope.k_mul), v_mul=float(rope.v_mul), ROPE=True,
+                     QK_NORM=rope.qk_norm is not None, HALF=rope.cos.shape[1])
     while True:
         try:
             _attn_kernel[grid](
@@ -424,7 +531,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 SPLIT_TILES=split_tiles or settings.attn_decode_split_tiles,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
                 HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages,
-                HAS_QPOS=query_positions is not None, **kernels.pdl_args())
+                HAS_QPOS=query_positions is not None, **extra, **kernels.pdl_args())
             return (out, lse) if return_lse else out
         except OutOfResources:
             smaller = None if exact_tiles else shrink_tiles(block_n, num_stages)

@@ -44,6 +44,7 @@ class KernelSettings:
     attn_heavy_first: bool = True
     pdl: bool = False  # programmatic dependent launch (kernels/pdl.py): off until measured on the H200
     pdl_max_tokens: int = 64  # PDL only in steps of up to this many tokens (kernels.step_tokens)
+    fuse_rope_attention: bool = False  # decode steps: the rotary + KV write inside the attention kernel; off until measured
     fuse_norm_linear: bool = False  # one-row steps: RMSNorm inside the skinny GEMM after it (kernels/gemv.py); off until measured
 
     def as_dict(self) -> dict[str, Any]:

@@ -89,6 +89,29 @@ def test_decode_tiles_from_kernel_config(ckpt, monkeypatch):
     assert prefill and all(k["BLOCK_N"] != 16 for k in prefill)  # prefill tiles keep their own setting
 
 
+def test_fused_rope_attention_gives_transformers_ids(ckpt, monkeypatch):
+    """kernel_config.fuse_rope_attention: decode steps rotate q, apply Qwen3's q/k norm and write
+    the new token's k / v inside the attention kernel (rotary_store_kv runs only in prefill and
+    mixed steps); greedy ids stay transformers'."""
+    from meshserve.layers.attention.backends import triton as backend
+
+    path, prompts, ref = ckpt
+    spy = _Spy(pa._attn_kernel)
+    monkeypatch.setattr(pa, "_attn_kernel", spy)
+    separate = []
+    real = backend.rotary_store_kv
+    monkeypatch.setattr(backend, "rotary_store_kv", lambda q, *a, **k: separate.append(q.shape[0]) or real(q, *a, **k))
+    with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048},
+             kernel_config={"fuse_rope_attention": True, "attn_decode_block_n": 16}) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
+    assert got == ref
+    decode = [k for k in spy.launches if k["BLOCK_Q"] == 1]
+    assert decode and all(k.get("ROPE") for k in decode) and any(k["NUM_SPLITS"] > 1 for k in decode)
+    assert not any(k.get("ROPE") for k in spy.launches if k["BLOCK_Q"] > 1)
+    assert separate and len(separate) < len(spy.launches)  # prefill steps only
+
+
 def test_triton_backend_on_cpu_without_the_interpreter_is_refused(ckpt, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):

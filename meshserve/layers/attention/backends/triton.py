@@ -86,13 +86,19 @@ class TritonAttentionBackend(AttentionBackend):
                 "attentions eagerly (cuda_graph_config=None, or enable=False) or leave return_lse False")
         kv_cache = layer.kv_cache
         k_scale, v_scale = getattr(layer, "k_scale", 1.0), getattr(layer, "v_scale", 1.0)
+        rope = None
         if rotary is not None:
             norm = None
             if layer.qk_norm is not None and self.fuses_qk_norm(layer, rotary):
                 qn, kn = layer.qk_norm
                 norm = (qn.weight, kn.weight, qn.eps)
-            rotary_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, kv_cache, md.slot_mapping, norm,
-                            k_scale, v_scale)
+            if self.settings.fuse_rope_attention and md.block_q == 1 and md.query_positions is None:
+                # decode tiles: the attention kernel rotates q and writes this token's k / v itself
+                rope = pa.RopeInputs(k, v, positions, rotary.cos_cache, rotary.sin_cache, md.slot_mapping, norm,
+                                     1.0 / k_scale, 1.0 / v_scale)
+            else:
+                rotary_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, kv_cache, md.slot_mapping,
+                                norm, k_scale, v_scale)
         else:
             pa.store_kv(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         # the cache holds k / k_scale and v / v_scale (an FP8 cache's calibrated scales; 1 otherwise):
@@ -100,7 +106,7 @@ class TritonAttentionBackend(AttentionBackend):
         out = pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,
                                  md.tile_start, md.block_q, layer.scale * k_scale, layer.sliding_window,
                                  md.num_splits, workspace=md.workspace, settings=self.settings, return_lse=return_lse,
-                                 query_positions=md.query_positions)
+                                 query_positions=md.query_positions, rope=rope)
         if v_scale == 1.0:
             return out
         if return_lse:
