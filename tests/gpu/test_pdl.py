@@ -113,8 +113,8 @@ def test_pdl_greedy_ids_match_transformers_with_graphs(tmp_path, kind):
     prompts = make_prompts(8, 300, 40, seed=3)
     ref = [hf_greedy(hf, p, 16) for p in prompts]
 
-    def run(dtype, pdl):
-        with LLM(path, show_progress=False, dtype=dtype, kernel_config={"pdl": pdl},
+    def run(dtype, pdl, **more):
+        with LLM(path, show_progress=False, dtype=dtype, kernel_config={"pdl": pdl, **more},
                  kv_cache_config={"tokens_per_block": 16, "max_tokens": 4096}) as llm:
             runner = llm._core.executor.runner
             assert runner.kernel_settings.pdl is pdl and kernels.PDL is pdl
@@ -127,4 +127,6 @@ def test_pdl_greedy_ids_match_transformers_with_graphs(tmp_path, kind):
         assert graphs is not None and graphs.replays > 0
     assert got == ref
     assert run("bfloat16", True)[0] == run("bfloat16", False)[0]
+    if kind == "qwen3":  # the rotary + KV write inside decode attention, under PDL, in graphs
+        assert run("float32", True, fuse_rope_attention=True)[0] == ref
     kernels.configure(ks.H200)
