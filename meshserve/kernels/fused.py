@@ -90,6 +90,28 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 
 
 @triton.jit
+def _rotate(x, partner, cos, sin, wx, wp, rot, first, eps, row_axis: tl.constexpr, HEAD_DIM: tl.constexpr,
+            QK_NORM: tl.constexpr):
+    """Rotary of loaded head rows x (the first HALF dims with the next HALF, each value with its
+    partner's; dims past 2 * HALF pass through), after the per-head RMSNorm (weights wx at the
+    dims, wp at the partners' dims; reduced along `row_axis`) when QK_NORM, rounded to x's dtype at
+    the points the separate RMSNorm and rotary would round. first / rot: the masks d < HALF and
+    d < 2 * HALF. Shared by _rope_store_kernel and the fused decode attention (paged_attention)."""
+    partner = partner.to(tl.float32)
+    xf = x.to(tl.float32)
+    if QK_NORM:  # every dim rotated: the partners are the same row's values, the same rstd
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=row_axis) / HEAD_DIM + eps)
+        if row_axis == 1:
+            rstd = rstd[:, None]
+        xf = ((xf * rstd).to(x.dtype).to(tl.float32) * wx).to(x.dtype).to(tl.float32)
+        partner = ((partner * rstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
+        x = xf.to(x.dtype)
+    # first half: a*cos - b*sin with a = x, b = partner; second: b*cos + a*sin with b = x, a = partner
+    y = tl.where(first, xf * cos - partner * sin, xf * cos + partner * sin).to(x.dtype)
+    return tl.where(rot, y, x)
+
+
+@triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr, eps,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
                        k_mul, v_mul,
@@ -119,6 +141,10 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     pidx = tl.where(first, d + HALF, d - HALF)
     kc = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
     ks = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    w1 = cos  # placeholders without QK_NORM (never read)
+    w2 = cos
+    wx = kc
+    wp = kc
     if QK_NORM:
         w1 = tl.load(qw_ptr + j, mask=jm, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(qw_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
@@ -143,17 +169,8 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + d, mask=row_m, other=0.0)
     tl.store(dst + stride_cache_kv, to_cache(v.to(tl.float32) * v_mul, cache_ptr), mask=row_m)
     k_row = k_ptr + t * stride_kt + hk * stride_kh
-    x = tl.load(k_row + d, mask=row_m, other=0.0)
-    partner = tl.load(k_row + pidx, mask=row_m & rot, other=0.0).to(tl.float32)
-    xf = x.to(tl.float32)
-    if QK_NORM:  # every dim is rotated, so the partners are the same row's values: the same rstd
-        krstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
-        xf = ((xf * krstd).to(x.dtype).to(tl.float32) * wx).to(x.dtype).to(tl.float32)
-        partner = ((partner * krstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
-        x = xf.to(x.dtype)
-    # first half: a*cos - b*sin with a = x, b = partner; second: b*cos + a*sin with b = x, a = partner
-    y = tl.where(first, xf * kc - partner * ks, xf * kc + partner * ks).to(x.dtype)
-    y = tl.where(rot, y, x)
+    y = _rotate(tl.load(k_row + d, mask=row_m, other=0.0), tl.load(k_row + pidx, mask=row_m & rot, other=0.0),
+                kc, ks, wx, wp, rot, first, eps, 1, D, QK_NORM)
     tl.store(dst, to_cache(y.to(tl.float32) * k_mul, cache_ptr), mask=row_m)
 
 

@@ -25,6 +25,7 @@ from triton.runtime.errors import OutOfResources
 
 from meshserve import kernels
 from meshserve.kernels.fp8_gemm import to_cache
+from meshserve.kernels.fused import _rotate
 from meshserve.kernels.pdl import pdl_enter
 from meshserve.kernels.settings import H200, KernelSettings
 
@@ -99,28 +100,6 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
 
 
 @triton.jit
-def _rotate(x_ptrs, pidx_ptrs, mask, rot_mask, cos, sin, w_ptr, pidx, d, rot, first, eps, row_axis: tl.constexpr,
-            HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
-    """Rows x (first HALF dims / next HALF rotated with their partners, the rest passed through),
-    after the per-head RMSNorm when QK_NORM; rounded to x's dtype at the same points as
-    kernels/fused.py _rope_store_kernel, so the fused path stores and attends the same values."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
-    partner = tl.load(pidx_ptrs, mask=mask & rot_mask, other=0.0).to(tl.float32)
-    xf = x.to(tl.float32)
-    if QK_NORM:  # every dim rotated: the partners are the same row's values, the same rstd
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=row_axis) / HEAD_DIM + eps)
-        if row_axis == 1:
-            rstd = rstd[:, None]
-        wx = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
-        xf = ((xf * rstd).to(x.dtype).to(tl.float32) * wx).to(x.dtype).to(tl.float32)
-        partner = ((partner * rstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
-        x = xf.to(x.dtype)
-    y = tl.where(first, xf * cos - partner * sin, xf * cos + partner * sin).to(x.dtype)
-    return tl.where(rot, y, x)
-
-
-@triton.jit
 def _rope_rows(q_rows, pos, row_valid, d, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps, HEAD_DIM: tl.constexpr,
                HALF: tl.constexpr, QK_NORM: tl.constexpr):
     """A decode tile's q rows [BLOCK_M, D_P2] (q_rows: each row's head start), rotated at each
@@ -133,8 +112,14 @@ def _rope_rows(q_rows, pos, row_valid, d, cos_ptr, sin_ptr, stride_cos, qw_ptr, 
     cs_mask = row_valid[:, None] & rot[None, :]
     cos = tl.load(cos_ptr + pos[:, None] * stride_cos + jj[None, :], mask=cs_mask, other=0.0)
     sin = tl.load(sin_ptr + pos[:, None] * stride_cos + jj[None, :], mask=cs_mask, other=0.0)
-    return _rotate(q_rows + d[None, :], q_rows + pidx[None, :], m, rot[None, :], cos, sin, qw_ptr, pidx[None, :],
-                   d[None, :], rot[None, :], first[None, :], eps, 1, HEAD_DIM, QK_NORM)
+    wx = cos  # placeholders without QK_NORM (never read)
+    wp = cos
+    if QK_NORM:
+        wx = tl.load(qw_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(qw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)[None, :]
+    return _rotate(tl.load(q_rows + d[None, :], mask=m, other=0.0),
+                   tl.load(q_rows + pidx[None, :], mask=m & rot[None, :], other=0.0), cos, sin, wx, wp, rot[None, :],
+                   first[None, :], eps, 1, HEAD_DIM, QK_NORM)
 
 
 @triton.jit
@@ -150,7 +135,13 @@ def _rope_store_new(k_row, v_row, head_cache, slot, pos, d, cos_ptr, sin_ptr, st
     dm = d < HEAD_DIM
     cos = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
-    y = _rotate(k_row + d, k_row + pidx, dm, rot, cos, sin, kw_ptr, pidx, d, rot, first, eps, 0, HEAD_DIM, QK_NORM)
+    wx = cos  # placeholders without QK_NORM (never read)
+    wp = cos
+    if QK_NORM:
+        wx = tl.load(kw_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        wp = tl.load(kw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
+    y = _rotate(tl.load(k_row + d, mask=dm, other=0.0), tl.load(k_row + pidx, mask=dm & rot, other=0.0), cos, sin,
+                wx, wp, rot, first, eps, 0, HEAD_DIM, QK_NORM)
     dst = head_cache + (slot // PAGE) * stride_cache_blk + (slot % PAGE) * stride_cache_tok + d
     v = tl.load(v_row + d, mask=dm, other=0.0)
     tl.store(dst + stride_cache_kv, to_cache(v.to(tl.float32) * v_mul, head_cache), mask=dm)
