@@ -115,8 +115,8 @@ case $CALL in
     # fused into decode attention), then tuning into /tmp/tuned (kept on a warm machine for calls 26-28,
     # and brought back): the experts' table at T <= 8 merged into the checked-in one, and the decode
     # attention tiles at batch 1 (kernel_config fields, JSON)
-  step gpu_tests 280 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py \
-    tests/gpu/test_fused_kernels.py tests/gpu/test_rope_attention_fused.py -q -x
+  step gpu_tests 200 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_fused_kernels.py \
+    tests/gpu/test_rope_attention_fused.py -q -x
   mkdir -p /tmp/tuned/moe
   step tune_moe 150 python3 benchmarks/tune_moe.py --tokens 1,2,4,8 --budget-s 100 \
     --merge meshserve/kernels/configs/moe_E128_H2048_I768_bf16_H200.json --out /tmp/tuned/moe
@@ -124,13 +124,13 @@ case $CALL in
     --write /tmp/tuned/attn.json
   cp -r /tmp/tuned "$RES/"
   ;;
-26)  # issue 21: the full model's decode rows with call 25's tuning (where this machine still has it), PDL on,
-    # with kernel tables: as tuned, then with the rotary fused into decode attention (fuse_rope_attention)
+26)  # issue 21: the full model's decode rows with call 25's tuning (where this machine still has it), PDL on and
+    # the rotary fused into decode attention, with a kernel table (each kernel's time against the ninth
+    # session's table); then the PDL tests (greedy ids against transformers with graphs, the fused rotary too)
   tuned
-  step moe_tuned_pdl 270 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --kernel-config "$ATTN" \
-    --profile-b1 --out "$RES/moe_tuned_pdl"
   step moe_tuned_pdl_rope 270 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl \
     --kernel-config "$ATTN_ROPE" --profile-b1 --out "$RES/moe_tuned_pdl_rope"
+  step pdl_tests 280 python3 -m pytest tests/gpu/test_pdl.py -q -x
   ;;
 27)  # issue 21 offline 1000 x 1000/1000 at batch 384 with the tuning (FLAGS, default --pdl: limited to steps of
     # <= 64 tokens), its timeline (prefill against decode iterations) and a kernel table of the batch-384 step
@@ -138,10 +138,11 @@ case $CALL in
   step moe_offline 560 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
     --max-batch-size 384 ${FLAGS:---pdl} --kernel-config "${KC:-$ATTN}" --profile-offline --out "$RES/moe_offline"
   ;;
-28)  # issue 21: the decode rows without PDL (the A/B of call 26), then the Triton backend's engine tests on the GPU
+28)  # issue 21: the decode rows as tuned, PDL on, without the fused rotary (the A/B of call 26), then the Triton
+    # backend's engine tests on the GPU
   tuned
-  step moe_tuned 250 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --kernel-config "${KC:-$ATTN}" \
-    --out "$RES/moe_tuned"
+  step moe_tuned_pdl 250 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --kernel-config "${KC:-$ATTN}" \
+    --out "$RES/moe_tuned_pdl"
   step engine_tests 200 python3 -m pytest tests/engine/test_triton_backend.py tests/gpu/test_paged_attention_kernel.py -q -x
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
