@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from meshserve import kernels
 from meshserve.layers.attention.backend import AttentionMetadata
 
 logger = logging.getLogger(__name__)
