@@ -23,12 +23,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import AsyncIterator, Optional, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import httpx
 import msgspec
 import numpy as np
+
+if TYPE_CHECKING:  # aiohttp is imported where the client runs
+    import aiohttp
+
 from tqdm import tqdm
 
 from meshserve.bench import datasets
