@@ -111,7 +111,7 @@ case $CALL in
     --out "$RES/moe_nopdl"
   ;;
 25)  # issue 21, batch 1 (tenth session): the new decode kernels on the GPU (the gated product as GEMVs,
-    # loads before the PDL wait in _down_sum_kernel, the rotary + KV write, RMSNorm, attention; the rotary
+    # loads before the PDL wait in the rotary + KV write, RMSNorm, attention; the rotary
     # fused into decode attention), then tuning into /tmp/tuned (kept on a warm machine for calls 26-28,
     # and brought back): the experts' table at T <= 8 merged into the checked-in one, and the decode
     # attention tiles at batch 1 (kernel_config fields, JSON)

@@ -371,14 +371,17 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
     gated rows in assignment order). One program per (token, BLOCK_N output columns); each step
     loads all its experts' [BLOCK_N, BLOCK_K] weight tiles at once ([K_P2, BLOCK_N, BLOCK_K]), so
     enough bytes are in flight for a matrix-vector product to run at bandwidth."""
+    # With PDL the wait comes first: the ids are the router's output. (The tenth session loaded the ids
+    # and the first weight tile before the wait, reasoning that the router had finished before the
+    # gated product let this kernel launch; one run of tests/gpu/test_pdl.py on an H100 then hit an
+    # illegal memory access in a Qwen3-MoE graph warm-up, which 30 reruns did not repeat. An address
+    # computed from another kernel's output is not loaded early until that is understood.)
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     kk = tl.arange(0, K_P2)
     rows = t * TOPK + kk
-    # With PDL the ids and weights load before the wait: the ids come from the router, which ran
-    # before the gated GEMM this kernel follows (that kernel let this one launch only after its own
-    # wait, so the router had finished); weights are never written. Only the gated rows wait.
     e = tl.load(ids_ptr + rows, mask=kk < TOPK, other=-1).to(tl.int64)
     wk = tl.load(w_ptr + rows, mask=kk < TOPK, other=0.0).to(tl.float32)
     live = e >= 0
@@ -391,13 +394,11 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
     s_rows = s_ptr
     if FP8:  # [K_P2, BLOCK_N] scale rows of each k's expert (BLOCK_K divides BK_Q)
         s_rows = s_ptr + e[:, None] * stride_se + (offs_n // BN_Q)[None, :] * stride_sn
-    # the first K tile's weights before the wait (PDL), the gated rows after it
     if EVEN_K:
         a_mask = live[:, None] & (offs_k < BLOCK_K)[None, :]
     else:
         a_mask = live[:, None] & (offs_k < I)[None, :]
     b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0)
-    pdl_enter(USE_PDL)
     a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)  # [K_P2, BLOCK_K]
     acc = _down_sum_step(acc, a, b, s_rows, 0, live, n_mask, BLOCK_K, FP8, BK_Q)
     for i in range(1, K_ITERS):

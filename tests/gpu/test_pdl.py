@@ -72,8 +72,8 @@ def test_gemv_chain_in_a_graph_equals_without_pdl(m, k, n):
 @pytest.mark.parametrize("T", [1, 4])
 def test_moe_decode_chain_in_a_graph_equals_without_pdl(T, gemv_gate_up):
     """The MoE decode chain (router gate GEMV -> router top-k -> gated product -> down + sum over k)
-    with PDL: _down_sum_kernel reads the router's ids and its first weight tile before its wait, so
-    a replay on new routings must equal the same graph without PDL."""
+    in a graph with PDL, replayed on new routings, equals the same graph without PDL (the gated
+    product as dot tiles and as GEMV programs)."""
     from meshserve.kernels.gemv import gemv
     from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
     from meshserve.kernels.moe_router import router_topk
