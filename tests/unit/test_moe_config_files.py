@@ -142,3 +142,19 @@ def test_tuner_dry_run_writes_a_loadable_file(tmp_path, moe):
     assert table(64, 2) == moe.config_from_dict(DOC["configs"]["256"])
     assert table(1, 2) != moe.config_from_dict(DOC["configs"]["16"])  # tuned: block_m 16, not the old 32
     assert "best config" in r.stdout
+
+
+def test_every_shipped_table_loads_under_its_own_name(moe):
+    """The files in meshserve/kernels/configs/: each loads, and its name is the one find_config_table
+    looks for with the shape, dtype and GPU written inside it."""
+    shipped = sorted(f for f in os.listdir(moe.CONFIG_DIR) if f.endswith(".json"))
+    assert shipped
+    for name in shipped:
+        path = os.path.join(moe.CONFIG_DIR, name)
+        with open(path) as f:
+            doc = json.load(f)
+        dtype = getattr(torch, doc["dtype"])
+        assert moe.config_file_name(doc["E"], doc["H"], doc["I"], dtype, doc["device"]) == name
+        table = moe.load_config_table(path)
+        assert table(1, doc["K"]) is not None
+        assert moe.find_config_table(doc["E"], doc["H"], doc["I"], dtype, doc["device"]).source == path
