@@ -22,18 +22,20 @@ from meshserve.layers.rotary import RotaryEmbedding  # noqa: E402
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 CASES = [
-    # (cached context lens, heads, kv heads, head_dim, page, splits, qk_norm, partial rotary, block_n, split_tiles)
-    ([7, 33, 64, 129], 8, 2, 64, 16, 1, True, 1.0, 16, 1),
-    ([300, 5, 77], 16, 4, 128, 32, 4, True, 1.0, 32, 1),  # splits: the last one writes the new token
-    ([40, 18], 4, 1, 64, 16, 3, False, 0.5, 16, 1),       # MQA, half the dims rotated, no norm
-    ([95], 6, 3, 32, 8, 2, False, 1.0, 16, 2),
+    # (cached context lens, heads, kv heads, head_dim, page, splits, qk_norm, partial rotary, block_n, split_tiles,
+    #  sliding window)
+    ([7, 33, 64, 129], 8, 2, 64, 16, 1, True, 1.0, 16, 1, None),
+    ([300, 5, 77], 16, 4, 128, 32, 4, True, 1.0, 32, 1, None),  # splits: the last one writes the new token
+    ([40, 18], 4, 1, 64, 16, 3, False, 0.5, 16, 1, None),       # MQA, half the dims rotated, no norm
+    ([95], 6, 3, 32, 8, 2, False, 1.0, 16, 2, None),
+    ([150, 20], 8, 2, 64, 16, 3, True, 1.0, 16, 1, 48),         # a sliding window over split KV
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ctx,heads,kvh,dim,page,splits,norm,partial,block_n,split_tiles", CASES)
+@pytest.mark.parametrize("ctx,heads,kvh,dim,page,splits,norm,partial,block_n,split_tiles,window", CASES)
 def test_fused_rope_decode_equals_the_separate_kernels(dtype, ctx, heads, kvh, dim, page, splits, norm, partial,
-                                                       block_n, split_tiles):
+                                                       block_n, split_tiles, window):
     q, k, v, cache, md = make_batch([1] * len(ctx), ctx, heads, kvh, dim, page, dtype, seed=sum(ctx) + dim)
     g = torch.Generator().manual_seed(dim)
     rope = RotaryEmbedding(dim, 1024, {"rope_type": "default", "rope_theta": 1e4}, partial)
@@ -57,7 +59,7 @@ def test_fused_rope_decode_equals_the_separate_kernels(dtype, ctx, heads, kvh, d
             rotary_store_kv(qd, kd, vd, pos.to(DEVICE), cos, sin, cd, d.slot_mapping, qk)
             r = None
         out = pa.paged_attention(qd, cd, d.block_tables, d.seq_lens, d.query_start_loc, *tiles, 1, dim ** -0.5,
-                                 rope=r, **kw)
+                                 window, rope=r, **kw)
         return out.cpu(), cd.cpu()
 
     fused_out, fused_cache = run(True)
@@ -70,7 +72,7 @@ def test_fused_rope_decode_equals_the_separate_kernels(dtype, ctx, heads, kvh, d
     qr, kr = rope(pos, qr, kr)
     ref_cache = cache.clone()
     write_kv(ref_cache, kr, v, md.slot_mapping)
-    ref = torch_paged_attention(qr.float(), ref_cache.float(), md, dim ** -0.5)
+    ref = torch_paged_attention(qr.float(), ref_cache.float(), md, dim ** -0.5, window)
     torch.testing.assert_close(fused_cache, ref_cache, rtol=tol, atol=tol)
     err = (fused_out.double() - ref.double()).norm() / ref.double().norm()
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
