@@ -374,7 +374,7 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
     # With PDL the wait comes first: the ids are the router's output. (The tenth session loaded the ids
     # and the first weight tile before the wait, reasoning that the router had finished before the
     # gated product let this kernel launch; one run of tests/gpu/test_pdl.py on an H100 then hit an
-    # illegal memory access in a Qwen3-MoE graph warm-up, which 30 reruns did not repeat. An address
+    # illegal memory access in a Qwen3-MoE graph warm-up, which 8 reruns of the same code did not repeat. An address
     # computed from another kernel's output is not loaded early until that is understood.)
     pdl_enter(USE_PDL)
     t = tl.program_id(0)
