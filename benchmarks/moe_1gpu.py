@@ -14,6 +14,7 @@ Targets (issue 21): batch-1 decode <= 2.3 ms/token; offline >= 8,000 output tok/
     python benchmarks/moe_1gpu.py --part ours --num-offline 200
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -78,6 +79,25 @@ def profile_b1(llm, ps, out: str, steps: int = 64) -> dict:
     return {"wall_ms_per_step": wall / steps * 1000, "kernel_ms_per_step": total_us / steps / 1000}
 
 
+@contextlib.contextmanager
+def each_iteration(core, fn):
+    """Within the block, fn() runs after every engine iteration that completes (the engine core's
+    _step wrapped; the class's method again afterwards)."""
+    step = core._step
+
+    def stepped():
+        before = core.num_iterations
+        result = step()
+        if core.num_iterations != before:
+            fn()
+        return result
+    core._step = stepped
+    try:
+        yield
+    finally:
+        vars(core).pop("_step", None)
+
+
 def profile_offline(llm, ps, out: str, active: int = 20) -> dict:
     """Kernel time per iteration of the offline run's steady state: len(ps) 1000-token prompts, then
     decode steps at that batch; the profiler records `active` iterations after the prefill ones."""
@@ -91,22 +111,13 @@ def profile_offline(llm, ps, out: str, active: int = 20) -> dict:
     sp = SamplingParams(max_tokens=wait + active + 10, temperature=0, ignore_eos=True)
     iters = {"n": 0}
     with profile(activities=[activity], schedule=schedule(wait=wait, warmup=2, active=active)) as prof:
-        step = core._step
-
-        def stepped():
-            before = core.num_iterations
-            result = step()
-            if core.num_iterations != before:
-                iters["n"] += 1
-                prof.step()
-            return result
-        core._step = stepped
-        try:
+        def counted():
+            iters["n"] += 1
+            prof.step()
+        with each_iteration(core, counted):
             t = time.perf_counter()
             llm.generate(ps, sp, use_tqdm=False)
             wall = time.perf_counter() - t
-        finally:
-            core._step = step
     total_us = kernel_table(prof, active, "iter", 30, os.path.join(out, "profile_offline.txt"),
                             lambda us: f"{len(ps)} sequences, {active} decode iterations profiled after {wait + 2}: "
                                        f"kernel time {us / active / 1000:.2f} ms/iteration (whole run {wall:.1f} s, "
@@ -120,7 +131,7 @@ def timed_with_timeline(llm, ps, sp) -> tuple[float, dict]:
     batch's token counts and the engine's per-iteration latency (iterations finish in order)."""
     from collections import deque
     core = llm._core
-    sched, step = core.scheduler.schedule, core._step
+    sched = core.scheduler.schedule
     pending, rows = deque(), []
 
     def schedule(*args, **kwargs):
@@ -131,20 +142,17 @@ def timed_with_timeline(llm, ps, sp) -> tuple[float, dict]:
             pending.append((len(reqs), decode, sum(r.num_new_tokens for r in reqs) - decode))
         return so
 
-    def stepped():
-        before = core.num_iterations
-        out = step()
-        if core.num_iterations != before and pending:
+    def finished():
+        if pending:
             rows.append(pending.popleft() + (core.iteration_latency_s,))
-        return out
-    core.scheduler.schedule, core._step = schedule, stepped
+    core.scheduler.schedule = schedule
     try:
-        t = time.perf_counter()
-        llm.generate(ps, sp, use_tqdm=False)
-        seconds = time.perf_counter() - t
-    finally:  # the class's methods again
+        with each_iteration(core, finished):
+            t = time.perf_counter()
+            llm.generate(ps, sp, use_tqdm=False)
+            seconds = time.perf_counter() - t
+    finally:  # the class's method again
         vars(core.scheduler).pop("schedule", None)
-        vars(core).pop("_step", None)
     pre = [r for r in rows if r[2] > 0]
     dec = [r for r in rows if r[2] == 0]
     big = [r for r in dec if r[1] >= 0.75 * max((x[1] for x in dec), default=0)]

@@ -54,6 +54,7 @@ def main():
         H, I, E, K, LAYERS = 64, 32, 16, 4, 2
     os.makedirs(a.out, exist_ok=True)
     from meshserve.kernels import moe
+    from meshserve.kernels.moe_align import align_block_size
     from meshserve.kernels.gemv import gemv
     from meshserve.layers.moe.router import RouterConfig, select_experts
 
@@ -77,9 +78,9 @@ def main():
                                             for i in range(LAYERS)])
         r["router_kernel_us"] = per_call_us([lambda i=i: select_experts(logits[i], rcfg, kernel=True)
                                              for i in range(LAYERS)])
-        r["align_multi_us"] = per_call_us([lambda i=i: moe.align_block_size(routes[i][1], E, 16, small_max=0)
+        r["align_multi_us"] = per_call_us([lambda i=i: align_block_size(routes[i][1], E, 16, small_max=0)
                                            for i in range(LAYERS)])
-        r["align_small_us"] = per_call_us([lambda i=i: moe.align_block_size(routes[i][1], E, 16)
+        r["align_small_us"] = per_call_us([lambda i=i: align_block_size(routes[i][1], E, 16)
                                            for i in range(LAYERS)])
 
         def experts(cfg):

@@ -112,7 +112,7 @@ class Problem:
         self._aligned = {}
 
     def aligned(self, bm):
-        from meshserve.kernels.moe import align_block_size
+        from meshserve.kernels.moe_align import align_block_size
         if bm not in self._aligned:
             out = []
             for (w, ids) in self.routes:

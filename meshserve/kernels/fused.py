@@ -112,6 +112,27 @@ def _rotate(x, partner, cos, sin, wx, wp, rot, first, eps, row_axis: tl.constexp
 
 
 @triton.jit
+def _rotate_operands(pos, d, cos_ptr, sin_ptr, stride_cos, w_ptr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                     QK_NORM: tl.constexpr):
+    """What _rotate needs besides the rows, for head dims `d` at positions `pos` (broadcastable to
+    d: a scalar, or [rows, 1] against [1, D_P2]): the masks first / rot, each dim's partner index,
+    its cos / sin, and the norm weights at the dims and at the partners (w_ptr; placeholders
+    without QK_NORM). Step inputs and constants only: loadable before a PDL wait."""
+    first = d < HALF
+    rot = d < 2 * HALF
+    jj = tl.where(first, d, d - HALF)
+    pidx = tl.where(first, d + HALF, d - HALF)
+    cos = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    wx = cos  # placeholders without QK_NORM (never read)
+    wp = cos
+    if QK_NORM:
+        wx = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
+    return first, rot, pidx, cos, sin, wx, wp
+
+
+@triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_ptr, pos_ptr, qw_ptr, kw_ptr, eps,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_kv, stride_cos,
                        k_mul, v_mul,
@@ -135,21 +156,12 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cos_ptr, sin_pt
     hk = tl.arange(0, KH_P2)[:, None]
     d = tl.arange(0, D_P2)[None, :]
     row_m = (hk < NUM_K) & (d < D)
-    first = d < HALF
-    rot = d < 2 * HALF
-    jj = tl.where(first, d, d - HALF)
-    pidx = tl.where(first, d + HALF, d - HALF)
-    kc = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
-    ks = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
+    first, rot, pidx, kc, ks, wx, wp = _rotate_operands(pos, d, cos_ptr, sin_ptr, stride_cos, kw_ptr, D, HALF, QK_NORM)
     w1 = cos  # placeholders without QK_NORM (never read)
     w2 = cos
-    wx = kc
-    wp = kc
     if QK_NORM:
         w1 = tl.load(qw_ptr + j, mask=jm, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(qw_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-        wx = tl.load(kw_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-        wp = tl.load(kw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
     pdl_enter(USE_PDL)
     # q: the two halves of the rotated dims, in place.
     hq = tl.arange(0, QH_P2)[:, None]

@@ -25,7 +25,7 @@ from triton.runtime.errors import OutOfResources
 
 from meshserve import kernels
 from meshserve.kernels.fp8_gemm import to_cache
-from meshserve.kernels.fused import _rotate
+from meshserve.kernels.fused import _rotate, _rotate_operands
 from meshserve.kernels.pdl import pdl_enter
 from meshserve.kernels.settings import H200, KernelSettings
 
@@ -103,23 +103,13 @@ def _attn_tile(q, m_i, l_i, acc, start, kv_end, q_pos, k_base, v_base, bt_row_pt
 def _rope_rows(q_rows, pos, row_valid, d, cos_ptr, sin_ptr, stride_cos, qw_ptr, eps, HEAD_DIM: tl.constexpr,
                HALF: tl.constexpr, QK_NORM: tl.constexpr):
     """A decode tile's q rows [BLOCK_M, D_P2] (q_rows: each row's head start), rotated at each
-    row's position `pos` (its token's), normalised first when QK_NORM."""
-    first = d < HALF
-    rot = d < 2 * HALF
-    jj = tl.where(first, d, d - HALF)
-    pidx = tl.where(first, d + HALF, d - HALF)
-    m = row_valid[:, None] & (d < HEAD_DIM)[None, :]
-    cs_mask = row_valid[:, None] & rot[None, :]
-    cos = tl.load(cos_ptr + pos[:, None] * stride_cos + jj[None, :], mask=cs_mask, other=0.0)
-    sin = tl.load(sin_ptr + pos[:, None] * stride_cos + jj[None, :], mask=cs_mask, other=0.0)
-    wx = cos  # placeholders without QK_NORM (never read)
-    wp = cos
-    if QK_NORM:
-        wx = tl.load(qw_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
-        wp = tl.load(qw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)[None, :]
-    return _rotate(tl.load(q_rows + d[None, :], mask=m, other=0.0),
-                   tl.load(q_rows + pidx[None, :], mask=m & rot[None, :], other=0.0), cos, sin, wx, wp, rot[None, :],
-                   first[None, :], eps, 1, HEAD_DIM, QK_NORM)
+    row's position `pos` (its token's; 0 for invalid rows), normalised first when QK_NORM."""
+    dd = d[None, :]
+    first, rot, pidx, cos, sin, wx, wp = _rotate_operands(pos[:, None], dd, cos_ptr, sin_ptr, stride_cos, qw_ptr,
+                                                          HEAD_DIM, HALF, QK_NORM)
+    m = row_valid[:, None] & (dd < HEAD_DIM)
+    return _rotate(tl.load(q_rows + dd, mask=m, other=0.0), tl.load(q_rows + pidx, mask=m & rot, other=0.0), cos,
+                   sin, wx, wp, rot, first, eps, 1, HEAD_DIM, QK_NORM)
 
 
 @triton.jit
@@ -128,18 +118,9 @@ def _rope_store_new(k_row, v_row, head_cache, slot, pos, d, cos_ptr, sin_ptr, st
                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr):
     """This step's token of one kv head: k normalised (QK_NORM) and rotated, v as is, both into the
     paged cache at `slot` (scaled by k_mul / v_mul and cast as kernels/fused.py writes them)."""
-    first = d < HALF
-    rot = d < 2 * HALF
-    jj = tl.where(first, d, d - HALF)
-    pidx = tl.where(first, d + HALF, d - HALF)
+    first, rot, pidx, cos, sin, wx, wp = _rotate_operands(pos, d, cos_ptr, sin_ptr, stride_cos, kw_ptr, HEAD_DIM,
+                                                          HALF, QK_NORM)
     dm = d < HEAD_DIM
-    cos = tl.load(cos_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
-    sin = tl.load(sin_ptr + pos * stride_cos + jj, mask=rot, other=0.0)
-    wx = cos  # placeholders without QK_NORM (never read)
-    wp = cos
-    if QK_NORM:
-        wx = tl.load(kw_ptr + d, mask=dm, other=0.0).to(tl.float32)
-        wp = tl.load(kw_ptr + pidx, mask=rot, other=0.0).to(tl.float32)
     y = _rotate(tl.load(k_row + d, mask=dm, other=0.0), tl.load(k_row + pidx, mask=dm & rot, other=0.0), cos, sin,
                 wx, wp, rot, first, eps, 0, HEAD_DIM, QK_NORM)
     dst = head_cache + (slot // PAGE) * stride_cache_blk + (slot % PAGE) * stride_cache_tok + d

@@ -63,7 +63,7 @@ def test_router_kernel_in_a_cuda_graph_writes_the_load_table():
 @pytest.mark.parametrize("n", [1, 8, 16, 33, 64, 100, 256])
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_small_alignment_matches_multi_program(n, block_m):
-    from meshserve.kernels.moe import align_block_size
+    from meshserve.kernels.moe_align import align_block_size
     ids = torch.randint(-1, 128, (n, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(n))
     a = align_block_size(ids, 128, block_m)
     b = align_block_size(ids, 128, block_m, small_max=0)

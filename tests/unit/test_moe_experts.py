@@ -108,7 +108,7 @@ ALIGN_CASES = [(6, 4, 16), (160, 8, 16), (300, 8, 16), (5000, 60, 32),
 def check_alignment(ids, E, block_m, sorted_ids, block_expert):
     """Each expert's assignments in order in one segment that starts at a multiple of block_m,
     padding = the sentinel n, block experts match, -1 never placed, sentinels and -1 past the end."""
-    from meshserve.kernels.moe import padded_rows
+    from meshserve.kernels.moe_align import padded_rows
     n = ids.numel()
     P = padded_rows(n, E, block_m)
     assert sorted_ids.shape == (P,) and block_expert.shape == (P // block_m,)
@@ -130,8 +130,8 @@ def test_align_block_size(n, E, block_m, monkeypatch):
     """Small n in one program, larger n in several (chunked counts, then placement); the small
     cases also through the multi-program path (small_max=0), which must agree. The outputs come
     from torch.empty: poisoned here, so every slot must be written."""
-    from meshserve.kernels import moe
-    from meshserve.kernels.moe import align_block_size
+    from meshserve.kernels import moe_align as moe
+    from meshserve.kernels.moe_align import align_block_size
     real_empty = torch.empty
     monkeypatch.setattr(moe.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(12345))
     g = torch.Generator().manual_seed(n)
@@ -148,7 +148,7 @@ def test_align_block_size(n, E, block_m, monkeypatch):
 @pytest.mark.parametrize("T,K,E", [(1, 8, 128), (4, 8, 128), (32, 8, 128), (3, 2, 8)])
 def test_align_small_with_distinct_topk_rows(T, K, E):
     """A router's ids (distinct per row, some -1 from another rank) with the decode row block."""
-    from meshserve.kernels.moe import align_block_size
+    from meshserve.kernels.moe_align import align_block_size
     g = torch.Generator().manual_seed(T)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     ids[torch.rand(T, K, generator=g) < 0.2] = -1

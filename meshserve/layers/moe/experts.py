@@ -22,7 +22,6 @@ dequantises one expert at a time; CUTLASS refuses them.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
