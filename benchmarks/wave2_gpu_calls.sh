@@ -145,6 +145,14 @@ case $CALL in
     --out "$RES/moe_tuned_pdl"
   step engine_tests 200 python3 -m pytest tests/engine/test_triton_backend.py tests/gpu/test_paged_attention_kernel.py -q -x
   ;;
+29)  # issue 21 (eleventh session): the decode A/B of call 26 without the fused rotary, then the offline row with
+    # only the experts' tuning (no PDL, the default attention tiles: call 27's tiles were tuned at batch 1)
+  tuned
+  step moe_tuned_pdl 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl --kernel-config "$ATTN" \
+    --out "$RES/moe_tuned_pdl"
+  step moe_offline_nopdl 330 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+    --max-batch-size 384 --kernel-config '{}' --profile-offline --out "$RES/moe_offline_nopdl"
+  ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
   step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab
