@@ -153,6 +153,11 @@ case $CALL in
   step moe_offline_nopdl 330 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
     --max-batch-size 384 --kernel-config '{}' --profile-offline --out "$RES/moe_offline_nopdl"
   ;;
+30)  # issue 21 (eleventh session): decode graphs now reach batch 384 (cuda_graph_config.max_batch_size 512):
+    # the decode rows and the offline row with the checked-in tables, no PDL, default attention tiles
+  step moe_graphs384 450 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 \
+    --out "$RES/moe_graphs384"
+  ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
   step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab

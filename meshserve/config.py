@@ -66,7 +66,9 @@ class KvCacheConfig(StrictModel):
 class CudaGraphConfig(StrictModel):
     enable: bool = True
     batch_sizes: Optional[list[int]] = None
-    max_batch_size: int = Field(256, ge=1)
+    max_batch_size: int = Field(512, ge=1, description=(
+        "decode graphs are captured up to min(this, the engine's max_batch_size) sequences (vLLM's "
+        "default capture limit); larger decode batches run eagerly"))
     enable_padding: bool = Field(True, description=(
         "pad a decode batch up to the next captured batch size (false: only batches of exactly a "
         "captured size replay a graph, and steps with prompt tokens run eagerly)"))

@@ -48,3 +48,12 @@ def test_no_graphs_without_cuda_or_when_disabled(model):
     for r in (rc(model, device=torch.device("cpu")), rc(model, cuda_graph_config=None),
               rc(model, cuda_graph_config={"enable": False})):
         assert r.cuda_graph_batch_sizes is None and r.cuda_graph_prefill_sizes is None
+
+
+def test_decode_graphs_reach_max_batch_size_up_to_512(model):
+    """A decode batch above the largest decode graph runs eagerly (hundreds of launches per step):
+    graphs follow the engine's max_batch_size up to cuda_graph_config.max_batch_size (512, vLLM's
+    default capture limit)."""
+    assert rc(model, max_batch_size=384).cuda_graph_batch_sizes[-4:] == [288, 320, 352, 384]
+    assert rc(model, max_batch_size=1024).cuda_graph_batch_sizes[-1] == 512
+    assert rc(model, max_batch_size=1024, cuda_graph_config={"max_batch_size": 256}).cuda_graph_batch_sizes[-1] == 256
