@@ -158,6 +158,14 @@ case $CALL in
   step moe_graphs384 450 python3 benchmarks/moe_1gpu.py --part ours --num-offline 1000 --max-batch-size 384 \
     --out "$RES/moe_graphs384"
   ;;
+31)  # issue 21 (eleventh session, ~300 s): the offline row with decode graphs up to batch 384 (checked-in
+    # tables, no PDL, default tiles), then the decode rows with every batch-1 switch on (PDL, the norm fused
+    # into the skinny GEMMs, the rotary fused into decode attention)
+  step moe_offline_graphs 300 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+    --max-batch-size 384 --out "$RES/moe_offline_graphs"
+  step moe_b1_all 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl \
+    --kernel-config '{"fuse_norm_linear": true, "fuse_rope_attention": true}' --out "$RES/moe_b1_all"
+  ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
   step mla_ab 60 python3 benchmarks/mla_kernel_sweep.py --ab
