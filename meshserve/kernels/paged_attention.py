@@ -418,6 +418,19 @@ def block_q_for(max_query_len: int, group: int, num_tokens: Optional[int] = None
     return max(1, (settings.attn_prefill_rows_small if small else settings.attn_prefill_rows) // group)
 
 
+SMALL_DECODE = 8  # decode steps of up to this many sequences take the latency-bound tiles
+
+
+def decode_tiles(num_seqs: int) -> tuple[int, int, int]:
+    """Decode tiles' (keys per KV tile, fewest tiles per KV split, warps) for a step of `num_seqs`
+    sequences, where kernel_config leaves them unset. Up to SMALL_DECODE sequences each program is
+    latency-bound: 128-key tiles, one per split, 4 warps (batch 1, Qwen3-30B-A3B's GQA at 128 / 256 / 384
+    keys, H200: 6.50 us mean against 7.36 with the large batches' tiles; H100 likewise;
+    benchmarks/decode_attn_b1.py); larger batches fill the GPU with programs: 64-key tiles, two per
+    split, 2 warps."""
+    return (128, 1, 4) if num_seqs <= SMALL_DECODE else (64, 2, 2)
+
+
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, tile_seq: torch.Tensor, tile_start: torch.Tensor, block_q: int,
                     scale: float, sliding_window: Optional[int] = None, num_splits: int = 1,
@@ -430,8 +443,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
     ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
     block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
-    (decode tiles: settings.attn_decode_block_n keys, 2 stages, settings.attn_decode_warps or 4 warps up to 8
-    rows, else 2).
+    (decode tiles: settings' attn_decode_* where set, else decode_tiles(T); 2 stages).
     exact_tiles: launch block_n / num_stages as given, never shrunk to fit (for sweeps).
     heavy_first: launch query tiles last to first (default settings.attn_heavy_first for prefill).
     query_positions: [T] int32, the index of the last key each query row sees (-1: none), for rows
@@ -446,11 +458,14 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     page = kv_cache.shape[2]
     block_m = max(16, triton.next_power_of_2(block_q * group))
     decode = block_q == 1
-    block_n = block_n or (settings.attn_decode_block_n if decode else settings.attn_prefill_block_n)
-    # decode: 4 warps for a few sequences (at batch 1-4 each program is latency-bound: 0.2-0.6 us
-    # faster than 2 warps, benchmarks/decode_attn_b1.py), 2 for larger batches
-    num_warps = num_warps or ((settings.attn_decode_warps or (4 if T <= 8 else 2)) if decode
-                              else settings.attn_prefill_warps)
+    if decode:
+        auto_n, auto_tiles, auto_warps = decode_tiles(T)
+        block_n = block_n or settings.attn_decode_block_n or auto_n
+        num_warps = num_warps or settings.attn_decode_warps or auto_warps
+        split_tiles = split_tiles or settings.attn_decode_split_tiles or auto_tiles
+    else:
+        block_n = block_n or settings.attn_prefill_block_n
+        num_warps = num_warps or settings.attn_prefill_warps
     num_stages = num_stages or (2 if decode else settings.attn_prefill_stages if block_m >= settings.attn_prefill_rows
                                 else settings.attn_prefill_stages_small)
     heavy_first = (not decode and settings.attn_heavy_first) if heavy_first is None else heavy_first
@@ -500,7 +515,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 block_tables.stride(0), scale,
                 GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
                 WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
-                SPLIT_TILES=split_tiles or settings.attn_decode_split_tiles,
+                SPLIT_TILES=split_tiles or 1,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
                 HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages,
                 HAS_QPOS=query_positions is not None, **extra, **kernels.pdl_args())

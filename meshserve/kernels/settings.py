@@ -20,8 +20,8 @@ class KernelSettings:
     """Concrete values; the defaults are the H200's (benchmarks/attention_kernel.py, benchmarks/gemv.py).
 
     Attention tiles: decode tiles (the GQA group's rows) read `attn_decode_block_n`-token KV tiles
-    with `attn_decode_warps` warps (0: 4 up to 8 sequences, else 2), and a KV split covers at least
-    `attn_decode_split_tiles` tiles. Prefill tiles hold `attn_prefill_rows`
+    with `attn_decode_warps` warps, and a KV split covers at least `attn_decode_split_tiles` tiles
+    (0: chosen by the step's batch, below). Prefill tiles hold `attn_prefill_rows`
     (query token, head) rows in steps of more than `attn_prefill_large_tokens` tokens (an 8k prompt:
     256-row tiles, 2 stages, 456 TFLOP/s against 366 with 128 rows) and `attn_prefill_rows_small`
     rows in smaller steps: there, 256-row tiles leave SMs idle (a 467-token prompt is 64 programs on
@@ -31,9 +31,12 @@ class KernelSettings:
     """
     disable_triton: bool = False  # True: norm, rotary, activation, argmax and linears take torch ops
     gemv_max_m: int = 1  # rows of input up to which CUDA linears take the skinny GEMM; 0: never
-    attn_decode_split_tiles: int = 2
-    attn_decode_block_n: int = 64
-    attn_decode_warps: int = 0  # 0: 4 up to 8 sequences (latency-bound programs), else 2
+    # 0: by the step's sequences (paged_attention.decode_tiles): up to 8, 128-key tiles, one per split,
+    # 4 warps (batch 1, Qwen3-30B's GQA, H200: 6.50 against 7.36 us per layer, decode_attn_b1.py);
+    # more, the large batches' 64-key tiles, two per split, 2 warps
+    attn_decode_split_tiles: int = 0
+    attn_decode_block_n: int = 0
+    attn_decode_warps: int = 0
     attn_prefill_rows: int = 256
     attn_prefill_stages: int = 2
     attn_prefill_rows_small: int = 128

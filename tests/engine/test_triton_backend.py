@@ -66,7 +66,7 @@ class _Spy:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(kwargs)
+            self.launches.append(dict(kwargs, _rows=args[0].shape[0]))  # rows: the first tensor's (q)
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -87,6 +87,26 @@ def test_decode_tiles_from_kernel_config(ckpt, monkeypatch):
     assert any(k["NUM_SPLITS"] > 1 for k in decode)
     prefill = [k for k in spy.launches if k["BLOCK_Q"] > 1]
     assert prefill and all(k["BLOCK_N"] != 16 for k in prefill)  # prefill tiles keep their own setting
+
+
+def test_decode_tiles_by_batch_when_unset(ckpt, monkeypatch):
+    """Without attn_decode_* set, a decode step of up to 8 sequences takes 128-key tiles, one per
+    split, 4 warps; a larger one 64-key tiles, two per split, 2 warps (paged_attention.decode_tiles);
+    the ids stay transformers' either way."""
+    path, prompts, ref = ckpt
+    spy = _Spy(pa._attn_kernel)
+    monkeypatch.setattr(pa, "_attn_kernel", spy)
+    many = (prompts * 4)[:12]
+    with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 4096}) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:1], SP, use_tqdm=False)]
+        assert got == ref[:1]
+        got = [o.outputs[0].token_ids for o in llm.generate(many, SP, use_tqdm=False)]
+        assert got == (ref * 4)[:12]
+    decode = [(k["_rows"], k["BLOCK_N"], k["SPLIT_TILES"], k["num_warps"]) for k in spy.launches
+              if k["BLOCK_Q"] == 1]
+    assert any(t == 1 for t, *_ in decode) and any(t > 8 for t, *_ in decode)
+    assert all((n, tiles, w) == ((128, 1, 4) if t <= 8 else (64, 2, 2)) for t, n, tiles, w in decode), decode
 
 
 def test_fused_rope_attention_gives_transformers_ids(ckpt, monkeypatch):

@@ -79,7 +79,7 @@ def test_settings_resolve_per_gpu_with_the_given_fields_on_top(monkeypatch):
     assert (h200.attn_prefill_rows, h200.attn_prefill_stages, h200.attn_prefill_rows_small,
             h200.attn_prefill_stages_small, h200.attn_prefill_large_tokens, h200.attn_prefill_block_n,
             h200.attn_prefill_warps, h200.attn_decode_split_tiles, h200.attn_heavy_first, h200.gemv_max_m,
-            h200.disable_triton) == (256, 2, 128, 3, 2048, 128, 8, 2, True, 1, False)
+            h200.disable_triton) == (256, 2, 128, 3, 2048, 128, 8, 0, True, 1, False)
     assert ks.resolve({}, "NVIDIA L40S") == ks.H200  # a GPU without a row of its own
     assert ks.resolve(None, "cpu") == ks.H200  # Triton's interpreter plans as on the H200
     mine = ks.resolve(KernelConfig(attn_prefill_rows=64, attn_heavy_first=False).model_dump(), "NVIDIA H200")
