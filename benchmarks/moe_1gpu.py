@@ -176,9 +176,13 @@ def ours(a) -> dict:
     import kernel_record
 
     cfg = SHAPES[a.model].config
+    t0 = time.perf_counter()
     llm = LLM(a.model, load_format="dummy", max_batch_size=a.max_batch_size, max_seq_len=2304,
               moe_config={"backend": a.backend}, kernel_config=kernel_config(a), quantization=a.quantization,
               kv_cache_config={"dtype": a.kv_cache_dtype}, show_progress=False)
+    stats = llm.get_stats()  # progress for a run cut short by its timeout: how long setup took, the KV pool
+    print(f"engine ready in {time.perf_counter() - t0:.0f} s (weights, KV pool of {stats.get('num_blocks')} "
+          f"blocks, CUDA graphs)", flush=True)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"] - 300
 

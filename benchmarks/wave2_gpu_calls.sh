@@ -14,6 +14,9 @@
 #                            (PDL on, with and without the rotary fused into attention), the offline row,
 #                            the rows without PDL (back to back: 26-28 read call 25's tuning from the
 #                            warm machine's /tmp/tuned; on a fresh one they run the checked-in tables)
+#   call 29-31 (carry .whl): issue 21 (eleventh session): 29 the decode A/B without the fused rotary and the
+#                            offline row without PDL; 30 the decode + offline rows with graphs to batch 384;
+#                            31 (~300 s) the offline row with graphs to batch 384, then batch 1 with every switch
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
