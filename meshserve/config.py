@@ -101,10 +101,12 @@ class KernelConfig(StrictModel):
     gemv_max_m: Optional[int] = Field(None, ge=0, le=16, description=(
         "CUDA linears with up to this many rows of input take the skinny-GEMM kernel instead of cuBLAS; 0: never"))
     attn_decode_split_tiles: Optional[int] = Field(None, ge=1, le=1024, description=(
-        "decode attention: the fewest KV tiles (attn_decode_block_n keys each) one KV split covers"))
-    attn_decode_block_n: Optional[int] = Field(None, description="decode attention: keys per KV tile")
+        "decode attention: the fewest KV tiles (attn_decode_block_n keys each) one KV split covers; "
+        "unset: 1 for steps of up to 8 sequences, else 2"))
+    attn_decode_block_n: Optional[int] = Field(None, description=(
+        "decode attention: keys per KV tile; unset: 128 for steps of up to 8 sequences, else 64"))
     attn_decode_warps: Optional[int] = Field(None, ge=0, le=16, description=(
-        "decode attention: warps per program; 0: 4 for up to 8 sequences, else 2"))
+        "decode attention: warps per program; unset or 0: 4 for up to 8 sequences, else 2"))
     attn_prefill_rows: Optional[int] = Field(None, description=(
         "prefill attention: (query token x head) rows per tile in steps of more than attn_prefill_large_tokens"))
     attn_prefill_stages: Optional[int] = Field(None, ge=1, le=8, description="pipeline stages of those tiles")
