@@ -196,10 +196,11 @@ def ours(a) -> dict:
 
     model = llm._core.executor.runner.model
     blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else {}
-    result = {"model": a.model, "backend": a.backend, "pdl": a.pdl, "kernel_config": kernel_record.from_llm(llm),
+    result = {"model": a.model, "backend": a.backend, "pdl": bool(kernel_config(a).get("pdl")), "kernel_config": kernel_record.from_llm(llm),
               "moe_backend": next(iter(blocks.values())).experts.backend_name if blocks else None}
     timed(prompts(2, 128), 16)  # warm-up
-    for batch, new in () if a.skip_decode else ((1, 256), (64, 128)):
+    decode_rows = {1: 256, 64: 128}  # batch: new tokens per timed run
+    for batch, new in () if a.skip_decode else ((b, decode_rows[b]) for b in a.batches):
         runs = []
         timed(prompts(batch, 128), new)  # warm-up at this batch and length (kernel variants compile here)
         for _ in range(3):
@@ -258,12 +259,16 @@ def main() -> None:
     p.add_argument("--quantization", default=None, help="fp8: attention and experts in FP8 (docs/fp8.md)")
     p.add_argument("--kv-cache-dtype", default="auto", help="fp8: the KV cache in FP8 (twice the tokens fit)")
     p.add_argument("--skip-decode", action="store_true", help="only the offline run")
+    p.add_argument("--batches", default="1,64", type=lambda v: [int(b) for b in v.split(",")],
+                   help="the decode rows to time: 1, 64 or both (default 1,64)")
     p.add_argument("--profile-offline", action="store_true",
                    help="torch.profiler over 20 decode iterations at the offline batch (1000-token prompts)")
     p.add_argument("--profile-b1", action="store_true",
                    help="after the decode rows: torch.profiler over 64 batch-1 decode steps (kernel table)")
     p.add_argument("--out", default="out/moe_1gpu")
     a = p.parse_args()
+    if not a.batches or set(a.batches) - {1, 64}:
+        p.error(f"--batches={','.join(map(str, a.batches))}: accepted: 1, 64 or 1,64")
     os.makedirs(a.out, exist_ok=True)
     summary = {"scenario": "moe-1gpu"}
     ours_json = os.path.join(a.out, "ours.json")
@@ -276,7 +281,9 @@ def main() -> None:
                         "--max-batch-size", str(a.max_batch_size), "--num-offline", str(a.num_offline),
                         "--out", a.out] + ["--pdl"] * a.pdl + ["--skip-decode"] * a.skip_decode
                        + (["--quantization", a.quantization] if a.quantization else [])
-                       + ["--kv-cache-dtype", a.kv_cache_dtype], check=False)
+                       + ["--kv-cache-dtype", a.kv_cache_dtype, "--batches", ",".join(map(str, a.batches))]
+                       + ["--fuse-norm"] * a.fuse_norm
+                       + (["--kernel-config", a.kernel_config] if a.kernel_config else []), check=False)
     if os.path.exists(ours_json):
         summary["ours"] = json.load(open(ours_json))
     if a.part in ("all", "peer"):

@@ -16,7 +16,8 @@
 #                            warm machine's /tmp/tuned; on a fresh one they run the checked-in tables)
 #   call 29-31 (carry .whl): issue 21 (eleventh session): 29 the decode A/B without the fused rotary and the
 #                            offline row without PDL; 30 the decode + offline rows with graphs to batch 384;
-#                            31 (~300 s) the offline row with graphs to batch 384, then batch 1 with every switch
+#                            31 (~300 s) the offline row with graphs to batch 384, then batch 1 with every switch;
+#                            32 (~250 s) batch 1 under each combination of PDL and the two batch-1 fusions
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -172,6 +173,15 @@ case $CALL in
   fi
   step moe_b1_all 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --pdl \
     --kernel-config '{"fuse_norm_linear": true, "fuse_rope_attention": true}' --out "$RES/moe_b1_all"
+  ;;
+32)  # issue 21: batch 1 under each combination of the batch-1 switches, one engine each (~50 s apiece):
+    # none, PDL, PDL + the norm fused into the skinny GEMMs, PDL + that + the rotary fused into attention
+  for row in 'none|{}' 'pdl|{"pdl": true}' 'pdl_norm|{"pdl": true, "fuse_norm_linear": true}' \
+             'pdl_norm_rope|{"pdl": true, "fuse_norm_linear": true, "fuse_rope_attention": true}'; do
+    name=b1_${row%%|*}
+    step "$name" 110 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+      --kernel-config "${row#*|}" --out "$RES/$name"
+  done
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
