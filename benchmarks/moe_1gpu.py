@@ -177,8 +177,9 @@ def ours(a) -> dict:
 
     cfg = SHAPES[a.model].config
     t0 = time.perf_counter()
+    kc = kernel_config(a)
     llm = LLM(a.model, load_format="dummy", max_batch_size=a.max_batch_size, max_seq_len=2304,
-              moe_config={"backend": a.backend}, kernel_config=kernel_config(a), quantization=a.quantization,
+              moe_config={"backend": a.backend}, kernel_config=kc, quantization=a.quantization,
               kv_cache_config={"dtype": a.kv_cache_dtype}, show_progress=False)
     stats = llm.get_stats()  # progress for a run cut short by its timeout: how long setup took, the KV pool
     print(f"engine ready in {time.perf_counter() - t0:.0f} s (weights, KV pool of {stats.get('num_blocks')} "
@@ -196,7 +197,8 @@ def ours(a) -> dict:
 
     model = llm._core.executor.runner.model
     blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else {}
-    result = {"model": a.model, "backend": a.backend, "pdl": bool(kernel_config(a).get("pdl")), "kernel_config": kernel_record.from_llm(llm),
+    result = {"model": a.model, "backend": a.backend, "pdl": bool(kc.get("pdl")),
+              "kernel_config": kernel_record.from_llm(llm),
               "moe_backend": next(iter(blocks.values())).experts.backend_name if blocks else None}
     timed(prompts(2, 128), 16)  # warm-up
     decode_rows = {1: 256, 64: 128}  # batch: new tokens per timed run

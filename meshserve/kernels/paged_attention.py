@@ -466,6 +466,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     else:
         block_n = block_n or settings.attn_prefill_block_n
         num_warps = num_warps or settings.attn_prefill_warps
+        split_tiles = 1  # prefill tiles are never split over the KV
     num_stages = num_stages or (2 if decode else settings.attn_prefill_stages if block_m >= settings.attn_prefill_rows
                                 else settings.attn_prefill_stages_small)
     heavy_first = (not decode and settings.attn_heavy_first) if heavy_first is None else heavy_first
@@ -515,7 +516,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                 block_tables.stride(0), scale,
                 GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=D, D_P2=d_p2,
                 WINDOW=sliding_window or 0, NUM_SPLITS=num_splits,
-                SPLIT_TILES=split_tiles or 1,
+                SPLIT_TILES=split_tiles,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET, EVEN_D=d_p2 == D,
                 HEAVY_FIRST=heavy_first, RETURN_LSE=return_lse, num_warps=num_warps, num_stages=num_stages,
                 HAS_QPOS=query_positions is not None, **extra, **kernels.pdl_args())

@@ -31,9 +31,7 @@ class KernelSettings:
     """
     disable_triton: bool = False  # True: norm, rotary, activation, argmax and linears take torch ops
     gemv_max_m: int = 1  # rows of input up to which CUDA linears take the skinny GEMM; 0: never
-    # 0: by the step's sequences (paged_attention.decode_tiles): up to 8, 128-key tiles, one per split,
-    # 4 warps (batch 1, Qwen3-30B's GQA, H200: 6.50 against 7.36 us per layer, decode_attn_b1.py);
-    # more, the large batches' 64-key tiles, two per split, 2 warps
+    # 0: by the step's number of sequences (paged_attention.decode_tiles)
     attn_decode_split_tiles: int = 0
     attn_decode_block_n: int = 0
     attn_decode_warps: int = 0
