@@ -44,6 +44,7 @@ def main():
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-batch-size", type=int, default=None, help="the engine's max_batch_size (default: its own)")
     p.add_argument("--torch-profile", action="store_true")
     args = p.parse_args()
     from meshserve import LLM, SamplingParams
@@ -51,7 +52,8 @@ def main():
     from meshserve.layers.sampler import Sampler
     from meshserve.worker import cuda_graph, input_batch, model_runner
 
-    llm = LLM(args.model, load_format="dummy", dtype=args.dtype, show_progress=False)
+    extra = {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
+    llm = LLM(args.model, load_format="dummy", dtype=args.dtype, show_progress=False, **extra)
     runner = llm._core.executor.runner
     timed(Scheduler, "schedule", "scheduler.schedule")
     timed(Scheduler, "update_from_output", "scheduler.update")

@@ -131,6 +131,10 @@ class KernelConfig(StrictModel):
     fuse_norm_linear: Optional[bool] = Field(None, description=(
         "one-row steps (batch-1 decode): each RMSNorm runs inside the skinny GEMM that reads it (q/k/v, "
         "the MLP's gate_up, an MoE router gate with its top-k): one kernel instead of two or three"))
+    decode_l2_prefetch: Optional[bool] = Field(None, description=(
+        "decode steps of up to 8 sequences (Triton attention): the attention kernel first asks for the "
+        "layer's output-projection weight in L2, so it moves from HBM while attention runs and the "
+        "projection after it reads L2"))
 
     @field_validator("attn_prefill_rows", "attn_prefill_rows_small")
     @classmethod

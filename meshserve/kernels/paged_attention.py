@@ -27,6 +27,8 @@ from meshserve import kernels
 from meshserve.kernels.fp8_gemm import to_cache
 from meshserve.kernels.fused import _rotate, _rotate_operands
 from meshserve.kernels.pdl import pdl_enter
+from meshserve.kernels.prefetch import LINES as PREFETCH_LINES
+from meshserve.kernels.prefetch import l2_prefetch
 from meshserve.kernels.settings import H200, KernelSettings
 
 
@@ -147,7 +149,13 @@ def _attn_kernel(
     rk_ptr=None, rv_ptr=None, slot_ptr=None, cos_ptr=None, sin_ptr=None, pos_ptr=None, qw_ptr=None, kw_ptr=None,
     eps=0.0, stride_kt=0, stride_kh=0, stride_vt=0, stride_vh=0, stride_cos=0, k_mul=1.0, v_mul=1.0,
     ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False, HALF: tl.constexpr = 1,
+    # PREFETCH (decode tiles, GPU): every program first asks for its share of pf_bytes at pf_ptr in L2
+    pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_LINES: tl.constexpr = 128,
 ):
+    if PREFETCH:  # the next kernel's weights (no kernel writes them): before any wait, even in idle splits
+        l2_prefetch(pf_ptr, pf_bytes,
+                    (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
+                    tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), PF_LINES)
     # With PDL the step's metadata (tile plan, sequence lengths: step inputs no kernel writes) loads
     # before the wait; q and the newest keys come from the kernel just before (the rotary + KV write).
     # Query positions given as a tensor may be a kernel's output: then the wait comes first.
@@ -439,7 +447,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     num_stages: Optional[int] = None, split_tiles: Optional[int] = None,
                     exact_tiles: bool = False, heavy_first: Optional[bool] = None,
                     settings: KernelSettings = H200, return_lse: bool = False,
-                    query_positions: Optional[torch.Tensor] = None, rope: Optional[RopeInputs] = None):
+                    query_positions: Optional[torch.Tensor] = None, rope: Optional[RopeInputs] = None,
+                    prefetch: Optional[torch.Tensor] = None):
     """Returns out [T, H, D]; with return_lse, (out, lse) where lse [T, H] float32 is each row's
     ln sum_j exp(scale * q . k_j) over the keys it sees (-inf for a row that sees none; out is 0 there).
     block_n, num_warps, num_stages, split_tiles, heavy_first: None takes `settings`' value
@@ -451,7 +460,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     no sliding window. None: causal (row i of a sequence of q_len queries sees seq_len - q_len + i + 1).
     rope (decode tiles, block_q 1, no query_positions): q and this step's k / v are raw; the kernel
     rotates (and with qk_norm normalises) q itself, and each sequence's last KV split writes its
-    token's k / v into the cache before reading it (kernels/fused.py rotary_store_kv, fused in)."""
+    token's k / v into the cache before reading it (kernels/fused.py rotary_store_kv, fused in).
+    prefetch (decode tiles): a weight the next kernel reads (the layer's o_proj); the programs ask for
+    it in L2 first (kernels/prefetch.py). A hint: skipped under the interpreter, results unchanged."""
     T, H, D = q.shape
     KVH = kv_cache.shape[3]
     group = H // KVH
@@ -506,6 +517,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                      stride_kh=rope.k.stride(1), stride_vt=rope.v.stride(0), stride_vh=rope.v.stride(1),
                      stride_cos=rope.cos.stride(0), k_mul=float(rope.k_mul), v_mul=float(rope.v_mul), ROPE=True,
                      QK_NORM=rope.qk_norm is not None, HALF=rope.cos.shape[1])
+    if prefetch is not None and decode and not _INTERPRET:
+        extra.update(pf_ptr=prefetch, pf_bytes=prefetch.numel() * prefetch.element_size(), PREFETCH=True,
+                     PF_LINES=PREFETCH_LINES)
     while True:
         try:
             _attn_kernel[grid](

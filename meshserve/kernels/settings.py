@@ -47,6 +47,9 @@ class KernelSettings:
     pdl_max_tokens: int = 64  # PDL only in steps of up to this many tokens (kernels.step_tokens)
     fuse_rope_attention: bool = False  # decode steps: the rotary + KV write inside the attention kernel; off until measured
     fuse_norm_linear: bool = False  # one-row steps: RMSNorm inside the skinny GEMM after it (kernels/gemv.py); off until measured
+    # decode steps of up to paged_attention.SMALL_DECODE sequences: attention prefetches the layer's o_proj
+    # weight into L2 while it runs (kernels/prefetch.py); off until measured
+    decode_l2_prefetch: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,6 +55,7 @@ class DecoderAttention(nn.Module):
                               cfg.sliding_windows[layer_idx])
         if cfg.qk_norm:  # applied by the attention layer: its backend may fuse them with rotary
             self.attn.qk_norm = (self.q_norm, self.k_norm)
+        self.attn.prefetch_after = (self.o_proj,)
 
     @property
     def input_linear(self) -> nn.Module:

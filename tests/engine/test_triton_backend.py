@@ -132,6 +132,49 @@ def test_fused_rope_attention_gives_transformers_ids(ckpt, monkeypatch):
     assert separate and len(separate) < len(spy.launches)  # prefill steps only
 
 
+def test_decode_l2_prefetch_names_each_layers_o_proj(ckpt, monkeypatch):
+    """kernel_config.decode_l2_prefetch: a decode step of up to 8 sequences hands each layer's
+    attention its own o_proj weight to prefetch (kernels/prefetch.py; the prefetch instruction itself
+    runs only on a GPU), larger decode steps and prompt steps hand none; the ids stay transformers'."""
+    path, prompts, ref = ckpt
+    calls = []
+    real = pa.paged_attention
+    monkeypatch.setattr(pa, "paged_attention",
+                        lambda q, *a, **k: calls.append((q.shape[0], a[6], k.get("prefetch"))) or real(q, *a, **k))
+    many = (prompts * 4)[:12]
+    with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
+             kv_cache_config={"tokens_per_block": 16, "max_tokens": 4096},
+             kernel_config={"decode_l2_prefetch": True}) as llm:
+        assert llm._core.executor.runner.attn_backend.settings.decode_l2_prefetch
+        layers = llm._core.executor.runner.model.model.layers
+        o_proj = [layer.self_attn.o_proj.weight for layer in layers]
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:1], SP, use_tqdm=False)]
+        assert got == ref[:1]
+        got = [o.outputs[0].token_ids for o in llm.generate(many, SP, use_tqdm=False)]
+        assert got == (ref * 4)[:12]
+    small = [c for c in calls if c[1] == 1 and c[0] <= pa.SMALL_DECODE]
+    assert small and all(w is not None for *_, w in small)
+    # every layer in turn, each naming its own weight (the same tensor object, not a copy)
+    n = len(o_proj)
+    assert all(w is o_proj[i % n] for i, (*_, w) in enumerate(small)), [w.shape for *_, w in small]
+    large = [c for c in calls if c[1] == 1 and c[0] > pa.SMALL_DECODE]
+    assert large and all(w is None for *_, w in large)
+    assert all(w is None for t, bq, w in calls if bq > 1)
+
+
+@pytest.mark.parametrize("nbytes,parts", [(1, 1), (127, 3), (128 * 64, 64), (16_777_216, 64), (1000, 12),
+                                          (4096 * 2048 * 2 + 6, 12)])
+def test_l2_prefetch_lines_cover_the_weight_once(nbytes, parts):
+    """The prefetching programs share the weight's 128-byte lines: together every line from its first
+    byte to its last, none twice (the split runs under the interpreter; the prefetch itself on a GPU)."""
+    from meshserve.kernels.prefetch import line_ranges
+
+    ranges = line_ranges(nbytes, parts)
+    assert len(ranges) == parts
+    covered = [line for first, last in ranges for line in range(first, last)]
+    assert covered == list(range(-(-nbytes // 128)))  # in program order, each line once
+
+
 def test_triton_backend_on_cpu_without_the_interpreter_is_refused(ckpt, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):

@@ -37,6 +37,10 @@ class Attention(nn.Module):
         # (q_norm, k_norm): per-head RMSNorms applied to q and k before rotary (Qwen3), by the
         # backend when it fuses them (backend.fuses_qk_norm), else here
         self.qk_norm: Optional[tuple] = None
+        # (linear,): the layer that reads this one's output next (the model's o_proj), whose weight a
+        # backend may prefetch into L2 while attention runs (kernel_config.decode_l2_prefetch); a
+        # tuple so nn.Module does not register it as a submodule of this layer
+        self.prefetch_after: Optional[tuple] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
                 rotary=None, positions: Optional[torch.Tensor] = None, return_lse: bool = False):

@@ -103,10 +103,14 @@ class TritonAttentionBackend(AttentionBackend):
             pa.store_kv(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         # the cache holds k / k_scale and v / v_scale (an FP8 cache's calibrated scales; 1 otherwise):
         # k_scale folds into the softmax scale (the log-sum-exp stays exact), v_scale multiplies the output
+        prefetch = None
+        if self.settings.decode_l2_prefetch and md.block_q == 1 and q.shape[0] <= pa.SMALL_DECODE:
+            after = getattr(layer, "prefetch_after", None)  # the linear that reads this layer's output
+            prefetch = after[0].weight if after else None
         out = pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,
                                  md.tile_start, md.block_q, layer.scale * k_scale, layer.sliding_window,
                                  md.num_splits, workspace=md.workspace, settings=self.settings, return_lse=return_lse,
-                                 query_positions=md.query_positions, rope=rope)
+                                 query_positions=md.query_positions, rope=rope, prefetch=prefetch)
         if v_scale == 1.0:
             return out
         if return_lse:
