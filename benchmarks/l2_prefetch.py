@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Decode attention -> o_proj at batch 1 with and without the L2 prefetch (kernel_config.decode_l2_prefetch,
-kernels/prefetch.py): CUDA-graph replays of 48 layers' worth of (attention, skinny GEMM) pairs on
-distinct caches and weights (a decode step's pattern: nothing stays in L2 from the step before),
-default shape Qwen3-30B-A3B's (32 / 4 heads of 128, o_proj 4096 -> 2048, bf16). Also each kernel
-alone, and the pair under PDL. Prints a table (us per layer), writes JSON.
+"""The L2 prefetches of batch-1 decode (kernels/prefetch.py) on the GPU, Qwen3-30B-A3B's shapes, bf16,
+as CUDA-graph replays of 48 layers' worth of calls on distinct weights (a decode step's pattern:
+nothing stays in L2 from the step before), us per layer, with and without PDL:
+
+1. kernel_config.decode_l2_prefetch: decode attention (32 / 4 heads of 128) -> o_proj (4096 -> 2048),
+   attention prefetching the o_proj weight; also each kernel alone.
+2. kernel_config.l2_prefetch_next_layer: router gate GEMV (2048 -> 128) + top-8 -> the experts at one
+   token (gated product + down + sum, the tuned table) -> the next layer's q/k/v GEMV (2048 -> 5120),
+   the gate prefetching the q/k/v weight and the experts loading theirs evict-first (experts' weights
+   cycle over 8 distinct sets: 8 x 75 MB far exceed L2).
+
+Prints tables, writes JSON.
 
     python benchmarks/l2_prefetch.py --contexts 128,256,384 --out $OUT/l2_prefetch
 """
@@ -84,14 +91,61 @@ def main():
               f"{row['pair_prefetch_pdl_us']:.2f}", flush=True)
         del caches
         torch.cuda.empty_cache()
+    router = router_chain(L, a.hidden, H * D + 2 * KVH * D)
     os.makedirs(a.out, exist_ok=True)
-    doc = {"rows": rows, "layers": L, "kernel_record": kernel_record.local()}
+    doc = {"rows": rows, "router_chain": router, "layers": L, "kernel_record": kernel_record.local()}
     with open(os.path.join(a.out, "l2_prefetch.json"), "w") as f:
         json.dump(doc, f, indent=1)
     print(f"{'ctx':>5}{'attn':>8}{'attn+pf':>9}{'o_proj':>8}{'pair':>8}{'pair+pf':>9}{'pdl':>8}{'pdl+pf':>8}   us/layer")
     for r in rows:
         print(f"{r['context']:>5}{r['attention_us']:>8.2f}{r['attention_prefetching_us']:>9.2f}{r['o_proj_us']:>8.2f}"
               f"{r['pair_us']:>8.2f}{r['pair_prefetch_us']:>9.2f}{r['pair_pdl_us']:>8.2f}{r['pair_prefetch_pdl_us']:>8.2f}")
+
+
+def router_chain(L: int, hidden: int, qkv_out: int, E: int = 128, K: int = 8, inter: int = 768,
+                 expert_sets: int = 8) -> dict:
+    """Part 2: per layer gate GEMV -> router top-k -> experts (one token) -> next q/k/v GEMV, us per layer,
+    without and with l2_prefetch_next_layer, without and with PDL."""
+    from meshserve.kernels.moe import fused_experts
+    from meshserve.kernels.moe_router import router_topk
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    gates = [torch.randn(E, hidden, dtype=dt, device=dev) / hidden ** 0.5 for _ in range(L)]
+    qkvs = [torch.randn(qkv_out, hidden, dtype=dt, device=dev) / hidden ** 0.5 for _ in range(L)]
+    w13s = [torch.randn(E, 2 * inter, hidden, dtype=dt, device=dev) / hidden ** 0.5 for _ in range(expert_sets)]
+    w2s = [torch.randn(E, hidden, inter, dtype=dt, device=dev) / inter ** 0.5 for _ in range(expert_sets)]
+    x = torch.randn(1, hidden, dtype=dt, device=dev)
+
+    def chain(prefetch):
+        def run():
+            outs = []
+            for i in range(L):
+                logits = gemv(x, gates[i], prefetch=qkvs[i] if prefetch else None)
+                weights, ids = router_topk(logits, K)
+                h = fused_experts(x, w13s[i % expert_sets], w2s[i % expert_sets], weights, ids)
+                outs.append(gemv(h, qkvs[i]))
+            return outs
+        return run
+
+    out = {}
+    for pdl in (False, True):
+        for switch in (False, True):
+            kernels.configure(dataclasses.replace(ks.H200, pdl=pdl, l2_prefetch_next_layer=switch))
+            try:
+                if switch:
+                    assert all(torch.equal(p, q) for p, q in zip(chain(True)(), ref)), "the prefetch changed results"
+                else:
+                    ref = chain(False)()
+                out[f"{'pdl_' if pdl else ''}{'prefetch' if switch else 'base'}_us"] = \
+                    graph_seconds(chain(switch)) / L * 1e6
+            finally:
+                kernels.configure(ks.H200)
+    alone = {"gate": lambda: [gemv(x, w) for w in gates], "qkv": lambda: [gemv(x, w) for w in qkvs]}
+    for name, fn in alone.items():
+        out[f"{name}_alone_us"] = graph_seconds(fn) / L * 1e6
+    print("router -> experts -> next q/k/v, us per layer: " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in out.items()),
+          flush=True)
+    return out
 
 
 if __name__ == "__main__":

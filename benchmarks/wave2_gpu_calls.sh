@@ -18,8 +18,9 @@
 #                            offline row without PDL; 30 the decode + offline rows with graphs to batch 384;
 #                            31 (~300 s) the offline row with graphs to batch 384, then batch 1 with every switch;
 #                            32 (~250 s) batch 1 under each combination of PDL and the two batch-1 fusions
-#   call 33 (carry .whl):    issue 21 (twelfth session): the L2 prefetch of o_proj during decode attention (GPU
-#                            tests, benchmarks/l2_prefetch.py) and batch 1 without / with it (~450 s)
+#   call 33 (carry .whl):    issue 21 (twelfth session): the L2 prefetches (o_proj during decode attention, the
+#                            next layer's q/k/v during the router): GPU tests, benchmarks/l2_prefetch.py, and
+#                            batch 1 without / with them (~500 s)
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -185,14 +186,16 @@ case $CALL in
       --kernel-config "${row#*|}" --out "$RES/$name"
   done
   ;;
-33)  # issue 21 (twelfth session, ~450 s): the L2 prefetch of each layer's o_proj during decode attention
-    # (kernel_config.decode_l2_prefetch): its GPU tests, the attention -> o_proj pairs with and without it, then
-    # batch 1 (PDL + fused rotary) without and with it, and with the fused norm too, one engine each
+33)  # issue 21 (twelfth session, ~500 s): the L2 prefetches of batch-1 decode (kernel_config.decode_l2_prefetch:
+    # o_proj during attention; l2_prefetch_next_layer: the next layer's q/k/v during the router, experts
+    # evict-first): their GPU tests, benchmarks/l2_prefetch.py, then batch 1 (PDL + fused rotary) without them,
+    # with the first, with both, with both and the fused norm, one engine each
   step l2_tests 240 python3 -m pytest tests/gpu/test_l2_prefetch.py -q -x
   step l2_bench 120 python3 benchmarks/l2_prefetch.py --out "$RES/l2_prefetch"
   rows=('pdl_rope|{"pdl": true, "fuse_rope_attention": true}')
-  ok l2_tests && rows+=('pdl_rope_pf|{"pdl": true, "fuse_rope_attention": true, "decode_l2_prefetch": true}'
-                        'all_pf|{"pdl": true, "fuse_rope_attention": true, "fuse_norm_linear": true, "decode_l2_prefetch": true}')
+  ok l2_tests && rows+=('pdl_rope_pf2|{"pdl": true, "fuse_rope_attention": true, "decode_l2_prefetch": true, "l2_prefetch_next_layer": true}'
+                        'pdl_rope_pf|{"pdl": true, "fuse_rope_attention": true, "decode_l2_prefetch": true}'
+                        'all_pf2|{"pdl": true, "fuse_rope_attention": true, "fuse_norm_linear": true, "decode_l2_prefetch": true, "l2_prefetch_next_layer": true}')
   for row in "${rows[@]}"; do
     name=b1_${row%%|*}
     step "$name" 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \

@@ -135,6 +135,10 @@ class KernelConfig(StrictModel):
         "decode steps of up to 8 sequences (Triton attention): the attention kernel first asks for the "
         "layer's output-projection weight in L2, so it moves from HBM while attention runs and the "
         "projection after it reads L2"))
+    l2_prefetch_next_layer: Optional[bool] = Field(None, description=(
+        "one-row steps (batch-1 decode) of MoE models: the router gate's kernel first asks for the next "
+        "layer's q/k/v weight in L2 (it moves while the router runs), and the experts' decode kernels "
+        "load their weights evict-first so it stays in L2 until that layer reads it"))
 
     @field_validator("attn_prefill_rows", "attn_prefill_rows_small")
     @classmethod

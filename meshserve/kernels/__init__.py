@@ -23,16 +23,20 @@ _PDL_SETTING, PDL_MAX_TOKENS = H200.pdl, H200.pdl_max_tokens  # PDL: the setting
 _PDL_ARGS = {"USE_PDL": True, "launch_pdl": True}
 # kernel_config.fuse_norm_linear: one-row steps fuse each RMSNorm into the linear after it (layers/norm.py).
 FUSE_NORM_LINEAR = H200.fuse_norm_linear
+# kernel_config.l2_prefetch_next_layer: one-row steps' MoE router gate prefetches the next layer's first
+# linear into L2; the experts' decode kernels then stream their weights evict-first (kernels/prefetch.py).
+L2_PREFETCH_NEXT_LAYER = H200.l2_prefetch_next_layer
 
 
 def configure(settings: KernelSettings) -> None:
     """Apply a rank's resolved settings to the fused ops and linears of this process."""
-    global TRITON_AVAILABLE, GEMV_MAX_M, PDL, _PDL_SETTING, PDL_MAX_TOKENS, FUSE_NORM_LINEAR
+    global TRITON_AVAILABLE, GEMV_MAX_M, PDL, _PDL_SETTING, PDL_MAX_TOKENS, FUSE_NORM_LINEAR, L2_PREFETCH_NEXT_LAYER
     TRITON_AVAILABLE = TRITON_INSTALLED and not settings.disable_triton
     GEMV_MAX_M = settings.gemv_max_m
     PDL = _PDL_SETTING = settings.pdl
     PDL_MAX_TOKENS = settings.pdl_max_tokens
     FUSE_NORM_LINEAR = settings.fuse_norm_linear
+    L2_PREFETCH_NEXT_LAYER = settings.l2_prefetch_next_layer
 
 
 def step_tokens(num_tokens: int) -> None:
@@ -49,6 +53,13 @@ def pdl_args() -> dict:
     """Keywords for launching a kernel that has a USE_PDL parameter: with kernel_config.pdl the kernel
     waits for the one before it and is launched with PDL (both or neither: kernels/pdl.py)."""
     return _PDL_ARGS if PDL else {}
+
+
+def expert_eviction(num_tokens: int) -> str:
+    """The L2 eviction priority of the experts' weight loads in a decode step of `num_tokens` tokens:
+    "evict_first" in one-row steps with kernel_config.l2_prefetch_next_layer (they stream past the
+    next layer's prefetched weight), else the default."""
+    return "evict_first" if L2_PREFETCH_NEXT_LAYER and num_tokens == 1 else ""
 
 
 def use_triton(t) -> bool:

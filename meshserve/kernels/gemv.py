@@ -15,6 +15,8 @@ import triton.language as tl
 from meshserve import kernels
 from meshserve.kernels.moe_router import route_constexprs, route_rows
 from meshserve.kernels.pdl import pdl_enter
+from meshserve.kernels.prefetch import LINES as PREFETCH_LINES
+from meshserve.kernels.prefetch import l2_prefetch
 
 
 @triton.jit
@@ -34,8 +36,11 @@ def _w_tile(w_rows, k, n_mask, m_mask, K, EVEN_K: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr = False):
+                 USE_PDL: tl.constexpr = False, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False,
+                 PF_LINES: tl.constexpr = 128):
     pid = tl.program_id(0)
+    if PREFETCH:  # another kernel's weights into L2 (kernels/prefetch.py): no kernel writes them
+        l2_prefetch(pf_ptr, pf_bytes, pid, tl.num_programs(0), PF_LINES)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -75,9 +80,19 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int]:
     return (8 if n <= 4096 else 4), max(64, block_k), 4
 
 
+def _prefetch_args(prefetch: torch.Tensor | None) -> dict:
+    """Launch keywords that make a kernel's programs prefetch `prefetch` into L2 (none under the
+    interpreter, which has no inline PTX: a hint changes no result)."""
+    if prefetch is None or kernels.interpreting():
+        return {}
+    return dict(pf_ptr=prefetch, pf_bytes=prefetch.numel() * prefetch.element_size(), PREFETCH=True,
+                PF_LINES=PREFETCH_LINES)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x: [M, K] (M small), weight: [N, K] contiguous rows. Returns [M, N] in x's dtype."""
+         config: tuple[int, int, int] | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] (M small), weight: [N, K] contiguous rows. Returns [M, N] in x's dtype.
+    prefetch: a weight another kernel reads soon; the programs first ask for it in L2."""
     m, k = x.shape
     n = weight.shape[0]
     if x.stride(-1) != 1:
@@ -88,7 +103,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps, **kernels.pdl_args())
+        K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps, **kernels.pdl_args(),
+        **_prefetch_args(prefetch))
     return y
 
 
@@ -125,8 +141,11 @@ def _norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, 
                       E_P2: tl.constexpr, TOPK: tl.constexpr, K_P2: tl.constexpr, SIGMOID: tl.constexpr,
                       R_HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr,
                       N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                      GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
+                      GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False, pf_ptr=None, pf_bytes=0,
+                      PREFETCH: tl.constexpr = False, PF_LINES: tl.constexpr = 128):
     pid = tl.program_id(0)
+    if PREFETCH:  # another kernel's weights into L2 (kernels/prefetch.py): no kernel writes them
+        l2_prefetch(pf_ptr, pf_bytes, pid, tl.num_programs(0), PF_LINES)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -183,14 +202,14 @@ def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
               weight: torch.Tensor, bias: torch.Tensor | None = None, *, want_h: bool = False, route=None,
-              config: tuple[int, int] | None = None):
+              config: tuple[int, int] | None = None, prefetch: torch.Tensor | None = None):
     """For one row x [1, K]: s = x + residual (x without one), h = RMSNorm(s) * norm_weight, y = h @ W^T.
 
     Returns (y [1, N], s, h or None): s in a new tensor (`residual` is not written), h only with
     `want_h`. `route`: (counter int32 [1] zeroed, RouterConfig-derived constexprs from
     moe_router.route_constexprs, bias or None, scale, ids_out or None): y are router logits and the
     result's y is (weights fp32 [1, K], ids int64 [1, K]) instead. `config`: (BLOCK_N, num_warps), for
-    sweeps (benchmarks/norm_gemv.py); by default the skinny GEMM's rule."""
+    sweeps (benchmarks/norm_gemv.py); by default the skinny GEMM's rule. `prefetch`: as gemv's."""
     k = x.shape[1]
     n = weight.shape[0]
     if x.stride(-1) != 1:
@@ -220,6 +239,7 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
         x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else weight, y,
         res_out, h, n, k, weight.stride(0), eps, counter, rbias, rw, rids, float(rscale),
         HAS_RES=residual is not None, WRITE_H=want_h, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, ROUTE=route is not None, num_warps=warps, **meta, **kernels.pdl_args())
+        BLOCK_K=block_k, ROUTE=route is not None, num_warps=warps, **meta, **kernels.pdl_args(),
+        **_prefetch_args(prefetch))
     out = (rw, rids) if route is not None else y
     return out, res_out, (h if want_h else None)

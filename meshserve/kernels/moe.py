@@ -199,12 +199,14 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
                      TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
                      s_ptr=None, stride_se=0, stride_sn=0, FP8: tl.constexpr = False, BN_Q: tl.constexpr = 128,
-                     BK_Q: tl.constexpr = 128):
+                     BK_Q: tl.constexpr = 128, EVICT: tl.constexpr = ""):
     """Decode form of the down GEMM and the sum over k at once: out[t, n-block] = sum over k with
     id >= 0 of weight_k * (w2[id_k] rows of the n-block) . inter[t*K+k], in fp32 (inter holds the
     gated rows in assignment order). One program per (token, BLOCK_N output columns); each step
     loads all its experts' [BLOCK_N, BLOCK_K] weight tiles at once ([K_P2, BLOCK_N, BLOCK_K]), so
-    enough bytes are in flight for a matrix-vector product to run at bandwidth."""
+    enough bytes are in flight for a matrix-vector product to run at bandwidth. EVICT: the weights'
+    L2 eviction priority ("evict_first" with kernel_config.l2_prefetch_next_layer: they stream past a
+    prefetched weight that must stay)."""
     # With PDL the wait comes first: the ids are the router's output. (The tenth session loaded the ids
     # and the first weight tile before the wait, reasoning that the router had finished before the
     # gated product let this kernel launch; one run of tests/gpu/test_pdl.py on an H100 then hit an
@@ -232,7 +234,7 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
         a_mask = live[:, None] & (offs_k < BLOCK_K)[None, :]
     else:
         a_mask = live[:, None] & (offs_k < I)[None, :]
-    b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0)
+    b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0, eviction_policy=EVICT)
     a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)  # [K_P2, BLOCK_K]
     acc = _down_sum_step(acc, a, b, s_rows, 0, live, n_mask, BLOCK_K, FP8, BK_Q)
     for i in range(1, K_ITERS):
@@ -243,7 +245,7 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
         else:
             a_mask = live[:, None] & (offs_k < I - i * BLOCK_K)[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0)
+        b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0, eviction_policy=EVICT)
         acc = _down_sum_step(acc, a, b, s_rows, i, live, n_mask, BLOCK_K, FP8, BK_Q)
     out = tl.sum(acc * wk[:, None], axis=0)
     tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -252,13 +254,14 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
 @triton.jit
 def _gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, out_ptr, H, I, stride_xm, stride_we, stride_wn, stride_om, up_offset,
                          TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
-                         EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+                         EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, EVICT: tl.constexpr = ""):
     """The gated GEMM of the decode path as matrix-vector products: one program per (assignment a,
     BLOCK_N intermediate columns) multiplies token a // TOPK's hidden row by expert ids[a]'s gate and
     up rows of those columns and writes silu(gate) * up to out[a] (assignment order, as
     direct_gate_up does). No row padding to a dot tile and no sort: while few tokens share an expert
     (batch 1 to ~4) each expert's rows are read once either way, and this reads nothing else.
-    Assignments of id -1 (another rank's experts) write nothing (_down_sum_kernel skips them)."""
+    Assignments of id -1 (another rank's experts) write nothing (_down_sum_kernel skips them).
+    EVICT: the weights' L2 eviction priority, as _down_sum_kernel's."""
     pdl_enter(USE_PDL)  # the ids are the router's, the kernel just before
     a = tl.program_id(0)
     e = tl.load(ids_ptr + a).to(tl.int64)
@@ -278,8 +281,8 @@ def _gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, out_ptr, H, I, stride_xm, stri
             else:
                 x = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
                 wm = n_mask[:, None] & (k < H)[None, :]
-            wg = tl.load(g_rows + k[None, :], mask=wm, other=0.0)
-            wu = tl.load(g_rows + up_offset + k[None, :], mask=wm, other=0.0)
+            wg = tl.load(g_rows + k[None, :], mask=wm, other=0.0, eviction_policy=EVICT)
+            wu = tl.load(g_rows + up_offset + k[None, :], mask=wm, other=0.0, eviction_policy=EVICT)
             acc_g += wg.to(tl.float32) * x[None, :]
             acc_u += wu.to(tl.float32) * x[None, :]
         g = tl.sum(acc_g, axis=1)
@@ -299,7 +302,7 @@ def gemv_gate_up(hidden, w13, ids_flat, T, K, I, g: GemmConfig) -> torch.Tensor:
     _gate_up_gemv_kernel[(T * K, triton.cdiv(I, bn))](
         hidden, w13, ids_flat, inter, H, I, hidden.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         I * w13.stride(1), TOPK=K, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=triton.cdiv(H, bk), EVEN_K=H % bk == 0,
-        **extra, **kernels.pdl_args())
+        EVICT=kernels.expert_eviction(T), **extra, **kernels.pdl_args())
     return inter
 
 
@@ -366,7 +369,7 @@ def _down_sum(inter, w2, weights, ids, out, T, K, H, I, g: GemmConfig, scale=Non
     _down_sum_kernel[(T, triton.cdiv(H, bn))](
         inter, w2, weights, ids, out, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOPK=K, K_P2=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, K_ITERS=triton.cdiv(I, bk),
-        EVEN_K=I % bk == 0, **extra, **kernels.pdl_args())
+        EVEN_K=I % bk == 0, EVICT=kernels.expert_eviction(T), **extra, **kernels.pdl_args())
 
 
 def direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, g: GemmConfig, precision,

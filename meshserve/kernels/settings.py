@@ -50,6 +50,9 @@ class KernelSettings:
     # decode steps of up to paged_attention.SMALL_DECODE sequences: attention prefetches the layer's o_proj
     # weight into L2 while it runs (kernels/prefetch.py); off until measured
     decode_l2_prefetch: bool = False
+    # one-row steps of MoE models: the router gate's skinny GEMM prefetches the next layer's q/k/v weight
+    # into L2, the experts' decode kernels load theirs evict-first (kernels/prefetch.py); off until measured
+    l2_prefetch_next_layer: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,13 +24,15 @@ from meshserve.kernels.fp8 import WHOLE
 from meshserve import kernels
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a few rows on the GPU (batch-1 decode) take the skinny-GEMM kernel,
-    which reads the weights at a higher fraction of the bandwidth than cuBLAS (kernels/gemv.py)."""
+    which reads the weights at a higher fraction of the bandwidth than cuBLAS (kernels/gemv.py).
+    prefetch: a weight read soon after, which that kernel asks for in L2 (cuBLAS cannot: ignored)."""
     if kernels.TRITON_AVAILABLE and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= kernels.GEMV_MAX_M:
         from meshserve.kernels.gemv import gemv, use_gemv
         if use_gemv(x, weight):
-            return gemv(x, weight, bias)
+            return gemv(x, weight, bias, prefetch=prefetch)
     return F.linear(x, weight, bias)
 
 
@@ -73,6 +75,10 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.fp8_block: tuple[int, int] | None = None  # (rows, columns) of a scale block once FP8
+        # (linear,): a layer whose weight this one's one-row kernel prefetches into L2 where
+        # kernel_config.l2_prefetch_next_layer is on (a MoE router gate: the next layer's q/k/v); a
+        # tuple, so nn.Module does not register that layer as a submodule of this one
+        self.prefetch_after: tuple | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None, block=None) -> None:
         """Copy this rank's part of checkpoint tensor `loaded` (part `shard_id` of a fused layer)
@@ -108,7 +114,14 @@ class LinearBase(nn.Module):
                 return fp8_linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias)
             from meshserve.kernels.fp8 import fp8_linear_ref
             return fp8_linear_ref(x, self.weight, self.weight_scale_inv, self.fp8_block, bias)
-        return linear(x, self.weight, bias)
+        return linear(x, self.weight, bias, self.l2_prefetch(x))
+
+    def l2_prefetch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weight this layer's kernel should prefetch into L2 for input x, or None: one row on a GPU,
+        kernel_config.l2_prefetch_next_layer on, a `prefetch_after` layer set."""
+        if self.prefetch_after is None or not kernels.L2_PREFETCH_NEXT_LAYER or not x.is_cuda or x.shape[0] != 1:
+            return None
+        return self.prefetch_after[0].weight
 
     def fp8_aligned_sizes(self) -> tuple[list[int], list[int]]:
         """Row and column counts that must be whole blocks for this layer's loaders (fused parts,

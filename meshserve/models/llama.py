@@ -19,6 +19,7 @@ from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention import Attention, AttentionMetadata
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from meshserve.layers.moe.block import MoEBlock
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
 from meshserve.models.config import ModelConfig
@@ -164,6 +165,13 @@ class DecoderModel(nn.Module):
             DecoderLayer(cfg, make_attn(i, rotary_emb), make_mlp(i), dtype) if i in layer_range else nn.Identity()
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if is_last else None
+        # kernel_config.l2_prefetch_next_layer: an MoE block's router gate (a latency-bound kernel) prefetches
+        # the next layer's first linear into L2, for the stage's layers that have one after them here
+        for i in layer_range:
+            if i + 1 in layer_range and isinstance(self.layers[i].mlp, MoEBlock):
+                nxt = getattr(self.layers[i + 1].self_attn, "input_linear", None)
+                if nxt is not None and hasattr(nxt, "weight"):
+                    self.layers[i].mlp.gate.prefetch_after = (nxt,)
 
     def forward(self, input_ids, positions, md, hidden=None, residual=None):
         if self.is_first:

@@ -253,11 +253,21 @@ def test_two_kernel_decode_path(T, E, K):
 
 
 @triton_only
+@pytest.mark.parametrize("evict_first", [False, True])
 @pytest.mark.parametrize("T,E,K", [(1, 4, 2), (5, 8, 4), (1, 128, 8), (3, 60, 8), (33, 8, 1)])
-def test_two_kernel_path_with_the_gemv_gated_product(T, E, K):
+def test_two_kernel_path_with_the_gemv_gated_product(T, E, K, evict_first, monkeypatch):
     """gate_up_gemv: the gated product as matrix-vector programs (one per assignment and column
-    block), uneven column and K tiles, -1 ids and a row with none; then _down_sum_kernel."""
+    block), uneven column and K tiles, -1 ids and a row with none; then _down_sum_kernel. With
+    kernel_config.l2_prefetch_next_layer, one-row steps load the weights evict-first (the
+    interpreter takes the policy and ignores it; tests/gpu/test_l2_prefetch.py runs it)."""
+    from meshserve import kernels
+    from meshserve.kernels import moe
     from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
+    monkeypatch.setattr(kernels, "L2_PREFETCH_NEXT_LAYER", evict_first)
+    launched = []
+    real = moe._gate_up_gemv_kernel
+    monkeypatch.setattr(moe, "_gate_up_gemv_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **k: launched.append(k["EVICT"]) or real[grid](*a, **k))})())
     args = make_case(T, E, K, H=48, I=40, seed=T * 5 + E + K)
     for gemv in (GemmConfig(1, 16, 1, 1, 1), GemmConfig(4, 32, 1, 4, 1), GemmConfig(16, 64, 1, 4, 1)):
         cfg = MoeKernelConfig(16, GemmConfig(16, 32), GemmConfig(16, 32), down_sum=GemmConfig(8, 32),
@@ -266,6 +276,7 @@ def test_two_kernel_path_with_the_gemv_gated_product(T, E, K):
         assert_close(out, reference(*args), 1e-5)
         if T > 2:
             assert torch.all(out[T // 2] == 0)
+    assert launched == ["evict_first" if evict_first and T == 1 else ""] * 3
 
 
 @triton_only
