@@ -5,11 +5,15 @@ that are latency-bound and leave HBM idle: decode attention reads under 1 MB of 
 (Qwen3-30B-A3B on the H200), and the output projection right after it then streams its 16.8 MB
 from HBM. With `kernel_config.decode_l2_prefetch` the attention kernel's programs first issue
 `prefetch.global.L2` for their share of the o_proj weight's 128-byte lines, so those bytes move
-while attention runs and the skinny GEMM after it reads them from L2.
+while attention runs and the skinny GEMM after it reads them from L2. Likewise the MoE router (its
+gate is 0.5 MB, its top-k a few serial steps) with `kernel_config.l2_prefetch_next_layer`: the gate's
+skinny GEMM (kernels/gemv.py, `prefetch=`) asks for the next layer's q/k/v weight, and the experts'
+one-token kernels (kernels/moe.py) load their 75 MB evict-first so that weight is still in L2 when
+the next layer reads it.
 
 A prefetch is a hint: it reads nothing into registers, writes nothing, and the data it names are
 weights no kernel writes, so it needs no ordering (it runs before a PDL wait). Normal eviction
-priority: the lines are read once, by the next kernel, and must not outstay that. Triton's
+priority: the lines are read once, by the kernel they are for, and must not outstay that. Triton's
 interpreter has no inline PTX, so the CPU runs skip the instruction; `_line_range` (how the lines
 are shared out) is the part the CPU tests check.
 """
@@ -18,8 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LINE = 128  # bytes of an L2 line request
-LINES = 128  # lines a program asks for per loop trip (one per thread of 4 warps)
+LINES = 128  # 128-byte lines a program asks for per loop trip (one per thread of 4 warps)
 
 
 @triton.jit
