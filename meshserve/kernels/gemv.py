@@ -15,7 +15,7 @@ import triton.language as tl
 from meshserve import kernels
 from meshserve.kernels.moe_router import route_constexprs, route_rows
 from meshserve.kernels.pdl import pdl_enter
-from meshserve.kernels.prefetch import LINES as PREFETCH_LINES
+from meshserve.kernels import prefetch as pf
 from meshserve.kernels.prefetch import l2_prefetch
 
 
@@ -36,11 +36,10 @@ def _w_tile(w_rows, k, n_mask, m_mask, K, EVEN_K: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr = False, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False,
-                 PF_LINES: tl.constexpr = 128):
+                 USE_PDL: tl.constexpr = False, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False):
     pid = tl.program_id(0)
     if PREFETCH:  # another kernel's weights into L2 (kernels/prefetch.py): no kernel writes them
-        l2_prefetch(pf_ptr, pf_bytes, pid, tl.num_programs(0), PF_LINES)
+        l2_prefetch(pf_ptr, pf_bytes, pid, tl.num_programs(0))
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -80,15 +79,6 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int]:
     return (8 if n <= 4096 else 4), max(64, block_k), 4
 
 
-def _prefetch_args(prefetch: torch.Tensor | None) -> dict:
-    """Launch keywords that make a kernel's programs prefetch `prefetch` into L2 (none under the
-    interpreter, which has no inline PTX: a hint changes no result)."""
-    if prefetch is None or kernels.interpreting():
-        return {}
-    return dict(pf_ptr=prefetch, pf_bytes=prefetch.numel() * prefetch.element_size(), PREFETCH=True,
-                PF_LINES=PREFETCH_LINES)
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (M small), weight: [N, K] contiguous rows. Returns [M, N] in x's dtype.
@@ -104,7 +94,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         K_ITERS=triton.cdiv(k, block_k), EVEN_K=k % block_k == 0, num_warps=warps, **kernels.pdl_args(),
-        **_prefetch_args(prefetch))
+        **pf.launch_args(prefetch))
     return y
 
 
@@ -142,10 +132,10 @@ def _norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, 
                       R_HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr,
                       N_GROUP: tl.constexpr, NG_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
                       GROUP_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False, pf_ptr=None, pf_bytes=0,
-                      PREFETCH: tl.constexpr = False, PF_LINES: tl.constexpr = 128):
+                      PREFETCH: tl.constexpr = False):
     pid = tl.program_id(0)
     if PREFETCH:  # another kernel's weights into L2 (kernels/prefetch.py): no kernel writes them
-        l2_prefetch(pf_ptr, pf_bytes, pid, tl.num_programs(0), PF_LINES)
+        l2_prefetch(pf_ptr, pf_bytes, pid, tl.num_programs(0))
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -240,6 +230,6 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
         res_out, h, n, k, weight.stride(0), eps, counter, rbias, rw, rids, float(rscale),
         HAS_RES=residual is not None, WRITE_H=want_h, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, ROUTE=route is not None, num_warps=warps, **meta, **kernels.pdl_args(),
-        **_prefetch_args(prefetch))
+        **pf.launch_args(prefetch))
     out = (rw, rids) if route is not None else y
     return out, res_out, (h if want_h else None)

@@ -27,7 +27,7 @@ from meshserve import kernels
 from meshserve.kernels.fp8_gemm import to_cache
 from meshserve.kernels.fused import _rotate, _rotate_operands
 from meshserve.kernels.pdl import pdl_enter
-from meshserve.kernels.prefetch import LINES as PREFETCH_LINES
+from meshserve.kernels import prefetch as pf
 from meshserve.kernels.prefetch import l2_prefetch
 from meshserve.kernels.settings import H200, KernelSettings
 
@@ -150,12 +150,12 @@ def _attn_kernel(
     eps=0.0, stride_kt=0, stride_kh=0, stride_vt=0, stride_vh=0, stride_cos=0, k_mul=1.0, v_mul=1.0,
     ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False, HALF: tl.constexpr = 1,
     # PREFETCH (decode tiles, GPU): every program first asks for its share of pf_bytes at pf_ptr in L2
-    pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_LINES: tl.constexpr = 128,
+    pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False,
 ):
     if PREFETCH:  # the next kernel's weights (no kernel writes them): before any wait, even in idle splits
         l2_prefetch(pf_ptr, pf_bytes,
                     (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
-                    tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), PF_LINES)
+                    tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2))
     # With PDL the step's metadata (tile plan, sequence lengths: step inputs no kernel writes) loads
     # before the wait; q and the newest keys come from the kernel just before (the rotary + KV write).
     # Query positions given as a tensor may be a kernel's output: then the wait comes first.
@@ -517,9 +517,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                      stride_kh=rope.k.stride(1), stride_vt=rope.v.stride(0), stride_vh=rope.v.stride(1),
                      stride_cos=rope.cos.stride(0), k_mul=float(rope.k_mul), v_mul=float(rope.v_mul), ROPE=True,
                      QK_NORM=rope.qk_norm is not None, HALF=rope.cos.shape[1])
-    if prefetch is not None and decode and not _INTERPRET:
-        extra.update(pf_ptr=prefetch, pf_bytes=prefetch.numel() * prefetch.element_size(), PREFETCH=True,
-                     PF_LINES=PREFETCH_LINES)
+    if decode:
+        extra.update(pf.launch_args(prefetch))
     while True:
         try:
             _attn_kernel[grid](

@@ -22,7 +22,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LINES = 128  # 128-byte lines a program asks for per loop trip (one per thread of 4 warps)
+from meshserve import kernels
+
+LINES = tl.constexpr(128)  # 128-byte lines a program asks for per loop trip (one per thread of 4 warps)
 
 
 @triton.jit
@@ -37,7 +39,7 @@ def _line_range(nbytes, part, parts):
 
 
 @triton.jit
-def l2_prefetch(ptr, nbytes, part, parts, LINES: tl.constexpr):
+def l2_prefetch(ptr, nbytes, part, parts):
     """Prefetch into L2 this program's share (`part` of `parts`) of the nbytes at ptr."""
     first, last = _line_range(nbytes, part, parts)
     base = ptr.to(tl.pointer_type(tl.int8))
@@ -48,14 +50,22 @@ def l2_prefetch(ptr, nbytes, part, parts, LINES: tl.constexpr):
                                   dtype=tl.int32, is_pure=False, pack=1)
 
 
+def launch_args(t) -> dict:
+    """Keywords that make a kernel with the pf_ptr / pf_bytes / PREFETCH parameters prefetch tensor t
+    (None: nothing; nor under the interpreter, which has no inline PTX: a hint changes no result)."""
+    if t is None or kernels.interpreting():
+        return {}
+    return {"pf_ptr": t, "pf_bytes": t.numel() * t.element_size(), "PREFETCH": True}
+
+
 @triton.jit
-def _prefetch_kernel(ptr, nbytes, LINES: tl.constexpr):
-    l2_prefetch(ptr, nbytes, tl.program_id(0), tl.num_programs(0), LINES)
+def _prefetch_kernel(ptr, nbytes):
+    l2_prefetch(ptr, nbytes, tl.program_id(0), tl.num_programs(0))
 
 
 def prefetch_l2(t, programs: int = 64) -> None:
     """Standalone: ask for tensor t's bytes in L2 (GPU tests and benchmarks/l2_prefetch.py)."""
-    _prefetch_kernel[(programs,)](t, t.numel() * t.element_size(), LINES=LINES, num_warps=4)
+    _prefetch_kernel[(programs,)](t, t.numel() * t.element_size(), num_warps=4)
 
 
 @triton.jit

@@ -64,6 +64,5 @@ class RMSNorm(nn.Module):
         h only with `want_h`. Call only where `fuses_with(x, linear)`; `route` as kernels/gemv.py
         norm_gemv (then the first item is the router's (weights, ids))."""
         from meshserve.kernels.gemv import norm_gemv
-        prefetch = linear.l2_prefetch(x) if hasattr(linear, "l2_prefetch") else None
         return norm_gemv(x, residual, self.weight, self.eps, linear.weight, linear.bias, want_h=want_h, route=route,
-                         prefetch=prefetch)
+                         prefetch=linear.l2_prefetch(x))

@@ -169,8 +169,8 @@ class DecoderModel(nn.Module):
         # the next layer's first linear into L2, for the stage's layers that have one after them here
         for i in layer_range:
             if i + 1 in layer_range and isinstance(self.layers[i].mlp, MoEBlock):
-                nxt = getattr(self.layers[i + 1].self_attn, "input_linear", None)
-                if nxt is not None and hasattr(nxt, "weight"):
+                nxt = getattr(self.layers[i + 1].self_attn, "input_linear", None)  # latent attention: none
+                if nxt is not None:
                     self.layers[i].mlp.gate.prefetch_after = (nxt,)
 
     def forward(self, input_ids, positions, md, hidden=None, residual=None):

@@ -105,7 +105,7 @@ class TritonAttentionBackend(AttentionBackend):
         # k_scale folds into the softmax scale (the log-sum-exp stays exact), v_scale multiplies the output
         prefetch = None
         if self.settings.decode_l2_prefetch and md.block_q == 1 and q.shape[0] <= pa.SMALL_DECODE:
-            after = getattr(layer, "prefetch_after", None)  # the linear that reads this layer's output
+            after = layer.prefetch_after  # the linear that reads this layer's output (models set it)
             prefetch = after[0].weight if after else None
         out = pa.paged_attention(q, kv_cache, md.block_tables, md.seq_lens, md.query_start_loc, md.tile_seq,
                                  md.tile_start, md.block_q, layer.scale * k_scale, layer.sliding_window,
