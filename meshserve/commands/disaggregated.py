@@ -24,7 +24,7 @@ import sys
 from typing import Optional, Sequence
 
 from meshserve.commands import OneLineErrorParser
-from meshserve.commands.serve import LOG_LEVELS
+from meshserve.commands.serve import LOG_LEVELS, add_http_limit_flags, http_limits_error
 
 logger = logging.getLogger("meshserve.disagg")
 
@@ -36,11 +36,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--request_timeout", "--request-timeout", dest="request_timeout", type=float,
                         default=180, help="seconds a server may take to answer one hop of a request (a stream: "
                         "between chunks) before the client gets a 504 (default: %(default)s)")
-    parser.add_argument("--shutdown_timeout", "--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
-                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
     parser.add_argument("--secret_file", "--secret-file", dest="secret_file", default=None, metavar="FILE",
                         help="the key file when MESHSERVE_SECRET is not set, made (mode 0600) when missing "
                         "(default: $MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key)")
+    add_http_limit_flags(parser)  # the orchestrator is the clients' front door: serve's limits
     parser.add_argument("--log_level", "--log-level", dest="log_level", default="info", type=str.lower,
                         choices=LOG_LEVELS, help="default: %(default)s")
 
@@ -72,9 +71,9 @@ def main(ns: argparse.Namespace) -> int:
         return _fail(str(e))
     if not ns.request_timeout > 0:
         return _fail(f"-t {ns.request_timeout:g}: expected a number of seconds > 0")
-    if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
-        return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
-                     f"(0: stop without waiting for in-flight requests)")
+    problem = http_limits_error(ns)
+    if problem:
+        return _fail(problem)
     from meshserve.disagg.params import KeyFileError, orchestrator_key
     try:
         key, key_file, created = orchestrator_key(ns.secret_file)
@@ -97,17 +96,14 @@ def main(ns: argparse.Namespace) -> int:
 
 
 async def serve(ns: argparse.Namespace, config, sock, key: bytes) -> int:
-    import uvicorn
-
-    from meshserve.commands.serve import KEEP_ALIVE_S, _Server
+    from meshserve.commands.serve import _Server, uvicorn_config
     from meshserve.disagg.orchestrator import Orchestrator, build_app
 
-    orch = Orchestrator(config, ns.request_timeout, key=key)
-    app = build_app(orch)
-    uv_config = uvicorn.Config(app, host=config.hostname, port=config.port, log_level=ns.log_level,
-                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",
-                               timeout_keep_alive=KEEP_ALIVE_S)
-    server = _Server.make(uv_config)
+    orch = Orchestrator(config, ns.request_timeout, key=key,
+                        max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
+                        request_body_timeout_s=ns.request_body_timeout,
+                        max_request_header_bytes=int(ns.max_request_header_kb * 2**10))
+    server = _Server.make(uvicorn_config(build_app(orch), config.hostname, config.port, ns))
     logger.info("orchestrating %d context server(s) (%s router) and %d generation server(s) (%s router) on "
                 "http://%s:%d", len(orch.context), config.context.router, len(orch.generation),
                 config.generation.router, config.hostname, sock.getsockname()[1])

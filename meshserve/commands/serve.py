@@ -73,6 +73,48 @@ def _flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -
     parser.add_argument(*names, dest=name, **kwargs)
 
 
+def add_http_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The limits of a public HTTP front door (`serve` and `disaggregated`): body and header sizes, the
+    header and body deadlines, the drain time on SIGTERM."""
+    _flag(parser, "max_request_body_mb", type=float, default=64.0,  # serve/protocol.MAX_REQUEST_BODY_BYTES
+          help="a request body larger than this many MiB is a 413, refused before it is held in memory "
+               "(default: %(default)s)")
+    _flag(parser, "max_request_header_kb", type=float, default=64.0,
+          help="requests whose headers (names and values) pass this many KiB are a 431 (default: %(default)s)")
+    _flag(parser, "request_header_timeout", type=float, default=30.0,
+          help="a connection that has not sent a whole request's headers this many seconds after it opened "
+               "(or after its last response) is answered 408 and closed (default: %(default)s)")
+    _flag(parser, "request_body_timeout", type=float, default=60.0,  # serve/protocol.REQUEST_BODY_TIMEOUT_S
+          help="a request whose body stops arriving for this many seconds is a 408 (default: %(default)s)")
+    _flag(parser, "shutdown_timeout", type=float, default=30.0,
+          help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
+
+
+def http_limits_error(ns: argparse.Namespace) -> Optional[str]:
+    """The first of add_http_limit_flags' values that cannot be honoured, as a one-line message."""
+    for flag, unit in (("max_request_body_mb", "MiB"), ("max_request_header_kb", "KiB"),
+                       ("request_header_timeout", "seconds"), ("request_body_timeout", "seconds")):
+        value = getattr(ns, flag)
+        if not value > 0 or value == float("inf"):
+            return f"--{flag} {value:g}: expected a number of {unit} > 0"
+    if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
+        return (f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
+                f"(0: stop without waiting for in-flight requests)")
+    return None
+
+
+def uvicorn_config(app, host: str, port: int, ns: argparse.Namespace):
+    """uvicorn's config for a front door: keep-alive as vLLM's, the request-header deadline of
+    --request_header_timeout (uvicorn has none of its own), access lines at debug only."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from meshserve.serve.middleware import header_timeout_protocol
+    return uvicorn.Config(app, host=host, port=port, log_level=ns.log_level,
+                          timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",
+                          timeout_keep_alive=KEEP_ALIVE_S,
+                          http=header_timeout_protocol(AutoHTTPProtocol, ns.request_header_timeout))
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="HF checkpoint folder, .gguf file or benchmark shape (default: the embedded "
@@ -111,18 +153,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
-    _flag(parser, "max_request_body_mb", type=float, default=64.0,  # serve/protocol.MAX_REQUEST_BODY_BYTES
-          help="a request body larger than this many MiB is a 413, refused before it is held in memory "
-               "(default: %(default)s)")
-    _flag(parser, "max_request_header_kb", type=float, default=64.0,
-          help="requests whose headers (names and values) pass this many KiB are a 431 (default: %(default)s)")
-    _flag(parser, "request_header_timeout", type=float, default=30.0,
-          help="a connection that has not sent a whole request's headers this many seconds after it opened "
-               "(or after its last response) is answered 408 and closed (default: %(default)s)")
-    _flag(parser, "request_body_timeout", type=float, default=60.0,  # serve/protocol.REQUEST_BODY_TIMEOUT_S
-          help="a request whose body stops arriving for this many seconds is a 408 (default: %(default)s)")
-    _flag(parser, "shutdown_timeout", type=float, default=30.0,
-          help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default: %(default)s)")
+    add_http_limit_flags(parser)
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
 
 
@@ -297,17 +328,9 @@ def _main(ns: argparse.Namespace) -> int:
     if ns.tokenize_offload_chars < 0:
         return _fail(f"--tokenize_offload_chars {ns.tokenize_offload_chars}: must be an integer >= 0 "
                      f"(0: every prompt off the event loop)")
-    if not ns.max_request_body_mb > 0 or ns.max_request_body_mb == float("inf"):
-        return _fail(f"--max_request_body_mb {ns.max_request_body_mb:g}: expected a number of MiB > 0")
-    if not ns.max_request_header_kb > 0 or ns.max_request_header_kb == float("inf"):
-        return _fail(f"--max_request_header_kb {ns.max_request_header_kb:g}: expected a number of KiB > 0")
-    if not ns.request_header_timeout > 0 or ns.request_header_timeout == float("inf"):
-        return _fail(f"--request_header_timeout {ns.request_header_timeout:g}: expected a number of seconds > 0")
-    if not ns.request_body_timeout > 0 or ns.request_body_timeout == float("inf"):
-        return _fail(f"--request_body_timeout {ns.request_body_timeout:g}: expected a number of seconds > 0")
-    if not ns.shutdown_timeout >= 0:  # nan too: uvicorn would take it (and a negative one) as 0
-        return _fail(f"--shutdown_timeout {ns.shutdown_timeout:g}: expected a number of seconds >= 0 "
-                     f"(0: stop without waiting for in-flight requests)")
+    problem = http_limits_error(ns)
+    if problem:
+        return _fail(problem)
     from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
@@ -382,8 +405,6 @@ class _Server:
 
 
 async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: str, sock: socket.socket) -> int:
-    import uvicorn
-
     from meshserve.engine.async_engine import AsyncEngine, EngineDeadError
     from meshserve.serve.metrics import ServerMetrics
     from meshserve.serve.openai_server import OpenAIServing, ServerConfig, build_app
@@ -422,13 +443,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again
     GCPauses("api server").install()
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-    from meshserve.serve.middleware import header_timeout_protocol
-    uv_config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
-                               timeout_graceful_shutdown=ns.shutdown_timeout, access_log=ns.log_level == "debug",
-                               timeout_keep_alive=KEEP_ALIVE_S,
-                               http=header_timeout_protocol(AutoHTTPProtocol, ns.request_header_timeout))
-    server = _Server.make(uv_config)
+    server = _Server.make(uvicorn_config(app, ns.host, ns.port, ns))
     logger.info("serving %s as %r on http://%s:%d", model_path, name, ns.host, sock.getsockname()[1])
     try:
         await server.serve(sockets=[sock])

@@ -68,7 +68,9 @@ from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADE
 from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRelay, UpstreamFailed, _ints, _one_line,
                                     _passthrough, describe)
 from meshserve.disagg.router import Router, Server, create_router
-from meshserve.serve.protocol import STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body, read_body
+from meshserve.serve.middleware import HeaderLimitMiddleware
+from meshserve.serve.protocol import (MAX_REQUEST_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, STREAMED_PROMPT_LOGPROBS,
+                                      APIError, decode_json_body, read_body)
 
 __all__ = [  # this module's names, and the ones it re-exports from the modules it was split into
     "COMPLETIONS_DEFAULT_MAX_TOKENS", "GROUP_KEYS", "MEMBERSHIP_LABEL", "ORCHESTRATOR_KEYS", "RESUME_KEYS", "SSE_DONE",
@@ -103,9 +105,17 @@ def membership_token(key: Optional[bytes] = None) -> str:
 
 class Orchestrator(GenerationHop):
     def __init__(self, config: DisaggConfig, request_timeout: float = 180.0,
-                 metrics: Optional[DisaggMetrics] = None, key: Optional[bytes] = None):
+                 metrics: Optional[DisaggMetrics] = None, key: Optional[bytes] = None,
+                 max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
+                 request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
+                 max_request_header_bytes: int = 64 * 2**10):
         self.config = config
         self.request_timeout = float(request_timeout)
+        # the front door's limits (disaggregated --max_request_body_mb, --request_body_timeout,
+        # --max_request_header_kb): a 413, 408 or 431 before a byte goes to a server
+        self.max_request_body_bytes = max_request_body_bytes
+        self.request_body_timeout_s = request_body_timeout_s
+        self.max_request_header_bytes = max_request_header_bytes
         self.metrics = metrics or DisaggMetrics()
         # the shared key (MESHSERVE_SECRET or the key file): guards /register and /unregister and checks the
         # servers hold it too (None: the routes answer 503, no check)
@@ -118,6 +128,9 @@ class Orchestrator(GenerationHop):
         self.client: Optional[httpx.AsyncClient] = None
         self._health_task: Optional[asyncio.Task] = None
         self._probes: dict[str, asyncio.Future] = {}  # role -> the running probe of a group with none healthy
+
+    async def _read_body(self, raw: Request) -> bytes:
+        return await read_body(raw, self.max_request_body_bytes, self.request_body_timeout_s)
 
     @property
     def servers(self) -> list[Server]:
@@ -222,7 +235,7 @@ class Orchestrator(GenerationHop):
     async def membership(self, raw: Request, join: bool) -> Response:
         """POST /register or /unregister {"url": "host:port", "role": "context" | "generation"}."""
         self._authorize(raw)
-        body = decode_json_body(await read_body(raw))
+        body = decode_json_body(await self._read_body(raw))
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object {\"url\": \"host:port\", \"role\": \"context\" or "
                            "\"generation\"}")
@@ -310,8 +323,8 @@ class Orchestrator(GenerationHop):
         rid = raw.headers.get("x-request-id") or uuid.uuid4().hex
         self.metrics.requests.labels(route).inc()
         try:
-            response = await self._until_disconnect(raw, self._handle(await read_body(raw), raw.headers, route, rid,
-                                                                      arrival))
+            body = await self._read_body(raw)
+            response = await self._until_disconnect(raw, self._handle(body, raw.headers, route, rid, arrival))
         except APIError as err:
             response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         if response is None:  # the client went away: the hop in progress was cancelled
@@ -566,4 +579,6 @@ def build_app(orch: Orchestrator) -> FastAPI:
     async def metrics():
         return Response(orch.metrics.render(orch.servers), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(HeaderLimitMiddleware, limit=orch.max_request_header_bytes,
+                       on_error=lambda status: orch.metrics.errors.labels(str(status)).inc())
     return app

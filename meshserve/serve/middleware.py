@@ -4,7 +4,7 @@ OpenAI's error shape and counting the error in /metrics."""
 from __future__ import annotations
 
 import hmac
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi.responses import JSONResponse
 
@@ -43,20 +43,20 @@ class HeaderLimitMiddleware:
     """Requests whose headers (names and values together) pass the limit are a 431 in OpenAI's error
     shape, before routing or authentication: a client cannot make every request carry megabytes."""
 
-    def __init__(self, app, limit: int, metrics: Optional[ServerMetrics] = None):
+    def __init__(self, app, limit: int, on_error: Optional[Callable[[int], None]] = None):
         self.app = app
         self.limit = limit
-        self.metrics = metrics
+        self.on_error = on_error  # counts the refusal in the server's metrics (its status code)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
             if size > self.limit:
-                if self.metrics is not None:
-                    self.metrics.on_error(431)
+                if self.on_error is not None:
+                    self.on_error(431)
                 response = JSONResponse(error_body(
                     f"the request headers are {size} bytes, more than this server reads ({self.limit} bytes; "
-                    f"serve --max_request_header_kb raises it)", "invalid_request_error", None,
+                    f"--max_request_header_kb raises it)", "invalid_request_error", None,
                     "request_header_fields_too_large"), status_code=431)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -57,7 +57,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": one_line(str(message)), "type": type, "param": param, "code": code}}
 
 
-# The largest request body the server and the orchestrator read (serve --max_request_body_mb): a
+# The largest request body the server and the orchestrator read (--max_request_body_mb of serve and disaggregated): a
 # 128k-token prompt is about half a megabyte of text or one of token ids; a body beyond this is a
 # 413 before it is held in memory, so one client cannot take the server's.
 MAX_REQUEST_BODY_BYTES = 64 * 2**20
@@ -72,7 +72,7 @@ async def read_body(raw, limit: int = MAX_REQUEST_BODY_BYTES, timeout: float = R
     without a new piece of it (nginx's client_body_timeout: between reads, not in total)."""
     def too_large(size: str) -> APIError:
         return APIError(413, f"the request body is {size}, more than this server reads ({limit} bytes; "
-                             f"serve --max_request_body_mb raises it)", "invalid_request_error", None,
+                             f"--max_request_body_mb raises it)", "invalid_request_error", None,
                         "request_too_large")
 
     declared = raw.headers.get("content-length")
@@ -87,7 +87,7 @@ async def read_body(raw, limit: int = MAX_REQUEST_BODY_BYTES, timeout: float = R
             break
         except asyncio.TimeoutError:
             raise APIError(408, f"no part of the request body arrived for {timeout:g} s after {size} bytes "
-                                f"(serve --request_body_timeout)", "invalid_request_error", None,
+                                f"(--request_body_timeout)", "invalid_request_error", None,
                            "request_timeout") from None
         size += len(chunk)
         if size > limit:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,8 +51,12 @@ class OrchestratorThread:
         return httpx.post(self.url + route, json=body, timeout=10, **kw)
 
     def metrics(self) -> dict[str, float]:
+        return self.metrics_of(self.url)
+
+    @staticmethod
+    def metrics_of(url: str) -> dict[str, float]:
         out: dict[str, float] = {}
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
+        for line in httpx.get(url + "/metrics").text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 out[name] = out.get(name, 0.0) + float(value)
@@ -496,31 +501,96 @@ def test_missing_config_and_missing_groups(tmp_path, capsys):
     assert cfg.context.urls == ["a:1", "http://b:2"] and cfg.max_retries == 1 and cfg.port == 8000
 
 
-def test_the_command_serves_the_seed_config(tmp_path, ctx_a, ctx_b, gen):
+def start_command(tmp_path, ctx_urls: list, gen_url: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`meshserve disaggregated -c <the seed's YAML> -t 30 *flags` in a subprocess, once /health answers."""
     port = free_port()
     path = tmp_path / "disagg-config.yml"
-    path.write_text(seed_config(port, [ctx_a.address, ctx_b.address], gen.address).replace("localhost", "127.0.0.1", 1))
+    path.write_text(seed_config(port, ctx_urls, gen_url).replace("localhost", "127.0.0.1", 1))
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MESHSERVE_SECRET="orchestrator-test-secret")
-    proc = subprocess.Popen([sys.executable, "-m", "meshserve", "disaggregated", "-c", str(path), "-t", "30"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve", "disaggregated", "-c", str(path), "-t", "30", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the orchestrator did not answer /health in 20 s")
+        time.sleep(0.1)
+
+
+def stop_command(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    return proc.stdout.read().decode()
+
+
+def test_the_command_serves_the_seed_config(tmp_path, ctx_a, ctx_b, gen):
+    proc, url = start_command(tmp_path, [ctx_a.address, ctx_b.address], gen.address)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0)
         out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
         assert out.choices[0].message.content == FULL_TEXT
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    log = proc.stdout.read().decode()
+        log = stop_command(proc)
     assert "orchestrating 2 context server(s) (round_robin router) and 1 generation server(s)" in log
+
+
+def _response(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection or 10 s pass."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_the_front_door_has_the_limits_of_serve(tmp_path, ctx_a, gen):
+    """The orchestrator is what clients reach: a connection that never finishes its headers is a 408 and
+    closed (--request_header_timeout), headers over --max_request_header_kb a 431, a body over
+    --max_request_body_mb a 413, each before any server sees a byte; the next request is served."""
+    proc, url = start_command(tmp_path, [ctx_a.address], gen.address, "--request_header_timeout", "1.5",
+                              "--max_request_header_kb", "2", "--max_request_body_mb", "0.001")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # the blank line never comes
+        t0 = time.monotonic()
+        answer = _response(stalled)  # ends when the orchestrator closes it
+        assert answer.startswith(b"HTTP/1.1 408") and 1.0 < time.monotonic() - t0 < 8, answer
+        stalled.close()
+
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+        r = httpx.post(url + "/v1/completions", json=body, headers={"x-padding": "p" * 3000}, timeout=10)
+        assert r.status_code == 431 and "--max_request_header_kb" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={**body, "prompt": "x" * 2000}, timeout=10)
+        assert r.status_code == 413 and "--max_request_body_mb" in r.json()["error"]["message"]
+        assert ctx_a.bodies == [] and gen.bodies == []
+
+        r = httpx.post(url + "/v1/completions", json=body, timeout=10)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == FULL_TEXT
+        errors = {k: v for k, v in OrchestratorThread.metrics_of(url).items() if "request_errors_total" in k}
+        assert errors == {'meshserve_disagg_request_errors_total{status="431"}': 1.0,
+                          'meshserve_disagg_request_errors_total{status="413"}': 1.0}, errors
+    finally:
+        stop_command(proc)
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--request_header_timeout", "0", "expected a number of seconds > 0"),
+    ("--request_body_timeout", "inf", "expected a number of seconds > 0"),
+    ("--max_request_body_mb", "-1", "expected a number of MiB > 0"),
+    ("--max_request_header_kb", "nan", "expected a number of KiB > 0")])
+def test_front_door_limits_that_cannot_be_honoured_are_refused(tmp_path, capsys, flag, value, expected):
+    path = tmp_path / "disagg-config.yml"
+    path.write_text(seed_config(free_port(), ["localhost:8001"], "localhost:8003"))
+    assert cli.main(["disaggregated", "-c", str(path), flag, value]) == 2
+    assert capsys.readouterr().err == f"meshserve disaggregated: error: {flag} {value}: {expected}\n"
