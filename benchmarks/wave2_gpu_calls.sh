@@ -21,6 +21,8 @@
 #   call 33 (carry .whl):    issue 21 (twelfth session): the L2 prefetches (o_proj during decode attention, the
 #                            next layer's q/k/v during the router): GPU tests, benchmarks/l2_prefetch.py, and
 #                            batch 1 without / with them (~500 s)
+#   call 34 (carry .whl):    issue 21 (thirteenth session, ~450 s): 31's offline row (H200 only), batch 1 without /
+#                            with both L2 prefetches, then the prefetches' GPU tests
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -201,6 +203,21 @@ case $CALL in
     step "$name" 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
       --kernel-config "${row#*|}" --out "$RES/$name"
   done
+  ;;
+34)  # issue 21 (thirteenth session, ~450 s, for when device time is short): on an H200 the offline row with
+    # decode graphs to batch 384, then batch 1 (PDL + fused rotary) without and with both L2 prefetches, then
+    # the prefetches' GPU tests with what is left (their correctness before any default changes)
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    step moe_offline_graphs 280 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+      --max-batch-size 384 --out "$RES/moe_offline_graphs"
+  fi
+  for row in 'pdl_rope|{"pdl": true, "fuse_rope_attention": true}' \
+             'pdl_rope_pf2|{"pdl": true, "fuse_rope_attention": true, "decode_l2_prefetch": true, "l2_prefetch_next_layer": true}'; do
+    name=b1_${row%%|*}
+    step "$name" 110 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+      --kernel-config "${row#*|}" --out "$RES/$name"
+  done
+  step l2_tests 150 python3 -m pytest tests/gpu/test_l2_prefetch.py -q -x
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
