@@ -568,5 +568,6 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     with_request_bodies(app)
     if serving.config.api_key:
         app.add_middleware(AuthMiddleware, api_key=serving.config.api_key, metrics=metrics)
-    app.add_middleware(HeaderLimitMiddleware, limit=serving.config.max_request_header_bytes, on_error=metrics.on_error)
+    app.add_middleware(HeaderLimitMiddleware, limit=serving.config.max_request_header_bytes,
+                       on_error=metrics.on_error if metrics is not None else None)
     return app
