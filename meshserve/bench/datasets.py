@@ -48,6 +48,20 @@ def add_dataset_args(parser: argparse.ArgumentParser, default_num: int = 1000) -
                         help="tokenizer path or name (default: the model's); a shape name works too")
 
 
+def check_dataset_args(args: argparse.Namespace) -> None:
+    """add_dataset_args' values that cannot be honoured, as a ValueError naming the flag, before a model
+    loads or a server is asked anything."""
+    if args.input_len < 1:
+        raise ValueError(f"--input-len {args.input_len}: must be >= 1")
+    if args.output_len is not None and args.output_len < 1:
+        raise ValueError(f"--output-len {args.output_len}: must be >= 1")
+    if not 0.0 <= args.range_ratio < 1.0:
+        raise ValueError(f"--range-ratio {args.range_ratio}: must be in [0, 1)")
+    if args.dataset != "random" and not (args.dataset_path and os.path.isfile(args.dataset_path)):
+        raise ValueError(f"--dataset {args.dataset} needs --dataset-path to an existing file, "
+                         f"got {args.dataset_path!r}")
+
+
 def sample_lengths(num: int, length: int, range_ratio: float, rng: np.random.Generator) -> np.ndarray:
     """`num` integers uniform in [round(length*(1-r)), round(length*(1+r))], at least 1."""
     if not 0.0 <= range_ratio < 1.0:

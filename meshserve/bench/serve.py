@@ -357,27 +357,28 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    datasets.check_dataset_args(args)
     for name in ("num_prompts", "max_concurrency"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_warmups < 0:
-        raise SystemExit(f"--num-warmups must be >= 0, got {args.num_warmups}")
+        raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     if args.burstiness <= 0:
-        raise SystemExit(f"--burstiness must be > 0, got {args.burstiness}")
+        raise ValueError(f"--burstiness must be > 0, got {args.burstiness}")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     _check_args(args)
+    rates = parse_rates(args.request_rate)  # a bad value: a ValueError naming the flag
+    percentiles = parse_percentiles(args.percentiles)
+    slo = parse_slo(args.slo)
     try:
-        rates = parse_rates(args.request_rate)
-        percentiles = parse_percentiles(args.percentiles)
-        slo = parse_slo(args.slo)
         extra_body = json.loads(args.extra_body) if args.extra_body else {}
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"bench serve: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--extra-body {args.extra_body!r}: not JSON ({exc})") from None
     if not isinstance(extra_body, dict):
-        raise SystemExit(f"--extra-body must be a JSON object, got {args.extra_body!r}")
+        raise ValueError(f"--extra-body must be a JSON object, got {args.extra_body!r}")
     base_url = args.base_url or f"http://{args.host}:{args.port}"
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     model, root = args.model, None

@@ -251,12 +251,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if not args.base_url:
-        raise SystemExit("--base-url is required: the server to soak, e.g. http://127.0.0.1:8000")
+        raise ValueError("--base-url is required: the server to soak, e.g. http://127.0.0.1:8000")
     for name, low in (("concurrency", 1), ("duration", 0), ("max_rss_growth_mb", 0), ("settle_timeout", 0)):
         if getattr(args, name) < low:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= {low}")
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= {low}")
     if not 0.0 <= args.cancel_fraction <= 1.0:
-        raise SystemExit(f"--cancel-fraction={args.cancel_fraction}: must be between 0 and 1")
+        raise ValueError(f"--cancel-fraction={args.cancel_fraction}: must be between 0 and 1")
     res = asyncio.run(Soak(args).run())
     growth = (res.rss_after - res.rss_before) / 2**20
     print(f"soak: {res.started} streams in {res.elapsed_s:.0f} s at concurrency {res.concurrency}: "

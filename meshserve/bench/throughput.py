@@ -158,7 +158,8 @@ def main(args: argparse.Namespace) -> dict:
     from meshserve import SamplingParams
 
     if args.num_requests < 1:
-        raise SystemExit(f"--num-requests must be >= 1, got {args.num_requests}")
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    datasets.check_dataset_args(args)
     model = model_for_llm(args)
     try:
         llm = build_llm(args, model)

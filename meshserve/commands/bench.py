@@ -57,10 +57,39 @@ def register(subparsers) -> argparse.ArgumentParser:
     return bench
 
 
+def _fail(prog: str, message: str, status: int) -> int:
+    for prefix in (f"{prog}: error: ", f"{prog[len('meshserve '):]}: "):  # the tools' own prefixes, once
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(args: argparse.Namespace) -> int:
+    """Runs one tool. What the user asked for that cannot run (a flag's value, a dataset file, a length)
+    is one line and exit status 2, as argparse's own errors; a run that fails (the server cannot be
+    reached, a stream without usage, every request failed) one line and status 1; no traceback."""
+    import httpx
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    rc = args.bench_main(args)  # serve / throughput return their results; soak its exit status
+    prog = f"meshserve bench {args.bench_command}"
+    try:
+        rc = args.bench_main(args)  # serve / throughput return their results; soak its exit status
+    except ValueError as e:
+        return _fail(prog, str(e), 2)
+    except httpx.HTTPError as e:  # the server cannot be reached (or answered an error) before the run
+        try:
+            where = f"{e.request.url}: "
+        except RuntimeError:  # an error raised without its request
+            where = ""
+        return _fail(prog, f"{where}{type(e).__name__}: {e}", 1)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            return _fail(prog, e.code, 1)
+        raise
+    if args.bench_command == "serve" and rc and all(r.get("completed", 1) == 0 for r in rc):
+        return _fail(prog, "no request succeeded (the table's errors, and the log's warnings, say why)", 1)
     return rc if isinstance(rc, int) else 0
 
 

@@ -290,3 +290,54 @@ def test_usage_in_the_final_event_is_the_token_count_and_its_absence_is_an_error
     for pieces in ([_event("ab"), _event("cd"), b"data: [DONE]\n\n"], [_event("ab"), _event("cd")]):
         with pytest.raises(MissingUsageError, match="usage"):
             asyncio.run(_send_to(_raw_sse_server(pieces, gap_s=0.01)))
+
+
+def _cli_main(argv):
+    from meshserve.commands.bench import build_parser, main
+    return main(build_parser().parse_args(argv))
+
+
+def test_a_run_where_every_request_failed_exits_1(stub_server, tmp_path, tiny_tokenizer_dir, capsys):
+    """The table is still printed (its errors say why), but the exit status is 1 and stderr has one line:
+    a script that checks the status does not take a run of zero answers for a result."""
+    data = tmp_path / "p.jsonl"
+    _write_prompts(data, 3, fail_at=(0, 1, 2))
+    rc = _cli_main(["serve", "--base-url", stub_server, "--dataset", "jsonl", "--dataset-path", str(data),
+                    "--tokenizer", tiny_tokenizer_dir, "--num-prompts", "3", "--request-rate", "inf",
+                    "--num-warmups", "0", "--disable-tqdm"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Failed requests:" in out
+    assert err == "meshserve bench serve: error: no request succeeded (the table's errors, and the log's " \
+                  "warnings, say why)\n"
+    _write_prompts(data, 3, fail_at=(1,))  # some answered: a result, status 0
+    assert _cli_main(["serve", "--base-url", stub_server, "--dataset", "jsonl", "--dataset-path", str(data),
+                      "--tokenizer", tiny_tokenizer_dir, "--num-prompts", "3", "--request-rate", "inf",
+                      "--num-warmups", "0", "--disable-tqdm"]) == 0
+
+
+@pytest.mark.parametrize("argv,status,message", [
+    (["serve", "--input-len", "0"], 2, "--input-len 0: must be >= 1"),
+    (["serve", "--output-len", "-1"], 2, "--output-len -1: must be >= 1"),
+    (["serve", "--dataset", "sharegpt"], 2, "--dataset sharegpt needs --dataset-path to an existing file, got None"),
+    (["serve", "--dataset", "jsonl", "--dataset-path", "/no/such.jsonl"], 2,
+     "--dataset jsonl needs --dataset-path to an existing file, got '/no/such.jsonl'"),
+    (["serve", "--extra-body", "[1]"], 2, "--extra-body must be a JSON object, got '[1]'"),
+    (["serve", "--num-prompts", "0"], 2, "--num-prompts must be >= 1, got 0"),
+    (["throughput", "--input-len", "0", "--num-requests", "2"], 2, "--input-len 0: must be >= 1"),
+    (["throughput", "--num-requests", "-3"], 2, "--num-requests must be >= 1, got -3"),
+    (["soak"], 2, "--base-url is required: the server to soak, e.g. http://127.0.0.1:8000"),
+])
+def test_what_cannot_run_is_one_line_naming_the_flag_before_any_server_is_asked(argv, status, message, capsys):
+    """Checked before a model loads or a server is asked (the base URL below answers nothing: an
+    argument error must not be hidden behind a connection error)."""
+    if argv[0] == "serve":
+        argv = [*argv, "--base-url", "http://127.0.0.1:9"]
+    assert _cli_main(argv) == status
+    assert capsys.readouterr().err == f"meshserve bench {argv[0]}: error: {message}\n"
+
+
+def test_a_server_that_cannot_be_reached_is_one_line(capsys):
+    rc = _cli_main(["serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--input-len", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("meshserve bench serve: error: http://127.0.0.1:9/v1/models: ConnectError"), err
