@@ -143,9 +143,29 @@ def _save_tokenizer(gguf_path: str, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
+FINGERPRINT_CHUNKS = 64  # 64 KiB pieces spread over the file, with its first and last MiB
+FINGERPRINT_PIECE = 64 * 2**10
+
+
+def fingerprint(path: str) -> str:
+    """A key for a GGUF file's content that does not read all of it (a 40 GB file would take a minute):
+    the size, the first and last MiB (header, metadata, tensor index, the last tensor's end) and 64
+    pieces of 64 KiB spread evenly between. The same file in another clone, venv or folder gets the same
+    key, so it is converted once (a key of path and mtime converted the embedded model again for every
+    clone and kept each copy, 517 MB apiece); different weights differ in the pieces."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        offsets = [0, max(0, size - 2**20)] + [size * i // (FINGERPRINT_CHUNKS + 1)
+                                               for i in range(1, FINGERPRINT_CHUNKS + 1)]
+        for offset in offsets:
+            f.seek(offset)
+            digest.update(f.read(2**20 if offset in offsets[:2] else FINGERPRINT_PIECE))
+    return digest.hexdigest()[:12]
+
+
 def cached_conversion(gguf_path: str, cache_root: str, show_progress: bool = True) -> str:
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = fingerprint(gguf_path)
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     out = os.path.join(cache_root, f"{stem}-{key}")
     if not os.path.exists(os.path.join(out, "config.json")):

@@ -63,8 +63,10 @@ def write_gguf(hf, path: str, qtype) -> None:
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
-def test_gguf_types_match_transformers_loader(tmp_path, qtype):
+def test_gguf_types_match_transformers_loader(tmp_path, qtype, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("MESHSERVE_CACHE", str(tmp_path / "cache"))  # not the user's cache: a copy per run
 
     hf = build_checkpoint(str(tmp_path / "hf"), "llama", tokenizer=False, hidden_size=64, intermediate_size=128,
                           vocab_size=256)
@@ -80,3 +82,32 @@ def test_gguf_types_match_transformers_loader(tmp_path, qtype):
         with torch.no_grad():
             ref = ref_model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert o.outputs[0].token_ids == ref[0, len(p):].tolist()
+
+
+def test_the_conversion_cache_is_keyed_by_content_not_by_path(tmp_path, monkeypatch):
+    """The same GGUF in two folders (two clones, two venvs) is converted once; a file with other
+    weights of the same size gets a folder of its own."""
+    from meshserve.models import resolve
+    from meshserve.models.gguf import fingerprint
+
+    monkeypatch.setenv("MESHSERVE_CACHE", str(tmp_path / "cache"))
+    hf = build_checkpoint(str(tmp_path / "hf"), "llama", tokenizer=False, hidden_size=64, intermediate_size=128,
+                          vocab_size=256)
+    a, b = tmp_path / "a" / "tiny.gguf", tmp_path / "b" / "tiny.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+    write_gguf(hf, str(a), gguf.GGMLQuantizationType.F32)
+    b.write_bytes(a.read_bytes())
+    os.utime(b, (1, 1))  # another mtime too
+    first = resolve.resolve_model_path(str(a), show_progress=False)
+    assert resolve.resolve_model_path(str(b), show_progress=False) == first
+    assert len(os.listdir(tmp_path / "cache" / "models")) == 1
+    data = bytearray(a.read_bytes())
+    assert len(data) < 2**21  # the first and last MiB are read whole: every byte of this file counts
+    data[len(data) // 2] ^= 0xFF  # one byte of the weights
+    other = tmp_path / "c" / "tiny.gguf"
+    other.parent.mkdir()
+    other.write_bytes(bytes(data))
+    assert fingerprint(str(other)) != fingerprint(str(a))
+    assert resolve.resolve_model_path(str(other), show_progress=False) != first
+    assert len(os.listdir(tmp_path / "cache" / "models")) == 2
