@@ -288,6 +288,6 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
         executor.shutdown()
         raise
     per_rank = f" on each of {core.dp_size} attention DP ranks" if core.dp_size > 1 else ""
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens)%s", num_blocks, block_size,
-                (num_blocks - 1) * block_size, per_rank)
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens for sequences: one block is the null block)%s",
+                num_blocks, block_size, (num_blocks - 1) * block_size, per_rank)
     return core
