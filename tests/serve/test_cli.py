@@ -192,7 +192,9 @@ def test_parallel_layouts_the_engine_cannot_run_fail_before_starting(tiny_model,
     (["disaggregated", "-c", "x.yml", "-t", "abc"], "meshserve disaggregated: error: argument -t/--request_timeout/"
                                                     "--request-timeout: invalid float value: 'abc' "
                                                     "(see meshserve disaggregated --help)"),
-    (["serve", "--bogus"], "meshserve: error: unrecognized arguments: --bogus (see meshserve --help)"),
+    (["serve", "--bogus"], "meshserve serve: error: unrecognized arguments: --bogus (see meshserve serve --help)"),
+    (["bench", "soak", "--bogus", "1"], "meshserve bench soak: error: unrecognized arguments: --bogus 1 "
+                                        "(see meshserve bench soak --help)"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_status_2(capsys, argv, expected):
     """README: "A bad flag ... is one line on stderr and exit status 2" (argparse printed its usage block)."""
