@@ -99,7 +99,10 @@ def convert_gguf(gguf_path: str, out_dir: str, show_progress: bool = True) -> st
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except (ValueError, OSError) as e:  # gguf's "GGUF magic invalid", a truncated file, ...
+        raise ValueError(f"{gguf_path}: not a GGUF file meshserve can read ({e})") from None
     cfg = gguf_config(reader)
     arch = cfg["model_type"]
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".convert-")

@@ -111,3 +111,14 @@ def test_the_conversion_cache_is_keyed_by_content_not_by_path(tmp_path, monkeypa
     assert fingerprint(str(other)) != fingerprint(str(a))
     assert resolve.resolve_model_path(str(other), show_progress=False) != first
     assert len(os.listdir(tmp_path / "cache" / "models")) == 2
+
+
+def test_a_file_that_is_not_gguf_is_one_line_naming_it(tmp_path, monkeypatch):
+    from meshserve.models import resolve
+
+    monkeypatch.setenv("MESHSERVE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "weights.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError) as e:
+        resolve.resolve_model_path(str(bad), show_progress=False)
+    assert str(e.value) == f"{bad}: not a GGUF file meshserve can read (GGUF magic invalid)"
