@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite. Extra arguments go to pytest.
+# Set up (if needed) and run the test suite. Extra arguments go to pytest; when one of them names a test
+# file or folder (`./scripts/test.sh tests/unit -x`), only those run, else all of tests/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -18,4 +19,8 @@ fi
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # UCX (NIXL's, ucxx's) with libibverbs but no InfiniBand device crashes at exit unless its ib module is off
 [ -n "$(ls /sys/class/infiniband 2>/dev/null)" ] || export UCX_MODULES=${UCX_MODULES:-^ib}
-exec python -m pytest tests -q -p no:cacheprovider --durations=15 "$@"
+where=tests
+for arg in "$@"; do
+  case $arg in -*) ;; *) [ -e "${arg%%::*}" ] && where= ;; esac
+done
+exec python -m pytest $where -q -p no:cacheprovider --durations=15 "$@"
