@@ -57,7 +57,12 @@ def check_dataset_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--output-len {args.output_len}: must be >= 1")
     if not 0.0 <= args.range_ratio < 1.0:
         raise ValueError(f"--range-ratio {args.range_ratio}: must be in [0, 1)")
-    if args.dataset != "random" and not (args.dataset_path and os.path.isfile(args.dataset_path)):
+    if args.dataset != "random":
+        _require_dataset_path(args)
+
+
+def _require_dataset_path(args: argparse.Namespace) -> None:
+    if not args.dataset_path or not os.path.isfile(args.dataset_path):
         raise ValueError(f"--dataset {args.dataset} needs --dataset-path to an existing file, "
                          f"got {args.dataset_path!r}")
 
@@ -214,9 +219,7 @@ def build_samples(args: argparse.Namespace, tokenizer, num: int) -> list[Sample]
     if args.dataset == "random":
         out_len = args.output_len if args.output_len is not None else 128
         return random_samples(tokenizer, num, args.input_len, out_len, args.range_ratio, args.seed)
-    if not args.dataset_path or not os.path.exists(args.dataset_path):
-        raise ValueError(f"--dataset {args.dataset} needs --dataset-path to an existing file, "
-                         f"got {args.dataset_path!r}")
+    _require_dataset_path(args)
     if args.dataset == "sharegpt":
         return sharegpt_samples(args.dataset_path, tokenizer, num, args.output_len, args.seed)
     return jsonl_samples(args.dataset_path, tokenizer, num, args.output_len)

@@ -413,6 +413,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         from meshserve.bench.plots import plot_results
         plot_results(results, args.plot)
         print(f"Wrote {args.plot}")
+    if all(r["completed"] == 0 for r in results):  # a table of zeros is not a result: exit status 1
+        raise SystemExit("no request succeeded (the table's errors, and the log's warnings, say why)")
     return results
 
 

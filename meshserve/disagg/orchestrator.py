@@ -69,8 +69,8 @@ from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRe
                                     _passthrough, describe)
 from meshserve.disagg.router import Router, Server, create_router
 from meshserve.serve.middleware import HeaderLimitMiddleware
-from meshserve.serve.protocol import (MAX_REQUEST_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, STREAMED_PROMPT_LOGPROBS,
-                                      APIError, decode_json_body, read_body)
+from meshserve.serve.protocol import (MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
+                                      STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body, read_body)
 
 __all__ = [  # this module's names, and the ones it re-exports from the modules it was split into
     "COMPLETIONS_DEFAULT_MAX_TOKENS", "GROUP_KEYS", "MEMBERSHIP_LABEL", "ORCHESTRATOR_KEYS", "RESUME_KEYS", "SSE_DONE",
@@ -108,7 +108,7 @@ class Orchestrator(GenerationHop):
                  metrics: Optional[DisaggMetrics] = None, key: Optional[bytes] = None,
                  max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES,
                  request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
-                 max_request_header_bytes: int = 64 * 2**10):
+                 max_request_header_bytes: int = MAX_REQUEST_HEADER_BYTES):
         self.config = config
         self.request_timeout = float(request_timeout)
         # the front door's limits (disaggregated --max_request_body_mb, --request_body_timeout,

@@ -39,7 +39,8 @@ from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
                                       decode_json_body, error_body, from_validation_error, from_value_error,
-                                      MAX_REQUEST_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, read_body)
+                                      MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
+                                      read_body)
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
@@ -66,7 +67,7 @@ class ServerConfig:
     # vLLM's flag): a Jinja template is a program, and one request's could take the server's memory or CPU
     trust_request_chat_template: bool = False
     max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES  # a larger body is a 413 (serve --max_request_body_mb)
-    max_request_header_bytes: int = 64 * 2**10  # larger headers (names + values) are a 431 (--max_request_header_kb)
+    max_request_header_bytes: int = MAX_REQUEST_HEADER_BYTES  # larger headers are a 431 (--max_request_header_kb)
     request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S  # no new piece of a body this long: a 408
 
 

@@ -61,6 +61,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
 # 128k-token prompt is about half a megabyte of text or one of token ids; a body beyond this is a
 # 413 before it is held in memory, so one client cannot take the server's.
 MAX_REQUEST_BODY_BYTES = 64 * 2**20
+MAX_REQUEST_HEADER_BYTES = 64 * 2**10  # --max_request_header_kb: larger headers (names + values) are a 431
 
 
 REQUEST_BODY_TIMEOUT_S = 60.0  # serve --request_body_timeout: the longest wait for the next piece of a body
