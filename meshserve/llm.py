@@ -16,7 +16,6 @@ import time
 import traceback
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
-from tqdm import tqdm
 
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
@@ -31,6 +30,7 @@ from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
 from meshserve.outputs import DisaggregatedParams, RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
+from meshserve.progress import progress_bar
 from meshserve.utils import all_ints
 from meshserve.worker.main import run_launched_rank
 
@@ -240,7 +240,7 @@ class LLM:
             self._check_open()
             prepared = [self._prepare(p, sp, dp) for p, sp, dp in zip(items, params_list, dps)]  # all validated first
             states = [self._submit(*item) for item in prepared]
-            bar = tqdm(total=len(states), desc="Processed prompts", disable=not use_tqdm, unit="req")
+            bar = progress_bar(total=len(states), desc="Processed prompts", disable=not use_tqdm, unit="req")
             done = 0
             while True:
                 finished = sum(s.finished for s in states)

@@ -33,12 +33,12 @@ import numpy as np
 if TYPE_CHECKING:  # aiohttp is imported where the client runs
     import aiohttp
 
-from tqdm import tqdm
 
 from meshserve.bench import datasets
 from meshserve.bench.datasets import Sample
 from meshserve.bench.metrics import (RequestRecord, compute_metrics, format_report, parse_percentiles,
                                      parse_slo)
+from meshserve.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ async def run_once(config: ServeConfig, samples: Sequence[Sample], rate: float,
             if not any(r.success for r in results):
                 raise RuntimeError(f"every warm-up request to {config.url} failed; first error: "
                                    f"{results[0].error}")
-        bar = tqdm(total=len(samples), disable=config.disable_tqdm, desc=f"rate {rate:g} req/s")
+        bar = progress_bar(total=len(samples), disable=config.disable_tqdm, desc=f"rate {rate:g} req/s")
 
         async def tracked(sample: Sample) -> RequestRecord:
             record = await limited(sample)

@@ -15,7 +15,8 @@ import tempfile
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
+
+from meshserve.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def convert_gguf(gguf_path: str, out_dir: str, show_progress: bool = True) -> st
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".convert-")
     try:
         tensors = {}
-        for t in tqdm(reader.tensors, desc=f"Dequantizing {os.path.basename(gguf_path)}", disable=not show_progress,
+        for t in progress_bar(reader.tensors, desc=f"Dequantizing {os.path.basename(gguf_path)}", disable=not show_progress,
                       unit="tensor"):
             w = dequantize(t.data, t.tensor_type).astype(np.float32)
             shape = [int(x) for x in reversed(t.shape.tolist())]  # GGUF lists dims fastest-first

@@ -20,10 +20,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.registry import model_class
+from meshserve.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def iter_safetensors(path: str, show_progress: bool = True, wanted=None) -> Iter
         files = sorted({file for name, file in tensor_files(path).items() if wanted(name)})
     else:
         files = safetensors_files(path)
-    for file in tqdm(files, desc="Loading safetensors shards", disable=not show_progress or len(files) < 1,
+    for file in progress_bar(files, desc="Loading safetensors shards", disable=not show_progress or len(files) < 1,
                      unit="file", leave=False):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
