@@ -103,6 +103,11 @@ def _axis_groups(shape: tuple[int, ...], axis: int) -> list[list[int]]:
     return groups
 
 
+# Mapping's names are the seed's; LLM(...), the YAML and the serve flags spell them differently
+_LLM_NAMES = ("; in LLM(...) and the YAML: tensor_parallel_size, moe_tensor_parallel_size, moe_expert_parallel_size; "
+              "serve flags: --tp_size, --moe_tp_size, --ep_size")
+
+
 def _resolve_moe(tp_size: int, moe_tp_size: int | None, moe_ep_size: int | None) -> tuple[int, int]:
     """Apply the MoE rule from the module docstring; return (moe_tp_size, moe_ep_size)."""
     if moe_tp_size is not None:
@@ -119,14 +124,14 @@ def _resolve_moe(tp_size: int, moe_tp_size: int | None, moe_ep_size: int | None)
         if tp_size % moe_tp_size != 0:
             raise ValueError(
                 f"moe_tp_size={moe_tp_size} must divide tp_size={tp_size} when moe_ep_size is not "
-                f"given (moe_ep_size = tp_size / moe_tp_size)")
+                f"given (moe_ep_size = tp_size / moe_tp_size){_LLM_NAMES}")
         return moe_tp_size, tp_size // moe_tp_size
     if moe_tp_size * moe_ep_size != tp_size and moe_tp_size != tp_size:
         raise ValueError(
             f"moe_tp_size={moe_tp_size} x moe_ep_size={moe_ep_size} = {moe_tp_size * moe_ep_size} "
             f"does not fit tp_size={tp_size}: accepted are moe_tp_size x moe_ep_size == tp_size "
             f"(experts split the TP ranks) or moe_tp_size == tp_size (each EP slot holds a whole "
-            f"TP group, tp_size x moe_ep_size ranks per slice)")
+            f"TP group, tp_size x moe_ep_size ranks per slice){_LLM_NAMES}")
     return moe_tp_size, moe_ep_size
 
 

@@ -344,8 +344,10 @@ class EngineCore:
 
     def stats(self) -> dict:
         """The engine's figures; `expert_load_reports` holds the expert-load windows that arrived
-        since the previous call (the server adds them to its counters), `expert_tokens` the totals."""
-        reports = self._fold_expert_load()
+        since the previous call (the server adds them to its counters), `expert_tokens` the totals.
+        Once the engine has nothing left to run, rank 0's open window is flushed too, so /metrics
+        counts every step of a burst of requests without waiting for the next window to fill."""
+        reports = self._fold_expert_load(flush=not self.batch_queue and not self.has_unfinished())
         extra = {}
         if reports:
             extra["expert_load_reports"] = reports

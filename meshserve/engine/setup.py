@@ -206,10 +206,30 @@ def check_layout_fits_model(args: LlmArgs, model_config: ModelConfig) -> None:
         experts, moe_inter = model_config.num_experts, model_config.moe_intermediate_size
         if experts % mapping.moe_ep_size:
             raise ValueError(f"moe_expert_parallel_size={mapping.moe_ep_size} must divide the model's "
-                             f"{experts} experts")
+                             f"{experts} experts (accepted: {_divisors(experts)})")
         if moe_inter % mapping.moe_tp_size:
             raise ValueError(f"moe_tensor_parallel_size={mapping.moe_tp_size} must divide the experts' "
-                             f"intermediate size {moe_inter}")
+                             f"intermediate size {moe_inter} (accepted: {_divisors(moe_inter)})")
+
+
+def _divisors(n: int, most: int = 12) -> str:
+    """n's divisors as a list for an error message (the first `most`, then '...')."""
+    ds = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, ds[:most])) + (", ..." if len(ds) > most else "")
+
+
+def describe_layout(mapping, executor) -> str:
+    """One line for the startup log: the parallel layout and, for MoE models, the experts' split
+    and the backend `moe_config.backend` resolved to (rank 0's)."""
+    parts = [f"world {mapping.world_size}: tp {mapping.tp_size} x pp {mapping.pp_size} x cp {mapping.cp_size}"]
+    if mapping.enable_attention_dp:
+        parts.append(f"attention DP over {mapping.attn_dp_size}")
+    model = getattr(getattr(executor, "runner", None), "model", None)
+    blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else {}
+    if blocks:
+        parts.append(f"experts: moe_tp {mapping.moe_tp_size} x ep {mapping.moe_ep_size}, "
+                     f"backend {next(iter(blocks.values())).experts.backend_name}")
+    return "parallel layout: " + "; ".join(parts)
 
 
 def no_room_for_kv(args: LlmArgs, device: torch.device, num_blocks: int, block_size: int) -> str:
@@ -287,6 +307,7 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
     except BaseException:
         executor.shutdown()
         raise
+    logger.info("%s", describe_layout(mapping, executor))
     per_rank = f" on each of {core.dp_size} attention DP ranks" if core.dp_size > 1 else ""
     logger.info("KV cache: %d blocks of %d tokens (%d tokens for sequences: one block is the null block)%s",
                 num_blocks, block_size, (num_blocks - 1) * block_size, per_rank)
