@@ -119,9 +119,12 @@ class LLM:
         as AsyncEngine.add_request describes it). Returns (text, ids, params, resume, disagg)."""
         text, ids = self._tokenize(prompt)
         resume = list(prompt.get("resume_output_token_ids") or ()) if isinstance(prompt, dict) else []
+        client_params = params
         params, kv = self._disagg_request(ids, params, disaggregated_params)
         if kv is not None and resume:
             raise ValueError("resume_output_token_ids and disaggregated_params do not go together")
+        if kv is not None and kv.kind == "context_only":  # the whole request must fit max_seq_len, as there
+            self._core.validate(ids, client_params, kv_capacity=False)
         self._core.validate(ids, params, resume)
         return text, ids, params, resume, kv
 

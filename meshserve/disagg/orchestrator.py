@@ -292,6 +292,21 @@ class Orchestrator(GenerationHop):
             candidates = [s for s in servers if s.healthy]
         return router.choose(candidates, body) if candidates else None
 
+    async def _require_healthy(self, role: str) -> None:
+        """A 503 naming each server unless the group has a healthy server; when it has none, it is
+        probed once first (concurrent requests share one probe), as _pick does."""
+        servers, _ = self._group(role)
+        if any(s.healthy for s in servers):
+            return
+        if servers:
+            probe = self._probes.get(role)
+            if probe is None or probe.done():
+                probe = self._probes[role] = asyncio.ensure_future(self.check_all(list(servers)))
+            await asyncio.shield(probe)
+            if any(s.healthy for s in servers):
+                return
+        raise self._down(role, servers, {})
+
     async def _failover_target(self, exclude: list[Server], body: dict) -> Optional[Server]:
         """Where a failed generation goes on: a healthy generation server not in `exclude`, else (in
         a pinch) a healthy context server, which serves it as an ordinary request. When none is
@@ -381,6 +396,8 @@ class Orchestrator(GenerationHop):
         if "authorization" in client_headers:  # the servers check the client's key (serve --api_key)
             headers["Authorization"] = client_headers["authorization"]
 
+        # no generation server to hand the KV to: a 503 now, before a context server prefills and pins it
+        await self._require_healthy("generation")
         # return_token_ids: the prompt's token ids, which a failover needs (a chat prompt is rendered there)
         ctx_body = {**body, "stream": False, "return_token_ids": True,
                     "disaggregated_params": {"request_type": "context_only"}}

@@ -255,9 +255,10 @@ class AsyncEngine:
             self._finish_stream(stream, error=EngineDeadError(f"the engine failed: {message}"))
 
     # ---- requests ----------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=()) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=(),
+                 kv_capacity: bool = True) -> None:
         """The engine's own checks, run here against the limits it reported."""
-        validate(self.limits, prompt_token_ids, params, resume_output_token_ids)
+        validate(self.limits, prompt_token_ids, params, resume_output_token_ids, kv_capacity)
 
     @property
     def num_pending_sequences(self) -> int:

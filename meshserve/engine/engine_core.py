@@ -43,12 +43,15 @@ LATE_LAUNCH_SLACK_S = 0.0005
 
 
 def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingParams,
-             resume_output_token_ids=()) -> None:
+             resume_output_token_ids=(), kv_capacity: bool = True) -> None:
     """Raise ValueError, naming the field and the numbers, for a request an engine with these
     limits can't run. Used by EngineCore and, with the limits the engine reported, by the API
     server's front (so a bad request fails before it reaches the engine process).
     `resume_output_token_ids`: a resumed request's outputs so far (engine/request.py), counted
-    against max_tokens as in the run they come from."""
+    against max_tokens as in the run they come from. `kv_capacity=False` leaves out the check of
+    prompt + max_tokens against this engine's KV cache: a context_only request's client params are
+    checked so (the whole request must fit max_seq_len, as on the generation server, which would
+    refuse it only after this server pinned the prompt's KV; the output's KV is that server's)."""
     n = len(prompt_token_ids)
     if n == 0:
         raise ValueError("prompt is empty: it must contain at least one token")
@@ -66,7 +69,7 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
     if n + max_tokens > lim.max_seq_len:
         raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} tokens exceeds "
                          f"max_seq_len={lim.max_seq_len}; lower max_tokens to at most {lim.max_seq_len - n}")
-    if n + max_tokens > lim.kv_capacity_tokens:
+    if kv_capacity and n + max_tokens > lim.kv_capacity_tokens:
         raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs {n + max_tokens} KV slots, "
                          f"but the KV cache holds {lim.kv_capacity_tokens}; raise kv_cache_config.max_tokens "
                          f"or lower max_tokens")
@@ -153,8 +156,9 @@ class EngineCore:
         self._host_s: deque = deque(maxlen=8)  # recent schedule + launch host times
 
     # ---- requests -------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=()) -> None:
-        validate(self.limits, prompt_token_ids, params, resume_output_token_ids)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=(),
+                 kv_capacity: bool = True) -> None:
+        validate(self.limits, prompt_token_ids, params, resume_output_token_ids, kv_capacity)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: Optional[float] = None, disagg: Optional[DisaggRequest] = None,

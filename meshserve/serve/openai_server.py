@@ -140,11 +140,16 @@ class OpenAIServing:
 
     def submit(self, prompts: list[tuple[Optional[str], list[int]]], params, base: str,
                renames: Optional[dict] = None, prompt_param: str = "prompt",
-               kv: Optional[DisaggRequest] = None, resume: Optional[list[int]] = None) -> list[RequestStream]:
+               kv: Optional[DisaggRequest] = None, resume: Optional[list[int]] = None,
+               client_params=None) -> list[RequestStream]:
         """Validate every prompt first (a 400 leaves nothing behind), then add them all. `resume`:
-        a resumed request's outputs so far (one prompt; resume_request)."""
+        a resumed request's outputs so far (one prompt; resume_request). `client_params`: a
+        context_only request's own params (its engine `params` run one token), checked against
+        max_seq_len too, so a request the generation server would refuse pins no KV here."""
         for _, ids in prompts:
             try:
+                if client_params is not None:
+                    self.engine.validate(ids, client_params, kv_capacity=False)
                 self.engine.validate(ids, params, resume or ())
             except ValueError as e:
                 raise from_value_error(e, renames, prompt_param) from None
@@ -362,8 +367,10 @@ class OpenAIServing:
         if req.resume_output_token_ids is not None:
             resume, params = self.resume_request(req, prompts, params, max_tokens)
         request_id = request_id_for(raw, "cmpl")
+        client_params = params
         kv, params = self.disagg_request(req, prompts, params, request_id)
-        streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume)
+        streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume,
+                              client_params=client_params if kv is not None and kv.kind == "context_only" else None)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             if kv is not None:
@@ -437,8 +444,10 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, renames) from None
         request_id = request_id_for(raw, "chatcmpl")
+        client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
-        streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv)
+        streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv,
+                              client_params=client_params if kv is not None and kv.kind == "context_only" else None)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             if kv is not None:

@@ -193,3 +193,39 @@ def test_both_context_servers_served_and_the_request_id_reached_them(cluster):
     assert "e2e-id-0" in cluster["gen"].log_tail(10_000)
     metrics = httpx.get(cluster["url"] + "/metrics").text
     assert "meshserve_disagg_context_seconds_count" in metrics
+
+
+def _used_blocks(server) -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("meshserve_kv_cache_used_blocks"))
+
+
+def test_a_request_over_max_seq_len_is_the_aggregated_servers_400_and_pins_nothing(cluster):
+    """prompt + max_tokens over max_seq_len (512, every server's): the aggregated server's 400 (the
+    field and the limit), and no context server keeps the prompt's KV pinned for it (it used to
+    prefill the prompt with max_tokens=1 and pin its blocks until kv_transfer_timeout_ms, 30 s, for a
+    generation server that then refused the request)."""
+    agg, dis = clients(cluster)
+    model = agg.models.list().data[0].id
+    deadline = time.monotonic() + 10  # earlier tests' pins are released by the generation server's ack
+    while any(_used_blocks(s) for s in cluster["ctx"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cases = [lambda c, **kw: c.completions.create(model=model, prompt=list(range(10, 310)), max_tokens=300,
+                                                  temperature=0, **kw),
+             lambda c, **kw: c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=600, temperature=0, **kw),
+             lambda c, **kw: c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_completion_tokens=600, temperature=0, **kw)]
+    for i, call in enumerate(cases * 2):  # twice: round robin reaches both context servers
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as want:
+                call(agg, stream=stream)
+            with pytest.raises(openai.BadRequestError) as got:
+                call(dis, stream=stream)
+            want_err, got_err = want.value.response.json()["error"], got.value.response.json()["error"]
+            assert got_err == want_err, (i, stream)
+            assert "max_seq_len=512" in want_err["message"] and "\n" not in want_err["message"]
+            assert want_err["param"] in ("max_tokens", "max_completion_tokens")
+    time.sleep(0.5)  # a pin would be released only by kv_transfer_timeout_ms (30 s)
+    assert [_used_blocks(s) for s in cluster["ctx"]] == [0, 0]

@@ -385,6 +385,22 @@ def test_all_servers_down_is_a_503_with_one_line_reason(orchestrator, ctx_a, ctx
     assert o.metrics()['meshserve_disagg_request_errors_total{status="503"}'] == 2
 
 
+def test_no_healthy_generation_server_is_a_503_before_any_context_work(orchestrator, ctx_a, gen):
+    """A context server would prefill the prompt and pin its KV (until kv_transfer_timeout_ms) for a
+    generation server nobody can reach: the 503 comes first, and a server back is taken at once."""
+    o = orchestrator(config([ctx_a], [gen], health_check_interval=60))
+    gen.healthy = False
+    o.orch.generation[0].healthy = False
+    r = o.post("/v1/completions", {"prompt": "x"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 503 and message.startswith("no generation server is available") and "\n" not in message
+    assert gen.address in message
+    assert ctx_a.received == [] and gen.received == []
+    gen.healthy = True  # the group is probed once when it has no healthy server: no wait for the next poll
+    assert o.post("/v1/completions", {"prompt": "x"}).status_code == 200
+    assert len(ctx_a.received) == len(gen.received) == 1
+
+
 # ---- metrics -------------------------------------------------------------------------------------------
 def test_metrics_count_requests_and_time_each_hop(orchestrator, ctx_a, gen):
     o = orchestrator(config([ctx_a], [gen]))
