@@ -77,10 +77,13 @@ class ServerMetrics:
         self.expert_tokens = Counter("meshserve_moe_expert_tokens", "Tokens routed to each expert of each MoE "
                                      "layer (graph per layer to see imbalance)", ["model_name", "layer", "expert"],
                                      registry=r)
-        self.expert_ratio_mean = gauge("moe_expert_load_ratio_mean", "Mean over recent steps of the max/mean "
-                                       "tokens-per-expert ratio of a step (averaged over MoE layers); 1 = balanced")
-        self.expert_ratio_max = gauge("moe_expert_load_ratio_max", "Largest max/mean tokens-per-expert ratio of "
-                                      "one step over the last reported window (averaged over MoE layers)")
+        # without samples until the first report (a dense model never has one): 0 would read as a ratio
+        self.expert_ratio_mean = Gauge("meshserve_moe_expert_load_ratio_mean", "Mean over recent steps of the "
+                                       "max/mean tokens-per-expert ratio of a step (averaged over MoE layers); "
+                                       "1 = balanced", ["model_name"], registry=r)
+        self.expert_ratio_max = Gauge("meshserve_moe_expert_load_ratio_max", "Largest max/mean tokens-per-expert "
+                                      "ratio of one step over the last reported window (averaged over MoE layers)",
+                                      ["model_name"], registry=r)
         dp = ["model_name", "dp_rank"]  # attention DP: one series per rank (absent without it)
         self.dp_running = Gauge("meshserve_attention_dp_requests_running", "Sequences running on each attention "
                                 "DP rank", dp, registry=r)
@@ -137,8 +140,8 @@ class ServerMetrics:
                 for expert, n in enumerate(counts):
                     if n:
                         self.expert_tokens.labels(layer=str(layer), expert=str(expert), **self.labels).inc(n)
-            self.expert_ratio_mean.set(rep["ratio_mean"])
-            self.expert_ratio_max.set(rep["ratio_max"])
+            self.expert_ratio_mean.labels(**self.labels).set(rep["ratio_mean"])
+            self.expert_ratio_max.labels(**self.labels).set(rep["ratio_max"])
         for v in stats.get("iteration_latencies_s", ()):
             self.iteration.observe(v)
         for v in stats.get("queue_times_s", ()):

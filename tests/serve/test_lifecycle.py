@@ -105,6 +105,8 @@ def test_metrics_cover_latencies_and_engine_state(server):
     assert m["meshserve_kv_cache_total_blocks"] > 0
     assert 0.0 <= m["meshserve_prefix_cache_hit_rate"] <= 1.0
     assert m["meshserve_engine_healthy"] == 1
+    # a dense model has no expert load: no MoE sample at all (a 0 load ratio would read as a figure)
+    assert not [k for k in m if k.startswith("meshserve_moe_")], [k for k in m if k.startswith("meshserve_moe_")]
 
 
 def test_sigterm_drains_in_flight_requests_and_leaves_no_process(server):
