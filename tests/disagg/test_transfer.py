@@ -704,6 +704,12 @@ def test_segmented_payload_mac_over_the_wire_and_an_older_source(cluster, backen
     # clusters, so none of their hashing lands in the records of the parts below
     first.close()
     c.close()
+    # close() shuts the sources' sockets but does not join their connection threads: a thread of the
+    # tampered source in the middle of a chunk hashes it (scheme 2) after that; let them end first
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(t.name == "kv-source-conn" and t.is_alive()
+                                              for t in threading.enumerate()):
+        time.sleep(0.01)
 
     monkeypatch.undo()
     orig_send = wire._Conn.send
