@@ -16,7 +16,6 @@ import time
 import traceback
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
-
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
@@ -28,9 +27,9 @@ from meshserve.errors import API_DEBUG_HINT, RankFailedError, describe
 from meshserve.models.config import ModelConfig
 from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
 from meshserve.outputs import DisaggregatedParams, RequestOutput
+from meshserve.progress import progress_bar
 from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
-from meshserve.progress import progress_bar
 from meshserve.utils import all_ints
 from meshserve.worker.main import run_launched_rank
 

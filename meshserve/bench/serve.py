@@ -33,7 +33,6 @@ import numpy as np
 if TYPE_CHECKING:  # aiohttp is imported where the client runs
     import aiohttp
 
-
 from meshserve.bench import datasets
 from meshserve.bench.datasets import Sample
 from meshserve.bench.metrics import (RequestRecord, compute_metrics, format_report, parse_percentiles,

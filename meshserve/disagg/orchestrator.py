@@ -285,27 +285,25 @@ class Orchestrator(GenerationHop):
         candidates = [s for s in servers if s.healthy and s not in tried]
         if not candidates and not tried and not probed[0] and servers:
             probed[0] = True
-            probe = self._probes.get(role)
-            if probe is None or probe.done():
-                probe = self._probes[role] = asyncio.ensure_future(self.check_all(list(servers)))
-            await asyncio.shield(probe)
+            await self._probe(role, servers)
             candidates = [s for s in servers if s.healthy]
         return router.choose(candidates, body) if candidates else None
 
+    async def _probe(self, role: str, servers: Sequence[Server]) -> None:
+        """Health-check the group's servers now; concurrent callers share one probe."""
+        probe = self._probes.get(role)
+        if probe is None or probe.done():
+            probe = self._probes[role] = asyncio.ensure_future(self.check_all(list(servers)))
+        await asyncio.shield(probe)
+
     async def _require_healthy(self, role: str) -> None:
-        """A 503 naming each server unless the group has a healthy server; when it has none, it is
-        probed once first (concurrent requests share one probe), as _pick does."""
+        """A 503 naming each server unless the group has a healthy server (probed once first when
+        none is counted healthy)."""
         servers, _ = self._group(role)
-        if any(s.healthy for s in servers):
-            return
-        if servers:
-            probe = self._probes.get(role)
-            if probe is None or probe.done():
-                probe = self._probes[role] = asyncio.ensure_future(self.check_all(list(servers)))
-            await asyncio.shield(probe)
-            if any(s.healthy for s in servers):
-                return
-        raise self._down(role, servers, {})
+        if servers and not any(s.healthy for s in servers):
+            await self._probe(role, servers)
+        if not any(s.healthy for s in servers):
+            raise self._down(role, servers, {})
 
     async def _failover_target(self, exclude: list[Server], body: dict) -> Optional[Server]:
         """Where a failed generation goes on: a healthy generation server not in `exclude`, else (in

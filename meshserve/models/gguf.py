@@ -109,8 +109,8 @@ def convert_gguf(gguf_path: str, out_dir: str, show_progress: bool = True) -> st
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".convert-")
     try:
         tensors = {}
-        for t in progress_bar(reader.tensors, desc=f"Dequantizing {os.path.basename(gguf_path)}", disable=not show_progress,
-                      unit="tensor"):
+        for t in progress_bar(reader.tensors, desc=f"Dequantizing {os.path.basename(gguf_path)}",
+                              disable=not show_progress, unit="tensor"):
             w = dequantize(t.data, t.tensor_type).astype(np.float32)
             shape = [int(x) for x in reversed(t.shape.tolist())]  # GGUF lists dims fastest-first
             w = w.reshape(shape)

@@ -56,7 +56,7 @@ def iter_safetensors(path: str, show_progress: bool = True, wanted=None) -> Iter
     else:
         files = safetensors_files(path)
     for file in progress_bar(files, desc="Loading safetensors shards", disable=not show_progress or len(files) < 1,
-                     unit="file", leave=False):
+                             unit="file", leave=False):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if wanted is None or wanted(name):

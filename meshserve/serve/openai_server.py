@@ -148,7 +148,7 @@ class OpenAIServing:
         max_seq_len too, so a request the generation server would refuse pins no KV here."""
         for _, ids in prompts:
             try:
-                if client_params is not None:
+                if kv is not None and kv.kind == "context_only":
                     self.engine.validate(ids, client_params, kv_capacity=False)
                 self.engine.validate(ids, params, resume or ())
             except ValueError as e:
@@ -370,7 +370,7 @@ class OpenAIServing:
         client_params = params
         kv, params = self.disagg_request(req, prompts, params, request_id)
         streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume,
-                              client_params=client_params if kv is not None and kv.kind == "context_only" else None)
+                              client_params=client_params)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             if kv is not None:
@@ -447,7 +447,7 @@ class OpenAIServing:
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
         streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv,
-                              client_params=client_params if kv is not None and kv.kind == "context_only" else None)
+                              client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
             if kv is not None:
