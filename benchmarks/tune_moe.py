@@ -90,7 +90,10 @@ def PRECISION() -> str:  # noqa: N802 (moot for bf16 on a GPU; the interpreter w
 
 
 def copies_for(T: int) -> int:
-    """Routings per graph: enough that the replays touch more weights than fit in L2."""
+    """Routings per graph: enough that the replays touch more weights than fit in L2 (the CPU dry run
+    has no L2 to defeat: one)."""
+    if DEVICE == "cpu":
+        return 1
     return 16 if T <= 2 else 8 if T <= 8 else 4 if T <= 64 else 1
 
 
@@ -250,7 +253,7 @@ def _warm_worker(args):
 
 
 def precompile(items, a, dtype):
-    if a.jobs <= 1 or not items:
+    if a.jobs <= 1 or not items or DEVICE == "cpu":  # the interpreter (dry run) compiles nothing to cache
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor

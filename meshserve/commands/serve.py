@@ -351,14 +351,9 @@ def _main(ns: argparse.Namespace) -> int:
         sock = bind_http_socket(ns.host, ns.port)
     except ValueError as e:
         return _fail(str(e))
-    try:
-        tokenizer = _load_tokenizer(tokenizer_path, args.trust_remote_code)
-    except ValueError as e:
-        sock.close()
-        return _fail(str(e))
     name = ns.served_model_name or served_model_name(args.model)
     with sock:
-        return asyncio.run(serve(ns, args, model_path, tokenizer, name, sock))
+        return asyncio.run(serve(ns, args, model_path, tokenizer_path, name, sock))
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:
@@ -404,18 +399,43 @@ class _Server:
         return Server(config)
 
 
-async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: str, sock: socket.socket) -> int:
+async def _start_engine(engine, tokenizer_path: str, trust_remote_code: Optional[bool]):
+    """The tokenizer (loaded in a thread) while the engine process loads the model, so neither waits
+    for the other. A tokenizer that cannot be loaded stops the engine at once (ValueError); an engine
+    that fails to start is EngineDeadError. Cancelled (SIGTERM while loading): both stop."""
+    start = asyncio.create_task(engine.start(), name="meshserve-engine-start")
+    tok = asyncio.create_task(asyncio.to_thread(_load_tokenizer, tokenizer_path, trust_remote_code))
+    try:
+        await asyncio.wait({start, tok}, return_when=asyncio.FIRST_EXCEPTION)
+        if tok.done() and tok.exception() is not None:
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            await engine.shutdown()
+            raise tok.exception()
+        await start
+        engine.set_tokenizer(await tok)
+    except BaseException:
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+        raise
+
+
+async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: str, name: str,
+                sock: socket.socket) -> int:
     from meshserve.engine.async_engine import AsyncEngine, EngineDeadError
     from meshserve.serve.metrics import ServerMetrics
     from meshserve.serve.openai_server import OpenAIServing, ServerConfig, build_app
 
     metrics = ServerMetrics(name)
-    engine = AsyncEngine(args, model_path, tokenizer, metrics, ns.log_level.upper())
+    engine = AsyncEngine(args, model_path, None, metrics, ns.log_level.upper())
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)  # while loading; uvicorn takes over after
     try:
-        await engine.start()
+        await _start_engine(engine, tokenizer_path, args.trust_remote_code)
+    except ValueError as e:  # the tokenizer
+        print(f"meshserve serve: error: {e}", file=sys.stderr)
+        return 2
     except EngineDeadError as e:
         hint = f" ({DEBUG_HINT})" if e.unexpected else ""
         print(f"meshserve serve: error: the engine failed to start: {e}{hint}", file=sys.stderr)
@@ -425,6 +445,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer, name: 
         return 1
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+    tokenizer = engine.tokenizer
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -148,6 +148,11 @@ class AsyncEngine:
         self._closed = False
         self._encoder = msgspec.msgpack.Encoder()
 
+    def set_tokenizer(self, tokenizer) -> None:
+        """The tokenizer, when it was loaded beside the engine's start (serve): set before any request."""
+        self.tokenizer = tokenizer
+        self.processor = OutputProcessor(tokenizer, self.stream_interval)
+
     # ---- process lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Spawn the engine process and wait until it has loaded the model (or failed to)."""

@@ -51,7 +51,11 @@ def broken(tiny_model, tmp_path_factory) -> dict:
         cfg.update(hidden_size=66)
         cfg.pop("head_dim", None)
 
-    return {"missing": missing, "bad_json": bad_json, "odd_hidden": _copy(tiny_model, root / "odd-hidden", odd_hidden)}
+    bad_tokenizer = _copy(tiny_model, root / "bad-tokenizer")
+    with open(os.path.join(bad_tokenizer, "tokenizer.json"), "w") as f:
+        f.write("{not json")
+    return {"missing": missing, "bad_json": bad_json, "odd_hidden": _copy(tiny_model, root / "odd-hidden", odd_hidden),
+            "bad_tokenizer": bad_tokenizer}
 
 
 def serve(*argv: str, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -75,6 +79,22 @@ def test_a_checkpoint_missing_a_tensor_is_one_line(broken):
     line = the_error_line(r)
     assert "the engine failed to start: Checkpoint " in line and MISSING in line and "lacks 1 weights" in line
     assert "ValueError" not in line
+
+
+def test_a_tokenizer_that_cannot_load_is_one_line_and_stops_the_engine(broken):
+    """The tokenizer loads while the engine process loads the model; when it cannot load, the engine
+    process is stopped and the error names the folder (exit 2, as for other bad settings)."""
+    import re
+
+    import psutil
+
+    r = serve(broken["bad_tokenizer"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = the_error_line(r)
+    assert line.startswith(f"meshserve serve: error: tokenizer {broken['bad_tokenizer']}: cannot load it: "), line
+    started = re.findall(r"engine process (\d+) started", r.stderr)
+    for pid in map(int, started):  # the engine began loading beside the tokenizer, and is gone
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
 
 
 def test_a_kv_cache_that_does_not_fit_names_the_setting(tiny_model, tmp_path):
