@@ -126,9 +126,17 @@ def convert_gguf(gguf_path: str, out_dir: str, show_progress: bool = True) -> st
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
         _save_tokenizer(gguf_path, tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        # another process converting the same file at once (two servers started together) may have
+        # finished first: its whole folder stays (it may be loading from it) and ours is dropped
+        if os.path.exists(os.path.join(out_dir, "config.json")):
+            return out_dir
+        if os.path.exists(out_dir):  # a conversion that died half-way
+            shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # renamed into place by another process between the check and here
+            if not os.path.exists(os.path.join(out_dir, "config.json")):
+                raise
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ import pytest
 from helpers import assert_logprobs_close, build_checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve"))
-from serve_util import free_port, start_server  # noqa: E402
+from serve_util import ServerProcess, free_port  # noqa: E402
 
 from meshserve.disagg import params as signed  # noqa: E402
 
@@ -49,18 +49,20 @@ def servers(tmp_path_factory):
     model = str(tmp / "tiny")
     build_checkpoint(model, "llama", max_position_embeddings=2048)
     with servers_with_secret() as started:
-        started["agg"] = start_server(model, "--max_num_tokens", "64", api_key=None, log_dir=str(tmp))
-        started["ctx"] = start_server(model, "--tp_size", "2", "--max_num_tokens", "64", "--config",
-                                      write_config(tmp / "ctx.yml", 16, TIMEOUT_MS), api_key=None, log_dir=str(tmp))
-        started["gen"] = start_server(model, "--config", write_config(tmp / "gen.yml", 32), api_key=None,
-                                      log_dir=str(tmp))
-        started["gen_pp"] = start_server(model, "--pp_size", "2", "--config", write_config(tmp / "gen_pp.yml", 32),
-                                         api_key=None, log_dir=str(tmp))
+        # all six start at once (their loading overlaps on the cores), then each is waited for
+        started["agg"] = ServerProcess(model, "--max_num_tokens", "64", log_dir=str(tmp))
+        started["ctx"] = ServerProcess(model, "--tp_size", "2", "--max_num_tokens", "64", "--config",
+                                       write_config(tmp / "ctx.yml", 16, TIMEOUT_MS), log_dir=str(tmp))
+        started["gen"] = ServerProcess(model, "--config", write_config(tmp / "gen.yml", 32), log_dir=str(tmp))
+        started["gen_pp"] = ServerProcess(model, "--pp_size", "2", "--config", write_config(tmp / "gen_pp.yml", 32),
+                                          log_dir=str(tmp))
         # context parallelism RING on the generation side: each cp rank keeps its half of every block
-        started["gen_cp"] = start_server(model, "--cp_size", "2", "--cp_type", "ring", "--config",
-                                         write_config(tmp / "gen_cp.yml", 32), api_key=None, log_dir=str(tmp))
-        started["gen_helix"] = start_server(model, "--cp_size", "2", "--cp_type", "helix", "--config",
-                                            write_config(tmp / "gen_helix.yml", 32), api_key=None, log_dir=str(tmp))
+        started["gen_cp"] = ServerProcess(model, "--cp_size", "2", "--cp_type", "ring", "--config",
+                                          write_config(tmp / "gen_cp.yml", 32), log_dir=str(tmp))
+        started["gen_helix"] = ServerProcess(model, "--cp_size", "2", "--cp_type", "helix", "--config",
+                                             write_config(tmp / "gen_helix.yml", 32), log_dir=str(tmp))
+        for server in started.values():
+            server.wait_ready(300)
         yield started
 
 
@@ -413,10 +415,10 @@ def default_model_servers(tmp_path_factory):
     os.environ["MESHSERVE_SECRET"] = SECRET
     started = []
     try:
-        started.append(start_server(None, "--config", write_config(tmp / "ctx.yml", 16), api_key=None,
-                                    log_dir=str(tmp)))
-        started.append(start_server(None, "--config", write_config(tmp / "gen.yml", 32), api_key=None,
-                                    log_dir=str(tmp)))
+        started.append(ServerProcess(None, "--config", write_config(tmp / "ctx.yml", 16), log_dir=str(tmp)))
+        started.append(ServerProcess(None, "--config", write_config(tmp / "gen.yml", 32), log_dir=str(tmp)))
+        for server in started:
+            server.wait_ready(300)
         yield started
     finally:
         for s in started:
@@ -521,11 +523,12 @@ def test_attention_dp_context_and_generation_servers_match_aggregated(tmp_path):
     model = str(tmp_path / "moe")
     build_checkpoint(model, "qwen3_moe", max_position_embeddings=2048)
     with servers_with_secret() as started:
-        started["agg"] = start_server(model, api_key=None, log_dir=str(tmp_path))
+        started["agg"] = ServerProcess(model, log_dir=str(tmp_path))
         for name in ("ctx", "gen"):
-            started[name] = start_server(model, "--tp_size", "2", "--enable_attention_dp", "--config",
-                                         write_config(tmp_path / f"{name}.yml", 16), api_key=None,
-                                         log_dir=str(tmp_path))
+            started[name] = ServerProcess(model, "--tp_size", "2", "--enable_attention_dp", "--config",
+                                          write_config(tmp_path / f"{name}.yml", 16), log_dir=str(tmp_path))
+        for server in started.values():
+            server.wait_ready(300)
         agg, ctx, gen = started["agg"], started["ctx"], started["gen"]
         bodies = [{"prompt": PROMPT[:20 + 9 * i], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
                   for i in range(8)]

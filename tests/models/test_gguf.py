@@ -122,3 +122,24 @@ def test_a_file_that_is_not_gguf_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         resolve.resolve_model_path(str(bad), show_progress=False)
     assert str(e.value) == f"{bad}: not a GGUF file meshserve can read (GGUF magic invalid)"
+
+
+def test_a_conversion_finished_by_another_process_is_kept(tmp_path):
+    """Two servers started together convert the same GGUF at once: the one that finishes second keeps
+    the first one's folder (that server may be loading from it) and drops its own; a folder left
+    half-written by a conversion that died is replaced. No temporary folder is left behind."""
+    from meshserve.models.gguf import convert_gguf
+
+    hf = build_checkpoint(str(tmp_path / "hf"), "llama", tokenizer=False, hidden_size=64, intermediate_size=128,
+                          vocab_size=256)
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(hf, path, gguf.GGMLQuantizationType.F32)
+    out = tmp_path / "cache" / "tiny"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"half")  # died before config.json
+    assert convert_gguf(path, str(out), show_progress=False) == str(out)
+    assert (out / "config.json").exists() and (out / "model.safetensors").stat().st_size > 4
+    (out / "loading").write_text("the first server reads this folder")
+    assert convert_gguf(path, str(out), show_progress=False) == str(out)
+    assert (out / "loading").exists()  # not replaced under the first server
+    assert sorted(os.listdir(tmp_path / "cache")) == ["tiny"]
