@@ -23,10 +23,4 @@ where=tests
 for arg in "$@"; do
   case $arg in -*) ;; *) [ -e "${arg%%::*}" ] && where= ;; esac
 done
-# two pytest workers (pytest-xdist), a test file each at a time (its module fixtures start once): most
-# tests hold one core (the Triton interpreter, one engine process), so two share this 2-core machine
-# evenly; MESHSERVE_TEST_WORKERS=0 runs everything in this process
-workers=${MESHSERVE_TEST_WORKERS:-2}
-dist=()
-[ "$workers" = 0 ] || dist=(-n "$workers" --dist loadfile)
-exec python -m pytest $where -q -p no:cacheprovider --durations=15 "${dist[@]}" "$@"
+exec python -m pytest $where -q -p no:cacheprovider --durations=15 "$@"
