@@ -408,15 +408,13 @@ async def _start_engine(engine, tokenizer_path: str, trust_remote_code: Optional
     try:
         await asyncio.wait({start, tok}, return_when=asyncio.FIRST_EXCEPTION)
         if tok.done() and tok.exception() is not None:
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
-            await engine.shutdown()
             raise tok.exception()
         await start
         engine.set_tokenizer(await tok)
     except BaseException:
         start.cancel()
         await asyncio.gather(start, return_exceptions=True)
+        await engine.shutdown()  # a no-op when start() already stopped it
         raise
 
 
@@ -434,8 +432,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
     try:
         await _start_engine(engine, tokenizer_path, args.trust_remote_code)
     except ValueError as e:  # the tokenizer
-        print(f"meshserve serve: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     except EngineDeadError as e:
         hint = f" ({DEBUG_HINT})" if e.unexpected else ""
         print(f"meshserve serve: error: the engine failed to start: {e}{hint}", file=sys.stderr)
