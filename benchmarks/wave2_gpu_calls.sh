@@ -23,6 +23,8 @@
 #                            batch 1 without / with them (~500 s)
 #   call 34 (carry .whl):    issue 21 (thirteenth session, ~450 s): 31's offline row (H200 only), batch 1 without /
 #                            with both L2 prefetches, then the prefetches' GPU tests
+#   call 35 (carry .whl):    issue 21 (sixteenth session, ~420 s): the offline row with decode graphs to batch 384
+#                            (H200 only), then batch 1 with PDL + the fused rotary
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -218,6 +220,15 @@ case $CALL in
       --kernel-config "${row#*|}" --out "$RES/$name"
   done
   step l2_tests 150 python3 -m pytest tests/gpu/test_l2_prefetch.py -q -x
+  ;;
+35)  # issue 21 (sixteenth session, ~420 s): the offline row with decode graphs to batch 384 on an H200, then
+    # batch 1 (PDL + fused rotary), the best batch-1 settings so far
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    step moe_offline_graphs 300 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+      --max-batch-size 384 --out "$RES/moe_offline_graphs"
+  fi
+  step b1_pdl_rope 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_rope_attention": true}' --out "$RES/b1_pdl_rope"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
