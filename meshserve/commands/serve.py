@@ -237,7 +237,7 @@ def _check_device(device: str) -> None:
 
 def _launch(args):
     """The launcher's view of this process (mpirun / srun / torchrun), or None."""
-    from meshserve.engine.setup import launch_for
+    from meshserve.distributed.launch import launch_for
     return launch_for(args)
 
 
@@ -331,9 +331,12 @@ def _main(ns: argparse.Namespace) -> int:
     problem = http_limits_error(ns)
     if problem:
         return _fail(problem)
-    from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     launch = _launch(args)
     rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
+    if rank == 0:  # the engine process imports torch and its modules now, beside the checks below
+        from meshserve.engine.prestart import prestart_engine_process
+        prestart_engine_process(ns.log_level.upper())
+    from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     try:
         _check_device(args.device)
         model_path = resolve_model_path(args.model, args.show_progress and rank == 0, args.load_format)

@@ -96,3 +96,9 @@ def local_mpirun(mpirun: str = "mpirun", btl: str = "self,tcp") -> list[str]:
     if major < 5:
         cmd += ["--mca", "oob_tcp_if_include", "lo"]
     return cmd
+
+
+def launch_for(args) -> Optional[LaunchInfo]:
+    """The outside launcher's view of this process for LlmArgs `args` (None: ranks are spawned here, or
+    one rank). Free of torch, so `meshserve serve`'s front can ask before importing it."""
+    return detect_launch() if args.orchestrator_type not in ("spawn", "ray") else None

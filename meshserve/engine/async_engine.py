@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from meshserve.config import LlmArgs
 from meshserve.engine import core_proc
+from meshserve.engine.prestart import take_prestarted
 from meshserve.engine.engine_core import EngineLimits, validate
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.output_processor import OutputProcessor
@@ -170,12 +171,17 @@ class AsyncEngine:
         self._out_sock.setsockopt(zmq.RCVHWM, 0)
         self._out_sock.bind(output_addr)
 
-        mp = multiprocessing.get_context("spawn")
-        self._proc = mp.Process(target=core_proc.run_engine_process, name="meshserve-engine",
-                                args=(self.args.model_dump_json(), self.model_path, input_addr, output_addr,
-                                      os.getpid(), self.log_level))
-        self._proc.start()
-        logger.info("engine process %d started; loading %s", self._proc.pid, self.model_path)
+        order = dict(args_json=self.args.model_dump_json(), model_path=self.model_path, input_addr=input_addr,
+                     output_addr=output_addr, parent_pid=os.getpid(), log_level=self.log_level)
+        self._proc = take_prestarted(order)
+        how = "prestarted, its imports done beside this process's"
+        if self._proc is None:
+            mp = multiprocessing.get_context("spawn")
+            self._proc = mp.Process(target=core_proc.run_engine_process, name="meshserve-engine",
+                                    args=tuple(order.values()))
+            self._proc.start()
+            how = "spawned"
+        logger.info("engine process %d %s; loading %s", self._proc.pid, how, self.model_path)
         loop = asyncio.get_running_loop()
         self._ready_fut = loop.create_future()
         self._tasks = [asyncio.create_task(self._output_loop(), name="meshserve-engine-outputs"),

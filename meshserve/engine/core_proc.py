@@ -73,7 +73,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     # We stay in the front's process group, so a launcher that kills the group (mpirun) kills us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s [engine]: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s [engine]: %(message)s", force=True)
     from meshserve.config import LlmArgs
     from meshserve.engine.setup import create_engine_core, launch_for
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from meshserve.config import AttentionDpConfig, LlmArgs
-from meshserve.distributed.launch import LaunchInfo, detect_launch
+from meshserve.distributed.launch import LaunchInfo, launch_for  # noqa: F401 - launch_for: its users import it here
 from meshserve.engine.engine_core import EngineCore
 from meshserve.engine.kv_spec import model_kv_groups
 from meshserve.engine.scheduler import SchedulerConfig
@@ -244,11 +244,6 @@ def no_room_for_kv(args: LlmArgs, device: torch.device, num_blocks: int, block_s
         fix = "raise cpu_kv_cache_gb"
     return (f"no room for the KV cache: {num_blocks} blocks of {block_size} tokens fit in {where}; "
             f"at least 2 are needed: {fix}")
-
-
-def launch_for(args: LlmArgs) -> Optional[LaunchInfo]:
-    """The outside launcher's view of this process (None: ranks are spawned here, or one rank)."""
-    return detect_launch() if args.orchestrator_type not in ("spawn", "ray") else None
 
 
 def create_executor(args: LlmArgs, model_path: str, model_config: ModelConfig, device: torch.device,

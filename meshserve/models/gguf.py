@@ -13,8 +13,7 @@ import shutil
 import tempfile
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
+from safetensors.numpy import save_file  # not safetensors.torch: `meshserve serve`'s front stays free of torch
 
 from meshserve.progress import progress_bar
 
@@ -118,7 +117,7 @@ def convert_gguf(gguf_path: str, out_dir: str, show_progress: bool = True) -> st
             if arch in _PERMUTED and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                 n = cfg["num_attention_heads"] if "attn_q" in t.name else cfg["num_key_value_heads"]
                 w = _unpermute(w, n)
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+            tensors[name] = np.ascontiguousarray(w)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)

@@ -92,7 +92,8 @@ def test_a_tokenizer_that_cannot_load_is_one_line_and_stops_the_engine(broken):
     assert r.returncode == 2, r.stderr[-3000:]
     line = the_error_line(r)
     assert line.startswith(f"meshserve serve: error: tokenizer {broken['bad_tokenizer']}: cannot load it: "), line
-    started = re.findall(r"engine process (\d+) started", r.stderr)
+    started = re.findall(r"engine process (\d+) prestarted", r.stderr)  # started with the front, before the checks
+    assert len(started) == 1, r.stderr[-3000:]
     for pid in map(int, started):  # the engine began loading beside the tokenizer, and is gone
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
 
