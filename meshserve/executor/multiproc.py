@@ -29,7 +29,8 @@ from meshserve.distributed.control import (DriverChannel, ExpertLoadReport, Init
 from meshserve.distributed.launch import LaunchInfo
 from meshserve.executor.base import Done, Executor, choose_num_blocks, inflight_depth
 from meshserve.engine.messages import ModelRunnerOutput, SchedulerOutput
-from meshserve.worker.main import CHECK_IN_KEY, launch_store, publish_launch_spec, spawned_main
+from meshserve.executor.rank_start import StdStreams, rank_context, start_rank
+from meshserve.worker.main import CHECK_IN_KEY, launch_store, publish_launch_spec
 from meshserve.errors import RankFailedError, describe, is_expected
 from meshserve.worker.worker import RankSpec, build_rank, exchange_control_info, startup_errors
 
@@ -206,11 +207,12 @@ class MultiProcExecutor(Executor):
         return "127.0.0.1"  # spawned on this host
 
     def _spawn(self, args: LlmArgs, model_path: str, addr: str, port: int, key: bytes, log_level: str) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()  # forked from a server that imported torch once, else spawned
         for rank in range(1, self.world_size):
             spec = RankSpec(rank, self.world_size, rank, addr, port, args.model_dump(), model_path, key.hex(),
                             log_level=log_level)
-            p = ctx.Process(target=spawned_main, args=(spec.to_json(),), name=f"meshserve-rank{rank}", daemon=False)
+            p = ctx.Process(target=start_rank, args=(spec.to_json(), dict(os.environ), StdStreams()),
+                            name=f"meshserve-rank{rank}", daemon=False)
             p.start()
             self.procs[rank] = p
 

@@ -96,3 +96,27 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def start_server(model: Optional[str], *flags: str, api_key: Optional[str] = API_KEY, **kw) -> ServerProcess:
     return ServerProcess(model, *flags, api_key=api_key, **kw).wait_ready()
+
+
+def engine_and_ranks(server_pid: int) -> tuple[list, list]:
+    """The server's engine process(es) and its worker ranks, as psutil.Process lists. The engine is a
+    spawned multiprocessing child of the front; ranks are spawned by the engine, or forked by the
+    forkserver the engine started (executor/rank_start.py), whose own process is neither."""
+    import psutil
+
+    def cmd(p) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:
+            return ""
+
+    def spawned(p) -> bool:
+        return p is not None and "spawn_main" in cmd(p)
+
+    def forked(p) -> bool:  # the forkserver and what it forked share its command line
+        return p is not None and "multiprocessing.forkserver import main" in cmd(p)
+
+    tree = psutil.Process(server_pid).children(recursive=True)
+    engines = [p for p in tree if spawned(p) and not spawned(p.parent())]
+    ranks = [p for p in tree if (spawned(p) and spawned(p.parent())) or (forked(p) and forked(p.parent()))]
+    return engines, ranks

@@ -13,14 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_util import start_server
-
-
-def _spawned(p: psutil.Process) -> bool:  # a multiprocessing child: the engine process, or a rank it spawned
-    try:
-        return "spawn_main" in " ".join(p.cmdline())
-    except psutil.Error:
-        return False
+from serve_util import engine_and_ranks, start_server
 
 
 @pytest.mark.parametrize("victim,streams", [("engine", 16), ("worker", 16), ("worker", 0)])
@@ -30,10 +23,9 @@ def test_a_killed_process_under_load_ends_every_stream_quickly(tiny_model, victi
     server = start_server(tiny_model, *flags, api_key=None)
     pids = []
     try:
-        tree = psutil.Process(server.proc.pid).children(recursive=True)
-        engines = [p for p in tree if _spawned(p) and not _spawned(p.parent())]
-        ranks = [p for p in tree if _spawned(p) and _spawned(p.parent())]
+        engines, ranks = engine_and_ranks(server.proc.pid)
         target = (engines if victim == "engine" else ranks)
+        tree = psutil.Process(server.proc.pid).children(recursive=True)
         assert target, f"no {victim} process found: {[' '.join(p.cmdline())[:80] for p in tree]}"
         ended: dict[int, float] = {}
         started = threading.Barrier(streams + 1)

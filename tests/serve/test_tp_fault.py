@@ -10,17 +10,13 @@ import time
 import httpx
 import psutil
 
-from serve_util import start_server
+from serve_util import engine_and_ranks, start_server
 
 
 def test_killed_worker_turns_health_503_and_leaves_nothing(tiny_model):
     server = start_server(tiny_model, "--tp_size", "2", api_key=None)
     try:
-        def spawned(p):  # a multiprocessing child: the engine process, or a rank it spawned
-            return "spawn_main" in " ".join(p.cmdline())
-
-        tree = psutil.Process(server.proc.pid).children(recursive=True)
-        ranks = [p for p in tree if spawned(p) and p.parent() is not None and spawned(p.parent())]
+        _, ranks = engine_and_ranks(server.proc.pid)
         assert ranks, "no worker rank found under the engine process"
         victim = ranks[0]
         result = {}
