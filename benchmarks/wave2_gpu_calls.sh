@@ -229,6 +229,14 @@ case $CALL in
   fi
   step b1_pdl_rope 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
     --kernel-config '{"pdl": true, "fuse_rope_attention": true}' --out "$RES/b1_pdl_rope"
+  # `meshserve serve` on CUDA with the engine process prestarted (engine/prestart.py): up, answers, stops
+  (timeout 150 python3 -m meshserve serve qwen3-0.6b --load-format dummy --host 127.0.0.1 --port 8124 \
+    >"$OUT/serve_prestart.txt" 2>&1 &)
+  for _ in $(seq 1 140); do curl -sf http://127.0.0.1:8124/health >/dev/null && break; sleep 1; done
+  curl -s http://127.0.0.1:8124/v1/completions -H 'Content-Type: application/json' \
+    -d '{"model": "qwen3-0.6b", "prompt": "Hello", "max_tokens": 8}' | cut -c1-300
+  echo; grep -E "engine process|engine ready|serving" "$OUT/serve_prestart.txt" | cut -c1-200
+  pkill -TERM -f "meshserve serve qwen3-0.6b"; sleep 3
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
