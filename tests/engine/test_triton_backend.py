@@ -18,14 +18,29 @@ from meshserve.kernels import paged_attention as pa  # noqa: E402
 
 SP = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 GROUP = 4  # query heads per kv head of the checkpoint below
+# Under the interpreter every program costs milliseconds, and a decode row launches 16 KV-split
+# programs per layer (decode_num_splits on INTERPRETER_SMS): the tests below run the fewest prompts
+# and tokens that still reach each path they name; greedy ids are compared with the prefix of
+# transformers' (greedy decoding of fewer tokens gives the first of the same ids).
+SHORT = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)  # two decode steps
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("triton-cpu"))
     hf = build_checkpoint(path, "qwen3", num_hidden_layers=2, num_key_value_heads=1)  # GQA group 4
-    prompts = make_prompts(6, 320, 60, seed=5)
+    # lengths 1, 2, 18, 34, 50, 66: the 66-token prompt's first decode step reads 67 keys, past one
+    # 64-key decode tile (the > SMALL_DECODE batches' tiles, two per split: both run)
+    prompts = make_prompts(6, 320, 66, seed=5)
     return path, prompts, [hf_greedy(hf, p, SP.max_tokens) for p in prompts]
+
+
+def ids(llm, prompts, sp):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+def prefix(ref, sp):
+    return [r[:sp.max_tokens] for r in ref]
 
 
 # (kernel_config, its large-step threshold, rows of large-step tiles, rows of small-step tiles)
@@ -39,18 +54,23 @@ CASES = {
 @pytest.mark.parametrize("tiles", list(CASES))
 def test_triton_backend_under_the_interpreter_gives_transformers_ids(ckpt, tiles, monkeypatch):
     path, prompts, ref = ckpt
+    # lengths 1, 18, 66: a step of 1 + 18 + a 29-token chunk, later one of two decode rows beside the
+    # 66-token prompt's last 37 tokens (both > 16 tokens: large tiles in the large-step case), and
+    # decode steps
+    prompts, ref = [prompts[i] for i in (0, 2, 5)], [ref[i] for i in (0, 2, 5)]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     kernel_config, large_tokens, rows, rows_small = CASES[tiles]
     planned = []
     real = pa.plan_tiles
     monkeypatch.setattr(pa, "plan_tiles", lambda lens, bq, dev: planned.append((sum(lens), bq)) or real(lens, bq, dev))
-    # 48 tokens a step: the 60-token prompt is chunked, chunks share steps with decode rows
+    # 48 tokens a step: the 66-token prompt is chunked, chunks share steps with decode rows
     with LLM(path, show_progress=False, dtype="float32", attention_backend="triton", max_num_tokens=48,
              kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048}, kernel_config=kernel_config) as llm:
         runner = llm._core.executor.runner
         assert runner.attn_backend.name == "triton"
         assert runner.attn_backend.settings.attn_prefill_rows == rows
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
-    assert got == ref
+        got = ids(llm, prompts, sp)
+    assert got == prefix(ref, sp)
     prefill = {(t, bq) for t, bq in planned if bq > 1}
     assert prefill and any(bq == 1 for _, bq in planned)  # prefill / mixed steps and decode steps
     for t, bq in prefill:  # each step's tiles: by its token count, with the configured rows
@@ -80,13 +100,19 @@ def test_decode_tiles_from_kernel_config(ckpt, monkeypatch):
     with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
              kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048},
              kernel_config={"attn_decode_block_n": 16, "attn_decode_split_tiles": 1}) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:3], SP, use_tqdm=False)]
-    assert got == ref[:3]
+        got = ids(llm, prompts[:3], SHORT)  # the 18-token prompt's decode steps read 19, 20 keys: 2 splits
+    assert got == prefix(ref[:3], SHORT)
     decode = [k for k in spy.launches if k["BLOCK_Q"] == 1]
     assert decode and all(k["BLOCK_N"] == 16 and k["SPLIT_TILES"] == 1 for k in decode)
     assert any(k["NUM_SPLITS"] > 1 for k in decode)
     prefill = [k for k in spy.launches if k["BLOCK_Q"] > 1]
     assert prefill and all(k["BLOCK_N"] != 16 for k in prefill)  # prefill tiles keep their own setting
+
+
+def BATCH(xs):
+    """A decode batch of SMALL_DECODE + 1 sequences: the 1- and 2-token prompts four times each and the
+    66-token one (its 67 keys take two of the larger batches' 64-key tiles)."""
+    return xs[:2] * 4 + xs[5:6]
 
 
 def test_decode_tiles_by_batch_when_unset(ckpt, monkeypatch):
@@ -96,13 +122,11 @@ def test_decode_tiles_by_batch_when_unset(ckpt, monkeypatch):
     path, prompts, ref = ckpt
     spy = _Spy(pa._attn_kernel)
     monkeypatch.setattr(pa, "_attn_kernel", spy)
-    many = (prompts * 4)[:12]
+    many, many_ref = BATCH(prompts), BATCH(ref)
     with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
              kv_cache_config={"tokens_per_block": 16, "max_tokens": 4096}) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:1], SP, use_tqdm=False)]
-        assert got == ref[:1]
-        got = [o.outputs[0].token_ids for o in llm.generate(many, SP, use_tqdm=False)]
-        assert got == (ref * 4)[:12]
+        assert ids(llm, prompts[:1], SHORT) == prefix(ref[:1], SHORT)
+        assert ids(llm, many, SHORT) == prefix(many_ref, SHORT)
     decode = [(k["_rows"], k["BLOCK_N"], k["SPLIT_TILES"], k["num_warps"]) for k in spy.launches
               if k["BLOCK_Q"] == 1]
     assert any(t == 1 for t, *_ in decode) and any(t > 8 for t, *_ in decode)
@@ -124,8 +148,10 @@ def test_fused_rope_attention_gives_transformers_ids(ckpt, monkeypatch):
     with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
              kv_cache_config={"tokens_per_block": 16, "max_tokens": 2048},
              kernel_config={"fuse_rope_attention": True, "attn_decode_block_n": 16}) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SP, use_tqdm=False)]
-    assert got == ref
+        # lengths 1, 18, 66: 16-key tiles over 2..3, 19..20 and 67..68 keys, so the split that writes the
+        # new token (the last active one) is split 0, split 1 and split 4
+        got = ids(llm, [prompts[i] for i in (0, 2, 5)], SHORT)
+    assert got == prefix([ref[i] for i in (0, 2, 5)], SHORT)
     decode = [k for k in spy.launches if k["BLOCK_Q"] == 1]
     assert decode and all(k.get("ROPE") for k in decode) and any(k["NUM_SPLITS"] > 1 for k in decode)
     assert not any(k.get("ROPE") for k in spy.launches if k["BLOCK_Q"] > 1)
@@ -141,17 +167,15 @@ def test_decode_l2_prefetch_names_each_layers_o_proj(ckpt, monkeypatch):
     real = pa.paged_attention
     monkeypatch.setattr(pa, "paged_attention",
                         lambda q, *a, **k: calls.append((q.shape[0], a[6], k.get("prefetch"))) or real(q, *a, **k))
-    many = (prompts * 4)[:12]
+    many, many_ref = BATCH(prompts), BATCH(ref)
     with LLM(path, show_progress=False, dtype="float32", attention_backend="triton",
              kv_cache_config={"tokens_per_block": 16, "max_tokens": 4096},
              kernel_config={"decode_l2_prefetch": True}) as llm:
         assert llm._core.executor.runner.attn_backend.settings.decode_l2_prefetch
         layers = llm._core.executor.runner.model.model.layers
         o_proj = [layer.self_attn.o_proj.weight for layer in layers]
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:1], SP, use_tqdm=False)]
-        assert got == ref[:1]
-        got = [o.outputs[0].token_ids for o in llm.generate(many, SP, use_tqdm=False)]
-        assert got == (ref * 4)[:12]
+        assert ids(llm, prompts[:1], SHORT) == prefix(ref[:1], SHORT)
+        assert ids(llm, many, SHORT) == prefix(many_ref, SHORT)
     small = [c for c in calls if c[1] == 1 and c[0] <= pa.SMALL_DECODE]
     assert small and all(w is not None for *_, w in small)
     # every layer in turn, each naming its own weight (the same tensor object, not a copy)

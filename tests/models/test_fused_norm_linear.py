@@ -14,8 +14,16 @@ from meshserve.kernels import gemv as gemv_mod
 from meshserve.layers import norm as norm_mod
 
 pytest.importorskip("triton")
-MAX_NEW = 6
+MAX_NEW = 4
 SP = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+# Under the interpreter each fused launch costs one program per two output rows (gemv._config's
+# one-row tiles), a few milliseconds each: the checkpoints keep the tiny defaults' shapes (GQA group 2,
+# head_dim 16, 2 layers) with fewer heads and a narrower MLP, so q/k/v is 64 rows wide, not 128, and
+# a dense gate_up 64, not 192.
+SMALL = {"qwen3": dict(num_attention_heads=2, num_key_value_heads=1, intermediate_size=32),
+         "qwen3_moe": dict(num_attention_heads=2, num_key_value_heads=1),
+         "qwen2_moe": dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=32),  # head_dim 32 / 2
+         "deepseek_v3": dict(intermediate_size=32)}  # the dense first layer's MLP
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the fused kernel under the interpreter on CPU; on a "
@@ -24,9 +32,9 @@ SP = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 @pytest.mark.parametrize("arch,per_layer", [("qwen3", 2), ("qwen3_moe", 2), ("qwen2_moe", 2), ("deepseek_v3", None)])
 def test_fused_norm_linear_greedy_matches_transformers(tmp_path, monkeypatch, arch, per_layer):
     if arch == "deepseek_v3":
-        hf = build_deepseek(str(tmp_path), arch)
+        hf = build_deepseek(str(tmp_path), arch, **SMALL[arch])
     else:
-        hf = build_checkpoint(str(tmp_path), arch, num_hidden_layers=2)
+        hf = build_checkpoint(str(tmp_path), arch, num_hidden_layers=2, **SMALL[arch])
     prompts = make_prompts(2, 300, 7)
     ref = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
     calls = {"n": 0, "routed": 0}
