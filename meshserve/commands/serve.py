@@ -300,12 +300,15 @@ def _use_disagg_key(secret_file: Optional[str], rank: int) -> Optional[str]:
 
 def main(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    from meshserve.engine.prestart import drop_prestarted
     try:
         return _main(ns)
     except Exception as e:  # noqa: BLE001 - a bug: one line and the hint; the traceback at DEBUG
         logger.debug("meshserve serve failed:\n%s", traceback.format_exc())
         print(f"meshserve serve: error: {describe(e)} ({DEBUG_HINT})", file=sys.stderr)
         return 1
+    finally:
+        drop_prestarted()  # an engine process no engine took (a refused setting): stopped now, not at exit
 
 
 def _load_tokenizer(path: str, trust_remote_code: Optional[bool]):

@@ -69,10 +69,10 @@ def prestart_engine_process(log_level: str = "INFO") -> None:
     proc.start()
     recv.close()
     _prestarted = (proc, send, dict(os.environ))
-    atexit.register(_drop_prestarted)  # before multiprocessing's own exit hook joins its children
+    atexit.register(drop_prestarted)  # before multiprocessing's own exit hook joins its children
 
 
-def _drop_prestarted() -> None:
+def drop_prestarted() -> None:
     """Stop a prestarted engine process no engine took: closing the pipe ends it (it may still be importing,
     hence the SIGTERM)."""
     global _prestarted
@@ -98,7 +98,7 @@ def take_prestarted(order: dict):
     if changed or not proc.is_alive():
         logger.debug("not using the prestarted engine process (%s)",
                      f"environment changed: {sorted(changed)}" if changed else "it exited")
-        _drop_prestarted()
+        drop_prestarted()
         return None
     _prestarted = None
     try:

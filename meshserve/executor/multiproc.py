@@ -11,6 +11,7 @@ that dies or raises turns into a RuntimeError here within a second.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import multiprocessing as mp
@@ -18,6 +19,7 @@ import os
 import secrets
 import socket
 import time
+import weakref
 from collections import deque
 from typing import Optional
 
@@ -126,6 +128,7 @@ class MultiProcExecutor(Executor):
         self.world_size = world_size
         self.pp_size = args.pipeline_parallel_size
         self.procs: dict[int, mp.process.BaseProcess] = {}
+        self._exit_hook = None
         self.channel: Optional[DriverChannel] = None
         self.state = None
         self._closed = False
@@ -215,6 +218,18 @@ class MultiProcExecutor(Executor):
                             name=f"meshserve-rank{rank}", daemon=False)
             p.start()
             self.procs[rank] = p
+        if self._exit_hook is None:
+            # An LLM still alive at interpreter exit (a script without shutdown() or `with`) stops its ranks
+            # before multiprocessing's own exit hook joins them (which would wait forever on ranks that
+            # wait for rank 0's next command). Registered after that hook, so it runs first.
+            ref = weakref.ref(self)
+
+            def stop_ranks_at_exit() -> None:
+                executor = ref()
+                if executor is not None:
+                    executor.shutdown()
+            self._exit_hook = stop_ranks_at_exit
+            atexit.register(stop_ranks_at_exit)
 
     def _wait_check_in(self, store, timeout_s: float = START_TIMEOUT_S) -> None:
         """Wait until every spawned child has checked in, failing at once when one exits first."""
@@ -380,6 +395,9 @@ class MultiProcExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
+            self._exit_hook = None
         if self.runner is not None:
             self.runner.close_kv_transfer()
         if self.channel is not None:

@@ -58,3 +58,20 @@ def test_same_script_with_main_guard_runs_and_its_log_level_reaches_the_workers(
     assert "generated 3" in proc.stdout
     # a debug line that only a worker rank logs, from its own process
     assert "[rank 1]: rank 1/2 joined gloo process group" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_script_that_never_shuts_its_llm_down_still_exits(tmp_path):
+    """No shutdown() and no `with`: at exit the LLM's ranks are stopped before multiprocessing joins
+    them (they wait for rank 0's next command, so that join alone would wait forever)."""
+    ckpt = tmp_path / "ckpt"
+    build_checkpoint(str(ckpt), "llama")
+    proc, _ = _run(tmp_path, f"""
+        from meshserve import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM({str(ckpt)!r}, tensor_parallel_size=2, show_progress=False,
+                      kv_cache_config={{"tokens_per_block": 4, "max_tokens": 256}})
+            out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+            print("generated", len(out[0].outputs[0].token_ids))
+    """, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generated 2" in proc.stdout

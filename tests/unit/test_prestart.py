@@ -27,13 +27,14 @@ def prestarted():
     """Prestarts in the test's body (pytest changes PYTEST_CURRENT_TEST between a fixture and the body,
     which the environment check would rightly count as a change); stops what is left after."""
     started = []
+    prestart.drop_prestarted()  # one an earlier test's in-process `serve` left would be a stale one
 
     def start():
         prestart.prestart_engine_process("WARNING")
         started.append(prestart._prestarted[0])
         return started[-1]
     yield start
-    prestart._drop_prestarted()
+    prestart.drop_prestarted()
     for proc in started:
         if proc.is_alive():
             proc.kill()
