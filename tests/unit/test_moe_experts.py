@@ -253,8 +253,10 @@ def test_two_kernel_decode_path(T, E, K):
 
 
 @triton_only
-@pytest.mark.parametrize("evict_first", [False, True])
-@pytest.mark.parametrize("T,E,K", [(1, 4, 2), (5, 8, 4), (1, 128, 8), (3, 60, 8), (3, 8, 1)])
+@pytest.mark.parametrize("T,E,K,evict_first", [(1, 4, 2, False), (5, 8, 4, False), (1, 128, 8, False),
+                                               (3, 60, 8, False), (3, 8, 1, False),
+                                               # the switch: evict-first at one row, the default past it
+                                               (1, 4, 2, True), (1, 128, 8, True), (3, 8, 1, True)])
 def test_two_kernel_path_with_the_gemv_gated_product(T, E, K, evict_first, monkeypatch):
     """gate_up_gemv: the gated product as matrix-vector programs (one per assignment and column
     block), uneven column and K tiles, -1 ids and a row with none; then _down_sum_kernel. With
