@@ -28,10 +28,7 @@ arithmetic as _align_small_kernel) and picks its block's rows, so no alignment k
 writes the gated rows in assignment order. Then `_down_sum_kernel` multiplies each token's K rows
 by their experts' w2 rows and sums them with the routing weights in fp32, writing the output (no
 per-assignment rows, no `_sum_k_kernel`). A token's experts' weights are read per token, so this
-pays off only while few tokens share an expert (the tuner decides where). With
-kernel_config.fuse_experts_decode, one token's experts run as one launch (`experts_one_launch`): the
-gated items and the down items are tickets of one grid, the down items loading their weights while
-the gated ones finish, so the second kernel's start-up and the first one's tail overlap.
+pays off only while few tokens share an expert (the tuner decides where).
 
 Block sizes come from a small table keyed by assignments per local expert (T*K/E_local: the rows
 a typical expert sees; for Qwen3-30B-A3B, E=128 K=8, that is T/16): at batch 1 BLOCK_M=16 and long
@@ -351,12 +348,9 @@ def _experts_one_launch_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, w_ptr, inter_ptr
         else:
             a_mask = live[:, None] & (offs_k < I)[None, :]
         b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0, eviction_policy=EVICT)
-        # spin on plain (volatile) reads, which L2 serves side by side, not on read-modify-writes, which
-        # it serialises against the gated items' counts; then one acquire orders the reads below after them
-        done = tl.load(ctr_ptr + 1, volatile=True)
+        done = tl.atomic_add(ctr_ptr + 1, 0, sem="acquire")
         while done < N_GATED:
-            done = tl.load(ctr_ptr + 1, volatile=True)
-        tl.atomic_add(ctr_ptr + 1, 0, sem="acquire")
+            done = tl.atomic_add(ctr_ptr + 1, 0, sem="acquire")
         # the gated rows were written by other programs of this grid: read them past L1 (".cg")
         a = tl.load(a_ptrs, mask=a_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
         acc = tl.zeros([K_P2, D_BN], dtype=tl.float32)
