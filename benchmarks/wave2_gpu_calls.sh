@@ -25,8 +25,6 @@
 #                            with both L2 prefetches, then the prefetches' GPU tests
 #   call 35 (carry .whl):    issue 21 (sixteenth session, ~420 s): the offline row with decode graphs to batch 384
 #                            (H200 only), then batch 1 with PDL + the fused rotary
-#   call 36 (carry .whl):    issue 21 (seventeenth session, ~400 s, H100 or H200): the one-launch experts
-#                            (kernel_config.fuse_experts_decode): GPU tests, per-call A/B, batch 1 without / with
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -239,17 +237,6 @@ case $CALL in
     -d '{"model": "qwen3-0.6b", "prompt": "Hello", "max_tokens": 8}' | cut -c1-300
   echo; grep -E "engine process|engine ready|serving" "$OUT/serve_prestart.txt" | cut -c1-200
   pkill -TERM -f "meshserve serve qwen3-0.6b"; sleep 3
-  ;;
-36)  # issue 21 (seventeenth session, ~400 s, an H100 will do): the one-launch experts (fuse_experts_decode):
-    # GPU tests, the per-call A/B (no PDL / PDL), then batch 1 of the whole model without / with it
-  step one_launch_tests 240 python3 -m pytest tests/gpu/test_moe_decode_kernels.py tests/gpu/test_pdl.py -q -x \
-    -k "one_launch or (greedy and qwen3_moe)"
-  step one_launch_ab 90 python3 benchmarks/experts_one_launch.py --out "$RES/one_launch.json"
-  step one_launch_ab_pdl 90 python3 benchmarks/experts_one_launch.py --pdl --out "$RES/one_launch_pdl.json"
-  step b1_base 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
-    --kernel-config '{"pdl": true, "fuse_rope_attention": true}' --out "$RES/b1_base"
-  step b1_one_launch 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
-    --kernel-config '{"pdl": true, "fuse_rope_attention": true, "fuse_experts_decode": true}' --out "$RES/b1_one_launch"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x

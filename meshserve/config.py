@@ -139,9 +139,6 @@ class KernelConfig(StrictModel):
         "one-row steps (batch-1 decode) of MoE models: the router gate's kernel first asks for the next "
         "layer's q/k/v weight in L2 (it moves while the router runs), and the experts' decode kernels "
         "load their weights evict-first so it stays in L2 until that layer reads it"))
-    fuse_experts_decode: Optional[bool] = Field(None, description=(
-        "one-row steps (batch-1 decode) of MoE models with TRITON experts: the gated product and the down "
-        "product + sum run as one kernel, the down weights loading while the gated part finishes"))
 
     @field_validator("attn_prefill_rows", "attn_prefill_rows_small")
     @classmethod

@@ -26,21 +26,17 @@ FUSE_NORM_LINEAR = H200.fuse_norm_linear
 # kernel_config.l2_prefetch_next_layer: one-row steps' MoE router gate prefetches the next layer's first
 # linear into L2; the experts' decode kernels then stream their weights evict-first (kernels/prefetch.py).
 L2_PREFETCH_NEXT_LAYER = H200.l2_prefetch_next_layer
-# kernel_config.fuse_experts_decode: one-row steps run the TRITON experts as one kernel (kernels/moe.py).
-FUSE_EXPERTS_DECODE = H200.fuse_experts_decode
 
 
 def configure(settings: KernelSettings) -> None:
     """Apply a rank's resolved settings to the fused ops and linears of this process."""
     global TRITON_AVAILABLE, GEMV_MAX_M, PDL, _PDL_SETTING, PDL_MAX_TOKENS, FUSE_NORM_LINEAR, L2_PREFETCH_NEXT_LAYER
-    global FUSE_EXPERTS_DECODE
     TRITON_AVAILABLE = TRITON_INSTALLED and not settings.disable_triton
     GEMV_MAX_M = settings.gemv_max_m
     PDL = _PDL_SETTING = settings.pdl
     PDL_MAX_TOKENS = settings.pdl_max_tokens
     FUSE_NORM_LINEAR = settings.fuse_norm_linear
     L2_PREFETCH_NEXT_LAYER = settings.l2_prefetch_next_layer
-    FUSE_EXPERTS_DECODE = settings.fuse_experts_decode
 
 
 def step_tokens(num_tokens: int) -> None:

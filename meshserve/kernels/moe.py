@@ -252,37 +252,6 @@ def _down_sum_kernel(inter_ptr, w2_ptr, w_ptr, ids_ptr, out_ptr, H, I, stride_im
 
 
 @triton.jit
-def _gated_row_block(x_ptr, w13_ptr, out_ptr, a, e, cb, H, I, stride_xm, stride_we, stride_wn, stride_om, up_offset,
-                     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
-                     EVEN_K: tl.constexpr, EVICT: tl.constexpr):
-    """Assignment a's gated rows of column block cb: token a // TOPK's hidden row times expert e's
-    (>= 0) gate and up rows of those BLOCK_N intermediate columns; writes silu(gate) * up to out[a]."""
-    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < I
-    offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + (a // TOPK).to(tl.int64) * stride_xm
-    g_rows = w13_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for i in range(K_ITERS):
-        k = i * BLOCK_K + offs_k
-        if EVEN_K:
-            x = tl.load(x_row + k).to(tl.float32)
-            wm = n_mask[:, None]
-        else:
-            x = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
-            wm = n_mask[:, None] & (k < H)[None, :]
-        wg = tl.load(g_rows + k[None, :], mask=wm, other=0.0, eviction_policy=EVICT)
-        wu = tl.load(g_rows + up_offset + k[None, :], mask=wm, other=0.0, eviction_policy=EVICT)
-        acc_g += wg.to(tl.float32) * x[None, :]
-        acc_u += wu.to(tl.float32) * x[None, :]
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
-    y = g / (1.0 + tl.exp(-g)) * u
-    tl.store(out_ptr + a.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
 def _gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, out_ptr, H, I, stride_xm, stride_we, stride_wn, stride_om, up_offset,
                          TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
                          EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, EVICT: tl.constexpr = ""):
@@ -297,106 +266,29 @@ def _gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, out_ptr, H, I, stride_xm, stri
     a = tl.program_id(0)
     e = tl.load(ids_ptr + a).to(tl.int64)
     if e >= 0:
-        _gated_row_block(x_ptr, w13_ptr, out_ptr, a, e, tl.program_id(1), H, I, stride_xm, stride_we, stride_wn,
-                         stride_om, up_offset, TOPK, BLOCK_N, BLOCK_K, K_ITERS, EVEN_K, EVICT)
-
-
-@triton.jit
-def _experts_one_launch_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, w_ptr, inter_ptr, out_ptr, ctr_ptr, H, I,
-                               stride_we13, stride_wn13, stride_we2, stride_wn2, stride_im, up_offset,
-                               TOPK: tl.constexpr, K_P2: tl.constexpr, G_BN: tl.constexpr, G_BK: tl.constexpr,
-                               G_KITERS: tl.constexpr, G_EVEN_K: tl.constexpr, G_BLOCKS: tl.constexpr,
-                               D_BN: tl.constexpr, D_BK: tl.constexpr, D_KITERS: tl.constexpr,
-                               D_EVEN_K: tl.constexpr, D_ITEMS: tl.constexpr, USE_PDL: tl.constexpr = False,
-                               EVICT: tl.constexpr = ""):
-    """One token's experts in one launch (kernel_config.fuse_experts_decode): the gated product and
-    the down product + sum of the two-kernel decode path, as work items of one grid. Each program
-    takes a ticket (ctr[0]); tickets below TOPK * G_BLOCKS are gated items (_gated_row_block, then
-    ctr[1] += 1), the rest down items (D_BN output columns: _down_sum_kernel's arithmetic for t = 0).
-    A down item loads its experts' first weight tile, then waits for ctr[1] to count every gated item,
-    then reads the gated rows: its weights stream while the gated items finish, where the second
-    kernel of the two-kernel path starts only after the first has drained. Tickets, not program ids,
-    order the work: a program holding a down ticket knows every gated ticket went to a program that is
-    running or done, so the wait always ends (no assumption on the order the GPU starts programs in).
-    The last down item to finish (ctr[2]) resets the three counters for the next launch or replay."""
-    pdl_enter(USE_PDL)  # the ids are the router's
-    N_GATED: tl.constexpr = TOPK * G_BLOCKS
-    ticket = tl.atomic_add(ctr_ptr, 1, sem="relaxed")
-    if ticket < N_GATED:
-        a = ticket // G_BLOCKS
-        e = tl.load(ids_ptr + a).to(tl.int64)
-        if e >= 0:
-            _gated_row_block(x_ptr, w13_ptr, inter_ptr, a, e, ticket % G_BLOCKS, H, I, 0, stride_we13, stride_wn13,
-                             stride_im, up_offset, TOPK, G_BN, G_BK, G_KITERS, G_EVEN_K, EVICT)
-        # every thread's stores before the barrier, the count's release after it (the CUTLASS semaphore's order)
-        tl.debug_barrier()
-        tl.atomic_add(ctr_ptr + 1, 1, sem="release")
-    else:
-        offs_n = (ticket - N_GATED) * D_BN + tl.arange(0, D_BN)
-        n_mask = offs_n < H
-        kk = tl.arange(0, K_P2)
-        e = tl.load(ids_ptr + kk, mask=kk < TOPK, other=-1).to(tl.int64)
-        wk = tl.load(w_ptr + kk, mask=kk < TOPK, other=0.0).to(tl.float32)
-        live = e >= 0
-        e = tl.maximum(e, 0)
-        offs_k = tl.arange(0, D_BK)
-        a_ptrs = inter_ptr + kk.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
-        b_ptrs = (w2_ptr + e[:, None, None] * stride_we2 + offs_n.to(tl.int64)[None, :, None] * stride_wn2
-                  + offs_k[None, None, :])
-        if D_EVEN_K:
-            a_mask = live[:, None] & (offs_k < D_BK)[None, :]
-        else:
-            a_mask = live[:, None] & (offs_k < I)[None, :]
-        b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0, eviction_policy=EVICT)
-        done = tl.atomic_add(ctr_ptr + 1, 0, sem="acquire")
-        while done < N_GATED:
-            done = tl.atomic_add(ctr_ptr + 1, 0, sem="acquire")
-        # the gated rows were written by other programs of this grid: read them past L1 (".cg")
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        acc = tl.zeros([K_P2, D_BN], dtype=tl.float32)
-        acc = _down_sum_step(acc, a, b, ctr_ptr, 0, live, n_mask, D_BK, False, 1)
-        for i in range(1, D_KITERS):
-            a_ptrs += D_BK
-            b_ptrs += D_BK
-            if D_EVEN_K:
-                a_mask = live[:, None] & (offs_k < D_BK)[None, :]
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + (a // TOPK).to(tl.int64) * stride_xm
+        g_rows = w13_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for i in range(K_ITERS):
+            k = i * BLOCK_K + offs_k
+            if EVEN_K:
+                x = tl.load(x_row + k).to(tl.float32)
+                wm = n_mask[:, None]
             else:
-                a_mask = live[:, None] & (offs_k < I - i * D_BK)[None, :]
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            b = tl.load(b_ptrs, mask=a_mask[:, None, :] & n_mask[None, :, None], other=0.0, eviction_policy=EVICT)
-            acc = _down_sum_step(acc, a, b, ctr_ptr, i, live, n_mask, D_BK, False, 1)
-        out = tl.sum(acc * wk[:, None], axis=0)
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-        finished = tl.atomic_add(ctr_ptr + 2, 1, sem="acq_rel")
-        if finished == D_ITEMS - 1:  # every program has its ticket and every item is done
-            tl.atomic_xchg(ctr_ptr, 0)
-            tl.atomic_xchg(ctr_ptr + 1, 0)
-            tl.atomic_xchg(ctr_ptr + 2, 0)
-
-
-# the gated items' tiles where the config has no GEMV gated product (the tuned T = 1 value on the H200)
-ONE_LAUNCH_GATED = GemmConfig(2, 2048, 1, 4, 1)
-
-
-def experts_one_launch(hidden, w13, w2, weights, ids_flat, out, counter, K, I, gated: GemmConfig,
-                       down: GemmConfig) -> None:
-    """One token's experts by _experts_one_launch_kernel into out [1, H]. counter: int32 [3], zero
-    (the kernel leaves it zero). gated: the gated items' (block_n, block_k) and the launch's num_warps;
-    down: the down items' (block_n, block_k)."""
-    H = hidden.shape[1]
-    inter = torch.empty(K, I, dtype=hidden.dtype, device=hidden.device)
-    gbn = max(1, min(gated.block_n, triton.next_power_of_2(I)))
-    gbk = max(16, min(gated.block_k, triton.next_power_of_2(H)))
-    dbn = min(down.block_n, triton.next_power_of_2(H))
-    dbk = max(16, min(down.block_k, triton.next_power_of_2(I)))
-    g_blocks, d_items = triton.cdiv(I, gbn), triton.cdiv(H, dbn)
-    extra = {} if _INTERPRET else {"num_warps": gated.num_warps}
-    _experts_one_launch_kernel[(K * g_blocks + d_items,)](
-        hidden, w13, w2, ids_flat, weights, inter, out, counter, H, I, w13.stride(0), w13.stride(1), w2.stride(0),
-        w2.stride(1), inter.stride(0), I * w13.stride(1), TOPK=K, K_P2=triton.next_power_of_2(K), G_BN=gbn, G_BK=gbk,
-        G_KITERS=triton.cdiv(H, gbk), G_EVEN_K=H % gbk == 0, G_BLOCKS=g_blocks, D_BN=dbn, D_BK=dbk,
-        D_KITERS=triton.cdiv(I, dbk), D_EVEN_K=I % dbk == 0, D_ITEMS=d_items, EVICT=kernels.expert_eviction(1),
-        **extra, **kernels.pdl_args())
+                x = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
+                wm = n_mask[:, None] & (k < H)[None, :]
+            wg = tl.load(g_rows + k[None, :], mask=wm, other=0.0, eviction_policy=EVICT)
+            wu = tl.load(g_rows + up_offset + k[None, :], mask=wm, other=0.0, eviction_policy=EVICT)
+            acc_g += wg.to(tl.float32) * x[None, :]
+            acc_u += wu.to(tl.float32) * x[None, :]
+        g = tl.sum(acc_g, axis=1)
+        u = tl.sum(acc_u, axis=1)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + a.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def gemv_gate_up(hidden, w13, ids_flat, T, K, I, g: GemmConfig) -> torch.Tensor:
@@ -493,15 +385,12 @@ def direct_gate_up(hidden, w13, weights, ids_flat, T, K, E, I, block_m, g: GemmC
 
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, configs: ConfigArg = None, fp8=None,
-                  one_launch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, configs: ConfigArg = None, fp8=None) -> torch.Tensor:
     """hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (same dtype as hidden); topk_weights [T, K]
     (float32); topk_ids [T, K] int32/int64 in [0, E) or -1 (skipped). Returns [T, H] in hidden's
     dtype. `configs`: a MoeKernelConfig, or a function (T, K, E, H, I) -> MoeKernelConfig;
     None: default_config. `fp8`: (w13 scales [E, 2I / bn, H / bk], w2 scales [E, H / bn, I / bk],
-    (bn, bk)) when w13 and w2 are float8_e4m3fn block-quantised (I a multiple of bn). `one_launch`: an
-    int32 [3] zero counter: one token's bf16/fp16 experts on the GEMV decode path then run as one kernel
-    (experts_one_launch, kernel_config.fuse_experts_decode)."""
+    (bn, bk)) when w13 and w2 are float8_e4m3fn block-quantised (I a multiple of bn)."""
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
@@ -542,10 +431,6 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 
     if cfg.down_sum is not None and n <= DIRECT_MAX:  # decode: two kernels
         ids_flat = topk_ids.view(-1)
-        if one_launch is not None and T == 1 and s13 is None:
-            experts_one_launch(hidden, w13, w2, weights, ids_flat, out, one_launch, K, I,
-                               cfg.gate_up_gemv or ONE_LAUNCH_GATED, cfg.down_sum)
-            return out
         if cfg.gate_up_gemv is not None and s13 is None:
             inter = gemv_gate_up(hidden, w13, ids_flat, T, K, I, cfg.gate_up_gemv)
         else:

@@ -53,9 +53,6 @@ class KernelSettings:
     # one-row steps of MoE models: the router gate's skinny GEMM prefetches the next layer's q/k/v weight
     # into L2, the experts' decode kernels load theirs evict-first (kernels/prefetch.py); off until measured
     l2_prefetch_next_layer: bool = False
-    # one-row steps of MoE models (TRITON experts, bf16/fp16): the gated product and the down product + sum
-    # in one launch (kernels/moe.py experts_one_launch); off until measured
-    fuse_experts_decode: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

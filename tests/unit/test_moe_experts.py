@@ -284,55 +284,6 @@ def test_two_kernel_path_with_the_gemv_gated_product(T, E, K, evict_first, monke
 
 
 @triton_only
-@pytest.mark.parametrize("E,K,drop", [(4, 2, 0.0), (8, 4, 0.5), (128, 8, 0.25), (8, 1, 0.0)])
-def test_one_launch_path_equals_float64_and_leaves_its_counter_zero(E, K, drop):
-    """kernel_config.fuse_experts_decode: one token's gated product and down product + sum in one grid of
-    tickets (_experts_one_launch_kernel). Against the float64 loop, with -1 ids (another rank's experts),
-    uneven gated / down tiles over I = 40 and H = 48, and whole-I down tiles (one step, the weights all
-    loaded before the wait); run twice on one counter, which must be back at zero after each launch
-    (graph replays reuse it). The interpreter runs programs one at a time in ticket order, so the wait
-    never spins here; tests/gpu/test_moe_decode_kernels.py runs it concurrently."""
-    from meshserve.kernels import moe
-    from meshserve.kernels.moe import GemmConfig, MoeKernelConfig, fused_experts
-    launched = []
-    real = moe._experts_one_launch_kernel
-    moe_spy = type("Spy", (), {"__getitem__": lambda self, grid: (
-        lambda *a, **k: launched.append(grid) or real[grid](*a, **k))})()
-    old, moe._experts_one_launch_kernel = moe._experts_one_launch_kernel, moe_spy
-    try:
-        counter = torch.zeros(3, dtype=torch.int32)
-        for seed in (1, 2):
-            args = make_case(1, E, K, H=48, I=40, drop=drop, seed=seed * 31 + E + K)
-            for gemv, down in ((GemmConfig(4, 32, 1, 4, 1), GemmConfig(8, 16, 1, 4, 1)),
-                               (GemmConfig(16, 64, 1, 4, 1), GemmConfig(16, 64, 1, 4, 1))):
-                cfg = MoeKernelConfig(16, GemmConfig(16, 32), GemmConfig(16, 32), down_sum=down, gate_up_gemv=gemv)
-                out = fused_experts(*args, configs=cfg, one_launch=counter)
-                assert_close(out, reference(*args), 1e-5)
-                assert counter.tolist() == [0, 0, 0]
-    finally:
-        moe._experts_one_launch_kernel = old
-    k = min(K, E)
-    # gated items (k assignments x column blocks of I = 40) then down items (column blocks of H = 48)
-    assert launched == [(k * 10 + 6,), (k * 3 + 3,)] * 2
-
-
-def test_one_launch_is_asked_for_only_with_the_switch_and_refused_nowhere(monkeypatch):
-    """kernel_config.fuse_experts_decode resolves like the other switches; TRITON experts hand their counter
-    to fused_experts only for one row on a GPU with it on (CPU rows keep the two-kernel path)."""
-    from meshserve import kernels
-    from meshserve.config import KernelConfig
-    from meshserve.kernels import settings
-    assert settings.resolve({"fuse_experts_decode": True}, "NVIDIA H200").fuse_experts_decode is True
-    assert settings.resolve({}, "NVIDIA H200").fuse_experts_decode is False
-    assert KernelConfig(fuse_experts_decode=True).fuse_experts_decode is True
-    experts = create_experts("TRITON", CPU, torch.float32)
-    monkeypatch.setattr(kernels, "FUSE_EXPERTS_DECODE", True)
-    assert experts._one_launch_counter(torch.zeros(1, 8)) is None  # not CUDA
-    monkeypatch.setattr(kernels, "FUSE_EXPERTS_DECODE", False)
-    assert experts._one_launch_counter(torch.zeros(1, 8)) is None
-
-
-@triton_only
 def test_two_kernel_path_with_an_expert_over_several_blocks():
     """Repeated ids (an expert-parallel exchange sends K=1 rows, many to one expert): 40 rows of
     expert 2 span three 16-row blocks, found by the gated GEMM's own sort. (_down_sum_kernel, whose

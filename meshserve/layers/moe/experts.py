@@ -165,26 +165,11 @@ class TritonExperts(Experts):
     def __init__(self, device, dtype, configs=None):
         super().__init__(device, dtype)
         self.configs = configs  # None: kernels/moe.py's table
-        self._counter: torch.Tensor | None = None  # kernel_config.fuse_experts_decode's tickets
 
     def apply(self, hidden, w13, w2, topk_weights, topk_ids, fp8=None):
         check_shapes(hidden, w13, w2, topk_weights, topk_ids)
         from meshserve.kernels.moe import fused_experts
-        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, configs=self.configs, fp8=fp8,
-                             one_launch=self._one_launch_counter(hidden))
-
-    def _one_launch_counter(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The zeroed int32 [3] counter of the one-launch experts kernel for a one-row step with
-        kernel_config.fuse_experts_decode, else None. Made at the first such step (an eager warm-up
-        before any graph capture); the kernel leaves it zero."""
-        from meshserve import kernels
-        if not kernels.FUSE_EXPERTS_DECODE or hidden.shape[0] != 1 or not hidden.is_cuda:
-            return None
-        if self._counter is None or self._counter.device != hidden.device:
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            self._counter = torch.zeros(3, dtype=torch.int32, device=hidden.device)
-        return self._counter
+        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, configs=self.configs, fp8=fp8)
 
 
 class CutlassExperts(Experts):
