@@ -34,7 +34,7 @@ def _check(logits, cfg, bias=None, ids_out=None):
     return w, ids
 
 
-@pytest.mark.parametrize("T", [1, 7, 33])
+@pytest.mark.parametrize("T", [1, 7])  # up to 128 rows the kernel runs a program per row: 7 is several
 @pytest.mark.parametrize("K", [1, 2, 8])
 @pytest.mark.parametrize("E", [8, 60, 128])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
