@@ -50,6 +50,21 @@ def mpmd_app(env: TMapping[str, str] = os.environ) -> Optional[tuple[int, int, i
     return app, firsts[app], counts[app]
 
 
+DEFAULT_PORT = 29500  # torchrun's
+
+
+def default_port(launcher: str, env: TMapping[str, str] = os.environ) -> int:
+    """The rendezvous port when MASTER_PORT is not set. Under Slurm it comes from the job and step ids
+    (15000-34999, the same on every task of a step), so two jobs or steps sharing a node do not both
+    take torchrun's 29500; elsewhere 29500."""
+    job = env.get("SLURM_JOB_ID", "")
+    if launcher != "slurm" or not job.isdigit():
+        return DEFAULT_PORT
+    step = env.get("SLURM_STEP_ID", "0")
+    step = int(step) if step.isdigit() else 0  # batch / extern steps have names, not numbers
+    return 15000 + (int(job) * 8 + step) % 20000
+
+
 def detect_launch(env: TMapping[str, str] = os.environ) -> Optional[LaunchInfo]:
     """The launcher's view of this process, or None when no launcher variables are set (or the
     launch has a single rank). Under an MPMD mpirun the job is this process's app alone: its ranks
@@ -57,7 +72,7 @@ def detect_launch(env: TMapping[str, str] = os.environ) -> Optional[LaunchInfo]:
     for name, rank_var, size_var, local_var in _LAUNCHERS:
         if rank_var in env and size_var in env:
             rank, size = int(env[rank_var]), int(env[size_var])
-            port = int(env.get("MASTER_PORT", "29500"))
+            port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else default_port(name, env)
             app = mpmd_app(env) if name == "mpirun" else None
             if app is not None:
                 index, first, size = app

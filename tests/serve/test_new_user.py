@@ -212,6 +212,26 @@ def test_launcher_takes_rank_0s_host_from_a_multi_node_slurm_step(nodelist, firs
     assert launch.launch_env({**env, "SLURM_STEP_NUM_NODES": "1"}) == {}  # one host: loopback works
 
 
+def test_slurm_jobs_sharing_a_node_rendezvous_on_different_ports():
+    """Without MASTER_PORT, two Slurm jobs (or two steps of one job) on one node must not both take
+    29500; every task of one step must agree on the port; MASTER_PORT, when set, wins."""
+    from meshserve.distributed.launch import detect_launch
+
+    def port(**kw):
+        env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", **kw}
+        return detect_launch(env).master_port
+
+    a, b = port(SLURM_JOB_ID="4242", SLURM_STEP_ID="0"), port(SLURM_JOB_ID="4243", SLURM_STEP_ID="0")
+    assert a != b and 15000 <= min(a, b) and max(a, b) < 35000
+    assert port(SLURM_JOB_ID="4242", SLURM_STEP_ID="1") != a  # a second srun step of the job
+    assert port(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_LOCALID="0") == a  # rank 0 agrees
+    assert port(SLURM_JOB_ID="4242", SLURM_STEP_ID="batch") == port(SLURM_JOB_ID="4242", SLURM_STEP_ID="0")
+    assert port(SLURM_JOB_ID="4242", MASTER_PORT="31234") == 31234
+    assert port() == 29500  # no job id: torchrun's default
+    torchrun = detect_launch({"RANK": "1", "WORLD_SIZE": "2", "SLURM_JOB_ID": "4242"})
+    assert torchrun.master_port == 29500  # torchrun inside a Slurm job keeps torchrun's default
+
+
 def test_launcher_refuses_a_multi_host_mpi_job_without_master_addr():
     env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
     with pytest.raises(ValueError, match="mpirun -x MASTER_ADDR="):
