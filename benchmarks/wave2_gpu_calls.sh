@@ -25,6 +25,8 @@
 #                            with both L2 prefetches, then the prefetches' GPU tests
 #   call 35 (carry .whl):    issue 21 (sixteenth session, ~420 s): the offline row with decode graphs to batch 384
 #                            (H200 only), then batch 1 with PDL + the fused rotary
+#   call 36 (carry .whl):    issue 21 (eighteenth session, ~300 s): the H200's batch-1 kernel table (no PDL) and the
+#                            skinny-GEMM sweep at Qwen3-30B-A3B's shapes
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -237,6 +239,14 @@ case $CALL in
     -d '{"model": "qwen3-0.6b", "prompt": "Hello", "max_tokens": 8}' | cut -c1-300
   echo; grep -E "engine process|engine ready|serving" "$OUT/serve_prestart.txt" | cut -c1-200
   pkill -TERM -f "meshserve serve qwen3-0.6b"; sleep 3
+  ;;
+36)  # issue 21 (eighteenth session, ~300 s, after 35 on a warm machine): where an H200's batch-1 step goes,
+    # kernel by kernel (no PDL, so each kernel's time is its own), and the skinny GEMMs of Qwen3-30B-A3B swept
+  step b1_profile 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 --profile-b1 \
+    --out "$RES/b1_profile"
+  tail -n 45 "$RES/b1_profile/profile_b1.txt" 2>/dev/null | cut -c1-200
+  step gemv_30b 120 python3 benchmarks/gemv.py --shapes 30b.qkv,30b.o,30b.gate --rows 1 --sweep 30b \
+    --out "$RES/gemv_30b"
   ;;
 24)  # the MLA kernel's GPU tests (page tiles) and the mla-1gpu rows again (all ran 2026-12-05 but the tests)
   step mla_kernel_tests 200 python3 -m pytest tests/gpu/test_mla_kernel.py -q -x
