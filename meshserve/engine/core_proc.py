@@ -88,11 +88,23 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     args = LlmArgs.model_validate_json(args_json)
     try:
         core = create_engine_core(args, model_path, launch_for(args), log_level)
+    except SystemExit as e:
+        if e.code != 128 + signal.SIGTERM:
+            raise
+        # the front stopped us while loading (_exit_on_signal): nothing to report; every socket
+        # closes at once, or ctx.term() would wait on them
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting already: a second one must not cut the exit short
+        inp.close(linger=0)
+        out.close(linger=0)
+        ctx.term()
+        raise
     except BaseException as e:  # noqa: BLE001 - every startup failure goes back to the front
         # the front prints the one-line message once; the traceback only with --log-level debug
         logger.debug("engine startup failed:\n%s", traceback.format_exc())
         failed = EngineFailed(describe(e), during_startup=True, unexpected=not is_expected(e))
         out.send_multipart([FAILED, encoder.encode(failed)])
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the front's stop after it reads this: we exit anyway
+        inp.close(linger=0)  # ctx.term() waits for every socket; `out` lingers to deliver the failure
         out.close()
         ctx.term()
         raise SystemExit(1) from None

@@ -162,6 +162,68 @@ def check_device_settings(args: LlmArgs, model_config: ModelConfig) -> None:
                          f"server's are on {device.type}; accepted here: auto or false")
 
 
+def host_memory_available() -> Optional[int]:
+    """Bytes the kernel says a new allocation can take without swapping (MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def model_weight_bytes(model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """The bytes of the whole model's parameters and buffers in `dtype`. Built on the CPU and dropped:
+    its weights are allocated but never written, so they take address space, not memory (the meta
+    device would run the rotary tables' ops through torch's Python references, importing sympy and
+    Inductor into the engine process)."""
+    from meshserve.models.loader import build_model
+
+    model = build_model(model_config, torch.device("cpu"), dtype)
+    try:
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    finally:
+        del model
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_host_memory(args: LlmArgs, model_config: ModelConfig, device: torch.device, launch: Optional[LaunchInfo],
+                      available: Optional[int] = None) -> None:
+    """On the CPU, when every rank runs on this host: refuse a model whose weights alone exceed the
+    memory available, before loading (which would otherwise fill the memory for minutes until the
+    kernel kills a rank). Sharding does not shrink the host's total, so the whole model's bytes are
+    a lower bound of what the ranks need together. Launched or Ray ranks may span hosts, and FP8
+    weights are sized at load: those are not checked."""
+    if device.type != "cpu" or launch is not None or args.orchestrator_type == "ray":
+        return
+    if args.quantization is not None or model_config.fp8_block is not None:
+        return
+    available = host_memory_available() if available is None else available
+    if available is None:
+        return
+    dtype = model_config.torch_dtype(args.dtype, device)
+    name = str(dtype).removeprefix("torch.")
+    try:
+        need = model_weight_bytes(model_config, dtype)
+    except RuntimeError as e:  # one weight alone is more than the kernel lets a process map
+        if "can't allocate memory" not in str(e):
+            raise
+        raise ValueError(f"the model's weights do not fit this host's memory in {name}: one of its tensors alone is "
+                         f"more than the {_size(available)} available (MemAvailable) allow; choose a smaller model "
+                         f"or run it on GPUs (device='cuda')") from None
+    if need <= available:
+        return
+    half = " or dtype='bfloat16' (half the bytes of float32)," if dtype == torch.float32 else ""
+    raise ValueError(f"the model's weights need {_size(need)} in {name} on this host's CPU ranks (together, at "
+                     f"least), and this host has {_size(available)} of memory available (MemAvailable): "
+                     f"choose a smaller model,{half} or run it on GPUs (device='cuda')")
+
+
 def check_transfer_backend(backend: str) -> None:
     """cache_transceiver_config.backend: DEFAULT (TCP), NIXL, UCX or MPI, usable here (the wheel is
     installed; MPI: started by mpirun); else a one-line ValueError naming why and the alternatives."""
@@ -278,6 +340,7 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
                        "by kv_cache_config.max_tokens, else cpu_kv_cache_gb (%s GiB)", kv.free_gpu_memory_fraction,
                        device.type, kv.cpu_kv_cache_gb)
     max_seq_len = max_seq_len_for(args, model_config)
+    check_host_memory(args, model_config, device, launch)
     executor = create_executor(args, model_path, model_config, device, launch, log_level)
     block_size = args.kv_cache_config.tokens_per_block
     overlap = args.overlap_scheduler and args.pipeline_parallel_size == 1
