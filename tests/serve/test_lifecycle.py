@@ -146,3 +146,39 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(server):
     time.sleep(0.2)
     alive = [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes left behind: {alive}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_server_stopped_while_its_engine_loads_exits_at_once(sig):
+    """Ctrl-C (or SIGTERM) while the engine process is still loading the weights: the front stops the
+    engine, which exits at once (it used to wait on its own open socket until the front killed it
+    10 s later, logging an ERROR), and no process is left behind."""
+    import subprocess
+    import sys
+
+    # Qwen3-0.6B's shape with random float32 weights: ~2.3 GiB written at load, many seconds on CPU
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve", "serve", "qwen3-0.6b", "--load_format", "dummy",
+                             "--device", "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the engine process reports that it is loading
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "prestarted" in line or not line:
+            break
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children and "prestarted" in lines[-1], "".join(lines)
+    time.sleep(2.0)  # into the load
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    code = proc.wait(30)
+    took = time.monotonic() - t0
+    err = "".join(lines) + rest
+    assert "engine ready" not in err, err[-2000:]  # it was stopped while loading
+    assert took < 8, f"took {took:.1f} s to stop: {err[-2000:]}"
+    assert "ERROR" not in err and "Traceback" not in err and "did not exit" not in err, err[-2000:]
+    assert code != 0 or sig == signal.SIGTERM, err[-2000:]
+    time.sleep(0.2)
+    alive = [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left behind: {alive}"
