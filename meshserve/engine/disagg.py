@@ -153,7 +153,7 @@ def generation_request(opaque_state: Optional[str], prompt_token_ids: Sequence[i
     mine, theirs = layouts[0], sources[0]
     if theirs.model_id != mine.model_id:
         raise ValueError(f"{WHERE}: the context server runs model {theirs.model_id}, this server {mine.model_id} "
-                         f"(architecture and config.json hash must match)")
+                         f"(architecture, config.json and weights must match)")
     if theirs.dtype != mine.dtype:
         raise ValueError(f"{WHERE}: the context server's KV cache is {theirs.dtype}, this server's {mine.dtype} "
                          f"(set the same dtype on both)")

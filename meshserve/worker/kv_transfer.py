@@ -30,9 +30,55 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENT_PULLS = 4
 
 
-def model_id(model_path: str, model_config) -> str:
-    """The model's identity both sides of a handover must share: its architecture and the sha256
-    of its config.json (of the parsed config where there is no config.json, e.g. a GGUF file)."""
+SAMPLED_TENSORS = 4  # checkpoint tensors whose leading bytes identify the weights
+SAMPLED_BYTES = 64 * 1024  # of each
+
+
+def weights_digest(model_path: str, load_format: str = "auto", seed: int = 0) -> str:
+    """What tells this checkpoint's weights from another's of the same config.json (a base model and
+    its fine-tune): the names, dtypes, shapes and first SAMPLED_BYTES of SAMPLED_TENSORS tensors spread
+    over the sorted names, so the way the checkpoint is sharded does not matter; random weights
+    (load_format dummy) are their seed. "" where there are no safetensors to read."""
+    if load_format == "dummy":
+        return f"dummy-seed{seed}"
+    import torch
+    from safetensors import safe_open
+
+    from meshserve.models.loader import safetensors_files
+
+    try:
+        files = safetensors_files(model_path)
+        where = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                where.update((name, file) for name in f.keys())
+    except (OSError, ValueError):  # FileNotFoundError included: no safetensors here
+        return ""
+    names = sorted(where)
+    picks = sorted({names[i * (len(names) - 1) // max(1, SAMPLED_TENSORS - 1)] for i in range(SAMPLED_TENSORS)}) \
+        if names else []
+    h = hashlib.sha256()
+    for name in picks:
+        with safe_open(where[name], framework="pt") as f:
+            part = f.get_slice(name)
+            shape, dtype = part.get_shape(), part.get_dtype()
+            if shape:
+                row = 1
+                for d in shape[1:]:
+                    row *= d
+                rows = max(1, min(shape[0], SAMPLED_BYTES // max(1, row * 2)))
+                head = part[:rows]
+            else:
+                head = f.get_tensor(name)
+        h.update(f"{name}|{dtype}|{list(shape)}|".encode())
+        h.update(head.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_id(model_path: str, model_config, load_format: str = "auto", seed: int = 0) -> str:
+    """The model's identity both sides of a handover must share: its architecture, the sha256 of its
+    config.json (of the parsed config where there is no config.json, e.g. a GGUF file) and its
+    weights' digest (weights_digest), so a fine-tune is not taken for its base model."""
     path = os.path.join(model_path, "config.json") if os.path.isdir(model_path) else None
     if path is not None and os.path.isfile(path):
         with open(path, "rb") as f:
@@ -40,7 +86,8 @@ def model_id(model_path: str, model_config) -> str:
     else:
         fields = getattr(model_config, "__dict__", {})
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{model_config.architecture}-{digest[:16]}"
+    weights = weights_digest(model_path, load_format, seed) if os.path.isdir(model_path) else ""
+    return f"{model_config.architecture}-{digest[:16]}" + (f"-{weights}" if weights else "")
 
 
 def rank_layout(runner, model_id_: str) -> RankLayout:

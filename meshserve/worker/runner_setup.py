@@ -57,7 +57,8 @@ def runner_config(args: LlmArgs, model_path: str, model_config: ModelConfig, dev
                         moe_backend=args.moe_config.backend,
                         kv_transfer=(args.cache_transceiver_config.model_dump()
                                      if args.cache_transceiver_config is not None else None),
-                        model_id=model_id(model_path, model_config) if args.cache_transceiver_config else "",
+                        model_id=(model_id(model_path, model_config, args.load_format, args.seed)
+                                  if args.cache_transceiver_config else ""),
                         cp_type=(args.cp_config or {}).get("cp_type", "ULYSSES"))
 
 

@@ -548,3 +548,37 @@ def test_attention_dp_context_and_generation_servers_match_aggregated(tmp_path):
                   if ln.startswith("meshserve_attention_dp_requests_placed")]
         assert len(placed) == 2 and all(float(ln.rsplit(" ", 1)[1]) > 0 for ln in placed), placed
         assert wait_used(gen) == 0 and wait_used(ctx) == 0
+
+
+def test_a_fine_tune_is_not_taken_for_its_base_model(tmp_path):
+    """Two checkpoints with the same config.json and different weights (as a base model and its
+    fine-tune): the generation server refuses the context server's KV, naming both model ids; the
+    same weights sharded otherwise are the same model."""
+    from meshserve.engine import disagg
+    from meshserve.engine.messages import DisaggRequest
+    from meshserve.sampling_params import SamplingParams
+
+    base, tuned, resharded = (str(tmp_path / n) for n in ("base", "tuned", "resharded"))
+    build_checkpoint(base, "llama", seed=0, tokenizer=False)
+    build_checkpoint(tuned, "llama", seed=1, tokenizer=False)
+    build_checkpoint(resharded, "llama", seed=0, tokenizer=False, max_shard_size="100KB")
+    with open(os.path.join(base, "config.json")) as a, open(os.path.join(tuned, "config.json")) as b:
+        assert a.read() == b.read()
+    ctx = in_process_engine(base, block=4)
+    gen = in_process_engine(tuned, block=4)
+    same = in_process_engine(resharded, block=4)
+    try:
+        prompt, params = list(range(5, 30)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        first = run_request(ctx, "c0", prompt, params, DisaggRequest("context_only"))
+        dp = disagg.context_params("c0", prompt, first[0], ctx.kv_layouts, ctx.scheduler.pinned_kv("c0"))
+        theirs, mine = ctx.kv_layouts[0].model_id, gen.kv_layouts[0].model_id
+        assert theirs != mine and theirs.rsplit("-", 1)[0] == mine.rsplit("-", 1)[0]  # same config, other weights
+        with pytest.raises(ValueError, match=f"runs model {theirs}, this server {mine}"):
+            disagg.generation_request(dp["opaque_state"], prompt, gen.kv_layouts)
+        assert same.kv_layouts[0].model_id == theirs
+        kv = disagg.generation_request(dp["opaque_state"], prompt, same.kv_layouts)
+        ref = run_request(ctx, "ref", prompt, params)
+        assert run_request(same, "g0", prompt, params, kv) == ref
+    finally:
+        for core in (ctx, gen, same):
+            core.shutdown()
