@@ -3,6 +3,7 @@ leaves no process behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -156,9 +157,24 @@ def test_a_server_stopped_while_its_engine_loads_exits_at_once(sig):
     import subprocess
     import sys
 
-    # Qwen3-0.6B's shape with random float32 weights: ~2.3 GiB written at load, many seconds on CPU
+    # Qwen3-0.6B's shape with random float32 weights: ~2.3 GiB written at load, many seconds on CPU.
+    # SIGINT as a terminal's Ctrl-C delivers it: a job started in the background (CI under `cmd &`)
+    # inherits SIGINT ignored, which Python keeps, so the server gets the default disposition back.
     proc = subprocess.Popen([sys.executable, "-m", "meshserve", "serve", "qwen3-0.6b", "--load_format", "dummy",
-                             "--device", "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _stop_while_loading(proc, sig)
+    finally:
+        if proc.poll() is None:  # failed: leave nothing running behind the test
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    p.kill()
+            proc.kill()
+            proc.wait(10)
+
+
+def _stop_while_loading(proc, sig) -> None:
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the engine process reports that it is loading
@@ -171,8 +187,11 @@ def test_a_server_stopped_while_its_engine_loads_exits_at_once(sig):
     time.sleep(2.0)  # into the load
     t0 = time.monotonic()
     proc.send_signal(sig)
-    rest = proc.stderr.read()
-    code = proc.wait(30)
+    try:
+        _, rest = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{signal.Signals(sig).name} did not stop the server in 30 s: {''.join(lines)[-2000:]}")
+    code = proc.returncode
     took = time.monotonic() - t0
     err = "".join(lines) + rest
     assert "engine ready" not in err, err[-2000:]  # it was stopped while loading
