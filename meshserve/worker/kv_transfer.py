@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -44,14 +45,10 @@ def weights_digest(model_path: str, load_format: str = "auto", seed: int = 0) ->
     import torch
     from safetensors import safe_open
 
-    from meshserve.models.loader import safetensors_files
+    from meshserve.models.loader import tensor_files
 
     try:
-        files = safetensors_files(model_path)
-        where = {}
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                where.update((name, file) for name in f.keys())
+        where = tensor_files(model_path)
     except (OSError, ValueError):  # FileNotFoundError included: no safetensors here
         return ""
     names = sorted(where)
@@ -63,10 +60,7 @@ def weights_digest(model_path: str, load_format: str = "auto", seed: int = 0) ->
             part = f.get_slice(name)
             shape, dtype = part.get_shape(), part.get_dtype()
             if shape:
-                row = 1
-                for d in shape[1:]:
-                    row *= d
-                rows = max(1, min(shape[0], SAMPLED_BYTES // max(1, row * 2)))
+                rows = max(1, min(shape[0], SAMPLED_BYTES // max(1, math.prod(shape[1:]) * 2)))
                 head = part[:rows]
             else:
                 head = f.get_tensor(name)
