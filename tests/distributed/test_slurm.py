@@ -52,10 +52,26 @@ def test_sbatch_script_in_the_seeds_shape_runs_one_tp2_job(slurm, tp_checkpoint,
         #SBATCH --output={tmp_path}/job.log
         srun {LAUNCH} {sys.executable} {SCRIPT} {ckpt} {out} 2
         """))
-    done = subprocess.run(["sbatch", "--wait", str(batch)], env=slurm, capture_output=True, text=True, timeout=300)
+    sub = subprocess.run(["sbatch", "--parsable", str(batch)], env=slurm, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    state = job_state(slurm, job, timeout_s=300)  # (sbatch --wait polls after 2, 8 then 32 s: ~30 s idle here)
     log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
-    assert done.returncode == 0, done.stdout + done.stderr + log[-3000:]
+    assert state == ("COMPLETED", "0:0"), (state, log[-3000:])
     assert json.loads(out.read_text()) == ref
+
+
+def job_state(env: dict, job: str, timeout_s: float) -> tuple[str, str]:
+    """(JobState, ExitCode) of a Slurm job once it has ended, polled twice a second through scontrol."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True,
+                              timeout=30).stdout
+        fields = dict(f.split("=", 1) for f in text.split() if "=" in f)
+        if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            return fields["JobState"], fields.get("ExitCode", "")
+        assert time.monotonic() < deadline, f"job {job} still {fields.get('JobState')} after {timeout_s} s"
+        time.sleep(0.5)
 
 
 def test_srun_meshserve_serve_then_scancel(slurm, tp_checkpoint, tmp_path):
