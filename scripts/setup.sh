@@ -8,9 +8,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
-# --no-compile: no .pyc for the thousands of modules never imported (torch's, ray's); those imported are
-# compiled on first import, as usual. (PIP_NO_COMPILE=1 in the environment does not do this: pip still compiles.)
-pip() { command pip "$1" --no-compile "${@:2}"; }
 # torch first, pinned: a package with an unpinned torch would otherwise pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || pip install -q "${MESHSERVE_TORCH:-torch==2.13.0}"
 pip install -q -e ".[test]"
