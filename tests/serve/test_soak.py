@@ -1,5 +1,5 @@
 """`meshserve bench soak` (meshserve/bench/soak.py): 64 streams for 30 s against the embedded model (the
-tool's default is 60 s; half of it keeps CI within its budget and still opens some hundreds of streams),
+tool's default is 60 s; half of it keeps CI within its time budget),
 a fifth cancelled at random points, every completed stream equal to its non-streamed twin, the
 server back to no sequence and no KV block afterwards, resident memory within the bound; and the
 tool's own failure detection against a mock server that loses and mismatches."""
