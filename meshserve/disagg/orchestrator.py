@@ -70,7 +70,7 @@ from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRe
 from meshserve.disagg.router import Router, Server, create_router
 from meshserve.serve.middleware import HeaderLimitMiddleware
 from meshserve.serve.protocol import (MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
-                                      STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body, read_body)
+                                      STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body, http_error, read_body)
 
 __all__ = [  # this module's names, and the ones it re-exports from the modules it was split into
     "COMPLETIONS_DEFAULT_MAX_TOKENS", "GROUP_KEYS", "MEMBERSHIP_LABEL", "ORCHESTRATOR_KEYS", "RESUME_KEYS", "SSE_DONE",
@@ -553,8 +553,8 @@ def build_app(orch: Orchestrator) -> FastAPI:
         return error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException):
-        return error_response(APIError(err.status_code, str(err.detail)))
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return error_response(http_error(request, err.status_code, str(err.detail), err.headers))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, err: Exception):

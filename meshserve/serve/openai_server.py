@@ -38,7 +38,7 @@ from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
-                                      decode_json_body, error_body, from_validation_error, from_value_error,
+                                      decode_json_body, error_body, http_error, from_validation_error, from_value_error,
                                       MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
                                       read_body)
 from meshserve.tokenize import PromptEncoder
@@ -538,8 +538,8 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
         return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException):
-        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return error_response(http_error(request, err.status_code, str(err.detail), err.headers))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, err: Exception):

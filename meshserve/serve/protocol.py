@@ -57,6 +57,22 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": one_line(str(message)), "type": type, "param": param, "code": code}}
 
 
+def http_error(request, status: int, detail: str, headers: Optional[dict] = None) -> APIError:
+    """Starlette's routing errors in the OpenAI shape, naming what was asked and what is served: a 404
+    lists the routes (`POST /v1/embeddings` is not one), a 405 the methods the path takes."""
+    asked = f"{request.method} {request.url.path}"
+    if status == 404:
+        routes = sorted({f"{m} {r.path}" for r in request.app.routes
+                         for m in sorted(getattr(r, "methods", None) or ()) if m != "HEAD"})
+        return APIError(404, f"{asked} is not served here; this server serves {', '.join(routes)}",
+                        code="not_found")
+    if status == 405:
+        allow = (headers or {}).get("Allow") or (headers or {}).get("allow") or ""
+        return APIError(405, f"{asked}: method not allowed; {request.url.path} takes {allow or 'other methods'}",
+                        headers=headers, code="method_not_allowed")
+    return APIError(status, str(detail), headers=headers)
+
+
 # The largest request body the server and the orchestrator read (--max_request_body_mb of serve and disaggregated): a
 # 128k-token prompt is about half a megabyte of text or one of token ids; a body beyond this is a
 # 413 before it is held in memory, so one client cannot take the server's.

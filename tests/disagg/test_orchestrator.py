@@ -228,6 +228,12 @@ def test_client_errors_are_answered_cleanly(orchestrator, ctx_a, gen):
     ctx_a.fail_status, gen.fail_status = None, 503
     r = o.post("/v1/completions", {"prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["message"] == "gen fails on purpose"
+    r = o.post("/v1/embeddings", {"input": "x"})  # a route it does not serve: named, with the ones it does
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.json()["error"]["message"].startswith("POST /v1/embeddings is not served here; this server serves ")
+    assert "POST /v1/completions" in r.json()["error"]["message"]
+    r = httpx.get(o.url + "/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["message"].endswith("/v1/chat/completions takes POST")
 
 
 def test_a_client_that_goes_away_cancels_its_request(orchestrator, ctx_a, gen):

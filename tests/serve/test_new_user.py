@@ -88,6 +88,14 @@ def test_serve_loads_a_hub_id_from_the_cache_offline(offline, tiny_tokenizer):
         assert r.json()["choices"][0]["text"] == tiny_tokenizer.decode(hf_greedy(model, ids, 6))
         r = httpx.post(srv.base_url + "/v1/completions", timeout=60, json={"model": "other/tiny-chat", "prompt": ids})
         assert r.status_code == 404 and "tiny-chat" in r.text
+        # a route it does not serve names itself and the ones it does; a wrong method, the right one
+        r = httpx.post(srv.base_url + "/v1/embeddings", timeout=10, json={"model": "tiny-chat", "input": "hi"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        msg = r.json()["error"]["message"]
+        assert msg.startswith("POST /v1/embeddings is not served here") and "POST /v1/chat/completions" in msg
+        r = httpx.get(srv.base_url + "/v1/completions", timeout=10)
+        assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+        assert r.json()["error"]["message"] == "GET /v1/completions: method not allowed; /v1/completions takes POST"
     finally:
         srv.stop()
 
