@@ -25,8 +25,8 @@
 #                            with both L2 prefetches, then the prefetches' GPU tests
 #   call 35 (carry .whl):    issue 21 (sixteenth session, ~420 s): the offline row with decode graphs to batch 384
 #                            (H200 only), then batch 1 with PDL + the fused rotary
-#   call 36 (carry .whl):    issue 21 (eighteenth session, ~300 s): the H200's batch-1 kernel table (no PDL) and the
-#                            skinny-GEMM sweep at Qwen3-30B-A3B's shapes
+#   call 36 (carry .whl):    issue 21 (eighteenth session, ~410 s): the H200's batch-1 kernel table (no PDL) and the
+#                            skinny-GEMM sweep at Qwen3-30B-A3B's shapes, after batch 1 with PDL + both fusions
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -241,7 +241,10 @@ case $CALL in
   pkill -TERM -f "meshserve serve qwen3-0.6b"; sleep 3
   ;;
 36)  # issue 21 (eighteenth session, ~300 s, after 35 on a warm machine): where an H200's batch-1 step goes,
-    # kernel by kernel (no PDL, so each kernel's time is its own), and the skinny GEMMs of Qwen3-30B-A3B swept
+    # kernel by kernel (no PDL, so each kernel's time is its own), and the skinny GEMMs of Qwen3-30B-A3B swept;
+    # first batch 1 with PDL + both fusions (call 35's row + fuse_norm_linear; with PDL and no prefetch, never run)
+  step b1_pdl_norm_rope 110 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_norm_linear": true, "fuse_rope_attention": true}' --out "$RES/b1_pdl_norm_rope"
   step b1_profile 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 --profile-b1 \
     --out "$RES/b1_profile"
   tail -n 45 "$RES/b1_profile/profile_b1.txt" 2>/dev/null | cut -c1-200
