@@ -2,12 +2,54 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
+
+# vLLM's spellings of what these commands name the TensorRT-LLM way: an unknown flag that is one of
+# them is answered with ours (a suggestion, not an alias: --gpu-memory-utilization is a share of the
+# whole GPU, ours of the memory left after the weights)
+VLLM_FLAGS = {
+    "--tensor-parallel-size": "--tp_size", "-tp": "--tp_size", "--pipeline-parallel-size": "--pp_size",
+    "-pp": "--pp_size", "--max-model-len": "--max_seq_len", "--max-num-seqs": "--max_batch_size",
+    "--max-num-batched-tokens": "--max_num_tokens", "--gpu-memory-utilization": "--kv_cache_free_gpu_memory_fraction",
+    "--enable-expert-parallel": "--ep_size",
+}
+
+
+def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """'; did you mean ...?' for the unknown flags among `unknown` that are close to one of the
+    parser's (or are vLLM's name for it), else ''."""
+    def norm(flag: str) -> str:
+        return "--" + flag.lstrip("-").replace("-", "_")
+
+    names = {}  # normalised spelling -> the flag as --help lists it first
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        for o in longs:
+            names.setdefault(norm(o), longs[0])
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-"):
+            continue
+        ours = VLLM_FLAGS.get(flag) or VLLM_FLAGS.get(norm(flag).replace("_", "-"))
+        if ours not in names.values():
+            close = difflib.get_close_matches(norm(flag), list(names), n=1, cutoff=0.65) \
+                if len(flag.lstrip("-")) >= 3 else []  # "--x" is close to too much
+            ours = names[close[0]] if close else None
+        if ours is not None:
+            hints.append(f"{ours} for {flag}")
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors (a bad flag value, an unknown flag, a missing argument) are one
     line on stderr naming the flag and the value, exit status 2: no usage block (`--help` has it).
+    An unknown flag close to a known one (or vLLM's name for one) gets a suggestion.
     Subparsers made by add_subparsers inherit the class."""
 
     def error(self, message: str):
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            message += suggest_flags(self, m.group(1).split())
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -126,6 +126,23 @@ def test_a_shape_without_random_weights_is_one_line(capsys):
     assert "benchmark shape" in err and "--load_format dummy" in err
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["m", "--tensor-parallel-size", "2"], "did you mean --tp_size for --tensor-parallel-size?"),  # vLLM's names
+    (["m", "--max-model-len=4096", "-tp", "2"], "did you mean --max_seq_len for --max-model-len, --tp_size for -tp?"),
+    (["m", "--gpu-memory-utilization", "0.9"], "did you mean --kv_cache_free_gpu_memory_fraction for"),
+    (["m", "--moe_tensor_parallel_size", "2"], "did you mean --moe_tp_size for --moe_tensor_parallel_size?"),  # typos
+    (["m", "--kv-cache-dtipe", "fp8"], "did you mean --kv_cache_dtype for --kv-cache-dtipe?"),
+    (["m", "--x", "1"], None), (["m", "--frobnicate", "1"], None),  # nothing close: no suggestion
+])
+def test_an_unknown_flag_gets_the_flag_it_is_close_to(capsys, argv, hint):
+    with pytest.raises(SystemExit) as exc:
+        serve.build_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and err.startswith("meshserve serve: error: unrecognized arguments: ")
+    assert (hint in err) if hint else ("did you mean" not in err), err
+    assert err.endswith("(see meshserve serve --help)")
+
+
 def test_an_uncached_hub_id_offline_is_one_line(offline, capsys):
     err = one_line_error(capsys, ["tiny-org/not-downloaded"])
     assert "'tiny-org/not-downloaded' is not in the Hugging Face cache at " in err
