@@ -5,6 +5,7 @@ accepted ones instead of being silently ignored. Names follow TensorRT-LLM's LLM
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal, Optional, Union
 
 import yaml
@@ -328,14 +329,31 @@ class LlmArgs(StrictModel):
         return True
 
 
+# vLLM's names for settings these arguments spell the TensorRT-LLM way: an unknown key that is one of
+# them is answered with ours (not taken as an alias: gpu_memory_utilization is a share of the whole GPU,
+# free_gpu_memory_fraction of the memory left after the weights)
+VLLM_KEYS = {"max_model_len": "max_seq_len", "max_num_seqs": "max_batch_size",
+             "max_num_batched_tokens": "max_num_tokens", "gpu_memory_utilization": "kv_cache_config.free_gpu_memory_fraction",
+             "enforce_eager": "cuda_graph_config={'enable': False}", "kv_cache_dtype": "kv_cache_config.dtype",
+             "enable_prefix_caching": "kv_cache_config.enable_block_reuse", "enable_expert_parallel": "moe_expert_parallel_size"}
+
+
+def _did_you_mean(key: str, accepted: list[str], top_level: bool) -> str:
+    if top_level and key in VLLM_KEYS:
+        return f" (vLLM's name; here: {VLLM_KEYS[key]})"
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.7) if len(key) >= 3 else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def format_validation_error(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             model = _model_at(LlmArgs, e["loc"][:-1])
-            accepted = ", ".join(sorted(model.model_fields)) if model else "?"
-            lines.append(f"unknown key {loc!r} in {where}; accepted keys: {accepted}")
+            fields = sorted(model.model_fields) if model else []
+            hint = _did_you_mean(str(e["loc"][-1]), fields, len(e["loc"]) == 1)
+            lines.append(f"unknown key {loc!r} in {where}{hint}; accepted keys: {', '.join(fields) or '?'}")
         else:
             lines.append(f"{where}: {loc}={e.get('input')!r}: {e['msg']}")
     return "; ".join(lines)

@@ -49,3 +49,31 @@ def test_triton_experts_without_a_gpu_are_refused_before_loading(tmp_path, monke
     check_parallel_layout(args, cfg)
     check_parallel_layout(build_llm_args("LLM()", model=str(tmp_path), device="cpu",
                                          moe_config={"backend": "VANILLA"}), cfg)
+
+
+@pytest.mark.parametrize("kw,hint", [
+    (dict(max_model_len=4096), "unknown key 'max_model_len' in LLM() (vLLM's name; here: max_seq_len); accepted keys: "),
+    (dict(gpu_memory_utilization=0.9), "(vLLM's name; here: kv_cache_config.free_gpu_memory_fraction)"),
+    (dict(enforce_eager=True), "(vLLM's name; here: cuda_graph_config={'enable': False})"),
+    (dict(tensor_paralel_size=2), "unknown key 'tensor_paralel_size' in LLM() (did you mean 'tensor_parallel_size'?)"),
+    (dict(kv_cache_config={"free_gpu_mem_fraction": 0.5}),
+     "unknown key 'kv_cache_config.free_gpu_mem_fraction' in LLM() (did you mean 'free_gpu_memory_fraction'?); "
+     "accepted keys: cpu_kv_cache_gb, dtype, enable_block_reuse, free_gpu_memory_fraction, max_tokens, tokens_per_block"),
+    (dict(kv_cache_config={"max_model_len": 8}), "unknown key 'kv_cache_config.max_model_len' in LLM(); accepted"),
+    (dict(zz=1), "unknown key 'zz' in LLM(); accepted keys: attention_backend, "),  # nothing close: no hint
+])
+def test_an_unknown_key_names_the_one_it_is_close_to(kw, hint):
+    with pytest.raises(ValueError) as e:
+        build_llm_args("LLM()", model="m", **kw)
+    assert hint in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_every_vllm_name_points_at_a_setting_that_exists():
+    from meshserve.config import VLLM_KEYS, LlmArgs
+    for ours in VLLM_KEYS.values():
+        top, _, sub = ours.split("=")[0].partition(".")
+        assert top in LlmArgs.model_fields, ours
+        if sub:
+            ann = LlmArgs.model_fields[top].annotation
+            model = next(a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields"))
+            assert sub in model.model_fields, ours
