@@ -436,7 +436,7 @@ def seed_config(port, ctx_urls, gen_url) -> str:
 
 
 @pytest.mark.parametrize("extra,expected", [
-    ("max_retrys: 2\n", "unknown key 'max_retrys'; accepted: hostname, port, backend, context_servers, "
+    ("max_retrys: 2\n", "unknown key 'max_retrys' (did you mean 'max_retries'?); accepted: hostname, port, backend, context_servers, "
                         "generation_servers, max_retries, health_check_interval, health_check_timeout, "
                         "max_failovers, stall_timeout"),
     ("stall_timeout: -1\n", "stall_timeout=-1: expected a number of seconds > 0"),
@@ -456,7 +456,7 @@ def test_config_errors_are_one_line(tmp_path, capsys, extra, expected):
 
 
 @pytest.mark.parametrize("groups,expected", [
-    ({"urls": ["a:1"], "routr": {}}, "context_servers: unknown key 'routr'; accepted: num_instances, urls, router"),
+    ({"urls": ["a:1"], "routr": {}}, "context_servers: unknown key 'routr' (did you mean 'router'?); accepted: num_instances, urls, router"),
     ({"urls": ["a:1"], "router": {"type": "random"}},
      "context_servers.router.type='random'; accepted: round_robin, load_balancing, kv_cache_aware"),
     ({"urls": ["a:1"], "router": {"type": "round_robin", "block_size": 4}},

@@ -220,7 +220,7 @@ def test_disaggregated_parses_the_seed_config_and_names_a_bad_key(tmp_path, caps
     config.write_text(seed + "max_retrys: 2\n")
     assert cli.main(["disaggregated", "-c", str(config)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"meshserve disaggregated: error: {config}: unknown key 'max_retrys'; "
+    assert "\n" not in err and err.startswith(f"meshserve disaggregated: error: {config}: unknown key 'max_retrys' (did you mean 'max_retries'?); "
                                              f"accepted: hostname, port, backend, context_servers")
     assert cli.main(["disaggregated", "--config", str(tmp_path / "missing.yml")]) == 2
     assert capsys.readouterr().err.strip() == f"meshserve disaggregated: error: -c {tmp_path / 'missing.yml'}: no such file"
