@@ -12,7 +12,7 @@ VLLM_FLAGS = {
     "--tensor-parallel-size": "--tp_size", "-tp": "--tp_size", "--pipeline-parallel-size": "--pp_size",
     "-pp": "--pp_size", "--max-model-len": "--max_seq_len", "--max-num-seqs": "--max_batch_size",
     "--max-num-batched-tokens": "--max_num_tokens", "--gpu-memory-utilization": "--kv_cache_free_gpu_memory_fraction",
-    "--enable-expert-parallel": "--ep_size",
+    "--enable-expert-parallel": "--ep_size", "--save-result": "--result-json", "--result-filename": "--result-json",
 }
 
 
