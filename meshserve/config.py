@@ -5,11 +5,12 @@ accepted ones instead of being silently ignored. Names follow TensorRT-LLM's LLM
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from meshserve.errors import nearest
 
 
 def _wants_int(annotation) -> bool:
@@ -341,8 +342,8 @@ VLLM_KEYS = {"max_model_len": "max_seq_len", "max_num_seqs": "max_batch_size",
 def _did_you_mean(key: str, accepted: list[str], top_level: bool) -> str:
     if top_level and key in VLLM_KEYS:
         return f" (vLLM's name; here: {VLLM_KEYS[key]})"
-    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.7) if len(key) >= 3 else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = nearest(key, accepted)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:

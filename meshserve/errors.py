@@ -11,6 +11,14 @@ parent, which prints it once; they log the traceback only at DEBUG.
 """
 from __future__ import annotations
 
+def nearest(word: str, choices, cutoff: float = 0.65):
+    """The accepted name `word` is most likely a misspelling of (difflib), or None: for the "did you mean"
+    of unknown flags and keys. Words under 3 characters match too much to suggest anything."""
+    import difflib
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff) if len(word) >= 3 else []
+    return close[0] if close else None
+
+
 DEBUG_HINT = "run with --log-level debug for the traceback"
 API_DEBUG_HINT = "set logging to DEBUG, e.g. logging.basicConfig(level='DEBUG'), for the traceback"
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import re
+
+from meshserve.errors import nearest
 
 # vLLM's spellings of what these commands name the TensorRT-LLM way: an unknown flag that is one of
 # them is answered with ours (a suggestion, not an alias: --gpu-memory-utilization is a share of the
@@ -34,9 +35,8 @@ def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
             continue
         ours = VLLM_FLAGS.get(flag) or VLLM_FLAGS.get(norm(flag).replace("_", "-"))
         if ours not in names.values():
-            close = difflib.get_close_matches(norm(flag), list(names), n=1, cutoff=0.65) \
-                if len(flag.lstrip("-")) >= 3 else []  # "--x" is close to too much
-            ours = names[close[0]] if close else None
+            close = nearest(norm(flag), names) if len(flag.lstrip("-")) >= 3 else None  # "--x": too short
+            ours = names.get(close)
         if ours is not None:
             hints.append(f"{ours} for {flag}")
     return f"; did you mean {', '.join(hints)}?" if hints else ""

@@ -3,12 +3,12 @@ their parsing and validation, every mistake a ConfigError of one line that names
 (docs/disaggregated.md has the keys)."""
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from meshserve.disagg.router import ROUTERS
+from meshserve.errors import nearest
 
 
 class ConfigError(ValueError):
@@ -75,9 +75,8 @@ def load_config(path: str) -> DisaggConfig:
 def _unknown(where: str, given, accepted: Sequence[str]) -> None:
     unknown = [k for k in given if k not in accepted]
     if unknown:
-        close = [f"{m[0]!r}" + (f" for {k!r}" if len(unknown) > 1 else "") for k in unknown
-                 if isinstance(k, str) and len(k) >= 3
-                 for m in [difflib.get_close_matches(k, list(accepted), n=1, cutoff=0.7)] if m]
+        close = [f"{m!r}" + (f" for {k!r}" if len(unknown) > 1 else "") for k in unknown
+                 if isinstance(k, str) for m in [nearest(k, accepted)] if m]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(map(repr, unknown))}{hint}; accepted: {', '.join(accepted)}")

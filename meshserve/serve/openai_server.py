@@ -539,7 +539,7 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
-        return error_response(http_error(request, err.status_code, str(err.detail), err.headers))
+        return error_response(http_error(request, err.status_code, err.detail, err.headers))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, err: Exception):

@@ -57,7 +57,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": one_line(str(message)), "type": type, "param": param, "code": code}}
 
 
-def http_error(request, status: int, detail: str, headers: Optional[dict] = None) -> APIError:
+def http_error(request, status: int, detail, headers: Optional[dict] = None) -> APIError:
     """Starlette's routing errors in the OpenAI shape, naming what was asked and what is served: a 404
     lists the routes (`POST /v1/embeddings` is not one), a 405 the methods the path takes."""
     asked = f"{request.method} {request.url.path}"
@@ -67,8 +67,8 @@ def http_error(request, status: int, detail: str, headers: Optional[dict] = None
         return APIError(404, f"{asked} is not served here; this server serves {', '.join(routes)}",
                         code="not_found")
     if status == 405:
-        allow = (headers or {}).get("Allow") or (headers or {}).get("allow") or ""
-        return APIError(405, f"{asked}: method not allowed; {request.url.path} takes {allow or 'other methods'}",
+        allow = (headers or {}).get("Allow") or "other methods"  # starlette's header for a 405
+        return APIError(405, f"{asked}: method not allowed; {request.url.path} takes {allow}",
                         headers=headers, code="method_not_allowed")
     return APIError(status, str(detail), headers=headers)
 
