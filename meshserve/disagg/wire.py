@@ -366,3 +366,13 @@ def check_payload(mac: bytes, expected: bytes, layer: int, t0: int, t1: int, ep:
         why = "altered in transit" if expected else "the context server sent none"
         raise _Fail(f"layer {layer} tokens [{t0}, {t1}) from context rank {ep} failed the payload integrity check "
                     f"(its MAC does not match: {why}); none of it was written")
+
+
+def tristate(value, field: str):
+    """cache_transceiver_config's auto | true | false settings: "auto", True or False; a ValueError
+    of one line naming the field otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
+    raise ValueError(f"cache_transceiver_config.{field}={value!r} is not one of auto, true, false")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from meshserve.config import build_llm_args
-from meshserve.disagg import cuda_ipc, kv_io, tcp
+from meshserve.disagg import cuda_ipc, kv_io, tcp, tcp_sink
 from meshserve.disagg.transceiver import KvRequest, TransferState, create_transceiver
 from test_transfer import KEY, Cluster, _caches, _layout
 
@@ -48,7 +48,8 @@ class FakeIpc:
 @pytest.fixture
 def ipc(monkeypatch):
     fake = FakeIpc()
-    monkeypatch.setattr(tcp, "_ipc_local_why", lambda caches: None)  # as if the caches were CUDA tensors
+    for side in (tcp, tcp_sink):  # the source's module and the sink's
+        monkeypatch.setattr(side, "_ipc_local_why", lambda caches: None)  # as if the caches were CUDA tensors
     monkeypatch.setattr(cuda_ipc, "ipc_export", fake.export)  # where the IPC mixins look them up
     monkeypatch.setattr(cuda_ipc, "ipc_open", fake.open)
     return fake

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from meshserve.disagg import mpi as mpi_backend
-from meshserve.disagg import tcp
+from meshserve.disagg import tcp, tcp_sink
 from meshserve.disagg._side import SideKvSource
 from meshserve.disagg.transceiver import KvRequest, RankLayout, TransferState, create_transceiver
 
@@ -546,7 +546,7 @@ def test_verify_payload_auto_is_off_for_this_host_over_loopback(cluster, backend
 def test_verify_payload_auto_is_on_for_a_peer_that_is_not_loopback(cluster, backend, monkeypatch):
     if _nixl(backend):
         pytest.skip("NIXL: verify_payload has no effect")
-    monkeypatch.setattr(tcp, "_peer_address", lambda sock: "10.1.2.3")  # as if over the network
+    monkeypatch.setattr(tcp_sink, "_peer_address", lambda sock: "10.1.2.3")  # the sink sees the source over the network
     c, r, _ = _tampered_pull(cluster, monkeypatch, verify_payload="auto")
     assert r.state is TransferState.FAILED and "payload integrity check" in r.error, r
     assert c.untouched(0)
