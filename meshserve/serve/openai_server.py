@@ -327,7 +327,8 @@ class OpenAIServing:
         return resume, params.clone(max_tokens=max_tokens + k, min_tokens=min_tokens)
 
     # ---- /v1/completions ---------------------------------------------------------------------------
-    async def completion_prompts(self, prompt) -> list[tuple[Optional[str], list[int]]]:
+    async def completion_prompts(self, prompt, add_special_tokens: bool = True
+                                 ) -> list[tuple[Optional[str], list[int]]]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -338,7 +339,8 @@ class OpenAIServing:
             raise bad_request("prompt contains an empty list of token ids", "prompt")
         texts = [p for p in prompt if isinstance(p, str)]
         # one hop for the whole batch: many short prompts add up like one long one
-        ids = iter(await self._off_loop(sum(map(len, texts)), lambda: [self.encoder.encode(t) for t in texts]))
+        ids = iter(await self._off_loop(sum(map(len, texts)), lambda: [self.encoder.encode(t, add_special_tokens)
+                                                                             for t in texts]))
         return [(p, next(ids)) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
     async def create_completion(self, raw: Request) -> Response:
@@ -352,7 +354,7 @@ class OpenAIServing:
                               f"engine's max_n, which defaults to max_batch_size)", "best_of")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of={req.best_of} is not supported; leave it unset or equal to n", "best_of")
-        prompts = await self.completion_prompts(req.prompt)
+        prompts = await self.completion_prompts(req.prompt, req.add_special_tokens is not False)
         max_tokens = req.requested_max_tokens
         renames = {"max_tokens": "max_completion_tokens"} if req.max_completion_tokens is not None else None
         prompt_logprobs = req.prompt_logprobs
@@ -413,8 +415,8 @@ class OpenAIServing:
             raise
         except Exception as e:  # noqa: BLE001 - jinja and template errors are the request's fault
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
-        # The template already holds the special tokens: encode without adding a BOS again.
-        return text, self.encoder.encode(text, add_special_tokens=False)
+        # The template already holds the special tokens: no BOS added again unless asked (vLLM's default)
+        return text, self.encoder.encode(text, add_special_tokens=bool(req.add_special_tokens))
 
     async def create_chat_completion(self, raw: Request) -> Response:
         req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)

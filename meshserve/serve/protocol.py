@@ -2,7 +2,8 @@
 OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`.
 
 As vLLM does, a field this server does not know (a newer OpenAI one such as `reasoning_effort`) is
-ignored with a logged warning; a known field with a bad value is a 400 naming it. Numbers are
+ignored with a logged warning, unless it is a setting this server cannot honour (REFUSED_FIELDS) or a
+misspelt known field: a 400 naming it; a known field with a bad value is a 400 naming it. Numbers are
 range-checked by SamplingParams.validate (and `n` against the engine's max_n when submitted).
 
 Field names and extensions (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
@@ -14,11 +15,12 @@ import asyncio
 
 import logging
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from meshserve.errors import nearest
 from meshserve.sampling_params import SamplingParams, short_repr
 
 logger = logging.getLogger(__name__)
@@ -182,17 +184,79 @@ def _names(fields: list) -> str:
                     + (f", ... ({len(fields)} in all)" if len(fields) > 20 else ""))
 
 
+_STRUCTURED = "structured output (guided decoding) is not supported by this server"
+_TOOLS = "tools / function calling are not supported by this server"
+# Fields vLLM or OpenAI define that change what is generated and this server cannot honour: set to
+# anything but a value that asks for nothing, each is a 400 naming it (a setting is refused, never
+# accepted and ignored). field -> (the values that ask for nothing, why it is refused)
+REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
+    **{f: ((None,), _STRUCTURED) for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                           "guided_decoding_backend", "guided_whitespace_pattern",
+                                           "structured_outputs", "structural_tag")},
+    "use_beam_search": ((None, False), "beam search is not supported by this server"),
+    "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
+    "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported; a prompt longer than "
+                                        "max_seq_len is a 400, so shorten it on the client"),
+    "allowed_token_ids": ((None, []), "allowed_token_ids is not supported by this server; logit_bias can "
+                                      "steer sampling"),
+    "bad_words": ((None, []), "bad_words is not supported by this server; logit_bias can steer sampling"),
+    "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
+    "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
+                                                  "gives each choice's token ids"),
+    "priority": ((None, 0), "request priorities are not supported: this server schedules first come, first served"),
+    "cache_salt": ((None,), "cache_salt is not supported: this server's prefix cache is shared by all its "
+                            "requests (run separate servers to keep tenants' caches apart)"),
+    "kv_transfer_params": ((None,), "kv_transfer_params (vLLM's) is not this server's disaggregation interface; "
+                                    "use disaggregated_params (docs/disaggregated.md)"),
+    "functions": ((None, []), _TOOLS),
+    "function_call": ((None, "none"), _TOOLS),
+    "audio": ((None,), "audio output is not supported by this server"),
+    "modalities": ((None, ["text"]), "only text output is supported: modalities must be [\"text\"] or left out"),
+    "prediction": ((None,), "predicted outputs are not supported by this server"),
+    "web_search_options": ((None,), "web search is not supported by this server"),
+    "documents": ((None, []), "documents are not supported by this server"),
+    "mm_processor_kwargs": ((None, {}), "multimodal inputs are not supported by this server"),
+    "echo": ((None, False), "echo on chat completions (vLLM's) is not supported by this server"),  # completions': known
+}
+
+
 class OpenAIModel(BaseModel):
+    """A request body's part. As vLLM does, a field it does not know is ignored with a warning in the
+    log, unless it is one REFUSED_FIELDS names (`refuses`) or looks like a misspelt known field: a 400."""
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    refuses: ClassVar[bool] = False  # check REFUSED_FIELDS (the request bodies, not their parts)
 
     @model_validator(mode="before")
     @classmethod
     def _ignore_unknown(cls, data: Any) -> Any:
         if isinstance(data, dict):
             unknown = [k for k in data if k not in cls.model_fields]
+            for i, k in enumerate(unknown):
+                if cls.refuses and k in REFUSED_FIELDS and not _asks_nothing(data[k], REFUSED_FIELDS[k][0]):
+                    raise bad_request(f"{k}={short_repr(data[k])}: {REFUSED_FIELDS[k][1]}", k)
+                # a field name's typo (the first 20 unknown names of up to 64 characters: a body of many
+                # long names costs no more than its parse)
+                close = nearest(k, cls.model_fields, cutoff=0.8) if i < 20 and len(k) <= 64 else None
+                if close and close not in data:
+                    raise bad_request(f"unknown field {short_repr(k)}; did you mean {close!r}?", k)
             if unknown:
                 _log_ignored(cls.__name__, unknown)
         return data
+
+
+def _asks_nothing(value, nothing: tuple) -> bool:
+    """`value` is one of `nothing` (None, False, a number, an empty list...), with booleans kept apart
+    from numbers."""
+    for n in nothing:
+        if n is None or isinstance(n, bool) or isinstance(value, bool):
+            if value is n:
+                return True
+        elif isinstance(n, (int, float)) and isinstance(value, (int, float)):
+            if value == n:
+                return True
+        elif type(value) is type(n) and value == n:
+            return True
+    return False
 
 
 class StreamOptions(OpenAIModel):
@@ -213,6 +277,7 @@ class DisaggregatedParams(OpenAIModel):
 
 class SamplingRequest(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
+    refuses: ClassVar[bool] = True
     model: Optional[str] = None
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
@@ -240,6 +305,9 @@ class SamplingRequest(OpenAIModel):
     # vLLM's: each choice carries its `token_ids` (streamed: the chunk's), and the prompt's
     # `prompt_token_ids` come with the answer (streamed: with the first chunk)
     return_token_ids: bool = False
+    # vLLM's: the tokenizer's special tokens (a BOS) added to the prompt's text; None: the endpoint's
+    # default, True for completions, False for chat (its template writes them)
+    add_special_tokens: Optional[bool] = None
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None
@@ -330,6 +398,7 @@ class ChatCompletionRequest(SamplingRequest):
                                   f"(a string or a list of text parts); only an assistant message may leave it "
                                   f"null", f"messages.{i}.content")
             d = m.model_dump(exclude_none=True)
+            d.setdefault("content", "")  # an assistant turn of only tool_calls: templates read its content (vLLM's)
             if isinstance(m.content, list):
                 texts = []
                 for j, part in enumerate(m.content):

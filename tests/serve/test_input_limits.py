@@ -1,7 +1,7 @@
 """Request limits through a real server: every number of a completion or chat request is range-checked
 into a 400 that names the field, its value and what is accepted (never a 500, never a stall); `n` is
 capped by max_n (--max_n; default max_batch_size, also in LLM.generate); unknown fields are ignored
-with a logged warning, as vLLM does; unknown roles and null content (but an assistant's) are 400s; a
+with a logged warning, as vLLM does (the ones it refuses: test_request_fields.py); unknown roles and null content (but an assistant's) are 400s; a
 body over --max_request_body_mb is a 413 whether it declares its length or streams in chunks. After
 each bad request a good one still succeeds."""
 from __future__ import annotations

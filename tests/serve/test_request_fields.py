@@ -1,0 +1,151 @@
+"""Request fields a vLLM or OpenAI client sends that this server cannot honour are 400s naming the field
+(guided decoding, beam search, priorities, ...), a misspelt known field is a 400 naming the field it is
+close to, and vLLM's `add_special_tokens` is honoured (completions add the BOS by default, chat does
+not), checked against the checkpoint's own tokenizer, which adds one. Genuinely unknown fields stay
+ignored with a warning (test_input_limits.py)."""
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from helpers import build_checkpoint
+from serve_util import start_server
+
+MODEL = "tiny-bos"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 2}
+COMPLETION = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def bos_model(tmp_path_factory) -> str:
+    """The tiny Llama of tests/helpers.py whose tokenizer adds <|endoftext|> before each text, as
+    Llama's tokenizers add <s>."""
+    from tokenizers import Tokenizer, processors
+
+    path = str(tmp_path_factory.mktemp("models") / MODEL)
+    build_checkpoint(path, "llama", max_position_embeddings=512)
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    bos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                       special_tokens=[("<|endoftext|>", bos)])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    cfg["add_bos_token"] = True
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(bos_model):
+    srv = start_server(bos_model, "--max_seq_len", "256", "--max_batch_size", "4", "--trust_request_chat_template")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(bos_model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(bos_model)
+
+
+def post(http: httpx.Client, kind: str, extra: dict) -> httpx.Response:
+    body = {**(CHAT if kind == "chat" else COMPLETION), **extra}
+    return http.post("/v1/chat/completions" if kind == "chat" else "/v1/completions", json=body)
+
+
+REFUSED = [  # (endpoint, field, value, words of the message)
+    ("completion", "guided_json", {"type": "object"}, "structured output"),
+    ("chat", "guided_choice", ["yes", "no"], "structured output"),
+    ("chat", "structured_outputs", {"regex": "[a-z]+"}, "structured output"),
+    ("completion", "use_beam_search", True, "beam search"),
+    ("completion", "length_penalty", 0.5, "beam search"),
+    ("chat", "priority", 1, "first come, first served"),
+    ("completion", "allowed_token_ids", [1, 2], "logit_bias"),
+    ("completion", "bad_words", ["x"], "logit_bias"),
+    ("completion", "truncate_prompt_tokens", 8, "max_seq_len"),
+    ("chat", "cache_salt", "tenant-a", "prefix cache"),
+    ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
+    ("chat", "modalities", ["text", "audio"], "modalities"),
+    ("chat", "echo", True, "echo"),
+    ("completion", "kv_transfer_params", {"do_remote_decode": True}, "disaggregated_params"),
+]
+
+
+@pytest.mark.parametrize("kind,field,value,words", REFUSED, ids=[f"{r[0]}-{r[1]}" for r in REFUSED])
+def test_a_setting_the_server_cannot_honour_is_a_400_naming_it(http, kind, field, value, words):
+    r = post(http, kind, {field: value})
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["param"] == field and err["message"].startswith(f"{field}=") and words in err["message"], err
+    assert "\n" not in err["message"]
+    assert post(http, kind, {}).status_code == 200  # the server goes on
+
+
+@pytest.mark.parametrize("kind,field,value", [("completion", "use_beam_search", False), ("chat", "priority", 0),
+                                              ("completion", "length_penalty", 1.0), ("chat", "modalities", ["text"]),
+                                              ("chat", "echo", False), ("completion", "guided_json", None)])
+def test_the_same_fields_asking_for_nothing_are_accepted(http, kind, field, value):
+    r = post(http, kind, {field: value})
+    assert r.status_code == 200, (r.status_code, r.text)
+
+
+@pytest.mark.parametrize("kind,field,close", [("completion", "temprature", "temperature"),
+                                              ("chat", "max_token", "max_tokens"),
+                                              ("chat", "logprob", "logprobs"),
+                                              ("completion", "top_logprobs", "logprobs"),
+                                              ("chat", "stream_option", "stream_options")])
+def test_a_misspelt_field_is_a_400_naming_the_field_it_is_close_to(http, kind, field, close):
+    body = {**(CHAT if kind == "chat" else COMPLETION), field: 1}
+    body.pop(close, None)  # a misspelling, not a second copy of a field the body already has
+    r = http.post("/v1/chat/completions" if kind == "chat" else "/v1/completions", json=body)
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["param"] == field and f"did you mean '{close}'" in err["message"], err
+
+
+def prompt_ids(http, kind: str, extra: dict) -> list[int]:
+    r = post(http, kind, {"return_token_ids": True, **extra})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["prompt_token_ids"] if kind == "chat" else body["choices"][0]["prompt_token_ids"]
+
+
+def test_add_special_tokens_as_vllm(http, reference):
+    text = COMPLETION["prompt"]
+    with_bos, without = reference.encode(text), reference.encode(text, add_special_tokens=False)
+    assert with_bos != without  # the reference tokenizer adds a BOS, so the field is visible
+    assert prompt_ids(http, "completion", {}) == with_bos
+    assert prompt_ids(http, "completion", {"add_special_tokens": True}) == with_bos
+    assert prompt_ids(http, "completion", {"add_special_tokens": False}) == without
+    rendered = reference.apply_chat_template(CHAT["messages"], tokenize=False, add_generation_prompt=True)
+    assert prompt_ids(http, "chat", {}) == reference.encode(rendered, add_special_tokens=False)
+    assert prompt_ids(http, "chat", {"add_special_tokens": True}) == reference.encode(rendered)
+
+
+# concatenates each message's content as SmolLM2's template does: a missing content is an error there
+CONCAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_an_assistant_turn_of_only_tool_calls_renders_as_empty_content(http, reference):
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    ids = prompt_ids(http, "chat", {"messages": messages, "chat_template": CONCAT_TEMPLATE})
+    expected = [dict(m, content=m["content"] or "") for m in messages]  # vLLM renders a null content as ""
+    rendered = reference.apply_chat_template(expected, tokenize=False, add_generation_prompt=True,
+                                             chat_template=CONCAT_TEMPLATE)
+    assert "<|im_start|>assistant\n<|im_end|>" in rendered
+    assert ids == reference.encode(rendered, add_special_tokens=False)
