@@ -9,9 +9,12 @@ Field names follow vLLM / TensorRT-LLM so code written for either ports by chang
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
+
+from meshserve.errors import nearest
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -141,3 +144,41 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_STRUCTURED = "structured output (guided decoding) is not supported"
+_BEAM = "beam search is not supported"
+# other engines' SamplingParams (and transformers' generate) arguments this one lacks: what to do instead
+FOREIGN_ARGS = {
+    **{k: _STRUCTURED for k in ("guided_decoding", "structured_outputs", "guided_json", "guided_regex",
+                                "guided_choice", "guided_grammar")},
+    **{k: _BEAM for k in ("use_beam_search", "beam_width", "length_penalty", "early_stopping", "num_beams")},
+    "best_of": "best_of is not supported; n samples n sequences",
+    "bad_words": "bad_words is not supported; logit_bias can steer sampling",
+    "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can steer sampling",
+    "logits_processors": "custom logits processors are not supported",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; a prompt longer than max_seq_len is an "
+                              "error, so shorten it first",
+    "max_new_tokens": "transformers' name; here: max_tokens",
+    "num_return_sequences": "transformers' name; here: n",
+    "do_sample": "transformers' switch; here: temperature=0 (or top_k=1) for greedy decoding",
+    "stop_sequences": "here: stop",
+    "pad_id": "not needed: sequences are not padded",
+}
+_dataclass_init = SamplingParams.__init__
+
+
+def _init(self, *args, **kwargs) -> None:
+    """The dataclass's __init__, with an unknown keyword's TypeError naming what to use instead."""
+    for name in kwargs:
+        if name not in _FIELDS:
+            close = nearest(name, _FIELDS, cutoff=0.75)
+            hint = (FOREIGN_ARGS.get(name) or (f"did you mean {close!r}?" if close else None)
+                    or f"accepted: {', '.join(_FIELDS)}")
+            raise TypeError(f"SamplingParams got an unexpected keyword argument {name!r} ({hint})")
+    _dataclass_init(self, *args, **kwargs)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_init.__signature__ = inspect.signature(_dataclass_init)
+SamplingParams.__init__ = _init

@@ -77,3 +77,32 @@ def test_every_vllm_name_points_at_a_setting_that_exists():
             ann = LlmArgs.model_fields[top].annotation
             model = next(a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields"))
             assert sub in model.model_fields, ours
+
+
+@pytest.mark.parametrize("kw,hint", [
+    ({"temprature": 0.5}, "did you mean 'temperature'?"),
+    ({"max_token": 4}, "did you mean 'max_tokens'?"),
+    ({"max_new_tokens": 4}, "here: max_tokens"),
+    ({"num_return_sequences": 2}, "here: n"),
+    ({"use_beam_search": True}, "beam search is not supported"),
+    ({"guided_decoding": {"json": {}}}, "structured output"),
+    ({"frobnicate": 1}, "accepted: max_tokens, min_tokens, temperature"),
+])
+def test_an_unknown_sampling_argument_says_what_to_use_instead(kw, hint):
+    from meshserve import SamplingParams
+    with pytest.raises(TypeError, match="unexpected keyword argument") as exc:
+        SamplingParams(**kw)
+    assert hint in str(exc.value) and next(iter(kw)) in str(exc.value)
+    assert SamplingParams(temperature=0.5, max_tokens=4).max_tokens == 4  # known ones as before
+
+
+def test_every_foreign_sampling_hint_names_no_field_that_exists():
+    """A hint is for names SamplingParams lacks: one it has would never reach the hint."""
+    import dataclasses
+
+    from meshserve.sampling_params import FOREIGN_ARGS, SamplingParams
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert not fields & set(FOREIGN_ARGS)
+    for hint in FOREIGN_ARGS.values():  # "here: x" names a field that exists
+        if "here: " in hint and "temperature=0" not in hint:
+            assert hint.split("here: ")[1] in fields, hint
