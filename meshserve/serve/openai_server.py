@@ -32,8 +32,8 @@ from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTrans
                                            RequestRejectedError, RequestStream)
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
-from meshserve.sampling_params import SamplingParams
-from meshserve.serve import responses
+from meshserve.sampling_params import SamplingParams, short_repr
+from meshserve.serve import responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
@@ -123,14 +123,27 @@ class OpenAIServing:
 
     # ---- shared steps --------------------------------------------------------------------------------
     async def parse(self, raw: Request, model_cls):
+        return self.validate(await self.read_json(raw), model_cls)
+
+    async def read_json(self, raw: Request) -> dict:
         data = decode_json_body(await read_body(raw, self.config.max_request_body_bytes,
                                                 self.config.request_body_timeout_s))
         if not isinstance(data, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    @staticmethod
+    def validate(data: dict, model_cls):
         try:
             return model_cls.model_validate(data)
         except ValidationError as e:
             raise from_validation_error(e) from None
+
+    def check_chat_template(self, req) -> None:
+        if req.chat_template is not None and not self.config.trust_request_chat_template:
+            raise bad_request("chat_template: this server renders its own chat template only; leave chat_template "
+                              "out (a server started with --trust_request_chat_template takes a request's)",
+                              "chat_template")
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.config.served_model_name and model not in self.config.model_aliases:
@@ -424,14 +437,11 @@ class OpenAIServing:
         if req.tools and req.tool_choice != "none":
             raise bad_request("tools / function calling are not supported by this server", "tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request(f"response_format={req.response_format!r} is not supported; only "
+            raise bad_request(f"response_format={short_repr(req.response_format)} is not supported; only "
                               f"{{'type': 'text'}}", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        if req.chat_template is not None and not self.config.trust_request_chat_template:
-            raise bad_request("chat_template: this server renders its own chat template only; leave chat_template "
-                              "out (a server started with --trust_request_chat_template takes a request's)",
-                              "chat_template")
+        self.check_chat_template(req)
         text, ids = await self.chat_prompt(req)
         max_tokens = req.requested_max_tokens
         if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
@@ -555,6 +565,14 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     @app.post("/v1/chat/completions", openapi_extra=ROUTE_BODIES["/v1/chat/completions"])
     async def chat_completions(raw: Request):
         return await serving.create_chat_completion(raw)
+
+    @app.post("/tokenize", openapi_extra=ROUTE_BODIES["/tokenize"])
+    async def tokenize(raw: Request):
+        return await tokens_api.tokenize(serving, raw)
+
+    @app.post("/detokenize", openapi_extra=ROUTE_BODIES["/detokenize"])
+    async def detokenize(raw: Request):
+        return await tokens_api.detokenize(serving, raw)
 
     @app.get("/v1/models")
     async def models():

@@ -13,12 +13,21 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from meshserve.serve.protocol import ChatCompletionRequest, CompletionRequest
+from meshserve.serve.tokens_api import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
-_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
-_refs, _doc = models_json_schema([(m, "validation") for m in _MODELS.values()],
+_MODELS = {"/v1/completions": (CompletionRequest,), "/v1/chat/completions": (ChatCompletionRequest,),
+           "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest), "/detokenize": (DetokenizeRequest,)}
+_refs, _doc = models_json_schema([(m, "validation") for ms in _MODELS.values() for m in ms],
                                  ref_template="#/components/schemas/{model}")
+
+
+def _schema(models: tuple) -> dict:
+    refs = [_refs[(m, "validation")] for m in models]
+    return refs[0] if len(refs) == 1 else {"anyOf": refs}  # /tokenize: a prompt, or chat messages
+
+
 ROUTE_BODIES = {path: {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": _refs[(m, "validation")]}}}} for path, m in _MODELS.items()}
+    "schema": _schema(ms)}}}} for path, ms in _MODELS.items()}
 _BODY_SCHEMAS = _doc.get("$defs", {})
 
 

@@ -149,3 +149,59 @@ def test_an_assistant_turn_of_only_tool_calls_renders_as_empty_content(http, ref
                                              chat_template=CONCAT_TEMPLATE)
     assert "<|im_start|>assistant\n<|im_end|>" in rendered
     assert ids == reference.encode(rendered, add_special_tokens=False)
+
+
+# ---- vLLM's /tokenize and /detokenize -------------------------------------------------------------
+
+def test_tokenize_a_prompt_as_the_reference_tokenizer(http, reference):
+    text = "Hello world, numbers 1 2 3"
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == reference.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 256
+    assert body["token_strs"] == reference.convert_ids_to_tokens(reference.encode(text))
+    r = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+    assert r.json()["tokens"] == reference.encode(text, add_special_tokens=False) != body["tokens"]
+    assert "token_strs" not in r.json()
+
+
+def test_tokenize_chat_messages_as_the_chat_route_sees_them(http, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    r = http.post("/tokenize", json={"model": MODEL, "messages": messages})
+    assert r.status_code == 200, r.text
+    rendered = reference.apply_chat_template([messages[0], {"role": "user", "content": "Hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert r.json()["tokens"] == reference.encode(rendered, add_special_tokens=False)
+    assert r.json()["tokens"] == prompt_ids(http, "chat", {"messages": messages})  # what a chat request prefills
+    r = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False})
+    no_prompt = reference.apply_chat_template([messages[0], {"role": "user", "content": "Hi"}], tokenize=False)
+    assert r.json()["tokens"] == reference.encode(no_prompt, add_special_tokens=False)
+
+
+def test_detokenize_as_the_reference_tokenizer(http, reference):
+    ids = reference.encode("Ünïcödé tëxt and 42", add_special_tokens=False)
+    r = http.post("/detokenize", json={"model": MODEL, "tokens": ids})
+    assert r.status_code == 200 and r.json() == {"prompt": reference.decode(ids)}, r.text
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"messages": []}, "messages"),
+    ("/tokenize", {"prompt": "hi", "model": "gpt-4"}, "model"),
+])
+def test_tokenize_and_detokenize_refuse_bad_input_naming_the_field(http, route, body, param):
+    r = http.post(route, json=body)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param and "\n" not in r.json()["error"]["message"]
+    assert http.post("/detokenize", json={"tokens": [5]}).status_code == 200  # the server goes on
+
+
+def test_tokenize_takes_the_requests_chat_template_where_trusted(http, reference):
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": CONCAT_TEMPLATE}
+    rendered = reference.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True,
+                                             chat_template=CONCAT_TEMPLATE)
+    assert http.post("/tokenize", json=body).json()["tokens"] == reference.encode(rendered, add_special_tokens=False)
