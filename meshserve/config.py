@@ -215,6 +215,11 @@ class CacheTransceiverConfig(StrictModel):
 class LlmArgs(StrictModel):
     model: Optional[str] = None
     tokenizer: Optional[str] = None
+    revision: Optional[str] = Field(None, description=(
+        "the Hub revision (branch, tag or commit) of a model given as a Hugging Face Hub id; default: main"))
+    tokenizer_revision: Optional[str] = Field(None, description=(
+        "the Hub revision of the tokenizer (the model's when `tokenizer` is unset) given as a Hub id; "
+        "default: main"))
     dtype: str = "auto"
     load_format: str = "auto"
     quantization: Optional[str] = Field(None, description=(

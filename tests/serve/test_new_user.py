@@ -133,6 +133,8 @@ def test_a_shape_without_random_weights_is_one_line(capsys):
     (["m", "--moe_tensor_parallel_size", "2"], "did you mean --moe_tp_size for --moe_tensor_parallel_size?"),  # typos
     (["m", "--kv-cache-dtipe", "fp8"], "did you mean --kv_cache_dtype for --kv-cache-dtipe?"),
     (["m", "--x", "1"], None), (["m", "--frobnicate", "1"], None),  # nothing close: no suggestion
+    (["m", "--block-size", "32"], "--block-size (vLLM's): set kv_cache_config: {tokens_per_block: N} in the --config"),
+    (["m", "--enforce-eager"], "--enforce-eager (vLLM's): set cuda_graph_config: {enable: false} in the --config"),
 ])
 def test_an_unknown_flag_gets_the_flag_it_is_close_to(capsys, argv, hint):
     with pytest.raises(SystemExit) as exc:
@@ -141,6 +143,21 @@ def test_an_unknown_flag_gets_the_flag_it_is_close_to(capsys, argv, hint):
     assert exc.value.code == 2 and "\n" not in err and err.startswith("meshserve serve: error: unrecognized arguments: ")
     assert (hint in err) if hint else ("did you mean" not in err), err
     assert err.endswith("(see meshserve serve --help)")
+
+
+def test_every_yaml_setting_a_vllm_flag_points_at_exists():
+    """The YAML each VLLM_SETTINGS hint says to set is taken by the engine's config as it is written."""
+    import re
+
+    import yaml
+
+    from meshserve.commands import VLLM_SETTINGS
+    from meshserve.config import build_llm_args
+    snippets = [m.group(1) for hint in VLLM_SETTINGS.values() for m in [re.match(r"set (.*) in the --config YAML", hint)]
+                if m]
+    assert len(snippets) >= 4
+    for snippet in snippets:
+        build_llm_args(**yaml.safe_load(snippet.replace("N", "16")))  # raises on a key that does not exist
 
 
 def test_an_uncached_hub_id_offline_is_one_line(offline, capsys):

@@ -130,3 +130,48 @@ def test_hub_cache_dir_follows_huggingface_hub_rules(monkeypatch, tmp_path):
     assert resolve.hub_cache_dir() == str(tmp_path / "home" / "hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert resolve.hub_cache_dir() == str(tmp_path / "cache")
+
+
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def test_a_revision_picks_that_snapshot_of_the_cache(hf_home):
+    """A branch (refs/v2) and a commit hash each resolve to their own snapshot; no revision is main's."""
+    main = lay_out_hub_cache(hf_home, REPO_ID, {"config.json": '{"v": 1}', "model.safetensors": "x"})
+    repo = main.parent.parent
+    v2 = repo / "snapshots" / OTHER
+    v2.mkdir()
+    (v2 / "config.json").write_text('{"v": 2}')
+    (v2 / "model.safetensors").write_text("y")
+    (repo / "refs" / "v2").write_text(OTHER)
+    assert resolve.resolve_model_path(REPO_ID, load_format="auto") == str(main)
+    assert resolve.resolve_model_path(REPO_ID, load_format="auto", revision="v2") == str(v2)
+    assert resolve.resolve_model_path(REPO_ID, load_format="auto", revision=OTHER) == str(v2)
+    assert resolve.resolve_tokenizer_path(REPO_ID, "v2") == str(v2)
+    assert resolve.resolve_tokenizer_path(None, "v2", model=REPO_ID) == str(v2)  # the model's, at v2
+    assert resolve.resolve_tokenizer_path(None, None, model=REPO_ID) is None  # the model's own folder
+
+
+def test_a_revision_that_is_not_cached_offline_names_it(hf_home):
+    lay_out_hub_cache(hf_home, REPO_ID, {"config.json": "{}", "model.safetensors": "x"})
+    with pytest.raises(FileNotFoundError) as e:
+        resolve.resolve_model_path(REPO_ID, load_format="auto", revision="v9")
+    assert "\n" not in str(e.value) and f"'{REPO_ID}' at revision 'v9' is not in the Hugging Face cache" in str(e.value)
+
+
+def test_a_revision_for_what_is_not_a_hub_id_is_refused(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for model, words in ((str(folder), "a local path"), (None, "the embedded default model"),
+                         ("llama-3.1-8b", "a benchmark shape")):
+        with pytest.raises(ValueError, match=f"revision='v2' applies to a Hugging Face Hub id; .*{words}"):
+            resolve.resolve_model_path(model, load_format="dummy", revision="v2")
+    with pytest.raises(ValueError, match="tokenizer_revision='v2'"):
+        resolve.resolve_tokenizer_path(str(folder), "v2")
+
+
+def test_revision_flags_reach_the_engine_args():
+    from meshserve.commands.serve import build_parser, llm_args_from_cli
+    args = llm_args_from_cli(build_parser().parse_args([REPO_ID, "--revision", "v2", "--tokenizer_revision", "t1"]))
+    assert (args.revision, args.tokenizer_revision) == ("v2", "t1")
