@@ -16,6 +16,7 @@ import time
 import traceback
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
+from meshserve.chat_format import MessageError, template_messages
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.engine_core import EngineCore
@@ -311,18 +312,38 @@ class LLM:
         self._context_only.pop(request_id, None)
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = False,
-             chat_template: Optional[str] = None, add_generation_prompt: bool = True):
-        """One conversation (a list of {"role", "content"}) or a list of conversations."""
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: Optional[list] = None,
+             chat_template_kwargs: Optional[dict] = None):
+        """One conversation (a list of {"role", "content"}; content a string or OpenAI's text parts)
+        or a list of conversations, rendered by the chat template as vLLM's LLM.chat does: `tools`
+        and `chat_template_kwargs` go to the template (the model sees the tools; its answer is
+        text, not parsed into tool calls). One conversation gives one RequestOutput."""
         if self.tokenizer is None:
             raise ValueError("chat() needs a tokenizer (skip_tokenizer_init=True was set)")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("chat(): continue_final_message=True continues the last (assistant) message, so it "
+                             "needs add_generation_prompt=False")
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                      chat_template=chat_template) for c in convs]
+        prompts = []
+        for k, conv in enumerate(convs):
+            try:
+                conv = template_messages(conv)
+            except MessageError as e:
+                raise ValueError(f"chat(): {'' if single else f'conversation {k}: '}{e}") from None
+            prompts.append(self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
+                continue_final_message=continue_final_message, chat_template=chat_template,
+                **(chat_template_kwargs or {})))
         # The template already holds the special tokens: encode without adding a BOS again.
         ids = [{"prompt": p, "prompt_token_ids": self._encoder.encode(p, add_special_tokens=False)} for p in prompts]
         outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
         return outs[0] if single else outs
+
+    def get_tokenizer(self):
+        """The tokenizer (vLLM's accessor; `llm.tokenizer` too)."""
+        return self.tokenizer
 
     def get_stats(self) -> dict:
         """The engine's figures (running/waiting, KV use, prefix hits, preemptions...); for models

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from meshserve.chat_format import MessageError, template_messages
 from meshserve.errors import nearest
 from meshserve.sampling_params import SamplingParams, short_repr
 
@@ -390,25 +391,10 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def template_messages(self) -> list[dict]:
-        """Messages as the chat template wants them: text parts joined into one string."""
-        out = []
-        for i, m in enumerate(self.messages):
-            if m.content is None and m.role != "assistant":  # an assistant turn may carry only tool_calls
-                raise bad_request(f"messages[{i}].content is null or missing; a {m.role} message needs content "
-                                  f"(a string or a list of text parts); only an assistant message may leave it "
-                                  f"null", f"messages.{i}.content")
-            d = m.model_dump(exclude_none=True)
-            d.setdefault("content", "")  # an assistant turn of only tool_calls: templates read its content (vLLM's)
-            if isinstance(m.content, list):
-                texts = []
-                for j, part in enumerate(m.content):
-                    if part.type != "text":
-                        raise bad_request(f"messages[{i}].content: part type {short_repr(part.type)} is not "
-                                          f"supported; this server accepts text parts only", f"messages.{i}.content")
-                    if part.text is None:
-                        raise bad_request(f"messages[{i}].content[{j}].text is null or missing; a text part needs "
-                                          f"its text (a string)", f"messages.{i}.content.{j}.text")
-                    texts.append(part.text)
-                d["content"] = "".join(texts)
-            out.append(d)
-        return out
+        """Messages as the chat template wants them (chat_format.py); a 400 naming a bad one."""
+        try:
+            return template_messages([m.model_dump(exclude_none=True) | {"content": m.content and (
+                m.content if isinstance(m.content, str) else [p.model_dump() for p in m.content])}
+                for m in self.messages])
+        except MessageError as e:
+            raise bad_request(str(e), e.param) from None

@@ -175,6 +175,48 @@ def test_chat_uses_the_template(llm, ckpt):
     assert out.prompt_token_ids == llm.tokenizer.encode(ids, add_special_tokens=False)
 
 
+# shows what reaches the template: each message, the tools' names, a template keyword
+TOOLS_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] + ':' + m['content'] }}<|im_end|>{% endfor %}"
+                  "{% if tools %}tools={% for t in tools %}{{ t['function']['name'] }};{% endfor %}{% endif %}"
+                  "{% if style %}style={{ style }}{% endif %}{% if add_generation_prompt %}<|im_start|>{% endif %}")
+
+
+def test_chat_as_vllms(llm, ckpt):
+    """Text parts, a tool-calls-only assistant turn, tools and chat_template_kwargs reach the template
+    as transformers renders them; continue_final_message continues the last message."""
+    from transformers import AutoTokenizer
+    ref = AutoTokenizer.from_pretrained(ckpt[0])
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                                    "function": {"name": "lookup", "arguments": "{}"}}]},
+            {"role": "tool", "content": "42", "tool_call_id": "1"}]
+    out = llm.chat(msgs, sp, chat_template=TOOLS_TEMPLATE, tools=tools, chat_template_kwargs={"style": "terse"})
+    as_strings = [dict(msgs[0], content="Hi there"), dict(msgs[1], content=""), msgs[2]]
+    text = ref.apply_chat_template(as_strings, tools=tools, tokenize=False, add_generation_prompt=True,
+                                   chat_template=TOOLS_TEMPLATE, style="terse")
+    assert "tools=lookup;" in text and "style=terse" in text and "assistant:<|im_end|>" in text
+    assert out.prompt_token_ids == ref.encode(text, add_special_tokens=False)
+    partial = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    out = llm.chat(partial, sp, add_generation_prompt=False, continue_final_message=True)
+    text = ref.apply_chat_template(partial, tokenize=False, continue_final_message=True)
+    assert text.endswith("Hel") and out.prompt_token_ids == ref.encode(text, add_special_tokens=False)
+    assert llm.get_tokenizer() is llm.tokenizer
+
+
+@pytest.mark.parametrize("messages,kw,match", [
+    ([{"role": "user", "content": None}], {}, r"messages\[0\].content is null"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], {}, "part type 'image_url'"),
+    ([[{"role": "user", "content": "ok"}], [{"role": "user", "content": 5}]], {}, "conversation 1: messages"),
+    ([{"role": "user", "content": "Hi"}], {"continue_final_message": True}, "add_generation_prompt=False"),
+])
+def test_bad_chat_messages_are_a_value_error_naming_the_message(llm, messages, kw, match):
+    with pytest.raises(ValueError, match=match):
+        llm.chat(messages, SamplingParams(max_tokens=1), **kw)
+    assert llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1)).outputs[0].token_ids
+
+
 @pytest.mark.parametrize("prompt,params,match", [
     ([], None, "prompts is empty"),
     ("", None, "prompt is empty"),
