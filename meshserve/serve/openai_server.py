@@ -422,7 +422,7 @@ class OpenAIServing:
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
+                continue_final_message=req.continue_final_message, tools=getattr(req, "tools", None),
                 chat_template=req.chat_template or self.config.chat_template, **(req.chat_template_kwargs or {}))
         except APIError:
             raise

@@ -27,6 +27,7 @@ class TokenizeChatRequest(OpenAIModel):
     return_token_strs: bool = False
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[dict[str, Any]]] = None  # handed to the template, as the chat route does
 
     template_messages = ChatCompletionRequest.template_messages
 

@@ -205,3 +205,19 @@ def test_tokenize_takes_the_requests_chat_template_where_trusted(http, reference
     rendered = reference.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True,
                                              chat_template=CONCAT_TEMPLATE)
     assert http.post("/tokenize", json=body).json()["tokens"] == reference.encode(rendered, add_special_tokens=False)
+
+
+def test_tools_with_tool_choice_none_reach_the_template(http, reference):
+    """As vLLM: tools are rendered into the prompt (the model may be told of them) and no call is parsed."""
+    template = CONCAT_TEMPLATE + "{% if tools %}tools={% for t in tools %}{{ t['function']['name'] }};{% endfor %}{% endif %}"
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = reference.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                             chat_template=template)
+    assert "tools=lookup;" in rendered
+    expected = reference.encode(rendered, add_special_tokens=False)
+    body = {"messages": messages, "chat_template": template, "tools": tools}
+    assert prompt_ids(http, "chat", {**body, "tool_choice": "none"}) == expected
+    assert http.post("/tokenize", json=body).json()["tokens"] == expected
+    r = post(http, "chat", {**body, "tool_choice": "auto"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # a call would have to be parsed
