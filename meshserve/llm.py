@@ -50,6 +50,21 @@ def load_tokenizer(path: str):
         raise ValueError(f"tokenizer {path}: cannot load it: {describe(e)}") from None
 
 
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "resume_output_token_ids")
+
+
+def _check_prompt_keys(prompt: dict) -> None:
+    """A dict prompt (vLLM's TextPrompt / TokensPrompt): keys this engine does not take are refused."""
+    unknown = [k for k in prompt if k not in PROMPT_KEYS]
+    if unknown:
+        multimodal = [k for k in unknown if k in ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")]
+        why = ("multimodal inputs are not supported" if multimodal
+               else f"accepted: {', '.join(PROMPT_KEYS)}")
+        raise ValueError(f"prompt dict has key(s) {', '.join(map(repr, unknown))} this engine does not take; {why}")
+    if "prompt" not in prompt and "prompt_token_ids" not in prompt:
+        raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+
+
 class LLM:
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs: Any):
         self.args: LlmArgs = build_llm_args("LLM()", model=model, tokenizer=tokenizer, **kwargs)
@@ -97,6 +112,7 @@ class LLM:
                 raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True was set); pass token ids")
             return prompt, self._encoder.encode(prompt)
         if isinstance(prompt, dict):
+            _check_prompt_keys(prompt)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             return self._tokenize(prompt["prompt"])

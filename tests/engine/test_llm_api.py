@@ -274,3 +274,16 @@ def test_abort_ends_an_async_stream(llm):
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 110
     assert llm._core.kv.usage == 0.0 or not llm._core.scheduler.running
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ({"prompt": "Hi", "multi_modal_data": {"image": None}}, "multimodal inputs are not supported"),
+    ({"prompt_token_ids": [5, 6], "cache_salt": "a"}, "'cache_salt' this engine does not take; accepted: prompt"),
+    ({"text": "Hi"}, "'text' this engine does not take"),
+    ({}, "needs 'prompt'"),
+])
+def test_a_prompt_dict_with_keys_the_engine_does_not_take_is_refused(llm, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)
+    ok = llm.generate({"prompt": "Hi", "prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert ok.prompt_token_ids == [5, 6]
