@@ -338,8 +338,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--num-warmups", type=int, default=0,
                         help="warm-up requests (prompts of their own) left out of the figures")
-    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                        help="let requests stop at EOS (default: ignore_eos and min_tokens = output len)")
+    eos = parser.add_mutually_exclusive_group()
+    eos.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                     help="let requests stop at EOS (default: ignore_eos and min_tokens = output len)")
+    eos.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", default=True,
+                     help="vLLM's flag; the default here")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     parser.add_argument("--percentiles", "--metric-percentiles", default="",

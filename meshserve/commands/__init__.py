@@ -26,6 +26,8 @@ VLLM_SETTINGS = {
     "--swap-space": "nothing to set: preempted requests are recomputed, not swapped to CPU memory",
     "--download-dir": "set HF_HUB_CACHE (or HF_HOME) to the Hugging Face cache folder",
     "--disable-log-requests": "nothing to set: this server does not log each request (--log_level warning quiets the rest)",
+    "--backend": "bench serve talks OpenAI's API; --endpoint /v1/completions or /v1/chat/completions picks the route",
+    "--percentile-metrics": "bench serve reports the percentiles of every metric; --percentiles picks which",
     "--data-parallel-size": "run one server per replica; --enable_attention_dp splits attention's requests over the "
                             "ranks of one server",
 }

@@ -336,6 +336,22 @@ def test_what_cannot_run_is_one_line_naming_the_flag_before_any_server_is_asked(
     assert capsys.readouterr().err == f"meshserve bench {argv[0]}: error: {message}\n"
 
 
+def test_vllms_ignore_eos_flag_is_the_default_here_and_its_backend_flag_says_what_to_use(capsys):
+    from meshserve.commands.main import build_parser
+    from meshserve.commands.main import main as cli_main
+    parse = build_parser().parse_args
+    assert parse(["bench", "serve"]).ignore_eos and parse(["bench", "serve", "--ignore-eos"]).ignore_eos
+    assert not parse(["bench", "serve", "--no-ignore-eos"]).ignore_eos
+    for argv, message in (
+            (["--ignore-eos", "--no-ignore-eos"], "argument --no-ignore-eos: not allowed with argument --ignore-eos"),
+            (["--backend", "vllm"], "unrecognized arguments: --backend vllm; --backend (vLLM's): bench serve talks "
+                                    "OpenAI's API; --endpoint /v1/completions or /v1/chat/completions picks the route")):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["bench", "serve", *argv])  # as `meshserve bench serve ...` runs
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == f"meshserve bench serve: error: {message} (see meshserve bench serve --help)\n"
+
+
 def test_a_server_that_cannot_be_reached_is_one_line(capsys):
     rc = _cli_main(["serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--input-len", "4"])
     err = capsys.readouterr().err
