@@ -578,6 +578,11 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     async def models():
         return serving.models()
 
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):  # OpenAI's models.retrieve
+        serving.check_model(model)
+        return serving.models()["data"][0]
+
     @app.get("/health")
     async def health(raw: Request):
         headers = serving.key_proof_headers(raw)

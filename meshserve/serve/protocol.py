@@ -65,7 +65,7 @@ def http_error(request, status: int, detail, headers: Optional[dict] = None) -> 
     lists the routes (`POST /v1/embeddings` is not one), a 405 the methods the path takes."""
     asked = f"{request.method} {request.url.path}"
     if status == 404:
-        routes = sorted({f"{m} {r.path}" for r in request.app.routes
+        routes = sorted({f"{m} {re.sub(r':path}', '}', r.path)}" for r in request.app.routes
                          for m in sorted(getattr(r, "methods", None) or ()) if m != "HEAD"})
         return APIError(404, f"{asked} is not served here; this server serves {', '.join(routes)}",
                         code="not_found")

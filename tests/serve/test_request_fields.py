@@ -221,3 +221,15 @@ def test_tools_with_tool_choice_none_reach_the_template(http, reference):
     assert http.post("/tokenize", json=body).json()["tokens"] == expected
     r = post(http, "chat", {**body, "tool_choice": "auto"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # a call would have to be parsed
+
+
+def test_a_model_card_by_name_as_openais_models_retrieve(server):
+    import openai
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0, timeout=30)
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.id == client.models.list().data[0].id
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("org/other-model")
+    assert exc.value.body["code"] == "model_not_found" and "`org/other-model` does not exist" in exc.value.body["message"]
+    r = httpx.get(server.base_url + "/v1/nothing", headers=server.headers)
+    assert "GET /v1/models/{model}," in r.json()["error"]["message"]  # the route as a user would write it
