@@ -63,6 +63,7 @@ from meshserve.disagg.failover import COMPLETIONS_DEFAULT_MAX_TOKENS, RESUME_KEY
 from meshserve.disagg.orchestrator_config import (GROUP_KEYS, TOP_KEYS, ConfigError, DisaggConfig, GroupConfig, _url,
                                                   load_config, parse_config)
 from meshserve.disagg.orchestrator_metrics import DisaggMetrics
+from meshserve.disagg.orchestrator_models import list_models, model_card_of
 from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADER, SECRET_FILE_ENV, default_key_file,
                                      key_from_secret, key_proof, read_key_file)
 from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRelay, UpstreamFailed, _ints, _one_line,
@@ -492,42 +493,6 @@ class Orchestrator(GenerationHop):
                                "server_error", None, "context_failed")
             self.metrics.retries.labels("context").inc()
 
-    async def models(self, raw: Request) -> Response:
-        """The union of the healthy servers' /v1/models (generation servers first)."""
-        headers = {"Authorization": raw.headers["authorization"]} if "authorization" in raw.headers else {}
-        servers = [s for s in self.generation + self.context if s.healthy]
-        if not servers:
-            raise APIError(503, "no server is available to list the models", "server_error", None,
-                           "no_healthy_server")
-
-        async def ask(s: Server):
-            try:
-                return await self.client.get(s.url + "/v1/models", headers=headers, timeout=10.0)
-            except httpx.HTTPError as e:
-                return e
-
-        answers = await asyncio.gather(*(ask(s) for s in servers))
-        data, seen, errors = [], set(), []
-        for s, a in zip(servers, answers):
-            if isinstance(a, httpx.Response) and a.status_code == 200:
-                try:
-                    listed = [m for m in a.json().get("data", []) if isinstance(m, dict)]
-                except (ValueError, AttributeError):
-                    errors.append(f"{s.address}: /v1/models answered something else than a list of models")
-                    continue
-                for m in listed:
-                    if m.get("id") not in seen:
-                        seen.add(m.get("id"))
-                        data.append(m)
-            elif isinstance(a, httpx.Response) and a.status_code < 500 and not data:
-                return _passthrough(a)  # e.g. 401 without the servers' key
-            else:
-                errors.append(f"{s.address}: {describe(a) if isinstance(a, Exception) else a.status_code}")
-        if not data:
-            raise APIError(503, "no server listed its models (" + "; ".join(errors) + ")", "server_error", None,
-                           "no_healthy_server")
-        return JSONResponse({"object": "list", "data": data})
-
 
 # ---- the app -----------------------------------------------------------------------------------------
 def build_app(orch: Orchestrator) -> FastAPI:
@@ -571,7 +536,11 @@ def build_app(orch: Orchestrator) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(raw: Request):
-        return await orch.models(raw)
+        return await list_models(orch, raw)
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str, raw: Request):  # OpenAI's models.retrieve
+        return await model_card_of(orch, raw, model)
 
     @app.post("/register")
     async def register(raw: Request):

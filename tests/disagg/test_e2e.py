@@ -106,6 +106,9 @@ def test_completions_match_the_aggregated_server(cluster):
     agg, dis = clients(cluster)
     model = agg.models.list().data[0].id
     assert [m.id for m in dis.models.list().data] == [model]
+    assert dis.models.retrieve(model).id == model  # one card, through the orchestrator
+    with pytest.raises(openai.NotFoundError, match="does not exist; the servers serve"):
+        dis.models.retrieve("org/absent")
     for prompt, extra in (("The quick brown fox", {"ignore_eos": True}), ("Once upon a time there was", {}),
                           ([5, 17, 33, 90, 101, 7], {"ignore_eos": True}),
                           # min_tokens past the context server's one token (was a 500 there)
