@@ -145,6 +145,18 @@ class OpenAIServing:
                               "out (a server started with --trust_request_chat_template takes a request's)",
                               "chat_template")
 
+    def truncated(self, prompts: list[tuple[Optional[str], list[int]]], req) -> list[tuple[Optional[str], list[int]]]:
+        """vLLM's truncate_prompt_tokens: each prompt's last k tokens (-1: the last max_seq_len); a cut
+        prompt's text is its kept tokens' (echo shows what the model saw)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return prompts
+        if k == 0:
+            raise bad_request("truncate_prompt_tokens=0 is invalid: expected -1 (the last max_seq_len tokens) or a "
+                              "number of tokens >= 1", "truncate_prompt_tokens")
+        keep = self.engine.limits.max_seq_len if k == -1 else k
+        return [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
+
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.config.served_model_name and model not in self.config.model_aliases:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
@@ -367,7 +379,7 @@ class OpenAIServing:
                               f"engine's max_n, which defaults to max_batch_size)", "best_of")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of={req.best_of} is not supported; leave it unset or equal to n", "best_of")
-        prompts = await self.completion_prompts(req.prompt, req.add_special_tokens is not False)
+        prompts = self.truncated(await self.completion_prompts(req.prompt, req.add_special_tokens is not False), req)
         max_tokens = req.requested_max_tokens
         renames = {"max_tokens": "max_completion_tokens"} if req.max_completion_tokens is not None else None
         prompt_logprobs = req.prompt_logprobs
@@ -442,7 +454,7 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         self.check_chat_template(req)
-        text, ids = await self.chat_prompt(req)
+        [(text, ids)] = self.truncated([await self.chat_prompt(req)], req)
         max_tokens = req.requested_max_tokens
         if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
             lim = self.engine.limits

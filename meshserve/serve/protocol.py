@@ -196,8 +196,6 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
                                            "structured_outputs", "structural_tag")},
     "use_beam_search": ((None, False), "beam search is not supported by this server"),
     "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
-    "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported; a prompt longer than "
-                                        "max_seq_len is a 400, so shorten it on the client"),
     "allowed_token_ids": ((None, []), "allowed_token_ids is not supported by this server; logit_bias can "
                                       "steer sampling"),
     "bad_words": ((None, []), "bad_words is not supported by this server; logit_bias can steer sampling"),
@@ -309,6 +307,8 @@ class SamplingRequest(OpenAIModel):
     # vLLM's: the tokenizer's special tokens (a BOS) added to the prompt's text; None: the endpoint's
     # default, True for completions, False for chat (its template writes them)
     add_special_tokens: Optional[bool] = None
+    # vLLM's: only the prompt's last k tokens are used (-1: the last max_seq_len)
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None

@@ -73,7 +73,6 @@ REFUSED = [  # (endpoint, field, value, words of the message)
     ("chat", "priority", 1, "first come, first served"),
     ("completion", "allowed_token_ids", [1, 2], "logit_bias"),
     ("completion", "bad_words", ["x"], "logit_bias"),
-    ("completion", "truncate_prompt_tokens", 8, "max_seq_len"),
     ("chat", "cache_salt", "tenant-a", "prefix cache"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("chat", "modalities", ["text", "audio"], "modalities"),
@@ -233,3 +232,25 @@ def test_a_model_card_by_name_as_openais_models_retrieve(server):
     assert exc.value.body["code"] == "model_not_found" and "`org/other-model` does not exist" in exc.value.body["message"]
     r = httpx.get(server.base_url + "/v1/nothing", headers=server.headers)
     assert "GET /v1/models/{model}," in r.json()["error"]["message"]  # the route as a user would write it
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(http, reference):
+    text = "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 and then some more words"
+    full = reference.encode(text)
+    assert len(full) > 6
+    assert prompt_ids(http, "completion", {"prompt": text, "truncate_prompt_tokens": 6}) == full[-6:]
+    assert prompt_ids(http, "completion", {"prompt": text, "truncate_prompt_tokens": 500}) == full
+    r = post(http, "completion", {"prompt": text, "truncate_prompt_tokens": 6, "echo": True, "max_tokens": 1})
+    assert r.json()["choices"][0]["text"].startswith(reference.decode(full[-6:]))  # echo shows what the model saw
+    messages = [{"role": "user", "content": text}]
+    chat = reference.encode(reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False)
+    assert prompt_ids(http, "chat", {"messages": messages, "truncate_prompt_tokens": 5}) == chat[-5:]
+    long_text = " ".join(["word"] * 400)  # past max_seq_len 256: -1 keeps the last 256, which leave no room
+    r = post(http, "completion", {"prompt": long_text, "truncate_prompt_tokens": -1, "max_tokens": 1})
+    assert r.status_code == 400 and "max_seq_len" in r.json()["error"]["message"], r.text
+    r = post(http, "completion", {"prompt": long_text, "truncate_prompt_tokens": 100, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 100, r.text
+    for bad in (0, -2):
+        r = post(http, "completion", {"truncate_prompt_tokens": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
