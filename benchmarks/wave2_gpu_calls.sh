@@ -27,6 +27,9 @@
 #                            (H200 only), then batch 1 with PDL + the fused rotary
 #   call 36 (carry .whl):    issue 21 (eighteenth session, ~410 s): the H200's batch-1 kernel table (no PDL) and the
 #                            skinny-GEMM sweep at Qwen3-30B-A3B's shapes, after batch 1 with PDL + both fusions
+#   call 37 (carry .whl):    issue 21 (twenty-first session): the offline row (H200 only), then batch 1 with PDL +
+#                            fused rotary against the same + fuse_norm_linear on one machine (+ the kernel table
+#                            on a GPU that is not an H200)
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -239,6 +242,24 @@ case $CALL in
     -d '{"model": "qwen3-0.6b", "prompt": "Hello", "max_tokens": 8}' | cut -c1-300
   echo; grep -E "engine process|engine ready|serving" "$OUT/serve_prestart.txt" | cut -c1-200
   pkill -TERM -f "meshserve serve qwen3-0.6b"; sleep 3
+  ;;
+37)  # issue 21 (twenty-first session; any one GPU, ~400 s, ~550 s on an H200): the offline row with decode graphs
+    # to batch 384 (H200 only), then batch 1 A/B on this machine: PDL + fused rotary (the best so far) against the
+    # same + fuse_norm_linear (never run with PDL and no prefetch); the kernel table where no offline row ran
+  H200=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -c H200)
+  if [ "$H200" -gt 0 ]; then
+    step moe_offline_graphs 300 python3 benchmarks/moe_1gpu.py --part ours --skip-decode --num-offline 1000 \
+      --max-batch-size 384 --out "$RES/moe_offline_graphs"
+  fi
+  step b1_pdl_rope 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_rope_attention": true}' --out "$RES/b1_pdl_rope"
+  step b1_pdl_norm_rope 110 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_norm_linear": true, "fuse_rope_attention": true}' --out "$RES/b1_pdl_norm_rope"
+  if [ "$H200" -eq 0 ]; then
+    step b1_profile 150 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 --profile-b1 \
+      --out "$RES/b1_profile"
+    tail -n 45 "$RES/b1_profile/profile_b1.txt" 2>/dev/null | cut -c1-200
+  fi
   ;;
 36)  # issue 21 (eighteenth session, ~300 s, after 35 on a warm machine): where an H200's batch-1 step goes,
     # kernel by kernel (no PDL, so each kernel's time is its own), and the skinny GEMMs of Qwen3-30B-A3B swept;
