@@ -50,7 +50,7 @@ def load_tokenizer(path: str):
         raise ValueError(f"tokenizer {path}: cannot load it: {describe(e)}") from None
 
 
-PROMPT_KEYS = ("prompt", "prompt_token_ids", "resume_output_token_ids")
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "resume_output_token_ids", "cache_salt")
 
 
 def _check_prompt_keys(prompt: dict) -> None:
@@ -134,7 +134,8 @@ class LLM:
                  disaggregated_params: Optional[DisaggregatedParams] = None):
         """Tokenize and validate; nothing is registered or added to the engine yet. A dict prompt's
         `resume_output_token_ids` continues an earlier run's output (the same params; the result
-        as AsyncEngine.add_request describes it). Returns (text, ids, params, resume, disagg)."""
+        as AsyncEngine.add_request describes it); its `cache_salt` (vLLM's) shares its cached prefix
+        only with prompts of the same salt. Returns (text, ids, params, resume, disagg, salt)."""
         text, ids = self._tokenize(prompt)
         resume = list(prompt.get("resume_output_token_ids") or ()) if isinstance(prompt, dict) else []
         client_params = params
@@ -144,7 +145,10 @@ class LLM:
         if kv is not None and kv.kind == "context_only":  # the whole request must fit max_seq_len, as there
             self._core.validate(ids, client_params, kv_capacity=False)
         self._core.validate(ids, params, resume)
-        return text, ids, params, resume, kv
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and not (isinstance(salt, str) and salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+        return text, ids, params, resume, kv, salt
 
     def _disagg_request(self, ids: list[int], params: SamplingParams,
                         dp: Optional[DisaggregatedParams]) -> tuple[SamplingParams, Optional[DisaggRequest]]:
@@ -170,7 +174,8 @@ class LLM:
         return params, kv
 
     def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams,
-                resume: Sequence[int] = (), kv: Optional[DisaggRequest] = None) -> RequestState:
+                resume: Sequence[int] = (), kv: Optional[DisaggRequest] = None,
+                cache_salt: Optional[str] = None) -> RequestState:
         rid = str(next(self._ids))
         if kv is not None and kv.kind == "context_only":
             rid = self._ctx_prefix + rid
@@ -178,7 +183,7 @@ class LLM:
         if resume:
             state.resume_output(list(resume))
         for sid, p in seqs:
-            self._core.add_request(sid, ids, p, disagg=kv, resume_output_token_ids=resume)
+            self._core.add_request(sid, ids, p, disagg=kv, resume_output_token_ids=resume, cache_salt=cache_salt)
         if kv is not None and kv.kind == "context_only":
             self._context_only[state.request_id] = params
         return state

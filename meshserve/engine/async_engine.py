@@ -287,7 +287,8 @@ class AsyncEngine:
 
     def add_request(self, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
                     request_id: Optional[str] = None, disagg: Optional[DisaggRequest] = None,
-                    resume_output_token_ids: Optional[list[int]] = None) -> RequestStream:
+                    resume_output_token_ids: Optional[list[int]] = None,
+                    cache_salt: Optional[str] = None) -> RequestStream:
         """Validate and submit one request (n sequences); raises ValueError for a bad request,
         QueueFullError or EngineDeadError when it cannot be taken now. `disagg`: its part in
         disaggregated serving (one sequence). `resume_output_token_ids`: a resumed request's outputs
@@ -308,7 +309,7 @@ class AsyncEngine:
         stream = RequestStream(self, state)
         now = time.monotonic()
         reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now, disagg=disagg,
-                                  resume_output_token_ids=resume)
+                                  resume_output_token_ids=resume, cache_salt=cache_salt)
                 for sid, p in seqs]
         try:
             self._send(core_proc.ADD, reqs)  # no await between registering and sending: no output is missed

@@ -162,10 +162,11 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: Optional[float] = None, disagg: Optional[DisaggRequest] = None,
-                    resume_output_token_ids=()) -> None:
+                    resume_output_token_ids=(), cache_salt: Optional[str] = None) -> None:
         """`resume_output_token_ids`: the outputs of an earlier run of this request, which this one
         continues as that run would have (engine/request.py); `params` are that run's, max_tokens
-        and min_tokens counting from its start."""
+        and min_tokens counting from its start. `cache_salt`: its prefix is reused only by requests
+        of the same salt."""
         if request_id in self.scheduler.requests or request_id in self.scheduler.pinned:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if disagg is not None:
@@ -174,7 +175,8 @@ class EngineCore:
             params = self._check_disagg(prompt_token_ids, params, disagg)
         self.validate(prompt_token_ids, params, resume_output_token_ids)
         self.scheduler.add_request(Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids,
-                                           self.limits.max_seq_len, arrival_time, disagg, resume_output_token_ids))
+                                           self.limits.max_seq_len, arrival_time, disagg, resume_output_token_ids,
+                                           cache_salt))
         if disagg is not None:
             logger.info("request %s: %s, %d prompt tokens%s", request_id, disagg.kind, len(prompt_token_ids),
                         f", KV from {disagg.sources[0].endpoint} ({disagg.ctx_request_id})"
@@ -207,7 +209,7 @@ class EngineCore:
 
     def add_core_request(self, req: EngineCoreRequest) -> None:
         self.add_request(req.request_id, req.prompt_token_ids, SamplingParams(**req.params), req.arrival_time or None,
-                         req.disagg, req.resume_output_token_ids)
+                         req.disagg, req.resume_output_token_ids, req.cache_salt)
 
     def abort_requests(self, request_ids) -> list[EngineCoreOutput]:
         outs = []

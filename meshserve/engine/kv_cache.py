@@ -46,6 +46,14 @@ def hash_block(parent: Optional[bytes], tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def salt_root(cache_salt: Optional[str]) -> Optional[bytes]:
+    """The parent hash of a salted request's first block (vLLM's cache_salt): requests share cached
+    prefixes only with requests of the same salt, and unsalted ones only with each other."""
+    if cache_salt is None:
+        return None
+    return hashlib.blake2b(b"meshserve cache_salt\0" + cache_salt.encode(), digest_size=16).digest()
+
+
 def _key(group: int, block_hash: bytes) -> bytes:
     """The prefix-cache key of a block of `group`: group 0's is the block hash itself."""
     return block_hash + group.to_bytes(2, "little") if group else block_hash
@@ -119,7 +127,7 @@ class KVCacheManager:
         if hi > p:
             tokens = tokens + req.output_token_ids[max(lo - p, 0):hi - p]
         for k in range(0, hi - lo, bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[k:k + bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else salt_root(req.cache_salt), tokens[k:k + bs]))
         return hashes[:num_full_blocks]
 
     # ---- prefix reuse ---------------------------------------------------------------------------

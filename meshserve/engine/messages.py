@@ -118,6 +118,7 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     # a resumed request (an orchestrator's failover): output tokens of an earlier run, prefilled
     # after the prompt and counted as this request's outputs (engine/request.py Request)
     resume_output_token_ids: list[int] = []
+    cache_salt: Optional[str] = None  # vLLM's: prefix reuse only among requests of the same salt
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

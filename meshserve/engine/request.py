@@ -38,8 +38,9 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None,
-                 disagg=None, resume_output_token_ids=()):
+                 disagg=None, resume_output_token_ids=(), cache_salt: Optional[str] = None):
         self.request_id = request_id
+        self.cache_salt = cache_salt  # prefix reuse only among requests of the same salt (kv_cache.salt_root)
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.output_token_ids: list[int] = list(resume_output_token_ids)

@@ -166,7 +166,7 @@ class OpenAIServing:
     def submit(self, prompts: list[tuple[Optional[str], list[int]]], params, base: str,
                renames: Optional[dict] = None, prompt_param: str = "prompt",
                kv: Optional[DisaggRequest] = None, resume: Optional[list[int]] = None,
-               client_params=None) -> list[RequestStream]:
+               client_params=None, cache_salt: Optional[str] = None) -> list[RequestStream]:
         """Validate every prompt first (a 400 leaves nothing behind), then add them all. `resume`:
         a resumed request's outputs so far (one prompt; resume_request). `client_params`: a
         context_only request's own params (its engine `params` run one token), checked against
@@ -183,7 +183,7 @@ class OpenAIServing:
         try:
             for i, (text, ids) in enumerate(prompts):
                 rid = base if len(prompts) == 1 else f"{base}-{i}"
-                streams.append(self.engine.add_request(text, ids, params, rid, kv, resume))
+                streams.append(self.engine.add_request(text, ids, params, rid, kv, resume, cache_salt))
         except BaseException:
             for s in streams:
                 s.abort()
@@ -396,7 +396,7 @@ class OpenAIServing:
         request_id = request_id_for(raw, "cmpl")
         client_params = params
         kv, params = self.disagg_request(req, prompts, params, request_id)
-        streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume,
+        streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume, cache_salt=req.cache_salt,
                               client_params=client_params)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:
@@ -470,7 +470,7 @@ class OpenAIServing:
         request_id = request_id_for(raw, "chatcmpl")
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
-        streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv,
+        streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv, cache_salt=req.cache_salt,
                               client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         if req.stream:

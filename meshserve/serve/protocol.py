@@ -203,8 +203,6 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
                                                   "gives each choice's token ids"),
     "priority": ((None, 0), "request priorities are not supported: this server schedules first come, first served"),
-    "cache_salt": ((None,), "cache_salt is not supported: this server's prefix cache is shared by all its "
-                            "requests (run separate servers to keep tenants' caches apart)"),
     "kv_transfer_params": ((None,), "kv_transfer_params (vLLM's) is not this server's disaggregation interface; "
                                     "use disaggregated_params (docs/disaggregated.md)"),
     "functions": ((None, []), _TOOLS),
@@ -309,6 +307,8 @@ class SamplingRequest(OpenAIModel):
     add_special_tokens: Optional[bool] = None
     # vLLM's: only the prompt's last k tokens are used (-1: the last max_seq_len)
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
+    # vLLM's: the prompt's cached prefix is shared only with requests of the same salt (a tenant's)
+    cache_salt: Optional[str] = Field(None, min_length=1)
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None

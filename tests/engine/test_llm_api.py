@@ -278,7 +278,7 @@ def test_abort_ends_an_async_stream(llm):
 
 @pytest.mark.parametrize("prompt,match", [
     ({"prompt": "Hi", "multi_modal_data": {"image": None}}, "multimodal inputs are not supported"),
-    ({"prompt_token_ids": [5, 6], "cache_salt": "a"}, "'cache_salt' this engine does not take; accepted: prompt"),
+    ({"prompt_token_ids": [5, 6], "lora_request": "a"}, "'lora_request' this engine does not take; accepted: prompt"),
     ({"text": "Hi"}, "'text' this engine does not take"),
     ({}, "needs 'prompt'"),
 ])
@@ -287,3 +287,39 @@ def test_a_prompt_dict_with_keys_the_engine_does_not_take_is_refused(llm, prompt
         llm.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)
     ok = llm.generate({"prompt": "Hi", "prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=1), use_tqdm=False)
     assert ok.prompt_token_ids == [5, 6]
+
+
+def test_a_cache_salt_keeps_cached_prefixes_within_the_salt(llm):
+    """vLLM's cache_salt (a prompt dict key): the same prompt reuses the cache only under the same salt."""
+    ids = list(range(40, 80))  # 40 tokens: 9 full blocks of 4 before the last token
+    sp = SamplingParams(max_tokens=1, temperature=0)
+
+    def cached(salt):
+        prompt = {"prompt_token_ids": ids} if salt is None else {"prompt_token_ids": ids, "cache_salt": salt}
+        return llm.generate(prompt, sp, use_tqdm=False).num_cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0  # another tenant does not see tenant-a's prefix
+    assert cached(None) == 0  # nor does an unsalted request
+    assert cached("tenant-a") == 36 and cached(None) == 36  # each reuses its own
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        llm.generate({"prompt_token_ids": ids, "cache_salt": ""}, sp, use_tqdm=False)
+
+
+def test_the_cache_salt_crosses_the_engine_wire():
+    """The server's path: EngineCoreRequest (msgpack) -> EngineCore.add_core_request -> the Request."""
+    import msgspec
+
+    from meshserve.engine.messages import EngineCoreRequest
+    wire = msgspec.msgpack.encode([EngineCoreRequest("r", [1, 2], {"max_tokens": 1}, cache_salt="t")])
+    [back] = msgspec.msgpack.Decoder(list[EngineCoreRequest]).decode(wire)
+    assert back.cache_salt == "t"
+    seen = {}
+
+    class Core:
+        def add_request(self, *args):
+            seen["args"] = args
+
+    from meshserve.engine.engine_core import EngineCore
+    EngineCore.add_core_request(Core(), back)
+    assert seen["args"][-1] == "t"

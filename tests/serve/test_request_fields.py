@@ -73,7 +73,6 @@ REFUSED = [  # (endpoint, field, value, words of the message)
     ("chat", "priority", 1, "first come, first served"),
     ("completion", "allowed_token_ids", [1, 2], "logit_bias"),
     ("completion", "bad_words", ["x"], "logit_bias"),
-    ("chat", "cache_salt", "tenant-a", "prefix cache"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("chat", "modalities", ["text", "audio"], "modalities"),
     ("chat", "echo", True, "echo"),
@@ -254,3 +253,11 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(http, reference):
     for bad in (0, -2):
         r = post(http, "completion", {"truncate_prompt_tokens": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
+
+
+def test_a_cache_salt_is_taken_and_an_empty_one_refused(http):
+    """vLLM's cache_salt reaches the engine (test_llm_api.py: the salt's effect; the engine wire it crosses)."""
+    assert post(http, "chat", {"cache_salt": "tenant-a"}).status_code == 200
+    assert post(http, "completion", {"cache_salt": "tenant-a"}).status_code == 200
+    r = post(http, "completion", {"cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text

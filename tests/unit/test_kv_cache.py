@@ -46,6 +46,28 @@ def test_prefix_hit_shares_blocks_and_leaves_one_token():
     assert kv.ref_cnt[a.block_ids[0]] == 2
 
 
+def test_a_cache_salt_shares_prefixes_only_within_the_salt():
+    """vLLM's cache_salt: the same prompt hits the cache only for a request of the same salt (an
+    unsalted one only for unsalted ones), so one tenant cannot probe another's prompts by timing."""
+    kv = KVCacheManager(num_blocks=40, block_size=4)
+
+    def cached(rid, salt):
+        r = Request(rid, list(range(12)), SamplingParams(max_tokens=4), [2], 1000, cache_salt=salt)
+        return kv.get_computed_blocks(r)[1], r
+
+    for rid, salt in (("a", "tenant-a"), ("plain", None)):
+        n, r = cached(rid, salt)
+        assert n == 0
+        kv.allocate_slots(r, 12)
+        r.num_computed_tokens = 12
+        kv.cache_full_blocks(r)
+    assert cached("a2", "tenant-a")[0] == 8  # the same salt: the first two blocks (one token is computed)
+    assert cached("b", "tenant-b")[0] == 0  # another salt: nothing
+    assert cached("plain2", None)[0] == 8  # unsalted: the unsalted request's blocks
+    ra, rp = cached("a3", "tenant-a")[1], cached("p3", None)[1]
+    assert all(x != y for x, y in zip(ra.block_hashes, rp.block_hashes))  # the salt runs through every block
+
+
 def test_hash_depends_on_the_whole_prefix():
     kv = KVCacheManager(num_blocks=20, block_size=4)
     a = req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
