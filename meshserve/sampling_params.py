@@ -52,6 +52,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None  # vLLM's: sample only among these ids
     logprobs: Optional[int] = None  # top-k logprobs per generated token (0: only the chosen one)
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
@@ -63,6 +64,11 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes, dict)):
+            try:
+                self.allowed_token_ids = list(self.allowed_token_ids)
+            except TypeError:
+                pass  # validate() names it
         if self.top_k is None or self.top_k == -1:  # -1 (vLLM) and 0 (TensorRT-LLM) both disable it
             self.top_k = 0
         if self.logit_bias:
@@ -125,6 +131,11 @@ class SamplingParams:
                 if not (_int_in(k, 0, INT64_MAX) and _finite(v) and -100.0 <= v <= 100.0):
                     bad("logit_bias", {k: v}, "expected token ids (integers >= 0) mapped to values in [-100, 100]")
 
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not (isinstance(ids, list) and ids and all(_int_in(t, 0, INT64_MAX) for t in ids)):
+                bad("allowed_token_ids", ids, "expected a non-empty list of token ids (integers >= 0) or None")
+
     def validate_for_model(self, vocab_size: int, max_n: Optional[int] = None) -> None:
         """Checks that need the engine: token ids must exist in the vocabulary, and n (the sequences
         this request fans out to) may not pass `max_n` (LlmArgs.max_n, default max_batch_size)."""
@@ -133,6 +144,7 @@ class SamplingParams:
                              f"(the engine's max_n, which defaults to max_batch_size)")
         for name, ids in (("stop_token_ids", self.stop_token_ids),
                           ("logit_bias", list((self.logit_bias or {}).keys())),
+                          ("allowed_token_ids", self.allowed_token_ids or []),
                           ("end_id", [] if self.end_id is None else [self.end_id])):
             for t in ids:
                 if t >= vocab_size:
@@ -155,7 +167,6 @@ FOREIGN_ARGS = {
     **{k: _BEAM for k in ("use_beam_search", "beam_width", "length_penalty", "early_stopping", "num_beams")},
     "best_of": "best_of is not supported; n samples n sequences",
     "bad_words": "bad_words is not supported; logit_bias can steer sampling",
-    "allowed_token_ids": "allowed_token_ids is not supported; logit_bias can steer sampling",
     "logits_processors": "custom logits processors are not supported",
     "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; a prompt longer than max_seq_len is an "
                               "error, so shorten it first",

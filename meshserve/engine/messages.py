@@ -28,6 +28,7 @@ class SamplingMeta(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
     min_tokens: int = 0
+    allowed_token_ids: Optional[list[int]] = None  # every other id is masked
     stop_ids: list[int] = []  # masked while fewer than min_tokens have been generated
 
 

@@ -346,7 +346,7 @@ class Scheduler:
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=p.seed,
             repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, logit_bias=p.logit_bias or None, logprobs=p.logprobs,
-            prompt_logprobs=p.prompt_logprobs, min_tokens=p.min_tokens,
+            prompt_logprobs=p.prompt_logprobs, min_tokens=p.min_tokens, allowed_token_ids=p.allowed_token_ids,
             stop_ids=sorted(set(req.eos_token_ids) | set(p.stop_token_ids)) if p.min_tokens else [])
 
     @staticmethod

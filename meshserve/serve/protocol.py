@@ -196,8 +196,6 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
                                            "structured_outputs", "structural_tag")},
     "use_beam_search": ((None, False), "beam search is not supported by this server"),
     "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
-    "allowed_token_ids": ((None, []), "allowed_token_ids is not supported by this server; logit_bias can "
-                                      "steer sampling"),
     "bad_words": ((None, []), "bad_words is not supported by this server; logit_bias can steer sampling"),
     "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
@@ -290,6 +288,7 @@ class SamplingRequest(OpenAIModel):
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
+    allowed_token_ids: Optional[list[int]] = None  # vLLM's: sample only among these ids
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
@@ -336,6 +335,7 @@ class SamplingRequest(OpenAIModel):
         fields = dict(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=self.stop,
                       stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=logit_bias,
+                      allowed_token_ids=self.allowed_token_ids,
                       skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                       spaces_between_special_tokens=self.spaces_between_special_tokens)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",

@@ -24,6 +24,9 @@ from meshserve.layers.attention.backend import AttentionBackend, AttentionMetada
 from meshserve.layers.sampler import SamplingBatch, seed_for_step
 from meshserve.utils import to_device
 
+DISALLOWED = -1e30  # the bias of an id allowed_token_ids leaves out: finite, so a row all of whose
+# allowed ids are also banned (min_tokens' stop ids) still samples rather than turning into NaN
+
 
 @dataclass
 class ReqState:
@@ -209,9 +212,12 @@ class InputBatch:
                     b.seeded_rows.append((row, seed_for_step(m.seed, sr.num_output_tokens)))
         else:
             b.temperature.zero_()
-        if any(m.logit_bias for m in metas):
+        if any(m.logit_bias or m.allowed_token_ids for m in metas):
             bias = torch.zeros(len(metas), V, dtype=torch.float32)
             for row, m in enumerate(metas):
+                if m.allowed_token_ids:  # vLLM's allowed_token_ids: every other id out of reach
+                    bias[row] = DISALLOWED
+                    bias[row, torch.tensor(m.allowed_token_ids)] = 0.0
                 for tok, val in (m.logit_bias or {}).items():
                     bias[row, tok] += val
             b.logit_bias = to_device(bias, dev)

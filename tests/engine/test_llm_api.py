@@ -323,3 +323,26 @@ def test_the_cache_salt_crosses_the_engine_wire():
     from meshserve.engine.engine_core import EngineCore
     EngineCore.add_core_request(Core(), back)
     assert seen["args"][-1] == "t"
+
+
+def test_allowed_token_ids_greedy_equals_the_argmax_over_them(llm, ckpt):
+    """vLLM's allowed_token_ids against transformers: each greedy step is the argmax of the model's
+    logits over the allowed ids alone; sampled tokens stay among them too."""
+    hf = ckpt[1]
+    prompt, allowed = [5, 17, 33, 90, 101, 7], [11, 42, 77, 150, 201]
+    ids, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+            pick = allowed[int(torch.argmax(logits[allowed]))]
+            expected.append(pick)
+            ids.append(pick)
+    out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, allowed_token_ids=allowed), use_tqdm=False)
+    assert out.outputs[0].token_ids == expected
+    assert expected != hf_greedy(hf, prompt, 6)  # the mask changed the answer, so the test can tell
+    sampled = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=3, ignore_eos=True,
+                                                  allowed_token_ids=allowed[:2]), use_tqdm=False)
+    assert set(sampled.outputs[0].token_ids) <= set(allowed[:2])
+    for bad, match in (([], "non-empty list"), ([5, 10**6], "contains token id 1000000")):
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompt, SamplingParams(max_tokens=1, allowed_token_ids=bad), use_tqdm=False)

@@ -71,7 +71,6 @@ REFUSED = [  # (endpoint, field, value, words of the message)
     ("completion", "use_beam_search", True, "beam search"),
     ("completion", "length_penalty", 0.5, "beam search"),
     ("chat", "priority", 1, "first come, first served"),
-    ("completion", "allowed_token_ids", [1, 2], "logit_bias"),
     ("completion", "bad_words", ["x"], "logit_bias"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("chat", "modalities", ["text", "audio"], "modalities"),
@@ -261,3 +260,13 @@ def test_a_cache_salt_is_taken_and_an_empty_one_refused(http):
     assert post(http, "completion", {"cache_salt": "tenant-a"}).status_code == 200
     r = post(http, "completion", {"cache_salt": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
+
+
+def test_allowed_token_ids_keep_every_token_among_them(http):
+    allowed = [40, 41, 42]
+    r = post(http, "completion", {"allowed_token_ids": allowed, "max_tokens": 8, "temperature": 1.0, "seed": 1,
+                                  "ignore_eos": True, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["choices"][0]["token_ids"]) <= set(allowed) and len(r.json()["choices"][0]["token_ids"]) == 8
+    r = post(http, "chat", {"allowed_token_ids": [1, 10**7]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids", r.text
