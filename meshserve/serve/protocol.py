@@ -227,6 +227,8 @@ class OpenAIModel(BaseModel):
         if isinstance(data, dict):
             unknown = [k for k in data if k not in cls.model_fields]
             for i, k in enumerate(unknown):
+                if not isinstance(k, str):  # not from JSON (a Python caller's dict): pydantic names it
+                    continue
                 if cls.refuses and k in REFUSED_FIELDS and not _asks_nothing(data[k], REFUSED_FIELDS[k][0]):
                     raise bad_request(f"{k}={short_repr(data[k])}: {REFUSED_FIELDS[k][1]}", k)
                 # a field name's typo (the first 20 unknown names of up to 64 characters: a body of many
