@@ -37,6 +37,7 @@ from meshserve.serve import responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
+from meshserve.serve.resume import resume_request
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
                                       decode_json_body, error_body, http_error, from_validation_error, from_value_error,
                                       MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
@@ -144,18 +145,6 @@ class OpenAIServing:
             raise bad_request("chat_template: this server renders its own chat template only; leave chat_template "
                               "out (a server started with --trust_request_chat_template takes a request's)",
                               "chat_template")
-
-    def truncated(self, prompts: list[tuple[Optional[str], list[int]]], req) -> list[tuple[Optional[str], list[int]]]:
-        """vLLM's truncate_prompt_tokens: each prompt's last k tokens (-1: the last max_seq_len); a cut
-        prompt's text is its kept tokens' (echo shows what the model saw)."""
-        k = req.truncate_prompt_tokens
-        if k is None:
-            return prompts
-        if k == 0:
-            raise bad_request("truncate_prompt_tokens=0 is invalid: expected -1 (the last max_seq_len tokens) or a "
-                              "number of tokens >= 1", "truncate_prompt_tokens")
-        keep = self.engine.limits.max_seq_len if k == -1 else k
-        return [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.config.served_model_name and model not in self.config.model_aliases:
@@ -319,38 +308,6 @@ class OpenAIServing:
             stream.abort()
             raise
 
-    def resume_request(self, req: CompletionRequest, prompts: list[tuple[Optional[str], list[int]]], params,
-                       max_tokens: Optional[int]):
-        """A completion resuming an earlier run (`resume_output_token_ids`: the orchestrator's failover,
-        docs/disaggregated.md): the prompt followed by those tokens is prefilled, they are decoded as
-        output (the answer's text is the whole output's; token_ids, usage's completion_tokens and
-        the request's max_tokens / min_tokens count the new tokens), and without max_tokens the
-        limit is the context, as for chat. The engine counts them as outputs (engine/request.py), so
-        max_tokens and min_tokens go to it counted from that run's start, and penalties, stop ids
-        and a seed's draws go on as in that run. Returns the resumed ids and the engine's params; a
-        400 for what cannot be resumed."""
-        where = "resume_output_token_ids"
-        if req.disaggregated_params is not None:
-            raise bad_request(f"{where} and disaggregated_params do not go together", where)
-        if len(prompts) != 1 or req.n != 1 or req.best_of not in (None, 1):
-            raise bad_request(f"{where}: a resumed request has one prompt and one sequence (n=1)", where)
-        if req.echo or req.logprobs is not None or req.prompt_logprobs is not None:
-            raise bad_request(f"{where}: echo and logprobs are not supported when resuming", where)
-        resume = list(req.resume_output_token_ids)
-        vocab = self.engine.limits.vocab_size
-        bad = [t for t in resume if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"{where} contains token id {bad[0]!r} outside the vocabulary (valid ids are "
-                              f"0..{vocab - 1})", where)
-        if not resume:
-            return resume, params
-        k, lim = len(resume), self.engine.limits
-        if max_tokens is None:  # as chat's uninterrupted run: up to the context, and what the KV cache holds
-            max_tokens = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(prompts[0][1]) - k)
-        # min_tokens 0 stays 0: the first run's was at most k then, and every new token is past it
-        min_tokens = params.min_tokens + k if params.min_tokens else 0
-        return resume, params.clone(max_tokens=max_tokens + k, min_tokens=min_tokens)
-
     # ---- /v1/completions ---------------------------------------------------------------------------
     async def completion_prompts(self, prompt, add_special_tokens: bool = True
                                  ) -> list[tuple[Optional[str], list[int]]]:
@@ -379,7 +336,8 @@ class OpenAIServing:
                               f"engine's max_n, which defaults to max_batch_size)", "best_of")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of={req.best_of} is not supported; leave it unset or equal to n", "best_of")
-        prompts = self.truncated(await self.completion_prompts(req.prompt, req.add_special_tokens is not False), req)
+        prompts = req.truncated(await self.completion_prompts(req.prompt, req.add_special_tokens is not False),
+                                self.engine.limits.max_seq_len)
         max_tokens = req.requested_max_tokens
         renames = {"max_tokens": "max_completion_tokens"} if req.max_completion_tokens is not None else None
         prompt_logprobs = req.prompt_logprobs
@@ -392,7 +350,7 @@ class OpenAIServing:
             raise from_value_error(e, renames) from None
         resume = None
         if req.resume_output_token_ids is not None:
-            resume, params = self.resume_request(req, prompts, params, max_tokens)
+            resume, params = resume_request(self.engine.limits, req, prompts, params, max_tokens)
         request_id = request_id_for(raw, "cmpl")
         client_params = params
         kv, params = self.disagg_request(req, prompts, params, request_id)
@@ -454,7 +412,7 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         self.check_chat_template(req)
-        [(text, ids)] = self.truncated([await self.chat_prompt(req)], req)
+        [(text, ids)] = req.truncated([await self.chat_prompt(req)], self.engine.limits.max_seq_len)
         max_tokens = req.requested_max_tokens
         if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
             lim = self.engine.limits

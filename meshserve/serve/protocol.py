@@ -18,7 +18,7 @@ import re
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshserve.chat_format import MessageError, template_messages
 from meshserve.errors import nearest
@@ -315,6 +315,23 @@ class SamplingRequest(OpenAIModel):
     store: Optional[bool] = None
     service_tier: Optional[str] = None
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_not_zero(cls, k: Optional[int]) -> Optional[int]:
+        if k == 0:
+            raise ValueError("expected -1 (the last max_seq_len tokens) or a number of tokens >= 1")
+        return k
+
+    def truncated(self, prompts: list[tuple[Optional[str], list[int]]],
+                  max_seq_len: int) -> list[tuple[Optional[str], list[int]]]:
+        """vLLM's truncate_prompt_tokens: each prompt's last k tokens (-1: the last max_seq_len); a cut
+        prompt's text is its kept tokens' (echo shows what the model saw)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return prompts
+        keep = max_seq_len if k == -1 else k
+        return [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
+
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -395,8 +412,6 @@ class ChatCompletionRequest(SamplingRequest):
     def template_messages(self) -> list[dict]:
         """Messages as the chat template wants them (chat_format.py); a 400 naming a bad one."""
         try:
-            return template_messages([m.model_dump(exclude_none=True) | {"content": m.content and (
-                m.content if isinstance(m.content, str) else [p.model_dump() for p in m.content])}
-                for m in self.messages])
+            return template_messages([m.model_dump(exclude_none=True) for m in self.messages])
         except MessageError as e:
             raise bad_request(str(e), e.param) from None
