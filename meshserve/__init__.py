@@ -1,6 +1,6 @@
 """meshserve: a distributed LLM inference engine and OpenAI-compatible server."""
 from meshserve.outputs import CompletionOutput, DisaggregatedParams, RequestOutput
-from meshserve.sampling_params import SamplingParams
+from meshserve.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -17,4 +17,4 @@ def __getattr__(name):
 
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "MoeConfig",
-           "DisaggregatedParams"]
+           "DisaggregatedParams", "StructuredOutputsParams", "GuidedDecodingParams"]

@@ -173,6 +173,13 @@ class AttentionDpConfig(StrictModel):
     batching_wait_iters: int = Field(10, ge=0)
 
 
+class StructuredOutputsConfig(StrictModel):
+    """vLLM's structured_outputs_config: the engine's defaults for requests with structured outputs."""
+    backend: Literal["auto", "xgrammar"] = Field("auto", description="grammar library (xgrammar; auto picks it)")
+    disable_any_whitespace: bool = Field(False, description=(
+        "JSON outputs (json schemas, json_object) without free whitespace between tokens, for every request"))
+
+
 class MoeConfig(StrictModel):
     backend: str = "auto"
 
@@ -251,6 +258,10 @@ class LlmArgs(StrictModel):
     attention_dp_config: AttentionDpConfig = Field(default_factory=AttentionDpConfig)
     cp_config: Optional[dict[str, Any]] = None
     moe_config: MoeConfig = Field(default_factory=MoeConfig)
+    structured_outputs_config: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
+    guided_decoding_backend: Optional[Literal["xgrammar"]] = Field(None, description=(
+        "TensorRT-LLM's name of the grammar library: xgrammar, the only one here (structured outputs are on "
+        "either way)"))
     orchestrator_type: Optional[str] = None
     disable_overlap_scheduler: bool = False
     overlap_late_launch: bool = Field(False, description=(

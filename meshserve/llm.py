@@ -91,6 +91,9 @@ class LLM:
             if e.expected:
                 raise
             raise RankFailedError(f"{e} ({API_DEBUG_HINT})") from None
+        self._core.structured.tokenizer = self.tokenizer  # structured outputs compile against it (None: refused)
+        if self.tokenizer is None:
+            self._core.structured.tokenizer_path = None
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._outputs = OutputProcessor(self.tokenizer, self.args.stream_interval)

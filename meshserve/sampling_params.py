@@ -33,6 +33,74 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured outputs (and TensorRT-LLM's GuidedDecodingParams): the output must match
+    exactly one of a JSON schema (`json`: a dict or its JSON text), a regular expression, one of
+    `choice`'s strings, an EBNF grammar (GBNF / xgrammar's syntax), or any JSON object
+    (`json_object=True`). The engine compiles it with xgrammar and masks each step's logits to the
+    tokens the grammar allows (engine/structured_output.py); a grammar that does not parse is a
+    ValueError there. `disable_any_whitespace`: JSON without free whitespace between its tokens
+    (vLLM's option; by default any amount is allowed, as JSON is)."""
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    def validate(self) -> None:
+        def bad(name: str, value, accepted: str) -> None:
+            raise ValueError(f"structured_outputs.{name}={short_repr(value)} is invalid: {accepted}")
+
+        given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs sets {', '.join(given) if given else 'nothing'}: expected exactly "
+                             f"one of {', '.join(_KINDS)}")
+        if self.json is not None and not (isinstance(self.json, dict) or (isinstance(self.json, str) and self.json)):
+            bad("json", self.json, "expected a JSON schema (an object, or its JSON text)")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v):
+                bad(name, v, "expected a non-empty string")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            bad("choice", self.choice, "expected a non-empty list of non-empty strings")
+        if self.json_object not in (None, True, False):
+            bad("json_object", self.json_object, "expected true or false")
+        if not isinstance(self.disable_any_whitespace, bool):
+            bad("disable_any_whitespace", self.disable_any_whitespace, "expected true or false")
+
+    @classmethod
+    def of(cls, value) -> "StructuredOutputsParams":
+        """One from a dict of its fields (the engine's wire, a server request) or as is."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"structured_outputs={short_repr(value)} is invalid: expected StructuredOutputsParams "
+                             f"or a dict of its fields ({', '.join(_SO_FIELDS)})")
+        unknown = [k for k in value if k not in _SO_FIELDS]
+        if unknown:
+            raise ValueError(f"structured_outputs has unknown field {short_repr(unknown[0])}: accepted "
+                             f"{', '.join(_SO_FIELDS)}")
+        return cls(**value)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's former name and TensorRT-LLM's
+
+
 @dataclass
 class SamplingParams:
     max_tokens: Optional[int] = 16
@@ -58,8 +126,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    # the output must match a JSON schema, regex, choice or grammar (StructuredOutputsParams)
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -158,12 +230,11 @@ class SamplingParams:
         return dataclasses.asdict(self)
 
 
-_STRUCTURED = "structured output (guided decoding) is not supported"
+_STRUCTURED = "here: structured_outputs=StructuredOutputsParams(json=..., regex=..., choice=... or grammar=...)"
 _BEAM = "beam search is not supported"
 # other engines' SamplingParams (and transformers' generate) arguments this one lacks: what to do instead
 FOREIGN_ARGS = {
-    **{k: _STRUCTURED for k in ("guided_decoding", "structured_outputs", "guided_json", "guided_regex",
-                                "guided_choice", "guided_grammar")},
+    **{k: _STRUCTURED for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")},
     **{k: _BEAM for k in ("use_beam_search", "beam_width", "length_penalty", "early_stopping", "num_beams")},
     "best_of": "best_of is not supported; n samples n sequences",
     "bad_words": "bad_words is not supported; logit_bias can steer sampling",
@@ -180,7 +251,12 @@ _dataclass_init = SamplingParams.__init__
 
 
 def _init(self, *args, **kwargs) -> None:
-    """The dataclass's __init__, with an unknown keyword's TypeError naming what to use instead."""
+    """The dataclass's __init__, with an unknown keyword's TypeError naming what to use instead.
+    `guided_decoding` (vLLM's former name, TensorRT-LLM's) is taken as structured_outputs."""
+    if "guided_decoding" in kwargs:
+        if kwargs.get("structured_outputs") is not None:
+            raise TypeError("SamplingParams got both guided_decoding and structured_outputs: they are one setting")
+        kwargs["structured_outputs"] = kwargs.pop("guided_decoding")
     for name in kwargs:
         if name not in _FIELDS:
             close = nearest(name, _FIELDS, cutoff=0.75)
@@ -191,5 +267,6 @@ def _init(self, *args, **kwargs) -> None:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_SO_FIELDS = tuple(f.name for f in dataclasses.fields(StructuredOutputsParams))
 _init.__signature__ = inspect.signature(_dataclass_init)
 SamplingParams.__init__ = _init

@@ -434,7 +434,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
     from meshserve.serve.openai_server import OpenAIServing, ServerConfig, build_app
 
     metrics = ServerMetrics(name)
-    engine = AsyncEngine(args, model_path, None, metrics, ns.log_level.upper())
+    engine = AsyncEngine(args, model_path, None, metrics, ns.log_level.upper(), tokenizer_path=tokenizer_path)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)  # while loading; uvicorn takes over after

@@ -124,9 +124,11 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, args: LlmArgs, model_path: str, tokenizer, observer: Optional[EngineObserver] = None,
-                 log_level: str = "INFO"):
+                 log_level: str = "INFO", tokenizer_path: Optional[str] = None):
+        # tokenizer_path: the tokenizer's folder, which the engine loads for structured outputs (None: the model's)
         self.args = args
         self.model_path = model_path
+        self.tokenizer_path = tokenizer_path
         self.tokenizer = tokenizer
         self.observer = observer
         self.log_level = log_level
@@ -172,7 +174,8 @@ class AsyncEngine:
         self._out_sock.bind(output_addr)
 
         order = dict(args_json=self.args.model_dump_json(), model_path=self.model_path, input_addr=input_addr,
-                     output_addr=output_addr, parent_pid=os.getpid(), log_level=self.log_level)
+                     output_addr=output_addr, parent_pid=os.getpid(), log_level=self.log_level,
+                     tokenizer_path=self.tokenizer_path)
         self._proc = take_prestarted(order)
         how = "prestarted, its imports done beside this process's"
         if self._proc is None:

@@ -12,7 +12,8 @@ sockets in a private folder; this process connects to both. Every message is two
                     b"reject"   RequestRejected   an add that failed validation; the loop goes on
                     b"failed"   EngineFailed      startup or a step raised; the process then exits
 
-No tokenizer lives here: requests arrive as token ids, outputs leave as token ids.
+No tokenizer lives here: requests arrive as token ids, outputs leave as token ids (structured outputs
+load it to compile grammars, on their first request: engine/structured_output.py).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _exit_on_signal(signum, frame) -> None:
 
 
 def run_engine_process(args_json: str, model_path: str, input_addr: str, output_addr: str,
-                       parent_pid: int, log_level: str = "INFO") -> None:
+                       parent_pid: int, log_level: str = "INFO", tokenizer_path: Optional[str] = None) -> None:
     """Entry point of the spawned engine process."""
     # The front owns shutdown: it drains HTTP requests first, then sends b"shutdown". A Ctrl-C
     # reaches the whole process group, so SIGINT is ignored (worker ranks spawned from here inherit
@@ -87,7 +88,7 @@ def run_engine_process(args_json: str, model_path: str, input_addr: str, output_
     encoder = msgspec.msgpack.Encoder()
     args = LlmArgs.model_validate_json(args_json)
     try:
-        core = create_engine_core(args, model_path, launch_for(args), log_level)
+        core = create_engine_core(args, model_path, launch_for(args), log_level, tokenizer_path)
     except SystemExit as e:
         if e.code != 128 + signal.SIGTERM:
             raise

@@ -20,6 +20,7 @@ from meshserve.engine.dp_coordinator import DpKvView, DpScheduler
 from meshserve.engine.messages import DisaggRequest, EngineCoreOutput, EngineCoreRequest
 from meshserve.engine.request import Request
 from meshserve.engine.scheduler import Scheduler, SchedulerConfig
+from meshserve.engine.structured_output import StructuredOutputs
 from meshserve.sampling_params import SamplingParams
 from meshserve.utils import RateLimitedLog, all_ints
 
@@ -106,12 +107,13 @@ class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None,
                  max_n: Optional[int] = None, slow_step_ms: float = 1000.0, kv_transfer=None,
-                 dp_size: int = 1, attention_dp_config=None):
+                 dp_size: int = 1, attention_dp_config=None, tokenizer_path: Optional[str] = None):
         # kv_groups: the model's KV cache groups (engine/kv_spec.py); None: one full-attention group
         # max_n: LlmArgs.max_n; None: max_batch_size (n sequences beyond one step's batch stall everyone)
         # kv_transfer: LlmArgs.cache_transceiver_config (disaggregated serving); None: refused
         # dp_size > 1: attention DP, a scheduler and KV cache per rank (engine/dp_coordinator.py);
         # attention_dp_config: LlmArgs.attention_dp_config (its balancing knobs)
+        # tokenizer_path: the model's tokenizer, which structured outputs compile against (None: refused)
         self.executor = executor
         self.dp_size = dp_size
         if dp_size > 1:
@@ -133,6 +135,9 @@ class EngineCore:
         self.limits = EngineLimits(vocab_size, sched_config.max_seq_len, sched_config.max_num_tokens,
                                    sched_config.enable_chunked_prefill, self.kv.capacity_tokens,
                                    list(eos_token_ids), max_n or sched_config.max_batch_size)
+        # structured outputs: xgrammar over the model's tokenizer (loaded from tokenizer_path on first use;
+        # LLM hands its own over as `structured.tokenizer`)
+        self.structured = StructuredOutputs(vocab_size, list(eos_token_ids), tokenizer_path)
         self.batch_queue: deque = deque()
         # Time from a batch's launch (or the previous batch's completion, when the launch came while
         # that one still ran) to its outputs: with batches in flight, the period between outputs.
@@ -174,9 +179,12 @@ class EngineCore:
                 raise ValueError("resume_output_token_ids and disaggregated_params do not go together")
             params = self._check_disagg(prompt_token_ids, params, disagg)
         self.validate(prompt_token_ids, params, resume_output_token_ids)
-        self.scheduler.add_request(Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids,
-                                           self.limits.max_seq_len, arrival_time, disagg, resume_output_token_ids,
-                                           cache_salt))
+        req = Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids, self.limits.max_seq_len,
+                      arrival_time, disagg, resume_output_token_ids, cache_salt)
+        if params.structured_outputs is not None:
+            stops = list(dict.fromkeys(req.eos_token_ids + params.stop_token_ids))
+            req.grammar = self.structured.state(params.structured_outputs, stops, req.output_token_ids)
+        self.scheduler.add_request(req)
         if disagg is not None:
             logger.info("request %s: %s, %d prompt tokens%s", request_id, disagg.kind, len(prompt_token_ids),
                         f", KV from {disagg.sources[0].endpoint} ({disagg.ctx_request_id})"

@@ -45,6 +45,9 @@ class ScheduledRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     # Models with several KV groups: the same for the tables of groups 1.. (entries a sliding
     # window no longer reads are the null block 0 when sent; ranks null them themselves later)
     new_group_block_ids: list[list[int]] = []
+    # structured outputs, in a step that samples this request's next token: the ids its grammar
+    # allows, one bit each (id i: bit i % 32 of little-endian uint32 word i // 32)
+    grammar_mask: Optional[bytes] = None
 
 
 class KvPull(msgspec.Struct, array_like=True, omit_defaults=True):

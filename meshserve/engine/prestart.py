@@ -43,7 +43,8 @@ def _run_prestarted(orders, log_level: str = "INFO") -> None:
     os.environ.clear()  # the front's environment when it gave the order (import-time keys are unchanged)
     os.environ.update(order["env"])
     core_proc.run_engine_process(order["args_json"], order["model_path"], order["input_addr"],
-                                 order["output_addr"], order["parent_pid"], order.get("log_level", log_level))
+                                 order["output_addr"], order["parent_pid"], order.get("log_level", log_level),
+                                 order.get("tokenizer_path"))
 
 
 # Environment keys the front may set after prestarting the engine process: read by the engine at run time,

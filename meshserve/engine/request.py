@@ -65,6 +65,9 @@ class Request:
         self.num_pending = 0  # in-flight steps that will produce a token not yet appended
         self.disagg = disagg  # messages.DisaggRequest of a context_only / generation_only request
         self.kv_registered = False  # context_only: its blocks are registered with the ranks' KV sources
+        # structured outputs: the sequence's grammar matcher (engine/structured_output.py GrammarState)
+        self.grammar = None
+        self.error: Optional[str] = None  # why it was aborted, when the engine ended it
 
     @property
     def is_context_only(self) -> bool:
@@ -95,6 +98,13 @@ class Request:
         """Record a sampled token; returns the finished status if this token ends the request."""
         self.output_token_ids.append(token_id)
         n = self.num_output_tokens
+        if self.grammar is not None:
+            if not self.grammar.accept(token_id):  # the step's mask allowed it: only a banned-everything row
+                self.error = f"the sampled token {token_id} does not match the request's structured_outputs"
+                return RequestStatus.FINISHED_ABORTED
+            if self.grammar.terminated and token_id not in self.eos_token_ids:
+                self.stop_reason = token_id if token_id in self.params.stop_token_ids else None
+                return RequestStatus.FINISHED_STOPPED  # the grammar is complete (its stop token, or ignore_eos)
         if n >= self.params.min_tokens:
             if token_id in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

@@ -18,6 +18,7 @@ computed and the context server's first token appended, or frees its blocks when
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from meshserve.engine.kv_cache import KVCacheManager
 from meshserve.engine.messages import (EngineCoreOutput, KvPull, ModelRunnerOutput, SamplingMeta, ScheduledRequest,
                                        SchedulerOutput)
 from meshserve.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -288,12 +291,14 @@ class Scheduler:
         self.finished_ids = []
         self.kv_unregister = []
         produces = set()
-        for req, n in scheduled:
+        for (req, n), sr in zip(scheduled, out.reqs):
             req.num_computed_tokens += n
             req.in_flight += 1
             if req.num_computed_tokens >= req.num_tokens + req.num_pending:
                 req.num_pending += 1
                 produces.add(req.request_id)
+                if req.grammar is not None:  # structured outputs: the ids its grammar allows next
+                    sr.grammar_mask = req.grammar.next_mask()
                 if req.is_context_only and not req.kv_registered:  # this step completes its prompt's KV
                     req.kv_registered = True
                     out.kv_register = out.kv_register + [KvRequest(req.request_id, [list(t) for t in self.kv.tables(req)],
@@ -310,10 +315,11 @@ class Scheduler:
     def _can_overlap(self, req: Request) -> bool:
         """An in-flight request may be scheduled again when overlap is on, its running step will
         produce a token, it can still use one more, and its sampling does not read its own history
-        (penalties), which the worker only learns a step late. min_tokens is fine: the worker counts
+        (penalties), which the worker only learns a step late, nor does its grammar's next mask
+        (structured outputs: the engine needs the token first). min_tokens is fine: the worker counts
         outputs from `ScheduledRequest.num_output_tokens`, which includes the in-flight ones."""
         p = req.params
-        return (self.config.overlap and req.num_pending > 0
+        return (self.config.overlap and req.num_pending > 0 and req.grammar is None
                 and req.num_output_tokens + req.num_pending < req.max_output_tokens
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
 
@@ -408,6 +414,8 @@ class Scheduler:
                 if status is not None:
                     out.finish_reason = status.value
                     out.stop_reason = req.stop_reason
+                    if req.error:
+                        logger.warning("request %s aborted: %s", sr.req_id, req.error)
                     self._finish(req, status)
                     if req.is_context_only:
                         out.kv_transfer_params = self.pinned_kv(sr.req_id)

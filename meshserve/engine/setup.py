@@ -327,8 +327,10 @@ def create_executor(args: LlmArgs, model_path: str, model_config: ModelConfig, d
 
 
 def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchInfo] = None,
-                       log_level: str = "WARNING") -> EngineCore:
-    """The engine on rank 0; `launch` as from `launch_for(args)`; `log_level` reaches spawned ranks."""
+                       log_level: str = "WARNING", tokenizer_path: Optional[str] = None) -> EngineCore:
+    """The engine on rank 0; `launch` as from `launch_for(args)`; `log_level` reaches spawned ranks;
+    `tokenizer_path`: the tokenizer structured outputs compile against (None: the model's folder,
+    unless skip_tokenizer_init)."""
     model_config = ModelConfig.from_pretrained(model_path)
     check_parallel_layout(args, model_config)
     device = resolve_device(args.device)
@@ -361,7 +363,9 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
                           model_config.vocab_size, eos_token_ids(model_path, model_config), kv_groups,
                           max_n=args.max_n, slow_step_ms=args.slow_step_ms,
                           kv_transfer=args.cache_transceiver_config, dp_size=dp_size,
-                          attention_dp_config=args.attention_dp_config)
+                          attention_dp_config=args.attention_dp_config,
+                          tokenizer_path=None if args.skip_tokenizer_init else (tokenizer_path or model_path))
+        core.structured.disable_any_whitespace = args.structured_outputs_config.disable_any_whitespace
     except BaseException:
         executor.shutdown()
         raise

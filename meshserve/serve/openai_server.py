@@ -32,7 +32,7 @@ from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTrans
                                            RequestRejectedError, RequestStream)
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
-from meshserve.sampling_params import SamplingParams, short_repr
+from meshserve.sampling_params import SamplingParams
 from meshserve.serve import responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
@@ -406,9 +406,6 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.tools and req.tool_choice != "none":
             raise bad_request("tools / function calling are not supported by this server", "tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request(f"response_format={short_repr(req.response_format)} is not supported; only "
-                              f"{{'type': 'text'}}", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         self.check_chat_template(req)
@@ -508,7 +505,7 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
 
     @app.exception_handler(RequestRejectedError)
     async def _rejected(_: Request, err: RequestRejectedError):
-        return error_response(bad_request(str(err)))
+        return error_response(from_value_error(err))
 
     @app.exception_handler(KvTransferError)
     async def _kv_transfer_failed(_: Request, err: KvTransferError):

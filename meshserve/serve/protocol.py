@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meshserve.chat_format import MessageError, template_messages
 from meshserve.errors import nearest
-from meshserve.sampling_params import SamplingParams, short_repr
+from meshserve.engine.structured_output import check_syntax
+from meshserve.sampling_params import SamplingParams, StructuredOutputsParams, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def from_validation_error(err: ValidationError) -> APIError:
     return bad_request("; ".join(messages), first)
 
 
-_PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)")
+_PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)|^(structured_outputs|response_format|guided_\w+)\b")
 
 
 def from_value_error(err: ValueError, renames: Optional[dict] = None, default_param: Optional[str] = None) -> APIError:
@@ -154,7 +155,7 @@ def from_value_error(err: ValueError, renames: Optional[dict] = None, default_pa
     message = str(err)
     m = _PARAM_IN_MESSAGE.search(message)
     if m:
-        param = m.group(1)
+        param = m.group(1) or m.group(2)
     elif "max_tokens" in message:
         param = "max_tokens"
     else:
@@ -185,15 +186,14 @@ def _names(fields: list) -> str:
                     + (f", ... ({len(fields)} in all)" if len(fields) > 20 else ""))
 
 
-_STRUCTURED = "structured output (guided decoding) is not supported by this server"
+_STRUCTURED = ("not supported by this server; structured outputs take structured_outputs (json, regex, choice, "
+               "grammar, json_object), response_format or guided_json / guided_regex / guided_choice / guided_grammar")
 _TOOLS = "tools / function calling are not supported by this server"
 # Fields vLLM or OpenAI define that change what is generated and this server cannot honour: set to
 # anything but a value that asks for nothing, each is a 400 naming it (a setting is refused, never
 # accepted and ignored). field -> (the values that ask for nothing, why it is refused)
 REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
-    **{f: ((None,), _STRUCTURED) for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                                           "guided_decoding_backend", "guided_whitespace_pattern",
-                                           "structured_outputs", "structural_tag")},
+    **{f: ((None,), _STRUCTURED) for f in ("guided_whitespace_pattern", "structural_tag")},
     "use_beam_search": ((None, False), "beam search is not supported by this server"),
     "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
     "bad_words": ((None, []), "bad_words is not supported by this server; logit_bias can steer sampling"),
@@ -310,6 +310,14 @@ class SamplingRequest(OpenAIModel):
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
     # vLLM's: the prompt's cached prefix is shared only with requests of the same salt (a tenant's)
     cache_salt: Optional[str] = Field(None, min_length=1)
+    # structured outputs (vLLM's fields; engine/structured_output.py): at most one of them
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None
@@ -362,7 +370,61 @@ class SamplingRequest(OpenAIModel):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = value
+        structured = self.structured_spec()
+        if structured is not None:
+            fields["structured_outputs"] = structured
         return SamplingParams(**fields)
+
+    def structured_spec(self) -> Optional[StructuredOutputsParams]:
+        """The request's structured outputs, from whichever one field sets them; ValueError naming it."""
+        given = {}
+        if self.response_format is not None:
+            rf = response_format_spec(self.response_format)
+            if rf is not None:
+                given["response_format"] = rf
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = StructuredOutputsParams.of(self.structured_outputs)
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    given[name] = StructuredOutputsParams(**{kind: value})
+                except ValueError as e:
+                    raise ValueError(str(e).replace(f"structured_outputs.{kind}=", f"{name}=")) from None
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise ValueError(f"guided_decoding_backend={short_repr(self.guided_decoding_backend)} is not available: "
+                             f"this server's structured outputs run on xgrammar ('xgrammar' or 'auto')")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} both constrain the output: set only one of them")
+        if not given:
+            return None
+        [(name, spec)] = given.items()
+        try:
+            check_syntax(spec)  # a schema / regex / grammar that does not parse: a 400 before any stream starts
+        except ValueError as e:
+            field = {"structured_outputs": f"structured_outputs.{spec.kind}",
+                     "response_format": "response_format.json_schema.schema"}.get(name, name)
+            raise ValueError(str(e).replace(f"structured_outputs.{spec.kind}=", f"{field}=", 1)) from None
+        return spec
+
+
+def response_format_spec(rf: dict) -> Optional[StructuredOutputsParams]:
+    """OpenAI's response_format: text (nothing), json_object (any JSON object) or json_schema."""
+    kind = rf.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema is missing: a json_schema response_format needs "
+                             "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}")
+        return StructuredOutputsParams(json=schema)
+    raise ValueError(f"response_format.type={short_repr(kind)} is not supported: expected 'text', 'json_object' or "
+                     f"'json_schema'")
 
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
@@ -403,7 +465,6 @@ class ChatCompletionRequest(SamplingRequest):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: Optional[str] = None

@@ -54,6 +54,19 @@ class StepInputs:
     ring_empty: Optional[torch.Tensor] = None
 
 
+def grammar_banned(reqs, vocab_size: int) -> torch.Tensor:
+    """[B, V] True where a row's grammar (structured outputs) bans the id: its mask's bit is 0
+    (engine/messages.py ScheduledRequest.grammar_mask), or the id lies past the mask. Rows
+    without a mask ban nothing."""
+    banned = torch.zeros(len(reqs), vocab_size, dtype=torch.bool)
+    for row, sr in enumerate(reqs):
+        if sr.grammar_mask:
+            bits = np.unpackbits(np.frombuffer(sr.grammar_mask, dtype=np.uint8), bitorder="little")[:vocab_size]
+            banned[row] = True
+            banned[row, :len(bits)] = torch.from_numpy(bits == 0)
+    return banned
+
+
 def _pad_rows(rows: list[list[int]]) -> np.ndarray:
     """[B, max len] int32, zero-padded, in one vectorized scatter."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
@@ -233,6 +246,9 @@ class InputBatch:
             mask = torch.zeros(len(metas), V, dtype=torch.bool, device=dev)
             mask[to_device(torch.tensor(rows), dev), to_device(torch.tensor(cols), dev)] = True
             b.banned_mask = mask
+        if any(sr.grammar_mask for sr in so.reqs):
+            grammar = grammar_banned(so.reqs, V)
+            b.banned_mask = to_device(grammar, dev) if b.banned_mask is None else b.banned_mask | to_device(grammar, dev)
         if any(m.repetition_penalty != 1.0 or m.presence_penalty or m.frequency_penalty for m in metas):
             counts = torch.zeros(len(metas), V, dtype=torch.float32)
             seen = torch.zeros(len(metas), V, dtype=torch.bool)

@@ -144,3 +144,25 @@ def test_a_streamed_context_request_ends_with_its_params(llms):
                        disaggregated_params=outs[-1].disaggregated_params.for_generation())
     assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 8)
     assert released(ctx)
+
+
+def test_structured_outputs_hold_across_the_handover(llms):
+    """The context LLM constrains the first token, the generation LLM's matcher takes it with the KV and
+    goes on: the answer equals one LLM's run of the same request, and matches the regex."""
+    import re
+
+    from meshserve import StructuredOutputsParams
+    ctx, gen = llms["ctx"], llms["gen"]
+    prompts = make_prompts(3, 300, 40, seed=5)
+    regex = r"[a-c]{2}-[0-9]{2,3}"
+    params = SamplingParams(max_tokens=12, temperature=0, structured_outputs=StructuredOutputsParams(regex=regex))
+    want = [o.outputs[0] for o in gen.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    firsts = ctx.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                          disaggregated_params=DisaggregatedParams("context_only"))
+    outs = gen.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                        disaggregated_params=[o.disaggregated_params.for_generation() for o in firsts])
+    for w, f, out in zip(want, firsts, outs):
+        assert f.outputs[0].token_ids == w.token_ids[:1]
+        assert out.outputs[0].token_ids == w.token_ids and w.finish_reason == "stop"
+        assert re.fullmatch(regex, out.outputs[0].text), out.outputs[0].text
+    assert released(ctx)

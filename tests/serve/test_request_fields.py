@@ -1,5 +1,5 @@
 """Request fields a vLLM or OpenAI client sends that this server cannot honour are 400s naming the field
-(guided decoding, beam search, priorities, ...), a misspelt known field is a 400 naming the field it is
+(beam search, priorities, structural tags, ...), a misspelt known field is a 400 naming the field it is
 close to, and vLLM's `add_special_tokens` is honoured (completions add the BOS by default, chat does
 not), checked against the checkpoint's own tokenizer, which adds one. Genuinely unknown fields stay
 ignored with a warning (test_input_limits.py)."""
@@ -65,9 +65,8 @@ def post(http: httpx.Client, kind: str, extra: dict) -> httpx.Response:
 
 
 REFUSED = [  # (endpoint, field, value, words of the message)
-    ("completion", "guided_json", {"type": "object"}, "structured output"),
-    ("chat", "guided_choice", ["yes", "no"], "structured output"),
-    ("chat", "structured_outputs", {"regex": "[a-z]+"}, "structured output"),
+    ("completion", "guided_whitespace_pattern", r"\s*", "structured outputs take structured_outputs"),
+    ("chat", "structural_tag", {"type": "structural_tag"}, "not supported by this server"),
     ("completion", "use_beam_search", True, "beam search"),
     ("completion", "length_penalty", 0.5, "beam search"),
     ("chat", "priority", 1, "first come, first served"),

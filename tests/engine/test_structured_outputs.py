@@ -1,0 +1,235 @@
+"""Structured outputs (vLLM's `structured_outputs`, TensorRT-LLM's `guided_decoding`) from the LLM API.
+
+The reference is independent of the engine: transformers runs the same checkpoint step by step,
+and a grammar matcher built here (xgrammar over the checkpoint's own tokenizer) masks its logits
+before the argmax. The engine's greedy ids must equal that, in a batch that mixes constrained and
+free requests (each mask reaches its own row, at its own step), under chunked prefill, with two
+tensor-parallel ranks (the mask reaches the sampling rank), and after preemption. Whatever the
+model, the text must satisfy the constraint by Python's own `re`, `json` and `jsonschema`."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from helpers import build_checkpoint
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "pick": {"enum": ["x", "yy", "z"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["ok", "pick", "n"], "additionalProperties": False}
+REGEX = r"[0-9]{3}-[a-z]{2}"
+CHOICES = ["red", "green", "blue sky"]
+GRAMMAR = 'root ::= "(" item ("," item)* ")"\nitem ::= [a-c] | "zz"'
+PROMPTS = ["hello world", "the cat sat on the mat", "a b c", "numbers 1 2 3 and words"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("models") / "tiny-so")
+    build_checkpoint(path, "llama", max_position_embeddings=512)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf(model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(model))
+
+
+def _matcher(tok, vocab_size: int, kind: str, value):
+    import xgrammar as xgr
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size, stop_token_ids=[tok.eos_token_id])
+    comp = xgr.GrammarCompiler(info, max_threads=1)
+    if kind == "json":
+        g = comp.compile_json_schema(json.dumps(value), any_whitespace=False)
+    elif kind == "regex":
+        g = comp.compile_regex(value)
+    elif kind == "choice":
+        g = comp.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+    else:
+        g = comp.compile_grammar(value)
+    return xgr.GrammarMatcher(g)
+
+
+@torch.no_grad()
+def reference(hf, prompt: str, max_tokens: int, constraint=None) -> list[int]:
+    """transformers' greedy ids, each step's logits masked by this test's own matcher."""
+    import xgrammar as xgr
+    model, tok = hf
+    V = model.config.vocab_size
+    ids = tok(prompt)["input_ids"]
+    matcher = _matcher(tok, V, *constraint) if constraint else None
+    bitmask = xgr.allocate_token_bitmask(1, V) if constraint else None
+    out = []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(bitmask)
+            allowed = ((bitmask[0][:, None] >> torch.arange(32)) & 1).flatten()[:V].bool()
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        t = int(logits.argmax())
+        out.append(t)
+        if t == tok.eos_token_id:
+            break
+        if matcher is not None:
+            assert matcher.accept_token(t)
+            if matcher.is_terminated():
+                break
+    return out
+
+
+def _params(kind, value, **kw):
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import StructuredOutputsParams
+    spec = {kind: value} | ({"disable_any_whitespace": True} if kind == "json" else {})
+    return SamplingParams(max_tokens=kw.pop("max_tokens", 40), temperature=0, structured_outputs=StructuredOutputsParams(**spec), **kw)
+
+
+CASES = [("regex", REGEX), ("choice", CHOICES), ("json", SCHEMA), ("grammar", GRAMMAR)]
+
+
+def check_text(kind, value, text: str) -> None:
+    """The constraint, by Python's own parsers (not the grammar library)."""
+    if kind == "regex":
+        assert re.fullmatch(value, text), text
+    elif kind == "choice":
+        assert text in value, text
+    elif kind == "json":
+        import jsonschema
+        jsonschema.validate(json.loads(text), value)
+    else:
+        assert re.fullmatch(r"\((?:[a-c]|zz)(?:,(?:[a-c]|zz))*\)", text), text
+
+
+def run_mixed(llm, prompts=PROMPTS):
+    """Every constraint and a free request in one batch."""
+    from meshserve import SamplingParams
+    ps = [_params(k, v) for k, v in CASES] + [SamplingParams(max_tokens=12, temperature=0)]
+    return llm.generate(prompts + prompts[:1], ps)
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    from meshserve import LLM
+    return LLM(model=model, max_batch_size=8, max_seq_len=512)
+
+
+def test_greedy_ids_equal_transformers_masked_by_the_same_grammar_in_a_mixed_batch(llm, hf):
+    outs = run_mixed(llm)
+    for (kind, value), prompt, o in zip(CASES, PROMPTS, outs):
+        seq = o.outputs[0]
+        assert seq.token_ids == reference(hf, prompt, 40, (kind, value)), kind
+        assert seq.finish_reason == "stop", (kind, seq.text)
+        check_text(kind, value, seq.text)
+    free = outs[-1].outputs[0]
+    assert free.token_ids == reference(hf, PROMPTS[0], 12)  # no mask leaked onto a free row
+
+
+def test_sampled_outputs_satisfy_the_constraint_and_n_sequences_each_have_their_own(llm):
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import GuidedDecodingParams
+    for kind, value in CASES:
+        spec = GuidedDecodingParams(**{kind: value})
+        outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=60, temperature=1.0, seed=7, n=3,
+                                                        guided_decoding=spec))
+        for o in outs:
+            for seq in o.outputs:
+                if seq.finish_reason == "stop":
+                    check_text(kind, value, seq.text)
+                else:  # cut by max_tokens: a prefix the grammar accepts (free JSON whitespace can run long)
+                    assert kind == "json" and seq.finish_reason == "length"
+
+
+def test_json_object_and_json_text_schema(llm):
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import StructuredOutputsParams
+    outs = llm.generate(PROMPTS[:2], [
+        SamplingParams(max_tokens=40, temperature=0, structured_outputs=StructuredOutputsParams(
+            json_object=True, disable_any_whitespace=True)),
+        SamplingParams(max_tokens=40, temperature=0, structured_outputs=StructuredOutputsParams(
+            json=json.dumps(SCHEMA), disable_any_whitespace=True))])
+    assert isinstance(json.loads(outs[0].outputs[0].text), dict)
+    check_text("json", SCHEMA, outs[1].outputs[0].text)
+
+
+def test_chunked_prefill_and_preemption_keep_the_grammar(model, hf):
+    """Prompts prefilled in 8-token chunks, and a KV pool so small that requests are preempted and
+    recomputed: every grammar still holds, and greedy ids equal the reference."""
+    from meshserve import LLM
+    llm = LLM(model=model, max_batch_size=4, max_seq_len=128, max_num_tokens=8,
+              kv_cache_config={"max_tokens": 160, "tokens_per_block": 8})
+    long = [p + " and more words here" * 3 for p in PROMPTS]
+    try:
+        outs = run_mixed(llm, long)
+        preemptions = llm.get_stats()["num_preemptions"]
+    finally:
+        llm.shutdown()
+    for (kind, value), prompt, o in zip(CASES, long, outs):
+        assert o.outputs[0].token_ids == reference(hf, prompt, 40, (kind, value)), kind
+        check_text(kind, value, o.outputs[0].text)
+    assert preemptions > 0
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_two_ranks_equal_the_reference(model, hf, layout):
+    """The mask travels to the rank that samples: tp rank 0, or the last pipeline stage."""
+    from meshserve import LLM
+    llm = LLM(model=model, max_batch_size=8, max_seq_len=512, **layout)
+    try:
+        outs = run_mixed(llm)
+    finally:
+        llm.shutdown()
+    for (kind, value), prompt, o in zip(CASES, PROMPTS, outs):
+        assert o.outputs[0].token_ids == reference(hf, prompt, 40, (kind, value)), kind
+
+
+@pytest.mark.parametrize("spec,words", [
+    ({"regex": "([0-9"}, "structured_outputs.regex='([0-9' is invalid: Regex parsing error"),
+    ({"json": "{bad"}, "structured_outputs.json='{bad' is invalid: Failed to parse JSON"),
+    ({"grammar": "root ::= foo"}, "Rule \"foo\" is not defined"),
+])
+def test_a_grammar_that_does_not_parse_is_a_value_error_naming_it(llm, spec, words):
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import StructuredOutputsParams
+    with pytest.raises(ValueError) as exc:
+        llm.generate(["hi"], SamplingParams(structured_outputs=StructuredOutputsParams(**spec)))
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # the engine goes on
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({}, "sets nothing: expected exactly one of json, regex, choice, grammar, json_object"),
+    ({"regex": "a", "choice": ["a"]}, "sets regex, choice"),
+    ({"choice": []}, "structured_outputs.choice=[] is invalid"),
+    ({"json": 5}, "structured_outputs.json=5 is invalid"),
+])
+def test_structured_outputs_params_are_checked_on_construction(kw, words):
+    from meshserve.sampling_params import StructuredOutputsParams
+    with pytest.raises(ValueError, match=re.escape(words)):
+        StructuredOutputsParams(**kw)
+
+
+def test_the_two_names_of_the_setting_cannot_both_be_given():
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import StructuredOutputsParams
+    s = StructuredOutputsParams(regex="a")
+    with pytest.raises(TypeError, match="both guided_decoding and structured_outputs"):
+        SamplingParams(guided_decoding=s, structured_outputs=s)
+    assert SamplingParams(guided_decoding={"regex": "a"}).structured_outputs == s  # a dict of its fields
+    with pytest.raises(ValueError, match="unknown field 'regexp'"):
+        SamplingParams(structured_outputs={"regexp": "a"})
+
+
+def test_without_a_tokenizer_structured_outputs_are_refused(model):
+    from meshserve import LLM
+    llm = LLM(model=model, skip_tokenizer_init=True, max_batch_size=2, max_seq_len=256)
+    try:
+        with pytest.raises(ValueError, match="needs the model's tokenizer"):
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], _params("regex", "[a-z]"))
+        assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], _params("regex", "[a-z]").clone(
+            structured_outputs=None, max_tokens=2))[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()
