@@ -152,6 +152,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "trust_request_chat_template", action="store_true",
           help="render a chat request's own chat_template (as vLLM's flag; off: such a request is a 400, since a "
                "template is a program and one request's could take the server's memory or CPU)")
+    _flag(parser, "enable_auto_tool_choice", action="store_true",
+          help="answer tool_choice 'auto' (the default when a chat request gives tools): the model decides, and "
+               "--tool_call_parser splits its text into content and tool calls (as vLLM's flags)")
+    _flag(parser, "tool_call_parser", default=None, metavar="NAME",
+          help="the model's tool-call format for --enable_auto_tool_choice: hermes (<tool_call>{...}</tool_call>, "
+               "as Qwen2.5/3 and Hermes write them)")
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
@@ -208,7 +214,20 @@ def llm_args_from_cli(ns: argparse.Namespace):
         raise ValueError(f"backend={values['backend']!r} is not supported; accepted: pytorch")
     if ns.max_beam_width not in (None, 1):
         raise ValueError(f"--max_beam_width {ns.max_beam_width}: beam search is not supported; use 1")
+    tool_call_parser_of(ns)
     return build_llm_args(where, **values)
+
+
+def tool_call_parser_of(ns: argparse.Namespace) -> Optional[str]:
+    """The parser of tool_choice 'auto' (serve/tools.py), or None; ValueError for flags that do not fit."""
+    from meshserve.serve.tools import TOOL_CALL_PARSERS
+    parser = getattr(ns, "tool_call_parser", None)
+    if parser is not None and parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"--tool_call_parser {parser}: not available; accepted: {', '.join(TOOL_CALL_PARSERS)}")
+    if getattr(ns, "enable_auto_tool_choice", False) != (parser is not None):
+        raise ValueError("--enable_auto_tool_choice and --tool_call_parser go together: give both (tool_choice "
+                         "'auto' answered), or neither")
+    return parser
 
 
 def _load_config(path: str) -> dict:
@@ -463,6 +482,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
     config = ServerConfig(name, model_path, ns.api_key, _read_chat_template(ns.chat_template),
                           ns.tokenize_offload_chars, aliases,
                           trust_request_chat_template=ns.trust_request_chat_template,
+                          tool_call_parser=tool_call_parser_of(ns),
                           max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
                           max_request_header_bytes=int(ns.max_request_header_kb * 2**10),
                           request_body_timeout_s=ns.request_body_timeout)

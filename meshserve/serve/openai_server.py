@@ -32,7 +32,9 @@ from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTrans
                                            RequestRejectedError, RequestStream)
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
+from meshserve.engine.structured_output import check_syntax
 from meshserve.sampling_params import SamplingParams
+from meshserve.serve.tools import ToolError, ToolPlan
 from meshserve.serve import responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
@@ -70,6 +72,9 @@ class ServerConfig:
     max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES  # a larger body is a 413 (serve --max_request_body_mb)
     max_request_header_bytes: int = MAX_REQUEST_HEADER_BYTES  # larger headers are a 431 (--max_request_header_kb)
     request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S  # no new piece of a body this long: a 408
+    # tool_choice "auto": the parser of the model's tool calls (serve --enable_auto_tool_choice
+    # --tool_call_parser NAME, as vLLM's flags); None: such a request is a 400 (serve/tools.py)
+    tool_call_parser: Optional[str] = None
 
 
 class ClientDisconnected(Exception):
@@ -404,8 +409,10 @@ class OpenAIServing:
     async def create_chat_completion(self, raw: Request) -> Response:
         req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)
         self.check_model(req.model)
-        if req.tools and req.tool_choice != "none":
-            raise bad_request("tools / function calling are not supported by this server", "tools")
+        try:
+            plan = ToolPlan.of(req.tools, req.tool_choice, self.config.tool_call_parser, req.parallel_tool_calls)
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from None
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         self.check_chat_template(req)
@@ -422,12 +429,13 @@ class OpenAIServing:
                                          req.prompt_logprobs)
         except ValueError as e:
             raise from_value_error(e, renames) from None
+        params = self.tool_params(plan, params)
         request_id = request_id_for(raw, "chatcmpl")
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
         streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv, cache_salt=req.cache_salt,
                               client_params=client_params)
-        ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams)
+        ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
         if req.stream:
             if kv is not None:
                 await self.wait_for_kv(streams[0])
@@ -437,6 +445,22 @@ class OpenAIServing:
         if kv is not None and kv.kind == "context_only":
             body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
+
+    @staticmethod
+    def tool_params(plan: ToolPlan, params: SamplingParams) -> SamplingParams:
+        """A named or required tool_choice holds the answer to the tools' schemas (serve/tools.py)."""
+        constraint = plan.constraint()
+        if constraint is None:
+            return params
+        if params.structured_outputs is not None:
+            raise bad_request(f"tool_choice={plan.mode!r} holds the answer to the tools' schemas: leave out "
+                              f"response_format and structured outputs, or set tool_choice to 'none' or 'auto'",
+                              "tool_choice")
+        try:
+            check_syntax(constraint)
+        except ValueError as e:
+            raise bad_request(f"a tool's parameters are not a JSON schema the server can take: {e}", "tools") from None
+        return params.clone(structured_outputs=constraint)
 
     async def chat_stream(self, ctx: "responses.ChatContext", stream: RequestStream) -> AsyncIterator[bytes]:
         try:

@@ -172,10 +172,13 @@ class CompletionContext(_Context):
 class ChatContext(_Context):
     object_name = "chat.completion.chunk"
 
-    def __init__(self, request_id: str, model: str, req, tokens: TokenStrings, streams):
+    def __init__(self, request_id: str, model: str, req, tokens: TokenStrings, streams, tools=None):
         super().__init__(request_id, model, req, tokens, [len(s.state.prompt_token_ids) for s in streams])
         self.top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self.prompt_token_ids = list(streams[0].state.prompt_token_ids) if self.return_ids else None
+        # tool calls (serve/tools.py ToolPlan): None or mode "none" for plain text answers
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.tool_streams: dict = {}  # choice index -> ToolStream
 
     def _logprobs(self, c: CompletionOutput) -> Optional[dict]:
         if self.top_logprobs is None:
@@ -208,8 +211,15 @@ class ChatContext(_Context):
             if c.finish_reason is not None:
                 self.finished.add(c.index)
             delta = {"content": c.text} if c.text else {}
+            reason = c.finish_reason
+            if self.tools is not None:
+                from meshserve.serve.tools import ToolStream
+                ts = self.tool_streams.setdefault(c.index, ToolStream(self.tools))
+                delta, reason = ts.delta(c.text, c.finish_reason)
+                if not delta and reason is None and not (ids_wanted and c.token_ids):
+                    continue
             choice = {"index": c.index, "delta": delta, "logprobs": self._logprobs(c),
-                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                      "finish_reason": reason, "stop_reason": c.stop_reason}
             if self.return_ids:
                 choice["token_ids"] = list(c.token_ids)
             result.append(self.chunk(choice))
@@ -219,9 +229,10 @@ class ChatContext(_Context):
         choices = []
         for c in out.outputs:
             self.completion_tokens += len(c.token_ids)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": self._logprobs(c), "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason})
+            message, reason = ({"role": "assistant", "content": c.text}, c.finish_reason) if self.tools is None \
+                else self.tools.message(c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(c),
+                            "finish_reason": reason, "stop_reason": c.stop_reason})
             if self.return_ids:
                 choices[-1]["token_ids"] = list(c.token_ids)
         body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,

@@ -117,3 +117,10 @@ def test_bad_constraints_are_400s_naming_the_field(server, body, param, words, s
         assert err["param"] == param and words in err["message"] and "\n" not in err["message"], err
         ok = http.post("/v1/completions", json={"model": "tiny-chat", "prompt": "Hi", "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def test_tool_choice_auto_needs_the_server_flags(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], tools=tools)
+    assert exc.value.body["param"] == "tool_choice" and "--enable_auto_tool_choice" in exc.value.body["message"]
