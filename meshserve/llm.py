@@ -140,6 +140,7 @@ class LLM:
         as AsyncEngine.add_request describes it); its `cache_salt` (vLLM's) shares its cached prefix
         only with prompts of the same salt. Returns (text, ids, params, resume, disagg, salt)."""
         text, ids = self._tokenize(prompt)
+        params = params.with_bad_words_tokenized(self.tokenizer)
         resume = list(prompt.get("resume_output_token_ids") or ()) if isinstance(prompt, dict) else []
         client_params = params
         params, kv = self._disagg_request(ids, params, disaggregated_params)

@@ -128,6 +128,10 @@ class SamplingParams:
     detokenize: bool = True
     # the output must match a JSON schema, regex, choice or grammar (StructuredOutputsParams)
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # vLLM's: words never generated; the front tokenizes each (alone and after a space) into
+    # bad_words_token_ids, and the engine bans a word's last token once the output ends with the rest
+    bad_words: Optional[list[str]] = None
+    bad_words_token_ids: Optional[list[list[int]]] = None
 
     def __post_init__(self) -> None:
         if self.structured_outputs is not None:
@@ -136,6 +140,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes, dict)):
             try:
                 self.allowed_token_ids = list(self.allowed_token_ids)
@@ -203,6 +209,14 @@ class SamplingParams:
                 if not (_int_in(k, 0, INT64_MAX) and _finite(v) and -100.0 <= v <= 100.0):
                     bad("logit_bias", {k: v}, "expected token ids (integers >= 0) mapped to values in [-100, 100]")
 
+        if self.bad_words is not None and not (isinstance(self.bad_words, list)
+                                               and all(isinstance(w, str) and w.strip() for w in self.bad_words)):
+            bad("bad_words", self.bad_words, "expected a list of non-blank strings")
+        if self.bad_words_token_ids is not None and not (
+                isinstance(self.bad_words_token_ids, list)
+                and all(isinstance(w, list) and w and all(_int_in(t, 0, INT64_MAX) for t in w)
+                        for w in self.bad_words_token_ids)):
+            bad("bad_words_token_ids", self.bad_words_token_ids, "expected a list of non-empty lists of token ids")
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not (isinstance(ids, list) and ids and all(_int_in(t, 0, INT64_MAX) for t in ids)):
@@ -217,11 +231,28 @@ class SamplingParams:
         for name, ids in (("stop_token_ids", self.stop_token_ids),
                           ("logit_bias", list((self.logit_bias or {}).keys())),
                           ("allowed_token_ids", self.allowed_token_ids or []),
-                          ("end_id", [] if self.end_id is None else [self.end_id])):
+                          ("end_id", [] if self.end_id is None else [self.end_id]),
+                          ("bad_words_token_ids", [t for w in self.bad_words_token_ids or [] for t in w])):
             for t in ids:
                 if t >= vocab_size:
                     raise ValueError(f"SamplingParams.{name} contains token id {t}, "
                                      f"but the vocabulary has {vocab_size} ids (0..{vocab_size - 1})")
+
+    def with_bad_words_tokenized(self, tokenizer) -> "SamplingParams":
+        """bad_words as token ids (vLLM's rule): each word alone and after a space, as the tokenizer
+        writes them without special tokens; a no-op when there are none (or they are given as ids)."""
+        if not self.bad_words or self.bad_words_token_ids is not None:
+            return self
+        if tokenizer is None:
+            raise ValueError("SamplingParams.bad_words needs the tokenizer (skip_tokenizer_init is set): pass "
+                             "bad_words_token_ids instead")
+        seqs: list[list[int]] = []
+        for word in self.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = list(tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return self.clone(bad_words_token_ids=seqs)
 
     def clone(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -237,7 +268,6 @@ FOREIGN_ARGS = {
     **{k: _STRUCTURED for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")},
     **{k: _BEAM for k in ("use_beam_search", "beam_width", "length_penalty", "early_stopping", "num_beams")},
     "best_of": "best_of is not supported; n samples n sequences",
-    "bad_words": "bad_words is not supported; logit_bias can steer sampling",
     "logits_processors": "custom logits processors are not supported",
     "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; a prompt longer than max_seq_len is an "
                               "error, so shorten it first",

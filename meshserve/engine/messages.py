@@ -48,6 +48,8 @@ class ScheduledRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     # structured outputs, in a step that samples this request's next token: the ids its grammar
     # allows, one bit each (id i: bit i % 32 of little-endian uint32 word i // 32)
     grammar_mask: Optional[bytes] = None
+    # bad_words, in a step that samples this request's next token: ids it may not take now
+    banned_ids: list[int] = []
 
 
 class KvPull(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -67,6 +67,10 @@ class Request:
         self.kv_registered = False  # context_only: its blocks are registered with the ranks' KV sources
         # structured outputs: the sequence's grammar matcher (engine/structured_output.py GrammarState)
         self.grammar = None
+        # bad_words as token ids: single tokens always banned, longer words need the output's tail
+        words = params.bad_words_token_ids or []
+        self.bad_single = sorted({w[0] for w in words if len(w) == 1})
+        self.bad_multi = [list(w) for w in words if len(w) > 1]
         self.error: Optional[str] = None  # why it was aborted, when the engine ended it
 
     @property
@@ -93,6 +97,17 @@ class Request:
     def max_output_tokens(self) -> int:
         limit = self.max_total_tokens - self.num_prompt_tokens
         return limit if self.params.max_tokens is None else min(self.params.max_tokens, limit)
+
+    def banned_now(self) -> list[int]:
+        """bad_words' ids the next token may not be: single-token words, and the last token of each
+        longer word whose other tokens end the output (vLLM's rule, over the outputs only)."""
+        banned = list(self.bad_single)
+        out = self.output_token_ids
+        for w in self.bad_multi:
+            k = len(w) - 1
+            if len(out) >= k and out[len(out) - k:] == w[:-1]:
+                banned.append(w[-1])
+        return banned
 
     def append_output(self, token_id: int) -> Optional[RequestStatus]:
         """Record a sampled token; returns the finished status if this token ends the request."""

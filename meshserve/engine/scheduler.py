@@ -299,6 +299,8 @@ class Scheduler:
                 produces.add(req.request_id)
                 if req.grammar is not None:  # structured outputs: the ids its grammar allows next
                     sr.grammar_mask = req.grammar.next_mask()
+                if req.bad_single or req.bad_multi:
+                    sr.banned_ids = req.banned_now()
                 if req.is_context_only and not req.kv_registered:  # this step completes its prompt's KV
                     req.kv_registered = True
                     out.kv_register = out.kv_register + [KvRequest(req.request_id, [list(t) for t in self.kv.tables(req)],
@@ -316,10 +318,10 @@ class Scheduler:
         """An in-flight request may be scheduled again when overlap is on, its running step will
         produce a token, it can still use one more, and its sampling does not read its own history
         (penalties), which the worker only learns a step late, nor does its grammar's next mask
-        (structured outputs: the engine needs the token first). min_tokens is fine: the worker counts
+        (structured outputs) or a bad word's next ban: the engine needs the token first. min_tokens is fine: the worker counts
         outputs from `ScheduledRequest.num_output_tokens`, which includes the in-flight ones."""
         p = req.params
-        return (self.config.overlap and req.num_pending > 0 and req.grammar is None
+        return (self.config.overlap and req.num_pending > 0 and req.grammar is None and not req.bad_multi
                 and req.num_output_tokens + req.num_pending < req.max_output_tokens
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
 

@@ -350,7 +350,7 @@ class OpenAIServing:
             prompt_logprobs = req.logprobs
         try:
             params = req.sampling_params(max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                         req.logprobs, prompt_logprobs)
+                                         req.logprobs, prompt_logprobs).with_bad_words_tokenized(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, renames) from None
         resume = None
@@ -426,7 +426,7 @@ class OpenAIServing:
             renames["max_tokens"] = "max_completion_tokens"
         try:
             params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                         req.prompt_logprobs)
+                                         req.prompt_logprobs).with_bad_words_tokenized(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, renames) from None
         params = self.tool_params(plan, params)

@@ -196,7 +196,6 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     **{f: ((None,), _STRUCTURED) for f in ("guided_whitespace_pattern", "structural_tag")},
     "use_beam_search": ((None, False), "beam search is not supported by this server"),
     "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
-    "bad_words": ((None, []), "bad_words is not supported by this server; logit_bias can steer sampling"),
     "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
                                                   "gives each choice's token ids"),
@@ -291,6 +290,7 @@ class SamplingRequest(OpenAIModel):
     repetition_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     allowed_token_ids: Optional[list[int]] = None  # vLLM's: sample only among these ids
+    bad_words: Optional[list[str]] = None  # vLLM's: words never generated
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
@@ -362,7 +362,7 @@ class SamplingRequest(OpenAIModel):
         fields = dict(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=self.stop,
                       stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=logit_bias,
-                      allowed_token_ids=self.allowed_token_ids,
+                      allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
                       skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                       spaces_between_special_tokens=self.spaces_between_special_tokens)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",

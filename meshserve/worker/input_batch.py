@@ -242,6 +242,9 @@ class InputBatch:
             if m.min_tokens and m.stop_ids and sr.num_output_tokens < m.min_tokens:
                 rows += [row] * len(m.stop_ids)
                 cols += m.stop_ids
+            if sr.banned_ids:  # bad_words (the scheduler's bans for this step)
+                rows += [row] * len(sr.banned_ids)
+                cols += sr.banned_ids
         if rows:
             mask = torch.zeros(len(metas), V, dtype=torch.bool, device=dev)
             mask[to_device(torch.tensor(rows), dev), to_device(torch.tensor(cols), dev)] = True

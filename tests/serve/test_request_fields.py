@@ -70,7 +70,6 @@ REFUSED = [  # (endpoint, field, value, words of the message)
     ("completion", "use_beam_search", True, "beam search"),
     ("completion", "length_penalty", 0.5, "beam search"),
     ("chat", "priority", 1, "first come, first served"),
-    ("completion", "bad_words", ["x"], "logit_bias"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("chat", "modalities", ["text", "audio"], "modalities"),
     ("chat", "echo", True, "echo"),
@@ -272,3 +271,26 @@ def test_allowed_token_ids_keep_every_token_among_them(http):
     assert set(r.json()["choices"][0]["token_ids"]) <= set(allowed) and len(r.json()["choices"][0]["token_ids"]) == 8
     r = post(http, "chat", {"allowed_token_ids": [1, 10**7]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids", r.text
+
+
+def test_bad_words_as_vllm(http, reference):
+    """The free greedy answer's words are banned: neither spelling (alone, after a space) of the word
+    appears in the new answer's ids (tests/engine/test_bad_words.py holds the ids to transformers)."""
+    body = {**COMPLETION, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    free = http.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
+
+    def spellings(word):
+        return [reference.encode(w, add_special_tokens=False) for w in (word, " " + word)]
+
+    def written(ids, word):
+        return any(ids[i:i + len(s)] == s for s in spellings(word) for i in range(len(ids)))
+
+    # a word of the free answer that the tokenizer spells with the answer's own ids
+    word = next(w for n in (2, 1) for i in range(len(free) - n + 1)
+                if (w := reference.decode(free[i:i + n]).strip()) and written(free, w))
+    r = http.post("/v1/completions", json={**body, "bad_words": [word]})
+    assert r.status_code == 200, r.text
+    ids = r.json()["choices"][0]["token_ids"]
+    assert ids != free and not written(ids, word)
+    r = http.post("/v1/completions", json={**body, "bad_words": [" "]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
