@@ -158,6 +158,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "tool_call_parser", default=None, metavar="NAME",
           help="the model's tool-call format for --enable_auto_tool_choice: hermes (<tool_call>{...}</tool_call>, "
                "as Qwen2.5/3 and Hermes write them)")
+    _flag(parser, "enable_prompt_tokens_details", action="store_true",
+          help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens whose KV the prefix cache "
+               "held (as vLLM's flag)")
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
@@ -483,6 +486,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
                           ns.tokenize_offload_chars, aliases,
                           trust_request_chat_template=ns.trust_request_chat_template,
                           tool_call_parser=tool_call_parser_of(ns),
+                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                           max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
                           max_request_header_bytes=int(ns.max_request_header_kb * 2**10),
                           request_body_timeout_s=ns.request_body_timeout)

@@ -75,6 +75,8 @@ class ServerConfig:
     # tool_choice "auto": the parser of the model's tool calls (serve --enable_auto_tool_choice
     # --tool_call_parser NAME, as vLLM's flags); None: such a request is a 400 (serve/tools.py)
     tool_call_parser: Optional[str] = None
+    # usage.prompt_tokens_details.cached_tokens (serve --enable_prompt_tokens_details, as vLLM's flag)
+    enable_prompt_tokens_details: bool = False
 
 
 class ClientDisconnected(Exception):
@@ -362,6 +364,7 @@ class OpenAIServing:
         streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume, cache_salt=req.cache_salt,
                               client_params=client_params)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
+        ctx.report_cached = self.config.enable_prompt_tokens_details
         if req.stream:
             if kv is not None:
                 await self.wait_for_kv(streams[0])
@@ -436,6 +439,7 @@ class OpenAIServing:
         streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv, cache_salt=req.cache_salt,
                               client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
+        ctx.report_cached = self.config.enable_prompt_tokens_details
         if req.stream:
             if kv is not None:
                 await self.wait_for_kv(streams[0])

@@ -30,9 +30,14 @@ class TokenStrings:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:
+    """OpenAI's usage; `cached_tokens` (serve --enable_prompt_tokens_details) adds
+    prompt_tokens_details: the prompt tokens whose KV came from the prefix cache."""
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
 
 
 def _ranked(entry: dict[int, float]) -> list[tuple[int, float]]:
@@ -56,12 +61,22 @@ class _Context:
         self.completion_tokens = 0
         self.return_ids = bool(getattr(req, "return_token_ids", False))  # token_ids in choices (vLLM's)
         self.finished: set = set()  # choice indexes whose finish_reason has been sent
+        self.report_cached = False  # usage.prompt_tokens_details (serve --enable_prompt_tokens_details)
+        self.cached: dict[int, int] = {}  # prompt index -> its tokens found in the prefix cache
+
+    def note(self, pi: int, out: RequestOutput) -> None:
+        if out.num_cached_tokens:
+            self.cached[pi] = out.num_cached_tokens
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, self.completion_tokens,
+                     sum(self.cached.values()) if self.report_cached else None)
 
     def chunk(self, choice: dict) -> dict:
         out = {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
                "choices": [choice]}
         if self.include_usage:
-            out["usage"] = usage(self.prompt_tokens, self.completion_tokens) if self.continuous_usage else None
+            out["usage"] = self.usage() if self.continuous_usage else None
         return out
 
     def _prompt_logprobs(self, out: RequestOutput) -> list:
@@ -84,7 +99,7 @@ class _Context:
 
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens)}
+                "choices": [], "usage": self.usage()}
 
 
 class CompletionContext(_Context):
@@ -144,14 +159,16 @@ class CompletionContext(_Context):
     def full_response(self, outs: list[RequestOutput]) -> dict:
         choices = []
         for pi, out in enumerate(outs):
+            self.note(pi, out)
             for c in out.outputs:
                 self.completion_tokens += len(c.token_ids)
                 choices.append(self._choice(pi, out, c, first=True))
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(self.prompt_tokens, self.completion_tokens)}
+                "choices": choices, "usage": self.usage()}
 
     def chunks(self, pi: int, out: RequestOutput) -> list[dict]:
         """SSE chunks for one delta of prompt `pi`: one per choice that has something to say."""
+        self.note(pi, out)
         result = []
         for c in out.outputs:
             index = pi * self.n + c.index
@@ -200,6 +217,7 @@ class ChatContext(_Context):
         return chunks
 
     def chunks(self, out: RequestOutput) -> list[dict]:
+        self.note(0, out)
         result = []
         for c in out.outputs:
             if c.index in self.finished:
@@ -226,6 +244,7 @@ class ChatContext(_Context):
         return result
 
     def full_response(self, out: RequestOutput) -> dict:
+        self.note(0, out)
         choices = []
         for c in out.outputs:
             self.completion_tokens += len(c.token_ids)
@@ -236,7 +255,7 @@ class ChatContext(_Context):
             if self.return_ids:
                 choices[-1]["token_ids"] = list(c.token_ids)
         body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(self.prompt_tokens, self.completion_tokens)}
+                "choices": choices, "usage": self.usage()}
         if self.return_ids:
             body["prompt_token_ids"] = self.prompt_token_ids
         if self.req.prompt_logprobs is not None:

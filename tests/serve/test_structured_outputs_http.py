@@ -124,3 +124,8 @@ def test_tool_choice_auto_needs_the_server_flags(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], tools=tools)
     assert exc.value.body["param"] == "tool_choice" and "--enable_auto_tool_choice" in exc.value.body["message"]
+
+
+def test_no_prompt_tokens_details_without_the_flag(client):
+    usage = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=1).usage
+    assert usage.prompt_tokens_details is None  # serve --enable_prompt_tokens_details adds them
