@@ -24,6 +24,7 @@ from meshserve.engine import disagg
 from meshserve.engine.messages import DisaggRequest
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
+from meshserve.engine.structured_output import check_syntax
 from meshserve.errors import API_DEBUG_HINT, RankFailedError, describe
 from meshserve.models.config import ModelConfig
 from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
@@ -141,6 +142,8 @@ class LLM:
         only with prompts of the same salt. Returns (text, ids, params, resume, disagg, salt)."""
         text, ids = self._tokenize(prompt)
         params = params.with_bad_words_tokenized(self.tokenizer)
+        if params.structured_outputs is not None:  # before any prompt of the call reaches the engine
+            check_syntax(params.structured_outputs)
         resume = list(prompt.get("resume_output_token_ids") or ()) if isinstance(prompt, dict) else []
         client_params = params
         params, kv = self._disagg_request(ids, params, disaggregated_params)

@@ -194,9 +194,11 @@ def test_two_ranks_equal_the_reference(model, hf, layout):
 def test_a_grammar_that_does_not_parse_is_a_value_error_naming_it(llm, spec, words):
     from meshserve import SamplingParams
     from meshserve.sampling_params import StructuredOutputsParams
-    with pytest.raises(ValueError) as exc:
-        llm.generate(["hi"], SamplingParams(structured_outputs=StructuredOutputsParams(**spec)))
+    good = SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    with pytest.raises(ValueError) as exc:  # one bad request of three: none of them runs
+        llm.generate(["hi"] * 3, [good, SamplingParams(structured_outputs=StructuredOutputsParams(**spec)), good])
     assert words in str(exc.value) and "\n" not in str(exc.value)
+    assert not llm._core.has_unfinished()
     assert llm.generate(["hi"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # the engine goes on
 
 
