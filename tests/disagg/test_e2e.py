@@ -232,3 +232,25 @@ def test_a_request_over_max_seq_len_is_the_aggregated_servers_400_and_pins_nothi
             assert want_err["param"] in ("max_tokens", "max_completion_tokens")
     time.sleep(0.5)  # a pin would be released only by kv_transfer_timeout_ms (30 s)
     assert [_used_blocks(s) for s in cluster["ctx"]] == [0, 0]
+
+
+def test_structured_outputs_and_tool_calls_through_the_orchestrator(cluster):
+    """The context server holds the first token to the grammar, the generation server the rest: the
+    answer equals the aggregated server's (docs/structured_outputs.md)."""
+    import re
+
+    agg, dis = clients(cluster)
+    model = agg.models.list().data[0].id
+    regex = r"[a-c]{2}-[0-9]{2,3}"
+    kw = dict(model=model, prompt="The quick brown fox", max_tokens=16, temperature=0,
+              extra_body={"guided_regex": regex})
+    want, got = agg.completions.create(**kw), dis.completions.create(**kw)
+    assert got.choices[0].text == want.choices[0].text and re.fullmatch(regex, got.choices[0].text)
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"]}}}]
+    kw = dict(model=model, messages=[{"role": "user", "content": "Pick one"}], max_tokens=24, temperature=0,
+              tools=tools, tool_choice={"type": "function", "function": {"name": "pick"}})
+    want, got = agg.chat.completions.create(**kw), dis.chat.completions.create(**kw)
+    assert got.choices[0].message.tool_calls[0].function.name == "pick"
+    assert (got.choices[0].message.tool_calls[0].function.arguments
+            == want.choices[0].message.tool_calls[0].function.arguments)
