@@ -259,6 +259,9 @@ class LlmArgs(StrictModel):
     cp_config: Optional[dict[str, Any]] = None
     moe_config: MoeConfig = Field(default_factory=MoeConfig)
     structured_outputs_config: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
+    generation_config: str = Field("auto", description=(
+        "vLLM's: auto (a request's unset sampling fields take the model's generation_config.json values), vllm "
+        "(built-in defaults), or a folder holding a generation_config.json"))
     guided_decoding_backend: Optional[Literal["xgrammar"]] = Field(None, description=(
         "TensorRT-LLM's name of the grammar library: xgrammar, the only one here (structured outputs are on "
         "either way)"))
@@ -280,6 +283,12 @@ class LlmArgs(StrictModel):
     stream_interval: int = Field(1, ge=1, description=(
         "server streaming: send a stream's text every this many tokens (the first token and the end "
         "at once), fewer, larger events for less API-server and client CPU per token"))
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config(cls, v: str) -> str:
+        from meshserve.generation_defaults import check_generation_config
+        return check_generation_config(v)
 
     @field_validator("dtype")
     @classmethod

@@ -25,6 +25,7 @@ from meshserve.engine.messages import DisaggRequest
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.setup import create_engine_core, launch_for
 from meshserve.engine.structured_output import check_syntax
+from meshserve.generation_defaults import describe as describe_defaults, sampling_defaults
 from meshserve.errors import API_DEBUG_HINT, RankFailedError, describe
 from meshserve.models.config import ModelConfig
 from meshserve.models.resolve import resolve_model_path, resolve_tokenizer_path
@@ -93,6 +94,10 @@ class LLM:
                 raise
             raise RankFailedError(f"{e} ({API_DEBUG_HINT})") from None
         self._core.structured.tokenizer = self.tokenizer  # structured outputs compile against it (None: refused)
+        self.sampling_defaults = sampling_defaults(self.model_path, self.args.generation_config)
+        if self.sampling_defaults:
+            logger.info("default sampling settings from the model's generation_config.json: %s",
+                        describe_defaults(self.sampling_defaults))
         if self.tokenizer is None:
             self._core.structured.tokenizer_path = None
         self._lock = threading.RLock()
@@ -256,7 +261,7 @@ class LLM:
             isinstance(prompts, (list, tuple)) and bool(prompts) and all_ints(prompts))
         items = self._normalize(prompts)
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(items)
+            params_list = [self.get_default_sampling_params()] * len(items)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(items)
         else:
@@ -297,7 +302,7 @@ class LLM:
                        disaggregated_params: Optional[DisaggregatedParams] = None) -> "AsyncRequest":
         """Start a request; the result can be awaited (final output) or iterated with `async for`
         (partial outputs with the text so far, when streaming)."""
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         loop = asyncio.get_event_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -368,6 +373,11 @@ class LLM:
         ids = [{"prompt": p, "prompt_token_ids": self._encoder.encode(p, add_special_tokens=False)} for p in prompts]
         outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
         return outs[0] if single else outs
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the SamplingParams a call without them uses, with the fields the model's
+        generation_config.json sets (generation_config="auto", the default; "vllm": none of them)."""
+        return SamplingParams(**self.sampling_defaults)
 
     def get_tokenizer(self):
         """The tokenizer (vLLM's accessor; `llm.tokenizer` too)."""

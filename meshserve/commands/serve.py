@@ -39,6 +39,9 @@ _ENGINE_FLAGS = [
     ("revision", "revision", str, "the Hub revision (branch, tag or commit) of a model given as a Hub id"),
     ("tokenizer_revision", "tokenizer_revision", str, "the Hub revision of a tokenizer given as a Hub id"),
     ("backend", "backend", str, "engine backend; only `pytorch` exists"),
+    ("generation_config", "generation_config", str,
+     "auto (default: a request's unset sampling fields take the model's generation_config.json values, as "
+     "vLLM's), vllm (the built-in defaults), or a folder holding a generation_config.json"),
     ("tp_size", "tensor_parallel_size", int, "tensor parallel size"),
     ("pp_size", "pipeline_parallel_size", int, "pipeline parallel size"),
     ("ep_size", "moe_expert_parallel_size", int, "MoE expert parallel size"),
@@ -158,6 +161,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "tool_call_parser", default=None, metavar="NAME",
           help="the model's tool-call format for --enable_auto_tool_choice: hermes (<tool_call>{...}</tool_call>, "
                "as Qwen2.5/3 and Hermes write them)")
+    _flag(parser, "reasoning_parser", default=None, metavar="NAME",
+          help="split a chat answer's <think>...</think> into message.reasoning_content (as vLLM's flag): "
+               "deepseek_r1 or qwen3")
     _flag(parser, "enable_prompt_tokens_details", action="store_true",
           help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens whose KV the prefix cache "
                "held (as vLLM's flag)")
@@ -218,7 +224,26 @@ def llm_args_from_cli(ns: argparse.Namespace):
     if ns.max_beam_width not in (None, 1):
         raise ValueError(f"--max_beam_width {ns.max_beam_width}: beam search is not supported; use 1")
     tool_call_parser_of(ns)
+    reasoning_parser_of(ns)
     return build_llm_args(where, **values)
+
+
+def reasoning_parser_of(ns: argparse.Namespace) -> Optional[str]:
+    from meshserve.serve.reasoning import REASONING_PARSERS
+    parser = getattr(ns, "reasoning_parser", None)
+    if parser is not None and parser not in REASONING_PARSERS:
+        raise ValueError(f"--reasoning_parser {parser}: not available; accepted: {', '.join(REASONING_PARSERS)}")
+    return parser
+
+
+def serving_sampling_defaults(model_path: str, mode: str) -> dict:
+    """The model's generation_config.json sampling values, logged as vLLM logs them."""
+    from meshserve.generation_defaults import describe, sampling_defaults
+    defaults = sampling_defaults(model_path, mode)
+    if defaults:
+        logger.info("default sampling settings of a request that leaves them out, from the model's "
+                    "generation_config.json (--generation_config vllm: none): %s", describe(defaults))
+    return defaults
 
 
 def tool_call_parser_of(ns: argparse.Namespace) -> Optional[str]:
@@ -487,6 +512,8 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
                           trust_request_chat_template=ns.trust_request_chat_template,
                           tool_call_parser=tool_call_parser_of(ns),
                           enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                          reasoning_parser=reasoning_parser_of(ns),
+                          sampling_defaults=serving_sampling_defaults(model_path, args.generation_config),
                           max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
                           max_request_header_bytes=int(ns.max_request_header_kb * 2**10),
                           request_body_timeout_s=ns.request_body_timeout)

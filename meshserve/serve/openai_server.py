@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 import msgspec
@@ -77,6 +77,10 @@ class ServerConfig:
     tool_call_parser: Optional[str] = None
     # usage.prompt_tokens_details.cached_tokens (serve --enable_prompt_tokens_details, as vLLM's flag)
     enable_prompt_tokens_details: bool = False
+    # the model's generation_config.json sampling values (generation_defaults.py; serve --generation_config)
+    sampling_defaults: dict = field(default_factory=dict)
+    # chat answers' thinking to reasoning_content (serve --reasoning_parser, as vLLM's; serve/reasoning.py)
+    reasoning_parser: Optional[str] = None
 
 
 class ClientDisconnected(Exception):
@@ -352,7 +356,8 @@ class OpenAIServing:
             prompt_logprobs = req.logprobs
         try:
             params = req.sampling_params(max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                         req.logprobs, prompt_logprobs).with_bad_words_tokenized(self.tokenizer)
+                                         req.logprobs, prompt_logprobs, self.config.sampling_defaults
+                                         ).with_bad_words_tokenized(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, renames) from None
         resume = None
@@ -424,15 +429,18 @@ class OpenAIServing:
         if max_tokens is None:  # as vLLM: up to the context, and what the KV cache can hold
             lim = self.engine.limits
             max_tokens = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(ids))
+            max_tokens = min(max_tokens, self.config.sampling_defaults.get("max_tokens", max_tokens))
         renames = {"logprobs": "top_logprobs"}
         if req.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
         try:
             params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                         req.prompt_logprobs).with_bad_words_tokenized(self.tokenizer)
+                                         req.prompt_logprobs, self.config.sampling_defaults
+                                         ).with_bad_words_tokenized(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, renames) from None
         params = self.tool_params(plan, params)
+        self.check_reasoning(req, plan, params)
         request_id = request_id_for(raw, "chatcmpl")
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
@@ -440,6 +448,7 @@ class OpenAIServing:
                               client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
         ctx.report_cached = self.config.enable_prompt_tokens_details
+        ctx.reasoning_parser = self.config.reasoning_parser
         if req.stream:
             if kv is not None:
                 await self.wait_for_kv(streams[0])
@@ -449,6 +458,16 @@ class OpenAIServing:
         if kv is not None and kv.kind == "context_only":
             body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
+
+    def check_reasoning(self, req: ChatCompletionRequest, plan: ToolPlan, params: SamplingParams) -> None:
+        """Structured outputs would hold the thinking to the grammar too: refused with a reasoning parser."""
+        if self.config.reasoning_parser is None or params.structured_outputs is None:
+            return
+        field = ("tool_choice" if plan.constraint() is not None else "response_format"
+                 if req.response_format is not None else "structured_outputs")
+        raise bad_request(f"{field}: structured outputs hold the whole answer to their grammar, the thinking of "
+                          f"--reasoning_parser {self.config.reasoning_parser} too, which this server does not "
+                          f"support; leave them out, or serve without --reasoning_parser", field)
 
     @staticmethod
     def tool_params(plan: ToolPlan, params: SamplingParams) -> SamplingParams:

@@ -345,8 +345,9 @@ class SamplingRequest(OpenAIModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
-        """Raises ValueError (naming the field) for values SamplingParams rejects."""
+                        prompt_logprobs: Optional[int] = None, defaults: Optional[dict] = None) -> SamplingParams:
+        """Raises ValueError (naming the field) for values SamplingParams rejects. `defaults`: the
+        model's generation_config.json values (generation_defaults.py) of the fields the request leaves out."""
         logit_bias = None
         if self.logit_bias:
             # token ids as OpenAI writes them: decimal digits, maybe a minus sign (range-checked by
@@ -368,6 +369,8 @@ class SamplingRequest(OpenAIModel):
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             value = getattr(self, name)
+            if value is None and defaults:
+                value = defaults.get(name)
             if value is not None:
                 fields[name] = value
         structured = self.structured_spec()

@@ -196,6 +196,8 @@ class ChatContext(_Context):
         # tool calls (serve/tools.py ToolPlan): None or mode "none" for plain text answers
         self.tools = tools if tools is not None and tools.mode != "none" else None
         self.tool_streams: dict = {}  # choice index -> ToolStream
+        self.reasoning_parser: Optional[str] = None  # serve --reasoning_parser (serve/reasoning.py)
+        self.reasoning_streams: dict = {}  # choice index -> ReasoningStream
 
     def _logprobs(self, c: CompletionOutput) -> Optional[dict]:
         if self.top_logprobs is None:
@@ -228,14 +230,22 @@ class ChatContext(_Context):
                 continue
             if c.finish_reason is not None:
                 self.finished.add(c.index)
-            delta = {"content": c.text} if c.text else {}
+            text, thinking = c.text, ""
+            if self.reasoning_parser is not None:
+                from meshserve.serve.reasoning import ReasoningStream
+                rs = self.reasoning_streams.setdefault(c.index, ReasoningStream(self.reasoning_parser))
+                thinking, text = rs.feed(c.text, c.finish_reason is not None)
+            delta = {"content": text} if text else {}
             reason = c.finish_reason
             if self.tools is not None:
                 from meshserve.serve.tools import ToolStream
                 ts = self.tool_streams.setdefault(c.index, ToolStream(self.tools))
-                delta, reason = ts.delta(c.text, c.finish_reason)
-                if not delta and reason is None and not (ids_wanted and c.token_ids):
-                    continue
+                delta, reason = ts.delta(text, c.finish_reason)
+            if thinking:
+                delta = {"reasoning_content": thinking, **delta}
+            if (self.tools is not None or self.reasoning_parser is not None) and not delta and reason is None \
+                    and not (ids_wanted and c.token_ids):
+                continue
             choice = {"index": c.index, "delta": delta, "logprobs": self._logprobs(c),
                       "finish_reason": reason, "stop_reason": c.stop_reason}
             if self.return_ids:
@@ -248,8 +258,14 @@ class ChatContext(_Context):
         choices = []
         for c in out.outputs:
             self.completion_tokens += len(c.token_ids)
-            message, reason = ({"role": "assistant", "content": c.text}, c.finish_reason) if self.tools is None \
-                else self.tools.message(c.text, c.finish_reason)
+            text, thinking = c.text, None
+            if self.reasoning_parser is not None:
+                from meshserve.serve.reasoning import split
+                thinking, text = split(self.reasoning_parser, c.text)
+            message, reason = ({"role": "assistant", "content": text}, c.finish_reason) if self.tools is None \
+                else self.tools.message(text or "", c.finish_reason)
+            if self.reasoning_parser is not None:
+                message["reasoning_content"] = thinking
             choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(c),
                             "finish_reason": reason, "stop_reason": c.stop_reason})
             if self.return_ids:
