@@ -54,17 +54,21 @@ class StepInputs:
     ring_empty: Optional[torch.Tensor] = None
 
 
-def grammar_banned(reqs, vocab_size: int) -> torch.Tensor:
-    """[B, V] True where a row's grammar (structured outputs) bans the id: its mask's bit is 0
-    (engine/messages.py ScheduledRequest.grammar_mask), or the id lies past the mask. Rows
-    without a mask ban nothing."""
-    banned = torch.zeros(len(reqs), vocab_size, dtype=torch.bool)
+def grammar_banned(reqs, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] True (on `device`) where a row's grammar (structured outputs) bans the id: its mask's
+    bit is 0 (engine/messages.py ScheduledRequest.grammar_mask), or the id lies past the mask. Rows
+    without a mask ban nothing. The packed words travel to the device (V / 8 bytes a row, not V)
+    and are unpacked there."""
+    words = -(-vocab_size // 32)
+    packed = np.full((len(reqs), words), -1, dtype=np.int32)  # all bits set: nothing banned
     for row, sr in enumerate(reqs):
         if sr.grammar_mask:
-            bits = np.unpackbits(np.frombuffer(sr.grammar_mask, dtype=np.uint8), bitorder="little")[:vocab_size]
-            banned[row] = True
-            banned[row, :len(bits)] = torch.from_numpy(bits == 0)
-    return banned
+            mask = np.frombuffer(sr.grammar_mask, dtype="<i4")[:words]
+            packed[row] = 0  # ids past the mask are banned
+            packed[row, :len(mask)] = mask
+    dev = to_device(torch.from_numpy(packed), device)
+    bits = (dev[:, :, None] >> torch.arange(32, dtype=torch.int32, device=dev.device)) & 1
+    return (bits == 0).reshape(len(reqs), words * 32)[:, :vocab_size]
 
 
 def _pad_rows(rows: list[list[int]]) -> np.ndarray:
@@ -250,8 +254,8 @@ class InputBatch:
             mask[to_device(torch.tensor(rows), dev), to_device(torch.tensor(cols), dev)] = True
             b.banned_mask = mask
         if any(sr.grammar_mask for sr in so.reqs):
-            grammar = grammar_banned(so.reqs, V)
-            b.banned_mask = to_device(grammar, dev) if b.banned_mask is None else b.banned_mask | to_device(grammar, dev)
+            grammar = grammar_banned(so.reqs, V, dev)
+            b.banned_mask = grammar if b.banned_mask is None else b.banned_mask | grammar
         if any(m.repetition_penalty != 1.0 or m.presence_penalty or m.frequency_penalty for m in metas):
             counts = torch.zeros(len(metas), V, dtype=torch.float32)
             seen = torch.zeros(len(metas), V, dtype=torch.bool)

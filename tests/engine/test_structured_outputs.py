@@ -235,3 +235,20 @@ def test_without_a_tokenizer_structured_outputs_are_refused(model):
             structured_outputs=None, max_tokens=2))[0].outputs[0].token_ids
     finally:
         llm.shutdown()
+
+
+def test_grammar_banned_unpacks_every_bit_as_numpy_does():
+    """The device-side unpacking against numpy's own little-endian unpackbits, sign bits included."""
+    import numpy as np
+
+    from meshserve.engine.messages import ScheduledRequest
+    from meshserve.worker.input_batch import grammar_banned
+    rng = np.random.default_rng(0)
+    V = 100  # 4 words, the last one partly past the vocabulary
+    masks = [rng.integers(0, 256, 16, dtype=np.uint8).tobytes(), None, np.full(16, 255, np.uint8).tobytes()]
+    reqs = [ScheduledRequest(f"r{i}", 0, 1, grammar_mask=m) for i, m in enumerate(masks)]
+    got = grammar_banned(reqs, V, torch.device("cpu"))
+    want = torch.from_numpy(np.unpackbits(np.frombuffer(masks[0], np.uint8), bitorder="little")[:V] == 0)
+    assert torch.equal(got[0], want) and not got[1].any() and not got[2].any()
+    short = grammar_banned([ScheduledRequest("s", 0, 1, grammar_mask=b"\xff" * 8)], V, torch.device("cpu"))
+    assert not short[0, :64].any() and short[0, 64:].all()  # ids past a short mask are banned
