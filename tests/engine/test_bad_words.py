@@ -8,23 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import build_checkpoint
 
 PROMPTS = ["hello world", "the cat sat on the mat", "numbers 1 2 3 and words"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("models") / "tiny-bw")
-    build_checkpoint(path, "llama", max_position_embeddings=512)
-    return path
+def model(tiny_llama) -> str:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def hf(model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    return (AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(model))
+def hf(tiny_llama_hf):
+    return tiny_llama_hf
 
 
 @torch.no_grad()

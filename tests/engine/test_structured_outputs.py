@@ -14,7 +14,6 @@ import re
 import pytest
 import torch
 
-from helpers import build_checkpoint
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "pick": {"enum": ["x", "yy", "z"]},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -26,17 +25,13 @@ PROMPTS = ["hello world", "the cat sat on the mat", "a b c", "numbers 1 2 3 and 
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("models") / "tiny-so")
-    build_checkpoint(path, "llama", max_position_embeddings=512)
-    return path
+def model(tiny_llama) -> str:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def hf(model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    return (AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(model))
+def hf(tiny_llama_hf):
+    return tiny_llama_hf
 
 
 def _matcher(tok, vocab_size: int, kind: str, value):
