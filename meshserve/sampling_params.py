@@ -51,6 +51,9 @@ class StructuredOutputsParams:
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
     disable_any_whitespace: bool = False
+    # reasoning models: the grammar holds only what follows these tokens (the end of the thinking,
+    # `</think>`; the server's --reasoning_parser sets them), or all of it when they are in the prompt
+    reasoning_end_token_ids: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, tuple):
@@ -82,6 +85,9 @@ class StructuredOutputsParams:
             bad("json_object", self.json_object, "expected true or false")
         if not isinstance(self.disable_any_whitespace, bool):
             bad("disable_any_whitespace", self.disable_any_whitespace, "expected true or false")
+        ids = self.reasoning_end_token_ids
+        if ids is not None and not (isinstance(ids, list) and ids and all(_int_in(t, 0, INT64_MAX) for t in ids)):
+            bad("reasoning_end_token_ids", ids, "expected a non-empty list of token ids")
 
     @classmethod
     def of(cls, value) -> "StructuredOutputsParams":
@@ -232,7 +238,9 @@ class SamplingParams:
                           ("logit_bias", list((self.logit_bias or {}).keys())),
                           ("allowed_token_ids", self.allowed_token_ids or []),
                           ("end_id", [] if self.end_id is None else [self.end_id]),
-                          ("bad_words_token_ids", [t for w in self.bad_words_token_ids or [] for t in w])):
+                          ("bad_words_token_ids", [t for w in self.bad_words_token_ids or [] for t in w]),
+                          ("structured_outputs.reasoning_end_token_ids",
+                           (self.structured_outputs.reasoning_end_token_ids or []) if self.structured_outputs else [])):
             for t in ids:
                 if t >= vocab_size:
                     raise ValueError(f"SamplingParams.{name} contains token id {t}, "

@@ -103,6 +103,18 @@ def _validate_resume(lim: EngineLimits, n: int, params: SamplingParams, resume) 
                          f"max_num_tokens")
 
 
+def _find_seq(seq: list[int], sub: list[int]) -> Optional[int]:
+    """The index just past the first appearance of `sub` in `seq`, or None."""
+    n, i = len(sub), -1
+    while True:
+        try:
+            i = seq.index(sub[0], i + 1)  # C-speed scan to each candidate start
+        except ValueError:
+            return None
+        if seq[i:i + n] == sub:
+            return i + n
+
+
 class EngineCore:
     def __init__(self, executor: Executor, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, vocab_size: int, eos_token_ids: list, kv_groups: Optional[list] = None,
@@ -183,12 +195,25 @@ class EngineCore:
                       arrival_time, disagg, resume_output_token_ids, cache_salt)
         if params.structured_outputs is not None:
             stops = list(dict.fromkeys(req.eos_token_ids + params.stop_token_ids))
-            req.grammar = self.structured.state(params.structured_outputs, stops, req.output_token_ids)
+            feed = self._grammar_start(req, params.structured_outputs.reasoning_end_token_ids)
+            req.grammar = self.structured.state(params.structured_outputs, stops, feed)
         self.scheduler.add_request(req)
         if disagg is not None:
             logger.info("request %s: %s, %d prompt tokens%s", request_id, disagg.kind, len(prompt_token_ids),
                         f", KV from {disagg.sources[0].endpoint} ({disagg.ctx_request_id})"
                         if disagg.kind == "generation_only" else "")
+
+    @staticmethod
+    def _grammar_start(req: Request, end: Optional[list]) -> list[int]:
+        """The outputs the new matcher must take. A reasoning model's grammar (`end`: the tokens that
+        end its thinking) holds from after their first appearance in the outputs, or from the start
+        when the prompt holds them already (as vLLM decides)."""
+        if not end or _find_seq(req.prompt_token_ids, end) is not None:
+            return req.output_token_ids
+        req.grammar_after = list(end)
+        k = _find_seq(req.output_token_ids, end)
+        req.grammar_active = k is not None
+        return req.output_token_ids[k:] if k is not None else []
 
     def _check_disagg(self, prompt_token_ids: list[int], params: SamplingParams,
                       disagg: DisaggRequest) -> SamplingParams:

@@ -67,6 +67,8 @@ class Request:
         self.kv_registered = False  # context_only: its blocks are registered with the ranks' KV sources
         # structured outputs: the sequence's grammar matcher (engine/structured_output.py GrammarState)
         self.grammar = None
+        self.grammar_active = True  # False while a reasoning model thinks (until `grammar_after` ends the output)
+        self.grammar_after: Optional[list[int]] = None
         # bad_words as token ids: single tokens always banned, longer words need the output's tail
         words = params.bad_words_token_ids or []
         self.bad_single = sorted({w[0] for w in words if len(w) == 1})
@@ -113,7 +115,11 @@ class Request:
         """Record a sampled token; returns the finished status if this token ends the request."""
         self.output_token_ids.append(token_id)
         n = self.num_output_tokens
-        if self.grammar is not None:
+        if self.grammar is not None and not self.grammar_active:
+            end = self.grammar_after
+            if self.output_token_ids[-len(end):] == end:  # the thinking ended: the grammar holds from here
+                self.grammar_active = True
+        elif self.grammar is not None:
             if not self.grammar.accept(token_id):  # the step's mask allowed it: only a banned-everything row
                 self.error = f"the sampled token {token_id} does not match the request's structured_outputs"
                 return RequestStatus.FINISHED_ABORTED

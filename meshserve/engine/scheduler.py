@@ -297,7 +297,7 @@ class Scheduler:
             if req.num_computed_tokens >= req.num_tokens + req.num_pending:
                 req.num_pending += 1
                 produces.add(req.request_id)
-                if req.grammar is not None:  # structured outputs: the ids its grammar allows next
+                if req.grammar is not None and req.grammar_active:  # structured outputs: the ids it allows next
                     sr.grammar_mask = req.grammar.next_mask()
                 if req.bad_single or req.bad_multi:
                     sr.banned_ids = req.banned_now()

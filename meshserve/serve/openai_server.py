@@ -11,6 +11,7 @@ Routes: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /ve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -34,6 +35,7 @@ from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
 from meshserve.engine.structured_output import check_syntax
 from meshserve.sampling_params import SamplingParams
+from meshserve.serve.reasoning import END as REASONING_END
 from meshserve.serve.tools import ToolError, ToolPlan
 from meshserve.serve import responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -440,7 +442,7 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, renames) from None
         params = self.tool_params(plan, params)
-        self.check_reasoning(req, plan, params)
+        params = self.reasoning_params(params)
         request_id = request_id_for(raw, "chatcmpl")
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
@@ -459,15 +461,14 @@ class OpenAIServing:
             body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
 
-    def check_reasoning(self, req: ChatCompletionRequest, plan: ToolPlan, params: SamplingParams) -> None:
-        """Structured outputs would hold the thinking to the grammar too: refused with a reasoning parser."""
+    def reasoning_params(self, params: SamplingParams) -> SamplingParams:
+        """With --reasoning_parser, structured outputs hold only what follows the thinking (as vLLM's):
+        the grammar starts after `</think>` (or at once when the prompt holds it: thinking switched off)."""
         if self.config.reasoning_parser is None or params.structured_outputs is None:
-            return
-        field = ("tool_choice" if plan.constraint() is not None else "response_format"
-                 if req.response_format is not None else "structured_outputs")
-        raise bad_request(f"{field}: structured outputs hold the whole answer to their grammar, the thinking of "
-                          f"--reasoning_parser {self.config.reasoning_parser} too, which this server does not "
-                          f"support; leave them out, or serve without --reasoning_parser", field)
+            return params
+        end = self.tokenizer.encode(REASONING_END, add_special_tokens=False)
+        return params.clone(structured_outputs=dataclasses.replace(params.structured_outputs,
+                                                                   reasoning_end_token_ids=end))
 
     @staticmethod
     def tool_params(plan: ToolPlan, params: SamplingParams) -> SamplingParams:

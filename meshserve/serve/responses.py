@@ -262,8 +262,9 @@ class ChatContext(_Context):
             if self.reasoning_parser is not None:
                 from meshserve.serve.reasoning import split
                 thinking, text = split(self.reasoning_parser, c.text)
-            message, reason = ({"role": "assistant", "content": text}, c.finish_reason) if self.tools is None \
-                else self.tools.message(text or "", c.finish_reason)
+            # no tool calls before the thinking ends (text None: it did not, within max_tokens)
+            message, reason = ({"role": "assistant", "content": text}, c.finish_reason) \
+                if self.tools is None or text is None else self.tools.message(text, c.finish_reason)
             if self.reasoning_parser is not None:
                 message["reasoning_content"] = thinking
             choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(c),

@@ -247,3 +247,53 @@ def test_grammar_banned_unpacks_every_bit_as_numpy_does():
     assert torch.equal(got[0], want) and not got[1].any() and not got[2].any()
     short = grammar_banned([ScheduledRequest("s", 0, 1, grammar_mask=b"\xff" * 8)], V, torch.device("cpu"))
     assert not short[0, :64].any() and short[0, 64:].all()  # ids past a short mask are banned
+
+
+@torch.no_grad()
+def reference_after(hf, prompt: str, max_tokens: int, end: list[int], constraint) -> list[int]:
+    """transformers' greedy ids, free until the output ends with `end` (a reasoning model's
+    `</think>`), then masked by a fresh matcher of this test's."""
+    import xgrammar as xgr
+    model, tok = hf
+    V = model.config.vocab_size
+    ids = tok(prompt)["input_ids"]
+    matcher, bitmask, out = None, xgr.allocate_token_bitmask(1, V), []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(bitmask)
+            allowed = ((bitmask[0][:, None] >> torch.arange(32)) & 1).flatten()[:V].bool()
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        t = int(logits.argmax())
+        out.append(t)
+        if matcher is not None:
+            if t == tok.eos_token_id:
+                break
+            assert matcher.accept_token(t)
+            if matcher.is_terminated():
+                break
+        elif out[-len(end):] == end:
+            matcher = _matcher(tok, V, *constraint)
+    return out
+
+
+def test_a_reasoning_models_grammar_holds_after_its_thinking_ends(llm, hf):
+    """reasoning_end_token_ids (the server's --reasoning_parser sets `</think>`'s): free decoding until
+    the output ends with them, the grammar after; in the prompt already, the grammar from the start."""
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import StructuredOutputsParams
+    prompt = PROMPTS[1]
+    free = reference(hf, prompt, 24)
+    # "the end of the thinking": a pair the free run writes, first at k >= 2
+    k = next(k for k in range(2, 22) if all(free[i:i + 2] != free[k:k + 2] for i in range(k)))
+    end = free[k:k + 2]
+    spec = StructuredOutputsParams(regex=REGEX, reasoning_end_token_ids=end)
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, structured_outputs=spec))[0].outputs[0]
+    want = reference_after(hf, prompt, 40, end, ("regex", REGEX))
+    assert out.token_ids == want and want[:k + 2] == free[:k + 2]
+    assert re.fullmatch(REGEX, hf[1].decode(out.token_ids[k + 2:], skip_special_tokens=True))
+    _, tok = hf
+    ids = tok(prompt)["input_ids"] + end  # the prompt holds the end: constrained from the first token
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=40, temperature=0,
+                                                                   structured_outputs=spec))[0].outputs[0]
+    assert re.fullmatch(REGEX, out.text) and out.finish_reason == "stop"

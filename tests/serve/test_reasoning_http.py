@@ -1,9 +1,11 @@
 """`--reasoning_parser` on a real server: the answer's thinking reaches message.reasoning_content and
 delta.reasoning_content (tests/unit/test_reasoning_parser.py checks the split itself). A random model
 writes no tags, so under deepseek_r1 (whose <think> a template may have written into the prompt) its
-whole greedy answer, the LLM API's for the same checkpoint, is reasoning. Structured outputs would
-constrain the thinking too: a 400 naming the field."""
+whole greedy answer, the LLM API's for the same checkpoint, is reasoning. Structured outputs hold only
+what follows the thinking (tests/engine/test_structured_outputs.py checks the switch against transformers)."""
 from __future__ import annotations
+
+import re
 
 import openai
 import pytest
@@ -39,13 +41,24 @@ def test_the_answer_is_reasoning_until_think_ends(client, tiny_model):
     assert "".join(d.content or "" for d in deltas) == ""
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"extra_body": {"guided_regex": "[a-z]+"}}, "structured_outputs"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
-])
-def test_structured_outputs_with_a_reasoning_parser_are_refused(client, kw, param):
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4, **kw)
-    assert exc.value.body["param"] == param and "--reasoning_parser deepseek_r1" in exc.value.body["message"]
+def test_structured_outputs_hold_after_the_thinking(client, tiny_model):
+    """The grammar starts after `</think>` (as vLLM's): this model never writes it, so its answer is all
+    thinking, free, as the LLM API's with the same end tokens; a named tool call has no arguments yet."""
+    from meshserve import LLM, SamplingParams, StructuredOutputsParams
+    from transformers import AutoTokenizer
+    end = AutoTokenizer.from_pretrained(tiny_model).encode("</think>", add_special_tokens=False)
+    spec = StructuredOutputsParams(regex="[a-z]{3}", reasoning_end_token_ids=end)
+    llm = LLM(model=tiny_model, max_seq_len=512, max_batch_size=2)
+    try:
+        want = llm.chat(MESSAGES, SamplingParams(max_tokens=12, temperature=0, structured_outputs=spec)).outputs[0]
+    finally:
+        llm.shutdown()
+    assert not re.fullmatch("[a-z]{3}", want.text)  # not held to the grammar: still thinking
+    msg = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=12, temperature=0,
+                                         extra_body={"guided_regex": "[a-z]{3}"}).choices[0].message
+    assert msg.reasoning_content == want.text and msg.content is None
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    choice = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=12, temperature=0,
+                                            tools=tools, tool_choice={"type": "function", "function": {"name": "f"}}
+                                            ).choices[0]
+    assert choice.message.reasoning_content == want.text and not choice.message.tool_calls
