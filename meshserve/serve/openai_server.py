@@ -362,6 +362,7 @@ class OpenAIServing:
                                          ).with_bad_words_tokenized(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, renames) from None
+        await self.check_structured(req, params)
         resume = None
         if req.resume_output_token_ids is not None:
             resume, params = resume_request(self.engine.limits, req, prompts, params, max_tokens)
@@ -441,6 +442,7 @@ class OpenAIServing:
                                          ).with_bad_words_tokenized(self.tokenizer)
         except ValueError as e:
             raise from_value_error(e, renames) from None
+        await self.check_structured(req, params)
         params = self.tool_params(plan, params)
         params = self.reasoning_params(params)
         request_id = request_id_for(raw, "chatcmpl")
@@ -460,6 +462,13 @@ class OpenAIServing:
         if kv is not None and kv.kind == "context_only":
             body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
+
+    async def check_structured(self, req, params: SamplingParams) -> None:
+        """The request's own schema / regex / grammar parsed (a 400 naming its field), off the event loop
+        when it is long: a deeply nested schema takes seconds."""
+        spec = params.structured_outputs
+        if spec is not None:
+            await self._off_loop(req.structured_chars(spec), req.check_structured, spec)
 
     def reasoning_params(self, params: SamplingParams) -> SamplingParams:
         """With --reasoning_parser, structured outputs hold only what follows the thinking (as vLLM's):

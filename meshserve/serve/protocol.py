@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 
+import json
 import logging
 import re
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from meshserve.chat_format import MessageError, template_messages
 from meshserve.errors import nearest
@@ -318,6 +319,7 @@ class SamplingRequest(OpenAIModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = None
+    _structured_field: str = PrivateAttr("structured_outputs")  # which field set the constraint (its errors name it)
     # accepted and ignored: they change nothing in what this server computes
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None
@@ -403,13 +405,29 @@ class SamplingRequest(OpenAIModel):
         if not given:
             return None
         [(name, spec)] = given.items()
+        self._structured_field = name
+        return spec
+
+    def check_structured(self, spec: StructuredOutputsParams) -> None:
+        """Parse the request's schema / regex / grammar (xgrammar, no tokenizer): a 400 naming the field
+        before any stream starts. The server runs it on the tokenizer thread when it is long."""
+        name = self._structured_field
         try:
-            check_syntax(spec)  # a schema / regex / grammar that does not parse: a 400 before any stream starts
+            check_syntax(spec)
         except ValueError as e:
             field = {"structured_outputs": f"structured_outputs.{spec.kind}",
                      "response_format": "response_format.json_schema.schema"}.get(name, name)
-            raise ValueError(str(e).replace(f"structured_outputs.{spec.kind}=", f"{field}=", 1)) from None
-        return spec
+            raise from_value_error(ValueError(str(e).replace(f"structured_outputs.{spec.kind}=", f"{field}=", 1)),
+                                   ) from None
+
+    def structured_chars(self, spec: StructuredOutputsParams) -> int:
+        """How long the constraint is (what its parse costs, roughly)."""
+        value = getattr(spec, spec.kind)
+        try:
+            return len(value) if isinstance(value, str) else len(json.dumps(value)) if isinstance(value, (dict, list)) \
+                else 0
+        except (RecursionError, ValueError, TypeError):
+            return 1 << 30  # as deep as a body may be: off the loop
 
 
 def response_format_spec(rf: dict) -> Optional[StructuredOutputsParams]:
