@@ -313,3 +313,24 @@ def test_dropped_streams_on_both_ranks_free_every_rank_s_blocks(checkpoints):
         assert served_token_ids(server.base_url, prompts, 8) == ref
     finally:
         server.stop()
+
+
+def test_structured_outputs_and_bad_words_on_every_dp_rank(checkpoints):
+    """Each DP rank's part of a step carries its own grammar masks and bad-word bans: the greedy ids
+    equal one rank's (tests/engine/test_structured_outputs.py and test_bad_words.py hold that one to
+    transformers), with requests spread over both ranks."""
+    import re
+
+    from meshserve import StructuredOutputsParams
+    path, prompts, ref = checkpoints["llama"]
+    regex = r"[a-c]{2}-[0-9]{2,3}"
+    params = [SamplingParams(max_tokens=12, temperature=0, structured_outputs=StructuredOutputsParams(regex=regex))
+              if i % 2 else SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                           bad_words_token_ids=[r[2:4], [r[5]]])
+              for i, r in enumerate(ref)]
+    with LLM(path, show_progress=False, kv_cache_config=KV) as one:
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    outs, stats, _ = run(path, prompts, params, tensor_parallel_size=2)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert all(re.fullmatch(regex, o.outputs[0].text) for o in outs[1::2])
+    assert all(p > 0 for p in (r["num_requests_placed"] for r in stats["attention_dp_ranks"]))
