@@ -22,7 +22,7 @@ from typing import AsyncIterator, Optional
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +36,8 @@ from meshserve.outputs import RequestOutput
 from meshserve.engine.structured_output import check_syntax
 from meshserve.sampling_params import SamplingParams
 from meshserve.serve.reasoning import END as REASONING_END
+from meshserve.serve.responses_api import ResponsesApi
+from meshserve.serve.sse import SSEResponse
 from meshserve.serve.tools import ToolError, ToolPlan
 from meshserve.serve import responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -98,17 +100,6 @@ def request_id_for(raw: Request, prefix: str) -> str:
     given = raw.headers.get("x-request-id")
     clean = _NOT_ID_CHARS.sub("", given)[:64] if given else ""
     return f"{prefix}-{clean}-{uuid.uuid4().hex[:8]}" if clean else f"{prefix}-{uuid.uuid4().hex}"
-
-
-class SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a request whose client went away
-    is aborted at once rather than when the generator is garbage-collected."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
 
 
 def sse(obj) -> bytes:
@@ -419,6 +410,21 @@ class OpenAIServing:
 
     async def create_chat_completion(self, raw: Request) -> Response:
         req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)
+        ctx, streams, kv, params = await self.start_chat(raw, req)
+        if req.stream:
+            if kv is not None:
+                await self.wait_for_kv(streams[0])
+            return SSEResponse(self.chat_stream(ctx, streams[0]), media_type="text/event-stream")
+        outs = await self.collect(raw, streams)
+        body = ctx.full_response(outs[0])
+        if kv is not None and kv.kind == "context_only":
+            body = self.context_response(body, outs[0], params)
+        return JSONResponse(body)
+
+    async def start_chat(self, raw: Request, req: ChatCompletionRequest):
+        """Check, template, tokenize and submit a chat request: (its ChatContext, its streams, its
+        disaggregated part or None, its engine params). The Responses API (serve/responses_api.py) runs
+        its requests through here too."""
         self.check_model(req.model)
         try:
             plan = ToolPlan.of(req.tools, req.tool_choice, self.config.tool_call_parser, req.parallel_tool_calls)
@@ -453,15 +459,7 @@ class OpenAIServing:
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
         ctx.report_cached = self.config.enable_prompt_tokens_details
         ctx.reasoning_parser = self.config.reasoning_parser
-        if req.stream:
-            if kv is not None:
-                await self.wait_for_kv(streams[0])
-            return SSEResponse(self.chat_stream(ctx, streams[0]), media_type="text/event-stream")
-        outs = await self.collect(raw, streams)
-        body = ctx.full_response(outs[0])
-        if kv is not None and kv.kind == "context_only":
-            body = self.context_response(body, outs[0], params)
-        return JSONResponse(body)
+        return ctx, streams, kv, params
 
     async def check_structured(self, req, params: SamplingParams) -> None:
         """The request's own schema / regex / grammar parsed (a 400 naming its field), off the event loop
@@ -589,6 +587,16 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     @app.post("/v1/chat/completions", openapi_extra=ROUTE_BODIES["/v1/chat/completions"])
     async def chat_completions(raw: Request):
         return await serving.create_chat_completion(raw)
+
+    responses_api = ResponsesApi(serving)
+
+    @app.post("/v1/responses", openapi_extra=ROUTE_BODIES["/v1/responses"])
+    async def create_response(raw: Request):  # OpenAI's Responses API (serve/responses_api.py)
+        return await responses_api.create(raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str):
+        return responses_api.retrieve(response_id)
 
     @app.post("/tokenize", openapi_extra=ROUTE_BODIES["/tokenize"])
     async def tokenize(raw: Request):

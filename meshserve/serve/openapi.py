@@ -13,10 +13,12 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from meshserve.serve.protocol import ChatCompletionRequest, CompletionRequest
+from meshserve.serve.responses_api import ResponsesRequest
 from meshserve.serve.tokens_api import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 _MODELS = {"/v1/completions": (CompletionRequest,), "/v1/chat/completions": (ChatCompletionRequest,),
-           "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest), "/detokenize": (DetokenizeRequest,)}
+           "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest), "/detokenize": (DetokenizeRequest,),
+           "/v1/responses": (ResponsesRequest,)}
 _refs, _doc = models_json_schema([(m, "validation") for ms in _MODELS.values() for m in ms],
                                  ref_template="#/components/schemas/{model}")
 
