@@ -62,3 +62,15 @@ def test_structured_outputs_hold_after_the_thinking(client, tiny_model):
                                             tools=tools, tool_choice={"type": "function", "function": {"name": "f"}}
                                             ).choices[0]
     assert choice.message.reasoning_content == want.text and not choice.message.tool_calls
+
+
+def test_the_responses_api_answers_the_thinking_as_a_reasoning_item(client):
+    chat = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=12,
+                                          temperature=0).choices[0].message
+    resp = client.responses.create(model="tiny-chat", input=MESSAGES, max_output_tokens=12, temperature=0)
+    assert [o.type for o in resp.output] == ["reasoning"]
+    assert resp.output[0].content[0].text == chat.reasoning_content
+    events = list(client.responses.create(model="tiny-chat", input=MESSAGES, max_output_tokens=12, temperature=0,
+                                          stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == chat.reasoning_content
+    assert [o.type for o in events[-1].response.output] == ["reasoning"]
