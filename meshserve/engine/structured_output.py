@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Callable, Optional
+from typing import Optional
 
-from meshserve.sampling_params import StructuredOutputsParams
+from meshserve.sampling_params import StructuredOutputsParams, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,9 @@ def _one_line(err: Exception) -> str:
 class GrammarState:
     """One sequence's matcher and its bitmask buffer."""
 
-    def __init__(self, matcher, bitmask, vocab_size: int):
+    def __init__(self, matcher, bitmask):
         self.matcher = matcher
         self.bitmask = bitmask  # torch int32 [1, ceil(vocab / 32)]
-        self.vocab_size = vocab_size
 
     def accept(self, token_id: int) -> bool:
         """Advance by a sampled token; False when the grammar does not allow it."""
@@ -59,13 +58,11 @@ class GrammarState:
 class StructuredOutputs:
     """The engine's grammar compiler, built on first use."""
 
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], tokenizer_path: Optional[str] = None,
-                 tokenizer=None, load: Optional[Callable[[str], object]] = None):
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], tokenizer_path: Optional[str] = None):
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.tokenizer_path = tokenizer_path
-        self.tokenizer = tokenizer
-        self._load = load
+        self.tokenizer = None  # LLM sets its own; else loaded from tokenizer_path on first use
         self.disable_any_whitespace = False  # LlmArgs.structured_outputs_config's, for every request
         self._compiler = None
         self._xgr = None
@@ -77,7 +74,7 @@ class StructuredOutputs:
             if self.tokenizer_path is None:
                 raise ValueError("structured_outputs needs the model's tokenizer, which this engine was started "
                                  "without (skip_tokenizer_init)")
-            self.tokenizer = (self._load or _auto_tokenizer)(self.tokenizer_path)
+            self.tokenizer = _auto_tokenizer(self.tokenizer_path)
         try:
             import xgrammar as xgr
         except ImportError as e:
@@ -98,8 +95,7 @@ class StructuredOutputs:
         any_whitespace = not (spec.disable_any_whitespace or self.disable_any_whitespace)
         try:
             if kind == "json":
-                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
-                return comp.compile_json_schema(schema, any_whitespace=any_whitespace)
+                return comp.compile_json_schema(_schema_text(spec), any_whitespace=any_whitespace)
             if kind == "json_object":  # OpenAI's: a JSON object (not any JSON value)
                 return comp.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace)
             if kind == "regex":
@@ -116,15 +112,18 @@ class StructuredOutputs:
         compiled = self.compile(spec)
         xgr = self._xgr
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None)
-        state = GrammarState(matcher, xgr.allocate_token_bitmask(1, self.vocab_size), self.vocab_size)
+        state = GrammarState(matcher, xgr.allocate_token_bitmask(1, self.vocab_size))
         for i, t in enumerate(outputs):
             if not state.accept(t):
                 raise ValueError(f"the request's output token {i} (id {t}) does not match its structured_outputs")
         return state
 
 
+def _schema_text(spec: StructuredOutputsParams) -> str:
+    return spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+
+
 def _invalid(spec: StructuredOutputsParams, err: Exception) -> ValueError:
-    from meshserve.sampling_params import short_repr
     return ValueError(f"structured_outputs.{spec.kind}={short_repr(getattr(spec, spec.kind))} is invalid: "
                       f"{_one_line(err)}")
 
@@ -139,7 +138,7 @@ def check_syntax(spec: StructuredOutputsParams) -> None:
     kind = spec.kind
     try:
         if kind == "json":
-            xgr.Grammar.from_json_schema(spec.json if isinstance(spec.json, str) else json.dumps(spec.json))
+            xgr.Grammar.from_json_schema(_schema_text(spec))
         elif kind == "regex":
             xgr.Grammar.from_regex(spec.regex)
         elif kind == "grammar":

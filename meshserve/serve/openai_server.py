@@ -11,7 +11,6 @@ Routes: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /ve
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
@@ -33,9 +32,8 @@ from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTrans
                                            RequestRejectedError, RequestStream)
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
-from meshserve.engine.structured_output import check_syntax
 from meshserve.sampling_params import SamplingParams
-from meshserve.serve.reasoning import END as REASONING_END
+from meshserve.serve.reasoning import after_thinking
 from meshserve.serve.responses_api import ResponsesApi
 from meshserve.serve.sse import SSEResponse
 from meshserve.serve.tools import ToolError, ToolPlan
@@ -449,8 +447,12 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, renames) from None
         await self.check_structured(req, params)
-        params = self.tool_params(plan, params)
-        params = self.reasoning_params(params)
+        try:
+            params = plan.apply(params)
+        except ToolError as e:
+            raise bad_request(str(e), e.param) from None
+        if self.config.reasoning_parser is not None:
+            params = after_thinking(params, self.tokenizer)
         request_id = request_id_for(raw, "chatcmpl")
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
@@ -467,31 +469,6 @@ class OpenAIServing:
         spec = params.structured_outputs
         if spec is not None:
             await self._off_loop(req.structured_chars(spec), req.check_structured, spec)
-
-    def reasoning_params(self, params: SamplingParams) -> SamplingParams:
-        """With --reasoning_parser, structured outputs hold only what follows the thinking (as vLLM's):
-        the grammar starts after `</think>` (or at once when the prompt holds it: thinking switched off)."""
-        if self.config.reasoning_parser is None or params.structured_outputs is None:
-            return params
-        end = self.tokenizer.encode(REASONING_END, add_special_tokens=False)
-        return params.clone(structured_outputs=dataclasses.replace(params.structured_outputs,
-                                                                   reasoning_end_token_ids=end))
-
-    @staticmethod
-    def tool_params(plan: ToolPlan, params: SamplingParams) -> SamplingParams:
-        """A named or required tool_choice holds the answer to the tools' schemas (serve/tools.py)."""
-        constraint = plan.constraint()
-        if constraint is None:
-            return params
-        if params.structured_outputs is not None:
-            raise bad_request(f"tool_choice={plan.mode!r} holds the answer to the tools' schemas: leave out "
-                              f"response_format and structured outputs, or set tool_choice to 'none' or 'auto'",
-                              "tool_choice")
-        try:
-            check_syntax(constraint)
-        except ValueError as e:
-            raise bad_request(f"a tool's parameters are not a JSON schema the server can take: {e}", "tools") from None
-        return params.clone(structured_outputs=constraint)
 
     async def chat_stream(self, ctx: "responses.ChatContext", stream: RequestStream) -> AsyncIterator[bytes]:
         try:

@@ -10,6 +10,8 @@ Tool calls (serve/tools.py) are parsed out of the content, after the thinking.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
@@ -31,12 +33,22 @@ def split(parser: str, text: str) -> tuple[Optional[str], Optional[str]]:
     return before, (after or None)
 
 
-def _partial(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:k]):
             return k
     return 0
+
+
+def after_thinking(params, tokenizer):
+    """`params` (SamplingParams) whose structured outputs hold only what follows the thinking, as vLLM's:
+    the grammar starts after `</think>`'s tokens (or at once when the prompt holds them: thinking off)."""
+    if params.structured_outputs is None:
+        return params
+    end = tokenizer.encode(END, add_special_tokens=False)
+    return params.clone(structured_outputs=dataclasses.replace(params.structured_outputs,
+                                                               reasoning_end_token_ids=end))
 
 
 class ReasoningStream:
@@ -80,7 +92,7 @@ class ReasoningStream:
                 self.sent += end + len(END)
                 self.in_reasoning = False
                 continue
-            hold = 0 if final else max(_partial(rest, END), _partial(rest, START) if self.sent == 0 else 0)
+            hold = 0 if final else max(partial_suffix(rest, END), partial_suffix(rest, START) if self.sent == 0 else 0)
             reasoning += rest[:len(rest) - hold]
             self.sent += len(rest) - hold
             return reasoning, content

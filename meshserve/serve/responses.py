@@ -9,6 +9,8 @@ import time
 from typing import Optional
 
 from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.serve.reasoning import ReasoningStream, split
+from meshserve.serve.tools import ToolStream
 
 
 class TokenStrings:
@@ -232,13 +234,11 @@ class ChatContext(_Context):
                 self.finished.add(c.index)
             text, thinking = c.text, ""
             if self.reasoning_parser is not None:
-                from meshserve.serve.reasoning import ReasoningStream
                 rs = self.reasoning_streams.setdefault(c.index, ReasoningStream(self.reasoning_parser))
                 thinking, text = rs.feed(c.text, c.finish_reason is not None)
             delta = {"content": text} if text else {}
             reason = c.finish_reason
             if self.tools is not None:
-                from meshserve.serve.tools import ToolStream
                 ts = self.tool_streams.setdefault(c.index, ToolStream(self.tools))
                 delta, reason = ts.delta(text, c.finish_reason)
             if thinking:
@@ -260,7 +260,6 @@ class ChatContext(_Context):
             self.completion_tokens += len(c.token_ids)
             text, thinking = c.text, None
             if self.reasoning_parser is not None:
-                from meshserve.serve.reasoning import split
                 thinking, text = split(self.reasoning_parser, c.text)
             # no tool calls before the thinking ends (text None: it did not, within max_tokens)
             message, reason = ({"role": "assistant", "content": text}, c.finish_reason) \

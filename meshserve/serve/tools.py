@@ -22,7 +22,9 @@ import re
 import uuid
 from typing import Any, Optional
 
+from meshserve.engine.structured_output import check_syntax
 from meshserve.sampling_params import StructuredOutputsParams, short_repr
+from meshserve.serve.reasoning import partial_suffix
 
 TOOL_CALL_PARSERS = ("hermes",)
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -114,6 +116,22 @@ class ToolPlan:
             return StructuredOutputsParams(json=schema)
         return None
 
+    def apply(self, params):
+        """`params` (SamplingParams) with a named or required tool_choice's constraint; ToolError when the
+        request constrains the answer already or a tool's parameters do not parse."""
+        constraint = self.constraint()
+        if constraint is None:
+            return params
+        if params.structured_outputs is not None:
+            raise ToolError(f"tool_choice={self.mode!r} holds the answer to the tools' schemas: leave out "
+                            f"response_format and structured outputs, or set tool_choice to 'none' or 'auto'",
+                            "tool_choice")
+        try:
+            check_syntax(constraint)
+        except ValueError as e:
+            raise ToolError(f"a tool's parameters are not a JSON schema the server can take: {e}", "tools") from None
+        return params.clone(structured_outputs=constraint)
+
     # ---- answers -------------------------------------------------------------------------------
     def message(self, text: str, finish_reason: Optional[str]) -> tuple[dict, Optional[str]]:
         """The whole answer's message and finish_reason."""
@@ -185,7 +203,7 @@ class ToolStream:
         if finish_reason is not None:
             return self._final(finish_reason)
         start = self.text.find(_HERMES_OPEN)
-        safe = start if start >= 0 else len(self.text) - _partial_suffix(self.text, _HERMES_OPEN)
+        safe = start if start >= 0 else len(self.text) - partial_suffix(self.text, _HERMES_OPEN)
         out = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return ({"content": out} if out else {}), None
@@ -206,11 +224,3 @@ class ToolStream:
             reason = finish_reason
         self.sent = len(self.text)
         return delta, reason
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0

@@ -50,14 +50,15 @@ def _matcher(tok, vocab_size: int, kind: str, value):
 
 
 @torch.no_grad()
-def reference(hf, prompt: str, max_tokens: int, constraint=None) -> list[int]:
-    """transformers' greedy ids, each step's logits masked by this test's own matcher."""
+def reference(hf, prompt: str, max_tokens: int, constraint=None, end=None) -> list[int]:
+    """transformers' greedy ids, each step's logits masked by this test's own matcher; with `end` (a
+    reasoning model's `</think>`), free until the output ends with those tokens, masked after."""
     import xgrammar as xgr
     model, tok = hf
     V = model.config.vocab_size
     ids = tok(prompt)["input_ids"]
-    matcher = _matcher(tok, V, *constraint) if constraint else None
-    bitmask = xgr.allocate_token_bitmask(1, V) if constraint else None
+    matcher = _matcher(tok, V, *constraint) if constraint and not end else None
+    bitmask = xgr.allocate_token_bitmask(1, V)
     out = []
     for _ in range(max_tokens):
         logits = model(torch.tensor([ids + out])).logits[0, -1].float()
@@ -73,6 +74,8 @@ def reference(hf, prompt: str, max_tokens: int, constraint=None) -> list[int]:
             assert matcher.accept_token(t)
             if matcher.is_terminated():
                 break
+        elif constraint and out[-len(end):] == end:
+            matcher = _matcher(tok, V, *constraint)
     return out
 
 
@@ -249,34 +252,6 @@ def test_grammar_banned_unpacks_every_bit_as_numpy_does():
     assert not short[0, :64].any() and short[0, 64:].all()  # ids past a short mask are banned
 
 
-@torch.no_grad()
-def reference_after(hf, prompt: str, max_tokens: int, end: list[int], constraint) -> list[int]:
-    """transformers' greedy ids, free until the output ends with `end` (a reasoning model's
-    `</think>`), then masked by a fresh matcher of this test's."""
-    import xgrammar as xgr
-    model, tok = hf
-    V = model.config.vocab_size
-    ids = tok(prompt)["input_ids"]
-    matcher, bitmask, out = None, xgr.allocate_token_bitmask(1, V), []
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([ids + out])).logits[0, -1].float()
-        if matcher is not None:
-            matcher.fill_next_token_bitmask(bitmask)
-            allowed = ((bitmask[0][:, None] >> torch.arange(32)) & 1).flatten()[:V].bool()
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        t = int(logits.argmax())
-        out.append(t)
-        if matcher is not None:
-            if t == tok.eos_token_id:
-                break
-            assert matcher.accept_token(t)
-            if matcher.is_terminated():
-                break
-        elif out[-len(end):] == end:
-            matcher = _matcher(tok, V, *constraint)
-    return out
-
-
 def test_a_reasoning_models_grammar_holds_after_its_thinking_ends(llm, hf):
     """reasoning_end_token_ids (the server's --reasoning_parser sets `</think>`'s): free decoding until
     the output ends with them, the grammar after; in the prompt already, the grammar from the start."""
@@ -289,7 +264,7 @@ def test_a_reasoning_models_grammar_holds_after_its_thinking_ends(llm, hf):
     end = free[k:k + 2]
     spec = StructuredOutputsParams(regex=REGEX, reasoning_end_token_ids=end)
     out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, structured_outputs=spec))[0].outputs[0]
-    want = reference_after(hf, prompt, 40, end, ("regex", REGEX))
+    want = reference(hf, prompt, 40, ("regex", REGEX), end)
     assert out.token_ids == want and want[:k + 2] == free[:k + 2]
     assert re.fullmatch(REGEX, hf[1].decode(out.token_ids[k + 2:], skip_special_tokens=True))
     _, tok = hf
