@@ -269,8 +269,10 @@ class Scheduler:
             computed, num_cached = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_cached
             if num_new > budget:
-                if not self.config.enable_chunked_prefill:
-                    break
+                if not self.config.enable_chunked_prefill and num_new <= self.config.max_num_tokens:
+                    break  # a whole prefill waits for a step with room for it
+                # chunked prefill, or a preempted request whose prompt + outputs outgrew max_num_tokens:
+                # its recomputation goes in chunks (whole, it could never run again and would block the queue)
                 num_new = budget
             if not self.kv.allocate_slots(req, num_new, computed):
                 break

@@ -72,6 +72,15 @@ def test_preemption_keeps_outputs(tmp_path, prompts):
     assert stats["num_preemptions"] > 0
 
 
+@pytest.mark.timeout(120)
+def test_preemption_without_chunked_prefill(tmp_path, prompts):
+    # whole prefills of at most 16 tokens, and preemption: a request preempted at 15 + k tokens > 16 must
+    # still resume (its recomputation is chunked) instead of blocking the waiting queue forever
+    stats = run_case(tmp_path, prompts, {"arch": "llama"}, max_num_tokens=16, enable_chunked_prefill=False,
+                     kv={"max_tokens": 40, "enable_block_reuse": False})
+    assert stats["num_preemptions"] > 0
+
+
 def test_prefix_reuse_counts_hits(tmp_path):
     shared = list(range(40, 53))  # 13 tokens: 3 full blocks, the 4th differs per prompt
     prompts = [shared + [5 + i, 6, 7] for i in range(4)]

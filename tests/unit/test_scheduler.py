@@ -84,6 +84,20 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     assert a.num_output_tokens == 10 and b.num_output_tokens == 10 and c.num_output_tokens == 2
 
 
+def test_preempted_request_longer_than_the_budget_resumes_without_chunked_prefill():
+    # whole prefills of at most 10 tokens; 7 blocks of 4 hold 28 tokens, three requests grow to 20 each
+    s = make(max_tokens=10, num_blocks=8, block=4, chunked=False, reuse=False)
+    reqs = [add(s, str(i), 8, max_tokens=12) for i in range(3)]
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        so, _ = step(s)
+        assert sum(r.num_new_tokens for r in so.reqs) <= 10
+    assert s.num_preemptions > 0
+    # the preempted request held 8 + k > 10 tokens: its recomputation went in chunks, and the queue behind it moved
+    assert [r.num_output_tokens for r in reqs] == [12, 12, 12] and not s.has_unfinished()
+
+
 def test_finish_on_max_tokens_frees_blocks():
     s = make()
     r = add(s, "a", 3, max_tokens=2)
