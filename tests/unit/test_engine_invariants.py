@@ -9,7 +9,7 @@ every block is free again. The EOS draws hash with crc32, not hash(): a falsifyi
 under any PYTHONHASHSEED."""
 import zlib
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meshserve.engine.kv_cache import KVCacheManager
@@ -44,6 +44,10 @@ def check(s: Scheduler, kv: KVCacheManager) -> None:
             assert kv.block_hash[b] is not None, f"block {b} shared by {holders[b]} live sequences but not cached"
 
 
+# whole prefills of <= 10 tokens and three requests growing to 20 in 28 slots: one is preempted holding more
+# than 10 tokens, and (before its recomputation could be chunked) blocked the waiting queue forever
+@example(ops=[("add", 0, 8, 12)] * 3 + [("step", 0.0, 0, False)] * 6, num_blocks=8, chunked=False, reuse=False,
+         max_batch=4, budget=10)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(8, 40), chunked=st.booleans(), reuse=st.booleans(),
        max_batch=st.integers(1, 6), budget=st.integers(8, 48))
