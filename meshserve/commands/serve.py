@@ -159,8 +159,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
           help="answer tool_choice 'auto' (the default when a chat request gives tools): the model decides, and "
                "--tool_call_parser splits its text into content and tool calls (as vLLM's flags)")
     _flag(parser, "tool_call_parser", default=None, metavar="NAME",
-          help="the model's tool-call format for --enable_auto_tool_choice: hermes (<tool_call>{...}</tool_call>, "
-               "as Qwen2.5/3 and Hermes write them)")
+          help="the model's tool-call format for --enable_auto_tool_choice (as vLLM's names): hermes (Qwen2.5/3, "
+               "Hermes), qwen3_coder, llama3_json / llama4_json, pythonic / llama4_pythonic, mistral, deepseek_v3, "
+               "deepseek_v31")
     _flag(parser, "reasoning_parser", default=None, metavar="NAME",
           help="split a chat answer's <think>...</think> into message.reasoning_content (as vLLM's flag): "
                "deepseek_r1 or qwen3")

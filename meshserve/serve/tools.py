@@ -7,9 +7,9 @@
   held to one tool's schema, and comes back as that many tool calls (finish_reason `tool_calls`);
   one call only with `parallel_tool_calls: false`.
 - `tool_choice: "auto"` (the default when tools are given): the model decides; the server needs
-  `--enable_auto_tool_choice` and a `--tool_call_parser` for the model's format (`hermes`:
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as Qwen2.5/3, Hermes and many
-  fine-tunes write them), which splits the text into content and tool calls.
+  `--enable_auto_tool_choice` and a `--tool_call_parser` for the model's format (serve/tool_parsers.py:
+  hermes, qwen3_coder, llama3_json, pythonic, mistral, deepseek_v3, deepseek_v31), which splits the
+  text into content and tool calls.
 - `tool_choice: "none"`: the tools reach the chat template, the answer is text.
 
 A stream carries a named call's arguments as they are generated; "required" and parsed calls come
@@ -18,17 +18,14 @@ whole, with the finish_reason (text before a parsed call streams as content as i
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, Optional
 
 from meshserve.engine.structured_output import check_syntax
 from meshserve.sampling_params import StructuredOutputsParams, short_repr
-from meshserve.serve.reasoning import partial_suffix
+from meshserve.serve.tool_parsers import PARSERS
 
-TOOL_CALL_PARSERS = ("hermes",)
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_HERMES_OPEN = "<tool_call>"
+TOOL_CALL_PARSERS = tuple(PARSERS)
 
 
 class ToolError(ValueError):
@@ -67,7 +64,7 @@ class ToolPlan:
         self.mode = mode
         self.functions = functions
         self.name = name
-        self.parser = parser
+        self.parser = PARSERS[parser] if parser is not None else None
         self.parallel = parallel  # OpenAI's parallel_tool_calls: False allows one call (required: one item)
 
     @classmethod
@@ -97,7 +94,7 @@ class ToolPlan:
             return cls("required", functions, parallel=parallel_tool_calls is not False)
         if parser is None:
             raise ToolError("tool_choice 'auto' (the default when tools are given) needs a server started with "
-                            "--enable_auto_tool_choice and --tool_call_parser (hermes); or set tool_choice to "
+                            "--enable_auto_tool_choice and --tool_call_parser NAME; or set tool_choice to "
                             "'none', 'required' or a function", "tool_choice")
         return cls("auto", functions, parser=parser)
 
@@ -121,6 +118,8 @@ class ToolPlan:
         request constrains the answer already or a tool's parameters do not parse."""
         constraint = self.constraint()
         if constraint is None:
+            if self.mode == "auto" and self.parser.keeps_special_tokens and params.skip_special_tokens:
+                params = params.clone(skip_special_tokens=False)  # the format's markers are special tokens
             return params
         if params.structured_outputs is not None:
             raise ToolError(f"tool_choice={self.mode!r} holds the answer to the tools' schemas: leave out "
@@ -152,18 +151,11 @@ class ToolPlan:
                 return text, []
             return None, [_call(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
         if self.mode == "auto":
-            calls = []
-            for m in _HERMES.finditer(text):
-                try:
-                    obj = json.loads(m.group(1))
-                    name, args = obj["name"], obj.get("arguments", {})
-                except (ValueError, KeyError, TypeError):
-                    return text, []  # not a well-formed call: the text as it is
-                calls.append(_call(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
-            if not calls:
+            parsed = self.parser.parse(text, self.functions)
+            if parsed is None:  # no well-formed call: the text as it is
                 return text, []
-            content = text[:text.find(_HERMES_OPEN)]  # as vLLM's hermes parser: the text before the first call
-            return (content if content.strip() else None), calls
+            content, calls = parsed  # content: the text before the first call (None when blank)
+            return content, [_call(name, args) for name, args in calls]
         return text, []
 
 
@@ -202,8 +194,7 @@ class ToolStream:
         # auto: content up to where a call may begin, then the calls at the end
         if finish_reason is not None:
             return self._final(finish_reason)
-        start = self.text.find(_HERMES_OPEN)
-        safe = start if start >= 0 else len(self.text) - partial_suffix(self.text, _HERMES_OPEN)
+        safe = self.plan.parser.held(self.text)
         out = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return ({"content": out} if out else {}), None

@@ -136,5 +136,31 @@ def test_the_tool_flags_go_together():
     assert tool_call_parser_of(argparse.Namespace(enable_auto_tool_choice=False, tool_call_parser=None)) is None
     with pytest.raises(ValueError, match="go together"):
         tool_call_parser_of(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser=None))
-    with pytest.raises(ValueError, match="--tool_call_parser mistral: not available; accepted: hermes"):
-        tool_call_parser_of(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser="mistral"))
+    assert tool_call_parser_of(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser="mistral")) == "mistral"
+    with pytest.raises(ValueError, match="--tool_call_parser granite: not available; accepted: hermes, qwen3_coder"):
+        tool_call_parser_of(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser="granite"))
+
+
+@pytest.fixture(scope="module")
+def pythonic_client(tiny_model):
+    srv = start_server(tiny_model, "--max_seq_len", "512", "--max_batch_size", "4",
+                       "--enable_auto_tool_choice", "--tool_call_parser", "pythonic")
+    yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key=srv.api_key, max_retries=0, timeout=60)
+    srv.stop()
+
+
+def test_auto_parses_pythonic_calls(pythonic_client):
+    """Llama 3.2 / 4's format (serve/tool_parsers.py; the unit tests cover every parser): the answer is
+    forced to a list of two calls; the server reads them with ast, never running them."""
+    regex = r'\[get_weather\(city="(Paris|Rome)", days=[1-3]\), get_time\(zone="UTC"\)\]'
+    choice = ask(pythonic_client, max_tokens=200, extra_body={"guided_regex": regex})
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert [n for n, _ in calls] == ["get_weather", "get_time"] and calls[1][1] == {"zone": "UTC"}
+    jsonschema.validate(calls[0][1], WEATHER)
+    s_calls, content, reason = streamed_calls(ask(pythonic_client, True, max_tokens=200,
+                                                  extra_body={"guided_regex": regex}))
+    assert content == "" and reason == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in s_calls] == calls
+    plain = ask(pythonic_client, extra_body={"guided_regex": "[a-z]{3} [a-z]{2}"})
+    assert plain.message.tool_calls is None and plain.finish_reason == "stop"
