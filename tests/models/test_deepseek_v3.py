@@ -10,7 +10,7 @@ interpreter. The KV
 cache holds one latent vector per token and layer: (kv_lora_rank + qk_rope_head_dim) x dtype bytes,
 asserted from the KV manager's specs and the runner's tensors. The absorbed (decode) and expanded
 (prefill) forms agree with each other, and the Triton kernel with its torch reference. Multi-token
-prediction layers in a checkpoint are skipped with a log line; FP8 checkpoints are refused."""
+prediction layers in a checkpoint are skipped with a log line; FP8 tensors without a quantization_config are refused (FP8 checkpoints: tests/models/test_fp8.py)."""
 import json
 import logging
 import os
