@@ -246,6 +246,9 @@ class LlmArgs(StrictModel):
     max_seq_len: Optional[int] = Field(None, ge=2)
     kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
     enable_chunked_prefill: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description=(
+        "vLLM's: fcfs (arrival order) or priority (a request's priority, lower first, then arrival: the waiting "
+        "queue, the step's token budget and the choice of a preemption's victim follow it)"))
     seed: int = 0
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)

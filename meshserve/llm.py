@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Optional, Sequence, Union
 from meshserve.chat_format import MessageError, template_messages
 from meshserve.config import LlmArgs, build_llm_args
 from meshserve.engine.detokenizer import RequestState
-from meshserve.engine.engine_core import EngineCore
+from meshserve.engine.engine_core import EngineCore, check_priority
 from meshserve.engine import disagg
 from meshserve.engine.messages import DisaggRequest
 from meshserve.engine.output_processor import OutputProcessor
@@ -140,11 +140,12 @@ class LLM:
         return list(prompts)
 
     def _prepare(self, prompt: PromptType, params: SamplingParams,
-                 disaggregated_params: Optional[DisaggregatedParams] = None):
+                 disaggregated_params: Optional[DisaggregatedParams] = None, priority: int = 0):
         """Tokenize and validate; nothing is registered or added to the engine yet. A dict prompt's
         `resume_output_token_ids` continues an earlier run's output (the same params; the result
         as AsyncEngine.add_request describes it); its `cache_salt` (vLLM's) shares its cached prefix
-        only with prompts of the same salt. Returns (text, ids, params, resume, disagg, salt)."""
+        only with prompts of the same salt. `priority`: vLLM's (scheduling_policy "priority"; lower
+        first). Returns (text, ids, params, resume, disagg, salt, priority)."""
         text, ids = self._tokenize(prompt)
         params = params.with_bad_words_tokenized(self.tokenizer)
         if params.structured_outputs is not None:  # before any prompt of the call reaches the engine
@@ -160,7 +161,8 @@ class LLM:
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and not (isinstance(salt, str) and salt):
             raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
-        return text, ids, params, resume, kv, salt
+        check_priority(self._core.limits, priority)
+        return text, ids, params, resume, kv, salt, priority
 
     def _disagg_request(self, ids: list[int], params: SamplingParams,
                         dp: Optional[DisaggregatedParams]) -> tuple[SamplingParams, Optional[DisaggRequest]]:
@@ -187,7 +189,7 @@ class LLM:
 
     def _submit(self, text: Optional[str], ids: list[int], params: SamplingParams,
                 resume: Sequence[int] = (), kv: Optional[DisaggRequest] = None,
-                cache_salt: Optional[str] = None) -> RequestState:
+                cache_salt: Optional[str] = None, priority: int = 0) -> RequestState:
         rid = str(next(self._ids))
         if kv is not None and kv.kind == "context_only":
             rid = self._ctx_prefix + rid
@@ -195,7 +197,8 @@ class LLM:
         if resume:
             state.resume_output(list(resume))
         for sid, p in seqs:
-            self._core.add_request(sid, ids, p, disagg=kv, resume_output_token_ids=resume, cache_salt=cache_salt)
+            self._core.add_request(sid, ids, p, disagg=kv, resume_output_token_ids=resume, cache_salt=cache_salt,
+                                   priority=priority)
         if kv is not None and kv.kind == "context_only":
             self._context_only[state.request_id] = params
         return state
@@ -253,10 +256,12 @@ class LLM:
     # ---- public API ----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True,
-                 disaggregated_params: Union[DisaggregatedParams, Sequence[Optional[DisaggregatedParams]], None] = None
-                 ) -> Union[RequestOutput, list[RequestOutput]]:
+                 disaggregated_params: Union[DisaggregatedParams, Sequence[Optional[DisaggregatedParams]], None] = None,
+                 priority: Optional[Sequence[int]] = None) -> Union[RequestOutput, list[RequestOutput]]:
         """`disaggregated_params` (one for all prompts, or one per prompt): disaggregated serving
-        from the API (meshserve.llmapi.DisaggregatedParams; the LLM needs cache_transceiver_config)."""
+        from the API (meshserve.llmapi.DisaggregatedParams; the LLM needs cache_transceiver_config).
+        `priority` (vLLM's): one integer per prompt, lower first, for an LLM made with
+        scheduling_policy="priority"."""
         single = isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and bool(prompts) and all_ints(prompts))
         items = self._normalize(prompts)
@@ -274,9 +279,17 @@ class LLM:
             dps = list(disaggregated_params)
             if len(dps) != len(items):
                 raise ValueError(f"disaggregated_params has {len(dps)} entries but there are {len(items)} prompts")
+        if priority is None:
+            priorities = [0] * len(items)
+        elif isinstance(priority, (list, tuple)) and len(priority) == len(items):
+            priorities = list(priority)
+        else:
+            raise ValueError(f"priority={priority!r} is invalid: expected a list of one integer per prompt "
+                             f"({len(items)})")
         with self._lock:
             self._check_open()
-            prepared = [self._prepare(p, sp, dp) for p, sp, dp in zip(items, params_list, dps)]  # all validated first
+            prepared = [self._prepare(p, sp, dp, pr)  # all validated first
+                        for p, sp, dp, pr in zip(items, params_list, dps, priorities)]
             states = [self._submit(*item) for item in prepared]
             bar = progress_bar(total=len(states), desc="Processed prompts", disable=not use_tqdm, unit="req")
             done = 0
@@ -299,7 +312,8 @@ class LLM:
 
     def generate_async(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                        streaming: bool = True,
-                       disaggregated_params: Optional[DisaggregatedParams] = None) -> "AsyncRequest":
+                       disaggregated_params: Optional[DisaggregatedParams] = None,
+                       priority: int = 0) -> "AsyncRequest":
         """Start a request; the result can be awaited (final output) or iterated with `async for`
         (partial outputs with the text so far, when streaming)."""
         params = sampling_params or self.get_default_sampling_params()
@@ -307,7 +321,7 @@ class LLM:
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._check_open()
-            state = self._submit(*self._prepare(prompt, params, disaggregated_params))
+            state = self._submit(*self._prepare(prompt, params, disaggregated_params, priority))
             self._async_streams[state.request_id] = (loop, queue, streaming)
             self._ensure_background()
             self._wake.notify_all()

@@ -53,6 +53,8 @@ _ENGINE_FLAGS = [
     ("max_n", "max_n", int, "most sequences one request may ask for with n / best_of (default: max_batch_size)"),
     ("max_num_tokens", "max_num_tokens", int, "most tokens in one engine step"),
     ("max_seq_len", "max_seq_len", int, "prompt + output limit (default: the model's max_position_embeddings)"),
+    ("scheduling_policy", "scheduling_policy", str,
+     "fcfs (default: arrival order) or priority (a request's `priority`, lower first, as vLLM's)"),
     ("dtype", "dtype", str, "auto, float32, bfloat16 or float16"),
     ("load_format", "load_format", str, "auto, safetensors, gguf or dummy (random weights)"),
     ("quantization", "quantization", str,

@@ -27,7 +27,7 @@ logger = logging.getLogger("meshserve.disagg")
 # max_tokens, min_tokens and the stream settings are set anew; chat-only fields have done their work).
 RESUME_KEYS = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
                "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos", "include_stop_str_in_output",
-               "skip_special_tokens", "spaces_between_special_tokens", "user")
+               "skip_special_tokens", "spaces_between_special_tokens", "user", "priority", "cache_salt")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the servers' (OpenAI's) default for /v1/completions
 
 

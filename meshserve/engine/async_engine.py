@@ -25,7 +25,7 @@ import zmq.asyncio
 from meshserve.config import LlmArgs
 from meshserve.engine import core_proc
 from meshserve.engine.prestart import take_prestarted
-from meshserve.engine.engine_core import EngineLimits, validate
+from meshserve.engine.engine_core import EngineLimits, check_priority, validate
 from meshserve.engine.detokenizer import RequestState
 from meshserve.engine.output_processor import OutputProcessor
 from meshserve.engine.messages import DisaggRequest, EngineCoreOutputs, EngineCoreRequest
@@ -291,7 +291,7 @@ class AsyncEngine:
     def add_request(self, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
                     request_id: Optional[str] = None, disagg: Optional[DisaggRequest] = None,
                     resume_output_token_ids: Optional[list[int]] = None,
-                    cache_salt: Optional[str] = None) -> RequestStream:
+                    cache_salt: Optional[str] = None, priority: int = 0) -> RequestStream:
         """Validate and submit one request (n sequences); raises ValueError for a bad request,
         QueueFullError or EngineDeadError when it cannot be taken now. `disagg`: its part in
         disaggregated serving (one sequence). `resume_output_token_ids`: a resumed request's outputs
@@ -301,6 +301,7 @@ class AsyncEngine:
         self.check_capacity()
         resume = list(resume_output_token_ids or ())
         self.validate(prompt_token_ids, params, resume)
+        check_priority(self.limits, priority)
         rid = request_id or uuid.uuid4().hex
         state, seqs = self.processor.add_request(rid, prompt, list(prompt_token_ids) + resume, params)
         if resume:
@@ -312,7 +313,7 @@ class AsyncEngine:
         stream = RequestStream(self, state)
         now = time.monotonic()
         reqs = [EngineCoreRequest(sid, list(prompt_token_ids), p.to_dict(), arrival_time=now, disagg=disagg,
-                                  resume_output_token_ids=resume, cache_salt=cache_salt)
+                                  resume_output_token_ids=resume, cache_salt=cache_salt, priority=priority)
                 for sid, p in seqs]
         try:
             self._send(core_proc.ADD, reqs)  # no await between registering and sending: no output is missed

@@ -36,6 +36,7 @@ class EngineLimits:
     kv_capacity_tokens: int
     eos_token_ids: list
     max_n: Optional[int] = None  # most sequences one request may fan out to (SamplingParams.n); None: no cap
+    scheduling_policy: str = "fcfs"  # LlmArgs.scheduling_policy: "priority" takes a request's priority
 
 
 # How much earlier than strictly needed a deferred batch is launched (late launch), on top of
@@ -79,6 +80,16 @@ def validate(lim: EngineLimits, prompt_token_ids: list[int], params: SamplingPar
                          f"chunked prefill (enable_chunked_prefill=True) or raise max_num_tokens")
     if resume_output_token_ids:
         _validate_resume(lim, n, params, resume_output_token_ids)
+
+
+def check_priority(lim: EngineLimits, priority) -> None:
+    """A request's `priority` (vLLM's: lower runs first), which only scheduling_policy "priority" takes."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -2**63 <= priority < 2**63:
+        raise ValueError(f"priority={priority!r} is invalid: expected an integer (int64; lower runs first)")
+    if priority and lim.scheduling_policy != "priority":
+        raise ValueError(f"priority={priority}: this engine schedules first come, first served "
+                         f"(scheduling_policy={lim.scheduling_policy!r}); start it with scheduling_policy='priority' "
+                         f"to use priorities")
 
 
 def _validate_resume(lim: EngineLimits, n: int, params: SamplingParams, resume) -> None:
@@ -146,7 +157,7 @@ class EngineCore:
         self.kv_events = 0  # KV handovers done (pins released, pulls finished): the caller reports stats
         self.limits = EngineLimits(vocab_size, sched_config.max_seq_len, sched_config.max_num_tokens,
                                    sched_config.enable_chunked_prefill, self.kv.capacity_tokens,
-                                   list(eos_token_ids), max_n or sched_config.max_batch_size)
+                                   list(eos_token_ids), max_n or sched_config.max_batch_size, sched_config.policy)
         # structured outputs: xgrammar over the model's tokenizer (loaded from tokenizer_path on first use;
         # LLM hands its own over as `structured.tokenizer`)
         self.structured = StructuredOutputs(vocab_size, list(eos_token_ids), tokenizer_path)
@@ -179,11 +190,12 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: Optional[float] = None, disagg: Optional[DisaggRequest] = None,
-                    resume_output_token_ids=(), cache_salt: Optional[str] = None) -> None:
+                    resume_output_token_ids=(), cache_salt: Optional[str] = None, priority: int = 0) -> None:
         """`resume_output_token_ids`: the outputs of an earlier run of this request, which this one
         continues as that run would have (engine/request.py); `params` are that run's, max_tokens
         and min_tokens counting from its start. `cache_salt`: its prefix is reused only by requests
-        of the same salt."""
+        of the same salt. `priority`: its place under scheduling_policy "priority" (lower first)."""
+        check_priority(self.limits, priority)
         if request_id in self.scheduler.requests or request_id in self.scheduler.pinned:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if disagg is not None:
@@ -192,7 +204,7 @@ class EngineCore:
             params = self._check_disagg(prompt_token_ids, params, disagg)
         self.validate(prompt_token_ids, params, resume_output_token_ids)
         req = Request(request_id, prompt_token_ids, params, self.limits.eos_token_ids, self.limits.max_seq_len,
-                      arrival_time, disagg, resume_output_token_ids, cache_salt)
+                      arrival_time, disagg, resume_output_token_ids, cache_salt, priority)
         if params.structured_outputs is not None:
             stops = list(dict.fromkeys(req.eos_token_ids + params.stop_token_ids))
             feed = self._grammar_start(req, params.structured_outputs.reasoning_end_token_ids)
@@ -242,7 +254,7 @@ class EngineCore:
 
     def add_core_request(self, req: EngineCoreRequest) -> None:
         self.add_request(req.request_id, req.prompt_token_ids, SamplingParams(**req.params), req.arrival_time or None,
-                         req.disagg, req.resume_output_token_ids, req.cache_salt)
+                         req.disagg, req.resume_output_token_ids, req.cache_salt, req.priority)
 
     def abort_requests(self, request_ids) -> list[EngineCoreOutput]:
         outs = []

@@ -125,6 +125,7 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     # after the prompt and counted as this request's outputs (engine/request.py Request)
     resume_output_token_ids: list[int] = []
     cache_salt: Optional[str] = None  # vLLM's: prefix reuse only among requests of the same salt
+    priority: int = 0  # scheduling_policy "priority": lower runs first
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -14,10 +14,13 @@ the uninterrupted run. Nothing in the step loop knows the difference.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from typing import Optional
 
 from meshserve.sampling_params import SamplingParams
+
+_SEQ = itertools.count()
 
 
 class RequestStatus(enum.Enum):
@@ -38,8 +41,10 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: list[int], max_total_tokens: int, arrival_time: Optional[float] = None,
-                 disagg=None, resume_output_token_ids=(), cache_salt: Optional[str] = None):
+                 disagg=None, resume_output_token_ids=(), cache_salt: Optional[str] = None, priority: int = 0):
         self.request_id = request_id
+        self.priority = priority  # scheduling_policy "priority": lower runs first (vLLM's convention)
+        self.seq = next(_SEQ)  # arrival order among equal priorities
         self.cache_salt = cache_salt  # prefix reuse only among requests of the same salt (kv_cache.salt_root)
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
@@ -74,6 +79,11 @@ class Request:
         self.bad_single = sorted({w[0] for w in words if len(w) == 1})
         self.bad_multi = [list(w) for w in words if len(w) > 1]
         self.error: Optional[str] = None  # why it was aborted, when the engine ended it
+
+    @property
+    def priority_key(self) -> tuple[int, float, int]:
+        """Scheduling order under scheduling_policy "priority": priority, then arrival."""
+        return self.priority, self.arrival_time, self.seq
 
     @property
     def is_context_only(self) -> bool:

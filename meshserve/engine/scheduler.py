@@ -42,6 +42,10 @@ class SchedulerConfig:
     # Overlap: schedule a decoding request again while its previous step is still running; its
     # next input token is a placeholder the worker takes from that step's sampled ids on the device.
     overlap: bool = False
+    # vLLM's scheduling_policy: "fcfs" (arrival order) or "priority" (Request.priority, lower first, then
+    # arrival): the waiting queue is kept in that order, running requests take the step's budget in it,
+    # and a preemption takes the lowest-priority running request
+    policy: str = "fcfs"
 
 
 class Scheduler:
@@ -69,6 +73,19 @@ class Scheduler:
         if req.is_generation_only:
             req.status = RequestStatus.WAITING_FOR_KV
             self.kv_waiting.append(req)
+        else:
+            self._enqueue(req, front=False)
+
+    def _enqueue(self, req: Request, front: bool) -> None:
+        """Into the waiting queue: at its end (new) or head (preempted; fcfs), or by priority."""
+        if self.config.policy == "priority":
+            key = req.priority_key
+            i = len(self.waiting)
+            while i > 0 and self.waiting[i - 1].priority_key > key:
+                i -= 1
+            self.waiting.insert(i, req)
+        elif front:
+            self.waiting.appendleft(req)
         else:
             self.waiting.append(req)
 
@@ -217,7 +234,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.num_sent.pop(req.request_id, None)  # resent whole when it resumes
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self, max_seqs: Optional[int] = None, admit_new: bool = True) -> SchedulerOutput:
@@ -228,6 +245,8 @@ class Scheduler:
         max_seqs = max_seqs or self.config.max_batch_size
         scheduled: list[tuple[Request, int]] = []
         preempted = False
+        if self.config.policy == "priority":  # the budget goes in priority order; preemption takes from the end
+            self.running.sort(key=Request.priority_key.fget)
 
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < max_seqs:

@@ -353,7 +353,7 @@ def create_engine_core(args: LlmArgs, model_path: str, launch: Optional[LaunchIn
         if num_blocks < 2:
             raise ValueError(no_room_for_kv(args, device, num_blocks, block_size))
         sched = SchedulerConfig(args.max_batch_size, args.max_num_tokens, max_seq_len, args.enable_chunked_prefill,
-                                overlap=overlap)
+                                overlap=overlap, policy=args.scheduling_policy)
         mapping = mapping_for(args, model_config)
         dp_size = mapping.attn_dp_size if args.enable_attention_dp else 1
         if args.enable_attention_dp and dp_size == 1:

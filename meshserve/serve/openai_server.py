@@ -30,6 +30,7 @@ from meshserve.disagg import params as signed
 from meshserve.engine import disagg
 from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTransferError, QueueFullError,
                                            RequestRejectedError, RequestStream)
+from meshserve.engine.engine_core import check_priority
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
@@ -157,11 +158,15 @@ class OpenAIServing:
     def submit(self, prompts: list[tuple[Optional[str], list[int]]], params, base: str,
                renames: Optional[dict] = None, prompt_param: str = "prompt",
                kv: Optional[DisaggRequest] = None, resume: Optional[list[int]] = None,
-               client_params=None, cache_salt: Optional[str] = None) -> list[RequestStream]:
+               client_params=None, cache_salt: Optional[str] = None, priority: int = 0) -> list[RequestStream]:
         """Validate every prompt first (a 400 leaves nothing behind), then add them all. `resume`:
         a resumed request's outputs so far (one prompt; resume_request). `client_params`: a
         context_only request's own params (its engine `params` run one token), checked against
         max_seq_len too, so a request the generation server would refuse pins no KV here."""
+        try:
+            check_priority(self.engine.limits, priority)
+        except ValueError as e:
+            raise from_value_error(e, None, "priority") from None
         for _, ids in prompts:
             try:
                 if kv is not None and kv.kind == "context_only":
@@ -174,7 +179,7 @@ class OpenAIServing:
         try:
             for i, (text, ids) in enumerate(prompts):
                 rid = base if len(prompts) == 1 else f"{base}-{i}"
-                streams.append(self.engine.add_request(text, ids, params, rid, kv, resume, cache_salt))
+                streams.append(self.engine.add_request(text, ids, params, rid, kv, resume, cache_salt, priority))
         except BaseException:
             for s in streams:
                 s.abort()
@@ -359,6 +364,7 @@ class OpenAIServing:
         client_params = params
         kv, params = self.disagg_request(req, prompts, params, request_id)
         streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume, cache_salt=req.cache_salt,
+                              priority=req.priority,
                               client_params=client_params)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
         ctx.report_cached = self.config.enable_prompt_tokens_details
@@ -457,6 +463,7 @@ class OpenAIServing:
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
         streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv, cache_salt=req.cache_salt,
+                              priority=req.priority,
                               client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
         ctx.report_cached = self.config.enable_prompt_tokens_details

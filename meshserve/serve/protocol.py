@@ -200,7 +200,6 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
                                                   "gives each choice's token ids"),
-    "priority": ((None, 0), "request priorities are not supported: this server schedules first come, first served"),
     "kv_transfer_params": ((None,), "kv_transfer_params (vLLM's) is not this server's disaggregation interface; "
                                     "use disaggregated_params (docs/disaggregated.md)"),
     "functions": ((None, []), _TOOLS),
@@ -311,6 +310,8 @@ class SamplingRequest(OpenAIModel):
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
     # vLLM's: the prompt's cached prefix is shared only with requests of the same salt (a tenant's)
     cache_salt: Optional[str] = Field(None, min_length=1)
+    # vLLM's: the request's place under --scheduling_policy priority (lower first); else it must be 0
+    priority: int = Field(0, ge=-2**63, le=2**63 - 1)
     # structured outputs (vLLM's fields; engine/structured_output.py): at most one of them
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None

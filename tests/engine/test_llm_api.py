@@ -306,14 +306,14 @@ def test_a_cache_salt_keeps_cached_prefixes_within_the_salt(llm):
         llm.generate({"prompt_token_ids": ids, "cache_salt": ""}, sp, use_tqdm=False)
 
 
-def test_the_cache_salt_crosses_the_engine_wire():
+def test_the_cache_salt_and_priority_cross_the_engine_wire():
     """The server's path: EngineCoreRequest (msgpack) -> EngineCore.add_core_request -> the Request."""
     import msgspec
 
     from meshserve.engine.messages import EngineCoreRequest
-    wire = msgspec.msgpack.encode([EngineCoreRequest("r", [1, 2], {"max_tokens": 1}, cache_salt="t")])
+    wire = msgspec.msgpack.encode([EngineCoreRequest("r", [1, 2], {"max_tokens": 1}, cache_salt="t", priority=-7)])
     [back] = msgspec.msgpack.Decoder(list[EngineCoreRequest]).decode(wire)
-    assert back.cache_salt == "t"
+    assert back.cache_salt == "t" and back.priority == -7
     seen = {}
 
     class Core:
@@ -322,7 +322,7 @@ def test_the_cache_salt_crosses_the_engine_wire():
 
     from meshserve.engine.engine_core import EngineCore
     EngineCore.add_core_request(Core(), back)
-    assert seen["args"][-1] == "t"
+    assert seen["args"][-2:] == ("t", -7)
 
 
 def test_allowed_token_ids_greedy_equals_the_argmax_over_them(llm, ckpt):

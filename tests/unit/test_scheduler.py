@@ -98,6 +98,46 @@ def test_preempted_request_longer_than_the_budget_resumes_without_chunked_prefil
     assert [r.num_output_tokens for r in reqs] == [12, 12, 12] and not s.has_unfinished()
 
 
+def test_priority_policy_orders_admission_budget_and_preemption():
+    """scheduling_policy "priority" (vLLM's): lower first, then arrival; a preemption takes the lowest
+    priority (fcfs: the newest), and the preempted request waits behind higher priorities."""
+    def sched(policy, **kw):
+        kv = KVCacheManager(kw.get("num_blocks", 64), 4, False)
+        return Scheduler(SchedulerConfig(kw.get("max_batch", 8), 64, 1000, True, policy=policy), kv)
+
+    def add_p(s, rid, n, priority, max_tokens=4):
+        r = Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), [2], 1000,
+                    priority=priority)
+        s.add_request(r)
+        return r
+
+    s = sched("priority", max_batch=1)
+    for rid, pr in [("a", 5), ("b", 0), ("c", 5), ("d", -1)]:
+        add_p(s, rid, 3, pr, max_tokens=1)
+    order = []
+    while s.has_unfinished():
+        so, _ = step(s)
+        order += [r.req_id for r in so.reqs]
+    assert order == ["d", "b", "a", "c"]
+
+    for policy, victim in [("fcfs", "high"), ("priority", "low")]:
+        s = sched(policy, num_blocks=6)  # 5 usable blocks of 4
+        low = add_p(s, "low", 8, 10, max_tokens=10)  # arrives first, lowest priority
+        high = add_p(s, "high", 8, 0, max_tokens=10)
+        step(s)  # both prefill: 2 blocks each, 1 free
+        waiting = add_p(s, "mid", 2, 5, max_tokens=2)
+        so, _ = step(s)  # both need a third block: one is preempted
+        assert {"low": low, "high": high}[victim].num_preemptions == 1 and s.num_preemptions == 1, policy
+        if policy == "priority":
+            assert [r.req_id for r in so.reqs] == ["high"]
+            assert [r.request_id for r in s.waiting] == ["mid", "low"]  # behind the higher priority
+        for _ in range(100):
+            if not s.has_unfinished():
+                break
+            step(s)
+        assert low.num_output_tokens == high.num_output_tokens == 10 and waiting.num_output_tokens == 2
+
+
 def test_finish_on_max_tokens_frees_blocks():
     s = make()
     r = add(s, "a", 3, max_tokens=2)
