@@ -33,7 +33,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
@@ -50,6 +50,10 @@ class StructuredOutputsParams:
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
+    # xgrammar's structural tag (vLLM's): free text whose tagged parts are held to a schema, as a dict
+    # or its JSON text: {"structures": [{"begin", "schema", "end"}], "triggers": [...]} or
+    # {"type": "structural_tag", "format": {...}}
+    structural_tag: Optional[Union[str, dict]] = None
     disable_any_whitespace: bool = False
     # reasoning models: the grammar holds only what follows these tokens (the end of the thinking,
     # `</think>`; the server's --reasoning_parser sets them), or all of it when they are in the prompt
@@ -74,6 +78,9 @@ class StructuredOutputsParams:
                              f"one of {', '.join(_KINDS)}")
         if self.json is not None and not (isinstance(self.json, dict) or (isinstance(self.json, str) and self.json)):
             bad("json", self.json, "expected a JSON schema (an object, or its JSON text)")
+        tag = self.structural_tag
+        if tag is not None and not (isinstance(tag, dict) or (isinstance(tag, str) and tag)):
+            bad("structural_tag", tag, "expected a structural tag (an object, or its JSON text)")
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):

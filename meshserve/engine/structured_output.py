@@ -1,4 +1,4 @@
-"""Structured outputs: a request's output held to a JSON schema, regex, choice or grammar.
+"""Structured outputs: a request's output held to a JSON schema, regex, choice, grammar or structural tag.
 
 The engine core compiles a request's `StructuredOutputsParams` with xgrammar (the library vLLM,
 SGLang and TensorRT-LLM use) against the model's tokenizer, and keeps one `GrammarState` (an
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from typing import Optional
 
 from meshserve.sampling_params import StructuredOutputsParams, short_repr
@@ -102,8 +103,12 @@ class StructuredOutputs:
                 return comp.compile_regex(spec.regex)
             if kind == "choice":
                 return comp.compile_grammar(_choice_ebnf(spec.choice))
+            if kind == "structural_tag":
+                with warnings.catch_warnings():  # the structures + triggers form is xgrammar's legacy call
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return comp.compile_structural_tag(*_structural_tag_args(self._xgr, spec.structural_tag))
             return comp.compile_grammar(spec.grammar)
-        except (RuntimeError, ValueError, TypeError) as e:
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
             raise _invalid(spec, e) from None
 
     def state(self, spec: StructuredOutputsParams, stop_token_ids: list[int], outputs=()) -> GrammarState:
@@ -121,6 +126,27 @@ class StructuredOutputs:
 
 def _schema_text(spec: StructuredOutputsParams) -> str:
     return spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+
+
+def _structural_tag_args(xgr, value) -> tuple:
+    """xgrammar's arguments for a structural tag: (items, triggers) for vLLM's legacy form
+    {"structures": [{"begin", "schema", "end"}], "triggers": [...]}, else the tag's JSON text
+    (xgrammar's {"type": "structural_tag", "format": {...}})."""
+    tag = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(tag, dict):
+        raise ValueError("expected a JSON object")
+    if "structures" not in tag:
+        return (json.dumps(tag),)
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not (isinstance(structures, list) and structures
+            and all(isinstance(x, dict) and {"begin", "schema", "end"} <= set(x) for x in structures)
+            and isinstance(triggers, list) and triggers and all(isinstance(t, str) and t for t in triggers)):
+        raise ValueError("expected {'structures': [{'begin': ..., 'schema': {...}, 'end': ...}, ...], "
+                         "'triggers': ['...', ...]}")
+    items = [xgr.StructuralTagItem(begin=x["begin"], end=x["end"],
+                                   schema=x["schema"] if isinstance(x["schema"], str) else json.dumps(x["schema"]))
+             for x in structures]
+    return items, triggers
 
 
 def _invalid(spec: StructuredOutputsParams, err: Exception) -> ValueError:
@@ -143,7 +169,11 @@ def check_syntax(spec: StructuredOutputsParams) -> None:
             xgr.Grammar.from_regex(spec.regex)
         elif kind == "grammar":
             xgr.Grammar.from_ebnf(spec.grammar)
-    except (RuntimeError, ValueError, TypeError) as e:
+        elif kind == "structural_tag":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                xgr.Grammar.from_structural_tag(*_structural_tag_args(xgr, spec.structural_tag))
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise _invalid(spec, e) from None
 
 

@@ -147,7 +147,7 @@ def from_validation_error(err: ValidationError) -> APIError:
     return bad_request("; ".join(messages), first)
 
 
-_PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)|^(structured_outputs|response_format|guided_\w+)\b")
+_PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)|^(structured_outputs|response_format|guided_\w+|structural_tag)\b")
 
 
 def from_value_error(err: ValueError, renames: Optional[dict] = None, default_param: Optional[str] = None) -> APIError:
@@ -188,13 +188,14 @@ def _names(fields: list) -> str:
 
 
 _STRUCTURED = ("not supported by this server; structured outputs take structured_outputs (json, regex, choice, "
-               "grammar, json_object), response_format or guided_json / guided_regex / guided_choice / guided_grammar")
+               "grammar, json_object, structural_tag), response_format or guided_json / guided_regex / guided_choice / "
+               "guided_grammar")
 _TOOLS = "tools / function calling are not supported by this server"
 # Fields vLLM or OpenAI define that change what is generated and this server cannot honour: set to
 # anything but a value that asks for nothing, each is a 400 naming it (a setting is refused, never
 # accepted and ignored). field -> (the values that ask for nothing, why it is refused)
 REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
-    **{f: ((None,), _STRUCTURED) for f in ("guided_whitespace_pattern", "structural_tag")},
+    "guided_whitespace_pattern": ((None,), _STRUCTURED),
     "use_beam_search": ((None, False), "beam search is not supported by this server"),
     "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
     "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
@@ -319,6 +320,7 @@ class SamplingRequest(OpenAIModel):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
+    structural_tag: Optional[Union[str, dict[str, Any]]] = None  # vLLM's older field: structured_outputs.structural_tag
     guided_decoding_backend: Optional[str] = None
     _structured_field: str = PrivateAttr("structured_outputs")  # which field set the constraint (its errors name it)
     # accepted and ignored: they change nothing in what this server computes
@@ -391,7 +393,7 @@ class SamplingRequest(OpenAIModel):
         if self.structured_outputs is not None:
             given["structured_outputs"] = StructuredOutputsParams.of(self.structured_outputs)
         for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                           ("guided_grammar", "grammar")):
+                           ("guided_grammar", "grammar"), ("structural_tag", "structural_tag")):
             value = getattr(self, name)
             if value is not None:
                 try:
@@ -417,7 +419,8 @@ class SamplingRequest(OpenAIModel):
             check_syntax(spec)
         except ValueError as e:
             field = {"structured_outputs": f"structured_outputs.{spec.kind}",
-                     "response_format": "response_format.json_schema.schema"}.get(name, name)
+                     "response_format": "response_format" if spec.kind == "structural_tag"
+                     else "response_format.json_schema.schema"}.get(name, name)
             raise from_value_error(ValueError(str(e).replace(f"structured_outputs.{spec.kind}=", f"{field}=", 1)),
                                    ) from None
 
@@ -445,8 +448,10 @@ def response_format_spec(rf: dict) -> Optional[StructuredOutputsParams]:
             raise ValueError("response_format.json_schema.schema is missing: a json_schema response_format needs "
                              "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}")
         return StructuredOutputsParams(json=schema)
-    raise ValueError(f"response_format.type={short_repr(kind)} is not supported: expected 'text', 'json_object' or "
-                     f"'json_schema'")
+    if kind == "structural_tag":  # vLLM's: {"structures": [...], "triggers": [...]} or {"format": {...}}
+        return StructuredOutputsParams(structural_tag=dict(rf))
+    raise ValueError(f"response_format.type={short_repr(kind)} is not supported: expected 'text', 'json_object', "
+                     f"'json_schema' or 'structural_tag'")
 
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")

@@ -44,6 +44,8 @@ def _matcher(tok, vocab_size: int, kind: str, value):
         g = comp.compile_regex(value)
     elif kind == "choice":
         g = comp.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+    elif kind == "structural_tag":  # xgrammar's own format: the tag as its JSON text
+        g = comp.compile_structural_tag(json.dumps(value))
     else:
         g = comp.compile_grammar(value)
     return xgr.GrammarMatcher(g)
@@ -151,6 +153,41 @@ def test_json_object_and_json_text_schema(llm):
             json=json.dumps(SCHEMA), disable_any_whitespace=True))])
     assert isinstance(json.loads(outs[0].outputs[0].text), dict)
     check_text("json", SCHEMA, outs[1].outputs[0].text)
+
+
+TAG = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>", "content": {
+    "type": "regex", "pattern": REGEX}}}  # (json_schema content allows free whitespace: a random model fills it)
+
+
+def test_a_structural_tag_equals_transformers_masked_by_it(llm, hf):
+    """xgrammar's structural tag format (vLLM's structured_outputs.structural_tag): a tag that is the whole
+    answer, its content held to REGEX."""
+    from meshserve import SamplingParams
+    from meshserve.sampling_params import StructuredOutputsParams
+    for value in (TAG, json.dumps(TAG)):
+        out = llm.generate(PROMPTS[1], SamplingParams(max_tokens=80, temperature=0, structured_outputs=
+                                                      StructuredOutputsParams(structural_tag=value))).outputs[0]
+        assert out.token_ids == reference(hf, PROMPTS[1], 80, ("structural_tag", TAG))
+        assert out.finish_reason == "stop" and out.text.startswith("<f>") and out.text.endswith("</f>"), repr(out.text)
+        check_text("regex", REGEX, out.text[3:-4])
+
+
+def test_the_legacy_structural_tag_holds_only_the_triggered_parts(llm, hf):
+    """vLLM's {"structures": [{"begin", "schema", "end"}], "triggers"}: text is free until a trigger, then
+    the structure's schema holds until its end. Checked on token sequences of known texts."""
+    from meshserve.engine.structured_output import StructuredOutputs
+    from meshserve.sampling_params import StructuredOutputsParams
+    _, tok = hf
+    tag = {"structures": [{"begin": "<f=get>", "schema": SCHEMA, "end": "</f>"}], "triggers": ["<f="]}
+    so = StructuredOutputs(hf[0].config.vocab_size, [tok.eos_token_id])
+    so.tokenizer = tok
+
+    def accepts(text):
+        state = so.state(StructuredOutputsParams(structural_tag=tag), [tok.eos_token_id])
+        return all(state.accept(t) for t in tok(text, add_special_tokens=False)["input_ids"])
+    assert accepts('any words <f=get>{"ok": true, "pick": "yy", "n": 5}</f> more words')
+    assert not accepts('any words <f=get>{"ok": 1}')  # the schema holds after the trigger
+    assert not accepts('<f=put>{"ok": true}')  # after the trigger only a structure's begin
 
 
 def test_chunked_prefill_and_preemption_keep_the_grammar(model, hf):

@@ -72,6 +72,18 @@ def test_vllm_guided_fields_on_both_endpoints(client, field, value, check):
     assert comp.finish_reason == "stop" and check(comp.text), comp.text
 
 
+def test_a_structural_tag_response_format(client):
+    """vLLM's response_format {"type": "structural_tag"} in xgrammar's format (the whole answer one tag
+    here), and its older top-level `structural_tag` field (JSON text) on completions."""
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<n>", "end": "</n>",
+                                                "content": {"type": "regex", "pattern": "[0-9]{2,4}"}}}
+    choice = chat(client, response_format=tag)
+    assert choice.finish_reason == "stop" and re.fullmatch(r"<n>[0-9]{2,4}</n>", choice.message.content)
+    comp = client.completions.create(model="tiny-chat", prompt="An answer:", max_tokens=48, temperature=0,
+                                     extra_body={"structural_tag": json.dumps(tag)}).choices[0]
+    assert comp.finish_reason == "stop" and re.fullmatch(r"<n>[0-9]{2,4}</n>", comp.text), comp.text
+
+
 def test_greedy_answers_equal_the_llm_api(tiny_model, client):
     from meshserve import LLM, SamplingParams
     from meshserve.sampling_params import StructuredOutputsParams
@@ -102,7 +114,12 @@ def test_greedy_answers_equal_the_llm_api(tiny_model, client):
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "response_format", "set only one"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
      "json_schema.schema is missing"),
-    ({"response_format": {"type": "yaml"}}, "response_format", "expected 'text', 'json_object' or 'json_schema'"),
+    ({"response_format": {"type": "yaml"}}, "response_format",
+     "expected 'text', 'json_object', 'json_schema' or 'structural_tag'"),
+    ({"response_format": {"type": "structural_tag", "structures": [{"begin": "<a>"}], "triggers": ["<a"]}},
+     "response_format", "response_format={'type': 'structural_tag', 'structures'"),
+    ({"structural_tag": '{"type": "structural_tag", "format": {"type": "nope"}}'}, "structural_tag",
+     "Format type not recognized: nope"),
     ({"guided_choice": []}, "guided_choice", "non-empty list"),
     ({"guided_decoding_backend": "outlines", "guided_regex": "a"}, "guided_decoding_backend", "xgrammar"),
     ({"structured_outputs": {"regexp": "a"}}, "structured_outputs", "unknown field 'regexp'"),
