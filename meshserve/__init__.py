@@ -1,4 +1,5 @@
 """meshserve: a distributed LLM inference engine and OpenAI-compatible server."""
+from meshserve.beam_search import BeamSearchParams
 from meshserve.outputs import CompletionOutput, DisaggregatedParams, RequestOutput
 from meshserve.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
@@ -17,4 +18,4 @@ def __getattr__(name):
 
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "MoeConfig",
-           "DisaggregatedParams", "StructuredOutputsParams", "GuidedDecodingParams"]
+           "DisaggregatedParams", "StructuredOutputsParams", "GuidedDecodingParams", "BeamSearchParams"]

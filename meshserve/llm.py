@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 import traceback
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Sequence, Union
 
 from meshserve.chat_format import MessageError, template_messages
 from meshserve.config import LlmArgs, build_llm_args
@@ -35,6 +35,9 @@ from meshserve.sampling_params import SamplingParams
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 from meshserve.worker.main import run_launched_rank
+
+if TYPE_CHECKING:
+    from meshserve.beam_search import BeamSearchOutput, BeamSearchParams
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +360,29 @@ class LLM:
             loop, queue, _ = stream
             loop.call_soon_threadsafe(queue.put_nowait, self._output(state))
         self._context_only.pop(request_id, None)
+
+    def beam_search(self, prompts, params: "BeamSearchParams", use_tqdm: bool = False) -> list["BeamSearchOutput"]:
+        """vLLM's LLM.beam_search (meshserve/beam_search.py): for each prompt (text, token ids, or a dict
+        with either), the best `params.beam_width` beams, best first; each beam's `tokens` hold the
+        prompt's and the generated ids, its `text` the generated part. Every round is one engine call
+        of one token per live beam (prefix caching reuses the beams' shared KV)."""
+        from meshserve.beam_search import BeamSearch, BeamSearchParams
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a meshserve.beam_search.BeamSearchParams, got {type(params).__name__}")
+        items = self._normalize(prompts)
+        searches = [BeamSearch(self._tokenize(p)[1], params, self._core.limits.eos_token_ids) for p in items]
+        step = params.step_params()
+        while True:
+            asks = [(s, toks) for s in searches for toks in s.pending()]
+            if not asks:
+                break
+            outs = self.generate([{"prompt_token_ids": toks} for _, toks in asks], step, use_tqdm=use_tqdm)
+            for s in searches:
+                mine = [o.outputs[0].logprobs[0] for (owner, _), o in zip(asks, outs) if owner is s]
+                if mine:
+                    s.advance(mine)
+        decode = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)) if self.tokenizer else (lambda ids: "")
+        return [s.result(decode) for s in searches]
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = False,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True,

@@ -277,7 +277,7 @@ class SamplingParams:
 
 
 _STRUCTURED = "here: structured_outputs=StructuredOutputsParams(json=..., regex=..., choice=... or grammar=...)"
-_BEAM = "beam search is not supported"
+_BEAM = "beam search is LLM.beam_search(prompts, BeamSearchParams(beam_width=..., max_tokens=...)), as vLLM's"
 # other engines' SamplingParams (and transformers' generate) arguments this one lacks: what to do instead
 FOREIGN_ARGS = {
     **{k: _STRUCTURED for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")},

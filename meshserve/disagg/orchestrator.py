@@ -70,6 +70,7 @@ from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRe
                                     _passthrough, describe)
 from meshserve.disagg.router import Router, Server, create_router
 from meshserve.serve.middleware import HeaderLimitMiddleware
+from meshserve.sampling_params import short_repr
 from meshserve.serve.protocol import (MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
                                       STREAMED_PROMPT_LOGPROBS, APIError, decode_json_body, http_error, read_body)
 
@@ -388,6 +389,10 @@ class Orchestrator(GenerationHop):
                 raise APIError(400, f"{key}={value}: disaggregated serving runs one sequence per request (the "
                                f"generation server decodes on from one context server's KV); accepted: 1, or "
                                f"send several requests", param=key)
+        if body.get("use_beam_search") not in (None, False):
+            raise APIError(400, f"use_beam_search={short_repr(body['use_beam_search'])}: beam search runs on one "
+                           f"server (each round asks for one token of every beam), not through the disaggregated "
+                           f"orchestrator; send it to a `meshserve serve` server", param="use_beam_search")
         if body.get("stream") is True and body.get("prompt_logprobs") is not None:
             # the generation server would refuse it, after the context server had prefilled and pinned the KV
             raise APIError(400, STREAMED_PROMPT_LOGPROBS, param="prompt_logprobs")

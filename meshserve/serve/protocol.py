@@ -196,8 +196,6 @@ _TOOLS = "tools / function calling are not supported by this server"
 # accepted and ignored). field -> (the values that ask for nothing, why it is refused)
 REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     "guided_whitespace_pattern": ((None,), _STRUCTURED),
-    "use_beam_search": ((None, False), "beam search is not supported by this server"),
-    "length_penalty": ((None, 1), "length_penalty applies to beam search, which this server does not support"),
     "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
                                                   "gives each choice's token ids"),
@@ -293,6 +291,10 @@ class SamplingRequest(OpenAIModel):
     allowed_token_ids: Optional[list[int]] = None  # vLLM's: sample only among these ids
     bad_words: Optional[list[str]] = None  # vLLM's: words never generated
     ignore_eos: bool = False
+    # vLLM's beam search (meshserve/beam_search.py): n beams, the best n returned, ranked by
+    # cum_logprob / length ** length_penalty
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -348,6 +350,30 @@ class SamplingRequest(OpenAIModel):
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def beam_search_params(self, max_tokens: int):
+        """vLLM's to_beam_search_params: n beams; ValueError naming a field beam search cannot take."""
+        from meshserve.beam_search import BeamSearchParams
+        if self.stream:
+            raise ValueError("stream=true: use_beam_search answers whole (the beams change until the last round); "
+                             "set stream to false")
+        for name in ("logprobs", "prompt_logprobs", "top_logprobs"):
+            value = getattr(self, name, None)
+            if value not in (None, False):
+                raise ValueError(f"{name}={short_repr(value)}: not available with use_beam_search; leave it out")
+        if getattr(self, "echo", False):
+            raise ValueError("echo=true: not available with use_beam_search; leave it out")
+        if self.structured_spec() is not None:
+            raise ValueError(f"{self._structured_field}: structured outputs do not go with use_beam_search")
+        if getattr(self, "best_of", None) not in (None, self.n):
+            raise ValueError(f"best_of={self.best_of}: with use_beam_search, n is the beam width; leave best_of out")
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                    length_penalty=self.length_penalty,
+                                    include_stop_str_in_output=self.include_stop_str_in_output)
+        except ValueError as e:
+            raise ValueError(str(e).replace("BeamSearchParams.beam_width", "n").replace("BeamSearchParams.", "")) \
+                from None
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None, defaults: Optional[dict] = None) -> SamplingParams:

@@ -288,6 +288,8 @@ def test_several_sequences_or_streamed_prompt_logprobs_are_refused_before_any_se
         assert "disaggregated_params" not in err["message"] and "\n" not in err["message"]
     r = o.post("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "prompt_logprobs": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+    r = o.post("/v1/completions", {"model": MODEL, "prompt": "x", "use_beam_search": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search", r.text
     assert all(not s.received for s in fakes.values())
 
 

@@ -290,3 +290,40 @@ def test_async_client_matches_sync(client, aclient):
 
     non_stream, stream = asyncio.run(main())
     assert non_stream == stream == client.chat.completions.create(**kw).choices[0].message.content
+
+
+def test_use_beam_search_answers_the_llm_apis_beams(client, tiny_model):
+    """vLLM's use_beam_search (n beams, length_penalty) on both endpoints: the choices are the LLM API's
+    beams, best first (tests/engine/test_beam_search.py checks those against transformers)."""
+    from meshserve import LLM
+    from meshserve.beam_search import BeamSearchParams
+    prompt = [5, 9, 31, 7, 100]
+    with LLM(tiny_model, max_seq_len=MAX_SEQ_LEN, show_progress=False) as llm:
+        want = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=3, max_tokens=6,
+                                                                                 ignore_eos=True))[0]
+        chat_text = llm.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+        chat_ids = llm.tokenizer.encode(chat_text, add_special_tokens=False)
+        want_chat = llm.beam_search([{"prompt_token_ids": list(chat_ids)}],
+                                    BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=6,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True, "return_token_ids": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.token_ids for c in r.choices] == [s.output_token_ids for s in want.sequences]
+    assert [c.text for c in r.choices] == [s.text for s in want.sequences]
+    assert r.usage.completion_tokens == 18 and r.usage.prompt_tokens == 5
+    c = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, max_tokens=5,
+                                       extra_body={"use_beam_search": True, "ignore_eos": True})
+    assert [ch.message.content for ch in c.choices] == [s.text for s in want_chat.sequences]
+    assert all(ch.finish_reason == "length" for ch in c.choices)
+
+
+@pytest.mark.parametrize("extra,param", [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"),
+                                         ({"echo": True}, "echo"), ({"guided_regex": "a+"}, "guided_regex"),
+                                         ({"n": 0}, "n"), ({"length_penalty": "x"}, "length_penalty")])
+def test_what_beam_search_cannot_take_is_a_400_naming_it(client, extra, param):
+    import httpx
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "use_beam_search": True, "n": 2} | extra
+    r = httpx.post(str(client.base_url) + "completions", json=body, headers={"Authorization": f"Bearer {client.api_key}"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "\n" not in err["message"], err

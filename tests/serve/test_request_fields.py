@@ -67,8 +67,6 @@ def post(http: httpx.Client, kind: str, extra: dict) -> httpx.Response:
 REFUSED = [  # (endpoint, field, value, words of the message)
     ("completion", "guided_whitespace_pattern", r"\s*", "structured outputs take structured_outputs"),
     ("chat", "guided_whitespace_pattern", " ", "not supported by this server"),
-    ("completion", "use_beam_search", True, "beam search"),
-    ("completion", "length_penalty", 0.5, "beam search"),
     ("chat", "priority", 1, "first come, first served"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("chat", "modalities", ["text", "audio"], "modalities"),

@@ -86,7 +86,7 @@ def test_every_vllm_name_points_at_a_setting_that_exists():
     ({"max_token": 4}, "did you mean 'max_tokens'?"),
     ({"max_new_tokens": 4}, "here: max_tokens"),
     ({"num_return_sequences": 2}, "here: n"),
-    ({"use_beam_search": True}, "beam search is not supported"),
+    ({"use_beam_search": True}, "beam search is LLM.beam_search"),
     ({"guided_json": {}}, "here: structured_outputs=StructuredOutputsParams(json=..."),
     ({"frobnicate": 1}, "accepted: max_tokens, min_tokens, temperature"),
 ])
