@@ -30,6 +30,10 @@
 #   call 37 (carry .whl):    issue 21 (twenty-first session): the offline row (H200 only), then batch 1 with PDL +
 #                            fused rotary against the same + fuse_norm_linear on one machine (+ the kernel table
 #                            on a GPU that is not an H200)
+#   call 38 (carry .whl):    issue 21 (twenty-third session, ~380 s): batch 1 with PDL + fused rotary, then with
+#                            fuse_norm_linear 'mlp' and 'attention' (one part each)
+#   call 39 (carry .whl .whl_so): structured outputs (the grammar mask on CUDA), beam search and priority
+#                            scheduling tests on the GPU (~200 s; .whl_so: xgrammar, apache-tvm-ffi, jsonschema)
 #   call 8 (carry .whl):     FP8 weights: the kernels' GPU tests, FP8 vs bf16 per projection shape, then
 #                            the FP8 decode-latency (target <= 2.4 ms) and offline-8b rows (>= 17.7k tok/s)
 #   call 9 (carry .whl):     FP8 experts: moe-1gpu decode b1 / b64 with quantization fp8 (floor ~0.78 ms)
@@ -260,6 +264,23 @@ case $CALL in
       --out "$RES/b1_profile"
     tail -n 45 "$RES/b1_profile/profile_b1.txt" 2>/dev/null | cut -c1-200
   fi
+  ;;
+38)  # issue 21 (twenty-third session, any one GPU, ~380 s): batch 1 with PDL + fused rotary, then the same with
+    # the norm fused into only one part's linear: 'mlp' (post-attention norm + router gate + top-k in one
+    # kernel) and 'attention' (input norm + q/k/v): which half of fuse_norm_linear cost the 0.18 ms
+  step b1_pdl_rope 120 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_rope_attention": true}' --out "$RES/b1_pdl_rope"
+  step b1_pdl_rope_norm_mlp 110 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_rope_attention": true, "fuse_norm_linear": "mlp"}' --out "$RES/b1_norm_mlp"
+  step b1_pdl_rope_norm_attn 110 python3 benchmarks/moe_1gpu.py --part ours --num-offline 0 --batches 1 \
+    --kernel-config '{"pdl": true, "fuse_rope_attention": true, "fuse_norm_linear": "attention"}' \
+    --out "$RES/b1_norm_attn"
+  ;;
+39)  # the twenty-third session's CPU work on CUDA (carry .whl and .whl_so: xgrammar, jsonschema; ~200 s): the
+    # grammar mask's CUDA path, structural tags, beam search, priority scheduling, against transformers
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_so/*.whl 2>&1 | grep -v -i warn
+  step so_beam_priority 400 python3 -m pytest -q -x tests/engine/test_structured_outputs.py \
+    tests/engine/test_beam_search.py tests/engine/test_priority.py
   ;;
 36)  # issue 21 (eighteenth session, ~300 s, after 35 on a warm machine): where an H200's batch-1 step goes,
     # kernel by kernel (no PDL, so each kernel's time is its own), and the skinny GEMMs of Qwen3-30B-A3B swept;

@@ -130,9 +130,10 @@ class KernelConfig(StrictModel):
     fuse_rope_attention: Optional[bool] = Field(None, description=(
         "decode steps (Triton attention): q's rotary (and Qwen3's q/k norm) and the KV write of the new "
         "token run inside the attention kernel instead of a kernel of their own"))
-    fuse_norm_linear: Optional[bool] = Field(None, description=(
+    fuse_norm_linear: Optional[Union[bool, Literal["attention", "mlp"]]] = Field(None, description=(
         "one-row steps (batch-1 decode): each RMSNorm runs inside the skinny GEMM that reads it (q/k/v, "
-        "the MLP's gate_up, an MoE router gate with its top-k): one kernel instead of two or three"))
+        "the MLP's gate_up, an MoE router gate with its top-k): one kernel instead of two or three; "
+        "'attention' or 'mlp': only the norm before that part"))
     decode_l2_prefetch: Optional[bool] = Field(None, description=(
         "decode steps of up to 8 sequences (Triton attention): the attention kernel first asks for the "
         "layer's output-projection weight in L2, so it moves from HBM while attention runs and the "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class KernelSettings:
     pdl: bool = False  # programmatic dependent launch (kernels/pdl.py): off until measured on the H200
     pdl_max_tokens: int = 64  # PDL only in steps of up to this many tokens (kernels.step_tokens)
     fuse_rope_attention: bool = False  # decode steps: the rotary + KV write inside the attention kernel; off until measured
-    fuse_norm_linear: bool = False  # one-row steps: RMSNorm inside the skinny GEMM after it (kernels/gemv.py); off until measured
+    # one-row steps: RMSNorm inside the skinny GEMM after it (kernels/gemv.py); "attention" / "mlp": only the
+    # norm before q/k/v, or before the MLP's first linear (an MoE router gate with its top-k); off until measured
+    fuse_norm_linear: Union[bool, str] = False
     # decode steps of up to paged_attention.SMALL_DECODE sequences: attention prefetches the layer's o_proj
     # weight into L2 while it runs (kernels/prefetch.py); off until measured
     decode_l2_prefetch: bool = False

@@ -40,10 +40,12 @@ class RMSNorm(nn.Module):
         x = x + residual
         return self._norm(x), x
 
-    def fuses_with(self, x: torch.Tensor, linear: nn.Module) -> bool:
+    def fuses_with(self, x: torch.Tensor, linear: nn.Module, part: str) -> bool:
         """Whether `then_linear(x, _, linear)` runs as one kernel: one row, a linear whose output
-        needs no communication (column parallel without gather, replicated) in x's dtype."""
-        if not kernels.FUSE_NORM_LINEAR or FUSE_LINEAR is False or x.dim() != 2 or x.shape[0] != 1 \
+        needs no communication (column parallel without gather, replicated) in x's dtype, and
+        kernel_config.fuse_norm_linear on for this `part` ("attention": q/k/v; "mlp": gate_up or router)."""
+        fuse = kernels.FUSE_NORM_LINEAR
+        if fuse is not True and fuse != part or FUSE_LINEAR is False or x.dim() != 2 or x.shape[0] != 1 \
                 or not kernels.TRITON_INSTALLED or kernels.GEMV_MAX_M < 1:
             return False  # cheapest first: every layer of every eager step asks
         if x.is_cuda:

@@ -111,7 +111,7 @@ class DecoderMLP(nn.Module):
     def forward_normed(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm):
         """(forward(norm(x + residual)), x + residual) with the norm fused into gate_up_proj, or None
         where it does not fuse (then the caller runs the two)."""
-        if not norm.fuses_with(x, self.gate_up_proj):
+        if not norm.fuses_with(x, self.gate_up_proj, "mlp"):
             return None
         gate_up, residual, _ = norm.then_linear(x, residual, self.gate_up_proj)
         return self.down_proj(silu_and_mul(gate_up)), residual
@@ -131,7 +131,7 @@ class DecoderLayer(nn.Module):
         # One decode row on the GPU: each norm runs inside the kernel of the linear that reads it
         # (RMSNorm.then_linear); attention and MLP modules that offer it take the linear's output.
         attn_in = getattr(self.self_attn, "input_linear", None)
-        if attn_in is not None and self.input_layernorm.fuses_with(hidden, attn_in):
+        if attn_in is not None and self.input_layernorm.fuses_with(hidden, attn_in, "attention"):
             qkv, residual, _ = self.input_layernorm.then_linear(hidden, residual, attn_in)
             hidden = self.self_attn(positions, None, md, qkv=qkv)
         else:

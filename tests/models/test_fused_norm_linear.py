@@ -80,3 +80,30 @@ def test_fusion_is_off_unless_kernel_config_asks(tmp_path, monkeypatch):
     with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": 4, "max_tokens": 256}, show_progress=False) as llm:
         llm.generate([make_prompts(1, 300, 5)[0]], SP, use_tqdm=False)
     assert calls == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the fused kernel under the interpreter on CPU")
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_fusing_one_part_only(tmp_path, monkeypatch, part):
+    """kernel_config.fuse_norm_linear 'attention' or 'mlp': only the norm before q/k/v, or only the
+    post-attention norm with the MoE router gate and its top-k; greedy ids still equal transformers."""
+    hf = build_checkpoint(str(tmp_path), "qwen3_moe", num_hidden_layers=2, **SMALL["qwen3_moe"])
+    prompts = make_prompts(1, 300, 6)
+    ref = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
+    calls = {"n": 0, "routed": 0}
+    real = gemv_mod.norm_gemv
+
+    def spy(*args, **kw):
+        calls["n"] += 1
+        calls["routed"] += kw.get("route") is not None
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gemv_mod, "norm_gemv", spy)
+    monkeypatch.setattr(norm_mod, "FUSE_LINEAR", True)
+    with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": 4, "max_tokens": 1024}, show_progress=False,
+             cuda_graph_config=None, kernel_config={"fuse_norm_linear": part}) as llm:
+        calls.update(n=0, routed=0)
+        got = [llm.generate([p], SP, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert got == ref
+    assert calls["n"] >= 2 * (MAX_NEW - 1)  # one fused launch per layer and decode step
+    assert calls["routed"] == (calls["n"] if part == "mlp" else 0)

@@ -43,7 +43,7 @@ class MoEBlock(nn.Module):
         one kernel, or None where that does not apply (the caller then runs them apart): HELIX,
         a gate the kernel does not take (DeepSeek's fp32 gate on bf16 rows), a router it lacks."""
         if self.cp is not None or type(self).router_logits is not MoEBlock.router_logits \
-                or not norm.fuses_with(x, self.gate):
+                or not norm.fuses_with(x, self.gate, "mlp"):
             return None
         route = self.experts.route_args(x)
         if route is None:
