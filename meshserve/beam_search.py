@@ -8,8 +8,9 @@ rounds (or when no beam lives) the completed and live beams are ranked by cum_lo
 length_penalty (length: the beam's tokens, prompt included, less a final EOS, as vLLM's
 get_beam_search_score), and the best `beam_width` are the answer.
 
-`BeamSearch` is the state of one prompt's search; `LLM.beam_search` and the API server's
-`use_beam_search` drive it with their engines.
+`BeamSearch` is the state of one prompt's search, `BeamBatch` several prompts' searches advanced
+together (one engine call per round for all their live beams); `LLM.beam_search` and the API server's
+`use_beam_search` (serve/beam_search_api.py) drive it with their engines.
 """
 from __future__ import annotations
 
@@ -125,3 +126,23 @@ class BeamSearch:
                 out = out[:-1]
             b.text = decode(out)
         return BeamSearchOutput(best)
+
+
+class BeamBatch:
+    """Several prompts' searches, one round at a time: `pending()` is every live beam's tokens (search
+    by search), `advance()` takes their top logprobs in that order."""
+
+    def __init__(self, searches: list[BeamSearch]):
+        self.searches = searches
+        self._plan: list[tuple[BeamSearch, int]] = []
+
+    def pending(self) -> list[list[int]]:
+        asks = [(s, s.pending()) for s in self.searches]
+        self._plan = [(s, len(toks)) for s, toks in asks if toks]
+        return [t for _, toks in asks for t in toks]
+
+    def advance(self, top_logprobs: list[dict[int, float]]) -> None:
+        pos = 0
+        for s, n in self._plan:
+            s.advance(top_logprobs[pos:pos + n])
+            pos += n

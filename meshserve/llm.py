@@ -366,21 +366,15 @@ class LLM:
         with either), the best `params.beam_width` beams, best first; each beam's `tokens` hold the
         prompt's and the generated ids, its `text` the generated part. Every round is one engine call
         of one token per live beam (prefix caching reuses the beams' shared KV)."""
-        from meshserve.beam_search import BeamSearch, BeamSearchParams
+        from meshserve.beam_search import BeamBatch, BeamSearch, BeamSearchParams
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a meshserve.beam_search.BeamSearchParams, got {type(params).__name__}")
-        items = self._normalize(prompts)
-        searches = [BeamSearch(self._tokenize(p)[1], params, self._core.limits.eos_token_ids) for p in items]
-        step = params.step_params()
-        while True:
-            asks = [(s, toks) for s in searches for toks in s.pending()]
-            if not asks:
-                break
-            outs = self.generate([{"prompt_token_ids": toks} for _, toks in asks], step, use_tqdm=use_tqdm)
-            for s in searches:
-                mine = [o.outputs[0].logprobs[0] for (owner, _), o in zip(asks, outs) if owner is s]
-                if mine:
-                    s.advance(mine)
+        searches = [BeamSearch(self._tokenize(p)[1], params, self._core.limits.eos_token_ids)
+                    for p in self._normalize(prompts)]
+        batch, step = BeamBatch(searches), params.step_params()
+        while asks := batch.pending():
+            outs = self.generate([{"prompt_token_ids": toks} for toks in asks], step, use_tqdm=use_tqdm)
+            batch.advance([o.outputs[0].logprobs[0] for o in outs])
         decode = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)) if self.tokenizer else (lambda ids: "")
         return [s.result(decode) for s in searches]
 

@@ -32,14 +32,13 @@ from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTrans
                                            RequestRejectedError, RequestStream)
 from meshserve.engine.engine_core import check_priority
 from meshserve.engine.messages import DisaggRequest
-from meshserve.beam_search import BeamSearch
-from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.serve.reasoning import after_thinking
 from meshserve.serve.responses_api import ResponsesApi
 from meshserve.serve.sse import SSEResponse
 from meshserve.serve.tools import ToolError, ToolPlan
-from meshserve.serve import responses, tokens_api
+from meshserve.serve import beam_search_api, responses, tokens_api
 from meshserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
@@ -85,14 +84,6 @@ class ServerConfig:
     sampling_defaults: dict = field(default_factory=dict)
     # chat answers' thinking to reasoning_content (serve --reasoning_parser, as vLLM's; serve/reasoning.py)
     reasoning_parser: Optional[str] = None
-
-
-class _PromptOnly:
-    """What the response contexts read of a request stream (its prompt's ids), for answers made without one
-    (beam search)."""
-
-    def __init__(self, ids: list[int]):
-        self.state = RequestOutput("", None, list(ids), [])
 
 
 class ClientDisconnected(Exception):
@@ -366,8 +357,9 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, renames) from None
         if req.use_beam_search:
-            return JSONResponse(await self.beam_search_response(
-                raw, req, prompts, max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS, "cmpl"))
+            return JSONResponse(await beam_search_api.answer(
+                self, raw, req, prompts, max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS,
+                request_id_for(raw, "cmpl")))
         await self.check_structured(req, params)
         resume = None
         if req.resume_output_token_ids is not None:
@@ -389,59 +381,6 @@ class OpenAIServing:
         if kv is not None and kv.kind == "context_only":
             body = self.context_response(body, outs[0], params)
         return JSONResponse(body)
-
-    # ---- beam search (vLLM's use_beam_search; meshserve/beam_search.py) ----------------------------------
-    async def beam_search_chat(self, raw: Request, req) -> dict:
-        self.check_model(req.model)
-        try:
-            plan = ToolPlan.of(req.tools, req.tool_choice, self.config.tool_call_parser, req.parallel_tool_calls)
-        except ToolError as e:
-            raise bad_request(str(e), e.param) from None
-        if plan.mode != "none":
-            raise bad_request(f"tool_choice={plan.mode!r}: tool calls are not available with use_beam_search; set "
-                              f"tool_choice to 'none'", "tool_choice")
-        self.check_chat_template(req)
-        [(text, ids)] = req.truncated([await self.chat_prompt(req)], self.engine.limits.max_seq_len)
-        max_tokens = req.requested_max_tokens
-        if max_tokens is None:
-            lim = self.engine.limits
-            max_tokens = max(1, min(lim.max_seq_len, lim.kv_capacity_tokens) - len(ids))
-        return await self.beam_search_response(raw, req, [(text, ids)], max_tokens, "chatcmpl")
-
-    async def beam_search_response(self, raw: Request, req, prompts: list, max_tokens: int, kind: str) -> dict:
-        """The best n beams of each prompt as the n choices of a whole (not streamed) answer."""
-        try:
-            bp = req.beam_search_params(max_tokens)
-            req.sampling_params(max_tokens, None)  # the other fields' own checks (n against max_n...)
-        except ValueError as e:
-            m = re.match(r"(\w+)[=:]", str(e))
-            field = m.group(1) if m and m.group(1) in type(req).model_fields else "use_beam_search"
-            raise bad_request(str(e), field) from None
-        for _, ids in prompts:
-            try:
-                self.engine.validate(ids, bp.step_params().clone(max_tokens=max_tokens))
-            except ValueError as e:
-                raise from_value_error(e, None, "prompt") from None
-        request_id = request_id_for(raw, kind)
-        outs = []
-        for i, (text, ids) in enumerate(prompts):
-            search = BeamSearch(ids, bp, self.engine.limits.eos_token_ids)
-            r = 0
-            while pending := search.pending():
-                streams = self.submit([(None, toks) for toks in pending], bp.step_params(), f"{request_id}-{i}-r{r}",
-                                      cache_salt=req.cache_salt, priority=req.priority)
-                search.advance([o.outputs[0].logprobs[0] for o in await self.collect(raw, streams)])
-                r += 1
-            best = search.result(lambda t: self.tokenizer.decode(t, skip_special_tokens=req.skip_special_tokens))
-            outs.append(RequestOutput(request_id, text, ids, [
-                CompletionOutput(j, b.text, b.output_token_ids, b.finish_reason, cumulative_logprob=b.cum_logprob)
-                for j, b in enumerate(best.sequences)], finished=True))
-        prompt_lens = [_PromptOnly(ids) for _, ids in prompts]
-        if kind == "chatcmpl":
-            return responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens,
-                                         prompt_lens).full_response(outs[0])
-        return responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens,
-                                           prompt_lens).full_response(outs)
 
     async def completion_stream(self, ctx: "responses.CompletionContext",
                                 streams: list[RequestStream]) -> AsyncIterator[bytes]:
@@ -480,7 +419,7 @@ class OpenAIServing:
     async def create_chat_completion(self, raw: Request) -> Response:
         req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)
         if req.use_beam_search:
-            return JSONResponse(await self.beam_search_chat(raw, req))
+            return JSONResponse(await beam_search_api.chat(self, raw, req, request_id_for(raw, "chatcmpl")))
         ctx, streams, kv, params = await self.start_chat(raw, req)
         if req.stream:
             if kv is not None:

@@ -26,6 +26,21 @@ SMALL = {"qwen3": dict(num_attention_heads=2, num_key_value_heads=1, intermediat
          "deepseek_v3": dict(intermediate_size=32)}  # the dense first layer's MLP
 
 
+def spy_fused_launches(monkeypatch) -> dict:
+    """Fusion on under the interpreter, and a count of the fused launches (n) and of those that route."""
+    calls = {"n": 0, "routed": 0}
+    real = gemv_mod.norm_gemv
+
+    def spy(*args, **kw):
+        calls["n"] += 1
+        calls["routed"] += kw.get("route") is not None
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gemv_mod, "norm_gemv", spy)
+    monkeypatch.setattr(norm_mod, "FUSE_LINEAR", True)
+    return calls
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the fused kernel under the interpreter on CPU; on a "
                     "GPU this fp32 checkpoint runs unfused (the fusion takes bf16/fp16 rows): the GPU kernel is "
                     "tests/gpu/test_norm_gemv.py")
@@ -37,16 +52,7 @@ def test_fused_norm_linear_greedy_matches_transformers(tmp_path, monkeypatch, ar
         hf = build_checkpoint(str(tmp_path), arch, num_hidden_layers=2, **SMALL[arch])
     prompts = make_prompts(2, 300, 7)
     ref = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
-    calls = {"n": 0, "routed": 0}
-    real = gemv_mod.norm_gemv
-
-    def spy(*args, **kw):
-        calls["n"] += 1
-        calls["routed"] += kw.get("route") is not None
-        return real(*args, **kw)
-
-    monkeypatch.setattr(gemv_mod, "norm_gemv", spy)
-    monkeypatch.setattr(norm_mod, "FUSE_LINEAR", True)
+    calls = spy_fused_launches(monkeypatch)
     with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": 4, "max_tokens": 1024}, show_progress=False,
              cuda_graph_config=None, kernel_config={"fuse_norm_linear": True}) as llm:
         calls.update(n=0, routed=0)  # not the start-up's warm-up step
@@ -82,7 +88,9 @@ def test_fusion_is_off_unless_kernel_config_asks(tmp_path, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the fused kernel under the interpreter on CPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the fused kernel under the interpreter on CPU; on a "
+                    "GPU this fp32 checkpoint runs unfused (the fusion takes bf16/fp16 rows): the GPU kernel is "
+                    "tests/gpu/test_norm_gemv.py")
 @pytest.mark.parametrize("part", ["attention", "mlp"])
 def test_fusing_one_part_only(tmp_path, monkeypatch, part):
     """kernel_config.fuse_norm_linear 'attention' or 'mlp': only the norm before q/k/v, or only the
@@ -90,16 +98,7 @@ def test_fusing_one_part_only(tmp_path, monkeypatch, part):
     hf = build_checkpoint(str(tmp_path), "qwen3_moe", num_hidden_layers=2, **SMALL["qwen3_moe"])
     prompts = make_prompts(1, 300, 6)
     ref = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
-    calls = {"n": 0, "routed": 0}
-    real = gemv_mod.norm_gemv
-
-    def spy(*args, **kw):
-        calls["n"] += 1
-        calls["routed"] += kw.get("route") is not None
-        return real(*args, **kw)
-
-    monkeypatch.setattr(gemv_mod, "norm_gemv", spy)
-    monkeypatch.setattr(norm_mod, "FUSE_LINEAR", True)
+    calls = spy_fused_launches(monkeypatch)
     with LLM(str(tmp_path), kv_cache_config={"tokens_per_block": 4, "max_tokens": 1024}, show_progress=False,
              cuda_graph_config=None, kernel_config={"fuse_norm_linear": part}) as llm:
         calls.update(n=0, routed=0)
