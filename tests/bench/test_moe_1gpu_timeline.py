@@ -3,8 +3,6 @@ checkpoint on CPU: its token accounting against the prompts and max_tokens given
 import os
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import threading
 import time
 from typing import Optional
@@ -29,6 +28,8 @@ from typing import Optional
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from helpers import free_port  # noqa: F401 (the disaggregated tests import it from here)
 
 MODEL = "fake-model"
 FIRST_ID = 42
@@ -40,10 +41,6 @@ TOKEN_IDS = [FIRST_ID + i for i in range(len(TOKENS))]
 PROMPT_IDS = [1, 2, 3, 4, 5]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def opaque_state(name: str) -> str:

@@ -60,7 +60,7 @@ def test_open_mpi_5_apps_come_from_the_rank_ranges(rank, app):
 
 def _mpirun(tmp_path, apps: list[list[str]], log_name: str):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, *sys.path]), OMP_NUM_THREADS="1",
-               MESHSERVE_SECRET="mpmd-test-secret", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+               MESHSERVE_SECRET="mpmd-test-secret", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port(len(apps))))
     cmd = local_mpirun() + ["-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
            "-x", "MESHSERVE_SECRET"]
     for i, app in enumerate(apps):

@@ -170,9 +170,9 @@ def test_deepseek_latent_attention_ring_and_helix_with_chunks_and_preemption(tmp
     rank caches half of every block's latent rows; 6-token steps (chunked prompts) and 12 blocks
     (preemption) keep greedy parity with transformers. ULYSSES (no heads to split) is refused."""
     hf = build_deepseek(str(tmp_path), num_hidden_layers=3, rope_parameters=DEEPSEEK_YARN)
-    prompts = make_prompts(7, 320, 15)
-    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    ref = [hf_greedy(hf, p, 10) for p in prompts]
+    prompts = make_prompts(5, 320, 15)  # up to 15 + 8 tokens each, 12 blocks of 4 for all five: preemption
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ref = [hf_greedy(hf, p, 8) for p in prompts]
     for cp_config in (RING, HELIX):
         with LLM(str(tmp_path), tensor_parallel_size=2, context_parallel_size=2, cp_config=cp_config,
                  max_num_tokens=6, kv_cache_config={"tokens_per_block": 4, "max_tokens": 48},

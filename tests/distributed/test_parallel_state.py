@@ -6,7 +6,6 @@ rank = (pp_rank * cp_size + cp_rank) * tp_size + tp_rank, not from Mapping's own
 """
 import json
 import os
-import socket
 
 import pytest
 
@@ -24,9 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from helpers import free_port
+    return free_port()
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

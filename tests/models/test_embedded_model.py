@@ -62,9 +62,11 @@ def test_answers_paris(llm):
 def test_bf16_agrees_with_fp32_on_cpu():
     """The bf16 path (torch attention on CPU) against fp32: >= 95% of tokens agree, each judged on
     fp32's prefix. transformers' own bf16 scores 98.6% on this measure here (and 84.5%
-    free-running, which is why the free-running figure is only bounded loosely)."""
+    free-running, which is why the free-running figure is only bounded loosely). Half of the 32 prompts
+    (512 tokens judged; bf16 matmuls are slow on this CPU: all 32 took a minute), every prompt on GPU."""
     from helpers import bf16_agreement_with_fp32
 
-    forced, free = bf16_agreement_with_fp32()
+    forced, free = bf16_agreement_with_fp32(every=2)
+    print(f"bf16 vs fp32: {forced:.1%} teacher-forced, {free:.1%} free-running")
     assert forced >= 0.95, f"bf16 agrees with fp32 on {forced:.1%} of tokens (teacher-forced)"
     assert free >= 0.6, f"bf16 free-running agreement {free:.1%}"
