@@ -428,6 +428,13 @@ class LLM:
                 stats["expert_load_ratio"] = load["ratio"]
             return stats
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget the cached prefix blocks, so later prompts are computed from scratch. True
+        when done; False (nothing changed) while a request holds KV blocks (a generate_async stream)."""
+        with self._lock:
+            self._check_open()
+            return self._core.reset_prefix_cache()
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this LLM has been shut down")

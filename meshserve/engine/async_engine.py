@@ -9,6 +9,7 @@ string is aborted in the engine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import os
@@ -150,6 +151,8 @@ class AsyncEngine:
         self._ready_fut: Optional[asyncio.Future] = None
         self._closed = False
         self._encoder = msgspec.msgpack.Encoder()
+        self._resets: dict[int, asyncio.Future] = {}  # token -> the prefix-cache reset awaiting the engine
+        self._reset_tokens = itertools.count(1)
 
     def set_tokenizer(self, tokenizer) -> None:
         """The tokenizer, when it was loaded beside the engine's start (serve): set before any request."""
@@ -267,6 +270,24 @@ class AsyncEngine:
             self._ready_fut.set_exception(EngineDeadError(message, unexpected))
         for stream in list(self._streams.values()):
             self._finish_stream(stream, error=EngineDeadError(f"the engine failed: {message}"))
+        for fut in self._resets.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(f"the engine failed: {message}"))
+        self._resets.clear()
+
+    async def reset_prefix_cache(self, timeout_s: float = 60.0) -> bool:
+        """The engine forgets its cached prefix blocks (EngineCore.reset_prefix_cache): True when
+        done, False while requests hold KV blocks."""
+        if not self.healthy:
+            raise EngineDeadError(self.error or "the engine is not running")
+        token = next(self._reset_tokens)
+        fut = asyncio.get_running_loop().create_future()
+        self._resets[token] = fut
+        try:
+            self._send(core_proc.RESET_PREFIX_CACHE, token)
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._resets.pop(token, None)
 
     # ---- requests ----------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume_output_token_ids=(),
@@ -426,6 +447,10 @@ class AsyncEngine:
         num_tokens = res.num_tokens
         if msg.stats is not None:
             self.stats = msg.stats
+            for token, done in msg.stats.pop("prefix_cache_resets", ()):
+                fut = self._resets.get(token)
+                if fut is not None and not fut.done():
+                    fut.set_result(done)
         if self.observer is not None:
             if num_tokens:
                 self.observer.on_tokens(num_tokens)

@@ -35,6 +35,7 @@ from meshserve.errors import describe, is_expected
 logger = logging.getLogger(__name__)
 
 ADD, ABORT, SHUTDOWN = b"add", b"abort", b"shutdown"
+RESET_PREFIX_CACHE = b"reset_prefix_cache"  # payload: a token the answer names (stats["prefix_cache_resets"])
 READY, OUTPUTS, REJECT, FAILED = b"ready", b"outputs", b"reject", b"failed"
 
 IDLE_POLL_MS = 500  # how long an idle engine blocks on its socket before checking its parent and workers
@@ -138,6 +139,8 @@ class EngineLoop:
         self.encoder = msgspec.msgpack.Encoder()
         self.add_decoder = msgspec.msgpack.Decoder(list[EngineCoreRequest])
         self.abort_decoder = msgspec.msgpack.Decoder(list[str])
+        self.token_decoder = msgspec.msgpack.Decoder(int)
+        self.resets: list[list] = []  # [token, done] of each prefix-cache reset, sent with the next stats
         self.stopping = False
         self.pending_outputs: list = []  # abort confirmations, sent with the next message
         self.unscheduled: dict[str, object] = {}  # seq id -> engine Request not yet scheduled (queue time)
@@ -211,6 +214,8 @@ class EngineLoop:
                 self.pending_outputs.extend(self.core.abort_requests(ids))
                 for rid in ids:
                     self.unscheduled.pop(rid, None)
+            elif kind == RESET_PREFIX_CACHE:
+                self.resets.append([self.token_decoder.decode(payload), self.core.reset_prefix_cache()])
             elif kind == SHUTDOWN:
                 self.stopping = True
                 return changed
@@ -259,6 +264,8 @@ class EngineLoop:
         stats["queue_times_s"], self.queue_times = self.queue_times, []
         stats["time"] = time.time()
         stats["rss_bytes"] = self._rss()
+        if self.resets:
+            stats["prefix_cache_resets"], self.resets = self.resets, []
         self.out.send_multipart([OUTPUTS, self.encoder.encode(EngineCoreOutputs(outputs=outputs, stats=stats))])
 
 

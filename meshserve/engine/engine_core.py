@@ -266,6 +266,19 @@ class EngineCore:
                 logger.info("request %s: pinned KV released (aborted)", rid)
         return outs
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix block, so the next prompts are computed from scratch (a
+        benchmark's runs independent of each other). Only when no request holds a KV block (nothing
+        running, pinned or pulling): a held block would stay cached and the reset be partial, so
+        then nothing changes and the answer is False."""
+        held = self.kv.num_usable_blocks - self.kv.num_free_blocks
+        if held or self.batch_queue:
+            logger.warning("the prefix cache was not reset: %d KV blocks are held by requests", held)
+            return False
+        self.kv.reset_prefix_cache()
+        logger.info("prefix cache reset")
+        return True
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.batch_queue)
 

@@ -618,6 +618,13 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
         ready = serving.engine.ready  # the kernel settings the engine's rank 0 resolved for its GPU
         return {"version": meshserve.__version__, "kernel_config": ready.kernel_config if ready else None}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():  # vLLM's (SGLang's /flush_cache): later prompts computed from scratch
+        if await serving.engine.reset_prefix_cache():
+            return {"success": True}
+        raise APIError(409, "the prefix cache was not reset: requests hold KV blocks (running, pinned for a "
+                       "KV transfer or pulling one); retry when they have finished", "conflict_error")
+
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(serving.engine.healthy), media_type=CONTENT_TYPE)

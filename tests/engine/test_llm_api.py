@@ -306,6 +306,32 @@ def test_a_cache_salt_keeps_cached_prefixes_within_the_salt(llm):
         llm.generate({"prompt_token_ids": ids, "cache_salt": ""}, sp, use_tqdm=False)
 
 
+def test_reset_prefix_cache_forgets_cached_blocks_and_refuses_while_blocks_are_held(llm, ckpt):
+    """vLLM's LLM.reset_prefix_cache(): a repeated prompt finds nothing cached after it, and its tokens
+    still equal transformers'; while a stream holds KV blocks it answers False and the cache stays."""
+    ids = list(range(90, 130))  # 40 tokens: 9 full blocks of 4 before the last token
+    sp = SamplingParams(max_tokens=4, temperature=0)
+    first = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+    assert first.outputs[0].token_ids == hf_greedy(ckpt[1], ids, 4)
+    assert llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False).num_cached_tokens == 36
+    assert llm.reset_prefix_cache() is True
+    again = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+
+    async def reset_while_streaming():
+        req = llm.generate_async({"prompt_token_ids": list(range(20, 40))},
+                                 SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), streaming=True)
+        answers = []
+        async for out in req:
+            if not answers:  # at its first token: 99 more to go
+                answers.append((out.finished, llm.reset_prefix_cache()))
+                req.abort()
+        return answers[0], out.outputs[0].finish_reason
+
+    assert asyncio.run(reset_while_streaming()) == ((False, False), "abort")  # nothing changed
+    assert llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False).num_cached_tokens == 36
+
+
 def test_the_cache_salt_and_priority_cross_the_engine_wire():
     """The server's path: EngineCoreRequest (msgpack) -> EngineCore.add_core_request -> the Request."""
     import msgspec

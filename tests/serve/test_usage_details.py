@@ -34,3 +34,30 @@ def test_cached_tokens_are_whole_blocks_of_a_repeated_prompt(client):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # a new prompt (the chat template's)
     chat = client.chat.completions.create(model="tiny-chat", max_tokens=2, messages=messages).usage
     assert chat.prompt_tokens_details.cached_tokens >= (chat.prompt_tokens - 1) // BLOCK * BLOCK > 0
+
+
+def test_reset_prefix_cache_over_http(client):
+    """vLLM's POST /reset_prefix_cache: a repeated prompt finds nothing cached after it; while a stream
+    holds KV blocks it is a 409 and the cache stays; like every route but /health, it needs the key."""
+    import httpx
+
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    auth = {"Authorization": f"Bearer {client.api_key}"}
+    prompt = "pack my box with five dozen liquor jugs " * 6
+
+    def cached() -> int:
+        return client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=2).usage \
+            .prompt_tokens_details.cached_tokens
+
+    assert cached() == 0 and cached() > 0
+    assert httpx.post(base + "/reset_prefix_cache", timeout=30).status_code == 401
+    r = httpx.post(base + "/reset_prefix_cache", headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json() == {"success": True}, r.text
+    assert cached() == 0 and cached() > 0
+    stream = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=480, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))  # its first token: 479 more to go, its blocks held
+    r = httpx.post(base + "/reset_prefix_cache", headers=auth, timeout=30)
+    stream.close()
+    assert r.status_code == 409 and "requests hold KV blocks" in r.json()["error"]["message"], r.text
+    assert cached() > 0  # nothing changed
