@@ -266,8 +266,9 @@ def test_bad_cuda_graph_config_names_the_field(ckpt, cg, match):
 
 def test_abort_ends_an_async_stream(llm):
     async def run():
-        req = llm.generate_async("Hello world", SamplingParams(max_tokens=110, ignore_eos=True), streaming=True)
-        req.abort()  # long before 110 tokens exist
+        with llm._lock:  # the engine's background loop cannot step (and finish it on a busy CI machine) meanwhile
+            req = llm.generate_async("Hello world", SamplingParams(max_tokens=110, ignore_eos=True), streaming=True)
+            req.abort()  # long before 110 tokens exist
         return [out async for out in req]
 
     outs = asyncio.run(run())
@@ -318,17 +319,17 @@ def test_reset_prefix_cache_forgets_cached_blocks_and_refuses_while_blocks_are_h
     again = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)
     assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
 
-    async def reset_while_streaming():
-        req = llm.generate_async({"prompt_token_ids": list(range(20, 40))},
-                                 SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), streaming=True)
-        answers = []
-        async for out in req:
-            if not answers:  # at its first token: 99 more to go
-                answers.append((out.finished, llm.reset_prefix_cache()))
-                req.abort()
-        return answers[0], out.outputs[0].finish_reason
+    async def reset_while_held():
+        with llm._lock:  # the engine's background loop waits for it: one step, then the request is held
+            req = llm.generate_async({"prompt_token_ids": list(range(20, 40))},
+                                     SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), streaming=True)
+            llm._step()  # its prefill: its KV blocks are allocated
+            answer = llm.reset_prefix_cache()
+            req.abort()
+        outs = [out async for out in req]
+        return answer, outs[-1].outputs[0].finish_reason
 
-    assert asyncio.run(reset_while_streaming()) == ((False, False), "abort")  # nothing changed
+    assert asyncio.run(reset_while_held()) == (False, "abort")  # nothing changed
     assert llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False).num_cached_tokens == 36
 
 
