@@ -273,7 +273,8 @@ class EngineCore:
         then nothing changes and the answer is False."""
         held = self.kv.num_usable_blocks - self.kv.num_free_blocks
         if held or self.batch_queue:
-            logger.warning("the prefix cache was not reset: %d KV blocks are held by requests", held)
+            logger.warning("the prefix cache was not reset: requests hold KV blocks (%d in use, %d steps in flight)",
+                           held, len(self.batch_queue))
             return False
         self.kv.reset_prefix_cache()
         logger.info("prefix cache reset")

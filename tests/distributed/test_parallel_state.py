@@ -17,14 +17,11 @@ from meshserve.distributed.parallel_state import (  # noqa: E402
     ParallelState, destroy_distributed, init_distributed)
 from meshserve.mapping import Mapping  # noqa: E402
 
+from helpers import free_port  # noqa: E402
+
 WORLD, TP, PP = 4, 2, 2
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    from helpers import free_port
-    return free_port()
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -74,7 +71,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("parallel_state")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)}
 
 
