@@ -150,6 +150,7 @@ class LLM:
         only with prompts of the same salt. `priority`: vLLM's (scheduling_policy "priority"; lower
         first). Returns (text, ids, params, resume, disagg, salt, priority)."""
         text, ids = self._tokenize(prompt)
+        text, ids = self._truncated(text, ids, params.truncate_prompt_tokens)
         params = params.with_bad_words_tokenized(self.tokenizer)
         if params.structured_outputs is not None:  # before any prompt of the call reaches the engine
             check_syntax(params.structured_outputs)
@@ -166,6 +167,15 @@ class LLM:
             raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
         check_priority(self._core.limits, priority)
         return text, ids, params, resume, kv, salt, priority
+
+    def _truncated(self, text: Optional[str], ids: list[int], k: Optional[int]) -> tuple[Optional[str], list[int]]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the last max_seq_len). A cut
+        prompt's text is its kept tokens' (what the model saw), as the API server's echo shows it."""
+        keep = self._core.limits.max_seq_len if k == -1 else k
+        if keep is None or len(ids) <= keep:
+            return text, ids
+        ids = ids[-keep:]
+        return (self.tokenizer.decode(ids) if self.tokenizer is not None else None), ids
 
     def _disagg_request(self, ids: list[int], params: SamplingParams,
                         dp: Optional[DisaggregatedParams]) -> tuple[SamplingParams, Optional[DisaggRequest]]:

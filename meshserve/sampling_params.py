@@ -145,6 +145,9 @@ class SamplingParams:
     # bad_words_token_ids, and the engine bans a word's last token once the output ends with the rest
     bad_words: Optional[list[str]] = None
     bad_words_token_ids: Optional[list[list[int]]] = None
+    # vLLM's: only the prompt's last k tokens are used (-1: the last max_seq_len); applied by the front
+    # (LLM, or the API server's own field) before the prompt reaches the engine
+    truncate_prompt_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.structured_outputs is not None:
@@ -230,6 +233,9 @@ class SamplingParams:
                 and all(isinstance(w, list) and w and all(_int_in(t, 0, INT64_MAX) for t in w)
                         for w in self.bad_words_token_ids)):
             bad("bad_words_token_ids", self.bad_words_token_ids, "expected a list of non-empty lists of token ids")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not (_int_in(k, -1, -1) or _int_in(k, 1, INT64_MAX))):
+            bad("truncate_prompt_tokens", k, "expected -1 (the last max_seq_len tokens), an integer >= 1, or None")
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not (isinstance(ids, list) and ids and all(_int_in(t, 0, INT64_MAX) for t in ids)):
@@ -284,8 +290,6 @@ FOREIGN_ARGS = {
     **{k: _BEAM for k in ("use_beam_search", "beam_width", "length_penalty", "early_stopping", "num_beams")},
     "best_of": "best_of is not supported; n samples n sequences",
     "logits_processors": "custom logits processors are not supported",
-    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported; a prompt longer than max_seq_len is an "
-                              "error, so shorten it first",
     "max_new_tokens": "transformers' name; here: max_tokens",
     "num_return_sequences": "transformers' name; here: n",
     "do_sample": "transformers' switch; here: temperature=0 (or top_k=1) for greedy decoding",

@@ -373,3 +373,29 @@ def test_allowed_token_ids_greedy_equals_the_argmax_over_them(llm, ckpt):
     for bad, match in (([], "non-empty list"), ([5, 10**6], "contains token id 1000000")):
         with pytest.raises(ValueError, match=match):
             llm.generate(prompt, SamplingParams(max_tokens=1, allowed_token_ids=bad), use_tqdm=False)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm, ckpt):
+    """vLLM's SamplingParams.truncate_prompt_tokens on the LLM API: the model sees the prompt's last k
+    tokens (greedy ids equal transformers' on those k alone); -1 keeps the last max_seq_len (128 here)."""
+    hf = ckpt[1]
+    prompt = list(range(3, 43))  # 40 token ids
+    out = llm.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, truncate_prompt_tokens=7),
+                       use_tqdm=False)
+    assert out.prompt_token_ids == prompt[-7:]
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt[-7:], 5)
+    assert hf_greedy(hf, prompt[-7:], 5) != hf_greedy(hf, prompt, 5)  # the cut changes the answer: the test can tell
+    text = "The capital of France is a city with many old streets and bridges"
+    full = llm.get_tokenizer().encode(text)
+    out = llm.generate(text, SamplingParams(max_tokens=1, truncate_prompt_tokens=4), use_tqdm=False)
+    assert out.prompt_token_ids == full[-4:] and out.prompt == llm.get_tokenizer().decode(full[-4:])
+    out = llm.generate(text, SamplingParams(max_tokens=1, truncate_prompt_tokens=500), use_tqdm=False)
+    assert out.prompt_token_ids == full and out.prompt == text  # shorter than k: unchanged
+    long_prompt = list(range(3, 203))  # 200 tokens, past max_seq_len 128: -1 keeps 128, leaving no room
+    with pytest.raises(ValueError, match="max_seq_len is 128"):
+        llm.generate(long_prompt, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)
+    out = llm.generate(long_prompt, SamplingParams(max_tokens=1, truncate_prompt_tokens=100), use_tqdm=False)
+    assert out.prompt_token_ids == long_prompt[-100:]
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="SamplingParams.truncate_prompt_tokens="):
+            SamplingParams(truncate_prompt_tokens=bad)
