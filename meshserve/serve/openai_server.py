@@ -6,7 +6,8 @@ SSE chunks from the request's deltas or answer once every sequence is done. A ch
 first chunk (role "assistant") goes out with the first output, not at submission, so a client's
 TTFT is the first token's. A client that goes away aborts its sequences in the engine (their KV
 blocks are freed).
-Routes: POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /version, /metrics.
+Routes: POST /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize,
+/reset_prefix_cache; GET /v1/models, /health, /version, /metrics. Error bodies: error_handlers.py.
 """
 from __future__ import annotations
 
@@ -23,19 +24,18 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import meshserve
 from meshserve.disagg import params as signed
 from meshserve.engine import disagg
-from meshserve.engine.async_engine import (AsyncEngine, EngineDeadError, KvTransferError, QueueFullError,
-                                           RequestRejectedError, RequestStream)
+from meshserve.engine.async_engine import AsyncEngine, RequestRejectedError, RequestStream
 from meshserve.engine.engine_core import check_priority
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
 from meshserve.serve.reasoning import after_thinking
 from meshserve.serve.responses_api import ResponsesApi
+from meshserve.serve.error_handlers import ClientDisconnected, install_error_handlers, stream_error
 from meshserve.serve.sse import SSEResponse
 from meshserve.serve.tools import ToolError, ToolPlan
 from meshserve.serve import beam_search_api, responses, tokens_api
@@ -44,7 +44,7 @@ from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.resume import resume_request
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
-                                      decode_json_body, error_body, http_error, from_validation_error, from_value_error,
+                                      decode_json_body, from_validation_error, from_value_error,
                                       MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
                                       read_body)
 from meshserve.tokenize import PromptEncoder
@@ -53,7 +53,6 @@ from meshserve.utils import all_ints
 logger = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-RETRY_AFTER_S = 1
 # A request's prompts, when they come to at least this many characters together, are tokenized
 # (chat templates rendered) on a worker thread, as vLLM does: an 8k-token prompt takes tens of ms
 # to encode, during which the event loop would send no stream chunks to anyone. The tokenizers'
@@ -84,10 +83,6 @@ class ServerConfig:
     sampling_defaults: dict = field(default_factory=dict)
     # chat answers' thinking to reasoning_content (serve --reasoning_parser, as vLLM's; serve/reasoning.py)
     reasoning_parser: Optional[str] = None
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
@@ -510,13 +505,6 @@ class OpenAIServing:
             "max_model_len": lim.max_seq_len if lim else None}]}
 
 
-def stream_error(err: Exception) -> dict:
-    """The error event of a stream whose 200 headers are already sent."""
-    if isinstance(err, RequestRejectedError):
-        return error_body(str(err), "invalid_request_error", None, 400)
-    return error_body(str(err), "server_error", None, 503 if isinstance(err, EngineDeadError) else 500)
-
-
 def openapi_document() -> dict:
     """The server's OpenAPI document (routes, request bodies: serve/openapi.py) without an engine."""
     stub = type("NoEngine", (), {"metrics": None, "config": ServerConfig(served_model_name="", model_path="")})()
@@ -529,46 +517,7 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
     app = FastAPI(title="meshserve", version=meshserve.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
     metrics = serving.metrics
-
-    def error_response(err: APIError) -> JSONResponse:
-        metrics.on_error(err.status)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, err: APIError):
-        return error_response(err)
-
-    @app.exception_handler(QueueFullError)
-    async def _queue_full(_: Request, err: QueueFullError):
-        return error_response(APIError(503, str(err), "server_error", None, "queue_full",
-                                       headers={"Retry-After": str(RETRY_AFTER_S)}))
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(_: Request, err: EngineDeadError):
-        return error_response(APIError(503, f"the engine is not running: {err}", "server_error", None,
-                                       "engine_unavailable"))
-
-    @app.exception_handler(RequestRejectedError)
-    async def _rejected(_: Request, err: RequestRejectedError):
-        return error_response(from_value_error(err))
-
-    @app.exception_handler(KvTransferError)
-    async def _kv_transfer_failed(_: Request, err: KvTransferError):
-        return error_response(APIError(503, f"the KV cache transfer from the context server failed: {err}",
-                                       "server_error", None, "kv_transfer_failed"))
-
-    @app.exception_handler(ClientDisconnected)
-    async def _gone(_: Request, err: ClientDisconnected):
-        return Response(status_code=499)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException):
-        return error_response(http_error(request, err.status_code, err.detail, err.headers))
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, err: Exception):
-        logger.exception("internal error")
-        return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}", "server_error"))
+    install_error_handlers(app, metrics)
 
     @app.post("/v1/completions", openapi_extra=ROUTE_BODIES["/v1/completions"])
     async def completions(raw: Request):
