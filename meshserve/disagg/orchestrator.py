@@ -63,7 +63,7 @@ from meshserve.disagg.failover import COMPLETIONS_DEFAULT_MAX_TOKENS, RESUME_KEY
 from meshserve.disagg.orchestrator_config import (GROUP_KEYS, TOP_KEYS, ConfigError, DisaggConfig, GroupConfig, _url,
                                                   load_config, parse_config)
 from meshserve.disagg.orchestrator_metrics import DisaggMetrics
-from meshserve.disagg.orchestrator_models import list_models, model_card_of
+from meshserve.disagg.orchestrator_models import forward_to_one, list_models, model_card_of, reset_prefix_cache
 from meshserve.disagg.params import (CHALLENGE_HEADER, HOW_TO_SHARE, PROOF_HEADER, SECRET_FILE_ENV, default_key_file,
                                      key_from_secret, key_proof, read_key_file)
 from meshserve.disagg.relay import (SSE_DONE, SSEResponse, StreamMeter, StreamRelay, UpstreamFailed, _ints, _one_line,
@@ -546,6 +546,18 @@ def build_app(orch: Orchestrator) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def model_card(model: str, raw: Request):  # OpenAI's models.retrieve
         return await model_card_of(orch, raw, model)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request):  # vLLM's; every server holds the model's tokenizer
+        return await forward_to_one(orch, raw, "/tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request):
+        return await forward_to_one(orch, raw, "/detokenize")
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_caches(raw: Request):  # vLLM's, on every healthy server
+        return await reset_prefix_cache(orch, raw)
 
     @app.post("/register")
     async def register(raw: Request):

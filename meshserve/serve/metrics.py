@@ -67,6 +67,11 @@ class ServerMetrics:
         self.kv_total = gauge("kv_cache_total_blocks", "Usable KV cache blocks")
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Fraction of looked-up prompt tokens found in the "
                                      "prefix cache (0-1)")
+        # vLLM's prefix_cache_queries / prefix_cache_hits: rate() of the two is the hit rate over a window
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache").labels(
+            **labels)
+        self.prefix_hits = counter("prefix_cache_hits", "Looked-up prompt tokens found in the prefix cache").labels(
+            **labels)
         self.healthy = gauge("engine_healthy", "1 while the engine process serves, 0 after it failed")
         self.engine_rss = gauge("engine_resident_memory_bytes", "Resident memory of the engine process (the "
                                 "API server's own is process_resident_memory_bytes)")
@@ -94,6 +99,7 @@ class ServerMetrics:
         self.dp_placed = Gauge("meshserve_attention_dp_requests_placed", "Requests placed on each attention DP "
                                "rank since start", dp, registry=r)
         self._last_preemptions = 0
+        self._last_prefix = (0, 0)  # the engine's cumulative (queries, hits) at its last report
 
     # ---- EngineObserver ------------------------------------------------------------------------------
     def on_request_added(self, state: RequestState) -> None:
@@ -121,6 +127,11 @@ class ServerMetrics:
         self.kv_total.set(total)
         self.kv_used.set(total - stats.get("num_free_blocks", total))
         self.prefix_hit_rate.set(stats.get("prefix_cache_hit_rate", 0.0))
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        if queries >= self._last_prefix[0] and hits >= self._last_prefix[1]:
+            self.prefix_queries.inc(queries - self._last_prefix[0])
+            self.prefix_hits.inc(hits - self._last_prefix[1])
+        self._last_prefix = (queries, hits)
         if stats.get("rss_bytes"):
             self.engine_rss.set(stats["rss_bytes"])
         preemptions = stats.get("num_preemptions", 0)

@@ -254,3 +254,67 @@ def test_structured_outputs_and_tool_calls_through_the_orchestrator(cluster):
     assert got.choices[0].message.tool_calls[0].function.name == "pick"
     assert (got.choices[0].message.tool_calls[0].function.arguments
             == want.choices[0].message.tool_calls[0].function.arguments)
+
+
+def test_tokenize_and_reset_prefix_cache_through_the_orchestrator(cluster):
+    """vLLM's /tokenize and /detokenize answer as the aggregated server does; /reset_prefix_cache
+    resets every server's cache (a repeated prompt finds nothing cached after it) and is a 409 naming
+    the server whose running request holds KV blocks."""
+    agg, url = cluster["agg"].base_url, cluster["url"]
+    body = {"prompt": "The quick brown fox jumps"}
+    want = httpx.post(agg + "/tokenize", json=body, timeout=30)
+    got = httpx.post(url + "/tokenize", json=body, timeout=30)
+    assert want.status_code == got.status_code == 200 and got.json() == want.json(), got.text
+    back = httpx.post(url + "/detokenize", json={"tokens": want.json()["tokens"]}, timeout=30)
+    assert back.status_code == 200 and back.json() == httpx.post(agg + "/detokenize", json={
+        "tokens": want.json()["tokens"]}, timeout=30).json()
+    bad = httpx.post(url + "/tokenize", json={"prompt": 5}, timeout=30)  # the server's 400, passed on
+    assert bad.status_code == 400 and "prompt" in bad.text, bad.text
+
+    servers = [*cluster["ctx"], cluster["gen"]]
+    prompt = "pack my box with five dozen liquor jugs " * 6
+    model = openai.OpenAI(base_url=agg + "/v1", api_key="EMPTY").models.list().data[0].id
+
+    def hits(server) -> float:
+        text = httpx.get(server.base_url + "/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("meshserve_prefix_cache_hits_total"))
+
+    def cached(server) -> float:
+        """The prompt tokens the server found cached for the prompt (its hits counter's increase)."""
+        before = hits(server)
+        r = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                       json={"model": model, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 5  # the engine's stats reach /metrics with its next outputs
+        while hits(server) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return hits(server) - before
+
+    for s in servers:
+        cached(s)
+        assert cached(s) > 0
+    r = httpx.post(url + "/reset_prefix_cache", timeout=60)
+    assert r.status_code == 200, r.text
+    assert sorted(r.json()["reset"]) == sorted(f"127.0.0.1:{s.port}" for s in servers), r.text
+    assert [cached(s) for s in servers] == [0, 0, 0]
+    assert all(cached(s) > 0 for s in servers)
+    # a context answer's KV stays pinned on its server until a generation server pulls it
+    ctx, gen = cluster["ctx"][0], cluster["gen"]
+    body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    first = httpx.post(ctx.base_url + "/v1/completions", timeout=60,
+                       json={**body, "disaggregated_params": {"request_type": "context_only"}})
+    assert first.status_code == 200, first.text
+    r = httpx.post(url + "/reset_prefix_cache", timeout=60)
+    err = r.json()["error"]["message"]
+    assert r.status_code == 409 and f"not reset on 127.0.0.1:{ctx.port}:" in err, r.text
+    others = [cluster["ctx"][1], gen]
+    assert all(f"127.0.0.1:{s.port}" in err.split("; reset on ")[-1] for s in others), err
+    assert cached(ctx) > 0  # the busy server kept its cache
+    params = {**first.json()["disaggregated_params"], "request_type": "generation_only"}
+    done = httpx.post(gen.base_url + "/v1/completions", timeout=60, json={**body, "disaggregated_params": params})
+    assert done.status_code == 200, done.text  # the pull releases the pin
+    deadline = time.monotonic() + 10
+    while (r := httpx.post(url + "/reset_prefix_cache", timeout=60)).status_code == 409 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
