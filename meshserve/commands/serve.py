@@ -170,6 +170,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "enable_prompt_tokens_details", action="store_true",
           help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens whose KV the prefix cache "
                "held (as vLLM's flag)")
+    _flag(parser, "return_tokens_as_token_ids", action="store_true",
+          help="logprobs name each token 'token_id:<id>' (as vLLM's flag; a request's return_tokens_as_token_ids "
+               "overrides it)")
     _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
@@ -515,6 +518,7 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
                           trust_request_chat_template=ns.trust_request_chat_template,
                           tool_call_parser=tool_call_parser_of(ns),
                           enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                          return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
                           reasoning_parser=reasoning_parser_of(ns),
                           sampling_defaults=serving_sampling_defaults(model_path, args.generation_config),
                           max_request_body_bytes=int(ns.max_request_body_mb * 2**20),

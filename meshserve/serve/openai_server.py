@@ -79,6 +79,8 @@ class ServerConfig:
     tool_call_parser: Optional[str] = None
     # usage.prompt_tokens_details.cached_tokens (serve --enable_prompt_tokens_details, as vLLM's flag)
     enable_prompt_tokens_details: bool = False
+    # logprobs name tokens "token_id:<id>" unless a request says otherwise (serve --return_tokens_as_token_ids)
+    return_tokens_as_token_ids: bool = False
     # the model's generation_config.json sampling values (generation_defaults.py; serve --generation_config)
     sampling_defaults: dict = field(default_factory=dict)
     # chat answers' thinking to reasoning_content (serve --reasoning_parser, as vLLM's; serve/reasoning.py)
@@ -311,6 +313,12 @@ class OpenAIServing:
             raise
 
     # ---- /v1/completions ---------------------------------------------------------------------------
+    def configure(self, ctx, req) -> None:
+        """The server's answer settings a response context takes (a request's own field first)."""
+        ctx.report_cached = self.config.enable_prompt_tokens_details
+        if req.return_tokens_as_token_ids is None:
+            ctx.tokens_as_ids = self.config.return_tokens_as_token_ids
+
     async def completion_prompts(self, prompt, add_special_tokens: bool = True
                                  ) -> list[tuple[Optional[str], list[int]]]:
         if isinstance(prompt, str):
@@ -366,7 +374,7 @@ class OpenAIServing:
                               priority=req.priority,
                               client_params=client_params)
         ctx = responses.CompletionContext(request_id, self.config.served_model_name, req, self.tokens, streams)
-        ctx.report_cached = self.config.enable_prompt_tokens_details
+        self.configure(ctx, req)
         if req.stream:
             if kv is not None:
                 await self.wait_for_kv(streams[0])
@@ -467,7 +475,7 @@ class OpenAIServing:
                               priority=req.priority,
                               client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
-        ctx.report_cached = self.config.enable_prompt_tokens_details
+        self.configure(ctx, req)
         ctx.reasoning_parser = self.config.reasoning_parser
         return ctx, streams, kv, params
 

@@ -197,8 +197,6 @@ _TOOLS = "tools / function calling are not supported by this server"
 REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     "guided_whitespace_pattern": ((None,), _STRUCTURED),
     "logits_processors": ((None, []), "custom logits processors are not supported by this server"),
-    "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; return_token_ids "
-                                                  "gives each choice's token ids"),
     "kv_transfer_params": ((None,), "kv_transfer_params (vLLM's) is not this server's disaggregation interface; "
                                     "use disaggregated_params (docs/disaggregated.md)"),
     "functions": ((None, []), _TOOLS),
@@ -306,6 +304,9 @@ class SamplingRequest(OpenAIModel):
     # vLLM's: each choice carries its `token_ids` (streamed: the chunk's), and the prompt's
     # `prompt_token_ids` come with the answer (streamed: with the first chunk)
     return_token_ids: bool = False
+    # vLLM's: logprobs name each token "token_id:<id>" (a token whose text is not valid UTF-8 alone still
+    # says which it is); None: the server's --return_tokens_as_token_ids
+    return_tokens_as_token_ids: Optional[bool] = None
     # vLLM's: the tokenizer's special tokens (a BOS) added to the prompt's text; None: the endpoint's
     # default, True for completions, False for chat (its template writes them)
     add_special_tokens: Optional[bool] = None

@@ -62,9 +62,14 @@ class _Context:
         self.prompt_tokens = sum(prompt_lens)
         self.completion_tokens = 0
         self.return_ids = bool(getattr(req, "return_token_ids", False))  # token_ids in choices (vLLM's)
+        self.tokens_as_ids = bool(getattr(req, "return_tokens_as_token_ids", None))  # the server's default: set after
         self.finished: set = set()  # choice indexes whose finish_reason has been sent
         self.report_cached = False  # usage.prompt_tokens_details (serve --enable_prompt_tokens_details)
         self.cached: dict[int, int] = {}  # prompt index -> its tokens found in the prefix cache
+
+    def label(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+        return f"token_id:{token_id}" if self.tokens_as_ids else self.tokens(token_id)
 
     def note(self, pi: int, out: RequestOutput) -> None:
         if out.num_cached_tokens:
@@ -119,15 +124,15 @@ class CompletionContext(_Context):
         lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for tid, entry in zip(token_ids, entries):
             tok = self.tokens(tid)
-            lp["tokens"].append(tok)
-            lp["text_offset"].append(offset)
+            lp["tokens"].append(self.label(tid))
+            lp["text_offset"].append(offset)  # into the text, whatever the tokens are named
             offset += len(tok)
             if entry is None:  # the first prompt token has no logprob
                 lp["token_logprobs"].append(None)
                 lp["top_logprobs"].append(None)
                 continue
             lp["token_logprobs"].append(entry.get(tid))
-            lp["top_logprobs"].append({self.tokens(t): v for t, v in _ranked(entry)})
+            lp["top_logprobs"].append({self.label(t): v for t, v in _ranked(entry)})
         return lp, offset
 
     def _choice(self, pi: int, out: RequestOutput, c: CompletionOutput, first: bool) -> Optional[dict]:
@@ -206,11 +211,10 @@ class ChatContext(_Context):
             return None
         content = []
         for tid, entry in zip(c.token_ids, c.logprobs or []):
-            tok = self.tokens(tid)
-            top = [{"token": self.tokens(t), "logprob": v, "bytes": list(self.tokens(t).encode())}
+            top = [{"token": self.label(t), "logprob": v, "bytes": list(self.tokens(t).encode())}
                    for t, v in _ranked(entry)[:self.top_logprobs]]
-            content.append({"token": tok, "logprob": entry.get(tid), "bytes": list(tok.encode()),
-                            "top_logprobs": top})
+            content.append({"token": self.label(tid), "logprob": entry.get(tid),
+                            "bytes": list(self.tokens(tid).encode()), "top_logprobs": top})
         return {"content": content}
 
     def role_chunks(self, n: int) -> list[dict]:

@@ -292,3 +292,44 @@ def test_bad_words_as_vllm(http, reference):
     assert ids != free and not written(ids, word)
     r = http.post("/v1/completions", json={**body, "bad_words": [" "]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(http, reference, kind):
+    """vLLM's return_tokens_as_token_ids: every token logprobs name (chosen and top) is "token_id:<id>";
+    chat's bytes stay the token's text's and completions' text offsets index the text, as without it."""
+    lp = {"logprobs": True, "top_logprobs": 3} if kind == "chat" else {"logprobs": 3}
+    body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True, **lp}
+    plain, named = post(http, kind, body).json(), post(http, kind, {**body, "return_tokens_as_token_ids": True}).json()
+    ids = named["choices"][0]["token_ids"]
+    assert ids == plain["choices"][0]["token_ids"] and len(ids) == 6
+    if kind == "chat":
+        content = named["choices"][0]["logprobs"]["content"]
+        assert [c["token"] for c in content] == [f"token_id:{t}" for t in ids]
+        assert [c["bytes"] for c in content] == [list(reference.decode([t]).encode()) for t in ids]
+        for c, p in zip(content, plain["choices"][0]["logprobs"]["content"]):
+            assert [t["token"].startswith("token_id:") for t in c["top_logprobs"]] == [True] * 3
+            assert [t["logprob"] for t in c["top_logprobs"]] == [t["logprob"] for t in p["top_logprobs"]]
+    else:
+        got, want = named["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
+        assert got["tokens"] == [f"token_id:{t}" for t in ids]
+        assert want["tokens"] == [reference.decode([t]) for t in ids]
+        assert got["text_offset"] == want["text_offset"] and got["token_logprobs"] == want["token_logprobs"]
+        for top, t in zip(got["top_logprobs"], ids):
+            assert f"token_id:{t}" in top and all(k.startswith("token_id:") for k in top)  # greedy: among the top
+    r = post(http, kind, {**body, "return_tokens_as_token_ids": "yes please"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_tokens_as_token_ids", r.text
+
+
+def test_the_server_flag_return_tokens_as_token_ids_is_the_default_a_request_overrides():
+    from types import SimpleNamespace
+
+    from meshserve.serve.openai_server import OpenAIServing, ServerConfig
+    from meshserve.serve.protocol import CompletionRequest
+
+    serving = SimpleNamespace(config=ServerConfig("m", "/m", return_tokens_as_token_ids=True))
+    for field, want in ((None, True), (False, False), (True, True)):
+        req = CompletionRequest.model_validate({"prompt": "x", "return_tokens_as_token_ids": field})
+        ctx = SimpleNamespace(tokens_as_ids=bool(field))
+        OpenAIServing.configure(serving, ctx, req)
+        assert ctx.tokens_as_ids is want, field
