@@ -477,6 +477,7 @@ class OpenAIServing:
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
         self.configure(ctx, req)
         ctx.reasoning_parser = self.config.reasoning_parser
+        ctx.echo = req.echo_text(req.template_messages()) if req.echo else ""
         return ctx, streams, kv, params
 
     async def check_structured(self, req, params: SamplingParams) -> None:

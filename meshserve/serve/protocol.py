@@ -207,7 +207,7 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     "web_search_options": ((None,), "web search is not supported by this server"),
     "documents": ((None, []), "documents are not supported by this server"),
     "mm_processor_kwargs": ((None, {}), "multimodal inputs are not supported by this server"),
-    "echo": ((None, False), "echo on chat completions (vLLM's) is not supported by this server"),  # completions': known
+    "echo": ((None, False), "echo is a field of completions and chat completions"),  # theirs: known (Responses')
 }
 
 
@@ -521,8 +521,20 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM's: the answer's content begins with the last message's when that is the assistant's (a reply
+    # continued with continue_final_message)
+    echo: bool = False
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    def echo_text(self, messages: list[dict]) -> str:
+        """What `echo` puts before each answer: the last of the template's `messages` when it is the
+        assistant's (its text), else nothing."""
+        last = messages[-1] if self.echo and messages else {}
+        content = last.get("content") if last.get("role") == "assistant" else None
+        if isinstance(content, list):  # text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return content if isinstance(content, str) else ""
 
     def template_messages(self) -> list[dict]:
         """Messages as the chat template wants them (chat_format.py); a 400 naming a bad one."""

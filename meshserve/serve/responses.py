@@ -205,6 +205,7 @@ class ChatContext(_Context):
         self.tool_streams: dict = {}  # choice index -> ToolStream
         self.reasoning_parser: Optional[str] = None  # serve --reasoning_parser (serve/reasoning.py)
         self.reasoning_streams: dict = {}  # choice index -> ReasoningStream
+        self.echo = ""  # vLLM's echo: the last (assistant) message's text, before each answer's content
 
     def _logprobs(self, c: CompletionOutput) -> Optional[dict]:
         if self.top_logprobs is None:
@@ -222,6 +223,9 @@ class ChatContext(_Context):
                               "finish_reason": None}) for i in range(n)]
         if self.return_ids and chunks:
             chunks[0]["prompt_token_ids"] = self.prompt_token_ids
+        if self.echo:  # as vLLM: the echoed text in a chunk of its own after the role's
+            chunks += [self.chunk({"index": i, "delta": {"content": self.echo}, "logprobs": None,
+                                   "finish_reason": None}) for i in range(n)]
         return chunks
 
     def chunks(self, out: RequestOutput) -> list[dict]:
@@ -270,6 +274,8 @@ class ChatContext(_Context):
                 if self.tools is None or text is None else self.tools.message(text, c.finish_reason)
             if self.reasoning_parser is not None:
                 message["reasoning_content"] = thinking
+            if self.echo:
+                message["content"] = self.echo + (message.get("content") or "")
             choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(c),
                             "finish_reason": reason, "stop_reason": c.stop_reason})
             if self.return_ids:

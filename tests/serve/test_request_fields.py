@@ -70,7 +70,6 @@ REFUSED = [  # (endpoint, field, value, words of the message)
     ("chat", "priority", 1, "first come, first served"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("chat", "modalities", ["text", "audio"], "modalities"),
-    ("chat", "echo", True, "echo"),
     ("completion", "kv_transfer_params", {"do_remote_decode": True}, "disaggregated_params"),
 ]
 
@@ -333,3 +332,25 @@ def test_the_server_flag_return_tokens_as_token_ids_is_the_default_a_request_ove
         ctx = SimpleNamespace(tokens_as_ids=bool(field))
         OpenAIServing.configure(serving, ctx, req)
         assert ctx.tokens_as_ids is want, field
+
+
+def test_chat_echo_puts_the_continued_assistant_message_before_the_answer(http):
+    """vLLM's chat `echo`: with the last message the assistant's (continue_final_message), each answer's
+    content begins with it, streamed (a chunk after the role's) or not; other last roles echo nothing."""
+    partial = "The numbers are"
+    messages = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": partial}]
+    body = {"messages": messages, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "add_generation_prompt": False, "continue_final_message": True, "n": 2}
+    plain = post(http, "chat", body).json()["choices"]
+    echoed = post(http, "chat", {**body, "echo": True}).json()["choices"]
+    assert [c["message"]["content"] for c in echoed] == [partial + c["message"]["content"] for c in plain]
+    with http.stream("POST", "/v1/chat/completions", json={**CHAT, **body, "echo": True, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for i in range(2):
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+        assert deltas[0] == {"role": "assistant", "content": ""} and deltas[1] == {"content": partial}, deltas[:2]
+        assert "".join(d.get("content", "") for d in deltas) == echoed[i]["message"]["content"]
+    user_last = post(http, "chat", {"messages": messages[:1], "max_tokens": 5, "temperature": 0, "echo": True})
+    assert user_last.status_code == 200
+    assert user_last.json()["choices"][0]["message"]["content"] == post(http, "chat", {
+        "messages": messages[:1], "max_tokens": 5, "temperature": 0}).json()["choices"][0]["message"]["content"]
