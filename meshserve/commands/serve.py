@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -80,6 +81,54 @@ def _flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -
     parser.add_argument(*names, dest=name, **kwargs)
 
 
+def _name_list(value: str) -> list[str]:
+    """A flag's list of names: JSON (vLLM's form, '["https://a.example", "https://b.example"]') or
+    comma-separated."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list: {e}") from None
+        if not (isinstance(items, list) and all(isinstance(i, str) and i for i in items)):
+            raise argparse.ArgumentTypeError(f"{value!r}: expected a JSON list of non-empty strings")
+        return items
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected names, comma-separated or as a JSON list")
+    return items
+
+
+def add_cors_flags(parser: argparse.ArgumentParser) -> None:
+    """Cross-origin requests from browsers (vLLM's flags; Starlette's CORSMiddleware). Off unless
+    --allowed_origins names origins: where vLLM allows any by default, a web page would otherwise be able to
+    drive a server on the reader's machine."""
+    _flag(parser, "allowed_origins", type=_name_list, default=None, metavar="ORIGINS",
+          help="origins whose pages may call this server from a browser (CORS), comma-separated or a JSON list "
+               "as vLLM's: https://app.example,http://localhost:3000, or '*' for any (default: none)")
+    _flag(parser, "allowed_methods", type=_name_list, default=["*"], metavar="METHODS",
+          help="with --allowed_origins: the HTTP methods allowed (default: any)")
+    _flag(parser, "allowed_headers", type=_name_list, default=["*"], metavar="HEADERS",
+          help="with --allowed_origins: the request headers allowed (default: any)")
+    _flag(parser, "allow_credentials", action="store_true",
+          help="with --allowed_origins: let browsers send cookies and HTTP authentication")
+
+
+def cors_settings(ns: argparse.Namespace) -> Optional[dict]:
+    """CORSMiddleware's keywords from the CORS flags; None while --allowed_origins is not given (a
+    ValueError names a CORS flag given without it: it would change nothing)."""
+    if not ns.allowed_origins:
+        given = [f for f, on in (("--allowed_methods", ns.allowed_methods != ["*"]),
+                                 ("--allowed_headers", ns.allowed_headers != ["*"]),
+                                 ("--allow_credentials", ns.allow_credentials)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} without --allowed_origins: no origin may call this server from a "
+                             f"browser, so it changes nothing; name the origins with --allowed_origins")
+        return None
+    return {"allow_origins": ns.allowed_origins, "allow_methods": ns.allowed_methods,
+            "allow_headers": ns.allowed_headers, "allow_credentials": ns.allow_credentials}
+
+
 def add_http_limit_flags(parser: argparse.ArgumentParser) -> None:
     """The limits of a public HTTP front door (`serve` and `disaggregated`): body and header sizes, the
     header and body deadlines, the drain time on SIGTERM."""
@@ -134,7 +183,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
           help="fraction of free GPU memory for the KV cache (kv_cache_config.free_gpu_memory_fraction)")
     _flag(parser, "kv_cache_dtype", default=None,
           help="auto or fp8: the KV cache's element type (kv_cache_config.dtype; fp8 halves its bytes per token)")
-    _flag(parser, "max_beam_width", type=int, default=None, help="only 1: beam search is not supported")
+    _flag(parser, "max_beam_width", type=int, default=None,
+          help="the most beams a request may ask (n with use_beam_search; TensorRT-LLM's name; default: no "
+               "limit but max_n)")
     _flag(parser, "gpus_per_node", type=int, default=None, help="accepted for trtllm-serve compatibility; "
           "ranks are placed by the launcher")
     _flag(parser, "trust_remote_code", action="store_true", default=None, help="allow custom tokenizer code")
@@ -177,6 +228,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
     add_http_limit_flags(parser)
+    add_cors_flags(parser)
     _flag(parser, "log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default: %(default)s")
 
 
@@ -227,10 +279,12 @@ def llm_args_from_cli(ns: argparse.Namespace):
         values["kv_cache_config"] = {**kv, "dtype": ns.kv_cache_dtype}
     if values.get("backend", "pytorch") not in ("pytorch", None):
         raise ValueError(f"backend={values['backend']!r} is not supported; accepted: pytorch")
-    if ns.max_beam_width not in (None, 1):
-        raise ValueError(f"--max_beam_width {ns.max_beam_width}: beam search is not supported; use 1")
+    if ns.max_beam_width is not None and ns.max_beam_width < 1:
+        raise ValueError(f"--max_beam_width {ns.max_beam_width}: expected an integer >= 1 (the most beams a request "
+                         f"may ask with use_beam_search)")
     tool_call_parser_of(ns)
     reasoning_parser_of(ns)
+    cors_settings(ns)
     return build_llm_args(where, **values)
 
 
@@ -519,11 +573,12 @@ async def serve(ns: argparse.Namespace, args, model_path: str, tokenizer_path: s
                           tool_call_parser=tool_call_parser_of(ns),
                           enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                           return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
+                          max_beam_width=ns.max_beam_width,
                           reasoning_parser=reasoning_parser_of(ns),
                           sampling_defaults=serving_sampling_defaults(model_path, args.generation_config),
                           max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
                           max_request_header_bytes=int(ns.max_request_header_kb * 2**10),
-                          request_body_timeout_s=ns.request_body_timeout)
+                          request_body_timeout_s=ns.request_body_timeout, cors=cors_settings(ns))
     app = build_app(OpenAIServing(engine, tokenizer, metrics, config), lifespan)
     from meshserve.utils import GCPauses
     GCPauses.freeze()  # the tokenizer, app and imports are never scanned by a collection again

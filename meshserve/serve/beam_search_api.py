@@ -49,6 +49,10 @@ async def answer(serving, raw: Request, req, prompts: list, max_tokens: int, req
         m = re.match(r"(\w+)[=:]", str(e))
         raise bad_request(str(e), m.group(1) if m and m.group(1) in type(req).model_fields
                           else "use_beam_search") from None
+    cap = serving.config.max_beam_width
+    if cap is not None and bp.beam_width > cap:
+        raise bad_request(f"n={bp.beam_width} with use_beam_search: more beams than this server's --max_beam_width "
+                          f"{cap}; accepted: 1 to {cap}", "n")
     step = bp.step_params()
     for _, ids in prompts:
         try:

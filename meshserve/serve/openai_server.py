@@ -22,6 +22,7 @@ from typing import AsyncIterator, Optional
 
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -85,6 +86,10 @@ class ServerConfig:
     sampling_defaults: dict = field(default_factory=dict)
     # chat answers' thinking to reasoning_content (serve --reasoning_parser, as vLLM's; serve/reasoning.py)
     reasoning_parser: Optional[str] = None
+    # cross-origin requests from browsers (serve --allowed_origins ..., as vLLM's flags): Starlette's
+    # CORSMiddleware keywords (allow_origins, allow_methods, allow_headers, allow_credentials); None: off
+    cors: Optional[dict] = None
+    max_beam_width: Optional[int] = None  # the most beams a request may ask (serve --max_beam_width)
 
 
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
@@ -592,4 +597,6 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
         app.add_middleware(AuthMiddleware, api_key=serving.config.api_key, metrics=metrics)
     app.add_middleware(HeaderLimitMiddleware, limit=serving.config.max_request_header_bytes,
                        on_error=metrics.on_error if metrics is not None else None)
+    if serving.config.cors:  # outermost: a preflight is answered before the key is asked for, errors carry it
+        app.add_middleware(CORSMiddleware, **serving.config.cors)
     return app

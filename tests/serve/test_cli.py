@@ -129,7 +129,9 @@ def test_a_yaml_key_given_twice_is_an_error_naming_it_and_its_line(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--backend", "tensorrt"], "backend"),
-    (["--max_beam_width", "4"], "beam search"),
+    (["--max_beam_width", "0"], "--max_beam_width 0: expected an integer >= 1"),
+    (["--allow_credentials"], "--allow_credentials without --allowed_origins"),
+    (["--allowed_headers", "x-a,x-b"], "--allowed_headers without --allowed_origins"),
     (["--max_batch_size", "0"], "max_batch_size"),
     (["--dtype", "int3"], "dtype"),
     (["--quantization", "awq"], "quantization='awq' is not supported; accepted: fp8"),

@@ -18,7 +18,8 @@ MESSAGES = [{"role": "user", "content": "Hello world! How are you today?"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    srv = start_server(tiny_model, "--max_seq_len", str(MAX_SEQ_LEN), "--max-batch-size", "64")
+    srv = start_server(tiny_model, "--max_seq_len", str(MAX_SEQ_LEN), "--max-batch-size", "64", "--max_beam_width", "3",
+                       "--allowed-origins", '["https://app.example"]')
     yield srv
     srv.stop()
 
@@ -327,3 +328,36 @@ def test_what_beam_search_cannot_take_is_a_400_naming_it(client, extra, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and "\n" not in err["message"], err
+
+
+def test_max_beam_width_caps_a_requests_beams(client):
+    """TensorRT-LLM's max_beam_width (serve --max_beam_width 3 here): n up to it with use_beam_search, more is
+    a 400 naming n; without beam search, n is max_n's."""
+    ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=3, extra_body={"use_beam_search": True})
+    assert len(ok.choices) == 3
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=4, extra_body={"use_beam_search": True})
+    err = e.value.response.json()["error"]
+    assert err["param"] == "n" and "--max_beam_width 3" in err["message"], err
+    assert len(client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=4).choices) == 4
+
+
+def test_cors_answers_the_allowed_origin_only(server):
+    """serve --allowed-origins '["https://app.example"]': a browser's preflight from it is answered (before the
+    API key is asked for) and answers carry its origin; another origin's preflight is refused and its
+    answers carry none (a browser then withholds them from the page)."""
+    import httpx
+    url = server.base_url + "/v1/chat/completions"
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(url, headers={"Origin": "https://app.example", **pre})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example", r.headers
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.options(url, headers={"Origin": "https://evil.example", **pre})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    r = httpx.post(url, json=body, headers={"Origin": "https://app.example", **server.headers}, timeout=60)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.post(url, json=body, headers={"Origin": "https://app.example"}, timeout=60)  # no key: its 401 too
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.post(url, json=body, headers={"Origin": "https://evil.example", **server.headers}, timeout=60)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
