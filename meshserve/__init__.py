@@ -1,6 +1,6 @@
 """meshserve: a distributed LLM inference engine and OpenAI-compatible server."""
 from meshserve.beam_search import BeamSearchParams
-from meshserve.outputs import CompletionOutput, DisaggregatedParams, RequestOutput
+from meshserve.outputs import CompletionOutput, DisaggregatedParams, Logprob, RequestOutput
 from meshserve.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
@@ -18,4 +18,4 @@ def __getattr__(name):
 
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "MoeConfig",
-           "DisaggregatedParams", "StructuredOutputsParams", "GuidedDecodingParams", "BeamSearchParams"]
+           "DisaggregatedParams", "StructuredOutputsParams", "GuidedDecodingParams", "BeamSearchParams", "Logprob"]

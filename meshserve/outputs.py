@@ -4,8 +4,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-# One generated position's logprobs: {token_id: logprob}; the chosen token is always present.
-TokenLogprobs = dict[int, float]
+
+class Logprob(float):
+    """One token's log probability: a float, with vLLM's and TensorRT-LLM's attributes `logprob` (the
+    same number), `rank` (1: the likeliest token; None for a chosen or prompt token outside the top
+    k asked for, where vLLM counts its rank in the whole vocabulary) and `decoded_token` (its text;
+    None without a tokenizer)."""
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: Optional[int] = None, decoded_token: Optional[str] = None):
+        obj = super().__new__(cls, logprob)
+        obj.rank, obj.decoded_token = rank, decoded_token
+        return obj
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+# One position's logprobs: {token_id: Logprob}, the chosen (or prompt) token first, then the top k
+# likeliest (rank 1..k; the chosen one among them holds its rank).
+TokenLogprobs = dict[int, Logprob]
+
+
+def logprob_entry(ids: list[int], vals: list[float], decode=None) -> TokenLogprobs:
+    """A position's TokenLogprobs from the engine's (ids, vals): ids[0] the chosen or prompt token,
+    the rest the top k, likeliest first. `decode(token_id) -> str` fills decoded_token."""
+    rank = {t: r for r, t in enumerate(ids[1:], 1)}
+    return {t: Logprob(v, rank.get(t), decode(t) if decode is not None else None) for t, v in zip(ids, vals)}
 
 
 REQUEST_TYPES = ("context_only", "generation_only")

@@ -13,13 +13,32 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from meshserve.engine.messages import EngineCoreOutput
-from meshserve.outputs import CompletionOutput, RequestOutput
+from meshserve.outputs import CompletionOutput, RequestOutput, logprob_entry
 from meshserve.sampling_params import SamplingParams
 
 try:
     from tokenizers.decoders import DecodeStream
 except ImportError:  # pragma: no cover - old tokenizers
     DecodeStream = None
+
+
+class TokenStrings:
+    """Token id -> its text (as OpenAI's logprobs show tokens), cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._cache) < 200_000:
+                self._cache[token_id] = s
+        return s
+
+    def text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
 
 class IncrementalDetokenizer:
@@ -77,8 +96,9 @@ class RequestState:
     """Front-side state of one user request (n sequences)."""
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-                 tokenizer, seq_ids: list[str]):
+                 tokenizer, seq_ids: list[str], token_text: Optional["TokenStrings"] = None):
         self.request_id = request_id
+        self.token_text = token_text  # logprobs' decoded_token (None: left None)
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -126,7 +146,7 @@ class RequestState:
         engine must then abort it)."""
         seq = self.seqs[out.request_id]
         if out.prompt_logprobs is not None:
-            entries = [None if e is None else dict(zip(e[0], e[1])) for e in out.prompt_logprobs]
+            entries = [None if e is None else logprob_entry(e[0], e[1], self.token_text) for e in out.prompt_logprobs]
             self.prompt_logprobs = (self.prompt_logprobs or []) + entries
         if out.num_cached_tokens:
             self.num_cached_tokens = out.num_cached_tokens
@@ -138,7 +158,7 @@ class RequestState:
         self.unstreamed_tokens += len(out.new_token_ids)
         if seq.logprobs is not None:
             for ids, vals in out.new_logprobs:
-                seq.logprobs.append(dict(zip(ids, vals)))
+                seq.logprobs.append(logprob_entry(ids, vals, self.token_text))
                 seq.cumulative_logprob += vals[0]
         before = len(seq.detok.text)
         seq.detok.add(out.new_token_ids)

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from meshserve.engine.detokenizer import RequestState
+from meshserve.engine.detokenizer import RequestState, TokenStrings
 from meshserve.engine.messages import EngineCoreOutput
 from meshserve.sampling_params import SamplingParams
 
@@ -34,6 +34,7 @@ class ProcessedOutputs:
 class OutputProcessor:
     def __init__(self, tokenizer, stream_interval: int = 1):
         self.tokenizer = tokenizer
+        self.token_text = TokenStrings(tokenizer) if tokenizer is not None else None  # logprobs' decoded_token
         self.stream_interval = stream_interval
         self.requests: dict[str, RequestState] = {}  # request id -> state
         self._by_seq: dict[str, RequestState] = {}  # unfinished engine sequence id -> its request
@@ -50,7 +51,7 @@ class OutputProcessor:
             seqs = [(f"{request_id}-{i}", params.clone(n=1, seed=None if params.seed is None else params.seed + i))
                     for i in range(params.n)]
         state = RequestState(request_id, prompt, list(prompt_token_ids), params, self.tokenizer,
-                             [sid for sid, _ in seqs])
+                             [sid for sid, _ in seqs], self.token_text)
         self.requests[request_id] = state
         for sid, _ in seqs:
             self._by_seq[sid] = state

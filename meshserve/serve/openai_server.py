@@ -30,6 +30,7 @@ import meshserve
 from meshserve.disagg import params as signed
 from meshserve.engine import disagg
 from meshserve.engine.async_engine import AsyncEngine, RequestRejectedError, RequestStream
+from meshserve.engine.detokenizer import TokenStrings
 from meshserve.engine.engine_core import check_priority
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
@@ -117,7 +118,7 @@ class OpenAIServing:
         self.encoder = PromptEncoder(tokenizer)  # long prompts tokenized on several cores, same ids
         self.metrics = metrics
         self.config = config
-        self.tokens = responses.TokenStrings(tokenizer)
+        self.tokens = TokenStrings(tokenizer)
         # one thread: prompts are tokenized in arrival order; PromptEncoder spreads a long one over cores
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="meshserve-tokenize")
 

@@ -8,28 +8,10 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from meshserve.engine.detokenizer import TokenStrings
 from meshserve.outputs import CompletionOutput, RequestOutput
 from meshserve.serve.reasoning import ReasoningStream, split
 from meshserve.serve.tools import ToolStream
-
-
-class TokenStrings:
-    """Token id -> its text (as OpenAI's logprobs show tokens), cached."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        s = self._cache.get(token_id)
-        if s is None:
-            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            if len(self._cache) < 200_000:
-                self._cache[token_id] = s
-        return s
-
-    def text(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:
@@ -42,8 +24,15 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[in
     return body
 
 
-def _ranked(entry: dict[int, float]) -> list[tuple[int, float]]:
-    return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)
+def _ranked(entry: dict) -> list[tuple[int, float]]:
+    """A position's (token id, logprob) pairs, likeliest first, as plain floats (msgspec writes no
+    subclass of float: the entries' values are outputs.Logprob)."""
+    return sorted(((t, float(v)) for t, v in entry.items()), key=lambda kv: kv[1], reverse=True)
+
+
+def _value(entry: dict, token_id: int) -> Optional[float]:
+    v = entry.get(token_id)
+    return None if v is None else float(v)
 
 
 class _Context:
@@ -100,7 +89,7 @@ class _Context:
             k = min(len(entry), self.req.prompt_logprobs)
             top = {t: i + 1 for i, (t, _) in enumerate(r for r in _ranked(entry) if len(entry) == k or r[0] != tid)
                    if i < k}
-            result.append({str(t): {"logprob": v, "rank": top.get(t), "decoded_token": self.tokens(t)}
+            result.append({str(t): {"logprob": float(v), "rank": top.get(t), "decoded_token": self.tokens(t)}
                            for t, v in entry.items()})
         return result
 
@@ -131,7 +120,7 @@ class CompletionContext(_Context):
                 lp["token_logprobs"].append(None)
                 lp["top_logprobs"].append(None)
                 continue
-            lp["token_logprobs"].append(entry.get(tid))
+            lp["token_logprobs"].append(_value(entry, tid))
             lp["top_logprobs"].append({self.label(t): v for t, v in _ranked(entry)})
         return lp, offset
 
@@ -214,7 +203,7 @@ class ChatContext(_Context):
         for tid, entry in zip(c.token_ids, c.logprobs or []):
             top = [{"token": self.label(t), "logprob": v, "bytes": list(self.tokens(t).encode())}
                    for t, v in _ranked(entry)[:self.top_logprobs]]
-            content.append({"token": self.label(tid), "logprob": entry.get(tid),
+            content.append({"token": self.label(tid), "logprob": _value(entry, tid),
                             "bytes": list(self.tokens(tid).encode()), "top_logprobs": top})
         return {"content": content}
 

@@ -84,15 +84,22 @@ def test_logprobs_equal_transformers_log_softmax(llm, ckpt):
         row = ref[len(prompt) - 1 + i]
         assert abs(lp[tok] - row[tok].item()) < 1e-4
         top = row.topk(3)
-        for t, v in zip(top.indices.tolist(), top.values.tolist()):
+        for rank, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()), 1):
             assert abs(lp[t] - v) < 1e-4
+            # vLLM's / TensorRT-LLM's Logprob attributes: the same number, its rank, its text
+            assert lp[t].logprob == float(lp[t]) and lp[t].rank == rank
+            assert lp[t].decoded_token == llm.tokenizer.decode([t], skip_special_tokens=False)
+        assert list(lp)[0] == tok and lp[tok].rank == 1  # greedy: the chosen token first, and the likeliest
     assert abs(out.outputs[0].cumulative_logprob - sum(ref[len(prompt) - 1 + i, t].item()
                                                        for i, t in enumerate(gen))) < 1e-3
     plp = out.prompt_logprobs
     assert len(plp) == len(prompt) and plp[0] is None
     for j in range(1, len(prompt)):
-        assert abs(plp[j][prompt[j]] - ref[j - 1, prompt[j]].item()) < 1e-4
+        assert abs(plp[j][prompt[j]].logprob - ref[j - 1, prompt[j]].item()) < 1e-4
         assert len(plp[j]) >= 2
+        best = ref[j - 1].topk(2).indices.tolist()
+        assert [plp[j][t].rank for t in best] == [1, 2]
+        assert plp[j][prompt[j]].rank == (best.index(prompt[j]) + 1 if prompt[j] in best else None)
 
 
 def test_prompt_logprobs_survive_preemption_and_one_token_prompts(ckpt):
