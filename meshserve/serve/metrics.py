@@ -22,6 +22,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                   1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_LENGTH_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))  # vLLM's 1-2-5 series: tokens
 _ITERATION_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
                       2.048, 4.096, 8.192)
 
@@ -55,6 +56,14 @@ class ServerMetrics:
                               _TOKEN_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token",
                              _LATENCY_BUCKETS)
+        # vLLM's request_prompt_tokens / request_generation_tokens (per request, its longest sample) and
+        # request_decode_time_seconds (first token to the last)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of each finished request",
+                                               _LENGTH_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens of each "
+                                                   "finished request (its longest sample)", _LENGTH_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "Time from a request's first token to its "
+                                     "last", _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Time a sequence waited before it was first "
                                     "scheduled", _LATENCY_BUCKETS)
         self.iteration = histogram("iteration_latency_seconds", "Engine iteration (step) latency: from a batch's "
@@ -115,7 +124,10 @@ class ServerMetrics:
             return
         self.ttft.observe(state.first_token_time - state.arrival_time)
         self.e2e.observe(finish_time - state.arrival_time)
+        self.decode_time.observe(finish_time - state.first_token_time)
         num_tokens = max(len(s.token_ids) for s in state.seqs.values())
+        self.request_prompt_tokens.observe(len(state.prompt_token_ids))
+        self.request_generation_tokens.observe(num_tokens)
         if num_tokens > 1:
             self.tpot.observe((finish_time - state.first_token_time) / (num_tokens - 1))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -100,8 +101,17 @@ def test_metrics_cover_latencies_and_engine_state(server):
     assert r.status_code == 200
     m = server.metrics()
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds", "iteration_latency_seconds"):
+                 "request_queue_time_seconds", "iteration_latency_seconds", "request_decode_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
         assert m[f"meshserve_{name}_count"] >= 1, name
+    # the request's lengths in the per-request histograms (vLLM's 1-2-5 buckets): 8 tokens in (5, 10]
+    text = httpx.get(server.base_url + "/metrics", headers=server.headers, timeout=5).text
+
+    def bucket(name: str, le: str) -> float:
+        return float(re.search(rf'^meshserve_{name}_bucket{{le="{le}",[^}}]*}} (\S+)$', text, re.M).group(1))
+
+    assert bucket("request_generation_tokens", "10.0") - bucket("request_generation_tokens", "5.0") >= 1
+    assert m["meshserve_request_prompt_tokens_sum"] >= r.json()["usage"]["prompt_tokens"]
     assert m["meshserve_requests_total[length]"] >= 1
     assert m["meshserve_prompt_tokens_total"] > 0 and m["meshserve_generation_tokens_total"] >= 8
     assert m["meshserve_kv_cache_total_blocks"] > 0
