@@ -26,11 +26,20 @@ def short_repr(value) -> str:
 
 
 def _int_in(value, lo: int, hi: int) -> bool:
-    return isinstance(value, int) and lo <= value <= hi
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _listed(name: str, value, what: str) -> list:
+    """A list field given as a list or tuple (None: empty); anything else a ValueError naming it."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"SamplingParams.{name}={short_repr(value)} is invalid: expected {what}")
+    return list(value)
 
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
@@ -154,8 +163,9 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _listed("stop", self.stop, "a string or a list of non-empty strings")
+        self.stop_token_ids = _listed("stop_token_ids", self.stop_token_ids,
+                                      "a list of token ids (integers in [0, 2**63-1])")
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes, dict)):
@@ -165,6 +175,9 @@ class SamplingParams:
                 pass  # validate() names it
         if self.top_k is None or self.top_k == -1:  # -1 (vLLM) and 0 (TensorRT-LLM) both disable it
             self.top_k = 0
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise ValueError(f"SamplingParams.logit_bias={short_repr(self.logit_bias)} is invalid: expected a dict of "
+                             f"token ids >= 0 mapped to values in [-100, 100]")
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
@@ -183,7 +196,7 @@ class SamplingParams:
 
         # max_tokens and n have no upper bound here: the engine's validate caps them with its own
         # numbers (max_seq_len; max_n in validate_for_model), which an error should show as accepted
-        if self.max_tokens is not None and not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+        if self.max_tokens is not None and not _int_in(self.max_tokens, 1, INT64_MAX):
             bad("max_tokens", self.max_tokens, "expected an integer >= 1 (or None for up to max_seq_len)")
         if not _int_in(self.min_tokens, 0, INT64_MAX):
             bad("min_tokens", self.min_tokens, "expected an integer in [0, 2**63-1]")
@@ -197,7 +210,7 @@ class SamplingParams:
             bad("top_p", self.top_p, "expected a number in (0, 1]")
         if not (_finite(self.min_p) and 0.0 <= self.min_p <= 1.0):
             bad("min_p", self.min_p, "expected a number in [0, 1]")
-        if not (isinstance(self.n, int) and self.n >= 1):
+        if not _int_in(self.n, 1, INT64_MAX):
             bad("n", self.n, "expected an integer >= 1")
         # sample i of n is seeded with seed + i: every one of those must be an int64 too
         if self.seed is not None and not _int_in(self.seed, INT64_MIN, INT64_MAX - (self.n - 1)):
@@ -233,6 +246,10 @@ class SamplingParams:
                 and all(isinstance(w, list) and w and all(_int_in(t, 0, INT64_MAX) for t in w)
                         for w in self.bad_words_token_ids)):
             bad("bad_words_token_ids", self.bad_words_token_ids, "expected a list of non-empty lists of token ids")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "expected True or False")
         k = self.truncate_prompt_tokens
         if k is not None and (isinstance(k, bool) or not (_int_in(k, -1, -1) or _int_in(k, 1, INT64_MAX))):
             bad("truncate_prompt_tokens", k, "expected -1 (the last max_seq_len tokens), an integer >= 1, or None")

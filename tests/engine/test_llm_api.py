@@ -242,6 +242,11 @@ def test_bad_input_is_a_clear_error_and_the_next_request_succeeds(llm, prompt, p
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
     (dict(n=0), "n"), (dict(min_p=2), "min_p"), (dict(logprobs=99), "logprobs"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop=[""]), "stop"),
+    # booleans are not numbers here, nor anything else a switch; containers of the wrong kind name their field
+    (dict(n=True), "n"), (dict(max_tokens=True), "max_tokens"), (dict(logprobs=True), "logprobs"),
+    (dict(temperature=True), "temperature"), (dict(detokenize="no"), "detokenize"), (dict(ignore_eos=None), "ignore_eos"),
+    (dict(skip_special_tokens=2), "skip_special_tokens"), (dict(stop=5), "stop"), (dict(stop_token_ids="12"), "stop_token_ids"),
+    (dict(logit_bias=[1, 2]), "logit_bias"),
 ])
 def test_invalid_sampling_params_name_the_field(kw, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
