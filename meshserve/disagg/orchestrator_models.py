@@ -16,21 +16,32 @@ from meshserve.disagg.router import Server
 from meshserve.serve.protocol import APIError
 
 
+def _client_auth(raw: Request) -> dict:
+    """The client's key, which the servers check (serve --api_key)."""
+    return {"Authorization": raw.headers["authorization"]} if "authorization" in raw.headers else {}
+
+
+async def ask_all(orch, servers: list[Server], method: str, path: str, headers: dict,
+                  timeout: float) -> list:
+    """Each server's answer to `method path` at once: an httpx.Response, or the transport error."""
+    async def ask(s: Server):
+        try:
+            return await orch.client.request(method, s.url + path, headers=headers, timeout=timeout)
+        except httpx.HTTPError as e:
+            return e
+
+    return list(await asyncio.gather(*(ask(s) for s in servers)))
+
+
 async def list_models(orch, raw: Request) -> Response:
     """The union of the healthy servers' /v1/models (generation servers first)."""
-    headers = {"Authorization": raw.headers["authorization"]} if "authorization" in raw.headers else {}
+    headers = _client_auth(raw)
     servers = [s for s in orch.generation + orch.context if s.healthy]
     if not servers:
         raise APIError(503, "no server is available to list the models", "server_error", None,
                        "no_healthy_server")
 
-    async def ask(s: Server):
-        try:
-            return await orch.client.get(s.url + "/v1/models", headers=headers, timeout=10.0)
-        except httpx.HTTPError as e:
-            return e
-
-    answers = await asyncio.gather(*(ask(s) for s in servers))
+    answers = await ask_all(orch, servers, "GET", "/v1/models", headers, 10.0)
     data, seen, errors = [], set(), []
     for s, a in zip(servers, answers):
         if isinstance(a, httpx.Response) and a.status_code == 200:
@@ -66,11 +77,6 @@ async def model_card_of(orch, raw: Request, model: str):
     return card
 
 
-def _client_auth(raw: Request) -> dict:
-    """The client's key, which the servers check (serve --api_key)."""
-    return {"Authorization": raw.headers["authorization"]} if "authorization" in raw.headers else {}
-
-
 async def forward_to_one(orch, raw: Request, path: str) -> Response:
     """The body to one healthy server (generation servers first; the next one on a transport error or a
     5xx), its answer as it came: vLLM's /tokenize and /detokenize, whose answer is the tokenizer's."""
@@ -104,13 +110,7 @@ async def reset_prefix_cache(orch, raw: Request) -> Response:
         raise APIError(503, "no server is healthy: no prefix cache was reset", "server_error", None,
                        "no_healthy_server")
 
-    async def ask(s: Server):
-        try:
-            return await orch.client.post(s.url + "/reset_prefix_cache", headers=headers, timeout=30.0)
-        except httpx.HTTPError as e:
-            return e
-
-    answers = await asyncio.gather(*(ask(s) for s in servers))
+    answers = await ask_all(orch, servers, "POST", "/reset_prefix_cache", headers, 30.0)
     reset, busy, failed = [], [], []
     for s, a in zip(servers, answers):
         if isinstance(a, httpx.Response) and a.status_code == 200:
