@@ -60,6 +60,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # to encode, during which the event loop would send no stream chunks to anyone. The tokenizers'
 # batch encode releases the GIL. Shorter ones stay inline: a thread hop costs more than they do.
 TOKENIZE_OFFLOAD_CHARS = 4096  # default of serve --tokenize_offload_chars
+HEALTH_GENERATE_TIMEOUT_S = 30.0  # GET /health_generate: a token must come within this
 
 
 @dataclass
@@ -512,6 +513,20 @@ class OpenAIServing:
         yield SSE_DONE
 
     # ---- small routes ------------------------------------------------------------------------------
+    async def health_generate(self, raw: Request) -> JSONResponse:
+        """TensorRT-LLM's GET /health_generate: one greedy token of a fixed prompt through the engine (an
+        engine process that is alive but no longer steps passes /health, not this): 200, else a 503 naming
+        why (the engine's own errors are answered by the error handlers: 503 engine_unavailable...)."""
+        ids = self.encoder.encode("Hello", True)
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        streams = self.submit([(None, ids)], params, request_id_for(raw, "health"))
+        try:
+            await asyncio.wait_for(self.collect(raw, streams), HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the engine generated no token within {HEALTH_GENERATE_TIMEOUT_S:g} s", "server_error",
+                           None, "engine_unavailable") from None
+        return JSONResponse({"status": "ok"})
+
     def models(self) -> dict:
         lim = self.engine.limits
         return {"object": "list", "data": [{
@@ -576,6 +591,10 @@ def build_app(serving: OpenAIServing, lifespan=None) -> FastAPI:
             return JSONResponse({"status": "ok"}, headers=headers)
         return JSONResponse({"status": "unhealthy", "error": serving.engine.error or "the engine is not running"},
                             status_code=503, headers=headers)
+
+    @app.get("/health_generate")
+    async def health_generate(raw: Request):  # TensorRT-LLM's: the engine generates a token
+        return await serving.health_generate(raw)
 
     @app.get("/version")
     async def version():

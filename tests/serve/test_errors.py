@@ -180,6 +180,9 @@ def test_engine_death_turns_health_to_503(server, http):
     engine = [p for p in psutil.Process(server.proc.pid).children()
               if "resource_tracker" not in " ".join(p.cmdline())]
     assert len(engine) == 1
+    # TensorRT-LLM's /health_generate: a token through the engine (with the key: it costs a step)
+    assert http.get("/health_generate").json() == {"status": "ok"}
+    assert httpx.get(server.base_url + "/health_generate", timeout=10).status_code == 401
     engine[0].kill()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and httpx.get(server.base_url + "/health").status_code == 200:
@@ -187,4 +190,5 @@ def test_engine_death_turns_health_to_503(server, http):
     r = httpx.get(server.base_url + "/health")
     assert r.status_code == 503
     assert_error(http.post("/v1/chat/completions", json=CHAT), 503)
+    assert "engine is not running" in assert_error(http.get("/health_generate"), 503)["message"]
     assert server.metrics()["meshserve_engine_healthy"] == 0
