@@ -97,10 +97,11 @@ class ServerConfig:
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
 
 
-def request_id_for(raw: Request, prefix: str) -> str:
-    """The engine's id of a request: with an `X-Request-Id` header (an orchestrator sends the
-    client's to every server), that id made safe, plus a short unique suffix; its log lines carry it."""
-    given = raw.headers.get("x-request-id")
+def request_id_for(raw: Request, prefix: str, req=None) -> str:
+    """The engine's id of a request: with a body's `request_id` (vLLM's) or an `X-Request-Id` header (an
+    orchestrator sends the client's to every server), that id made safe, plus a short unique suffix; its
+    log lines carry it."""
+    given = getattr(req, "request_id", None) or raw.headers.get("x-request-id")
     clean = _NOT_ID_CHARS.sub("", given)[:64] if given else ""
     return f"{prefix}-{clean}-{uuid.uuid4().hex[:8]}" if clean else f"{prefix}-{uuid.uuid4().hex}"
 
@@ -369,12 +370,12 @@ class OpenAIServing:
         if req.use_beam_search:
             return JSONResponse(await beam_search_api.answer(
                 self, raw, req, prompts, max_tokens if max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS,
-                request_id_for(raw, "cmpl")))
+                request_id_for(raw, "cmpl", req)))
         await self.check_structured(req, params)
         resume = None
         if req.resume_output_token_ids is not None:
             resume, params = resume_request(self.engine.limits, req, prompts, params, max_tokens)
-        request_id = request_id_for(raw, "cmpl")
+        request_id = request_id_for(raw, "cmpl", req)
         client_params = params
         kv, params = self.disagg_request(req, prompts, params, request_id)
         streams = self.submit(prompts, params, request_id, renames, kv=kv, resume=resume, cache_salt=req.cache_salt,
@@ -429,7 +430,7 @@ class OpenAIServing:
     async def create_chat_completion(self, raw: Request) -> Response:
         req: ChatCompletionRequest = await self.parse(raw, ChatCompletionRequest)
         if req.use_beam_search:
-            return JSONResponse(await beam_search_api.chat(self, raw, req, request_id_for(raw, "chatcmpl")))
+            return JSONResponse(await beam_search_api.chat(self, raw, req, request_id_for(raw, "chatcmpl", req)))
         ctx, streams, kv, params = await self.start_chat(raw, req)
         if req.stream:
             if kv is not None:
@@ -475,7 +476,7 @@ class OpenAIServing:
             raise bad_request(str(e), e.param) from None
         if self.config.reasoning_parser is not None:
             params = after_thinking(params, self.tokenizer)
-        request_id = request_id_for(raw, "chatcmpl")
+        request_id = request_id_for(raw, "chatcmpl", req)
         client_params = params
         kv, params = self.disagg_request(req, [(text, ids)], params, request_id)
         streams = self.submit([(text, ids)], params, request_id, renames, "messages", kv=kv, cache_salt=req.cache_salt,

@@ -314,6 +314,8 @@ class SamplingRequest(OpenAIModel):
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
     # vLLM's: the prompt's cached prefix is shared only with requests of the same salt (a tenant's)
     cache_salt: Optional[str] = Field(None, min_length=1)
+    # vLLM's: the request's id in the server's log lines and its engine (as an X-Request-Id header does)
+    request_id: Optional[str] = Field(None, min_length=1, max_length=256)
     # vLLM's: the request's place under --scheduling_policy priority (lower first); else it must be 0
     priority: int = Field(0, ge=-2**63, le=2**63 - 1)
     # structured outputs (vLLM's fields; engine/structured_output.py): at most one of them

@@ -354,3 +354,14 @@ def test_chat_echo_puts_the_continued_assistant_message_before_the_answer(http):
     assert user_last.status_code == 200
     assert user_last.json()["choices"][0]["message"]["content"] == post(http, "chat", {
         "messages": messages[:1], "max_tokens": 5, "temperature": 0}).json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("kind,prefix", [("completion", "cmpl"), ("chat", "chatcmpl")])
+def test_a_bodys_request_id_names_the_request(http, kind, prefix):
+    """vLLM's request_id field, as an X-Request-Id header: the answer's id (and the engine's, in its log
+    lines) carries it, made safe, with a unique suffix; an empty one is a 400 naming it."""
+    r = post(http, kind, {"request_id": "job 42/a"})
+    assert r.status_code == 200 and r.json()["id"].startswith(f"{prefix}-job42a-"), r.text
+    assert post(http, kind, {"request_id": "job 42/a"}).json()["id"] != r.json()["id"]
+    r = post(http, kind, {"request_id": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", r.text
