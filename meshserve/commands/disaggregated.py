@@ -24,7 +24,7 @@ import sys
 from typing import Optional, Sequence
 
 from meshserve.commands import OneLineErrorParser
-from meshserve.commands.serve import LOG_LEVELS, add_http_limit_flags, http_limits_error
+from meshserve.commands.serve import LOG_LEVELS, add_cors_flags, add_http_limit_flags, cors_settings, http_limits_error
 
 logger = logging.getLogger("meshserve.disagg")
 
@@ -40,6 +40,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="the key file when MESHSERVE_SECRET is not set, made (mode 0600) when missing "
                         "(default: $MESHSERVE_SECRET_FILE, else ~/.cache/meshserve/disagg.key)")
     add_http_limit_flags(parser)  # the orchestrator is the clients' front door: serve's limits
+    add_cors_flags(parser)  # and its CORS flags (browsers' cross-origin requests; off by default)
     parser.add_argument("--log_level", "--log-level", dest="log_level", default="info", type=str.lower,
                         choices=LOG_LEVELS, help="default: %(default)s")
 
@@ -74,6 +75,10 @@ def main(ns: argparse.Namespace) -> int:
     problem = http_limits_error(ns)
     if problem:
         return _fail(problem)
+    try:
+        cors_settings(ns)
+    except ValueError as e:
+        return _fail(str(e))
     from meshserve.disagg.params import KeyFileError, orchestrator_key
     try:
         key, key_file, created = orchestrator_key(ns.secret_file)
@@ -103,7 +108,7 @@ async def serve(ns: argparse.Namespace, config, sock, key: bytes) -> int:
                         max_request_body_bytes=int(ns.max_request_body_mb * 2**20),
                         request_body_timeout_s=ns.request_body_timeout,
                         max_request_header_bytes=int(ns.max_request_header_kb * 2**10))
-    server = _Server.make(uvicorn_config(build_app(orch), config.hostname, config.port, ns))
+    server = _Server.make(uvicorn_config(build_app(orch, cors_settings(ns)), config.hostname, config.port, ns))
     logger.info("orchestrating %d context server(s) (%s router) and %d generation server(s) (%s router) on "
                 "http://%s:%d", len(orch.context), config.context.router, len(orch.generation),
                 config.generation.router, config.hostname, sock.getsockname()[1])

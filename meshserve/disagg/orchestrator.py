@@ -54,6 +54,7 @@ from typing import Any, Optional, Sequence
 import httpx
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -500,8 +501,9 @@ class Orchestrator(GenerationHop):
 
 
 # ---- the app -----------------------------------------------------------------------------------------
-def build_app(orch: Orchestrator) -> FastAPI:
-    """The orchestrator's FastAPI app; its lifespan starts (HTTP client, health checks) and stops it."""
+def build_app(orch: Orchestrator, cors: Optional[dict] = None) -> FastAPI:
+    """The orchestrator's FastAPI app; its lifespan starts (HTTP client, health checks) and stops it.
+    `cors`: CORSMiddleware's keywords (disaggregated --allowed_origins ...), None for none."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -582,4 +584,6 @@ def build_app(orch: Orchestrator) -> FastAPI:
 
     app.add_middleware(HeaderLimitMiddleware, limit=orch.max_request_header_bytes,
                        on_error=lambda status: orch.metrics.errors.labels(str(status)).inc())
+    if cors:  # outermost: a preflight is answered here, and errors carry the headers too
+        app.add_middleware(CORSMiddleware, **cors)
     return app

@@ -31,7 +31,7 @@ class Orchestrator:
         self.log = open(log_path, "w")
         self.log_path = log_path
         self.proc = subprocess.Popen([sys.executable, "-m", "meshserve", "disaggregated", "-c", config_path,
-                                      "-t", "120"], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                      "-t", "120", "--allowed_origins", "https://app.example"], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      start_new_session=True)
 
     def wait_healthy(self, url: str, timeout_s: float = 30.0) -> "Orchestrator":
@@ -270,6 +270,11 @@ def test_tokenize_and_reset_prefix_cache_through_the_orchestrator(cluster):
         "tokens": want.json()["tokens"]}, timeout=30).json()
     bad = httpx.post(url + "/tokenize", json={"prompt": 5}, timeout=30)  # the server's 400, passed on
     assert bad.status_code == 400 and "prompt" in bad.text, bad.text
+    # the orchestrator takes serve's CORS flags (--allowed_origins https://app.example here)
+    pre = {"Access-Control-Request-Method": "POST"}
+    r = httpx.options(url + "/v1/completions", headers={"Origin": "https://app.example", **pre})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert httpx.options(url + "/v1/completions", headers={"Origin": "https://evil.example", **pre}).status_code == 400
 
     servers = [*cluster["ctx"], cluster["gen"]]
     prompt = "pack my box with five dozen liquor jugs " * 6
