@@ -217,7 +217,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                "deepseek_v31")
     _flag(parser, "reasoning_parser", default=None, metavar="NAME",
           help="split a chat answer's <think>...</think> into message.reasoning_content (as vLLM's flag): "
-               "deepseek_r1 or qwen3")
+               "deepseek_r1, qwen3, or deepseek_v3 (DeepSeek-V3.1: deepseek_r1 for requests with "
+               "chat_template_kwargs {\"thinking\": true}, else no split)")
     _flag(parser, "enable_prompt_tokens_details", action="store_true",
           help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens whose KV the prefix cache "
                "held (as vLLM's flag)")

@@ -35,7 +35,7 @@ from meshserve.engine.engine_core import check_priority
 from meshserve.engine.messages import DisaggRequest
 from meshserve.outputs import RequestOutput
 from meshserve.sampling_params import SamplingParams
-from meshserve.serve.reasoning import after_thinking
+from meshserve.serve.reasoning import after_thinking, parser_for
 from meshserve.serve.responses_api import ResponsesApi
 from meshserve.serve.error_handlers import ClientDisconnected, install_error_handlers, stream_error
 from meshserve.serve.sse import SSEResponse
@@ -474,7 +474,8 @@ class OpenAIServing:
             params = plan.apply(params)
         except ToolError as e:
             raise bad_request(str(e), e.param) from None
-        if self.config.reasoning_parser is not None:
+        reasoning = parser_for(self.config.reasoning_parser, req.chat_template_kwargs)
+        if reasoning is not None:
             params = after_thinking(params, self.tokenizer)
         request_id = request_id_for(raw, "chatcmpl", req)
         client_params = params
@@ -484,7 +485,7 @@ class OpenAIServing:
                               client_params=client_params)
         ctx = responses.ChatContext(request_id, self.config.served_model_name, req, self.tokens, streams, plan)
         self.configure(ctx, req)
-        ctx.reasoning_parser = self.config.reasoning_parser
+        ctx.reasoning_parser = reasoning
         ctx.echo = req.echo_text(req.template_messages()) if req.echo else ""
         return ctx, streams, kv, params
 

@@ -6,6 +6,8 @@ A chat answer's `<think>...</think>` part goes to `message.reasoning_content` (s
   chat template writes it) or at the start of the answer. No `</think>` yet: all of it is reasoning.
 - `qwen3`: the thinking is `<think>...</think>` in the answer; without both tags the answer is all
   content (Qwen3 with `chat_template_kwargs: {"enable_thinking": false}` writes none).
+- `deepseek_v3` (DeepSeek-V3.1's hybrid thinking, as vLLM's): `deepseek_r1` for a request that turns
+  thinking on (`chat_template_kwargs: {"thinking": true}`), else none: the answer is all content.
 Tool calls (serve/tools.py) are parsed out of the content, after the thinking.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 
 from typing import Optional
 
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
+REASONING_PARSERS = ("deepseek_r1", "deepseek_v3", "qwen3")
 START, END = "<think>", "</think>"
 
 
@@ -39,6 +41,14 @@ def partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:k]):
             return k
     return 0
+
+
+def parser_for(parser: Optional[str], chat_template_kwargs: Optional[dict]) -> Optional[str]:
+    """The parser one request's answer takes under the server's `parser` (deepseek_v3 resolves per
+    request; None: no split, the answer is content)."""
+    if parser == "deepseek_v3":
+        return "deepseek_r1" if (chat_template_kwargs or {}).get("thinking") else None
+    return parser
 
 
 def after_thinking(params, tokenizer):

@@ -74,3 +74,19 @@ def test_the_responses_api_answers_the_thinking_as_a_reasoning_item(client):
                                           stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == chat.reasoning_content
     assert [o.type for o in events[-1].response.output] == ["reasoning"]
+
+
+def test_deepseek_v3_splits_only_when_the_request_turns_thinking_on(tiny_model):
+    """vLLM's deepseek_v3 parser (DeepSeek-V3.1's hybrid thinking): with chat_template_kwargs {"thinking":
+    true} the answer is deepseek_r1's split (this model writes no </think>: all of it reasoning); without,
+    all of it is content."""
+    srv = start_server(tiny_model, "--max_seq_len", "512", "--reasoning_parser", "deepseek_v3")
+    try:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key=srv.api_key, max_retries=0, timeout=60)
+        kw = dict(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0)
+        plain = c.chat.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].message
+        on = c.chat.completions.create(**kw, extra_body={"ignore_eos": True, "chat_template_kwargs": {"thinking": True}})
+        assert plain.content and getattr(plain, "reasoning_content", None) is None
+        assert on.choices[0].message.reasoning_content == plain.content and on.choices[0].message.content is None
+    finally:
+        srv.stop()
