@@ -7,9 +7,8 @@ from typing import Optional, Union
 
 class Logprob(float):
     """One token's log probability: a float, with vLLM's and TensorRT-LLM's attributes `logprob` (the
-    same number), `rank` (1: the likeliest token; None for a chosen or prompt token outside the top
-    k asked for, where vLLM counts its rank in the whole vocabulary) and `decoded_token` (its text;
-    None without a tokenizer)."""
+    same number), `rank` (its place in the vocabulary, 1 = the likeliest, ties sharing the better one)
+    and `decoded_token` (its text; None without a tokenizer)."""
     __slots__ = ("rank", "decoded_token")
 
     def __new__(cls, logprob: float, rank: Optional[int] = None, decoded_token: Optional[str] = None):
@@ -26,14 +25,17 @@ class Logprob(float):
 
 
 # One position's logprobs: {token_id: Logprob}, the chosen (or prompt) token first, then the top k
-# likeliest (rank 1..k; the chosen one among them holds its rank).
+# likeliest (ranks 1..k).
 TokenLogprobs = dict[int, Logprob]
 
 
-def logprob_entry(ids: list[int], vals: list[float], decode=None) -> TokenLogprobs:
-    """A position's TokenLogprobs from the engine's (ids, vals): ids[0] the chosen or prompt token,
-    the rest the top k, likeliest first. `decode(token_id) -> str` fills decoded_token."""
+def logprob_entry(ids: list[int], vals: list[float], chosen_rank: int = 0, decode=None) -> TokenLogprobs:
+    """A position's TokenLogprobs from the engine's entry (ids, vals, the chosen token's rank in the
+    vocabulary; 0: not known): ids[0] the chosen or prompt token, the rest the top k, likeliest first.
+    `decode(token_id) -> str` fills decoded_token."""
     rank = {t: r for r, t in enumerate(ids[1:], 1)}
+    if ids and chosen_rank:
+        rank[ids[0]] = chosen_rank
     return {t: Logprob(v, rank.get(t), decode(t) if decode is not None else None) for t, v in zip(ids, vals)}
 
 

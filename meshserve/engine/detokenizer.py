@@ -146,7 +146,7 @@ class RequestState:
         engine must then abort it)."""
         seq = self.seqs[out.request_id]
         if out.prompt_logprobs is not None:
-            entries = [None if e is None else logprob_entry(e[0], e[1], self.token_text) for e in out.prompt_logprobs]
+            entries = [None if e is None else logprob_entry(*e, decode=self.token_text) for e in out.prompt_logprobs]
             self.prompt_logprobs = (self.prompt_logprobs or []) + entries
         if out.num_cached_tokens:
             self.num_cached_tokens = out.num_cached_tokens
@@ -157,9 +157,9 @@ class RequestState:
         seq.token_ids.extend(out.new_token_ids)
         self.unstreamed_tokens += len(out.new_token_ids)
         if seq.logprobs is not None:
-            for ids, vals in out.new_logprobs:
-                seq.logprobs.append(logprob_entry(ids, vals, self.token_text))
-                seq.cumulative_logprob += vals[0]
+            for e in out.new_logprobs:
+                seq.logprobs.append(logprob_entry(*e, decode=self.token_text))
+                seq.cumulative_logprob += e[1][0]
         before = len(seq.detok.text)
         seq.detok.add(out.new_token_ids)
         hit_stop = False

@@ -22,32 +22,34 @@ import msgspec
 
 from meshserve.disagg import params as signed
 from meshserve.disagg.transceiver import RankLayout
-from meshserve.engine.messages import DisaggRequest
+from meshserve.engine.messages import DisaggRequest, LogprobEntry
 
 VERSION = 1
 WHERE = "disaggregated_params"
 
-# one position's logprobs as the engine reports them: (token ids, logprobs), the chosen token first
-LogprobEntry = tuple[list[int], list[float]]
-
-
-def _entry_out(entry) -> Optional[list]:
-    """A logprob entry (a {token id: logprob} dict, as RequestOutput holds it, or (ids, values)) as
-    [ids, values] for the signed state."""
+def _entry_out(entry, k: int) -> Optional[list]:
+    """A position's logprobs (a {token id: Logprob} dict, as RequestOutput holds it: the chosen token
+    first, then the top `k` but the chosen one; or the engine's (ids, values, rank)) in the engine's form
+    for the signed state: [the chosen token then the top k by rank, their values, the chosen one's rank]."""
     if entry is None:
         return None
     if isinstance(entry, dict):
-        return [[int(t) for t in entry], [float(v) for v in entry.values()]]
-    return [[int(t) for t in entry[0]], [float(v) for v in entry[1]]]
+        chosen = next(iter(entry))
+        # k entries: the chosen token is among the top k; k + 1: it is not
+        top = [t for t in entry if len(entry) == k or t != chosen]
+        top.sort(key=lambda t: getattr(entry[t], "rank", None) or 0)
+        ids = [chosen, *top]
+        return [[int(t) for t in ids], [float(entry[t]) for t in ids], int(getattr(entry[chosen], "rank", None) or 0)]
+    return [[int(t) for t in entry[0]], [float(v) for v in entry[1]], int(entry[2]) if len(entry) > 2 else 0]
 
 
 def _entry_in(entry) -> Optional[LogprobEntry]:
     if entry is None:
         return None
-    ids, vals = entry
+    ids, vals = entry[0], entry[1]
     if len(ids) != len(vals):
         raise ValueError("a logprob entry's ids and values differ in length")
-    return [int(t) for t in ids], [float(v) for v in vals]
+    return [int(t) for t in ids], [float(v) for v in vals], int(entry[2]) if len(entry) > 2 else 0
 
 
 def _carried(payload: dict, field: str, want: Optional[int], what: str):
@@ -81,9 +83,10 @@ def context_params(ctx_request_id: str, prompt_token_ids: Sequence[int], first_t
     if kv.get("dp_rank") is not None:  # attention DP: the generation server reads that DP rank's ranks
         payload["dp_rank"] = int(kv["dp_rank"])
     if logprobs is not None:
-        payload["logprobs"] = [logprobs[0], _entry_out(logprobs[1])]
+        payload["logprobs"] = [logprobs[0], _entry_out(logprobs[1], logprobs[0])]
     if prompt_logprobs is not None:
-        payload["prompt_logprobs"] = [prompt_logprobs[0], [_entry_out(e) for e in prompt_logprobs[1]]]
+        k = prompt_logprobs[0]
+        payload["prompt_logprobs"] = [k, [_entry_out(e, k) for e in prompt_logprobs[1]]]
     return {"request_type": "context_only", "first_gen_tokens": [first_token], "ctx_request_id": ctx_request_id,
             "opaque_state": signed.sign(payload, signed.secret_key() if key is None else key)}
 

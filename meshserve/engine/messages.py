@@ -85,14 +85,20 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
         return self.reqs if not self.dp else [r for p in self.dp for r in p.reqs]
 
 
+# One position's logprobs: (token ids, their logprobs, the chosen / prompt token's rank in the vocabulary,
+# 1 = the likeliest; 0 where unknown), the chosen (or prompt) token first, then the top k likeliest.
+LogprobEntry = tuple[list[int], list[float], int]
+
+
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     step_id: int
     req_ids: list[str] = []
     sampled_token_ids: list[int] = []
-    # per request: (token ids, logprobs) with the sampled token first, then the top-k; or None
-    logprobs: list[Optional[tuple[list[int], list[float]]]] = []
+    # per request: (token ids, logprobs, the sampled token's rank in the vocabulary) with the sampled token
+    # first, then the top-k; or None
+    logprobs: list[Optional[LogprobEntry]] = []
     # per request that asked for them: logprobs of the prompt tokens covered by this step
-    prompt_logprobs: dict[str, list[tuple[list[int], list[float]]]] = {}
+    prompt_logprobs: dict[str, list[LogprobEntry]] = {}
 
 
 class DisaggRequest(msgspec.Struct, omit_defaults=True):
@@ -111,8 +117,8 @@ class DisaggRequest(msgspec.Struct, omit_defaults=True):
     src_num_tokens: int = 0  # generation_only: tokens of KV there (the prompt's length)
     # generation_only: the context server's logprobs of the first token (ids, values; the token first)
     # and of the prompt (None first), when the request asked for them
-    first_logprobs: Optional[tuple[list[int], list[float]]] = None
-    prompt_logprobs: Optional[list[Optional[tuple[list[int], list[float]]]]] = None
+    first_logprobs: Optional[LogprobEntry] = None
+    prompt_logprobs: Optional[list[Optional[LogprobEntry]]] = None
 
 
 class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
@@ -131,8 +137,8 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int] = []
-    new_logprobs: list[tuple[list[int], list[float]]] = []
-    prompt_logprobs: Optional[list[Optional[tuple[list[int], list[float]]]]] = None
+    new_logprobs: list[LogprobEntry] = []
+    prompt_logprobs: Optional[list[Optional[LogprobEntry]]] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[int] = None
     num_cached_tokens: int = 0

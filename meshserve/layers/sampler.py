@@ -65,7 +65,8 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, b: SamplingBatch):
-        """logits: [B, V]. Returns (token ids [B] int64, (topk ids [B, k+1], logprobs [B, k+1]) or None)."""
+        """logits: [B, V]. Returns (token ids [B] int64, (topk ids [B, k+1], logprobs [B, k+1], the chosen
+        token's rank in the vocabulary [B], 1 = the likeliest) or None)."""
         if b.all_greedy and b.max_num_logprobs < 0 and not _changes_logits(b):
             # The argmax of the model's own dtype: widening to fp32 is exact, so the same ids, one
             # kernel fewer per decode step.
@@ -81,11 +82,12 @@ class Sampler:
         lp = None
         if raw_logprobs is not None:
             chosen = raw_logprobs.gather(1, tokens[:, None])
+            rank = (raw_logprobs > chosen).sum(dim=1) + 1  # vLLM's: ties share the better rank
             if b.max_num_logprobs > 0:
                 top_vals, top_ids = raw_logprobs.topk(b.max_num_logprobs, dim=-1)
-                lp = (torch.cat([tokens[:, None], top_ids], 1), torch.cat([chosen, top_vals], 1))
+                lp = (torch.cat([tokens[:, None], top_ids], 1), torch.cat([chosen, top_vals], 1), rank)
             else:
-                lp = (tokens[:, None], chosen)
+                lp = (tokens[:, None], chosen, rank)
         return tokens, lp
 
     def _apply_penalties(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

@@ -77,20 +77,16 @@ class _Context:
 
     def _prompt_logprobs(self, out: RequestOutput) -> list:
         """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
-        decoded_token}} for the token itself and the top ones (rank 1 = the likeliest; the prompt's
-        own token has rank None when it is not among them)."""
+        decoded_token}} for the token itself and the top ones (rank 1 = the likeliest; the prompt's own
+        token's rank is its place in the vocabulary, as vLLM's, wherever it falls)."""
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
         result = []
         for tid, entry in zip(out.prompt_token_ids, entries):
             if entry is None:
                 result.append(None)
                 continue
-            # the prompt token and the k likeliest: k + 1 entries when the token is not among those
-            k = min(len(entry), self.req.prompt_logprobs)
-            top = {t: i + 1 for i, (t, _) in enumerate(r for r in _ranked(entry) if len(entry) == k or r[0] != tid)
-                   if i < k}
-            result.append({str(t): {"logprob": float(v), "rank": top.get(t), "decoded_token": self.tokens(t)}
-                           for t, v in entry.items()})
+            result.append({str(t): {"logprob": float(v), "rank": getattr(v, "rank", None),
+                                    "decoded_token": self.tokens(t)} for t, v in entry.items()})
         return result
 
     def usage_chunk(self) -> dict:

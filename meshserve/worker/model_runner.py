@@ -91,7 +91,7 @@ class PendingOutput:
         self.event = None
         if tokens.is_cuda:
             tokens = _to_host(tokens)
-            lp = None if lp is None else (_to_host(lp[0]), _to_host(lp[1]))
+            lp = None if lp is None else tuple(_to_host(t) for t in lp)
             self.event = torch.cuda.Event()
             self.event.record()
         self.tokens, self.lp = tokens, lp
@@ -105,8 +105,9 @@ class PendingOutput:
             self.event.synchronize()
         out = ModelRunnerOutput(self.step_id, self.req_ids, self.tokens.tolist(), prompt_logprobs=self.prompt_lp)
         if self.lp is not None:
-            ids, vals = self.lp[0].tolist(), self.lp[1].tolist()
-            out.logprobs = [None if k is None else (ids[i][:k + 1], vals[i][:k + 1]) for i, k in enumerate(self.want)]
+            ids, vals, ranks = (t.tolist() for t in self.lp)
+            out.logprobs = [None if k is None else (ids[i][:k + 1], vals[i][:k + 1], ranks[i])
+                            for i, k in enumerate(self.want)]
         return out
 
 
@@ -507,10 +508,11 @@ class ModelRunner:
             lps = torch.log_softmax(logits, dim=-1)
             tgt = torch.tensor(targets, device=lps.device)
             chosen = lps.gather(1, tgt[:, None])
+            ranks = (lps > chosen).sum(dim=1) + 1  # the prompt token's rank in the vocabulary (vLLM's)
             if k:
                 vals, ids = lps.topk(k, dim=-1)
                 ids, vals = torch.cat([tgt[:, None], ids], 1), torch.cat([chosen, vals], 1)
             else:
                 ids, vals = tgt[:, None], chosen
-            result[rid] = list(zip(ids.tolist(), vals.tolist()))
+            result[rid] = list(zip(ids.tolist(), vals.tolist(), ranks.tolist()))
         return result

@@ -30,8 +30,9 @@ class Orchestrator:
     def __init__(self, config_path: str, log_path: str):
         self.log = open(log_path, "w")
         self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "meshserve", "disaggregated", "-c", config_path,
-                                      "-t", "120", "--allowed_origins", "https://app.example"], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+        cmd = [sys.executable, "-m", "meshserve", "disaggregated", "-c", config_path, "-t", "120",
+               "--allowed_origins", "https://app.example"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      start_new_session=True)
 
     def wait_healthy(self, url: str, timeout_s: float = 30.0) -> "Orchestrator":

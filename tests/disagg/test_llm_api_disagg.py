@@ -95,6 +95,7 @@ def test_logprobs_and_generate_async(llms):
     for got, want in zip(out.logprobs, ref.logprobs):
         assert got.keys() == want.keys()
         assert all(abs(got[t] - want[t]) < 1e-4 for t in want)
+        assert [got[t].rank for t in want] == [want[t].rank for t in want]  # the first token's carried over too
     assert released(ctx)
 
 

@@ -99,7 +99,23 @@ def test_logprobs_equal_transformers_log_softmax(llm, ckpt):
         assert len(plp[j]) >= 2
         best = ref[j - 1].topk(2).indices.tolist()
         assert [plp[j][t].rank for t in best] == [1, 2]
-        assert plp[j][prompt[j]].rank == (best.index(prompt[j]) + 1 if prompt[j] in best else None)
+        assert plp[j][prompt[j]].rank == vocab_rank(ref[j - 1], prompt[j], plp[j][prompt[j]].rank)
+    sampled = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=1.5, seed=5, ignore_eos=True, logprobs=1),
+                           use_tqdm=False).outputs[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + sampled.token_ids])).logits[0].double(), -1)
+    ranks = [lp[t].rank for t, lp in zip(sampled.token_ids, sampled.logprobs)]
+    assert max(ranks) > 1  # sampled, not greedy: the chosen tokens' ranks are their places in the vocabulary
+    for i, (t, r) in enumerate(zip(sampled.token_ids, ranks)):
+        assert r == vocab_rank(ref[len(prompt) - 1 + i], t, r), i
+
+
+def vocab_rank(row: torch.Tensor, token: int, got: int) -> int:
+    """`got` when it is token's place in the vocabulary by float64 row, within float32's reach (near-ties may
+    swap), else the float64 rank (so the assertion shows it)."""
+    v = row[token].item()
+    lo, hi = (row > v + 1e-4).sum().item() + 1, (row > v - 1e-4).sum().item() + 1
+    return got if lo <= got <= hi else (row > v).sum().item() + 1
 
 
 def test_prompt_logprobs_survive_preemption_and_one_token_prompts(ckpt):

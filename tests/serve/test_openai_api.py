@@ -196,8 +196,10 @@ def test_completion_prompt_logprobs_match_transformers(client, tiny_model, tiny_
         for t, e in entry.items():
             assert e["logprob"] == pytest.approx(want[int(t)], abs=1e-4)
             assert e["decoded_token"] == tiny_tokenizer.decode([int(t)])
-            rank = top.indices.tolist().index(int(t)) + 1 if int(t) in top.indices.tolist() else None
-            assert e["rank"] == rank, (i, t)
+            # its place in the vocabulary (vLLM's), the prompt token's wherever it falls: within float32's
+            # reach of float64's (near-ties may swap)
+            v = row[int(t)].item()
+            assert (row > v + 1e-4).sum().item() + 1 <= e["rank"] <= (row > v - 1e-4).sum().item() + 1, (i, t)
     no_plp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
     assert "prompt_logprobs" not in (no_plp.choices[0].model_extra or {})
 

@@ -115,13 +115,15 @@ def test_logprobs_are_raw_log_softmax_with_chosen_first():
     logits = torch.randn(3, 20)
     b = SamplingBatch(temperature=torch.zeros(3), all_greedy=True, max_num_logprobs=4,
                       logit_bias=torch.zeros(3, 20).index_fill_(1, torch.tensor([7]), 50.0))
-    tokens, (ids, vals) = Sampler(torch.device("cpu"))(logits, b)
+    tokens, (ids, vals, ranks) = Sampler(torch.device("cpu"))(logits, b)
     assert (tokens == 7).all()  # the bias moved the choice, not the reported logprobs
     ref = torch.log_softmax(logits.double(), -1)
     assert (ids[:, 0] == 7).all()
     torch.testing.assert_close(vals[:, 0].double(), ref[:, 7], rtol=0, atol=1e-5)
     top = ref.topk(4, dim=-1)
     assert torch.equal(ids[:, 1:], top.indices)
+    # the chosen token's place in the vocabulary by the raw distribution (vLLM's rank), not 1
+    assert ranks.tolist() == ((ref > ref[:, 7:8]).sum(1) + 1).tolist()
 
 
 @pytest.mark.parametrize("max_k", [1, 7, 50])
