@@ -25,7 +25,7 @@ def short_repr(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _int_in(value, lo: int, hi: int) -> bool:
+def _int_in(value, lo: int, hi: float) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
@@ -196,7 +196,7 @@ class SamplingParams:
 
         # max_tokens and n have no upper bound here: the engine's validate caps them with its own
         # numbers (max_seq_len; max_n in validate_for_model), which an error should show as accepted
-        if self.max_tokens is not None and not _int_in(self.max_tokens, 1, INT64_MAX):
+        if self.max_tokens is not None and not _int_in(self.max_tokens, 1, math.inf):
             bad("max_tokens", self.max_tokens, "expected an integer >= 1 (or None for up to max_seq_len)")
         if not _int_in(self.min_tokens, 0, INT64_MAX):
             bad("min_tokens", self.min_tokens, "expected an integer in [0, 2**63-1]")
@@ -210,7 +210,7 @@ class SamplingParams:
             bad("top_p", self.top_p, "expected a number in (0, 1]")
         if not (_finite(self.min_p) and 0.0 <= self.min_p <= 1.0):
             bad("min_p", self.min_p, "expected a number in [0, 1]")
-        if not _int_in(self.n, 1, INT64_MAX):
+        if not _int_in(self.n, 1, math.inf):
             bad("n", self.n, "expected an integer >= 1")
         # sample i of n is seeded with seed + i: every one of those must be an int64 too
         if self.seed is not None and not _int_in(self.seed, INT64_MIN, INT64_MAX - (self.n - 1)):
