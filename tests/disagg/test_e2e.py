@@ -281,21 +281,23 @@ def test_tokenize_and_reset_prefix_cache_through_the_orchestrator(cluster):
     prompt = "pack my box with five dozen liquor jugs " * 6
     model = openai.OpenAI(base_url=agg + "/v1", api_key="EMPTY").models.list().data[0].id
 
-    def hits(server) -> float:
+    def counters(server) -> tuple[float, float]:
         text = httpx.get(server.base_url + "/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("meshserve_prefix_cache_hits_total"))
+        return tuple(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+                     for name in ("meshserve_prefix_cache_queries_total", "meshserve_prefix_cache_hits_total"))
 
     def cached(server) -> float:
-        """The prompt tokens the server found cached for the prompt (its hits counter's increase)."""
-        before = hits(server)
+        """The prompt tokens the server found cached for the prompt (its hits counter's increase, read
+        once the lookup's queries have reached /metrics with the engine's stats)."""
+        queries, hits = counters(server)
         r = httpx.post(server.base_url + "/v1/completions", timeout=60,
                        json={"model": model, "prompt": prompt, "max_tokens": 2})
         assert r.status_code == 200, r.text
-        deadline = time.monotonic() + 5  # the engine's stats reach /metrics with its next outputs
-        while hits(server) == before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return hits(server) - before
+        deadline = time.monotonic() + 10
+        while (now := counters(server))[0] == queries:
+            assert time.monotonic() < deadline, "the prefix cache lookup never reached /metrics"
+            time.sleep(0.02)
+        return now[1] - hits
 
     for s in servers:
         cached(s)
