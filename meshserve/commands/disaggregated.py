@@ -24,7 +24,8 @@ import sys
 from typing import Optional, Sequence
 
 from meshserve.commands import OneLineErrorParser
-from meshserve.commands.serve import LOG_LEVELS, add_cors_flags, add_http_limit_flags, cors_settings, http_limits_error
+from meshserve.commands.front_door import add_cors_flags, add_http_limit_flags, cors_settings, http_limits_error
+from meshserve.commands.serve import LOG_LEVELS
 
 logger = logging.getLogger("meshserve.disagg")
 
