@@ -137,7 +137,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "return_tokens_as_token_ids", action="store_true",
           help="logprobs name each token 'token_id:<id>' (as vLLM's flag; a request's return_tokens_as_token_ids "
                "overrides it)")
-    _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/openai_server.TOKENIZE_OFFLOAD_CHARS
+    _flag(parser, "tokenize_offload_chars", type=int, default=4096,  # serve/server_config.TOKENIZE_OFFLOAD_CHARS
           help="prompts (or chat messages) of at least this many characters are tokenized on a thread, off "
                "the event loop, so they do not stall other streams (default: %(default)s)")
     add_http_limit_flags(parser)

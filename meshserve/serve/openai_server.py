@@ -17,7 +17,6 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 import msgspec
@@ -38,6 +37,7 @@ from meshserve.sampling_params import SamplingParams
 from meshserve.serve.reasoning import after_thinking, parser_for
 from meshserve.serve.responses_api import ResponsesApi
 from meshserve.serve.error_handlers import ClientDisconnected, install_error_handlers, stream_error
+from meshserve.serve.server_config import ServerConfig
 from meshserve.serve.sse import SSEResponse
 from meshserve.serve.tools import ToolError, ToolPlan
 from meshserve.serve import beam_search_api, responses, tokens_api
@@ -46,52 +46,14 @@ from meshserve.serve.middleware import AuthMiddleware, HeaderLimitMiddleware
 from meshserve.serve.openapi import ROUTE_BODIES, with_request_bodies
 from meshserve.serve.resume import resume_request
 from meshserve.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
-                                      decode_json_body, from_validation_error, from_value_error,
-                                      MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADER_BYTES, REQUEST_BODY_TIMEOUT_S,
-                                      read_body)
+                                      decode_json_body, from_validation_error, from_value_error, read_body)
 from meshserve.tokenize import PromptEncoder
 from meshserve.utils import all_ints
 
 logger = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# A request's prompts, when they come to at least this many characters together, are tokenized
-# (chat templates rendered) on a worker thread, as vLLM does: an 8k-token prompt takes tens of ms
-# to encode, during which the event loop would send no stream chunks to anyone. The tokenizers'
-# batch encode releases the GIL. Shorter ones stay inline: a thread hop costs more than they do.
-TOKENIZE_OFFLOAD_CHARS = 4096  # default of serve --tokenize_offload_chars
 HEALTH_GENERATE_TIMEOUT_S = 30.0  # GET /health_generate: a token must come within this
-
-
-@dataclass
-class ServerConfig:
-    served_model_name: str
-    model_path: str
-    api_key: Optional[str] = None
-    chat_template: Optional[str] = None
-    tokenize_offload_chars: int = TOKENIZE_OFFLOAD_CHARS  # prompts this long are tokenized off the loop
-    model_aliases: tuple = ()  # other names a request may give (the MODEL argument as typed: a Hub id)
-    # a request's own `chat_template` is rendered only with this (serve --trust_request_chat_template, as
-    # vLLM's flag): a Jinja template is a program, and one request's could take the server's memory or CPU
-    trust_request_chat_template: bool = False
-    max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES  # a larger body is a 413 (serve --max_request_body_mb)
-    max_request_header_bytes: int = MAX_REQUEST_HEADER_BYTES  # larger headers are a 431 (--max_request_header_kb)
-    request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S  # no new piece of a body this long: a 408
-    # tool_choice "auto": the parser of the model's tool calls (serve --enable_auto_tool_choice
-    # --tool_call_parser NAME, as vLLM's flags); None: such a request is a 400 (serve/tools.py)
-    tool_call_parser: Optional[str] = None
-    # usage.prompt_tokens_details.cached_tokens (serve --enable_prompt_tokens_details, as vLLM's flag)
-    enable_prompt_tokens_details: bool = False
-    # logprobs name tokens "token_id:<id>" unless a request says otherwise (serve --return_tokens_as_token_ids)
-    return_tokens_as_token_ids: bool = False
-    # the model's generation_config.json sampling values (generation_defaults.py; serve --generation_config)
-    sampling_defaults: dict = field(default_factory=dict)
-    # chat answers' thinking to reasoning_content (serve --reasoning_parser, as vLLM's; serve/reasoning.py)
-    reasoning_parser: Optional[str] = None
-    # cross-origin requests from browsers (serve --allowed_origins ..., as vLLM's flags): Starlette's
-    # CORSMiddleware keywords (allow_origins, allow_methods, allow_headers, allow_credentials); None: off
-    cors: Optional[dict] = None
-    max_beam_width: Optional[int] = None  # the most beams a request may ask (serve --max_beam_width)
 
 
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from meshserve.serve.openai_server import TOKENIZE_OFFLOAD_CHARS, OpenAIServing, ServerConfig
+from meshserve.serve.openai_server import OpenAIServing, ServerConfig
+from meshserve.serve.server_config import TOKENIZE_OFFLOAD_CHARS
 from meshserve.serve.protocol import APIError, ChatCompletionRequest
 
 
